@@ -1,0 +1,71 @@
+"""A small high-level API: register two arrays with a model, or fit a model to one pair."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from crd_jax.models.registrar import Registrar
+from crd_jax.ops.spatial import warp
+from crd_jax.registration_loss import registration_loss
+
+
+def as_batch(image) -> jax.Array:
+    """``(*spatial)`` -> ``(1, *spatial, 1)`` float32; arrays that already have batch and channel pass."""
+    image = jnp.asarray(image, jnp.float32)
+    if image.ndim in (2, 3):
+        return image[None, ..., None]
+    if image.ndim in (4, 5) and image.shape[0] == 1 and image.shape[-1] == 1:
+        return image
+    raise ValueError(f"expected a 2-D or 3-D image, got shape {image.shape}")
+
+
+def register(model: Registrar, params, moving, fixed, moving_seg=None) -> Dict[str, np.ndarray]:
+    """Registers ``moving`` to ``fixed`` (``(*spatial)`` arrays). Returns numpy ``disp`` ``(*spatial, ndim)``,
+    ``warped`` ``(*spatial)`` and, given ``moving_seg``, ``warped_seg`` (nearest neighbour)."""
+    m, f = as_batch(moving), as_batch(fixed)
+    disp = jax.jit(lambda p, m, f: model.apply(p, m, f)["disp"])(params, m, f)
+    out = {"disp": np.asarray(disp[0]), "warped": np.asarray(warp(m, disp)[0, ..., 0])}
+    if moving_seg is not None:
+        seg = jnp.asarray(np.asarray(moving_seg))[None, ..., None]
+        out["warped_seg"] = np.asarray(warp(seg, disp, order=0)[0, ..., 0])
+    return out
+
+
+def fit_pair(
+    model: Registrar,
+    moving,
+    fixed,
+    steps: int = 200,
+    learning_rate: float = 1e-3,
+    reg_weight: float = 1.0,
+    seed: int = 0,
+    params: Optional[dict] = None,
+):
+    """Optimises the network on a single pair with eq. 3 (instance-specific optimisation).
+
+    Useful to try the models on two arrays without a training set; real use trains on many pairs
+    (``train.py``).
+    """
+    m, f = as_batch(moving), as_batch(fixed)
+    if params is None:
+        params = model.init(jax.random.PRNGKey(seed), m, f)
+    opt = optax.adam(learning_rate, b1=0.9, b2=0.99)
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state):
+        def loss_fn(p):
+            return registration_loss(m, f, model.apply(p, m, f)["disp"], reg_weight)[0]
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    for _ in range(steps):
+        params, state, _ = step(params, state)
+    return params

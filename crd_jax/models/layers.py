@@ -1,0 +1,68 @@
+"""Flax building blocks shared by every model."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crd_jax.ops.conv import conv
+
+
+def torch_default_bias_init(fan_in: int):
+    """PyTorch's default bias init U(-1/sqrt(fan_in), 1/sqrt(fan_in)), so training starts like the authors'."""
+
+    def init(key, shape, dtype=jnp.float32):
+        bound = 1.0 / np.sqrt(fan_in)
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+# PyTorch's default Conv kernel init (kaiming_uniform with a = sqrt(5)) is U(+-1/sqrt(fan_in)).
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+class Conv(nn.Module):
+    """3^d (or k^d) convolution + bias (+ LeakyReLU), padding ``k // 2``, on :func:`crd_jax.ops.conv`.
+
+    Channels-last, 2-D or 3-D by the rank of the input. ``negative_slope=None`` gives no activation.
+    Parameters: ``kernel`` ``(*k, C_in, C_out)`` and ``bias`` ``(C_out,)``.
+    """
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    negative_slope: Optional[float] = 0.2
+    kernel_init: Optional[object] = None
+    bias_init: Optional[object] = None
+
+    @nn.compact
+    def __call__(self, x):
+        ndim = x.ndim - 2
+        cin = x.shape[-1]
+        fan_in = cin * self.kernel_size**ndim
+        kshape = (self.kernel_size,) * ndim + (cin, self.features)
+        kernel = self.param("kernel", self.kernel_init or torch_default_kernel_init, kshape, jnp.float32)
+        bias = self.param("bias", self.bias_init or torch_default_bias_init(fan_in), (self.features,), jnp.float32)
+        return conv(x, kernel, bias, stride=self.stride, negative_slope=self.negative_slope)
+
+
+def upsample_nearest(x: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """Nearest-neighbour x2 upsampling of ``(B, *spatial, C)``, cropped to ``shape`` (for odd sizes)."""
+    ndim = x.ndim - 2
+    for axis in range(1, ndim + 1):
+        x = jnp.repeat(x, 2, axis=axis)
+    return x[(slice(None), *(slice(0, s) for s in shape), slice(None))]
+
+
+def flow_kernel_init(stddev: float = 1e-5):
+    """VoxelMorph initialises the flow head near zero so training starts from the identity."""
+    return nn.initializers.normal(stddev)
+
+
+def concat(parts: Union[Sequence[jax.Array], jax.Array]) -> jax.Array:
+    return jnp.concatenate(list(parts), axis=-1)

@@ -1,0 +1,287 @@
+"""Convolution + bias + LeakyReLU as one differentiable op, with a fast CPU path.
+
+``conv(x, w, b, stride, padding, negative_slope)`` computes ``act(conv(x, w) + b)`` for 2-D and 3-D
+channels-last inputs. Two implementations of the same maths:
+
+* the reference: ``lax.conv_general_dilated`` (used on GPU/TPU, for non-float32 inputs, and in tests as
+  the ground truth);
+* on CPU, the native direct convolution of ``csrc/conv_cpu.cc`` (see :mod:`crd_jax.ops.native`).
+
+Either way the op has a custom VJP that keeps only the input ``x`` and the activated output ``y`` for the
+backward pass (LeakyReLU's derivative is read off the sign of ``y``), so a network of these blocks stores
+one activation per layer instead of two. Input gradients of stride-1 convolutions are themselves
+convolutions with flipped, transposed weights, so they run on the fast path too.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from crd_jax.ops import native
+
+IntOrSeq = Union[int, Sequence[int]]
+Padding = Tuple[Tuple[int, int], ...]
+
+
+def _tuple(v: IntOrSeq, n: int) -> Tuple[int, ...]:
+    return tuple(int(a) for a in v) if isinstance(v, (tuple, list)) else (int(v),) * n
+
+
+def default_padding(kernel_shape: Sequence[int]) -> Padding:
+    """Symmetric ``k // 2`` padding on each side (PyTorch's ``padding=k//2``, VoxelMorph's choice)."""
+    return tuple((k // 2, k // 2) for k in kernel_shape)
+
+
+def _dimension_numbers(ndim: int):
+    return ("NHWC", "HWIO", "NHWC") if ndim == 2 else ("NDHWC", "DHWIO", "NDHWC")
+
+
+def _lax_conv(x, w, stride, padding):
+    ndim = x.ndim - 2
+    return lax.conv_general_dilated(
+        x, w, window_strides=stride, padding=padding, dimension_numbers=_dimension_numbers(ndim)
+    )
+
+
+def _activate(z, negative_slope):
+    return z if negative_slope is None else jnp.where(z >= 0, z, negative_slope * z)
+
+
+def conv_reference(x, w, b, stride: IntOrSeq = 1, padding: Optional[Padding] = None, negative_slope=None):
+    """The same op written with ``lax.conv_general_dilated`` and ordinary autodiff (ground truth)."""
+    ndim = x.ndim - 2
+    padding = default_padding(w.shape[:ndim]) if padding is None else tuple(map(tuple, padding))
+    z = _lax_conv(x, w, _tuple(stride, ndim), padding) + b
+    return _activate(z, negative_slope)
+
+
+# --- native building blocks (CPU only), all on 5-D arrays -------------------------------------------
+
+
+def _as_3d(x, w, stride, padding):
+    """Views a 2-D problem as 3-D with a depth of one, as the native kernel expects."""
+    if x.ndim == 4:
+        x = x[:, None]
+        if w is not None:
+            w = w[None]
+        stride = (1,) + tuple(stride)
+        padding = ((0, 0),) + tuple(padding)
+    return x, w, stride, padding
+
+
+def _out_shape(in_shape, kernel, stride, padding):
+    return tuple((n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip(in_shape, kernel, stride, padding))
+
+
+def _native_forward(x, w, b, stride, padding, negative_slope, out_spatial=None):
+    """Native forward; ``out_spatial`` overrides the output size (taps beyond the input read zeros)."""
+    squeeze = x.ndim == 4
+    x5, w5, stride5, padding5 = _as_3d(x, w, stride, padding)
+    cout = w5.shape[-1]
+    cout_padded = -(-cout // 8) * 8
+    w_packed = jnp.pad(w5, [(0, 0)] * 4 + [(0, cout_padded - cout)])
+    if out_spatial is None:
+        spatial = _out_shape(x5.shape[1:4], w5.shape[:3], stride5, padding5)
+    else:
+        spatial = (1,) * (3 - len(out_spatial)) + tuple(out_spatial)
+    out = jax.ShapeDtypeStruct((x5.shape[0], *spatial, cout), jnp.float32)
+    y = jax.ffi.ffi_call("crd_conv_fwd", out, vmap_method="sequential")(
+        x5,
+        w_packed,
+        b,
+        sd=np.int64(stride5[0]),
+        sh=np.int64(stride5[1]),
+        sw=np.int64(stride5[2]),
+        pd=np.int64(padding5[0][0]),
+        ph=np.int64(padding5[1][0]),
+        pw=np.int64(padding5[2][0]),
+        slope=np.float32(0.0 if negative_slope is None else negative_slope),
+        act=np.int64(negative_slope is not None),
+    )
+    return y[:, 0] if squeeze else y
+
+
+def _native_weight_grad(x, dz, kernel_shape, stride, padding):
+    ndim = x.ndim - 2
+    x5, _, stride5, padding5 = _as_3d(x, None, stride, padding)
+    dz5 = dz[:, None] if ndim == 2 else dz
+    kernel5 = (1,) + tuple(kernel_shape) if ndim == 2 else tuple(kernel_shape)
+    out = jax.ShapeDtypeStruct((*kernel5, x.shape[-1], dz.shape[-1]), jnp.float32)
+    dw = jax.ffi.ffi_call("crd_conv_wgrad", out, vmap_method="sequential")(
+        x5,
+        dz5,
+        sd=np.int64(stride5[0]),
+        sh=np.int64(stride5[1]),
+        sw=np.int64(stride5[2]),
+        pd=np.int64(padding5[0][0]),
+        ph=np.int64(padding5[1][0]),
+        pw=np.int64(padding5[2][0]),
+    )
+    return dw[0] if ndim == 2 else dw
+
+
+def _flip_transpose(w):
+    ndim = w.ndim - 2
+    return jnp.swapaxes(jnp.flip(w, axis=tuple(range(ndim))), -1, -2)
+
+
+def _transposed_padding(kernel_shape, padding):
+    return tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel_shape, padding))
+
+
+def _phase_taps(k: int, s: int, p: int, r: int):
+    """Taps of a strided convolution that reach input positions ``i = s * m + r``.
+
+    Forward: ``y[o] += x[o * s - p + t] w[t]``. So ``x[s * m + r]`` receives ``dy[m + d] w[t]^T`` for every
+    tap with ``d = (r + p - t) / s`` integral. Returns the sub-kernel as a list indexed by ``d - d_min``
+    (None where no tap lands) and ``-d_min``, the low padding of the stride-1 correlation that applies it.
+    """
+    offsets = {(r + p - t) // s: t for t in range(k) if (r + p - t) % s == 0}
+    if not offsets:
+        return [None], 0
+    lo, hi = min(offsets), max(offsets)
+    return [offsets.get(d) for d in range(lo, hi + 1)], -lo
+
+
+def _native_input_grad_strided(dz, w, x_shape, stride, padding):
+    """Input gradient of a strided convolution by polyphase decomposition.
+
+    Each residue class of input positions modulo the stride receives a stride-1 correlation of ``dz`` with
+    a sub-kernel of ``w`` (flipped and transposed), so the work is the useful work of a transposed
+    convolution, with no multiplications by inserted zeros. The class outputs are interleaved at the end.
+    """
+    ndim = dz.ndim - 2
+    kernel = w.shape[:ndim]
+    spatial = x_shape[1:-1]
+    cin = w.shape[-2]
+    blocks = -(-np.asarray(spatial) // np.asarray(stride))  # outputs per residue class, padded to equal size
+    zero_bias = jnp.zeros((cin,), dz.dtype)
+    wt = jnp.swapaxes(w, -1, -2)  # (..., C_out, C_in): dz's channels in, x's channels out
+    outs = []
+    for residue in np.ndindex(*stride):
+        per_axis = [_phase_taps(k, s, p[0], r) for k, s, p, r in zip(kernel, stride, padding, residue)]
+        sub_shape = tuple(len(taps) for taps, _ in per_axis)
+        sub = jnp.zeros((*sub_shape, wt.shape[-2], cin), dz.dtype)
+        for index in np.ndindex(*sub_shape):
+            taps = [per_axis[a][0][index[a]] for a in range(ndim)]
+            if None not in taps:
+                sub = sub.at[index].set(wt[tuple(taps)])
+        pads = tuple((lo, 0) for _, lo in per_axis)
+        outs.append(_native_forward(dz, sub, zero_bias, (1,) * ndim, pads, None, out_spatial=tuple(blocks)))
+    # outs[residue] holds x[s * m + r]; interleave (B, m..., C) blocks into (B, m0, s0, m1, s1, ..., C).
+    stacked = jnp.stack(outs, axis=0).reshape(*stride, dz.shape[0], *blocks, cin)
+    order = [ndim] + [a for i in range(ndim) for a in (ndim + 1 + i, i)] + [2 * ndim + 1]
+    full = jnp.transpose(stacked, order).reshape(dz.shape[0], *(blocks * np.asarray(stride)), cin)
+    return full[(slice(None), *(slice(0, n) for n in spatial))]
+
+
+# --- dispatch -----------------------------------------------------------------------------------------
+
+
+def _use_native(x) -> bool:
+    return x.dtype == jnp.float32 and native.available()
+
+
+def _on_cpu(native_fn, reference_fn, *args):
+    """Runs ``native_fn`` when lowering for CPU, ``reference_fn`` on any other platform."""
+    return lax.platform_dependent(*args, cpu=native_fn, default=reference_fn)
+
+
+def _forward(x, w, b, stride, padding, negative_slope):
+    def reference(x, w, b):
+        return _activate(_lax_conv(x, w, stride, padding) + b, negative_slope)
+
+    if not _use_native(x):
+        return reference(x, w, b)
+    native_fn = functools.partial(_native_forward, stride=stride, padding=padding, negative_slope=negative_slope)
+    return _on_cpu(native_fn, reference, x, w, b)
+
+
+def _input_grad(dz, w, x_shape, stride, padding):
+    ndim = dz.ndim - 2
+    kernel_shape = w.shape[:ndim]
+
+    def reference(dz, w):
+        _, vjp = jax.vjp(lambda xx: _lax_conv(xx, w, stride, padding), jnp.zeros(x_shape, dz.dtype))
+        return vjp(dz)[0]
+
+    if not _use_native(dz):
+        return reference(dz, w)
+
+    def native_fn(dz, w):
+        if any(s != 1 for s in stride):
+            return _native_input_grad_strided(dz, w, x_shape, stride, padding)
+        zero_bias = jnp.zeros((w.shape[-2],), dz.dtype)
+        tpad = _transposed_padding(kernel_shape, padding)
+        return _native_forward(dz, _flip_transpose(w), zero_bias, stride, tpad, None)
+
+    return _on_cpu(native_fn, reference, dz, w)
+
+
+def _weight_grad(x, dz, kernel_shape, stride, padding):
+    def reference(x, dz):
+        w0 = jnp.zeros((*kernel_shape, x.shape[-1], dz.shape[-1]), x.dtype)
+        _, vjp = jax.vjp(lambda ww: _lax_conv(x, ww, stride, padding), w0)
+        return vjp(dz)[0]
+
+    if not _use_native(x):
+        return reference(x, dz)
+    native_fn = functools.partial(_native_weight_grad, kernel_shape=kernel_shape, stride=stride, padding=padding)
+    return _on_cpu(native_fn, reference, x, dz)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _conv(x, w, b, stride, padding, negative_slope):
+    return _forward(x, w, b, stride, padding, negative_slope)
+
+
+def _conv_fwd(x, w, b, stride, padding, negative_slope):
+    y = _forward(x, w, b, stride, padding, negative_slope)
+    return y, (x, w, y if negative_slope is not None else None)
+
+
+def _conv_bwd(stride, padding, negative_slope, residuals, dy):
+    x, w, y = residuals
+    ndim = x.ndim - 2
+    dz = dy if negative_slope is None else jnp.where(y >= 0, dy, negative_slope * dy)
+    db = jnp.sum(dz, axis=tuple(range(ndim + 1)))
+    dw = _weight_grad(x, dz, w.shape[:ndim], stride, padding)
+    dx = _input_grad(dz, w, x.shape, stride, padding)
+    return dx, dw.astype(w.dtype), db.astype(w.dtype)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv(
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array,
+    stride: IntOrSeq = 1,
+    padding: Optional[Padding] = None,
+    negative_slope: Optional[float] = None,
+) -> jax.Array:
+    """``act(conv(x, w) + b)`` for channels-last 2-D ``(B, H, W, C)`` or 3-D ``(B, D, H, W, C)`` input.
+
+    Args:
+      x: input, channels last.
+      w: kernel ``(*k, C_in, C_out)`` (HWIO / DHWIO).
+      b: bias ``(C_out,)``.
+      stride: int or per-axis tuple.
+      padding: per-axis ``(low, high)`` zero padding; default ``k // 2`` on both sides, so a stride-2
+        3x3 convolution samples input ``2o - 1, 2o, 2o + 1`` exactly like PyTorch's ``padding=1``.
+      negative_slope: LeakyReLU slope (> 0) applied after the bias, or None for no activation.
+    """
+    ndim = x.ndim - 2
+    if ndim not in (2, 3) or w.ndim != ndim + 2:
+        raise ValueError(f"conv expects 2-D or 3-D channels-last input and a matching kernel, got {x.shape}, {w.shape}")
+    if negative_slope is not None and not negative_slope > 0:
+        raise ValueError("negative_slope must be positive (its sign is used to recover the gradient)")
+    padding = default_padding(w.shape[:ndim]) if padding is None else tuple(tuple(int(v) for v in p) for p in padding)
+    return _conv(x, w, b, _tuple(stride, ndim), padding, None if negative_slope is None else float(negative_slope))
