@@ -1,0 +1,121 @@
+"""The default configuration: every field a user may change, with the paper's values.
+
+Config files under ``configs/`` start from :func:`base_config` and change what their dataset and backbone
+need. Section numbers refer to Hu et al., "Cross-Resolution Distillation for Efficient 3D Medical Image
+Registration", IEEE TCSVT 2022.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+VM_ENCODER = (16, 32, 32, 32)
+VM_DECODER = ((32,), (32,), (32,), (32, 32), (16, 16))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "crd-jax"
+    c.seed = 0  # every random key derives from it
+    c.workdir = "runs/default"
+
+    # --- model (Section III-A, IV-D) -----------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.backbone = "voxelmorph"
+    c.model.encoder = VM_ENCODER  # VoxelMorph-2 channels, stride-2 convs
+    c.model.encoder_strides = (2, 2, 2, 2)
+    c.model.decoder = VM_DECODER  # per level, deepest first
+    c.model.negative_slope = 0.2  # LeakyReLU
+    c.model.diffeomorphic = False  # True: VM-diff (stationary velocity, scaling and squaring)
+    c.model.int_steps = 7
+    c.model.shift = 1  # k: the student sees inputs downsampled by n = 2^k (Section III-B-1; k = 2 is "LL")
+
+    # --- losses (eq. 1-10) ---------------------------------------------------------------------------
+    c.loss = ml_collections.ConfigDict()
+    c.loss.reg_weight = 1.0  # lambda of eq. 3-7 (the paper follows VoxelMorph: 1)
+    c.loss.ncc_window = 9  # 9^3 window of eq. 1
+    c.loss.alpha = 1.0  # deformation distillation weight, eq. 10
+    c.loss.beta = 0.1  # feature distillation weight, eq. 10
+    c.loss.feature_target = "raw"  # raw features (the paper) or "attention" maps (the authors' code)
+
+    # --- data (Section IV-A) ------------------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    c.data.kind = "synthetic"  # synthetic | neurite_oasis | learn2reg_oasis | folder
+    c.data.root = ""
+    c.data.images_dir = "images"  # folder layout only
+    c.data.labels_dir = "labels"
+    c.data.ndim = 3
+    c.data.splits = ml_collections.ConfigDict({"train": "", "val": "", "test": ""})  # "a:b" or ids
+    c.data.labels = "auto"  # protocol name (oasis35, lpba40) or a list of label values
+    c.data.normalize = "none"  # none | minmax | percentile
+    c.data.percentiles = (0.5, 99.5)
+    c.data.resample_shape = ()  # resample volumes to this shape first; () keeps the stored grid
+    c.data.shape = ()  # network canvas; () = smallest multiple of 2^(levels + k) holding the volume
+    c.data.eval_pairs = "all"  # all ordered pairs, or consecutive
+    c.data.atlas = ""  # a subject id: atlas-based instead of subject-to-subject registration
+    c.data.cache_size = 64
+    c.data.prefetch = 2
+    c.data.synthetic = ml_collections.ConfigDict()
+    c.data.synthetic.shape = (32, 32, 32)
+    c.data.synthetic.num_labels = 16
+    c.data.synthetic.max_displacement = 3.0
+    c.data.synthetic.seed = 0
+    c.data.synthetic.train = 30
+    c.data.synthetic.val = 5
+    c.data.synthetic.test = 5
+
+    # --- optimisation (Section IV-B-2) --------------------------------------------------------------
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 4  # global batch (the paper: 4 on 4 GPUs); split over every device
+    c.train.lr = 1e-4
+    c.train.b1 = 0.9
+    c.train.b2 = 0.99
+    c.train.lr_decay_at = (0.6, 0.8)  # 3e5 and 4e5 of 5e5 steps
+    c.train.lr_decay_factor = 0.5
+    c.train.max_steps = -1  # > 0 caps every stage (quick trials)
+    c.train.log_every = 50
+    c.train.eval_every = 5000
+    c.train.checkpoint_every = 1000
+    c.train.keep_checkpoints = 2
+    c.train.progress_bar = True
+
+    # --- the scheme: stages in order (Section III, Fig. 2) --------------------------------------------
+    steps = 500_000
+    c.pipeline = ("vm_h", "vm_l", "coop", "fst", "vm_l_crd")
+    c.stages = ml_collections.ConfigDict()
+    c.stages.vm_h = ml_collections.ConfigDict(
+        {"kind": "baseline", "resolution": "high", "steps": steps, "init": "", "evaluate": True, "label": ""}
+    )
+    c.stages.vm_l = ml_collections.ConfigDict(
+        {"kind": "baseline", "resolution": "low", "steps": steps, "init": "", "evaluate": True, "label": ""}
+    )
+    c.stages.coop = ml_collections.ConfigDict(  # S1: resolution cooperative training
+        {"kind": "cooperative", "steps": steps, "init": "", "evaluate": False, "label": ""}
+    )
+    c.stages.fst = ml_collections.ConfigDict(  # S2: feature shift + fusion on the frozen S1 backbone
+        {"kind": "teacher", "backbone": "coop", "steps": steps, "evaluate": True, "label": ""}
+    )
+    c.stages.vm_l_crd = ml_collections.ConfigDict(  # S3: distillation; the authors' code starts from VM-L
+        {"kind": "distill", "teacher": "fst", "steps": steps, "init": "vm_l", "evaluate": True, "label": ""}
+    )
+
+    # --- evaluation (Section IV-C) ------------------------------------------------------------------
+    c.eval = ml_collections.ConfigDict()
+    c.eval.split = "test"
+    c.eval.max_pairs = -1  # <= 0: every pair
+    c.eval.val_pairs = 4  # pairs of the val split checked every eval_every steps
+    c.eval.hd95 = False
+    c.eval.timing_repeats = 5
+
+    # --- devices (multi-host through jax.distributed) ----------------------------------------------------
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""  # e.g. "10.0.0.1:1234"; or JAX_COORDINATOR_ADDRESS
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    return c
+
+
+def set_steps(config: ml_collections.ConfigDict, steps: int) -> None:
+    """Gives every stage the same number of steps."""
+    for name in config.pipeline:
+        config.stages[name].steps = steps

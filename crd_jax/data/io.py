@@ -1,0 +1,149 @@
+"""Reading and writing volumes: NIfTI (nibabel, affine and header kept) and VoxelMorph ``.npz``.
+
+Every problem with a file raises :class:`crd_jax.errors.InputError` naming the file: unreadable or
+truncated, wrong rank, NaN/Inf voxels, label maps that are not integers. Writes are atomic: the data
+go to a temporary file in the destination folder, which is then renamed over the target, so a reader
+never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import nibabel as nib
+import numpy as np
+
+from crd_jax.errors import InputError
+
+PathLike = Union[str, os.PathLike]
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+@dataclasses.dataclass
+class Volume:
+    """An array with the geometry it came with: ``affine`` (voxel -> world, mm) and the NIfTI header."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    header: Optional[nib.Nifti1Header] = None
+    path: Optional[str] = None
+
+    @property
+    def spacing(self):
+        """Voxel size in mm along each array axis."""
+        return tuple(float(v) for v in np.sqrt((self.affine[:3, : self.data.ndim] ** 2).sum(axis=0)))
+
+
+def is_nifti(path: PathLike) -> bool:
+    return str(path).endswith(NIFTI_SUFFIXES)
+
+
+def _read(path: PathLike, npz_key: str):
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file")
+    if path.is_dir():
+        raise InputError(path, "is a folder, expected an image file")
+    try:
+        if str(path).endswith(".npz"):
+            with np.load(path) as f:
+                if npz_key not in f:
+                    raise InputError(path, f"no '{npz_key}' array in the .npz (keys: {sorted(f.keys())})")
+                return np.asarray(f[npz_key]), np.eye(4), None
+        if not is_nifti(path):
+            raise InputError(path, "unknown format (expected .nii, .nii.gz or .npz)")
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+        return data, np.asarray(img.affine, dtype=np.float64), img.header
+    except InputError:
+        raise
+    except Exception as exc:  # nibabel, gzip and zlib raise many types for damaged files
+        raise InputError(path, f"unreadable or truncated file ({type(exc).__name__}: {exc})") from None
+
+
+def _fix_rank(data: np.ndarray, ndim: int, path: PathLike, what: str) -> np.ndarray:
+    # NIfTI stores 2-D slices as (X, Y, 1) and some tools add trailing singleton axes.
+    while data.ndim > ndim and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != ndim:
+        raise InputError(path, f"{what} has shape {data.shape} ({data.ndim}-D), expected a {ndim}-D volume")
+    return data
+
+
+def load_image(path: PathLike, ndim: int = 3) -> Volume:
+    """An intensity image as float32; rejects wrong rank and non-finite voxels."""
+    data, affine, header = _read(path, "vol")
+    data = _fix_rank(np.asarray(data), ndim, path, "image")
+    if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
+        raise InputError(path, f"image has non-numeric type {data.dtype}")
+    data = data.astype(np.float32)
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise InputError(path, f"image has {int(bad.sum())} NaN/Inf voxels")
+    return Volume(data, affine, header, str(path))
+
+
+def load_labels(path: PathLike, ndim: int = 3) -> Volume:
+    """A label map as int32; float files are accepted only if every value is an integer."""
+    data, affine, header = _read(path, "seg")
+    data = _fix_rank(np.asarray(data), ndim, path, "label map")
+    if np.issubdtype(data.dtype, np.floating):
+        if not np.all(np.isfinite(data)):
+            raise InputError(path, "label map has NaN/Inf values")
+        if not np.array_equal(data, np.round(data)):
+            raise InputError(path, "label map has non-integer values (is this an intensity image?)")
+    elif not np.issubdtype(data.dtype, np.integer) and data.dtype != bool:
+        raise InputError(path, f"label map has non-integer type {data.dtype}")
+    return Volume(data.astype(np.int32), affine, header, str(path))
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[str]:
+    """Yields a temporary path beside ``path``; renames it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "is a folder, cannot write a file there")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_nifti(
+    path: PathLike,
+    data: np.ndarray,
+    affine: Optional[np.ndarray] = None,
+    header: Optional[nib.Nifti1Header] = None,
+    intent: Optional[str] = None,
+) -> None:
+    """Writes ``data`` as NIfTI with the given geometry (a source volume's affine and header), atomically."""
+    data = np.asarray(data)
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    hdr = header.copy() if header is not None else None
+    img = nib.Nifti1Image(data, affine, hdr)
+    img.set_data_dtype(data.dtype)
+    if data.dtype.kind == "f":
+        # Source images may carry scl_slope/inter; float outputs are stored as-is.
+        img.header.set_slope_inter(1.0, 0.0)
+    if intent is not None:
+        img.header.set_intent(intent)
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+
+
+def save_npz(path: PathLike, **arrays) -> None:
+    """``np.savez_compressed`` written atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)

@@ -1,0 +1,136 @@
+"""Preprocessing: intensity normalisation, optional resampling, and pad/crop to a shape the network takes.
+
+A U-Net with ``L`` stride-2 levels run on inputs downsampled by ``n = 2^k`` needs every side divisible by
+``2^(L + k)``. :func:`place` puts a volume on such a canvas (centred, zero padding, or a centred crop when
+the requested shape is smaller) and returns a :class:`Placement` that maps any output on the canvas back
+to the original grid exactly (:meth:`Placement.restore`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+
+def normalize(image: np.ndarray, mode: str = "minmax", low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """``none``: unchanged; ``minmax``: to [0, 1]; ``percentile``: clip to the ``low``/``high`` percentiles
+    of the nonzero voxels, then to [0, 1]. Constant images map to zeros."""
+    image = np.asarray(image, np.float32)
+    if mode == "none":
+        return image
+    if mode == "percentile":
+        values = image[image != 0]
+        values = values if values.size else image
+        lo, hi = np.percentile(values, [low, high])
+        image = np.clip(image, lo, hi)
+    elif mode != "minmax":
+        raise ValueError(f"unknown normalisation {mode!r} (none, minmax, percentile)")
+    lo, hi = float(image.min()), float(image.max())
+    if hi <= lo:
+        return np.zeros_like(image)
+    return ((image - lo) / (hi - lo)).astype(np.float32)
+
+
+def resample(volume: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
+    """Resamples to ``shape`` with half-pixel centres (the project's convention): linear for images
+    (``order=1``), nearest for label maps (``order=0``)."""
+    shape = tuple(int(s) for s in shape)
+    if tuple(volume.shape) == shape:
+        return volume
+    zoom = [t / s for t, s in zip(shape, volume.shape)]
+    out = ndimage.zoom(volume, zoom, order=order, grid_mode=True, mode="nearest")
+    return out.astype(volume.dtype)
+
+
+def padded_shape(shape: Sequence[int], multiple: int) -> Tuple[int, ...]:
+    """The smallest shape >= ``shape`` with every side a multiple of ``multiple``."""
+    return tuple(int(-(-s // multiple) * multiple) for s in shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a volume of ``source_shape`` sits on a canvas of ``canvas_shape``.
+
+    ``offset[a]`` is the canvas index of source index 0 along axis ``a``: positive means padding, negative
+    means the source was cropped.
+    """
+
+    source_shape: Tuple[int, ...]
+    canvas_shape: Tuple[int, ...]
+    offset: Tuple[int, ...]
+
+    def _windows(self):
+        src, dst = [], []
+        for n, m, o in zip(self.source_shape, self.canvas_shape, self.offset):
+            s0, d0 = max(0, -o), max(0, o)
+            length = min(n - s0, m - d0)
+            src.append(slice(s0, s0 + length))
+            dst.append(slice(d0, d0 + length))
+        return tuple(src), tuple(dst)
+
+    def apply(self, volume: np.ndarray, fill=0) -> np.ndarray:
+        """Source ``(*source_shape, ...)`` -> canvas ``(*canvas_shape, ...)`` (extra trailing axes kept)."""
+        volume = np.asarray(volume)
+        out = np.full(self.canvas_shape + volume.shape[len(self.source_shape) :], fill, dtype=volume.dtype)
+        src, dst = self._windows()
+        out[dst] = volume[src]
+        return out
+
+    def restore(self, canvas: np.ndarray, fill: Optional[float] = None) -> np.ndarray:
+        """Canvas ``(*canvas_shape, ...)`` -> source grid. Exact inverse of :meth:`apply` where the source
+        was padded; voxels that were cropped away get ``fill`` (default: the nearest canvas value)."""
+        canvas = np.asarray(canvas)
+        src, dst = self._windows()
+        inner = canvas[dst]
+        pad = [(w.start, n - w.stop) for w, n in zip(src, self.source_shape)]
+        pad += [(0, 0)] * (canvas.ndim - len(self.source_shape))
+        if fill is None:
+            return np.pad(inner, pad, mode="edge")
+        return np.pad(inner, pad, mode="constant", constant_values=fill)
+
+
+def place(shape: Sequence[int], canvas: Sequence[int]) -> Placement:
+    """Centred placement of ``shape`` on ``canvas`` (pads where the canvas is larger, crops where smaller)."""
+    shape, canvas = tuple(int(s) for s in shape), tuple(int(c) for c in canvas)
+    if len(shape) != len(canvas):
+        raise ValueError(f"canvas {canvas} and volume {shape} differ in rank")
+    return Placement(shape, canvas, tuple((c - s) // 2 for s, c in zip(shape, canvas)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessor:
+    """The configured preprocessing of one dataset.
+
+    ``resample_shape``: resample every volume to this shape first (None: keep the stored grid).
+    ``shape``: the canvas (None: the smallest multiple of ``multiple`` holding the volume).
+    """
+
+    normalize: str = "minmax"
+    percentiles: Tuple[float, float] = (0.5, 99.5)
+    resample_shape: Optional[Tuple[int, ...]] = None
+    shape: Optional[Tuple[int, ...]] = None
+    multiple: int = 32
+
+    def grid_shape(self, stored_shape: Sequence[int]) -> Tuple[int, ...]:
+        return tuple(self.resample_shape) if self.resample_shape else tuple(stored_shape)
+
+    def placement(self, stored_shape: Sequence[int]) -> Placement:
+        grid = self.grid_shape(stored_shape)
+        canvas = tuple(self.shape) if self.shape else padded_shape(grid, self.multiple)
+        if any(c % self.multiple for c in canvas):
+            raise ValueError(f"canvas shape {canvas} is not divisible by {self.multiple}")
+        return place(grid, canvas)
+
+    def image(self, image: np.ndarray) -> np.ndarray:
+        image = normalize(image, self.normalize, *self.percentiles)
+        if self.resample_shape:
+            image = resample(image, self.resample_shape, order=1)
+        return self.placement(image.shape).apply(image)
+
+    def labels(self, labels: np.ndarray) -> np.ndarray:
+        if self.resample_shape:
+            labels = resample(labels, self.resample_shape, order=0)
+        return self.placement(labels.shape).apply(labels)

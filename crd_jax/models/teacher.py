@@ -1,0 +1,126 @@
+"""The feature-shifted teacher (FST, Section III-B): feature shift + feature fusion + a decoder.
+
+A backbone trained by resolution cooperative training (eq. 4-6) runs on the high-resolution pair and on
+the pair downsampled by ``n = 2^k``. Shifting the low-resolution model by ``k`` levels aligns the sizes:
+``F^H_{l+k}`` and ``F^L_l`` both have ``1/2^(l+k)`` of the high-resolution input (Section III-B-2). Each
+aligned pair is concatenated (``a + b`` channels: ``a`` from F^H, ``b`` from F^L) and fused by four 3^d
+convolutions with LeakyReLU, ``a+b -> a+b`` three times then ``a+b -> b`` (Table I), so the teacher feature
+``F^T_l`` has the student's channels and size. A decoder with the backbone's structure (its per-level
+channel lists, the fused features in the role of the skip connections) maps ``{F^T_l}`` to ``phi^T`` on
+the student's grid; ``up(phi^T)`` registers the high-resolution pair (eq. 7).
+
+The backbone's parameters are an argument of :meth:`Teacher.apply`, separate from the head's, so that a
+training stage can pass them as a frozen constant (no gradient, no optimizer state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax
+
+from crd_jax.compile import run_once
+from crd_jax.models.layers import Conv, concat, upsample_nearest
+from crd_jax.models.registrar import downsample_pair
+from crd_jax.models.voxelmorph import FlowHead
+from crd_jax.ops.spatial import integrate_velocity, upsample_field
+
+
+def fusion_levels(high: Dict[int, jax.Array], low: Dict[int, jax.Array], shift: int):
+    """Student levels ``l`` that have a shifted partner ``F^H_{l+k}``; ordered deepest first."""
+    levels = sorted((lev for lev in low if lev + shift in high), reverse=True)
+    if not levels:
+        raise ValueError(f"no feature level survives a shift of {shift} (k cannot exceed the number of levels)")
+    return levels
+
+
+class FeatureFusion(nn.Module):
+    """Table I: ``concat(F^L_l, F^H_{l+k})`` -> 3 x conv(a+b) -> conv(b)."""
+
+    negative_slope: float = 0.2
+
+    @nn.compact
+    def __call__(self, low: jax.Array, high: jax.Array) -> jax.Array:
+        if low.shape[:-1] != high.shape[:-1]:
+            raise ValueError(f"shifted features differ in size: {low.shape} vs {high.shape}")
+        a, b = high.shape[-1], low.shape[-1]
+        h = concat([low, high])
+        for i in range(3):
+            h = Conv(a + b, negative_slope=self.negative_slope, name=f"conv_{i}")(h)
+        return Conv(b, negative_slope=self.negative_slope, name="conv_3")(h)
+
+
+class FusionHead(nn.Module):
+    """Feature fusion at every shifted level, then the backbone-shaped decoder to ``phi^T``.
+
+    ``decoder``: the backbone's decoder channels, deepest level first (as in :class:`VoxelMorph`).
+    Returns ``{"disp": phi^T, "features": {l: F^T_l}}`` (plus ``"velocity"`` when diffeomorphic).
+    """
+
+    decoder: Tuple[Tuple[int, ...], ...]
+    shift: int = 1
+    negative_slope: float = 0.2
+    diffeomorphic: bool = False
+    int_steps: int = 7
+
+    @nn.compact
+    def __call__(self, high: Dict[int, jax.Array], low: Dict[int, jax.Array]) -> Dict:
+        deepest = len(self.decoder) - 1
+        channels = {deepest - j: ch for j, ch in enumerate(self.decoder)}
+        levels = fusion_levels(high, low, self.shift)
+        fused = {
+            lev: FeatureFusion(self.negative_slope, name=f"fuse_{lev}")(low[lev], high[lev + self.shift])
+            for lev in levels
+        }
+        h = None
+        for lev in levels:
+            h = fused[lev] if h is None else concat([upsample_nearest(h, fused[lev].shape[1:-1]), fused[lev]])
+            for m, c in enumerate(channels[lev]):
+                h = Conv(c, negative_slope=self.negative_slope, name=f"dec_{lev}_{m}")(h)
+        flow = FlowHead(name="flow")(h)
+        out = {"features": fused}
+        if self.diffeomorphic:
+            out.update(disp=integrate_velocity(flow, self.int_steps), velocity=flow)
+        else:
+            out["disp"] = flow
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """FST: backbone (frozen in use) at high and low resolution + a fusion head.
+
+    ``apply(params, moving, fixed)`` with ``params = {"backbone": ..., "head": ...}`` returns
+    ``{"disp": up(phi^T), "disp_low": phi^T, "features": {l: F^T_l}}``.
+    """
+
+    backbone: nn.Module
+    head: nn.Module
+    factor: int = 2
+
+    @property
+    def shift(self) -> int:
+        return self.factor.bit_length() - 1
+
+    def backbone_features(self, backbone_params, moving, fixed):
+        """``(F^H, F^L)``: the backbone's decoder features at both resolutions."""
+        high = self.backbone.apply({"params": backbone_params}, moving, fixed)["features"]
+        m, f = downsample_pair(moving, fixed, self.factor)
+        low = self.backbone.apply({"params": backbone_params}, m, f)["features"]
+        return high, low
+
+    def init_head(self, key, backbone_params, moving, fixed):
+        def init(k, bp, m, f):
+            high, low = self.backbone_features(bp, m, f)
+            return self.head.init(k, high, low)["params"]
+
+        return run_once(init, key, backbone_params, moving, fixed)
+
+    def apply(self, params, moving, fixed, backbone_features: Optional[tuple] = None) -> Dict:
+        high, low = backbone_features or self.backbone_features(params["backbone"], moving, fixed)
+        out = dict(self.head.apply({"params": params["head"]}, high, low))
+        out["disp_low"] = out["disp"]
+        out["disp"] = upsample_field(out["disp_low"], self.factor)
+        return out

@@ -1,0 +1,122 @@
+"""One generic training loop for every stage.
+
+A stage supplies a pure ``loss_fn(params, frozen, batch) -> (loss, aux)``. The loop jits one train step
+from it: the batch is split over the ``data`` axis of the device mesh (``shard_map``), each device takes
+the gradient of its share, gradients and metrics are averaged across devices (``pmean``), and Adam
+updates the replicated parameters. ``frozen`` is an argument of the step that is never differentiated
+and has no optimizer state: freezing is structural.
+
+Resume: the stage's checkpoints hold ``{params, opt_state, step}``; training pairs are a pure function of
+the step (see :mod:`crd_jax.data.pairs`), so a restarted stage continues with the same data order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+from crd_jax.training import distributed
+from crd_jax.training.checkpoint import StageCheckpointer
+from crd_jax.training.logging import MetricLogger
+
+LossFn = Callable[[Any, Any, Dict[str, jax.Array]], Any]
+
+
+def make_optimizer(train_cfg, steps: int) -> optax.GradientTransformation:
+    """Adam (beta1 0.9, beta2 0.99) at ``lr``, multiplied by ``lr_decay_factor`` at each fraction of
+    ``lr_decay_at`` of the stage's steps (the paper: 1e-4, halved at 3e5 and 4e5 of 5e5, Section IV-B-2)."""
+    boundaries = {}
+    for fraction in train_cfg.lr_decay_at:
+        b = int(round(float(fraction) * steps))
+        if 0 < b < steps:
+            boundaries[b] = boundaries.get(b, 1.0) * float(train_cfg.lr_decay_factor)
+    schedule = optax.piecewise_constant_schedule(float(train_cfg.lr), boundaries)
+    return optax.adam(schedule, b1=float(train_cfg.b1), b2=float(train_cfg.b2))
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh):
+    def per_device(params, opt_state, frozen, batch):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch)
+        grads = jax.lax.pmean(grads, distributed.DATA)
+        metrics = jax.lax.pmean({"loss": loss, **aux}, distributed.DATA)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    step = jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(P(), P(), P(), P(distributed.DATA)),
+        out_specs=(P(), P(), P()),
+        check_vma=False,
+    )
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+@dataclasses.dataclass
+class StageRun:
+    """What a stage needs from the pipeline to train."""
+
+    name: str
+    loss_fn: LossFn
+    init_params: Any
+    frozen: Any
+    steps: int
+    directory: Path
+    validate: Optional[Callable[[Any], Dict[str, float]]] = None  # params -> metrics on held-out pairs
+
+
+def _debug_kill(step: int) -> None:
+    """Test hook: ``CRD_JAX_DEBUG_KILL_AFTER_STEP=N`` SIGKILLs the process after step N (no cleanup)."""
+    target = os.environ.get("CRD_JAX_DEBUG_KILL_AFTER_STEP")
+    if target and int(target) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_stage(run: StageRun, loader, mesh, cfg, logger: MetricLogger) -> Any:
+    """Trains one stage to ``run.steps`` steps (resuming from its latest checkpoint); returns host params."""
+    tc = cfg.train
+    optimizer = make_optimizer(tc, run.steps)
+    ckpt = StageCheckpointer(run.directory / "ckpt", keep=int(tc.keep_checkpoints))
+    state = {"params": run.init_params, "opt_state": optimizer.init(run.init_params), "step": np.int64(0)}
+    start = ckpt.latest_step() or 0
+    if start:
+        state = ckpt.restore(start, like=state, sharding=distributed.replicated(mesh))
+        logger.info(f"[{run.name}] resuming from step {start}")
+    params = distributed.replicate(mesh, state["params"])
+    opt_state = distributed.replicate(mesh, state["opt_state"])
+    frozen = distributed.replicate(mesh, run.frozen)
+    step_fn = make_train_step(run.loss_fn, optimizer, mesh)
+
+    log_every, ckpt_every = max(1, int(tc.log_every)), max(1, int(tc.checkpoint_every))
+    eval_every = int(tc.eval_every)
+    bar = logger.progress(run.name, start, run.steps)
+    t_last, n_last = time.perf_counter(), 0
+    for step, local in loader.iterate(start, run.steps, prefetch=int(cfg.data.prefetch)):
+        batch = distributed.global_batch(mesh, local)
+        params, opt_state, metrics = step_fn(params, opt_state, frozen, batch)
+        done = step + 1
+        n_last += 1
+        if done % log_every == 0 or done == run.steps:
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            now = time.perf_counter()
+            values["steps_per_s"] = n_last / max(now - t_last, 1e-9)
+            t_last, n_last = now, 0
+            logger.scalars(run.name, done, values)
+            bar.update(done, values)
+        if done % ckpt_every == 0 or done == run.steps:
+            ckpt.save(done, {"params": params, "opt_state": opt_state, "step": np.int64(done)})
+        if run.validate is not None and eval_every > 0 and (done % eval_every == 0 or done == run.steps):
+            logger.scalars(run.name, done, run.validate(distributed.to_host(params)), prefix="val/")
+        _debug_kill(done)
+    bar.close()
+    ckpt.close()
+    return distributed.to_host(params)

@@ -1,0 +1,205 @@
+"""The whole CRD scheme from a config: every stage in order, then the results table.
+
+``workdir/`` receives ``config.json`` (the resolved config), ``metrics.jsonl``, ``tensorboard/``,
+``stages/<name>/{ckpt,model,eval.json}`` and finally ``results.json`` and ``results.md``.
+
+Re-running the same command resumes: a stage whose ``model`` folder exists is loaded and skipped, the
+running stage restarts from its latest checkpoint, finished evaluations are read back from ``eval.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import jax
+import numpy as np
+
+from crd_jax.data import PairLoader, build_datasets, dataset_labels, eval_pairs
+from crd_jax.data.io import atomic_path
+from crd_jax.errors import InputError
+from crd_jax.models import build as mbuild
+from crd_jax.training import distributed
+from crd_jax.training.checkpoint import load_model, save_model
+from crd_jax.training.evaluate import count_parameters, evaluate_pairs, measure_inference, predictor, summarize
+from crd_jax.training.logging import MetricLogger
+from crd_jax.training.loop import StageRun, train_stage
+from crd_jax.training.stages import Trained, plan_stage
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def _atlas_index(dataset, atlas: str):
+    if not atlas:
+        return None
+    if atlas not in dataset.ids:
+        raise InputError("config.data.atlas", f"atlas '{atlas}' is not in the training split")
+    return dataset.ids.index(atlas)
+
+
+def _stage_steps(config, st) -> int:
+    steps = int(st.steps)
+    cap = int(config.train.max_steps)
+    return min(steps, cap) if cap > 0 else steps
+
+
+def _preprocessing_spec(config, dataset, multiple: int) -> Dict:
+    """How inputs must be prepared for the model (saved with it, used by ``crd-jax register``)."""
+    d = config.data
+    return {
+        "normalize": d.normalize,
+        "percentiles": list(d.percentiles),
+        "resample_shape": list(d.resample_shape),
+        "canvas_shape": list(dataset.shape),
+        "multiple": int(multiple),
+        "ndim": len(dataset.shape),
+    }
+
+
+def _validator(config, plan, datasets, labels):
+    val = datasets.get("val")
+    n_pairs = int(config.eval.val_pairs)
+    if val is None or not val.has_labels or n_pairs <= 0 or len(val) < 2:
+        return None
+    pairs = eval_pairs(len(val), config.data.eval_pairs)[:n_pairs]
+    predict = predictor(plan.model)
+
+    def validate(params):
+        rows = evaluate_pairs(plan.model, plan.full_params(params), val, pairs, labels, predict=predict)
+        s = summarize(rows)
+        return {"dice": s["dice_mean"], "folds": s["folds_mean"]}
+
+    return validate
+
+
+def evaluate_stage(config, trained: Trained, datasets, labels, directory: Path, logger) -> Dict:
+    """Accuracy on the evaluation split and efficiency at its resolution, cached in ``eval.json``."""
+    cache = directory / "eval.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    split = config.eval.split
+    ds = datasets.get(split)
+    if ds is None:
+        raise InputError(f"config.eval.split={split}", "no such split in the dataset")
+    pairs = eval_pairs(len(ds), config.data.eval_pairs, _atlas_index(ds, config.data.atlas))
+    if int(config.eval.max_pairs) > 0:
+        pairs = pairs[: int(config.eval.max_pairs)]
+    logger.info(f"[{trained.spec['stage']}] evaluating {trained.spec['label']} on {len(pairs)} {split} pairs")
+    rows = evaluate_pairs(trained.model, trained.params, ds, pairs, labels, hd95=bool(config.eval.hd95))
+    summary = summarize(rows)
+    factor = int(trained.spec["factor"])
+    spec = trained.spec
+    model_params = trained.params
+    efficiency = measure_inference(trained.model, model_params, ds.shape, repeats=int(config.eval.timing_repeats))
+    input_shape = ds.shape if spec["kind"] == "teacher" else tuple(s // factor for s in ds.shape)
+    result = {
+        "label": spec["label"],
+        "stage": spec["stage"],
+        "kind": spec["kind"],
+        "factor": factor,
+        "input_shape": list(input_shape),
+        "parameters": count_parameters(model_params),
+        **summary,
+        **efficiency,
+        "pairs": rows,
+    }
+    if jax.process_index() == 0:
+        write_text(cache, json.dumps(result, indent=1))
+    return result
+
+
+def results_markdown(results: List[Dict], title: str) -> str:
+    lines = [
+        f"### {title}",
+        "",
+        "| Model | Dice | Folds | Params | Input | Memory (MB) | Latency (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['label']} | {r['dice_mean']:.3f} ({r['dice_std']:.3f}) | {r['folds_mean']:.1f} ({r['folds_std']:.1f}) "
+            f"| {r['parameters']:,} | {'x'.join(map(str, r['input_shape']))} | {r.get('memory_mb', float('nan')):.1f} "
+            f"| {r['latency_s']:.3f} |"
+        )
+    if results:
+        lines += ["", f"Identity (no registration) Dice: {results[0]['dice_before_mean']:.3f} ({results[0]['dice_before_std']:.3f}); "
+                  f"{results[0]['num_pairs']} pairs. Memory: XLA's compiled footprint (arguments + outputs + temporaries) "
+                  "of one inference at batch 1; latency: median over repeated runs after compilation."]
+    return "\n".join(lines) + "\n"
+
+
+def run(config) -> List[Dict]:
+    """Runs ``config.pipeline`` and writes the results; returns the result rows."""
+    distributed.initialize(config.distributed)
+    workdir = Path(config.workdir).absolute()
+    logger = MetricLogger(workdir, progress=bool(config.train.progress_bar))
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_text(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
+    mesh = distributed.data_mesh()
+    arch = mbuild.architecture(config.model)
+    shift = int(config.model.shift)
+    multiple = 2 ** (mbuild.levels(arch) + shift)
+    datasets = build_datasets(config.data, multiple)
+    if "train" not in datasets:
+        raise InputError("config.data.splits.train", "the training split is empty")
+    for ds in datasets.values():
+        ds.validate()
+    labels = dataset_labels(config.data)
+    train_ds = datasets["train"]
+    loader = PairLoader(
+        train_ds,
+        int(config.train.batch_size),
+        int(config.seed),
+        jax.process_index(),
+        jax.process_count(),
+        atlas=_atlas_index(train_ds, config.data.atlas),
+    )
+    if int(config.train.batch_size) % jax.device_count():
+        raise InputError("config.train.batch_size", f"{config.train.batch_size} is not divisible by {jax.device_count()} devices")
+    example = loader.batch(0)
+    logger.info(
+        f"crd-jax: {len(train_ds)} training subjects of {'x'.join(map(str, train_ds.shape))}, "
+        f"{jax.device_count()} device(s), {jax.process_count()} process(es), workdir {workdir}"
+    )
+
+    done: Dict[str, Trained] = {}
+    results = []
+    root_key = jax.random.PRNGKey(int(config.seed))
+    for index, name in enumerate(config.pipeline):
+        st = config.stages[name]
+        directory = workdir / "stages" / name
+        model_dir = directory / "model"
+        plan = plan_stage(name, st, config, done, jax.random.fold_in(root_key, index), example)
+        if model_dir.exists():
+            params, _ = load_model(model_dir, like=plan.full_params(plan.init_params))
+            logger.info(f"[{name}] finished earlier, loaded {model_dir}")
+        else:
+            steps = _stage_steps(config, st)
+            t0 = time.perf_counter()
+            run_ = StageRun(name, plan.loss_fn, plan.init_params, plan.frozen, steps, directory,
+                            _validator(config, plan, datasets, labels))
+            trained = train_stage(run_, loader, mesh, config, logger)
+            params = plan.full_params(trained)
+            spec = dict(plan.spec, steps=steps, labels=labels, preprocessing=_preprocessing_spec(config, train_ds, multiple))
+            if is_main:
+                save_model(model_dir, params, spec)
+            logger.info(f"[{name}] {steps} steps in {time.perf_counter() - t0:.0f} s -> {model_dir}")
+        done[name] = Trained(plan.model, params, plan.spec)
+        if st.get("evaluate", False):
+            results.append(evaluate_stage(config, done[name], datasets, labels, directory, logger))
+
+    if is_main and results:
+        table = results_markdown(results, f"{config.get('name', 'crd-jax')} ({config.eval.split} split)")
+        slim = [{k: v for k, v in r.items() if k != "pairs"} for r in results]
+        write_text(workdir / "results.json", json.dumps(slim, indent=2))
+        write_text(workdir / "results.md", table)
+        logger.info("\n" + table)
+    logger.close()
+    return results

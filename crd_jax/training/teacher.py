@@ -1,0 +1,22 @@
+"""Stage S2, the feature-shifted teacher (Section III-B-2/3): fusion head trained, backbone frozen.
+
+``frozen = {"backbone": S1 parameters}`` is a constant argument: no gradient reaches it and the optimizer
+never sees it. Loss: eq. 7, ``L_sim(I^H_m(up(phi^T)), I^H_f) + lambda L_reg(up(phi^T))``.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from crd_jax.models.teacher import Teacher
+from crd_jax.registration_loss import registration_loss
+
+
+def make_loss(teacher: Teacher, reg_weight: float = 1.0, window: int = 9):
+    def loss_fn(params, frozen, batch):
+        m, f = batch["moving"], batch["fixed"]
+        backbone = jax.lax.stop_gradient(frozen["backbone"])
+        out = teacher.apply({"backbone": backbone, "head": params}, m, f)
+        return registration_loss(m, f, out["disp"], reg_weight, window)
+
+    return loss_fn

@@ -1,0 +1,250 @@
+"""The CRD pipeline: stage losses, freezing, teacher shapes, data parallelism, multi-process, resume."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crd_jax.config import base_config, set_steps
+from crd_jax.data import SyntheticConfig, SyntheticDataset, PairLoader
+from crd_jax.models import build as mbuild
+from crd_jax.training import distributed
+from crd_jax.training.checkpoint import load_model
+from crd_jax.training.loop import make_optimizer, make_train_step
+from crd_jax.training.stages import Trained, plan_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(shape=(32, 32), shift=1):
+    c = base_config()
+    c.data.kind = "synthetic"
+    c.data.ndim = len(shape)
+    c.data.synthetic.shape = shape
+    c.data.synthetic.train, c.data.synthetic.val, c.data.synthetic.test = 6, 0, 3
+    c.model.shift = shift
+    c.train.lr = 1e-3
+    return c
+
+
+def _example(cfg, batch=2):
+    s = cfg.data.synthetic
+    ds = SyntheticDataset(SyntheticConfig(shape=tuple(s.shape), num_subjects=6, max_displacement=3.0))
+    return PairLoader(ds, batch, seed=0).batch(0)
+
+
+def _plan_all(cfg, example):
+    """Plans every stage of the default pipeline, finishing each with its initial parameters."""
+    done, plans = {}, {}
+    for i, name in enumerate(cfg.pipeline):
+        plan = plan_stage(name, cfg.stages[name], cfg, done, jax.random.PRNGKey(i), example)
+        plans[name] = plan
+        done[name] = Trained(plan.model, plan.full_params(plan.init_params), plan.spec)
+    return plans
+
+
+def _run_steps(plan, cfg, batch, steps):
+    mesh = distributed.data_mesh()
+    optimizer = make_optimizer(cfg.train, steps)
+    step_fn = make_train_step(plan.loss_fn, optimizer, mesh)
+    params = distributed.replicate(mesh, plan.init_params)
+    opt_state = distributed.replicate(mesh, optimizer.init(plan.init_params))
+    frozen = distributed.replicate(mesh, plan.frozen)
+    gbatch = distributed.global_batch(mesh, batch)
+    losses = []
+    for _ in range(steps):
+        params, opt_state, metrics = step_fn(params, opt_state, frozen, gbatch)
+        losses.append(float(metrics["loss"]))
+    return losses, distributed.to_host(params)
+
+
+def test_every_stage_loss_is_finite_and_decreases_on_a_fixed_pair_2d():
+    cfg = tiny_config((32, 32))
+    example = _example(cfg)
+    plans = _plan_all(cfg, example)
+    assert [p.spec["label"] for p in plans.values()] == ["VM-H", "VM-L", "VM-H (RC)", "FST", "VM-L-CRD"]
+    for name, plan in plans.items():
+        losses, _ = _run_steps(plan, cfg, example, 20)
+        assert np.all(np.isfinite(losses)), name
+        assert np.mean(losses[-3:]) < losses[0] - 0.01, (name, losses[0], losses[-3:])
+
+
+def test_distillation_loss_decreases_in_3d_and_teacher_stays_frozen():
+    cfg = tiny_config((32, 32, 32))
+    example = _example(cfg, batch=1)
+    plans = _plan_all(cfg, example)
+    for name in ("fst", "vm_l_crd"):
+        plan = plans[name]
+        frozen_before = jax.tree_util.tree_map(np.array, plan.frozen)
+        losses, trained = _run_steps(plan, cfg, example, 12)
+        assert np.all(np.isfinite(losses)) and np.mean(losses[-3:]) < losses[0], (name, losses)
+        # The frozen model is bit-identical after training, and the trained params did move.
+        jax.tree_util.tree_map(np.testing.assert_array_equal, plan.frozen, frozen_before)
+        moved = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), trained, plan.init_params)
+        assert any(jax.tree_util.tree_leaves(moved))
+    # The student's optimizer sees only the student's parameters.
+    opt_state = make_optimizer(cfg.train, 10).init(plans["vm_l_crd"].init_params)
+    n_student = sum(np.size(x) for x in jax.tree_util.tree_leaves(plans["vm_l_crd"].init_params))
+    n_state = sum(np.size(x) for x in jax.tree_util.tree_leaves(opt_state))
+    assert n_state == 2 * n_student + 1
+
+
+@pytest.mark.parametrize("shift,shape", [(1, (32, 32, 32)), (2, (64, 64, 64)), (1, (64, 48)), (2, (64, 64))])
+def test_teacher_features_have_exactly_the_student_shapes(shift, shape):
+    cfg = tiny_config(shape, shift)
+    arch = mbuild.architecture(cfg.model)
+    n = 2**shift
+    teacher = mbuild.teacher_from_config(arch, n)
+    student = mbuild.registrar_from_config(arch, n)
+    x = jnp.zeros((1, *shape, 1))
+
+    def shapes():
+        bp = teacher.backbone.init(jax.random.PRNGKey(0), x, x)["params"]
+        high, low = teacher.backbone_features(bp, x, x)
+        hp = teacher.head.init(jax.random.PRNGKey(1), high, low)["params"]
+        t = teacher.apply({"backbone": bp, "head": hp}, x, x)
+        s = student.apply(bp, x, x)
+        return t, s
+
+    t, s = jax.eval_shape(shapes)
+    levels = sorted(t["features"])
+    assert levels == list(range(0, 5 - shift))  # F^T_0 .. F^T_{4-k}
+    for level in levels:
+        assert t["features"][level].shape == s["features"][level].shape, level
+    assert t["disp_low"].shape == s["disp_low"].shape
+    assert t["disp"].shape == (1, *shape, len(shape))
+
+
+# --- whole-program runs (subprocesses: device count and processes are fixed when JAX starts) ----------
+
+
+def _train(workdir, *overrides, env=None, config="configs/synthetic_vm_2d.py", check=True):
+    cmd = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / config}", f"--config.workdir={workdir}"]
+    cmd += ["--config.train.progress_bar=False", *overrides]
+    full_env = dict(os.environ, **(env or {}))
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+SMALL = [
+    "--config.data.synthetic.shape=(32,32)",
+    "--config.data.synthetic.train=6",
+    "--config.data.synthetic.val=0",
+    "--config.data.synthetic.test=0",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=0",
+]
+
+
+def _params(workdir, stage):
+    params, spec = load_model(Path(workdir) / "stages" / stage / "model")
+    return params, spec
+
+
+def _losses(workdir, stage):
+    rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r.get("stage") == stage and "loss" in r}
+
+
+def _assert_same_params(a, b, tol):
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=tol, atol=tol), a, b)
+
+
+def test_two_devices_match_one_device(tmp_path):
+    args = SMALL + ["--config.pipeline=('coop',)", "--config.stages.coop.steps=3", "--config.train.batch_size=2"]
+    one = _train(tmp_path / "one", *args, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    two = _train(tmp_path / "two", *args, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert "1 device(s)" in one.stderr and "2 device(s)" in two.stderr
+    l1, l2 = _losses(tmp_path / "one", "coop"), _losses(tmp_path / "two", "coop")
+    assert sorted(l1) == [1, 2, 3]
+    for step in l1:
+        assert l2[step] == pytest.approx(l1[step], abs=1e-5)
+    _assert_same_params(_params(tmp_path / "one", "coop")[0], _params(tmp_path / "two", "coop")[0], 1e-5)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_through_jax_distributed_match_one_process(tmp_path):
+    args = SMALL + ["--config.pipeline=('vm_l',)", "--config.stages.vm_l.steps=3", "--config.train.batch_size=2"]
+    single = tmp_path / "single"
+    _train(single, *args, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    multi = tmp_path / "multi"
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        cmd = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs/synthetic_vm_2d.py'}",
+               f"--config.workdir={multi}", "--config.train.progress_bar=False", *args,
+               f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+               "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}"]
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    assert "2 device(s), 2 process(es)" in outs[0][1]
+    l1, l2 = _losses(single, "vm_l"), _losses(multi, "vm_l")
+    for step in l1:
+        assert l2[step] == pytest.approx(l1[step], abs=1e-5)
+    _assert_same_params(_params(single, "vm_l")[0], _params(multi, "vm_l")[0], 1e-5)
+
+
+def test_kill_and_resume_gives_the_same_final_params(tmp_path):
+    args = SMALL + ["--config.pipeline=('vm_h','vm_l')", "--config.stages.vm_h.steps=4", "--config.stages.vm_l.steps=8",
+                    "--config.train.checkpoint_every=3", "--config.train.batch_size=2"]
+    _train(tmp_path / "straight", *args)
+    # SIGKILL after step 5 of the second stage: step 3's checkpoint exists, steps 4-5 are lost.
+    killed = _train(tmp_path / "resumed", *args, env={"CRD_JAX_DEBUG_KILL_AFTER_STEP": "5"}, check=False)
+    assert killed.returncode == -9
+    assert (tmp_path / "resumed" / "stages" / "vm_h" / "model").exists()
+    assert not (tmp_path / "resumed" / "stages" / "vm_l" / "model").exists()
+    again = _train(tmp_path / "resumed", *args)
+    assert "[vm_h] finished earlier" in again.stderr and "[vm_l] resuming from step 3" in again.stderr
+    for stage in ("vm_h", "vm_l"):
+        a, b = _params(tmp_path / "straight", stage)[0], _params(tmp_path / "resumed", stage)[0]
+        jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def test_default_pipeline_end_to_end_writes_results(tmp_path):
+    work = tmp_path / "run"
+    proc = _train(work, *SMALL[:2], "--config.data.synthetic.train=6", "--config.data.synthetic.val=2",
+                  "--config.data.synthetic.test=3", "--config.train.max_steps=3", "--config.train.eval_every=3",
+                  "--config.eval.val_pairs=1", "--config.eval.timing_repeats=1")
+    results = json.loads((work / "results.json").read_text())
+    assert [r["label"] for r in results] == ["VM-H", "VM-L", "FST", "VM-L-CRD"]
+    assert all(r["num_pairs"] == 6 and 0 <= r["dice_mean"] <= 1 for r in results)
+    assert results[1]["input_shape"] == [16, 16] and results[0]["input_shape"] == [32, 32]
+    table = (work / "results.md").read_text()
+    assert "| VM-L-CRD |" in table and "Identity (no registration) Dice" in table
+    config = json.loads((work / "config.json").read_text())
+    assert config["train"]["max_steps"] == 3
+    assert (work / "tensorboard" / "vm_h").is_dir() and "val/dice" in (work / "metrics.jsonl").read_text()
+    _, spec = _params(work, "vm_l_crd")
+    assert spec["factor"] == 2 and spec["kind"] == "registrar" and spec["preprocessing"]["canvas_shape"] == [32, 32]
+    # A second run finds everything done and rewrites the same table.
+    again = _train(work, *SMALL[:2], "--config.data.synthetic.train=6", "--config.data.synthetic.val=2",
+                   "--config.data.synthetic.test=3", "--config.train.max_steps=3", "--config.train.eval_every=3",
+                   "--config.eval.val_pairs=1", "--config.eval.timing_repeats=1")
+    assert again.stderr.count("finished earlier") == 5
+    assert (work / "results.md").read_text() == table
+
+
+def test_missing_data_root_is_a_clear_error(tmp_path):
+    proc = _train(tmp_path / "run", config="configs/oasis_vm.py", check=False)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: config.data.root") and "synthetic_vm.py" in last
+    proc = _train(tmp_path / "run", "--config.data.root=/nonexistent/oasis", config="configs/oasis_vm.py", check=False)
+    assert proc.returncode == 2 and "/nonexistent/oasis: no such folder" in proc.stderr
