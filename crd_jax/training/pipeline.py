@@ -193,7 +193,10 @@ def run(config) -> List[Dict]:
             logger.info(f"[{name}] {steps} steps in {time.perf_counter() - t0:.0f} s -> {model_dir}")
         done[name] = Trained(plan.model, params, plan.spec)
         if st.get("evaluate", False):
-            results.append(evaluate_stage(config, done[name], datasets, labels, directory, logger))
+            if config.eval.split not in datasets:
+                logger.info(f"[{name}] no '{config.eval.split}' split: evaluation skipped")
+            else:
+                results.append(evaluate_stage(config, done[name], datasets, labels, directory, logger))
 
     if is_main and results:
         table = results_markdown(results, f"{config.get('name', 'crd-jax')} ({config.eval.split} split)")
