@@ -57,8 +57,10 @@ def fit_pair(
     opt = optax.adam(learning_rate, b1=0.9, b2=0.99)
     state = opt.init(params)
 
+    # The images are arguments, not closed-over constants: XLA would otherwise constant-fold the loss's
+    # cumulative sums over the fixed image at compile time (minutes for a 3-D volume).
     @jax.jit
-    def step(params, state):
+    def step(params, state, m, f):
         def loss_fn(p):
             return registration_loss(m, f, model.apply(p, m, f)["disp"], reg_weight)[0]
 
@@ -67,5 +69,5 @@ def fit_pair(
         return optax.apply_updates(params, updates), state, loss
 
     for _ in range(steps):
-        params, state, _ = step(params, state)
+        params, state, _ = step(params, state, m, f)
     return params

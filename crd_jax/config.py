@@ -24,11 +24,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.backbone = "voxelmorph"
     c.model.encoder = VM_ENCODER  # VoxelMorph-2 channels, stride-2 convs
     c.model.encoder_strides = (2, 2, 2, 2)
+    c.model.encoder_pooling = "stride"  # or "maxpool" (voxelmorph 0.2 VxmDense / MONAI layout)
     c.model.decoder = VM_DECODER  # per level, deepest first
     c.model.negative_slope = 0.2  # LeakyReLU
     c.model.diffeomorphic = False  # True: VM-diff (stationary velocity, scaling and squaring)
     c.model.int_steps = 7
     c.model.shift = 1  # k: the student sees inputs downsampled by n = 2^k (Section III-B-1; k = 2 is "LL")
+    c.model.fusion = "paper"  # FST head: "paper" (Table I + decoder) or "official" (the authors' released code)
+    c.model.teacher_align_corners = False  # the authors' teacher downsamples with align_corners=True
 
     # --- losses (eq. 1-10) ---------------------------------------------------------------------------
     c.loss = ml_collections.ConfigDict()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from crd_jax.models.registrar import Registrar
-from crd_jax.models.teacher import FusionHead, Teacher
+from crd_jax.models.teacher import FusionHead, OfficialFusionHead, Teacher
 from crd_jax.models.voxelmorph import VoxelMorph, encoder_levels
 
 BACKBONES = ("voxelmorph",)
@@ -17,8 +17,14 @@ def _tuple(v):
 
 def architecture(model_cfg: Mapping[str, Any]) -> dict:
     """The architecture fields of a model config as plain JSON-able values."""
-    keys = ("backbone", "encoder", "encoder_strides", "decoder", "negative_slope", "diffeomorphic", "int_steps")
-    return {k: (list(map(list, model_cfg[k])) if k == "decoder" else (list(model_cfg[k]) if isinstance(model_cfg[k], (list, tuple)) else model_cfg[k])) for k in keys}
+    keys = ("backbone", "encoder", "encoder_strides", "decoder", "negative_slope", "diffeomorphic", "int_steps",
+            "encoder_pooling", "fusion", "teacher_align_corners")
+    defaults = {"encoder_pooling": "stride", "fusion": "paper", "teacher_align_corners": False}
+    out = {}
+    for k in keys:
+        v = model_cfg.get(k, defaults[k]) if k in defaults else model_cfg[k]
+        out[k] = [list(x) for x in v] if k == "decoder" else (list(v) if isinstance(v, (list, tuple)) else v)
+    return out
 
 
 def backbone_from_config(arch: Mapping[str, Any]):
@@ -32,6 +38,7 @@ def backbone_from_config(arch: Mapping[str, Any]):
         negative_slope=float(arch["negative_slope"]),
         diffeomorphic=bool(arch["diffeomorphic"]),
         int_steps=int(arch["int_steps"]),
+        encoder_pooling=str(arch.get("encoder_pooling", "stride")),
     )
 
 
@@ -45,14 +52,23 @@ def registrar_from_config(arch: Mapping[str, Any], factor: int) -> Registrar:
 
 
 def teacher_from_config(arch: Mapping[str, Any], factor: int) -> Teacher:
-    head = FusionHead(
-        decoder=_tuple(arch["decoder"]),
-        shift=int(factor).bit_length() - 1,
-        negative_slope=float(arch["negative_slope"]),
-        diffeomorphic=bool(arch["diffeomorphic"]),
-        int_steps=int(arch["int_steps"]),
-    )
-    return Teacher(backbone_from_config(arch), head, factor=int(factor))
+    """The FST for a backbone: ``fusion = "paper"`` (Table I + backbone-shaped decoder) or ``"official"``."""
+    fusion = arch.get("fusion", "paper")
+    if fusion == "paper":
+        head = FusionHead(
+            decoder=_tuple(arch["decoder"]),
+            shift=int(factor).bit_length() - 1,
+            negative_slope=float(arch["negative_slope"]),
+            diffeomorphic=bool(arch["diffeomorphic"]),
+            int_steps=int(arch["int_steps"]),
+        )
+    elif fusion == "official":
+        if int(factor) != 2 or arch["diffeomorphic"]:
+            raise ValueError("the official fusion head exists for n = 2 and displacement (non-diffeomorphic) models")
+        head = OfficialFusionHead(negative_slope=float(arch["negative_slope"]))
+    else:
+        raise ValueError(f"unknown fusion {fusion!r} (paper, official)")
+    return Teacher(backbone_from_config(arch), head, factor=int(factor), align_corners=bool(arch.get("teacher_align_corners", False)))
 
 
 def model_from_spec(spec: Mapping[str, Any]):

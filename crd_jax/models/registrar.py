@@ -18,15 +18,16 @@ from crd_jax.compile import run_once
 from crd_jax.ops.spatial import resize, upsample_field
 
 
-def downsample_pair(moving: jax.Array, fixed: jax.Array, factor: int):
-    """``{I_m^L, I_f^L}``: both images resized to ``1/factor`` of their size (linear, half-pixel)."""
+def downsample_pair(moving: jax.Array, fixed: jax.Array, factor: int, align_corners: bool = False):
+    """``{I_m^L, I_f^L}``: both images resized to ``1/factor`` of their size (linear, half-pixel centres
+    unless ``align_corners``)."""
     if factor == 1:
         return moving, fixed
     spatial = moving.shape[1:-1]
     if any(s % factor for s in spatial):
         raise ValueError(f"input size {spatial} is not divisible by the resolution factor {factor}")
     low = [s // factor for s in spatial]
-    return resize(moving, low), resize(fixed, low)
+    return resize(moving, low, align_corners), resize(fixed, low, align_corners)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ from crd_jax.compile import run_once
 from crd_jax.models.layers import Conv, concat, upsample_nearest
 from crd_jax.models.registrar import downsample_pair
 from crd_jax.models.voxelmorph import FlowHead
-from crd_jax.ops.spatial import integrate_velocity, upsample_field
+from crd_jax.ops.spatial import downsample_field, integrate_velocity, resize, upsample_field
 
 
 def fusion_levels(high: Dict[int, jax.Array], low: Dict[int, jax.Array], shift: int):
@@ -88,17 +88,50 @@ class FusionHead(nn.Module):
         return out
 
 
+class OfficialFusionHead(nn.Module):
+    """The fusion decoder of the authors' released code (``fusion = "official"``; k = 1).
+
+    Coarse to fine, one conv per level: ``fuse5 = conv(concat(F^L_3, F^H_4))``, then for the high-resolution
+    levels 3, 2, 1: ``conv(concat(up(previous), F^L_{l-1}, F^H_l))``, then at full size
+    ``conv(concat(up(previous), F^H_0))`` and a flow conv. ``up`` is linear with aligned corners, as in
+    their code. The field is at the high resolution; the features distilled are the fused ones at the
+    student's levels 3..0 (their channels differ from the student's: distil attention maps).
+    """
+
+    channels: Tuple[int, ...] = (32, 32, 32, 32, 16)  # fuse5 .. fuse1
+    negative_slope: float = 0.2
+
+    @nn.compact
+    def __call__(self, high: Dict[int, jax.Array], low: Dict[int, jax.Array]) -> Dict:
+        deepest = max(high)
+        if sorted(high) != list(range(deepest + 1)) or len(self.channels) != deepest + 1:
+            raise ValueError("the official fusion head expects decoder features at every level and one channel count per level")
+        h = Conv(self.channels[0], negative_slope=self.negative_slope, name=f"fuse_{deepest}")(
+            concat([low[deepest - 1], high[deepest]])
+        )
+        features = {deepest - 1: h}
+        for i, lev in enumerate(range(deepest - 1, 0, -1), start=1):
+            up = resize(h, high[lev].shape[1:-1], align_corners=True)
+            h = Conv(self.channels[i], negative_slope=self.negative_slope, name=f"fuse_{lev}")(concat([up, low[lev - 1], high[lev]]))
+            features[lev - 1] = h
+        up = resize(h, high[0].shape[1:-1], align_corners=True)
+        h = Conv(self.channels[-1], negative_slope=self.negative_slope, name="fuse_0")(concat([up, high[0]]))
+        return {"disp": FlowHead(name="flow")(h), "features": features}
+
+
 @dataclasses.dataclass(frozen=True)
 class Teacher:
     """FST: backbone (frozen in use) at high and low resolution + a fusion head.
 
     ``apply(params, moving, fixed)`` with ``params = {"backbone": ..., "head": ...}`` returns
-    ``{"disp": up(phi^T), "disp_low": phi^T, "features": {l: F^T_l}}``.
+    ``{"disp": up(phi^T), "disp_low": phi^T, "features": {l: F^T_l}}`` (a head predicting at full size, the
+    official one, gives ``disp`` directly and ``disp_low`` by downsampling it).
     """
 
     backbone: nn.Module
     head: nn.Module
     factor: int = 2
+    align_corners: bool = False  # how the low-resolution input is made (the authors' teacher: True)
 
     @property
     def shift(self) -> int:
@@ -107,7 +140,7 @@ class Teacher:
     def backbone_features(self, backbone_params, moving, fixed):
         """``(F^H, F^L)``: the backbone's decoder features at both resolutions."""
         high = self.backbone.apply({"params": backbone_params}, moving, fixed)["features"]
-        m, f = downsample_pair(moving, fixed, self.factor)
+        m, f = downsample_pair(moving, fixed, self.factor, self.align_corners)
         low = self.backbone.apply({"params": backbone_params}, m, f)["features"]
         return high, low
 
@@ -121,6 +154,9 @@ class Teacher:
     def apply(self, params, moving, fixed, backbone_features: Optional[tuple] = None) -> Dict:
         high, low = backbone_features or self.backbone_features(params["backbone"], moving, fixed)
         out = dict(self.head.apply({"params": params["head"]}, high, low))
-        out["disp_low"] = out["disp"]
-        out["disp"] = upsample_field(out["disp_low"], self.factor)
+        if out["disp"].shape[1:-1] == moving.shape[1:-1]:  # a head that predicts at full size (official)
+            out["disp_low"] = downsample_field(out["disp"], self.factor)
+        else:
+            out["disp_low"] = out["disp"]
+            out["disp"] = upsample_field(out["disp_low"], self.factor)
         return out

@@ -10,6 +10,10 @@ The architecture is data: channel lists come from the config, so VM, VM-light, V
   ``1/2^l`` of the input size; each level below the deepest starts from the nearest-upsampled previous
   output concatenated with the encoder's last output at that level (the input pair at level 0 if no
   encoder conv runs at full size). VoxelMorph-2: ``((32,), (32,), (32,), (32, 32), (16, 16))``.
+* ``encoder_pooling``: ``"stride"`` (the encoder convs themselves have the strides; the paper's VM and the
+  authors' code) or ``"maxpool"`` (each encoder conv runs at stride 1 and is followed by 2^d max pooling
+  where its stride is 2; voxelmorph 0.2's ``VxmDense`` and MONAI's ``VoxelMorph``, whose decoder is
+  ``((32,), (32,), (32,), (32,), (32, 16, 16))``).
 * Every conv is 3^d, padding 1, LeakyReLU(0.2); the flow head is a 3^d conv to ``ndim`` channels,
   initialised near zero.
 
@@ -49,6 +53,7 @@ class UNet(nn.Module):
     encoder_strides: Tuple[int, ...] = (2, 2, 2, 2)
     decoder: Tuple[Tuple[int, ...], ...] = VM_DECODER
     negative_slope: float = 0.2
+    encoder_pooling: str = "stride"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> Dict[int, jax.Array]:
@@ -57,11 +62,21 @@ class UNet(nn.Module):
         deepest = encoder_levels(self.encoder_strides)
         if len(self.decoder) != deepest + 1:
             raise ValueError(f"decoder needs one entry per level 0..{deepest}, got {len(self.decoder)}")
+        if self.encoder_pooling not in ("stride", "maxpool"):
+            raise ValueError(f"encoder_pooling must be 'stride' or 'maxpool', got {self.encoder_pooling!r}")
         skips = {0: x}
         level, h = 0, x
         for i, (channels, stride) in enumerate(zip(self.encoder, self.encoder_strides)):
-            h = Conv(channels, stride=stride, negative_slope=self.negative_slope, name=f"enc_{i}")(h)
-            level += int(np.log2(stride))
+            if self.encoder_pooling == "stride":
+                h = Conv(channels, stride=stride, negative_slope=self.negative_slope, name=f"enc_{i}")(h)
+                level += int(np.log2(stride))
+            else:
+                h = Conv(channels, negative_slope=self.negative_slope, name=f"enc_{i}")(h)
+                skips[level] = h
+                if stride == 2:
+                    ndim = h.ndim - 2
+                    h = nn.max_pool(h, (2,) * ndim, strides=(2,) * ndim, padding="VALID")
+                    level += 1
             skips[level] = h
         features = {}
         h = skips[deepest]
@@ -97,14 +112,14 @@ class VoxelMorph(nn.Module):
     negative_slope: float = 0.2
     diffeomorphic: bool = False
     int_steps: int = 7
+    encoder_pooling: str = "stride"
 
     @nn.compact
     def __call__(self, moving: jax.Array, fixed: jax.Array) -> Dict:
         if moving.shape[:-1] != fixed.shape[:-1]:
             raise ValueError(f"moving {moving.shape} and fixed {fixed.shape} differ in batch or spatial shape")
-        features = UNet(self.encoder, self.encoder_strides, self.decoder, self.negative_slope, name="unet")(
-            concat([moving, fixed])
-        )
+        unet = UNet(self.encoder, self.encoder_strides, self.decoder, self.negative_slope, self.encoder_pooling, name="unet")
+        features = unet(concat([moving, fixed]))
         flow = FlowHead(name="flow")(features[0])
         if not self.diffeomorphic:
             return {"disp": flow, "features": features}

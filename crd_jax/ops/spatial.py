@@ -72,13 +72,15 @@ def warp(image: jax.Array, disp: jax.Array, order: int = 1, mode: str = "border"
     return jax.vmap(one)(image, disp)
 
 
-def _linear_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
-    """Linear resampling of one axis to ``size`` samples, half-pixel centres, edge clamped."""
+def _linear_axis(x: jax.Array, axis: int, size: int, align_corners: bool = False) -> jax.Array:
+    """Linear resampling of one axis to ``size`` samples, half-pixel centres (or corner-aligned), edge clamped."""
     n = x.shape[axis]
     if n == size:
         return x
-    scale = n / size
-    src = (jnp.arange(size, dtype=jnp.float32) + 0.5) * scale - 0.5
+    if align_corners:
+        src = jnp.arange(size, dtype=jnp.float32) * ((n - 1) / max(size - 1, 1))
+    else:
+        src = (jnp.arange(size, dtype=jnp.float32) + 0.5) * (n / size) - 0.5
     src = jnp.clip(src, 0.0, n - 1)
     lo = jnp.floor(src).astype(jnp.int32)
     hi = jnp.minimum(lo + 1, n - 1)
@@ -89,17 +91,19 @@ def _linear_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
     return jnp.take(x, lo, axis=axis) * (1 - w) + jnp.take(x, hi, axis=axis) * w
 
 
-def resize(image: jax.Array, shape: Sequence[int]) -> jax.Array:
+def resize(image: jax.Array, shape: Sequence[int], align_corners: bool = False) -> jax.Array:
     """Linear resize of ``(B, *spatial, C)`` to ``(B, *shape, C)`` (separable, no anti-aliasing).
 
     Half-pixel centres: downsampling by 2 averages voxel pairs, exactly as trilinear
-    ``F.interpolate(scale_factor=0.5, align_corners=False)`` in PyTorch.
+    ``F.interpolate(scale_factor=0.5, align_corners=False)`` in PyTorch. ``align_corners=True`` maps the
+    corner voxels onto each other instead (PyTorch's ``align_corners=True``; only for interoperability with
+    code that used it, since it breaks the "displacement times n" rule of :func:`upsample_field`).
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) != image.ndim - 2:
         raise ValueError(f"resize target {shape} does not match the spatial rank of {image.shape}")
     for axis, size in enumerate(shape, start=1):
-        image = _linear_axis(image, axis, size)
+        image = _linear_axis(image, axis, size, align_corners)
     return image
 
 

@@ -1,0 +1,1 @@
+"""The ``crd-jax`` command (also ``python -m crd_jax``)."""

@@ -1,0 +1,278 @@
+"""``crd-jax``: register images with a trained model, evaluate it, draw figures, convert the authors' weights.
+
+    crd-jax register --model runs/oasis/stages/vm_l_crd/model --fixed F.nii.gz --moving M.nii.gz --out-dir out
+    crd-jax evaluate --model runs/oasis/stages/vm_l_crd/model --config configs/oasis_vm.py
+    crd-jax figure --model MODEL --fixed F.nii.gz --moving M.nii.gz --out pair.png
+    crd-jax convert-official --checkpoint student.pth --kind student --out models/crd_official_student
+    crd-jax export --disp out/disp.nii.gz --fixed F.nii.gz --format itk --out-dir out
+
+Bad input (an unreadable file, a wrong rank, NaN voxels, a checkpoint of the wrong kind, an output folder
+that is a file) prints one line and exits with status 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from crd_jax.errors import InputError
+
+
+def _load_config(path: str):
+    """``get_config()`` of a config file (as ``train.py --config=...`` would)."""
+    path_obj = Path(path)
+    if not path_obj.is_file():
+        raise InputError(path, "no such config file")
+    root = str(path_obj.resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)  # configs may import each other as ``configs.x``
+    spec = importlib.util.spec_from_file_location(f"_crd_config_{path_obj.stem}", path_obj)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        return module.get_config()
+    except Exception as exc:
+        raise InputError(path, f"config does not load ({type(exc).__name__}: {exc})") from None
+
+
+def cmd_register(args) -> None:
+    from crd_jax.cli.registration import load, load_pair, output_dir, register_volumes
+    from crd_jax.data.io import save_nifti
+    from crd_jax.interop.formats import write_displacement
+
+    out = output_dir(args.out_dir)
+    loaded = load(args.model)
+    fixed, moving, moving_seg, _ = load_pair(loaded, args.fixed, args.moving, args.moving_seg)
+    t = time.perf_counter()
+    result, notes = register_volumes(loaded, fixed, moving, moving_seg)
+    elapsed = time.perf_counter() - t
+    for note in notes:
+        print(f"note: {note}")
+    written = [out / "warped.nii.gz"]
+    save_nifti(written[0], result["warped"].astype(fixed.data.dtype), fixed.affine, fixed.header)
+    if "warped_seg" in result:
+        written.append(out / "warped_seg.nii.gz")
+        save_nifti(written[-1], result["warped_seg"].astype("int32"), fixed.affine, None)
+    ids = tuple(args.pair_ids) if args.pair_ids else None
+    written += write_displacement(out, result["disp"], fixed, args.disp_format, pair_ids=ids)
+    print(f"registered {args.moving} to {args.fixed} with {loaded.spec.get('label', 'model')} in {elapsed:.2f} s")
+    for path in written:
+        print(f"wrote {path}")
+
+
+def _read_pairs(path: str, ids: List[str]):
+    try:
+        rows = list(csv.reader(open(path)))
+    except OSError as exc:
+        raise InputError(path, f"unreadable pairs file ({exc})") from None
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["moving", "fixed"]:
+        rows = rows[1:]
+    pairs = []
+    for n, row in enumerate(rows, start=1):
+        if len(row) < 2:
+            raise InputError(path, f"line {n}: expected 'moving,fixed'")
+        m, f = row[0].strip(), row[1].strip()
+        for sid in (m, f):
+            if sid not in ids:
+                raise InputError(path, f"line {n}: unknown subject '{sid}'")
+        pairs.append((ids.index(m), ids.index(f)))
+    if not pairs:
+        raise InputError(path, "no pairs")
+    return pairs
+
+
+def cmd_evaluate(args) -> None:
+    import numpy as np
+
+    from crd_jax.cli.registration import load, output_dir
+    from crd_jax.data import build_datasets, dataset_labels, eval_pairs
+    from crd_jax.data.io import atomic_path
+    from crd_jax.training.evaluate import evaluate_pairs, measure_inference, summarize
+
+    out = output_dir(args.out_dir)
+    loaded = load(args.model)
+    config = _load_config(args.config)
+    if args.data_root:
+        config.data.root = args.data_root
+    multiple = int(loaded.spec.get("preprocessing", {}).get("multiple", 32))
+    datasets = build_datasets(config.data, multiple)
+    split = args.split or config.eval.split
+    if split not in datasets:
+        raise InputError(args.config, f"no '{split}' split in this dataset")
+    ds = datasets[split]
+    if not ds.has_labels:
+        raise InputError(args.config, f"the '{split}' split has no label maps to evaluate against")
+    pairs = _read_pairs(args.pairs, ds.ids) if args.pairs else eval_pairs(len(ds), config.data.eval_pairs)
+    if args.max_pairs > 0:
+        pairs = pairs[: args.max_pairs]
+    labels = dataset_labels(config.data)
+    eff = measure_inference(loaded.model, loaded.params, ds.shape, repeats=args.timing_repeats)
+    rows = []
+    for m, f in pairs:
+        t = time.perf_counter()
+        row = evaluate_pairs(loaded.model, loaded.params, ds, [(m, f)], labels, hd95=not args.no_hd95)[0]
+        row["seconds"] = time.perf_counter() - t
+        rows.append(row)
+        print(f"{row['moving']} -> {row['fixed']}: Dice {row['dice']:.3f}, folds {row['folds']}")
+    summary = summarize(rows)
+    summary.update({k: eff[k] for k in ("latency_s", "compile_s", "memory_mb") if k in eff})
+    header = ["moving", "fixed", "dice", *[f"dice_{l}" for l in labels], "hd95", "folds", "percent_folds", "sdlogj", "seconds"]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    for r in rows:
+        writer.writerow([r["moving"], r["fixed"], f"{r['dice']:.5f}", *["" if d is None else f"{d:.5f}" for d in r["dice_per_label"]],
+                         f"{r.get('hd95', float('nan')):.4f}", r["folds"], f"{r['percent_folds']:.5f}", f"{r['sdlogj']:.5f}",
+                         f"{r['seconds']:.3f}"])
+    with atomic_path(out / "metrics.csv") as tmp:
+        Path(tmp).write_text(buf.getvalue())
+    lines = [f"{loaded.spec.get('label', 'model')} on {len(rows)} {split} pairs ({args.config})", "",
+             "| metric | mean | std |", "|---|---|---|"]
+    for key in ("dice", "dice_before", "hd95", "folds", "percent_folds", "sdlogj"):
+        if f"{key}_mean" in summary:
+            lines.append(f"| {key} | {summary[key + '_mean']:.4f} | {summary[key + '_std']:.4f} |")
+    lines += ["", f"Inference: {eff['latency_s']:.3f} s per pair (median of {args.timing_repeats}), compile {eff['compile_s']:.1f} s, "
+              f"XLA memory {eff.get('memory_mb', float('nan')):.0f} MB, on the {'x'.join(map(str, ds.shape))} canvas."]
+    table = "\n".join(lines) + "\n"
+    with atomic_path(out / "summary.md") as tmp:
+        Path(tmp).write_text(table)
+    with atomic_path(out / "summary.json") as tmp:
+        Path(tmp).write_text(json.dumps(summary, indent=2))
+    print(table)
+    print(f"wrote {out / 'metrics.csv'}, {out / 'summary.md'}, {out / 'summary.json'}")
+
+
+def cmd_figure(args) -> None:
+    from crd_jax.cli.figure import pair_figure
+    from crd_jax.cli.registration import load, load_pair, register_volumes
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise InputError(out, "is a folder; give the PNG file to write")
+    loaded = load(args.model)
+    fixed, moving, moving_seg, fixed_seg = load_pair(loaded, args.fixed, args.moving, args.moving_seg, args.fixed_seg)
+    result, notes = register_volumes(loaded, fixed, moving, moving_seg)
+    for note in notes:
+        print(f"note: {note}")
+    from crd_jax.interop.formats import onto_grid, same_grid
+
+    moving_shown = moving.data if same_grid(fixed, moving) else onto_grid(moving, fixed, order=1)
+    pair_figure(out, fixed.data, moving_shown, result["warped"], result["disp"],
+                fixed_seg.data if fixed_seg is not None else None, result.get("warped_seg"),
+                title=f"{Path(args.moving).name} -> {Path(args.fixed).name} ({loaded.spec.get('label', '')})")
+    print(f"wrote {out}")
+
+
+def cmd_convert(args) -> None:
+    from crd_jax.interop import official
+    from crd_jax.interop.torch_legacy import load_legacy_checkpoint
+    from crd_jax.training.checkpoint import save_model
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "exists and is a file")
+    state = load_legacy_checkpoint(args.checkpoint)
+    params, spec = official.convert(state, args.kind, source=args.checkpoint)
+    spec["source"] = str(args.checkpoint)
+    save_model(out, params, spec)
+    print(f"converted {args.checkpoint} ({args.kind}) -> {out}")
+
+
+def cmd_export(args) -> None:
+    import numpy as np
+
+    from crd_jax.data.io import load_image
+    from crd_jax.errors import InputError as _E
+    from crd_jax.interop.formats import write_displacement
+
+    import nibabel as nib
+
+    fixed = load_image(args.fixed)
+    try:
+        disp = np.asarray(nib.load(args.disp).dataobj, np.float32)
+    except Exception as exc:
+        raise _E(args.disp, f"unreadable displacement ({type(exc).__name__})") from None
+    if disp.shape != (*fixed.data.shape, 3):
+        raise _E(args.disp, f"expected a voxel displacement of shape {(*fixed.data.shape, 3)}, got {disp.shape}")
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise _E(out, "output folder is a file")
+    for path in write_displacement(out, disp, fixed, args.format, pair_ids=tuple(args.pair_ids) if args.pair_ids else None):
+        print(f"wrote {path}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="crd-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("register", help="register a moving image to a fixed image")
+    r.add_argument("--model", required=True, help="model folder (a training stage's 'model', or convert-official's output)")
+    r.add_argument("--fixed", required=True, help="fixed image (.nii, .nii.gz or .npz)")
+    r.add_argument("--moving", required=True, help="moving image; resampled onto the fixed grid first if grids differ")
+    r.add_argument("--moving-seg", help="moving label map, warped with nearest neighbour")
+    r.add_argument("--out-dir", required=True)
+    r.add_argument("--disp-format", choices=("voxel", "itk", "learn2reg"), default="voxel",
+                   help="voxel: ours (X,Y,Z,3) voxels; itk: ANTs/ITK/Slicer displacement field; learn2reg: disp_FFFF_MMMM.npz + .nii.gz")
+    r.add_argument("--pair-ids", nargs=2, metavar=("FIXED_ID", "MOVING_ID"), help="ids in Learn2Reg file names")
+    r.set_defaults(func=cmd_register)
+
+    e = sub.add_parser("evaluate", help="Dice, HD95, folds, SDlogJ, time and memory over a dataset's pairs")
+    e.add_argument("--model", required=True)
+    e.add_argument("--config", required=True, help="the dataset's config file (configs/*.py)")
+    e.add_argument("--data-root", help="override config.data.root")
+    e.add_argument("--split", help="split to evaluate (default: config.eval.split)")
+    e.add_argument("--pairs", help="CSV of 'moving,fixed' subject ids (default: the config's evaluation pairs)")
+    e.add_argument("--max-pairs", type=int, default=0)
+    e.add_argument("--no-hd95", action="store_true", help="skip HD95 (the slowest metric)")
+    e.add_argument("--timing-repeats", type=int, default=5)
+    e.add_argument("--out-dir", default="evaluation")
+    e.set_defaults(func=cmd_evaluate)
+
+    f = sub.add_parser("figure", help="a PNG like the paper's Fig. 4 for one pair")
+    f.add_argument("--model", required=True)
+    f.add_argument("--fixed", required=True)
+    f.add_argument("--moving", required=True)
+    f.add_argument("--fixed-seg")
+    f.add_argument("--moving-seg")
+    f.add_argument("--out", required=True, help="PNG to write")
+    f.set_defaults(func=cmd_figure)
+
+    c = sub.add_parser("convert-official", help="the authors' PyTorch checkpoint -> a crd-jax model folder (no torch needed)")
+    c.add_argument("--checkpoint", required=True, help="legacy torch .pth (e.g. VMdalca1_Hinput_OASIS_R1_D_24500.pth)")
+    c.add_argument("--kind", choices=("student", "teacher"), required=True)
+    c.add_argument("--out", required=True, help="model folder to write")
+    c.set_defaults(func=cmd_convert)
+
+    x = sub.add_parser("export", help="convert a voxel displacement (ours) to the ITK or Learn2Reg format")
+    x.add_argument("--disp", required=True, help="our displacement NIfTI (X,Y,Z,3), voxels")
+    x.add_argument("--fixed", required=True, help="the fixed image it belongs to (geometry)")
+    x.add_argument("--format", choices=("itk", "learn2reg", "voxel"), required=True)
+    x.add_argument("--pair-ids", nargs=2, metavar=("FIXED_ID", "MOVING_ID"))
+    x.add_argument("--out-dir", required=True)
+    x.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except InputError as exc:
+        print(f"crd-jax: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,145 @@
+"""Registering two volumes with a saved model: what ``crd-jax register`` and ``crd-jax figure`` share."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crd_jax.data.io import Volume, load_image, load_labels
+from crd_jax.data.preprocess import normalize, padded_shape, place, resample
+from crd_jax.errors import InputError
+from crd_jax.interop.formats import onto_grid, same_grid
+from crd_jax.models.build import model_from_spec
+from crd_jax.ops.spatial import resize_field, warp
+from crd_jax.training.checkpoint import load_model
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: object
+    params: object
+    spec: Dict
+    path: str
+
+    @property
+    def ndim(self) -> int:
+        return int(self.spec.get("preprocessing", {}).get("ndim", 3))
+
+
+def load(path) -> LoadedModel:
+    """A model folder (a training stage's ``model`` or the output of ``convert-official``), checked against
+    its own architecture so that a mismatched checkpoint fails here with one line."""
+    params, spec = load_model(path)
+    try:
+        model = model_from_spec(spec)
+    except (KeyError, ValueError) as exc:
+        raise InputError(path, f"unusable model description ({exc})") from None
+    _check_structure(model, params, spec, path)
+    return LoadedModel(model, params, spec, str(path))
+
+
+def _check_structure(model, params, spec, path) -> None:
+    ndim = int(spec.get("preprocessing", {}).get("ndim", 3))
+    n = int(spec["factor"])
+    shape = (1, *(32 * n,) * ndim, 1)
+    if spec["kind"] == "teacher":
+        def expected():
+            x = jnp.zeros(shape)
+            bp = model.backbone.init(jax.random.PRNGKey(0), x, x)["params"]
+            high, low = model.backbone_features(bp, x, x)
+            return {"backbone": bp, "head": model.head.init(jax.random.PRNGKey(0), high, low)["params"]}
+    else:
+        def expected():
+            x = jnp.zeros(shape)
+            return model.backbone.init(jax.random.PRNGKey(0), x, x)["params"]
+    want = jax.eval_shape(expected)
+    want_shapes = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(want)}
+    got_shapes = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    if want_shapes != got_shapes:
+        diff = sorted(set(want_shapes.items()) ^ set(got_shapes.items()))[:2]
+        raise InputError(path, f"parameters do not match the model's architecture (first differences: {diff})")
+
+
+@functools.lru_cache(maxsize=8)
+def _predictor(model):
+    return jax.jit(lambda p, m, f: model.apply(p, m, f)["disp"])
+
+
+@jax.jit
+def _warp(image, disp):
+    return warp(image, disp, order=1)
+
+
+@jax.jit
+def _warp_labels(labels, disp):
+    return warp(labels, disp, order=0)
+
+
+def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_seg: Optional[Volume] = None):
+    """``(result, notes)``: ``result`` has ``disp`` (fixed grid, voxels), ``warped`` and ``warped_seg``."""
+    notes: List[str] = []
+    moving_data = moving.data
+    seg_data = moving_seg.data if moving_seg is not None else None
+    if moving_seg is not None and moving_seg.data.shape != moving.data.shape:
+        raise InputError(moving_seg.path, f"label map shape {moving_seg.data.shape} differs from the moving image's {moving.data.shape}")
+    if not same_grid(fixed, moving):
+        moving_data = onto_grid(moving, fixed, order=1)
+        if moving_seg is not None:
+            seg_data = onto_grid(moving_seg, fixed, order=0)
+        notes.append(
+            f"moving image resampled onto the fixed grid (shape {moving.data.shape} -> {fixed.data.shape}, "
+            f"spacing {tuple(round(s, 3) for s in moving.spacing)} -> {tuple(round(s, 3) for s in fixed.spacing)})"
+        )
+    pre = loaded.spec.get("preprocessing", {})
+    mode = pre.get("normalize", "none")
+    percentiles = pre.get("percentiles", [0.5, 99.5])
+    f_in = normalize(fixed.data, mode, *percentiles)
+    m_in = normalize(moving_data, mode, *percentiles)
+    grid = tuple(fixed.data.shape)
+    work = tuple(pre.get("resample_shape") or ()) or grid
+    if work != grid:
+        f_in, m_in = resample(f_in, work, 1), resample(m_in, work, 1)
+        notes.append(f"network input resampled to {work} as in training")
+    multiple = int(pre.get("multiple", 32))
+    if loaded.spec["kind"] == "registrar":
+        multiple = max(multiple, 16 * int(loaded.spec["factor"]))
+    placement = place(work, padded_shape(work, multiple))
+    if placement.canvas_shape != work:
+        notes.append(f"padded {work} -> {placement.canvas_shape} for the network, result mapped back")
+    m = jnp.asarray(placement.apply(m_in))[None, ..., None]
+    f = jnp.asarray(placement.apply(f_in))[None, ..., None]
+    disp = np.asarray(_predictor(loaded.model)(loaded.params, m, f)[0])
+    disp = placement.restore(disp)
+    if work != grid:
+        disp = np.asarray(resize_field(jnp.asarray(disp)[None], grid)[0])
+    disp_j = jnp.asarray(disp)[None]
+    warped = np.asarray(_warp(jnp.asarray(moving_data, jnp.float32)[None, ..., None], disp_j)[0, ..., 0])
+    result = {"disp": disp.astype(np.float32), "warped": warped}
+    if seg_data is not None:
+        result["warped_seg"] = np.asarray(_warp_labels(jnp.asarray(seg_data, jnp.int32)[None, ..., None], disp_j)[0, ..., 0])
+    return result, notes
+
+
+def load_pair(loaded: LoadedModel, fixed: str, moving: str, moving_seg: Optional[str] = None,
+              fixed_seg: Optional[str] = None) -> Tuple[Volume, Volume, Optional[Volume], Optional[Volume]]:
+    """Reads every input before anything is written, so bad input leaves no partial output."""
+    ndim = loaded.ndim
+    return (
+        load_image(fixed, ndim),
+        load_image(moving, ndim),
+        load_labels(moving_seg, ndim) if moving_seg else None,
+        load_labels(fixed_seg, ndim) if fixed_seg else None,
+    )
+
+
+def output_dir(path) -> Path:
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(path, "output folder is a file")
+    return path

@@ -1,0 +1,1 @@
+"""Interoperability: the authors' PyTorch checkpoints, ITK / Learn2Reg displacement formats."""

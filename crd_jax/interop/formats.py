@@ -1,0 +1,99 @@
+"""Displacement-field formats, and moving images brought onto the fixed image's grid.
+
+Our field (``voxel``): ``(*spatial, ndim)`` float32, in voxels of the fixed grid, channel ``k`` along array
+axis ``k``, pull convention (``warped(x) = moving(x + u(x))``); written as NIfTI with the fixed image's
+affine.
+
+``itk``: the layout ANTs, ITK and 3D Slicer read as a displacement-field transform: a 5-D NIfTI
+``(X, Y, Z, 1, 3)`` with intent ``vector``, the fixed image's affine, and vectors in millimetres in ITK's
+LPS physical frame. For a fixed voxel ``i`` the physical point is ``p = A i`` (RAS, the NIfTI affine ``A``);
+ITK samples the moving image at ``p + d`` with ``d`` in LPS, so ``d = diag(-1, -1, 1) A[:3, :3] u``.
+
+``learn2reg``: the 2021 task-3 submission layout, ``disp_FFFF_MMMM.npz`` holding one float16 array
+``(3, X/2, Y/2, Z/2)`` in voxels (channel-first; the evaluation upsamples it by 2), plus the full-resolution
+``disp_FFFF_MMMM.nii.gz`` ``(X, Y, Z, 3)`` of the 2022+ challenges.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+from crd_jax.data.io import Volume, save_nifti, save_npz
+
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+FORMATS = ("voxel", "itk", "learn2reg")
+
+
+def voxel_to_physical(disp: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Voxel displacements ``(*spatial, 3)`` -> millimetres in the RAS world frame of ``affine``."""
+    return np.einsum("ij,...j->...i", np.asarray(affine)[:3, :3], disp)
+
+
+def to_itk(disp: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """``(X, Y, Z, 3)`` voxels -> ``(X, Y, Z, 1, 3)`` millimetres, LPS (what ITK's NIfTI reader expects)."""
+    if disp.ndim != 4 or disp.shape[-1] != 3:
+        raise ValueError(f"the ITK format is for 3-D fields (X, Y, Z, 3), got {disp.shape}")
+    lps = np.einsum("ij,...j->...i", RAS_TO_LPS, voxel_to_physical(disp, affine))
+    return lps[:, :, :, None, :].astype(np.float32)
+
+
+def from_itk(field: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_itk`."""
+    field = np.asarray(field, np.float64).reshape(*field.shape[:3], 3)
+    ras = np.einsum("ij,...j->...i", RAS_TO_LPS, field)
+    return np.einsum("ij,...j->...i", np.linalg.inv(np.asarray(affine)[:3, :3]), ras).astype(np.float32)
+
+
+def to_learn2reg(disp: np.ndarray) -> np.ndarray:
+    """``(X, Y, Z, 3)`` -> ``(3, X/2, Y/2, Z/2)`` float16 (linear downsampling, half-pixel centres)."""
+    chw = np.moveaxis(np.asarray(disp, np.float32), -1, 0)
+    half = [max(1, s // 2) for s in chw.shape[1:]]
+    zoom = [1.0] + [h / s for h, s in zip(half, chw.shape[1:])]
+    return ndimage.zoom(chw, zoom, order=1, grid_mode=True, mode="nearest").astype(np.float16)
+
+
+def from_learn2reg(field: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
+    """``(3, X/2, Y/2, Z/2)`` -> ``(X, Y, Z, 3)`` at ``shape`` (what the challenge's evaluation does)."""
+    field = np.asarray(field, np.float32)
+    zoom = [1.0] + [t / s for t, s in zip(shape, field.shape[1:])]
+    return np.moveaxis(ndimage.zoom(field, zoom, order=1, grid_mode=True, mode="nearest"), 0, -1)
+
+
+def write_displacement(out_dir: Path, disp: np.ndarray, fixed: Volume, fmt: str, name: str = "disp",
+                       pair_ids: Optional[Tuple[str, str]] = None) -> list:
+    """Writes ``disp`` (fixed grid, voxels) in format ``fmt``; returns the paths written."""
+    out_dir = Path(out_dir)
+    if fmt == "voxel":
+        path = out_dir / f"{name}.nii.gz"
+        save_nifti(path, disp.astype(np.float32), fixed.affine, None, intent="vector")
+        return [path]
+    if fmt == "itk":
+        path = out_dir / f"{name}_itk.nii.gz"
+        save_nifti(path, to_itk(disp, fixed.affine), fixed.affine, None, intent="vector")
+        return [path]
+    if fmt == "learn2reg":
+        f_id, m_id = pair_ids or ("0000", "0001")
+        stem = f"disp_{f_id}_{m_id}"
+        npz, nii = out_dir / f"{stem}.npz", out_dir / f"{stem}.nii.gz"
+        save_npz(npz, arr_0=to_learn2reg(disp))
+        save_nifti(nii, disp.astype(np.float32), fixed.affine, None, intent="vector")
+        return [npz, nii]
+    raise ValueError(f"unknown displacement format {fmt!r} ({', '.join(FORMATS)})")
+
+
+def onto_grid(moving: Volume, fixed: Volume, order: int) -> np.ndarray:
+    """Samples ``moving`` at the world position of every voxel of ``fixed`` (affines of both files)."""
+    ndim = fixed.data.ndim
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in fixed.data.shape], indexing="ij"), -1)
+    to_moving = np.linalg.inv(moving.affine) @ fixed.affine  # fixed voxel -> world -> moving voxel
+    coords = np.einsum("ij,...j->...i", to_moving[:ndim, :ndim], grid) + to_moving[:ndim, 3]
+    out = ndimage.map_coordinates(moving.data, np.moveaxis(coords, -1, 0), order=order, mode="constant", cval=0.0)
+    return out.astype(moving.data.dtype)
+
+
+def same_grid(a: Volume, b: Volume, tol: float = 1e-4) -> bool:
+    return a.data.shape == b.data.shape and np.allclose(a.affine, b.affine, atol=tol)

@@ -1,0 +1,372 @@
+"""The crd-jax command, displacement formats, the official-weights converter and parity with the authors."""
+
+import collections
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from crd_jax.cli.main import main
+from crd_jax.data.io import Volume
+from crd_jax.errors import InputError
+from crd_jax.interop import formats, official
+from crd_jax.interop.torch_legacy import MAGIC_NUMBER, load_legacy_checkpoint
+from crd_jax.models.build import model_from_spec
+from crd_jax.ops.spatial import warp
+from crd_jax.training.checkpoint import save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+OFFICIAL = ROOT.parent / "shared" / "official_crd"
+# An oblique, anisotropic, axis-flipped geometry so that any mix-up of axes, signs or spacing shows.
+_C, _S = np.cos(0.2), np.sin(0.2)
+AFFINE = np.eye(4)
+AFFINE[:3, :3] = np.array([[-_C, _S, 0.0], [_S, _C, 0.0], [0.0, 0.0, 1.0]]) @ np.diag([1.1, 0.9, 1.4])
+AFFINE[:3, 3] = [80.0, -100.0, -60.0]
+
+
+def _smooth_volume(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    v = ndimage.gaussian_filter(rng.random(shape), 2.0)
+    return ((v - v.min()) / np.ptp(v)).astype(np.float32)
+
+
+def _smooth_field(shape, amplitude, seed=1, sigma=4.0):
+    rng = np.random.default_rng(seed)
+    f = ndimage.gaussian_filter(rng.normal(size=(*shape, 3)), (sigma, sigma, sigma, 0))
+    return (f / np.abs(f).max() * amplitude).astype(np.float32)
+
+
+def _save(path, data, affine=AFFINE):
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def shift_model(tmp_path_factory):
+    """A VM-L model folder whose output is (nearly) the constant displacement (1.5, -0.5, 0.25) voxels."""
+    arch = official.ARCHITECTURE | {"fusion": "paper", "teacher_align_corners": False}
+    spec = {"kind": "registrar", "factor": 2, "architecture": arch, "label": "VM-L (test)", "stage": "test",
+            "preprocessing": {"normalize": "minmax", "percentiles": [0.5, 99.5], "resample_shape": [], "multiple": 32, "ndim": 3}}
+    model = model_from_spec(spec)
+    x = jnp.zeros((1, 64, 64, 64, 1))
+    params = model.init(jax.random.PRNGKey(0), x, x)
+    params["flow"]["conv"]["kernel"] = jnp.zeros_like(params["flow"]["conv"]["kernel"])
+    params["flow"]["conv"]["bias"] = jnp.asarray([0.75, -0.25, 0.125])  # on the half-size grid: times 2
+    path = tmp_path_factory.mktemp("models") / "shift"
+    save_model(path, params, spec)
+    return path
+
+
+# --- formats ---------------------------------------------------------------------------------------------
+
+
+def test_itk_field_applied_by_simpleitk_moves_the_image_like_our_warp(tmp_path):
+    sitk = pytest.importorskip("SimpleITK")
+    shape = (30, 26, 22)
+    moving = _smooth_volume(shape)
+    disp = _smooth_field(shape, 3.0)
+    fixed = Volume(np.zeros(shape, np.float32), AFFINE)
+    _save(tmp_path / "moving.nii.gz", moving)
+    _save(tmp_path / "fixed.nii.gz", fixed.data)
+    (path,) = formats.write_displacement(tmp_path, disp, fixed, "itk")
+    field = sitk.ReadImage(str(path), sitk.sitkVectorFloat64)
+    assert field.GetNumberOfComponentsPerPixel() == 3 and field.GetSize() == shape
+    transform = sitk.DisplacementFieldTransform(field)
+    itk_warped = sitk.Resample(sitk.ReadImage(str(tmp_path / "moving.nii.gz")), sitk.ReadImage(str(tmp_path / "fixed.nii.gz")),
+                               transform, sitk.sitkLinear, 0.0)
+    itk_warped = np.transpose(sitk.GetArrayFromImage(itk_warped), (2, 1, 0))  # SimpleITK arrays are z, y, x
+    ours = np.asarray(warp(jnp.asarray(moving)[None, ..., None], jnp.asarray(disp)[None]))[0, ..., 0]
+    inside = (slice(4, -4),) * 3  # ITK reads zeros beyond the edge, we repeat the edge voxel
+    np.testing.assert_allclose(itk_warped[inside], ours[inside], atol=2e-4)
+    np.testing.assert_allclose(formats.from_itk(nib.load(path).get_fdata(), AFFINE), disp, atol=1e-4)
+
+
+def test_itk_field_with_the_affine_maths_done_by_hand(tmp_path):
+    """The same check without ITK: physical points, LPS vectors and the moving image's own affine."""
+    shape = (20, 18, 16)
+    moving_affine = AFFINE @ np.diag([1.0, 1.0, 1.0, 1.0])
+    moving = _smooth_volume(shape, 3)
+    disp = _smooth_field(shape, 2.0, seed=4)
+    fixed = Volume(np.zeros(shape, np.float32), AFFINE)
+    (path,) = formats.write_displacement(tmp_path, disp, fixed, "itk")
+    img = nib.load(path)
+    assert img.shape == (*shape, 1, 3) and img.header.get_intent()[0] == "vector"
+    lps = img.get_fdata()[:, :, :, 0, :]
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(np.float64)
+    world_ras = grid @ AFFINE[:3, :3].T + AFFINE[:3, 3]
+    target_ras = world_ras + lps * np.array([-1.0, -1.0, 1.0])  # LPS -> RAS
+    inv = np.linalg.inv(moving_affine)
+    coords = target_ras @ inv[:3, :3].T + inv[:3, 3]
+    by_hand = ndimage.map_coordinates(moving, np.moveaxis(coords, -1, 0), order=1, mode="nearest")
+    ours = np.asarray(warp(jnp.asarray(moving)[None, ..., None], jnp.asarray(disp)[None]))[0, ..., 0]
+    np.testing.assert_allclose(by_hand, ours, atol=1e-4)
+
+
+def test_learn2reg_export_round_trip(tmp_path):
+    shape = (32, 24, 28)
+    disp = _smooth_field(shape, 4.0, sigma=8.0)  # the half-resolution format keeps smooth fields
+    fixed = Volume(np.zeros(shape, np.float32), AFFINE)
+    paths = formats.write_displacement(tmp_path, disp, fixed, "learn2reg", pair_ids=("0438", "0439"))
+    assert [p.name for p in paths] == ["disp_0438_0439.npz", "disp_0438_0439.nii.gz"]
+    half = np.load(paths[0])["arr_0"]
+    assert half.dtype == np.float16 and half.shape == (3, 16, 12, 14)
+    back = formats.from_learn2reg(half, shape)
+    np.testing.assert_allclose(back[4:-4, 4:-4, 4:-4], disp[4:-4, 4:-4, 4:-4], atol=0.05)
+    np.testing.assert_allclose(nib.load(paths[1]).get_fdata(), disp, atol=1e-6)
+
+
+# --- register ----------------------------------------------------------------------------------------------
+
+
+def test_register_odd_sized_volume_keeps_shape_and_affine(tmp_path, shift_model, capsys):
+    shape = (37, 45, 29)
+    fixed = _save(tmp_path / "f.nii.gz", _smooth_volume(shape, 0))
+    moving = _save(tmp_path / "m.nii.gz", _smooth_volume(shape, 1) * 300)
+    seg = _save(tmp_path / "s.nii.gz", (np.arange(np.prod(shape)).reshape(shape) % 5).astype(np.uint8))
+    out = tmp_path / "out"
+    assert main(["register", "--model", str(shift_model), "--fixed", fixed, "--moving", moving, "--moving-seg", seg,
+                 "--out-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "padded (37, 45, 29) -> (64, 64, 32)" in text
+    warped, disp, wseg = (nib.load(out / n) for n in ("warped.nii.gz", "disp.nii.gz", "warped_seg.nii.gz"))
+    assert warped.shape == shape and disp.shape == (*shape, 3) and wseg.shape == shape
+    np.testing.assert_allclose(warped.affine, AFFINE, atol=1e-6)
+    d = disp.get_fdata()
+    np.testing.assert_allclose(d[5:-5, 5:-5, 5:-5], np.broadcast_to([1.5, -0.5, 0.25], d[5:-5, 5:-5, 5:-5].shape), atol=1e-3)
+    ref = ndimage.map_coordinates(_smooth_volume(shape, 1) * 300, np.moveaxis(
+        np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1) + d, -1, 0), order=1, mode="nearest")
+    np.testing.assert_allclose(warped.get_fdata(), ref, atol=1e-2)  # original intensities, not normalised
+    assert set(np.unique(wseg.get_fdata())) <= set(range(5))
+    assert sorted(p.name for p in out.iterdir()) == ["disp.nii.gz", "warped.nii.gz", "warped_seg.nii.gz"]
+
+
+def test_register_resamples_a_moving_image_on_another_grid(tmp_path, shift_model, capsys):
+    shape = (32, 32, 32)
+    fixed = _save(tmp_path / "f.nii.gz", _smooth_volume(shape, 0))
+    coarse = AFFINE.copy()
+    coarse[:3, :3] *= 2
+    moving = _save(tmp_path / "m.nii.gz", _smooth_volume((16, 16, 16), 1), coarse)
+    assert main(["register", "--model", str(shift_model), "--fixed", fixed, "--moving", moving, "--out-dir",
+                 str(tmp_path / "o"), "--disp-format", "learn2reg"]) == 0
+    assert "resampled onto the fixed grid" in capsys.readouterr().out
+    assert nib.load(tmp_path / "o" / "warped.nii.gz").shape == shape
+    assert (tmp_path / "o" / "disp_0000_0001.npz").exists()
+
+
+BAD_CASES = {
+    "truncated": lambda p: (p.write_bytes(Path(_save(p.with_name("ok.nii.gz"), _smooth_volume((20, 20, 20)))).read_bytes()[:300]), p)[1],
+    "two_d": lambda p: Path(_save(p, _smooth_volume((20, 20)))),
+    "four_d": lambda p: Path(_save(p, np.zeros((10, 10, 10, 2), np.float32))),
+    "nan": lambda p: Path(_save(p, np.full((10, 10, 10), np.nan, np.float32))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_register_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, shift_model, capsys, case):
+    good = _save(tmp_path / "good.nii.gz", _smooth_volume((32, 32, 32)))
+    bad = BAD_CASES[case](tmp_path / "bad.nii.gz")
+    out = tmp_path / "out"
+    assert main(["register", "--model", str(shift_model), "--fixed", good, "--moving", str(bad), "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"crd-jax: error: {bad}") and "\n" not in err and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_register_rejects_wrong_models_and_an_output_file(tmp_path, shift_model, capsys):
+    img = _save(tmp_path / "i.nii.gz", _smooth_volume((32, 32, 32)))
+    (tmp_path / "empty").mkdir()
+    outfile = tmp_path / "out.txt"
+    outfile.write_text("x")
+    mismatched = tmp_path / "mismatch"
+    arch = official.ARCHITECTURE | {"encoder": [8, 16, 16, 16, 16]}
+    save_model(mismatched, {"unet": {}}, {"kind": "registrar", "factor": 2, "architecture": arch})
+    cases = [
+        (["--model", str(tmp_path / "empty"), "--out-dir", str(tmp_path / "o")], "not a crd-jax model folder"),
+        (["--model", img, "--out-dir", str(tmp_path / "o")], "no such model folder"),
+        (["--model", str(mismatched), "--out-dir", str(tmp_path / "o")], "do not match the model's architecture"),
+        (["--model", str(shift_model), "--out-dir", str(outfile)], "output folder is a file"),
+    ]
+    for extra, message in cases:
+        assert main(["register", "--fixed", img, "--moving", img, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert outfile.read_text() == "x"
+
+
+def test_python_m_crd_jax_is_the_same_command(tmp_path):
+    help_text = subprocess.run([sys.executable, "-m", "crd_jax", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert help_text.returncode == 0 and "register" in help_text.stdout and "convert-official" in help_text.stdout
+    for sub in ("register", "evaluate", "figure", "convert-official", "export"):
+        assert subprocess.run([sys.executable, "-m", "crd_jax", sub, "--help"], capture_output=True, cwd=ROOT).returncode == 0
+    bad = subprocess.run([sys.executable, "-m", "crd_jax", "register", "--model", str(tmp_path), "--fixed", "a.nii.gz",
+                          "--moving", "b.nii.gz", "--out-dir", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
+
+
+def test_evaluate_and_figure_on_synthetic_data(tmp_path, shift_model, capsys):
+    config = tmp_path / "tiny.py"
+    config.write_text(
+        "from crd_jax.config import base_config\n"
+        "def get_config():\n"
+        "    c = base_config()\n"
+        "    c.data.synthetic.shape = (32, 32, 32)\n"
+        "    c.data.synthetic.train, c.data.synthetic.val, c.data.synthetic.test = 2, 0, 3\n"
+        "    return c\n")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(shift_model), "--config", str(config), "--out-dir", str(out), "--max-pairs", "2",
+                 "--timing-repeats", "1"]) == 0
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("moving,fixed,dice,dice_1,") and len(lines) == 3
+    summary = (out / "summary.md").read_text()
+    assert "| dice |" in summary and "| hd95 |" in summary and "Inference:" in summary
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("moving,fixed\nsynth0004,synth0002\n")
+    assert main(["evaluate", "--model", str(shift_model), "--config", str(config), "--out-dir", str(out), "--pairs", str(pairs),
+                 "--no-hd95", "--timing-repeats", "1"]) == 0
+    assert (out / "metrics.csv").read_text().splitlines()[1].startswith("synth0004,synth0002,")
+    pairs.write_text("synth0009,synth0002\n")
+    assert main(["evaluate", "--model", str(shift_model), "--config", str(config), "--pairs", str(pairs)]) == 2
+    assert "unknown subject 'synth0009'" in capsys.readouterr().err
+    f = _save(tmp_path / "f.nii.gz", _smooth_volume((32, 32, 32), 0))
+    m = _save(tmp_path / "m.nii.gz", _smooth_volume((32, 32, 32), 1))
+    seg = _save(tmp_path / "s.nii.gz", (_smooth_volume((32, 32, 32), 2) * 4).astype(np.uint8))
+    png = tmp_path / "pair.png"
+    assert main(["figure", "--model", str(shift_model), "--fixed", f, "--moving", m, "--fixed-seg", seg, "--moving-seg", seg,
+                 "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10000
+
+
+# --- the authors' checkpoints ------------------------------------------------------------------------------
+
+
+def _write_legacy(path, state):
+    """A legacy (pre-1.6) torch checkpoint written without torch, as torch.save would lay it out."""
+
+    class FloatStorage:
+        _torch_name = ("torch", "FloatStorage")
+
+    def rebuild(*args):
+        raise AssertionError("never called")
+
+    rebuild._torch_name = ("torch._utils", "_rebuild_tensor_v2")
+
+    class Tensor:
+        def __init__(self, key, array):
+            self.key, self.array = key, array
+
+        def __reduce__(self):
+            stride = tuple(s // 4 for s in self.array.strides)
+            return rebuild, (self, 0, self.array.shape, stride, False, collections.OrderedDict())
+
+    class Writer(pickle._Pickler):
+        def save_global(self, obj, name=None):
+            target = getattr(obj, "_torch_name", None)
+            if target is None:
+                return super().save_global(obj, name)
+            self.write(pickle.GLOBAL + f"{target[0]}\n{target[1]}\n".encode())
+            self.memoize(obj)
+
+        dispatch = dict(pickle._Pickler.dispatch)
+        dispatch[type(rebuild)] = save_global
+
+        def persistent_id(self, obj):
+            if isinstance(obj, Tensor) and getattr(self, "_in_tensor", None) is obj:
+                return ("storage", FloatStorage, obj.key, "cpu", obj.array.size, None)
+            return None
+
+        def save_reduce(self, func, args, *rest, obj=None, **kw):
+            if isinstance(obj, Tensor):
+                self._in_tensor = obj  # the first argument (the tensor itself) becomes its storage reference
+            return super().save_reduce(func, args, *rest, obj=obj, **kw)
+
+    tensors = collections.OrderedDict((k, Tensor(str(i), np.ascontiguousarray(v, np.float32))) for i, (k, v) in enumerate(state.items()))
+    with open(path, "wb") as f:
+        for header in (MAGIC_NUMBER, 1001, {"little_endian": True}):
+            pickle.dump(header, f, protocol=2)
+        Writer(f, protocol=2).dump(tensors)
+        keys = sorted(t.key for t in tensors.values())
+        pickle.dump(keys, f, protocol=2)
+        by_key = {t.key: t.array for t in tensors.values()}
+        for key in keys:
+            f.write(struct.pack("<q", by_key[key].size))
+            f.write(by_key[key].astype("<f4").tobytes())
+
+
+def _random_official_state(teacher: bool, seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = {"conv1": (16, 2), "conv2": (32, 16), "conv3": (32, 32), "conv4": (32, 32), "conv5": (32, 32), "decode5": (32, 32),
+              "decode4": (32, 64), "decode3": (32, 64), "decode2": (32, 64), "decode2_1": (16, 32), "decode1": (16, 32), "flow": (3, 16)}
+    if teacher:
+        shapes.update({"fuse5": (32, 64), "fuse4": (32, 96), "fuse3": (32, 80), "fuse2": (32, 64), "fuse1": (16, 48), "flow_f": (3, 16)})
+    state = collections.OrderedDict()
+    for name, (o, i) in shapes.items():
+        state[f"module.defnet_0.{name}.weight"] = rng.normal(0, 0.1, (o, i, 3, 3, 3)).astype(np.float32)
+        state[f"module.defnet_0.{name}.bias"] = rng.normal(0, 0.1, (o,)).astype(np.float32)
+    return state
+
+
+@pytest.mark.parametrize("kind", ["student", "teacher"])
+def test_converter_round_trip_on_a_legacy_file_written_by_the_test(tmp_path, kind, capsys):
+    state = _random_official_state(kind == "teacher")
+    path = tmp_path / f"{kind}.pth"
+    _write_legacy(path, state)
+    loaded = load_legacy_checkpoint(path)
+    assert list(loaded) == list(state)
+    for k in state:
+        np.testing.assert_array_equal(loaded[k], state[k])
+    out = tmp_path / "model"
+    assert main(["convert-official", "--checkpoint", str(path), "--kind", kind, "--out", str(out)]) == 0
+    from crd_jax.cli.registration import load
+
+    model = load(out)
+    backbone = model.params["backbone"] if kind == "teacher" else model.params
+    # weight (out, in, kD, kH, kW) over (D, H, W) -> (kX, kY, kZ, in, out); conv1's input pair swapped
+    w = state["module.defnet_0.decode4.weight"]
+    np.testing.assert_array_equal(backbone["unet"]["dec_3_0"]["kernel"], np.transpose(w, (4, 3, 2, 1, 0)))
+    w1 = state["module.defnet_0.conv1.weight"]
+    np.testing.assert_array_equal(backbone["unet"]["enc_0"]["kernel"][..., 0, :], np.transpose(w1[:, 1], (3, 2, 1, 0)))
+    wrong = "teacher" if kind == "student" else "student"
+    assert main(["convert-official", "--checkpoint", str(path), "--kind", wrong, "--out", str(tmp_path / "x")]) == 2
+    assert f"use --kind {kind}" in capsys.readouterr().err
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(InputError, match="truncated"):
+        load_legacy_checkpoint(path)
+
+
+def _official_available():
+    return (OFFICIAL / "reference_io.npz").exists() and (OFFICIAL / "student_oasis.pth").exists()
+
+
+@pytest.mark.skipif(not _official_available(), reason="the authors' checkpoints are not in ../shared/official_crd")
+def test_parity_with_the_authors_code_on_reference_io(tmp_path):
+    ref = np.load(OFFICIAL / "reference_io.npz")
+    nifti = lambda a: np.ascontiguousarray(np.transpose(a, (2, 1, 0)))  # their (D, H, W) -> NIfTI (X, Y, Z)
+    field = lambda f: np.stack([nifti(f[c]) for c in range(3)], -1)  # their channels (x, y, z) are ours
+    m = jnp.asarray(nifti(ref["moving"]))[None, ..., None]
+    f = jnp.asarray(nifti(ref["fixed"]))[None, ..., None]
+    for kind in ("student", "teacher"):
+        params, spec = official.convert(load_legacy_checkpoint(OFFICIAL / f"{kind}_oasis.pth"), kind)
+        out = jax.jit(model_from_spec(spec).apply)(params, m, f)
+        assert np.abs(np.asarray(out["disp"][0]) - field(ref[f"{kind}_flow"])).max() <= 1e-3
+        for level, name in enumerate(("1x", "2x", "4x", "8x")):  # the attention maps the authors distil
+            attention = np.asarray(jnp.sum(out["features"][level][0] ** 2, -1))
+            np.testing.assert_allclose(attention, nifti(ref[f"{kind}_attn_{name}_s"]), rtol=1e-4, atol=1e-4)
+    # The command line, on NIfTI files, gives the authors' displacement and warped image.
+    aff = np.eye(4)
+    fixed, moving = _save(tmp_path / "f.nii.gz", nifti(ref["fixed"]), aff), _save(tmp_path / "m.nii.gz", nifti(ref["moving"]), aff)
+    assert main(["convert-official", "--checkpoint", str(OFFICIAL / "student_oasis.pth"), "--kind", "student", "--out",
+                 str(tmp_path / "student")]) == 0
+    assert main(["register", "--model", str(tmp_path / "student"), "--fixed", fixed, "--moving", moving, "--out-dir",
+                 str(tmp_path / "out")]) == 0
+    disp = nib.load(tmp_path / "out" / "disp.nii.gz").get_fdata()
+    assert np.abs(disp - field(ref["student_flow"])).max() <= 1e-3
+    warped = nib.load(tmp_path / "out" / "warped.nii.gz").get_fdata()
+    assert np.abs(warped - nifti(ref["student_warped_moving"])).max() <= 1e-3
