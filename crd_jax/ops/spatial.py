@@ -72,11 +72,45 @@ def warp(image: jax.Array, disp: jax.Array, order: int = 1, mode: str = "border"
     return jax.vmap(one)(image, disp)
 
 
+def _upsample_axis_integer(x: jax.Array, axis: int, k: int) -> jax.Array:
+    """Half-pixel linear upsampling by an integer factor as a fixed stencil of shifted slices.
+
+    Output ``k i + r`` samples ``i + (r + 0.5) / k - 0.5``: a blend of ``x[i]`` with ``x[i - 1]`` or ``x[i + 1]``
+    (edge repeated). Slices keep the gradient a cheap stencil too, where a gather's is a scatter-add.
+    """
+    n = x.shape[axis]
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (1, 1)
+    xp = jnp.pad(x, pad, mode="edge")
+    prev, cur, nxt = (jax.lax.slice_in_dim(xp, s, s + n, axis=axis) for s in (0, 1, 2))
+    parts = []
+    for r in range(k):
+        o = (r + 0.5) / k - 0.5
+        parts.append(cur * (1 + o) - prev * o if o < 0 else cur * (1 - o) + nxt * o)
+    out = jnp.stack(parts, axis=axis + 1)
+    return out.reshape(*x.shape[:axis], n * k, *x.shape[axis + 1 :])
+
+
+def _downsample_axis_integer(x: jax.Array, axis: int, k: int) -> jax.Array:
+    """Half-pixel linear downsampling by an integer factor: output ``i`` samples ``k i + (k - 1) / 2``, the
+    middle of its block (the mean of the two central voxels for even ``k``)."""
+    size = x.shape[axis] // k
+    blocks = x.reshape(*x.shape[:axis], size, k, *x.shape[axis + 1 :])
+    take = lambda j: jax.lax.index_in_dim(blocks, j, axis=axis + 1, keepdims=False)  # noqa: E731
+    if k % 2:
+        return take(k // 2)
+    return 0.5 * (take(k // 2 - 1) + take(k // 2))
+
+
 def _linear_axis(x: jax.Array, axis: int, size: int, align_corners: bool = False) -> jax.Array:
     """Linear resampling of one axis to ``size`` samples, half-pixel centres (or corner-aligned), edge clamped."""
     n = x.shape[axis]
     if n == size:
         return x
+    if not align_corners and size % n == 0:
+        return _upsample_axis_integer(x, axis, size // n)
+    if not align_corners and n % size == 0:
+        return _downsample_axis_integer(x, axis, n // size)
     if align_corners:
         src = jnp.arange(size, dtype=jnp.float32) * ((n - 1) / max(size - 1, 1))
     else:
