@@ -1,12 +1,11 @@
-"""VM-diff on Neurite-OASIS: the paper's diffeomorphic rows (VM-diff-H, -L, -L-CRD) of Table II."""
+"""VM-diff on OASIS: the -H, -L, FST and -L-CRD rows of Table II.
 
-from configs.oasis_vm import get_config as oasis_vm
+python train.py --config=configs/oasis_vm_diff.py --config.data.root=/path/to/data"""
+
+from configs._datasets import oasis
 
 
 def get_config():
-    c = oasis_vm()
-    c.name = "VM-diff on OASIS"
-    c.workdir = "runs/oasis_vm_diff"
-    c.model.diffeomorphic = True  # stationary velocity integrated by scaling and squaring, 7 steps
-    c.model.int_steps = 7
+    c = oasis("VM-diff")
+    c.model.diffeomorphic = True  # VM-diff: stationary velocity, scaling and squaring (7 steps)
     return c

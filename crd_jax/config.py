@@ -32,6 +32,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.shift = 1  # k: the student sees inputs downsampled by n = 2^k (Section III-B-1; k = 2 is "LL")
     c.model.fusion = "paper"  # FST head: "paper" (Table I + decoder) or "official" (the authors' released code)
     c.model.teacher_align_corners = False  # the authors' teacher downsamples with align_corners=True
+    c.model.estimator = (32, 16)  # pyramid backbones: convs before each level's flow head
+    c.model.cascade = 1  # > 1: that many copies of the backbone in sequence (teacher C)
+    c.model.affine = "none"  # "joint": an affine network in front, trained with it; "stage": pre-trained, frozen
+    c.model.affine_stage = ""  # with affine = "stage": the stage that trained it
+    c.model.affine_channels = (16, 32, 64, 128, 256)
 
     # --- losses (eq. 1-10) ---------------------------------------------------------------------------
     c.loss = ml_collections.ConfigDict()
@@ -54,6 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.percentiles = (0.5, 99.5)
     c.data.resample_shape = ()  # resample volumes to this shape first; () keeps the stored grid
     c.data.shape = ()  # network canvas; () = smallest multiple of 2^(levels + k) holding the volume
+    c.data.slice_axis = -1  # >= 0: train and evaluate 2-D models on slices of 3-D volumes (ndim = 2)
+    c.data.slice_range = (0, 0)  # [start, stop) slice indices along slice_axis
     c.data.eval_pairs = "all"  # all ordered pairs, or consecutive
     c.data.atlas = ""  # a subject id: atlas-based instead of subject-to-subject registration
     c.data.cache_size = 64
@@ -116,6 +123,34 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.num_processes = 0
     c.distributed.process_id = -1
     return c
+
+
+# --- architectures of the paper (Section IV-D, Table III) --------------------------------------------------
+VM_LIGHT = {"encoder": (16, 32, 32, 32), "decoder": ((32,), (32,), (32,), (32, 8), (8,))}  # VoxelMorph-1
+VM_LIGHTER = {"encoder": (8, 16, 16, 16), "decoder": ((16,), (16,), (16,), (16, 4), (4,))}  # VM-light halved
+VM_LARGE = {"encoder": (32, 64, 64, 64), "decoder": ((64,), (64,), (64,), (64, 64), (32, 32))}  # VM doubled (teacher B)
+PYD = {"backbone": "pyramid", "encoder": (16, 32, 32, 32, 32), "encoder_strides": (1, 2, 2, 2, 2), "estimator": (32, 16)}
+PYD_LIGHT = {"encoder": (8, 16, 16, 16, 16), "estimator": (16, 8)}
+PYD_LIGHTER = {"encoder": (4, 8, 8, 8, 8), "estimator": (8, 4)}
+
+
+def set_model(config: ml_collections.ConfigDict, **fields) -> None:
+    for k, v in fields.items():
+        config.model[k] = v
+
+
+def use_pyramid(config: ml_collections.ConfigDict, diffeomorphic: bool = False) -> None:
+    """Pyd / Pyd-diff (after Dual-PRNet)."""
+    set_model(config, **PYD, diffeomorphic=diffeomorphic)
+
+
+def stage(kind: str, **fields) -> ml_collections.ConfigDict:
+    """A stage block; ``model`` (a dict) overrides the global model for this stage only."""
+    block = {"kind": kind, "steps": 500_000, "init": "", "evaluate": True, "label": ""}
+    if "model" in fields:
+        fields["model"] = ml_collections.ConfigDict(fields["model"])
+    block.update(fields)
+    return ml_collections.ConfigDict(block)
 
 
 def set_steps(config: ml_collections.ConfigDict, steps: int) -> None:

@@ -307,3 +307,26 @@ def test_synthetic_dataset_splits_are_disjoint():
     train, test = SyntheticDataset(cfg, 0, 4), SyntheticDataset(cfg, 4, 2)
     assert train.ids[-1] == "synth0003" and test.ids == ["synth0004", "synth0005"]
     np.testing.assert_array_equal(test.image(0), make_subject(cfg, 4)[0])
+
+
+def test_slice_dataset_pairs_the_same_slice_of_two_subjects(tmp_path):
+    from crd_jax.data.dataset import SliceDataset
+
+    vols = [_volume((6, 8, 10), seed=i) for i in range(3)]
+    for i, v in enumerate(vols):
+        _write(tmp_path / "images" / f"S{i}.nii.gz", v)
+        _write(tmp_path / "labels" / f"S{i}.nii.gz", _labels((6, 8, 10), seed=i))
+    base = VolumeDataset(list_subjects("folder", tmp_path), Preprocessor(normalize="none", multiple=8))
+    ds = SliceDataset(base, axis=2, start=3, stop=7)
+    assert len(ds) == 12 and ds.group_size == 3 and ds.shape == (8, 8)
+    assert ds.ids[:4] == ["S0@3", "S1@3", "S2@3", "S0@4"]
+    np.testing.assert_array_equal(ds.placement.restore(ds.image(4)), vols[1][:, :, 4])
+    np.testing.assert_array_equal(ds.placement.restore(ds.labels(5), fill=0), _labels((6, 8, 10), seed=2)[:, :, 4])
+    for step in range(50):
+        m, f = train_pair(0, step, 0, len(ds), group_size=3)
+        assert m != f and m // 3 == f // 3
+    pairs = eval_pairs(len(ds), "all", group_size=3)
+    assert len(pairs) == 4 * 6 and all(m // 3 == f // 3 for m, f in pairs)
+    assert ds.volume(0).spacing == pytest.approx((1.2, 1.0))
+    with pytest.raises(InputError, match="outside"):
+        SliceDataset(base, axis=2, start=5, stop=11)

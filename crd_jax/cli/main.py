@@ -109,10 +109,10 @@ def cmd_evaluate(args) -> None:
     ds = datasets[split]
     if not ds.has_labels:
         raise InputError(args.config, f"the '{split}' split has no label maps to evaluate against")
-    pairs = _read_pairs(args.pairs, ds.ids) if args.pairs else eval_pairs(len(ds), config.data.eval_pairs)
+    pairs = _read_pairs(args.pairs, ds.ids) if args.pairs else eval_pairs(len(ds), config.data.eval_pairs, group_size=getattr(ds, "group_size", None))
     if args.max_pairs > 0:
         pairs = pairs[: args.max_pairs]
-    labels = dataset_labels(config.data)
+    labels = dataset_labels(config.data, ds)
     eff = measure_inference(loaded.model, loaded.params, ds.shape, repeats=args.timing_repeats)
     rows = []
     for m, f in pairs:

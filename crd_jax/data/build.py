@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from crd_jax.data.dataset import VolumeDataset
+from crd_jax.data.dataset import SliceDataset, VolumeDataset
 from crd_jax.data.layouts import label_protocol, list_subjects, select
 from crd_jax.data.preprocess import Preprocessor
 from crd_jax.data.synthetic import SyntheticConfig, SyntheticDataset
@@ -55,17 +55,29 @@ def build_datasets(data, multiple: int) -> Dict[str, object]:
     kwargs = {"images": data.images_dir, "labels": data.labels_dir} if data.kind == "folder" else {}
     subjects = list_subjects(data.kind, data.root, **kwargs)
     pre = preprocessor(data, multiple)
+    slicing = int(data.get("slice_axis", -1)) >= 0
     out = {}
     for split in SPLITS:
         spec = data.splits.get(split, "")
         if spec in (None, "", "none"):
             continue
-        out[split] = VolumeDataset(select(subjects, spec), pre, ndim=int(data.ndim), cache_size=int(data.cache_size))
+        ndim = 3 if slicing else int(data.ndim)
+        ds = VolumeDataset(select(subjects, spec), pre, ndim=ndim, cache_size=int(data.cache_size))
+        if slicing:  # a 2-D dataset of the same slices of every subject
+            ds = SliceDataset(ds, int(data.slice_axis), *map(int, data.slice_range))
+        out[split] = ds
     return out
 
 
-def dataset_labels(data) -> List[int]:
-    """The label set a Dice average runs over (``config.data.labels``)."""
+def dataset_labels(data, dataset=None) -> List[int]:
+    """The label set a Dice average runs over (``config.data.labels``): a protocol name, a list, or
+    ``"auto"`` (every nonzero label of the dataset's first label map)."""
     if data.kind == "synthetic":
         return list(range(1, int(data.synthetic.num_labels) + 1))
+    if data.labels == "auto":
+        if dataset is None or not dataset.has_labels:
+            raise InputError("config.data.labels", "'auto' needs a split with label maps")
+        import numpy as np
+
+        return [int(v) for v in np.unique(dataset.labels(0)) if v != 0]
     return label_protocol(data.labels if isinstance(data.labels, str) else list(data.labels))

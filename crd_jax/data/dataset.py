@@ -100,3 +100,62 @@ class VolumeDataset:
         for i in range(len(self)):
             self.image(i)
             self.labels(i)
+
+
+class SliceDataset:
+    """2-D slices of a 3-D dataset: slice ``z`` of every subject for ``z`` in ``range(start, stop)`` along
+    ``axis`` (indices of the stored volumes). Items are grouped by slice (``group_size`` = number of
+    subjects), so training and evaluation pairs join the same slice of two subjects."""
+
+    def __init__(self, volumes: VolumeDataset, axis: int, start: int, stop: int):
+        if not 0 <= axis < 3:
+            raise InputError(f"slice axis {axis}", "must be 0, 1 or 2")
+        size = volumes.placement.source_shape[axis]
+        if not 0 <= start < stop <= size:
+            raise InputError(f"slice range {start}:{stop}", f"outside the volumes' {size} slices along axis {axis}")
+        self.volumes = volumes
+        self.axis = axis
+        self.slices = list(range(start, stop))
+        self.group_size = len(volumes)
+        keep = [a for a in range(3) if a != axis]
+        p = volumes.placement
+        self._offset = p.offset[axis]
+        self.placement = Placement(tuple(p.source_shape[a] for a in keep), tuple(p.canvas_shape[a] for a in keep),
+                                   tuple(p.offset[a] for a in keep))
+        self.shape = self.placement.canvas_shape
+        self.ndim = 2
+        self._keep = keep
+
+    def __len__(self) -> int:
+        return len(self.slices) * self.group_size
+
+    def _where(self, i: int):
+        s, j = divmod(i, self.group_size)
+        return j, self.slices[s] + self._offset
+
+    @property
+    def ids(self) -> List[str]:
+        return [f"{sid}@{z}" for z in self.slices for sid in self.volumes.ids]
+
+    @property
+    def has_labels(self) -> bool:
+        return self.volumes.has_labels
+
+    def image(self, i: int) -> np.ndarray:
+        j, z = self._where(i)
+        return np.take(self.volumes.image(j), z, axis=self.axis)
+
+    def labels(self, i: int) -> Optional[np.ndarray]:
+        j, z = self._where(i)
+        labels = self.volumes.labels(j)
+        return None if labels is None else np.take(labels, z, axis=self.axis)
+
+    def volume(self, i: int) -> Volume:
+        j, _ = self._where(i)
+        vol = self.volumes.volume(j)
+        affine = np.eye(4)
+        affine[:3, :2] = vol.affine[:3, self._keep]
+        return Volume(self.image(i), affine, None, vol.path)
+
+    def validate(self) -> None:
+        self.volumes.validate()

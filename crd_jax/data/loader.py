@@ -37,7 +37,7 @@ class PairLoader:
 
     def pairs(self, step: int):
         return [
-            train_pair(self.seed, step, slot, len(self.dataset), self.atlas)
+            train_pair(self.seed, step, slot, len(self.dataset), self.atlas, getattr(self.dataset, "group_size", None))
             for slot in range(self.first_slot, self.first_slot + self.local_batch)
         ]
 

@@ -24,8 +24,9 @@ import jax
 from crd_jax.compile import run_once
 from crd_jax.models.layers import Conv, concat, upsample_nearest
 from crd_jax.models.registrar import downsample_pair
+from crd_jax.models.pyramid import PyramidEstimator
 from crd_jax.models.voxelmorph import FlowHead
-from crd_jax.ops.spatial import downsample_field, integrate_velocity, resize, upsample_field
+from crd_jax.ops.spatial import downsample_field, integrate_velocity, resize, resize_field, upsample_field
 
 
 def fusion_levels(high: Dict[int, jax.Array], low: Dict[int, jax.Array], shift: int):
@@ -85,6 +86,28 @@ class FusionHead(nn.Module):
             out.update(disp=integrate_velocity(flow, self.int_steps), velocity=flow)
         else:
             out["disp"] = flow
+        return out
+
+
+class PyramidFusionHead(nn.Module):
+    """FST for pyramid backbones: Table I fusion at every shifted level of the two-stream features, then a
+    coarse-to-fine estimator with the backbone's structure, which gives the intermediate teacher fields
+    ``phi^T_l`` that eq. 11 distils."""
+
+    estimator: Tuple[int, ...] = (32, 16)
+    shift: int = 1
+    negative_slope: float = 0.2
+    diffeomorphic: bool = False
+    int_steps: int = 7
+
+    @nn.compact
+    def __call__(self, high: Dict[int, jax.Array], low: Dict[int, jax.Array]) -> Dict:
+        levels = fusion_levels(high, low, self.shift)
+        fused = {
+            lev: FeatureFusion(self.negative_slope, name=f"fuse_{lev}")(low[lev], high[lev + self.shift]) for lev in levels
+        }
+        out = PyramidEstimator(self.estimator, self.negative_slope, self.diffeomorphic, self.int_steps, name="estimator")(fused)
+        out["features"] = fused
         return out
 
 
@@ -160,3 +183,29 @@ class Teacher:
             out["disp_low"] = out["disp"]
             out["disp"] = upsample_field(out["disp_low"], self.factor)
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ResampledTeacher:
+    """Any registrar used as a teacher for a student at another resolution (teachers A-D, Table VI/VII).
+
+    Its field (and pyramid fields) are resampled onto the student's grid (values rescaled, as ``up(.)``);
+    with ``features = "downsample"`` its decoder features are linearly resized to the student's feature sizes
+    (the paper's "feature down", which it shows to hurt), otherwise no features are distilled.
+    """
+
+    registrar: object
+    student_factor: int
+    features: str = "none"
+
+    def apply(self, params, moving, fixed) -> Dict:
+        if self.features not in ("none", "downsample"):
+            raise ValueError(f"teacher_features must be 'none' or 'downsample', got {self.features!r}")
+        out = self.registrar.apply(params, moving, fixed)
+        low = tuple(s // self.student_factor for s in moving.shape[1:-1])
+        result = {"disp": out["disp"], "disp_low": resize_field(out["disp_low"], low), "features": {}}
+        if "fields" in out:
+            result["fields"] = {l: resize_field(v, tuple(s // 2**l for s in low)) for l, v in out["fields"].items()}
+        if self.features == "downsample":
+            result["features"] = {l: resize(v, tuple(s // 2**l for s in low)) for l, v in out["features"].items()}
+        return result

@@ -1,7 +1,8 @@
 """Stage S3, cross-resolution distillation (Section III-C): the low-resolution student under the teacher.
 
 ``L_distillation = L^L + alpha * L_deformation + beta * L_feature`` (eq. 10) with
-``L_deformation = MSE(phi^T, phi^S)`` (eq. 8, both on the student's grid) and
+``L_deformation = MSE(phi^T, phi^S)`` (eq. 8, both on the student's grid; for pyramids the sum over the
+intermediate fields, eq. 11) and
 ``L_feature = sum_l MSE(F^T_l, F^S_l)`` (eq. 9) over the teacher's levels (F_0..F_3 for k = 1).
 The teacher's parameters are a frozen argument; its outputs are constants for the student.
 
@@ -31,10 +32,30 @@ def feature_loss(teacher_features, student_features, target: str = "raw"):
     total = 0.0
     for level, ft in teacher_features.items():
         fs = student_features[level]
+        if target == "raw" and ft.shape != fs.shape:
+            raise ValueError(f"level {level}: teacher features {ft.shape} and student features {fs.shape} differ; "
+                             "distil attention maps (loss.feature_target='attention') or set loss.beta=0")
         if target == "attention":
             ft, fs = attention_map(ft), attention_map(fs)
         total = total + losses.mse(ft, fs)
     return total
+
+
+def deformation_loss(teacher_out, student_out):
+    """Eq. 8, ``MSE(phi^T, phi^S)`` on the student's grid; for pyramids eq. 11, the sum over the levels of
+    the intermediate fields that teacher and student share."""
+    if "fields" in teacher_out and "fields" in student_out:
+        return sum(losses.mse(teacher_out["fields"][l], student_out["fields"][l]) for l in teacher_out["fields"])
+    return losses.mse(teacher_out["disp_low"], student_out["disp_low"])
+
+
+def distillation_loss(t, s, m, f, alpha, beta, reg_weight, window, feature_target):
+    """Eq. 10 for a student output ``s`` given (constant) teacher output ``t``."""
+    loss_l, terms = registration_loss(m, f, s["disp"], reg_weight, window)
+    deformation = deformation_loss(t, s) if alpha else 0.0
+    feature = feature_loss(t["features"], s["features"], feature_target) if beta else 0.0
+    total = loss_l + alpha * deformation + beta * feature
+    return total, {"loss_L": loss_l, "sim": terms["sim"], "deformation": deformation, "feature": feature}
 
 
 def make_loss(
@@ -52,11 +73,6 @@ def make_loss(
     def loss_fn(params, frozen, batch):
         m, f = batch["moving"], batch["fixed"]
         t = jax.lax.stop_gradient(teacher.apply(frozen, m, f))
-        s = student.apply(params, m, f)
-        loss_l, terms = registration_loss(m, f, s["disp"], reg_weight, window)
-        deformation = losses.mse(t["disp_low"], s["disp_low"])
-        feature = feature_loss(t["features"], s["features"], feature_target) if beta else 0.0
-        total = loss_l + alpha * deformation + beta * feature
-        return total, {"loss_L": loss_l, "sim": terms["sim"], "deformation": deformation, "feature": feature}
+        return distillation_loss(t, student.apply(params, m, f), m, f, alpha, beta, reg_weight, window, feature_target)
 
     return loss_fn

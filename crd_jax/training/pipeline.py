@@ -37,9 +37,10 @@ def write_text(path: Path, text: str) -> None:
 def _atlas_index(dataset, atlas: str):
     if not atlas:
         return None
-    if atlas not in dataset.ids:
-        raise InputError("config.data.atlas", f"atlas '{atlas}' is not in the training split")
-    return dataset.ids.index(atlas)
+    ids = dataset.volumes.ids if hasattr(dataset, "volumes") else dataset.ids  # slice datasets: per subject
+    if atlas not in ids:
+        raise InputError("config.data.atlas", f"atlas '{atlas}' is not in this split")
+    return ids.index(atlas)
 
 
 def _stage_steps(config, st) -> int:
@@ -66,7 +67,9 @@ def _validator(config, plan, datasets, labels):
     n_pairs = int(config.eval.val_pairs)
     if val is None or not val.has_labels or n_pairs <= 0 or len(val) < 2:
         return None
-    pairs = eval_pairs(len(val), config.data.eval_pairs)[:n_pairs]
+    pairs = eval_pairs(len(val), config.data.eval_pairs, group_size=getattr(val, "group_size", None))
+    # spread the few validation pairs over the groups (slices) rather than taking the first ones
+    pairs = pairs[:: max(1, len(pairs) // n_pairs)][:n_pairs]
     predict = predictor(plan.model)
 
     def validate(params):
@@ -86,7 +89,7 @@ def evaluate_stage(config, trained: Trained, datasets, labels, directory: Path, 
     ds = datasets.get(split)
     if ds is None:
         raise InputError(f"config.eval.split={split}", "no such split in the dataset")
-    pairs = eval_pairs(len(ds), config.data.eval_pairs, _atlas_index(ds, config.data.atlas))
+    pairs = eval_pairs(len(ds), config.data.eval_pairs, _atlas_index(ds, config.data.atlas), getattr(ds, "group_size", None))
     if int(config.eval.max_pairs) > 0:
         pairs = pairs[: int(config.eval.max_pairs)]
     logger.info(f"[{trained.spec['stage']}] evaluating {trained.spec['label']} on {len(pairs)} {split} pairs")
@@ -133,6 +136,18 @@ def results_markdown(results: List[Dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def network_multiple(config) -> int:
+    """Every canvas side must divide by ``2^(levels + k)`` for every model of every stage."""
+    from crd_jax.training.stages import stage_model_config
+
+    multiple = 1
+    for name in config.pipeline:
+        cfg = stage_model_config(config, config.stages[name])
+        if cfg.get("backbone") != "affine":
+            multiple = max(multiple, 2 ** (mbuild.levels(mbuild.architecture(cfg)) + int(cfg.get("shift", 1))))
+    return multiple
+
+
 def run(config) -> List[Dict]:
     """Runs ``config.pipeline`` and writes the results; returns the result rows."""
     distributed.initialize(config.distributed)
@@ -143,15 +158,13 @@ def run(config) -> List[Dict]:
         workdir.mkdir(parents=True, exist_ok=True)
         write_text(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
     mesh = distributed.data_mesh()
-    arch = mbuild.architecture(config.model)
-    shift = int(config.model.shift)
-    multiple = 2 ** (mbuild.levels(arch) + shift)
+    multiple = network_multiple(config)
     datasets = build_datasets(config.data, multiple)
     if "train" not in datasets:
         raise InputError("config.data.splits.train", "the training split is empty")
     for ds in datasets.values():
         ds.validate()
-    labels = dataset_labels(config.data)
+    labels = dataset_labels(config.data, datasets.get(config.eval.split, datasets["train"]))
     train_ds = datasets["train"]
     loader = PairLoader(
         train_ds,

@@ -1,0 +1,11 @@
+"""Pyd-LL on Mindboggle-101: Table V (k = 2, n = 4)."""
+
+from configs._datasets import mindboggle
+from crd_jax.config import use_pyramid
+
+
+def get_config():
+    c = mindboggle("Pyd-LL")
+    use_pyramid(c)
+    c.model.shift = 2  # n = 4: the 1/4-resolution LL models (Table V)
+    return c

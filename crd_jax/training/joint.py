@@ -1,0 +1,45 @@
+"""Joint training of stages the paper trains separately (Table VIII), for the ablation teachers F and G.
+
+* Teacher G, ``{S1, S2}``: ``L^H + L^L`` (eq. 6) on the backbone plus eq. 7 on the teacher, with gradients of
+  eq. 7 reaching the backbone too (nothing is frozen).
+* Teacher F, ``{S1, S2, S3}``: the same plus the distillation loss of eq. 10 for the student. The student
+  learns from the teacher's outputs as constants (a distillation target is not pulled toward the student);
+  the teacher still learns from its own registration losses.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from crd_jax.registration_loss import registration_loss
+from crd_jax.training.distill import distillation_loss
+
+
+def _teacher_terms(high, low, teacher, params, m, f, reg_weight, window):
+    loss_h, _ = registration_loss(m, f, high.apply(params["backbone"], m, f)["disp"], reg_weight, window)
+    loss_l, _ = registration_loss(m, f, low.apply(params["backbone"], m, f)["disp"], reg_weight, window)
+    t = teacher.apply({"backbone": params["backbone"], "head": params["head"]}, m, f)
+    loss_t, _ = registration_loss(m, f, t["disp"], reg_weight, window)
+    return loss_h + loss_l + loss_t, {"loss_H": loss_h, "loss_L": loss_l, "loss_T": loss_t}, t
+
+
+def make_teacher_loss(high, low, teacher, reg_weight=1.0, window=9):
+    def loss_fn(params, frozen, batch):
+        del frozen
+        total, aux, _ = _teacher_terms(high, low, teacher, params, batch["moving"], batch["fixed"], reg_weight, window)
+        return total, aux
+
+    return loss_fn
+
+
+def make_all_loss(high, low, teacher, student, alpha=1.0, beta=0.1, reg_weight=1.0, window=9, feature_target="raw"):
+    def loss_fn(params, frozen, batch):
+        del frozen
+        m, f = batch["moving"], batch["fixed"]
+        total, aux, t = _teacher_terms(high, low, teacher, params, m, f, reg_weight, window)
+        s = student.apply(params["student"], m, f)
+        d_total, d_aux = distillation_loss(jax.lax.stop_gradient(t), s, m, f, alpha, beta, reg_weight, window, feature_target)
+        aux.update({f"student_{k}": v for k, v in d_aux.items()})
+        return total + d_total, aux
+
+    return loss_fn
