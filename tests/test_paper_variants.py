@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from crd_jax import losses
-from crd_jax.compile import run_once
+from crd_jax.compile import run_once, shapes_only
 from crd_jax.config import PYD, set_steps
 from crd_jax.data import PairLoader, SyntheticConfig, SyntheticDataset
 from crd_jax.models import build as mbuild
@@ -96,20 +96,29 @@ def _shrink(config):
     return config
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """Identical train steps of different configs (the same model on another dataset) compile once."""
-    old = {k: jax.config.values[k] for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                                            "jax_persistent_cache_min_entry_size_bytes")}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
+def _train_step(loss_fn, opt):
+    def step(params, state, frozen, batch):
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    return step
 
 
-_COMPILED = {}  # (training-program signature, stage) -> compiled train step
+def _plan_pipeline(config, batch, run_stage=None):
+    """Plans every stage of ``config.pipeline`` in order (each stage sees the earlier ones' results) and
+    hands each plan to ``run_stage``, which returns the stage's trained parameters."""
+    done = {}
+    for i, name in enumerate(config.pipeline):
+        plan = plan_stage(name, config.stages[name], config, done, jax.random.PRNGKey(i), batch)
+        params = run_stage(name, plan) if run_stage else plan.init_params
+        done[name] = Trained(plan.model, plan.full_params(params), plan.spec)
+    return done
+
+
+def _batch(config):
+    ds = SyntheticDataset(SyntheticConfig(shape=tuple(config.data.synthetic.shape), num_subjects=4))
+    return PairLoader(ds, 1, seed=0).batch(0)
 
 
 def _program_signature(config) -> str:
@@ -125,34 +134,86 @@ def _program_signature(config) -> str:
                       sort_keys=True, default=str)
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
-def test_every_config_builds_its_models_and_runs_two_train_steps(path, compile_cache):
-    config = _shrink(_load(path))
-    signature = _program_signature(config)
-    shape = tuple(config.data.synthetic.shape)
-    ds = SyntheticDataset(SyntheticConfig(shape=shape, num_subjects=4))
-    batch = PairLoader(ds, 1, seed=0).batch(0)
-    done = {}
-    for i, name in enumerate(config.pipeline):
-        plan = plan_stage(name, config.stages[name], config, done, jax.random.PRNGKey(i), batch)
-        opt = optax.adam(1e-4)
+def _configs_by_program():
+    """Configs grouped by the training program they define (e.g. one model on OASIS, Mindboggle and LPBA40)."""
+    groups = {}
+    for path in CONFIGS:
+        groups.setdefault(_program_signature(_shrink(_load(path))), []).append(path)
+    return list(groups.values())
+
+
+_GROUPS = _configs_by_program()
+
+
+@pytest.mark.parametrize("paths", _GROUPS, ids=["+".join(str(p.relative_to(ROOT / "configs")) for p in g) for g in _GROUPS])
+def test_every_config_plans_and_traces_every_train_step(paths):
+    """Every config's models build and every stage's train step (loss, gradient, Adam update) is well formed:
+    a shape-only dry run (traced, not compiled: ``shapes_only`` and ``jax.eval_shape``). Configs that define
+    the same program (same models, losses, stages and input size) are checked once."""
+    config = _shrink(_load(paths[0]))
+    opt = optax.adam(1e-4)
+
+    def trace(name, plan):
+        params = plan.init_params
+        state = jax.eval_shape(opt.init, params)
+        new_params, _, loss = jax.eval_shape(_train_step(plan.loss_fn, opt), params, state, plan.frozen, batch)
+        assert loss.shape == () and loss.dtype == jnp.float32, (paths[0].name, name)
+        assert jax.tree_util.tree_structure(new_params) == jax.tree_util.tree_structure(params), (paths[0].name, name)
+        shapes = lambda t: [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(t)]  # noqa: E731
+        assert shapes(new_params) == shapes(params), (paths[0].name, name)
+        return params
+
+    batch = _batch(config)
+    with shapes_only():
+        done = _plan_pipeline(config, batch, trace)
+    assert set(done) == set(config.pipeline)
+
+
+# The stages that run for real, chosen so that every kind of training program runs once: each stage kind on
+# each backbone (VM, VM-diff, Pyd-diff; plain Pyd is Pyd-diff without the integration; the cooperative
+# stage runs the backbone at both resolutions, as the baselines do), the 1/4-resolution
+# (n = 4) scheme, the cascade teacher, teachers F and G, a registrar teacher with downsampled features, a
+# high-resolution light student and the frozen affine stage. The other configs change widths, weights or
+# datasets of these programs, which the dry run above covers. Earlier stages of a chain are initialised only.
+EXECUTED = {
+    "synthetic_vm_2d.py": ["vm_h", "vm_l", "coop", "fst", "vm_l_crd"],
+    "lpba40_vm_diff.py": ["coop", "fst", "vm_l_crd"],
+    "lpba40_pyd_diff.py": ["coop", "fst", "vm_l_crd"],
+    "mindboggle_vm_ll.py": ["coop", "fst", "vm_l_crd"],
+    "ablations/teacher_c.py": ["cascade_l", "vm_l_by_c"],
+    "ablations/teacher_f.py": ["joint_f"],
+    "ablations/teacher_g.py": ["fst_g", "vm_l_by_g"],
+    "ablations/teacher_a_feature_down.py": ["vm_l_by_a_down"],
+    "ablations/light_models.py": ["vm_light_36"],
+    "ablations/affine_stage.py": ["affine", "vm_h"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXECUTED))
+def test_each_kind_of_training_program_runs_two_finite_steps(name):
+    config = _shrink(_load(ROOT / "configs" / name))
+    assert set(EXECUTED[name]) <= set(config.pipeline), name
+    opt = optax.adam(1e-4)
+    batch = _batch(config)
+
+    def run(stage, plan):
+        if stage not in EXECUTED[name]:
+            return plan.init_params
         params, state = plan.init_params, opt.init(plan.init_params)
-
-        def step(params, state, frozen, batch, loss_fn=plan.loss_fn):
-            (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch)
-            updates, state = opt.update(grads, state, params)
-            return optax.apply_updates(params, updates), state, loss
-
-        # Two steps of a tiny problem: compile without backend optimisation (several times faster), once
-        # per distinct training program (configs that differ only in their dataset share them).
-        key = (signature, name)
-        if key not in _COMPILED:
-            _COMPILED[key] = jax.jit(step).lower(params, state, plan.frozen, batch).compile(
-                compiler_options={"xla_backend_optimization_level": 0})
+        # Two steps of a tiny problem: compile without backend optimisation (several times faster).
+        step = jax.jit(_train_step(plan.loss_fn, opt)).lower(params, state, plan.frozen, batch).compile(
+            compiler_options={"xla_backend_optimization_level": 0})
+        losses_seen = []
         for _ in range(2):
-            params, state, loss = _COMPILED[key](params, state, plan.frozen, batch)
-            assert np.isfinite(float(loss)), (path.name, name)
-        done[name] = Trained(plan.model, plan.full_params(params), plan.spec)
+            params, state, loss = step(params, state, plan.frozen, batch)
+            losses_seen.append(float(loss))
+        assert np.isfinite(losses_seen).all(), (name, stage, losses_seen)
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params)), (name, stage)
+        changed = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), params, plan.init_params)
+        assert any(jax.tree_util.tree_leaves(changed)), (name, stage)  # the update reached the parameters
+        return params
+
+    _plan_pipeline(config, batch, run)
 
 
 def test_affine_network_recovers_a_known_affine_better_than_identity():

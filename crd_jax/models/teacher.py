@@ -53,6 +53,14 @@ class FeatureFusion(nn.Module):
         return Conv(b, negative_slope=self.negative_slope, name="conv_3")(h)
 
 
+def fuse_shifted(high, low, shift: int, negative_slope: float) -> Dict[int, jax.Array]:
+    """``{l: F^T_l}``: Table I fusion of every shifted pair (called inside a head's ``compact`` method)."""
+    return {
+        lev: FeatureFusion(negative_slope, name=f"fuse_{lev}")(low[lev], high[lev + shift])
+        for lev in fusion_levels(high, low, shift)
+    }
+
+
 class FusionHead(nn.Module):
     """Feature fusion at every shifted level, then the backbone-shaped decoder to ``phi^T``.
 
@@ -70,13 +78,9 @@ class FusionHead(nn.Module):
     def __call__(self, high: Dict[int, jax.Array], low: Dict[int, jax.Array]) -> Dict:
         deepest = len(self.decoder) - 1
         channels = {deepest - j: ch for j, ch in enumerate(self.decoder)}
-        levels = fusion_levels(high, low, self.shift)
-        fused = {
-            lev: FeatureFusion(self.negative_slope, name=f"fuse_{lev}")(low[lev], high[lev + self.shift])
-            for lev in levels
-        }
+        fused = fuse_shifted(high, low, self.shift, self.negative_slope)
         h = None
-        for lev in levels:
+        for lev in sorted(fused, reverse=True):
             h = fused[lev] if h is None else concat([upsample_nearest(h, fused[lev].shape[1:-1]), fused[lev]])
             for m, c in enumerate(channels[lev]):
                 h = Conv(c, negative_slope=self.negative_slope, name=f"dec_{lev}_{m}")(h)
@@ -102,10 +106,7 @@ class PyramidFusionHead(nn.Module):
 
     @nn.compact
     def __call__(self, high: Dict[int, jax.Array], low: Dict[int, jax.Array]) -> Dict:
-        levels = fusion_levels(high, low, self.shift)
-        fused = {
-            lev: FeatureFusion(self.negative_slope, name=f"fuse_{lev}")(low[lev], high[lev + self.shift]) for lev in levels
-        }
+        fused = fuse_shifted(high, low, self.shift, self.negative_slope)
         out = PyramidEstimator(self.estimator, self.negative_slope, self.diffeomorphic, self.int_steps, name="estimator")(fused)
         out["features"] = fused
         return out

@@ -79,6 +79,13 @@ def _out_shape(in_shape, kernel, stride, padding):
     return tuple((n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip(in_shape, kernel, stride, padding))
 
 
+def _geometry(stride5, padding5) -> dict:
+    """Strides and low-side paddings of a 5-D problem, as the kernels' FFI attributes."""
+    names = ("sd", "sh", "sw", "pd", "ph", "pw")
+    values = tuple(stride5) + tuple(p[0] for p in padding5)
+    return {k: np.int64(v) for k, v in zip(names, values)}
+
+
 def _native_forward(x, w, b, stride, padding, negative_slope, out_spatial=None):
     """Native forward; ``out_spatial`` overrides the output size (taps beyond the input read zeros)."""
     squeeze = x.ndim == 4
@@ -95,14 +102,9 @@ def _native_forward(x, w, b, stride, padding, negative_slope, out_spatial=None):
         x5,
         w_packed,
         b,
-        sd=np.int64(stride5[0]),
-        sh=np.int64(stride5[1]),
-        sw=np.int64(stride5[2]),
-        pd=np.int64(padding5[0][0]),
-        ph=np.int64(padding5[1][0]),
-        pw=np.int64(padding5[2][0]),
         slope=np.float32(0.0 if negative_slope is None else negative_slope),
         act=np.int64(negative_slope is not None),
+        **_geometry(stride5, padding5),
     )
     return y[:, 0] if squeeze else y
 
@@ -113,16 +115,7 @@ def _native_weight_grad(x, dz, kernel_shape, stride, padding):
     dz5 = dz[:, None] if ndim == 2 else dz
     kernel5 = (1,) + tuple(kernel_shape) if ndim == 2 else tuple(kernel_shape)
     out = jax.ShapeDtypeStruct((*kernel5, x.shape[-1], dz.shape[-1]), jnp.float32)
-    dw = jax.ffi.ffi_call("crd_conv_wgrad", out, vmap_method="sequential")(
-        x5,
-        dz5,
-        sd=np.int64(stride5[0]),
-        sh=np.int64(stride5[1]),
-        sw=np.int64(stride5[2]),
-        pd=np.int64(padding5[0][0]),
-        ph=np.int64(padding5[1][0]),
-        pw=np.int64(padding5[2][0]),
-    )
+    dw = jax.ffi.ffi_call("crd_conv_wgrad", out, vmap_method="sequential")(x5, dz5, **_geometry(stride5, padding5))
     return dw[0] if ndim == 2 else dw
 
 
