@@ -14,7 +14,7 @@ Pairs compared (network input sizes H 160x192x224, L 80x96x112, LL 48x48x64; bat
 
 PyTorch runs with ``channels_last_3d`` (its fastest CPU layout here) and all cores. The training step is
 forward + backward of NCC (9^3) + gradient loss; voxelmorph's NCC is a dense 9^3 box convolution, ours a
-cumulative-sum box filter, which is part of the measured difference.
+separable box sum (reduce_window), which is part of the measured difference.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def fit_pair(
     state = opt.init(params)
 
     # The images are arguments, not closed-over constants: XLA would otherwise constant-fold the loss's
-    # cumulative sums over the fixed image at compile time (minutes for a 3-D volume).
+    # box sums over the fixed image at compile time (minutes for a 3-D volume).
     @jax.jit
     def step(params, state, m, f):
         def loss_fn(p):
