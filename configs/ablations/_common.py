@@ -23,3 +23,15 @@ def baselines():
 def student(teacher: str, label: str, **fields):
     """A VM-L student distilled from ``teacher``, started from VM-L like the CRD student."""
     return stage("distill", teacher=teacher, init="vm_l", label=label, **fields)
+
+
+def distillation_weights(what: str, run: str, **weights):
+    """The full CRD scheme (VM on OASIS) with other eq. 10 weights (``alpha``, ``beta``): Tables IX and X."""
+    from configs.oasis_vm import get_config as crd
+
+    c = crd()
+    c.name = f"Ablation: {what} (VM on OASIS)"
+    c.workdir = f"runs/ablation_{run}"
+    for key, value in weights.items():
+        c.loss[key] = value
+    return c

@@ -1,11 +1,7 @@
 """Table X: alpha = 1, beta = 1 in eq. 10."""
 
-from configs.oasis_vm import get_config as crd
+from configs.ablations._common import distillation_weights
 
 
 def get_config():
-    c = crd()
-    c.name = "Ablation: alpha = 1, beta = 1 (VM on OASIS)"
-    c.workdir = "runs/ablation_alpha1_beta1"
-    c.loss.alpha, c.loss.beta = 1, 1
-    return c
+    return distillation_weights("alpha = 1, beta = 1", "alpha1_beta1", alpha=1, beta=1)
