@@ -14,6 +14,7 @@ The data are in ../shared/data/lpba40 (or --data-root).
 from __future__ import annotations
 
 import argparse
+import os
 import importlib.util
 import json
 import sys
@@ -27,7 +28,9 @@ sys.path.insert(0, str(HERE))
 
 from common import machine, run_child  # noqa: E402
 
-CONFIGS = {"2d": "configs/lpba40_vm_2d.py", "3d": "configs/lpba40_vm_3d_small.py"}
+CONFIGS = {"2d": "configs/lpba40_vm_2d.py", "3d": "configs/lpba40_vm_3d_small.py", "3d-ll": "configs/lpba40_vm_3d_ll.py"}
+# Long runs live outside the work tree so that they outlive a checkout; re-running the command resumes them.
+RUNS = Path(os.environ.get("CRD_RUNS", Path.home() / "crd-runs"))
 # Table IV (LPBA40 column) and Section V-A of the paper: Dice (std), GPU MB, GPU s.
 PAPER = {
     "VM-H": ("0.691 (0.015)", 3103, 0.125),
@@ -51,7 +54,14 @@ def main():
     p.add_argument("--data-root", default="")
     p.add_argument("--no-full-size", action="store_true", help="skip the 160x192x160 efficiency measurement")
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--status", action="store_true", help="print per-stage progress and time left, then exit")
     args = p.parse_args()
+    workdir = Path(args.workdir) if args.workdir else RUNS / f"reproduce_lpba40_{args.setting}"
+    if args.status:
+        from run_status import print_status
+
+        print_status(load_config(ROOT / CONFIGS[args.setting]), workdir, args.steps)
+        return
 
     from crd_jax.config import set_steps
     from crd_jax.training import pipeline
@@ -59,7 +69,7 @@ def main():
     config = load_config(ROOT / CONFIGS[args.setting])
     if args.steps:
         set_steps(config, args.steps)
-    config.workdir = args.workdir or f"runs/reproduce_lpba40_{args.setting}"
+    config.workdir = str(workdir)
     if args.data_root:
         config.data.root = args.data_root
     t0 = time.time()

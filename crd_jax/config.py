@@ -29,8 +29,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.negative_slope = 0.2  # LeakyReLU
     c.model.diffeomorphic = False  # True: VM-diff (stationary velocity, scaling and squaring)
     c.model.int_steps = 7
+    # Flow heads start from PyTorch's default draw, as in the authors' code; "small" is VoxelMorph's N(0, 1e-5),
+    # which starves 3-D training (backbone gradients below Adam's eps; see models.layers.redraw_flow_heads).
+    c.model.flow_init = "torch"
     c.model.shift = 1  # k: the student sees inputs downsampled by n = 2^k (Section III-B-1; k = 2 is "LL")
-    c.model.fusion = "paper"  # FST head: "paper" (Table I + decoder) or "official" (the authors' released code)
+    # FST head: "paper" (Table I literally, 4 fusion convs per level: 1.86M parameters for VM), "compact" (one
+    # fusion conv per level: the 0.6M teacher the paper states), "official" (the authors' released code, n = 2)
+    c.model.fusion = "paper"
     c.model.teacher_align_corners = False  # the authors' teacher downsamples with align_corners=True
     c.model.estimator = (32, 16)  # pyramid backbones: convs before each level's flow head
     c.model.cascade = 1  # > 1: that many copies of the backbone in sequence (teacher C)
@@ -45,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.alpha = 1.0  # deformation distillation weight, eq. 10
     c.loss.beta = 0.1  # feature distillation weight, eq. 10
     c.loss.feature_target = "raw"  # raw features (the paper) or "attention" maps (the authors' code)
+    c.loss.deformation_grid = "student"  # eq. 8 on the student's grid, or "full": up(phi^T) vs up(phi^S) (authors' code)
 
     # --- data (Section IV-A) ------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
@@ -82,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.b2 = 0.99
     c.train.lr_decay_at = (0.6, 0.8)  # 3e5 and 4e5 of 5e5 steps
     c.train.lr_decay_factor = 0.5
+    c.train.grad_clip = 1.0  # global-norm clipping before Adam, as the authors' code (0: off)
     c.train.max_steps = -1  # > 0 caps every stage (quick trials)
     c.train.log_every = 50
     c.train.eval_every = 5000

@@ -95,7 +95,8 @@ def registrar_from_config(arch: Mapping[str, Any], factor: int) -> Registrar:
 
 
 def teacher_from_config(arch: Mapping[str, Any], factor: int) -> Teacher:
-    """The FST for a backbone: ``fusion = "paper"`` (Table I + backbone-shaped decoder) or ``"official"``."""
+    """The FST for a backbone: ``fusion = "paper"`` (Table I + backbone-shaped decoder), ``"compact"`` (one
+    fusion conv per level, the paper's stated 0.6M teacher) or ``"official"`` (the authors' code, n = 2)."""
     fusion = arch.get("fusion", "paper")
     if arch.get("backbone") == "pyramid":
         if fusion != "paper":
@@ -107,8 +108,9 @@ def teacher_from_config(arch: Mapping[str, Any], factor: int) -> Teacher:
             diffeomorphic=bool(arch["diffeomorphic"]),
             int_steps=int(arch["int_steps"]),
         )
-    elif fusion == "paper":
+    elif fusion in ("paper", "compact"):
         head = FusionHead(
+            fusion_convs=4 if fusion == "paper" else 1,
             decoder=_tuple(arch["decoder"]),
             shift=int(factor).bit_length() - 1,
             negative_slope=float(arch["negative_slope"]),
@@ -120,7 +122,7 @@ def teacher_from_config(arch: Mapping[str, Any], factor: int) -> Teacher:
             raise ValueError("the official fusion head exists for n = 2 and displacement (non-diffeomorphic) models")
         head = OfficialFusionHead(negative_slope=float(arch["negative_slope"]))
     else:
-        raise ValueError(f"unknown fusion {fusion!r} (paper, official)")
+        raise ValueError(f"unknown fusion {fusion!r} (paper, compact, official)")
     return Teacher(backbone_from_config(arch), head, factor=int(factor), align_corners=bool(arch.get("teacher_align_corners", False)))
 
 

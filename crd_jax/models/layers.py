@@ -66,3 +66,41 @@ def flow_kernel_init(stddev: float = 1e-5):
 
 def concat(parts: Union[Sequence[jax.Array], jax.Array]) -> jax.Array:
     return jnp.concatenate(list(parts), axis=-1)
+
+
+FLOW_INITS = ("torch", "small")
+
+
+def redraw_flow_heads(params, key, scheme: str = "torch"):
+    """Re-initialises every flow head (a ``flow*`` module holding a ``conv``) of a parameter tree.
+
+    ``small``: VoxelMorph's N(0, 1e-5) kernel and zero bias, as the modules initialise them.
+    ``torch``: PyTorch's default U(+-1/sqrt(fan_in)) for kernel and bias, as the authors' code leaves it.
+    With losses averaged over voxels and Adam's eps = 1e-8, the ``small`` head passes gradients of 1e-11 to
+    1e-7 back into the backbone, below eps, and 3-D LPBA40 training barely moves for hundreds of steps
+    (VM-L: val Dice 0.540 vs 0.579 at 300 steps; issue 11); the ``torch`` draw starts a few voxels off the
+    identity and trains at once.
+    """
+    if scheme not in FLOW_INITS:
+        raise ValueError(f"flow_init must be one of {FLOW_INITS}, got {scheme!r}")
+    if scheme == "small":
+        return params
+    counter = [0]
+
+    def walk(tree, inside_flow: bool):
+        if not isinstance(tree, dict):
+            return tree
+        out = {}
+        for name, sub in tree.items():
+            if inside_flow and name == "conv" and isinstance(sub, dict) and {"kernel", "bias"} <= set(sub):
+                kernel = sub["kernel"]
+                bound = 1.0 / np.sqrt(np.prod(kernel.shape[:-1]))
+                k1, k2 = jax.random.split(jax.random.fold_in(key, counter[0]))
+                counter[0] += 1
+                out[name] = dict(sub, kernel=jax.random.uniform(k1, kernel.shape, kernel.dtype, -bound, bound),
+                                 bias=jax.random.uniform(k2, sub["bias"].shape, sub["bias"].dtype, -bound, bound))
+            else:
+                out[name] = walk(sub, inside_flow or str(name).startswith("flow"))
+        return out
+
+    return walk(jax.tree_util.tree_map(lambda x: x, params), False)

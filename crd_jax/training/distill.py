@@ -41,18 +41,30 @@ def feature_loss(teacher_features, student_features, target: str = "raw"):
     return total
 
 
-def deformation_loss(teacher_out, student_out):
-    """Eq. 8, ``MSE(phi^T, phi^S)`` on the student's grid; for pyramids eq. 11, the sum over the levels of
-    the intermediate fields that teacher and student share."""
+DEFORMATION_GRIDS = ("student", "full")
+
+
+def deformation_loss(teacher_out, student_out, grid: str = "student"):
+    """Eq. 8, ``MSE(phi^T, phi^S)``; for pyramids eq. 11, the sum over the levels of the intermediate fields
+    that teacher and student share.
+
+    ``grid = "student"``: both fields on the student's grid, in its voxels. ``grid = "full"``: ``up(phi^T)``
+    against ``up(phi^S)`` at the high resolution, in high-resolution voxels (the authors' code); a field
+    ``n`` times larger in voxels makes this term ``n^2`` times heavier at the same ``alpha``.
+    """
+    if grid not in DEFORMATION_GRIDS:
+        raise ValueError(f"deformation grid must be one of {DEFORMATION_GRIDS}, got {grid!r}")
     if "fields" in teacher_out and "fields" in student_out:
         return sum(losses.mse(teacher_out["fields"][l], student_out["fields"][l]) for l in teacher_out["fields"])
+    if grid == "full":
+        return losses.mse(teacher_out["disp"], student_out["disp"])
     return losses.mse(teacher_out["disp_low"], student_out["disp_low"])
 
 
-def distillation_loss(t, s, m, f, alpha, beta, reg_weight, window, feature_target):
+def distillation_loss(t, s, m, f, alpha, beta, reg_weight, window, feature_target, deformation_grid="student"):
     """Eq. 10 for a student output ``s`` given (constant) teacher output ``t``."""
     loss_l, terms = registration_loss(m, f, s["disp"], reg_weight, window)
-    deformation = deformation_loss(t, s) if alpha else 0.0
+    deformation = deformation_loss(t, s, deformation_grid) if alpha else 0.0
     feature = feature_loss(t["features"], s["features"], feature_target) if beta else 0.0
     total = loss_l + alpha * deformation + beta * feature
     return total, {"loss_L": loss_l, "sim": terms["sim"], "deformation": deformation, "feature": feature}
@@ -66,6 +78,7 @@ def make_loss(
     reg_weight: float = 1.0,
     window: int = 9,
     feature_target: str = "raw",
+    deformation_grid: str = "student",
 ):
     """``teacher``: an object with ``apply(frozen, moving, fixed)`` returning ``disp_low`` and ``features``
     on the student's grid (the FST, :class:`crd_jax.models.teacher.Teacher`)."""
@@ -73,6 +86,7 @@ def make_loss(
     def loss_fn(params, frozen, batch):
         m, f = batch["moving"], batch["fixed"]
         t = jax.lax.stop_gradient(teacher.apply(frozen, m, f))
-        return distillation_loss(t, student.apply(params, m, f), m, f, alpha, beta, reg_weight, window, feature_target)
+        return distillation_loss(t, student.apply(params, m, f), m, f, alpha, beta, reg_weight, window, feature_target,
+                                 deformation_grid)
 
     return loss_fn

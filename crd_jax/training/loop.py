@@ -33,14 +33,17 @@ LossFn = Callable[[Any, Any, Dict[str, jax.Array]], Any]
 
 def make_optimizer(train_cfg, steps: int) -> optax.GradientTransformation:
     """Adam (beta1 0.9, beta2 0.99) at ``lr``, multiplied by ``lr_decay_factor`` at each fraction of
-    ``lr_decay_at`` of the stage's steps (the paper: 1e-4, halved at 3e5 and 4e5 of 5e5, Section IV-B-2)."""
+    ``lr_decay_at`` of the stage's steps (the paper: 1e-4, halved at 3e5 and 4e5 of 5e5, Section IV-B-2),
+    after clipping the gradient's global norm to ``grad_clip`` when it is positive (the authors' code: 1.0)."""
     boundaries = {}
     for fraction in train_cfg.lr_decay_at:
         b = int(round(float(fraction) * steps))
         if 0 < b < steps:
             boundaries[b] = boundaries.get(b, 1.0) * float(train_cfg.lr_decay_factor)
     schedule = optax.piecewise_constant_schedule(float(train_cfg.lr), boundaries)
-    return optax.adam(schedule, b1=float(train_cfg.b1), b2=float(train_cfg.b2))
+    adam = optax.adam(schedule, b1=float(train_cfg.b1), b2=float(train_cfg.b2))
+    clip = float(train_cfg.get("grad_clip", 0.0))
+    return optax.chain(optax.clip_by_global_norm(clip), adam) if clip > 0 else adam
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh):

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict
 import jax
 
 from crd_jax.models import build as mbuild
+from crd_jax.models.layers import redraw_flow_heads
 from crd_jax.models.teacher import ResampledTeacher
 from crd_jax.training import baseline, cooperative, distill, joint, teacher
 
@@ -98,12 +99,14 @@ def _copy(tree):
     return jax.tree_util.tree_map(lambda x: x, tree)
 
 
-def _init_or_copy(st, done: Dict[str, Trained], make_fresh: Callable[[], Any]):
+def _init_or_copy(st, done: Dict[str, Trained], make_fresh: Callable[[], Any], key, flow_init: str):
+    """The stage's starting parameters: a finished stage's (``init``), or a fresh draw whose flow heads
+    follow ``model.flow_init``."""
     if st.get("init", ""):
         if st.init not in done:
             raise ValueError(f"stage initialises from '{st.init}', which has not run before it")
         return _copy(done[st.init].params)
-    return make_fresh()
+    return redraw_flow_heads(make_fresh(), jax.random.fold_in(key, 1), flow_init)
 
 
 def _require(done, name, role, stage):
@@ -141,6 +144,7 @@ def plan_stage(name: str, st, config, done: Dict[str, Trained], key, example) ->
     reg, window = float(loss_cfg.reg_weight), int(loss_cfg.ncc_window)
     m, f = example["moving"][:1], example["fixed"][:1]
     kind = st.kind
+    flow_init = str(model_cfg.get("flow_init", "torch"))
     label = st.get("label", "") or default_label(kind, st, arch, shift)
     identity = lambda p: p  # noqa: E731
     resolution = st.get("resolution", "low" if kind in ("distill", "joint_all") else "high")
@@ -151,14 +155,14 @@ def plan_stage(name: str, st, config, done: Dict[str, Trained], key, example) ->
     if kind == "baseline":
         model = mbuild.registrar_from_config(arch, factor)
         weight = 0.0 if arch.get("backbone") == "affine" else reg  # an affine map needs no smoothness term
-        init = _init_or_copy(st, done, lambda: model.init(key, m, f))
+        init = _init_or_copy(st, done, lambda: model.init(key, m, f), key, flow_init)
         plan = StagePlan(baseline.make_loss(model, weight, window), init, {}, model, identity,
                          _spec("registrar", arch, factor, label, name))
 
     elif kind == "cooperative":
         high, low = mbuild.registrar_from_config(arch, 1), mbuild.registrar_from_config(arch, n)
         low = dataclasses.replace(low, backbone=high.backbone)
-        init = _init_or_copy(st, done, lambda: high.init(key, m, f))
+        init = _init_or_copy(st, done, lambda: high.init(key, m, f), key, flow_init)
         plan = StagePlan(cooperative.make_loss(high, low, reg, window), init, {}, high, identity,
                          _spec("registrar", arch, 1, label, name))
 
@@ -167,7 +171,7 @@ def plan_stage(name: str, st, config, done: Dict[str, Trained], key, example) ->
         t_arch = dict(source.spec["architecture"], fusion=arch["fusion"], teacher_align_corners=arch["teacher_align_corners"])
         model = mbuild.teacher_from_config(t_arch, n)
         frozen = {"backbone": source.params}
-        init = model.init_head(key, frozen["backbone"], m, f)
+        init = redraw_flow_heads(model.init_head(key, frozen["backbone"], m, f), jax.random.fold_in(key, 1), flow_init)
         return StagePlan(teacher.make_loss(model, reg, window), init, frozen, model,
                          lambda p: {"backbone": frozen["backbone"], "head": p},
                          _spec("teacher", t_arch, n, label, name))
@@ -178,9 +182,9 @@ def plan_stage(name: str, st, config, done: Dict[str, Trained], key, example) ->
         teacher_model = t.model
         if t.spec["kind"] == "registrar":
             teacher_model = ResampledTeacher(t.model, factor, st.get("teacher_features", "none"))
-        init = _init_or_copy(st, done, lambda: student.init(key, m, f))
+        init = _init_or_copy(st, done, lambda: student.init(key, m, f), key, flow_init)
         loss_fn = distill.make_loss(student, teacher_model, float(loss_cfg.alpha), float(loss_cfg.beta), reg, window,
-                                    str(loss_cfg.feature_target))
+                                    str(loss_cfg.feature_target), str(loss_cfg.get("deformation_grid", "student")))
         plan = StagePlan(loss_fn, init, t.params, student, identity, _spec("registrar", arch, factor, label, name))
 
     elif kind in ("joint_teacher", "joint_all"):
@@ -189,12 +193,13 @@ def plan_stage(name: str, st, config, done: Dict[str, Trained], key, example) ->
         low = dataclasses.replace(mbuild.registrar_from_config(arch, n), backbone=high.backbone)
         k1, k2, k3 = jax.random.split(key, 3)
         backbone_params = high.init(k1, m, f)
-        params = {"backbone": backbone_params, "head": model.init_head(k2, backbone_params, m, f)}
+        params = redraw_flow_heads({"backbone": backbone_params, "head": model.init_head(k2, backbone_params, m, f)},
+                                   jax.random.fold_in(key, 1), flow_init)
         if kind == "joint_teacher":
             return StagePlan(joint.make_teacher_loss(high, low, model, reg, window), params, {}, model, identity,
                              _spec("teacher", arch, n, label, name))
         student = mbuild.registrar_from_config(arch, factor)
-        params["student"] = student.init(k3, m, f)
+        params["student"] = redraw_flow_heads(student.init(k3, m, f), jax.random.fold_in(key, 2), flow_init)
         loss_fn = joint.make_all_loss(high, low, model, student, float(loss_cfg.alpha), float(loss_cfg.beta), reg, window,
                                       str(loss_cfg.feature_target))
         return StagePlan(loss_fn, params, {}, student, lambda p: p["student"], _spec("registrar", arch, factor, label, name))
