@@ -3,7 +3,8 @@
     python train.py                                   # built-in synthetic data (configs/synthetic_vm.py)
     python train.py --config=configs/oasis_vm.py --config.data.root=/data/neurite-oasis --config.workdir=runs/oasis
 
-Re-running the same command resumes where it stopped.
+Re-running the same command resumes where it stopped (also after Ctrl-C, which exits with status 130).
+A bad config, flag or data folder prints one line and exits with status 2, leaving nothing on disk.
 """
 
 from __future__ import annotations
@@ -11,29 +12,80 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 ROOT = Path(__file__).resolve().parent
+DEFAULT_CONFIG = str(ROOT / "configs" / "synthetic_vm.py")
+
+
+def _fail(message: str, status: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def precheck(argv) -> None:
+    """Loads the config file and checks every ``--config.<field>`` override before absl does: ml_collections
+    reports a missing file or an unknown field with tracebacks, at import time."""
+    from crd_jax.cli.main import _load_config
+    from crd_jax.config import check_override
+    from crd_jax.errors import InputError
+
+    path, overrides = DEFAULT_CONFIG, []
+    args = list(argv[1:])
+    for i, arg in enumerate(args):
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(args):
+            path = args[i + 1]
+        elif arg.startswith("--config."):
+            overrides.append(arg[len("--config."):].split("=", 1)[0])
+    try:
+        config = _load_config(path)
+        for dotted in overrides:
+            check_override(config, dotted)
+    except InputError as exc:
+        _fail(str(exc))
+
+
+if __name__ == "__main__":
+    precheck(sys.argv)
+
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", str(ROOT / "configs" / "synthetic_vm.py"), "Path to a config file under configs/.", lock_config=True
+    "config", DEFAULT_CONFIG, "Path to a config file under configs/.", lock_config=True
 )
+
+
+def parse_flags(argv):
+    """absl's parser, with its multi-line errors (a missing config file, an unknown field) cut to one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as exc:
+        text = " ".join(str(exc).split())
+        _fail(text.replace("flag --config=", "config ")[:400])
+    except Exception as exc:  # a config file that raises while it loads
+        _fail(f"the config does not load ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})")
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO
     from crd_jax.errors import InputError
     from crd_jax.training import pipeline
 
     try:
-        pipeline.run(_CONFIG.value)
+        config = _CONFIG.value
+    except Exception as exc:  # ml_collections defers some load errors to here
+        _fail(f"the config does not load ({' '.join(str(exc).split())[:300]})")
+    try:
+        pipeline.run(config)
     except InputError as exc:
-        hint = " (the built-in synthetic data needs no files: --config=configs/synthetic_vm.py)" if "root" in str(exc) or "folder" in str(exc) else ""
-        print(f"error: {exc}{hint}", file=sys.stderr)
-        sys.exit(2)
+        hint = " (the built-in synthetic data needs no files: --config=configs/synthetic_vm.py)" if ("root" in str(exc) or "folder" in str(exc)) and "workdir" not in str(exc) else ""
+        _fail(f"{exc}{hint}")
+    except KeyboardInterrupt:
+        _fail("interrupted; re-run the same command to resume from the last checkpoint", 130)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -16,6 +16,8 @@ def read_progress(metrics: Path):
             r = json.loads(line)
         except json.JSONDecodeError:  # a line cut by a kill
             continue
+        if "stage" not in r:  # a message line
+            continue
         p = progress.setdefault(r["stage"], {"step": 0, "steps_per_s": None, "val_dice": None})
         p["step"] = max(p["step"], int(r["step"]))
         if "steps_per_s" in r:

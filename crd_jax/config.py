@@ -164,3 +164,22 @@ def set_steps(config: ml_collections.ConfigDict, steps: int) -> None:
     """Gives every stage the same number of steps."""
     for name in config.pipeline:
         config.stages[name].steps = steps
+
+
+def check_override(config: ml_collections.ConfigDict, dotted: str) -> None:
+    """Raises a one-line :class:`InputError` when ``dotted`` (``train.lr``) names no field of ``config``,
+    with the closest valid name (a misspelt field must not silently keep its default)."""
+    import difflib
+
+    from crd_jax.errors import InputError
+
+    node, walked = config, []
+    for part in dotted.split("."):
+        fields = list(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
+        if part not in fields:
+            close = difflib.get_close_matches(part, fields, n=1, cutoff=0.5)
+            where = ".".join(walked) or "config"
+            hint = f"; did you mean '{close[0]}'?" if close else f" (fields of {where}: {', '.join(sorted(fields)) or 'none'})"
+            raise InputError(f"--config.{dotted}", f"{where} has no field '{part}'{hint}")
+        node = node[part]
+        walked.append(part)

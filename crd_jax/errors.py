@@ -14,5 +14,5 @@ class InputError(ValueError):
 
     def __init__(self, source: Union[str, os.PathLike], problem: str):
         self.source = os.fspath(source)
-        self.problem = problem
-        super().__init__(f"{self.source}: {problem}")
+        self.problem = " ".join(str(problem).split())  # one line, whatever a library's message held
+        super().__init__(f"{self.source}: {self.problem}")

@@ -230,7 +230,7 @@ def test_evaluate_and_figure_on_synthetic_data(tmp_path, shift_model, capsys):
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("moving,fixed\nsynth0004,synth0002\n")
     assert main(["evaluate", "--model", str(shift_model), "--config", str(config), "--out-dir", str(out), "--pairs", str(pairs),
-                 "--no-hd95", "--timing-repeats", "1"]) == 0
+                 "--no-hd95", "--timing-repeats", "1", "--overwrite"]) == 0
     assert (out / "metrics.csv").read_text().splitlines()[1].startswith("synth0004,synth0002,")
     pairs.write_text("synth0009,synth0002\n")
     assert main(["evaluate", "--model", str(shift_model), "--config", str(config), "--pairs", str(pairs)]) == 2

@@ -92,5 +92,5 @@ def pair_figure(path, fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray,
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
+        fig.savefig(tmp, dpi=80, format="pdf" if path.suffix.lower() == ".pdf" else "png")
     plt.close(fig)

@@ -43,27 +43,28 @@ def _load_config(path: str):
 
 
 def cmd_register(args) -> None:
-    from crd_jax.cli.registration import load, load_pair, output_dir, register_volumes
+    from crd_jax.cli.registration import load, load_pair, register_volumes
     from crd_jax.data.io import save_nifti
-    from crd_jax.interop.formats import write_displacement
+    from crd_jax.interop.formats import displacement_names, write_displacement
+    from crd_jax.outputs import OutputSet
 
-    out = output_dir(args.out_dir)
+    ids = tuple(args.pair_ids) if args.pair_ids else None
+    names = ["warped.nii.gz"] + (["warped_seg.nii.gz"] if args.moving_seg else []) + displacement_names(args.disp_format, pair_ids=ids)
+    outputs = OutputSet(args.out_dir, names, args.overwrite)  # checked before any computation
     loaded = load(args.model)
     fixed, moving, moving_seg, _ = load_pair(loaded, args.fixed, args.moving, args.moving_seg)
     t = time.perf_counter()
-    result, notes = register_volumes(loaded, fixed, moving, moving_seg)
+    result, notes = register_volumes(loaded, fixed, moving, moving_seg, args.normalize)
     elapsed = time.perf_counter() - t
     for note in notes:
         print(f"note: {note}")
-    written = [out / "warped.nii.gz"]
-    save_nifti(written[0], result["warped"].astype(fixed.data.dtype), fixed.affine, fixed.header)
-    if "warped_seg" in result:
-        written.append(out / "warped_seg.nii.gz")
-        save_nifti(written[-1], result["warped_seg"].astype("int32"), fixed.affine, None)
-    ids = tuple(args.pair_ids) if args.pair_ids else None
-    written += write_displacement(out, result["disp"], fixed, args.disp_format, pair_ids=ids)
+    with outputs as stage:
+        save_nifti(stage / "warped.nii.gz", result["warped"].astype(fixed.data.dtype), fixed.affine, fixed.header)
+        if "warped_seg" in result:
+            save_nifti(stage / "warped_seg.nii.gz", result["warped_seg"].astype("int32"), fixed.affine, None)
+        write_displacement(stage, result["disp"], fixed, args.disp_format, pair_ids=ids)
     print(f"registered {args.moving} to {args.fixed} with {loaded.spec.get('label', 'model')} in {elapsed:.2f} s")
-    for path in written:
+    for path in outputs.paths():
         print(f"wrote {path}")
 
 
@@ -91,12 +92,12 @@ def _read_pairs(path: str, ids: List[str]):
 def cmd_evaluate(args) -> None:
     import numpy as np
 
-    from crd_jax.cli.registration import load, output_dir
+    from crd_jax.cli.registration import load
     from crd_jax.data import build_datasets, dataset_labels, eval_pairs
-    from crd_jax.data.io import atomic_path
+    from crd_jax.outputs import OutputSet
     from crd_jax.training.evaluate import evaluate_pairs, measure_inference, summarize
 
-    out = output_dir(args.out_dir)
+    outputs = OutputSet(args.out_dir, ["metrics.csv", "summary.md", "summary.json"], args.overwrite)
     loaded = load(args.model)
     config = _load_config(args.config)
     if args.data_root:
@@ -131,8 +132,6 @@ def cmd_evaluate(args) -> None:
         writer.writerow([r["moving"], r["fixed"], f"{r['dice']:.5f}", *["" if d is None else f"{d:.5f}" for d in r["dice_per_label"]],
                          f"{r.get('hd95', float('nan')):.4f}", r["folds"], f"{r['percent_folds']:.5f}", f"{r['sdlogj']:.5f}",
                          f"{r['seconds']:.3f}"])
-    with atomic_path(out / "metrics.csv") as tmp:
-        Path(tmp).write_text(buf.getvalue())
     lines = [f"{loaded.spec.get('label', 'model')} on {len(rows)} {split} pairs ({args.config})", "",
              "| metric | mean | std |", "|---|---|---|"]
     for key in ("dice", "dice_before", "hd95", "folds", "percent_folds", "sdlogj"):
@@ -141,21 +140,25 @@ def cmd_evaluate(args) -> None:
     lines += ["", f"Inference: {eff['latency_s']:.3f} s per pair (median of {args.timing_repeats}), compile {eff['compile_s']:.1f} s, "
               f"XLA memory {eff.get('memory_mb', float('nan')):.0f} MB, on the {'x'.join(map(str, ds.shape))} canvas."]
     table = "\n".join(lines) + "\n"
-    with atomic_path(out / "summary.md") as tmp:
-        Path(tmp).write_text(table)
-    with atomic_path(out / "summary.json") as tmp:
-        Path(tmp).write_text(json.dumps(summary, indent=2))
+    if not all(np.isfinite(v) for v in summary.values() if isinstance(v, float)):
+        raise InputError(args.model, "evaluation produced NaN/Inf metrics; nothing was written")
+    with outputs as stage:
+        (stage / "metrics.csv").write_text(buf.getvalue())
+        (stage / "summary.md").write_text(table)
+        (stage / "summary.json").write_text(json.dumps(summary, indent=2))
     print(table)
-    print(f"wrote {out / 'metrics.csv'}, {out / 'summary.md'}, {out / 'summary.json'}")
+    print("wrote " + ", ".join(map(str, outputs.paths())))
 
 
 def cmd_figure(args) -> None:
     from crd_jax.cli.figure import pair_figure
     from crd_jax.cli.registration import load, load_pair, register_volumes
+    from crd_jax.outputs import OutputSet
 
     out = Path(args.out)
-    if out.is_dir():
-        raise InputError(out, "is a folder; give the PNG file to write")
+    if out.suffix.lower() not in (".png", ".pdf"):
+        raise InputError(out, "the figure must be a .png or .pdf file")
+    outputs = OutputSet(out.parent, [out.name], args.overwrite)
     loaded = load(args.model)
     fixed, moving, moving_seg, fixed_seg = load_pair(loaded, args.fixed, args.moving, args.moving_seg, args.fixed_seg)
     result, notes = register_volumes(loaded, fixed, moving, moving_seg)
@@ -164,47 +167,54 @@ def cmd_figure(args) -> None:
     from crd_jax.interop.formats import onto_grid, same_grid
 
     moving_shown = moving.data if same_grid(fixed, moving) else onto_grid(moving, fixed, order=1)
-    pair_figure(out, fixed.data, moving_shown, result["warped"], result["disp"],
-                fixed_seg.data if fixed_seg is not None else None, result.get("warped_seg"),
-                title=f"{Path(args.moving).name} -> {Path(args.fixed).name} ({loaded.spec.get('label', '')})")
+    with outputs as stage:
+        pair_figure(stage / out.name, fixed.data, moving_shown, result["warped"], result["disp"],
+                    fixed_seg.data if fixed_seg is not None else None, result.get("warped_seg"),
+                    title=f"{Path(args.moving).name} -> {Path(args.fixed).name} ({loaded.spec.get('label', '')})")
     print(f"wrote {out}")
 
 
 def cmd_convert(args) -> None:
     from crd_jax.interop import official
     from crd_jax.interop.torch_legacy import load_legacy_checkpoint
-    from crd_jax.training.checkpoint import save_model
+    from crd_jax.outputs import check_writable_folder
+    from crd_jax.training.checkpoint import is_model_folder, save_model
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(out, "exists and is a file")
+    out = check_writable_folder(args.out, "model folder")
+    if out.exists() and not is_model_folder(out):
+        raise InputError(out, "exists and is not a crd-jax model folder; nothing was changed (choose a new folder)")
+    if out.exists() and not args.overwrite:
+        raise InputError(out, "a model folder exists there; pass --overwrite to replace it")
     state = load_legacy_checkpoint(args.checkpoint)
     params, spec = official.convert(state, args.kind, source=args.checkpoint)
     spec["source"] = str(args.checkpoint)
-    save_model(out, params, spec)
+    save_model(out, params, spec, overwrite=args.overwrite)
     print(f"converted {args.checkpoint} ({args.kind}) -> {out}")
 
 
 def cmd_export(args) -> None:
+    import nibabel as nib
     import numpy as np
 
     from crd_jax.data.io import load_image
-    from crd_jax.errors import InputError as _E
-    from crd_jax.interop.formats import write_displacement
+    from crd_jax.interop.formats import displacement_names, write_displacement
+    from crd_jax.outputs import OutputSet
 
-    import nibabel as nib
-
+    ids = tuple(args.pair_ids) if args.pair_ids else None
+    outputs = OutputSet(args.out_dir, displacement_names(args.format, pair_ids=ids), args.overwrite)
     fixed = load_image(args.fixed)
     try:
         disp = np.asarray(nib.load(args.disp).dataobj, np.float32)
     except Exception as exc:
-        raise _E(args.disp, f"unreadable displacement ({type(exc).__name__})") from None
+        raise InputError(args.disp, f"unreadable displacement ({type(exc).__name__})") from None
     if disp.shape != (*fixed.data.shape, 3):
-        raise _E(args.disp, f"expected a voxel displacement of shape {(*fixed.data.shape, 3)}, got {disp.shape}")
-    out = Path(args.out_dir)
-    if out.exists() and not out.is_dir():
-        raise _E(out, "output folder is a file")
-    for path in write_displacement(out, disp, fixed, args.format, pair_ids=tuple(args.pair_ids) if args.pair_ids else None):
+        raise InputError(args.disp, f"expected a voxel displacement of shape {(*fixed.data.shape, 3)}, got {disp.shape}")
+    bad = int((~np.isfinite(disp)).sum())
+    if bad:
+        raise InputError(args.disp, f"displacement holds {bad} NaN/Inf values")
+    with outputs as stage:
+        write_displacement(stage, disp, fixed, args.format, pair_ids=ids)
+    for path in outputs.paths():
         print(f"wrote {path}")
 
 
@@ -221,6 +231,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--disp-format", choices=("voxel", "itk", "learn2reg"), default="voxel",
                    help="voxel: ours (X,Y,Z,3) voxels; itk: ANTs/ITK/Slicer displacement field; learn2reg: disp_FFFF_MMMM.npz + .nii.gz")
     r.add_argument("--pair-ids", nargs=2, metavar=("FIXED_ID", "MOVING_ID"), help="ids in Learn2Reg file names")
+    r.add_argument("--normalize", choices=("model", "none", "minmax", "percentile"), default="model",
+                   help="intensity normalisation of the inputs (default: as the model was trained)")
+    r.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
     r.set_defaults(func=cmd_register)
 
     e = sub.add_parser("evaluate", help="Dice, HD95, folds, SDlogJ, time and memory over a dataset's pairs")
@@ -233,6 +246,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--no-hd95", action="store_true", help="skip HD95 (the slowest metric)")
     e.add_argument("--timing-repeats", type=int, default=5)
     e.add_argument("--out-dir", default="evaluation")
+    e.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
     e.set_defaults(func=cmd_evaluate)
 
     f = sub.add_parser("figure", help="a PNG like the paper's Fig. 4 for one pair")
@@ -241,13 +255,15 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--moving", required=True)
     f.add_argument("--fixed-seg")
     f.add_argument("--moving-seg")
-    f.add_argument("--out", required=True, help="PNG to write")
+    f.add_argument("--out", required=True, help="PNG (or PDF) to write")
+    f.add_argument("--overwrite", action="store_true", help="replace the file if it exists")
     f.set_defaults(func=cmd_figure)
 
     c = sub.add_parser("convert-official", help="the authors' PyTorch checkpoint -> a crd-jax model folder (no torch needed)")
     c.add_argument("--checkpoint", required=True, help="legacy torch .pth (e.g. VMdalca1_Hinput_OASIS_R1_D_24500.pth)")
     c.add_argument("--kind", choices=("student", "teacher"), required=True)
-    c.add_argument("--out", required=True, help="model folder to write")
+    c.add_argument("--out", required=True, help="model folder to write (a new folder)")
+    c.add_argument("--overwrite", action="store_true", help="replace a crd-jax model folder that exists there")
     c.set_defaults(func=cmd_convert)
 
     x = sub.add_parser("export", help="convert a voxel displacement (ours) to the ITK or Learn2Reg format")
@@ -256,6 +272,7 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=("itk", "learn2reg", "voxel"), required=True)
     x.add_argument("--pair-ids", nargs=2, metavar=("FIXED_ID", "MOVING_ID"))
     x.add_argument("--out-dir", required=True)
+    x.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
     x.set_defaults(func=cmd_export)
     return p
 
@@ -267,6 +284,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except InputError as exc:
         print(f"crd-jax: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("crd-jax: interrupted; nothing was written", file=sys.stderr)
+        return 130
     return 0
 
 

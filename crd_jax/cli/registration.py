@@ -14,7 +14,7 @@ import numpy as np
 from crd_jax.data.io import Volume, load_image, load_labels
 from crd_jax.data.preprocess import normalize, padded_shape, place, resample
 from crd_jax.errors import InputError
-from crd_jax.interop.formats import onto_grid, same_grid
+from crd_jax.interop.formats import onto_grid, same_grid, world_gap
 from crd_jax.models.build import model_from_spec
 from crd_jax.ops.spatial import resize_field, warp
 from crd_jax.training.checkpoint import load_model
@@ -81,9 +81,49 @@ def _warp_labels(labels, disp):
     return warp(labels, disp, order=0)
 
 
-def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_seg: Optional[Volume] = None):
-    """``(result, notes)``: ``result`` has ``disp`` (fixed grid, voxels), ``warped`` and ``warped_seg``."""
+MIN_SIDE = 16  # voxels: below this a 4-level network sees a few voxels and nothing meaningful registers
+INTENSITY_RATIO = 4.0  # how far the input's 99th percentile may be from the training data's
+
+
+def check_images(fixed: Volume, moving: Volume) -> None:
+    """Refuses pairs that would give meaningless output with exit 0: tiny, constant, or non-overlapping."""
+    for vol in (fixed, moving):
+        if min(vol.data.shape) < MIN_SIDE:
+            raise InputError(vol.path, f"image of {'x'.join(map(str, vol.data.shape))} voxels is too small to register "
+                                       f"(at least {MIN_SIDE} per side)")
+        lo, hi = float(vol.data.min()), float(vol.data.max())
+        if hi <= lo:
+            raise InputError(vol.path, f"image is constant (every voxel is {lo:g}): nothing to register")
+    gap = world_gap(fixed, moving)
+    if gap > 0:
+        raise InputError(moving.path, f"does not overlap the fixed image {fixed.path} in world space: their boxes are "
+                                      f"{gap:.1f} mm apart (check the affines, or align the images first)")
+
+
+def _check_intensities(loaded: LoadedModel, image: np.ndarray, path, mode: str) -> None:
+    """The network input must look like what the model was trained on (the model stores the 99th percentile
+    of its training inputs; models without it were trained on [0, 1] images)."""
+    reference = float(loaded.spec.get("preprocessing", {}).get("intensity", {}).get("p99", 1.0))
+    p99 = float(np.percentile(image, 99))
+    if reference > 0 and not (reference / INTENSITY_RATIO <= p99 <= reference * INTENSITY_RATIO):
+        hint = " pass --normalize minmax (or percentile) to rescale it" if mode == "none" else ""
+        raise InputError(path, f"intensities (99th percentile {p99:.4g}) are far from the model's training data "
+                               f"({reference:.4g});{hint or ' rescale the image'}")
+
+
+def _check_finite(name: str, array: np.ndarray, model_path) -> None:
+    bad = int((~np.isfinite(array)).sum())
+    if bad:
+        raise InputError(model_path, f"the model produced {bad} NaN/Inf values in the {name}; nothing was written")
+
+
+def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_seg: Optional[Volume] = None,
+                     normalize_mode: str = "model"):
+    """``(result, notes)``: ``result`` has ``disp`` (fixed grid, voxels), ``warped`` and ``warped_seg``.
+
+    ``normalize_mode``: ``model`` (what the model was trained with) or a :func:`normalize` mode."""
     notes: List[str] = []
+    check_images(fixed, moving)
     moving_data = moving.data
     seg_data = moving_seg.data if moving_seg is not None else None
     if moving_seg is not None and moving_seg.data.shape != moving.data.shape:
@@ -97,10 +137,12 @@ def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_
             f"spacing {tuple(round(s, 3) for s in moving.spacing)} -> {tuple(round(s, 3) for s in fixed.spacing)})"
         )
     pre = loaded.spec.get("preprocessing", {})
-    mode = pre.get("normalize", "none")
+    mode = pre.get("normalize", "none") if normalize_mode == "model" else normalize_mode
     percentiles = pre.get("percentiles", [0.5, 99.5])
     f_in = normalize(fixed.data, mode, *percentiles)
     m_in = normalize(moving_data, mode, *percentiles)
+    _check_intensities(loaded, f_in, fixed.path, mode)
+    _check_intensities(loaded, m_in, moving.path, mode)
     grid = tuple(fixed.data.shape)
     work = tuple(pre.get("resample_shape") or ()) or grid
     if work != grid:
@@ -115,11 +157,13 @@ def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_
     m = jnp.asarray(placement.apply(m_in))[None, ..., None]
     f = jnp.asarray(placement.apply(f_in))[None, ..., None]
     disp = np.asarray(_predictor(loaded.model)(loaded.params, m, f)[0])
+    _check_finite("displacement", disp, loaded.path)
     disp = placement.restore(disp)
     if work != grid:
         disp = np.asarray(resize_field(jnp.asarray(disp)[None], grid)[0])
     disp_j = jnp.asarray(disp)[None]
     warped = np.asarray(_warp(jnp.asarray(moving_data, jnp.float32)[None, ..., None], disp_j)[0, ..., 0])
+    _check_finite("warped image", warped, loaded.path)
     result = {"disp": disp.astype(np.float32), "warped": warped}
     if seg_data is not None:
         result["warped_seg"] = np.asarray(_warp_labels(jnp.asarray(seg_data, jnp.int32)[None, ..., None], disp_j)[0, ..., 0])
@@ -138,8 +182,4 @@ def load_pair(loaded: LoadedModel, fixed: str, moving: str, moving_seg: Optional
     )
 
 
-def output_dir(path) -> Path:
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise InputError(path, "output folder is a file")
-    return path
+NORMALIZE_CHOICES = ("model", "none", "minmax", "percentile")

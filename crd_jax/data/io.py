@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from crd_jax.errors import InputError
+from crd_jax.outputs import share_file
 
 PathLike = Union[str, os.PathLike]
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -58,12 +59,26 @@ def _read(path: PathLike, npz_key: str):
         if not is_nifti(path):
             raise InputError(path, "unknown format (expected .nii, .nii.gz or .npz)")
         img = nib.load(str(path))
+        _check_voxel_size(img, path)
         data = np.asanyarray(img.dataobj)
         return data, np.asarray(img.affine, dtype=np.float64), img.header
     except InputError:
         raise
     except Exception as exc:  # nibabel, gzip and zlib raise many types for damaged files
         raise InputError(path, f"unreadable or truncated file ({type(exc).__name__}: {exc})") from None
+
+
+def _check_voxel_size(img, path: PathLike) -> None:
+    """nibabel silently replaces zero voxel sizes by 1 mm when it reads a header: read the raw one."""
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(str(path)) as f:
+        raw = type(img.header).from_fileobj(f, check=False)
+    ndim = min(int(raw["dim"][0]), 3)
+    zooms = np.asarray(raw["pixdim"][1 : 1 + ndim], np.float64)
+    if np.any(~np.isfinite(zooms)) or np.any(zooms <= 0):
+        raise InputError(path, f"voxel size {tuple(float(z) for z in zooms)} in the header has a zero, negative or "
+                               "NaN entry (a damaged or non-conformant NIfTI header)")
 
 
 def _fix_rank(data: np.ndarray, ndim: int, path: PathLike, what: str) -> np.ndarray:
@@ -75,10 +90,21 @@ def _fix_rank(data: np.ndarray, ndim: int, path: PathLike, what: str) -> np.ndar
     return data
 
 
+def _check_geometry(affine: np.ndarray, ndim: int, path: PathLike) -> None:
+    linear = affine[:ndim, :ndim]
+    if not np.all(np.isfinite(affine)):
+        raise InputError(path, "affine holds NaN/Inf values")
+    spacing = np.sqrt((linear**2).sum(axis=0))
+    if np.any(spacing <= 1e-6) or abs(np.linalg.det(linear)) <= 1e-9 * float(np.prod(np.maximum(spacing, 1e-6))):
+        raise InputError(path, f"degenerate geometry: voxel size {tuple(round(float(v), 4) for v in spacing)} mm "
+                               "(a zero voxel size in the header, or a singular affine)")
+
+
 def load_image(path: PathLike, ndim: int = 3) -> Volume:
-    """An intensity image as float32; rejects wrong rank and non-finite voxels."""
+    """An intensity image as float32; rejects wrong rank, degenerate geometry and non-finite voxels."""
     data, affine, header = _read(path, "vol")
     data = _fix_rank(np.asarray(data), ndim, path, "image")
+    _check_geometry(affine, ndim, path)
     if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
         raise InputError(path, f"image has non-numeric type {data.dtype}")
     data = data.astype(np.float32)
@@ -92,6 +118,7 @@ def load_labels(path: PathLike, ndim: int = 3) -> Volume:
     """A label map as int32; float files are accepted only if every value is an integer."""
     data, affine, header = _read(path, "seg")
     data = _fix_rank(np.asarray(data), ndim, path, "label map")
+    _check_geometry(affine, ndim, path)
     if np.issubdtype(data.dtype, np.floating):
         if not np.all(np.isfinite(data)):
             raise InputError(path, "label map has NaN/Inf values")
@@ -114,6 +141,7 @@ def atomic_path(path: PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        share_file(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -17,7 +17,7 @@ ITK samples the moving image at ``p + d`` with ``d`` in LPS, so ``d = diag(-1, -
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -63,26 +63,30 @@ def from_learn2reg(field: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
     return np.moveaxis(ndimage.zoom(field, zoom, order=1, grid_mode=True, mode="nearest"), 0, -1)
 
 
+def displacement_names(fmt: str, name: str = "disp", pair_ids: Optional[Tuple[str, str]] = None) -> List[str]:
+    """The file names :func:`write_displacement` writes for format ``fmt``."""
+    if fmt == "voxel":
+        return [f"{name}.nii.gz"]
+    if fmt == "itk":
+        return [f"{name}_itk.nii.gz"]
+    if fmt == "learn2reg":
+        f_id, m_id = pair_ids or ("0000", "0001")
+        return [f"disp_{f_id}_{m_id}.npz", f"disp_{f_id}_{m_id}.nii.gz"]
+    raise ValueError(f"unknown displacement format {fmt!r} ({', '.join(FORMATS)})")
+
+
 def write_displacement(out_dir: Path, disp: np.ndarray, fixed: Volume, fmt: str, name: str = "disp",
                        pair_ids: Optional[Tuple[str, str]] = None) -> list:
     """Writes ``disp`` (fixed grid, voxels) in format ``fmt``; returns the paths written."""
-    out_dir = Path(out_dir)
+    paths = [Path(out_dir) / n for n in displacement_names(fmt, name, pair_ids)]
     if fmt == "voxel":
-        path = out_dir / f"{name}.nii.gz"
-        save_nifti(path, disp.astype(np.float32), fixed.affine, None, intent="vector")
-        return [path]
-    if fmt == "itk":
-        path = out_dir / f"{name}_itk.nii.gz"
-        save_nifti(path, to_itk(disp, fixed.affine), fixed.affine, None, intent="vector")
-        return [path]
-    if fmt == "learn2reg":
-        f_id, m_id = pair_ids or ("0000", "0001")
-        stem = f"disp_{f_id}_{m_id}"
-        npz, nii = out_dir / f"{stem}.npz", out_dir / f"{stem}.nii.gz"
-        save_npz(npz, arr_0=to_learn2reg(disp))
-        save_nifti(nii, disp.astype(np.float32), fixed.affine, None, intent="vector")
-        return [npz, nii]
-    raise ValueError(f"unknown displacement format {fmt!r} ({', '.join(FORMATS)})")
+        save_nifti(paths[0], disp.astype(np.float32), fixed.affine, None, intent="vector")
+    elif fmt == "itk":
+        save_nifti(paths[0], to_itk(disp, fixed.affine), fixed.affine, None, intent="vector")
+    else:
+        save_npz(paths[0], arr_0=to_learn2reg(disp))
+        save_nifti(paths[1], disp.astype(np.float32), fixed.affine, None, intent="vector")
+    return paths
 
 
 def onto_grid(moving: Volume, fixed: Volume, order: int) -> np.ndarray:
@@ -97,3 +101,18 @@ def onto_grid(moving: Volume, fixed: Volume, order: int) -> np.ndarray:
 
 def same_grid(a: Volume, b: Volume, tol: float = 1e-4) -> bool:
     return a.data.shape == b.data.shape and np.allclose(a.affine, b.affine, atol=tol)
+
+
+def world_box(volume: Volume):
+    """``(low, high)`` corners (mm) of the axis-aligned world box around the volume's voxels."""
+    ndim = volume.data.ndim
+    corners = np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in volume.data.shape], indexing="ij")).reshape(ndim, -1)
+    world = volume.affine[:ndim, :ndim] @ corners + volume.affine[:ndim, 3:4]
+    return world.min(axis=1), world.max(axis=1)
+
+
+def world_gap(a: Volume, b: Volume) -> float:
+    """Distance (mm) between the world boxes of two volumes; 0 when they overlap."""
+    (alo, ahi), (blo, bhi) = world_box(a), world_box(b)
+    separation = np.maximum(0.0, np.maximum(alo, blo) - np.minimum(ahi, bhi))
+    return float(np.linalg.norm(separation))

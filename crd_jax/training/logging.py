@@ -75,6 +75,27 @@ class MetricLogger:
             writer.add_scalar(prefix + k, float(v), int(step))
         writer.flush()
 
+    def forget_after(self, stage: str, step: int) -> None:
+        """Drops the records of ``stage`` past ``step`` (logged before a kill, after the checkpoint a resumed
+        stage restarts from), so that every step appears once in ``metrics.jsonl``."""
+        if not self.enabled or self._jsonl is None:
+            return
+        from crd_jax.data.io import atomic_path
+
+        path = self.workdir / "metrics.jsonl"
+        self._jsonl.close()
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the kill
+                continue
+            if not (r.get("stage") == stage and int(r.get("step", -1)) > step):
+                kept.append(line)
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text("".join(k + "\n" for k in kept))
+        self._jsonl = open(path, "a", buffering=1)
+
     def close(self) -> None:
         for w in self._writers.values():
             w.close()

@@ -93,7 +93,9 @@ def train_stage(run: StageRun, loader, mesh, cfg, logger: MetricLogger) -> Any:
     start = ckpt.latest_step() or 0
     if start:
         state = ckpt.restore(start, like=state, sharding=distributed.replicated(mesh))
+        logger.forget_after(run.name, start)
         logger.info(f"[{run.name}] resuming from step {start}")
+    t_start = time.perf_counter()
     params = distributed.replicate(mesh, state["params"])
     opt_state = distributed.replicate(mesh, state["opt_state"])
     frozen = distributed.replicate(mesh, run.frozen)
@@ -122,4 +124,7 @@ def train_stage(run: StageRun, loader, mesh, cfg, logger: MetricLogger) -> Any:
         _debug_kill(done)
     bar.close()
     ckpt.close()
+    ran = run.steps - start
+    logger.info(f"[{run.name}] ran steps {start + 1}-{run.steps} ({ran} steps) in {time.perf_counter() - t_start:.0f} s"
+                if ran else f"[{run.name}] all {run.steps} steps were done before")
     return distributed.to_host(params)

@@ -10,6 +10,7 @@ running stage restarts from its latest checkpoint, finished evaluations are read
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -20,6 +21,7 @@ import numpy as np
 from crd_jax.data import PairLoader, build_datasets, dataset_labels, eval_pairs
 from crd_jax.data.io import atomic_path
 from crd_jax.errors import InputError
+from crd_jax.outputs import check_writable_folder
 from crd_jax.models import build as mbuild
 from crd_jax.training import distributed
 from crd_jax.training.checkpoint import load_model, save_model
@@ -52,7 +54,11 @@ def _stage_steps(config, st) -> int:
 def _preprocessing_spec(config, dataset, multiple: int) -> Dict:
     """How inputs must be prepared for the model (saved with it, used by ``crd-jax register``)."""
     d = config.data
+    sample = np.concatenate([np.ravel(dataset.image(i)) for i in range(min(4, len(dataset)))])
     return {
+        # what inputs looked like in training: ``crd-jax register`` refuses images far from it
+        "intensity": {"p1": float(np.percentile(sample, 1)), "p99": float(np.percentile(sample, 99)),
+                      "max": float(sample.max())},
         "normalize": d.normalize,
         "percentiles": list(d.percentiles),
         "resample_shape": list(d.resample_shape),
@@ -148,16 +154,29 @@ def network_multiple(config) -> int:
     return multiple
 
 
+def check_run_config(config, workdir: Path) -> None:
+    """What can be checked before anything is read or written: one-line errors for bad values."""
+    batch = config.train.batch_size
+    if not isinstance(batch, int) or batch < 1:
+        raise InputError("config.train.batch_size", f"must be a positive integer, got {batch!r}")
+    if batch % jax.device_count():
+        raise InputError("config.train.batch_size", f"{batch} is not divisible by {jax.device_count()} devices")
+    for name in config.pipeline:
+        if name not in config.stages:
+            raise InputError("config.pipeline", f"stage '{name}' has no block in config.stages")
+        if int(config.stages[name].steps) < 1:
+            raise InputError(f"config.stages.{name}.steps", f"must be at least 1, got {config.stages[name].steps}")
+    check_writable_folder(workdir, "workdir")
+    if workdir.is_dir() and any(workdir.iterdir()) and not (workdir / "config.json").exists():
+        raise InputError(workdir, "workdir exists, is not empty and is not a crd-jax workdir (no config.json); "
+                                  "choose a new folder")
+
+
 def run(config) -> List[Dict]:
     """Runs ``config.pipeline`` and writes the results; returns the result rows."""
     distributed.initialize(config.distributed)
     workdir = Path(config.workdir).absolute()
-    logger = MetricLogger(workdir, progress=bool(config.train.progress_bar))
-    is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        write_text(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
-    mesh = distributed.data_mesh()
+    check_run_config(config, workdir)
     multiple = network_multiple(config)
     datasets = build_datasets(config.data, multiple)
     if "train" not in datasets:
@@ -174,9 +193,27 @@ def run(config) -> List[Dict]:
         jax.process_count(),
         atlas=_atlas_index(train_ds, config.data.atlas),
     )
-    if int(config.train.batch_size) % jax.device_count():
-        raise InputError("config.train.batch_size", f"{config.train.batch_size} is not divisible by {jax.device_count()} devices")
     example = loader.batch(0)
+    # Everything above only reads: a failed start leaves no workdir. A workdir this call creates is removed
+    # again if the run fails before its first stage has saved anything.
+    is_main = jax.process_index() == 0
+    created = not workdir.exists()
+    try:
+        return _run_stages(config, workdir, datasets, labels, loader, example, multiple, is_main)
+    except (InputError, ValueError):
+        if created and is_main and workdir.is_dir() and not any((workdir / "stages").glob("*/ckpt/*")) \
+                and not any((workdir / "stages").glob("*/model")):
+            shutil.rmtree(workdir, ignore_errors=True)  # created by this call, holds only its own start files
+        raise
+
+
+def _run_stages(config, workdir, datasets, labels, loader, example, multiple, is_main) -> List[Dict]:
+    logger = MetricLogger(workdir, progress=bool(config.train.progress_bar))
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_text(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
+    mesh = distributed.data_mesh()
+    train_ds = datasets["train"]
     logger.info(
         f"crd-jax: {len(train_ds)} training subjects of {'x'.join(map(str, train_ds.shape))}, "
         f"{jax.device_count()} device(s), {jax.process_count()} process(es), workdir {workdir}"
@@ -195,7 +232,6 @@ def run(config) -> List[Dict]:
             logger.info(f"[{name}] finished earlier, loaded {model_dir}")
         else:
             steps = _stage_steps(config, st)
-            t0 = time.perf_counter()
             run_ = StageRun(name, plan.loss_fn, plan.init_params, plan.frozen, steps, directory,
                             _validator(config, plan, datasets, labels))
             trained = train_stage(run_, loader, mesh, config, logger)
@@ -203,7 +239,7 @@ def run(config) -> List[Dict]:
             spec = dict(plan.spec, steps=steps, labels=labels, preprocessing=_preprocessing_spec(config, train_ds, multiple))
             if is_main:
                 save_model(model_dir, params, spec)
-            logger.info(f"[{name}] {steps} steps in {time.perf_counter() - t0:.0f} s -> {model_dir}")
+            logger.info(f"[{name}] {steps} steps done -> {model_dir}")
         done[name] = Trained(plan.model, params, plan.spec)
         if st.get("evaluate", False):
             if config.eval.split not in datasets:
