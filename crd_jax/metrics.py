@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, spatial
 
 
 def dice(seg_a: np.ndarray, seg_b: np.ndarray, labels: Sequence[int]) -> np.ndarray:
@@ -46,8 +46,29 @@ def jacobian_determinant(disp: np.ndarray) -> np.ndarray:
     return np.linalg.det(jac)
 
 
-def count_folds(disp: np.ndarray) -> int:
-    """Number of voxels where the transform folds (det J <= 0): the paper's "Folds"."""
+def jacobian_determinant_forward(disp: np.ndarray) -> np.ndarray:
+    """det(I + grad u) with forward differences ``u[x + 1] - u[x]`` on the ``(n - 1)^d`` voxels that have a
+    forward neighbour along every axis (how the authors' code counts folds)."""
+    disp = np.asarray(disp, dtype=np.float64)
+    ndim = disp.shape[-1]
+    if disp.ndim != ndim + 1 or ndim not in (2, 3):
+        raise ValueError(f"expected a 2-D or 3-D displacement (*spatial, ndim), got {disp.shape}")
+    inner = tuple(slice(0, -1) for _ in range(ndim))
+    cols = []
+    for j in range(ndim):
+        ahead = tuple(slice(1, None) if a == j else slice(0, -1) for a in range(ndim))
+        cols.append(disp[ahead] - disp[inner])  # d u / d x_j, every component
+    jac = np.stack(cols, axis=-1) + np.eye(ndim)  # jac[..., i, j] = d(x_i + u_i) / d x_j
+    return np.linalg.det(jac)
+
+
+def count_folds(disp: np.ndarray, differences: str = "central") -> int:
+    """Number of voxels where the transform folds (det J <= 0): the paper's "Folds". ``differences``:
+    ``central`` (VoxelMorph's ``np.gradient``) or ``forward`` (the authors' code)."""
+    if differences == "forward":
+        return int(np.sum(jacobian_determinant_forward(disp) <= 0))
+    if differences != "central":
+        raise ValueError(f"differences must be 'central' or 'forward', got {differences!r}")
     return int(np.sum(jacobian_determinant(disp) <= 0))
 
 
@@ -71,6 +92,16 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
 
+def _label_boxes(seg: np.ndarray, labels: Sequence[int]):
+    """``{label: slices}`` bounding boxes of the labels present, in one pass (``ndimage.find_objects``)."""
+    seg = np.asarray(seg)
+    positive = [int(l) for l in labels if int(l) > 0]
+    if seg.size == 0 or not positive or seg.min() < 0 or not np.issubdtype(seg.dtype, np.integer):
+        return None
+    boxes = ndimage.find_objects(seg.astype(np.int64, copy=False), max_label=max(positive))
+    return {l: boxes[l - 1] for l in positive if boxes[l - 1] is not None}
+
+
 def hd95(
     seg_a: np.ndarray, seg_b: np.ndarray, labels: Sequence[int], spacing: Optional[Sequence[float]] = None
 ) -> np.ndarray:
@@ -79,19 +110,37 @@ def hd95(
     For each label: the distances from every surface voxel of A to the nearest surface voxel of B and
     back; the larger of the two directed 95th percentiles (MONAI's and Learn2Reg's definition). NaN where
     the label is missing from either map.
+
+    Each label's surfaces are found inside the bounding box of its voxels in both maps plus one voxel (the
+    erosion sees every in-volume neighbour), and the distances between the two surfaces' voxel centres come
+    from a k-d tree: exactly the full-volume distance-transform result, at a fraction of the cost.
     """
     seg_a, seg_b = np.asarray(seg_a), np.asarray(seg_b)
     if seg_a.shape != seg_b.shape:
         raise ValueError(f"hd95: shapes differ, {seg_a.shape} vs {seg_b.shape}")
     spacing = (1.0,) * seg_a.ndim if spacing is None else tuple(float(s) for s in spacing)
+    boxes_a, boxes_b = _label_boxes(seg_a, labels), _label_boxes(seg_b, labels)
     out = np.empty(len(labels), dtype=np.float64)
     for i, label in enumerate(labels):
-        a, b = seg_a == label, seg_b == label
+        if boxes_a is not None and boxes_b is not None:
+            if label not in boxes_a or label not in boxes_b:
+                out[i] = np.nan
+                continue
+            box = tuple(
+                slice(max(0, min(p.start, q.start) - 1), min(n, max(p.stop, q.stop) + 1))
+                for p, q, n in zip(boxes_a[label], boxes_b[label], seg_a.shape)
+            )
+            a, b = seg_a[box] == label, seg_b[box] == label
+        else:
+            a, b = seg_a == label, seg_b == label
         if not a.any() or not b.any():
             out[i] = np.nan
             continue
-        sa, sb = _surface(a), _surface(b)
-        dist_to_b = ndimage.distance_transform_edt(~sb, sampling=spacing)
-        dist_to_a = ndimage.distance_transform_edt(~sa, sampling=spacing)
-        out[i] = max(np.percentile(dist_to_b[sa], 95), np.percentile(dist_to_a[sb], 95))
+        sa, sb = _surface(a), _surface(b)  # the margin keeps every in-volume face-neighbour of the box
+        pa, pb = np.argwhere(sa) * spacing, np.argwhere(sb) * spacing
+        # nearest-surface-voxel distances: what a Euclidean distance transform gives, on the surface points only
+        dist_to_b = spatial.cKDTree(pb).query(pa, workers=-1)[0]
+        dist_to_a = spatial.cKDTree(pa).query(pb, workers=-1)[0]
+        out[i] = max(np.percentile(dist_to_b, 95), np.percentile(dist_to_a, 95))
     return out
+

@@ -4,6 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from crd_jax import metrics
 
@@ -85,3 +86,48 @@ def test_hd95_matches_brute_force_surface_distances():
     for i, label in enumerate([1, 2]):
         np.testing.assert_allclose(got[i], _hd95_brute_force(sa == label, sb == label, spacing), rtol=1e-10)
     assert np.isnan(got[2])
+
+
+def _hd95_full_volume(seg_a, seg_b, labels, spacing):
+    """The definition, on the whole volume for every label (the implementation before cropping)."""
+    from crd_jax.metrics import _surface
+
+    out = []
+    for label in labels:
+        a, b = seg_a == label, seg_b == label
+        if not a.any() or not b.any():
+            out.append(np.nan)
+            continue
+        sa, sb = _surface(a), _surface(b)
+        db = ndimage.distance_transform_edt(~sb, sampling=spacing)
+        da = ndimage.distance_transform_edt(~sa, sampling=spacing)
+        out.append(max(np.percentile(db[sa], 95), np.percentile(da[sb], 95)))
+    return np.asarray(out)
+
+
+def test_hd95_cropped_per_label_equals_the_full_volume_computation():
+    rng = np.random.default_rng(4)
+    shape = (40, 36, 30)
+    a = ndimage.median_filter(rng.integers(0, 7, shape), size=5).astype(np.int32)
+    b = ndimage.median_filter(rng.integers(0, 7, shape), size=5).astype(np.int32)
+    a[0, :, :] = 3  # labels touching the volume border, where the crop margin is clipped
+    b[:, -1, :] = 5
+    labels = [1, 2, 3, 4, 5, 6, 9]  # 9 is absent: NaN
+    spacing = (1.0, 1.2, 0.8)
+    np.testing.assert_allclose(metrics.hd95(a, b, labels, spacing), _hd95_full_volume(a, b, labels, spacing), equal_nan=True)
+
+
+def test_forward_difference_jacobian_matches_a_brute_force_loop_and_counts_a_fold():
+    rng = np.random.default_rng(1)
+    disp = rng.normal(scale=0.6, size=(5, 4, 6, 3))
+    det = metrics.jacobian_determinant_forward(disp)
+    assert det.shape == (4, 3, 5)
+    for x, y, z in itertools.product(range(4), range(3), range(5)):
+        j = np.eye(3)
+        for axis, (dx, dy, dz) in enumerate([(1, 0, 0), (0, 1, 0), (0, 0, 1)]):
+            j[:, axis] += disp[x + dx, y + dy, z + dz] - disp[x, y, z]
+        assert det[x, y, z] == pytest.approx(np.linalg.det(j))
+    fold = np.zeros((4, 4, 4, 3))
+    fold[2:, :, :, 0] = -1.5  # x + u(x) steps back by half a voxel: det = 1 - 1.5 < 0 at x = 1
+    assert metrics.count_folds(fold, "forward") == 9  # the x = 1 slab of the 3x3x3 voxels with forward neighbours
+    assert metrics.count_folds(np.zeros((4, 4, 4, 3)), "forward") == 0

@@ -42,6 +42,29 @@ def _load_config(path: str):
         raise InputError(path, f"config does not load ({type(exc).__name__}: {exc})") from None
 
 
+def _model_path(model):
+    from crd_jax import pretrained
+
+    return pretrained.resolve(model)
+
+
+def cmd_models(args) -> None:
+    from crd_jax import pretrained
+
+    rows = pretrained.listing()
+    if not rows:
+        print("no shipped models in this installation; pass a model folder to --model")
+        return
+    default = pretrained.default_model()
+    for r in rows:
+        mark = " (default)" if r["name"] == default else ""
+        pre = r["preprocessing"]
+        print(f"{r['name']}{mark}: {r['label']}, trained on {r.get('trained_on', '?')}")
+        print(f"    grid {'x'.join(map(str, r.get('grid', [])))} of {r.get('voxel_size_mm')} mm, orientation "
+              f"{r.get('orientation', '?')}, normalisation {pre.get('normalize', '?')}, intensities {r.get('intensity', '?')}")
+        print(f"    validation Dice {r.get('val_dice_grid')} (model grid), {r.get('val_dice_1mm')} (1 mm) on {r.get('validated_on', '?')}")
+
+
 def cmd_register(args) -> None:
     from crd_jax.cli.registration import load, load_pair, register_volumes
     from crd_jax.data.io import save_nifti
@@ -51,7 +74,7 @@ def cmd_register(args) -> None:
     ids = tuple(args.pair_ids) if args.pair_ids else None
     names = ["warped.nii.gz"] + (["warped_seg.nii.gz"] if args.moving_seg else []) + displacement_names(args.disp_format, pair_ids=ids)
     outputs = OutputSet(args.out_dir, names, args.overwrite)  # checked before any computation
-    loaded = load(args.model)
+    loaded = load(_model_path(args.model))
     fixed, moving, moving_seg, _ = load_pair(loaded, args.fixed, args.moving, args.moving_seg)
     t = time.perf_counter()
     result, notes = register_volumes(loaded, fixed, moving, moving_seg, args.normalize)
@@ -98,7 +121,7 @@ def cmd_evaluate(args) -> None:
     from crd_jax.training.evaluate import evaluate_pairs, measure_inference, summarize
 
     outputs = OutputSet(args.out_dir, ["metrics.csv", "summary.md", "summary.json"], args.overwrite)
-    loaded = load(args.model)
+    loaded = load(_model_path(args.model))
     config = _load_config(args.config)
     if args.data_root:
         config.data.root = args.data_root
@@ -159,7 +182,7 @@ def cmd_figure(args) -> None:
     if out.suffix.lower() not in (".png", ".pdf"):
         raise InputError(out, "the figure must be a .png or .pdf file")
     outputs = OutputSet(out.parent, [out.name], args.overwrite)
-    loaded = load(args.model)
+    loaded = load(_model_path(args.model))
     fixed, moving, moving_seg, fixed_seg = load_pair(loaded, args.fixed, args.moving, args.moving_seg, args.fixed_seg)
     result, notes = register_volumes(loaded, fixed, moving, moving_seg)
     for note in notes:
@@ -223,7 +246,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("register", help="register a moving image to a fixed image")
-    r.add_argument("--model", required=True, help="model folder (a training stage's 'model', or convert-official's output)")
+    r.add_argument("--model", help="a shipped model's name (see `crd-jax models`; default: the best shipped VM-LL-CRD) "
+                   "or a model folder (a training stage's 'model', or convert-official's output)")
     r.add_argument("--fixed", required=True, help="fixed image (.nii, .nii.gz or .npz)")
     r.add_argument("--moving", required=True, help="moving image; resampled onto the fixed grid first if grids differ")
     r.add_argument("--moving-seg", help="moving label map, warped with nearest neighbour")
@@ -236,8 +260,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
     r.set_defaults(func=cmd_register)
 
+    mo = sub.add_parser("models", help="list the models shipped with crd-jax")
+    mo.set_defaults(func=cmd_models)
+
     e = sub.add_parser("evaluate", help="Dice, HD95, folds, SDlogJ, time and memory over a dataset's pairs")
-    e.add_argument("--model", required=True)
+    e.add_argument("--model", help="a shipped model's name or a model folder (default: the best shipped VM-LL-CRD)")
     e.add_argument("--config", required=True, help="the dataset's config file (configs/*.py)")
     e.add_argument("--data-root", help="override config.data.root")
     e.add_argument("--split", help="split to evaluate (default: config.eval.split)")
@@ -250,7 +277,7 @@ def parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     f = sub.add_parser("figure", help="a PNG like the paper's Fig. 4 for one pair")
-    f.add_argument("--model", required=True)
+    f.add_argument("--model", help="a shipped model's name or a model folder (default: the best shipped VM-LL-CRD)")
     f.add_argument("--fixed", required=True)
     f.add_argument("--moving", required=True)
     f.add_argument("--fixed-seg")

@@ -1,0 +1,71 @@
+"""Copies the finished models of the LPBA40 3-D run into the package as shipped, named models.
+
+    python benchmarks/ship_models.py                       # from ~/crd-runs/reproduce_lpba40_3d-ll
+    python benchmarks/ship_models.py --workdir DIR --overwrite
+
+Each becomes ``crd_jax/pretrained/<name>/`` (``model.json`` + ``params.msgpack``) with a ``shipped`` record:
+what it was trained and validated on, its grid, voxel size and orientation, the steps it trained and its
+validation Dice (from the run's ``eval.json``, and at 1 mm from ``benchmarks/results/reproduce_3d_ll.json``
+when the report has been made).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+RUNS = Path(os.environ.get("CRD_RUNS", Path.home() / "crd-runs"))
+NAMES = {"vm_h": "lpba40-vm-h", "vm_ll": "lpba40-vm-ll", "vm_ll_crd": "lpba40-vm-ll-crd"}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=RUNS / "reproduce_lpba40_3d-ll")
+    p.add_argument("--dest", type=Path, default=ROOT / "crd_jax" / "pretrained")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args()
+
+    import nibabel as nib
+
+    from crd_jax.training.checkpoint import load_model, save_model
+
+    config = json.loads((args.workdir / "config.json").read_text())
+    report_path = HERE / "results" / "reproduce_3d_ll.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {"models": {}}
+    first = sorted((Path(config["data"]["root"]) / "images").glob("*.nii*"))[0]
+    header = nib.load(str(first))
+    stored = header.shape
+    grid = config["data"]["resample_shape"] or list(stored)
+    zooms = [float(z) * s / g for z, s, g in zip(header.header.get_zooms(), stored, grid)]
+    for stage, name in NAMES.items():
+        folder = args.workdir / "stages" / stage
+        if not (folder / "model").exists():
+            print(f"{stage}: not finished, skipped")
+            continue
+        params, spec = load_model(folder / "model")
+        ev = json.loads((folder / "eval.json").read_text())
+        full = report["models"].get(stage, {}).get("full", {}).get("dice")
+        spec.pop("format_version", None)
+        spec["shipped"] = {
+            "trained_on": "LPBA40 S11-S34 (24 subjects; skull-stripped T1 in [0, 1], affinely aligned, 1 mm)",
+            "validated_on": f"LPBA40 S35-S40, {ev['num_pairs']} ordered pairs, 56 structures",
+            "grid": grid, "canvas": config["data"]["shape"], "voxel_size_mm": [round(z, 3) for z in zooms],
+            "orientation": "".join(nib.aff2axcodes(header.affine)), "source_shape": list(stored),
+            "steps": spec.get("steps"), "val_dice_grid": round(ev["dice_mean"], 4),
+            "val_dice_1mm": round(sum(full) / len(full), 4) if full else None,
+            "intensity": "[0, 1] (the model refuses images far from its training intensities)",
+        }
+        save_model(args.dest / name, params, spec, overwrite=args.overwrite)
+        size = sum(f.stat().st_size for f in (args.dest / name).iterdir())
+        print(f"{stage} -> {args.dest / name} ({size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Shipped models by name: resolution, the default, the listing, and `crd-jax register --model NAME`."""
+
+import jax
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from crd_jax import pretrained
+from crd_jax.cli import main as cli
+from crd_jax.errors import InputError
+from crd_jax.interop import official
+from crd_jax.models.build import model_from_spec
+from crd_jax.training.checkpoint import save_model
+
+
+def _ship(root, name, label):
+    arch = official.ARCHITECTURE | {"fusion": "paper", "teacher_align_corners": False}
+    spec = {"kind": "registrar", "factor": 2, "architecture": arch, "label": label, "stage": "test",
+            "preprocessing": {"normalize": "minmax", "percentiles": [0.5, 99.5], "resample_shape": [], "multiple": 32, "ndim": 3},
+            "shipped": {"trained_on": "test data", "grid": [32, 32, 32], "voxel_size_mm": [1, 1, 1], "orientation": "RAS",
+                        "val_dice_grid": 0.5, "val_dice_1mm": 0.6, "validated_on": "nothing"}}
+    model = model_from_spec(spec)
+    x = jnp.zeros((1, 32, 32, 32, 1))
+    save_model(root / name, model.init(jax.random.PRNGKey(0), x, x), spec)
+
+
+def test_resolve_names_paths_and_the_default(tmp_path):
+    assert pretrained.shipped(tmp_path) == {}
+    with pytest.raises(InputError, match="ships none"):
+        pretrained.resolve(None, tmp_path)
+    _ship(tmp_path, "lpba40-vm-h", "VM-H")
+    assert pretrained.default_model(tmp_path) is None  # only a VM-LL-CRD is a default
+    _ship(tmp_path, "lpba40-vm-ll-crd", "VM-LL-CRD")
+    assert pretrained.default_model(tmp_path) == "lpba40-vm-ll-crd"
+    assert pretrained.resolve(None, tmp_path) == tmp_path / "lpba40-vm-ll-crd"
+    assert pretrained.resolve("lpba40-vm-h", tmp_path) == tmp_path / "lpba40-vm-h"
+    assert pretrained.resolve(str(tmp_path / "lpba40-vm-h"), tmp_path) == tmp_path / "lpba40-vm-h"
+    with pytest.raises(InputError, match="shipped: lpba40-vm-h, lpba40-vm-ll-crd"):
+        pretrained.resolve("lpba40-vm-x", tmp_path)
+    rows = pretrained.listing(tmp_path)
+    assert [r["name"] for r in rows] == ["lpba40-vm-h", "lpba40-vm-ll-crd"] and rows[1]["val_dice_1mm"] == 0.6
+
+
+def test_register_and_models_commands_use_shipped_names(tmp_path, monkeypatch, capsys):
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    _ship(shipped, "lpba40-vm-ll-crd", "VM-LL-CRD")
+    monkeypatch.setattr(pretrained, "HERE", shipped)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        v = ndimage.gaussian_filter(rng.random((32, 32, 32)), 2).astype(np.float32)
+        nib.save(nib.Nifti1Image(v, np.eye(4)), str(tmp_path / f"{i}.nii.gz"))
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "lpba40-vm-ll-crd (default): VM-LL-CRD" in out and "0.6 (1 mm)" in out
+    assert cli.main(["register", "--fixed", str(tmp_path / "0.nii.gz"), "--moving", str(tmp_path / "1.nii.gz"),
+                     "--out-dir", str(tmp_path / "out")]) == 0
+    assert "with VM-LL-CRD" in capsys.readouterr().out
+    assert (tmp_path / "out" / "warped.nii.gz").exists()
