@@ -34,7 +34,7 @@ def main():
 
     import nibabel as nib
 
-    from crd_jax.training.checkpoint import load_model, save_model
+    from crd_jax.model_io import load_model, save_model
 
     config = json.loads((args.workdir / "config.json").read_text())
     report_path = HERE / "results" / "reproduce_3d_ll.json"

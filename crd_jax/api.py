@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from crd_jax import inference
 from crd_jax.models.registrar import Registrar
-from crd_jax.ops.spatial import warp
 from crd_jax.registration_loss import registration_loss
 
 
@@ -28,11 +28,10 @@ def register(model: Registrar, params, moving, fixed, moving_seg=None) -> Dict[s
     """Registers ``moving`` to ``fixed`` (``(*spatial)`` arrays). Returns numpy ``disp`` ``(*spatial, ndim)``,
     ``warped`` ``(*spatial)`` and, given ``moving_seg``, ``warped_seg`` (nearest neighbour)."""
     m, f = as_batch(moving), as_batch(fixed)
-    disp = jax.jit(lambda p, m, f: model.apply(p, m, f)["disp"])(params, m, f)
-    out = {"disp": np.asarray(disp[0]), "warped": np.asarray(warp(m, disp)[0, ..., 0])}
+    disp = np.asarray(inference.predict(model, params, m, f)[0])
+    out = {"disp": disp, "warped": inference.warp_image(np.asarray(m[0, ..., 0]), disp)}
     if moving_seg is not None:
-        seg = jnp.asarray(np.asarray(moving_seg))[None, ..., None]
-        out["warped_seg"] = np.asarray(warp(seg, disp, order=0)[0, ..., 0])
+        out["warped_seg"] = inference.warp_labels(np.asarray(moving_seg), disp)
     return out
 
 

@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.alpha = 1.0  # deformation distillation weight, eq. 10
     c.loss.beta = 0.1  # feature distillation weight, eq. 10
     c.loss.feature_target = "raw"  # raw features (the paper) or "attention" maps (the authors' code)
+    c.loss.terms = ml_collections.ConfigDict()  # more eq. 10 terms: {name: {"weight": w, ...}} (distill.TERMS)
     c.loss.deformation_grid = "student"  # eq. 8 on the student's grid, or "full": up(phi^T) vs up(phi^S) (authors' code)
 
     # --- data (Section IV-A) ------------------------------------------------------------------------
@@ -152,8 +153,16 @@ def use_pyramid(config: ml_collections.ConfigDict, diffeomorphic: bool = False) 
 
 
 def stage(kind: str, **fields) -> ml_collections.ConfigDict:
-    """A stage block; ``model`` (a dict) overrides the global model for this stage only."""
-    block = {"kind": kind, "steps": 500_000, "init": "", "evaluate": True, "label": ""}
+    """A stage block with every field of its kind (so each can be overridden from the command line);
+    ``model`` (a dict) overrides the global model for this stage only."""
+    import dataclasses
+
+    from crd_jax.training.stage_kinds import KINDS
+
+    block = {"kind": kind, "steps": 500_000, "evaluate": True, "label": ""}
+    for f in dataclasses.fields(KINDS[kind]) if kind in KINDS else ():
+        if f.init and f.name not in block and f.name != "model" and f.default is not dataclasses.MISSING:
+            block[f.name] = f.default
     if "model" in fields:
         fields["model"] = ml_collections.ConfigDict(fields["model"])
     block.update(fields)

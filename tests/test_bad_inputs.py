@@ -22,7 +22,7 @@ from crd_jax.cli import main as cli
 from crd_jax.data import io as dio
 from crd_jax.interop import official
 from crd_jax.models.build import model_from_spec
-from crd_jax.training.checkpoint import save_model
+from crd_jax.model_io import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (32, 32, 32)

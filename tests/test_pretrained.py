@@ -12,7 +12,7 @@ from crd_jax.cli import main as cli
 from crd_jax.errors import InputError
 from crd_jax.interop import official
 from crd_jax.models.build import model_from_spec
-from crd_jax.training.checkpoint import save_model
+from crd_jax.model_io import save_model
 
 
 def _ship(root, name, label):

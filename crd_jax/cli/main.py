@@ -118,7 +118,7 @@ def cmd_evaluate(args) -> None:
     from crd_jax.cli.registration import load
     from crd_jax.data import build_datasets, dataset_labels, eval_pairs
     from crd_jax.outputs import OutputSet
-    from crd_jax.training.evaluate import evaluate_pairs, measure_inference, summarize
+    from crd_jax.evaluation import evaluate_pairs, measure_inference, summarize
 
     outputs = OutputSet(args.out_dir, ["metrics.csv", "summary.md", "summary.json"], args.overwrite)
     loaded = load(_model_path(args.model))
@@ -201,7 +201,7 @@ def cmd_convert(args) -> None:
     from crd_jax.interop import official
     from crd_jax.interop.torch_legacy import load_legacy_checkpoint
     from crd_jax.outputs import check_writable_folder
-    from crd_jax.training.checkpoint import is_model_folder, save_model
+    from crd_jax.model_io import is_model_folder, save_model
 
     out = check_writable_folder(args.out, "model folder")
     if out.exists() and not is_model_folder(out):

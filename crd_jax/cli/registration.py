@@ -12,12 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from crd_jax.data.io import Volume, load_image, load_labels
-from crd_jax.data.preprocess import normalize, padded_shape, place, resample
+from crd_jax import inference
 from crd_jax.errors import InputError
 from crd_jax.interop.formats import onto_grid, same_grid, world_gap
 from crd_jax.models.build import model_from_spec
-from crd_jax.ops.spatial import resize_field, warp
-from crd_jax.training.checkpoint import load_model
+from crd_jax.model_io import load_model
 
 
 @dataclasses.dataclass
@@ -64,21 +63,6 @@ def _check_structure(model, params, spec, path) -> None:
     if want_shapes != got_shapes:
         diff = sorted(set(want_shapes.items()) ^ set(got_shapes.items()))[:2]
         raise InputError(path, f"parameters do not match the model's architecture (first differences: {diff})")
-
-
-@functools.lru_cache(maxsize=8)
-def _predictor(model):
-    return jax.jit(lambda p, m, f: model.apply(p, m, f)["disp"])
-
-
-@jax.jit
-def _warp(image, disp):
-    return warp(image, disp, order=1)
-
-
-@jax.jit
-def _warp_labels(labels, disp):
-    return warp(labels, disp, order=0)
 
 
 MIN_SIDE = 16  # voxels: below this a 4-level network sees a few voxels and nothing meaningful registers
@@ -137,36 +121,19 @@ def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_
             f"spacing {tuple(round(s, 3) for s in moving.spacing)} -> {tuple(round(s, 3) for s in fixed.spacing)})"
         )
     pre = loaded.spec.get("preprocessing", {})
-    mode = pre.get("normalize", "none") if normalize_mode == "model" else normalize_mode
-    percentiles = pre.get("percentiles", [0.5, 99.5])
-    f_in = normalize(fixed.data, mode, *percentiles)
-    m_in = normalize(moving_data, mode, *percentiles)
+    f_in, m_in, mode = inference.normalize_inputs(pre, fixed.data, moving_data, normalize_mode)
     _check_intensities(loaded, f_in, fixed.path, mode)
     _check_intensities(loaded, m_in, moving.path, mode)
-    grid = tuple(fixed.data.shape)
-    work = tuple(pre.get("resample_shape") or ()) or grid
-    if work != grid:
-        f_in, m_in = resample(f_in, work, 1), resample(m_in, work, 1)
-        notes.append(f"network input resampled to {work} as in training")
-    multiple = int(pre.get("multiple", 32))
-    if loaded.spec["kind"] == "registrar":
-        multiple = max(multiple, 16 * int(loaded.spec["factor"]))
-    placement = place(work, padded_shape(work, multiple))
-    if placement.canvas_shape != work:
-        notes.append(f"padded {work} -> {placement.canvas_shape} for the network, result mapped back")
-    m = jnp.asarray(placement.apply(m_in))[None, ..., None]
-    f = jnp.asarray(placement.apply(f_in))[None, ..., None]
-    disp = np.asarray(_predictor(loaded.model)(loaded.params, m, f)[0])
-    _check_finite("displacement", disp, loaded.path)
-    disp = placement.restore(disp)
-    if work != grid:
-        disp = np.asarray(resize_field(jnp.asarray(disp)[None], grid)[0])
-    disp_j = jnp.asarray(disp)[None]
-    warped = np.asarray(_warp(jnp.asarray(moving_data, jnp.float32)[None, ..., None], disp_j)[0, ..., 0])
+    prepared = inference.prepare(pre, inference.canvas_multiple(loaded.spec), f_in, m_in)
+    notes += prepared.notes
+    disp_canvas = np.asarray(inference.predict(loaded.model, loaded.params, prepared.moving, prepared.fixed))
+    _check_finite("displacement", disp_canvas, loaded.path)
+    disp = inference.map_back(prepared, disp_canvas)
+    warped = inference.warp_image(moving_data, disp)
     _check_finite("warped image", warped, loaded.path)
-    result = {"disp": disp.astype(np.float32), "warped": warped}
+    result = {"disp": disp, "warped": warped}
     if seg_data is not None:
-        result["warped_seg"] = np.asarray(_warp_labels(jnp.asarray(seg_data, jnp.int32)[None, ..., None], disp_j)[0, ..., 0])
+        result["warped_seg"] = inference.warp_labels(seg_data, disp)
     return result, notes
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Mapping
 
+from crd_jax.models import backbones
 from crd_jax.models.affine import AffineNet, AffineThenDeformable
 from crd_jax.models.cascade import Cascade
 from crd_jax.models.pyramid import Pyramid
@@ -12,43 +13,69 @@ from crd_jax.models.registrar import Registrar
 from crd_jax.models.teacher import FusionHead, OfficialFusionHead, PyramidFusionHead, Teacher
 from crd_jax.models.voxelmorph import VoxelMorph, encoder_levels
 
-BACKBONES = ("voxelmorph", "pyramid", "affine")
-DEFAULTS = {
-    "encoder_pooling": "stride",
-    "fusion": "paper",
-    "teacher_align_corners": False,
-    "estimator": [32, 16],
-    "cascade": 1,
-    "affine": "none",
-    "affine_channels": [16, 32, 64, 128, 256],
-}
-
-
 def _tuple(v):
     return tuple(_tuple(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
+def _common(arch, name):
+    return dict(negative_slope=float(arch["negative_slope"]), diffeomorphic=bool(arch["diffeomorphic"]),
+                int_steps=int(arch["int_steps"]), name=name)
+
+
+def _build_voxelmorph(arch, name=None):
+    return VoxelMorph(encoder=_tuple(arch["encoder"]), encoder_strides=_tuple(arch["encoder_strides"]),
+                      decoder=_tuple(arch["decoder"]), encoder_pooling=str(arch["encoder_pooling"]), **_common(arch, name))
+
+
+def _build_pyramid(arch, name=None):
+    return Pyramid(encoder=_tuple(arch["encoder"]), encoder_strides=_tuple(arch["encoder_strides"]),
+                   estimator=_tuple(arch["estimator"]), **_common(arch, name))
+
+
+def _vm_fst_head(arch, factor: int):
+    fusion = arch.get("fusion", "paper")
+    if fusion in ("paper", "compact"):
+        return FusionHead(decoder=_tuple(arch["decoder"]), shift=int(factor).bit_length() - 1,
+                          negative_slope=float(arch["negative_slope"]), diffeomorphic=bool(arch["diffeomorphic"]),
+                          int_steps=int(arch["int_steps"]), fusion_convs=4 if fusion == "paper" else 1)
+    if fusion == "official":
+        if int(factor) != 2 or arch["diffeomorphic"]:
+            raise ValueError("the official fusion head exists for n = 2 and displacement (non-diffeomorphic) models")
+        return OfficialFusionHead(negative_slope=float(arch["negative_slope"]))
+    raise ValueError(f"unknown fusion {fusion!r} (paper, compact, official)")
+
+
+def _pyramid_fst_head(arch, factor: int):
+    if arch.get("fusion", "paper") != "paper":
+        raise ValueError("pyramid backbones have the paper's fusion only")
+    return PyramidFusionHead(estimator=_tuple(arch["estimator"]), shift=int(factor).bit_length() - 1,
+                             negative_slope=float(arch["negative_slope"]), diffeomorphic=bool(arch["diffeomorphic"]),
+                             int_steps=int(arch["int_steps"]))
+
+
+def _encoder_levels(arch):
+    return encoder_levels(_tuple(arch["encoder_strides"]))
+
+
+backbones.register_backbone(backbones.BackboneEntry(
+    "voxelmorph",
+    {"encoder": [16, 32, 32, 32], "encoder_strides": [2, 2, 2, 2],
+     "decoder": [[32], [32], [32], [32, 32], [16, 16]], "encoder_pooling": "stride"},
+    _build_voxelmorph, _encoder_levels, "VM", _vm_fst_head))
+backbones.register_backbone(backbones.BackboneEntry(
+    "pyramid", {"encoder": [16, 32, 32, 32, 32], "encoder_strides": [1, 2, 2, 2, 2], "estimator": [32, 16]},
+    _build_pyramid, _encoder_levels, "Pyd", _pyramid_fst_head))
+backbones.register_backbone(backbones.BackboneEntry(
+    "affine", {}, lambda arch, name=None: affine_net(arch), lambda arch: 0, "Affine", None))
+
+
 def architecture(model_cfg: Mapping[str, Any]) -> dict:
     """The architecture fields of a model config as plain JSON-able values."""
-    keys = ("backbone", "encoder", "encoder_strides", "decoder", "negative_slope", "diffeomorphic", "int_steps") + tuple(DEFAULTS)
-    out = {}
-    for k in keys:
-        v = model_cfg.get(k, DEFAULTS[k]) if k in DEFAULTS else model_cfg[k]
-        out[k] = [list(x) for x in v] if k == "decoder" else (list(v) if isinstance(v, (list, tuple)) else v)
-    return out
+    return backbones.architecture(model_cfg)
 
 
 def _single_backbone(arch: Mapping[str, Any], name=None):
-    kind = arch.get("backbone", "voxelmorph")
-    common = dict(negative_slope=float(arch["negative_slope"]), diffeomorphic=bool(arch["diffeomorphic"]),
-                  int_steps=int(arch["int_steps"]), name=name)
-    if kind == "voxelmorph":
-        return VoxelMorph(encoder=_tuple(arch["encoder"]), encoder_strides=_tuple(arch["encoder_strides"]),
-                          decoder=_tuple(arch["decoder"]), encoder_pooling=str(arch.get("encoder_pooling", "stride")), **common)
-    if kind == "pyramid":
-        return Pyramid(encoder=_tuple(arch["encoder"]), encoder_strides=_tuple(arch["encoder_strides"]),
-                       estimator=_tuple(arch.get("estimator", DEFAULTS["estimator"])), **common)
-    raise ValueError(f"unknown backbone {kind!r} (choose from {BACKBONES})")
+    return backbones.entry(arch).build(arch, name)
 
 
 def _frozen_arch(arch: Mapping[str, Any]):
@@ -60,7 +87,7 @@ def _make_single(frozen_arch, name=None):
 
 
 def affine_net(arch: Mapping[str, Any]) -> AffineNet:
-    return AffineNet(channels=_tuple(arch.get("affine_channels", DEFAULTS["affine_channels"])),
+    return AffineNet(channels=_tuple(arch.get("affine_channels", backbones.COMMON["affine_channels"])),
                      negative_slope=float(arch["negative_slope"]))
 
 
@@ -75,6 +102,7 @@ def deformable_from_config(arch: Mapping[str, Any]):
 def backbone_from_config(arch: Mapping[str, Any]):
     """The network a registrar runs: ``backbone = "affine"`` alone, or the deformable model, with an affine
     network in front when ``affine`` is ``"joint"`` (trained together) or ``"stage"`` (pre-trained, frozen)."""
+    backbones.check_architecture(arch)
     if arch.get("backbone") == "affine":
         return affine_net(arch)
     deformable = deformable_from_config(arch)
@@ -86,8 +114,8 @@ def backbone_from_config(arch: Mapping[str, Any]):
 
 
 def levels(arch: Mapping[str, Any]) -> int:
-    """Number of stride-2 levels of the backbone's encoder."""
-    return encoder_levels(_tuple(arch["encoder_strides"]))
+    """Number of stride-2 levels of the backbone (canvas sides divide by ``2^(levels + k)``)."""
+    return backbones.entry(arch).levels(arch)
 
 
 def registrar_from_config(arch: Mapping[str, Any], factor: int) -> Registrar:
@@ -95,42 +123,32 @@ def registrar_from_config(arch: Mapping[str, Any], factor: int) -> Registrar:
 
 
 def teacher_from_config(arch: Mapping[str, Any], factor: int) -> Teacher:
-    """The FST for a backbone: ``fusion = "paper"`` (Table I + backbone-shaped decoder), ``"compact"`` (one
-    fusion conv per level, the paper's stated 0.6M teacher) or ``"official"`` (the authors' code, n = 2)."""
-    fusion = arch.get("fusion", "paper")
-    if arch.get("backbone") == "pyramid":
-        if fusion != "paper":
-            raise ValueError("pyramid backbones have the paper's fusion only")
-        head = PyramidFusionHead(
-            estimator=_tuple(arch.get("estimator", DEFAULTS["estimator"])),
-            shift=int(factor).bit_length() - 1,
-            negative_slope=float(arch["negative_slope"]),
-            diffeomorphic=bool(arch["diffeomorphic"]),
-            int_steps=int(arch["int_steps"]),
-        )
-    elif fusion in ("paper", "compact"):
-        head = FusionHead(
-            fusion_convs=4 if fusion == "paper" else 1,
-            decoder=_tuple(arch["decoder"]),
-            shift=int(factor).bit_length() - 1,
-            negative_slope=float(arch["negative_slope"]),
-            diffeomorphic=bool(arch["diffeomorphic"]),
-            int_steps=int(arch["int_steps"]),
-        )
-    elif fusion == "official":
-        if int(factor) != 2 or arch["diffeomorphic"]:
-            raise ValueError("the official fusion head exists for n = 2 and displacement (non-diffeomorphic) models")
-        head = OfficialFusionHead(negative_slope=float(arch["negative_slope"]))
-    else:
-        raise ValueError(f"unknown fusion {fusion!r} (paper, compact, official)")
-    return Teacher(backbone_from_config(arch), head, factor=int(factor), align_corners=bool(arch.get("teacher_align_corners", False)))
+    """The FST for a backbone, with the head its registry entry builds (VM: ``fusion = "paper"``, Table I +
+    backbone-shaped decoder; ``"compact"``, one fusion conv per level; ``"official"``, the authors' code)."""
+    backbones.check_architecture(arch)
+    make_head = backbones.entry(arch).fst_head
+    if make_head is None:
+        raise ValueError(f"backbone {arch.get('backbone')!r} has no FST head")
+    return Teacher(backbone_from_config(arch), make_head(arch, int(factor)), factor=int(factor),
+                   align_corners=bool(arch.get("teacher_align_corners", False)))
+
+
+def spec_architecture(spec: Mapping[str, Any]) -> dict:
+    """A saved model's architecture. Format-1 folders (earlier releases) stored every backbone's fields in
+    one flat list: the fields foreign to their backbone are dropped; format 2 must be exact."""
+    arch = dict(spec["architecture"])
+    if int(spec.get("format_version", 2)) < 2:
+        known = {**backbones.COMMON, **backbones.entry(arch).fields}
+        arch = {k: v for k, v in arch.items() if k in known}
+    return arch
 
 
 def model_from_spec(spec: Mapping[str, Any]):
     """``spec = {"kind": "registrar" | "teacher", "architecture": {...}, "factor": n}``."""
     kind = spec["kind"]
+    arch = spec_architecture(spec)
     if kind == "registrar":
-        return registrar_from_config(spec["architecture"], spec["factor"])
+        return registrar_from_config(arch, spec["factor"])
     if kind == "teacher":
-        return teacher_from_config(spec["architecture"], spec["factor"])
+        return teacher_from_config(arch, spec["factor"])
     raise ValueError(f"unknown model kind {kind!r}")

@@ -1,6 +1,7 @@
 """Stage S3, cross-resolution distillation (Section III-C): the low-resolution student under the teacher.
 
-``L_distillation = L^L + alpha * L_deformation + beta * L_feature`` (eq. 10) with
+``L_distillation = L^L + alpha * L_deformation + beta * L_feature`` (eq. 10), a sum of :class:`DistillTerm`
+objects (a new term is one registered class and one line of ``config.loss.terms``), with
 ``L_deformation = MSE(phi^T, phi^S)`` (eq. 8, both on the student's grid; for pyramids the sum over the
 intermediate fields, eq. 11) and
 ``L_feature = sum_l MSE(F^T_l, F^S_l)`` (eq. 9) over the teacher's levels (F_0..F_3 for k = 1).
@@ -11,6 +12,9 @@ compares attention maps ``sum_c F^2`` (the authors' released code, after Zagoruy
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Dict, Sequence, Tuple, Type
 
 import jax
 import jax.numpy as jnp
@@ -61,32 +65,87 @@ def deformation_loss(teacher_out, student_out, grid: str = "student"):
     return losses.mse(teacher_out["disp_low"], student_out["disp_low"])
 
 
-def distillation_loss(t, s, m, f, alpha, beta, reg_weight, window, feature_target, deformation_grid="student"):
-    """Eq. 10 for a student output ``s`` given (constant) teacher output ``t``."""
-    loss_l, terms = registration_loss(m, f, s["disp"], reg_weight, window)
-    deformation = deformation_loss(t, s, deformation_grid) if alpha else 0.0
-    feature = feature_loss(t["features"], s["features"], feature_target) if beta else 0.0
-    total = loss_l + alpha * deformation + beta * feature
-    return total, {"loss_L": loss_l, "sim": terms["sim"], "deformation": deformation, "feature": feature}
+@dataclasses.dataclass(frozen=True)
+class DistillTerm:
+    """One weighted term of eq. 10: ``weight * value(teacher_out, student_out)``. Subclasses set ``name``
+    (the key in ``aux`` and in ``config.loss.terms``) and implement :meth:`value`."""
+
+    weight: float
+    name: ClassVar[str] = "term"
+
+    def value(self, teacher_out, student_out) -> jax.Array:
+        raise NotImplementedError
 
 
-def make_loss(
-    student: Registrar,
-    teacher,
-    alpha: float = 1.0,
-    beta: float = 0.1,
-    reg_weight: float = 1.0,
-    window: int = 9,
-    feature_target: str = "raw",
-    deformation_grid: str = "student",
-):
+@dataclasses.dataclass(frozen=True)
+class Deformation(DistillTerm):
+    """``alpha * L_deformation``, eq. 8 (eq. 11 for pyramids)."""
+
+    grid: str = "student"
+    name: ClassVar[str] = "deformation"
+
+    def value(self, t, s):
+        return deformation_loss(t, s, self.grid)
+
+
+@dataclasses.dataclass(frozen=True)
+class Feature(DistillTerm):
+    """``beta * L_feature``, eq. 9."""
+
+    target: str = "raw"
+    name: ClassVar[str] = "feature"
+
+    def value(self, t, s):
+        return feature_loss(t["features"], s["features"], self.target)
+
+
+TERMS: Dict[str, Type[DistillTerm]] = {}
+
+
+def register_term(cls: Type[DistillTerm]) -> Type[DistillTerm]:
+    """Makes a term usable from configs: ``config.loss.terms.<cls.name> = {"weight": w, ...}``."""
+    TERMS[cls.name] = cls
+    return cls
+
+
+register_term(Deformation)
+register_term(Feature)
+
+
+def terms_from_config(loss_cfg) -> Tuple[DistillTerm, ...]:
+    """Eq. 10's terms: deformation (``alpha``, ``deformation_grid``), feature (``beta``, ``feature_target``),
+    then every entry of ``loss.terms`` (``{name: {"weight": w, **fields}}``, a registered term each)."""
+    terms = [Deformation(float(loss_cfg.alpha), str(loss_cfg.get("deformation_grid", "student"))),
+             Feature(float(loss_cfg.beta), str(loss_cfg.get("feature_target", "raw")))]
+    extra = loss_cfg.get("terms", {}) or {}
+    extra = extra.to_dict() if hasattr(extra, "to_dict") else dict(extra)
+    for name, fields in extra.items():
+        if name not in TERMS:
+            raise ValueError(f"loss.terms: unknown distillation term {name!r} (registered: {', '.join(sorted(TERMS))})")
+        terms.append(TERMS[name](**dict(fields)))
+    return tuple(terms)
+
+
+def distillation_loss(t, s, m, f, terms: Sequence[DistillTerm], reg_weight: float = 1.0, window: int = 9):
+    """Eq. 10 for a student output ``s`` given (constant) teacher output ``t``: ``L^L`` plus every weighted
+    term (terms of weight 0 are not computed)."""
+    loss_l, parts = registration_loss(m, f, s["disp"], reg_weight, window)
+    total = loss_l
+    aux = {"loss_L": loss_l, "sim": parts["sim"]}
+    for term in terms:
+        value = term.value(t, s) if term.weight else 0.0
+        aux[term.name] = value
+        total = total + term.weight * value
+    return total, aux
+
+
+def make_loss(student: Registrar, teacher, terms: Sequence[DistillTerm], reg_weight: float = 1.0, window: int = 9):
     """``teacher``: an object with ``apply(frozen, moving, fixed)`` returning ``disp_low`` and ``features``
     on the student's grid (the FST, :class:`crd_jax.models.teacher.Teacher`)."""
 
     def loss_fn(params, frozen, batch):
         m, f = batch["moving"], batch["fixed"]
         t = jax.lax.stop_gradient(teacher.apply(frozen, m, f))
-        return distillation_loss(t, student.apply(params, m, f), m, f, alpha, beta, reg_weight, window, feature_target,
-                                 deformation_grid)
+        return distillation_loss(t, student.apply(params, m, f), m, f, terms, reg_weight, window)
 
     return loss_fn

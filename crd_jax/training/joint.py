@@ -32,13 +32,13 @@ def make_teacher_loss(high, low, teacher, reg_weight=1.0, window=9):
     return loss_fn
 
 
-def make_all_loss(high, low, teacher, student, alpha=1.0, beta=0.1, reg_weight=1.0, window=9, feature_target="raw"):
+def make_all_loss(high, low, teacher, student, terms, reg_weight=1.0, window=9):
     def loss_fn(params, frozen, batch):
         del frozen
         m, f = batch["moving"], batch["fixed"]
         total, aux, t = _teacher_terms(high, low, teacher, params, m, f, reg_weight, window)
         s = student.apply(params["student"], m, f)
-        d_total, d_aux = distillation_loss(jax.lax.stop_gradient(t), s, m, f, alpha, beta, reg_weight, window, feature_target)
+        d_total, d_aux = distillation_loss(jax.lax.stop_gradient(t), s, m, f, terms, reg_weight, window)
         aux.update({f"student_{k}": v for k, v in d_aux.items()})
         return total + d_total, aux
 

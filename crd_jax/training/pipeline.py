@@ -24,10 +24,11 @@ from crd_jax.errors import InputError
 from crd_jax.outputs import check_writable_folder
 from crd_jax.models import build as mbuild
 from crd_jax.training import distributed
-from crd_jax.training.checkpoint import load_model, save_model
-from crd_jax.training.evaluate import count_parameters, evaluate_pairs, measure_inference, predictor, summarize
+from crd_jax.model_io import load_model, save_model
+from crd_jax.evaluation import count_parameters, evaluate_pairs, measure_inference, predictor, summarize
 from crd_jax.training.logging import MetricLogger
 from crd_jax.training.loop import StageRun, train_stage
+from crd_jax.training import stage_kinds
 from crd_jax.training.stages import Trained, plan_stage
 
 
@@ -161,11 +162,7 @@ def check_run_config(config, workdir: Path) -> None:
         raise InputError("config.train.batch_size", f"must be a positive integer, got {batch!r}")
     if batch % jax.device_count():
         raise InputError("config.train.batch_size", f"{batch} is not divisible by {jax.device_count()} devices")
-    for name in config.pipeline:
-        if name not in config.stages:
-            raise InputError("config.pipeline", f"stage '{name}' has no block in config.stages")
-        if int(config.stages[name].steps) < 1:
-            raise InputError(f"config.stages.{name}.steps", f"must be at least 1, got {config.stages[name].steps}")
+    stage_kinds.parse_pipeline(config)  # unknown kinds, misspelt fields, references to later stages
     check_writable_folder(workdir, "workdir")
     if workdir.is_dir() and any(workdir.iterdir()) and not (workdir / "config.json").exists():
         raise InputError(workdir, "workdir exists, is not empty and is not a crd-jax workdir (no config.json); "
@@ -222,8 +219,9 @@ def _run_stages(config, workdir, datasets, labels, loader, example, multiple, is
     done: Dict[str, Trained] = {}
     results = []
     root_key = jax.random.PRNGKey(int(config.seed))
+    typed = stage_kinds.parse_pipeline(config)
     for index, name in enumerate(config.pipeline):
-        st = config.stages[name]
+        st = typed[name]
         directory = workdir / "stages" / name
         model_dir = directory / "model"
         plan = plan_stage(name, st, config, done, jax.random.fold_in(root_key, index), example)
@@ -241,7 +239,7 @@ def _run_stages(config, workdir, datasets, labels, loader, example, multiple, is
                 save_model(model_dir, params, spec)
             logger.info(f"[{name}] {steps} steps done -> {model_dir}")
         done[name] = Trained(plan.model, params, plan.spec)
-        if st.get("evaluate", False):
+        if st.evaluate:
             if config.eval.split not in datasets:
                 logger.info(f"[{name}] no '{config.eval.split}' split: evaluation skipped")
             else:

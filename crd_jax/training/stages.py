@@ -28,10 +28,11 @@ from typing import Any, Callable, Dict
 
 import jax
 
+from crd_jax.models import backbones
 from crd_jax.models import build as mbuild
 from crd_jax.models.layers import redraw_flow_heads
 from crd_jax.models.teacher import ResampledTeacher
-from crd_jax.training import baseline, cooperative, distill, joint, teacher
+from crd_jax.training import baseline, cooperative, distill, joint, stage_kinds, teacher
 
 
 @dataclasses.dataclass
@@ -54,16 +55,17 @@ class StagePlan:
 
 
 def stage_model_config(config, st) -> dict:
-    """``config.model`` with the stage's own ``model`` block on top."""
+    """``config.model`` with the stage's own ``model`` block on top (``st``: a typed stage or a raw block)."""
     cfg = config.model.to_dict()
-    cfg.update(st.get("model", {}).to_dict() if hasattr(st.get("model", {}), "to_dict") else dict(st.get("model", {})))
+    own = st.model if isinstance(st, stage_kinds.StageConfig) else st.get("model", {})
+    cfg.update(own.to_dict() if hasattr(own, "to_dict") else dict(own))
     return cfg
 
 
 def backbone_name(arch) -> str:
+    name = backbones.entry(arch).label
     if arch.get("backbone") == "affine":
-        return "Affine"
-    name = {"voxelmorph": "VM", "pyramid": "Pyd"}[arch.get("backbone", "voxelmorph")]
+        return name
     name = f"{name}-diff" if arch["diffeomorphic"] else name
     if int(arch.get("cascade", 1)) > 1:
         name = f"{arch['cascade']}-cascade {name}"
@@ -76,7 +78,7 @@ def low_suffix(shift: int) -> str:
 
 def default_label(kind: str, st, arch, shift: int) -> str:
     name = backbone_name(arch)
-    resolution = st.get("resolution", "low" if kind == "distill" else "high")
+    resolution = getattr(st, "resolution", st.default_resolution)
     suffix = "H" if resolution == "high" else low_suffix(shift)
     if kind == "baseline":
         return f"{name}-{suffix}"
@@ -102,7 +104,7 @@ def _copy(tree):
 def _init_or_copy(st, done: Dict[str, Trained], make_fresh: Callable[[], Any], key, flow_init: str):
     """The stage's starting parameters: a finished stage's (``init``), or a fresh draw whose flow heads
     follow ``model.flow_init``."""
-    if st.get("init", ""):
+    if getattr(st, "init", ""):
         if st.init not in done:
             raise ValueError(f"stage initialises from '{st.init}', which has not run before it")
         return _copy(done[st.init].params)
@@ -134,82 +136,132 @@ def _freeze_pretrained_affine(plan: StagePlan, affine_params) -> StagePlan:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class StageContext:
+    """What every planner receives: the typed stage, its resolved architecture and loss settings."""
+
+    name: str
+    st: stage_kinds.StageConfig
+    config: Any
+    done: Dict[str, Trained]
+    key: Any
+    moving: Any
+    fixed: Any
+    arch: Dict[str, Any]
+    shift: int
+    factor: int
+    label: str
+    flow_init: str
+
+    @property
+    def n(self) -> int:
+        return 2**self.shift
+
+    @property
+    def reg(self) -> float:
+        return float(self.config.loss.reg_weight)
+
+    @property
+    def window(self) -> int:
+        return int(self.config.loss.ncc_window)
+
+    def spec(self, kind: str, arch=None, factor=None) -> Dict[str, Any]:
+        return _spec(kind, arch or self.arch, self.factor if factor is None else factor, self.label, self.name)
+
+
+def _plan_baseline(c: StageContext) -> StagePlan:
+    model = mbuild.registrar_from_config(c.arch, c.factor)
+    weight = 0.0 if c.arch.get("backbone") == "affine" else c.reg  # an affine map needs no smoothness term
+    init = _init_or_copy(c.st, c.done, lambda: model.init(c.key, c.moving, c.fixed), c.key, c.flow_init)
+    return StagePlan(baseline.make_loss(model, weight, c.window), init, {}, model, _identity, c.spec("registrar"))
+
+
+def _plan_cooperative(c: StageContext) -> StagePlan:
+    high, low = mbuild.registrar_from_config(c.arch, 1), mbuild.registrar_from_config(c.arch, c.n)
+    low = dataclasses.replace(low, backbone=high.backbone)
+    init = _init_or_copy(c.st, c.done, lambda: high.init(c.key, c.moving, c.fixed), c.key, c.flow_init)
+    return StagePlan(cooperative.make_loss(high, low, c.reg, c.window), init, {}, high, _identity, c.spec("registrar", factor=1))
+
+
+def _plan_teacher(c: StageContext) -> StagePlan:
+    source = _require(c.done, c.st.backbone, "backbone", c.name)
+    t_arch = dict(source.spec["architecture"], fusion=c.arch["fusion"], teacher_align_corners=c.arch["teacher_align_corners"])
+    model = mbuild.teacher_from_config(t_arch, c.n)
+    frozen = {"backbone": source.params}
+    init = redraw_flow_heads(model.init_head(c.key, frozen["backbone"], c.moving, c.fixed), jax.random.fold_in(c.key, 1), c.flow_init)
+    return StagePlan(teacher.make_loss(model, c.reg, c.window), init, frozen, model,
+                     lambda p: {"backbone": frozen["backbone"], "head": p}, c.spec("teacher", t_arch, c.n))
+
+
+def _plan_distill(c: StageContext) -> StagePlan:
+    t = _require(c.done, c.st.teacher, "teacher", c.name)
+    student = mbuild.registrar_from_config(c.arch, c.factor)
+    teacher_model = t.model
+    if t.spec["kind"] == "registrar":
+        teacher_model = ResampledTeacher(t.model, c.factor, c.st.teacher_features)
+    init = _init_or_copy(c.st, c.done, lambda: student.init(c.key, c.moving, c.fixed), c.key, c.flow_init)
+    loss_fn = distill.make_loss(student, teacher_model, distill.terms_from_config(c.config.loss), c.reg, c.window)
+    return StagePlan(loss_fn, init, t.params, student, _identity, c.spec("registrar"))
+
+
+def _joint_parts(c: StageContext):
+    model = mbuild.teacher_from_config(c.arch, c.n)
+    high = mbuild.registrar_from_config(c.arch, 1)
+    low = dataclasses.replace(mbuild.registrar_from_config(c.arch, c.n), backbone=high.backbone)
+    k1, k2, k3 = jax.random.split(c.key, 3)
+    backbone_params = high.init(k1, c.moving, c.fixed)
+    params = redraw_flow_heads({"backbone": backbone_params, "head": model.init_head(k2, backbone_params, c.moving, c.fixed)},
+                               jax.random.fold_in(c.key, 1), c.flow_init)
+    return model, high, low, params, k3
+
+
+def _plan_joint_teacher(c: StageContext) -> StagePlan:
+    model, high, low, params, _ = _joint_parts(c)
+    return StagePlan(joint.make_teacher_loss(high, low, model, c.reg, c.window), params, {}, model, _identity,
+                     c.spec("teacher", factor=c.n))
+
+
+def _plan_joint_all(c: StageContext) -> StagePlan:
+    model, high, low, params, k3 = _joint_parts(c)
+    student = mbuild.registrar_from_config(c.arch, c.factor)
+    params["student"] = redraw_flow_heads(student.init(k3, c.moving, c.fixed), jax.random.fold_in(c.key, 2), c.flow_init)
+    loss_fn = joint.make_all_loss(high, low, model, student, distill.terms_from_config(c.config.loss), c.reg, c.window)
+    return StagePlan(loss_fn, params, {}, student, lambda p: p["student"], c.spec("registrar"))
+
+
+def _identity(p):
+    return p
+
+
+#: kind -> planner; a new kind registers its typed config in ``stage_kinds`` and its planner here
+PLANNERS: Dict[str, Callable[[StageContext], StagePlan]] = {
+    "baseline": _plan_baseline,
+    "cooperative": _plan_cooperative,
+    "teacher": _plan_teacher,
+    "distill": _plan_distill,
+    "joint_teacher": _plan_joint_teacher,
+    "joint_all": _plan_joint_all,
+}
+
+
 def plan_stage(name: str, st, config, done: Dict[str, Trained], key, example) -> StagePlan:
-    """Everything the loop needs for stage ``name``. ``example``: a host batch for shapes."""
+    """Everything the loop needs for stage ``name``. ``st``: the stage's block (or its typed config);
+    ``example``: a host batch for shapes. The shared wrappers apply to every kind: the resolution (from the
+    kind's default) and, with ``model.affine = "stage"``, the frozen pre-trained affine network."""
+    if not isinstance(st, stage_kinds.StageConfig):
+        st = stage_kinds.parse_stage(name, st)
     model_cfg = stage_model_config(config, st)
     arch = mbuild.architecture(model_cfg)
     shift = int(model_cfg.get("shift", 1))
-    n = 2**shift
-    loss_cfg = config.loss
-    reg, window = float(loss_cfg.reg_weight), int(loss_cfg.ncc_window)
-    m, f = example["moving"][:1], example["fixed"][:1]
-    kind = st.kind
-    flow_init = str(model_cfg.get("flow_init", "torch"))
-    label = st.get("label", "") or default_label(kind, st, arch, shift)
-    identity = lambda p: p  # noqa: E731
-    resolution = st.get("resolution", "low" if kind in ("distill", "joint_all") else "high")
-    if resolution not in ("high", "low"):
-        raise ValueError(f"stage {name}: resolution must be 'high' or 'low'")
-    factor = 1 if resolution == "high" else n
-
-    if kind == "baseline":
-        model = mbuild.registrar_from_config(arch, factor)
-        weight = 0.0 if arch.get("backbone") == "affine" else reg  # an affine map needs no smoothness term
-        init = _init_or_copy(st, done, lambda: model.init(key, m, f), key, flow_init)
-        plan = StagePlan(baseline.make_loss(model, weight, window), init, {}, model, identity,
-                         _spec("registrar", arch, factor, label, name))
-
-    elif kind == "cooperative":
-        high, low = mbuild.registrar_from_config(arch, 1), mbuild.registrar_from_config(arch, n)
-        low = dataclasses.replace(low, backbone=high.backbone)
-        init = _init_or_copy(st, done, lambda: high.init(key, m, f), key, flow_init)
-        plan = StagePlan(cooperative.make_loss(high, low, reg, window), init, {}, high, identity,
-                         _spec("registrar", arch, 1, label, name))
-
-    elif kind == "teacher":
-        source = _require(done, st.backbone, "backbone", name)
-        t_arch = dict(source.spec["architecture"], fusion=arch["fusion"], teacher_align_corners=arch["teacher_align_corners"])
-        model = mbuild.teacher_from_config(t_arch, n)
-        frozen = {"backbone": source.params}
-        init = redraw_flow_heads(model.init_head(key, frozen["backbone"], m, f), jax.random.fold_in(key, 1), flow_init)
-        return StagePlan(teacher.make_loss(model, reg, window), init, frozen, model,
-                         lambda p: {"backbone": frozen["backbone"], "head": p},
-                         _spec("teacher", t_arch, n, label, name))
-
-    elif kind == "distill":
-        t = _require(done, st.teacher, "teacher", name)
-        student = mbuild.registrar_from_config(arch, factor)
-        teacher_model = t.model
-        if t.spec["kind"] == "registrar":
-            teacher_model = ResampledTeacher(t.model, factor, st.get("teacher_features", "none"))
-        init = _init_or_copy(st, done, lambda: student.init(key, m, f), key, flow_init)
-        loss_fn = distill.make_loss(student, teacher_model, float(loss_cfg.alpha), float(loss_cfg.beta), reg, window,
-                                    str(loss_cfg.feature_target), str(loss_cfg.get("deformation_grid", "student")))
-        plan = StagePlan(loss_fn, init, t.params, student, identity, _spec("registrar", arch, factor, label, name))
-
-    elif kind in ("joint_teacher", "joint_all"):
-        model = mbuild.teacher_from_config(arch, n)
-        high = mbuild.registrar_from_config(arch, 1)
-        low = dataclasses.replace(mbuild.registrar_from_config(arch, n), backbone=high.backbone)
-        k1, k2, k3 = jax.random.split(key, 3)
-        backbone_params = high.init(k1, m, f)
-        params = redraw_flow_heads({"backbone": backbone_params, "head": model.init_head(k2, backbone_params, m, f)},
-                                   jax.random.fold_in(key, 1), flow_init)
-        if kind == "joint_teacher":
-            return StagePlan(joint.make_teacher_loss(high, low, model, reg, window), params, {}, model, identity,
-                             _spec("teacher", arch, n, label, name))
-        student = mbuild.registrar_from_config(arch, factor)
-        params["student"] = redraw_flow_heads(student.init(k3, m, f), jax.random.fold_in(key, 2), flow_init)
-        loss_fn = joint.make_all_loss(high, low, model, student, float(loss_cfg.alpha), float(loss_cfg.beta), reg, window,
-                                      str(loss_cfg.feature_target))
-        return StagePlan(loss_fn, params, {}, student, lambda p: p["student"], _spec("registrar", arch, factor, label, name))
-
-    else:
-        raise ValueError(
-            f"stage {name}: unknown kind {kind!r} (baseline, cooperative, teacher, distill, joint_teacher, joint_all)"
-        )
-
-    if arch.get("affine") == "stage":
+    resolution = getattr(st, "resolution", st.default_resolution)
+    factor = 1 if resolution == "high" else 2**shift
+    context = StageContext(name, st, config, done, key, example["moving"][:1], example["fixed"][:1], arch, shift, factor,
+                           st.label or default_label(st.kind, st, arch, shift), str(model_cfg.get("flow_init", "torch")))
+    plan = PLANNERS[st.kind](context)
+    if arch.get("affine") == "stage" and st.frozen_affine != "inherited":
+        if st.frozen_affine == "unsupported":
+            raise ValueError(f"stage {name}: a '{st.kind}' stage cannot train behind a frozen affine stage "
+                             "(model.affine = 'stage'); use 'joint' or 'none'")
         source = _require(done, model_cfg.get("affine_stage", ""), "affine", name)
         plan = _freeze_pretrained_affine(plan, source.params)
     return plan

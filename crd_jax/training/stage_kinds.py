@@ -1,0 +1,164 @@
+"""The kinds of training stage, each a typed config, checked when a config is loaded.
+
+A stage block of ``config.stages`` is read into the dataclass of its ``kind``; a field the kind does not
+have (``teachr``), a missing required field, a value out of range, or a reference to a stage that does
+not run earlier is a one-line :class:`InputError` naming the field and, for a misspelling, the closest valid
+name. Nothing is read with a silent default.
+
+To add a kind: a dataclass deriving from :class:`StageConfig` with its fields, registered with
+:func:`register_kind`, and a planner for it in :mod:`crd_jax.training.stages` (``PLANNERS``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Dict, Mapping, Tuple, Type
+
+from crd_jax.errors import InputError
+
+RESOLUTIONS = ("high", "low")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """Fields every kind has. ``model``: overrides of the global model for this stage only."""
+
+    kind: str
+    steps: int
+    evaluate: bool = True
+    label: str = ""
+    model: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    #: stages this one reads (their names are fields of the kind): checked to run earlier
+    references: Tuple[str, ...] = dataclasses.field(default=(), init=False, repr=False)
+    #: behind a pre-trained, frozen affine stage (``model.affine = "stage"``): "wrap" (the affine parameters
+    #: become a frozen input), "inherited" (the frozen backbone the kind reads carries them already) or
+    #: "unsupported" (an error, never a silent skip)
+    frozen_affine: str = dataclasses.field(default="wrap", init=False, repr=False)
+    default_resolution: str = dataclasses.field(default="high", init=False, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline(StageConfig):
+    """One model at one resolution, eq. 3 (high) / eq. 5 (low)."""
+
+    resolution: str = "high"
+    init: str = ""
+    references: Tuple[str, ...] = dataclasses.field(default=("init",), init=False, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cooperative(StageConfig):
+    """S1: one backbone on both resolutions, eq. 4-6."""
+
+    init: str = ""
+    references: Tuple[str, ...] = dataclasses.field(default=("init",), init=False, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher(StageConfig):
+    """S2: the FST head on the frozen backbone of stage ``backbone``, eq. 7."""
+
+    backbone: str = ""
+    references: Tuple[str, ...] = dataclasses.field(default=("backbone",), init=False, repr=False)
+    frozen_affine: str = dataclasses.field(default="inherited", init=False, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Distill(StageConfig):
+    """S3: a student under the frozen teacher of stage ``teacher``, eq. 8-11."""
+
+    teacher: str = ""
+    init: str = ""
+    resolution: str = "low"
+    teacher_features: str = "none"  # "downsample": resize a plain registrar teacher's features (teacher A-down)
+    references: Tuple[str, ...] = dataclasses.field(default=("teacher", "init"), init=False, repr=False)
+    default_resolution: str = dataclasses.field(default="low", init=False, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class JointTeacher(StageConfig):
+    """S1 and S2 trained together (teacher G)."""
+
+    frozen_affine: str = dataclasses.field(default="unsupported", init=False, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class JointAll(StageConfig):
+    """S1, S2 and S3 trained together (teacher F); exports the student."""
+
+    resolution: str = "low"
+    frozen_affine: str = dataclasses.field(default="unsupported", init=False, repr=False)
+    default_resolution: str = dataclasses.field(default="low", init=False, repr=False)
+
+
+KINDS: Dict[str, Type[StageConfig]] = {}
+
+
+def register_kind(name: str, cls: Type[StageConfig]) -> None:
+    KINDS[name] = cls
+
+
+for _name, _cls in (("baseline", Baseline), ("cooperative", Cooperative), ("teacher", Teacher), ("distill", Distill),
+                    ("joint_teacher", JointTeacher), ("joint_all", JointAll)):
+    register_kind(_name, _cls)
+
+_REQUIRED = {"teacher": ("backbone",), "distill": ("teacher",)}
+
+
+def _closest(word: str, options) -> str:
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else f" (valid: {', '.join(sorted(options))})"
+
+
+def _block_dict(block) -> Dict[str, Any]:
+    data = block.to_dict() if hasattr(block, "to_dict") else dict(block)
+    return data
+
+
+def parse_stage(name: str, block) -> StageConfig:
+    """The typed config of stage ``name`` from its block (a ConfigDict or a dict)."""
+    where = f"config.stages.{name}"
+    data = _block_dict(block)
+    kind = data.get("kind")
+    if kind not in KINDS:
+        raise InputError(f"{where}.kind", f"unknown stage kind {kind!r}{_closest(str(kind), KINDS)}")
+    cls = KINDS[kind]
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            raise InputError(f"{where}.{key}", f"a '{kind}' stage has no field '{key}'{_closest(key, fields)}")
+    if "steps" not in data:
+        raise InputError(f"{where}.steps", "missing")
+    for key in _REQUIRED.get(kind, ()):
+        if not data.get(key):
+            raise InputError(f"{where}.{key}", f"a '{kind}' stage needs it (the stage it reads)")
+    try:
+        steps = int(data["steps"])
+    except (TypeError, ValueError):
+        raise InputError(f"{where}.steps", f"must be an integer, got {data['steps']!r}") from None
+    if steps < 1:
+        raise InputError(f"{where}.steps", f"must be at least 1, got {steps}")
+    data["steps"] = steps
+    if "resolution" in data and data["resolution"] not in RESOLUTIONS:
+        raise InputError(f"{where}.resolution", f"must be 'high' or 'low', got {data['resolution']!r}")
+    if data.get("teacher_features", "none") not in ("none", "downsample"):
+        raise InputError(f"{where}.teacher_features", f"must be 'none' or 'downsample', got {data['teacher_features']!r}")
+    return cls(**data)
+
+
+def parse_pipeline(config) -> Dict[str, StageConfig]:
+    """Every stage of ``config.pipeline``, typed, with its references checked to run earlier."""
+    stages = {}
+    for name in config.pipeline:
+        if name not in config.stages:
+            raise InputError("config.pipeline", f"stage '{name}' has no block in config.stages{_closest(name, config.stages)}")
+        st = parse_stage(name, config.stages[name])
+        for field in st.references:
+            target = getattr(st, field)
+            if target and target not in stages:
+                later = " (it runs later)" if target in config.pipeline else ""
+                raise InputError(f"config.stages.{name}.{field}", f"'{target}' is not a stage that runs before '{name}'{later}")
+        stages[name] = st
+    return stages
