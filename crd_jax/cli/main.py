@@ -73,12 +73,18 @@ def cmd_register(args) -> None:
 
     ids = tuple(args.pair_ids) if args.pair_ids else None
     names = ["warped.nii.gz"] + (["warped_seg.nii.gz"] if args.moving_seg else []) + displacement_names(args.disp_format, pair_ids=ids)
+    inverse_name = "inverse_disp_itk.nii.gz" if args.disp_format == "itk" else "inverse_disp.nii.gz"
+    names += (["jacobian.nii.gz"] if args.jacobian else []) + ([inverse_name] if args.inverse else [])
     outputs = OutputSet(args.out_dir, names, args.overwrite)  # checked before any computation
     loaded = load(_model_path(args.model))
     fixed, moving, moving_seg, _ = load_pair(loaded, args.fixed, args.moving, args.moving_seg)
     t = time.perf_counter()
     result, notes = register_volumes(loaded, fixed, moving, moving_seg, args.normalize)
     elapsed = time.perf_counter() - t
+    from crd_jax.metrics import jacobian_determinant
+
+    jacobian = jacobian_determinant(result["disp"])
+    folds = int((jacobian <= 0).sum())
     for note in notes:
         print(f"note: {note}")
     with outputs as stage:
@@ -86,9 +92,61 @@ def cmd_register(args) -> None:
         if "warped_seg" in result:
             save_nifti(stage / "warped_seg.nii.gz", result["warped_seg"].astype("int32"), fixed.affine, None)
         write_displacement(stage, result["disp"], fixed, args.disp_format, pair_ids=ids)
-    print(f"registered {args.moving} to {args.fixed} with {loaded.spec.get('label', 'model')} in {elapsed:.2f} s")
+        if args.jacobian:
+            save_nifti(stage / "jacobian.nii.gz", jacobian.astype("float32"), fixed.affine, None)
+        if args.inverse:
+            from crd_jax.transforms import invert
+
+            inverse = invert(result["disp"])
+            if args.disp_format == "itk":
+                from crd_jax.interop.formats import to_itk
+
+                save_nifti(stage / inverse_name, to_itk(inverse, fixed.affine), fixed.affine, None, intent="vector")
+            else:
+                save_nifti(stage / inverse_name, inverse, fixed.affine, None, intent="vector")
+    print(f"registered {args.moving} to {args.fixed} with {loaded.spec.get('label', 'model')} in {elapsed:.2f} s; "
+          f"folds (det J <= 0): {folds} voxels ({100.0 * folds / jacobian.size:.3f}%)")
     for path in outputs.paths():
         print(f"wrote {path}")
+
+
+def cmd_apply(args) -> None:
+    import numpy as np
+
+    from crd_jax import transforms
+    from crd_jax.data.io import load_image, load_labels, save_nifti
+    from crd_jax.interop.formats import read_displacement
+    from crd_jax.outputs import OutputSet
+
+    if bool(args.image) == bool(args.points):
+        raise InputError("crd-jax apply", "give exactly one of --image or --points")
+    out = Path(args.out)
+    outputs = OutputSet(out.parent, [out.name], args.overwrite)
+    reference = load_image(args.reference)
+    disp = read_displacement(args.disp, reference, args.disp_format)
+    if args.points:
+        try:
+            table = np.loadtxt(args.points, delimiter=",", ndmin=2, comments="#")
+        except (OSError, ValueError) as exc:
+            raise InputError(args.points, f"expected a CSV of x,y,z world coordinates ({exc})") from None
+        if table.shape[1] != 3 or not np.all(np.isfinite(table)):
+            raise InputError(args.points, f"expected 3 finite columns (x, y, z in mm), got {table.shape[1]}")
+        moved = transforms.apply_to_points(table, disp, reference.affine)
+        with outputs as stage:
+            np.savetxt(stage / out.name, moved, delimiter=",", fmt="%.4f", header="x,y,z", comments="")
+        print(f"mapped {len(moved)} points -> {out}")
+        return
+    if args.interpolation in ("nearest", "onehot") and args.labels:
+        vol = load_labels(args.image)
+        warped = transforms.apply_to_labels(vol.data, vol.affine, disp, reference.affine, args.interpolation)
+    else:
+        if args.labels or args.interpolation == "onehot":
+            raise InputError(args.image, "label maps take --interpolation nearest or onehot, with --labels")
+        vol = load_image(args.image)
+        warped = transforms.apply_to_image(vol.data, vol.affine, disp, reference.affine, args.interpolation)
+    with outputs as stage:
+        save_nifti(stage / out.name, warped, reference.affine, None)
+    print(f"warped {args.image} ({args.interpolation}) onto {args.reference} -> {out}")
 
 
 def _read_pairs(path: str, ids: List[str]):
@@ -258,7 +316,26 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--normalize", choices=("model", "none", "minmax", "percentile"), default="model",
                    help="intensity normalisation of the inputs (default: as the model was trained)")
     r.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
+    r.add_argument("--jacobian", action="store_true", help="also write jacobian.nii.gz, det(I + grad u) on the fixed grid")
+    r.add_argument("--inverse", action="store_true", help="also write the inverse displacement (inverse_disp*, fixed-point iteration)")
     r.set_defaults(func=cmd_register)
+
+    a = sub.add_parser("apply", help="warp an image, a label map or points with a saved displacement",
+                       description="Warps an image or label map (on any grid) onto the reference grid with a saved "
+                       "displacement, or maps world points (CSV x,y,z in mm) from the reference to the moving image.",
+                       epilog="example: crd-jax apply --disp out/disp.nii.gz --reference F.nii.gz --image M_seg.nii.gz "
+                       "--labels --interpolation onehot --out M_seg_warped.nii.gz")
+    a.add_argument("--disp", required=True, help="displacement written by crd-jax register (voxel, ITK or Learn2Reg format)")
+    a.add_argument("--disp-format", choices=("auto", "voxel", "itk", "learn2reg"), default="auto")
+    a.add_argument("--reference", required=True, help="the fixed image the displacement belongs to")
+    a.add_argument("--image", help="image or label map to warp (any grid; placed through its affine)")
+    a.add_argument("--labels", action="store_true", help="the image is a label map")
+    a.add_argument("--interpolation", choices=("linear", "bspline", "nearest", "onehot"), default="linear",
+                   help="images: linear (default), bspline (cubic) or nearest; label maps: nearest or onehot")
+    a.add_argument("--points", help="CSV of world coordinates x,y,z (mm) in the reference, mapped into the moving image")
+    a.add_argument("--out", required=True, help="the NIfTI (or CSV for --points) to write")
+    a.add_argument("--overwrite", action="store_true")
+    a.set_defaults(func=cmd_apply)
 
     mo = sub.add_parser("models", help="list the models shipped with crd-jax")
     mo.set_defaults(func=cmd_models)

@@ -116,3 +116,34 @@ def world_gap(a: Volume, b: Volume) -> float:
     (alo, ahi), (blo, bhi) = world_box(a), world_box(b)
     separation = np.maximum(0.0, np.maximum(alo, blo) - np.minimum(ahi, bhi))
     return float(np.linalg.norm(separation))
+
+
+def read_displacement(path, reference: Volume, fmt: str = "auto") -> np.ndarray:
+    """A saved displacement as ``(*reference grid, 3)`` voxels of the reference. ``fmt``: ``voxel`` (ours),
+    ``itk`` (ANTs/ITK/Slicer, mm LPS), ``learn2reg`` (``.npz`` at half size), or ``auto`` from the name."""
+    import nibabel as nib
+
+    from crd_jax.errors import InputError
+
+    name = str(path)
+    if fmt == "auto":
+        fmt = "learn2reg" if name.endswith(".npz") else "itk" if name.endswith(("_itk.nii.gz", "_itk.nii")) else "voxel"
+    try:
+        if fmt == "learn2reg":
+            with np.load(name) as f:
+                key = "arr_0" if "arr_0" in f else next(iter(f.keys()))
+                field = from_learn2reg(f[key], reference.data.shape)
+        else:
+            raw = np.asarray(nib.load(name).dataobj, np.float32)
+            field = from_itk(raw, reference.affine) if fmt == "itk" else raw
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(path, f"unreadable displacement ({type(exc).__name__}: {exc})") from None
+    want = (*reference.data.shape, reference.data.ndim)
+    if field.shape != want:
+        raise InputError(path, f"displacement of shape {field.shape} does not fit the reference grid {want} ({fmt} format)")
+    bad = int((~np.isfinite(field)).sum())
+    if bad:
+        raise InputError(path, f"displacement holds {bad} NaN/Inf values")
+    return field.astype(np.float32)
