@@ -53,6 +53,10 @@ def main():
         ev = json.loads((folder / "eval.json").read_text())
         full = report["models"].get(stage, {}).get("full", {}).get("dice")
         spec.pop("format_version", None)
+        # models trained before the geometry record existed: the training data's orientation and voxel size
+        spec.setdefault("preprocessing", {}).setdefault("geometry", {
+            "orientation": "".join(nib.aff2axcodes(header.affine)),
+            "spacing": [float(z) for z in header.header.get_zooms()[:3]], "stored_shape": list(stored)})
         spec["shipped"] = {
             "trained_on": "LPBA40 S11-S34 (24 subjects; skull-stripped T1 in [0, 1], affinely aligned, 1 mm)",
             "validated_on": f"LPBA40 S35-S40, {ev['num_pairs']} ordered pairs, 56 structures",

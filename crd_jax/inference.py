@@ -117,3 +117,46 @@ def register_arrays(model, params, preprocessing: Mapping, multiple: int, fixed:
     if moving_seg is not None:
         result["warped_seg"] = warp_labels(moving_seg, disp)
     return result, prepared
+
+
+@functools.lru_cache(maxsize=16)
+def _instance_optimiser(model, steps: int, learning_rate: float, reg_weight: float, window: int):
+    import optax
+
+    from crd_jax.ops.spatial import upsample_field
+    from crd_jax.registration_loss import registration_loss
+
+    opt = optax.adam(learning_rate)
+
+    def run(params, m, f):
+        out = model.apply(params, m, f)
+        low = jax.lax.stop_gradient(out.get("disp_low", out["disp"]))
+        factor = m.shape[1] // low.shape[1]
+
+        def loss(w):
+            disp = upsample_field(w, factor) if factor > 1 else w
+            return registration_loss(m, f, disp, reg_weight, window)[0]
+
+        def body(_, carry):
+            w, state = carry
+            grads = jax.grad(loss)(w)
+            updates, state = opt.update(grads, state, w)
+            return optax.apply_updates(w, updates), state
+
+        before = loss(low)
+        w, _ = jax.lax.fori_loop(0, steps, body, (low, opt.init(low)))
+        after = loss(w)
+        return (upsample_field(w, factor) if factor > 1 else w), before, after
+
+    return jax.jit(run)
+
+
+def instance_optimise(model, params, prepared: Prepared, steps: int, learning_rate: float = 0.05,
+                      reg_weight: float = 1.0, window: int = 9):
+    """Fine-tunes the predicted field for this pair (``steps`` of Adam on eq. 3, NCC + lambda * grad),
+    starting from the network's prediction. The free variable is the field on the network's own grid
+    (``phi^L`` for a low-resolution model), so a step costs a warp at the canvas and no network pass.
+    Returns ``(disp on the canvas, loss before, loss after)``."""
+    disp, before, after = _instance_optimiser(model, int(steps), float(learning_rate), float(reg_weight), int(window))(
+        params, prepared.moving, prepared.fixed)
+    return disp, float(before), float(after)

@@ -115,3 +115,24 @@ def test_apply_and_register_outputs_through_the_command(tmp_path, capsys):
     assert cli.main(["apply", "--disp", str(tmp_path / "out" / "disp.nii.gz"), "--reference", str(f), "--points", str(pts),
                      "--out", str(tmp_path / "moved.csv")]) == 0
     assert len((tmp_path / "moved.csv").read_text().splitlines()) == 3
+
+
+def test_instance_optimisation_lowers_the_pair_loss_and_zero_steps_change_nothing(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from crd_jax import inference
+    from crd_jax.models import Registrar, VoxelMorph
+
+    shape = (32, 32, 32)
+    fixed = _image(shape, 0)
+    moving = np.asarray(warp(jnp.asarray(fixed)[None, ..., None], jnp.asarray(_field(shape, 2.0, 5))[None]))[0, ..., 0]
+    model = Registrar(VoxelMorph(), factor=2)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape, 1)), jnp.zeros((1, *shape, 1)))
+    prepared = inference.prepare({}, 32, fixed, moving)
+    start = np.asarray(inference.predict(model, params, prepared.moving, prepared.fixed))
+    same, b0, a0 = inference.instance_optimise(model, params, prepared, 0)
+    np.testing.assert_allclose(np.asarray(same), start, atol=1e-6)
+    assert a0 == pytest.approx(b0)
+    _, before, after = inference.instance_optimise(model, params, prepared, 30)
+    assert after < before - 0.01

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crd_jax.data.io import Volume, load_image, load_labels
-from crd_jax import inference
+from crd_jax import geometry, inference
 from crd_jax.errors import InputError
 from crd_jax.interop.formats import onto_grid, same_grid, world_gap
 from crd_jax.models.build import model_from_spec
@@ -102,7 +102,7 @@ def _check_finite(name: str, array: np.ndarray, model_path) -> None:
 
 
 def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_seg: Optional[Volume] = None,
-                     normalize_mode: str = "model"):
+                     normalize_mode: str = "model", io_steps: int = 0):
     """``(result, notes)``: ``result`` has ``disp`` (fixed grid, voxels), ``warped`` and ``warped_seg``.
 
     ``normalize_mode``: ``model`` (what the model was trained with) or a :func:`normalize` mode."""
@@ -120,15 +120,33 @@ def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_
             f"moving image resampled onto the fixed grid (shape {moving.data.shape} -> {fixed.data.shape}, "
             f"spacing {tuple(round(s, 3) for s in moving.spacing)} -> {tuple(round(s, 3) for s in fixed.spacing)})"
         )
-    pre = loaded.spec.get("preprocessing", {})
-    f_in, m_in, mode = inference.normalize_inputs(pre, fixed.data, moving_data, normalize_mode)
+    pre = dict(loaded.spec.get("preprocessing", {}))
+    record = pre.get("geometry")
+    fixed_net, moving_net, transform = fixed.data, moving_data, None
+    if record and fixed.data.ndim == 3:
+        # the model's own space: its orientation (axes permuted/flipped, no resampling) and its voxel size
+        fixed_m, transform = geometry.to_model_space(fixed, record["orientation"])
+        moving_net = geometry.to_model_space(Volume(moving_data, fixed.affine), record["orientation"])[0].data
+        fixed_net = fixed_m.data
+        pre["resample_shape"] = list(geometry.model_work_shape(fixed_m, geometry.model_voxel_size(record, loaded.spec["preprocessing"])))
+        codes = geometry.axis_codes(fixed.affine)
+        if codes != record["orientation"]:
+            notes.append(f"reoriented {codes} -> {record['orientation']} (the model's orientation), result mapped back")
+    f_in, m_in, mode = inference.normalize_inputs(pre, fixed_net, moving_net, normalize_mode)
     _check_intensities(loaded, f_in, fixed.path, mode)
     _check_intensities(loaded, m_in, moving.path, mode)
     prepared = inference.prepare(pre, inference.canvas_multiple(loaded.spec), f_in, m_in)
     notes += prepared.notes
-    disp_canvas = np.asarray(inference.predict(loaded.model, loaded.params, prepared.moving, prepared.fixed))
+    if io_steps > 0:
+        disp_canvas, before, after = inference.instance_optimise(loaded.model, loaded.params, prepared, io_steps)
+        disp_canvas = np.asarray(disp_canvas)
+        notes.append(f"instance optimisation: {io_steps} steps, loss {before:.4f} -> {after:.4f}")
+    else:
+        disp_canvas = np.asarray(inference.predict(loaded.model, loaded.params, prepared.moving, prepared.fixed))
     _check_finite("displacement", disp_canvas, loaded.path)
     disp = inference.map_back(prepared, disp_canvas)
+    if transform is not None:
+        disp = geometry.field_to_original(disp, transform, fixed.data.shape)
     warped = inference.warp_image(moving_data, disp)
     _check_finite("warped image", warped, loaded.path)
     result = {"disp": disp, "warped": warped}

@@ -54,9 +54,17 @@ def _stage_steps(config, st) -> int:
 
 def _preprocessing_spec(config, dataset, multiple: int) -> Dict:
     """How inputs must be prepared for the model (saved with it, used by ``crd-jax register``)."""
+    from crd_jax.geometry import geometry_of
+
     d = config.data
     sample = np.concatenate([np.ravel(dataset.image(i)) for i in range(min(4, len(dataset)))])
+    try:
+        record = geometry_of(dataset.volume(0)) if len(dataset.shape) == 3 and d.kind != "synthetic" else None
+    except (AttributeError, InputError):
+        record = None
     return {
+        # orientation, voxel size and stored shape of the training data: register maps inputs into this space
+        **({"geometry": record} if record else {}),
         # what inputs looked like in training: ``crd-jax register`` refuses images far from it
         "intensity": {"p1": float(np.percentile(sample, 1)), "p99": float(np.percentile(sample, 99)),
                       "max": float(sample.max())},

@@ -1,0 +1,75 @@
+"""The model's own space: orientation and voxel size.
+
+A model records the orientation (axis codes, e.g. ``LPS``) and voxel size of the data it was trained on, and
+the grid its network sees. :func:`to_model_space` reorients a volume to the model's orientation (a
+permutation and flips of the array axes, no resampling: nibabel's orientation tools), and
+:func:`model_work_shape` gives the shape that samples the volume's field of view at the model's voxel size.
+:func:`field_to_original` maps a displacement computed in the reoriented grid back onto the original one
+(array axes and vector components alike).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence, Tuple
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations as ornt
+
+from crd_jax.data.io import Volume
+
+
+def axis_codes(affine: np.ndarray) -> str:
+    return "".join(nib.aff2axcodes(affine))
+
+
+def to_model_space(volume: Volume, codes: str):
+    """``(reoriented volume, transform)``: the volume's axes permuted and flipped so that its orientation is
+    ``codes``; the world positions of all voxels are unchanged (the affine follows)."""
+    start = ornt.io_orientation(volume.affine)
+    end = ornt.axcodes2ornt(tuple(codes))
+    transform = ornt.ornt_transform(start, end)
+    data = ornt.apply_orientation(volume.data, transform)
+    affine = volume.affine @ ornt.inv_ornt_aff(transform, volume.data.shape)
+    return Volume(np.ascontiguousarray(data), affine, None, volume.path), transform
+
+
+def field_to_original(disp: np.ndarray, transform: np.ndarray, original_shape: Sequence[int]) -> np.ndarray:
+    """A ``(*reoriented, 3)`` voxel displacement -> ``(*original, 3)`` in the original voxels."""
+    # original voxel x relates to reoriented voxel y by x = M y + c, with M = inv_ornt_aff(transform)[:3, :3]
+    m = ornt.inv_ornt_aff(transform, tuple(original_shape))[:3, :3]
+    undo = _inverse_transform(transform)
+    arr = np.stack([ornt.apply_orientation(disp[..., i], undo) for i in range(disp.shape[-1])], -1)
+    return np.einsum("ij,...j->...i", m, arr).astype(np.float32)
+
+
+def _inverse_transform(transform: np.ndarray) -> np.ndarray:
+    """The orientation transform that undoes ``transform`` (``apply_orientation`` semantics)."""
+    inverse = np.zeros_like(transform)
+    for in_axis, (out_axis, flip) in enumerate(transform):
+        inverse[int(out_axis)] = [in_axis, flip]
+    return inverse
+
+
+def model_voxel_size(geometry: Mapping, preprocessing: Mapping) -> Tuple[float, ...]:
+    """The voxel size (mm) of the grid the network saw in training."""
+    spacing = np.asarray(geometry["spacing"], np.float64)
+    stored = np.asarray(geometry["stored_shape"], np.float64)
+    resample = preprocessing.get("resample_shape") or []
+    if len(resample):
+        spacing = spacing * stored / np.asarray(resample, np.float64)
+    return tuple(float(s) for s in spacing)
+
+
+def model_work_shape(volume: Volume, voxel: Sequence[float]) -> Tuple[int, ...]:
+    """The shape that covers the volume's field of view at the model's voxel size."""
+    fov = np.asarray(volume.data.shape) * np.asarray(volume.spacing)
+    return tuple(int(max(1, round(f / v))) for f, v in zip(fov, voxel))
+
+
+def geometry_of(volume: Optional[Volume]) -> Optional[dict]:
+    """What a model records of its training data's geometry (``None`` for data without an affine)."""
+    if volume is None or volume.data.ndim != 3:
+        return None
+    return {"orientation": axis_codes(volume.affine), "spacing": [round(s, 6) for s in volume.spacing],
+            "stored_shape": list(volume.data.shape)}
