@@ -35,6 +35,7 @@ def main():
     import nibabel as nib
 
     from crd_jax.model_io import load_model, save_model
+    from crd_jax.models.build import spec_architecture
 
     config = json.loads((args.workdir / "config.json").read_text())
     report_path = HERE / "results" / "reproduce_3d_ll.json"
@@ -52,6 +53,7 @@ def main():
         params, spec = load_model(folder / "model")
         ev = json.loads((folder / "eval.json").read_text())
         full = report["models"].get(stage, {}).get("full", {}).get("dice")
+        spec["architecture"] = spec_architecture(spec)  # format-1 folders list every backbone's fields
         spec.pop("format_version", None)
         # models trained before the geometry record existed: the training data's orientation and voxel size
         spec.setdefault("preprocessing", {}).setdefault("geometry", {

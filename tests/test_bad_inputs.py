@@ -3,7 +3,6 @@ Ctrl-C), print exactly one line that names the file (or value) and the problem, 
 leave the file system exactly as it was (a snapshot of the test's folder, before == after)."""
 
 import errno
-import gzip
 import hashlib
 import os
 import subprocess
@@ -12,7 +11,6 @@ import threading
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
@@ -20,8 +18,7 @@ from scipy import ndimage
 
 from crd_jax.cli import main as cli
 from crd_jax.data import io as dio
-from crd_jax.interop import official
-from crd_jax.models.build import model_from_spec
+from model_folders import make_model_folder
 from crd_jax.model_io import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,16 +37,8 @@ def _nifti(path, data, affine=None):
 
 
 def _model(path, normalize="minmax", p99=None):
-    arch = official.ARCHITECTURE | {"fusion": "paper", "teacher_align_corners": False}
-    pre = {"normalize": normalize, "percentiles": [0.5, 99.5], "resample_shape": [], "multiple": 32, "ndim": 3}
-    if p99 is not None:
-        pre["intensity"] = {"p1": 0.0, "p99": p99, "max": 1.0}
-    spec = {"kind": "registrar", "factor": 2, "architecture": arch, "label": "VM-L (test)", "stage": "test", "preprocessing": pre}
-    model = model_from_spec(spec)
-    x = jnp.zeros((1, *SHAPE, 1))
-    params = model.init(jax.random.PRNGKey(0), x, x)
-    save_model(path, params, spec)
-    return path, params, spec
+    extra = {"intensity": {"p1": 0.0, "p99": p99, "max": 1.0}} if p99 is not None else {}
+    return make_model_folder(path, SHAPE[0], normalize, **extra)
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@ warped labels in world space (issue 15, item 2)."""
 
 import itertools
 
-import jax
-import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
@@ -12,11 +10,9 @@ import pytest
 from crd_jax import geometry
 from crd_jax.cli import main as cli
 from crd_jax.data.io import Volume
-from crd_jax.interop import official
 from crd_jax.interop.formats import onto_grid
 from crd_jax.metrics import dice
-from crd_jax.model_io import save_model
-from crd_jax.models.build import model_from_spec
+from model_folders import make_model_folder
 
 SIDE = 32  # 1 mm voxels, RAS: the model's training space
 
@@ -25,18 +21,9 @@ SIDE = 32  # 1 mm voxels, RAS: the model's training space
 def shift_model(tmp_path_factory):
     """A VM-L whose output is the constant (2, -2, 4) mm in its own RAS 1 mm space (a multiple of 2 mm, so
     that 1 mm and 2 mm grids represent the result exactly)."""
-    arch = official.ARCHITECTURE | {"fusion": "paper", "teacher_align_corners": False}
-    geometry_record = {"orientation": "RAS", "spacing": [1.0, 1.0, 1.0], "stored_shape": [SIDE] * 3}
-    spec = {"kind": "registrar", "factor": 2, "architecture": arch, "label": "shift", "stage": "test",
-            "preprocessing": {"normalize": "minmax", "percentiles": [0.5, 99.5], "resample_shape": [], "multiple": 32,
-                              "ndim": 3, "geometry": geometry_record}}
-    model = model_from_spec(spec)
-    x = jnp.zeros((1, SIDE, SIDE, SIDE, 1))
-    params = model.init(jax.random.PRNGKey(0), x, x)
-    params["flow"]["conv"]["kernel"] = jnp.zeros_like(params["flow"]["conv"]["kernel"])
-    params["flow"]["conv"]["bias"] = jnp.asarray([1.0, -1.0, 2.0])  # on the half-size grid: times 2
-    path = tmp_path_factory.mktemp("geom") / "shift"
-    save_model(path, params, spec)
+    record = {"orientation": "RAS", "spacing": [1.0, 1.0, 1.0], "stored_shape": [SIDE] * 3}
+    path, _, _ = make_model_folder(tmp_path_factory.mktemp("geom") / "shift", SIDE, bias=[1.0, -1.0, 2.0], label="shift",
+                                   geometry=record)
     return path
 
 

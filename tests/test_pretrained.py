@@ -1,7 +1,5 @@
 """Shipped models by name: resolution, the default, the listing, and `crd-jax register --model NAME`."""
 
-import jax
-import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
@@ -10,20 +8,18 @@ from scipy import ndimage
 from crd_jax import pretrained
 from crd_jax.cli import main as cli
 from crd_jax.errors import InputError
-from crd_jax.interop import official
-from crd_jax.models.build import model_from_spec
-from crd_jax.model_io import save_model
+from model_folders import make_model_folder
 
 
 def _ship(root, name, label):
-    arch = official.ARCHITECTURE | {"fusion": "paper", "teacher_align_corners": False}
-    spec = {"kind": "registrar", "factor": 2, "architecture": arch, "label": label, "stage": "test",
-            "preprocessing": {"normalize": "minmax", "percentiles": [0.5, 99.5], "resample_shape": [], "multiple": 32, "ndim": 3},
-            "shipped": {"trained_on": "test data", "grid": [32, 32, 32], "voxel_size_mm": [1, 1, 1], "orientation": "RAS",
-                        "val_dice_grid": 0.5, "val_dice_1mm": 0.6, "validated_on": "nothing"}}
-    model = model_from_spec(spec)
-    x = jnp.zeros((1, 32, 32, 32, 1))
-    save_model(root / name, model.init(jax.random.PRNGKey(0), x, x), spec)
+    make_model_folder(root / name, label=label)
+    spec_path = root / name / "model.json"
+    import json
+
+    spec = json.loads(spec_path.read_text())
+    spec["shipped"] = {"trained_on": "test data", "grid": [32, 32, 32], "voxel_size_mm": [1, 1, 1], "orientation": "RAS",
+                       "val_dice_grid": 0.5, "val_dice_1mm": 0.6, "validated_on": "nothing"}
+    spec_path.write_text(json.dumps(spec))
 
 
 def test_resolve_names_paths_and_the_default(tmp_path):
