@@ -61,7 +61,7 @@ def fit_pair(
     @jax.jit
     def step(params, state, m, f):
         def loss_fn(p):
-            return registration_loss(m, f, model.apply(p, m, f)["disp"], reg_weight)[0]
+            return registration_loss(m, f, model.apply(p, m, f).disp, reg_weight)[0]
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, state = opt.update(grads, state, params)

@@ -75,7 +75,7 @@ def prepare(preprocessing: Mapping, multiple: int, fixed: np.ndarray, moving: np
 @functools.lru_cache(maxsize=16)
 def predictor(model):
     """The model's jitted ``(params, moving, fixed) -> disp`` (one per model object)."""
-    return jax.jit(lambda p, m, f: model.apply(p, m, f)["disp"])
+    return jax.jit(lambda p, m, f: model.apply(p, m, f).disp)
 
 
 def predict(model, params, moving: jax.Array, fixed: jax.Array) -> jax.Array:
@@ -130,7 +130,7 @@ def _instance_optimiser(model, steps: int, learning_rate: float, reg_weight: flo
 
     def run(params, m, f):
         out = model.apply(params, m, f)
-        low = jax.lax.stop_gradient(out.get("disp_low", out["disp"]))
+        low = jax.lax.stop_gradient(out.disp if out.disp_low is None else out.disp_low)
         factor = m.shape[1] // low.shape[1]
 
         def loss(w):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from crd_jax import losses
 from crd_jax.models import backbones
 from crd_jax.models.layers import Conv, concat, upsample_nearest
+from crd_jax.models.output import ModelOutput
 from crd_jax.models.teacher import FusionHead
 from crd_jax.models.voxelmorph import FlowHead
 from crd_jax.training import distill
@@ -19,7 +20,7 @@ from crd_jax.training import distill
 
 
 class TwoLevelUNet(nn.Module):
-    """``(moving, fixed) -> {"disp", "features": {0: F_0, 1: F_1}}``: one stride-2 level."""
+    """``(moving, fixed) -> ModelOutput(disp, features={0: F_0, 1: F_1})``: one stride-2 level."""
 
     channels: Tuple[int, int] = (8, 16)
     negative_slope: float = 0.2
@@ -32,7 +33,7 @@ class TwoLevelUNet(nn.Module):
         f1 = Conv(self.channels[1], negative_slope=self.negative_slope, name="dec_1")(e1)
         f0 = Conv(self.channels[0], negative_slope=self.negative_slope, name="dec_0")(
             concat([upsample_nearest(f1, e0.shape[1:-1]), e0]))
-        return {"disp": FlowHead(name="flow")(f0), "features": {0: f0, 1: f1}}
+        return ModelOutput(disp=FlowHead(name="flow")(f0), features={0: f0, 1: f1})
 
 
 def _build(arch, name=None):

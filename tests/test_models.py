@@ -108,3 +108,19 @@ def test_gradients_reach_every_parameter(shape, diff):
         g = np.asarray(g)
         assert np.all(np.isfinite(g)), path
         assert np.any(g != 0), path
+
+
+def test_model_output_is_a_typed_pytree_with_the_old_mapping_view():
+    from crd_jax.models.output import ModelOutput, as_output
+
+    out = ModelOutput(disp=jnp.ones((1, 4, 4, 2)), features={0: jnp.zeros((1, 4, 4, 3))})
+    leaves = jax.tree_util.tree_leaves(out)
+    assert len(leaves) == 2  # disp and one feature level; the None fields are empty subtrees
+    doubled = jax.tree_util.tree_map(lambda x: 2 * x, out)
+    assert isinstance(doubled, ModelOutput) and float(doubled.disp.sum()) == 32.0
+    assert "disp" in out and "fields" not in out and out["features"][0].shape == (1, 4, 4, 3)
+    with pytest.raises(KeyError):
+        out["velocity"]
+    legacy = as_output({"disp": out.disp, "matrix": jnp.eye(2)})
+    assert legacy.extras["matrix"].shape == (2, 2) and legacy["matrix"].shape == (2, 2)
+    assert jax.jit(lambda o: o.replace(disp_low=o.disp[:, ::2, ::2]))(out).disp_low.shape == (1, 2, 2, 2)

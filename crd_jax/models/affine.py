@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from crd_jax.models.layers import Conv, concat
+from crd_jax.models.output import ModelOutput, as_output
 from crd_jax.ops.spatial import compose, identity_grid, warp
 
 
@@ -43,7 +44,7 @@ class AffineNet(nn.Module):
         # Translation in units of the image size, so one learning rate suits any resolution.
         translation = out[:, ndim * ndim :] * jnp.asarray(moving.shape[1:-1], jnp.float32)
         disp = affine_field(matrix, translation, moving.shape[1:-1])
-        return {"disp": disp, "matrix": matrix + jnp.eye(ndim), "translation": translation, "features": {}}
+        return ModelOutput(disp=disp, extras={"matrix": matrix + jnp.eye(ndim), "translation": translation})
 
 
 class AffineThenDeformable(nn.Module):
@@ -59,8 +60,7 @@ class AffineThenDeformable(nn.Module):
     @nn.compact
     def __call__(self, moving: jax.Array, fixed: jax.Array) -> Dict:
         a = self.affine(moving, fixed)
-        out = dict(self.deformable(warp(moving, a["disp"]), fixed))
-        out["deformable_disp"] = out["disp"]
-        out["disp"] = compose(a["disp"], out["disp"])
-        out["affine_disp"] = a["disp"]
+        out = as_output(self.deformable(warp(moving, a.disp), fixed))
+        out = out.replace(disp=compose(a.disp, out.disp),
+                          extras={**out.extras, "deformable_disp": out.disp, "affine_disp": a.disp})
         return out

@@ -12,6 +12,7 @@ from typing import Callable, Dict
 import flax.linen as nn
 import jax
 
+from crd_jax.models.output import as_output
 from crd_jax.ops.spatial import compose, warp
 
 
@@ -24,7 +25,6 @@ class Cascade(nn.Module):
         total, out = None, None
         for i in range(self.count):
             current = moving if total is None else warp(moving, total)
-            out = dict(self.make_backbone(f"cascade_{i}")(current, fixed))
-            total = out["disp"] if total is None else compose(total, out["disp"])
-        out["disp"] = total
-        return out
+            out = as_output(self.make_backbone(f"cascade_{i}")(current, fixed))
+            total = out.disp if total is None else compose(total, out.disp)
+        return out.replace(disp=total)

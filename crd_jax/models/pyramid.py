@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crd_jax.models.layers import Conv, concat
+from crd_jax.models.output import ModelOutput
 from crd_jax.models.voxelmorph import FlowHead, encoder_levels
 from crd_jax.ops.spatial import compose, integrate_velocity, resize_field, warp
 
@@ -81,7 +82,7 @@ class PyramidEstimator(nn.Module):
                 delta = self._residual(concat([warp(moving, up), fixed]), lev)
                 phi = compose(up, delta)
             fields[lev] = phi
-        return {"disp": fields[min(levels)], "fields": fields}
+        return ModelOutput(disp=fields[min(levels)], fields=fields)
 
 
 class Pyramid(nn.Module):
@@ -103,7 +104,7 @@ class Pyramid(nn.Module):
         em, ef = encode(moving), encode(fixed)  # one module called twice: shared weights
         features = {lev: concat([em[lev], ef[lev]]) for lev in em}
         out = PyramidEstimator(self.estimator, self.negative_slope, self.diffeomorphic, self.int_steps, name="estimator")(features)
-        out["features"] = features
+        out = out.replace(features=features)
         return out
 
 

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 
 from crd_jax.compile import run_once
+from crd_jax.models.output import ModelOutput, as_output
 from crd_jax.ops.spatial import resize, upsample_field
 
 
@@ -52,10 +53,8 @@ class Registrar:
         m, f = downsample_pair(moving, fixed, self.factor)
         return run_once(lambda k, m, f: self.backbone.init(k, m, f)["params"], key, m, f)
 
-    def apply(self, params, moving: jax.Array, fixed: jax.Array) -> Dict:
+    def apply(self, params, moving: jax.Array, fixed: jax.Array) -> ModelOutput:
         m, f = downsample_pair(moving, fixed, self.factor)
-        out = dict(self.backbone.apply({"params": params}, m, f))
-        low = out["disp"]
-        out["disp_low"] = low
-        out["disp"] = upsample_field(low, self.factor) if self.factor > 1 else low
-        return out
+        out = as_output(self.backbone.apply({"params": params}, m, f))
+        low = out.disp
+        return out.replace(disp_low=low, disp=upsample_field(low, self.factor) if self.factor > 1 else low)

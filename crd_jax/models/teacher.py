@@ -24,6 +24,7 @@ import jax
 from crd_jax.compile import run_once
 from crd_jax.models.layers import Conv, concat, upsample_nearest
 from crd_jax.models.registrar import downsample_pair
+from crd_jax.models.output import ModelOutput, as_output
 from crd_jax.models.pyramid import PyramidEstimator
 from crd_jax.models.voxelmorph import FlowHead
 from crd_jax.ops.spatial import downsample_field, integrate_velocity, resize, resize_field, upsample_field
@@ -91,12 +92,9 @@ class FusionHead(nn.Module):
             for m, c in enumerate(channels[lev]):
                 h = Conv(c, negative_slope=self.negative_slope, name=f"dec_{lev}_{m}")(h)
         flow = FlowHead(name="flow")(h)
-        out = {"features": fused}
         if self.diffeomorphic:
-            out.update(disp=integrate_velocity(flow, self.int_steps), velocity=flow)
-        else:
-            out["disp"] = flow
-        return out
+            return ModelOutput(disp=integrate_velocity(flow, self.int_steps), velocity=flow, features=fused)
+        return ModelOutput(disp=flow, features=fused)
 
 
 class PyramidFusionHead(nn.Module):
@@ -114,8 +112,7 @@ class PyramidFusionHead(nn.Module):
     def __call__(self, high: Dict[int, jax.Array], low: Dict[int, jax.Array]) -> Dict:
         fused = fuse_shifted(high, low, self.shift, self.negative_slope)
         out = PyramidEstimator(self.estimator, self.negative_slope, self.diffeomorphic, self.int_steps, name="estimator")(fused)
-        out["features"] = fused
-        return out
+        return out.replace(features=fused)
 
 
 class OfficialFusionHead(nn.Module):
@@ -130,6 +127,7 @@ class OfficialFusionHead(nn.Module):
 
     channels: Tuple[int, ...] = (32, 32, 32, 32, 16)  # fuse5 .. fuse1
     negative_slope: float = 0.2
+    full_resolution = True  # predicts phi^T at the high resolution (the other heads: on the student's grid)
 
     @nn.compact
     def __call__(self, high: Dict[int, jax.Array], low: Dict[int, jax.Array]) -> Dict:
@@ -146,7 +144,7 @@ class OfficialFusionHead(nn.Module):
             features[lev - 1] = h
         up = resize(h, high[0].shape[1:-1], align_corners=True)
         h = Conv(self.channels[-1], negative_slope=self.negative_slope, name="fuse_0")(concat([up, high[0]]))
-        return {"disp": FlowHead(name="flow")(h), "features": features}
+        return ModelOutput(disp=FlowHead(name="flow")(h), features=features)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,9 +167,9 @@ class Teacher:
 
     def backbone_features(self, backbone_params, moving, fixed):
         """``(F^H, F^L)``: the backbone's decoder features at both resolutions."""
-        high = self.backbone.apply({"params": backbone_params}, moving, fixed)["features"]
+        high = as_output(self.backbone.apply({"params": backbone_params}, moving, fixed)).features
         m, f = downsample_pair(moving, fixed, self.factor, self.align_corners)
-        low = self.backbone.apply({"params": backbone_params}, m, f)["features"]
+        low = as_output(self.backbone.apply({"params": backbone_params}, m, f)).features
         return high, low
 
     def init_head(self, key, backbone_params, moving, fixed):
@@ -183,13 +181,10 @@ class Teacher:
 
     def apply(self, params, moving, fixed, backbone_features: Optional[tuple] = None) -> Dict:
         high, low = backbone_features or self.backbone_features(params["backbone"], moving, fixed)
-        out = dict(self.head.apply({"params": params["head"]}, high, low))
-        if out["disp"].shape[1:-1] == moving.shape[1:-1]:  # a head that predicts at full size (official)
-            out["disp_low"] = downsample_field(out["disp"], self.factor)
-        else:
-            out["disp_low"] = out["disp"]
-            out["disp"] = upsample_field(out["disp_low"], self.factor)
-        return out
+        out = as_output(self.head.apply({"params": params["head"]}, high, low))
+        if getattr(self.head, "full_resolution", False):
+            return out.replace(disp_low=downsample_field(out.disp, self.factor))
+        return out.replace(disp_low=out.disp, disp=upsample_field(out.disp, self.factor))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,9 +205,10 @@ class ResampledTeacher:
             raise ValueError(f"teacher_features must be 'none' or 'downsample', got {self.features!r}")
         out = self.registrar.apply(params, moving, fixed)
         low = tuple(s // self.student_factor for s in moving.shape[1:-1])
-        result = {"disp": out["disp"], "disp_low": resize_field(out["disp_low"], low), "features": {}}
-        if "fields" in out:
-            result["fields"] = {l: resize_field(v, tuple(s // 2**l for s in low)) for l, v in out["fields"].items()}
+        fields = None
+        if out.fields is not None:
+            fields = {l: resize_field(v, tuple(s // 2**l for s in low)) for l, v in out.fields.items()}
+        features = {}
         if self.features == "downsample":
-            result["features"] = {l: resize(v, tuple(s // 2**l for s in low)) for l, v in out["features"].items()}
-        return result
+            features = {l: resize(v, tuple(s // 2**l for s in low)) for l, v in out.features.items()}
+        return ModelOutput(disp=out.disp, disp_low=resize_field(out.disp_low, low), fields=fields, features=features)

@@ -17,8 +17,9 @@ The architecture is data: channel lists come from the config, so VM, VM-light, V
 * Every conv is 3^d, padding 1, LeakyReLU(0.2); the flow head is a 3^d conv to ``ndim`` channels,
   initialised near zero.
 
-Output: ``{"disp": u, "features": {l: F_l}}`` where ``F_l`` is the last decoder feature of level ``l``
-(the paper's decoder features, Section III-A), plus ``"velocity"`` for the diffeomorphic variant.
+Output: a :class:`~crd_jax.models.output.ModelOutput` with ``disp`` and ``features`` ``{l: F_l}``, the last
+decoder feature of level ``l`` (the paper's decoder features, Section III-A), plus ``velocity`` for the
+diffeomorphic variant.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import jax
 import numpy as np
 
 from crd_jax.models.layers import Conv, concat, flow_kernel_init, upsample_nearest
+from crd_jax.models.output import ModelOutput
 from crd_jax.ops.spatial import integrate_velocity
 
 VM_ENCODER = (16, 32, 32, 32)
@@ -122,5 +124,5 @@ class VoxelMorph(nn.Module):
         features = unet(concat([moving, fixed]))
         flow = FlowHead(name="flow")(features[0])
         if not self.diffeomorphic:
-            return {"disp": flow, "features": features}
-        return {"disp": integrate_velocity(flow, self.int_steps), "velocity": flow, "features": features}
+            return ModelOutput(disp=flow, features=features)
+        return ModelOutput(disp=integrate_velocity(flow, self.int_steps), velocity=flow, features=features)

@@ -14,7 +14,7 @@ def make_loss(model: Registrar, reg_weight: float = 1.0, window: int = 9):
     def loss_fn(params, frozen, batch):
         del frozen  # a baseline has no frozen model
         out = model.apply(params, batch["moving"], batch["fixed"])
-        loss, terms = registration_loss(batch["moving"], batch["fixed"], out["disp"], reg_weight, window)
+        loss, terms = registration_loss(batch["moving"], batch["fixed"], out.disp, reg_weight, window)
         return loss, terms
 
     return loss_fn

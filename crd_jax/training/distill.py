@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from crd_jax import losses
+from crd_jax.models.output import ModelOutput
 from crd_jax.models.registrar import Registrar
 from crd_jax.registration_loss import registration_loss
 
@@ -58,11 +59,20 @@ def deformation_loss(teacher_out, student_out, grid: str = "student"):
     """
     if grid not in DEFORMATION_GRIDS:
         raise ValueError(f"deformation grid must be one of {DEFORMATION_GRIDS}, got {grid!r}")
-    if "fields" in teacher_out and "fields" in student_out:
-        return sum(losses.mse(teacher_out["fields"][l], student_out["fields"][l]) for l in teacher_out["fields"])
+    t, s = as_output_like(teacher_out), as_output_like(student_out)
+    if t.fields is not None and s.fields is not None:
+        return sum(losses.mse(t.fields[l], s.fields[l]) for l in t.fields)
     if grid == "full":
-        return losses.mse(teacher_out["disp"], student_out["disp"])
-    return losses.mse(teacher_out["disp_low"], student_out["disp_low"])
+        return losses.mse(t.disp, s.disp)
+    return losses.mse(t.disp_low, s.disp_low)
+
+
+def as_output_like(out) -> ModelOutput:
+    """Model outputs, or mappings with their keys (tests and forks build those by hand)."""
+    if isinstance(out, ModelOutput):
+        return out
+    return ModelOutput(disp=out.get("disp"), disp_low=out.get("disp_low"), fields=out.get("fields"),
+                       features=out.get("features", {}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +106,7 @@ class Feature(DistillTerm):
     name: ClassVar[str] = "feature"
 
     def value(self, t, s):
-        return feature_loss(t["features"], s["features"], self.target)
+        return feature_loss(as_output_like(t).features, as_output_like(s).features, self.target)
 
 
 TERMS: Dict[str, Type[DistillTerm]] = {}
@@ -129,7 +139,7 @@ def terms_from_config(loss_cfg) -> Tuple[DistillTerm, ...]:
 def distillation_loss(t, s, m, f, terms: Sequence[DistillTerm], reg_weight: float = 1.0, window: int = 9):
     """Eq. 10 for a student output ``s`` given (constant) teacher output ``t``: ``L^L`` plus every weighted
     term (terms of weight 0 are not computed)."""
-    loss_l, parts = registration_loss(m, f, s["disp"], reg_weight, window)
+    loss_l, parts = registration_loss(m, f, as_output_like(s).disp, reg_weight, window)
     total = loss_l
     aux = {"loss_L": loss_l, "sim": parts["sim"]}
     for term in terms:

@@ -16,10 +16,10 @@ from crd_jax.training.distill import distillation_loss
 
 
 def _teacher_terms(high, low, teacher, params, m, f, reg_weight, window):
-    loss_h, _ = registration_loss(m, f, high.apply(params["backbone"], m, f)["disp"], reg_weight, window)
-    loss_l, _ = registration_loss(m, f, low.apply(params["backbone"], m, f)["disp"], reg_weight, window)
+    loss_h, _ = registration_loss(m, f, high.apply(params["backbone"], m, f).disp, reg_weight, window)
+    loss_l, _ = registration_loss(m, f, low.apply(params["backbone"], m, f).disp, reg_weight, window)
     t = teacher.apply({"backbone": params["backbone"], "head": params["head"]}, m, f)
-    loss_t, _ = registration_loss(m, f, t["disp"], reg_weight, window)
+    loss_t, _ = registration_loss(m, f, t.disp, reg_weight, window)
     return loss_h + loss_l + loss_t, {"loss_H": loss_h, "loss_L": loss_l, "loss_T": loss_t}, t
 
 

@@ -17,6 +17,6 @@ def make_loss(teacher: Teacher, reg_weight: float = 1.0, window: int = 9):
         m, f = batch["moving"], batch["fixed"]
         backbone = jax.lax.stop_gradient(frozen["backbone"])
         out = teacher.apply({"backbone": backbone, "head": params}, m, f)
-        return registration_loss(m, f, out["disp"], reg_weight, window)
+        return registration_loss(m, f, out.disp, reg_weight, window)
 
     return loss_fn
