@@ -117,7 +117,7 @@ def test_model_output_is_a_typed_pytree_with_the_old_mapping_view():
     leaves = jax.tree_util.tree_leaves(out)
     assert len(leaves) == 2  # disp and one feature level; the None fields are empty subtrees
     doubled = jax.tree_util.tree_map(lambda x: 2 * x, out)
-    assert isinstance(doubled, ModelOutput) and float(doubled.disp.sum()) == 32.0
+    assert isinstance(doubled, ModelOutput) and float(doubled.disp.sum()) == 64.0  # 32 ones, doubled
     assert "disp" in out and "fields" not in out and out["features"][0].shape == (1, 4, 4, 3)
     with pytest.raises(KeyError):
         out["velocity"]
