@@ -89,3 +89,28 @@ def test_new_term_value_against_a_direct_computation():
         c = base_config()
         c.loss.terms.nope = {"weight": 1.0}
         distill.terms_from_config(c.loss)
+
+
+def test_a_light_student_uses_feature_distillation_through_a_fitnets_regressor(tmp_path):
+    from crd_jax.config import VM_LIGHT
+    from crd_jax.training import distill
+    from crd_jax.training.stages import plan_stage
+
+    c = base_config()
+    c.workdir = str(tmp_path / "run")
+    c.data.synthetic.shape = (32, 32, 32)
+    c.data.synthetic.train, c.data.synthetic.val, c.data.synthetic.test = 3, 0, 2
+    c.train.batch_size, c.train.progress_bar, c.eval.timing_repeats = 1, False, 1
+    c.loss.beta = 0.1  # feature distillation on, although the light student's channels differ from VM-H's
+    c.pipeline = ("vm_h", "light")
+    c.stages = {"vm_h": stage("baseline", resolution="high", steps=2, evaluate=False),
+                "light": stage("distill", teacher="vm_h", resolution="high", model=VM_LIGHT, steps=3,
+                               teacher_features="downsample", feature_regressor=True)}
+    results = pipeline.run(c)
+    assert results[0]["label"] == "VM-H-CRD" and np.isfinite(results[0]["dice_mean"])
+    metrics = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["feature"] > 0 for m in metrics if m.get("stage") == "light" and "feature" in m)
+    # the regressor: a 1x1 conv, i.e. a matrix product over channels
+    reg = distill.init_regressor(jax.random.PRNGKey(0), {0: jnp.zeros((1, 4, 4, 4, 8))}, {0: jnp.zeros((1, 4, 4, 4, 16))})
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 4, 4, 4, 8)), jnp.float32)
+    np.testing.assert_allclose(distill.regress(reg, {0: x})[0], np.einsum("...c,cd->...d", x, reg["0"]["kernel"]), rtol=1e-5, atol=1e-5)

@@ -18,6 +18,7 @@ from typing import ClassVar, Dict, Sequence, Tuple, Type
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from crd_jax import losses
 from crd_jax.models.output import ModelOutput
@@ -149,13 +150,38 @@ def distillation_loss(t, s, m, f, terms: Sequence[DistillTerm], reg_weight: floa
     return total, aux
 
 
-def make_loss(student: Registrar, teacher, terms: Sequence[DistillTerm], reg_weight: float = 1.0, window: int = 9):
+def init_regressor(key, student_features, teacher_features):
+    """FitNets regressors (Romero et al. 2015): per shared level, a 1x1 conv ``C_s -> C_t`` (PyTorch's default
+    uniform draw) and a zero bias. Arguments: feature dicts or their shapes."""
+    out = {}
+    for i, level in enumerate(sorted(set(student_features) & set(teacher_features))):
+        cs, ct = student_features[level].shape[-1], teacher_features[level].shape[-1]
+        bound = 1.0 / float(np.sqrt(cs))
+        out[str(level)] = {"kernel": jax.random.uniform(jax.random.fold_in(key, i), (cs, ct), jnp.float32, -bound, bound),
+                           "bias": jnp.zeros((ct,), jnp.float32)}
+    return out
+
+
+def regress(regressor, features):
+    """The student's features mapped to the teacher's channels (levels without a regressor pass unchanged)."""
+    return {l: (f @ regressor[str(l)]["kernel"] + regressor[str(l)]["bias"]) if str(l) in regressor else f
+            for l, f in features.items()}
+
+
+def make_loss(student: Registrar, teacher, terms: Sequence[DistillTerm], reg_weight: float = 1.0, window: int = 9,
+              with_regressor: bool = False):
     """``teacher``: an object with ``apply(frozen, moving, fixed)`` returning ``disp_low`` and ``features``
-    on the student's grid (the FST, :class:`crd_jax.models.teacher.Teacher`)."""
+    on the student's grid (the FST, :class:`crd_jax.models.teacher.Teacher`). ``with_regressor``: the
+    trainable parameters are ``{"student", "regressor"}`` (:func:`init_regressor`)."""
 
     def loss_fn(params, frozen, batch):
         m, f = batch["moving"], batch["fixed"]
         t = jax.lax.stop_gradient(teacher.apply(frozen, m, f))
-        return distillation_loss(t, student.apply(params, m, f), m, f, terms, reg_weight, window)
+        if with_regressor:
+            s = student.apply(params["student"], m, f)
+            s = s.replace(features=regress(params["regressor"], s.features))
+        else:
+            s = student.apply(params, m, f)
+        return distillation_loss(t, s, m, f, terms, reg_weight, window)
 
     return loss_fn

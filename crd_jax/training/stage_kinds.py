@@ -73,6 +73,9 @@ class Distill(StageConfig):
     init: str = ""
     resolution: str = "low"
     teacher_features: str = "none"  # "downsample": resize a plain registrar teacher's features (teacher A-down)
+    # FitNets: a trainable 1x1 conv per level maps the student's features to the teacher's channels before
+    # eq. 9, so students whose channels differ (VM-light) can use feature distillation; the stage owns it
+    feature_regressor: bool = False
     references: Tuple[str, ...] = dataclasses.field(default=("teacher", "init"), init=False, repr=False)
     default_resolution: str = dataclasses.field(default="low", init=False, repr=False)
 

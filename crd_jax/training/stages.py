@@ -200,8 +200,17 @@ def _plan_distill(c: StageContext) -> StagePlan:
     if t.spec["kind"] == "registrar":
         teacher_model = ResampledTeacher(t.model, c.factor, c.st.teacher_features)
     init = _init_or_copy(c.st, c.done, lambda: student.init(c.key, c.moving, c.fixed), c.key, c.flow_init)
-    loss_fn = distill.make_loss(student, teacher_model, distill.terms_from_config(c.config.loss), c.reg, c.window)
-    return StagePlan(loss_fn, init, t.params, student, _identity, c.spec("registrar"))
+    terms = distill.terms_from_config(c.config.loss)
+    if not c.st.feature_regressor:
+        loss_fn = distill.make_loss(student, teacher_model, terms, c.reg, c.window)
+        return StagePlan(loss_fn, init, t.params, student, _identity, c.spec("registrar"))
+    # the stage's own trainable parameters beside the student's: exported models hold the student only
+    t_out = jax.eval_shape(teacher_model.apply, t.params, c.moving, c.fixed)
+    s_out = jax.eval_shape(student.apply, init, c.moving, c.fixed)
+    regressor = distill.init_regressor(jax.random.fold_in(c.key, 7), s_out.features, t_out.features)
+    loss_fn = distill.make_loss(student, teacher_model, terms, c.reg, c.window, with_regressor=True)
+    return StagePlan(loss_fn, {"student": init, "regressor": regressor}, t.params, student, lambda p: p["student"],
+                     c.spec("registrar"))
 
 
 def _joint_parts(c: StageContext):
