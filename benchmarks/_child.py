@@ -55,7 +55,7 @@ def run_jax(args) -> dict:
 
     from crd_jax.models import build as mbuild
     from crd_jax.ops import native
-    from crd_jax.registration_loss import registration_loss
+    from crd_jax.losses import registration_loss
 
     if args.conv == "lax":
         os.environ["CRD_JAX_FAST_CONV"] = "0"

@@ -11,7 +11,7 @@ import optax
 
 from crd_jax import inference
 from crd_jax.models.registrar import Registrar
-from crd_jax.registration_loss import registration_loss
+from crd_jax.losses import registration_loss
 
 
 def as_batch(image) -> jax.Array:

@@ -124,7 +124,7 @@ def _instance_optimiser(model, steps: int, learning_rate: float, reg_weight: flo
     import optax
 
     from crd_jax.ops.spatial import upsample_field
-    from crd_jax.registration_loss import registration_loss
+    from crd_jax.losses import registration_loss
 
     opt = optax.adam(learning_rate)
 

@@ -11,10 +11,12 @@ sums over voxels, the code averages over voxels so that ``lambda`` does not depe
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Dict, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+
+from crd_jax.ops.spatial import warp
 
 
 def _box_sum_axis(x: jax.Array, axis: int, window: int) -> jax.Array:
@@ -90,3 +92,16 @@ def soft_dice(y_true: jax.Array, y_pred: jax.Array, eps: float = 1e-6) -> jax.Ar
     top = 2 * jnp.sum(y_true * y_pred, axis=axes)
     bottom = jnp.sum(y_true, axis=axes) + jnp.sum(y_pred, axis=axes)
     return jnp.mean((top + eps) / (bottom + eps))
+
+
+def registration_loss(
+    moving: jax.Array, fixed: jax.Array, disp: jax.Array, reg_weight: float = 1.0, window: int = 9
+) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    """``L = L_sim(I_m(phi), I_f) + lambda L_reg(phi)`` (eq. 3), on the grid of ``fixed``.
+
+    For a low-resolution model ``disp`` is already ``up(phi^L)``, which makes this eq. 5; for the teacher
+    it is ``up(phi^T)``, eq. 7. Returns the loss and its two terms.
+    """
+    sim = ncc(fixed, warp(moving, disp), window=window)
+    reg = grad_l2(disp)
+    return sim + reg_weight * reg, {"sim": sim, "reg": reg}

@@ -247,7 +247,7 @@ def cmd_figure(args) -> None:
     result, notes = register_volumes(loaded, fixed, moving, moving_seg)
     for note in notes:
         print(f"note: {note}")
-    from crd_jax.interop.formats import onto_grid, same_grid
+    from crd_jax.geometry import onto_grid, same_grid
 
     moving_shown = moving.data if same_grid(fixed, moving) else onto_grid(moving, fixed, order=1)
     with outputs as stage:

@@ -14,7 +14,7 @@ import numpy as np
 from crd_jax.data.io import Volume, load_image, load_labels
 from crd_jax import geometry, inference
 from crd_jax.errors import InputError
-from crd_jax.interop.formats import onto_grid, same_grid, world_gap
+from crd_jax.geometry import onto_grid, same_grid, world_gap
 from crd_jax.models.build import model_from_spec
 from crd_jax.model_io import load_model
 

@@ -23,6 +23,8 @@ import numpy as np
 from scipy import ndimage
 
 from crd_jax.data.io import Volume, save_nifti, save_npz
+# grid helpers live in crd_jax.geometry; re-exported for code importing them from here
+from crd_jax.geometry import onto_grid, same_grid, world_box, world_gap  # noqa: F401
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 FORMATS = ("voxel", "itk", "learn2reg")
@@ -87,35 +89,6 @@ def write_displacement(out_dir: Path, disp: np.ndarray, fixed: Volume, fmt: str,
         save_npz(paths[0], arr_0=to_learn2reg(disp))
         save_nifti(paths[1], disp.astype(np.float32), fixed.affine, None, intent="vector")
     return paths
-
-
-def onto_grid(moving: Volume, fixed: Volume, order: int) -> np.ndarray:
-    """Samples ``moving`` at the world position of every voxel of ``fixed`` (affines of both files)."""
-    ndim = fixed.data.ndim
-    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in fixed.data.shape], indexing="ij"), -1)
-    to_moving = np.linalg.inv(moving.affine) @ fixed.affine  # fixed voxel -> world -> moving voxel
-    coords = np.einsum("ij,...j->...i", to_moving[:ndim, :ndim], grid) + to_moving[:ndim, 3]
-    out = ndimage.map_coordinates(moving.data, np.moveaxis(coords, -1, 0), order=order, mode="constant", cval=0.0)
-    return out.astype(moving.data.dtype)
-
-
-def same_grid(a: Volume, b: Volume, tol: float = 1e-4) -> bool:
-    return a.data.shape == b.data.shape and np.allclose(a.affine, b.affine, atol=tol)
-
-
-def world_box(volume: Volume):
-    """``(low, high)`` corners (mm) of the axis-aligned world box around the volume's voxels."""
-    ndim = volume.data.ndim
-    corners = np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in volume.data.shape], indexing="ij")).reshape(ndim, -1)
-    world = volume.affine[:ndim, :ndim] @ corners + volume.affine[:ndim, 3:4]
-    return world.min(axis=1), world.max(axis=1)
-
-
-def world_gap(a: Volume, b: Volume) -> float:
-    """Distance (mm) between the world boxes of two volumes; 0 when they overlap."""
-    (alo, ahi), (blo, bhi) = world_box(a), world_box(b)
-    separation = np.maximum(0.0, np.maximum(alo, blo) - np.minimum(ahi, bhi))
-    return float(np.linalg.norm(separation))
 
 
 def read_displacement(path, reference: Volume, fmt: str = "auto") -> np.ndarray:

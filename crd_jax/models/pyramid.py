@@ -107,6 +107,3 @@ class Pyramid(nn.Module):
         out = out.replace(features=features)
         return out
 
-
-def pyramid_levels(strides) -> int:
-    return encoder_levels(strides)

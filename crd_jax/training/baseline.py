@@ -7,7 +7,7 @@ and the loss is taken against the high-resolution images, eq. 5.
 from __future__ import annotations
 
 from crd_jax.models.registrar import Registrar
-from crd_jax.registration_loss import registration_loss
+from crd_jax.losses import registration_loss
 
 
 def make_loss(model: Registrar, reg_weight: float = 1.0, window: int = 9):

@@ -7,7 +7,7 @@ the pair downsampled by ``n`` (field upsampled, loss against the high-resolution
 from __future__ import annotations
 
 from crd_jax.models.registrar import Registrar
-from crd_jax.registration_loss import registration_loss
+from crd_jax.losses import registration_loss
 
 
 def make_loss(high: Registrar, low: Registrar, reg_weight: float = 1.0, window: int = 9):

@@ -23,7 +23,7 @@ import numpy as np
 from crd_jax import losses
 from crd_jax.models.output import ModelOutput
 from crd_jax.models.registrar import Registrar
-from crd_jax.registration_loss import registration_loss
+from crd_jax.losses import registration_loss
 
 
 def attention_map(feature: jax.Array) -> jax.Array:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax
 
-from crd_jax.registration_loss import registration_loss
+from crd_jax.losses import registration_loss
 from crd_jax.training.distill import distillation_loss
 
 

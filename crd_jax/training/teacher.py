@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 
 from crd_jax.models.teacher import Teacher
-from crd_jax.registration_loss import registration_loss
+from crd_jax.losses import registration_loss
 
 
 def make_loss(teacher: Teacher, reg_weight: float = 1.0, window: int = 9):
