@@ -4,6 +4,8 @@
   from separable box sums).
 * :func:`grad_l2` is L_reg of eq. 2.
 * :func:`mse` is the distillation distance of eq. 8-9; :func:`soft_dice` an overlap score for label maps.
+* :func:`mind_loss` (MIND-SSC) and :func:`nmi` replace NCC as L_sim for multi-modal pairs
+  (``config.loss.similarity``).
 
 Normalisation follows VoxelMorph (whose ``lambda = 1`` the paper adopts): eq. 1 and eq. 2 are written as
 sums over voxels, the code averages over voxels so that ``lambda`` does not depend on the image size.
@@ -94,14 +96,87 @@ def soft_dice(y_true: jax.Array, y_pred: jax.Array, eps: float = 1e-6) -> jax.Ar
     return jnp.mean((top + eps) / (bottom + eps))
 
 
+def nmi(fixed: jax.Array, warped: jax.Array, bins: int = 32, sigma: float = 0.0, eps: float = 1e-10) -> jax.Array:
+    """Negative normalised mutual information, ``-(H(A) + H(B)) / H(A, B)`` (Studholme et al. 1999), from a
+    differentiable Parzen-window joint histogram: each intensity (clipped to [0, 1]) votes for ``bins``
+    equally spaced centres with Gaussian weights of width ``sigma`` (default: half the bin spacing),
+    normalised per voxel. Mean over the batch; channels must be 1. For multi-modal pairs."""
+    if fixed.shape != warped.shape or fixed.shape[-1] != 1:
+        raise ValueError(f"nmi: expected two single-channel images of one shape, got {fixed.shape} and {warped.shape}")
+    centres = jnp.linspace(0.0, 1.0, bins)
+    width = sigma or 0.5 / (bins - 1)
+
+    def votes(x):
+        x = jnp.clip(x.reshape(x.shape[0], -1), 0.0, 1.0)
+        w = jnp.exp(-0.5 * ((x[..., None] - centres) / width) ** 2)
+        return w / (jnp.sum(w, axis=-1, keepdims=True) + eps)
+
+    wa, wb = votes(fixed), votes(warped)
+    joint = jnp.einsum("bni,bnj->bij", wa, wb) / wa.shape[1]
+    pa, pb = joint.sum(axis=2), joint.sum(axis=1)
+    entropy = lambda p, axes: -jnp.sum(p * jnp.log(p + eps), axis=axes)  # noqa: E731
+    return -jnp.mean((entropy(pa, 1) + entropy(pb, 1)) / entropy(joint, (1, 2)))
+
+
+_SIX = ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))
+#: MIND-SSC: the 12 pairs of six-neighbourhood offsets at distance sqrt(2) (Heinrich et al. 2013)
+SSC_PAIRS = tuple((p, q) for i, p in enumerate(_SIX) for q in _SIX[i + 1:]
+                  if sum((a - b) ** 2 for a, b in zip(p, q)) == 2)
+
+
+def _shifted(x: jax.Array, offset) -> jax.Array:
+    """``x(v + offset)`` with edge values outside, for ``(B, X, Y, Z, C)``."""
+    pad = [(0, 0)] + [(1, 1)] * 3 + [(0, 0)]
+    padded = jnp.pad(x, pad, mode="edge")
+    return padded[(slice(None), *(slice(1 + o, 1 + o + n) for o, n in zip(offset, x.shape[1:4])), slice(None))]
+
+
+def mind_ssc(image: jax.Array, radius: int = 1, eps: float = 1e-6) -> jax.Array:
+    """MIND-SSC descriptors ``(B, X, Y, Z, 12)`` of a 3-D image (Heinrich et al., MICCAI 2013): for each of
+    the 12 neighbour pairs ``(p, q)``, the patch distance ``D = box_(2r+1)((I(x+p) - I(x+q))^2)``, then
+    ``exp(-D / V)`` with ``V`` the mean of ``D`` over the pairs (clipped to [1e-3, 1e3] times its mean over
+    the image), divided by its maximum over the pairs. Invariant to affine intensity changes."""
+    if image.ndim != 5 or image.shape[-1] != 1:
+        raise ValueError(f"mind_ssc: expected a single-channel 3-D image (B, X, Y, Z, 1), got {image.shape}")
+    window = 2 * radius + 1
+    dist = jnp.concatenate([box_sum((_shifted(image, p) - _shifted(image, q)) ** 2, window) / window**3
+                            for p, q in SSC_PAIRS], axis=-1)
+    var = jnp.mean(dist, axis=-1, keepdims=True)
+    level = jnp.mean(var, axis=(1, 2, 3, 4), keepdims=True)
+    var = jnp.clip(var, level * 1e-3, level * 1e3) + eps
+    mind = jnp.exp(-dist / var)
+    return mind / jnp.max(mind, axis=-1, keepdims=True)
+
+
+def mind_loss(fixed: jax.Array, warped: jax.Array, radius: int = 1) -> jax.Array:
+    """Mean squared difference of the MIND-SSC descriptors: a similarity for multi-modal pairs."""
+    return mse(mind_ssc(fixed, radius), mind_ssc(warped, radius))
+
+
+SIMILARITIES = ("ncc", "mind", "nmi")
+
+
+def similarity(name: str = "ncc", window: int = 9):
+    """``L_sim(fixed, warped)`` by name: ``ncc`` (eq. 1, window ``window``), ``mind`` (MIND-SSC) or ``nmi``."""
+    if name == "ncc":
+        return lambda f, w: ncc(f, w, window=window)
+    if name == "mind":
+        return mind_loss
+    if name == "nmi":
+        return nmi
+    raise ValueError(f"unknown similarity {name!r} (choose from {', '.join(SIMILARITIES)})")
+
+
 def registration_loss(
-    moving: jax.Array, fixed: jax.Array, disp: jax.Array, reg_weight: float = 1.0, window: int = 9
+    moving: jax.Array, fixed: jax.Array, disp: jax.Array, reg_weight: float = 1.0, window: int = 9, sim=None
 ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """``L = L_sim(I_m(phi), I_f) + lambda L_reg(phi)`` (eq. 3), on the grid of ``fixed``.
 
     For a low-resolution model ``disp`` is already ``up(phi^L)``, which makes this eq. 5; for the teacher
-    it is ``up(phi^T)``, eq. 7. Returns the loss and its two terms.
+    it is ``up(phi^T)``, eq. 7. ``sim``: ``L_sim(fixed, warped)`` (default: NCC over ``window^d``, eq. 1;
+    see :func:`similarity`). Returns the loss and its two terms.
     """
-    sim = ncc(fixed, warp(moving, disp), window=window)
+    warped = warp(moving, disp)
+    sim_value = ncc(fixed, warped, window=window) if sim is None else sim(fixed, warped)
     reg = grad_l2(disp)
-    return sim + reg_weight * reg, {"sim": sim, "reg": reg}
+    return sim_value + reg_weight * reg, {"sim": sim_value, "reg": reg}

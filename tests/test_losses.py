@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from crd_jax import losses
 
@@ -73,3 +74,81 @@ def test_mse_and_soft_dice():
     assert float(losses.soft_dice(onehot, other)) == pytest.approx((1 + 2 / 3 + 2 / 3) / 3, abs=1e-5)
     with pytest.raises(ValueError):
         losses.mse(a, a[:1])
+
+
+# --- multi-modal similarities ----------------------------------------------------------------------------------
+
+
+def _mind_numpy(img, radius=1):
+    """MIND-SSC by the definition, in numpy/scipy (independent of the JAX code)."""
+    from scipy import ndimage as ndi
+
+    six = [(1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1)]
+    pairs = [(p, q) for i, p in enumerate(six) for q in six[i + 1:] if sum((a - b) ** 2 for a, b in zip(p, q)) == 2]
+    padded = np.pad(img.astype(np.float64), 1, mode="edge")
+    n = img.shape
+
+    def shifted(o):
+        return padded[1 + o[0]:1 + o[0] + n[0], 1 + o[1]:1 + o[1] + n[1], 1 + o[2]:1 + o[2] + n[2]]
+
+    w = 2 * radius + 1
+    d = np.stack([ndi.uniform_filter((shifted(p) - shifted(q)) ** 2, size=w, mode="constant") for p, q in pairs], -1)
+    v = d.mean(-1, keepdims=True)
+    v = np.clip(v, v.mean() * 1e-3, v.mean() * 1e3) + 1e-6
+    m = np.exp(-d / v)
+    return m / m.max(-1, keepdims=True)
+
+
+def test_mind_ssc_matches_a_numpy_reference_and_ignores_affine_intensity_changes():
+    rng = np.random.default_rng(0)
+    img = ndimage.gaussian_filter(rng.random((10, 9, 8)), 1.0)
+    got = np.asarray(losses.mind_ssc(jnp.asarray(img, jnp.float32)[None, ..., None]))[0]
+    np.testing.assert_allclose(got, _mind_numpy(img), atol=2e-5)
+    x = jnp.asarray(img, jnp.float32)[None, ..., None]
+    assert float(losses.mind_loss(x, 2.0 - 3.0 * x)) < 1e-6  # contrast inversion and scaling: same structure
+    assert float(losses.mind_loss(x, jnp.roll(x, 2, axis=1))) > 1e-3
+
+
+def _nmi_numpy(a, b, bins=32):
+    centres = np.linspace(0, 1, bins)
+    width = 0.5 / (bins - 1)
+
+    def votes(x):
+        w = np.exp(-0.5 * ((np.clip(x.ravel(), 0, 1)[:, None] - centres) / width) ** 2)
+        return w / (w.sum(1, keepdims=True) + 1e-10)
+
+    joint = votes(a).T @ votes(b) / a.size
+    h = lambda p: -np.sum(p * np.log(p + 1e-10))  # noqa: E731
+    return -(h(joint.sum(1)) + h(joint.sum(0))) / h(joint)
+
+
+def test_nmi_matches_a_numpy_reference_and_is_best_for_related_images():
+    rng = np.random.default_rng(1)
+    a = ndimage.gaussian_filter(rng.random((12, 10, 8)), 1.0)
+    a = (a - a.min()) / np.ptp(a)
+    b = rng.random(a.shape)
+    x = lambda v: jnp.asarray(v, jnp.float32)[None, ..., None]  # noqa: E731
+    np.testing.assert_allclose(float(losses.nmi(x(a), x(b))), _nmi_numpy(a, b), rtol=1e-4)
+    assert float(losses.nmi(x(a), x(1 - a))) == pytest.approx(float(losses.nmi(x(a), x(a))), rel=1e-5)  # any monotone map
+    assert float(losses.nmi(x(a), x(a))) < float(losses.nmi(x(a), x(b))) - 0.2
+    with pytest.raises(ValueError, match="unknown similarity"):
+        losses.similarity("ssd")
+
+
+@pytest.mark.parametrize("name", ["mind", "nmi"])
+def test_every_stage_of_the_scheme_can_train_with_another_similarity(name):
+    from crd_jax.config import base_config
+    from crd_jax.training.stages import Trained, plan_stage
+
+    c = base_config()
+    c.loss.similarity = name
+    rng = np.random.default_rng(2)
+    batch = {k: jnp.asarray(ndimage.gaussian_filter(rng.random((1, 32, 32, 32, 1)), (0, 2, 2, 2, 0)), jnp.float32)
+             for k in ("moving", "fixed")}
+    done = {}
+    for i, stage in enumerate(c.pipeline):
+        plan = plan_stage(stage, c.stages[stage], c, done, jax.random.PRNGKey(i), batch)
+        loss, aux = jax.jit(plan.loss_fn)(plan.init_params, plan.frozen, batch)
+        assert np.isfinite(float(loss)), stage
+        done[stage] = Trained(plan.model, plan.full_params(plan.init_params), plan.spec)
+    assert "sim" in aux

@@ -10,11 +10,11 @@ from crd_jax.models.registrar import Registrar
 from crd_jax.losses import registration_loss
 
 
-def make_loss(model: Registrar, reg_weight: float = 1.0, window: int = 9):
+def make_loss(model: Registrar, reg_weight: float = 1.0, window: int = 9, sim=None):
     def loss_fn(params, frozen, batch):
         del frozen  # a baseline has no frozen model
         out = model.apply(params, batch["moving"], batch["fixed"])
-        loss, terms = registration_loss(batch["moving"], batch["fixed"], out.disp, reg_weight, window)
+        loss, terms = registration_loss(batch["moving"], batch["fixed"], out.disp, reg_weight, window, sim)
         return loss, terms
 
     return loss_fn

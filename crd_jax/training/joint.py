@@ -15,30 +15,30 @@ from crd_jax.losses import registration_loss
 from crd_jax.training.distill import distillation_loss
 
 
-def _teacher_terms(high, low, teacher, params, m, f, reg_weight, window):
-    loss_h, _ = registration_loss(m, f, high.apply(params["backbone"], m, f).disp, reg_weight, window)
-    loss_l, _ = registration_loss(m, f, low.apply(params["backbone"], m, f).disp, reg_weight, window)
+def _teacher_terms(high, low, teacher, params, m, f, reg_weight, window, sim=None):
+    loss_h, _ = registration_loss(m, f, high.apply(params["backbone"], m, f).disp, reg_weight, window, sim)
+    loss_l, _ = registration_loss(m, f, low.apply(params["backbone"], m, f).disp, reg_weight, window, sim)
     t = teacher.apply({"backbone": params["backbone"], "head": params["head"]}, m, f)
-    loss_t, _ = registration_loss(m, f, t.disp, reg_weight, window)
+    loss_t, _ = registration_loss(m, f, t.disp, reg_weight, window, sim)
     return loss_h + loss_l + loss_t, {"loss_H": loss_h, "loss_L": loss_l, "loss_T": loss_t}, t
 
 
-def make_teacher_loss(high, low, teacher, reg_weight=1.0, window=9):
+def make_teacher_loss(high, low, teacher, reg_weight=1.0, window=9, sim=None):
     def loss_fn(params, frozen, batch):
         del frozen
-        total, aux, _ = _teacher_terms(high, low, teacher, params, batch["moving"], batch["fixed"], reg_weight, window)
+        total, aux, _ = _teacher_terms(high, low, teacher, params, batch["moving"], batch["fixed"], reg_weight, window, sim)
         return total, aux
 
     return loss_fn
 
 
-def make_all_loss(high, low, teacher, student, terms, reg_weight=1.0, window=9):
+def make_all_loss(high, low, teacher, student, terms, reg_weight=1.0, window=9, sim=None):
     def loss_fn(params, frozen, batch):
         del frozen
         m, f = batch["moving"], batch["fixed"]
-        total, aux, t = _teacher_terms(high, low, teacher, params, m, f, reg_weight, window)
+        total, aux, t = _teacher_terms(high, low, teacher, params, m, f, reg_weight, window, sim)
         s = student.apply(params["student"], m, f)
-        d_total, d_aux = distillation_loss(jax.lax.stop_gradient(t), s, m, f, terms, reg_weight, window)
+        d_total, d_aux = distillation_loss(jax.lax.stop_gradient(t), s, m, f, terms, reg_weight, window, sim)
         aux.update({f"student_{k}": v for k, v in d_aux.items()})
         return total + d_total, aux
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict
 
 import jax
 
+from crd_jax import losses
 from crd_jax.models import backbones
 from crd_jax.models import build as mbuild
 from crd_jax.models.layers import redraw_flow_heads
@@ -165,6 +166,11 @@ class StageContext:
     def window(self) -> int:
         return int(self.config.loss.ncc_window)
 
+    @property
+    def sim(self):
+        """L_sim of eq. 3-7 from ``loss.similarity`` (``ncc``, the paper's; ``mind`` or ``nmi`` for multi-modal)."""
+        return losses.similarity(str(self.config.loss.get("similarity", "ncc")), self.window)
+
     def spec(self, kind: str, arch=None, factor=None) -> Dict[str, Any]:
         return _spec(kind, arch or self.arch, self.factor if factor is None else factor, self.label, self.name)
 
@@ -173,14 +179,14 @@ def _plan_baseline(c: StageContext) -> StagePlan:
     model = mbuild.registrar_from_config(c.arch, c.factor)
     weight = 0.0 if c.arch.get("backbone") == "affine" else c.reg  # an affine map needs no smoothness term
     init = _init_or_copy(c.st, c.done, lambda: model.init(c.key, c.moving, c.fixed), c.key, c.flow_init)
-    return StagePlan(baseline.make_loss(model, weight, c.window), init, {}, model, _identity, c.spec("registrar"))
+    return StagePlan(baseline.make_loss(model, weight, c.window, c.sim), init, {}, model, _identity, c.spec("registrar"))
 
 
 def _plan_cooperative(c: StageContext) -> StagePlan:
     high, low = mbuild.registrar_from_config(c.arch, 1), mbuild.registrar_from_config(c.arch, c.n)
     low = dataclasses.replace(low, backbone=high.backbone)
     init = _init_or_copy(c.st, c.done, lambda: high.init(c.key, c.moving, c.fixed), c.key, c.flow_init)
-    return StagePlan(cooperative.make_loss(high, low, c.reg, c.window), init, {}, high, _identity, c.spec("registrar", factor=1))
+    return StagePlan(cooperative.make_loss(high, low, c.reg, c.window, c.sim), init, {}, high, _identity, c.spec("registrar", factor=1))
 
 
 def _plan_teacher(c: StageContext) -> StagePlan:
@@ -189,7 +195,7 @@ def _plan_teacher(c: StageContext) -> StagePlan:
     model = mbuild.teacher_from_config(t_arch, c.n)
     frozen = {"backbone": source.params}
     init = redraw_flow_heads(model.init_head(c.key, frozen["backbone"], c.moving, c.fixed), jax.random.fold_in(c.key, 1), c.flow_init)
-    return StagePlan(teacher.make_loss(model, c.reg, c.window), init, frozen, model,
+    return StagePlan(teacher.make_loss(model, c.reg, c.window, c.sim), init, frozen, model,
                      lambda p: {"backbone": frozen["backbone"], "head": p}, c.spec("teacher", t_arch, c.n))
 
 
@@ -202,13 +208,13 @@ def _plan_distill(c: StageContext) -> StagePlan:
     init = _init_or_copy(c.st, c.done, lambda: student.init(c.key, c.moving, c.fixed), c.key, c.flow_init)
     terms = distill.terms_from_config(c.config.loss)
     if not c.st.feature_regressor:
-        loss_fn = distill.make_loss(student, teacher_model, terms, c.reg, c.window)
+        loss_fn = distill.make_loss(student, teacher_model, terms, c.reg, c.window, sim=c.sim)
         return StagePlan(loss_fn, init, t.params, student, _identity, c.spec("registrar"))
     # the stage's own trainable parameters beside the student's: exported models hold the student only
     t_out = jax.eval_shape(teacher_model.apply, t.params, c.moving, c.fixed)
     s_out = jax.eval_shape(student.apply, init, c.moving, c.fixed)
     regressor = distill.init_regressor(jax.random.fold_in(c.key, 7), s_out.features, t_out.features)
-    loss_fn = distill.make_loss(student, teacher_model, terms, c.reg, c.window, with_regressor=True)
+    loss_fn = distill.make_loss(student, teacher_model, terms, c.reg, c.window, with_regressor=True, sim=c.sim)
     return StagePlan(loss_fn, {"student": init, "regressor": regressor}, t.params, student, lambda p: p["student"],
                      c.spec("registrar"))
 
@@ -226,7 +232,7 @@ def _joint_parts(c: StageContext):
 
 def _plan_joint_teacher(c: StageContext) -> StagePlan:
     model, high, low, params, _ = _joint_parts(c)
-    return StagePlan(joint.make_teacher_loss(high, low, model, c.reg, c.window), params, {}, model, _identity,
+    return StagePlan(joint.make_teacher_loss(high, low, model, c.reg, c.window, c.sim), params, {}, model, _identity,
                      c.spec("teacher", factor=c.n))
 
 
@@ -234,7 +240,8 @@ def _plan_joint_all(c: StageContext) -> StagePlan:
     model, high, low, params, k3 = _joint_parts(c)
     student = mbuild.registrar_from_config(c.arch, c.factor)
     params["student"] = redraw_flow_heads(student.init(k3, c.moving, c.fixed), jax.random.fold_in(c.key, 2), c.flow_init)
-    loss_fn = joint.make_all_loss(high, low, model, student, distill.terms_from_config(c.config.loss), c.reg, c.window)
+    loss_fn = joint.make_all_loss(high, low, model, student, distill.terms_from_config(c.config.loss), c.reg, c.window,
+                                  c.sim)
     return StagePlan(loss_fn, params, {}, student, lambda p: p["student"], c.spec("registrar"))
 
 

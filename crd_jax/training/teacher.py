@@ -12,11 +12,11 @@ from crd_jax.models.teacher import Teacher
 from crd_jax.losses import registration_loss
 
 
-def make_loss(teacher: Teacher, reg_weight: float = 1.0, window: int = 9):
+def make_loss(teacher: Teacher, reg_weight: float = 1.0, window: int = 9, sim=None):
     def loss_fn(params, frozen, batch):
         m, f = batch["moving"], batch["fixed"]
         backbone = jax.lax.stop_gradient(frozen["backbone"])
         out = teacher.apply({"backbone": backbone, "head": params}, m, f)
-        return registration_loss(m, f, out.disp, reg_weight, window)
+        return registration_loss(m, f, out.disp, reg_weight, window, sim)
 
     return loss_fn
