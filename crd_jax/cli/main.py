@@ -74,6 +74,7 @@ def cmd_register(args) -> None:
     ids = tuple(args.pair_ids) if args.pair_ids else None
     names = ["warped.nii.gz"] + (["warped_seg.nii.gz"] if args.moving_seg else []) + displacement_names(args.disp_format, pair_ids=ids)
     inverse_name = "inverse_disp_itk.nii.gz" if args.disp_format == "itk" else "inverse_disp.nii.gz"
+    names += ["affine.txt", "affine_itk.txt"] if args.affine else []
     names += (["jacobian.nii.gz"] if args.jacobian else []) + ([inverse_name] if args.inverse else [])
     outputs = OutputSet(args.out_dir, names, args.overwrite)  # checked before any computation
     loaded = load(_model_path(args.model))
@@ -81,7 +82,8 @@ def cmd_register(args) -> None:
     t = time.perf_counter()
     if args.io_steps < 0:
         raise InputError("--io-steps", f"must be 0 or more, got {args.io_steps}")
-    result, notes = register_volumes(loaded, fixed, moving, moving_seg, args.normalize, args.io_steps)
+    result, notes = register_volumes(loaded, fixed, moving, moving_seg, args.normalize, args.io_steps,
+                                     "ncc" if args.affine == "ncc" else ("nmi" if args.affine else ""))
     elapsed = time.perf_counter() - t
     from crd_jax.metrics import jacobian_determinant
 
@@ -96,6 +98,15 @@ def cmd_register(args) -> None:
         write_displacement(stage, result["disp"], fixed, args.disp_format, pair_ids=ids)
         if args.jacobian:
             save_nifti(stage / "jacobian.nii.gz", jacobian.astype("float32"), fixed.affine, None)
+        if args.affine:
+            import numpy as np
+
+            from crd_jax.affine_align import itk_affine_text
+
+            world = result["affine"].world_transform(fixed.data.shape, fixed.affine, moving.affine)
+            (stage / "affine.txt").write_text("# fixed world (RAS, mm) -> moving world, 4x4\n" + "\n".join(
+                " ".join(f"{v:.10g}" for v in row) for row in world) + "\n")
+            (stage / "affine_itk.txt").write_text(itk_affine_text(world))
         if args.inverse:
             from crd_jax.transforms import invert
 
@@ -339,6 +350,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--io-steps", type=int, default=0,
                    help="instance optimisation: fine-tune the predicted field on this pair for N Adam steps at the model's "
                    "own resolution (NCC + smoothness; uniGradICON uses 50). Default 0")
+    r.add_argument("--affine", nargs="?", const="ncc", choices=("ncc", "mi"), default="",
+                   help="affine pre-alignment before the deformable model (intensity-based, coarse to fine, optax): "
+                   "ncc (default) or mi for multi-modal pairs; writes affine.txt (RAS) and affine_itk.txt (ITK)")
     r.add_argument("--jacobian", action="store_true", help="also write jacobian.nii.gz, det(I + grad u) on the fixed grid")
     r.add_argument("--inverse", action="store_true", help="also write the inverse displacement (inverse_disp*, fixed-point iteration)")
     r.set_defaults(func=cmd_register)

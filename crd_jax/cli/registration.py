@@ -102,7 +102,7 @@ def _check_finite(name: str, array: np.ndarray, model_path) -> None:
 
 
 def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_seg: Optional[Volume] = None,
-                     normalize_mode: str = "model", io_steps: int = 0):
+                     normalize_mode: str = "model", io_steps: int = 0, affine: str = ""):
     """``(result, notes)``: ``result`` has ``disp`` (fixed grid, voxels), ``warped`` and ``warped_seg``.
 
     ``normalize_mode``: ``model`` (what the model was trained with) or a :func:`normalize` mode."""
@@ -120,6 +120,15 @@ def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_
             f"moving image resampled onto the fixed grid (shape {moving.data.shape} -> {fixed.data.shape}, "
             f"spacing {tuple(round(s, 3) for s in moving.spacing)} -> {tuple(round(s, 3) for s in fixed.spacing)})"
         )
+    affine_result = None
+    if affine:
+        from crd_jax.affine_align import align
+        from crd_jax.data.preprocess import normalize as _normalize
+
+        affine_result = align(_normalize(fixed.data, "minmax"), _normalize(moving_data, "minmax"), affine)
+        full_moving = moving_data
+        moving_data = inference.warp_image(moving_data, affine_result.displacement(fixed.data.shape))
+        notes.append(f"affine pre-alignment ({affine}): loss {affine_result.loss_before:.4f} -> {affine_result.loss_after:.4f}")
     pre = dict(loaded.spec.get("preprocessing", {}))
     record = pre.get("geometry")
     fixed_net, moving_net, transform = fixed.data, moving_data, None
@@ -147,9 +156,17 @@ def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_
     disp = inference.map_back(prepared, disp_canvas)
     if transform is not None:
         disp = geometry.field_to_original(disp, transform, fixed.data.shape)
+    if affine_result is not None:  # first the deformable field, then the affine map: one interpolation
+        from crd_jax.ops.spatial import compose
+
+        u_aff = jnp.asarray(affine_result.displacement(fixed.data.shape))[None]
+        disp = np.asarray(compose(u_aff, jnp.asarray(disp)[None])[0])
+        moving_data = full_moving
     warped = inference.warp_image(moving_data, disp)
     _check_finite("warped image", warped, loaded.path)
     result = {"disp": disp, "warped": warped}
+    if affine_result is not None:
+        result["affine"] = affine_result
     if seg_data is not None:
         result["warped_seg"] = inference.warp_labels(seg_data, disp)
     return result, notes
