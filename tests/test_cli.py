@@ -370,3 +370,15 @@ def test_parity_with_the_authors_code_on_reference_io(tmp_path):
     assert np.abs(disp - field(ref["student_flow"])).max() <= 1e-3
     warped = nib.load(tmp_path / "out" / "warped.nii.gz").get_fdata()
     assert np.abs(warped - nifti(ref["student_warped_moving"])).max() <= 1e-3
+
+
+def test_every_subcommand_help_has_a_description_and_an_example(capsys):
+    from crd_jax.cli.main import parser
+
+    sub = next(a for a in parser()._actions if getattr(a, "choices", None) and "register" in a.choices).choices
+    for name, p in sub.items():
+        text = p.format_help()
+        assert p.description and "example: crd-jax" in text, name
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert "convolution:" in capsys.readouterr().out

@@ -57,7 +57,8 @@ def _grid(ax, field: np.ndarray, step: int = 4) -> None:
 
 def pair_figure(path, fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray, disp: np.ndarray,
                 fixed_seg: Optional[np.ndarray] = None, warped_seg: Optional[np.ndarray] = None, title: str = "") -> None:
-    """Writes a PNG: rows = mid-slices, columns = fixed | moving | warped (+ label overlap) | grid | error."""
+    """Writes a PNG or PDF (by the suffix): rows = mid-slices, columns = fixed | moving | warped (+ label
+    overlap, with a legend) | grid | error (with a colour bar)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,16 +81,22 @@ def pair_figure(path, fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray,
         else:
             ax[2].imshow(w_s[r].T, cmap="gray", origin="lower")
         _grid(ax[3], d_s[r])
-        ax[4].imshow((w_s[r] - f_s[r]).T, cmap="bwr", vmin=-vmax / 2, vmax=vmax / 2, origin="lower")
+        error = ax[4].imshow((w_s[r] - f_s[r]).T, cmap="bwr", vmin=-vmax / 2, vmax=vmax / 2, origin="lower")
+        fig.colorbar(error, ax=ax[4], fraction=0.046, pad=0.04, label="intensity difference")
         for a in ax:
             a.set_xticks([])
             a.set_yticks([])
         if r == 0:
             for a, name in zip(ax, cols):
                 a.set_title(name, fontsize=10)
+    if fs_s is not None and ws_s is not None:
+        from matplotlib.patches import Patch
+
+        fig.legend(handles=[Patch(color=(1.0, 0.1, 0.1), label="labels agree"), Patch(color=(0.1, 0.3, 1.0), label="labels disagree")],
+                   loc="lower center", ncol=2, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=80, format="pdf" if path.suffix.lower() == ".pdf" else "png")

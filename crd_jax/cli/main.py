@@ -334,7 +334,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("register", help="register a moving image to a fixed image")
+    r = sub.add_parser(
+        "register", help="register a moving image to a fixed image",
+        description="Registers MOVING to FIXED with a trained model and writes the results on FIXED's grid. Inputs may "
+        "have any orientation, voxel size and size; intensities as the model was trained on (shipped LPBA40 models: "
+        "skull-stripped T1 in [0, 1]; see `crd-jax models`). Writes warped.nii.gz, warped_seg.nii.gz (with --moving-seg), "
+        "the displacement (disp.nii.gz, disp_itk.nii.gz or disp_FFFF_MMMM.npz/.nii.gz), and with the options "
+        "jacobian.nii.gz, inverse_disp.nii.gz, affine.txt and affine_itk.txt; all at once, never over existing files "
+        "without --overwrite.",
+        epilog="example: crd-jax register --model lpba40-vm-ll-crd --fixed S01.nii.gz --moving S02.nii.gz "
+        "--moving-seg S02_labels.nii.gz --out-dir out/ --disp-format itk")
     r.add_argument("--model", help="a shipped model's name (see `crd-jax models`; default: the best shipped VM-LL-CRD) "
                    "or a model folder (a training stage's 'model', or convert-official's output)")
     r.add_argument("--fixed", required=True, help="fixed image (.nii, .nii.gz or .npz)")
@@ -374,10 +383,18 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true")
     a.set_defaults(func=cmd_apply)
 
-    mo = sub.add_parser("models", help="list the models shipped with crd-jax")
+    mo = sub.add_parser("models", help="list the models shipped with crd-jax",
+                        description="Lists the shipped models: what each was trained on, its grid, voxel size and "
+                        "orientation, the intensities it expects and its measured validation Dice.",
+                        epilog="example: crd-jax models")
     mo.set_defaults(func=cmd_models)
 
-    e = sub.add_parser("evaluate", help="Dice, HD95, folds, SDlogJ, time and memory over a dataset's pairs")
+    e = sub.add_parser(
+        "evaluate", help="Dice, HD95, folds, SDlogJ, time and memory over a dataset's pairs",
+        description="Evaluates a model on the labelled pairs of a dataset config (its evaluation split, or --pairs). "
+        "Writes metrics.csv (per pair), summary.md and summary.json into --out-dir.",
+        epilog="example: crd-jax evaluate --model runs/lpba40/stages/vm_l_crd/model --config configs/lpba40_vm.py "
+        "--out-dir eval/")
     e.add_argument("--model", help="a shipped model's name or a model folder (default: the best shipped VM-LL-CRD)")
     e.add_argument("--config", required=True, help="the dataset's config file (configs/*.py)")
     e.add_argument("--data-root", help="override config.data.root")
@@ -390,7 +407,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
     e.set_defaults(func=cmd_evaluate)
 
-    f = sub.add_parser("figure", help="a PNG like the paper's Fig. 4 for one pair")
+    f = sub.add_parser(
+        "figure", help="a PNG or PDF like the paper's Fig. 4 for one pair",
+        description="Registers one pair and draws fixed, moving, warped (label overlap when both label maps are given), "
+        "the deformed grid and the error map on the three mid-slices. Writes the one file --out (.png or .pdf).",
+        epilog="example: crd-jax figure --model lpba40-vm-ll-crd --fixed F.nii.gz --moving M.nii.gz --fixed-seg FS.nii.gz "
+        "--moving-seg MS.nii.gz --out pair.pdf")
     f.add_argument("--model", help="a shipped model's name or a model folder (default: the best shipped VM-LL-CRD)")
     f.add_argument("--fixed", required=True)
     f.add_argument("--moving", required=True)
@@ -400,14 +422,23 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--overwrite", action="store_true", help="replace the file if it exists")
     f.set_defaults(func=cmd_figure)
 
-    c = sub.add_parser("convert-official", help="the authors' PyTorch checkpoint -> a crd-jax model folder (no torch needed)")
+    c = sub.add_parser(
+        "convert-official", help="the authors' PyTorch checkpoint -> a crd-jax model folder (no torch needed)",
+        description="Converts a legacy .pth of the authors' released CRD code into a model folder (model.json + "
+        "params.msgpack). The models take OASIS aligned_norm volumes as stored: intensities in [0, 1].",
+        epilog="example: crd-jax convert-official --checkpoint VMdalca1_Hinput_OASIS_R1_D_24500.pth --kind student "
+        "--out models/crd_oasis_student")
     c.add_argument("--checkpoint", required=True, help="legacy torch .pth (e.g. VMdalca1_Hinput_OASIS_R1_D_24500.pth)")
     c.add_argument("--kind", choices=("student", "teacher"), required=True)
     c.add_argument("--out", required=True, help="model folder to write (a new folder)")
     c.add_argument("--overwrite", action="store_true", help="replace a crd-jax model folder that exists there")
     c.set_defaults(func=cmd_convert)
 
-    x = sub.add_parser("export", help="convert a voxel displacement (ours) to the ITK or Learn2Reg format")
+    x = sub.add_parser(
+        "export", help="convert a voxel displacement (ours) to the ITK or Learn2Reg format",
+        description="Writes a saved voxel displacement in another format into --out-dir: disp_itk.nii.gz (ITK/ANTs/Slicer, "
+        "mm LPS) or disp_FFFF_MMMM.npz + .nii.gz (Learn2Reg).",
+        epilog="example: crd-jax export --disp out/disp.nii.gz --fixed F.nii.gz --format itk --out-dir out/")
     x.add_argument("--disp", required=True, help="our displacement NIfTI (X,Y,Z,3), voxels")
     x.add_argument("--fixed", required=True, help="the fixed image it belongs to (geometry)")
     x.add_argument("--format", choices=("itk", "learn2reg", "voxel"), required=True)
