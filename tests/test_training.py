@@ -248,3 +248,23 @@ def test_missing_data_root_is_a_clear_error(tmp_path):
     assert last.startswith("error: config.data.root") and "synthetic_vm.py" in last
     proc = _train(tmp_path / "run", "--config.data.root=/nonexistent/oasis", config="configs/oasis_vm.py", check=False)
     assert proc.returncode == 2 and "/nonexistent/oasis: no such folder" in proc.stderr
+
+
+def test_a_resumed_stage_logs_each_step_once(tmp_path):
+    """Records logged after the checkpoint a stage resumes from (before a kill) are dropped on resume."""
+    import json
+
+    from crd_jax.training.logging import MetricLogger
+
+    log = MetricLogger(tmp_path, enabled=True, progress=False)
+    for step in (10, 20, 30):
+        log.scalars("vm_h", step, {"loss": 1.0})
+    log.scalars("vm_l", 40, {"loss": 1.0})
+    log.info("a message")
+    log.forget_after("vm_h", 20)  # the run was killed after step 30, the latest checkpoint is step 20
+    log.scalars("vm_h", 30, {"loss": 0.5})
+    log.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [(r["stage"], r["step"]) for r in records if "stage" in r]
+    assert steps == [("vm_h", 10), ("vm_h", 20), ("vm_l", 40), ("vm_h", 30)]
+    assert any(r.get("message") == "a message" for r in records)
