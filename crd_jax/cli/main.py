@@ -312,6 +312,9 @@ def cmd_export(args) -> None:
         print(f"wrote {path}")
 
 
+MODEL_HELP = "a shipped model's name (`crd-jax models`) or a model folder (default: the best shipped VM-LL-CRD)"
+
+
 class _Version(argparse.Action):
     """``--version``: the package, JAX and the convolution path this machine runs."""
 
@@ -395,7 +398,7 @@ def parser() -> argparse.ArgumentParser:
         "Writes metrics.csv (per pair), summary.md and summary.json into --out-dir.",
         epilog="example: crd-jax evaluate --model runs/lpba40/stages/vm_l_crd/model --config configs/lpba40_vm.py "
         "--out-dir eval/")
-    e.add_argument("--model", help="a shipped model's name or a model folder (default: the best shipped VM-LL-CRD)")
+    e.add_argument("--model", help=MODEL_HELP)
     e.add_argument("--config", required=True, help="the dataset's config file (configs/*.py)")
     e.add_argument("--data-root", help="override config.data.root")
     e.add_argument("--split", help="split to evaluate (default: config.eval.split)")
@@ -413,7 +416,7 @@ def parser() -> argparse.ArgumentParser:
         "the deformed grid and the error map on the three mid-slices. Writes the one file --out (.png or .pdf).",
         epilog="example: crd-jax figure --model lpba40-vm-ll-crd --fixed F.nii.gz --moving M.nii.gz --fixed-seg FS.nii.gz "
         "--moving-seg MS.nii.gz --out pair.pdf")
-    f.add_argument("--model", help="a shipped model's name or a model folder (default: the best shipped VM-LL-CRD)")
+    f.add_argument("--model", help=MODEL_HELP)
     f.add_argument("--fixed", required=True)
     f.add_argument("--moving", required=True)
     f.add_argument("--fixed-seg")

@@ -103,4 +103,4 @@ def redraw_flow_heads(params, key, scheme: str = "torch"):
                 out[name] = walk(sub, inside_flow or str(name).startswith("flow"))
         return out
 
-    return walk(jax.tree_util.tree_map(lambda x: x, params), False)
+    return walk(params, False)  # walk builds new dicts: the caller's tree is untouched

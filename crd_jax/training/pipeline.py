@@ -163,25 +163,26 @@ def network_multiple(config) -> int:
     return multiple
 
 
-def check_run_config(config, workdir: Path) -> None:
+def check_run_config(config, workdir: Path):
     """What can be checked before anything is read or written: one-line errors for bad values."""
     batch = config.train.batch_size
     if not isinstance(batch, int) or batch < 1:
         raise InputError("config.train.batch_size", f"must be a positive integer, got {batch!r}")
     if batch % jax.device_count():
         raise InputError("config.train.batch_size", f"{batch} is not divisible by {jax.device_count()} devices")
-    stage_kinds.parse_pipeline(config)  # unknown kinds, misspelt fields, references to later stages
+    typed = stage_kinds.parse_pipeline(config)  # unknown kinds, misspelt fields, references to later stages
     check_writable_folder(workdir, "workdir")
     if workdir.is_dir() and any(workdir.iterdir()) and not (workdir / "config.json").exists():
         raise InputError(workdir, "workdir exists, is not empty and is not a crd-jax workdir (no config.json); "
                                   "choose a new folder")
+    return typed
 
 
 def run(config) -> List[Dict]:
     """Runs ``config.pipeline`` and writes the results; returns the result rows."""
     distributed.initialize(config.distributed)
     workdir = Path(config.workdir).absolute()
-    check_run_config(config, workdir)
+    typed = check_run_config(config, workdir)
     multiple = network_multiple(config)
     datasets = build_datasets(config.data, multiple)
     if "train" not in datasets:
@@ -204,7 +205,7 @@ def run(config) -> List[Dict]:
     is_main = jax.process_index() == 0
     created = not workdir.exists()
     try:
-        return _run_stages(config, workdir, datasets, labels, loader, example, multiple, is_main)
+        return _run_stages(config, typed, workdir, datasets, labels, loader, example, multiple, is_main)
     except (InputError, ValueError):
         if created and is_main and workdir.is_dir() and not any((workdir / "stages").glob("*/ckpt/*")) \
                 and not any((workdir / "stages").glob("*/model")):
@@ -212,7 +213,7 @@ def run(config) -> List[Dict]:
         raise
 
 
-def _run_stages(config, workdir, datasets, labels, loader, example, multiple, is_main) -> List[Dict]:
+def _run_stages(config, typed, workdir, datasets, labels, loader, example, multiple, is_main) -> List[Dict]:
     logger = MetricLogger(workdir, progress=bool(config.train.progress_bar))
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -227,7 +228,6 @@ def _run_stages(config, workdir, datasets, labels, loader, example, multiple, is
     done: Dict[str, Trained] = {}
     results = []
     root_key = jax.random.PRNGKey(int(config.seed))
-    typed = stage_kinds.parse_pipeline(config)
     for index, name in enumerate(config.pipeline):
         st = typed[name]
         directory = workdir / "stages" / name
