@@ -28,7 +28,8 @@ sys.path.insert(0, str(HERE))
 
 from common import machine, run_child  # noqa: E402
 
-CONFIGS = {"2d": "configs/lpba40_vm_2d.py", "3d": "configs/lpba40_vm_3d_small.py", "3d-ll": "configs/lpba40_vm_3d_ll.py"}
+CONFIGS = {"2d": "configs/lpba40_vm_2d.py", "3d": "configs/lpba40_vm_3d_small.py", "3d-ll": "configs/lpba40_vm_3d_ll.py",
+           "3d-ll-rep": "configs/lpba40_vm_3d_ll_replicates.py"}
 # Long runs live outside the work tree so that they outlive a checkout; re-running the command resumes them.
 RUNS = Path(os.environ.get("CRD_RUNS", Path.home() / "crd-runs"))
 # Table IV (LPBA40 column) and Section V-A of the paper: Dice (std), GPU MB, GPU s.
@@ -46,6 +47,47 @@ def load_config(path: Path):
     return module.get_config()
 
 
+def _agree(a, b) -> bool:
+    """Whether two config trees agree on every key both have (newer code adds fields with defaults)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return all(_agree(a[k], b[k]) for k in set(a) & set(b))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_agree(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+STAGE_DEFAULTS = {"seed": 0, "augment": ""}  # fields added after the main run wrote its config.json
+
+
+def reuse_stages(config, source: Path, workdir: Path) -> list:
+    """Copies the finished model folders of ``source`` (another run) for every stage of ``config`` that is
+    configured the same way there (same stage block up to its label and evaluation, same data, model, loss
+    and training settings), so that a variant run does not retrain them. Returns the copied stage names."""
+    import shutil
+
+    theirs = json.loads((source / "config.json").read_text())
+    ours = json.loads(config.to_json_best_effort())
+    for section in ("model", "loss", "train"):
+        if not _agree(ours[section], theirs[section]):
+            raise SystemExit(f"--reuse {source}: its config.{section} differs from this setting's")
+    if not _agree({k: v for k, v in ours["data"].items() if k != "augment"}, theirs["data"]):
+        raise SystemExit(f"--reuse {source}: its config.data differs from this setting's")
+    copied = []
+    for name in config.pipeline:
+        block, model = theirs["stages"].get(name), source / "stages" / name / "model"
+        if block is None or not model.is_dir() or (workdir / "stages" / name / "model").exists():
+            continue
+        mine = {k: v for k, v in ours["stages"][name].items() if k not in ("label", "evaluate")}
+        if any(mine.get(k, d) != block.get(k, d) for k, d in STAGE_DEFAULTS.items()) or not _agree(mine, block):
+            continue
+        if not (workdir / "config.json").exists():
+            workdir.mkdir(parents=True, exist_ok=True)
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+        shutil.copytree(model, workdir / "stages" / name / "model")
+        copied.append(name)
+    return copied
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=sorted(CONFIGS), required=True)
@@ -55,6 +97,8 @@ def main():
     p.add_argument("--no-full-size", action="store_true", help="skip the 160x192x160 efficiency measurement")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--status", action="store_true", help="print per-stage progress and time left, then exit")
+    p.add_argument("--reuse", type=Path, default=None,
+                   help="another run folder whose identically configured finished stages are copied, not retrained")
     args = p.parse_args()
     workdir = Path(args.workdir) if args.workdir else RUNS / f"reproduce_lpba40_{args.setting}"
     if args.status:
@@ -72,6 +116,8 @@ def main():
     config.workdir = str(workdir)
     if args.data_root:
         config.data.root = args.data_root
+    if args.reuse:
+        print(f"reused from {args.reuse}: {', '.join(reuse_stages(config, args.reuse, workdir)) or 'nothing'}", flush=True)
     t0 = time.time()
     results = pipeline.run(config)
     wall = time.time() - t0

@@ -73,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.atlas = ""  # a subject id: atlas-based instead of subject-to-subject registration
     c.data.cache_size = 64
     c.data.prefetch = 2
+    # random B-spline deformation of each moving training image (the authors' code; not in the paper):
+    # a control point every `spacing` voxels of the network canvas, displacements N(0, sigma^2) voxels
+    c.data.augment = ml_collections.ConfigDict({"kind": "none", "spacing": 8.0, "sigma": 2.0})
     c.data.synthetic = ml_collections.ConfigDict()
     c.data.synthetic.shape = (32, 32, 32)
     c.data.synthetic.num_labels = 16

@@ -9,6 +9,7 @@ running stage restarts from its latest checkpoint, finished evaluations are read
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 
 from crd_jax.data import PairLoader, build_datasets, dataset_labels, eval_pairs
+from crd_jax.data.augment import Augment
 from crd_jax.data.io import atomic_path
 from crd_jax.errors import InputError
 from crd_jax.outputs import check_writable_folder
@@ -171,6 +173,11 @@ def check_run_config(config, workdir: Path):
     if batch % jax.device_count():
         raise InputError("config.train.batch_size", f"{batch} is not divisible by {jax.device_count()} devices")
     typed = stage_kinds.parse_pipeline(config)  # unknown kinds, misspelt fields, references to later stages
+    for st in typed.values():
+        try:
+            stage_augment(config, st)
+        except ValueError as exc:
+            raise InputError("config.data.augment", str(exc)) from None
     check_writable_folder(workdir, "workdir")
     if workdir.is_dir() and any(workdir.iterdir()) and not (workdir / "config.json").exists():
         raise InputError(workdir, "workdir exists, is not empty and is not a crd-jax workdir (no config.json); "
@@ -213,6 +220,18 @@ def run(config) -> List[Dict]:
         raise
 
 
+def stage_augment(config, st) -> Augment:
+    """The stage's augmentation: ``config.data.augment``, with the stage's own ``augment`` kind when set."""
+    a = config.data.get("augment", None)
+    base = Augment(str(a.kind), float(a.spacing), float(a.sigma)) if a is not None else Augment()
+    return dataclasses.replace(base, kind=st.augment) if st.augment else base
+
+
+def stage_loader(config, st, loader: PairLoader) -> PairLoader:
+    """The run's loader with the stage's pair stream (``seed``) and augmentation."""
+    return loader.for_stage(st.seed, stage_augment(config, st))
+
+
 def _run_stages(config, typed, workdir, datasets, labels, loader, example, multiple, is_main) -> List[Dict]:
     logger = MetricLogger(workdir, progress=bool(config.train.progress_bar))
     if is_main:
@@ -240,7 +259,7 @@ def _run_stages(config, typed, workdir, datasets, labels, loader, example, multi
             steps = _stage_steps(config, st)
             run_ = StageRun(name, plan.loss_fn, plan.init_params, plan.frozen, steps, directory,
                             _validator(config, plan, datasets, labels))
-            trained = train_stage(run_, loader, mesh, config, logger)
+            trained = train_stage(run_, stage_loader(config, st, loader), mesh, config, logger)
             params = plan.full_params(trained)
             spec = dict(plan.spec, steps=steps, labels=labels, preprocessing=_preprocessing_spec(config, train_ds, multiple))
             if is_main:

@@ -29,6 +29,8 @@ class StageConfig:
     evaluate: bool = True
     label: str = ""
     model: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    seed: int = 0  # added to config.seed for this stage's training pairs and augmentation (replicate runs)
+    augment: str = ""  # "" follows config.data.augment.kind; "none" or "bspline" for this stage only
 
     #: stages this one reads (their names are fields of the kind): checked to run earlier
     references: Tuple[str, ...] = dataclasses.field(default=(), init=False, repr=False)
@@ -146,6 +148,8 @@ def parse_stage(name: str, block) -> StageConfig:
     data["steps"] = steps
     if "resolution" in data and data["resolution"] not in RESOLUTIONS:
         raise InputError(f"{where}.resolution", f"must be 'high' or 'low', got {data['resolution']!r}")
+    if data.get("augment", "") not in ("", "none", "bspline"):
+        raise InputError(f"{where}.augment", f"must be '', 'none' or 'bspline', got {data['augment']!r}")
     if data.get("teacher_features", "none") not in ("none", "downsample"):
         raise InputError(f"{where}.teacher_features", f"must be 'none' or 'downsample', got {data['teacher_features']!r}")
     return cls(**data)
