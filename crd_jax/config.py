@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.reg_weight = 1.0  # lambda of eq. 3-7 (the paper follows VoxelMorph: 1)
     c.loss.similarity = "ncc"  # L_sim of eq. 1: "ncc" (the paper), "mind" (MIND-SSC) or "nmi" for multi-modal pairs
     c.loss.ncc_window = 9  # 9^3 window of eq. 1
+    # weight of 1 - soft Dice of the warped training label maps (VoxelMorph's semi-supervised mode); 0: the
+    # paper's unsupervised training. Needs label maps for the training subjects.
+    c.loss.label_weight = 0.0
     c.loss.alpha = 1.0  # deformation distillation weight, eq. 10
     c.loss.beta = 0.1  # feature distillation weight, eq. 10
     c.loss.feature_target = "raw"  # raw features (the paper) or "attention" maps (the authors' code)

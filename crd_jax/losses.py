@@ -6,6 +6,8 @@
 * :func:`mse` is the distillation distance of eq. 8-9; :func:`soft_dice` an overlap score for label maps.
 * :func:`mind_loss` (MIND-SSC) and :func:`nmi` replace NCC as L_sim for multi-modal pairs
   (``config.loss.similarity``).
+* :func:`label_dice_loss` is the label-supervised term of VoxelMorph's semi-supervised mode
+  (``config.loss.label_weight``); :class:`Objective` is eq. 3 with every term the config asks for.
 
 Normalisation follows VoxelMorph (whose ``lambda = 1`` the paper adopts): eq. 1 and eq. 2 are written as
 sums over voxels, the code averages over voxels so that ``lambda`` does not depend on the image size.
@@ -13,7 +15,8 @@ sums over voxels, the code averages over voxels so that ``lambda`` does not depe
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple, Union
+import dataclasses
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -180,3 +183,35 @@ def registration_loss(
     sim_value = ncc(fixed, warped, window=window) if sim is None else sim(fixed, warped)
     reg = grad_l2(disp)
     return sim_value + reg_weight * reg, {"sim": sim_value, "reg": reg}
+
+
+def label_dice_loss(moving_labels: jax.Array, fixed_labels: jax.Array, disp: jax.Array, num_labels: int) -> jax.Array:
+    """``1 - soft Dice`` between the moving label map warped by ``disp`` and the fixed one (VoxelMorph's
+    semi-supervised term): label indices ``(B, *spatial)`` (0 background, ``1..num_labels`` structures)
+    become one-hot maps, the moving one is warped linearly, background is left out of the mean."""
+    k = int(num_labels)
+    moving = jax.nn.one_hot(moving_labels, k + 1, dtype=disp.dtype)[..., 1:]
+    fixed = jax.nn.one_hot(fixed_labels, k + 1, dtype=disp.dtype)[..., 1:]
+    return 1.0 - soft_dice(fixed, warp(moving, disp))
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """L of eq. 3 (eq. 4, 5, 7 by what ``disp`` is): ``L_sim(I_m(phi), I_f) + lambda L_reg(phi)``, plus
+    ``label_weight * (1 - soft Dice)`` of the warped label maps when the batch carries them.
+
+    ``sim``: ``L_sim(fixed, warped)`` (:func:`similarity`; ``None`` is NCC over ``window^d``)."""
+
+    reg_weight: float = 1.0
+    window: int = 9
+    sim: Optional[Callable] = None
+    label_weight: float = 0.0
+    num_labels: int = 0
+
+    def __call__(self, batch: Dict[str, jax.Array], disp: jax.Array) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+        loss, terms = registration_loss(batch["moving"], batch["fixed"], disp, self.reg_weight, self.window, self.sim)
+        if self.label_weight:
+            dice = label_dice_loss(batch["moving_labels"], batch["fixed_labels"], disp, self.num_labels)
+            loss = loss + self.label_weight * dice
+            terms = dict(terms, dice_loss=dice)
+        return loss, terms

@@ -7,14 +7,12 @@ and the loss is taken against the high-resolution images, eq. 5.
 from __future__ import annotations
 
 from crd_jax.models.registrar import Registrar
-from crd_jax.losses import registration_loss
+from crd_jax.losses import Objective
 
 
-def make_loss(model: Registrar, reg_weight: float = 1.0, window: int = 9, sim=None):
+def make_loss(model: Registrar, objective: Objective = Objective()):
     def loss_fn(params, frozen, batch):
         del frozen  # a baseline has no frozen model
-        out = model.apply(params, batch["moving"], batch["fixed"])
-        loss, terms = registration_loss(batch["moving"], batch["fixed"], out.disp, reg_weight, window, sim)
-        return loss, terms
+        return objective(batch, model.apply(params, batch["moving"], batch["fixed"]).disp)
 
     return loss_fn

@@ -7,18 +7,18 @@ the pair downsampled by ``n`` (field upsampled, loss against the high-resolution
 from __future__ import annotations
 
 from crd_jax.models.registrar import Registrar
-from crd_jax.losses import registration_loss
+from crd_jax.losses import Objective
 
 
-def make_loss(high: Registrar, low: Registrar, reg_weight: float = 1.0, window: int = 9, sim=None):
+def make_loss(high: Registrar, low: Registrar, objective: Objective = Objective()):
     if high.backbone is not low.backbone and high.backbone != low.backbone:
         raise ValueError("cooperative training shares one backbone between the two resolutions")
 
     def loss_fn(params, frozen, batch):
         del frozen
         m, f = batch["moving"], batch["fixed"]
-        loss_h, terms_h = registration_loss(m, f, high.apply(params, m, f).disp, reg_weight, window, sim)
-        loss_l, terms_l = registration_loss(m, f, low.apply(params, m, f).disp, reg_weight, window, sim)
+        loss_h, terms_h = objective(batch, high.apply(params, m, f).disp)
+        loss_l, terms_l = objective(batch, low.apply(params, m, f).disp)
         aux = {"loss_H": loss_h, "loss_L": loss_l, "sim_H": terms_h["sim"], "sim_L": terms_l["sim"]}
         return loss_h + loss_l, aux
 

@@ -23,7 +23,7 @@ import numpy as np
 from crd_jax import losses
 from crd_jax.models.output import ModelOutput
 from crd_jax.models.registrar import Registrar
-from crd_jax.losses import registration_loss
+from crd_jax.losses import Objective
 
 
 def attention_map(feature: jax.Array) -> jax.Array:
@@ -137,10 +137,10 @@ def terms_from_config(loss_cfg) -> Tuple[DistillTerm, ...]:
     return tuple(terms)
 
 
-def distillation_loss(t, s, m, f, terms: Sequence[DistillTerm], reg_weight: float = 1.0, window: int = 9, sim=None):
+def distillation_loss(t, s, batch, terms: Sequence[DistillTerm], objective: Objective = Objective()):
     """Eq. 10 for a student output ``s`` given (constant) teacher output ``t``: ``L^L`` plus every weighted
     term (terms of weight 0 are not computed)."""
-    loss_l, parts = registration_loss(m, f, as_output_like(s).disp, reg_weight, window, sim)
+    loss_l, parts = objective(batch, as_output_like(s).disp)
     total = loss_l
     aux = {"loss_L": loss_l, "sim": parts["sim"]}
     for term in terms:
@@ -168,8 +168,8 @@ def regress(regressor, features):
             for l, f in features.items()}
 
 
-def make_loss(student: Registrar, teacher, terms: Sequence[DistillTerm], reg_weight: float = 1.0, window: int = 9,
-              with_regressor: bool = False, sim=None):
+def make_loss(student: Registrar, teacher, terms: Sequence[DistillTerm], objective: Objective = Objective(),
+              with_regressor: bool = False):
     """``teacher``: an object with ``apply(frozen, moving, fixed)`` returning ``disp_low`` and ``features``
     on the student's grid (the FST, :class:`crd_jax.models.teacher.Teacher`). ``with_regressor``: the
     trainable parameters are ``{"student", "regressor"}`` (:func:`init_regressor`)."""
@@ -182,6 +182,6 @@ def make_loss(student: Registrar, teacher, terms: Sequence[DistillTerm], reg_wei
             s = s.replace(features=regress(params["regressor"], s.features))
         else:
             s = student.apply(params, m, f)
-        return distillation_loss(t, s, m, f, terms, reg_weight, window, sim)
+        return distillation_loss(t, s, batch, terms, objective)
 
     return loss_fn

@@ -11,34 +11,34 @@ from __future__ import annotations
 
 import jax
 
-from crd_jax.losses import registration_loss
+from crd_jax.losses import Objective
 from crd_jax.training.distill import distillation_loss
 
 
-def _teacher_terms(high, low, teacher, params, m, f, reg_weight, window, sim=None):
-    loss_h, _ = registration_loss(m, f, high.apply(params["backbone"], m, f).disp, reg_weight, window, sim)
-    loss_l, _ = registration_loss(m, f, low.apply(params["backbone"], m, f).disp, reg_weight, window, sim)
+def _teacher_terms(high, low, teacher, params, batch, objective: Objective):
+    m, f = batch["moving"], batch["fixed"]
+    loss_h, _ = objective(batch, high.apply(params["backbone"], m, f).disp)
+    loss_l, _ = objective(batch, low.apply(params["backbone"], m, f).disp)
     t = teacher.apply({"backbone": params["backbone"], "head": params["head"]}, m, f)
-    loss_t, _ = registration_loss(m, f, t.disp, reg_weight, window, sim)
+    loss_t, _ = objective(batch, t.disp)
     return loss_h + loss_l + loss_t, {"loss_H": loss_h, "loss_L": loss_l, "loss_T": loss_t}, t
 
 
-def make_teacher_loss(high, low, teacher, reg_weight=1.0, window=9, sim=None):
+def make_teacher_loss(high, low, teacher, objective: Objective = Objective()):
     def loss_fn(params, frozen, batch):
         del frozen
-        total, aux, _ = _teacher_terms(high, low, teacher, params, batch["moving"], batch["fixed"], reg_weight, window, sim)
+        total, aux, _ = _teacher_terms(high, low, teacher, params, batch, objective)
         return total, aux
 
     return loss_fn
 
 
-def make_all_loss(high, low, teacher, student, terms, reg_weight=1.0, window=9, sim=None):
+def make_all_loss(high, low, teacher, student, terms, objective: Objective = Objective()):
     def loss_fn(params, frozen, batch):
         del frozen
-        m, f = batch["moving"], batch["fixed"]
-        total, aux, t = _teacher_terms(high, low, teacher, params, m, f, reg_weight, window, sim)
-        s = student.apply(params["student"], m, f)
-        d_total, d_aux = distillation_loss(jax.lax.stop_gradient(t), s, m, f, terms, reg_weight, window, sim)
+        total, aux, t = _teacher_terms(high, low, teacher, params, batch, objective)
+        s = student.apply(params["student"], batch["moving"], batch["fixed"])
+        d_total, d_aux = distillation_loss(jax.lax.stop_gradient(t), s, batch, terms, objective)
         aux.update({f"student_{k}": v for k, v in d_aux.items()})
         return total + d_total, aux
 

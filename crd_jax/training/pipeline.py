@@ -227,9 +227,11 @@ def stage_augment(config, st) -> Augment:
     return dataclasses.replace(base, kind=st.augment) if st.augment else base
 
 
-def stage_loader(config, st, loader: PairLoader) -> PairLoader:
-    """The run's loader with the stage's pair stream (``seed``) and augmentation."""
-    return loader.for_stage(st.seed, stage_augment(config, st))
+def stage_loader(config, st, loader: PairLoader, labels) -> PairLoader:
+    """The run's loader with the stage's pair stream (``seed``) and augmentation; batches carry label maps
+    when the loss has a label-supervised term."""
+    with_labels = float(config.loss.get("label_weight", 0.0)) > 0
+    return loader.for_stage(st.seed, stage_augment(config, st), labels if with_labels else None)
 
 
 def _run_stages(config, typed, workdir, datasets, labels, loader, example, multiple, is_main) -> List[Dict]:
@@ -251,7 +253,7 @@ def _run_stages(config, typed, workdir, datasets, labels, loader, example, multi
         st = typed[name]
         directory = workdir / "stages" / name
         model_dir = directory / "model"
-        plan = plan_stage(name, st, config, done, jax.random.fold_in(root_key, index), example)
+        plan = plan_stage(name, st, config, done, jax.random.fold_in(root_key, index), example, len(labels))
         if model_dir.exists():
             params, _ = load_model(model_dir, like=plan.full_params(plan.init_params))
             logger.info(f"[{name}] finished earlier, loaded {model_dir}")
@@ -259,7 +261,7 @@ def _run_stages(config, typed, workdir, datasets, labels, loader, example, multi
             steps = _stage_steps(config, st)
             run_ = StageRun(name, plan.loss_fn, plan.init_params, plan.frozen, steps, directory,
                             _validator(config, plan, datasets, labels))
-            trained = train_stage(run_, stage_loader(config, st, loader), mesh, config, logger)
+            trained = train_stage(run_, stage_loader(config, st, loader, labels), mesh, config, logger)
             params = plan.full_params(trained)
             spec = dict(plan.spec, steps=steps, labels=labels, preprocessing=_preprocessing_spec(config, train_ds, multiple))
             if is_main:

@@ -153,6 +153,7 @@ class StageContext:
     factor: int
     label: str
     flow_init: str
+    num_labels: int = 0  # structures in the label maps the batches carry (the label-supervised term)
 
     @property
     def n(self) -> int:
@@ -171,22 +172,32 @@ class StageContext:
         """L_sim of eq. 3-7 from ``loss.similarity`` (``ncc``, the paper's; ``mind`` or ``nmi`` for multi-modal)."""
         return losses.similarity(str(self.config.loss.get("similarity", "ncc")), self.window)
 
+    @property
+    def objective(self) -> losses.Objective:
+        """Eq. 3's terms for every registration loss of the stage (plus ``loss.label_weight`` soft Dice)."""
+        weight = float(self.config.loss.get("label_weight", 0.0))
+        if weight and not self.num_labels:
+            raise ValueError(f"stage {self.name}: loss.label_weight needs training subjects with label maps")
+        return losses.Objective(self.reg, self.window, self.sim, weight, self.num_labels)
+
     def spec(self, kind: str, arch=None, factor=None) -> Dict[str, Any]:
         return _spec(kind, arch or self.arch, self.factor if factor is None else factor, self.label, self.name)
 
 
 def _plan_baseline(c: StageContext) -> StagePlan:
     model = mbuild.registrar_from_config(c.arch, c.factor)
-    weight = 0.0 if c.arch.get("backbone") == "affine" else c.reg  # an affine map needs no smoothness term
+    objective = c.objective
+    if c.arch.get("backbone") == "affine":
+        objective = dataclasses.replace(objective, reg_weight=0.0)  # an affine map needs no smoothness term
     init = _init_or_copy(c.st, c.done, lambda: model.init(c.key, c.moving, c.fixed), c.key, c.flow_init)
-    return StagePlan(baseline.make_loss(model, weight, c.window, c.sim), init, {}, model, _identity, c.spec("registrar"))
+    return StagePlan(baseline.make_loss(model, objective), init, {}, model, _identity, c.spec("registrar"))
 
 
 def _plan_cooperative(c: StageContext) -> StagePlan:
     high, low = mbuild.registrar_from_config(c.arch, 1), mbuild.registrar_from_config(c.arch, c.n)
     low = dataclasses.replace(low, backbone=high.backbone)
     init = _init_or_copy(c.st, c.done, lambda: high.init(c.key, c.moving, c.fixed), c.key, c.flow_init)
-    return StagePlan(cooperative.make_loss(high, low, c.reg, c.window, c.sim), init, {}, high, _identity, c.spec("registrar", factor=1))
+    return StagePlan(cooperative.make_loss(high, low, c.objective), init, {}, high, _identity, c.spec("registrar", factor=1))
 
 
 def _plan_teacher(c: StageContext) -> StagePlan:
@@ -195,7 +206,7 @@ def _plan_teacher(c: StageContext) -> StagePlan:
     model = mbuild.teacher_from_config(t_arch, c.n)
     frozen = {"backbone": source.params}
     init = redraw_flow_heads(model.init_head(c.key, frozen["backbone"], c.moving, c.fixed), jax.random.fold_in(c.key, 1), c.flow_init)
-    return StagePlan(teacher.make_loss(model, c.reg, c.window, c.sim), init, frozen, model,
+    return StagePlan(teacher.make_loss(model, c.objective), init, frozen, model,
                      lambda p: {"backbone": frozen["backbone"], "head": p}, c.spec("teacher", t_arch, c.n))
 
 
@@ -208,13 +219,13 @@ def _plan_distill(c: StageContext) -> StagePlan:
     init = _init_or_copy(c.st, c.done, lambda: student.init(c.key, c.moving, c.fixed), c.key, c.flow_init)
     terms = distill.terms_from_config(c.config.loss)
     if not c.st.feature_regressor:
-        loss_fn = distill.make_loss(student, teacher_model, terms, c.reg, c.window, sim=c.sim)
+        loss_fn = distill.make_loss(student, teacher_model, terms, c.objective)
         return StagePlan(loss_fn, init, t.params, student, _identity, c.spec("registrar"))
     # the stage's own trainable parameters beside the student's: exported models hold the student only
     t_out = jax.eval_shape(teacher_model.apply, t.params, c.moving, c.fixed)
     s_out = jax.eval_shape(student.apply, init, c.moving, c.fixed)
     regressor = distill.init_regressor(jax.random.fold_in(c.key, 7), s_out.features, t_out.features)
-    loss_fn = distill.make_loss(student, teacher_model, terms, c.reg, c.window, with_regressor=True, sim=c.sim)
+    loss_fn = distill.make_loss(student, teacher_model, terms, c.objective, with_regressor=True)
     return StagePlan(loss_fn, {"student": init, "regressor": regressor}, t.params, student, lambda p: p["student"],
                      c.spec("registrar"))
 
@@ -232,7 +243,7 @@ def _joint_parts(c: StageContext):
 
 def _plan_joint_teacher(c: StageContext) -> StagePlan:
     model, high, low, params, _ = _joint_parts(c)
-    return StagePlan(joint.make_teacher_loss(high, low, model, c.reg, c.window, c.sim), params, {}, model, _identity,
+    return StagePlan(joint.make_teacher_loss(high, low, model, c.objective), params, {}, model, _identity,
                      c.spec("teacher", factor=c.n))
 
 
@@ -240,8 +251,7 @@ def _plan_joint_all(c: StageContext) -> StagePlan:
     model, high, low, params, k3 = _joint_parts(c)
     student = mbuild.registrar_from_config(c.arch, c.factor)
     params["student"] = redraw_flow_heads(student.init(k3, c.moving, c.fixed), jax.random.fold_in(c.key, 2), c.flow_init)
-    loss_fn = joint.make_all_loss(high, low, model, student, distill.terms_from_config(c.config.loss), c.reg, c.window,
-                                  c.sim)
+    loss_fn = joint.make_all_loss(high, low, model, student, distill.terms_from_config(c.config.loss), c.objective)
     return StagePlan(loss_fn, params, {}, student, lambda p: p["student"], c.spec("registrar"))
 
 
@@ -260,9 +270,9 @@ PLANNERS: Dict[str, Callable[[StageContext], StagePlan]] = {
 }
 
 
-def plan_stage(name: str, st, config, done: Dict[str, Trained], key, example) -> StagePlan:
+def plan_stage(name: str, st, config, done: Dict[str, Trained], key, example, num_labels: int = 0) -> StagePlan:
     """Everything the loop needs for stage ``name``. ``st``: the stage's block (or its typed config);
-    ``example``: a host batch for shapes. The shared wrappers apply to every kind: the resolution (from the
+    ``example``: a host batch for shapes; ``num_labels``: structures of the training label maps. The shared wrappers apply to every kind: the resolution (from the
     kind's default) and, with ``model.affine = "stage"``, the frozen pre-trained affine network."""
     if not isinstance(st, stage_kinds.StageConfig):
         st = stage_kinds.parse_stage(name, st)
@@ -272,7 +282,8 @@ def plan_stage(name: str, st, config, done: Dict[str, Trained], key, example) ->
     resolution = getattr(st, "resolution", st.default_resolution)
     factor = 1 if resolution == "high" else 2**shift
     context = StageContext(name, st, config, done, key, example["moving"][:1], example["fixed"][:1], arch, shift, factor,
-                           st.label or default_label(st.kind, st, arch, shift), str(model_cfg.get("flow_init", "torch")))
+                           st.label or default_label(st.kind, st, arch, shift), str(model_cfg.get("flow_init", "torch")),
+                           int(num_labels))
     plan = PLANNERS[st.kind](context)
     if arch.get("affine") == "stage" and st.frozen_affine != "inherited":
         if st.frozen_affine == "unsupported":

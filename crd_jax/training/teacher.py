@@ -9,14 +9,14 @@ from __future__ import annotations
 import jax
 
 from crd_jax.models.teacher import Teacher
-from crd_jax.losses import registration_loss
+from crd_jax.losses import Objective
 
 
-def make_loss(teacher: Teacher, reg_weight: float = 1.0, window: int = 9, sim=None):
+def make_loss(teacher: Teacher, objective: Objective = Objective()):
     def loss_fn(params, frozen, batch):
         m, f = batch["moving"], batch["fixed"]
         backbone = jax.lax.stop_gradient(frozen["backbone"])
         out = teacher.apply({"backbone": backbone, "head": params}, m, f)
-        return registration_loss(m, f, out.disp, reg_weight, window, sim)
+        return objective(batch, out.disp)
 
     return loss_fn
