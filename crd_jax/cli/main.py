@@ -80,10 +80,7 @@ def cmd_register(args) -> None:
     loaded = load(_model_path(args.model))
     fixed, moving, moving_seg, _ = load_pair(loaded, args.fixed, args.moving, args.moving_seg)
     t = time.perf_counter()
-    if args.io_steps < 0:
-        raise InputError("--io-steps", f"must be 0 or more, got {args.io_steps}")
-    result, notes = register_volumes(loaded, fixed, moving, moving_seg, args.normalize, args.io_steps,
-                                     "ncc" if args.affine == "ncc" else ("nmi" if args.affine else ""))
+    result, notes = register_volumes(loaded, fixed, moving, moving_seg, **registration_kwargs(args))
     elapsed = time.perf_counter() - t
     from crd_jax.metrics import jacobian_determinant
 
@@ -255,7 +252,7 @@ def cmd_figure(args) -> None:
     outputs = OutputSet(out.parent, [out.name], args.overwrite)
     loaded = load(_model_path(args.model))
     fixed, moving, moving_seg, fixed_seg = load_pair(loaded, args.fixed, args.moving, args.moving_seg, args.fixed_seg)
-    result, notes = register_volumes(loaded, fixed, moving, moving_seg)
+    result, notes = register_volumes(loaded, fixed, moving, moving_seg, **registration_kwargs(args))
     for note in notes:
         print(f"note: {note}")
     from crd_jax.geometry import onto_grid, same_grid
@@ -332,6 +329,26 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+def add_registration_options(p: argparse.ArgumentParser) -> None:
+    """The options that change how a pair is registered (``register`` and ``figure`` share them)."""
+    p.add_argument("--normalize", choices=("model", "none", "minmax", "percentile"), default="model",
+                   help="intensity normalisation of the inputs (default: as the model was trained)")
+    p.add_argument("--io-steps", type=int, default=0,
+                   help="instance optimisation: fine-tune the predicted field on this pair for N Adam steps at the model's "
+                   "own resolution (NCC + smoothness; uniGradICON uses 50). Default 0")
+    p.add_argument("--affine", nargs="?", const="ncc", choices=("ncc", "mi"), default="",
+                   help="affine pre-alignment before the deformable model (intensity-based, coarse to fine, optax): "
+                   "ncc (default) or mi for multi-modal pairs; register writes affine.txt (RAS) and affine_itk.txt (ITK)")
+
+
+def registration_kwargs(args) -> dict:
+    """``register_volumes`` keywords from the options of :func:`add_registration_options`."""
+    if args.io_steps < 0:
+        raise InputError("--io-steps", f"must be 0 or more, got {args.io_steps}")
+    return {"normalize_mode": args.normalize, "io_steps": args.io_steps,
+            "affine": "ncc" if args.affine == "ncc" else ("nmi" if args.affine else "")}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crd-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action=_Version)
@@ -356,15 +373,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--disp-format", choices=("voxel", "itk", "learn2reg"), default="voxel",
                    help="voxel: ours (X,Y,Z,3) voxels; itk: ANTs/ITK/Slicer displacement field; learn2reg: disp_FFFF_MMMM.npz + .nii.gz")
     r.add_argument("--pair-ids", nargs=2, metavar=("FIXED_ID", "MOVING_ID"), help="ids in Learn2Reg file names")
-    r.add_argument("--normalize", choices=("model", "none", "minmax", "percentile"), default="model",
-                   help="intensity normalisation of the inputs (default: as the model was trained)")
     r.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
-    r.add_argument("--io-steps", type=int, default=0,
-                   help="instance optimisation: fine-tune the predicted field on this pair for N Adam steps at the model's "
-                   "own resolution (NCC + smoothness; uniGradICON uses 50). Default 0")
-    r.add_argument("--affine", nargs="?", const="ncc", choices=("ncc", "mi"), default="",
-                   help="affine pre-alignment before the deformable model (intensity-based, coarse to fine, optax): "
-                   "ncc (default) or mi for multi-modal pairs; writes affine.txt (RAS) and affine_itk.txt (ITK)")
+    add_registration_options(r)
     r.add_argument("--jacobian", action="store_true", help="also write jacobian.nii.gz, det(I + grad u) on the fixed grid")
     r.add_argument("--inverse", action="store_true", help="also write the inverse displacement (inverse_disp*, fixed-point iteration)")
     r.set_defaults(func=cmd_register)
@@ -423,6 +433,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--moving-seg")
     f.add_argument("--out", required=True, help="PNG (or PDF) to write")
     f.add_argument("--overwrite", action="store_true", help="replace the file if it exists")
+    add_registration_options(f)
     f.set_defaults(func=cmd_figure)
 
     c = sub.add_parser(
