@@ -32,7 +32,7 @@ def to_model_space(volume: Volume, codes: str):
     transform = ornt.ornt_transform(start, end)
     data = ornt.apply_orientation(volume.data, transform)
     affine = volume.affine @ ornt.inv_ornt_aff(transform, volume.data.shape)
-    return Volume(np.ascontiguousarray(data), affine, None, volume.path), transform
+    return Volume(data, affine, None, volume.path), transform  # a view: flips and transposes copy nothing
 
 
 def field_to_original(disp: np.ndarray, transform: np.ndarray, original_shape: Sequence[int]) -> np.ndarray:
@@ -40,8 +40,47 @@ def field_to_original(disp: np.ndarray, transform: np.ndarray, original_shape: S
     # original voxel x relates to reoriented voxel y by x = M y + c, with M = inv_ornt_aff(transform)[:3, :3]
     m = ornt.inv_ornt_aff(transform, tuple(original_shape))[:3, :3]
     undo = _inverse_transform(transform)
-    arr = np.stack([ornt.apply_orientation(disp[..., i], undo) for i in range(disp.shape[-1])], -1)
-    return np.einsum("ij,...j->...i", m, arr).astype(np.float32)
+    # m is a signed permutation: component i of the result is +-component j of the reoriented field, so each
+    # is one strided copy (no (N, 3) float64 temporary)
+    out = np.empty(tuple(original_shape) + (disp.shape[-1],), np.float32)
+    for i in range(disp.shape[-1]):
+        j = int(np.argmax(np.abs(m[i])))
+        out[..., i] = ornt.apply_orientation(disp[..., j], undo)
+        if m[i, j] < 0:
+            np.negative(out[..., i], out=out[..., i])
+    return out
+
+
+def field_to_original_device(disp, transform: np.ndarray, original_shape: Sequence[int]):
+    """:func:`field_to_original` on a JAX array (compiled; no host copy of the full-size field)."""
+    import jax.numpy as jnp
+
+    m = ornt.inv_ornt_aff(transform, tuple(original_shape))[:3, :3]
+    undo = _inverse_transform(transform)
+    plan = tuple((int(np.argmax(np.abs(m[i]))), float(np.sign(m[i, int(np.argmax(np.abs(m[i])))]))) for i in range(m.shape[0]))
+    flips = tuple(int(a) for a, f in enumerate(undo[:, 1]) if f == -1)
+    order = tuple(int(a) for a in np.argsort(undo[:, 0]))
+    return _reorient_field(jnp.asarray(disp, jnp.float32), plan, flips, order)
+
+
+def _reorient_field_impl(disp, plan, flips, order):
+    import jax.numpy as jnp
+
+    d = jnp.flip(disp, axis=flips) if flips else disp
+    d = jnp.transpose(d, order + (d.ndim - 1,))
+    return jnp.stack([sign * d[..., j] for j, sign in plan], axis=-1)
+
+
+def _reorient_field(disp, plan, flips, order):
+    import jax
+
+    global _reorient_jit
+    if _reorient_jit is None:
+        _reorient_jit = jax.jit(_reorient_field_impl, static_argnums=(1, 2, 3))
+    return _reorient_jit(disp, plan, flips, order)
+
+
+_reorient_jit = None
 
 
 def _inverse_transform(transform: np.ndarray) -> np.ndarray:

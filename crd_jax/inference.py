@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crd_jax.data.preprocess import Placement, normalize, padded_shape, place, resample
+from crd_jax.data.preprocess import Placement, apply_normalize, normalize, normalize_params, padded_shape, place, resample
 from crd_jax.ops.spatial import resize_field, warp
 
 
@@ -72,6 +72,23 @@ def prepare(preprocessing: Mapping, multiple: int, fixed: np.ndarray, moving: np
     return Prepared(as_input(moving), as_input(fixed), grid, work, placement)
 
 
+def prepare_raw(preprocessing: Mapping, multiple: int, fixed: np.ndarray, moving: np.ndarray, mode: str = "model"):
+    """:func:`normalize_inputs` then :func:`prepare`, with the work at full resolution reduced to what it
+    must be: the normalisation's statistics are taken on the full images, the images are resampled onto
+    the model's grid as they are, and the (affine) normalisation is applied to the small ones. Returns
+    ``(prepared, mode)``."""
+    mode = preprocessing.get("normalize", "none") if mode == "model" else mode
+    percentiles = preprocessing.get("percentiles", [0.5, 99.5])
+    params = [normalize_params(a, mode, *percentiles) for a in (fixed, moving)]
+    grid = tuple(fixed.shape)
+    work = tuple(preprocessing.get("resample_shape") or ()) or grid
+    small = [a if work == grid else resample(np.asarray(a, np.float32), work, 1) for a in (fixed, moving)]
+    f_in, m_in = (apply_normalize(a, q) for a, q in zip(small, params))
+    placement = place(work, padded_shape(work, multiple))
+    as_input = lambda a: jnp.asarray(placement.apply(np.asarray(a, np.float32)))[None, ..., None]  # noqa: E731
+    return Prepared(as_input(m_in), as_input(f_in), grid, work, placement), mode
+
+
 @functools.lru_cache(maxsize=16)
 def predictor(model):
     """The model's jitted ``(params, moving, fixed) -> disp`` (one per model object)."""
@@ -84,27 +101,125 @@ def predict(model, params, moving: jax.Array, fixed: jax.Array) -> jax.Array:
 
 def map_back(prepared: Prepared, disp_canvas) -> np.ndarray:
     """A ``(*canvas, ndim)`` (or batched) field on the canvas -> ``(*grid, ndim)`` on the caller's grid."""
-    disp = np.asarray(disp_canvas)
+    return np.array(map_back_device(prepared, disp_canvas))
+
+
+def map_back_device(prepared: Prepared, disp_canvas) -> jax.Array:
+    """:func:`map_back` as a JAX array: cropped, resampled and rescaled in one compiled program, so that
+    the full-size field exists once, on the device (``np.asarray`` of it is a view on CPU)."""
+    disp = jnp.asarray(disp_canvas, jnp.float32)
     disp = disp[0] if disp.ndim == len(prepared.grid) + 2 else disp
-    disp = prepared.placement.restore(disp)
-    if prepared.work != prepared.grid:
-        disp = np.asarray(resize_field(jnp.asarray(disp)[None], prepared.grid)[0])
-    return disp.astype(np.float32)
+    src, dst = prepared.placement._windows()
+    windows = tuple((d.start, d.stop, s.start, n - s.stop) for s, d, n in zip(src, dst, prepared.placement.source_shape))
+    return _map_back(disp, windows, tuple(prepared.work), tuple(prepared.grid))
 
 
-@functools.partial(jax.jit, static_argnames=("order",))
-def _warp(image, disp, order):
-    return warp(image, disp, order=order)
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _map_back(disp, windows, work, grid):
+    inner = disp[tuple(slice(a, b) for a, b, _, _ in windows)]
+    pad = [(before, after) for _, _, before, after in windows] + [(0, 0)]
+    restored = jnp.pad(inner, pad, mode="edge")  # voxels cropped away take the nearest canvas value
+    if work == grid:
+        return restored
+    return resize_field(restored[None], grid)[0]
 
 
-def warp_image(image: np.ndarray, disp: np.ndarray, order: int = 1) -> np.ndarray:
-    """``(*grid)`` image warped by a ``(*grid, ndim)`` field (linear)."""
-    return np.asarray(_warp(jnp.asarray(image, jnp.float32)[None, ..., None], jnp.asarray(disp)[None], order))[0, ..., 0]
+_resize_field = jax.jit(resize_field, static_argnums=1)  # one compiled program instead of a dozen eager ops
 
 
-def warp_labels(labels: np.ndarray, disp: np.ndarray) -> np.ndarray:
-    """``(*grid)`` integer labels warped by nearest neighbour."""
-    return np.asarray(_warp(jnp.asarray(labels, jnp.int32)[None, ..., None], jnp.asarray(disp)[None], 0))[0, ..., 0]
+def count_folds(disp) -> int:
+    """Voxels with det J <= 0 of :func:`jacobian_determinant`, without keeping the map."""
+    disp = jnp.asarray(disp, jnp.float32)
+    return int(_jacobian_slabs(disp, _slabs(disp.shape[:-1]), True))
+
+
+def jacobian_determinant(disp) -> np.ndarray:
+    """:func:`crd_jax.metrics.jacobian_determinant` (central differences, one-sided at the border) in
+    float32, compiled and computed in slabs of the first axis: what ``crd-jax register`` reports at full
+    size, several times faster than the float64 version and with a fraction of its memory."""
+    disp = jnp.asarray(disp, jnp.float32)
+    return np.asarray(_jacobian_slabs(disp, _slabs(disp.shape[:-1]), False))
+
+
+@functools.partial(jax.jit, static_argnames=("slabs", "count"))
+def _jacobian_slabs(disp, slabs, count):
+    """det J in ``slabs`` slabs of the first axis; with ``count``, only the number of voxels with det <= 0."""
+    from crd_jax.metrics import _det
+
+    ndim, n = disp.shape[-1], disp.shape[0]
+    size = -(-n // slabs)
+    spread = jnp.ones((n,), disp.dtype).at[0].set(2.0).at[n - 1].set(2.0) if n > 1 else jnp.zeros((1,), disp.dtype)
+
+    def slab(start):
+        rows = jnp.clip(start - 1 + jnp.arange(size + 2), 0, n - 1)
+        u = jnp.take(disp, rows, axis=0)  # the slab and its neighbours (edge rows repeated)
+        # odd reflection continues each component linearly past the border (u[-1] = 2 u[0] - u[1]), so the
+        # central difference there is the one-sided one, np.gradient's edges
+        rest = [(0, 0)] + [(1, 1)] * (ndim - 1) + [(0, 0)]
+        u = jnp.pad(u, rest, mode="reflect", reflect_type="odd") if ndim > 1 else u
+        grads = []
+        for j in range(ndim):
+            d = 0.5 * (jax.lax.slice_in_dim(u, 2, None, axis=j) - jax.lax.slice_in_dim(u, 0, u.shape[j] - 2, axis=j))
+            d = d[tuple(slice(1, -1) if a != j else slice(None) for a in range(ndim))]
+            if j == 0:  # a repeated edge row halves the one-sided difference: undo it at the volume's ends
+                row = jnp.take(spread, jnp.clip(start + jnp.arange(size), 0, n - 1))
+                d = d * row.reshape((size,) + (1,) * ndim)
+            grads.append(d)
+        det = _det([[grads[j][..., i] + (1.0 if i == j else 0.0) for j in range(ndim)] for i in range(ndim)])
+        if count:  # rows past the end (the last slab's padding) do not count
+            inside = (start + jnp.arange(size) < n).reshape((size,) + (1,) * (ndim - 1))
+            return jnp.sum((det <= 0) & inside)
+        return det
+
+    out = jax.lax.map(slab, jnp.arange(slabs) * size)
+    if count:
+        return jnp.sum(out)
+    return out.reshape(size * slabs, *out.shape[2:])[:n]
+
+
+SLAB_VOXELS = 1 << 18  # output voxels warped at a time: bounds the gather's temporaries at full resolution
+
+
+def _slabs(shape) -> int:
+    """How many slabs along the first axis keep each near :data:`SLAB_VOXELS` output voxels."""
+    return max(1, min(int(shape[0]), int(np.prod(shape)) // SLAB_VOXELS))
+
+
+@functools.partial(jax.jit, static_argnames=("order", "slabs", "dtype"))
+def _warp_slabs(image, disp, order, slabs, dtype="float32"):
+    """``image (*in)`` sampled at ``x + disp(x)`` for every voxel of ``disp (*out, d)``, ``slabs`` slabs of
+    the first axis one after another (``lax.map``), edge voxels repeated outside (as :func:`warp`)."""
+    from jax.scipy import ndimage
+
+    n, ndim = disp.shape[0], disp.shape[-1]
+    size = -(-n // slabs)
+    rest = [jnp.arange(k, dtype=disp.dtype) for k in disp.shape[1:-1]]
+
+    def slab(start):
+        rows = jnp.clip(start + jnp.arange(size), 0, n - 1)  # the last slab repeats the last row (dropped below)
+        field = jnp.take(disp, rows, axis=0)  # no padded copy of the whole field
+        grid = jnp.meshgrid(*([rows.astype(disp.dtype)] + rest), indexing="ij")
+        coords = [grid[k] + field[..., k] for k in range(ndim)]
+        return ndimage.map_coordinates(image, coords, order=order, mode="nearest").astype(dtype)
+
+    out = jax.lax.map(slab, jnp.arange(slabs) * size)
+    return out.reshape(size * slabs, *out.shape[2:])[:n]
+
+
+def warp_image(image: np.ndarray, disp, order: int = 1) -> np.ndarray:
+    """``(*grid)`` image warped by a ``(*grid, ndim)`` field (linear), in slabs of the output. ``disp``: numpy
+    or a JAX array (not copied)."""
+    image = jnp.asarray(image, jnp.float32)
+    return np.asarray(_warp_slabs(image, jnp.asarray(disp, jnp.float32), order, _slabs(disp.shape[:-1])))
+
+
+def warp_labels(labels: np.ndarray, disp) -> np.ndarray:
+    """``(*grid)`` integer labels warped by nearest neighbour (sampled as float32: exact below 2^24), in
+    the labels' own integer type."""
+    labels = np.asarray(labels)
+    dtype = labels.dtype if labels.dtype.itemsize <= 4 else np.dtype(np.int32)
+    out = _warp_slabs(jnp.asarray(labels, jnp.float32), jnp.asarray(disp, jnp.float32), 0, _slabs(disp.shape[:-1]), dtype.name)
+    return np.asarray(out)
 
 
 def register_arrays(model, params, preprocessing: Mapping, multiple: int, fixed: np.ndarray, moving: np.ndarray,

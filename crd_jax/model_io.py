@@ -17,7 +17,6 @@ from typing import Any, Dict
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import serialization
 
 from crd_jax.errors import InputError
@@ -33,10 +32,12 @@ def _host_tree(tree):
     return jax.tree_util.tree_map(np.asarray, tree)
 
 
-def _this_process_only() -> ocp.StandardCheckpointer:
+def _this_process_only():
     """A checkpointer that neither waits for nor involves other processes (model folders hold host
     arrays that one process writes and any process may read)."""
     me = jax.process_index()
+    import orbax.checkpoint as ocp  # only format-1 folders need it (and it is slow to import)
+
     options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
     return ocp.StandardCheckpointer(multiprocessing_options=options)
 
@@ -146,6 +147,8 @@ def load_model(directory: Path, like=None):
             if like is None:
                 params = ckpt.restore(legacy)
             else:
+                import orbax.checkpoint as ocp
+
                 abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
                 params = ckpt.restore(legacy, abstract)
     except InputError:

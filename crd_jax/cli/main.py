@@ -65,6 +65,17 @@ def cmd_models(args) -> None:
         print(f"    validation Dice {r.get('val_dice_grid')} (model grid), {r.get('val_dice_1mm')} (1 mm) on {r.get('validated_on', '?')}")
 
 
+def label_dtype(labels):
+    """Label maps stored in the smallest integer type that holds them (int16 for the usual atlases)."""
+    import numpy as np
+
+    for dtype in (np.uint8, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if labels.size == 0 or (labels.min() >= info.min and labels.max() <= info.max):
+            return labels.astype(dtype, copy=False)
+    return labels.astype(np.int64)
+
+
 def cmd_register(args) -> None:
     from crd_jax.cli.registration import load, load_pair, register_volumes
     from crd_jax.data.io import save_nifti
@@ -72,29 +83,28 @@ def cmd_register(args) -> None:
     from crd_jax.outputs import OutputSet
 
     ids = tuple(args.pair_ids) if args.pair_ids else None
-    names = ["warped.nii.gz"] + (["warped_seg.nii.gz"] if args.moving_seg else []) + displacement_names(args.disp_format, pair_ids=ids)
-    inverse_name = "inverse_disp_itk.nii.gz" if args.disp_format == "itk" else "inverse_disp.nii.gz"
+    ext = ".nii" if args.uncompressed else ".nii.gz"
+    names = [f"warped{ext}"] + ([f"warped_seg{ext}"] if args.moving_seg else [])
+    names += displacement_names(args.disp_format, pair_ids=ids, ext=ext)
+    inverse_name = f"inverse_disp_itk{ext}" if args.disp_format == "itk" else f"inverse_disp{ext}"
     names += ["affine.txt", "affine_itk.txt"] if args.affine else []
-    names += (["jacobian.nii.gz"] if args.jacobian else []) + ([inverse_name] if args.inverse else [])
+    names += ([f"jacobian{ext}"] if args.jacobian else []) + ([inverse_name] if args.inverse else [])
     outputs = OutputSet(args.out_dir, names, args.overwrite)  # checked before any computation
     loaded = load(_model_path(args.model))
     fixed, moving, moving_seg, _ = load_pair(loaded, args.fixed, args.moving, args.moving_seg)
     t = time.perf_counter()
-    result, notes = register_volumes(loaded, fixed, moving, moving_seg, **registration_kwargs(args))
+    result, notes = register_volumes(loaded, fixed, moving, moving_seg, jacobian=args.jacobian, **registration_kwargs(args))
     elapsed = time.perf_counter() - t
-    from crd_jax.metrics import jacobian_determinant
-
-    jacobian = jacobian_determinant(result["disp"])
-    folds = int((jacobian <= 0).sum())
+    folds, voxels = result["folds"], int(fixed.data.size)
     for note in notes:
         print(f"note: {note}")
     with outputs as stage:
-        save_nifti(stage / "warped.nii.gz", result["warped"].astype(fixed.data.dtype), fixed.affine, fixed.header)
+        save_nifti(stage / f"warped{ext}", result["warped"].astype(fixed.data.dtype, copy=False), fixed.affine, fixed.header)
         if "warped_seg" in result:
-            save_nifti(stage / "warped_seg.nii.gz", result["warped_seg"].astype("int32"), fixed.affine, None)
-        write_displacement(stage, result["disp"], fixed, args.disp_format, pair_ids=ids)
+            save_nifti(stage / f"warped_seg{ext}", label_dtype(result["warped_seg"]), fixed.affine, None)
+        write_displacement(stage, result["disp"], fixed, args.disp_format, pair_ids=ids, ext=ext)
         if args.jacobian:
-            save_nifti(stage / "jacobian.nii.gz", jacobian.astype("float32"), fixed.affine, None)
+            save_nifti(stage / f"jacobian{ext}", result["jacobian"], fixed.affine, None)
         if args.affine:
             import numpy as np
 
@@ -115,7 +125,7 @@ def cmd_register(args) -> None:
             else:
                 save_nifti(stage / inverse_name, inverse, fixed.affine, None, intent="vector")
     print(f"registered {args.moving} to {args.fixed} with {loaded.spec.get('label', 'model')} in {elapsed:.2f} s; "
-          f"folds (det J <= 0): {folds} voxels ({100.0 * folds / jacobian.size:.3f}%)")
+          f"folds (det J <= 0): {folds} voxels ({100.0 * folds / voxels:.3f}%)")
     for path in outputs.paths():
         print(f"wrote {path}")
 
@@ -375,6 +385,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--pair-ids", nargs=2, metavar=("FIXED_ID", "MOVING_ID"), help="ids in Learn2Reg file names")
     r.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
     add_registration_options(r)
+    r.add_argument("--uncompressed", action="store_true",
+                   help="write .nii instead of .nii.gz (faster: compressing a float32 field saves little space)")
     r.add_argument("--jacobian", action="store_true", help="also write jacobian.nii.gz, det(I + grad u) on the fixed grid")
     r.add_argument("--inverse", action="store_true", help="also write the inverse displacement (inverse_disp*, fixed-point iteration)")
     r.set_defaults(func=cmd_register)
@@ -463,8 +475,33 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def enable_compilation_cache() -> Optional[str]:
+    """JAX's persistent compilation cache in the user's cache folder (``$CRD_JAX_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/crd_jax/xla`` or ``~/.cache/crd_jax/xla``; ``CRD_JAX_CACHE_DIR=off`` disables it), so
+    that a second ``crd-jax`` call loads the compiled programs instead of compiling them again."""
+    import os
+
+    path = os.environ.get("CRD_JAX_CACHE_DIR", "")
+    if path.lower() in ("off", "0", "none"):
+        return None
+    if not path:
+        path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "crd_jax", "xla")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None  # an unwritable cache is no reason to fail: compile as before
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
+    if args.func not in (cmd_models,):
+        enable_compilation_cache()
     try:
         args.func(args)
     except InputError as exc:

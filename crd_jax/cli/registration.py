@@ -102,8 +102,9 @@ def _check_finite(name: str, array: np.ndarray, model_path) -> None:
 
 
 def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_seg: Optional[Volume] = None,
-                     normalize_mode: str = "model", io_steps: int = 0, affine: str = ""):
-    """``(result, notes)``: ``result`` has ``disp`` (fixed grid, voxels), ``warped`` and ``warped_seg``.
+                     normalize_mode: str = "model", io_steps: int = 0, affine: str = "", jacobian: bool = False):
+    """``(result, notes)``: ``result`` has ``disp`` (fixed grid, voxels), ``warped``, ``folds`` (voxels with
+    det J <= 0), ``warped_seg`` and, with ``jacobian``, the map of det J (float32).
 
     ``normalize_mode``: ``model`` (what the model was trained with) or a :func:`normalize` mode."""
     notes: List[str] = []
@@ -141,10 +142,11 @@ def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_
         codes = geometry.axis_codes(fixed.affine)
         if codes != record["orientation"]:
             notes.append(f"reoriented {codes} -> {record['orientation']} (the model's orientation), result mapped back")
-    f_in, m_in, mode = inference.normalize_inputs(pre, fixed_net, moving_net, normalize_mode)
-    _check_intensities(loaded, f_in, fixed.path, mode)
-    _check_intensities(loaded, m_in, moving.path, mode)
-    prepared = inference.prepare(pre, inference.canvas_multiple(loaded.spec), f_in, m_in)
+    prepared, mode = inference.prepare_raw(pre, inference.canvas_multiple(loaded.spec), fixed_net, moving_net, normalize_mode)
+    del fixed_net, moving_net  # full-resolution copies are not needed past this point
+    # on the network's input (the model's grid): what the network sees
+    _check_intensities(loaded, prepared.placement.restore(np.asarray(prepared.fixed)[0, ..., 0]), fixed.path, mode)
+    _check_intensities(loaded, prepared.placement.restore(np.asarray(prepared.moving)[0, ..., 0]), moving.path, mode)
     notes += prepared.notes
     if io_steps > 0:
         disp_canvas, before, after = inference.instance_optimise(loaded.model, loaded.params, prepared, io_steps)
@@ -153,18 +155,21 @@ def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_
     else:
         disp_canvas = np.asarray(inference.predict(loaded.model, loaded.params, prepared.moving, prepared.fixed))
     _check_finite("displacement", disp_canvas, loaded.path)
-    disp = inference.map_back(prepared, disp_canvas)
+    # the full-size field stays a JAX array (one copy, no host round trips); np.asarray of it is a view
+    disp = inference.map_back_device(prepared, disp_canvas)
     if transform is not None:
-        disp = geometry.field_to_original(disp, transform, fixed.data.shape)
+        disp = geometry.field_to_original_device(disp, transform, fixed.data.shape)
     if affine_result is not None:  # first the deformable field, then the affine map: one interpolation
         from crd_jax.ops.spatial import compose
 
         u_aff = jnp.asarray(affine_result.displacement(fixed.data.shape))[None]
-        disp = np.asarray(compose(u_aff, jnp.asarray(disp)[None])[0])
+        disp = compose(u_aff, disp[None])[0]
         moving_data = full_moving
     warped = inference.warp_image(moving_data, disp)
     _check_finite("warped image", warped, loaded.path)
-    result = {"disp": disp, "warped": warped}
+    result = {"disp": np.asarray(disp), "warped": warped, "folds": inference.count_folds(disp)}
+    if jacobian:
+        result["jacobian"] = inference.jacobian_determinant(disp)
     if affine_result is not None:
         result["affine"] = affine_result
     if seg_data is not None:

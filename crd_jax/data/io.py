@@ -12,8 +12,9 @@ import contextlib
 import dataclasses
 import os
 import tempfile
+import zlib
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterator, List, Optional, Union
 
 import nibabel as nib
 import numpy as np
@@ -107,7 +108,7 @@ def load_image(path: PathLike, ndim: int = 3) -> Volume:
     _check_geometry(affine, ndim, path)
     if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
         raise InputError(path, f"image has non-numeric type {data.dtype}")
-    data = data.astype(np.float32)
+    data = data.astype(np.float32, copy=False)
     bad = ~np.isfinite(data)
     if bad.any():
         raise InputError(path, f"image has {int(bad.sum())} NaN/Inf voxels")
@@ -167,7 +168,90 @@ def save_nifti(
     if intent is not None:
         img.header.set_intent(intent)
     with atomic_path(path) as tmp:
-        nib.save(img, tmp)
+        write_nifti_stream(tmp, img, data, compress=str(path).endswith(".gz"))
+
+
+def nifti_blocks(img: nib.Nifti1Image, data: np.ndarray, block: int = 4 << 20) -> Iterator[bytes]:
+    """The bytes of ``img`` as a single-file NIfTI (header, extensions, then ``data`` in the file's Fortran
+    order), in blocks of about ``block`` bytes, without a copy of the whole array."""
+    import io
+
+    img.update_header()
+    hdr = img.header
+    head = io.BytesIO()
+    hdr.write_to(head)
+    if hdr.extensions:
+        hdr.extensions.write_to(head, False)
+    offset = int(hdr["vox_offset"])
+    yield head.getvalue() + b"\0" * (offset - len(head.getvalue()))
+    arr = np.asarray(data, dtype=hdr.get_data_dtype())
+    if arr.ndim < 2:
+        yield arr.tobytes(order="F")
+        return
+    reversed_axes = arr.T  # C order of the reversed axes is the file's Fortran order
+    pending = bytearray()
+    for index in np.ndindex(*reversed_axes.shape[:-2]):
+        pending += np.ascontiguousarray(reversed_axes[index]).tobytes()
+        if len(pending) >= block:
+            yield bytes(pending)
+            pending = bytearray()
+    if pending:
+        yield bytes(pending)
+
+
+def write_nifti_stream(path: PathLike, img: nib.Nifti1Image, data: np.ndarray, compress: bool, level: int = 1) -> None:
+    """Writes ``img`` block by block: as it is, or as gzip members compressed on all the process's CPUs
+    (:func:`gzip_members`); memory stays a few blocks whatever the volume's size."""
+    blocks = nifti_blocks(img, data)
+    with open(path, "wb") as f:
+        if not compress:
+            for b in blocks:
+                f.write(b)
+            return
+        for member in _compressed(blocks, level):
+            f.write(member)
+
+
+def _compressed(blocks: Iterator[bytes], level: int) -> Iterator[bytes]:
+    """Each block as one gzip member, in order, at most ``2 x workers`` blocks in flight."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = _workers()
+    with ThreadPoolExecutor(workers) as pool:
+        window = []
+        for b in blocks:
+            window.append(pool.submit(_gzip_member, b, level))
+            if len(window) >= 2 * workers:
+                yield window.pop(0).result()
+        for future in window:
+            yield future.result()
+
+
+def _gzip_member(raw: bytes, level: int) -> bytes:
+    c = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: a gzip header and trailer
+    return c.compress(raw) + c.flush()
+
+
+def _workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def gzip_members(raw: bytes, level: int = 1, chunk: int = 4 << 20) -> List[bytes]:
+    """``raw`` as consecutive gzip members of ``chunk`` bytes each, compressed on all the process's CPUs
+    (zlib releases the GIL). Concatenated members are one valid gzip file (RFC 1952; zlib's ``gzread``,
+    Python's ``gzip`` and every NIfTI reader built on them read through all members)."""
+    view = memoryview(raw)
+    return list(_compressed((bytes(view[i:i + chunk]) for i in range(0, max(len(raw), 1), chunk)), level))
+
+
+def write_gzip(path: PathLike, raw: bytes, level: int = 1) -> None:
+    """``raw`` gzip-compressed into ``path`` (nibabel's default level, 1), in parallel chunks."""
+    with open(path, "wb") as f:
+        for member in gzip_members(raw, level):
+            f.write(member)
 
 
 def save_npz(path: PathLike, **arrays) -> None:

@@ -15,23 +15,43 @@ import numpy as np
 from scipy import ndimage
 
 
-def normalize(image: np.ndarray, mode: str = "minmax", low: float = 0.5, high: float = 99.5) -> np.ndarray:
-    """``none``: unchanged; ``minmax``: to [0, 1]; ``percentile``: clip to the ``low``/``high`` percentiles
-    of the nonzero voxels, then to [0, 1]. Constant images map to zeros."""
-    image = np.asarray(image, np.float32)
+def normalize_params(image: np.ndarray, mode: str = "minmax", low: float = 0.5, high: float = 99.5) -> Tuple[float, ...]:
+    """``(clip_lo, clip_hi, lo, hi)`` of :func:`normalize` for ``image``: clip to ``[clip_lo, clip_hi]``, then
+    map ``[lo, hi]`` to [0, 1] (``hi <= lo``: a constant image, all zeros). Computed without copying the
+    image except for ``percentile`` (which sorts its nonzero voxels)."""
+    image = np.asarray(image)
     if mode == "none":
-        return image
+        return (-np.inf, np.inf, 0.0, 1.0)
     if mode == "percentile":
         values = image[image != 0]
         values = values if values.size else image
-        lo, hi = np.percentile(values, [low, high])
-        image = np.clip(image, lo, hi)
-    elif mode != "minmax":
+        lo, hi = (float(v) for v in np.percentile(values, [low, high]))
+        return (lo, hi, lo, hi) if hi > lo else (lo, hi, lo, lo)
+    if mode != "minmax":
         raise ValueError(f"unknown normalisation {mode!r} (none, minmax, percentile)")
     lo, hi = float(image.min()), float(image.max())
+    return (-np.inf, np.inf, lo, hi)
+
+
+def apply_normalize(image: np.ndarray, params: Sequence[float]) -> np.ndarray:
+    """``image`` clipped and scaled by :func:`normalize_params`, float32. Clipping aside, this is an affine
+    map, so it commutes with linear resampling (whose weights sum to one): the statistics may come from
+    the full-resolution image and the map be applied after downsampling."""
+    clip_lo, clip_hi, lo, hi = params
+    image = np.asarray(image, np.float32)
     if hi <= lo:
         return np.zeros_like(image)
-    return ((image - lo) / (hi - lo)).astype(np.float32)
+    if np.isfinite(clip_lo) or np.isfinite(clip_hi):
+        image = np.clip(image, clip_lo, clip_hi)
+    if (lo, hi) == (0.0, 1.0):
+        return image
+    return ((image - np.float32(lo)) * np.float32(1.0 / (hi - lo))).astype(np.float32, copy=False)
+
+
+def normalize(image: np.ndarray, mode: str = "minmax", low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """``none``: unchanged; ``minmax``: to [0, 1]; ``percentile``: clip to the ``low``/``high`` percentiles
+    of the nonzero voxels, then to [0, 1]. Constant images map to zeros."""
+    return apply_normalize(image, normalize_params(image, mode, low, high))
 
 
 def resample(volume: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:

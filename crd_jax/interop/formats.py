@@ -65,24 +65,25 @@ def from_learn2reg(field: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
     return np.moveaxis(ndimage.zoom(field, zoom, order=1, grid_mode=True, mode="nearest"), 0, -1)
 
 
-def displacement_names(fmt: str, name: str = "disp", pair_ids: Optional[Tuple[str, str]] = None) -> List[str]:
-    """The file names :func:`write_displacement` writes for format ``fmt``."""
+def displacement_names(fmt: str, name: str = "disp", pair_ids: Optional[Tuple[str, str]] = None,
+                       ext: str = ".nii.gz") -> List[str]:
+    """The file names :func:`write_displacement` writes for format ``fmt`` (NIfTI files end in ``ext``)."""
     if fmt == "voxel":
-        return [f"{name}.nii.gz"]
+        return [f"{name}{ext}"]
     if fmt == "itk":
-        return [f"{name}_itk.nii.gz"]
+        return [f"{name}_itk{ext}"]
     if fmt == "learn2reg":
         f_id, m_id = pair_ids or ("0000", "0001")
-        return [f"disp_{f_id}_{m_id}.npz", f"disp_{f_id}_{m_id}.nii.gz"]
+        return [f"disp_{f_id}_{m_id}.npz", f"disp_{f_id}_{m_id}{ext}"]
     raise ValueError(f"unknown displacement format {fmt!r} ({', '.join(FORMATS)})")
 
 
 def write_displacement(out_dir: Path, disp: np.ndarray, fixed: Volume, fmt: str, name: str = "disp",
-                       pair_ids: Optional[Tuple[str, str]] = None) -> list:
+                       pair_ids: Optional[Tuple[str, str]] = None, ext: str = ".nii.gz") -> list:
     """Writes ``disp`` (fixed grid, voxels) in format ``fmt``; returns the paths written."""
-    paths = [Path(out_dir) / n for n in displacement_names(fmt, name, pair_ids)]
+    paths = [Path(out_dir) / n for n in displacement_names(fmt, name, pair_ids, ext)]
     if fmt == "voxel":
-        save_nifti(paths[0], disp.astype(np.float32), fixed.affine, None, intent="vector")
+        save_nifti(paths[0], np.asarray(disp, np.float32), fixed.affine, None, intent="vector")
     elif fmt == "itk":
         save_nifti(paths[0], to_itk(disp, fixed.affine), fixed.affine, None, intent="vector")
     else:

@@ -1,0 +1,123 @@
+"""What a user feels: ``crd-jax register`` from process start to the last file written, cold and warm.
+
+    python benchmarks/register_e2e.py                    # synthetic pair at OASIS size, shipped default model
+    python benchmarks/register_e2e.py --shape 96 112 96 --repeats 2 --out /tmp/e2e   # a quick look
+
+Each run is a fresh ``python -m crd_jax register`` process (wall time from ``Popen`` to exit, peak RSS from
+``wait4``) on a fixed/moving pair (and moving labels) at ``--shape``, 1 mm, stored RAS (the shipped models
+were trained LPS, so the reorientation path runs too). Rows:
+
+* ``no cache``: ``CRD_JAX_CACHE_DIR=off``, every call compiles (the behaviour before the persistent cache);
+* ``cold``: the first call with an empty compilation cache (it fills the cache);
+* ``warm``: later calls (median of ``--repeats``), ``.nii.gz`` outputs and with ``--uncompressed``.
+
+The issue's target (issue 14): warm <= 3 s wall and <= 600 MB peak RSS on 2 cores. Writes
+``<out>/register_e2e.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+
+# The process's own peak RSS at exit (VmHWM belongs to the process image: ``ru_maxrss`` of a child would
+# include the benchmark's own size at fork time).
+PEAK = ("import atexit, sys\n"
+        "atexit.register(lambda: sys.stderr.write(next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))))\n"
+        "from crd_jax.cli.main import entry\n"
+        "sys.argv = ['crd-jax'] + sys.argv[1:]\n"
+        "entry()\n")
+
+
+def run_once(argv, env) -> dict:
+    """Wall seconds and peak RSS (MB) of one fresh ``crd-jax`` process (``argv``: its arguments)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", PEAK, *argv], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"register failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+    hwm = next(l for l in proc.stderr.splitlines() if l.startswith("VmHWM"))
+    return {"wall_s": wall, "peak_rss_mb": int(hwm.split()[1]) / 1024.0, "stdout": proc.stdout}
+
+
+def write_pair(folder: Path, shape) -> tuple:
+    import nibabel as nib
+
+    from crd_jax.data import SyntheticConfig, make_subject
+
+    cfg = SyntheticConfig(shape=tuple(shape))
+    (fixed, _), (moving, moving_seg) = make_subject(cfg, 0), make_subject(cfg, 1)
+    paths = folder / "fixed.nii.gz", folder / "moving.nii.gz", folder / "moving_seg.nii.gz"
+    nib.save(nib.Nifti1Image(fixed.astype(np.float32), np.eye(4)), paths[0])
+    nib.save(nib.Nifti1Image(moving.astype(np.float32), np.eye(4)), paths[1])
+    nib.save(nib.Nifti1Image(moving_seg.astype(np.int16), np.eye(4)), paths[2])
+    return paths
+
+
+def main():
+    from common import machine
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="", help="a shipped model's name or a model folder (default: the default model)")
+    p.add_argument("--shape", type=int, nargs=3, default=(160, 192, 224), help="the pair's size (OASIS: 160 192 224)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        fixed, moving, seg = write_pair(tmp, args.shape)
+        base = ["register", "--fixed", str(fixed), "--moving", str(moving),
+                "--moving-seg", str(seg)] + (["--model", args.model] if args.model else [])
+        env = dict(os.environ, CRD_JAX_CACHE_DIR=str(tmp / "xla"))
+        counter = iter(range(10_000))
+
+        def call(extra=(), cache=True):
+            out = tmp / f"out{next(counter)}"
+            e = env if cache else dict(env, CRD_JAX_CACHE_DIR="off")
+            return run_once(base + ["--out-dir", str(out)] + list(extra), e)
+
+        rows = {"no cache (compiles every call)": [call(cache=False)], "cold (fills the cache)": [call()]}
+        rows["warm"] = [call() for _ in range(args.repeats)]
+        rows["warm, --uncompressed"] = [call(["--uncompressed"]) for _ in range(args.repeats)]
+        version = subprocess.run([sys.executable, "-m", "crd_jax", "--version"], capture_output=True, text=True).stdout.strip()
+
+    m = machine()
+    model_line = next((l for l in rows["warm"][0]["stdout"].splitlines() if l.startswith("registered")), "")
+    lines = [f"### `crd-jax register` end to end, {'x'.join(map(str, args.shape))} at 1 mm",
+             "",
+             f"Fresh process per call, interpreter start to the last file written; {args.repeats} warm calls (median). "
+             f"{version}; {m.get('cpu', '')}, {m['cpus']} cores. Target: warm <= 3 s and <= 600 MB.",
+             "", "| Call | Wall (s) | Peak RSS (MB) |", "|---|---|---|"]
+    summary = {}
+    for name, rs in rows.items():
+        wall = float(np.median([r["wall_s"] for r in rs]))
+        rss = float(np.median([r["peak_rss_mb"] for r in rs]))
+        summary[name] = {"wall_s": wall, "peak_rss_mb": rss, "runs": [{k: r[k] for k in ("wall_s", "peak_rss_mb")} for r in rs]}
+        lines.append(f"| {name} | {wall:.2f} | {rss:.0f} |")
+    lines += ["", f"The command's own log line: `{model_line.split(' with ', 1)[-1]}`" if model_line else ""]
+    md = "\n".join(lines).rstrip() + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "register_e2e.md").write_text(md)
+    import json
+
+    (args.out / "register_e2e.json").write_text(json.dumps({"shape": args.shape, "model": args.model, "rows": summary,
+                                                           "version": version, "machine": m}, indent=2))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
