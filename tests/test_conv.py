@@ -66,3 +66,49 @@ def test_conv_default_padding_matches_pytorch_stride2_sampling():
 def test_conv_rejects_bad_rank():
     with pytest.raises(ValueError):
         conv(jnp.zeros((1, 4, 1)), jnp.zeros((3, 1, 1)), jnp.zeros(1))
+
+
+def _version_in(env_extra, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("CXX", "CRD_JAX_FAST_CONV", "CRD_JAX_NUM_THREADS")}
+    env.update(CRD_JAX_CACHE=str(tmp_path / "cache"), PATH=str(tmp_path / "empty-bin"), **env_extra)
+    (tmp_path / "empty-bin").mkdir(exist_ok=True)
+    code = ("import warnings, jax.numpy as jnp\nfrom crd_jax.ops import native\nfrom crd_jax.ops.conv import conv\n"
+            "with warnings.catch_warnings(record=True) as w:\n    warnings.simplefilter('always')\n"
+            "    y = conv(jnp.ones((1, 8, 8, 8, 2)), jnp.ones((3, 3, 3, 2, 4)), jnp.zeros(4))\n"
+            "print(native.describe()); print(len([x for x in w if 'lax.conv' in str(x.message)]), float(y.sum()))\n")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+def test_without_a_compiler_the_lax_path_runs_with_one_warning_and_fast_conv_1_fails_loudly(tmp_path):
+    proc = _version_in({}, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    described, warned = proc.stdout.splitlines()[:2]
+    assert described.startswith("lax.conv (no C++ compiler") and warned.split()[0] == "1"
+    proc = _version_in({"CRD_JAX_FAST_CONV": "1"}, tmp_path)
+    assert proc.returncode != 0 and "CRD_JAX_FAST_CONV=1 but the native CPU convolution is unavailable" in proc.stderr
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernel is not available here")
+def test_kernel_threads_follow_the_environment_and_results_do_not_depend_on_them(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, jax.numpy as jnp\nfrom crd_jax.ops import native\nfrom crd_jax.ops.conv import conv\n"
+            "x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 12, 12, 12, 8)), jnp.float32)\n"
+            "w = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 3, 8, 16)), jnp.float32)\n"
+            "y = np.asarray(conv(x, w, jnp.zeros(16)))\nnp.save('out.npy', y)\nprint(native.threads())\n")
+    outs = []
+    for threads in ("1", "3"):
+        folder = tmp_path / threads
+        folder.mkdir()
+        env = dict(os.environ, CRD_JAX_NUM_THREADS=threads)
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=folder)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split()[-1] == threads
+        outs.append(np.load(folder / "out.npy"))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-5)

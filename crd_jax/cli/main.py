@@ -334,7 +334,7 @@ class _Version(argparse.Action):
         import crd_jax
         from crd_jax.ops import native
 
-        conv = "native CPU kernel (AVX2/FMA)" if jax.default_backend() == "cpu" and native.available() else "lax.conv"
+        conv = native.describe()
         print(f"crd-jax {crd_jax.__version__}, jax {jax.__version__} on {jax.default_backend()}; convolution: {conv}")
         parser.exit()
 

@@ -3,7 +3,12 @@
 The kernel is compiled on first use with the system C++ compiler against the FFI headers that jaxlib
 ships (``jax.ffi.include_dir()``), into a per-user cache keyed by the source, the compiler flags and the
 jaxlib version. Compilation takes a few seconds once. Where it is impossible (no compiler, not x86-64,
-no AVX2/FMA, or ``CRD_JAX_FAST_CONV=0``) :func:`available` is False and callers use ``lax.conv``.
+no AVX2/FMA, or ``CRD_JAX_FAST_CONV=0``) :func:`available` is False, one warning says why, and callers use
+``lax.conv``; ``CRD_JAX_FAST_CONV=1`` makes that an error instead. It is never built or loaded when JAX's
+default backend is not the CPU (a GPU host runs ``lax.conv`` on the GPU).
+
+Threads: one persistent pool per process, sized by the CPUs the process may use (its affinity mask, capped
+by a cgroup CPU quota) or ``CRD_JAX_NUM_THREADS``.
 """
 
 from __future__ import annotations
@@ -83,12 +88,41 @@ def _load() -> bool:
 
 
 def available() -> bool:
-    """True when the native CPU convolution is compiled, loaded and registered."""
+    """True when the native CPU convolution is compiled, loaded and registered (and JAX runs on the CPU)."""
     with _lock:
         if "ok" not in _state:
-            try:
-                _state["ok"] = _load()
-            except Exception as exc:  # any failure means: use the portable path
-                warnings.warn(f"crd_jax: fast CPU convolution unavailable, using lax.conv ({exc})")
-                _state["ok"] = False
+            required = os.environ.get("CRD_JAX_FAST_CONV") == "1"
+            if jax.default_backend() != "cpu":
+                _state["ok"], _state["why"] = False, f"JAX runs on {jax.default_backend()}"
+            else:
+                try:
+                    _state["ok"] = _load()
+                    if not _state["ok"]:
+                        _state["why"] = _why_not()
+                except Exception as exc:  # any failure means: use the portable path
+                    _state["ok"], _state["why"] = False, str(exc).splitlines()[0]
+                if not _state["ok"] and _state["why"] != "CRD_JAX_FAST_CONV=0":
+                    if required:
+                        raise RuntimeError(f"CRD_JAX_FAST_CONV=1 but the native CPU convolution is unavailable: {_state['why']}")
+                    warnings.warn(f"crd_jax: fast CPU convolution unavailable, using lax.conv ({_state['why']})", stacklevel=2)
         return _state["ok"]
+
+
+def _why_not() -> str:
+    if os.environ.get("CRD_JAX_FAST_CONV", "") == "0":
+        return "CRD_JAX_FAST_CONV=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"not an x86-64 CPU ({platform.machine()})"
+    return "the CPU lacks AVX2/FMA"
+
+
+def threads() -> int:
+    """Threads the native kernel uses (0 when it is not in use)."""
+    return int(_state["lib"].crd_num_threads()) if available() else 0
+
+
+def describe() -> str:
+    """Which convolution path this process runs, for logs, results files and ``crd-jax --version``."""
+    if available():
+        return f"native CPU kernel (AVX2/FMA, {threads()} threads)"
+    return f"lax.conv ({_state.get('why', 'native kernel unavailable')})"

@@ -15,11 +15,17 @@
 //   (the input gradient of a stride-1 convolution is crd_conv_fwd on dy with flipped, transposed weights.)
 #include <immintrin.h>
 
+#include <sched.h>
+
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -37,35 +43,108 @@ struct Geometry {
   int64_t pd, ph, pw;
 };
 
+// CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (containers), so that
+// the kernel does not oversubscribe a machine that hardware_concurrency() describes but does not grant.
+int AllowedCpus() {
+  int n = 0;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) n = CPU_COUNT(&set);
+  if (n <= 0) n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  if (FILE* f = std::fopen("/sys/fs/cgroup/cpu.max", "r")) {
+    char quota[32] = {0};
+    long long period = 0;
+    if (std::fscanf(f, "%31s %lld", quota, &period) == 2 && std::strcmp(quota, "max") != 0 && period > 0) {
+      long long q = std::atoll(quota);
+      int cap = static_cast<int>((q + period - 1) / period);
+      if (cap > 0) n = std::min(n, cap);
+    }
+    std::fclose(f);
+  }
+  return std::max(n, 1);
+}
+
 int NumThreads() {
   static int n = [] {
     if (const char* env = std::getenv("CRD_JAX_NUM_THREADS")) {
       int v = std::atoi(env);
       if (v > 0) return v;
     }
-    unsigned hw = std::thread::hardware_concurrency();
-    return hw == 0 ? 1 : static_cast<int>(hw);
+    return AllowedCpus();
   }();
   return n;
+}
+
+// One persistent pool for the process (threads are started once, not on every call). Run(k, fn) runs
+// fn(0..k-1), fn(0) on the caller, and returns when all are done; one parallel region at a time.
+class Pool {
+ public:
+  explicit Pool(int size) {
+    for (int t = 1; t < size; ++t) std::thread([this, t] { Loop(t); }).detach();
+  }
+
+  void Run(int threads, const std::function<void(int)>& fn) {
+    if (threads <= 1) {
+      fn(0);
+      return;
+    }
+    std::lock_guard<std::mutex> region(region_);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      fn_ = &fn;
+      active_ = threads;
+      pending_ = threads - 1;
+      ++generation_;
+    }
+    wake_.notify_all();
+    fn(0);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+    fn_ = nullptr;
+  }
+
+ private:
+  void Loop(int t) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)>* fn = nullptr;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (t >= active_) continue;
+        fn = fn_;
+      }
+      (*fn)(t);
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex region_, mutex_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int)>* fn_ = nullptr;
+  int active_ = 0, pending_ = 0;
+  uint64_t generation_ = 0;
+};
+
+Pool& ThePool() {
+  static Pool* pool = new Pool(NumThreads());  // never destroyed: its threads live as long as the process
+  return *pool;
 }
 
 // Runs fn(begin, end, thread_index) over [0, n) split into contiguous chunks, one per thread.
 template <typename Fn>
 void ParallelFor(int64_t n, int max_threads, Fn fn) {
-  int threads = static_cast<int>(std::min<int64_t>(max_threads, n));
+  int threads = static_cast<int>(std::min<int64_t>(std::min(max_threads, NumThreads()), n));
   if (threads <= 1) {
     fn(0, n, 0);
     return;
   }
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  auto chunk = [&](int t) {
+  ThePool().Run(threads, [&](int t) {
     int64_t begin = n * t / threads, end = n * (t + 1) / threads;
     fn(begin, end, t);
-  };
-  for (int t = 1; t < threads; ++t) pool.emplace_back(chunk, t);
-  chunk(0);
-  for (auto& th : pool) th.join();
+  });
 }
 
 inline __m256i TailMask(int valid) {
@@ -461,5 +540,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrdConvWgrad, ConvWgradImpl,
                                   .Attr<int64_t>("pd")
                                   .Attr<int64_t>("ph")
                                   .Attr<int64_t>("pw"));
+
+extern "C" int crd_num_threads() { return NumThreads(); }
 
 extern "C" int crd_cpu_supported() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
