@@ -70,3 +70,21 @@ def fit_pair(
     for _ in range(steps):
         params, state, _ = step(params, state, m, f)
     return params
+
+
+def register_files(pairs, model: Optional[str] = None, normalize_mode: str = "model", io_steps: int = 0,
+                   affine: str = "", jacobian: bool = False):
+    """Registers file pairs with one model, loaded and compiled once (what ``crd-jax register --pairs``
+    does). ``pairs``: ``(fixed, moving)`` or ``(fixed, moving, moving_seg)`` paths; ``model``: a shipped
+    model's name or a model folder (default: the default shipped model). Yields ``(pair, result)`` per pair,
+    ``result`` as :func:`crd_jax.cli.registration.register_volumes` returns it (``disp``, ``warped``,
+    ``folds``, ``warped_seg`` with labels, the volumes' geometry in ``fixed``), on the fixed image's grid."""
+    from crd_jax import pretrained
+    from crd_jax.cli.registration import load, load_pair, register_volumes
+
+    loaded = load(pretrained.resolve(model))
+    for pair in pairs:
+        fixed_path, moving_path, seg_path = (tuple(pair) + (None,))[:3]
+        fixed, moving, moving_seg, _ = load_pair(loaded, str(fixed_path), str(moving_path), seg_path and str(seg_path))
+        result, notes = register_volumes(loaded, fixed, moving, moving_seg, normalize_mode, io_steps, affine, jacobian)
+        yield pair, dict(result, fixed=fixed, notes=notes)

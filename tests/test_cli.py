@@ -382,3 +382,43 @@ def test_every_subcommand_help_has_a_description_and_an_example(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert "convolution:" in capsys.readouterr().out
+
+
+def test_register_pairs_csv_writes_one_folder_per_pair_like_single_registrations(tmp_path, shift_model, capsys):
+    shape = (33, 40, 30)
+    for i in range(2):
+        _save(tmp_path / f"f{i}.nii.gz", _smooth_volume(shape, 2 * i))
+        _save(tmp_path / f"m{i}.nii.gz", _smooth_volume(shape, 2 * i + 1))
+    _save(tmp_path / "s0.nii.gz", (np.arange(np.prod(shape)).reshape(shape) % 4).astype(np.uint8))
+    (tmp_path / "pairs.csv").write_text("fixed,moving,moving_seg,name\nf0.nii.gz,m0.nii.gz,s0.nii.gz\nf1.nii.gz,m1.nii.gz,,second\n")
+    out = tmp_path / "out"
+    assert main(["register", "--model", str(shift_model), "--pairs", str(tmp_path / "pairs.csv"), "--out-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "registered 2 pairs" in text and "pairs/s" in text
+    assert sorted(p.name for p in (out / "m0_to_f0").iterdir()) == ["disp.nii.gz", "warped.nii.gz", "warped_seg.nii.gz"]
+    assert sorted(p.name for p in (out / "second").iterdir()) == ["disp.nii.gz", "warped.nii.gz"]
+    single = tmp_path / "single"
+    assert main(["register", "--model", str(shift_model), "--fixed", str(tmp_path / "f1.nii.gz"),
+                 "--moving", str(tmp_path / "m1.nii.gz"), "--out-dir", str(single)]) == 0
+    np.testing.assert_array_equal(nib.load(out / "second" / "disp.nii.gz").get_fdata(), nib.load(single / "disp.nii.gz").get_fdata())
+    # the Python API gives the same field
+    from crd_jax.api import register_files
+
+    [(pair, result)] = list(register_files([(tmp_path / "f1.nii.gz", tmp_path / "m1.nii.gz")], model=str(shift_model)))
+    np.testing.assert_allclose(result["disp"], nib.load(single / "disp.nii.gz").get_fdata(), atol=1e-6)
+    # a second run refuses before computing anything; nothing changes
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert main(["register", "--model", str(shift_model), "--pairs", str(tmp_path / "pairs.csv"), "--out-dir", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("text,problem", [("", "no pairs"), ("f0.nii.gz\n", "row 1: expected"),
+                                           ("f0.nii.gz,m0.nii.gz,,a\nf1.nii.gz,m1.nii.gz,,a\n", "repeated")])
+def test_register_pairs_bad_csv_is_one_line(tmp_path, shift_model, capsys, text, problem):
+    (tmp_path / "pairs.csv").write_text(text)
+    assert main(["register", "--model", str(shift_model), "--pairs", str(tmp_path / "pairs.csv"), "--out-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pairs.csv" in err[0] and problem in err[0]
+    assert not (tmp_path / "o").exists()
+    assert main(["register", "--pairs", str(tmp_path / "pairs.csv"), "--fixed", "x.nii.gz", "--out-dir", str(tmp_path / "o")]) == 2

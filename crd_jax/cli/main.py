@@ -76,20 +76,104 @@ def label_dtype(labels):
     return labels.astype(np.int64)
 
 
-def cmd_register(args) -> None:
-    from crd_jax.cli.registration import load, load_pair, register_volumes
-    from crd_jax.data.io import save_nifti
-    from crd_jax.interop.formats import displacement_names, write_displacement
-    from crd_jax.outputs import OutputSet
+def _register_names(args, with_seg: bool) -> List[str]:
+    """Every file one registration writes, from the options (checked before any computation)."""
+    from crd_jax.interop.formats import displacement_names
 
     ids = tuple(args.pair_ids) if args.pair_ids else None
     ext = ".nii" if args.uncompressed else ".nii.gz"
-    names = [f"warped{ext}"] + ([f"warped_seg{ext}"] if args.moving_seg else [])
+    names = [f"warped{ext}"] + ([f"warped_seg{ext}"] if with_seg else [])
     names += displacement_names(args.disp_format, pair_ids=ids, ext=ext)
-    inverse_name = f"inverse_disp_itk{ext}" if args.disp_format == "itk" else f"inverse_disp{ext}"
     names += ["affine.txt", "affine_itk.txt"] if args.affine else []
-    names += ([f"jacobian{ext}"] if args.jacobian else []) + ([inverse_name] if args.inverse else [])
-    outputs = OutputSet(args.out_dir, names, args.overwrite)  # checked before any computation
+    names += ([f"jacobian{ext}"] if args.jacobian else []) + ([_inverse_name(args)] if args.inverse else [])
+    return names
+
+
+def _inverse_name(args) -> str:
+    ext = ".nii" if args.uncompressed else ".nii.gz"
+    return f"inverse_disp_itk{ext}" if args.disp_format == "itk" else f"inverse_disp{ext}"
+
+
+def _write_registration(stage: Path, args, result, fixed, moving) -> None:
+    from crd_jax.data.io import save_nifti
+    from crd_jax.interop.formats import write_displacement
+
+    ids = tuple(args.pair_ids) if args.pair_ids else None
+    ext = ".nii" if args.uncompressed else ".nii.gz"
+    save_nifti(stage / f"warped{ext}", result["warped"].astype(fixed.data.dtype, copy=False), fixed.affine, fixed.header)
+    if "warped_seg" in result:
+        save_nifti(stage / f"warped_seg{ext}", label_dtype(result["warped_seg"]), fixed.affine, None)
+    write_displacement(stage, result["disp"], fixed, args.disp_format, pair_ids=ids, ext=ext)
+    if args.jacobian:
+        save_nifti(stage / f"jacobian{ext}", result["jacobian"], fixed.affine, None)
+    if args.affine:
+        from crd_jax.affine_align import itk_affine_text
+
+        world = result["affine"].world_transform(fixed.data.shape, fixed.affine, moving.affine)
+        (stage / "affine.txt").write_text("# fixed world (RAS, mm) -> moving world, 4x4\n" + "\n".join(
+            " ".join(f"{v:.10g}" for v in row) for row in world) + "\n")
+        (stage / "affine_itk.txt").write_text(itk_affine_text(world))
+    if args.inverse:
+        from crd_jax.transforms import invert
+
+        inverse = invert(result["disp"])
+        if args.disp_format == "itk":
+            from crd_jax.interop.formats import to_itk
+
+            inverse = to_itk(inverse, fixed.affine)
+        save_nifti(stage / _inverse_name(args), inverse, fixed.affine, None, intent="vector")
+
+
+def read_pairs_csv(path: str) -> List[tuple]:
+    """``fixed,moving[,moving_seg[,name]]`` rows (a header row naming ``fixed`` is skipped; relative paths are
+    relative to the CSV's folder). ``name`` is the pair's output subfolder, by default
+    ``<moving>_to_<fixed>`` from the file names."""
+    from crd_jax.data.io import NIFTI_SUFFIXES
+
+    csv_path = Path(path)
+    try:
+        text = csv_path.read_text()
+    except OSError as exc:
+        raise InputError(csv_path, f"unreadable ({exc.strerror or exc})") from None
+    rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
+    if rows and rows[0][0].strip().lower() == "fixed":
+        rows = rows[1:]
+    if not rows:
+        raise InputError(csv_path, "no pairs (expected rows 'fixed,moving[,moving_seg[,name]]')")
+
+    def stem(p: str) -> str:
+        name = Path(p).name
+        for suffix in NIFTI_SUFFIXES + (".npz",):
+            if name.endswith(suffix):
+                return name[: -len(suffix)]
+        return name
+
+    pairs, names = [], set()
+    for i, row in enumerate(rows, 1):
+        cells = [c.strip() for c in row]
+        if len(cells) < 2 or len(cells) > 4 or not cells[0] or not cells[1]:
+            raise InputError(csv_path, f"row {i}: expected 'fixed,moving[,moving_seg[,name]]', got {','.join(row)!r}")
+        here = lambda p: str(p if Path(p).is_absolute() else csv_path.parent / p)  # noqa: E731
+        seg = here(cells[2]) if len(cells) > 2 and cells[2] else None
+        name = cells[3] if len(cells) > 3 and cells[3] else f"{stem(cells[1])}_to_{stem(cells[0])}"
+        if name in names or "/" in name or name in (".", ".."):
+            raise InputError(csv_path, f"row {i}: output name {name!r} is repeated or not a plain folder name")
+        names.add(name)
+        pairs.append((here(cells[0]), here(cells[1]), seg, name))
+    return pairs
+
+
+def cmd_register(args) -> None:
+    if args.pairs:
+        if args.fixed or args.moving or args.moving_seg:
+            raise InputError("--pairs", "give either --pairs or --fixed/--moving/--moving-seg, not both")
+        return _register_many(args)
+    if not (args.fixed and args.moving):
+        raise InputError("register", "needs --fixed and --moving (or --pairs pairs.csv)")
+    from crd_jax.cli.registration import load, load_pair, register_volumes
+    from crd_jax.outputs import OutputSet
+
+    outputs = OutputSet(args.out_dir, _register_names(args, bool(args.moving_seg)), args.overwrite)  # before computing
     loaded = load(_model_path(args.model))
     fixed, moving, moving_seg, _ = load_pair(loaded, args.fixed, args.moving, args.moving_seg)
     t = time.perf_counter()
@@ -99,35 +183,44 @@ def cmd_register(args) -> None:
     for note in notes:
         print(f"note: {note}")
     with outputs as stage:
-        save_nifti(stage / f"warped{ext}", result["warped"].astype(fixed.data.dtype, copy=False), fixed.affine, fixed.header)
-        if "warped_seg" in result:
-            save_nifti(stage / f"warped_seg{ext}", label_dtype(result["warped_seg"]), fixed.affine, None)
-        write_displacement(stage, result["disp"], fixed, args.disp_format, pair_ids=ids, ext=ext)
-        if args.jacobian:
-            save_nifti(stage / f"jacobian{ext}", result["jacobian"], fixed.affine, None)
-        if args.affine:
-            import numpy as np
-
-            from crd_jax.affine_align import itk_affine_text
-
-            world = result["affine"].world_transform(fixed.data.shape, fixed.affine, moving.affine)
-            (stage / "affine.txt").write_text("# fixed world (RAS, mm) -> moving world, 4x4\n" + "\n".join(
-                " ".join(f"{v:.10g}" for v in row) for row in world) + "\n")
-            (stage / "affine_itk.txt").write_text(itk_affine_text(world))
-        if args.inverse:
-            from crd_jax.transforms import invert
-
-            inverse = invert(result["disp"])
-            if args.disp_format == "itk":
-                from crd_jax.interop.formats import to_itk
-
-                save_nifti(stage / inverse_name, to_itk(inverse, fixed.affine), fixed.affine, None, intent="vector")
-            else:
-                save_nifti(stage / inverse_name, inverse, fixed.affine, None, intent="vector")
+        _write_registration(stage, args, result, fixed, moving)
     print(f"registered {args.moving} to {args.fixed} with {loaded.spec.get('label', 'model')} in {elapsed:.2f} s; "
           f"folds (det J <= 0): {folds} voxels ({100.0 * folds / voxels:.3f}%)")
     for path in outputs.paths():
         print(f"wrote {path}")
+
+
+def _register_many(args) -> None:
+    """``--pairs``: every pair in one process (the model loaded and compiled once), one subfolder each, a
+    progress bar. Every output folder is checked before the first registration; each pair's files appear at
+    once when it is done."""
+    from tqdm import tqdm
+
+    from crd_jax.cli.registration import load, load_pair, register_volumes
+    from crd_jax.outputs import OutputSet
+
+    pairs = read_pairs_csv(args.pairs)
+    out = Path(args.out_dir)
+    outputs = [OutputSet(out / name, _register_names(args, bool(seg)), args.overwrite) for _, _, seg, name in pairs]
+    loaded = load(_model_path(args.model))
+    kwargs = registration_kwargs(args)
+    t0 = time.perf_counter()
+    log = []
+    bar = tqdm(total=len(pairs), desc="registering", unit="pair", file=sys.stderr, dynamic_ncols=True)
+    for (fixed_path, moving_path, seg_path, name), outset in zip(pairs, outputs):
+        fixed, moving, moving_seg, _ = load_pair(loaded, fixed_path, moving_path, seg_path)
+        t = time.perf_counter()
+        result, _ = register_volumes(loaded, fixed, moving, moving_seg, jacobian=args.jacobian, **kwargs)
+        with outset as stage:
+            _write_registration(stage, args, result, fixed, moving)
+        log.append(f"{name}: {time.perf_counter() - t:.2f} s, folds {result['folds']}")
+        bar.update(1)
+    bar.close()
+    wall = time.perf_counter() - t0
+    for line in log:
+        print(line)
+    print(f"registered {len(pairs)} pairs with {loaded.spec.get('label', 'model')} in {wall:.1f} s "
+          f"({len(pairs) / wall:.2f} pairs/s; the first includes compilation) into {out}")
 
 
 def cmd_apply(args) -> None:
@@ -371,13 +464,16 @@ def parser() -> argparse.ArgumentParser:
         "skull-stripped T1 in [0, 1]; see `crd-jax models`). Writes warped.nii.gz, warped_seg.nii.gz (with --moving-seg), "
         "the displacement (disp.nii.gz, disp_itk.nii.gz or disp_FFFF_MMMM.npz/.nii.gz), and with the options "
         "jacobian.nii.gz, inverse_disp.nii.gz, affine.txt and affine_itk.txt; all at once, never over existing files "
-        "without --overwrite.",
+        "without --overwrite. --pairs registers a CSV of pairs in one process. Compiled programs are cached in "
+        "~/.cache/crd_jax/xla (CRD_JAX_CACHE_DIR), so later calls start faster.",
         epilog="example: crd-jax register --model lpba40-vm-ll-crd --fixed S01.nii.gz --moving S02.nii.gz "
         "--moving-seg S02_labels.nii.gz --out-dir out/ --disp-format itk")
     r.add_argument("--model", help="a shipped model's name (see `crd-jax models`; default: the best shipped VM-LL-CRD) "
                    "or a model folder (a training stage's 'model', or convert-official's output)")
-    r.add_argument("--fixed", required=True, help="fixed image (.nii, .nii.gz or .npz)")
-    r.add_argument("--moving", required=True, help="moving image; resampled onto the fixed grid first if grids differ")
+    r.add_argument("--fixed", help="fixed image (.nii, .nii.gz or .npz)")
+    r.add_argument("--moving", help="moving image; resampled onto the fixed grid first if grids differ")
+    r.add_argument("--pairs", help="CSV of pairs 'fixed,moving[,moving_seg[,name]]' registered in one process (compiled "
+                   "once, a progress bar); each pair's files go to OUT_DIR/NAME (default NAME: <moving>_to_<fixed>)")
     r.add_argument("--moving-seg", help="moving label map, warped with nearest neighbour")
     r.add_argument("--out-dir", required=True)
     r.add_argument("--disp-format", choices=("voxel", "itk", "learn2reg"), default="voxel",

@@ -1,0 +1,103 @@
+"""The machine's FMA peak, and how close the native convolution and a whole VM inference come to it, from
+1 to all the CPUs this process may use.
+
+    python benchmarks/cpu_peak.py                          # VM-H inference at 80x96x112 (OASIS / 2)
+    python benchmarks/cpu_peak.py --shape 160 192 224      # at OASIS size (slower)
+
+The CPU model changes between sessions, so every efficiency figure is against the peak measured here:
+
+* FMA peak: ``csrc/fma_peak.cc``, 12 independent FMA chains per thread for a second (AVX2, and AVX-512 where
+  the CPU has it), one thread per CPU, GFLOP/s summed (2 flops per lane per FMA);
+* VM-H inference: XLA's flop count of the model (written with ``lax.conv``) over the median latency of the
+  native path, in a fresh process pinned to the first k CPUs (``sched_setaffinity``: XLA's pool and the
+  kernel's both size themselves by the affinity mask).
+
+Writes ``<out>/cpu_peak.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+from common import HERE, machine, run_child, write
+
+
+def build_peak_library(folder: Path) -> ctypes.CDLL:
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if compiler is None:
+        raise SystemExit("cpu_peak.py needs a C++ compiler (set CXX)")
+    lib = folder / "fma_peak.so"
+    subprocess.run([compiler, "-O2", "-shared", "-fPIC", str(HERE / "csrc" / "fma_peak.cc"), "-o", str(lib)], check=True)
+    dll = ctypes.CDLL(str(lib))
+    dll.fma_gflops.restype = ctypes.c_double
+    dll.fma_gflops.argtypes = [ctypes.c_int, ctypes.c_double]
+    return dll
+
+
+def fma_peak(dll, width: int, threads: int, seconds: float) -> float:
+    """Summed GFLOP/s of ``threads`` threads, each on its own CPU (ctypes releases the GIL)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    results = [0.0] * threads
+
+    def work(i):
+        os.sched_setaffinity(threading.get_native_id(), {cpus[i % len(cpus)]})
+        results[i] = dll.fma_gflops(width, seconds)
+
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    os.sched_setaffinity(threading.get_native_id(), set(cpus))
+    return float(sum(results))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", type=int, nargs=3, default=(80, 96, 112))
+    p.add_argument("--seconds", type=float, default=1.0)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path, default=HERE / "results" / "cpu_peak")
+    args = p.parse_args()
+
+    n = len(os.sched_getaffinity(0))
+    counts = sorted({1, n} | {k for k in (2, 4, 8, 16) if k < n})
+    with tempfile.TemporaryDirectory() as tmp:
+        dll = build_peak_library(Path(tmp))
+        widths = [256] + ([512] if dll.has_avx512() else [])
+        peak = {w: {k: fma_peak(dll, w, k, args.seconds) for k in counts} for w in widths}
+    best = {k: max(peak[w][k] for w in widths) for k in counts}
+    infer = {k: run_child("vm", args.shape, 1, "infer", args.repeats, flops=True, cpus=k) for k in counts}
+
+    m = machine()
+    lines = [f"### FMA peak and VM-H inference efficiency ({m.get('cpu', '')}, {n} CPUs)", "",
+             f"VM-H inference at {'x'.join(map(str, args.shape))}, native convolution path, median of {args.repeats}; "
+             "GFLOP/s = XLA's flop count / latency; peak = the FMA loop of `benchmarks/csrc/fma_peak.cc` on the same CPUs.",
+             "", "| CPUs | FMA peak AVX2 (GFLOP/s) | " + ("FMA peak AVX-512 | " if 512 in peak else "")
+             + "VM-H latency (s) | VM-H GFLOP/s | % of peak | speed-up vs 1 CPU |",
+             "|---|---|" + ("---|" if 512 in peak else "") + "---|---|---|---|"]
+    base = infer[counts[0]].get("latency_s")
+    rows = []
+    for k in counts:
+        r = infer[k]
+        if "error" in r:
+            lines.append(f"| {k} | {peak[256][k]:.0f} | " + (f"{peak[512][k]:.0f} | " if 512 in peak else "") + "failed | | | |")
+            continue
+        gflops = r["gflop"] / r["latency_s"]
+        rows.append({"cpus": k, "peak": {str(w): peak[w][k] for w in widths}, "latency_s": r["latency_s"],
+                     "gflop": r["gflop"], "gflops": gflops, "fraction_of_peak": gflops / best[k]})
+        lines.append(f"| {k} | {peak[256][k]:.0f} | " + (f"{peak[512][k]:.0f} | " if 512 in peak else "")
+                     + f"{r['latency_s']:.3f} | {gflops:.0f} | {100 * gflops / best[k]:.0f}% | {base / r['latency_s']:.2f}x |")
+    lines += ["", "The kernel is AVX2 (8 lanes): against an AVX-512 peak it can reach at most half." if 512 in peak else ""]
+    write(args.out, {"machine": m, "shape": args.shape, "rows": rows}, "\n".join(lines).rstrip() + "\n")
+
+
+if __name__ == "__main__":
+    main()
