@@ -149,8 +149,9 @@ def run_torch(args) -> dict:
     torch.set_num_threads(os.cpu_count())
     base_rss = rss_mb()
     shape = tuple(args.shape)
-    if args.factor != 1:
-        raise ValueError("peers run at the network's own input size")
+    device = torch.device(args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu")
+    if args.factor != 1 and (args.model != "torch_same" or args.mode != "infer"):
+        raise ValueError("only torch_same inference runs at a reduced resolution (the paper's L/LL)")
     if args.model == "torch_vxmdense":
         import inspect
 
@@ -172,13 +173,19 @@ def run_torch(args) -> dict:
     elif args.model == "torch_same":
         net = torch_same_arch(torch, nn)
         forward = net
+        if args.factor != 1:  # the paper's L/LL: the network on inputs downsampled by n, the field upsampled, times n
+            n = args.factor
+
+            def forward(m, f, net=net, n=n):
+                small = [F.interpolate(x, scale_factor=1 / n, mode="trilinear", align_corners=False) for x in (m, f)]
+                return F.interpolate(net(*small), scale_factor=n, mode="trilinear", align_corners=False) * n
     else:
         raise ValueError(args.model)
     fmt = torch.channels_last_3d if args.memory_format == "channels_last_3d" else torch.contiguous_format
-    net = net.to(memory_format=fmt)
+    net = net.to(device=device, memory_format=fmt)
     g = torch.Generator().manual_seed(0)
-    m = torch.rand((1, 1, *shape), generator=g).to(memory_format=fmt)
-    f = torch.rand((1, 1, *shape), generator=g).to(memory_format=fmt)
+    m = torch.rand((1, 1, *shape), generator=g).to(device=device, memory_format=fmt)
+    f = torch.rand((1, 1, *shape), generator=g).to(device=device, memory_format=fmt)
     n_params = sum(p.numel() for p in net.parameters())
     if args.mode == "infer":
         net.eval()
@@ -186,8 +193,10 @@ def run_torch(args) -> dict:
         def step():
             with torch.inference_mode():
                 forward(m, f)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
     else:
-        ones = torch.ones(1, 1, 9, 9, 9)
+        ones = torch.ones(1, 1, 9, 9, 9, device=device)
 
         def ncc(a, b):
             # voxelmorph 0.2's NCC (a dense 9^3 box convolution), without its hard-coded .to("cuda")
@@ -203,7 +212,7 @@ def run_torch(args) -> dict:
             dd = [torch.diff(d, dim=k) ** 2 for k in (2, 3, 4)]
             return sum(torch.mean(x) for x in dd) / 3
 
-        grid = [torch.arange(s, dtype=torch.float32) for s in shape]
+        grid = [torch.arange(s, dtype=torch.float32, device=device) for s in shape]
         identity = torch.stack(torch.meshgrid(*grid, indexing="ij"))[None]
 
         def warp(image, disp):
@@ -216,8 +225,14 @@ def run_torch(args) -> dict:
             disp = forward(m, f)
             loss = ncc(f, warp(m, disp)) + grad(None, disp)
             loss.backward()
-    out = {"framework": "torch", "torch": torch.__version__, "memory_format": args.memory_format, "parameters": n_params}
+    out = {"framework": "torch", "torch": torch.__version__, "memory_format": args.memory_format, "parameters": n_params,
+           "device": str(device)}
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats()
     out.update(timed(step, args.repeats))
+    if device.type == "cuda":
+        out["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     out["baseline_rss_mb"] = base_rss
     out["peak_rss_mb"] = rss_mb()
     return out
@@ -233,6 +248,7 @@ def main():
     p.add_argument("--conv", choices=("native", "lax"), default="native")
     p.add_argument("--flops", action="store_true")
     p.add_argument("--memory-format", default="channels_last_3d")
+    p.add_argument("--device", default="cpu", help="PyTorch peers: cpu or cuda")
     args = p.parse_args()
     runner = run_torch if args.model.startswith(("torch", "monai")) else run_jax
     result = runner(args)

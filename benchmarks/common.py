@@ -20,13 +20,15 @@ def padded(shape: Sequence[int], multiple: int) -> List[int]:
 
 
 def run_child(model: str, shape: Sequence[int], factor: int = 1, mode: str = "infer", repeats: int = 5,
-              conv: str = "native", flops: bool = False, log=None, timeout: int = 3600, cpus: int = 0) -> Dict:
+              conv: str = "native", flops: bool = False, log=None, timeout: int = 3600, cpus: int = 0,
+              extra: Sequence[str] = ()) -> Dict:
     """One measurement in a fresh process; ``cpus > 0`` pins it to the first ``cpus`` CPUs it may use (XLA's
     pool and the native kernel's both size themselves by the affinity mask)."""
     cmd = [sys.executable, str(HERE / "_child.py"), "--model", model, "--factor", str(factor), "--mode", mode,
            "--shape", *map(str, shape), "--repeats", str(repeats), "--conv", conv]
     if flops:
         cmd.append("--flops")
+    cmd += list(extra)
     pin = None
     if cpus > 0:
         allowed = sorted(os.sched_getaffinity(0))[:cpus]

@@ -25,10 +25,13 @@ CASES = [
 ]
 
 
+ON_CPU = jax.default_backend() == "cpu"
+
+
 def test_native_kernel_is_built_on_x86():
     """Otherwise every comparison below would compare lax.conv with itself."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("g++") is None:
-        pytest.skip("the native kernel needs x86-64 and g++")
+    if platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("g++") is None or not ON_CPU:
+        pytest.skip("the native kernel needs x86-64, g++ and JAX on the CPU")
     assert native.available()
 
 
@@ -83,6 +86,7 @@ def _version_in(env_extra, tmp_path):
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
 
 
+@pytest.mark.skipif(not ON_CPU, reason="the native kernel is for JAX on the CPU")
 def test_without_a_compiler_the_lax_path_runs_with_one_warning_and_fast_conv_1_fails_loudly(tmp_path):
     proc = _version_in({}, tmp_path)
     assert proc.returncode == 0, proc.stderr
