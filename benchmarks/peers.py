@@ -3,6 +3,7 @@ process per configuration (a noisy machine then hits both sides alike).
 
     pip install -e '.[peers]'           # torch 2.13.0 (CPU), voxelmorph 0.2, MONAI
     python benchmarks/peers.py
+    python benchmarks/peers.py --quick   # vm vs torch_same only, 3 runs each (a few minutes)
 
 Pairs compared (network input sizes H 160x192x224, L 80x96x112, LL 48x48x64; batch 1):
 
@@ -34,8 +35,15 @@ def main():
     p.add_argument("--train-sizes", nargs="*", default=["L", "LL"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip", nargs="*", default=[], help="model names to leave out")
+    p.add_argument("--quick", action="store_true", help="only vm vs torch_same, 3 runs each")
     p.add_argument("--out", type=Path, default=HERE / "results" / "peers")
     args = p.parse_args()
+    if args.quick:
+        args.skip = sorted(set(args.skip) | {"vxmdense", "torch_vxmdense", "monai_voxelmorph"})
+        args.repeats = min(args.repeats, 3)
+    from crd_jax.ops import native
+
+    conv = native.describe()
 
     rows = []
     for mode, sizes in (("infer", args.infer_sizes), ("train", args.train_sizes)):
@@ -51,7 +59,7 @@ def main():
                     rows.append(r)
 
     lines = [f"{machine().get('cpu', '')}, {machine()['cpus']} cores; batch 1; median (min-max) of {args.repeats} runs after a warm-up; "
-             "peak RSS of a fresh process per configuration.", "",
+             f"peak RSS of a fresh process per configuration; crd-jax convolution: {conv}.", "",
              "| Mode | Size | Model | Framework | Latency (s) | Peak RSS (MB) | peer / crd-jax latency | peer / crd-jax RSS |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -63,7 +71,7 @@ def main():
         ratio_m = f"{r['peak_rss_mb'] / ours['peak_rss_mb']:.2f}x" if ours and "error" not in r and "error" not in ours else ""
         lines.append(f"| {r['mode']} | {r['size']} | {r['model']} | {r['framework'] if 'framework' in r else '?'} | {fmt_latency(r)} "
                      f"| {fmt(r.get('peak_rss_mb'))} | {ratio_t} | {ratio_m} |")
-    write(args.out, {"machine": machine(), "rows": rows}, "\n".join(lines) + "\n")
+    write(args.out, {"machine": machine(), "conv": conv, "rows": rows}, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts (or resumes) the long 3-D LPBA40 reproduction in the background, outside the work tree.
 # Run at the start of every session; `python benchmarks/reproduce.py --setting 3d-ll --status` shows progress.
+# `benchmarks/start_reproduction.sh 3d-ll-rep` starts the CRD-vs-control replicates (configs/lpba40_vm_3d_ll_replicates.py).
 # A run folder that was lost simply starts again from scratch (budget about 4 hours on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,5 +16,8 @@ if pgrep -f "benchmarks/reproduce.py --setting $SETTING" > /dev/null; then
     echo "already running: $(pgrep -af "benchmarks/reproduce.py --setting $SETTING" | head -1)"
     exit 0
 fi
-nohup setsid "$PY" benchmarks/reproduce.py --setting "$SETTING" --no-full-size >> "$RUNS/reproduce_$SETTING.log" 2>&1 &
+EXTRA=()
+# the replicates reuse the main run's VM-H, VM-LL, S1 and FST (they are retrained if that run is gone)
+[ "$SETTING" = "3d-ll-rep" ] && [ -d "$RUNS/reproduce_lpba40_3d-ll" ] && EXTRA=(--reuse "$RUNS/reproduce_lpba40_3d-ll")
+nohup setsid "$PY" benchmarks/reproduce.py --setting "$SETTING" --no-full-size "${EXTRA[@]}" >> "$RUNS/reproduce_$SETTING.log" 2>&1 &
 echo "started pid $! -> $RUNS/reproduce_$SETTING.log"

@@ -184,6 +184,9 @@ def cmd_register(args) -> None:
         print(f"note: {note}")
     with outputs as stage:
         _write_registration(stage, args, result, fixed, moving)
+    from crd_jax.ops import native
+
+    print(f"note: convolution: {native.describe()}")
     print(f"registered {args.moving} to {args.fixed} with {loaded.spec.get('label', 'model')} in {elapsed:.2f} s; "
           f"folds (det J <= 0): {folds} voxels ({100.0 * folds / voxels:.3f}%)")
     for path in outputs.paths():

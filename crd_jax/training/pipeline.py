@@ -25,6 +25,7 @@ from crd_jax.data.io import atomic_path
 from crd_jax.errors import InputError
 from crd_jax.outputs import check_writable_folder
 from crd_jax.models import build as mbuild
+from crd_jax.ops import native
 from crd_jax.training import distributed
 from crd_jax.model_io import load_model, save_model
 from crd_jax.evaluation import count_parameters, evaluate_pairs, measure_inference, predictor, summarize
@@ -126,6 +127,7 @@ def evaluate_stage(config, trained: Trained, datasets, labels, directory: Path, 
         "parameters": count_parameters(model_params),
         **summary,
         **efficiency,
+        "conv": native.describe(),  # which convolution path the timings ran on
         "pairs": rows,
     }
     if jax.process_index() == 0:
