@@ -1,36 +1,33 @@
-"""Data: NIfTI/npz I/O, dataset layouts, preprocessing, pair sampling, loading, synthetic data."""
+"""Data: NIfTI/npz I/O, dataset layouts, preprocessing, pair sampling, loading, synthetic data.
 
-from crd_jax.data.build import build_datasets, dataset_labels
-from crd_jax.data.dataset import VolumeDataset
-from crd_jax.data.io import Volume, load_image, load_labels, save_nifti, save_npz
-from crd_jax.data.layouts import Subject, label_protocol, list_subjects, select
-from crd_jax.data.loader import PairLoader
-from crd_jax.data.pairs import eval_pairs, train_pair
-from crd_jax.data.preprocess import Placement, Preprocessor, normalize, padded_shape, place
-from crd_jax.data.synthetic import SyntheticConfig, SyntheticDataset, make_subject
+The names below are imported on first use (PEP 562): ``crd-jax register`` needs the I/O, not the dataset
+machinery.
+"""
 
-__all__ = [
-    "build_datasets",
-    "dataset_labels",
-    "VolumeDataset",
-    "Volume",
-    "load_image",
-    "load_labels",
-    "save_nifti",
-    "save_npz",
-    "Subject",
-    "label_protocol",
-    "list_subjects",
-    "select",
-    "PairLoader",
-    "eval_pairs",
-    "train_pair",
-    "Placement",
-    "Preprocessor",
-    "normalize",
-    "padded_shape",
-    "place",
-    "SyntheticConfig",
-    "SyntheticDataset",
-    "make_subject",
-]
+import importlib
+
+_WHERE = {
+    "build_datasets": "build", "dataset_labels": "build",
+    "VolumeDataset": "dataset",
+    "Volume": "io", "load_image": "io", "load_labels": "io", "save_nifti": "io", "save_npz": "io",
+    "Subject": "layouts", "label_protocol": "layouts", "list_subjects": "layouts", "select": "layouts",
+    "PairLoader": "loader",
+    "eval_pairs": "pairs", "train_pair": "pairs",
+    "Placement": "preprocess", "Preprocessor": "preprocess", "normalize": "preprocess", "padded_shape": "preprocess",
+    "place": "preprocess",
+    "SyntheticConfig": "synthetic", "SyntheticDataset": "synthetic", "make_subject": "synthetic",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'crd_jax.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"crd_jax.data.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
