@@ -82,7 +82,7 @@ def main():
         fixed, moving, seg = write_pair(tmp, args.shape)
         base = ["register", "--fixed", str(fixed), "--moving", str(moving),
                 "--moving-seg", str(seg)] + (["--model", args.model] if args.model else [])
-        env = dict(os.environ, CRD_JAX_CACHE_DIR=str(tmp / "xla"))
+        env = dict(os.environ, CRD_JAX_CACHE_DIR=str(tmp / "cache"))
         counter = iter(range(10_000))
 
         def call(extra=(), cache=True):

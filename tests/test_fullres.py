@@ -104,3 +104,15 @@ def test_streamed_nifti_writes_read_back_exactly_with_nibabel_and_simpleitk(tmp_
     raw = gzip.open(tmp_path / "x.nii.gz").read()
     assert raw == (tmp_path / "x.nii").read_bytes()
     assert len(gzip_members(raw, chunk=1000)) > 1 and gzip.decompress(b"".join(gzip_members(raw, chunk=1000))) == raw
+
+
+def test_user_cache_folder_follows_the_environment(tmp_path, monkeypatch):
+    from crd_jax.user_cache import cache_folder
+
+    monkeypatch.setenv("CRD_JAX_CACHE_DIR", str(tmp_path / "c"))
+    assert cache_folder("xla") == str(tmp_path / "c" / "xla") and (tmp_path / "c" / "xla").is_dir()
+    monkeypatch.setenv("CRD_JAX_CACHE_DIR", "off")
+    assert cache_folder("xla") is None
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("CRD_JAX_CACHE_DIR", str(tmp_path / "file"))  # not a folder: no cache, no error
+    assert cache_folder("xla") is None

@@ -468,7 +468,7 @@ def parser() -> argparse.ArgumentParser:
         "the displacement (disp.nii.gz, disp_itk.nii.gz or disp_FFFF_MMMM.npz/.nii.gz), and with the options "
         "jacobian.nii.gz, inverse_disp.nii.gz, affine.txt and affine_itk.txt; all at once, never over existing files "
         "without --overwrite. --pairs registers a CSV of pairs in one process. Compiled programs are cached in "
-        "~/.cache/crd_jax/xla (CRD_JAX_CACHE_DIR), so later calls start faster.",
+        "~/.cache/crd_jax (CRD_JAX_CACHE_DIR), so later calls start faster.",
         epilog="example: crd-jax register --model lpba40-vm-ll-crd --fixed S01.nii.gz --moving S02.nii.gz "
         "--moving-seg S02_labels.nii.gz --out-dir out/ --disp-format itk")
     r.add_argument("--model", help="a shipped model's name (see `crd-jax models`; default: the best shipped VM-LL-CRD) "
@@ -575,20 +575,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def enable_compilation_cache() -> Optional[str]:
-    """JAX's persistent compilation cache in the user's cache folder (``$CRD_JAX_CACHE_DIR``, else
-    ``$XDG_CACHE_HOME/crd_jax/xla`` or ``~/.cache/crd_jax/xla``; ``CRD_JAX_CACHE_DIR=off`` disables it), so
+    """JAX's persistent compilation cache in the user's cache folder (:mod:`crd_jax.user_cache`, ``xla``), so
     that a second ``crd-jax`` call loads the compiled programs instead of compiling them again."""
-    import os
+    from crd_jax.user_cache import cache_folder
 
-    path = os.environ.get("CRD_JAX_CACHE_DIR", "")
-    if path.lower() in ("off", "0", "none"):
+    path = cache_folder("xla")
+    if path is None:
         return None
-    if not path:
-        path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "crd_jax", "xla")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError:
-        return None  # an unwritable cache is no reason to fail: compile as before
     import jax
 
     jax.config.update("jax_compilation_cache_dir", path)

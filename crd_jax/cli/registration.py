@@ -73,14 +73,13 @@ def _cached_shapes(spec, ndim: int, compute) -> Dict[str, tuple]:
     import os
 
     import crd_jax
+    from crd_jax.user_cache import cache_folder
 
     key = json.dumps([spec.get("architecture"), spec["kind"], int(spec["factor"]), ndim, crd_jax.__version__,
                       jax.__version__], sort_keys=True, default=str)
-    root = os.environ.get("CRD_JAX_CACHE_DIR", "")
-    if root.lower() in ("off", "0", "none"):
+    root = cache_folder("shapes")
+    if root is None:
         return compute()
-    root = os.path.join(root or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "crd_jax", "xla"),
-                        "..", "shapes")
     path = os.path.join(root, hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
     try:
         with open(path) as f:
@@ -89,7 +88,6 @@ def _cached_shapes(spec, ndim: int, compute) -> Dict[str, tuple]:
         pass
     shapes = compute()
     try:
-        os.makedirs(root, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             json.dump(shapes, f)
