@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts (or resumes) the long 3-D LPBA40 reproduction in the background, outside the work tree.
 # Run at the start of every session; `python benchmarks/reproduce.py --setting 3d-ll --status` shows progress.
-# `benchmarks/start_reproduction.sh 3d-ll-rep` starts the CRD-vs-control replicates (configs/lpba40_vm_3d_ll_replicates.py).
+# `benchmarks/start_reproduction.sh 3d-ll-rep` starts the CRD-vs-control replicates (configs/lpba40_vm_3d_ll_replicates.py),
+# `... 3d-ll-long` the longer-budget CRD stages (configs/lpba40_vm_3d_ll_long.py).
 # A run folder that was lost simply starts again from scratch (budget about 4 hours on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,7 @@ if pgrep -f "benchmarks/reproduce.py --setting $SETTING" > /dev/null; then
     exit 0
 fi
 EXTRA=()
-# the replicates reuse the main run's VM-H, VM-LL, S1 and FST (they are retrained if that run is gone)
-[ "$SETTING" = "3d-ll-rep" ] && [ -d "$RUNS/reproduce_lpba40_3d-ll" ] && EXTRA=(--reuse "$RUNS/reproduce_lpba40_3d-ll")
+# the variants of 3d-ll reuse the main run's finished stages (they are retrained if that run is gone)
+case "$SETTING" in 3d-ll-*) [ -d "$RUNS/reproduce_lpba40_3d-ll" ] && EXTRA=(--reuse "$RUNS/reproduce_lpba40_3d-ll") ;; esac
 nohup setsid "$PY" benchmarks/reproduce.py --setting "$SETTING" --no-full-size "${EXTRA[@]}" >> "$RUNS/reproduce_$SETTING.log" 2>&1 &
 echo "started pid $! -> $RUNS/reproduce_$SETTING.log"
