@@ -214,11 +214,13 @@ def warp_image(image: np.ndarray, disp, order: int = 1) -> np.ndarray:
 
 
 def warp_labels(labels: np.ndarray, disp) -> np.ndarray:
-    """``(*grid)`` integer labels warped by nearest neighbour (sampled as float32: exact below 2^24), in
-    the labels' own integer type."""
+    """``(*grid)`` integer labels warped by nearest neighbour, in the labels' own integer type (64-bit maps
+    as int32)."""
     labels = np.asarray(labels)
     dtype = labels.dtype if labels.dtype.itemsize <= 4 else np.dtype(np.int32)
-    out = _warp_slabs(jnp.asarray(labels, jnp.float32), jnp.asarray(disp, jnp.float32), 0, _slabs(disp.shape[:-1]), dtype.name)
+    # the integer map goes in as it is (no float32 copy on the host): nearest-neighbour sampling only selects
+    out = _warp_slabs(jnp.asarray(labels.astype(dtype, copy=False)), jnp.asarray(disp, jnp.float32), 0,
+                      _slabs(disp.shape[:-1]), dtype.name)
     return np.asarray(out)
 
 

@@ -94,6 +94,16 @@ def _inverse_name(args) -> str:
     return f"inverse_disp_itk{ext}" if args.disp_format == "itk" else f"inverse_disp{ext}"
 
 
+def _geometry_only(volume):
+    """The volume with its voxels dropped (a zero-strided view of the same shape and type): what writing the
+    results needs of an input, so that the inputs' memory is free before the outputs are written."""
+    import dataclasses
+
+    import numpy as np
+
+    return dataclasses.replace(volume, data=np.broadcast_to(np.zeros((), volume.data.dtype), volume.data.shape))
+
+
 def _write_registration(stage: Path, args, result, fixed, moving) -> None:
     from crd_jax.data.io import save_nifti
     from crd_jax.interop.formats import write_displacement
@@ -179,6 +189,7 @@ def cmd_register(args) -> None:
     t = time.perf_counter()
     result, notes = register_volumes(loaded, fixed, moving, moving_seg, jacobian=args.jacobian, **registration_kwargs(args))
     elapsed = time.perf_counter() - t
+    fixed, moving, moving_seg = _geometry_only(fixed), _geometry_only(moving), None
     folds, voxels = result["folds"], int(fixed.data.size)
     for note in notes:
         print(f"note: {note}")
@@ -214,6 +225,7 @@ def _register_many(args) -> None:
         fixed, moving, moving_seg, _ = load_pair(loaded, fixed_path, moving_path, seg_path)
         t = time.perf_counter()
         result, _ = register_volumes(loaded, fixed, moving, moving_seg, jacobian=args.jacobian, **kwargs)
+        fixed, moving, moving_seg = _geometry_only(fixed), _geometry_only(moving), None
         with outset as stage:
             _write_registration(stage, args, result, fixed, moving)
         log.append(f"{name}: {time.perf_counter() - t:.2f} s, folds {result['folds']}")
