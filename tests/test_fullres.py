@@ -116,3 +116,16 @@ def test_user_cache_folder_follows_the_environment(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("CRD_JAX_CACHE_DIR", str(tmp_path / "file"))  # not a folder: no cache, no error
     assert cache_folder("xla") is None
+
+
+def test_streamed_nifti_keeps_header_extensions_of_the_source(tmp_path):
+    data = np.random.default_rng(6).random((12, 10, 8)).astype(np.float32)
+    src = nib.Nifti1Image(data, np.eye(4))
+    src.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"written by a scanner pipeline"))
+    nib.save(src, tmp_path / "src.nii.gz")
+    header = nib.load(tmp_path / "src.nii.gz").header
+    for name in ("out.nii.gz", "out.nii"):
+        save_nifti(tmp_path / name, data * 2, np.eye(4), header)
+        back = nib.load(tmp_path / name)
+        np.testing.assert_array_equal(np.asarray(back.dataobj), data * 2)
+        assert [e.get_content() for e in back.header.extensions] == [b"written by a scanner pipeline"]

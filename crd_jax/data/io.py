@@ -179,10 +179,10 @@ def nifti_blocks(img: nib.Nifti1Image, data: np.ndarray, block: int = 4 << 20) -
     img.update_header()
     hdr = img.header
     head = io.BytesIO()
-    hdr.write_to(head)
-    if hdr.extensions:
-        hdr.extensions.write_to(head, False)
+    hdr.write_to(head)  # the header, the extension flag and any extensions; sets vox_offset if unset
     offset = int(hdr["vox_offset"])
+    if offset < len(head.getvalue()):
+        raise ValueError(f"NIfTI vox_offset {offset} is inside the header and extensions ({len(head.getvalue())} bytes)")
     yield head.getvalue() + b"\0" * (offset - len(head.getvalue()))
     arr = np.asarray(data, dtype=hdr.get_data_dtype())
     if arr.ndim < 2:
