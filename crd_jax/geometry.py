@@ -10,6 +10,8 @@ permutation and flips of the array axes, no resampling: nibabel's orientation to
 
 from __future__ import annotations
 
+import functools
+
 from typing import Mapping, Optional, Sequence, Tuple
 
 import nibabel as nib
@@ -35,18 +37,25 @@ def to_model_space(volume: Volume, codes: str):
     return Volume(data, affine, None, volume.path), transform  # a view: flips and transposes copy nothing
 
 
+def _component_plan(transform: np.ndarray, original_shape: Sequence[int]):
+    """``(plan, undo)``: component ``i`` of a field on the original grid is ``sign * component j`` of the
+    field on the reoriented grid, ``plan[i] = (j, sign)`` (the orientation matrix is a signed permutation);
+    ``undo`` maps the reoriented grid back onto the original one (``apply_orientation`` semantics)."""
+    m = ornt.inv_ornt_aff(transform, tuple(original_shape))[:3, :3]
+    plan = []
+    for row in m:
+        j = int(np.argmax(np.abs(row)))
+        plan.append((j, float(np.sign(row[j]))))
+    return tuple(plan), _inverse_transform(transform)
+
+
 def field_to_original(disp: np.ndarray, transform: np.ndarray, original_shape: Sequence[int]) -> np.ndarray:
     """A ``(*reoriented, 3)`` voxel displacement -> ``(*original, 3)`` in the original voxels."""
-    # original voxel x relates to reoriented voxel y by x = M y + c, with M = inv_ornt_aff(transform)[:3, :3]
-    m = ornt.inv_ornt_aff(transform, tuple(original_shape))[:3, :3]
-    undo = _inverse_transform(transform)
-    # m is a signed permutation: component i of the result is +-component j of the reoriented field, so each
-    # is one strided copy (no (N, 3) float64 temporary)
-    out = np.empty(tuple(original_shape) + (disp.shape[-1],), np.float32)
-    for i in range(disp.shape[-1]):
-        j = int(np.argmax(np.abs(m[i])))
+    plan, undo = _component_plan(transform, original_shape)
+    out = np.empty(tuple(original_shape) + (disp.shape[-1],), np.float32)  # one strided copy per component
+    for i, (j, sign) in enumerate(plan):
         out[..., i] = ornt.apply_orientation(disp[..., j], undo)
-        if m[i, j] < 0:
+        if sign < 0:
             np.negative(out[..., i], out=out[..., i])
     return out
 
@@ -55,15 +64,13 @@ def field_to_original_device(disp, transform: np.ndarray, original_shape: Sequen
     """:func:`field_to_original` on a JAX array (compiled; no host copy of the full-size field)."""
     import jax.numpy as jnp
 
-    m = ornt.inv_ornt_aff(transform, tuple(original_shape))[:3, :3]
-    undo = _inverse_transform(transform)
-    plan = tuple((int(np.argmax(np.abs(m[i]))), float(np.sign(m[i, int(np.argmax(np.abs(m[i])))]))) for i in range(m.shape[0]))
+    plan, undo = _component_plan(transform, original_shape)
     flips = tuple(int(a) for a, f in enumerate(undo[:, 1]) if f == -1)
     order = tuple(int(a) for a in np.argsort(undo[:, 0]))
-    return _reorient_field(jnp.asarray(disp, jnp.float32), plan, flips, order)
+    return _reorient_jit()(jnp.asarray(disp, jnp.float32), plan, flips, order)
 
 
-def _reorient_field_impl(disp, plan, flips, order):
+def _reorient_field(disp, plan, flips, order):
     import jax.numpy as jnp
 
     d = jnp.flip(disp, axis=flips) if flips else disp
@@ -71,16 +78,11 @@ def _reorient_field_impl(disp, plan, flips, order):
     return jnp.stack([sign * d[..., j] for j, sign in plan], axis=-1)
 
 
-def _reorient_field(disp, plan, flips, order):
-    import jax
+@functools.lru_cache(maxsize=None)
+def _reorient_jit():
+    import jax  # geometry itself does not need JAX
 
-    global _reorient_jit
-    if _reorient_jit is None:
-        _reorient_jit = jax.jit(_reorient_field_impl, static_argnums=(1, 2, 3))
-    return _reorient_jit(disp, plan, flips, order)
-
-
-_reorient_jit = None
+    return jax.jit(_reorient_field, static_argnums=(1, 2, 3))
 
 
 def _inverse_transform(transform: np.ndarray) -> np.ndarray:

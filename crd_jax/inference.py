@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crd_jax.data.preprocess import Placement, apply_normalize, normalize, normalize_params, padded_shape, place, resample
-from crd_jax.ops.spatial import resize_field, warp
+from crd_jax.ops.spatial import resize_field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +54,23 @@ def canvas_multiple(spec: Mapping) -> int:
     return multiple
 
 
+def _normalisation(preprocessing: Mapping, mode: str) -> Tuple[str, Sequence[float]]:
+    """The normalisation to apply (``mode = "model"``: the model's own) and its percentiles."""
+    mode = preprocessing.get("normalize", "none") if mode == "model" else mode
+    return mode, preprocessing.get("percentiles", [0.5, 99.5])
+
+
 def normalize_inputs(preprocessing: Mapping, fixed: np.ndarray, moving: np.ndarray, mode: str = "model"):
     """Both images normalised as the model's training data were (``mode = "model"``) or by ``mode``."""
-    mode = preprocessing.get("normalize", "none") if mode == "model" else mode
-    percentiles = preprocessing.get("percentiles", [0.5, 99.5])
+    mode, percentiles = _normalisation(preprocessing, mode)
     return normalize(fixed, mode, *percentiles), normalize(moving, mode, *percentiles), mode
+
+
+def _on_canvas(grid, work, multiple: int, fixed: np.ndarray, moving: np.ndarray) -> Prepared:
+    """Images already on the model's ``work`` grid, centred on the network's canvas as batches."""
+    placement = place(work, padded_shape(work, multiple))
+    as_input = lambda a: jnp.asarray(placement.apply(np.asarray(a, np.float32)))[None, ..., None]  # noqa: E731
+    return Prepared(as_input(moving), as_input(fixed), grid, work, placement)
 
 
 def prepare(preprocessing: Mapping, multiple: int, fixed: np.ndarray, moving: np.ndarray) -> Prepared:
@@ -67,9 +79,7 @@ def prepare(preprocessing: Mapping, multiple: int, fixed: np.ndarray, moving: np
     work = tuple(preprocessing.get("resample_shape") or ()) or grid
     if work != grid:
         fixed, moving = resample(fixed, work, 1), resample(moving, work, 1)
-    placement = place(work, padded_shape(work, multiple))
-    as_input = lambda a: jnp.asarray(placement.apply(np.asarray(a, np.float32)))[None, ..., None]  # noqa: E731
-    return Prepared(as_input(moving), as_input(fixed), grid, work, placement)
+    return _on_canvas(grid, work, multiple, fixed, moving)
 
 
 def prepare_raw(preprocessing: Mapping, multiple: int, fixed: np.ndarray, moving: np.ndarray, mode: str = "model"):
@@ -77,16 +87,13 @@ def prepare_raw(preprocessing: Mapping, multiple: int, fixed: np.ndarray, moving
     must be: the normalisation's statistics are taken on the full images, the images are resampled onto
     the model's grid as they are, and the (affine) normalisation is applied to the small ones. Returns
     ``(prepared, mode)``."""
-    mode = preprocessing.get("normalize", "none") if mode == "model" else mode
-    percentiles = preprocessing.get("percentiles", [0.5, 99.5])
+    mode, percentiles = _normalisation(preprocessing, mode)
     params = [normalize_params(a, mode, *percentiles) for a in (fixed, moving)]
     grid = tuple(fixed.shape)
     work = tuple(preprocessing.get("resample_shape") or ()) or grid
     small = [a if work == grid else resample(np.asarray(a, np.float32), work, 1) for a in (fixed, moving)]
     f_in, m_in = (apply_normalize(a, q) for a, q in zip(small, params))
-    placement = place(work, padded_shape(work, multiple))
-    as_input = lambda a: jnp.asarray(placement.apply(np.asarray(a, np.float32)))[None, ..., None]  # noqa: E731
-    return Prepared(as_input(m_in), as_input(f_in), grid, work, placement), mode
+    return _on_canvas(grid, work, multiple, f_in, m_in), mode
 
 
 @functools.lru_cache(maxsize=16)
@@ -122,9 +129,6 @@ def _map_back(disp, windows, work, grid):
     if work == grid:
         return restored
     return resize_field(restored[None], grid)[0]
-
-
-_resize_field = jax.jit(resize_field, static_argnums=1)  # one compiled program instead of a dozen eager ops
 
 
 def count_folds(disp) -> int:

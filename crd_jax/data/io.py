@@ -247,13 +247,6 @@ def gzip_members(raw: bytes, level: int = 1, chunk: int = 4 << 20) -> List[bytes
     return list(_compressed((bytes(view[i:i + chunk]) for i in range(0, max(len(raw), 1), chunk)), level))
 
 
-def write_gzip(path: PathLike, raw: bytes, level: int = 1) -> None:
-    """``raw`` gzip-compressed into ``path`` (nibabel's default level, 1), in parallel chunks."""
-    with open(path, "wb") as f:
-        for member in gzip_members(raw, level):
-            f.write(member)
-
-
 def save_npz(path: PathLike, **arrays) -> None:
     """``np.savez_compressed`` written atomically."""
     with atomic_path(path) as tmp:

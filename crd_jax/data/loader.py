@@ -42,7 +42,7 @@ class PairLoader:
         self.first_slot = process_index * self.local_batch
         self.atlas = atlas
         self.augment = augment
-        self.label_values = None if label_values is None else np.asarray(sorted(label_values), np.int64)
+        self.label_values = _sorted_values(label_values)
 
     def for_stage(self, seed_offset: int = 0, augment: Optional[Augment] = None,
                   label_values: Optional[Sequence[int]] = None) -> "PairLoader":
@@ -51,7 +51,7 @@ class PairLoader:
         other = copy.copy(self)
         other.seed = self.seed + int(seed_offset)
         other.augment = self.augment if augment is None else augment
-        other.label_values = self.label_values if label_values is None else np.asarray(sorted(label_values), np.int64)
+        other.label_values = self.label_values if label_values is None else _sorted_values(label_values)
         return other
 
     def _label_index(self, i: int) -> np.ndarray:
@@ -120,3 +120,7 @@ class PairLoader:
                 yield item
         finally:
             stop_event.set()
+
+
+def _sorted_values(values: Optional[Sequence[int]]) -> Optional[np.ndarray]:
+    return None if values is None else np.asarray(sorted(values), np.int64)
