@@ -22,6 +22,14 @@ CASES = [
     ((9, 8), 3, 17, 2, 0.2),
     ((11, 5), 32, 8, 2, 0.1),
     ((13, 10), 16, 2, 1, 0.2),
+    # rows shorter than, equal to and just past the edge tiles and the column tiles (W = 1 ... 61)
+    ((3, 3, 1), 4, 16, 1, 0.2),
+    ((3, 3, 2), 4, 16, 2, 0.2),
+    ((3, 4, 17), 5, 16, 1, 0.2),
+    ((3, 4, 33), 6, 32, 1, None),
+    ((3, 4, 37), 6, 16, 2, 0.2),
+    ((2, 3, 61), 3, 40, 1, 0.2),
+    ((2, 3, 26), 3, 16, 1, 0.2),
 ]
 
 
@@ -35,8 +43,22 @@ def test_native_kernel_is_built_on_x86():
     assert native.available()
 
 
+@pytest.fixture(params=["avx2", "avx512"])
+def isa(request):
+    """Runs a test on each vector width of the forward kernel (AVX-512 only where the CPU has it)."""
+    if not ON_CPU or not native.available():
+        yield request.param
+        return
+    before = native.isa()
+    if native.set_isa(request.param) != request.param:
+        native.set_isa(before)
+        pytest.skip(f"this CPU lacks {request.param}")
+    yield request.param
+    native.set_isa(before)
+
+
 @pytest.mark.parametrize("shape,cin,cout,stride,slope", CASES)
-def test_conv_matches_lax_values_and_gradients(shape, cin, cout, stride, slope):
+def test_conv_matches_lax_values_and_gradients(shape, cin, cout, stride, slope, isa):
     nd = len(shape)
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(sum(shape) + cin), 3)
     x = jax.random.normal(k1, (2, *shape, cin))
@@ -97,6 +119,19 @@ def test_without_a_compiler_the_lax_path_runs_with_one_warning_and_fast_conv_1_f
 
 
 @pytest.mark.skipif(not native.available(), reason="the native kernel is not available here")
+def test_isa_selection_is_reported_and_checked():
+    if not ON_CPU or not native.available():
+        pytest.skip("the native kernel is not in use")
+    before = native.isa()
+    try:
+        assert native.set_isa("avx2") == "avx2" and "AVX2" in native.describe()
+        assert native.set_isa("avx512") in ("avx2", "avx512")
+        with pytest.raises(ValueError):
+            native.set_isa("sse")
+    finally:
+        native.set_isa(before)
+
+
 def test_kernel_threads_follow_the_environment_and_results_do_not_depend_on_them(tmp_path):
     import os
     import subprocess
@@ -105,14 +140,19 @@ def test_kernel_threads_follow_the_environment_and_results_do_not_depend_on_them
     code = ("import numpy as np, jax.numpy as jnp\nfrom crd_jax.ops import native\nfrom crd_jax.ops.conv import conv\n"
             "x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 12, 12, 12, 8)), jnp.float32)\n"
             "w = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 3, 8, 16)), jnp.float32)\n"
-            "y = np.asarray(conv(x, w, jnp.zeros(16)))\nnp.save('out.npy', y)\nprint(native.threads())\n")
-    outs = []
-    for threads in ("1", "3"):
+            "y = np.asarray(conv(x, w, jnp.zeros(16)))\nnp.save('out.npy', y)\nprint(native.isa(), native.threads())\n")
+    outs, isas = [], []
+    for threads, extra in (("1", {}), ("3", {}), ("2", {"CRD_JAX_ISA": "avx2"})):
         folder = tmp_path / threads
         folder.mkdir()
-        env = dict(os.environ, CRD_JAX_NUM_THREADS=threads)
+        env = {k: v for k, v in os.environ.items() if k != "CRD_JAX_ISA"}
+        env.update(CRD_JAX_NUM_THREADS=threads, **extra)
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=folder)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.split()[-1] == threads
+        isas.append(proc.stdout.split()[-2])
         outs.append(np.load(folder / "out.npy"))
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-5)
+    # CRD_JAX_ISA=avx2 selects the AVX2 path; it sums in another order, so equal up to rounding
+    assert isas[2] == "avx2"
+    np.testing.assert_allclose(outs[2], outs[0], rtol=1e-5, atol=1e-5 * float(np.abs(outs[0]).max()))

@@ -7,6 +7,10 @@ no AVX2/FMA, or ``CRD_JAX_FAST_CONV=0``) :func:`available` is False, one warning
 ``lax.conv``; ``CRD_JAX_FAST_CONV=1`` makes that an error instead. It is never built or loaded when JAX's
 default backend is not the CPU (a GPU host runs ``lax.conv`` on the GPU).
 
+Vector width: the forward convolution uses AVX-512 where the CPU has it (``CRD_JAX_ISA=avx2`` or
+:func:`set_isa` selects the AVX2 path, which every supported CPU runs); the weight gradient and the
+few-output-channel head use AVX2.
+
 Threads: one persistent pool per process, sized by the CPUs the process may use (its affinity mask, capped
 by a cgroup CPU quota) or ``CRD_JAX_NUM_THREADS``.
 """
@@ -121,8 +125,30 @@ def threads() -> int:
     return int(_state["lib"].crd_num_threads()) if available() else 0
 
 
+_ISA_NAMES = {0: "avx2", 1: "avx512"}
+
+
+def isa() -> str:
+    """The forward kernel's vector width: ``"avx512"`` where the CPU has it, else ``"avx2"`` ("" when unused)."""
+    return _ISA_NAMES[int(_state["lib"].crd_isa())] if available() else ""
+
+
+def set_isa(name: str) -> str:
+    """Selects the forward kernel's vector width for this process (tests and benchmarks compare the two).
+
+    ``CRD_JAX_ISA=avx2`` does the same from the environment. AVX-512 is refused where the CPU lacks it; the
+    width in use is returned.
+    """
+    if name not in ("avx2", "avx512"):
+        raise ValueError(f"isa must be 'avx2' or 'avx512', not {name!r}")
+    if not available():
+        return ""
+    return _ISA_NAMES[int(_state["lib"].crd_set_isa(1 if name == "avx512" else 0))]
+
+
 def describe() -> str:
     """Which convolution path this process runs, for logs, results files and ``crd-jax --version``."""
     if available():
-        return f"native CPU kernel (AVX2/FMA, {threads()} threads)"
+        width = "AVX-512" if isa() == "avx512" else "AVX2/FMA"
+        return f"native CPU kernel ({width}, {threads()} threads)"
     return f"lax.conv ({_state.get('why', 'native kernel unavailable')})"

@@ -1,9 +1,14 @@
-// Direct 3-D convolution for x86-64 CPUs with AVX2 + FMA, exposed to XLA as FFI custom calls.
+// Direct 3-D convolution for x86-64 CPUs with AVX2 + FMA (and an AVX-512 forward path where the CPU has
+// it), exposed to XLA as FFI custom calls.
 //
 // Why this exists: XLA's CPU backend runs 3^3 convolutions at ~15 GFLOP/s on the 2-core machines this
 // project targets, and an im2col + dot formulation is bounded by the memory traffic of the 27x patch
 // matrix. A register-blocked direct convolution reads each input voxel from cache and keeps the partial
 // sums in registers, which is what oneDNN does for PyTorch.
+//
+// Forward pass: each output row reads its KD x KH input rows in place (only the few columns at either end
+// read a zero-padded copy); tiles of output columns x output channels keep their partial sums in
+// registers; output rows are visited in bands that keep the input rows they share in the L2 cache.
 //
 // Layout: channels-last. Input x (B, D, H, W, Ci); weights (KD, KH, KW, Ci, CoP) with the output channels
 // zero-padded to CoP, a multiple of 8; output (B, Do, Ho, Wo, Co). 2-D convolutions are passed as D = 1,
@@ -74,6 +79,28 @@ int NumThreads() {
   }();
   return n;
 }
+
+// Which vector width the forward kernel uses: AVX-512 where the CPU has it, unless CRD_JAX_ISA=avx2 (or
+// crd_set_isa) asks for the AVX2 path, which every supported CPU runs.
+enum Isa { kAvx2 = 0, kAvx512 = 1 };
+
+bool CpuHasAvx512() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"); }
+
+std::atomic<int>& IsaSetting() {
+  static std::atomic<int> isa{[] {
+    const char* env = std::getenv("CRD_JAX_ISA");
+    if (env != nullptr && std::strcmp(env, "avx2") == 0) return static_cast<int>(kAvx2);
+    return static_cast<int>(CpuHasAvx512() ? kAvx512 : kAvx2);
+  }()};
+  return isa;
+}
+
+int ActiveIsa() { return IsaSetting().load(std::memory_order_relaxed); }
+
+constexpr int64_t kBandBytes = 768 * 1024;  // input rows a band of output rows may keep in the L2 cache
+constexpr int kTile512K3 = 24;   // AVX-512 columns per tile: 16 output channels, stride 1, 3 taps
+constexpr int kTile512Cb1 = 24;  // 16 output channels, other strides
+constexpr int kTile512Cb2 = 12;  // 32 output channels
 
 // One persistent pool for the process (threads are started once, not on every call). Run(k, fn) runs
 // fn(0..k-1), fn(0) on the caller, and returns when all are done; one parallel region at a time.
@@ -217,16 +244,34 @@ inline void FwdTile(const Geometry& g, const RowSet& rs, const float* w, const f
   }
 }
 
-// Columns [begin, end) in tiles of TW, the remainder in tiles of TW / 2, TW / 4, ... 1.
-template <int CB, int TW>
-void FwdColumns(const Geometry& g, const RowSet& rs, const float* w, const float* bias, int64_t begin,
-                int64_t end, int64_t co0, float* yrow) {
+// Runs tile(ow, width) over columns [begin, end): tiles of TW, the remainder in tiles of TW / 2, ... down to
+// kMin, and what is left as one more kMin-wide tile that ends at `end`, overlapping columns already done
+// (it writes the same values). Narrower tiles have too few independent FMA chains to hide the FMA latency;
+// only a range narrower than kMin falls through to them.
+template <int TW, int kMin, typename Tile>
+void TileColumns(int64_t range_begin, int64_t begin, int64_t end, const Tile& tile) {
   int64_t ow = begin;
-  for (; ow + TW <= end; ow += TW) FwdTile<CB, TW>(g, rs, w, bias, ow, co0, yrow);
-  if constexpr (TW > 1) {
-    if (ow < end) FwdColumns<CB, TW / 2>(g, rs, w, bias, ow, end, co0, yrow);
+  for (; ow + TW <= end; ow += TW) tile.template run<TW>(ow);
+  if (ow == end) return;
+  if constexpr (TW > kMin) {
+    TileColumns<TW / 2, kMin>(range_begin, ow, end, tile);
+  } else if (end - range_begin >= TW) {
+    tile.template run<TW>(end - TW);
+  } else if constexpr (TW > 1) {
+    TileColumns<TW / 2, 1>(range_begin, ow, end, tile);
   }
 }
+
+template <int CB>
+struct Avx2Tile {
+  const Geometry& g;
+  const RowSet& rs;
+  const float *w, *bias;
+  int64_t co0;
+  float* yrow;
+  template <int TW>
+  void run(int64_t ow) const { FwdTile<CB, TW>(g, rs, w, bias, ow, co0, yrow); }
+};
 
 // LeakyReLU in place over a row; kept out of the tile so the tile's registers all hold partial sums.
 void LeakyRow(float* y, int64_t n, float slope) {
@@ -343,6 +388,197 @@ void SmallCoForward(const Geometry& g, const float* x, const float* w, const flo
   });
 }
 
+// --- AVX-512 (16 lanes): same loop nest, 16 output channels per vector, 32 registers for partial sums ---
+//
+// Compiled for AVX-512 whatever the file's flags; only called when the CPU has it (ActiveIsa).
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+
+inline __mmask16 LaneMask(int64_t valid) {
+  return valid >= 16 ? static_cast<__mmask16>(0xFFFF) : valid <= 0 ? 0 : static_cast<__mmask16>((1u << valid) - 1);
+}
+
+// TW consecutive output voxels x CB*16 output channels; the activation is applied in registers.
+template <int CB, int TW>
+inline void Fwd512Tile(const Geometry& g, const RowSet& rs, const float* w, const float* bias, int64_t ow0,
+                       int64_t co0, float slope, bool act, float* yrow) {
+  __m512 acc[TW][CB];
+  __mmask16 mask[CB];
+#pragma GCC unroll 16
+  for (int c = 0; c < CB; ++c) {
+    mask[c] = LaneMask(g.Co - co0 - 16 * c);
+    const __m512 bv = _mm512_maskz_loadu_ps(mask[c], bias + co0 + 16 * c);
+#pragma GCC unroll 32
+    for (int t = 0; t < TW; ++t) acc[t][c] = bv;
+  }
+  // Weights are padded to CoP (a multiple of 8): the last vector of a block may read past it, so it is masked.
+  __mmask16 wmask[CB];
+#pragma GCC unroll 16
+  for (int c = 0; c < CB; ++c) wmask[c] = LaneMask(g.CoP - co0 - 16 * c);
+  const int64_t Ci = g.Ci, CoP = g.CoP;
+  const int64_t xstep = g.sw * Ci;
+  for (int r = 0; r < rs.n; ++r) {
+    const float* xrow = rs.rows[r] + ow0 * xstep;
+    const float* wtap = w + rs.taps[r] * g.KW * Ci * CoP + co0;
+    for (int64_t kw = 0; kw < g.KW; ++kw) {
+      const float* wp = wtap + kw * Ci * CoP;
+      const float* xp = xrow + kw * Ci;
+      for (int64_t ci = 0; ci < Ci; ++ci) {
+        __m512 wv[CB];
+#pragma GCC unroll 16
+        for (int c = 0; c < CB; ++c) wv[c] = _mm512_maskz_loadu_ps(wmask[c], wp + ci * CoP + 16 * c);
+#pragma GCC unroll 32
+        for (int t = 0; t < TW; ++t) {
+          const __m512 xv = _mm512_set1_ps(xp[t * xstep + ci]);
+#pragma GCC unroll 16
+          for (int c = 0; c < CB; ++c) acc[t][c] = _mm512_fmadd_ps(xv, wv[c], acc[t][c]);
+        }
+      }
+    }
+  }
+  const __m512 zero = _mm512_setzero_ps(), sl = _mm512_set1_ps(slope);
+#pragma GCC unroll 32
+  for (int t = 0; t < TW; ++t) {
+    float* yp = yrow + (ow0 + t) * g.Co + co0;
+#pragma GCC unroll 16
+    for (int c = 0; c < CB; ++c) {
+      __m512 v = acc[t][c];
+      if (act) v = _mm512_fmadd_ps(sl, _mm512_min_ps(v, zero), _mm512_max_ps(v, zero));  // as LeakyRow
+      _mm512_mask_storeu_ps(yp + 16 * c, mask[c], v);
+    }
+  }
+}
+
+// Stride 1, KW = 3, 16 output channels: each broadcast input value feeds the three output columns it is a tap
+// of (one FMA per kw), so a tile of TW columns needs TW + 2 broadcasts for 3 TW FMAs instead of 3 TW.
+template <int TW>
+inline void Fwd512TileK3(const Geometry& g, const RowSet& rs, const float* w, const float* bias, int64_t ow0,
+                         int64_t co0, float slope, bool act, float* yrow) {
+  __m512 acc[TW];
+  const __mmask16 mask = LaneMask(g.Co - co0), wmask = LaneMask(g.CoP - co0);
+  const __m512 bv = _mm512_maskz_loadu_ps(mask, bias + co0);
+#pragma GCC unroll 32
+  for (int t = 0; t < TW; ++t) acc[t] = bv;
+  const int64_t Ci = g.Ci, CoP = g.CoP;
+  for (int r = 0; r < rs.n; ++r) {
+    const float* xp = rs.rows[r] + ow0 * Ci;
+    const float* wp = w + rs.taps[r] * 3 * Ci * CoP + co0;
+    for (int64_t ci = 0; ci < Ci; ++ci) {
+      const __m512 w0 = _mm512_maskz_loadu_ps(wmask, wp + ci * CoP);
+      const __m512 w1 = _mm512_maskz_loadu_ps(wmask, wp + (Ci + ci) * CoP);
+      const __m512 w2 = _mm512_maskz_loadu_ps(wmask, wp + (2 * Ci + ci) * CoP);
+#pragma GCC unroll 40
+      for (int j = 0; j < TW + 2; ++j) {  // input column ow0 + j - 1 + ... : tap kw of output column j - kw
+        const __m512 xv = _mm512_set1_ps(xp[j * Ci + ci]);
+        if (j < TW) acc[j] = _mm512_fmadd_ps(xv, w0, acc[j]);
+        if (j >= 1 && j - 1 < TW) acc[j - 1] = _mm512_fmadd_ps(xv, w1, acc[j - 1]);
+        if (j >= 2) acc[j - 2] = _mm512_fmadd_ps(xv, w2, acc[j - 2]);
+      }
+    }
+  }
+  const __m512 zero = _mm512_setzero_ps(), sl = _mm512_set1_ps(slope);
+#pragma GCC unroll 32
+  for (int t = 0; t < TW; ++t) {
+    __m512 v = acc[t];
+    if (act) v = _mm512_fmadd_ps(sl, _mm512_min_ps(v, zero), _mm512_max_ps(v, zero));
+    _mm512_mask_storeu_ps(yrow + (ow0 + t) * g.Co + co0, mask, v);
+  }
+}
+
+template <int CB>
+struct Avx512Tile {
+  const Geometry& g;
+  const RowSet& rs;
+  const float *w, *bias;
+  int64_t co0;
+  float slope;
+  bool act;
+  float* yrow;
+  template <int TW>
+  void run(int64_t ow) const { Fwd512Tile<CB, TW>(g, rs, w, bias, ow, co0, slope, act, yrow); }
+};
+
+struct Avx512TileK3 {
+  const Geometry& g;
+  const RowSet& rs;
+  const float *w, *bias;
+  int64_t co0;
+  float slope;
+  bool act;
+  float* yrow;
+  template <int TW>
+  void run(int64_t ow) const { Fwd512TileK3<TW>(g, rs, w, bias, ow, co0, slope, act, yrow); }
+};
+
+void Avx512Columns(const Geometry& g, const RowSet& rs, const float* w, const float* bias, int64_t begin,
+                   int64_t end, float slope, bool act, float* yrow) {
+  if (begin >= end) return;
+  int64_t co0 = 0;
+  for (; co0 + 16 < g.Co; co0 += 32) {
+    TileColumns<kTile512Cb2, kTile512Cb2 / 4>(begin, begin, end, Avx512Tile<2>{g, rs, w, bias, co0, slope, act, yrow});
+  }
+  const bool k3 = g.sw == 1 && g.KW == 3;
+  for (; co0 < g.Co; co0 += 16) {
+    if (k3) {
+      TileColumns<kTile512K3, kTile512K3 / 4>(begin, begin, end, Avx512TileK3{g, rs, w, bias, co0, slope, act, yrow});
+    } else {
+      TileColumns<kTile512Cb1, kTile512Cb1 / 4>(begin, begin, end, Avx512Tile<1>{g, rs, w, bias, co0, slope, act, yrow});
+    }
+  }
+}
+
+#pragma GCC pop_options
+
+// Output columns whose every tap lies inside the input row: they read the input in place. The few columns at
+// either end read a small zero-padded copy of the columns they need (the "edge" row sets).
+struct ColumnRanges {
+  int64_t interior_begin, interior_end;  // [L, R)
+  int64_t left_width, right_first, right_width;  // virtual padded columns copied for the edges
+};
+
+// The edges are at least kEdgeColumns wide, so that they run in tiles as efficient as the interior's.
+constexpr int64_t kEdgeColumns = 8;
+
+ColumnRanges Columns(const Geometry& g) {
+  ColumnRanges c;
+  const int64_t first_inside = std::min(g.Wo, (g.pw + g.sw - 1) / g.sw);
+  const int64_t last = g.W - g.KW + g.pw;  // largest ow * sw that stays inside
+  const int64_t end_inside = last >= 0 ? std::min(g.Wo, last / g.sw + 1) : 0;
+  c.interior_begin = std::min(g.Wo, std::max(first_inside, first_inside > 0 ? kEdgeColumns : 0));
+  c.interior_end = std::max(c.interior_begin, std::min(end_inside, end_inside < g.Wo ? g.Wo - kEdgeColumns : g.Wo));
+  c.left_width = c.interior_begin > 0 ? (c.interior_begin - 1) * g.sw + g.KW : 0;
+  c.right_first = c.interior_end * g.sw;
+  c.right_width = c.interior_end < g.Wo ? (g.Wo - 1 - c.interior_end) * g.sw + g.KW : 0;
+  return c;
+}
+
+// Copies virtual padded columns [first, first + width) of an input row (virtual column c is input column
+// c - pw; outside the row, zeros) to buf, and returns the pointer that virtual column 0 would have.
+const float* EdgeRow(const Geometry& g, const float* xrow, int64_t first, int64_t width, float* buf) {
+  for (int64_t c = 0; c < width; ++c) {
+    const int64_t ic = first + c - g.pw;
+    float* dst = buf + c * g.Ci;
+    if (ic >= 0 && ic < g.W) {
+      std::memcpy(dst, xrow + ic * g.Ci, g.Ci * sizeof(float));
+    } else {
+      std::memset(dst, 0, g.Ci * sizeof(float));
+    }
+  }
+  return buf - first * g.Ci;
+}
+
+using ColumnsFn = void (*)(const Geometry&, const RowSet&, const float*, const float*, int64_t, int64_t, float, bool,
+                           float*);
+
+// AVX2: tiles of 16 output channels x 6 columns (12 accumulators), 8 x 12 for the last 8 channels.
+void Avx2Columns(const Geometry& g, const RowSet& rs, const float* w, const float* bias, int64_t begin, int64_t end,
+                 float, bool, float* yrow) {
+  if (begin >= end) return;
+  int64_t co0 = 0;
+  for (; co0 + 16 <= g.CoP; co0 += 16) TileColumns<6, 3>(begin, begin, end, Avx2Tile<2>{g, rs, w, bias, co0, yrow});
+  for (; co0 < g.CoP; co0 += 8) TileColumns<12, 6>(begin, begin, end, Avx2Tile<1>{g, rs, w, bias, co0, yrow});
+}
+
 void ConvForward(const Geometry& g, const float* x, const float* w, const float* bias, float slope, bool act,
                  float* y) {
   if (g.sw == 1 && g.Co <= 4 && g.KD * (g.KH + 1) <= 64) {
@@ -353,18 +589,25 @@ void ConvForward(const Geometry& g, const float* x, const float* w, const float*
       case 4: return SmallCoForward<4>(g, x, w, bias, slope, act, y);
     }
   }
+  const ColumnsFn columns = ActiveIsa() == kAvx512 ? Avx512Columns : Avx2Columns;
+  const bool fused_act = columns != Avx2Columns;  // the AVX-512 tiles apply the activation as they store
+  const ColumnRanges cr = Columns(g);
   const int64_t planes = g.B * g.Do;
-  // Padded row length: every tap of every output column, and the whole input row, fit.
-  const int64_t wp = std::max((g.Wo - 1) * g.sw + g.KW, g.pw + g.W);
-  const int64_t row_floats = wp * g.Ci;
+  // Output rows are visited in blocks of `band` rows, every depth of the thread's planes in turn for each
+  // block, so that the input rows a band reads (KD planes x (band + KH - 1) rows) stay in the L2 cache
+  // while the next depth reuses KD - 1 of its planes: each input row is fetched from memory about once
+  // instead of KD times (plane by plane, a plane's rows were evicted before the next depth came back).
   const int64_t row_bytes = g.W * g.Ci * static_cast<int64_t>(sizeof(float));
+  const int64_t band_rows = kBandBytes / std::max<int64_t>(1, g.KD * row_bytes * g.sh);
+  const int64_t band = std::clamp<int64_t>(band_rows - (g.KH - 1), 1, g.Ho);
   ParallelFor(planes, NumThreads(), [&](int64_t begin, int64_t end, int) {
-    // Zero once; only the interior of each slot is ever overwritten, so the padding stays zero.
-    std::vector<float> scratch(g.KD * g.KH * row_floats, 0.0f);
+    std::vector<float> edges(g.KD * g.KH * (cr.left_width + cr.right_width) * g.Ci + 1, 0.0f);
+    for (int64_t oh0 = 0; oh0 < g.Ho; oh0 += band)
     for (int64_t p = begin; p < end; ++p) {
       const int64_t b = p / g.Do, od = p % g.Do;
-      for (int64_t oh = 0; oh < g.Ho; ++oh) {
-        RowSet rs;
+      for (int64_t oh = oh0; oh < std::min(g.Ho, oh0 + band); ++oh) {
+        RowSet inner, left, right;
+        float* buf = edges.data();
         for (int64_t kd = 0; kd < g.KD; ++kd) {
           const int64_t id = od * g.sd - g.pd + kd;
           if (id < 0 || id >= g.D) continue;
@@ -372,18 +615,26 @@ void ConvForward(const Geometry& g, const float* x, const float* w, const float*
             const int64_t ih = oh * g.sh - g.ph + kh;
             if (ih < 0 || ih >= g.H) continue;
             const int64_t tap = kd * g.KH + kh;
-            float* slot = scratch.data() + tap * row_floats;
-            std::memcpy(slot + g.pw * g.Ci, x + ((b * g.D + id) * g.H + ih) * g.W * g.Ci, row_bytes);
-            rs.rows[rs.n] = slot;
-            rs.taps[rs.n] = tap;
-            ++rs.n;
+            const float* xrow = x + ((b * g.D + id) * g.H + ih) * g.W * g.Ci;
+            inner.rows[inner.n] = xrow - g.pw * g.Ci;  // virtual column 0; interior tiles never read before xrow
+            inner.taps[inner.n++] = tap;
+            if (cr.left_width > 0) {
+              left.rows[left.n] = EdgeRow(g, xrow, 0, cr.left_width, buf);
+              left.taps[left.n++] = tap;
+              buf += cr.left_width * g.Ci;
+            }
+            if (cr.right_width > 0) {
+              right.rows[right.n] = EdgeRow(g, xrow, cr.right_first, cr.right_width, buf);
+              right.taps[right.n++] = tap;
+              buf += cr.right_width * g.Ci;
+            }
           }
         }
         float* yrow = y + ((b * g.Do + od) * g.Ho + oh) * g.Wo * g.Co;
-        int64_t co0 = 0;
-        for (; co0 + 16 <= g.CoP; co0 += 16) FwdColumns<2, 6>(g, rs, w, bias, 0, g.Wo, co0, yrow);
-        for (; co0 < g.CoP; co0 += 8) FwdColumns<1, 12>(g, rs, w, bias, 0, g.Wo, co0, yrow);
-        if (act) LeakyRow(yrow, g.Wo * g.Co, slope);
+        columns(g, left, w, bias, 0, cr.interior_begin, slope, act, yrow);
+        columns(g, inner, w, bias, cr.interior_begin, cr.interior_end, slope, act, yrow);
+        columns(g, right, w, bias, cr.interior_end, g.Wo, slope, act, yrow);
+        if (act && !fused_act) LeakyRow(yrow, g.Wo * g.Co, slope);
       }
     }
   });
@@ -542,5 +793,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrdConvWgrad, ConvWgradImpl,
                                   .Attr<int64_t>("pw"));
 
 extern "C" int crd_num_threads() { return NumThreads(); }
+
+extern "C" int crd_isa() { return ActiveIsa(); }
+
+// Selects the forward kernel's vector width (0: AVX2, 1: AVX-512); returns the width now in use (AVX-512 is
+// refused where the CPU lacks it). For tests and benchmarks, which compare both paths in one process.
+extern "C" int crd_set_isa(int isa) {
+  IsaSetting().store(isa == kAvx512 && CpuHasAvx512() ? kAvx512 : kAvx2);
+  return ActiveIsa();
+}
 
 extern "C" int crd_cpu_supported() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }

@@ -1,0 +1,105 @@
+"""The native convolution layer by layer: VM-H's convolutions at one input size, each timed alone.
+
+    python benchmarks/conv_layers.py                       # input 80x96x112 (OASIS / 2)
+    python benchmarks/conv_layers.py --shape 160 192 224   # OASIS size
+
+For every convolution of the paper's VM (the decoder's concatenations included in its input channels):
+median latency of the forward pass (bias and LeakyReLU included), GFLOP/s (2 flops per multiply-add, the
+useful ones only) and that as a fraction of the FMA peak that ``cpu_peak.py`` measures on the same CPUs;
+the last row sums the layers. Writes ``<out>/conv_layers.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import HERE, machine, write
+
+
+def vm_layers(shape):
+    """``(name, input spatial shape, C_in, C_out, stride)`` of every convolution of VM at input ``shape``."""
+    s = np.asarray(shape)
+    enc = [("enc0", s, 2, 16, 2), ("enc1", s // 2, 16, 32, 2), ("enc2", s // 4, 32, 32, 2), ("enc3", s // 8, 32, 32, 2)]
+    dec = [("dec4", s // 16, 32, 32, 1), ("dec3", s // 8, 64, 32, 1), ("dec2", s // 4, 64, 32, 1),
+           ("dec1a", s // 2, 48, 32, 1), ("dec1b", s // 2, 32, 32, 1), ("dec0a", s, 34, 16, 1),
+           ("dec0b", s, 16, 16, 1), ("flow", s, 16, 3, 1)]
+    return [(n, tuple(int(v) for v in sp), ci, co, st) for n, sp, ci, co, st in enc + dec]
+
+
+def useful_gflop(spatial, cin, cout, stride) -> float:
+    out = np.prod([-(-n // stride) for n in spatial])
+    return 2.0 * 27 * cin * cout * out / 1e9
+
+
+def time_layer(spatial, cin, cout, stride, repeats, act=True):
+    import jax
+    import jax.numpy as jnp
+
+    from crd_jax.ops.conv import conv
+
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(k[0], (1, *spatial, cin), jnp.float32)
+    w = jax.random.normal(k[1], (3, 3, 3, cin, cout), jnp.float32) * 0.1
+    b = jax.random.normal(k[2], (cout,), jnp.float32)
+    fn = jax.jit(lambda x, w, b: conv(x, w, b, stride=stride, negative_slope=0.2 if act else None))
+    jax.block_until_ready(fn(x, w, b))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(x, w, b))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", type=int, nargs=3, default=(80, 96, 112))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--peak", type=float, default=None, help="FMA peak in GFLOP/s (default: measured now)")
+    p.add_argument("--isa", choices=("avx2", "avx512"), default=None, help="force the kernel's vector width")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "conv_layers")
+    args = p.parse_args()
+
+    from crd_jax.ops import native
+
+    if args.isa:
+        native.set_isa(args.isa)
+    if args.peak is None:
+        import tempfile
+
+        from cpu_peak import build_peak_library, fma_peak
+
+        n = len(os.sched_getaffinity(0))
+        with tempfile.TemporaryDirectory() as tmp:
+            dll = build_peak_library(Path(tmp))
+            args.peak = max(fma_peak(dll, w, n, 1.0) for w in ([256, 512] if dll.has_avx512() else [256]))
+    rows, total_s, total_g = [], 0.0, 0.0
+    for name, spatial, cin, cout, stride in vm_layers(args.shape):
+        latency = time_layer(spatial, cin, cout, stride, args.repeats, act=name != "flow")
+        g = useful_gflop(spatial, cin, cout, stride)
+        rows.append({"layer": name, "input": list(spatial), "cin": cin, "cout": cout, "stride": stride,
+                     "latency_s": latency, "gflop": g, "gflops": g / latency, "fraction_of_peak": g / latency / args.peak})
+        total_s += latency
+        total_g += g
+    m = machine()
+    lines = [f"### VM-H convolutions one by one, input {'x'.join(map(str, args.shape))} ({m.get('cpu', '')}, "
+             f"{native.describe()})", "",
+             f"Median of {args.repeats}; GFLOP/s counts useful multiply-adds; peak {args.peak:.0f} GFLOP/s (FMA loop, same CPUs).", "",
+             "| Layer | Input | C_in -> C_out | Stride | Latency (ms) | GFLOP | GFLOP/s | % of peak |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['layer']} | {'x'.join(map(str, r['input']))} | {r['cin']} -> {r['cout']} | {r['stride']} | "
+                     f"{1e3 * r['latency_s']:.1f} | {r['gflop']:.2f} | {r['gflops']:.0f} | {100 * r['fraction_of_peak']:.0f}% |")
+    lines.append(f"| all | | | | {1e3 * total_s:.1f} | {total_g:.2f} | {total_g / total_s:.0f} | "
+                 f"{100 * total_g / total_s / args.peak:.0f}% |")
+    write(args.out, {"machine": m, "shape": list(args.shape), "peak_gflops": args.peak, "conv": native.describe(),
+                     "rows": rows, "total_s": total_s, "total_gflop": total_g},
+          "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
