@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
-from scipy import ndimage, spatial
 
 
 def dice(seg_a: np.ndarray, seg_b: np.ndarray, labels: Sequence[int]) -> np.ndarray:
@@ -95,12 +94,16 @@ def sdlogj(disp: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
 
 def _surface(mask: np.ndarray) -> np.ndarray:
     """Voxels of the mask with at least one face-neighbour outside it."""
+    from scipy import ndimage  # imported where used: scipy costs ~0.4 s of a command's start
+
     structure = ndimage.generate_binary_structure(mask.ndim, 1)
     return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
 
 def _label_boxes(seg: np.ndarray, labels: Sequence[int]):
     """``{label: slices}`` bounding boxes of the labels present, in one pass (``ndimage.find_objects``)."""
+    from scipy import ndimage
+
     seg = np.asarray(seg)
     positive = [int(l) for l in labels if int(l) > 0]
     if seg.size == 0 or not positive or seg.min() < 0 or not np.issubdtype(seg.dtype, np.integer):
@@ -122,6 +125,8 @@ def hd95(
     erosion sees every in-volume neighbour), and the distances between the two surfaces' voxel centres come
     from a k-d tree: exactly the full-volume distance-transform result, at a fraction of the cost.
     """
+    from scipy import spatial
+
     seg_a, seg_b = np.asarray(seg_a), np.asarray(seg_b)
     if seg_a.shape != seg_b.shape:
         raise ValueError(f"hd95: shapes differ, {seg_a.shape} vs {seg_b.shape}")

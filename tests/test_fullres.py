@@ -106,6 +106,24 @@ def test_streamed_nifti_writes_read_back_exactly_with_nibabel_and_simpleitk(tmp_
     assert len(gzip_members(raw, chunk=1000)) > 1 and gzip.decompress(b"".join(gzip_members(raw, chunk=1000))) == raw
 
 
+@pytest.mark.parametrize("deflate", ["isal", "zlib"])
+def test_gzip_members_from_isal_and_the_zlib_fallback_decompress_to_the_input(monkeypatch, deflate):
+    import zlib
+
+    from crd_jax.data import io
+
+    if deflate == "isal":
+        isal_zlib = pytest.importorskip("isal.isal_zlib")
+        assert io._deflate_module(1) is isal_zlib
+    else:
+        monkeypatch.setattr(io, "_deflate_module", lambda level: zlib)
+    raw = np.cumsum(np.random.default_rng(2).normal(size=200_000)).astype(np.float32).tobytes() + bytes(50_000)
+    members = gzip_members(raw, chunk=65_536)
+    assert len(members) == -(-len(raw) // 65_536) and all(m[:2] == b"\x1f\x8b" for m in members)  # gzip magic: ordinary gzip members
+    assert gzip.decompress(b"".join(members)) == raw
+    assert len(b"".join(members)) < len(raw)  # the zero tail compresses
+
+
 def test_user_cache_folder_follows_the_environment(tmp_path, monkeypatch):
     from crd_jax.user_cache import cache_folder
 

@@ -227,8 +227,22 @@ def _compressed(blocks: Iterator[bytes], level: int) -> Iterator[bytes]:
             yield future.result()
 
 
+def _deflate_module(level: int):
+    """ISA-L's deflate (the ``isal`` package) for levels 0-3, where it is installed: at level 1 it compresses
+    displacement fields ~10x faster than zlib to the same size, and writes ordinary gzip. zlib otherwise."""
+    if level <= 3:
+        try:
+            from isal import isal_zlib
+
+            return isal_zlib
+        except ImportError:
+            pass
+    return zlib
+
+
 def _gzip_member(raw: bytes, level: int) -> bytes:
-    c = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: a gzip header and trailer
+    module = _deflate_module(level)
+    c = module.compressobj(level, module.DEFLATED, 31)  # wbits 31: a gzip header and trailer
     return c.compress(raw) + c.flush()
 
 
