@@ -74,6 +74,7 @@ def main():
     p.add_argument("--model", default="", help="a shipped model's name or a model folder (default: the default model)")
     p.add_argument("--shape", type=int, nargs=3, default=(160, 192, 224), help="the pair's size (OASIS: 160 192 224)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--pairs", type=int, default=8, help="pairs in the --pairs row")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args()
 
@@ -93,6 +94,11 @@ def main():
         rows = {"no cache (compiles every call)": [call(cache=False)], "cold (fills the cache)": [call()]}
         rows["warm"] = [call() for _ in range(args.repeats)]
         rows["warm, --uncompressed"] = [call(["--uncompressed"]) for _ in range(args.repeats)]
+        # many pairs in one process: the model is loaded and compiled once
+        csv = tmp / "pairs.csv"
+        csv.write_text("".join(f"{fixed},{moving},{seg},pair{i}\n" for i in range(args.pairs)))
+        many = [run_once(["register", "--pairs", str(csv), "--out-dir", str(tmp / f"many{i}")]
+                         + (["--model", args.model] if args.model else []), env) for i in range(args.repeats)]
         version = subprocess.run([sys.executable, "-m", "crd_jax", "--version"], capture_output=True, text=True).stdout.strip()
 
     m = machine()
@@ -108,6 +114,12 @@ def main():
         rss = float(np.median([r["peak_rss_mb"] for r in rs]))
         summary[name] = {"wall_s": wall, "peak_rss_mb": rss, "runs": [{k: r[k] for k in ("wall_s", "peak_rss_mb")} for r in rs]}
         lines.append(f"| {name} | {wall:.2f} | {rss:.0f} |")
+    many_wall = float(np.median([r["wall_s"] for r in many]))
+    many_rss = float(np.median([r["peak_rss_mb"] for r in many]))
+    summary["pairs"] = {"pairs": args.pairs, "wall_s": many_wall, "peak_rss_mb": many_rss,
+                        "pairs_per_s": args.pairs / many_wall, "runs": [r["wall_s"] for r in many]}
+    lines.append(f"| warm, `--pairs` with {args.pairs} pairs in one process | {many_wall:.2f} "
+                 f"({args.pairs / many_wall:.2f} pairs/s, {many_wall / args.pairs:.2f} s per pair) | {many_rss:.0f} |")
     lines += ["", f"The command's own log line: `{model_line.split(' with ', 1)[-1]}`" if model_line else ""]
     md = "\n".join(lines).rstrip() + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
