@@ -59,6 +59,8 @@ def run_jax(args) -> dict:
 
     if args.conv == "lax":
         os.environ["CRD_JAX_FAST_CONV"] = "0"
+    if args.bf16:
+        sys.modules["crd_jax.ops.conv"].bf16_inference(True)
     base_rss = rss_mb()
     model = mbuild.registrar_from_config(jax_arch(args.model), args.factor)
     small = jnp.zeros((1, *(32 * args.factor,) * 3, 1))  # conv parameters do not depend on the image size
@@ -75,7 +77,8 @@ def run_jax(args) -> dict:
     compiled = fn.lower(params, m, f).compile()
     compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
-    out = {"framework": "jax", "conv": "native" if native.available() and args.conv != "lax" else "lax", "compile_s": compile_s}
+    out = {"framework": "jax", "conv": "native" if native.available() and args.conv != "lax" else "lax", "compile_s": compile_s,
+           "bf16": bool(args.bf16 and native.has_bf16())}
     if mem is not None:
         out.update(xla_arguments_mb=mem.argument_size_in_bytes / 2**20, xla_outputs_mb=mem.output_size_in_bytes / 2**20,
                    xla_temporaries_mb=mem.temp_size_in_bytes / 2**20,
@@ -247,6 +250,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--conv", choices=("native", "lax"), default="native")
     p.add_argument("--flops", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="crd-jax: the opt-in bfloat16 inference convolutions")
     p.add_argument("--memory-format", default="channels_last_3d")
     p.add_argument("--device", default="cpu", help="PyTorch peers: cpu or cuda")
     args = p.parse_args()

@@ -62,6 +62,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--peak", type=float, default=None, help="FMA peak in GFLOP/s (default: measured now)")
     p.add_argument("--isa", choices=("avx2", "avx512"), default=None, help="force the kernel's vector width")
+    p.add_argument("--bf16", action="store_true", help="the opt-in bfloat16 inference path (AVX512-BF16)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "conv_layers")
     args = p.parse_args()
 
@@ -69,6 +70,12 @@ def main():
 
     if args.isa:
         native.set_isa(args.isa)
+    if args.bf16:
+        import sys
+
+        sys.modules["crd_jax.ops.conv"].bf16_inference(True)
+        if not native.has_bf16():
+            raise SystemExit("--bf16: this CPU lacks AVX512-BF16")
     if args.peak is None:
         import tempfile
 
@@ -87,8 +94,8 @@ def main():
         total_s += latency
         total_g += g
     m = machine()
-    lines = [f"### VM-H convolutions one by one, input {'x'.join(map(str, args.shape))} ({m.get('cpu', '')}, "
-             f"{native.describe()})", "",
+    path = native.describe() + (", bfloat16 inputs and weights, float32 sums" if args.bf16 else "")
+    lines = [f"### VM-H convolutions one by one, input {'x'.join(map(str, args.shape))} ({m.get('cpu', '')}, {path})", "",
              f"Median of {args.repeats}; GFLOP/s counts useful multiply-adds; peak {args.peak:.0f} GFLOP/s (FMA loop, same CPUs).", "",
              "| Layer | Input | C_in -> C_out | Stride | Latency (ms) | GFLOP | GFLOP/s | % of peak |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -96,7 +103,7 @@ def main():
                      f"{1e3 * r['latency_s']:.1f} | {r['gflop']:.2f} | {r['gflops']:.0f} | {100 * r['fraction_of_peak']:.0f}% |")
     lines.append(f"| all | | | | {1e3 * total_s:.1f} | {total_g:.2f} | {total_g / total_s:.0f} | "
                  f"{100 * total_g / total_s / args.peak:.0f}% |")
-    write(args.out, {"machine": m, "shape": list(args.shape), "peak_gflops": args.peak, "conv": native.describe(),
+    write(args.out, {"machine": m, "shape": list(args.shape), "peak_gflops": args.peak, "conv": path,
                      "rows": rows, "total_s": total_s, "total_gflop": total_g},
           "\n".join(lines) + "\n")
 

@@ -36,6 +36,8 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip", nargs="*", default=[], help="model names to leave out")
     p.add_argument("--quick", action="store_true", help="only vm vs torch_same, 3 runs each")
+    p.add_argument("--bf16", action="store_true", help="also crd-jax's opt-in bfloat16 inference (AVX512-BF16), "
+                   "compared with the same float32 PyTorch row")
     p.add_argument("--out", type=Path, default=HERE / "results" / "peers")
     args = p.parse_args()
     if args.quick:
@@ -57,18 +59,29 @@ def main():
                     r = run_child(model, SIZES[size], 1, mode, args.repeats, log=print)
                     r["size"] = size
                     rows.append(r)
+                    if model == ours and mode == "infer" and args.bf16:
+                        r = run_child(model, SIZES[size], 1, mode, args.repeats, log=print, extra=["--bf16"])
+                        r.update(size=size, model=f"{model} (bf16)")
+                        rows.append(r)
 
     lines = [f"{machine().get('cpu', '')}, {machine()['cpus']} cores; batch 1; median (min-max) of {args.repeats} runs after a warm-up; "
-             f"peak RSS of a fresh process per configuration; crd-jax convolution: {conv}.", "",
+             f"peak RSS of a fresh process per configuration; crd-jax convolution: {conv}."
+             + (" Rows `(bf16)`: crd-jax with `--bf16` (bfloat16 inputs and weights, float32 sums; AVX512-BF16), against "
+                "the same float32 PyTorch row." if args.bf16 else ""), "",
              "| Mode | Size | Model | Framework | Latency (s) | Peak RSS (MB) | peer / crd-jax latency | peer / crd-jax RSS |",
              "|---|---|---|---|---|---|---|---|"]
+    def ratio(peer, ours, key):
+        return f"{peer[key] / ours[key]:.2f}x" if ours and "error" not in peer and "error" not in ours else ""
+
     for r in rows:
-        ours = None
+        ours = bf16 = None
         for a, b in PAIRS:
             if r["model"] == b and a is not None:
                 ours = next((q for q in rows if q["model"] == a and q["size"] == r["size"] and q["mode"] == r["mode"]), None)
-        ratio_t = f"{r['latency_s'] / ours['latency_s']:.2f}x" if ours and "error" not in r and "error" not in ours else ""
-        ratio_m = f"{r['peak_rss_mb'] / ours['peak_rss_mb']:.2f}x" if ours and "error" not in r and "error" not in ours else ""
+                bf16 = next((q for q in rows if q["model"] == f"{a} (bf16)" and q["size"] == r["size"] and q["mode"] == r["mode"]), None)
+        ratio_t, ratio_m = ratio(r, ours, "latency_s"), ratio(r, ours, "peak_rss_mb")
+        if ours and bf16:
+            ratio_t += f" ({ratio(r, bf16, 'latency_s')} vs bf16)"
         lines.append(f"| {r['mode']} | {r['size']} | {r['model']} | {r['framework'] if 'framework' in r else '?'} | {fmt_latency(r)} "
                      f"| {fmt(r.get('peak_rss_mb'))} | {ratio_t} | {ratio_m} |")
     write(args.out, {"machine": machine(), "conv": conv, "rows": rows}, "\n".join(lines) + "\n")

@@ -156,3 +156,31 @@ def test_kernel_threads_follow_the_environment_and_results_do_not_depend_on_them
     # CRD_JAX_ISA=avx2 selects the AVX2 path; it sums in another order, so equal up to rounding
     assert isas[2] == "avx2"
     np.testing.assert_allclose(outs[2], outs[0], rtol=1e-5, atol=1e-5 * float(np.abs(outs[0]).max()))
+
+
+@pytest.mark.parametrize("shape,cin,cout,stride,slope", [c for c in CASES if c[2] >= 8][::2])
+def test_bf16_inference_equals_float32_on_bf16_rounded_inputs(shape, cin, cout, stride, slope):
+    """The opt-in path rounds input and weights to bfloat16 and sums in float32: the same as lax.conv on the
+    rounded values, up to the order of the sums; gradients (training) stay float32."""
+    if not (ON_CPU and native.has_bf16()):
+        pytest.skip("needs the native kernel on a CPU with AVX512-BF16")
+    import sys
+
+    conv_module = sys.modules["crd_jax.ops.conv"]
+    nd = len(shape)
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(7 + cin), 3)
+    x = jax.random.normal(k1, (2, *shape, cin))
+    w = jax.random.normal(k2, (3,) * nd + (cin, cout)) * 0.3
+    b = jax.random.normal(k3, (cout,))
+    rounded = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+    conv_module.bf16_inference(True)
+    try:
+        y = jax.jit(lambda x, w, b: conv(x, w, b, stride, negative_slope=slope))(x, w, b)
+        g = jax.jit(jax.grad(lambda w: jnp.sum(jnp.sin(conv(x, w, b, stride, negative_slope=slope)))))(w)
+    finally:
+        conv_module.bf16_inference(False)
+    ref = conv_reference(rounded(x), rounded(w), b, stride, negative_slope=slope)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+    assert float(jnp.max(jnp.abs(y - conv_reference(x, w, b, stride, negative_slope=slope)))) > 1e-4  # it did round
+    g_ref = jax.grad(lambda w: jnp.sum(jnp.sin(conv_reference(x, w, b, stride, negative_slope=slope))))(w)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(g_ref))))

@@ -16,6 +16,7 @@ convolutions with flipped, transposed weights, so they run on the fast path too.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional, Sequence, Tuple, Union
 
 import jax
@@ -86,6 +87,50 @@ def _geometry(stride5, padding5) -> dict:
     return {k: np.int64(v) for k, v in zip(names, values)}
 
 
+def bf16_inference(enabled: Optional[bool] = None) -> bool:
+    """Opt-in bfloat16 inference: convolutions outside differentiation (inference) round their input and
+    weights to bfloat16 and accumulate in float32, on CPUs with AVX512-BF16 (twice the multiply-adds per
+    instruction); training and every other CPU keep float32. ``enabled`` sets it for this process (read when
+    a function is traced, so set it before the first call), ``None`` reads it; default from the
+    environment, ``CRD_JAX_CONV_BF16=1``. Returns whether it is on."""
+    if enabled is not None:
+        _settings["bf16"] = bool(enabled)
+    return _settings.setdefault("bf16", os.environ.get("CRD_JAX_CONV_BF16", "0") == "1")
+
+
+_settings: dict = {}
+
+
+def _pairs_as_float32(a, axis_pairs):
+    """bfloat16 values of ``a`` with their last axis paired up (padded to even) and each pair's 32 bits viewed
+    as one float32, the layout the kernel's VDPBF16PS path reads."""
+    if a.shape[-1] % 2:
+        a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, 1)])
+    pairs = a.astype(jnp.bfloat16).reshape(*a.shape[:-1], a.shape[-1] // 2, 2)
+    return lax.bitcast_convert_type(pairs, jnp.float32)
+
+
+def _native_forward_bf16(x, w, b, stride, padding, negative_slope):
+    """Forward with input and weights rounded to bfloat16, float32 sums (AVX512-BF16)."""
+    squeeze = x.ndim == 4
+    x5, w5, stride5, padding5 = _as_3d(x, w, stride, padding)
+    cout = w5.shape[-1]
+    cout_padded = -(-cout // 8) * 8
+    w_packed = jnp.pad(w5, [(0, 0)] * 4 + [(0, cout_padded - cout)])
+    # (KD, KH, KW, Ci, CoP) -> (KD, KH, KW, CoP, Ci) so that input-channel pairs are adjacent, then pairs.
+    w_pairs = jnp.swapaxes(_pairs_as_float32(jnp.swapaxes(w_packed, -1, -2), None), -1, -2)
+    x_pairs = _pairs_as_float32(x5, None)
+    spatial = _out_shape(x5.shape[1:4], w5.shape[:3], stride5, padding5)
+    out = jax.ShapeDtypeStruct((x5.shape[0], *spatial, cout), jnp.float32)
+    y = jax.ffi.ffi_call("crd_conv_fwd", out, vmap_method="sequential")(
+        x_pairs, w_pairs, b,
+        slope=np.float32(0.0 if negative_slope is None else negative_slope),
+        act=np.int64(negative_slope is not None), bf16=np.int64(1),
+        **_geometry(stride5, padding5),
+    )
+    return y[:, 0] if squeeze else y
+
+
 def _native_forward(x, w, b, stride, padding, negative_slope, out_spatial=None):
     """Native forward; ``out_spatial`` overrides the output size (taps beyond the input read zeros)."""
     squeeze = x.ndim == 4
@@ -104,6 +149,7 @@ def _native_forward(x, w, b, stride, padding, negative_slope, out_spatial=None):
         b,
         slope=np.float32(0.0 if negative_slope is None else negative_slope),
         act=np.int64(negative_slope is not None),
+        bf16=np.int64(0),
         **_geometry(stride5, padding5),
     )
     return y[:, 0] if squeeze else y
@@ -186,13 +232,18 @@ def _on_cpu(native_fn, reference_fn, *args):
     return lax.platform_dependent(*args, cpu=native_fn, default=reference_fn)
 
 
-def _forward(x, w, b, stride, padding, negative_slope):
+def _forward(x, w, b, stride, padding, negative_slope, inference=False):
     def reference(x, w, b):
         return _activate(_lax_conv(x, w, stride, padding) + b, negative_slope)
 
     if not _use_native(x):
         return reference(x, w, b)
-    native_fn = functools.partial(_native_forward, stride=stride, padding=padding, negative_slope=negative_slope)
+    # the 3-channel flow head keeps float32 (and its own kernel): it is a small share of the work
+    if inference and w.shape[-1] >= 8 and bf16_inference() and native.has_bf16():
+        forward = _native_forward_bf16
+    else:
+        forward = _native_forward
+    native_fn = functools.partial(forward, stride=stride, padding=padding, negative_slope=negative_slope)
     return _on_cpu(native_fn, reference, x, w, b)
 
 
@@ -231,7 +282,7 @@ def _weight_grad(x, dz, kernel_shape, stride, padding):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _conv(x, w, b, stride, padding, negative_slope):
-    return _forward(x, w, b, stride, padding, negative_slope)
+    return _forward(x, w, b, stride, padding, negative_slope, inference=True)  # not differentiated
 
 
 def _conv_fwd(x, w, b, stride, padding, negative_slope):

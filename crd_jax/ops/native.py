@@ -128,6 +128,11 @@ def threads() -> int:
 _ISA_NAMES = {0: "avx2", 1: "avx512"}
 
 
+def has_bf16() -> bool:
+    """True when the native kernel runs and the CPU has AVX512-BF16 (the opt-in bfloat16 inference path)."""
+    return available() and bool(_state["lib"].crd_has_bf16())
+
+
 def isa() -> str:
     """The forward kernel's vector width: ``"avx512"`` where the CPU has it, else ``"avx2"`` ("" when unused)."""
     return _ISA_NAMES[int(_state["lib"].crd_isa())] if available() else ""

@@ -84,6 +84,11 @@ int NumThreads() {
 // crd_set_isa) asks for the AVX2 path, which every supported CPU runs.
 enum Isa { kAvx2 = 0, kAvx512 = 1 };
 
+bool CpuHasBf16() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bf16");
+}
+
 bool CpuHasAvx512() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"); }
 
 std::atomic<int>& IsaSetting() {
@@ -392,14 +397,26 @@ void SmallCoForward(const Geometry& g, const float* x, const float* w, const flo
 //
 // Compiled for AVX-512 whatever the file's flags; only called when the CPU has it (ActiveIsa).
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2,fma")
 
 inline __mmask16 LaneMask(int64_t valid) {
   return valid >= 16 ? static_cast<__mmask16>(0xFFFF) : valid <= 0 ? 0 : static_cast<__mmask16>((1u << valid) - 1);
 }
 
-// TW consecutive output voxels x CB*16 output channels; the activation is applied in registers.
-template <int CB, int TW>
+// acc += x * w, lane by lane. kBf16: x and w each hold 16 pairs of bfloat16 values (a pair of input channels;
+// the same pair broadcast in x), and each lane adds the pair's dot product (VDPBF16PS, float32 sums).
+template <bool kBf16>
+inline __m512 MulAdd(__m512 x, __m512 w, __m512 acc) {
+  if constexpr (kBf16) {
+    return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh&>(x), reinterpret_cast<__m512bh&>(w));
+  } else {
+    return _mm512_fmadd_ps(x, w, acc);
+  }
+}
+
+// TW consecutive output voxels x CB*16 output channels; the activation is applied in registers. With kBf16
+// every "float" of x and w is a pair of bfloat16 input channels (Ci counts pairs).
+template <int CB, int TW, bool kBf16 = false>
 inline void Fwd512Tile(const Geometry& g, const RowSet& rs, const float* w, const float* bias, int64_t ow0,
                        int64_t co0, float slope, bool act, float* yrow) {
   __m512 acc[TW][CB];
@@ -431,7 +448,7 @@ inline void Fwd512Tile(const Geometry& g, const RowSet& rs, const float* w, cons
         for (int t = 0; t < TW; ++t) {
           const __m512 xv = _mm512_set1_ps(xp[t * xstep + ci]);
 #pragma GCC unroll 16
-          for (int c = 0; c < CB; ++c) acc[t][c] = _mm512_fmadd_ps(xv, wv[c], acc[t][c]);
+          for (int c = 0; c < CB; ++c) acc[t][c] = MulAdd<kBf16>(xv, wv[c], acc[t][c]);
         }
       }
     }
@@ -451,7 +468,7 @@ inline void Fwd512Tile(const Geometry& g, const RowSet& rs, const float* w, cons
 
 // Stride 1, KW = 3, 16 output channels: each broadcast input value feeds the three output columns it is a tap
 // of (one FMA per kw), so a tile of TW columns needs TW + 2 broadcasts for 3 TW FMAs instead of 3 TW.
-template <int TW>
+template <int TW, bool kBf16 = false>
 inline void Fwd512TileK3(const Geometry& g, const RowSet& rs, const float* w, const float* bias, int64_t ow0,
                          int64_t co0, float slope, bool act, float* yrow) {
   __m512 acc[TW];
@@ -470,9 +487,9 @@ inline void Fwd512TileK3(const Geometry& g, const RowSet& rs, const float* w, co
 #pragma GCC unroll 40
       for (int j = 0; j < TW + 2; ++j) {  // input column ow0 + j - 1 + ... : tap kw of output column j - kw
         const __m512 xv = _mm512_set1_ps(xp[j * Ci + ci]);
-        if (j < TW) acc[j] = _mm512_fmadd_ps(xv, w0, acc[j]);
-        if (j >= 1 && j - 1 < TW) acc[j - 1] = _mm512_fmadd_ps(xv, w1, acc[j - 1]);
-        if (j >= 2) acc[j - 2] = _mm512_fmadd_ps(xv, w2, acc[j - 2]);
+        if (j < TW) acc[j] = MulAdd<kBf16>(xv, w0, acc[j]);
+        if (j >= 1 && j - 1 < TW) acc[j - 1] = MulAdd<kBf16>(xv, w1, acc[j - 1]);
+        if (j >= 2) acc[j - 2] = MulAdd<kBf16>(xv, w2, acc[j - 2]);
       }
     }
   }
@@ -485,7 +502,7 @@ inline void Fwd512TileK3(const Geometry& g, const RowSet& rs, const float* w, co
   }
 }
 
-template <int CB>
+template <int CB, bool kBf16>
 struct Avx512Tile {
   const Geometry& g;
   const RowSet& rs;
@@ -495,9 +512,10 @@ struct Avx512Tile {
   bool act;
   float* yrow;
   template <int TW>
-  void run(int64_t ow) const { Fwd512Tile<CB, TW>(g, rs, w, bias, ow, co0, slope, act, yrow); }
+  void run(int64_t ow) const { Fwd512Tile<CB, TW, kBf16>(g, rs, w, bias, ow, co0, slope, act, yrow); }
 };
 
+template <bool kBf16>
 struct Avx512TileK3 {
   const Geometry& g;
   const RowSet& rs;
@@ -507,24 +525,38 @@ struct Avx512TileK3 {
   bool act;
   float* yrow;
   template <int TW>
-  void run(int64_t ow) const { Fwd512TileK3<TW>(g, rs, w, bias, ow, co0, slope, act, yrow); }
+  void run(int64_t ow) const { Fwd512TileK3<TW, kBf16>(g, rs, w, bias, ow, co0, slope, act, yrow); }
 };
 
-void Avx512Columns(const Geometry& g, const RowSet& rs, const float* w, const float* bias, int64_t begin,
-                   int64_t end, float slope, bool act, float* yrow) {
+template <bool kBf16>
+void Avx512ColumnsT(const Geometry& g, const RowSet& rs, const float* w, const float* bias, int64_t begin,
+                    int64_t end, float slope, bool act, float* yrow) {
   if (begin >= end) return;
   int64_t co0 = 0;
   for (; co0 + 16 < g.Co; co0 += 32) {
-    TileColumns<kTile512Cb2, kTile512Cb2 / 4>(begin, begin, end, Avx512Tile<2>{g, rs, w, bias, co0, slope, act, yrow});
+    TileColumns<kTile512Cb2, kTile512Cb2 / 4>(begin, begin, end,
+                                             Avx512Tile<2, kBf16>{g, rs, w, bias, co0, slope, act, yrow});
   }
   const bool k3 = g.sw == 1 && g.KW == 3;
   for (; co0 < g.Co; co0 += 16) {
     if (k3) {
-      TileColumns<kTile512K3, kTile512K3 / 4>(begin, begin, end, Avx512TileK3{g, rs, w, bias, co0, slope, act, yrow});
+      TileColumns<kTile512K3, kTile512K3 / 4>(begin, begin, end,
+                                             Avx512TileK3<kBf16>{g, rs, w, bias, co0, slope, act, yrow});
     } else {
-      TileColumns<kTile512Cb1, kTile512Cb1 / 4>(begin, begin, end, Avx512Tile<1>{g, rs, w, bias, co0, slope, act, yrow});
+      TileColumns<kTile512Cb1, kTile512Cb1 / 4>(begin, begin, end,
+                                               Avx512Tile<1, kBf16>{g, rs, w, bias, co0, slope, act, yrow});
     }
   }
+}
+
+void Avx512Columns(const Geometry& g, const RowSet& rs, const float* w, const float* bias, int64_t begin,
+                   int64_t end, float slope, bool act, float* yrow) {
+  Avx512ColumnsT<false>(g, rs, w, bias, begin, end, slope, act, yrow);
+}
+
+void Avx512Bf16Columns(const Geometry& g, const RowSet& rs, const float* w, const float* bias, int64_t begin,
+                       int64_t end, float slope, bool act, float* yrow) {
+  Avx512ColumnsT<true>(g, rs, w, bias, begin, end, slope, act, yrow);
 }
 
 #pragma GCC pop_options
@@ -579,9 +611,10 @@ void Avx2Columns(const Geometry& g, const RowSet& rs, const float* w, const floa
   for (; co0 < g.CoP; co0 += 8) TileColumns<12, 6>(begin, begin, end, Avx2Tile<1>{g, rs, w, bias, co0, yrow});
 }
 
+// bf16: x and w hold pairs of bfloat16 input channels in each float (g.Ci counts the pairs); AVX-512 BF16 only.
 void ConvForward(const Geometry& g, const float* x, const float* w, const float* bias, float slope, bool act,
-                 float* y) {
-  if (g.sw == 1 && g.Co <= 4 && g.KD * (g.KH + 1) <= 64) {
+                 float* y, bool bf16 = false) {
+  if (!bf16 && g.sw == 1 && g.Co <= 4 && g.KD * (g.KH + 1) <= 64) {
     switch (g.Co) {
       case 1: return SmallCoForward<1>(g, x, w, bias, slope, act, y);
       case 2: return SmallCoForward<2>(g, x, w, bias, slope, act, y);
@@ -589,7 +622,7 @@ void ConvForward(const Geometry& g, const float* x, const float* w, const float*
       case 4: return SmallCoForward<4>(g, x, w, bias, slope, act, y);
     }
   }
-  const ColumnsFn columns = ActiveIsa() == kAvx512 ? Avx512Columns : Avx2Columns;
+  const ColumnsFn columns = bf16 ? Avx512Bf16Columns : ActiveIsa() == kAvx512 ? Avx512Columns : Avx2Columns;
   const bool fused_act = columns != Avx2Columns;  // the AVX-512 tiles apply the activation as they store
   const ColumnRanges cr = Columns(g);
   const int64_t planes = g.B * g.Do;
@@ -736,7 +769,7 @@ ffi::Error CheckRank(const ffi::AnyBuffer::Dimensions& d, size_t rank, const cha
 
 ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> bias,
                        ffi::ResultBuffer<ffi::F32> y, int64_t sd, int64_t sh, int64_t sw, int64_t pd,
-                       int64_t ph, int64_t pw, float slope, int64_t act) {
+                       int64_t ph, int64_t pw, float slope, int64_t act, int64_t bf16) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (auto e = CheckRank(xd, 5, "x"); e.failure()) return e;
   if (auto e = CheckRank(wd, 5, "w"); e.failure()) return e;
@@ -745,7 +778,8 @@ ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Bu
              wd[0], wd[1], wd[2], sd, sh, sw, pd, ph, pw};
   if (wd[3] != g.Ci || g.CoP % 8 != 0 || g.CoP < g.Co) return ffi::Error::InvalidArgument("weight shape");
   if (g.KD * g.KH > 64) return ffi::Error::InvalidArgument("kernel too large (KD * KH > 64)");
-  ConvForward(g, x.typed_data(), w.typed_data(), bias.typed_data(), slope, act != 0, y->typed_data());
+  if (bf16 != 0 && !CpuHasBf16()) return ffi::Error::InvalidArgument("bf16 convolution needs AVX512-BF16");
+  ConvForward(g, x.typed_data(), w.typed_data(), bias.typed_data(), slope, act != 0, y->typed_data(), bf16 != 0);
   return ffi::Error::Success();
 }
 
@@ -778,7 +812,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrdConvFwd, ConvFwdImpl,
                                   .Attr<int64_t>("ph")
                                   .Attr<int64_t>("pw")
                                   .Attr<float>("slope")
-                                  .Attr<int64_t>("act"));
+                                  .Attr<int64_t>("act")
+                                  .Attr<int64_t>("bf16"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrdConvWgrad, ConvWgradImpl,
                               ffi::Ffi::Bind()
@@ -802,5 +837,7 @@ extern "C" int crd_set_isa(int isa) {
   IsaSetting().store(isa == kAvx512 && CpuHasAvx512() ? kAvx512 : kAvx2);
   return ActiveIsa();
 }
+
+extern "C" int crd_has_bf16() { return CpuHasBf16(); }
 
 extern "C" int crd_cpu_supported() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
