@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 
+from _child import timed
 from common import HERE, machine, write
 
 
@@ -47,13 +47,7 @@ def time_layer(spatial, cin, cout, stride, repeats, act=True):
     w = jax.random.normal(k[1], (3, 3, 3, cin, cout), jnp.float32) * 0.1
     b = jax.random.normal(k[2], (cout,), jnp.float32)
     fn = jax.jit(lambda x, w, b: conv(x, w, b, stride=stride, negative_slope=0.2 if act else None))
-    jax.block_until_ready(fn(x, w, b))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(x, w, b))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return timed(lambda: jax.block_until_ready(fn(x, w, b)), repeats)["latency_s"]
 
 
 def main():

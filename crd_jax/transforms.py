@@ -15,13 +15,6 @@ import numpy as np
 INTERPOLATIONS = ("linear", "bspline", "nearest", "onehot")
 
 
-def _ndimage():
-    """``scipy.ndimage``, imported on first use: importing it costs ~0.25 s of every command's start."""
-    from scipy import ndimage
-
-    return ndimage
-
-
 def _voxel_grid(shape: Sequence[int]) -> np.ndarray:
     return np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij"), -1)
 
@@ -39,29 +32,33 @@ def sample_coordinates(disp: np.ndarray, reference_affine: np.ndarray, image_aff
 def apply_to_image(image: np.ndarray, image_affine, disp: np.ndarray, reference_affine, interpolation: str = "linear"):
     """An intensity image warped onto the reference grid (``linear``, cubic ``bspline`` or ``nearest``).
     Outside the image the edge values continue (border clamping, as ``crd-jax register``'s own outputs)."""
+    from scipy import ndimage  # here, not at import: it costs ~0.25 s of every command's start
+
     if interpolation not in ("linear", "bspline", "nearest"):
         raise ValueError(f"images take linear, bspline or nearest interpolation, got {interpolation!r}")
     order = {"linear": 1, "bspline": 3, "nearest": 0}[interpolation]
     coords = sample_coordinates(disp, reference_affine, image_affine)
-    return _ndimage().map_coordinates(np.asarray(image, np.float32), coords, order=order, mode="nearest")
+    return ndimage.map_coordinates(np.asarray(image, np.float32), coords, order=order, mode="nearest")
 
 
 def apply_to_labels(labels: np.ndarray, labels_affine, disp: np.ndarray, reference_affine, interpolation: str = "nearest"):
     """A label map warped onto the reference grid: ``nearest`` neighbour, or ``onehot``: each label's
     indicator interpolated linearly and the largest taken per voxel (smoother boundaries; background wins
     ties, so no label grows)."""
+    from scipy import ndimage  # here, not at import: it costs ~0.25 s of every command's start
+
     labels = np.asarray(labels)
     coords = sample_coordinates(disp, reference_affine, labels_affine)
     if interpolation == "nearest":
-        return _ndimage().map_coordinates(labels, coords, order=0, mode="nearest").astype(labels.dtype)
+        return ndimage.map_coordinates(labels, coords, order=0, mode="nearest").astype(labels.dtype)
     if interpolation != "onehot":
         raise ValueError(f"label maps take nearest or onehot interpolation, got {interpolation!r}")
-    best = _ndimage().map_coordinates((labels == 0).astype(np.float32), coords, order=1, mode="nearest")
+    best = ndimage.map_coordinates((labels == 0).astype(np.float32), coords, order=1, mode="nearest")
     out = np.zeros(disp.shape[:-1], labels.dtype)
     for value in np.unique(labels):
         if value == 0:
             continue
-        p = _ndimage().map_coordinates((labels == value).astype(np.float32), coords, order=1, mode="nearest")
+        p = ndimage.map_coordinates((labels == value).astype(np.float32), coords, order=1, mode="nearest")
         win = p > best
         out[win], best[win] = value, p[win]
     return out
@@ -70,11 +67,13 @@ def apply_to_labels(labels: np.ndarray, labels_affine, disp: np.ndarray, referen
 def apply_to_points(points_world: np.ndarray, disp: np.ndarray, reference_affine) -> np.ndarray:
     """World points of the reference (``(N, ndim)``, mm) -> their corresponding world points in the moving
     image, ``A_f (x + u(x))`` with ``u`` interpolated linearly at ``x = A_f^-1 p`` (landmarks, TRE)."""
+    from scipy import ndimage  # here, not at import: it costs ~0.25 s of every command's start
+
     points_world = np.atleast_2d(np.asarray(points_world, np.float64))
     ndim = disp.shape[-1]
     inv = np.linalg.inv(reference_affine)
     vox = points_world @ inv[:ndim, :ndim].T + inv[:ndim, ndim]
-    u = np.stack([_ndimage().map_coordinates(disp[..., i], vox.T, order=1, mode="nearest") for i in range(ndim)], -1)
+    u = np.stack([ndimage.map_coordinates(disp[..., i], vox.T, order=1, mode="nearest") for i in range(ndim)], -1)
     moved = vox + u
     return moved @ np.asarray(reference_affine)[:ndim, :ndim].T + np.asarray(reference_affine)[:ndim, ndim]
 
@@ -83,13 +82,15 @@ def invert(disp: np.ndarray, iterations: int = 50, tolerance: float = 1e-3) -> n
     """The inverse displacement ``v`` with ``x + v(x) + u(x + v(x)) = x`` by the fixed-point iteration
     ``v <- -u(x + v)`` (Chen et al. 2008), linear interpolation, border values outside. Converges where the
     field is invertible (``|grad u| < 1``); stops when the update is below ``tolerance`` voxels."""
+    from scipy import ndimage  # here, not at import: it costs ~0.25 s of every command's start
+
     disp = np.asarray(disp, np.float64)
     ndim = disp.shape[-1]
     grid = np.moveaxis(_voxel_grid(disp.shape[:-1]), -1, 0)
     v = -disp.copy()
     for _ in range(iterations):
         coords = grid + np.moveaxis(v, -1, 0)
-        new = -np.stack([_ndimage().map_coordinates(disp[..., i], coords, order=1, mode="nearest") for i in range(ndim)], -1)
+        new = -np.stack([ndimage.map_coordinates(disp[..., i], coords, order=1, mode="nearest") for i in range(ndim)], -1)
         change = float(np.abs(new - v).max())
         v = new
         if change < tolerance:

@@ -14,13 +14,6 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 
-def _ndimage():
-    """``scipy.ndimage``, imported on first use: importing it costs ~0.25 s of every command's start."""
-    from scipy import ndimage
-
-    return ndimage
-
-
 def normalize_params(image: np.ndarray, mode: str = "minmax", low: float = 0.5, high: float = 99.5) -> Tuple[float, ...]:
     """``(clip_lo, clip_hi, lo, hi)`` of :func:`normalize` for ``image``: clip to ``[clip_lo, clip_hi]``, then
     map ``[lo, hi]`` to [0, 1] (``hi <= lo``: a constant image, all zeros). Computed without copying the
@@ -63,11 +56,13 @@ def normalize(image: np.ndarray, mode: str = "minmax", low: float = 0.5, high: f
 def resample(volume: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
     """Resamples to ``shape`` with half-pixel centres (the project's convention): linear for images
     (``order=1``), nearest for label maps (``order=0``)."""
+    from scipy import ndimage  # here, not at import: it costs ~0.25 s of every command's start
+
     shape = tuple(int(s) for s in shape)
     if tuple(volume.shape) == shape:
         return volume
     zoom = [t / s for t, s in zip(shape, volume.shape)]
-    out = _ndimage().zoom(volume, zoom, order=order, grid_mode=True, mode="nearest")
+    out = ndimage.zoom(volume, zoom, order=order, grid_mode=True, mode="nearest")
     return out.astype(volume.dtype)
 
 

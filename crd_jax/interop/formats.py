@@ -29,13 +29,6 @@ RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 FORMATS = ("voxel", "itk", "learn2reg")
 
 
-def _ndimage():
-    """``scipy.ndimage``, imported on first use: importing it costs ~0.25 s of every command's start."""
-    from scipy import ndimage
-
-    return ndimage
-
-
 def voxel_to_physical(disp: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Voxel displacements ``(*spatial, 3)`` -> millimetres in the RAS world frame of ``affine``."""
     return np.einsum("ij,...j->...i", np.asarray(affine)[:3, :3], disp)
@@ -58,17 +51,21 @@ def from_itk(field: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 def to_learn2reg(disp: np.ndarray) -> np.ndarray:
     """``(X, Y, Z, 3)`` -> ``(3, X/2, Y/2, Z/2)`` float16 (linear downsampling, half-pixel centres)."""
+    from scipy import ndimage  # here, not at import: it costs ~0.25 s of every command's start
+
     chw = np.moveaxis(np.asarray(disp, np.float32), -1, 0)
     half = [max(1, s // 2) for s in chw.shape[1:]]
     zoom = [1.0] + [h / s for h, s in zip(half, chw.shape[1:])]
-    return _ndimage().zoom(chw, zoom, order=1, grid_mode=True, mode="nearest").astype(np.float16)
+    return ndimage.zoom(chw, zoom, order=1, grid_mode=True, mode="nearest").astype(np.float16)
 
 
 def from_learn2reg(field: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
     """``(3, X/2, Y/2, Z/2)`` -> ``(X, Y, Z, 3)`` at ``shape`` (what the challenge's evaluation does)."""
+    from scipy import ndimage  # here, not at import: it costs ~0.25 s of every command's start
+
     field = np.asarray(field, np.float32)
     zoom = [1.0] + [t / s for t, s in zip(shape, field.shape[1:])]
-    return np.moveaxis(_ndimage().zoom(field, zoom, order=1, grid_mode=True, mode="nearest"), 0, -1)
+    return np.moveaxis(ndimage.zoom(field, zoom, order=1, grid_mode=True, mode="nearest"), 0, -1)
 
 
 def displacement_names(fmt: str, name: str = "disp", pair_ids: Optional[Tuple[str, str]] = None,

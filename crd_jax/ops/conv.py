@@ -87,6 +87,9 @@ def _geometry(stride5, padding5) -> dict:
     return {k: np.int64(v) for k, v in zip(names, values)}
 
 
+_settings: dict = {}
+
+
 def bf16_inference(enabled: Optional[bool] = None) -> bool:
     """Opt-in bfloat16 inference: convolutions outside differentiation (inference) round their input and
     weights to bfloat16 and accumulate in float32, on CPUs with AVX512-BF16 (twice the multiply-adds per
@@ -98,10 +101,7 @@ def bf16_inference(enabled: Optional[bool] = None) -> bool:
     return _settings.setdefault("bf16", os.environ.get("CRD_JAX_CONV_BF16", "0") == "1")
 
 
-_settings: dict = {}
-
-
-def _pairs_as_float32(a, axis_pairs):
+def _pairs_as_float32(a):
     """bfloat16 values of ``a`` with their last axis paired up (padded to even) and each pair's 32 bits viewed
     as one float32, the layout the kernel's VDPBF16PS path reads."""
     if a.shape[-1] % 2:
@@ -110,29 +110,9 @@ def _pairs_as_float32(a, axis_pairs):
     return lax.bitcast_convert_type(pairs, jnp.float32)
 
 
-def _native_forward_bf16(x, w, b, stride, padding, negative_slope):
-    """Forward with input and weights rounded to bfloat16, float32 sums (AVX512-BF16)."""
-    squeeze = x.ndim == 4
-    x5, w5, stride5, padding5 = _as_3d(x, w, stride, padding)
-    cout = w5.shape[-1]
-    cout_padded = -(-cout // 8) * 8
-    w_packed = jnp.pad(w5, [(0, 0)] * 4 + [(0, cout_padded - cout)])
-    # (KD, KH, KW, Ci, CoP) -> (KD, KH, KW, CoP, Ci) so that input-channel pairs are adjacent, then pairs.
-    w_pairs = jnp.swapaxes(_pairs_as_float32(jnp.swapaxes(w_packed, -1, -2), None), -1, -2)
-    x_pairs = _pairs_as_float32(x5, None)
-    spatial = _out_shape(x5.shape[1:4], w5.shape[:3], stride5, padding5)
-    out = jax.ShapeDtypeStruct((x5.shape[0], *spatial, cout), jnp.float32)
-    y = jax.ffi.ffi_call("crd_conv_fwd", out, vmap_method="sequential")(
-        x_pairs, w_pairs, b,
-        slope=np.float32(0.0 if negative_slope is None else negative_slope),
-        act=np.int64(negative_slope is not None), bf16=np.int64(1),
-        **_geometry(stride5, padding5),
-    )
-    return y[:, 0] if squeeze else y
-
-
-def _native_forward(x, w, b, stride, padding, negative_slope, out_spatial=None):
-    """Native forward; ``out_spatial`` overrides the output size (taps beyond the input read zeros)."""
+def _native_forward(x, w, b, stride, padding, negative_slope, out_spatial=None, bf16=False):
+    """Native forward; ``out_spatial`` overrides the output size (taps beyond the input read zeros); ``bf16``:
+    input and weights rounded to bfloat16, float32 sums (AVX512-BF16)."""
     squeeze = x.ndim == 4
     x5, w5, stride5, padding5 = _as_3d(x, w, stride, padding)
     cout = w5.shape[-1]
@@ -142,6 +122,9 @@ def _native_forward(x, w, b, stride, padding, negative_slope, out_spatial=None):
         spatial = _out_shape(x5.shape[1:4], w5.shape[:3], stride5, padding5)
     else:
         spatial = (1,) * (3 - len(out_spatial)) + tuple(out_spatial)
+    if bf16:  # input-channel pairs: (KD, KH, KW, Ci, CoP) -> pairs along Ci, back to (KD, KH, KW, Ci / 2, CoP)
+        x5 = _pairs_as_float32(x5)
+        w_packed = jnp.swapaxes(_pairs_as_float32(jnp.swapaxes(w_packed, -1, -2)), -1, -2)
     out = jax.ShapeDtypeStruct((x5.shape[0], *spatial, cout), jnp.float32)
     y = jax.ffi.ffi_call("crd_conv_fwd", out, vmap_method="sequential")(
         x5,
@@ -149,7 +132,7 @@ def _native_forward(x, w, b, stride, padding, negative_slope, out_spatial=None):
         b,
         slope=np.float32(0.0 if negative_slope is None else negative_slope),
         act=np.int64(negative_slope is not None),
-        bf16=np.int64(0),
+        bf16=np.int64(bf16),
         **_geometry(stride5, padding5),
     )
     return y[:, 0] if squeeze else y
@@ -239,11 +222,9 @@ def _forward(x, w, b, stride, padding, negative_slope, inference=False):
     if not _use_native(x):
         return reference(x, w, b)
     # the 3-channel flow head keeps float32 (and its own kernel): it is a small share of the work
-    if inference and w.shape[-1] >= 8 and bf16_inference() and native.has_bf16():
-        forward = _native_forward_bf16
-    else:
-        forward = _native_forward
-    native_fn = functools.partial(forward, stride=stride, padding=padding, negative_slope=negative_slope)
+    bf16 = inference and w.shape[-1] >= 8 and bf16_inference() and native.has_bf16()
+    native_fn = functools.partial(_native_forward, stride=stride, padding=padding, negative_slope=negative_slope,
+                                  bf16=bf16)
     return _on_cpu(native_fn, reference, x, w, b)
 
 
