@@ -8,8 +8,12 @@ no AVX2/FMA, or ``CRD_JAX_FAST_CONV=0``) :func:`available` is False, one warning
 default backend is not the CPU (a GPU host runs ``lax.conv`` on the GPU).
 
 Vector width: the forward convolution uses AVX-512 where the CPU has it (``CRD_JAX_ISA=avx2`` or
-:func:`set_isa` selects the AVX2 path, which every supported CPU runs); the weight gradient and the
-few-output-channel head use AVX2.
+:func:`set_isa` selects the AVX2 path, which every supported CPU runs), the few-output-channel flow head
+too when its input channels are a multiple of 16; the weight gradient uses AVX2.
+
+Memory: each forward call asks the kernel for transparent huge pages on its output buffer before writing it
+(``madvise``; a hint, ignored where THP is off, ``CRD_JAX_HUGEPAGES=0`` turns it off): a fresh
+full-resolution output otherwise takes ~13,000 page faults per call.
 
 Threads: one persistent pool per process, sized by the CPUs the process may use (its affinity mask, capped
 by a cgroup CPU quota) or ``CRD_JAX_NUM_THREADS``.

@@ -21,6 +21,7 @@
 #include <immintrin.h>
 
 #include <sched.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <atomic>
@@ -393,6 +394,33 @@ void SmallCoForward(const Geometry& g, const float* x, const float* w, const flo
   });
 }
 
+// The input rows under output row (b, od, oh): every (kd, kh) tap whose row lies inside the volume (rows in
+// the zero padding contribute nothing and are left out), each with a pointer to its first column.
+inline RowSet InputRows(const Geometry& g, const float* x, int64_t b, int64_t od, int64_t oh) {
+  RowSet rs;
+  for (int64_t kd = 0; kd < g.KD; ++kd) {
+    const int64_t id = od * g.sd - g.pd + kd;
+    if (id < 0 || id >= g.D) continue;
+    for (int64_t kh = 0; kh < g.KH; ++kh) {
+      const int64_t ih = oh * g.sh - g.ph + kh;
+      if (ih < 0 || ih >= g.H) continue;
+      rs.rows[rs.n] = x + ((b * g.D + id) * g.H + ih) * g.W * g.Ci;
+      rs.taps[rs.n++] = kd * g.KH + kh;
+    }
+  }
+  return rs;
+}
+
+// Output rows are visited in blocks of this many rows, every depth of a thread's planes in turn for each
+// block, so that the input rows a band reads (KD planes x (band + KH - 1) rows) stay in the L2 cache while
+// the next depth reuses KD - 1 of its planes: each input row is fetched from memory about once instead of
+// KD times (plane by plane, a plane's rows were evicted before the next depth came back).
+inline int64_t BandRows(const Geometry& g) {
+  const int64_t row_bytes = g.W * g.Ci * static_cast<int64_t>(sizeof(float));
+  const int64_t band_rows = kBandBytes / std::max<int64_t>(1, g.KD * row_bytes * g.sh);
+  return std::clamp<int64_t>(band_rows - (g.KH - 1), 1, g.Ho);
+}
+
 // --- AVX-512 (16 lanes): same loop nest, 16 output channels per vector, 32 registers for partial sums ---
 //
 // Compiled for AVX-512 whatever the file's flags; only called when the CPU has it (ActiveIsa).
@@ -559,6 +587,102 @@ void Avx512Bf16Columns(const Geometry& g, const RowSet& rs, const float* w, cons
   Avx512ColumnsT<true>(g, rs, w, bias, begin, end, slope, act, yrow);
 }
 
+// Few output channels (the flow head) with C_in a multiple of 16, AVX-512: a vector holds 16 input channels of
+// one voxel, read in place from the channels-last input (no transposition); J voxels x CO channels of
+// partial sums stay in registers over every tap and are summed across lanes once at the end (CO * J
+// horizontal sums per 27 * CO * J FMAs for a 3x3x3 kernel and 16 channels).
+template <int CO, int J, bool kEdge>
+inline void SmallCoCi16Tile(const Geometry& g, const RowSet& rs, const float* wt, const float* bias, int64_t ow0,
+                            int64_t nvalid, float slope, bool act, float* yrow) {
+  __m512 acc[CO][J];
+#pragma GCC unroll 16
+  for (int c = 0; c < CO; ++c)
+#pragma GCC unroll 32
+    for (int j = 0; j < J; ++j) acc[c][j] = _mm512_setzero_ps();
+  const int64_t Ci = g.Ci;
+  for (int r = 0; r < rs.n; ++r) {
+    const float* xrow = rs.rows[r];
+    for (int64_t kw = 0; kw < g.KW; ++kw) {
+      const float* wk = wt + (rs.taps[r] * g.KW + kw) * CO * Ci;
+      const int64_t iw0 = ow0 * g.sw + kw - g.pw;
+      for (int64_t ci = 0; ci < Ci; ci += 16) {
+        __m512 wv[CO];
+#pragma GCC unroll 16
+        for (int c = 0; c < CO; ++c) wv[c] = _mm512_loadu_ps(wk + c * Ci + ci);
+#pragma GCC unroll 32
+        for (int j = 0; j < J; ++j) {
+          const int64_t iw = iw0 + j * g.sw;
+          __m512 xv;
+          if constexpr (kEdge) {  // columns in the zero padding: a masked-off load reads nothing
+            xv = _mm512_maskz_loadu_ps(iw >= 0 && iw < g.W ? 0xFFFF : 0, xrow + iw * Ci + ci);
+          } else {
+            xv = _mm512_loadu_ps(xrow + iw * Ci + ci);
+          }
+          // One load per input vector: left alone, the compiler folds it into each of the CO FMAs, and the
+          // repeated 512-bit loads then compete with the FMAs for issue slots.
+          asm("" : "+v"(xv));
+#pragma GCC unroll 16
+          for (int c = 0; c < CO; ++c) acc[c][j] = _mm512_fmadd_ps(xv, wv[c], acc[c][j]);
+        }
+      }
+    }
+  }
+  // Summed with constant indices (fully unrolled) so that acc stays in registers; a loop bounded by nvalid
+  // would index it at run time and put it on the stack.
+  float sums[J][CO];
+#pragma GCC unroll 32
+  for (int j = 0; j < J; ++j)
+#pragma GCC unroll 16
+    for (int c = 0; c < CO; ++c) {
+      const float v = _mm512_reduce_add_ps(acc[c][j]) + bias[c];
+      sums[j][c] = act && v < 0.0f ? slope * v : v;
+    }
+  std::memcpy(yrow + ow0 * g.Co, sums, (kEdge ? nvalid : J) * CO * sizeof(float));
+}
+
+template <int CO>
+void SmallCoCi16Forward(const Geometry& g, const float* x, const float* w, const float* bias, float slope, bool act,
+                        float* y) {
+  constexpr int J = CO == 1 ? 16 : 24 / CO;  // CO * J accumulators + CO weights + 1 input of 32 registers
+  const int64_t Ci = g.Ci, taps = g.KD * g.KH * g.KW;
+  // Weights [tap][kw][ci][co (padded to CoP)] -> [tap][kw][co][ci]: one vector per (tap, output channel).
+  std::vector<float> wt(taps * CO * Ci);
+  for (int64_t t = 0; t < taps; ++t)
+    for (int64_t ci = 0; ci < Ci; ++ci)
+      for (int c = 0; c < CO; ++c) wt[(t * CO + c) * Ci + ci] = w[(t * Ci + ci) * g.CoP + c];
+  const int64_t band = BandRows(g);
+  ParallelFor(g.B * g.Do, NumThreads(), [&](int64_t begin, int64_t end, int) {
+    for (int64_t oh0 = 0; oh0 < g.Ho; oh0 += band)
+      for (int64_t p = begin; p < end; ++p)
+        for (int64_t oh = oh0; oh < std::min(g.Ho, oh0 + band); ++oh) {
+          const RowSet rs = InputRows(g, x, p / g.Do, p % g.Do, oh);
+          float* yrow = y + (p * g.Ho + oh) * g.Wo * g.Co;
+          for (int64_t ow0 = 0; ow0 < g.Wo; ow0 += J) {
+            const int64_t nvalid = std::min<int64_t>(J, g.Wo - ow0);
+            const bool inside = nvalid == J && ow0 * g.sw - g.pw >= 0 && (ow0 + J - 1) * g.sw + g.KW - 1 - g.pw < g.W;
+            if (inside) {
+              SmallCoCi16Tile<CO, J, false>(g, rs, wt.data(), bias, ow0, nvalid, slope, act, yrow);
+            } else {
+              SmallCoCi16Tile<CO, J, true>(g, rs, wt.data(), bias, ow0, nvalid, slope, act, yrow);
+            }
+          }
+        }
+  });
+}
+
+// C_out <= 4 on the AVX-512 path; false where the few-channel AVX2 kernel must run instead.
+bool SmallCoAvx512(const Geometry& g, const float* x, const float* w, const float* bias, float slope, bool act,
+                   float* y) {
+  if (g.Ci % 16 != 0) return false;
+  switch (g.Co) {
+    case 1: SmallCoCi16Forward<1>(g, x, w, bias, slope, act, y); return true;
+    case 2: SmallCoCi16Forward<2>(g, x, w, bias, slope, act, y); return true;
+    case 3: SmallCoCi16Forward<3>(g, x, w, bias, slope, act, y); return true;
+    case 4: SmallCoCi16Forward<4>(g, x, w, bias, slope, act, y); return true;
+  }
+  return false;
+}
+
 #pragma GCC pop_options
 
 // Output columns whose every tap lies inside the input row: they read the input in place. The few columns at
@@ -614,6 +738,7 @@ void Avx2Columns(const Geometry& g, const RowSet& rs, const float* w, const floa
 // bf16: x and w hold pairs of bfloat16 input channels in each float (g.Ci counts the pairs); AVX-512 BF16 only.
 void ConvForward(const Geometry& g, const float* x, const float* w, const float* bias, float slope, bool act,
                  float* y, bool bf16 = false) {
+  if (!bf16 && g.Co <= 4 && ActiveIsa() == kAvx512 && SmallCoAvx512(g, x, w, bias, slope, act, y)) return;
   if (!bf16 && g.sw == 1 && g.Co <= 4 && g.KD * (g.KH + 1) <= 64) {
     switch (g.Co) {
       case 1: return SmallCoForward<1>(g, x, w, bias, slope, act, y);
@@ -626,41 +751,30 @@ void ConvForward(const Geometry& g, const float* x, const float* w, const float*
   const bool fused_act = columns != Avx2Columns;  // the AVX-512 tiles apply the activation as they store
   const ColumnRanges cr = Columns(g);
   const int64_t planes = g.B * g.Do;
-  // Output rows are visited in blocks of `band` rows, every depth of the thread's planes in turn for each
-  // block, so that the input rows a band reads (KD planes x (band + KH - 1) rows) stay in the L2 cache
-  // while the next depth reuses KD - 1 of its planes: each input row is fetched from memory about once
-  // instead of KD times (plane by plane, a plane's rows were evicted before the next depth came back).
-  const int64_t row_bytes = g.W * g.Ci * static_cast<int64_t>(sizeof(float));
-  const int64_t band_rows = kBandBytes / std::max<int64_t>(1, g.KD * row_bytes * g.sh);
-  const int64_t band = std::clamp<int64_t>(band_rows - (g.KH - 1), 1, g.Ho);
+  const int64_t band = BandRows(g);
   ParallelFor(planes, NumThreads(), [&](int64_t begin, int64_t end, int) {
     std::vector<float> edges(g.KD * g.KH * (cr.left_width + cr.right_width) * g.Ci + 1, 0.0f);
     for (int64_t oh0 = 0; oh0 < g.Ho; oh0 += band)
     for (int64_t p = begin; p < end; ++p) {
       const int64_t b = p / g.Do, od = p % g.Do;
       for (int64_t oh = oh0; oh < std::min(g.Ho, oh0 + band); ++oh) {
+        const RowSet real = InputRows(g, x, b, od, oh);
         RowSet inner, left, right;
         float* buf = edges.data();
-        for (int64_t kd = 0; kd < g.KD; ++kd) {
-          const int64_t id = od * g.sd - g.pd + kd;
-          if (id < 0 || id >= g.D) continue;
-          for (int64_t kh = 0; kh < g.KH; ++kh) {
-            const int64_t ih = oh * g.sh - g.ph + kh;
-            if (ih < 0 || ih >= g.H) continue;
-            const int64_t tap = kd * g.KH + kh;
-            const float* xrow = x + ((b * g.D + id) * g.H + ih) * g.W * g.Ci;
-            inner.rows[inner.n] = xrow - g.pw * g.Ci;  // virtual column 0; interior tiles never read before xrow
-            inner.taps[inner.n++] = tap;
-            if (cr.left_width > 0) {
-              left.rows[left.n] = EdgeRow(g, xrow, 0, cr.left_width, buf);
-              left.taps[left.n++] = tap;
-              buf += cr.left_width * g.Ci;
-            }
-            if (cr.right_width > 0) {
-              right.rows[right.n] = EdgeRow(g, xrow, cr.right_first, cr.right_width, buf);
-              right.taps[right.n++] = tap;
-              buf += cr.right_width * g.Ci;
-            }
+        for (int i = 0; i < real.n; ++i) {
+          const float* xrow = real.rows[i];
+          const int64_t tap = real.taps[i];
+          inner.rows[inner.n] = xrow - g.pw * g.Ci;  // virtual column 0; interior tiles never read before xrow
+          inner.taps[inner.n++] = tap;
+          if (cr.left_width > 0) {
+            left.rows[left.n] = EdgeRow(g, xrow, 0, cr.left_width, buf);
+            left.taps[left.n++] = tap;
+            buf += cr.left_width * g.Ci;
+          }
+          if (cr.right_width > 0) {
+            right.rows[right.n] = EdgeRow(g, xrow, cr.right_first, cr.right_width, buf);
+            right.taps[right.n++] = tap;
+            buf += cr.right_width * g.Ci;
           }
         }
         float* yrow = y + ((b * g.Do + od) * g.Ho + oh) * g.Wo * g.Co;
@@ -767,6 +881,25 @@ ffi::Error CheckRank(const ffi::AnyBuffer::Dimensions& d, size_t rank, const cha
   return ffi::Error::Success();
 }
 
+// A fresh output buffer is an untouched anonymous mapping; its first writes fault in 4 KB pages (~13k faults,
+// ~20% of a full-resolution 16-channel layer). Asking for transparent huge pages on the 2 MB-aligned part
+// before writing turns those into a few hundred faults. A hint only: ignored where THP is off.
+bool HugePagesWanted() {
+  static const bool wanted = [] {
+    const char* v = std::getenv("CRD_JAX_HUGEPAGES");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return wanted;
+}
+
+void AdviseHugePages(void* data, size_t bytes) {
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (bytes < 2 * kHuge || !HugePagesWanted()) return;
+  uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+}
+
 ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> bias,
                        ffi::ResultBuffer<ffi::F32> y, int64_t sd, int64_t sh, int64_t sw, int64_t pd,
                        int64_t ph, int64_t pw, float slope, int64_t act, int64_t bf16) {
@@ -779,6 +912,7 @@ ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Bu
   if (wd[3] != g.Ci || g.CoP % 8 != 0 || g.CoP < g.Co) return ffi::Error::InvalidArgument("weight shape");
   if (g.KD * g.KH > 64) return ffi::Error::InvalidArgument("kernel too large (KD * KH > 64)");
   if (bf16 != 0 && !CpuHasBf16()) return ffi::Error::InvalidArgument("bf16 convolution needs AVX512-BF16");
+  AdviseHugePages(y->typed_data(), y->size_bytes());
   ConvForward(g, x.typed_data(), w.typed_data(), bias.typed_data(), slope, act != 0, y->typed_data(), bf16 != 0);
   return ffi::Error::Success();
 }
