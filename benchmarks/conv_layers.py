@@ -3,7 +3,8 @@
     python benchmarks/conv_layers.py                       # input 80x96x112 (OASIS / 2)
     python benchmarks/conv_layers.py --shape 160 192 224   # OASIS size
 
-For every convolution of the paper's VM (the decoder's concatenations included in its input channels):
+For every convolution of the paper's VM (the decoder's upsample-and-concatenate fused into the first convolution of
+each level, as the network runs it):
 median latency of the forward pass (bias and LeakyReLU included), GFLOP/s (2 flops per multiply-add, the
 useful ones only) and that as a fraction of the FMA peak that ``cpu_peak.py`` measures on the same CPUs;
 the last row sums the layers. Writes ``<out>/conv_layers.{md,json}``.
@@ -22,13 +23,16 @@ from common import HERE, machine, write
 
 
 def vm_layers(shape):
-    """``(name, input spatial shape, C_in, C_out, stride)`` of every convolution of VM at input ``shape``."""
+    """``(name, input spatial shape, C_in, C_out, stride, C_skip)`` of every convolution of VM at input
+    ``shape``; ``C_skip > 0``: the decoder's first convolution of a level, whose input is
+    ``concat(upsample(C_in - C_skip channels), C_skip skip channels)`` (one fused op, as the network runs it)."""
     s = np.asarray(shape)
-    enc = [("enc0", s, 2, 16, 2), ("enc1", s // 2, 16, 32, 2), ("enc2", s // 4, 32, 32, 2), ("enc3", s // 8, 32, 32, 2)]
-    dec = [("dec4", s // 16, 32, 32, 1), ("dec3", s // 8, 64, 32, 1), ("dec2", s // 4, 64, 32, 1),
-           ("dec1a", s // 2, 48, 32, 1), ("dec1b", s // 2, 32, 32, 1), ("dec0a", s, 34, 16, 1),
-           ("dec0b", s, 16, 16, 1), ("flow", s, 16, 3, 1)]
-    return [(n, tuple(int(v) for v in sp), ci, co, st) for n, sp, ci, co, st in enc + dec]
+    enc = [("enc0", s, 2, 16, 2, 0), ("enc1", s // 2, 16, 32, 2, 0), ("enc2", s // 4, 32, 32, 2, 0),
+           ("enc3", s // 8, 32, 32, 2, 0)]
+    dec = [("dec4", s // 16, 32, 32, 1, 0), ("dec3", s // 8, 64, 32, 1, 32), ("dec2", s // 4, 64, 32, 1, 32),
+           ("dec1a", s // 2, 48, 32, 1, 16), ("dec1b", s // 2, 32, 32, 1, 0), ("dec0a", s, 34, 16, 1, 2),
+           ("dec0b", s, 16, 16, 1, 0), ("flow", s, 16, 3, 1, 0)]
+    return [(n, tuple(int(v) for v in sp), ci, co, st, sk) for n, sp, ci, co, st, sk in enc + dec]
 
 
 def useful_gflop(spatial, cin, cout, stride) -> float:
@@ -36,17 +40,23 @@ def useful_gflop(spatial, cin, cout, stride) -> float:
     return 2.0 * 27 * cin * cout * out / 1e9
 
 
-def time_layer(spatial, cin, cout, stride, repeats, act=True):
+def time_layer(spatial, cin, cout, stride, repeats, act=True, skip=0):
     import jax
     import jax.numpy as jnp
 
-    from crd_jax.ops.conv import conv
+    from crd_jax.ops.conv import conv, conv_upsampled_concat
 
-    k = jax.random.split(jax.random.PRNGKey(0), 3)
-    x = jax.random.normal(k[0], (1, *spatial, cin), jnp.float32)
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
     w = jax.random.normal(k[1], (3, 3, 3, cin, cout), jnp.float32) * 0.1
     b = jax.random.normal(k[2], (cout,), jnp.float32)
-    fn = jax.jit(lambda x, w, b: conv(x, w, b, stride=stride, negative_slope=0.2 if act else None))
+    slope = 0.2 if act else None
+    if skip:
+        low = jax.random.normal(k[0], (1, *(-(-n // 2) for n in spatial), cin - skip), jnp.float32)
+        fine = jax.random.normal(k[3], (1, *spatial, skip), jnp.float32)
+        fn = jax.jit(lambda low, fine, w, b: conv_upsampled_concat(low, fine, w, b, negative_slope=slope))
+        return timed(lambda: jax.block_until_ready(fn(low, fine, w, b)), repeats)["latency_s"]
+    x = jax.random.normal(k[0], (1, *spatial, cin), jnp.float32)
+    fn = jax.jit(lambda x, w, b: conv(x, w, b, stride=stride, negative_slope=slope))
     return timed(lambda: jax.block_until_ready(fn(x, w, b)), repeats)["latency_s"]
 
 
@@ -80,17 +90,19 @@ def main():
             dll = build_peak_library(Path(tmp))
             args.peak = max(fma_peak(dll, w, n, 1.0) for w in ([256, 512] if dll.has_avx512() else [256]))
     rows, total_s, total_g = [], 0.0, 0.0
-    for name, spatial, cin, cout, stride in vm_layers(args.shape):
-        latency = time_layer(spatial, cin, cout, stride, args.repeats, act=name != "flow")
+    for name, spatial, cin, cout, stride, skip in vm_layers(args.shape):
+        latency = time_layer(spatial, cin, cout, stride, args.repeats, act=name != "flow", skip=skip)
         g = useful_gflop(spatial, cin, cout, stride)
-        rows.append({"layer": name, "input": list(spatial), "cin": cin, "cout": cout, "stride": stride,
+        rows.append({"layer": name + (" (up+concat)" if skip else ""), "input": list(spatial), "cin": cin, "cout": cout, "stride": stride,
                      "latency_s": latency, "gflop": g, "gflops": g / latency, "fraction_of_peak": g / latency / args.peak})
         total_s += latency
         total_g += g
     m = machine()
     path = native.describe() + (", bfloat16 inputs and weights, float32 sums" if args.bf16 else "")
     lines = [f"### VM-H convolutions one by one, input {'x'.join(map(str, args.shape))} ({m.get('cpu', '')}, {path})", "",
-             f"Median of {args.repeats}; GFLOP/s counts useful multiply-adds; peak {args.peak:.0f} GFLOP/s (FMA loop, same CPUs).", "",
+             f"Median of {args.repeats}; GFLOP/s counts useful multiply-adds; peak {args.peak:.0f} GFLOP/s (FMA loop, same CPUs). "
+             "`(up+concat)`: the decoder's upsample-and-concatenate and the convolution as the network runs them "
+             "(one fused op, input channels = upsampled + skip).", "",
              "| Layer | Input | C_in -> C_out | Stride | Latency (ms) | GFLOP | GFLOP/s | % of peak |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['layer']} | {'x'.join(map(str, r['input']))} | {r['cin']} -> {r['cout']} | {r['stride']} | "

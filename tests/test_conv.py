@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from crd_jax.ops import native
-from crd_jax.ops.conv import conv, conv_reference
+from crd_jax.ops.conv import conv, conv_reference, conv_upsampled_concat
 
 CASES = [
     # spatial shape, C_in, C_out, stride, negative slope
@@ -83,6 +83,63 @@ def test_conv_matches_lax_values_and_gradients(shape, cin, cout, stride, slope, 
     for g, g_ref in zip(grads, grads_ref):
         scale = float(jnp.max(jnp.abs(g_ref)))
         np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4 * scale)
+
+
+UPCAT_CASES = [
+    # skip spatial shape, low spatial shape, C_low, C_skip, C_out, slope
+    ((8, 10, 12), (4, 5, 6), 32, 2, 16, 0.2),  # VM's last decoder level: 32 upsampled + the 2 images
+    ((7, 9, 11), (4, 5, 6), 16, 16, 32, 0.2),  # odd sizes: the upsampled grid is cropped
+    ((5, 6, 19), (3, 3, 10), 3, 5, 8, None),
+    ((9, 13), (5, 7), 32, 16, 32, 0.2),  # 2-D
+]
+
+
+@pytest.mark.parametrize("shape,low_shape,cl,cs,cout,slope", UPCAT_CASES)
+def test_upsampled_concat_conv_equals_conv_of_the_concatenation(shape, low_shape, cl, cs, cout, slope, isa):
+    nd = len(shape)
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(sum(shape) + cl), 4)
+    low = jax.random.normal(k1, (2, *low_shape, cl))
+    skip = jax.random.normal(k2, (2, *shape, cs))
+    w = jax.random.normal(k3, (3,) * nd + (cl + cs, cout)) * 0.3
+    b = jax.random.normal(k4, (cout,))
+
+    def reference(low, skip, w, b):  # numpy's repeat for the upsampling, lax.conv for the convolution
+        up = low
+        for axis in range(1, nd + 1):
+            up = jnp.repeat(up, 2, axis=axis)
+        up = up[(slice(None), *(slice(0, s) for s in shape), slice(None))]
+        return conv_reference(jnp.concatenate([up, skip], axis=-1), w, b, negative_slope=slope)
+
+    fused = lambda low, skip, w, b: conv_upsampled_concat(low, skip, w, b, negative_slope=slope)  # noqa: E731
+    y = jax.jit(fused)(low, skip, w, b)
+    np.testing.assert_allclose(y, reference(low, skip, w, b), rtol=1e-4, atol=1e-4)
+
+    def loss(fn):
+        return lambda *a: jnp.sum(jnp.sin(fn(*a)))
+
+    grads = jax.jit(jax.grad(loss(fused), argnums=(0, 1, 2, 3)))(low, skip, w, b)
+    grads_ref = jax.grad(loss(reference), argnums=(0, 1, 2, 3))(low, skip, w, b)
+    for g, g_ref in zip(grads, grads_ref):
+        scale = float(jnp.max(jnp.abs(g_ref)))
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_upsampled_concat_conv_runs_the_fused_kernel_on_the_cpu():
+    """The fused op is one custom call with no concatenation in the compiled program (else the test above
+    would compare the unfused path with itself)."""
+    if not ON_CPU or not native.available():
+        pytest.skip("the native kernel is not in use")
+    low, skip = jnp.ones((1, 4, 5, 6, 32)), jnp.ones((1, 8, 10, 12, 2))
+    w, b = jnp.ones((3, 3, 3, 34, 16)), jnp.zeros(16)
+    hlo = jax.jit(lambda *a: conv_upsampled_concat(*a, negative_slope=0.2)).lower(low, skip, w, b).as_text()
+    assert "crd_conv_upcat_fwd" in hlo and "concatenate" not in hlo
+
+
+def test_upsampled_concat_conv_rejects_shapes_that_do_not_fit():
+    with pytest.raises(ValueError, match="does not cover"):
+        conv_upsampled_concat(jnp.ones((1, 3, 3, 3, 4)), jnp.ones((1, 8, 6, 6, 2)), jnp.ones((3, 3, 3, 6, 8)), jnp.zeros(8))
+    with pytest.raises(ValueError, match="do not fit"):
+        conv_upsampled_concat(jnp.ones((1, 4, 3, 3, 4)), jnp.ones((1, 8, 6, 6, 2)), jnp.ones((3, 3, 3, 5, 8)), jnp.zeros(8))
 
 
 def test_conv_default_padding_matches_pytorch_stride2_sampling():

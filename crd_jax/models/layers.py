@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crd_jax.ops.conv import conv
+from crd_jax.ops.conv import conv, conv_upsampled_concat
+from crd_jax.ops.spatial import upsample_nearest  # noqa: F401  (re-exported for the models)
 
 
 def torch_default_bias_init(fan_in: int):
@@ -41,22 +42,20 @@ class Conv(nn.Module):
     bias_init: Optional[object] = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, skip=None):
+        """``x``, or with ``skip`` the decoder's ``concat([upsample_nearest(x), skip])`` (one fused op on the
+        CPU kernel; the same parameters either way)."""
         ndim = x.ndim - 2
-        cin = x.shape[-1]
+        cin = x.shape[-1] + (0 if skip is None else skip.shape[-1])
         fan_in = cin * self.kernel_size**ndim
         kshape = (self.kernel_size,) * ndim + (cin, self.features)
         kernel = self.param("kernel", self.kernel_init or torch_default_kernel_init, kshape, jnp.float32)
         bias = self.param("bias", self.bias_init or torch_default_bias_init(fan_in), (self.features,), jnp.float32)
+        if skip is not None:
+            if self.stride != 1:
+                raise ValueError("an upsample-and-concatenate input needs stride 1")
+            return conv_upsampled_concat(x, skip, kernel, bias, negative_slope=self.negative_slope)
         return conv(x, kernel, bias, stride=self.stride, negative_slope=self.negative_slope)
-
-
-def upsample_nearest(x: jax.Array, shape: Sequence[int]) -> jax.Array:
-    """Nearest-neighbour x2 upsampling of ``(B, *spatial, C)``, cropped to ``shape`` (for odd sizes)."""
-    ndim = x.ndim - 2
-    for axis in range(1, ndim + 1):
-        x = jnp.repeat(x, 2, axis=axis)
-    return x[(slice(None), *(slice(0, s) for s in shape), slice(None))]
 
 
 def flow_kernel_init(stddev: float = 1e-5):

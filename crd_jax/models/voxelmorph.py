@@ -84,10 +84,12 @@ class UNet(nn.Module):
         h = skips[deepest]
         for j, channels in enumerate(self.decoder):
             lev = deepest - j
-            if lev != deepest:
-                h = concat([upsample_nearest(h, skips[lev].shape[1:-1]), skips[lev]])
+            skip = skips[lev] if lev != deepest else None
+            if skip is not None and not channels:
+                h = concat([upsample_nearest(h, skip.shape[1:-1]), skip])
             for m, c in enumerate(channels):
-                h = Conv(c, negative_slope=self.negative_slope, name=f"dec_{lev}_{m}")(h)
+                # the first conv of a level reads concat(up(h), skip) without storing it (the same parameters)
+                h = Conv(c, negative_slope=self.negative_slope, name=f"dec_{lev}_{m}")(h, skip if m == 0 else None)
             features[lev] = h
         return features
 

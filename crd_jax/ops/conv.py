@@ -11,6 +11,9 @@ Either way the op has a custom VJP that keeps only the input ``x`` and the activ
 backward pass (LeakyReLU's derivative is read off the sign of ``y``), so a network of these blocks stores
 one activation per layer instead of two. Input gradients of stride-1 convolutions are themselves
 convolutions with flipped, transposed weights, so they run on the fast path too.
+
+``conv_upsampled_concat(low, skip, w, b)`` is the U-Net decoder's ``conv(concat([up(low), skip]))``; on the
+native path its forward never materialises the concatenation (the largest tensor of the network).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 from jax import lax
 
 from crd_jax.ops import native
+from crd_jax.ops.spatial import upsample_nearest
 
 IntOrSeq = Union[int, Sequence[int]]
 Padding = Tuple[Tuple[int, int], ...]
@@ -310,3 +314,89 @@ def conv(
         raise ValueError("negative_slope must be positive (its sign is used to recover the gradient)")
     padding = default_padding(w.shape[:ndim]) if padding is None else tuple(tuple(int(v) for v in p) for p in padding)
     return _conv(x, w, b, _tuple(stride, ndim), padding, None if negative_slope is None else float(negative_slope))
+
+
+# --- the decoder's conv(concat([upsample_nearest(low), skip])) ----------------------------------------
+
+
+def _upsampled_concat(low, skip):
+    return jnp.concatenate([upsample_nearest(low, skip.shape[1:-1]), skip], axis=-1)
+
+
+def _native_upcat_forward(low, skip, w, b, padding, negative_slope):
+    squeeze = skip.ndim == 4
+    low5, _, _, _ = _as_3d(low, None, (1,) * (low.ndim - 2), ((0, 0),) * (low.ndim - 2))
+    skip5, w5, _, padding5 = _as_3d(skip, w, (1,) * (skip.ndim - 2), padding)
+    cout = w5.shape[-1]
+    w_packed = jnp.pad(w5, [(0, 0)] * 4 + [(0, -(-cout // 8) * 8 - cout)])
+    out = jax.ShapeDtypeStruct((*skip5.shape[:4], cout), jnp.float32)
+    y = jax.ffi.ffi_call("crd_conv_upcat_fwd", out, vmap_method="sequential")(
+        low5, skip5, w_packed, b,
+        pd=np.int64(padding5[0][0]), ph=np.int64(padding5[1][0]), pw=np.int64(padding5[2][0]),
+        slope=np.float32(0.0 if negative_slope is None else negative_slope),
+        act=np.int64(negative_slope is not None),
+    )
+    return y[:, 0] if squeeze else y
+
+
+def _upcat_forward(low, skip, w, b, padding, negative_slope, inference=False):
+    stride = (1,) * (skip.ndim - 2)
+    if inference and bf16_inference() and native.has_bf16():  # the bfloat16 tiles read a materialised input
+        return _forward(_upsampled_concat(low, skip), w, b, stride, padding, negative_slope, inference=True)
+
+    def reference(low, skip, w, b):
+        return _activate(_lax_conv(_upsampled_concat(low, skip), w, stride, padding) + b, negative_slope)
+
+    native_fn = functools.partial(_native_upcat_forward, padding=padding, negative_slope=negative_slope)
+    return _on_cpu(native_fn, reference, low, skip, w, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _upcat_conv(low, skip, w, b, padding, negative_slope):
+    return _upcat_forward(low, skip, w, b, padding, negative_slope, inference=True)
+
+
+def _upcat_conv_fwd(low, skip, w, b, padding, negative_slope):
+    y = _upcat_forward(low, skip, w, b, padding, negative_slope)
+    return y, (low, skip, w, y if negative_slope is not None else None)
+
+
+def _upcat_conv_bwd(padding, negative_slope, residuals, dy):
+    # The weight gradient needs the concatenated input: the backward pass materialises it (training keeps
+    # the unfused cost; inference and the forward half of a training step do not pay it).
+    low, skip, w, y = residuals
+    x, concat_vjp = jax.vjp(_upsampled_concat, low, skip)
+    dx, dw, db = _conv_bwd((1,) * (skip.ndim - 2), padding, negative_slope, (x, w, y), dy)
+    dlow, dskip = concat_vjp(dx)
+    return dlow, dskip, dw, db
+
+
+_upcat_conv.defvjp(_upcat_conv_fwd, _upcat_conv_bwd)
+
+
+def conv_upsampled_concat(
+    low: jax.Array,
+    skip: jax.Array,
+    w: jax.Array,
+    b: jax.Array,
+    negative_slope: Optional[float] = None,
+) -> jax.Array:
+    """``conv(concat([upsample_nearest(low, skip's size), skip]), w, b)``, stride 1, padding ``k // 2``.
+
+    The U-Net decoder's step (VoxelMorph's ``h = conv(concat(up(h), skip))``): ``low`` is ``(B, *s, C_l)``
+    with ``s`` at least half the skip's spatial size ``(B, *S, C_s)``; ``w`` is ``(*k, C_l + C_s, C_out)``.
+    Equal to :func:`conv` of the concatenation (tested against it); on the native CPU kernel the
+    concatenation is never stored.
+    """
+    ndim = skip.ndim - 2
+    if low.ndim != skip.ndim or w.ndim != ndim + 2 or w.shape[-2] != low.shape[-1] + skip.shape[-1]:
+        raise ValueError(f"conv_upsampled_concat: shapes {low.shape}, {skip.shape}, {w.shape} do not fit")
+    if any(2 * l < s for l, s in zip(low.shape[1:-1], skip.shape[1:-1])) or low.shape[0] != skip.shape[0]:
+        raise ValueError(f"conv_upsampled_concat: {low.shape} upsampled x2 does not cover {skip.shape}")
+    if negative_slope is not None and not negative_slope > 0:
+        raise ValueError("negative_slope must be positive (its sign is used to recover the gradient)")
+    padding = default_padding(w.shape[:ndim])
+    slope = None if negative_slope is None else float(negative_slope)
+    if not (_use_native(skip) and low.dtype == jnp.float32):
+        return conv(_upsampled_concat(low, skip), w, b, padding=padding, negative_slope=slope)
+    return _upcat_conv(low, skip, w, b, padding, slope)

@@ -36,7 +36,7 @@ import jax
 
 _SOURCE = Path(__file__).with_name("csrc") / "conv_cpu.cc"
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx2", "-mfma", "-fno-math-errno"]
-_TARGETS = {"crd_conv_fwd": "CrdConvFwd", "crd_conv_wgrad": "CrdConvWgrad"}
+_TARGETS = {"crd_conv_fwd": "CrdConvFwd", "crd_conv_upcat_fwd": "CrdConvUpcatFwd", "crd_conv_wgrad": "CrdConvWgrad"}
 
 _lock = threading.Lock()
 _state: dict = {}

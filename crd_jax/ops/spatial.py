@@ -25,6 +25,14 @@ from jax.scipy import ndimage
 _MODES = {"border": "nearest", "zeros": "constant", "reflect": "mirror"}
 
 
+def upsample_nearest(x: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """Nearest-neighbour x2 upsampling of ``(B, *spatial, C)``, cropped to ``shape`` (for odd sizes)."""
+    ndim = x.ndim - 2
+    for axis in range(1, ndim + 1):
+        x = jnp.repeat(x, 2, axis=axis)
+    return x[(slice(None), *(slice(0, s) for s in shape), slice(None))]
+
+
 def identity_grid(shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
     """Voxel coordinates of a grid, ``(*shape, ndim)``; channel k is the index along axis k."""
     axes = [jnp.arange(n, dtype=dtype) for n in shape]

@@ -787,6 +787,85 @@ void ConvForward(const Geometry& g, const float* x, const float* w, const float*
   });
 }
 
+// --- the decoder's first convolution, conv(concat(up(low), skip)), without the concatenation ---------------
+//
+// A U-Net decoder upsamples its coarse features x2 (nearest neighbour, cropped to the skip's size) and
+// concatenates them with the skip connection before a stride-1 convolution. Materialised by XLA, that input
+// is the largest tensor of the network (34 channels at full resolution for VM): written once, page-faulted
+// in and read back. Here each thread builds the concatenated, zero-padded input rows of its band of output
+// rows into an L2-sized buffer (each depth plane's rows once per band, KD planes in a ring) and runs the
+// ordinary tiles on them; every column is then an interior column.
+struct Upcat {
+  const float* low;  // (B, Dl, Hl, Wl, Cl), the coarse features, repeated x2 along each axis and cropped
+  int64_t Dl, Hl, Wl, Cl;
+  const float* skip;  // (B, D, H, W, Cs); the concatenation is [up(low), skip] along channels
+  int64_t Cs;
+};
+
+// Row (b, id, ih) of concat(up(low), skip) with its zero padding: virtual columns [0, width), column c being
+// input column c - pw.
+void BuildUpcatRow(const Geometry& g, const Upcat& u, int64_t b, int64_t id, int64_t ih, int64_t width, float* dst) {
+  const float* low_row = u.low + ((b * u.Dl + id / 2) * u.Hl + ih / 2) * u.Wl * u.Cl;
+  const float* skip_row = u.skip + ((b * g.D + id) * g.H + ih) * g.W * u.Cs;
+  for (int64_t c = 0; c < width; ++c, dst += g.Ci) {
+    const int64_t iw = c - g.pw;
+    if (iw < 0 || iw >= g.W) {
+      std::memset(dst, 0, g.Ci * sizeof(float));
+      continue;
+    }
+    std::memcpy(dst, low_row + (iw / 2) * u.Cl, u.Cl * sizeof(float));
+    std::memcpy(dst + u.Cl, skip_row + iw * u.Cs, u.Cs * sizeof(float));
+  }
+}
+
+void ConvUpcatForward(const Geometry& g, const Upcat& u, const float* w, const float* bias, float slope, bool act,
+                      float* y) {
+  const ColumnsFn columns = ActiveIsa() == kAvx512 ? Avx512Columns : Avx2Columns;
+  const bool fused_act = columns != Avx2Columns;
+  const int64_t width = g.Wo + g.KW - 1;  // stride 1
+  const int64_t band = BandRows(g);
+  const int64_t plane_rows = band + g.KH - 1;
+  const int64_t row_floats = width * g.Ci;
+  ParallelFor(g.B * g.Do, NumThreads(), [&](int64_t begin, int64_t end, int) {
+    std::vector<float> rows(g.KD * plane_rows * row_floats);
+    std::vector<int64_t> plane_of_slot(g.KD);
+    for (int64_t oh0 = 0; oh0 < g.Ho; oh0 += band) {
+      std::fill(plane_of_slot.begin(), plane_of_slot.end(), -1);
+      const int64_t ih_first = oh0 - g.ph;  // row 0 of every slot
+      const int64_t ih_lo = std::max<int64_t>(0, ih_first);
+      const int64_t ih_hi = std::min(g.H, ih_first + std::min(band, g.Ho - oh0) + g.KH - 1);
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t b = p / g.Do, od = p % g.Do;
+        for (int64_t kd = 0; kd < g.KD; ++kd) {  // the KD consecutive planes fall in distinct slots (id mod KD)
+          const int64_t id = od - g.pd + kd;
+          if (id < 0 || id >= g.D) continue;
+          const int64_t slot = id % g.KD;
+          if (plane_of_slot[slot] == b * g.D + id) continue;
+          for (int64_t ih = ih_lo; ih < ih_hi; ++ih)
+            BuildUpcatRow(g, u, b, id, ih, width, rows.data() + (slot * plane_rows + ih - ih_first) * row_floats);
+          plane_of_slot[slot] = b * g.D + id;
+        }
+        for (int64_t oh = oh0; oh < std::min(g.Ho, oh0 + band); ++oh) {
+          RowSet rs;
+          for (int64_t kd = 0; kd < g.KD; ++kd) {
+            const int64_t id = od - g.pd + kd;
+            if (id < 0 || id >= g.D) continue;
+            for (int64_t kh = 0; kh < g.KH; ++kh) {
+              const int64_t ih = oh - g.ph + kh;
+              if (ih < 0 || ih >= g.H) continue;
+              rs.rows[rs.n] = rows.data() + ((id % g.KD) * plane_rows + ih - ih_first) * row_floats;
+              rs.taps[rs.n++] = kd * g.KH + kh;
+            }
+          }
+          float* yrow = y + (p * g.Ho + oh) * g.Wo * g.Co;
+          columns(g, rs, w, bias, 0, g.Wo, slope, act, yrow);
+          if (act && !fused_act) LeakyRow(yrow, g.Wo * g.Co, slope);
+        }
+      }
+    }
+  });
+}
+
 // Weight-gradient micro-kernel: CI input channels x CB*8 output channels, summed over columns [ow_lo, ow_hi).
 // kTail: the last 8-channel group of dy is partial and read with a mask (dy is not padded).
 template <int CI, int CB, bool kTail>
@@ -917,6 +996,28 @@ ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Bu
   return ffi::Error::Success();
 }
 
+ffi::Error ConvUpcatFwdImpl(ffi::Buffer<ffi::F32> low, ffi::Buffer<ffi::F32> skip, ffi::Buffer<ffi::F32> w,
+                            ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, int64_t pd, int64_t ph,
+                            int64_t pw, float slope, int64_t act) {
+  auto ld = low.dimensions(), sd = skip.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (auto e = CheckRank(ld, 5, "low"); e.failure()) return e;
+  if (auto e = CheckRank(sd, 5, "skip"); e.failure()) return e;
+  if (auto e = CheckRank(wd, 5, "w"); e.failure()) return e;
+  if (auto e = CheckRank(yd, 5, "y"); e.failure()) return e;
+  Geometry g{sd[0], sd[1], sd[2], sd[3], ld[4] + sd[4], yd[1], yd[2], yd[3], yd[4], wd[4],
+             wd[0], wd[1], wd[2], 1, 1, 1, pd, ph, pw};
+  const Upcat u{low.typed_data(), ld[1], ld[2], ld[3], ld[4], skip.typed_data(), sd[4]};
+  if (ld[0] != sd[0] || sd[1] > 2 * ld[1] || sd[2] > 2 * ld[2] || sd[3] > 2 * ld[3])
+    return ffi::Error::InvalidArgument("low and skip shapes do not match a x2 upsampling");
+  if (g.Do != g.D - g.KD + 1 + 2 * pd || g.Ho != g.H - g.KH + 1 + 2 * ph || g.Wo != g.W - g.KW + 1 + 2 * pw)
+    return ffi::Error::InvalidArgument("output shape");
+  if (wd[3] != g.Ci || g.CoP % 8 != 0 || g.CoP < g.Co) return ffi::Error::InvalidArgument("weight shape");
+  if (g.KD * g.KH > 64) return ffi::Error::InvalidArgument("kernel too large (KD * KH > 64)");
+  AdviseHugePages(y->typed_data(), y->size_bytes());
+  ConvUpcatForward(g, u, w.typed_data(), bias.typed_data(), slope, act != 0, y->typed_data());
+  return ffi::Error::Success();
+}
+
 ffi::Error ConvWgradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
                          int64_t sd, int64_t sh, int64_t sw, int64_t pd, int64_t ph, int64_t pw) {
   auto xd = x.dimensions(), yd = dy.dimensions(), wd = dw->dimensions();
@@ -948,6 +1049,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrdConvFwd, ConvFwdImpl,
                                   .Attr<float>("slope")
                                   .Attr<int64_t>("act")
                                   .Attr<int64_t>("bf16"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrdConvUpcatFwd, ConvUpcatFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pd")
+                                  .Attr<int64_t>("ph")
+                                  .Attr<int64_t>("pw")
+                                  .Attr<float>("slope")
+                                  .Attr<int64_t>("act"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrdConvWgrad, ConvWgradImpl,
                               ffi::Ffi::Bind()
