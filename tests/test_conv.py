@@ -90,6 +90,7 @@ UPCAT_CASES = [
     ((8, 10, 12), (4, 5, 6), 32, 2, 16, 0.2),  # VM's last decoder level: 32 upsampled + the 2 images
     ((7, 9, 11), (4, 5, 6), 16, 16, 32, 0.2),  # odd sizes: the upsampled grid is cropped
     ((5, 6, 19), (3, 3, 10), 3, 5, 8, None),
+    ((6, 7, 9), (3, 4, 5), 5, 2, 8, 0.2),  # an odd channel total (bf16 pads it to pairs)
     ((9, 13), (5, 7), 32, 16, 32, 0.2),  # 2-D
 ]
 
@@ -246,3 +247,31 @@ def test_bf16_inference_equals_float32_on_bf16_rounded_inputs(shape, cin, cout, 
     assert float(jnp.max(jnp.abs(y - conv_reference(x, w, b, stride, negative_slope=slope)))) > 1e-4  # it did round
     g_ref = jax.grad(lambda w: jnp.sum(jnp.sin(conv_reference(x, w, b, stride, negative_slope=slope))))(w)
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(g_ref))))
+
+
+@pytest.mark.parametrize("shape,low_shape,cl,cs,cout,slope", [c for c in UPCAT_CASES if c[4] >= 8])
+def test_bf16_upsampled_concat_conv_equals_float32_on_bf16_rounded_inputs(shape, low_shape, cl, cs, cout, slope):
+    """The fused decoder step rounds the rows it builds to bfloat16 pairs (odd channel totals padded)."""
+    if not (ON_CPU and native.has_bf16()):
+        pytest.skip("needs the native kernel on a CPU with AVX512-BF16")
+    import sys
+
+    conv_module = sys.modules["crd_jax.ops.conv"]
+    nd = len(shape)
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(11 + cl), 4)
+    low = jax.random.normal(k1, (2, *low_shape, cl))
+    skip = jax.random.normal(k2, (2, *shape, cs))
+    w = jax.random.normal(k3, (3,) * nd + (cl + cs, cout)) * 0.3
+    b = jax.random.normal(k4, (cout,))
+    rounded = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+    conv_module.bf16_inference(True)
+    try:
+        y = jax.jit(lambda *a: conv_upsampled_concat(*a, negative_slope=slope))(low, skip, w, b)
+    finally:
+        conv_module.bf16_inference(False)
+    up = low
+    for axis in range(1, nd + 1):
+        up = jnp.repeat(up, 2, axis=axis)
+    x = jnp.concatenate([up[(slice(None), *(slice(0, s) for s in shape), slice(None))], skip], axis=-1)
+    np.testing.assert_allclose(y, conv_reference(rounded(x), rounded(w), b, negative_slope=slope), rtol=1e-4, atol=1e-4)
+    assert float(jnp.max(jnp.abs(y - conv_reference(x, w, b, negative_slope=slope)))) > 1e-4  # it did round

@@ -114,25 +114,32 @@ def _pairs_as_float32(a):
     return lax.bitcast_convert_type(pairs, jnp.float32)
 
 
+def _packed_weights(w5, bf16):
+    """Output channels padded to a multiple of 8; with ``bf16`` input channels paired up as the kernel reads them
+    ``(KD, KH, KW, Ci, CoP) -> (KD, KH, KW, Ci / 2, CoP)``."""
+    cout = w5.shape[-1]
+    w_packed = jnp.pad(w5, [(0, 0)] * 4 + [(0, -(-cout // 8) * 8 - cout)])
+    if bf16:
+        w_packed = jnp.swapaxes(_pairs_as_float32(jnp.swapaxes(w_packed, -1, -2)), -1, -2)
+    return w_packed
+
+
 def _native_forward(x, w, b, stride, padding, negative_slope, out_spatial=None, bf16=False):
     """Native forward; ``out_spatial`` overrides the output size (taps beyond the input read zeros); ``bf16``:
     input and weights rounded to bfloat16, float32 sums (AVX512-BF16)."""
     squeeze = x.ndim == 4
     x5, w5, stride5, padding5 = _as_3d(x, w, stride, padding)
     cout = w5.shape[-1]
-    cout_padded = -(-cout // 8) * 8
-    w_packed = jnp.pad(w5, [(0, 0)] * 4 + [(0, cout_padded - cout)])
     if out_spatial is None:
         spatial = _out_shape(x5.shape[1:4], w5.shape[:3], stride5, padding5)
     else:
         spatial = (1,) * (3 - len(out_spatial)) + tuple(out_spatial)
-    if bf16:  # input-channel pairs: (KD, KH, KW, Ci, CoP) -> pairs along Ci, back to (KD, KH, KW, Ci / 2, CoP)
+    if bf16:
         x5 = _pairs_as_float32(x5)
-        w_packed = jnp.swapaxes(_pairs_as_float32(jnp.swapaxes(w_packed, -1, -2)), -1, -2)
     out = jax.ShapeDtypeStruct((x5.shape[0], *spatial, cout), jnp.float32)
     y = jax.ffi.ffi_call("crd_conv_fwd", out, vmap_method="sequential")(
         x5,
-        w_packed,
+        _packed_weights(w5, bf16),
         b,
         slope=np.float32(0.0 if negative_slope is None else negative_slope),
         act=np.int64(negative_slope is not None),
@@ -323,31 +330,29 @@ def _upsampled_concat(low, skip):
     return jnp.concatenate([upsample_nearest(low, skip.shape[1:-1]), skip], axis=-1)
 
 
-def _native_upcat_forward(low, skip, w, b, padding, negative_slope):
+def _native_upcat_forward(low, skip, w, b, padding, negative_slope, bf16=False):
     squeeze = skip.ndim == 4
-    low5, _, _, _ = _as_3d(low, None, (1,) * (low.ndim - 2), ((0, 0),) * (low.ndim - 2))
+    low5 = low[:, None] if squeeze else low
     skip5, w5, _, padding5 = _as_3d(skip, w, (1,) * (skip.ndim - 2), padding)
-    cout = w5.shape[-1]
-    w_packed = jnp.pad(w5, [(0, 0)] * 4 + [(0, -(-cout // 8) * 8 - cout)])
-    out = jax.ShapeDtypeStruct((*skip5.shape[:4], cout), jnp.float32)
+    out = jax.ShapeDtypeStruct((*skip5.shape[:4], w5.shape[-1]), jnp.float32)
     y = jax.ffi.ffi_call("crd_conv_upcat_fwd", out, vmap_method="sequential")(
-        low5, skip5, w_packed, b,
+        low5, skip5, _packed_weights(w5, bf16), b,
         pd=np.int64(padding5[0][0]), ph=np.int64(padding5[1][0]), pw=np.int64(padding5[2][0]),
         slope=np.float32(0.0 if negative_slope is None else negative_slope),
         act=np.int64(negative_slope is not None),
+        bf16=np.int64(bf16),
     )
     return y[:, 0] if squeeze else y
 
 
 def _upcat_forward(low, skip, w, b, padding, negative_slope, inference=False):
     stride = (1,) * (skip.ndim - 2)
-    if inference and bf16_inference() and native.has_bf16():  # the bfloat16 tiles read a materialised input
-        return _forward(_upsampled_concat(low, skip), w, b, stride, padding, negative_slope, inference=True)
 
     def reference(low, skip, w, b):
         return _activate(_lax_conv(_upsampled_concat(low, skip), w, stride, padding) + b, negative_slope)
 
-    native_fn = functools.partial(_native_upcat_forward, padding=padding, negative_slope=negative_slope)
+    bf16 = inference and w.shape[-1] >= 8 and bf16_inference() and native.has_bf16()
+    native_fn = functools.partial(_native_upcat_forward, padding=padding, negative_slope=negative_slope, bf16=bf16)
     return _on_cpu(native_fn, reference, low, skip, w, b)
 
 

@@ -670,6 +670,22 @@ void SmallCoCi16Forward(const Geometry& g, const float* x, const float* w, const
   });
 }
 
+// n floats (n even) -> n / 2 words, each a pair of bfloat16 (rounded to nearest even, element 2k in the low
+// half): the layout ``_pairs_as_float32`` gives JAX arrays for the bf16 tiles.
+void PackBf16Pairs(const float* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
+    _mm512_storeu_ps(dst + i / 2, reinterpret_cast<__m512&>(v));
+  }
+  if (i < n) {
+    const int64_t r = n - i;
+    __m512bh v = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(LaneMask(r - 16), src + i + 16),
+                                     _mm512_maskz_loadu_ps(LaneMask(r), src + i));
+    _mm512_mask_storeu_ps(dst + i / 2, LaneMask(r / 2), reinterpret_cast<__m512&>(v));
+  }
+}
+
 // C_out <= 4 on the AVX-512 path; false where the few-channel AVX2 kernel must run instead.
 bool SmallCoAvx512(const Geometry& g, const float* x, const float* w, const float* bias, float slope, bool act,
                    float* y) {
@@ -802,25 +818,28 @@ struct Upcat {
   int64_t Cs;
 };
 
-// Row (b, id, ih) of concat(up(low), skip) with its zero padding: virtual columns [0, width), column c being
-// input column c - pw.
-void BuildUpcatRow(const Geometry& g, const Upcat& u, int64_t b, int64_t id, int64_t ih, int64_t width, float* dst) {
+// Row (b, id, ih) of concat(up(low), skip) with its zero padding: virtual columns [0, width) of ci floats
+// each (ci >= Cl + Cs; the rest zero), column c being input column c - pw.
+void BuildUpcatRow(const Geometry& g, const Upcat& u, int64_t b, int64_t id, int64_t ih, int64_t width, int64_t ci,
+                   float* dst) {
   const float* low_row = u.low + ((b * u.Dl + id / 2) * u.Hl + ih / 2) * u.Wl * u.Cl;
   const float* skip_row = u.skip + ((b * g.D + id) * g.H + ih) * g.W * u.Cs;
-  for (int64_t c = 0; c < width; ++c, dst += g.Ci) {
+  for (int64_t c = 0; c < width; ++c, dst += ci) {
     const int64_t iw = c - g.pw;
     if (iw < 0 || iw >= g.W) {
-      std::memset(dst, 0, g.Ci * sizeof(float));
+      std::memset(dst, 0, ci * sizeof(float));
       continue;
     }
     std::memcpy(dst, low_row + (iw / 2) * u.Cl, u.Cl * sizeof(float));
     std::memcpy(dst + u.Cl, skip_row + iw * u.Cs, u.Cs * sizeof(float));
+    if (ci > u.Cl + u.Cs) std::memset(dst + u.Cl + u.Cs, 0, (ci - u.Cl - u.Cs) * sizeof(float));
   }
 }
 
+// bf16: the rows are rounded to bfloat16 pairs as they are built (g.Ci counts pairs) and the bf16 tiles run.
 void ConvUpcatForward(const Geometry& g, const Upcat& u, const float* w, const float* bias, float slope, bool act,
-                      float* y) {
-  const ColumnsFn columns = ActiveIsa() == kAvx512 ? Avx512Columns : Avx2Columns;
+                      float* y, bool bf16) {
+  const ColumnsFn columns = bf16 ? Avx512Bf16Columns : ActiveIsa() == kAvx512 ? Avx512Columns : Avx2Columns;
   const bool fused_act = columns != Avx2Columns;
   const int64_t width = g.Wo + g.KW - 1;  // stride 1
   const int64_t band = BandRows(g);
@@ -828,6 +847,7 @@ void ConvUpcatForward(const Geometry& g, const Upcat& u, const float* w, const f
   const int64_t row_floats = width * g.Ci;
   ParallelFor(g.B * g.Do, NumThreads(), [&](int64_t begin, int64_t end, int) {
     std::vector<float> rows(g.KD * plane_rows * row_floats);
+    std::vector<float> unpacked(bf16 ? 2 * row_floats : 0);
     std::vector<int64_t> plane_of_slot(g.KD);
     for (int64_t oh0 = 0; oh0 < g.Ho; oh0 += band) {
       std::fill(plane_of_slot.begin(), plane_of_slot.end(), -1);
@@ -841,8 +861,15 @@ void ConvUpcatForward(const Geometry& g, const Upcat& u, const float* w, const f
           if (id < 0 || id >= g.D) continue;
           const int64_t slot = id % g.KD;
           if (plane_of_slot[slot] == b * g.D + id) continue;
-          for (int64_t ih = ih_lo; ih < ih_hi; ++ih)
-            BuildUpcatRow(g, u, b, id, ih, width, rows.data() + (slot * plane_rows + ih - ih_first) * row_floats);
+          for (int64_t ih = ih_lo; ih < ih_hi; ++ih) {
+            float* dst = rows.data() + (slot * plane_rows + ih - ih_first) * row_floats;
+            if (bf16) {
+              BuildUpcatRow(g, u, b, id, ih, width, 2 * g.Ci, unpacked.data());
+              PackBf16Pairs(unpacked.data(), 2 * row_floats, dst);
+            } else {
+              BuildUpcatRow(g, u, b, id, ih, width, g.Ci, dst);
+            }
+          }
           plane_of_slot[slot] = b * g.D + id;
         }
         for (int64_t oh = oh0; oh < std::min(g.Ho, oh0 + band); ++oh) {
@@ -998,13 +1025,14 @@ ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Bu
 
 ffi::Error ConvUpcatFwdImpl(ffi::Buffer<ffi::F32> low, ffi::Buffer<ffi::F32> skip, ffi::Buffer<ffi::F32> w,
                             ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, int64_t pd, int64_t ph,
-                            int64_t pw, float slope, int64_t act) {
+                            int64_t pw, float slope, int64_t act, int64_t bf16) {
   auto ld = low.dimensions(), sd = skip.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (auto e = CheckRank(ld, 5, "low"); e.failure()) return e;
   if (auto e = CheckRank(sd, 5, "skip"); e.failure()) return e;
   if (auto e = CheckRank(wd, 5, "w"); e.failure()) return e;
   if (auto e = CheckRank(yd, 5, "y"); e.failure()) return e;
-  Geometry g{sd[0], sd[1], sd[2], sd[3], ld[4] + sd[4], yd[1], yd[2], yd[3], yd[4], wd[4],
+  const int64_t ci = bf16 != 0 ? (ld[4] + sd[4] + 1) / 2 : ld[4] + sd[4];  // bf16: pairs of channels
+  Geometry g{sd[0], sd[1], sd[2], sd[3], ci, yd[1], yd[2], yd[3], yd[4], wd[4],
              wd[0], wd[1], wd[2], 1, 1, 1, pd, ph, pw};
   const Upcat u{low.typed_data(), ld[1], ld[2], ld[3], ld[4], skip.typed_data(), sd[4]};
   if (ld[0] != sd[0] || sd[1] > 2 * ld[1] || sd[2] > 2 * ld[2] || sd[3] > 2 * ld[3])
@@ -1013,8 +1041,9 @@ ffi::Error ConvUpcatFwdImpl(ffi::Buffer<ffi::F32> low, ffi::Buffer<ffi::F32> ski
     return ffi::Error::InvalidArgument("output shape");
   if (wd[3] != g.Ci || g.CoP % 8 != 0 || g.CoP < g.Co) return ffi::Error::InvalidArgument("weight shape");
   if (g.KD * g.KH > 64) return ffi::Error::InvalidArgument("kernel too large (KD * KH > 64)");
+  if (bf16 != 0 && !CpuHasBf16()) return ffi::Error::InvalidArgument("bf16 convolution needs AVX512-BF16");
   AdviseHugePages(y->typed_data(), y->size_bytes());
-  ConvUpcatForward(g, u, w.typed_data(), bias.typed_data(), slope, act != 0, y->typed_data());
+  ConvUpcatForward(g, u, w.typed_data(), bias.typed_data(), slope, act != 0, y->typed_data(), bf16 != 0);
   return ffi::Error::Success();
 }
 
@@ -1061,7 +1090,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrdConvUpcatFwd, ConvUpcatFwdImpl,
                                   .Attr<int64_t>("ph")
                                   .Attr<int64_t>("pw")
                                   .Attr<float>("slope")
-                                  .Attr<int64_t>("act"));
+                                  .Attr<int64_t>("act")
+                                  .Attr<int64_t>("bf16"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrdConvWgrad, ConvWgradImpl,
                               ffi::Ffi::Bind()
