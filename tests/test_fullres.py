@@ -147,3 +147,15 @@ def test_streamed_nifti_keeps_header_extensions_of_the_source(tmp_path):
         back = nib.load(tmp_path / name)
         np.testing.assert_array_equal(np.asarray(back.dataobj), data * 2)
         assert [e.get_content() for e in back.header.extensions] == [b"written by a scanner pipeline"]
+
+
+@pytest.mark.parametrize("src,dst", [((23, 17, 30), (16, 20, 31)), ((9, 8, 7), (18, 4, 7)), ((31, 29, 33), (15, 14, 16)),
+                                     ((12, 10), (7, 20))])
+def test_compiled_resampling_equals_scipy_zoom(src, dst):
+    """What ``crd-jax register`` resamples its inputs with equals the training data's resampling
+    (``scipy.ndimage.zoom``, order 1, grid mode, edges repeated) up to float32 rounding."""
+    from crd_jax.data.preprocess import resample
+
+    image = (np.random.default_rng(5).random(src) * 1000).astype(np.float32)
+    np.testing.assert_allclose(inference.resample_image(image, dst), resample(image, dst, 1), rtol=1e-5, atol=1e-3)
+    assert inference.resample_image(image, src) is image

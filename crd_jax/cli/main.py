@@ -203,25 +203,13 @@ def cmd_register(args) -> None:
         print(f"wrote {path}")
 
 
-def _release_free_memory() -> None:
-    """Hands memory that glibc's allocator holds free back to the system (``malloc_trim``). Between pairs
-    the writer's and XLA's threads leave freed blocks in their own arenas, and the process grew by ~70 MB a
-    pair without this; elsewhere (not glibc) it does nothing."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _register_many(args) -> None:
     """``--pairs``: every pair in one process (the model loaded and compiled once), one subfolder each, a
     progress bar. Every output folder is checked before the first registration; each pair's files appear at
     once when it is done."""
     from tqdm import tqdm
 
-    from crd_jax.cli.registration import load, load_pair, register_volumes
+    from crd_jax.cli.registration import load, load_pair, register_volumes, release_free_memory
     from crd_jax.outputs import OutputSet
 
     pairs = read_pairs_csv(args.pairs)
@@ -241,7 +229,7 @@ def _register_many(args) -> None:
             _write_registration(stage, args, result, fixed, moving)
         log.append(f"{name}: {time.perf_counter() - t:.2f} s, folds {result['folds']}")
         del result  # the next pair's inputs must not sit beside this pair's field and warped volumes
-        _release_free_memory()
+        release_free_memory()
         bar.update(1)
     bar.close()
     wall = time.perf_counter() - t0
