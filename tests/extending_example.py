@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from crd_jax import losses
 from crd_jax.models import backbones
-from crd_jax.models.layers import Conv, concat, upsample_nearest
+from crd_jax.models.layers import Conv, concat
 from crd_jax.models.output import ModelOutput
 from crd_jax.models.teacher import FusionHead
 from crd_jax.models.voxelmorph import FlowHead
@@ -31,8 +31,8 @@ class TwoLevelUNet(nn.Module):
         e0 = Conv(self.channels[0], negative_slope=self.negative_slope, name="enc_0")(x)
         e1 = Conv(self.channels[1], stride=2, negative_slope=self.negative_slope, name="enc_1")(e0)
         f1 = Conv(self.channels[1], negative_slope=self.negative_slope, name="dec_1")(e1)
-        f0 = Conv(self.channels[0], negative_slope=self.negative_slope, name="dec_0")(
-            concat([upsample_nearest(f1, e0.shape[1:-1]), e0]))
+        # Conv(...)(f1, e0) is conv(concat([upsample_nearest(f1), e0])) as one op (never stored on the CPU kernel)
+        f0 = Conv(self.channels[0], negative_slope=self.negative_slope, name="dec_0")(f1, e0)
         return ModelOutput(disp=FlowHead(name="flow")(f0), features={0: f0, 1: f1})
 
 
