@@ -587,6 +587,25 @@ void Avx512Bf16Columns(const Geometry& g, const RowSet& rs, const float* w, cons
   Avx512ColumnsT<true>(g, rs, w, bias, begin, end, slope, act, yrow);
 }
 
+// r[i] = the sum of the 16 lanes of v[i]: pairs of vectors interleaved and added within 128-bit lanes (twice),
+// then across lanes (twice), which leaves the sums in order.
+inline __m512 LaneSums16(const __m512* v) {
+  __m512 t[8], u[4], w[2];
+#pragma GCC unroll 8
+  for (int k = 0; k < 8; ++k)
+    t[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {
+    const __m512d a = _mm512_castps_pd(t[2 * k]), b = _mm512_castps_pd(t[2 * k + 1]);
+    u[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+#pragma GCC unroll 2
+  for (int k = 0; k < 2; ++k)
+    w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], 0x88),
+                         _mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+}
+
 // Few output channels (the flow head) with C_in a multiple of 16, AVX-512: a vector holds 16 input channels of
 // one voxel, read in place from the channels-last input (no transposition); J voxels x CO channels of
 // partial sums stay in registers over every tap and are summed across lanes once at the end (CO * J
@@ -627,17 +646,27 @@ inline void SmallCoCi16Tile(const Geometry& g, const RowSet& rs, const float* wt
       }
     }
   }
-  // Summed with constant indices (fully unrolled) so that acc stays in registers; a loop bounded by nvalid
-  // would index it at run time and put it on the stack.
-  float sums[J][CO];
-#pragma GCC unroll 32
-  for (int j = 0; j < J; ++j)
+  // Output k = j * CO + c of the tile is the lane sum of acc[c][j]: 16 of them at a time, transposed and added
+  // into one vector in output order (45 shuffles and adds instead of 16 horizontal sums of ~9 each).
+  constexpr int kOut = CO * J, kGroups = (kOut + 15) / 16;
+  const int64_t n = (kEdge ? nvalid : J) * CO;
+  const __m512 zero = _mm512_setzero_ps(), sl = _mm512_set1_ps(slope);
+#pragma GCC unroll 2
+  for (int grp = 0; grp < kGroups; ++grp) {
+    __m512 v[16];
 #pragma GCC unroll 16
-    for (int c = 0; c < CO; ++c) {
-      const float v = _mm512_reduce_add_ps(acc[c][j]) + bias[c];
-      sums[j][c] = act && v < 0.0f ? slope * v : v;
+    for (int i = 0; i < 16; ++i) {
+      const int k = 16 * grp + i;
+      v[i] = k < kOut ? acc[k % CO][k / CO] : zero;
     }
-  std::memcpy(yrow + ow0 * g.Co, sums, (kEdge ? nvalid : J) * CO * sizeof(float));
+    __m512 sum = LaneSums16(v);
+    alignas(64) float b[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) b[i] = bias[(16 * grp + i) % CO];
+    sum = _mm512_add_ps(sum, _mm512_load_ps(b));
+    if (act) sum = _mm512_fmadd_ps(sl, _mm512_min_ps(sum, zero), _mm512_max_ps(sum, zero));  // as LeakyRow
+    _mm512_mask_storeu_ps(yrow + ow0 * g.Co + 16 * grp, LaneMask(n - 16 * grp), sum);
+  }
 }
 
 template <int CO>
