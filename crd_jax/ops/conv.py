@@ -34,6 +34,11 @@ IntOrSeq = Union[int, Sequence[int]]
 Padding = Tuple[Tuple[int, int], ...]
 
 
+def _check_slope(negative_slope) -> None:
+    if negative_slope is not None and not negative_slope > 0:
+        raise ValueError("negative_slope must be positive (its sign is used to recover the gradient)")
+
+
 def _tuple(v: IntOrSeq, n: int) -> Tuple[int, ...]:
     return tuple(int(a) for a in v) if isinstance(v, (tuple, list)) else (int(v),) * n
 
@@ -103,6 +108,12 @@ def bf16_inference(enabled: Optional[bool] = None) -> bool:
     if enabled is not None:
         _settings["bf16"] = bool(enabled)
     return _settings.setdefault("bf16", os.environ.get("CRD_JAX_CONV_BF16", "0") == "1")
+
+
+def _bf16_for(w, inference: bool) -> bool:
+    """Whether a native forward with weights ``w`` runs in bfloat16: inference only, opted in, on a CPU with
+    AVX512-BF16; the 3-channel flow head keeps float32 (and its own kernel): a small share of the work."""
+    return inference and w.shape[-1] >= 8 and bf16_inference() and native.has_bf16()
 
 
 def _pairs_as_float32(a):
@@ -232,10 +243,8 @@ def _forward(x, w, b, stride, padding, negative_slope, inference=False):
 
     if not _use_native(x):
         return reference(x, w, b)
-    # the 3-channel flow head keeps float32 (and its own kernel): it is a small share of the work
-    bf16 = inference and w.shape[-1] >= 8 and bf16_inference() and native.has_bf16()
     native_fn = functools.partial(_native_forward, stride=stride, padding=padding, negative_slope=negative_slope,
-                                  bf16=bf16)
+                                  bf16=_bf16_for(w, inference))
     return _on_cpu(native_fn, reference, x, w, b)
 
 
@@ -317,8 +326,7 @@ def conv(
     ndim = x.ndim - 2
     if ndim not in (2, 3) or w.ndim != ndim + 2:
         raise ValueError(f"conv expects 2-D or 3-D channels-last input and a matching kernel, got {x.shape}, {w.shape}")
-    if negative_slope is not None and not negative_slope > 0:
-        raise ValueError("negative_slope must be positive (its sign is used to recover the gradient)")
+    _check_slope(negative_slope)
     padding = default_padding(w.shape[:ndim]) if padding is None else tuple(tuple(int(v) for v in p) for p in padding)
     return _conv(x, w, b, _tuple(stride, ndim), padding, None if negative_slope is None else float(negative_slope))
 
@@ -351,8 +359,8 @@ def _upcat_forward(low, skip, w, b, padding, negative_slope, inference=False):
     def reference(low, skip, w, b):
         return _activate(_lax_conv(_upsampled_concat(low, skip), w, stride, padding) + b, negative_slope)
 
-    bf16 = inference and w.shape[-1] >= 8 and bf16_inference() and native.has_bf16()
-    native_fn = functools.partial(_native_upcat_forward, padding=padding, negative_slope=negative_slope, bf16=bf16)
+    native_fn = functools.partial(_native_upcat_forward, padding=padding, negative_slope=negative_slope,
+                                  bf16=_bf16_for(w, inference))
     return _on_cpu(native_fn, reference, low, skip, w, b)
 
 
@@ -398,8 +406,7 @@ def conv_upsampled_concat(
         raise ValueError(f"conv_upsampled_concat: shapes {low.shape}, {skip.shape}, {w.shape} do not fit")
     if any(2 * l < s for l, s in zip(low.shape[1:-1], skip.shape[1:-1])) or low.shape[0] != skip.shape[0]:
         raise ValueError(f"conv_upsampled_concat: {low.shape} upsampled x2 does not cover {skip.shape}")
-    if negative_slope is not None and not negative_slope > 0:
-        raise ValueError("negative_slope must be positive (its sign is used to recover the gradient)")
+    _check_slope(negative_slope)
     padding = default_padding(w.shape[:ndim])
     slope = None if negative_slope is None else float(negative_slope)
     if not (_use_native(skip) and low.dtype == jnp.float32):

@@ -395,8 +395,9 @@ void SmallCoForward(const Geometry& g, const float* x, const float* w, const flo
 }
 
 // The input rows under output row (b, od, oh): every (kd, kh) tap whose row lies inside the volume (rows in
-// the zero padding contribute nothing and are left out), each with a pointer to its first column.
-inline RowSet InputRows(const Geometry& g, const float* x, int64_t b, int64_t od, int64_t oh) {
+// the zero padding contribute nothing and are left out), each with the pointer row(b, id, ih) gives it.
+template <typename RowPointer>
+inline RowSet InputRows(const Geometry& g, int64_t b, int64_t od, int64_t oh, RowPointer row) {
   RowSet rs;
   for (int64_t kd = 0; kd < g.KD; ++kd) {
     const int64_t id = od * g.sd - g.pd + kd;
@@ -404,11 +405,18 @@ inline RowSet InputRows(const Geometry& g, const float* x, int64_t b, int64_t od
     for (int64_t kh = 0; kh < g.KH; ++kh) {
       const int64_t ih = oh * g.sh - g.ph + kh;
       if (ih < 0 || ih >= g.H) continue;
-      rs.rows[rs.n] = x + ((b * g.D + id) * g.H + ih) * g.W * g.Ci;
+      rs.rows[rs.n] = row(b, id, ih);
       rs.taps[rs.n++] = kd * g.KH + kh;
     }
   }
   return rs;
+}
+
+// The rows of a channels-last input x, read in place (first column).
+inline RowSet InputRows(const Geometry& g, const float* x, int64_t b, int64_t od, int64_t oh) {
+  return InputRows(g, b, od, oh, [&](int64_t bb, int64_t id, int64_t ih) {
+    return x + ((bb * g.D + id) * g.H + ih) * g.W * g.Ci;
+  });
 }
 
 // Output rows are visited in blocks of this many rows, every depth of a thread's planes in turn for each
@@ -780,6 +788,11 @@ void Avx2Columns(const Geometry& g, const RowSet& rs, const float* w, const floa
   for (; co0 < g.CoP; co0 += 8) TileColumns<12, 6>(begin, begin, end, Avx2Tile<1>{g, rs, w, bias, co0, yrow});
 }
 
+// The column kernel of a forward pass: bf16 tiles (AVX512-BF16), else the active vector width's.
+ColumnsFn ColumnsFor(bool bf16) {
+  return bf16 ? Avx512Bf16Columns : ActiveIsa() == kAvx512 ? Avx512Columns : Avx2Columns;
+}
+
 // bf16: x and w hold pairs of bfloat16 input channels in each float (g.Ci counts the pairs); AVX-512 BF16 only.
 void ConvForward(const Geometry& g, const float* x, const float* w, const float* bias, float slope, bool act,
                  float* y, bool bf16 = false) {
@@ -792,7 +805,7 @@ void ConvForward(const Geometry& g, const float* x, const float* w, const float*
       case 4: return SmallCoForward<4>(g, x, w, bias, slope, act, y);
     }
   }
-  const ColumnsFn columns = bf16 ? Avx512Bf16Columns : ActiveIsa() == kAvx512 ? Avx512Columns : Avx2Columns;
+  const ColumnsFn columns = ColumnsFor(bf16);
   const bool fused_act = columns != Avx2Columns;  // the AVX-512 tiles apply the activation as they store
   const ColumnRanges cr = Columns(g);
   const int64_t planes = g.B * g.Do;
@@ -868,7 +881,7 @@ void BuildUpcatRow(const Geometry& g, const Upcat& u, int64_t b, int64_t id, int
 // bf16: the rows are rounded to bfloat16 pairs as they are built (g.Ci counts pairs) and the bf16 tiles run.
 void ConvUpcatForward(const Geometry& g, const Upcat& u, const float* w, const float* bias, float slope, bool act,
                       float* y, bool bf16) {
-  const ColumnsFn columns = bf16 ? Avx512Bf16Columns : ActiveIsa() == kAvx512 ? Avx512Columns : Avx2Columns;
+  const ColumnsFn columns = ColumnsFor(bf16);
   const bool fused_act = columns != Avx2Columns;
   const int64_t width = g.Wo + g.KW - 1;  // stride 1
   const int64_t band = BandRows(g);
@@ -902,17 +915,9 @@ void ConvUpcatForward(const Geometry& g, const Upcat& u, const float* w, const f
           plane_of_slot[slot] = b * g.D + id;
         }
         for (int64_t oh = oh0; oh < std::min(g.Ho, oh0 + band); ++oh) {
-          RowSet rs;
-          for (int64_t kd = 0; kd < g.KD; ++kd) {
-            const int64_t id = od - g.pd + kd;
-            if (id < 0 || id >= g.D) continue;
-            for (int64_t kh = 0; kh < g.KH; ++kh) {
-              const int64_t ih = oh - g.ph + kh;
-              if (ih < 0 || ih >= g.H) continue;
-              rs.rows[rs.n] = rows.data() + ((id % g.KD) * plane_rows + ih - ih_first) * row_floats;
-              rs.taps[rs.n++] = kd * g.KH + kh;
-            }
-          }
+          const RowSet rs = InputRows(g, b, od, oh, [&](int64_t, int64_t id, int64_t ih) {
+            return rows.data() + ((id % g.KD) * plane_rows + ih - ih_first) * row_floats;
+          });
           float* yrow = y + (p * g.Ho + oh) * g.Wo * g.Co;
           columns(g, rs, w, bias, 0, g.Wo, slope, act, yrow);
           if (act && !fused_act) LeakyRow(yrow, g.Wo * g.Co, slope);
