@@ -156,31 +156,6 @@ def test_conv_rejects_bad_rank():
         conv(jnp.zeros((1, 4, 1)), jnp.zeros((3, 1, 1)), jnp.zeros(1))
 
 
-def _version_in(env_extra, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k not in ("CXX", "CRD_JAX_FAST_CONV", "CRD_JAX_NUM_THREADS")}
-    env.update(CRD_JAX_CACHE=str(tmp_path / "cache"), PATH=str(tmp_path / "empty-bin"), **env_extra)
-    (tmp_path / "empty-bin").mkdir(exist_ok=True)
-    code = ("import warnings, jax.numpy as jnp\nfrom crd_jax.ops import native\nfrom crd_jax.ops.conv import conv\n"
-            "with warnings.catch_warnings(record=True) as w:\n    warnings.simplefilter('always')\n"
-            "    y = conv(jnp.ones((1, 8, 8, 8, 2)), jnp.ones((3, 3, 3, 2, 4)), jnp.zeros(4))\n"
-            "print(native.describe()); print(len([x for x in w if 'lax.conv' in str(x.message)]), float(y.sum()))\n")
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-
-
-@pytest.mark.skipif(not ON_CPU, reason="the native kernel is for JAX on the CPU")
-def test_without_a_compiler_the_lax_path_runs_with_one_warning_and_fast_conv_1_fails_loudly(tmp_path):
-    proc = _version_in({}, tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    described, warned = proc.stdout.splitlines()[:2]
-    assert described.startswith("lax.conv (no C++ compiler") and warned.split()[0] == "1"
-    proc = _version_in({"CRD_JAX_FAST_CONV": "1"}, tmp_path)
-    assert proc.returncode != 0 and "CRD_JAX_FAST_CONV=1 but the native CPU convolution is unavailable" in proc.stderr
-
-
 @pytest.mark.skipif(not native.available(), reason="the native kernel is not available here")
 def test_isa_selection_is_reported_and_checked():
     if not ON_CPU or not native.available():

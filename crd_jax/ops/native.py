@@ -1,10 +1,13 @@
 """Builds, caches and registers the CPU convolution kernels (``csrc/conv_cpu.cc``) as XLA FFI targets.
 
-The kernel is compiled on first use with the system C++ compiler against the FFI headers that jaxlib
-ships (``jax.ffi.include_dir()``), into a per-user cache keyed by the source, the compiler flags and the
-jaxlib version. Compilation takes a few seconds once. Where it is impossible (no compiler, not x86-64,
-no AVX2/FMA, or ``CRD_JAX_FAST_CONV=0``) :func:`available` is False, one warning says why, and callers use
-``lax.conv``; ``CRD_JAX_FAST_CONV=1`` makes that an error instead. It is never built or loaded when JAX's
+The kernel is compiled when the package is installed (``setup.py``), against the FFI headers of jaxlib,
+into ``_conv_cpu<suffix>`` beside this module. That library is used when its build key (source, flags,
+jaxlib version: :mod:`crd_jax.ops.native_build`) matches the running jaxlib and the source on disk;
+otherwise (no compiler at install time, an edited kernel, another jaxlib) it is compiled on first use with
+the system C++ compiler into a per-user cache under the same key, a few seconds once. Where both are
+impossible (no compiler, not x86-64 Linux, no AVX2/FMA, or ``CRD_JAX_FAST_CONV=0``) :func:`available` is
+False, one warning says why, and callers use ``lax.conv``; ``CRD_JAX_FAST_CONV=1`` makes that an error
+instead. It is never built or loaded when JAX's
 default backend is not the CPU (a GPU host runs ``lax.conv`` on the GPU).
 
 Vector width: the forward convolution uses AVX-512 where the CPU has it (``CRD_JAX_ISA=avx2`` or
@@ -22,71 +25,76 @@ by a cgroup CPU quota) or ``CRD_JAX_NUM_THREADS``.
 from __future__ import annotations
 
 import ctypes
-import hashlib
+import importlib.machinery
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 import warnings
+from importlib import metadata
 from pathlib import Path
 
 import jax
 
-_SOURCE = Path(__file__).with_name("csrc") / "conv_cpu.cc"
-_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx2", "-mfma", "-fno-math-errno"]
+from crd_jax import user_cache
+from crd_jax.ops import native_build
+
 _TARGETS = {"crd_conv_fwd": "CrdConvFwd", "crd_conv_upcat_fwd": "CrdConvUpcatFwd", "crd_conv_wgrad": "CrdConvWgrad"}
 
 _lock = threading.Lock()
 _state: dict = {}
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("CRD_JAX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "crd_jax"
-    )
-    return Path(root)
+def _kernel_folder() -> Path:
+    """``<crd-jax's user cache>/kernels`` (:mod:`crd_jax.user_cache`); a folder of this process where caching
+    is off or the cache cannot be written."""
+    folder = user_cache.cache_folder("kernels")
+    if folder is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="crd-jax-kernel-")
+        atexit.register(shutil.rmtree, folder, True)
+    return Path(folder)
 
 
-def _library_path() -> Path:
-    import jaxlib
-
-    key = hashlib.sha256()
-    key.update(_SOURCE.read_bytes())
-    key.update(" ".join(_FLAGS).encode())
-    key.update(jaxlib.__version__.encode())
-    return cache_dir() / f"conv_cpu-{key.hexdigest()[:16]}.so"
+def _expected_key() -> str:
+    return native_build.build_key(native_build.SOURCE.read_bytes(), metadata.version("jaxlib"))
 
 
-def _compile(target: Path) -> None:
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found (set CXX)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Compile to a private name and rename: concurrent processes never load a half-written library.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    cmd = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", tmp]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{proc.stderr[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _installed_library(key: str) -> ctypes.CDLL | None:
+    """The library built when the package was installed, if it was built from this source and jaxlib."""
+    folder = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = folder / f"{native_build.INSTALLED_NAME}{suffix}"
+        if path.exists():
+            lib = ctypes.CDLL(str(path))
+            built_from = getattr(lib, "crd_build_key", None)  # absent in libraries older than the key
+            if built_from is not None:
+                built_from.restype = ctypes.c_char_p
+                if built_from().decode() == key:
+                    return lib
+    return None
+
+
+def _cached_library(key: str) -> ctypes.CDLL:
+    """The first-use build in the user cache (compiled now if missing)."""
+    path = _kernel_folder() / f"conv_cpu-{key}.so"
+    if not path.exists():
+        native_build.compile_library(path, jax.ffi.include_dir(), key)
+    return ctypes.CDLL(str(path))
 
 
 def _load() -> bool:
     if os.environ.get("CRD_JAX_FAST_CONV", "1") == "0":
         return False
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not native_build.supported_platform(platform.system(), platform.machine()):
         return False
-    path = _library_path()
-    if not path.exists():
-        _compile(path)
-    lib = ctypes.CDLL(str(path))
+    key = _expected_key()
+    lib = _installed_library(key)
+    _state["built"] = "built at install"
+    if lib is None:
+        lib, _state["built"] = _cached_library(key), "built on first use"
     if not lib.crd_cpu_supported():
         return False
     for name, symbol in _TARGETS.items():
@@ -119,8 +127,8 @@ def available() -> bool:
 def _why_not() -> str:
     if os.environ.get("CRD_JAX_FAST_CONV", "") == "0":
         return "CRD_JAX_FAST_CONV=0"
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"not an x86-64 CPU ({platform.machine()})"
+    if not native_build.supported_platform(platform.system(), platform.machine()):
+        return f"not x86-64 Linux ({platform.system()} {platform.machine()})"
     return "the CPU lacks AVX2/FMA"
 
 
@@ -159,5 +167,5 @@ def describe() -> str:
     """Which convolution path this process runs, for logs, results files and ``crd-jax --version``."""
     if available():
         width = "AVX-512" if isa() == "avx512" else "AVX2/FMA"
-        return f"native CPU kernel ({width}, {threads()} threads)"
+        return f"native CPU kernel ({width}, {threads()} threads, {_state['built']})"
     return f"lax.conv ({_state.get('why', 'native kernel unavailable')})"

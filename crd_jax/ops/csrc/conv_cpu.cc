@@ -1153,3 +1153,10 @@ extern "C" int crd_set_isa(int isa) {
 extern "C" int crd_has_bf16() { return CpuHasBf16(); }
 
 extern "C" int crd_cpu_supported() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+
+// What this library was built from (source, flags, jaxlib: crd_jax/ops/native_build.py); the loader uses an
+// installed library only when this matches the running jaxlib and the source on disk.
+#ifndef CRD_BUILD_KEY
+#define CRD_BUILD_KEY ""
+#endif
+extern "C" const char* crd_build_key() { return CRD_BUILD_KEY; }
