@@ -53,6 +53,13 @@ def run_once(argv, env) -> dict:
     return {"wall_s": wall, "peak_rss_mb": int(hwm.split()[1]) / 1024.0, "stdout": proc.stdout}
 
 
+def _spread(values, fmt: str) -> str:
+    """``median (min-max)`` of repeated calls; one call alone is its value."""
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(float(np.median(values)), fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+
+
 def write_pair(folder: Path, shape) -> tuple:
     import nibabel as nib
 
@@ -105,7 +112,7 @@ def main():
     model_line = next((l for l in rows["warm"][0]["stdout"].splitlines() if l.startswith("registered")), "")
     lines = [f"### `crd-jax register` end to end, {'x'.join(map(str, args.shape))} at 1 mm",
              "",
-             f"Fresh process per call, interpreter start to the last file written; {args.repeats} warm calls (median). "
+             f"Fresh process per call, interpreter start to the last file written; {args.repeats} warm calls: median (min-max). "
              f"{version}; {m.get('cpu', '')}, {m['cpus']} cores. Target: warm <= 3 s and <= 600 MB.",
              "", "| Call | Wall (s) | Peak RSS (MB) |", "|---|---|---|"]
     summary = {}
@@ -113,7 +120,8 @@ def main():
         wall = float(np.median([r["wall_s"] for r in rs]))
         rss = float(np.median([r["peak_rss_mb"] for r in rs]))
         summary[name] = {"wall_s": wall, "peak_rss_mb": rss, "runs": [{k: r[k] for k in ("wall_s", "peak_rss_mb")} for r in rs]}
-        lines.append(f"| {name} | {wall:.2f} | {rss:.0f} |")
+        lines.append(f"| {name} | {_spread([r['wall_s'] for r in rs], '.2f')} | "
+                     f"{_spread([r['peak_rss_mb'] for r in rs], '.0f')} |")
     many_wall = float(np.median([r["wall_s"] for r in many]))
     many_rss = float(np.median([r["peak_rss_mb"] for r in many]))
     summary["pairs"] = {"pairs": args.pairs, "wall_s": many_wall, "peak_rss_mb": many_rss,
