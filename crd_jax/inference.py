@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crd_jax.data.preprocess import Placement, apply_normalize, normalize, normalize_params, padded_shape, place
+from crd_jax.ops import spatial
 from crd_jax.ops.spatial import resize, resize_field
 
 
@@ -225,11 +226,22 @@ def _warp_slabs(image, disp, order, slabs, dtype="float32"):
     return out.reshape(size * slabs, *out.shape[2:])[:n]
 
 
+_sample_whole = jax.jit(spatial.sample_volume, static_argnames="order")
+
+
+def _sample(image, disp, order: int, dtype: str = "float32"):
+    """The native kernel on the whole volume where it runs (one pass, no temporaries), else XLA's gathers in
+    slabs of the output (their index arrays would not fit at once)."""
+    if spatial.sampled_natively(image.dtype, disp.shape[-1]):
+        return _sample_whole(image, disp, order=order).astype(dtype)
+    return _warp_slabs(image, disp, order, _slabs(disp.shape[:-1]), dtype)
+
+
 def warp_image(image: np.ndarray, disp, order: int = 1) -> np.ndarray:
-    """``(*grid)`` image warped by a ``(*grid, ndim)`` field (linear), in slabs of the output. ``disp``: numpy
-    or a JAX array (not copied)."""
+    """``(*grid)`` image warped by a ``(*grid, ndim)`` field (linear), float32. ``disp``: numpy or a JAX
+    array (not copied)."""
     image = jnp.asarray(image, jnp.float32)
-    return np.asarray(_warp_slabs(image, jnp.asarray(disp, jnp.float32), order, _slabs(disp.shape[:-1])))
+    return np.asarray(_sample(image, jnp.asarray(disp, jnp.float32), order))
 
 
 def warp_labels(labels: np.ndarray, disp) -> np.ndarray:
@@ -238,8 +250,7 @@ def warp_labels(labels: np.ndarray, disp) -> np.ndarray:
     labels = np.asarray(labels)
     dtype = labels.dtype if labels.dtype.itemsize <= 4 else np.dtype(np.int32)
     # the integer map goes in as it is (no float32 copy on the host): nearest-neighbour sampling only selects
-    out = _warp_slabs(jnp.asarray(labels.astype(dtype, copy=False)), jnp.asarray(disp, jnp.float32), 0,
-                      _slabs(disp.shape[:-1]), dtype.name)
+    out = _sample(jnp.asarray(labels.astype(dtype, copy=False)), jnp.asarray(disp, jnp.float32), 0, dtype.name)
     return np.asarray(out)
 
 

@@ -180,7 +180,7 @@ def cmd_register(args) -> None:
         return _register_many(args)
     if not (args.fixed and args.moving):
         raise InputError("register", "needs --fixed and --moving (or --pairs pairs.csv)")
-    from crd_jax.cli.registration import load, load_pair, register_volumes
+    from crd_jax.cli.registration import load, load_pair, register_volumes, release_free_memory
     from crd_jax.outputs import OutputSet
 
     outputs = OutputSet(args.out_dir, _register_names(args, bool(args.moving_seg)), args.overwrite)  # before computing
@@ -191,6 +191,7 @@ def cmd_register(args) -> None:
     result, notes = register_volumes(loaded, fixed, moving, moving_seg, jacobian=args.jacobian, **kwargs)
     elapsed = time.perf_counter() - t
     fixed, moving, moving_seg = _geometry_only(fixed), _geometry_only(moving), None
+    release_free_memory()  # the inputs' and the warps' freed blocks, before the writer's buffers
     folds, voxels = result["folds"], int(fixed.data.size)
     for note in notes:
         print(f"note: {note}")
@@ -638,7 +639,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def return_large_blocks_to_the_system(threshold: int = 16 << 20) -> None:
+    """Makes glibc's malloc map every block of ``threshold`` bytes or more on its own (``M_MMAP_THRESHOLD``),
+    so freeing it returns its pages at once. By default glibc raises that threshold after the first large
+    free, up to 32 MB, and the full-size volumes and fields that ``register`` allocates and frees in turn then
+    stay in the heap and add up. 16 MB: at OASIS size ~40 MB less peak RSS within the time noise (1 MB saved
+    ~65 MB but cost ~0.1 s in page faults). For the command's own process only (a library does not change
+    its host's allocator); elsewhere a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def entry() -> None:
+    return_large_blocks_to_the_system()
     sys.exit(main())
 
 

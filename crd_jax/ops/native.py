@@ -1,7 +1,8 @@
-"""Builds, caches and registers the CPU convolution kernels (``csrc/conv_cpu.cc``) as XLA FFI targets.
+"""Builds, caches and registers the native CPU kernels (``csrc/``: the convolution, ``conv_cpu.cc``, and the
+volume warp of ``crd-jax register``, ``warp_cpu.cc``) as XLA FFI targets.
 
 The kernel is compiled when the package is installed (``setup.py``), against the FFI headers of jaxlib,
-into ``_conv_cpu<suffix>`` beside this module. That library is used when its build key (source, flags,
+into ``_kernels<suffix>`` beside this module. That library is used when its build key (source, flags,
 jaxlib version: :mod:`crd_jax.ops.native_build`) matches the running jaxlib and the source on disk;
 otherwise (no compiler at install time, an edited kernel, another jaxlib) it is compiled on first use with
 the system C++ compiler into a per-user cache under the same key, a few seconds once. Where both are
@@ -38,7 +39,8 @@ import jax
 from crd_jax import user_cache
 from crd_jax.ops import native_build
 
-_TARGETS = {"crd_conv_fwd": "CrdConvFwd", "crd_conv_upcat_fwd": "CrdConvUpcatFwd", "crd_conv_wgrad": "CrdConvWgrad"}
+_TARGETS = {"crd_conv_fwd": "CrdConvFwd", "crd_conv_upcat_fwd": "CrdConvUpcatFwd", "crd_conv_wgrad": "CrdConvWgrad",
+            "crd_warp": "CrdWarp"}
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -59,7 +61,7 @@ def _kernel_folder() -> Path:
 
 
 def _expected_key() -> str:
-    return native_build.build_key(native_build.SOURCE.read_bytes(), metadata.version("jaxlib"))
+    return native_build.build_key(native_build.source_bytes(), metadata.version("jaxlib"))
 
 
 def _installed_library(key: str) -> ctypes.CDLL | None:

@@ -1,4 +1,4 @@
-"""How the native CPU convolution (``csrc/conv_cpu.cc``) is compiled: one place for ``setup.py`` (the build
+"""How the native CPU kernels (``csrc/``: the convolution and the volume warp) are compiled: one place for ``setup.py`` (the build
 when the package is installed) and :mod:`crd_jax.ops.native` (the fallback build into the user cache).
 
 This module imports nothing outside the standard library, so that ``setup.py`` can load it in pip's build
@@ -20,17 +20,24 @@ import shutil
 import subprocess
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("csrc") / "conv_cpu.cc"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "conv_cpu.cc", CSRC / "warp_cpu.cc"]  # compiled into one library
+HEADERS = [CSRC / "parallel.h"]
 FLAGS = ["-O3", "-std=c++17", "-fPIC", "-mavx2", "-mfma", "-fno-math-errno"]
 KEY_MACRO = "CRD_BUILD_KEY"
-# The installed library's module name: crd_jax/ops/_conv_cpu<EXTENSION_SUFFIX> (a plain shared library
+# The installed library's module name: crd_jax/ops/_kernels<EXTENSION_SUFFIX> (a plain shared library
 # loaded with ctypes, not a Python extension module; the suffix only keeps wheels platform-tagged).
-INSTALLED_NAME = "_conv_cpu"
+INSTALLED_NAME = "_kernels"
 
 
 def supported_platform(system: str, machine: str) -> bool:
     """The kernel is x86-64 (AVX2/FMA, AVX-512 where present) and uses Linux's affinity, cgroup and madvise."""
     return system == "Linux" and machine.lower() in ("x86_64", "amd64")
+
+
+def source_bytes() -> bytes:
+    """Every file the library is compiled from, in a fixed order (what the build key covers)."""
+    return b"".join(p.name.encode() + b"\0" + p.read_bytes() for p in SOURCES + HEADERS)
 
 
 def build_key(source: bytes, jaxlib_version: str) -> str:
@@ -46,7 +53,7 @@ def find_compiler() -> str | None:
 
 
 def compile_library(target: Path, include_dir: str, key: str, compiler: str | None = None) -> None:
-    """Compiles ``SOURCE`` into the shared library ``target`` (written under a private name and renamed, so
+    """Compiles ``SOURCES`` into the shared library ``target`` (written under a private name and renamed, so
     that concurrent processes never load a half-written file). Raises RuntimeError with the compiler's
     message on failure."""
     import tempfile
@@ -57,11 +64,11 @@ def compile_library(target: Path, include_dir: str, key: str, compiler: str | No
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [compiler, *FLAGS, "-shared", f'-D{KEY_MACRO}="{key}"', "-I", include_dir, str(SOURCE), "-o", tmp]
+    cmd = [compiler, *FLAGS, "-shared", f'-D{KEY_MACRO}="{key}"', "-I", include_dir, *map(str, SOURCES), "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr[-2000:]}")
+            raise RuntimeError(f"compiling the native kernels failed:\n{proc.stderr[-2000:]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

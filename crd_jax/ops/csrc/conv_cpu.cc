@@ -35,11 +35,15 @@
 #include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using crd::NumThreads;
+using crd::ParallelFor;
 
 struct Geometry {
   int64_t B, D, H, W, Ci;
@@ -48,38 +52,6 @@ struct Geometry {
   int64_t sd, sh, sw;
   int64_t pd, ph, pw;
 };
-
-// CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (containers), so that
-// the kernel does not oversubscribe a machine that hardware_concurrency() describes but does not grant.
-int AllowedCpus() {
-  int n = 0;
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) n = CPU_COUNT(&set);
-  if (n <= 0) n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  if (FILE* f = std::fopen("/sys/fs/cgroup/cpu.max", "r")) {
-    char quota[32] = {0};
-    long long period = 0;
-    if (std::fscanf(f, "%31s %lld", quota, &period) == 2 && std::strcmp(quota, "max") != 0 && period > 0) {
-      long long q = std::atoll(quota);
-      int cap = static_cast<int>((q + period - 1) / period);
-      if (cap > 0) n = std::min(n, cap);
-    }
-    std::fclose(f);
-  }
-  return std::max(n, 1);
-}
-
-int NumThreads() {
-  static int n = [] {
-    if (const char* env = std::getenv("CRD_JAX_NUM_THREADS")) {
-      int v = std::atoi(env);
-      if (v > 0) return v;
-    }
-    return AllowedCpus();
-  }();
-  return n;
-}
 
 // Which vector width the forward kernel uses: AVX-512 where the CPU has it, unless CRD_JAX_ISA=avx2 (or
 // crd_set_isa) asks for the AVX2 path, which every supported CPU runs.
@@ -107,78 +79,6 @@ constexpr int64_t kBandBytes = 768 * 1024;  // input rows a band of output rows 
 constexpr int kTile512K3 = 24;   // AVX-512 columns per tile: 16 output channels, stride 1, 3 taps
 constexpr int kTile512Cb1 = 24;  // 16 output channels, other strides
 constexpr int kTile512Cb2 = 12;  // 32 output channels
-
-// One persistent pool for the process (threads are started once, not on every call). Run(k, fn) runs
-// fn(0..k-1), fn(0) on the caller, and returns when all are done; one parallel region at a time.
-class Pool {
- public:
-  explicit Pool(int size) {
-    for (int t = 1; t < size; ++t) std::thread([this, t] { Loop(t); }).detach();
-  }
-
-  void Run(int threads, const std::function<void(int)>& fn) {
-    if (threads <= 1) {
-      fn(0);
-      return;
-    }
-    std::lock_guard<std::mutex> region(region_);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      fn_ = &fn;
-      active_ = threads;
-      pending_ = threads - 1;
-      ++generation_;
-    }
-    wake_.notify_all();
-    fn(0);
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [this] { return pending_ == 0; });
-    fn_ = nullptr;
-  }
-
- private:
-  void Loop(int t) {
-    uint64_t seen = 0;
-    for (;;) {
-      const std::function<void(int)>* fn = nullptr;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return generation_ != seen; });
-        seen = generation_;
-        if (t >= active_) continue;
-        fn = fn_;
-      }
-      (*fn)(t);
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (--pending_ == 0) done_.notify_one();
-    }
-  }
-
-  std::mutex region_, mutex_;
-  std::condition_variable wake_, done_;
-  const std::function<void(int)>* fn_ = nullptr;
-  int active_ = 0, pending_ = 0;
-  uint64_t generation_ = 0;
-};
-
-Pool& ThePool() {
-  static Pool* pool = new Pool(NumThreads());  // never destroyed: its threads live as long as the process
-  return *pool;
-}
-
-// Runs fn(begin, end, thread_index) over [0, n) split into contiguous chunks, one per thread.
-template <typename Fn>
-void ParallelFor(int64_t n, int max_threads, Fn fn) {
-  int threads = static_cast<int>(std::min<int64_t>(std::min(max_threads, NumThreads()), n));
-  if (threads <= 1) {
-    fn(0, n, 0);
-    return;
-  }
-  ThePool().Run(threads, [&](int t) {
-    int64_t begin = n * t / threads, end = n * (t + 1) / threads;
-    fn(begin, end, t);
-  });
-}
 
 inline __m256i TailMask(int valid) {
   alignas(32) static const int32_t table[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
