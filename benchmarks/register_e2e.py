@@ -11,8 +11,9 @@ were trained LPS, so the reorientation path runs too). Rows:
 * ``cold``: the first call with an empty compilation cache (it fills the cache);
 * ``warm``: later calls (median of ``--repeats``), ``.nii.gz`` outputs and with ``--uncompressed``.
 
-The issue's target (issue 14): warm <= 3 s wall and <= 600 MB peak RSS on 2 cores. Writes
-``<out>/register_e2e.{md,json}``.
+The issue's target (issue 14): warm <= 3 s wall and <= 600 MB peak RSS on 2 cores. ``--against COMMIT``
+adds warm calls of another commit's code alternating with this tree's (the fair comparison on a shared
+machine). Writes ``<out>/register_e2e.{md,json}``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ PEAK = ("import atexit, sys\n"
 def run_once(argv, env) -> dict:
     """Wall seconds and peak RSS (MB) of one fresh ``crd-jax`` process (``argv``: its arguments)."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", PEAK, *argv], env=env, capture_output=True, text=True)
+    # in a folder with no crd_jax in it: `python -c` puts the working folder first on sys.path, ahead of
+    # PYTHONPATH, which would decide which code runs
+    proc = subprocess.run([sys.executable, "-c", PEAK, *argv], env=env, capture_output=True, text=True,
+                          cwd=tempfile.gettempdir())
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"register failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
@@ -58,6 +62,29 @@ def _spread(values, fmt: str) -> str:
     if len(values) == 1:
         return format(values[0], fmt)
     return f"{format(float(np.median(values)), fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+
+
+def against(commit: str, base: list, env: dict, tmp: Path, repeats: int) -> dict:
+    """Warm calls of this tree and of ``commit`` (a temporary git worktree, imported first through
+    PYTHONPATH, its own compilation cache) alternating: ``{code: {wall_s: [...], peak_rss_mb: [...]}}``."""
+    tree = tmp / "against"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), commit], check=True,
+                   capture_output=True)
+    try:
+        sha = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True).stdout.strip()
+        codes = {"this tree": dict(env, PYTHONPATH=str(ROOT)),
+                 f"{commit} ({sha})": dict(env, PYTHONPATH=str(tree), CRD_JAX_CACHE_DIR=str(tmp / "cache-against"))}
+        out = {name: {"wall_s": [], "peak_rss_mb": []} for name in codes}
+        for i in range(repeats + 1):  # the first round fills the other commit's cache
+            for name, e in codes.items():
+                r = run_once(base + ["--out-dir", str(tmp / f"ab{i}-{len(out[name]['wall_s'])}-{hash(name)}")], e)
+                if i:
+                    out[name]["wall_s"].append(r["wall_s"])
+                    out[name]["peak_rss_mb"].append(r["peak_rss_mb"])
+        return out
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
 
 
 def write_pair(folder: Path, shape) -> tuple:
@@ -83,6 +110,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--pairs", type=int, default=8, help="pairs in the --pairs row")
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--against", default="", help="a git commit: also time warm calls of its code alternating with "
+                   "this tree's (absolute times on a shared machine drift; the A/B does not)")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,6 +136,7 @@ def main():
         many = [run_once(["register", "--pairs", str(csv), "--out-dir", str(tmp / f"many{i}")]
                          + (["--model", args.model] if args.model else []), env) for i in range(args.repeats)]
         version = subprocess.run([sys.executable, "-m", "crd_jax", "--version"], capture_output=True, text=True).stdout.strip()
+        ab = against(args.against, base, env, tmp, args.repeats) if args.against else None
 
     m = machine()
     model_line = next((l for l in rows["warm"][0]["stdout"].splitlines() if l.startswith("registered")), "")
@@ -129,6 +159,11 @@ def main():
     lines.append(f"| warm, `--pairs` with {args.pairs} pairs in one process | {many_wall:.2f} "
                  f"({args.pairs / many_wall:.2f} pairs/s, {many_wall / args.pairs:.2f} s per pair) | {many_rss:.0f} |")
     lines += ["", f"The command's own log line: `{model_line.split(' with ', 1)[-1]}`" if model_line else ""]
+    if ab:
+        summary["against"] = ab
+        lines += ["", f"Warm calls alternating in this invocation, this tree against commit `{args.against}`, "
+                  f"{args.repeats} each: median (min-max).", "", "| Code | Wall (s) | Peak RSS (MB) |", "|---|---|---|"]
+        lines += [f"| {name} | {_spread(r['wall_s'], '.2f')} | {_spread(r['peak_rss_mb'], '.0f')} |" for name, r in ab.items()]
     md = "\n".join(lines).rstrip() + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "register_e2e.md").write_text(md)
