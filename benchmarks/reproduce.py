@@ -88,6 +88,27 @@ def reuse_stages(config, source: Path, workdir: Path) -> list:
     return copied
 
 
+# The main 3d-ll run's VM-H and VM-LL as shipped in the package (ship_models.py copies their parameters unchanged).
+SHIPPED_STAGES = {"vm_h": "lpba40-vm-h", "vm_ll": "lpba40-vm-ll"}
+
+
+def shipped_main_run(config, dest: Path) -> Path:
+    """A run folder holding the main 3d-ll run's finished VM-H and VM-LL, taken from ``crd_jax/pretrained``,
+    with that run's config (``configs/lpba40_vm_3d_ll.py``, this setting's data root), for ``--reuse`` when the
+    main run's own folder is gone: the variants then retrain neither."""
+    import shutil
+
+    main_config = load_config(ROOT / CONFIGS["3d-ll"])
+    main_config.data.root = config.data.root
+    main_config.workdir = str(dest)
+    for stage, name in SHIPPED_STAGES.items():
+        model = dest / "stages" / stage / "model"
+        if not model.exists():
+            shutil.copytree(ROOT / "crd_jax" / "pretrained" / name, model)
+    (dest / "config.json").write_text(main_config.to_json_best_effort(indent=2, sort_keys=True))
+    return dest
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=sorted(CONFIGS), required=True)
@@ -99,6 +120,8 @@ def main():
     p.add_argument("--status", action="store_true", help="print per-stage progress and time left, then exit")
     p.add_argument("--reuse", type=Path, default=None,
                    help="another run folder whose identically configured finished stages are copied, not retrained")
+    p.add_argument("--reuse-shipped", action="store_true",
+                   help="3d-ll variants: reuse the shipped lpba40-vm-h and lpba40-vm-ll (the main run's VM-H and VM-LL)")
     args = p.parse_args()
     workdir = Path(args.workdir) if args.workdir else RUNS / f"reproduce_lpba40_{args.setting}"
     if args.status:
@@ -116,6 +139,8 @@ def main():
     config.workdir = str(workdir)
     if args.data_root:
         config.data.root = args.data_root
+    if args.reuse_shipped:
+        args.reuse = shipped_main_run(config, RUNS / "shipped_3d-ll")
     if args.reuse:
         print(f"reused from {args.reuse}: {', '.join(reuse_stages(config, args.reuse, workdir)) or 'nothing'}", flush=True)
     t0 = time.time()

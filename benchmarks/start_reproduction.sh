@@ -18,7 +18,10 @@ if pgrep -f "benchmarks/reproduce.py --setting $SETTING" > /dev/null; then
     exit 0
 fi
 EXTRA=()
-# the variants of 3d-ll reuse the main run's finished stages (they are retrained if that run is gone)
-case "$SETTING" in 3d-ll-*) [ -d "$RUNS/reproduce_lpba40_3d-ll" ] && EXTRA=(--reuse "$RUNS/reproduce_lpba40_3d-ll") ;; esac
+# the variants of 3d-ll reuse the main run's finished stages; if that run's folder is gone, its VM-H and VM-LL as
+# shipped in the package (the same parameters)
+case "$SETTING" in 3d-ll-*)
+    if [ -d "$RUNS/reproduce_lpba40_3d-ll" ]; then EXTRA=(--reuse "$RUNS/reproduce_lpba40_3d-ll"); else EXTRA=(--reuse-shipped); fi ;;
+esac
 nohup setsid "$PY" benchmarks/reproduce.py --setting "$SETTING" --no-full-size "${EXTRA[@]}" >> "$RUNS/reproduce_$SETTING.log" 2>&1 &
 echo "started pid $! -> $RUNS/reproduce_$SETTING.log"
