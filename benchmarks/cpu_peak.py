@@ -102,7 +102,13 @@ def main():
     lines += ["", f"Convolution path: {native.describe()}. The AVX-512 column is the same FMA loop with 16 lanes (some "
               "CPUs, Zen 4 among them, run it at the AVX2 rate, so 512-bit vectors add no peak there, only fewer "
               "instructions and twice the registers)." if 512 in peak else f"Convolution path: {native.describe()}."]
-    write(args.out, {"machine": m, "shape": args.shape, "rows": rows}, "\n".join(lines).rstrip() + "\n")
+    bf16 = native.bf16_speedup()
+    if bf16:
+        lines += ["", f"bfloat16 (`--bf16`): VDPBF16PS multiply-adds per second / float32 FMA multiply-adds per second "
+                  f"on one CPU = {bf16:.2f} (`crd_jax.ops.native.bf16_speedup()`; below 1.2 `crd-jax register --bf16` "
+                  "says in its log that it is unlikely to be faster)."]
+    write(args.out, {"machine": m, "shape": args.shape, "rows": rows, "bf16_speedup": bf16},
+          "\n".join(lines).rstrip() + "\n")
 
 
 if __name__ == "__main__":

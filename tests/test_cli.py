@@ -447,3 +447,28 @@ def test_register_bf16_runs_the_bf16_path_and_stays_within_a_tenth_of_a_voxel(tm
         assert 0 < difference < 0.1
     else:
         assert "--bf16 ignored" in logs[1] and difference == 0
+
+
+@pytest.mark.parametrize("speedup, warned", [(0.49, True), (1.19, True), (2.0, False), (0.0, False)])
+def test_register_log_says_when_bf16_cannot_pay_on_this_cpu(monkeypatch, speedup, warned):
+    import argparse
+
+    from crd_jax.cli import main as cli
+    from crd_jax.ops import native
+
+    monkeypatch.setattr(native, "describe", lambda: "native CPU kernel")
+    monkeypatch.setattr(native, "has_bf16", lambda: speedup > 0)
+    monkeypatch.setattr(native, "bf16_speedup", lambda: speedup)
+    path = cli._conv_path(argparse.Namespace(bf16=True))
+    assert ("unlikely to be faster here" in path) == warned
+    assert "unlikely" not in cli._conv_path(argparse.Namespace(bf16=False))
+
+
+def test_bf16_speedup_is_measured_where_the_cpu_has_avx512_bf16():
+    from crd_jax.ops import native
+
+    if not native.has_bf16():
+        assert native.bf16_speedup() == 0.0
+        return
+    first = native.bf16_speedup()
+    assert 0.1 < first < 8.0 and native.bf16_speedup() == first  # measured once per process

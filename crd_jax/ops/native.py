@@ -147,6 +147,19 @@ def has_bf16() -> bool:
     return available() and bool(_state["lib"].crd_has_bf16())
 
 
+def bf16_speedup() -> float:
+    """Multiply-adds per second of the AVX512-BF16 path over float32 FMAs on this CPU, measured once per
+    process (~20 ms): about 2 on AMD Zen 4, about 1 on Intel Sapphire Rapids, where ``--bf16`` rounds the
+    network's inputs for no speed. 0 where the native kernel or AVX512-BF16 is missing."""
+    if not has_bf16():
+        return 0.0
+    if "bf16_speedup" not in _state:
+        lib = _state["lib"]
+        lib.crd_bf16_speedup.restype = ctypes.c_double
+        _state["bf16_speedup"] = float(lib.crd_bf16_speedup())
+    return _state["bf16_speedup"]
+
+
 def isa() -> str:
     """The forward kernel's vector width: ``"avx512"`` where the CPU has it, else ``"avx2"`` ("" when unused)."""
     return _ISA_NAMES[int(_state["lib"].crd_isa())] if available() else ""
