@@ -24,7 +24,7 @@ if [ $SMALL = 1 ]; then
     export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"; SHAPE="64 64 64"; REPEATS=2; TESTS="tests/test_fullres.py"
 else
     export JAX_PLATFORMS="${JAX_PLATFORMS:-cuda,cpu}"; SHAPE="160 192 224"; REPEATS=10
-    TESTS="tests/test_spatial.py tests/test_losses.py tests/test_models.py tests/test_fullres.py tests/test_conv.py
+    TESTS="tests/test_spatial.py tests/test_sample_volume.py tests/test_losses.py tests/test_models.py tests/test_fullres.py tests/test_conv.py
            tests/test_metrics.py tests/test_augment.py tests/test_training.py::test_every_stage_loss_is_finite_and_decreases_on_a_fixed_pair_2d
            tests/test_training.py::test_distillation_loss_decreases_in_3d_and_teacher_stays_frozen"
 fi
