@@ -29,11 +29,13 @@ def _native_build():
     return module
 
 
+nb = _native_build()
+
+
 class BuildNativeKernels(build_ext):
     """Compiles the kernels with the same command as the first-use build (``native_build.compile_library``)."""
 
     def build_extension(self, ext):
-        nb = _native_build()
         target = Path(self.get_ext_fullpath(ext.name))
         try:
             jaxlib = importlib.util.find_spec("jaxlib")
@@ -50,7 +52,6 @@ class BuildNativeKernels(build_ext):
 
 
 def _extensions():
-    nb = _native_build()
     wanted = os.environ.get("CRD_JAX_BUILD_NATIVE", "1") != "0"
     if not wanted or not nb.supported_platform(platform.system(), platform.machine()):
         return []

@@ -77,8 +77,8 @@ def against(commit: str, base: list, env: dict, tmp: Path, repeats: int) -> dict
                  f"{commit} ({sha})": dict(env, PYTHONPATH=str(tree), CRD_JAX_CACHE_DIR=str(tmp / "cache-against"))}
         out = {name: {"wall_s": [], "peak_rss_mb": []} for name in codes}
         for i in range(repeats + 1):  # the first round fills the other commit's cache
-            for name, e in codes.items():
-                r = run_once(base + ["--out-dir", str(tmp / f"ab{i}-{len(out[name]['wall_s'])}-{hash(name)}")], e)
+            for k, (name, e) in enumerate(codes.items()):
+                r = run_once(base + ["--out-dir", str(tmp / f"ab{i}-{k}")], e)
                 if i:
                     out[name]["wall_s"].append(r["wall_s"])
                     out[name]["peak_rss_mb"].append(r["peak_rss_mb"])

@@ -1,15 +1,15 @@
 """Builds, caches and registers the native CPU kernels (``csrc/``: the convolution, ``conv_cpu.cc``, and the
 volume warp of ``crd-jax register``, ``warp_cpu.cc``) as XLA FFI targets.
 
-The kernel is compiled when the package is installed (``setup.py``), against the FFI headers of jaxlib,
-into ``_kernels<suffix>`` beside this module. That library is used when its build key (source, flags,
-jaxlib version: :mod:`crd_jax.ops.native_build`) matches the running jaxlib and the source on disk;
+The kernels are compiled when the package is installed (``setup.py``), against the FFI headers of jaxlib,
+into one library ``_kernels<suffix>`` beside this module. That library is used when its build key (sources,
+flags, jaxlib version: :mod:`crd_jax.ops.native_build`) matches the running jaxlib and the sources on disk;
 otherwise (no compiler at install time, an edited kernel, another jaxlib) it is compiled on first use with
 the system C++ compiler into a per-user cache under the same key, a few seconds once. Where both are
 impossible (no compiler, not x86-64 Linux, no AVX2/FMA, or ``CRD_JAX_FAST_CONV=0``) :func:`available` is
-False, one warning says why, and callers use ``lax.conv``; ``CRD_JAX_FAST_CONV=1`` makes that an error
-instead. It is never built or loaded when JAX's
-default backend is not the CPU (a GPU host runs ``lax.conv`` on the GPU).
+False, one warning says why, and callers use ``lax.conv`` (and XLA's gathers for the warp);
+``CRD_JAX_FAST_CONV=1`` makes that an error instead. It is never built or loaded when JAX's default backend
+is not the CPU (a GPU host runs ``lax.conv`` on the GPU).
 
 Vector width: the forward convolution uses AVX-512 where the CPU has it (``CRD_JAX_ISA=avx2`` or
 :func:`set_isa` selects the AVX2 path, which every supported CPU runs), the few-output-channel flow head
@@ -81,7 +81,7 @@ def _installed_library(key: str) -> ctypes.CDLL | None:
 
 def _cached_library(key: str) -> ctypes.CDLL:
     """The first-use build in the user cache (compiled now if missing)."""
-    path = _kernel_folder() / f"conv_cpu-{key}.so"
+    path = _kernel_folder() / f"{native_build.INSTALLED_NAME}-{key}.so"
     if not path.exists():
         native_build.compile_library(path, jax.ffi.include_dir(), key)
     return ctypes.CDLL(str(path))
@@ -149,8 +149,9 @@ def has_bf16() -> bool:
 
 def bf16_speedup() -> float:
     """Multiply-adds per second of the AVX512-BF16 path over float32 FMAs on this CPU, measured once per
-    process (~20 ms): about 2 on AMD Zen 4, about 1 on Intel Sapphire Rapids, where ``--bf16`` rounds the
-    network's inputs for no speed. 0 where the native kernel or AVX512-BF16 is missing."""
+    process (~20 ms): up to 2 where VDPBF16PS issues as often as an FMA; 0.50 measured on an Intel Sapphire
+    Rapids-class Xeon, where ``--bf16`` rounds the network's inputs and runs slower. 0 where the native
+    kernel or AVX512-BF16 is missing."""
     if not has_bf16():
         return 0.0
     if "bf16_speedup" not in _state:

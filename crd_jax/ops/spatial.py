@@ -100,8 +100,8 @@ def sample_volume(image: jax.Array, disp: jax.Array, order: int = 1) -> jax.Arra
     ``order=1``: linear, float32 out; ``order=0``: nearest, the image's type kept (an integer label map is
     copied, never rounded through float; values beyond 2^24 stay exact). On the CPU a 3-D volume of float32
     or 8/16/32-bit integers is sampled by the native kernel (``csrc/warp_cpu.cc``) in one pass with no
-    temporaries (XLA's gathers materialise index arrays: ~10x the time and ~130 MB at OASIS size); elsewhere
-    ``map_coordinates``. Not differentiable (inference only; training warps with :func:`warp`).
+    temporaries (XLA's gathers materialise index arrays; at OASIS size on 2 cores they also took ~1.5x the
+    time); elsewhere ``map_coordinates``. Not differentiable (inference only; training warps with :func:`warp`).
     """
     ndim = disp.shape[-1]
     if image.ndim != ndim or disp.ndim != ndim + 1:

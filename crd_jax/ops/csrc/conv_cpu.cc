@@ -20,20 +20,15 @@
 //   (the input gradient of a stride-1 convolution is crd_conv_fwd on dy with flipped, transposed weights.)
 #include <immintrin.h>
 
-#include <sched.h>
 #include <sys/mman.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
-#include <mutex>
-#include <thread>
 #include <vector>
 
 #include "parallel.h"
@@ -637,8 +632,8 @@ bool SmallCoAvx512(const Geometry& g, const float* x, const float* w, const floa
   return false;
 }
 
-// Seconds for `iters` rounds of 24 independent multiply-add chains (as many as a kernel tile) on 16 lanes: VFMADD (one float32
-// multiply-add per lane) or, with kBf16, VDPBF16PS (two bfloat16 multiply-adds per lane).
+// Seconds for `iters` rounds of 24 independent multiply-add chains (as many as a kernel tile) on 16 lanes:
+// VFMADD (one float32 multiply-add per lane) or, with kBf16, VDPBF16PS (two bfloat16 multiply-adds per lane).
 template <bool kBf16>
 double TimedMulAddChains(int64_t iters) {
   __m512 acc[24];
@@ -1084,8 +1079,8 @@ extern "C" int crd_set_isa(int isa) {
 extern "C" int crd_has_bf16() { return CpuHasBf16(); }
 
 // Multiply-adds per second of the bfloat16 path over the float32 one on this CPU, measured on the calling
-// thread (~20 ms); 0 without AVX512-BF16. About 2 where VDPBF16PS issues as often as VFMADD (AMD Zen 4), about
-// 1 where it has half the ports (Intel Sapphire Rapids): there --bf16 rounds for no speed.
+// thread (~20 ms); 0 without AVX512-BF16. Up to 2 where VDPBF16PS issues as often as VFMADD; 0.50 measured on
+// an Intel Sapphire Rapids-class Xeon, where --bf16 rounds the inputs and is slower.
 extern "C" double crd_bf16_speedup() { return CpuHasBf16() ? Bf16MulAddSpeedup() : 0.0; }
 
 extern "C" int crd_cpu_supported() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }

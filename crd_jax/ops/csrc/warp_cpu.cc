@@ -2,9 +2,9 @@
 // jax.scipy.ndimage.map_coordinates(image, x + u, order, mode="nearest"), exposed to XLA as an FFI call.
 //
 // Why this exists: XLA's CPU backend runs map_coordinates as one gather per corner (eight for linear
-// interpolation) over index arrays it materialises, ~0.35 s and ~130 MB of temporaries for a 160x192x224
-// image on 2 cores: the largest single cost of `crd-jax register` after the network. Here each output voxel
-// reads its corners directly: no temporaries, one pass, rows split over the kernels' thread pool.
+// interpolation) over index arrays it materialises, which raised the peak memory of `crd-jax register` at
+// OASIS size (~73 ms a warp on 2 cores, 45-52 ms here). Each output voxel reads its corners directly: no
+// temporaries, one pass, rows split over the kernels' thread pool.
 //
 // Equal to map_coordinates: order 1 takes the lower corner floor(c), weights 1 - (c - floor c) and c - floor c,
 // corners clamped to the volume, the eight products ((w0 * w1) * w2) * v summed in its order (axis 0's lower
@@ -34,68 +34,65 @@ inline float Bounded(float c, int64_t n) {
   return c < -1.0f ? -1.0f : (c > static_cast<float>(n) ? static_cast<float>(n) : c);
 }
 
-template <typename Row>
-void ForEachOutputRow(const Shape3& out, Row row) {
+// Calls voxel(c, i) for every output voxel i (row-major) with its sampling position c = x + u(x), float32
+// as map_coordinates computes it; rows are split over the thread pool.
+template <typename Voxel>
+void ForEachVoxel(const Shape3& out, const float* disp, Voxel voxel) {
   crd::ParallelFor(out.d * out.h, crd::NumThreads(), [&](int64_t begin, int64_t end, int) {
-    for (int64_t r = begin; r < end; ++r) row(r / out.h, r % out.h, r);
+    for (int64_t r = begin; r < end; ++r) {
+      const float d = static_cast<float>(r / out.h), h = static_cast<float>(r % out.h);
+      const float* u = disp + r * out.w * 3;
+      for (int64_t x = 0; x < out.w; ++x) {
+        const float c[3] = {d + u[3 * x], h + u[3 * x + 1], static_cast<float>(x) + u[3 * x + 2]};
+        voxel(c, r * out.w + x);
+      }
+    }
   });
 }
 
 void WarpLinear(const float* image, const Shape3& in, const float* disp, const Shape3& out, float* y) {
   const int64_t n[3] = {in.d, in.h, in.w};
-  ForEachOutputRow(out, [&](int64_t d, int64_t h, int64_t r) {
-    const float* u = disp + r * out.w * 3;
-    float* yr = y + r * out.w;
-    for (int64_t x = 0; x < out.w; ++x) {
-      const float c[3] = {static_cast<float>(d) + u[3 * x], static_cast<float>(h) + u[3 * x + 1],
-                          static_cast<float>(x) + u[3 * x + 2]};
-      if (std::isnan(c[0]) || std::isnan(c[1]) || std::isnan(c[2])) {
-        yr[x] = NAN;
-        continue;
-      }
-      int64_t idx[3][2];
-      float wt[3][2];
-      for (int k = 0; k < 3; ++k) {
-        const float ck = Bounded(c[k], n[k]);
-        const float lower = std::floor(ck);
-        wt[k][1] = ck - lower;
-        wt[k][0] = 1.0f - wt[k][1];
-        const int64_t i = static_cast<int64_t>(lower);
-        idx[k][0] = Clamp(i, n[k]);
-        idx[k][1] = Clamp(i + 1, n[k]);
-      }
-      float sum = 0.0f;
-      for (int a = 0; a < 2; ++a) {
-        for (int b = 0; b < 2; ++b) {
-          const float* plane = image + (idx[0][a] * in.h + idx[1][b]) * in.w;
-          const float wab = wt[0][a] * wt[1][b];
-          for (int e = 0; e < 2; ++e) {
-            const float term = (wab * wt[2][e]) * plane[idx[2][e]];
-            sum = (a | b | e) ? sum + term : term;
-          }
+  ForEachVoxel(out, disp, [&](const float* c, int64_t i) {
+    if (std::isnan(c[0]) || std::isnan(c[1]) || std::isnan(c[2])) {
+      y[i] = NAN;
+      return;
+    }
+    int64_t idx[3][2];
+    float wt[3][2];
+    for (int k = 0; k < 3; ++k) {
+      const float ck = Bounded(c[k], n[k]);
+      const float lower = std::floor(ck);
+      wt[k][1] = ck - lower;
+      wt[k][0] = 1.0f - wt[k][1];
+      const int64_t j = static_cast<int64_t>(lower);
+      idx[k][0] = Clamp(j, n[k]);
+      idx[k][1] = Clamp(j + 1, n[k]);
+    }
+    float sum = 0.0f;
+    for (int a = 0; a < 2; ++a) {
+      for (int b = 0; b < 2; ++b) {
+        const float* plane = image + (idx[0][a] * in.h + idx[1][b]) * in.w;
+        const float wab = wt[0][a] * wt[1][b];
+        for (int e = 0; e < 2; ++e) {
+          const float term = (wab * wt[2][e]) * plane[idx[2][e]];
+          sum = (a | b | e) ? sum + term : term;
         }
       }
-      yr[x] = sum;
     }
+    y[i] = sum;
   });
 }
 
 template <typename T>
 void WarpNearest(const T* image, const Shape3& in, const float* disp, const Shape3& out, T* y) {
   const int64_t n[3] = {in.d, in.h, in.w};
-  ForEachOutputRow(out, [&](int64_t d, int64_t h, int64_t r) {
-    const float* u = disp + r * out.w * 3;
-    T* yr = y + r * out.w;
-    for (int64_t x = 0; x < out.w; ++x) {
-      const float c[3] = {static_cast<float>(d) + u[3 * x], static_cast<float>(h) + u[3 * x + 1],
-                          static_cast<float>(x) + u[3 * x + 2]};
-      int64_t i[3];
-      for (int k = 0; k < 3; ++k) {
-        // NaN reads the first voxel, as XLA's float-to-int conversion followed by the clamp does
-        i[k] = std::isnan(c[k]) ? 0 : Clamp(static_cast<int64_t>(std::round(Bounded(c[k], n[k]))), n[k]);
-      }
-      yr[x] = image[(i[0] * in.h + i[1]) * in.w + i[2]];
+  ForEachVoxel(out, disp, [&](const float* c, int64_t i) {
+    int64_t j[3];
+    for (int k = 0; k < 3; ++k) {
+      // NaN reads the first voxel, as XLA's float-to-int conversion followed by the clamp does
+      j[k] = std::isnan(c[k]) ? 0 : Clamp(static_cast<int64_t>(std::round(Bounded(c[k], n[k]))), n[k]);
     }
+    y[i] = image[(j[0] * in.h + j[1]) * in.w + j[2]];
   });
 }
 
