@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import inspect
+import itertools
+import os
+import pickle
+import platform
 import threading
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
 
 import jax
 
@@ -41,3 +49,174 @@ def run_once(fn: Callable, *args):
     if jax.default_backend() != "cpu":
         return jitted(*args)
     return jitted.lower(*args).compile(compiler_options=_ONE_SHOT_OPTIONS)(*args)
+
+
+# --- compiled programs kept on disk -------------------------------------------------------------------------
+#
+# JAX's persistent compilation cache saves the XLA compilation, but every new process still traces and
+# lowers each function to find its entry (~0.55 s of a ~2.9 s `crd-jax register` call on 2 cores). The
+# executables below are stored whole (jax.experimental.serialize_executable) under a key that covers
+# everything the program depends on, so a later process loads them without tracing.
+
+_executables: dict = {"folder": None}
+
+
+def cache_executables(folder: Optional[str]) -> None:
+    """Stores and reuses the programs of :func:`persistent_jit` functions in ``folder`` (``None``: off, the
+    default; the command line turns it on in its user cache). Files there are loaded as code (pickled
+    trees and native executables), like the native kernel library in the same cache: a folder of this user."""
+    if folder is not None:
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError:  # a cache only saves time: never a reason to fail
+            folder = None
+    _executables["folder"] = folder
+
+
+@functools.lru_cache(maxsize=None)
+def _fingerprint() -> str:
+    """What every stored program depends on besides its own arguments: this package's source (Python and
+    native), JAX's version and backend, the host CPU (XLA:CPU compiles for its instruction set) and the
+    compilation settings of the environment."""
+    import jaxlib
+
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*")):
+        if path.suffix in (".py", ".cc", ".h") and path.is_file():
+            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    device = jax.devices()[0]
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = "".join(l for l in itertools.islice(f, 40) if l.startswith(("model name", "flags")))
+    except OSError:
+        cpu = platform.processor()
+    for part in (jax.__version__, jaxlib.__version__, device.platform, device.device_kind,
+                 getattr(device.client, "platform_version", ""), cpu, os.environ.get("XLA_FLAGS", ""),
+                 str(jax.config.jax_enable_x64), str(jax.config.jax_default_matmul_precision)):
+        h.update(str(part).encode() + b"\0")
+    return h.hexdigest()
+
+
+def _trace_settings() -> str:
+    """Process settings that change what a function traces to: the native convolution's presence and the
+    opt-in bfloat16 inference convolutions. (Asking for the first also registers the native kernels' FFI
+    targets, which a stored program that calls them needs before it can be loaded.)"""
+    import importlib
+
+    conv, native = (importlib.import_module(f"crd_jax.ops.{m}") for m in ("conv", "native"))  # crd_jax.ops.conv is also a function
+    return f"native={native.available()} bf16={conv.bf16_inference()}"
+
+
+_hits = threading.local()
+
+
+def _count_cache_hit(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _hits.n = getattr(_hits, "n", 0) + 1
+
+
+@functools.lru_cache(maxsize=None)
+def _listen_for_cache_hits() -> None:
+    jax.monitoring.register_event_listener(_count_cache_hit)
+
+
+def _persistent_cache_hits() -> int:
+    """Programs this thread has taken from JAX's persistent compilation cache so far."""
+    _listen_for_cache_hits()
+    return getattr(_hits, "n", 0)
+
+
+class PersistentJit:
+    """``jax.jit(fun, static_argnums, static_argnames)`` whose compiled programs also outlive the process
+    (:func:`cache_executables`). ``context``: a description of what ``fun`` closes over (a model's repr);
+    a description holding a memory address (``0x...``) would never match again, so it is not stored.
+
+    Inside another trace, away from the CPU, or with the cache off, it is the plain ``jax.jit`` function."""
+
+    def __init__(self, fun: Callable, static_argnums: int | Sequence[int] = (),
+                 static_argnames: str | Sequence[str] = (), context: str = ""):
+        functools.update_wrapper(self, fun)
+        static_argnums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
+        static_argnames = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
+        names = list(inspect.signature(fun).parameters)
+        self._static_positions = set(static_argnums) | {names.index(n) for n in static_argnames if n in names}
+        self._static_names = set(static_argnames) | {names[i] for i in static_argnums if i < len(names)}
+        # both given in full: jax.jit infers one from the other only when the other is left out
+        self._jit = jax.jit(fun, static_argnums=sorted(self._static_positions), static_argnames=sorted(self._static_names))
+        self._what = f"{fun.__module__}.{fun.__qualname__}|{context}"
+        self._programs: dict = {}
+
+    def __call__(self, *args, **kwargs):
+        folder = _executables["folder"]
+        dynamic = [a for i, a in enumerate(args) if i not in self._static_positions]
+        dynamic_kw = {k: v for k, v in kwargs.items() if k not in self._static_names}
+        leaves, tree = jax.tree.flatten((dynamic, dynamic_kw))
+        if folder is None or jax.default_backend() != "cpu" or any(isinstance(x, jax.core.Tracer) for x in leaves):
+            return self._jit(*args, **kwargs)
+        static = ([(i, a) for i, a in enumerate(args) if i in self._static_positions],
+                  sorted((k, v) for k, v in kwargs.items() if k in self._static_names))
+        description = repr((self._what, static, str(tree), [jax.typeof(x) for x in leaves], _trace_settings()))
+        if "0x" in description:
+            return self._jit(*args, **kwargs)
+        key = hashlib.sha256((_fingerprint() + description).encode()).hexdigest()
+        program = self._programs.get(key)
+        if program is None:
+            program = self._programs[key] = self._load_or_compile(os.path.join(folder, f"{key}.exe"), args, kwargs)
+        return program(*dynamic, **dynamic_kw)
+
+    def __getattr__(self, name):  # lower, trace, eval_shape, ...: those of the plain jitted function
+        if name == "_jit":
+            raise AttributeError(name)
+        return getattr(self._jit, name)
+
+    def _named_jit(self):
+        """The function under a name that carries :func:`_fingerprint`: JAX's compilation cache keys on the
+        lowered module, name included, so a program stored here is compiled afresh, never taken from there."""
+        fun = self.__wrapped__
+
+        @functools.wraps(fun)
+        def named(*args, **kwargs):
+            return fun(*args, **kwargs)
+
+        named.__name__ = f"{fun.__name__}_{_fingerprint()[:16]}"
+        return jax.jit(named, static_argnums=sorted(self._static_positions), static_argnames=sorted(self._static_names))
+
+    def _load_or_compile(self, path: str, args, kwargs):
+        from jax.experimental import serialize_executable
+
+        if os.path.exists(path):
+            try:
+                with open(path, "rb") as f:
+                    payload, in_tree, out_tree = pickle.load(f)
+                return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+            except Exception:  # unreadable or from another build: compile it again and replace it
+                pass
+        hits = _persistent_cache_hits()
+        program = self._named_jit().lower(*args, **kwargs).compile()
+        if _persistent_cache_hits() != hits:
+            # taken from JAX's own compilation cache: XLA:CPU serializes such an executable without its
+            # fused kernels (it loads, then fails when run), so it is not stored
+            return program
+        try:
+            blob = pickle.dumps(serialize_executable.serialize(program))
+        except Exception:  # a cache only saves time: never a reason to fail
+            return program
+        part = f"{path}.{os.getpid()}-{threading.get_ident()}.part"
+        try:
+            with open(part, "wb") as f:
+                f.write(blob)
+            os.replace(part, path)  # whole or absent: concurrent processes may write the same key
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.remove(part)
+        return program
+
+
+def persistent_jit(fun: Optional[Callable] = None, *, static_argnums: int | Sequence[int] = (),
+                   static_argnames: str | Sequence[str] = (), context: str = ""):
+    """Decorator form of :class:`PersistentJit` (``@persistent_jit`` or ``@persistent_jit(static_argnums=...)``)."""
+    if fun is None:
+        return lambda f: PersistentJit(f, static_argnums, static_argnames, context)
+    return PersistentJit(fun, static_argnums, static_argnames, context)

@@ -79,9 +79,9 @@ def _reorient_field(disp, plan, flips, order):
 
 @functools.lru_cache(maxsize=None)
 def _reorient_jit():
-    import jax  # geometry itself does not need JAX
+    from crd_jax.compile import persistent_jit  # geometry itself does not need JAX
 
-    return jax.jit(_reorient_field, static_argnums=(1, 2, 3))
+    return persistent_jit(_reorient_field, static_argnums=(1, 2, 3))
 
 
 def _inverse_transform(transform: np.ndarray) -> np.ndarray:

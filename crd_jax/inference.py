@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crd_jax.compile import persistent_jit
 from crd_jax.data.preprocess import Placement, apply_normalize, normalize, normalize_params, padded_shape, place
 from crd_jax.ops import spatial
 from crd_jax.ops.spatial import resize, resize_field
@@ -70,7 +71,7 @@ def normalize_inputs(preprocessing: Mapping, fixed: np.ndarray, moving: np.ndarr
 def _on_canvas(grid, work, multiple: int, fixed: np.ndarray, moving: np.ndarray) -> Prepared:
     """Images already on the model's ``work`` grid, centred on the network's canvas as batches."""
     placement = place(work, padded_shape(work, multiple))
-    as_input = lambda a: jnp.asarray(placement.apply(np.asarray(a, np.float32)))[None, ..., None]  # noqa: E731
+    as_input = lambda a: jnp.asarray(placement.apply(np.asarray(a, np.float32))[None, ..., None])  # noqa: E731
     return Prepared(as_input(moving), as_input(fixed), grid, work, placement)
 
 
@@ -84,7 +85,7 @@ def resample_image(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return np.asarray(_resample_linear(jnp.asarray(volume, jnp.float32), shape))
 
 
-@functools.partial(jax.jit, static_argnums=1)
+@persistent_jit(static_argnums=1)
 def _resample_linear(volume, shape):
     return resize(volume[None, ..., None], shape)[0, ..., 0]
 
@@ -114,8 +115,9 @@ def prepare_raw(preprocessing: Mapping, multiple: int, fixed: np.ndarray, moving
 
 @functools.lru_cache(maxsize=16)
 def predictor(model):
-    """The model's jitted ``(params, moving, fixed) -> disp`` (one per model object)."""
-    return jax.jit(lambda p, m, f: model.apply(p, m, f).disp)
+    """The model's jitted ``(params, moving, fixed) -> disp`` (one per model object; with
+    :func:`crd_jax.compile.cache_executables` on, its program is kept on disk, keyed by the model's repr)."""
+    return persistent_jit(lambda p, m, f: model.apply(p, m, f).disp, context=repr(model))
 
 
 def predict(model, params, moving: jax.Array, fixed: jax.Array) -> jax.Array:
@@ -131,14 +133,14 @@ def map_back_device(prepared: Prepared, disp_canvas) -> jax.Array:
     """:func:`map_back` as a JAX array: cropped, resampled and rescaled in one compiled program, so that
     the full-size field exists once, on the device (``np.asarray`` of it is a view on CPU)."""
     disp = jnp.asarray(disp_canvas, jnp.float32)
-    disp = disp[0] if disp.ndim == len(prepared.grid) + 2 else disp
     src, dst = prepared.placement._windows()
     windows = tuple((d.start, d.stop, s.start, n - s.stop) for s, d, n in zip(src, dst, prepared.placement.source_shape))
     return _map_back(disp, windows, tuple(prepared.work), tuple(prepared.grid))
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+@persistent_jit(static_argnums=(1, 2, 3))
 def _map_back(disp, windows, work, grid):
+    disp = disp[0] if disp.ndim == len(grid) + 2 else disp
     inner = disp[tuple(slice(a, b) for a, b, _, _ in windows)]
     pad = [(before, after) for _, _, before, after in windows] + [(0, 0)]
     restored = jnp.pad(inner, pad, mode="edge")  # voxels cropped away take the nearest canvas value
@@ -161,7 +163,7 @@ def jacobian_determinant(disp) -> np.ndarray:
     return np.asarray(_jacobian_slabs(disp, _slabs(disp.shape[:-1]), False))
 
 
-@functools.partial(jax.jit, static_argnames=("slabs", "count"))
+@persistent_jit(static_argnames=("slabs", "count"))
 def _jacobian_slabs(disp, slabs, count):
     """det J in ``slabs`` slabs of the first axis; with ``count``, only the number of voxels with det <= 0."""
     from crd_jax.metrics import _det
@@ -205,7 +207,7 @@ def _slabs(shape) -> int:
     return max(1, min(int(shape[0]), int(np.prod(shape)) // SLAB_VOXELS))
 
 
-@functools.partial(jax.jit, static_argnames=("order", "slabs", "dtype"))
+@persistent_jit(static_argnames=("order", "slabs", "dtype"))
 def _warp_slabs(image, disp, order, slabs, dtype="float32"):
     """``image (*in)`` sampled at ``x + disp(x)`` for every voxel of ``disp (*out, d)``, ``slabs`` slabs of
     the first axis one after another (``lax.map``), edge voxels repeated outside (as :func:`warp`)."""
@@ -226,7 +228,7 @@ def _warp_slabs(image, disp, order, slabs, dtype="float32"):
     return out.reshape(size * slabs, *out.shape[2:])[:n]
 
 
-_sample_whole = jax.jit(spatial.sample_volume, static_argnames="order")
+_sample_whole = persistent_jit(spatial.sample_volume, static_argnames=("order",))
 
 
 def _sample(image, disp, order: int, dtype: str = "float32"):

@@ -619,13 +619,18 @@ def parser() -> argparse.ArgumentParser:
 
 def enable_compilation_cache() -> Optional[str]:
     """JAX's persistent compilation cache in the user's cache folder (:mod:`crd_jax.user_cache`, ``xla``), so
-    that a second ``crd-jax`` call loads the compiled programs instead of compiling them again."""
+    that a second ``crd-jax`` call loads the compiled programs instead of compiling them again, and the
+    registration path's whole programs (``executables``: loaded without tracing, :func:`crd_jax.compile.cache_executables`)."""
     from crd_jax.user_cache import cache_folder
 
     path = cache_folder("xla")
     if path is None:
         return None
     import jax
+
+    from crd_jax.compile import cache_executables
+
+    cache_executables(cache_folder("executables"))
 
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
