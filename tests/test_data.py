@@ -116,6 +116,26 @@ def test_truncated_and_garbage_files(tmp_path):
         load_image(text)
 
 
+@pytest.mark.parametrize("kind", [nib.Nifti1Image, nib.Nifti2Image])
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_compressed_nifti_reads_like_nibabel_reads_it(tmp_path, kind, order):
+    """.nii.gz inputs are inflated by ISA-L where it is installed: same data (scaling applied), affine, header
+    type and byte order as ``nib.load``, NIfTI-1 and -2."""
+    from crd_jax.data.io import _load_nifti
+
+    x = np.random.default_rng(3).random((7, 6, 5)).astype(order + "f4")
+    img = kind(x, np.diag([2.0, 3.0, 4.0, 1.0]))
+    img.header.set_slope_inter(2.0, 1.0)
+    path = tmp_path / "a.nii.gz"
+    nib.save(img, path)
+    got, ref = _load_nifti(path), nib.load(path)
+    assert type(got) is type(ref) and got.header.endianness == ref.header.endianness
+    np.testing.assert_array_equal(np.asanyarray(got.dataobj), np.asanyarray(ref.dataobj))
+    np.testing.assert_allclose(np.asanyarray(got.dataobj), x * 2.0 + 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(got.affine, ref.affine)
+    np.testing.assert_allclose(load_image(path).data, np.asanyarray(ref.dataobj), rtol=1e-6)  # as float32
+
+
 def test_labels_must_be_integers(tmp_path):
     ok = load_labels(_write(tmp_path / "ok.nii.gz", _labels().astype(np.float32)))
     assert ok.data.dtype == np.int32

@@ -45,6 +45,24 @@ def is_nifti(path: PathLike) -> bool:
     return str(path).endswith(NIFTI_SUFFIXES)
 
 
+def _load_nifti(path: Path):
+    """``nib.load``, with ``.nii.gz`` files inflated by ISA-L (the ``isal`` package, already used for writing)
+    where it is installed: about twice as fast as the zlib stream nibabel reads them through (~0.1 s of a
+    ``crd-jax register`` call at OASIS size)."""
+    if str(path).endswith(".gz"):
+        try:
+            from isal import igzip
+        except ImportError:
+            return nib.load(str(path))
+        with open(path, "rb") as f:
+            raw = igzip.decompress(f.read())
+        sizeof_hdr = {int.from_bytes(raw[:4], order) for order in ("little", "big")}
+        kind = nib.Nifti1Image if 348 in sizeof_hdr else nib.Nifti2Image if 540 in sizeof_hdr else None
+        if kind is not None:
+            return kind.from_bytes(raw)
+    return nib.load(str(path))
+
+
 def _read(path: PathLike, npz_key: str):
     path = Path(path)
     if not path.exists():
@@ -59,7 +77,7 @@ def _read(path: PathLike, npz_key: str):
                 return np.asarray(f[npz_key]), np.eye(4), None
         if not is_nifti(path):
             raise InputError(path, "unknown format (expected .nii, .nii.gz or .npz)")
-        img = nib.load(str(path))
+        img = _load_nifti(path)
         _check_voxel_size(img, path)
         data = np.asanyarray(img.dataobj)
         return data, np.asarray(img.affine, dtype=np.float64), img.header
