@@ -84,15 +84,16 @@ def test_map_back_on_device_equals_the_host_version():
     np.testing.assert_array_equal(inference.map_back(prepared, canvas), out)
 
 
-@pytest.mark.parametrize("shape,dtype", [((50, 60, 70, 3), np.float32), ((33, 20, 11), np.int16), ((40, 30), np.float32)])
-def test_streamed_nifti_writes_read_back_exactly_with_nibabel_and_simpleitk(tmp_path, monkeypatch, shape, dtype):
+@pytest.mark.parametrize("shape,dtype,order", [((50, 60, 70, 3), np.float32, "C"), ((33, 20, 11), np.int16, "C"),
+                                               ((40, 30), np.float32, "C"), ((37, 66, 9), np.float32, "F")])
+def test_streamed_nifti_writes_read_back_exactly_with_nibabel_and_simpleitk(tmp_path, monkeypatch, shape, dtype, order):
     sitk = pytest.importorskip("SimpleITK")
 
     from crd_jax.data import io
 
     real = io.nifti_blocks
     monkeypatch.setattr(io, "nifti_blocks", lambda img, data: real(img, data, block=10_000))  # many gzip members
-    data = (np.random.default_rng(5).random(shape) * 100).astype(dtype)
+    data = (np.random.default_rng(5).random(shape) * 100).astype(dtype, order=order)  # "F": already the file's order
     affine = np.diag([2.0, 3.0, 4.0, 1.0])
     for name in ("x.nii.gz", "x.nii"):
         save_nifti(tmp_path / name, data, affine, intent="vector" if data.ndim == 4 else None)
