@@ -163,7 +163,7 @@ class PersistentJit:
         key = hashlib.sha256((_fingerprint() + description).encode()).hexdigest()
         program = self._programs.get(key)
         if program is None:
-            program = self._programs[key] = self._load_or_compile(os.path.join(folder, f"{key}.exe"), args, kwargs)
+            program = self._programs[key] = self._load_or_compile(folder, key, args, kwargs)
         return program(*dynamic, **dynamic_kw)
 
     def __getattr__(self, name):  # lower, trace, eval_shape, ...: those of the plain jitted function
@@ -171,21 +171,22 @@ class PersistentJit:
             raise AttributeError(name)
         return getattr(self._jit, name)
 
-    def _named_jit(self):
-        """The function under a name that carries :func:`_fingerprint`: JAX's compilation cache keys on the
-        lowered module, name included, so a program stored here is compiled afresh, never taken from there."""
+    def _named_jit(self, key: str):
+        """The function under a name that carries its key here: JAX's compilation cache keys on the lowered
+        module, name included, so a program stored here is compiled afresh, not taken from there."""
         fun = self.__wrapped__
 
         @functools.wraps(fun)
         def named(*args, **kwargs):
             return fun(*args, **kwargs)
 
-        named.__name__ = f"{fun.__name__}_{_fingerprint()[:16]}"
+        named.__name__ = f"{fun.__name__}_{key[:16]}"
         return jax.jit(named, static_argnums=sorted(self._static_positions), static_argnames=sorted(self._static_names))
 
-    def _load_or_compile(self, path: str, args, kwargs):
+    def _load_or_compile(self, folder: str, key: str, args, kwargs):
         from jax.experimental import serialize_executable
 
+        path = os.path.join(folder, f"{key}.exe")
         if os.path.exists(path):
             try:
                 with open(path, "rb") as f:
@@ -194,7 +195,7 @@ class PersistentJit:
             except Exception:  # unreadable or from another build: compile it again and replace it
                 pass
         hits = _persistent_cache_hits()
-        program = self._named_jit().lower(*args, **kwargs).compile()
+        program = self._named_jit(key).lower(*args, **kwargs).compile()
         if _persistent_cache_hits() != hits:
             # taken from JAX's own compilation cache: XLA:CPU serializes such an executable without its
             # fused kernels (it loads, then fails when run), so it is not stored

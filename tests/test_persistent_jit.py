@@ -56,7 +56,7 @@ def test_a_second_wrapper_loads_the_program_without_tracing(cache):
 
 
 def test_shapes_static_values_and_context_each_make_their_own_program(cache):
-    x = jnp.arange(10, dtype=jnp.float32)
+    x = jnp.arange(11, dtype=jnp.float32)
     TRACES.clear()
     fresh()(x, 4, scale=2.0)
     fresh()(jnp.arange(12, dtype=jnp.float32), 4, scale=2.0)
@@ -69,7 +69,7 @@ def test_shapes_static_values_and_context_each_make_their_own_program(cache):
 
 
 def test_an_unreadable_file_is_compiled_again_and_replaced(cache):
-    x = jnp.arange(6, dtype=jnp.float32)
+    x = jnp.arange(7, dtype=jnp.float32)
     fresh()(x, 3)
     (name,) = stored(cache)
     (cache / name).write_bytes(b"not a program")
@@ -102,7 +102,7 @@ def test_inside_a_trace_off_or_with_an_address_it_is_plain_jit(cache):
 
 
 def test_the_key_covers_the_convolution_settings_and_the_build(cache, monkeypatch):
-    x = jnp.arange(6, dtype=jnp.float32)
+    x = jnp.arange(8, dtype=jnp.float32)
     fresh()(x, 3)
     conv = sys.modules["crd_jax.ops.conv"]
     monkeypatch.setitem(conv._settings, "bf16", not conv.bf16_inference())
@@ -119,8 +119,9 @@ SCRIPT = textwrap.dedent("""
     from crd_jax import compile as cc, inference
     from crd_jax.models.build import model_from_spec
     from crd_jax.interop.official import ARCHITECTURE
+    from crd_jax.cli.main import enable_compilation_cache
     from crd_jax.ops import native
-    cc.cache_executables(sys.argv[1])
+    enable_compilation_cache()  # as the command line does: JAX's cache and the stored programs
     spec = {"kind": "registrar", "factor": 2, "architecture": dict(ARCHITECTURE)}
     model = model_from_spec(spec)
     x = jnp.asarray(np.random.default_rng(0).random((1, 32, 32, 32, 1), np.float32))
@@ -135,18 +136,26 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_a_new_process_runs_the_stored_model_and_warp_without_tracing(tmp_path):
-    """The real path: the native convolution and warp (FFI targets registered before loading), a model's
-    predictor keyed by its repr; the second process traces nothing and gives the same bytes."""
+def test_new_processes_run_the_stored_model_and_warp_without_tracing(tmp_path):
+    """The real path, as the command line sets it up: the native convolution and warp (FFI targets registered
+    before loading), a model's predictor keyed by its repr. The second process traces nothing and gives the
+    same bytes. With the stored programs gone but JAX's cache full, the programs come from JAX's cache and are
+    not stored (stored, they would load and then fail when run): later processes trace again, and run."""
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, CRD_JAX_CACHE_DIR=str(tmp_path / "user-cache"))
-    runs = []
-    for i in range(2):
-        proc = subprocess.run([sys.executable, str(script), str(tmp_path / "exe"), str(tmp_path / f"out{i}.npy")],
+    exe = tmp_path / "user-cache" / "executables"
+
+    def run(i):
+        proc = subprocess.run([sys.executable, str(script), "", str(tmp_path / f"out{i}.npy")],
                               capture_output=True, text=True, env=env, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        runs.append(proc.stdout.split())
-    assert int(runs[0][0]) >= 2 and int(runs[1][0]) == 0, runs
-    assert len(stored(tmp_path / "exe")) == 2
-    np.testing.assert_array_equal(np.load(tmp_path / "out0.npy"), np.load(tmp_path / "out1.npy"))
+        np.testing.assert_array_equal(np.load(tmp_path / f"out{i}.npy"), np.load(tmp_path / "out0.npy"))
+        return int(proc.stdout.split()[0])
+
+    assert run(0) >= 2 and len(stored(exe)) == 2
+    assert run(1) == 0
+    for p in exe.iterdir():
+        p.unlink()
+    assert run(2) >= 2 and stored(exe) == []
+    assert run(3) >= 2
