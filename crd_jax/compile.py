@@ -173,15 +173,21 @@ class PersistentJit:
 
     def _named_jit(self, key: str):
         """The function under a name that carries its key here: JAX's compilation cache keys on the lowered
-        module, name included, so a program stored here is compiled afresh, not taken from there."""
+        module, name included, so a program missing here is normally missing there too."""
         fun = self.__wrapped__
 
         @functools.wraps(fun)
         def named(*args, **kwargs):
             return fun(*args, **kwargs)
 
-        named.__name__ = f"{fun.__name__}_{key[:16]}"
+        named.__name__ = f"{fun.__name__}_{key[:16]}{key[64:]}"
         return jax.jit(named, static_argnums=sorted(self._static_positions), static_argnames=sorted(self._static_names))
+
+    def _compile(self, name: str, args, kwargs):
+        """``(program, fresh)``: compiled under ``name``; ``fresh`` unless JAX's own cache supplied it."""
+        hits = _persistent_cache_hits()
+        program = self._named_jit(name).lower(*args, **kwargs).compile()
+        return program, _persistent_cache_hits() == hits
 
     def _load_or_compile(self, folder: str, key: str, args, kwargs):
         from jax.experimental import serialize_executable
@@ -194,12 +200,14 @@ class PersistentJit:
                 return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
             except Exception:  # unreadable or from another build: compile it again and replace it
                 pass
-        hits = _persistent_cache_hits()
-        program = self._named_jit(key).lower(*args, **kwargs).compile()
-        if _persistent_cache_hits() != hits:
-            # taken from JAX's own compilation cache: XLA:CPU serializes such an executable without its
-            # fused kernels (it loads, then fails when run), so it is not stored
-            return program
+        program, fresh = self._compile(key, args, kwargs)
+        if not fresh:
+            # taken from JAX's own compilation cache (this folder lost its copy): XLA:CPU serializes such an
+            # executable without its fused kernels (it loads, then fails when run). Compiled once more under
+            # a name JAX's cache has never seen, it can be stored.
+            program, fresh = self._compile(f"{key}_{os.urandom(6).hex()}", args, kwargs)
+            if not fresh:
+                return program
         try:
             blob = pickle.dumps(serialize_executable.serialize(program))
         except Exception:  # a cache only saves time: never a reason to fail
