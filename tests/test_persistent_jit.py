@@ -75,9 +75,12 @@ def test_an_unreadable_file_is_compiled_again_and_replaced(cache):
     (cache / name).write_bytes(b"not a program")
     TRACES.clear()
     np.testing.assert_allclose(fresh()(x, 3), expected(x, 3, 1.0), rtol=1e-6)
-    assert len(TRACES) == 1 and (cache / name).stat().st_size > 100
+    # twice where JAX's own cache is on in this process (the command-line tests turn it on): its copy is
+    # not stored, the program is compiled once more under a fresh name
+    traced = len(TRACES)
+    assert traced in (1, 2) and (cache / name).stat().st_size > 100
     np.testing.assert_allclose(fresh()(x, 3), expected(x, 3, 1.0), rtol=1e-6)
-    assert len(TRACES) == 1
+    assert len(TRACES) == traced
 
 
 def test_a_program_only_ever_taken_from_jax_s_own_cache_is_not_stored(cache, monkeypatch):
