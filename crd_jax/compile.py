@@ -128,12 +128,27 @@ def _persistent_cache_hits() -> int:
     return getattr(_hits, "n", 0)
 
 
+def _on_the_default_device(leaves) -> bool:
+    """Concrete arguments of a single-process run, each on the default device or not yet on any: what a stored
+    program is compiled for (tracers, other devices and multi-process runs take the plain ``jax.jit``)."""
+    if jax.process_count() > 1:
+        return False
+    default = jax.devices()[0]
+    for x in leaves:
+        if isinstance(x, jax.core.Tracer):
+            return False
+        if isinstance(x, jax.Array) and x.sharding.device_set != {default}:
+            return False
+    return True
+
+
 class PersistentJit:
     """``jax.jit(fun, static_argnums, static_argnames)`` whose compiled programs also outlive the process
     (:func:`cache_executables`). ``context``: a description of what ``fun`` closes over (a model's repr);
     a description holding a memory address (``0x...``) would never match again, so it is not stored.
 
-    Inside another trace, away from the CPU, or with the cache off, it is the plain ``jax.jit`` function."""
+    Inside another trace, away from the CPU, with arguments on other devices or processes, or with the cache
+    off, it is the plain ``jax.jit`` function."""
 
     def __init__(self, fun: Callable, static_argnums: int | Sequence[int] = (),
                  static_argnames: str | Sequence[str] = (), context: str = ""):
@@ -153,7 +168,7 @@ class PersistentJit:
         dynamic = [a for i, a in enumerate(args) if i not in self._static_positions]
         dynamic_kw = {k: v for k, v in kwargs.items() if k not in self._static_names}
         leaves, tree = jax.tree.flatten((dynamic, dynamic_kw))
-        if folder is None or jax.default_backend() != "cpu" or any(isinstance(x, jax.core.Tracer) for x in leaves):
+        if folder is None or jax.default_backend() != "cpu" or not _on_the_default_device(leaves):
             return self._jit(*args, **kwargs)
         static = ([(i, a) for i, a in enumerate(args) if i in self._static_positions],
                   sorted((k, v) for k, v in kwargs.items() if k in self._static_names))

@@ -116,6 +116,24 @@ def test_the_key_covers_the_convolution_settings_and_the_build(cache, monkeypatc
     assert len(stored(cache)) == 3
 
 
+def test_arguments_on_another_device_take_the_plain_jit(tmp_path):
+    code = textwrap.dedent(f"""
+        import jax, jax.numpy as jnp, numpy as np
+        from crd_jax import compile as cc
+        cc.cache_executables({str(tmp_path)!r})
+        double_sum = lambda x: jnp.cumsum(x) * 2.0
+        cc.PersistentJit(double_sum)(jnp.arange(5.0))  # on the default device: stored
+        x = jax.device_put(jnp.arange(5.0), jax.devices()[1])
+        y = cc.PersistentJit(double_sum)(x)  # the same shapes, committed to the other device
+        assert y.sharding.device_set == {{jax.devices()[1]}}, y.sharding
+        np.testing.assert_allclose(y, np.cumsum(np.arange(5.0)) * 2.0)
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(stored(tmp_path)) == 1
+
+
 SCRIPT = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np
