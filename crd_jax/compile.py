@@ -223,18 +223,14 @@ class PersistentJit:
             program, fresh = self._compile(f"{key}_{os.urandom(6).hex()}", args, kwargs)
             if not fresh:
                 return program
+        from crd_jax.data.io import atomic_path  # whole or absent: concurrent processes may write the same key
+
         try:
             blob = pickle.dumps(serialize_executable.serialize(program))
-        except Exception:  # a cache only saves time: never a reason to fail
-            return program
-        part = f"{path}.{os.getpid()}-{threading.get_ident()}.part"
-        try:
-            with open(part, "wb") as f:
+            with atomic_path(path) as part, open(part, "wb") as f:
                 f.write(blob)
-            os.replace(part, path)  # whole or absent: concurrent processes may write the same key
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.remove(part)
+        except Exception:  # a cache only saves time: never a reason to fail
+            pass
         return program
 
 

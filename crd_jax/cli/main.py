@@ -180,7 +180,8 @@ def cmd_register(args) -> None:
         return _register_many(args)
     if not (args.fixed and args.moving):
         raise InputError("register", "needs --fixed and --moving (or --pairs pairs.csv)")
-    from crd_jax.cli.registration import load, load_pair, register_volumes, release_free_memory
+    from crd_jax.cli.allocator import release_free_memory
+    from crd_jax.cli.registration import load, load_pair, register_volumes
     from crd_jax.outputs import OutputSet
 
     outputs = OutputSet(args.out_dir, _register_names(args, bool(args.moving_seg)), args.overwrite)  # before computing
@@ -210,7 +211,8 @@ def _register_many(args) -> None:
     once when it is done."""
     from tqdm import tqdm
 
-    from crd_jax.cli.registration import load, load_pair, register_volumes, release_free_memory
+    from crd_jax.cli.allocator import release_free_memory
+    from crd_jax.cli.registration import load, load_pair, register_volumes
     from crd_jax.outputs import OutputSet
 
     pairs = read_pairs_csv(args.pairs)
@@ -653,22 +655,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def return_large_blocks_to_the_system(threshold: int = 16 << 20) -> None:
-    """Makes glibc's malloc map every block of ``threshold`` bytes or more on its own (``M_MMAP_THRESHOLD``),
-    so freeing it returns its pages at once. By default glibc raises that threshold after the first large
-    free, up to 32 MB, and the full-size volumes and fields that ``register`` allocates and frees in turn then
-    stay in the heap and add up. 16 MB: at OASIS size ~40 MB less peak RSS within the time noise (1 MB saved
-    ~65 MB but cost ~0.1 s in page faults). For the command's own process only (a library does not change
-    its host's allocator); elsewhere a no-op."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def entry() -> None:
+    from crd_jax.cli.allocator import return_large_blocks_to_the_system
+
     return_large_blocks_to_the_system()
     sys.exit(main())
 

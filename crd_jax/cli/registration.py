@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crd_jax.cli.allocator import release_free_memory
 from crd_jax.data.io import Volume, load_image, load_labels
 from crd_jax import geometry, inference
 from crd_jax.errors import InputError
@@ -131,19 +132,6 @@ def _check_finite(name: str, array: np.ndarray, model_path) -> None:
     bad = int((~np.isfinite(array)).sum())
     if bad:
         raise InputError(model_path, f"the model produced {bad} NaN/Inf values in the {name}; nothing was written")
-
-
-def release_free_memory() -> None:
-    """Hands memory that glibc's allocator holds free back to the system (``malloc_trim``). Between pairs
-    the writer's and XLA's threads leave freed blocks in their own arenas, and the process grew by ~70 MB a
-    pair without this; after the inputs are resampled, the full-size copies' blocks would otherwise stay
-    in the process until it exits. Elsewhere (not glibc) it does nothing."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_seg: Optional[Volume] = None,

@@ -114,28 +114,28 @@ ffi::Error WarpImpl(ffi::AnyBuffer image, ffi::Buffer<ffi::F32> disp, ffi::Resul
   }
   if (order != 0) return ffi::Error::InvalidArgument("warp: order must be 0 or 1");
   if (y->element_type() != type) return ffi::Error::InvalidArgument("warp: nearest keeps the image's type");
-  const void* src = image.untyped_data();
-  void* dst = y->untyped_data();
+  // Nearest neighbour only copies values: each element is moved as the unsigned word of its width (float32
+  // bits included), so one instantiation per width serves every type of that width.
+  const auto copy = [&](auto word) {
+    using T = decltype(word);
+    WarpNearest(static_cast<const T*>(image.untyped_data()), in, disp.typed_data(), out,
+                static_cast<T*>(y->untyped_data()));
+    return ffi::Error::Success();
+  };
   switch (type) {
-    case ffi::DataType::F32:
-      WarpNearest(static_cast<const float*>(src), in, disp.typed_data(), out, static_cast<float*>(dst));
-      break;
     case ffi::DataType::S8:
     case ffi::DataType::U8:
-      WarpNearest(static_cast<const uint8_t*>(src), in, disp.typed_data(), out, static_cast<uint8_t*>(dst));
-      break;
+      return copy(uint8_t{});
     case ffi::DataType::S16:
     case ffi::DataType::U16:
-      WarpNearest(static_cast<const uint16_t*>(src), in, disp.typed_data(), out, static_cast<uint16_t*>(dst));
-      break;
+      return copy(uint16_t{});
+    case ffi::DataType::F32:
     case ffi::DataType::S32:
     case ffi::DataType::U32:
-      WarpNearest(static_cast<const uint32_t*>(src), in, disp.typed_data(), out, static_cast<uint32_t*>(dst));
-      break;
+      return copy(uint32_t{});
     default:
       return ffi::Error::InvalidArgument("warp: nearest takes float32 or 8/16/32-bit integers");
   }
-  return ffi::Error::Success();
 }
 
 }  // namespace
