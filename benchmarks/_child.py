@@ -78,7 +78,7 @@ def run_jax(args) -> dict:
     compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
     out = {"framework": "jax", "conv": "native" if native.available() and args.conv != "lax" else "lax", "compile_s": compile_s,
-           "bf16": bool(args.bf16 and native.has_bf16())}
+           "bf16": bool(args.bf16 and native.has_bf16()), "bf16_engine": native.bf16_engine() if args.bf16 else ""}
     if mem is not None:
         out.update(xla_arguments_mb=mem.argument_size_in_bytes / 2**20, xla_outputs_mb=mem.output_size_in_bytes / 2**20,
                    xla_temporaries_mb=mem.temp_size_in_bytes / 2**20,
@@ -194,7 +194,8 @@ def run_torch(args) -> dict:
         net.eval()
 
         def step():
-            with torch.inference_mode():
+            # --bf16: autocast, PyTorch's own bfloat16 inference (oneDNN's bf16 convolutions, AMX where present)
+            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                 forward(m, f)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -228,8 +229,10 @@ def run_torch(args) -> dict:
             disp = forward(m, f)
             loss = ncc(f, warp(m, disp)) + grad(None, disp)
             loss.backward()
+    if args.bf16 and args.mode != "infer":
+        raise ValueError("--bf16 is an inference setting")
     out = {"framework": "torch", "torch": torch.__version__, "memory_format": args.memory_format, "parameters": n_params,
-           "device": str(device)}
+           "device": str(device), "bf16": bool(args.bf16)}
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats()
@@ -250,7 +253,8 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--conv", choices=("native", "lax"), default="native")
     p.add_argument("--flops", action="store_true")
-    p.add_argument("--bf16", action="store_true", help="crd-jax: the opt-in bfloat16 inference convolutions")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 inference: crd-jax's opt-in convolutions, PyTorch's "
+                   "autocast")
     p.add_argument("--memory-format", default="channels_last_3d")
     p.add_argument("--device", default="cpu", help="PyTorch peers: cpu or cuda")
     args = p.parse_args()

@@ -2,6 +2,7 @@
 
 import platform
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -196,35 +197,77 @@ def test_kernel_threads_follow_the_environment_and_results_do_not_depend_on_them
     np.testing.assert_allclose(outs[2], outs[0], rtol=1e-5, atol=1e-5 * float(np.abs(outs[0]).max()))
 
 
-@pytest.mark.parametrize("shape,cin,cout,stride,slope", [c for c in CASES if c[2] >= 8][::2])
+def _bf16_engines():
+    """The engines of the bfloat16 tiles this CPU runs (AMX only where the CPU and the OS give it)."""
+    before = native.bf16_engine()
+    engines = [e for e in ("avx512-bf16", "amx") if native.set_bf16_engine(e) == e]
+    native.set_bf16_engine(before)
+    return engines
+
+
+def _run_on_each_bf16_engine(fn, *args):
+    """``fn(*args)`` (a jitted bf16 convolution) on each engine: the engine is chosen when the kernel runs, so
+    one compiled program serves both."""
+    outputs = {}
+    before = native.bf16_engine()
+    try:
+        for engine in _bf16_engines():
+            native.set_bf16_engine(engine)
+            outputs[engine] = np.asarray(fn(*args))
+    finally:
+        native.set_bf16_engine(before)
+    return outputs
+
+
+def _bf16_rounded(a):
+    return np.asarray(a).astype(jnp.bfloat16).astype(np.float32)
+
+
+# Rows of 16 to 70 columns: AMX tiles are 16 output columns, run in pairs; narrower ranges (the edges) fall back to
+# VDPBF16PS. Channel counts whose KW x pairs leave a partial last chunk of 16 (tap, pair)s, and strides 1 and 2.
+BF16_CASES = [c for c in CASES if c[2] >= 8][::2] + [
+    ((3, 4, 40), 16, 16, 1, 0.2),
+    ((3, 4, 37), 34, 32, 1, 0.2),
+    ((2, 3, 70), 48, 24, 1, None),
+    ((3, 4, 67), 32, 8, 2, 0.2),
+    ((3, 3, 16), 2, 16, 1, 0.2),
+    ((5, 50), 17, 16, 1, 0.2),
+]
+
+
+@pytest.mark.parametrize("shape,cin,cout,stride,slope", BF16_CASES)
 def test_bf16_inference_equals_float32_on_bf16_rounded_inputs(shape, cin, cout, stride, slope):
     """The opt-in path rounds input and weights to bfloat16 and sums in float32: the same as lax.conv on the
-    rounded values, up to the order of the sums; gradients (training) stay float32."""
+    rounded values, up to the order of the sums, on each engine (VDPBF16PS, AMX); gradients (training) stay
+    float32."""
     if not (ON_CPU and native.has_bf16()):
         pytest.skip("needs the native kernel on a CPU with AVX512-BF16")
     import sys
 
     conv_module = sys.modules["crd_jax.ops.conv"]
     nd = len(shape)
-    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(7 + cin), 3)
-    x = jax.random.normal(k1, (2, *shape, cin))
-    w = jax.random.normal(k2, (3,) * nd + (cin, cout)) * 0.3
-    b = jax.random.normal(k3, (cout,))
-    rounded = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+    rng = np.random.default_rng(7 + cin)
+    x = rng.standard_normal((2, *shape, cin), np.float32)
+    w = rng.standard_normal((3,) * nd + (cin, cout), np.float32) * 0.3
+    b = rng.standard_normal((cout,), np.float32)
     conv_module.bf16_inference(True)
     try:
-        y = jax.jit(lambda x, w, b: conv(x, w, b, stride, negative_slope=slope))(x, w, b)
+        ys = _run_on_each_bf16_engine(jax.jit(lambda x, w, b: conv(x, w, b, stride, negative_slope=slope)), x, w, b)
         g = jax.jit(jax.grad(lambda w: jnp.sum(jnp.sin(conv(x, w, b, stride, negative_slope=slope)))))(w)
     finally:
         conv_module.bf16_inference(False)
-    ref = conv_reference(rounded(x), rounded(w), b, stride, negative_slope=slope)
-    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+    ref = conv_reference(_bf16_rounded(x), _bf16_rounded(w), b, stride, negative_slope=slope)
+    for y in ys.values():
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
     assert float(jnp.max(jnp.abs(y - conv_reference(x, w, b, stride, negative_slope=slope)))) > 1e-4  # it did round
     g_ref = jax.grad(lambda w: jnp.sum(jnp.sin(conv_reference(x, w, b, stride, negative_slope=slope))))(w)
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(g_ref))))
 
 
-@pytest.mark.parametrize("shape,low_shape,cl,cs,cout,slope", [c for c in UPCAT_CASES if c[4] >= 8])
+@pytest.mark.parametrize("shape,low_shape,cl,cs,cout,slope", [c for c in UPCAT_CASES if c[4] >= 8] + [
+    ((4, 5, 37), (2, 3, 19), 32, 2, 16, 0.2),  # VM's last level on a row of 37: two AMX tiles and an overlapping pair
+    ((3, 4, 20), (2, 2, 10), 16, 16, 32, None),
+])
 def test_bf16_upsampled_concat_conv_equals_float32_on_bf16_rounded_inputs(shape, low_shape, cl, cs, cout, slope):
     """The fused decoder step rounds the rows it builds to bfloat16 pairs (odd channel totals padded)."""
     if not (ON_CPU and native.has_bf16()):
@@ -233,20 +276,36 @@ def test_bf16_upsampled_concat_conv_equals_float32_on_bf16_rounded_inputs(shape,
 
     conv_module = sys.modules["crd_jax.ops.conv"]
     nd = len(shape)
-    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(11 + cl), 4)
-    low = jax.random.normal(k1, (2, *low_shape, cl))
-    skip = jax.random.normal(k2, (2, *shape, cs))
-    w = jax.random.normal(k3, (3,) * nd + (cl + cs, cout)) * 0.3
-    b = jax.random.normal(k4, (cout,))
-    rounded = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+    rng = np.random.default_rng(11 + cl)
+    low = rng.standard_normal((2, *low_shape, cl), np.float32)
+    skip = rng.standard_normal((2, *shape, cs), np.float32)
+    w = rng.standard_normal((3,) * nd + (cl + cs, cout), np.float32) * 0.3
+    b = rng.standard_normal((cout,), np.float32)
     conv_module.bf16_inference(True)
     try:
-        y = jax.jit(lambda *a: conv_upsampled_concat(*a, negative_slope=slope))(low, skip, w, b)
+        ys = _run_on_each_bf16_engine(jax.jit(lambda *a: conv_upsampled_concat(*a, negative_slope=slope)), low, skip, w, b)
     finally:
         conv_module.bf16_inference(False)
     up = low
     for axis in range(1, nd + 1):
-        up = jnp.repeat(up, 2, axis=axis)
-    x = jnp.concatenate([up[(slice(None), *(slice(0, s) for s in shape), slice(None))], skip], axis=-1)
-    np.testing.assert_allclose(y, conv_reference(rounded(x), rounded(w), b, negative_slope=slope), rtol=1e-4, atol=1e-4)
+        up = np.repeat(up, 2, axis=axis)
+    x = np.concatenate([up[(slice(None), *(slice(0, s) for s in shape), slice(None))], skip], axis=-1)
+    ref = conv_reference(_bf16_rounded(x), _bf16_rounded(w), b, negative_slope=slope)
+    for y in ys.values():
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
     assert float(jnp.max(jnp.abs(y - conv_reference(x, w, b, negative_slope=slope)))) > 1e-4  # it did round
+
+
+def test_amx_is_the_bf16_engine_where_the_cpu_has_it():
+    """Where the CPU lists AMX-BF16, the kernel asks Linux for the tiles and uses them (else it would silently
+    run the slower VDPBF16PS tiles, and the comparisons above would test one engine twice)."""
+    if not (ON_CPU and native.has_bf16()):
+        pytest.skip("needs the native kernel on a CPU with AVX512-BF16")
+    import ctypes
+
+    flags = Path("/proc/cpuinfo").read_text().split()
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18  # x86-64 Linux
+    granted = "amx_bf16" in flags and "amx_tile" in flags and libc.syscall(
+        sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0
+    assert _bf16_engines() == (["avx512-bf16", "amx"] if granted else ["avx512-bf16"])

@@ -458,7 +458,7 @@ def _conv_path(args) -> str:
 
     path = native.describe()
     if getattr(args, "bf16", False):
-        path += ", bfloat16 inputs and weights (--bf16)" if native.has_bf16() else (
+        path += f", bfloat16 inputs and weights (--bf16, {native.bf16_engine()})" if native.has_bf16() else (
             "; --bf16 ignored: needs the native kernel on a CPU with AVX512-BF16, float32 used")
         speedup = native.bf16_speedup()
         if 0 < speedup < BF16_WORTHWHILE:
@@ -468,7 +468,8 @@ def _conv_path(args) -> str:
 
 
 # --bf16 doubles the multiply-adds per instruction; where the CPU issues those instructions at less than this
-# fraction of that gain (Intel Sapphire Rapids: ~0.5x float32's rate, measured) the log says it will not pay.
+# fraction of that gain (Intel Sapphire Rapids without its AMX tiles: ~0.5x float32's rate, measured) the log
+# says it will not pay.
 BF16_WORTHWHILE = 1.2
 
 

@@ -102,7 +102,8 @@ _settings: dict = {}
 def bf16_inference(enabled: Optional[bool] = None) -> bool:
     """Opt-in bfloat16 inference: convolutions outside differentiation (inference) round their input and
     weights to bfloat16 and accumulate in float32, on CPUs with AVX512-BF16 (twice the multiply-adds per
-    instruction); training and every other CPU keep float32. ``enabled`` sets it for this process (read when
+    instruction; on CPUs with AMX, Intel Sapphire Rapids and later, tile-register matrix products, ~16x the
+    float32 FMA rate: :func:`crd_jax.ops.native.bf16_engine`); training and every other CPU keep float32. ``enabled`` sets it for this process (read when
     a function is traced, so set it before the first call), ``None`` reads it; default from the
     environment, ``CRD_JAX_CONV_BF16=1``. Returns whether it is on."""
     if enabled is not None:
@@ -118,7 +119,7 @@ def _bf16_for(w, inference: bool) -> bool:
 
 def _pairs_as_float32(a):
     """bfloat16 values of ``a`` with their last axis paired up (padded to even) and each pair's 32 bits viewed
-    as one float32, the layout the kernel's VDPBF16PS path reads."""
+    as one float32, the layout the kernel's VDPBF16PS and AMX tiles read."""
     if a.shape[-1] % 2:
         a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, 1)])
     pairs = a.astype(jnp.bfloat16).reshape(*a.shape[:-1], a.shape[-1] // 2, 2)

@@ -13,7 +13,10 @@ is not the CPU (a GPU host runs ``lax.conv`` on the GPU).
 
 Vector width: the forward convolution uses AVX-512 where the CPU has it (``CRD_JAX_ISA=avx2`` or
 :func:`set_isa` selects the AVX2 path, which every supported CPU runs), the few-output-channel flow head
-too when its input channels are a multiple of 16; the weight gradient uses AVX2.
+too when its input channels are a multiple of 16; the weight gradient uses AVX2. The opt-in bfloat16
+inference (``--bf16``) runs on AMX tile registers where the CPU has them (Intel Sapphire Rapids and later; the
+process asks Linux for them once), else on AVX512-BF16 (``CRD_JAX_BF16_ENGINE=avx512`` or
+:func:`set_bf16_engine` selects the latter).
 
 Memory: each forward call asks the kernel for transparent huge pages on its output buffer before writing it
 (``madvise``; a hint, ignored where THP is off, ``CRD_JAX_HUGEPAGES=0`` turns it off): a fresh
@@ -148,17 +151,38 @@ def has_bf16() -> bool:
 
 
 def bf16_speedup() -> float:
-    """Multiply-adds per second of the AVX512-BF16 path over float32 FMAs on this CPU, measured once per
-    process (~20 ms): up to 2 where VDPBF16PS issues as often as an FMA; 0.50 measured on an Intel Sapphire
-    Rapids-class Xeon, where ``--bf16`` rounds the network's inputs and runs slower. 0 where the native
-    kernel or AVX512-BF16 is missing."""
+    """Multiply-adds per second of the bfloat16 engine in use over float32 FMAs on this CPU, measured once per
+    process and engine (~20 ms). AVX512-BF16 (VDPBF16PS): up to 2 where it issues as often as an FMA, 0.50
+    measured on an Intel Sapphire Rapids-class Xeon; AMX: ~16 on that Xeon. 0 where the native kernel or
+    AVX512-BF16 is missing."""
     if not has_bf16():
         return 0.0
-    if "bf16_speedup" not in _state:
+    key = "bf16_speedup_" + bf16_engine()
+    if key not in _state:
         lib = _state["lib"]
         lib.crd_bf16_speedup.restype = ctypes.c_double
-        _state["bf16_speedup"] = float(lib.crd_bf16_speedup())
-    return _state["bf16_speedup"]
+        _state[key] = float(lib.crd_bf16_speedup())
+    return _state[key]
+
+
+_BF16_ENGINES = {0: "avx512-bf16", 1: "amx"}
+
+
+def bf16_engine() -> str:
+    """What runs the bfloat16 tiles: ``"amx"`` (tile registers) or ``"avx512-bf16"`` (VDPBF16PS); "" without
+    AVX512-BF16 or the native kernel."""
+    return _BF16_ENGINES[int(_state["lib"].crd_bf16_engine())] if has_bf16() else ""
+
+
+def set_bf16_engine(name: str) -> str:
+    """Selects the engine of the bfloat16 tiles for this process (tests and benchmarks compare the two; the
+    environment's ``CRD_JAX_BF16_ENGINE=avx512`` selects VDPBF16PS). AMX is refused where the CPU or the
+    operating system lacks it; the engine in use is returned."""
+    if name not in _BF16_ENGINES.values():
+        raise ValueError(f"engine must be one of {sorted(_BF16_ENGINES.values())}, not {name!r}")
+    if not has_bf16():
+        return ""
+    return _BF16_ENGINES[int(_state["lib"].crd_set_bf16_engine(1 if name == "amx" else 0))]
 
 
 def isa() -> str:

@@ -20,7 +20,10 @@
 //   (the input gradient of a stride-1 convolution is crd_conv_fwd on dy with flipped, transposed weights.)
 #include <immintrin.h>
 
+#include <cpuid.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -664,6 +667,213 @@ double Bf16MulAddSpeedup() {
 
 #pragma GCC pop_options
 
+// --- AMX (Intel Sapphire Rapids and later): the bf16 tiles as tile-register matrix products ---------------
+//
+// TDPBF16PS multiplies a 16 x 32 bfloat16 tile by a 32 x 16 one into 16 x 16 float32 sums: on a Sapphire
+// Rapids-class Xeon ~16x the multiply-adds per second of AVX-512 FMAs, where VDPBF16PS runs at half the FMA
+// rate. The bf16 layout of this file is already the one AMX reads: a row of A is one output column's input
+// channels (pairs of bfloat16, consecutive columns sw * Ci words apart, read in place), a row of B one pair of
+// input channels for 16 output channels (the packed weights, CoP words apart). Same values as the VDPBF16PS
+// tiles up to the order of the float32 sums.
+//
+// Linux hands out the tile registers only after the process asks (arch_prctl ARCH_REQ_XCOMP_PERM); each
+// thread configures its tiles (LDTILECFG) at the start of a row and releases them at the end, so that threads
+// that never run a tile keep the small register state on context switches.
+
+// The AMX intrinsics need GCC 11 or clang 12; older compilers build everything else.
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define CRD_AMX 1
+#else
+#define CRD_AMX 0
+#endif
+
+constexpr long kArchReqXcompPerm = 0x1023;
+constexpr long kXfeatureXtiledata = 18;
+
+bool CpuHasAmxBf16() {
+  if (!CRD_AMX) return false;
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = (d >> 24) & 1, bf16 = (d >> 22) & 1;
+    if (!tile || !bf16 || !CpuHasBf16()) return false;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+// Which engine runs the bf16 tiles: AMX where the CPU and the kernel allow it, unless CRD_JAX_BF16_ENGINE=avx512
+// (or crd_set_bf16_engine) asks for the VDPBF16PS tiles, which every AVX512-BF16 CPU runs.
+enum Bf16Engine { kBf16Avx512 = 0, kBf16Amx = 1 };
+
+std::atomic<int>& Bf16EngineSetting() {
+  static std::atomic<int> engine{[] {
+    const char* env = std::getenv("CRD_JAX_BF16_ENGINE");
+    if (env != nullptr && std::strcmp(env, "avx512") == 0) return static_cast<int>(kBf16Avx512);
+    return static_cast<int>(CpuHasAmxBf16() ? kBf16Amx : kBf16Avx512);
+  }()};
+  return engine;
+}
+
+int ActiveBf16Engine() { return Bf16EngineSetting().load(std::memory_order_relaxed); }
+
+#if CRD_AMX
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16,avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2,fma")
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;  // palette 0: no configuration (the tiles are released)
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles: 0, 1 the sums of output columns [ow, ow + 16) and [ow + 16, ow + 32) x n output channels; 2, 3 their
+// inputs for a chunk of 16 (tap, channel pair)s (64 bytes a row); 4, 5 the same for the last kt < 16; 6, 7 the
+// weights of a full and of the last chunk.
+TileConfig AmxConfig(int64_t n, int64_t kt) {
+  TileConfig c;
+  for (int t : {0, 1}) c.rows[t] = 16, c.colsb[t] = static_cast<uint16_t>(4 * n);
+  for (int t : {2, 3}) c.rows[t] = 16, c.colsb[t] = 64;
+  if (kt > 0) {
+    for (int t : {4, 5}) c.rows[t] = 16, c.colsb[t] = static_cast<uint16_t>(4 * kt);
+    c.rows[7] = static_cast<uint8_t>(kt), c.colsb[7] = static_cast<uint16_t>(4 * n);
+  }
+  c.rows[6] = 16, c.colsb[6] = static_cast<uint16_t>(4 * n);
+  return c;
+}
+
+// bias + sums (+ LeakyReLU) of a 16 x n tile of float32 sums, for the output columns [ow0, ow0 + 16).
+inline void AmxStore(const Geometry& g, const float* sums, const float* bias, int64_t ow0, int64_t co0, int64_t n,
+                     float slope, bool act, float* yrow) {
+  const __mmask16 mask = LaneMask(std::min(n, g.Co - co0));
+  const __m512 bv = _mm512_maskz_loadu_ps(mask, bias + co0), zero = _mm512_setzero_ps(), sl = _mm512_set1_ps(slope);
+  for (int m = 0; m < 16; ++m) {
+    __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, sums + 16 * m), bv);
+    if (act) v = _mm512_fmadd_ps(sl, _mm512_min_ps(v, zero), _mm512_max_ps(v, zero));
+    _mm512_mask_storeu_ps(yrow + (ow0 + m) * g.Co + co0, mask, v);
+  }
+}
+
+// Output columns [ow0, ow0 + 16 * (1 + kTwo)) x output channels [co0, co0 + n), every tap of the row set. The
+// KW taps of a row are one product: an output column's KW input columns lie side by side (KW * Ci words, as
+// their weights do), so a tile row spans taps, and a 16-channel layer fills the 32 bfloat16 of a tile row
+// instead of half of it.
+template <bool kTwo>
+void AmxBlock(const Geometry& g, const RowSet& rs, const float* w, const float* bias, int64_t ow0, int64_t co0,
+              int64_t n, float slope, bool act, float* yrow) {
+  const int64_t Ci = g.Ci, CoP = g.CoP, K = g.KW * Ci, kfull = K / 16 * 16;
+  const int64_t a_stride = g.sw * Ci * 4, b_stride = CoP * 4, half = 16 * g.sw * Ci;
+  _tile_zero(0);
+  if constexpr (kTwo) _tile_zero(1);
+  for (int r = 0; r < rs.n; ++r) {
+    const float* xp = rs.rows[r] + ow0 * g.sw * Ci;
+    const float* wp = w + rs.taps[r] * K * CoP + co0;
+    for (int64_t k = 0; k < kfull; k += 16) {
+      _tile_loadd(6, wp + k * CoP, b_stride);
+      _tile_loadd(2, xp + k, a_stride);
+      _tile_dpbf16ps(0, 2, 6);
+      if constexpr (kTwo) {
+        _tile_loadd(3, xp + half + k, a_stride);
+        _tile_dpbf16ps(1, 3, 6);
+      }
+    }
+    if (kfull < K) {
+      _tile_loadd(7, wp + kfull * CoP, b_stride);
+      _tile_loadd(4, xp + kfull, a_stride);
+      _tile_dpbf16ps(0, 4, 7);
+      if constexpr (kTwo) {
+        _tile_loadd(5, xp + half + kfull, a_stride);
+        _tile_dpbf16ps(1, 5, 7);
+      }
+    }
+  }
+  alignas(64) float sums[16 * 16];
+  _tile_stored(0, sums, 64);
+  AmxStore(g, sums, bias, ow0, co0, n, slope, act, yrow);
+  if constexpr (kTwo) {
+    _tile_stored(1, sums, 64);
+    AmxStore(g, sums, bias, ow0 + 16, co0, n, slope, act, yrow);
+  }
+}
+
+// The configuration this thread's tiles hold (LDTILECFG costs about as much as a small row's products, so it is
+// loaded only when it changes); EndTiles releases the tiles at the end of a convolution's work on a thread.
+thread_local TileConfig loaded_tiles{0};
+
+void UseTiles(const TileConfig& cfg) {
+  if (std::memcmp(&cfg, &loaded_tiles, sizeof(TileConfig)) == 0) return;
+  _tile_loadconfig(&cfg);
+  loaded_tiles = cfg;
+}
+
+void EndTiles() {
+  if (loaded_tiles.palette == 0) return;
+  _tile_release();
+  loaded_tiles = TileConfig{0};
+}
+
+// Ranges narrower than one tile (16 columns) run on the VDPBF16PS tiles; wider ones in blocks of 32 columns,
+// the last block ending at `end` and overlapping columns already done (it writes the same values), as
+// TileColumns does.
+void AmxBf16Columns(const Geometry& g, const RowSet& rs, const float* w, const float* bias, int64_t begin,
+                    int64_t end, float slope, bool act, float* yrow) {
+  if (end - begin < 16) return Avx512Bf16Columns(g, rs, w, bias, begin, end, slope, act, yrow);
+  const int64_t kt = g.KW * g.Ci % 16;
+  for (int64_t co0 = 0; co0 < g.Co; co0 += 16) {
+    const int64_t n = std::min<int64_t>(16, g.CoP - co0);
+    UseTiles(AmxConfig(n, kt));
+    if (end - begin < 32) {
+      AmxBlock<false>(g, rs, w, bias, begin, co0, n, slope, act, yrow);
+      if (begin + 16 < end) AmxBlock<false>(g, rs, w, bias, end - 16, co0, n, slope, act, yrow);
+    } else {
+      int64_t ow = begin;
+      for (; ow + 32 <= end; ow += 32) AmxBlock<true>(g, rs, w, bias, ow, co0, n, slope, act, yrow);
+      if (ow < end) AmxBlock<true>(g, rs, w, bias, end - 32, co0, n, slope, act, yrow);
+    }
+  }
+}
+
+// TDPBF16PS multiply-adds per second (4 independent tiles) over float32 FMA multiply-adds per second.
+double AmxMulAddSpeedup() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  alignas(64) static const uint16_t zeros[16 * 32] = {};  // the values do not change the rate
+  constexpr int64_t kIters = 1 << 14;
+  double fp32 = 1e30, amx = 1e30;
+  for (int round = 0; round < 3; ++round) {
+    fp32 = std::min(fp32, TimedMulAddChains<false>(1 << 19) / (1 << 19) / (24.0 * 16));
+    UseTiles(cfg);
+    _tile_loadd(4, zeros, 64);
+    _tile_loadd(5, zeros, 64);
+    _tile_loadd(6, zeros, 64);
+    _tile_loadd(7, zeros, 64);
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int64_t i = 0; i < kIters; ++i) {
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    alignas(64) static float sink[256];
+    _tile_stored(0, sink, 64);
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    EndTiles();
+    amx = std::min(amx, seconds / kIters / (4.0 * 16 * 16 * 32));
+  }
+  return fp32 / amx;
+}
+
+#pragma GCC pop_options
+#else
+void AmxBf16Columns(const Geometry& g, const RowSet& rs, const float* w, const float* bias, int64_t begin,
+                    int64_t end, float slope, bool act, float* yrow) {
+  Avx512Bf16Columns(g, rs, w, bias, begin, end, slope, act, yrow);
+}
+void EndTiles() {}
+double AmxMulAddSpeedup() { return 0.0; }
+#endif  // CRD_AMX
+
 // Output columns whose every tap lies inside the input row: they read the input in place. The few columns at
 // either end read a small zero-padded copy of the columns they need (the "edge" row sets).
 struct ColumnRanges {
@@ -671,16 +881,18 @@ struct ColumnRanges {
   int64_t left_width, right_first, right_width;  // virtual padded columns copied for the edges
 };
 
-// The edges are at least kEdgeColumns wide, so that they run in tiles as efficient as the interior's.
+// The edges are at least `edge` columns wide, so that they run in tiles as efficient as the interior's: 8 for
+// the vector tiles, 16 (one tile's rows) for AMX.
 constexpr int64_t kEdgeColumns = 8;
+constexpr int64_t kAmxEdgeColumns = 16;
 
-ColumnRanges Columns(const Geometry& g) {
+ColumnRanges Columns(const Geometry& g, int64_t edge) {
   ColumnRanges c;
   const int64_t first_inside = std::min(g.Wo, (g.pw + g.sw - 1) / g.sw);
   const int64_t last = g.W - g.KW + g.pw;  // largest ow * sw that stays inside
   const int64_t end_inside = last >= 0 ? std::min(g.Wo, last / g.sw + 1) : 0;
-  c.interior_begin = std::min(g.Wo, std::max(first_inside, first_inside > 0 ? kEdgeColumns : 0));
-  c.interior_end = std::max(c.interior_begin, std::min(end_inside, end_inside < g.Wo ? g.Wo - kEdgeColumns : g.Wo));
+  c.interior_begin = std::min(g.Wo, std::max(first_inside, first_inside > 0 ? edge : 0));
+  c.interior_end = std::max(c.interior_begin, std::min(end_inside, end_inside < g.Wo ? g.Wo - edge : g.Wo));
   c.left_width = c.interior_begin > 0 ? (c.interior_begin - 1) * g.sw + g.KW : 0;
   c.right_first = c.interior_end * g.sw;
   c.right_width = c.interior_end < g.Wo ? (g.Wo - 1 - c.interior_end) * g.sw + g.KW : 0;
@@ -714,9 +926,10 @@ void Avx2Columns(const Geometry& g, const RowSet& rs, const float* w, const floa
   for (; co0 < g.CoP; co0 += 8) TileColumns<12, 6>(begin, begin, end, Avx2Tile<1>{g, rs, w, bias, co0, yrow});
 }
 
-// The column kernel of a forward pass: bf16 tiles (AVX512-BF16), else the active vector width's.
+// The column kernel of a forward pass: bf16 tiles (AMX, else AVX512-BF16), else the active vector width's.
 ColumnsFn ColumnsFor(bool bf16) {
-  return bf16 ? Avx512Bf16Columns : ActiveIsa() == kAvx512 ? Avx512Columns : Avx2Columns;
+  if (bf16) return ActiveBf16Engine() == kBf16Amx ? AmxBf16Columns : Avx512Bf16Columns;
+  return ActiveIsa() == kAvx512 ? Avx512Columns : Avx2Columns;
 }
 
 // bf16: x and w hold pairs of bfloat16 input channels in each float (g.Ci counts the pairs); AVX-512 BF16 only.
@@ -733,7 +946,8 @@ void ConvForward(const Geometry& g, const float* x, const float* w, const float*
   }
   const ColumnsFn columns = ColumnsFor(bf16);
   const bool fused_act = columns != Avx2Columns;  // the AVX-512 tiles apply the activation as they store
-  const ColumnRanges cr = Columns(g);
+  const bool amx = columns == AmxBf16Columns;
+  const ColumnRanges cr = Columns(g, amx ? kAmxEdgeColumns : kEdgeColumns);
   const int64_t planes = g.B * g.Do;
   const int64_t band = BandRows(g);
   ParallelFor(planes, NumThreads(), [&](int64_t begin, int64_t end, int) {
@@ -768,6 +982,7 @@ void ConvForward(const Geometry& g, const float* x, const float* w, const float*
         if (act && !fused_act) LeakyRow(yrow, g.Wo * g.Co, slope);
       }
     }
+    if (amx) EndTiles();
   });
 }
 
@@ -850,6 +1065,7 @@ void ConvUpcatForward(const Geometry& g, const Upcat& u, const float* w, const f
         }
       }
     }
+    if (columns == AmxBf16Columns) EndTiles();
   });
 }
 
@@ -1078,10 +1294,22 @@ extern "C" int crd_set_isa(int isa) {
 
 extern "C" int crd_has_bf16() { return CpuHasBf16(); }
 
-// Multiply-adds per second of the bfloat16 path over the float32 one on this CPU, measured on the calling
-// thread (~20 ms); 0 without AVX512-BF16. Up to 2 where VDPBF16PS issues as often as VFMADD; 0.50 measured on
-// an Intel Sapphire Rapids-class Xeon, where --bf16 rounds the inputs and is slower.
-extern "C" double crd_bf16_speedup() { return CpuHasBf16() ? Bf16MulAddSpeedup() : 0.0; }
+// Multiply-adds per second of the bfloat16 engine in use over float32 FMAs on this CPU, measured on the calling
+// thread (~20 ms); 0 without AVX512-BF16. VDPBF16PS: up to 2 where it issues as often as VFMADD, 0.50 measured
+// on an Intel Sapphire Rapids-class Xeon; AMX: ~16 on the same Xeon.
+extern "C" double crd_bf16_speedup() {
+  if (!CpuHasBf16()) return 0.0;
+  return ActiveBf16Engine() == kBf16Amx ? AmxMulAddSpeedup() : Bf16MulAddSpeedup();
+}
+
+extern "C" int crd_bf16_engine() { return ActiveBf16Engine(); }
+
+// Selects the engine of the bf16 tiles (0: VDPBF16PS, 1: AMX); returns the one now in use (AMX is refused where
+// the CPU or the kernel lacks it). For tests and benchmarks, which compare both in one process.
+extern "C" int crd_set_bf16_engine(int engine) {
+  Bf16EngineSetting().store(engine == kBf16Amx && CpuHasAmxBf16() ? kBf16Amx : kBf16Avx512);
+  return ActiveBf16Engine();
+}
 
 extern "C" int crd_cpu_supported() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 
