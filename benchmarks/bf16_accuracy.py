@@ -1,19 +1,18 @@
-"""What the opt-in bfloat16 inference (``--bf16``, AVX512-BF16 CPUs) does to the field and to Dice, on the 30
+"""What the opt-in bfloat16 inference (``--bf16``: AMX or AVX512-BF16 CPUs) does to the field and to Dice, on the 30
 ordered LPBA40 validation pairs (S35-S40) at 1 mm, through the same code as ``crd-jax register``.
 
     python benchmarks/bf16_accuracy.py                                  # the shipped LPBA40 models
-    python benchmarks/bf16_accuracy.py --models lpba40-vm-h --max-pairs 4 --out /tmp/bf16
+    python benchmarks/bf16_accuracy.py --models lpba40-vm-h --max-pairs 4 --out /tmp/bf16_accuracy
 
 Per model: every pair registered with float32 convolutions, then again with bfloat16 inputs and weights
 (float32 sums); the largest and the mean absolute difference of the two fields over all voxels (in voxels),
 Dice over the 56 structures both ways with the paired difference (95% bootstrap interval, Wilcoxon p), and
-the folds. Writes ``<out>/bf16_accuracy.{md,json}``.
+the folds. Writes ``<out>.{md,json}`` (default ``benchmarks/results/bf16_accuracy``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -47,7 +46,7 @@ def register_all(loaded, pairs, img, seg, labels, bf16: bool):
 
 
 def main():
-    from common import machine
+    from common import machine, write
     from lpba40_report import bootstrap_indices, paired
 
     from crd_jax import pretrained
@@ -60,10 +59,11 @@ def main():
     p.add_argument("--models", nargs="*", default=["lpba40-vm-ll-crd", "lpba40-vm-h"])
     p.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data" / "lpba40")
     p.add_argument("--max-pairs", type=int, default=0)
-    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "bf16_accuracy")
     args = p.parse_args()
     if not native.has_bf16():
         raise SystemExit("bf16_accuracy.py needs the native kernel on a CPU with AVX512-BF16")
+    engine = native.describe_bf16()
 
     labels = label_protocol("lpba40")
     pairs = [(m, f) for f in VAL for m in VAL if m != f][: args.max_pairs or None]
@@ -72,7 +72,8 @@ def main():
     idx = bootstrap_indices(len(pairs))
     m = machine()
     lines = [f"### bfloat16 inference (`--bf16`) against float32, LPBA40 S35-S40 at 1 mm", "",
-             f"{len(pairs)} ordered pairs, 56 structures; {native.describe()}, {m.get('cpu', '')}. Field differences "
+             f"{len(pairs)} ordered pairs, 56 structures; {native.describe()}, bfloat16 on {engine}, {m.get('cpu', '')}. "
+             "Field differences "
              "in voxels over every voxel of every pair; Dice difference = bf16 - float32 over pairs.", "",
              "| Model | Max field difference | Mean field difference | Dice float32 | Dice bf16 | bf16 - float32 [95% CI] | "
              "Wilcoxon p | Folds float32 / bf16 |", "|---|---|---|---|---|---|---|---|"]
@@ -92,12 +93,8 @@ def main():
                      f"{cmp['mean']:+.5f} [{cmp['ci'][0]:+.5f}, {cmp['ci'][1]:+.5f}] | {cmp['p']:.2g} | "
                      f"{np.mean(k32):.0f} / {np.mean(k16):.0f} |")
         print(lines[-1], flush=True)
-    md = "\n".join(lines) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bf16_accuracy.md").write_text(md)
-    (args.out / "bf16_accuracy.json").write_text(json.dumps({"pairs": pairs, "models": summary, "machine": m,
-                                                             "conv": native.describe()}, indent=2))
-    print(md)
+    write(args.out, {"pairs": pairs, "models": summary, "machine": m, "conv": native.describe(), "bf16_engine": engine},
+          "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--peak", type=float, default=None, help="FMA peak in GFLOP/s (default: measured now)")
     p.add_argument("--isa", choices=("avx2", "avx512"), default=None, help="force the kernel's vector width")
-    p.add_argument("--bf16", action="store_true", help="the opt-in bfloat16 inference path (AVX512-BF16)")
+    p.add_argument("--bf16", action="store_true", help="the opt-in bfloat16 inference path (AMX or AVX512-BF16)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "conv_layers")
     args = p.parse_args()
 
@@ -98,7 +98,7 @@ def main():
         total_s += latency
         total_g += g
     m = machine()
-    path = native.describe() + (", bfloat16 inputs and weights, float32 sums" if args.bf16 else "")
+    path = native.describe() + (f", bfloat16 inputs and weights, float32 sums, {native.describe_bf16()}" if args.bf16 else "")
     lines = [f"### VM-H convolutions one by one, input {'x'.join(map(str, args.shape))} ({m.get('cpu', '')}, {path})", "",
              f"Median of {args.repeats}; GFLOP/s counts useful multiply-adds; peak {args.peak:.0f} GFLOP/s (FMA loop, same CPUs). "
              "`(up+concat)`: the decoder's upsample-and-concatenate and the convolution as the network runs them "

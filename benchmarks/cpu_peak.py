@@ -104,10 +104,12 @@ def main():
               "instructions and twice the registers)." if 512 in peak else f"Convolution path: {native.describe()}."]
     bf16 = native.bf16_speedup()
     if bf16:
-        lines += ["", f"bfloat16 (`--bf16`): VDPBF16PS multiply-adds per second / float32 FMA multiply-adds per second "
+        engine = {"amx": "AMX TDPBF16PS", "avx512-bf16": "VDPBF16PS"}[native.bf16_engine()]
+        lines += ["", f"bfloat16 (`--bf16`): {engine} multiply-adds per second / float32 FMA multiply-adds per second "
                   f"on one CPU = {bf16:.2f} (`crd_jax.ops.native.bf16_speedup()`; below 1.2 `crd-jax register --bf16` "
                   "says in its log that it is unlikely to be faster)."]
-    write(args.out, {"machine": m, "shape": args.shape, "rows": rows, "bf16_speedup": bf16},
+    write(args.out, {"machine": m, "shape": args.shape, "rows": rows, "bf16_speedup": bf16,
+                     "bf16_engine": native.bf16_engine()},
           "\n".join(lines).rstrip() + "\n")
 
 

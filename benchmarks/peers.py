@@ -46,7 +46,7 @@ def main():
     from crd_jax.ops import native
 
     conv = native.describe()
-    bf16_engine = {"amx": "AMX tiles", "avx512-bf16": "AVX512-BF16"}.get(native.bf16_engine(), "no bfloat16 on this CPU")
+    bf16_engine = native.describe_bf16() or "no bfloat16 on this CPU"
 
     rows = []
     for mode, sizes in (("infer", args.infer_sizes), ("train", args.train_sizes)):

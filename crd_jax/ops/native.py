@@ -174,6 +174,11 @@ def bf16_engine() -> str:
     return _BF16_ENGINES[int(_state["lib"].crd_bf16_engine())] if has_bf16() else ""
 
 
+def describe_bf16() -> str:
+    """The engine of ``--bf16`` in words, for logs and results files ("" where there is none)."""
+    return {"amx": "AMX tiles", "avx512-bf16": "AVX512-BF16"}.get(bf16_engine(), "")
+
+
 def set_bf16_engine(name: str) -> str:
     """Selects the engine of the bfloat16 tiles for this process (tests and benchmarks compare the two; the
     environment's ``CRD_JAX_BF16_ENGINE=avx512`` selects VDPBF16PS). AMX is refused where the CPU or the

@@ -814,8 +814,8 @@ void EndTiles() {
 }
 
 // Ranges narrower than one tile (16 columns) run on the VDPBF16PS tiles; wider ones in blocks of 32 columns,
-// the last block ending at `end` and overlapping columns already done (it writes the same values), as
-// TileColumns does.
+// the last block (of 32 or 16) ending at `end` and overlapping columns already done (it writes the same
+// values), as TileColumns does.
 void AmxBf16Columns(const Geometry& g, const RowSet& rs, const float* w, const float* bias, int64_t begin,
                     int64_t end, float slope, bool act, float* yrow) {
   if (end - begin < 16) return Avx512Bf16Columns(g, rs, w, bias, begin, end, slope, act, yrow);
@@ -829,7 +829,11 @@ void AmxBf16Columns(const Geometry& g, const RowSet& rs, const float* w, const f
     } else {
       int64_t ow = begin;
       for (; ow + 32 <= end; ow += 32) AmxBlock<true>(g, rs, w, bias, ow, co0, n, slope, act, yrow);
-      if (ow < end) AmxBlock<true>(g, rs, w, bias, end - 32, co0, n, slope, act, yrow);
+      if (end - ow > 16) {
+        AmxBlock<true>(g, rs, w, bias, end - 32, co0, n, slope, act, yrow);
+      } else if (ow < end) {
+        AmxBlock<false>(g, rs, w, bias, end - 16, co0, n, slope, act, yrow);
+      }
     }
   }
 }
@@ -902,15 +906,13 @@ ColumnRanges Columns(const Geometry& g, int64_t edge) {
 // Copies virtual padded columns [first, first + width) of an input row (virtual column c is input column
 // c - pw; outside the row, zeros) to buf, and returns the pointer that virtual column 0 would have.
 const float* EdgeRow(const Geometry& g, const float* xrow, int64_t first, int64_t width, float* buf) {
-  for (int64_t c = 0; c < width; ++c) {
-    const int64_t ic = first + c - g.pw;
-    float* dst = buf + c * g.Ci;
-    if (ic >= 0 && ic < g.W) {
-      std::memcpy(dst, xrow + ic * g.Ci, g.Ci * sizeof(float));
-    } else {
-      std::memset(dst, 0, g.Ci * sizeof(float));
-    }
-  }
+  // Columns [c0, c1) of the copy lie inside the row: one copy for them, zeros on either side (a call per column
+  // cost more than the copying on rows of a few channels).
+  const int64_t c0 = std::clamp<int64_t>(g.pw - first, 0, width);
+  const int64_t c1 = std::clamp<int64_t>(g.W + g.pw - first, c0, width);
+  std::memset(buf, 0, c0 * g.Ci * sizeof(float));
+  std::memcpy(buf + c0 * g.Ci, xrow + (first + c0 - g.pw) * g.Ci, (c1 - c0) * g.Ci * sizeof(float));
+  std::memset(buf + c1 * g.Ci, 0, (width - c1) * g.Ci * sizeof(float));
   return buf - first * g.Ci;
 }
 
