@@ -381,7 +381,10 @@ def test_every_subcommand_help_has_a_description_and_an_example(capsys):
         assert p.description and "example: crd-jax" in text, name
     with pytest.raises(SystemExit):
         main(["--version"])
-    assert "convolution:" in capsys.readouterr().out
+    from crd_jax.ops import native
+
+    out = capsys.readouterr().out
+    assert "convolution:" in out and f"--bf16: {native.describe_bf16() or 'unavailable on this CPU'}" in out
 
 
 def test_register_pairs_csv_writes_one_folder_per_pair_like_single_registrations(tmp_path, shift_model, capsys):

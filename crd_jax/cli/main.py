@@ -448,7 +448,9 @@ class _Version(argparse.Action):
         from crd_jax.ops import native
 
         conv = native.describe()
-        print(f"crd-jax {crd_jax.__version__}, jax {jax.__version__} on {jax.default_backend()}; convolution: {conv}")
+        bf16 = native.describe_bf16() or "unavailable on this CPU"
+        print(f"crd-jax {crd_jax.__version__}, jax {jax.__version__} on {jax.default_backend()}; convolution: {conv}; "
+              f"--bf16: {bf16}")
         parser.exit()
 
 
