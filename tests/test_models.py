@@ -124,3 +124,18 @@ def test_model_output_is_a_typed_pytree_with_the_old_mapping_view():
     legacy = as_output({"disp": out.disp, "matrix": jnp.eye(2)})
     assert legacy.extras["matrix"].shape == (2, 2) and legacy["matrix"].shape == (2, 2)
     assert jax.jit(lambda o: o.replace(disp_low=o.disp[:, ::2, ::2]))(out).disp_low.shape == (1, 2, 2, 2)
+
+
+@pytest.mark.parametrize("shapes", [[(1, 5, 6, 7, 1)] * 2, [(2, 4, 5, 1)] * 3, [(1, 4, 5, 6, 1), (1, 4, 5, 6, 3)]])
+def test_channel_concat_equals_numpy_in_values_and_gradients(shapes):
+    """The image pair is interleaved by a select (faster on XLA:CPU than its concatenate); other parts take
+    jnp.concatenate: both equal numpy's concatenation, and the gradient splits back to each part."""
+    from crd_jax.models.layers import concat
+
+    rng = np.random.default_rng(len(shapes))
+    parts = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    np.testing.assert_array_equal(jax.jit(concat)(parts), np.concatenate(parts, axis=-1))
+    weights = rng.standard_normal(np.concatenate(parts, axis=-1).shape).astype(np.float32)
+    grads = jax.grad(lambda ps: jnp.sum(concat(ps) * weights))(parts)
+    for g, piece in zip(grads, np.split(weights, np.cumsum([s[-1] for s in shapes])[:-1], axis=-1)):
+        np.testing.assert_array_equal(g, piece)

@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from crd_jax.ops.conv import conv, conv_upsampled_concat
@@ -64,7 +65,19 @@ def flow_kernel_init(stddev: float = 1e-5):
 
 
 def concat(parts: Union[Sequence[jax.Array], jax.Array]) -> jax.Array:
-    return jnp.concatenate(list(parts), axis=-1)
+    """Concatenation along the channel axis. Single-channel parts of one shape (the image pair a network
+    reads) are interleaved by a select on the channel index instead: XLA:CPU's concatenate along the minor axis
+    moves one element at a time (~15x slower for the pair at 80x96x112, measured)."""
+    parts = list(parts)
+    first = parts[0]
+    if len(parts) > 1 and all(p.shape == first.shape and p.dtype == first.dtype for p in parts) and first.shape[-1] == 1:
+        shape = first.shape[:-1] + (len(parts),)
+        channel = lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
+        out = jnp.broadcast_to(parts[-1], shape)
+        for i in range(len(parts) - 2, -1, -1):
+            out = jnp.where(channel == i, parts[i], out)
+        return out
+    return jnp.concatenate(parts, axis=-1)
 
 
 FLOW_INITS = ("torch", "small")
