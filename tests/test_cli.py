@@ -483,3 +483,29 @@ def test_bf16_speedup_is_measured_for_each_engine_the_cpu_has():
             assert low < first < high and native.bf16_speedup() == first  # measured once per process and engine
     finally:
         native.set_bf16_engine(before)
+
+
+def test_parameter_shapes_are_remembered_once_per_architecture_in_the_cache(tmp_path, monkeypatch):
+    """The first call computes and stores the shapes (atomically, nothing else left in the folder), later calls
+    read them without computing; a folder where the file should be only costs the computation."""
+    import os
+
+    from crd_jax.cli.registration import _cached_shapes
+
+    monkeypatch.setenv("CRD_JAX_CACHE_DIR", str(tmp_path))
+    spec = {"architecture": {"enc": [16, 32]}, "kind": "vm", "factor": 2}
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"['a']": (3, 3, 2, 16), "['b']": (16,)}
+
+    first = _cached_shapes(spec, 3, compute)
+    assert first == _cached_shapes(spec, 3, compute) == {"['a']": (3, 3, 2, 16), "['b']": (16,)}
+    assert len(calls) == 1
+    files = os.listdir(tmp_path / "shapes")
+    assert len(files) == 1 and files[0].endswith(".json")
+    assert _cached_shapes(dict(spec, factor=4), 3, compute) == first and len(calls) == 2  # another architecture
+    os.remove(tmp_path / "shapes" / files[0])
+    os.mkdir(tmp_path / "shapes" / files[0])
+    assert _cached_shapes(spec, 3, compute) == first and len(calls) == 3

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crd_jax.cli.allocator import release_free_memory
-from crd_jax.data.io import Volume, load_image, load_labels
+from crd_jax.data.io import Volume, atomic_path, load_image, load_labels
 from crd_jax import geometry, inference
 from crd_jax.errors import InputError
 from crd_jax.geometry import onto_grid, same_grid, world_gap
@@ -89,11 +89,9 @@ def _cached_shapes(spec, ndim: int, compute) -> Dict[str, tuple]:
         pass
     shapes = compute()
     try:
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
             json.dump(shapes, f)
-        os.replace(tmp, path)
-    except OSError:
+    except (OSError, InputError):
         pass  # an unwritable cache only costs time
     return shapes
 
