@@ -95,3 +95,17 @@ def test_install_builds_the_kernel_which_runs_without_a_compiler_and_is_refused_
     proc = _probe(site, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0].startswith("lax.conv (no C++ compiler")
+
+
+@pytest.mark.skipif(not X86_LINUX or shutil.which("g++") is None, reason="needs g++ on x86-64 Linux")
+def test_kernel_source_compiles_without_the_amx_path():
+    """A compiler older than GCC 11 / clang 12 has no AMX intrinsics: the kernel then builds without that path
+    (``CRD_AMX`` 0, as such a compiler's version test sets it) rather than failing and leaving lax.conv."""
+    import jax.ffi
+
+    from crd_jax.ops import native_build
+
+    cmd = ["g++", *native_build.FLAGS, "-fsyntax-only", "-DCRD_AMX=0", "-I", jax.ffi.include_dir(),
+           str(native_build.CSRC / "conv_cpu.cc")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -680,11 +680,13 @@ double Bf16MulAddSpeedup() {
 // thread configures its tiles (LDTILECFG) at the start of a row and releases them at the end, so that threads
 // that never run a tile keep the small register state on context switches.
 
-// The AMX intrinsics need GCC 11 or clang 12; older compilers build everything else.
+// The AMX intrinsics need GCC 11 or clang 12; older compilers (or -DCRD_AMX=0) build everything else.
+#ifndef CRD_AMX
 #if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
 #define CRD_AMX 1
 #else
 #define CRD_AMX 0
+#endif
 #endif
 
 constexpr long kArchReqXcompPerm = 0x1023;
