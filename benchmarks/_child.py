@@ -127,7 +127,6 @@ def torch_same_arch(torch, nn):
             self.dec1 = nn.Sequential(Block(48, 32), Block(32, 32))
             self.dec0 = nn.Sequential(Block(34, 16), Block(16, 16))
             self.flow = nn.Conv3d(16, 3, 3, 1, 1)
-            self.up = nn.Upsample(scale_factor=2, mode="nearest")
 
         def forward(self, moving, fixed):
             x = torch.cat([moving, fixed], 1)
@@ -138,7 +137,10 @@ def torch_same_arch(torch, nn):
                 skips.append(h)
             h = self.dec4(h)
             for level, dec in ((3, self.dec3), (2, self.dec2), (1, self.dec1), (0, self.dec0)):
-                h = dec(torch.cat([self.up(h), skips[level]], 1))
+                # to the skip's size, as crd-jax does: a level of odd size (the LL grid at OASIS size) upsamples
+                # to one voxel less than twice its coarser neighbour
+                up = nn.functional.interpolate(h, size=skips[level].shape[2:], mode="nearest")
+                h = dec(torch.cat([up, skips[level]], 1))
             return self.flow(h)
 
     return VM()
