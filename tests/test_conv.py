@@ -144,6 +144,108 @@ def test_upsampled_concat_conv_rejects_shapes_that_do_not_fit():
         conv_upsampled_concat(jnp.ones((1, 4, 3, 3, 4)), jnp.ones((1, 8, 6, 6, 2)), jnp.ones((3, 3, 3, 5, 8)), jnp.zeros(8))
 
 
+@pytest.fixture
+def winograd_switch():
+    """The Winograd path needs the AVX-512 kernel; restores both settings after the test."""
+    if not ON_CPU or not native.available():
+        pytest.skip("the native kernel is not in use")
+    isa_before, wino_before = native.isa(), native.winograd()
+    if native.set_isa("avx512") != "avx512":
+        native.set_isa(isa_before)
+        pytest.skip("this CPU lacks AVX-512")
+    yield native.set_winograd
+    native.set_winograd(wino_before)
+    native.set_isa(isa_before)
+
+
+WINOGRAD_CASES = [
+    # spatial shape (widths 1-6 cross the edge tiles; odd sizes end in half tiles), C_in, C_out, slope
+    ((4, 6, 8), 16, 16, 0.2),
+    ((5, 7, 9), 32, 32, None),
+    ((3, 3, 1), 16, 16, 0.2),
+    ((2, 3, 2), 8, 32, 0.2),
+    ((3, 2, 3), 16, 16, None),
+    ((4, 3, 4), 3, 16, 0.2),
+    ((3, 4, 5), 17, 48, 0.1),
+    ((2, 5, 6), 34, 16, 0.2),
+    ((1, 1, 7), 128, 16, 0.2),
+    ((6, 5, 33), 48, 32, 0.2),  # rows of more than one chunk of tiles (24)
+]
+
+
+@pytest.mark.parametrize("shape,cin,cout,slope", WINOGRAD_CASES)
+def test_winograd_path_matches_lax_and_the_direct_kernel(shape, cin, cout, slope, winograd_switch):
+    """F(2x2x2, 3x3x3) and the direct AVX-512 kernel, each against lax.conv; the dispatch counter proves which ran."""
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(sum(shape) * cin + cout), 3)
+    x = jax.random.normal(k1, (2, *shape, cin))
+    w = jax.random.normal(k2, (3, 3, 3, cin, cout)) * 0.3
+    b = jax.random.normal(k3, (cout,))
+    ref = np.asarray(conv_reference(x, w, b, 1, negative_slope=slope))
+    fn = jax.jit(lambda x, w, b: conv(x, w, b, 1, negative_slope=slope))
+    outputs = {}
+    for on in (True, False):
+        assert winograd_switch(on) == on
+        calls = native.winograd_calls()
+        outputs[on] = np.asarray(fn(x, w, b))
+        assert native.winograd_calls() - calls == (1 if on else 0)
+        np.testing.assert_allclose(outputs[on], ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+    # the two orders of summation agree to float32 rounding of the largest terms
+    assert float(np.abs(outputs[True] - outputs[False]).max()) <= 1e-5 * float(np.abs(ref).max()) + 1e-6
+
+
+@pytest.mark.parametrize("shape,low_shape,cl,cs,cout", [((8, 10, 12), (4, 5, 6), 32, 2, 16),
+                                                        ((7, 9, 5), (4, 5, 3), 16, 16, 32),
+                                                        ((6, 4, 3), (3, 2, 2), 5, 3, 16)])
+def test_winograd_path_of_the_upsampled_concat_conv_matches_the_direct_kernel(shape, low_shape, cl, cs, cout,
+                                                                               winograd_switch):
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(cl + cs), 4)
+    low = jax.random.normal(k1, (2, *low_shape, cl))
+    skip = jax.random.normal(k2, (2, *shape, cs))
+    w = jax.random.normal(k3, (3, 3, 3, cl + cs, cout)) * 0.3
+    b = jax.random.normal(k4, (cout,))
+    up = low
+    for axis in (1, 2, 3):
+        up = jnp.repeat(up, 2, axis=axis)
+    up = up[:, : shape[0], : shape[1], : shape[2]]
+    ref = np.asarray(conv_reference(jnp.concatenate([up, skip], -1), w, b, negative_slope=0.2))
+    fn = jax.jit(lambda *a: conv_upsampled_concat(*a, negative_slope=0.2))
+    for on in (True, False):
+        winograd_switch(on)
+        calls = native.winograd_calls()
+        y = np.asarray(fn(low, skip, w, b))
+        assert native.winograd_calls() - calls == (1 if on else 0)
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
+def test_winograd_path_is_not_taken_where_it_does_not_apply(winograd_switch):
+    """Stride 2, output channels not a multiple of 16, more than 128 input channels: the direct kernel."""
+    winograd_switch(True)
+    x = jnp.ones((1, 6, 6, 6, 130))
+    cases = [(x[..., :16], 16, 2), (x[..., :16], 24, 1), (x, 16, 1)]
+    for xi, cout, stride in cases:
+        w = jnp.full((3, 3, 3, xi.shape[-1], cout), 0.01)
+        calls = native.winograd_calls()
+        y = conv(xi, w, jnp.zeros(cout), stride)
+        assert native.winograd_calls() == calls
+        np.testing.assert_allclose(y, conv_reference(xi, w, jnp.zeros(cout), stride), rtol=1e-4, atol=1e-4)
+
+
+def test_winograd_is_named_by_describe_and_follows_the_environment():
+    import os
+    import subprocess
+    import sys
+
+    if not ON_CPU or not native.available() or native.isa() != "avx512":
+        pytest.skip("the Winograd path needs the AVX-512 kernel")
+    code = "from crd_jax.ops import native\nprint(native.winograd(), native.describe())"
+    for value, expected in (("0", "False"), ("1", "True")):
+        env = {**os.environ, "CRD_JAX_WINOGRAD": value}
+        env.pop("CRD_JAX_ISA", None)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+        assert out.split()[0] == expected
+        assert ("Winograd" in out) == (expected == "True")
+
+
 def test_conv_default_padding_matches_pytorch_stride2_sampling():
     """Stride-2 output o reads inputs 2o-1, 2o, 2o+1 (PyTorch padding=1), not XLA's 'SAME' (2o..2o+2)."""
     x = jnp.arange(8.0).reshape(1, 8, 1)[:, :, None, :] * jnp.ones((1, 8, 3, 1))  # (1, 8, 3, 1)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "conv_cpu.cc", CSRC / "warp_cpu.cc"]  # compiled into one library
-HEADERS = [CSRC / "parallel.h"]
+HEADERS = [CSRC / "parallel.h", CSRC / "winograd.h"]
 FLAGS = ["-O3", "-std=c++17", "-fPIC", "-mavx2", "-mfma", "-fno-math-errno"]
 KEY_MACRO = "CRD_BUILD_KEY"
 # The installed library's module name: crd_jax/ops/_kernels<EXTENSION_SUFFIX> (a plain shared library

@@ -6,6 +6,9 @@
 // matrix. A register-blocked direct convolution reads each input voxel from cache and keeps the partial
 // sums in registers, which is what oneDNN does for PyTorch.
 //
+// Stride-1 3^3 layers with output channels in multiples of 16 run as Winograd F(2x2x2, 3x3x3) on AVX-512
+// (winograd.h): 64 instead of 216 multiply-adds per 2x2x2 outputs and channel pair.
+//
 // Forward pass: each output row reads its KD x KH input rows in place (only the few columns at either end
 // read a zero-padded copy); tiles of output columns x output channels keep their partial sums in
 // registers; output rows are visited in bands that keep the input rows they share in the L2 cache.
@@ -35,6 +38,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "winograd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -936,9 +940,186 @@ ColumnsFn ColumnsFor(bool bf16) {
   return ActiveIsa() == kAvx512 ? Avx512Columns : Avx2Columns;
 }
 
+// --- the decoder's first convolution, conv(concat(up(low), skip)), without the concatenation ---------------
+//
+// A U-Net decoder upsamples its coarse features x2 (nearest neighbour, cropped to the skip's size) and
+// concatenates them with the skip connection before a stride-1 convolution. Materialised by XLA, that input
+// is the largest tensor of the network (34 channels at full resolution for VM): written once, page-faulted
+// in and read back. Here each thread builds the concatenated, zero-padded input rows of its band of output
+// rows into an L2-sized buffer (each depth plane's rows once per band, KD planes in a ring) and runs the
+// ordinary tiles on them; every column is then an interior column.
+struct Upcat {
+  const float* low;  // (B, Dl, Hl, Wl, Cl), the coarse features, repeated x2 along each axis and cropped
+  int64_t Dl, Hl, Wl, Cl;
+  const float* skip;  // (B, D, H, W, Cs); the concatenation is [up(low), skip] along channels
+  int64_t Cs;
+};
+
+// dst[0, n) = src[0, n) for the few dozen channels of one voxel, inline: two memcpy calls per voxel cost more than
+// the copying when a decoder's input rows are built (VM's last level: 2 skip channels per voxel).
+inline void CopyFloats(float* dst, const float* src, int64_t n) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) _mm256_storeu_ps(dst + k, _mm256_loadu_ps(src + k));
+  if (k < n) {
+    const __m256i mask = TailMask(static_cast<int>(n - k));
+    _mm256_maskstore_ps(dst + k, mask, _mm256_maskload_ps(src + k, mask));
+  }
+}
+
+// Row (b, id, ih) of concat(up(low), skip) with its zero padding: virtual columns [0, width) of ci floats
+// each (ci >= Cl + Cs; the rest zero), column c being input column c - pw.
+void BuildUpcatRow(const Geometry& g, const Upcat& u, int64_t b, int64_t id, int64_t ih, int64_t width, int64_t ci,
+                   float* dst) {
+  const float* low_row = u.low + ((b * u.Dl + id / 2) * u.Hl + ih / 2) * u.Wl * u.Cl;
+  const float* skip_row = u.skip + ((b * g.D + id) * g.H + ih) * g.W * u.Cs;
+  for (int64_t c = 0; c < width; ++c, dst += ci) {
+    const int64_t iw = c - g.pw;
+    if (iw < 0 || iw >= g.W) {
+      std::memset(dst, 0, ci * sizeof(float));
+      continue;
+    }
+    CopyFloats(dst, low_row + (iw / 2) * u.Cl, u.Cl);
+    CopyFloats(dst + u.Cl, skip_row + iw * u.Cs, u.Cs);
+    if (ci > u.Cl + u.Cs) std::memset(dst + u.Cl + u.Cs, 0, (ci - u.Cl - u.Cs) * sizeof(float));
+  }
+}
+
+// --- Winograd F(2x2x2, 3x3x3) for the stride-1 3^3 layers (winograd.h) --------------------------------------
+//
+// On by default where it applies (AVX-512, float32, 3^3 kernel, stride 1, padding 1, output channels a multiple
+// of 16); CRD_JAX_WINOGRAD=0 or crd_set_winograd(0) keeps the direct kernel (for comparisons and tests).
+std::atomic<int>& WinogradSetting() {
+  static std::atomic<int> on{[] {
+    const char* env = std::getenv("CRD_JAX_WINOGRAD");
+    return env != nullptr && std::strcmp(env, "0") == 0 ? 0 : 1;
+  }()};
+  return on;
+}
+
+std::atomic<int64_t>& WinogradCalls() {  // convolutions that took the Winograd path (tests check the dispatch)
+  static std::atomic<int64_t> calls{0};
+  return calls;
+}
+
+bool WinogradApplies(const Geometry& g, bool bf16) {
+  return !bf16 && WinogradSetting().load(std::memory_order_relaxed) != 0 && ActiveIsa() == kAvx512 &&
+         g.KD == 3 && g.KH == 3 && g.KW == 3 && g.sd == 1 && g.sh == 1 && g.sw == 1 && g.pd == 1 && g.ph == 1 &&
+         g.pw == 1 && g.Do == g.D && g.Ho == g.H && g.Wo == g.W && g.Co % 16 == 0 && g.CoP == g.Co &&
+         g.Ci <= crd::winograd::kMaxChannels;
+}
+
+// Output rows of tile row (b, td, th): out[r * 2 + s] is output row (2 td + r, 2 th + s), nullptr past the edge.
+void WinogradOutputRows(const Geometry& g, float* y, int64_t b, int64_t td, int64_t th, float** out) {
+  for (int64_t r = 0; r < 2; ++r) {
+    for (int64_t s = 0; s < 2; ++s) {
+      const int64_t od = 2 * td + r, oh = 2 * th + s;
+      out[r * 2 + s] = od < g.Do && oh < g.Ho ? y + ((b * g.Do + od) * g.Ho + oh) * g.Wo * g.Co : nullptr;
+    }
+  }
+}
+
+// Tile rows per band: the 4 input planes of a tile plane x (2 band + 2) rows stay in the L2 cache while the
+// threads' tile planes advance through them (as the direct kernel's bands do).
+int64_t WinogradBand(const Geometry& g, int64_t row_floats) {
+  const int64_t row_bytes = row_floats * static_cast<int64_t>(sizeof(float));
+  return std::clamp<int64_t>((kBandBytes / (4 * row_bytes) - 2) / 2, 1, (g.Ho + 1) / 2);
+}
+
+// Tiles of 2 x 2 x 2 outputs over a channels-last input read in place: threads take planes of tiles (two
+// output depths), in bands of tile rows; only the first and last tiles of a row read zero-padded copies of the
+// few columns they need.
+void WinogradForward(const Geometry& g, const float* x, const float* w, const float* bias, float slope, bool act,
+                     float* y) {
+  WinogradCalls().fetch_add(1, std::memory_order_relaxed);
+  const std::vector<float> v = crd::winograd::TransformWeights(w, g.Ci, g.Co, g.CoP);
+  const int64_t nt = (g.Wo + 1) / 2, tiles_d = (g.Do + 1) / 2, tiles_h = (g.Ho + 1) / 2;
+  const int64_t t_lo = std::min<int64_t>(1, nt);  // tile 0 reads column -1
+  const int64_t t_hi = std::clamp<int64_t>(g.W >= 3 ? (g.W - 3) / 2 + 1 : 0, t_lo, nt);  // reads column 2t + 2
+  const int64_t left_cols = 2 * t_lo + 2, right_cols = 2 * (nt - t_hi) + 2;
+  const int64_t band = WinogradBand(g, g.W * g.Ci);
+  ParallelFor(g.B * tiles_d, NumThreads(), [&](int64_t begin, int64_t end, int) {
+    std::vector<float> edges(16 * (left_cols + right_cols) * g.Ci + 1);
+    crd::winograd::Scratch scratch(g.Ci, g.Co);
+    for (int64_t th0 = 0; th0 < tiles_h; th0 += band) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t b = p / tiles_d, td = p % tiles_d;
+        for (int64_t th = th0; th < std::min(tiles_h, th0 + band); ++th) {
+          crd::winograd::TileRows in;
+          in.t_lo = t_lo, in.t_hi = t_hi;
+          float* buf = edges.data();
+          for (int64_t k = 0; k < 16; ++k) {
+            const int64_t id = 2 * td - 1 + k / 4, ih = 2 * th - 1 + k % 4;
+            if (id < 0 || id >= g.D || ih < 0 || ih >= g.H) {
+              in.inner[k] = in.left[k] = in.right[k] = nullptr;
+              continue;
+            }
+            const float* xrow = x + ((b * g.D + id) * g.H + ih) * g.W * g.Ci;
+            in.inner[k] = xrow - g.Ci;  // tiles [t_lo, t_hi) never read before xrow
+            in.left[k] = EdgeRow(g, xrow, 0, left_cols, buf);
+            buf += left_cols * g.Ci;
+            in.right[k] = EdgeRow(g, xrow, 2 * t_hi, right_cols, buf) + 2 * t_hi * g.Ci;
+            buf += right_cols * g.Ci;
+          }
+          float* out[4];
+          WinogradOutputRows(g, y, b, td, th, out);
+          crd::winograd::TileRow(in, g.Ci, g.Co, nt, g.Wo, v.data(), bias, slope, act, out, scratch);
+        }
+      }
+    }
+  });
+}
+
+// The same over concat(up(low), skip): the zero-padded input rows of a band of tile rows are built once per
+// plane into a ring of four depth slots (a tile plane reads four input planes, two shared with the next).
+void WinogradUpcatForward(const Geometry& g, const Upcat& u, const float* w, const float* bias, float slope, bool act,
+                          float* y) {
+  WinogradCalls().fetch_add(1, std::memory_order_relaxed);
+  const std::vector<float> v = crd::winograd::TransformWeights(w, g.Ci, g.Co, g.CoP);
+  const int64_t nt = (g.Wo + 1) / 2, tiles_d = (g.Do + 1) / 2, tiles_h = (g.Ho + 1) / 2;
+  const int64_t width = 2 * nt + 2;  // virtual columns: input column c - 1
+  const int64_t row_floats = width * g.Ci;
+  const int64_t band = WinogradBand(g, row_floats);
+  const int64_t plane_rows = 2 * band + 2;
+  ParallelFor(g.B * tiles_d, NumThreads(), [&](int64_t begin, int64_t end, int) {
+    std::vector<float> rows(4 * plane_rows * row_floats);
+    int64_t plane_of_slot[4];
+    crd::winograd::Scratch scratch(g.Ci, g.Co);
+    for (int64_t th0 = 0; th0 < tiles_h; th0 += band) {
+      std::fill(plane_of_slot, plane_of_slot + 4, -1);
+      const int64_t th1 = std::min(tiles_h, th0 + band);
+      const int64_t ih_first = 2 * th0 - 1;  // row 0 of every slot
+      const int64_t ih_lo = std::max<int64_t>(0, ih_first), ih_hi = std::min(g.H, 2 * th1 + 1);
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t b = p / tiles_d, td = p % tiles_d;
+        for (int64_t a = 0; a < 4; ++a) {
+          const int64_t id = 2 * td - 1 + a;
+          if (id < 0 || id >= g.D || plane_of_slot[id % 4] == b * g.D + id) continue;
+          for (int64_t ih = ih_lo; ih < ih_hi; ++ih)
+            BuildUpcatRow(g, u, b, id, ih, width, g.Ci, rows.data() + ((id % 4) * plane_rows + ih - ih_first) * row_floats);
+          plane_of_slot[id % 4] = b * g.D + id;
+        }
+        for (int64_t th = th0; th < th1; ++th) {
+          crd::winograd::TileRows in;
+          in.t_lo = 0, in.t_hi = nt;
+          for (int64_t k = 0; k < 16; ++k) {
+            const int64_t id = 2 * td - 1 + k / 4, ih = 2 * th - 1 + k % 4;
+            const bool inside = id >= 0 && id < g.D && ih >= 0 && ih < g.H;
+            in.inner[k] = inside ? rows.data() + ((id % 4) * plane_rows + ih - ih_first) * row_floats : nullptr;
+            in.left[k] = in.right[k] = nullptr;
+          }
+          float* out[4];
+          WinogradOutputRows(g, y, b, td, th, out);
+          crd::winograd::TileRow(in, g.Ci, g.Co, nt, g.Wo, v.data(), bias, slope, act, out, scratch);
+        }
+      }
+    }
+  });
+}
+
 // bf16: x and w hold pairs of bfloat16 input channels in each float (g.Ci counts the pairs); AVX-512 BF16 only.
 void ConvForward(const Geometry& g, const float* x, const float* w, const float* bias, float slope, bool act,
                  float* y, bool bf16 = false) {
+  if (WinogradApplies(g, bf16)) return WinogradForward(g, x, w, bias, slope, act, y);
   if (!bf16 && g.Co <= 4 && ActiveIsa() == kAvx512 && SmallCoAvx512(g, x, w, bias, slope, act, y)) return;
   if (!bf16 && g.sw == 1 && g.Co <= 4 && g.KD * (g.KH + 1) <= 64) {
     switch (g.Co) {
@@ -990,42 +1171,10 @@ void ConvForward(const Geometry& g, const float* x, const float* w, const float*
   });
 }
 
-// --- the decoder's first convolution, conv(concat(up(low), skip)), without the concatenation ---------------
-//
-// A U-Net decoder upsamples its coarse features x2 (nearest neighbour, cropped to the skip's size) and
-// concatenates them with the skip connection before a stride-1 convolution. Materialised by XLA, that input
-// is the largest tensor of the network (34 channels at full resolution for VM): written once, page-faulted
-// in and read back. Here each thread builds the concatenated, zero-padded input rows of its band of output
-// rows into an L2-sized buffer (each depth plane's rows once per band, KD planes in a ring) and runs the
-// ordinary tiles on them; every column is then an interior column.
-struct Upcat {
-  const float* low;  // (B, Dl, Hl, Wl, Cl), the coarse features, repeated x2 along each axis and cropped
-  int64_t Dl, Hl, Wl, Cl;
-  const float* skip;  // (B, D, H, W, Cs); the concatenation is [up(low), skip] along channels
-  int64_t Cs;
-};
-
-// Row (b, id, ih) of concat(up(low), skip) with its zero padding: virtual columns [0, width) of ci floats
-// each (ci >= Cl + Cs; the rest zero), column c being input column c - pw.
-void BuildUpcatRow(const Geometry& g, const Upcat& u, int64_t b, int64_t id, int64_t ih, int64_t width, int64_t ci,
-                   float* dst) {
-  const float* low_row = u.low + ((b * u.Dl + id / 2) * u.Hl + ih / 2) * u.Wl * u.Cl;
-  const float* skip_row = u.skip + ((b * g.D + id) * g.H + ih) * g.W * u.Cs;
-  for (int64_t c = 0; c < width; ++c, dst += ci) {
-    const int64_t iw = c - g.pw;
-    if (iw < 0 || iw >= g.W) {
-      std::memset(dst, 0, ci * sizeof(float));
-      continue;
-    }
-    std::memcpy(dst, low_row + (iw / 2) * u.Cl, u.Cl * sizeof(float));
-    std::memcpy(dst + u.Cl, skip_row + iw * u.Cs, u.Cs * sizeof(float));
-    if (ci > u.Cl + u.Cs) std::memset(dst + u.Cl + u.Cs, 0, (ci - u.Cl - u.Cs) * sizeof(float));
-  }
-}
-
 // bf16: the rows are rounded to bfloat16 pairs as they are built (g.Ci counts pairs) and the bf16 tiles run.
 void ConvUpcatForward(const Geometry& g, const Upcat& u, const float* w, const float* bias, float slope, bool act,
                       float* y, bool bf16) {
+  if (WinogradApplies(g, bf16)) return WinogradUpcatForward(g, u, w, bias, slope, act, y);
   const ColumnsFn columns = ColumnsFor(bf16);
   const bool fused_act = columns != Avx2Columns;
   const int64_t width = g.Wo + g.KW - 1;  // stride 1
@@ -1295,6 +1444,16 @@ extern "C" int crd_set_isa(int isa) {
   IsaSetting().store(isa == kAvx512 && CpuHasAvx512() ? kAvx512 : kAvx2);
   return ActiveIsa();
 }
+
+// Turns the Winograd path of the stride-1 3^3 layers on (1) or off (0); returns the setting now in force.
+extern "C" int crd_set_winograd(int on) {
+  WinogradSetting().store(on != 0 ? 1 : 0);
+  return WinogradSetting().load();
+}
+
+extern "C" int crd_winograd() { return WinogradSetting().load(); }
+
+extern "C" int64_t crd_winograd_calls() { return WinogradCalls().load(); }
 
 extern "C" int crd_has_bf16() { return CpuHasBf16(); }
 
