@@ -193,9 +193,13 @@ def test_winograd_path_matches_lax_and_the_direct_kernel(shape, cin, cout, slope
     assert float(np.abs(outputs[True] - outputs[False]).max()) <= 1e-5 * float(np.abs(ref).max()) + 1e-6
 
 
-@pytest.mark.parametrize("shape,low_shape,cl,cs,cout", [((8, 10, 12), (4, 5, 6), 32, 2, 16),
-                                                        ((7, 9, 5), (4, 5, 3), 16, 16, 32),
-                                                        ((6, 4, 3), (3, 2, 2), 5, 3, 16)])
+@pytest.mark.parametrize("shape,low_shape,cl,cs,cout", [
+    ((8, 10, 12), (4, 5, 6), 32, 2, 16),  # VM's last level: the upsampled channels from the coarse grid
+    ((6, 4, 10), (3, 2, 5), 16, 16, 32),  # the same with whole vectors of skip channels
+    ((2, 2, 2), (1, 1, 1), 32, 5, 16),  # one tile, every neighbour outside
+    ((8, 10, 12), (5, 5, 6), 32, 2, 16),  # a coarse grid larger than half the skip (cropped): rows built in full
+    ((7, 9, 5), (4, 5, 3), 16, 16, 32),  # odd sizes: rows built in full
+    ((6, 4, 3), (3, 2, 2), 5, 3, 16)])
 def test_winograd_path_of_the_upsampled_concat_conv_matches_the_direct_kernel(shape, low_shape, cl, cs, cout,
                                                                                winograd_switch):
     k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(cl + cs), 4)

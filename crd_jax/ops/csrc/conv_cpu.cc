@@ -1070,14 +1070,19 @@ void WinogradForward(const Geometry& g, const float* x, const float* w, const fl
 }
 
 // The same over concat(up(low), skip): the zero-padded input rows of a band of tile rows are built once per
-// plane into a ring of four depth slots (a tile plane reads four input planes, two shared with the next).
+// plane into a ring of four depth slots (a tile plane reads four input planes, two shared with the next). Where
+// the skip is exactly twice the coarse grid and the coarse channels fill whole vectors (VM's decoder), tile t
+// of each axis sits on coarse voxel t: the upsampled channels are transformed from the coarse grid in place
+// (InputTileUp: 27 of the 64 positions, the others zero) and the rows hold only the skip's channels.
 void WinogradUpcatForward(const Geometry& g, const Upcat& u, const float* w, const float* bias, float slope, bool act,
                           float* y) {
   WinogradCalls().fetch_add(1, std::memory_order_relaxed);
   const std::vector<float> v = crd::winograd::TransformWeights(w, g.Ci, g.Co, g.CoP);
+  const bool coarse = 2 * u.Dl == g.D && 2 * u.Hl == g.H && 2 * u.Wl == g.W && u.Cl % 16 == 0;
   const int64_t nt = (g.Wo + 1) / 2, tiles_d = (g.Do + 1) / 2, tiles_h = (g.Ho + 1) / 2;
   const int64_t width = 2 * nt + 2;  // virtual columns: input column c - 1
-  const int64_t row_floats = width * g.Ci;
+  const int64_t row_ci = coarse ? u.Cs : g.Ci;
+  const int64_t row_floats = width * row_ci;
   const int64_t band = WinogradBand(g, row_floats);
   const int64_t plane_rows = 2 * band + 2;
   ParallelFor(g.B * tiles_d, NumThreads(), [&](int64_t begin, int64_t end, int) {
@@ -1094,8 +1099,16 @@ void WinogradUpcatForward(const Geometry& g, const Upcat& u, const float* w, con
         for (int64_t a = 0; a < 4; ++a) {
           const int64_t id = 2 * td - 1 + a;
           if (id < 0 || id >= g.D || plane_of_slot[id % 4] == b * g.D + id) continue;
-          for (int64_t ih = ih_lo; ih < ih_hi; ++ih)
-            BuildUpcatRow(g, u, b, id, ih, width, g.Ci, rows.data() + ((id % 4) * plane_rows + ih - ih_first) * row_floats);
+          for (int64_t ih = ih_lo; ih < ih_hi; ++ih) {
+            float* dst = rows.data() + ((id % 4) * plane_rows + ih - ih_first) * row_floats;
+            if (!coarse) {
+              BuildUpcatRow(g, u, b, id, ih, width, g.Ci, dst);
+              continue;
+            }
+            const float* skip_row = u.skip + ((b * g.D + id) * g.H + ih) * g.W * u.Cs;
+            std::memset(dst, 0, row_floats * sizeof(float));
+            for (int64_t iw = 0; iw < g.W; ++iw) CopyFloats(dst + (iw + 1) * u.Cs, skip_row + iw * u.Cs, u.Cs);
+          }
           plane_of_slot[id % 4] = b * g.D + id;
         }
         for (int64_t th = th0; th < th1; ++th) {
@@ -1107,9 +1120,19 @@ void WinogradUpcatForward(const Geometry& g, const Upcat& u, const float* w, con
             in.inner[k] = inside ? rows.data() + ((id % 4) * plane_rows + ih - ih_first) * row_floats : nullptr;
             in.left[k] = in.right[k] = nullptr;
           }
+          crd::winograd::UpRows up;
+          if (coarse) {
+            up.channels = u.Cl, up.columns = u.Wl;
+            for (int64_t k = 0; k < 9; ++k) {
+              const int64_t jd = td - 1 + k / 3, jh = th - 1 + k % 3;
+              const bool inside = jd >= 0 && jd < u.Dl && jh >= 0 && jh < u.Hl;
+              up.low[k] = inside ? u.low + ((b * u.Dl + jd) * u.Hl + jh) * u.Wl * u.Cl : nullptr;
+            }
+          }
           float* out[4];
           WinogradOutputRows(g, y, b, td, th, out);
-          crd::winograd::TileRow(in, g.Ci, g.Co, nt, g.Wo, v.data(), bias, slope, act, out, scratch);
+          crd::winograd::TileRow(in, g.Ci, g.Co, nt, g.Wo, v.data(), bias, slope, act, out, scratch,
+                                 coarse ? &up : nullptr);
         }
       }
     }

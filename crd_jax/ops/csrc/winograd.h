@@ -113,6 +113,48 @@ inline void InputTile(const float* const* rows, int64_t offset, int64_t ci, int6
   }
 }
 
+// The same for channels that are a nearest-neighbour x2 upsampling of a coarse grid (a U-Net decoder's input),
+// when tile t of every axis sits on coarse voxel t: its four inputs along an axis are L(t-1), L(t), L(t), L(t+1)
+// (zero outside), so B^T d = (L(t-1) - L(t), 2 L(t), 0, L(t) - L(t+1)). The 27 positions without a 2 are computed
+// from the 3 x 3 x 3 coarse neighbourhood; the other 37 are zero and never read (the products skip them).
+// low[jd * 3 + jh]: coarse rows at offsets -1..1 (nullptr outside), `has_left`/`has_right`: coarse columns t-1
+// and t+1 exist; ci: channels per coarse voxel, ci0 the 16 of them done here.
+inline void InputTileUp(const float* const* low, int64_t t, bool has_left, bool has_right, int64_t ci, int64_t ci0,
+                        float* u, int64_t u_stride) {
+  const __mmask16 lm = has_left ? 0xFFFF : 0, rm = has_right ? 0xFFFF : 0;
+  alignas(64) __m512 slice[3][9];
+  for (int a = 0; a < 3; ++a) {
+    __m512 d[9];
+    for (int b = 0; b < 3; ++b) {
+      const float* r = low[a * 3 + b];
+      if (r == nullptr) {
+        d[b * 3] = d[b * 3 + 1] = d[b * 3 + 2] = _mm512_setzero_ps();
+        continue;
+      }
+      r += t * ci + ci0;
+      const __m512 l = _mm512_maskz_loadu_ps(lm, r - ci), c = _mm512_loadu_ps(r), h = _mm512_maskz_loadu_ps(rm, r + ci);
+      d[b * 3] = _mm512_sub_ps(l, c), d[b * 3 + 1] = _mm512_add_ps(c, c), d[b * 3 + 2] = _mm512_sub_ps(c, h);
+    }
+    for (int c = 0; c < 3; ++c) {
+      const __m512 l = d[c], m = d[3 + c], h = d[6 + c];
+      slice[a][c] = _mm512_sub_ps(l, m), slice[a][3 + c] = _mm512_add_ps(m, m), slice[a][6 + c] = _mm512_sub_ps(m, h);
+    }
+  }
+  constexpr int kIndex[3] = {0, 1, 3};  // transformed index of the three nonzero outputs
+  for (int b = 0; b < 3; ++b) {
+    for (int c = 0; c < 3; ++c) {
+      const __m512 l = slice[0][b * 3 + c], m = slice[1][b * 3 + c], h = slice[2][b * 3 + c];
+      const int64_t k = kIndex[b] * 4 + kIndex[c];
+      _mm512_storeu_ps(u + k * u_stride + ci0, _mm512_sub_ps(l, m));
+      _mm512_storeu_ps(u + (16 + k) * u_stride + ci0, _mm512_add_ps(m, m));
+      _mm512_storeu_ps(u + (48 + k) * u_stride + ci0, _mm512_sub_ps(m, h));
+    }
+  }
+}
+
+// True where position p has a transformed index 2 along some axis (zero for upsampled channels).
+inline bool HasIndexTwo(int p) { return p / 16 == 2 || (p / 4) % 4 == 2 || p % 4 == 2; }
+
 // m[i][co0 + 16 j] = sum_k u[i * TS + k] v[k][co0 + 16 j] for TB tiles i and CV vectors j of output channels.
 // TS (U's floats per tile) is a compile-time constant so that every tile's broadcast is an immediate offset from
 // one pointer: with a run-time stride the 14 tile pointers spilled out of the general registers.
@@ -157,16 +199,18 @@ inline void GemmTiles(int64_t n, const float* u, int64_t ci, const float* v, int
 }
 
 // The 64 products of a chunk: M[p] = U[p] V[p] over all output channels.
+// up_channels: the first channels are upsampled ones (InputTileUp), whose positions with an index 2 are zero.
 template <int TS>
 inline void ChunkProducts(int64_t n, const float* u, int64_t u_stride, int64_t ci, const float* v, int64_t co,
-                          float* m, int64_t m_stride) {
+                          float* m, int64_t m_stride, int64_t up_channels) {
   for (int p = 0; p < 64; ++p) {
-    const float* up = u + p * u_stride;
-    const float* vp = v + p * WeightStride(ci, co);
+    const int64_t k0 = up_channels > 0 && HasIndexTwo(p) ? up_channels : 0;
+    const float* up = u + p * u_stride + k0;
+    const float* vp = v + p * WeightStride(ci, co) + k0 * co;
     float* mp = m + p * m_stride;
     int64_t co0 = 0;
-    for (; co0 + 32 <= co; co0 += 32) GemmTiles<2, TS>(n, up, ci, vp + co0, co, mp + co0);
-    if (co0 < co) GemmTiles<1, TS>(n, up, ci, vp + co0, co, mp + co0);
+    for (; co0 + 32 <= co; co0 += 32) GemmTiles<2, TS>(n, up, ci - k0, vp + co0, co, mp + co0);
+    if (co0 < co) GemmTiles<1, TS>(n, up, ci - k0, vp + co0, co, mp + co0);
   }
 }
 
@@ -229,25 +273,39 @@ struct TileRows {
   int64_t t_lo, t_hi;
 };
 
+// Upsampled channels read from their coarse grid (InputTileUp) ahead of the rows' own channels: low[jd * 3 + jh]
+// as there, `channels` (a multiple of 16) per coarse voxel, `columns` coarse voxels per row.
+struct UpRows {
+  const float* low[9];
+  int64_t channels, columns;
+};
+
 // One row of tiles: nt tiles (output columns 0 .. wo - 1, two per tile) written to the four output rows
 // out[r * 2 + s] (depth offset r, height offset s; nullptr past the volume's edge). co must be a multiple of 16.
+// With `up`, the channels [0, up->channels) come from the coarse grid and the rows hold the remaining ci -
+// up->channels channels per column.
 inline void TileRow(const TileRows& in, int64_t ci, int64_t co, int64_t nt, int64_t wo, const float* v,
-                    const float* bias, float slope, bool act, float* const* out, Scratch& s) {
+                    const float* bias, float slope, bool act, float* const* out, Scratch& s,
+                    const UpRows* up = nullptr) {
+  const int64_t up_ci = up ? up->channels : 0, row_ci = ci - up_ci;
   for (int64_t t0 = 0; t0 < nt; t0 += kChunk) {
     const int64_t n = std::min(kChunk, nt - t0);
     const int64_t ts = TileFloats(ci), u_stride = n * ts + kSkew, m_stride = n * co + kSkew;
     for (int64_t t = t0; t < t0 + n; ++t) {
+      float* ut = s.u.data() + (t - t0) * ts;
+      for (int64_t ci0 = 0; ci0 < up_ci; ci0 += 16)
+        InputTileUp(up->low, t, t > 0, t + 1 < up->columns, up_ci, ci0, ut, u_stride);
       const float* const* rows = t < in.t_lo ? in.left : t >= in.t_hi ? in.right : in.inner;
-      const int64_t offset = 2 * (t >= in.t_hi ? t - in.t_hi : t) * ci;
-      for (int64_t ci0 = 0; ci0 < ci; ci0 += 16) {
-        const __mmask16 mask = ci - ci0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (ci - ci0)) - 1);
-        InputTile(rows, offset, ci, ci0, mask, s.u.data() + (t - t0) * ts, u_stride);
+      const int64_t offset = 2 * (t >= in.t_hi ? t - in.t_hi : t) * row_ci;
+      for (int64_t ci0 = 0; ci0 < row_ci; ci0 += 16) {
+        const __mmask16 mask = row_ci - ci0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (row_ci - ci0)) - 1);
+        InputTile(rows, offset, row_ci, ci0, mask, ut + up_ci, u_stride);
       }
     }
     switch (ts) {
 #define CRD_WINO_TS(TS) \
   case TS:              \
-    ChunkProducts<TS>(n, s.u.data(), u_stride, ci, v, co, s.m.data(), m_stride); \
+    ChunkProducts<TS>(n, s.u.data(), u_stride, ci, v, co, s.m.data(), m_stride, up ? up->channels : 0); \
     break;
       CRD_WINO_TS(16) CRD_WINO_TS(32) CRD_WINO_TS(48) CRD_WINO_TS(64) CRD_WINO_TS(80) CRD_WINO_TS(96)
       CRD_WINO_TS(112) CRD_WINO_TS(128)
