@@ -2,11 +2,12 @@
 
     python benchmarks/conv_layers.py                       # input 80x96x112 (OASIS / 2)
     python benchmarks/conv_layers.py --shape 160 192 224   # OASIS size
+    python benchmarks/conv_layers.py --direct              # the direct kernel on every layer (no Winograd)
 
 For every convolution of the paper's VM (the decoder's upsample-and-concatenate fused into the first convolution of
 each level, as the network runs it):
-median latency of the forward pass (bias and LeakyReLU included), GFLOP/s (2 flops per multiply-add, the
-useful ones only) and that as a fraction of the FMA peak that ``cpu_peak.py`` measures on the same CPUs;
+the algorithm that ran it (Winograd or direct), median latency of the forward pass (bias and LeakyReLU included),
+GFLOP/s (2 flops per multiply-add of a direct convolution, the useful ones only) and that as a fraction of the FMA peak that ``cpu_peak.py`` measures on the same CPUs;
 the last row sums the layers. Writes ``<out>/conv_layers.{md,json}``.
 """
 
@@ -67,6 +68,7 @@ def main():
     p.add_argument("--peak", type=float, default=None, help="FMA peak in GFLOP/s (default: measured now)")
     p.add_argument("--isa", choices=("avx2", "avx512"), default=None, help="force the kernel's vector width")
     p.add_argument("--bf16", action="store_true", help="the opt-in bfloat16 inference path (AMX or AVX512-BF16)")
+    p.add_argument("--direct", action="store_true", help="the direct kernel on every layer (no Winograd)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "conv_layers")
     args = p.parse_args()
 
@@ -74,6 +76,8 @@ def main():
 
     if args.isa:
         native.set_isa(args.isa)
+    if args.direct:
+        native.set_winograd(False)
     if args.bf16:
         import sys
 
@@ -91,23 +95,28 @@ def main():
             args.peak = max(fma_peak(dll, w, n, 1.0) for w in ([256, 512] if dll.has_avx512() else [256]))
     rows, total_s, total_g = [], 0.0, 0.0
     for name, spatial, cin, cout, stride, skip in vm_layers(args.shape):
+        calls = native.winograd_calls()
         latency = time_layer(spatial, cin, cout, stride, args.repeats, act=name != "flow", skip=skip)
+        algorithm = "Winograd" if native.winograd_calls() > calls else "direct"
         g = useful_gflop(spatial, cin, cout, stride)
-        rows.append({"layer": name + (" (up+concat)" if skip else ""), "input": list(spatial), "cin": cin, "cout": cout, "stride": stride,
+        rows.append({"layer": name + (" (up+concat)" if skip else ""), "algorithm": algorithm, "input": list(spatial),
+                     "cin": cin, "cout": cout, "stride": stride,
                      "latency_s": latency, "gflop": g, "gflops": g / latency, "fraction_of_peak": g / latency / args.peak})
         total_s += latency
         total_g += g
     m = machine()
     path = native.describe() + (f", bfloat16 inputs and weights, float32 sums, {native.describe_bf16()}" if args.bf16 else "")
     lines = [f"### VM-H convolutions one by one, input {'x'.join(map(str, args.shape))} ({m.get('cpu', '')}, {path})", "",
-             f"Median of {args.repeats}; GFLOP/s counts useful multiply-adds; peak {args.peak:.0f} GFLOP/s (FMA loop, same CPUs). "
+             f"Median of {args.repeats}; GFLOP/s counts a direct convolution's multiply-adds (a Winograd layer does about a "
+             f"third of them, so its rate can pass the peak); peak {args.peak:.0f} GFLOP/s (FMA loop, same CPUs). "
              "`(up+concat)`: the decoder's upsample-and-concatenate and the convolution as the network runs them "
              "(one fused op, input channels = upsampled + skip).", "",
-             "| Layer | Input | C_in -> C_out | Stride | Latency (ms) | GFLOP | GFLOP/s | % of peak |", "|---|---|---|---|---|---|---|---|"]
+             "| Layer | Algorithm | Input | C_in -> C_out | Stride | Latency (ms) | GFLOP | GFLOP/s | % of peak |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['layer']} | {'x'.join(map(str, r['input']))} | {r['cin']} -> {r['cout']} | {r['stride']} | "
+        lines.append(f"| {r['layer']} | {r['algorithm']} | {'x'.join(map(str, r['input']))} | {r['cin']} -> {r['cout']} | {r['stride']} | "
                      f"{1e3 * r['latency_s']:.1f} | {r['gflop']:.2f} | {r['gflops']:.0f} | {100 * r['fraction_of_peak']:.0f}% |")
-    lines.append(f"| all | | | | {1e3 * total_s:.1f} | {total_g:.2f} | {total_g / total_s:.0f} | "
+    lines.append(f"| all | | | | | {1e3 * total_s:.1f} | {total_g:.2f} | {total_g / total_s:.0f} | "
                  f"{100 * total_g / total_s / args.peak:.0f}% |")
     write(args.out, {"machine": m, "shape": list(args.shape), "peak_gflops": args.peak, "conv": path,
                      "rows": rows, "total_s": total_s, "total_gflop": total_g},

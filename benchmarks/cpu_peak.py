@@ -79,7 +79,9 @@ def main():
     m = machine()
     lines = [f"### FMA peak and VM-H inference efficiency ({m.get('cpu', '')}, {n} CPUs)", "",
              f"VM-H inference at {'x'.join(map(str, args.shape))}, native convolution path, median of {args.repeats}; "
-             "GFLOP/s = XLA's flop count / latency; peak = the FMA loop of `benchmarks/csrc/fma_peak.cc` on the same CPUs.",
+             "GFLOP/s = XLA's flop count (a direct convolution's; the Winograd layers do about a third of their "
+             "multiply-adds, so the rate can pass the peak) / latency; peak = the FMA loop of "
+             "`benchmarks/csrc/fma_peak.cc` on the same CPUs.",
              "", "| CPUs | FMA peak AVX2 (GFLOP/s) | " + ("FMA peak AVX-512 | " if 512 in peak else "")
              + "VM-H latency (s) | VM-H GFLOP/s | % of AVX2 peak | % of the machine's peak | speed-up vs 1 CPU |",
              "|---|---|" + ("---|" if 512 in peak else "") + "---|---|---|---|---|"]
