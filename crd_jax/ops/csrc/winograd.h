@@ -305,7 +305,7 @@ inline void TileRow(const TileRows& in, int64_t ci, int64_t co, int64_t nt, int6
     switch (ts) {
 #define CRD_WINO_TS(TS) \
   case TS:              \
-    ChunkProducts<TS>(n, s.u.data(), u_stride, ci, v, co, s.m.data(), m_stride, up ? up->channels : 0); \
+    ChunkProducts<TS>(n, s.u.data(), u_stride, ci, v, co, s.m.data(), m_stride, up_ci); \
     break;
       CRD_WINO_TS(16) CRD_WINO_TS(32) CRD_WINO_TS(48) CRD_WINO_TS(64) CRD_WINO_TS(80) CRD_WINO_TS(96)
       CRD_WINO_TS(112) CRD_WINO_TS(128)
