@@ -37,6 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
     # fusion conv per level: the 0.6M teacher the paper states), "official" (the authors' released code, n = 2)
     c.model.fusion = "paper"
     c.model.teacher_align_corners = False  # the authors' teacher downsamples with align_corners=True
+    # where the FST predicts phi^T: "half" (the paper's text: the student's grid, upsampled) or "full" (the
+    # authors' voxelmorph_Hinput.py: the fusion chain continues through F^H_{k-1}..F^H_0 to full resolution)
+    c.model.teacher_output = "half"
     c.model.estimator = (32, 16)  # pyramid backbones: convs before each level's flow head
     c.model.cascade = 1  # > 1: that many copies of the backbone in sequence (teacher C)
     c.model.affine = "none"  # "joint": an affine network in front, trained with it; "stage": pre-trained, frozen
@@ -54,6 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.alpha = 1.0  # deformation distillation weight, eq. 10
     c.loss.beta = 0.1  # feature distillation weight, eq. 10
     c.loss.feature_target = "raw"  # raw features (the paper) or "attention" maps (the authors' code)
+    # whether S3 trains on L^L too (eq. 10, the paper); False: distillation terms only (the authors' train.py)
+    c.loss.student_term = True
     c.loss.terms = ml_collections.ConfigDict()  # more eq. 10 terms: {name: {"weight": w, ...}} (distill.TERMS)
     c.loss.deformation_grid = "student"  # eq. 8 on the student's grid, or "full": up(phi^T) vs up(phi^S) (authors' code)
 
@@ -161,17 +166,18 @@ def use_pyramid(config: ml_collections.ConfigDict, diffeomorphic: bool = False) 
 
 def stage(kind: str, **fields) -> ml_collections.ConfigDict:
     """A stage block with every field of its kind (so each can be overridden from the command line);
-    ``model`` (a dict) overrides the global model for this stage only."""
+    ``model`` and ``loss`` (dicts) override the global model and loss for this stage only."""
     import dataclasses
 
     from crd_jax.training.stage_kinds import KINDS
 
     block = {"kind": kind, "steps": 500_000, "evaluate": True, "label": ""}
     for f in dataclasses.fields(KINDS[kind]) if kind in KINDS else ():
-        if f.init and f.name not in block and f.name != "model" and f.default is not dataclasses.MISSING:
+        if f.init and f.name not in block and f.name not in ("model", "loss") and f.default is not dataclasses.MISSING:
             block[f.name] = f.default
-    if "model" in fields:
-        fields["model"] = ml_collections.ConfigDict(fields["model"])
+    for section in ("model", "loss"):
+        if section in fields:
+            fields[section] = ml_collections.ConfigDict(fields[section])
     block.update(fields)
     return ml_collections.ConfigDict(block)
 

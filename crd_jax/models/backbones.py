@@ -30,6 +30,7 @@ COMMON = {
     "affine_channels": [16, 32, 64, 128, 256],
     "fusion": "paper",
     "teacher_align_corners": False,
+    "teacher_output": "half",  # FST phi^T on the student's grid (the paper) or "full" (the authors' code)
 }
 
 

@@ -34,10 +34,12 @@ def _build_pyramid(arch, name=None):
 
 def _vm_fst_head(arch, factor: int):
     fusion = arch.get("fusion", "paper")
+    output = teacher_output(arch)
     if fusion in ("paper", "compact"):
         return FusionHead(decoder=_tuple(arch["decoder"]), shift=int(factor).bit_length() - 1,
                           negative_slope=float(arch["negative_slope"]), diffeomorphic=bool(arch["diffeomorphic"]),
-                          int_steps=int(arch["int_steps"]), fusion_convs=4 if fusion == "paper" else 1)
+                          int_steps=int(arch["int_steps"]), fusion_convs=4 if fusion == "paper" else 1,
+                          full_resolution=output == "full")
     if fusion == "official":
         if int(factor) != 2 or arch["diffeomorphic"]:
             raise ValueError("the official fusion head exists for n = 2 and displacement (non-diffeomorphic) models")
@@ -45,9 +47,24 @@ def _vm_fst_head(arch, factor: int):
     raise ValueError(f"unknown fusion {fusion!r} (paper, compact, official)")
 
 
+TEACHER_OUTPUTS = ("half", "full")
+
+
+def teacher_output(arch) -> str:
+    """``model.teacher_output``: where the FST predicts phi^T. ``"half"`` (the paper's text): on the student's
+    grid, upsampled; ``"full"`` (the authors' code): at the input's resolution through the finest F^H levels.
+    The ``official`` fusion head is always ``full``; pyramid heads have ``half`` only."""
+    value = str(arch.get("teacher_output", "half"))
+    if value not in TEACHER_OUTPUTS:
+        raise ValueError(f"teacher_output must be 'half' or 'full', got {value!r}")
+    return value
+
+
 def _pyramid_fst_head(arch, factor: int):
     if arch.get("fusion", "paper") != "paper":
         raise ValueError("pyramid backbones have the paper's fusion only")
+    if teacher_output(arch) != "half":
+        raise ValueError("pyramid FST heads predict on the student's grid only (teacher_output = 'half')")
     return PyramidFusionHead(estimator=_tuple(arch["estimator"]), shift=int(factor).bit_length() - 1,
                              negative_slope=float(arch["negative_slope"]), diffeomorphic=bool(arch["diffeomorphic"]),
                              int_steps=int(arch["int_steps"]))

@@ -80,6 +80,11 @@ class FusionHead(nn.Module):
     diffeomorphic: bool = False
     int_steps: int = 7
     fusion_convs: int = 4  # 4: Table I literally; 1: the paper's stated 0.6M teacher (fusion = "compact")
+    # False: phi^T on the student's grid, up(phi^T) at the input's (the paper's text, "half ... upsample by 2").
+    # True (``model.teacher_output = "full"``): the chain continues through the high-resolution features
+    # F^H_{k-1} .. F^H_0 to phi^T at full resolution, as the authors' ``core/networks/voxelmorph_Hinput.py``
+    # (one conv per level, the channels of F^H_l; nearest upsampling as in the rest of this decoder).
+    full_resolution: bool = False
 
     @nn.compact
     def __call__(self, high: Dict[int, jax.Array], low: Dict[int, jax.Array]) -> Dict:
@@ -91,6 +96,12 @@ class FusionHead(nn.Module):
             h = fused[lev] if h is None else concat([upsample_nearest(h, fused[lev].shape[1:-1]), fused[lev]])
             for m, c in enumerate(channels[lev]):
                 h = Conv(c, negative_slope=self.negative_slope, name=f"dec_{lev}_{m}")(h)
+        if self.full_resolution:
+            # student level 0 sits on high level k: continue through F^H_{k-1} .. F^H_0
+            for lev in range(self.shift - 1, -1, -1):
+                skip = high[lev]
+                h = Conv(skip.shape[-1], negative_slope=self.negative_slope, name=f"full_{lev}")(
+                    concat([upsample_nearest(h, skip.shape[1:-1]), skip]))
         flow = FlowHead(name="flow")(h)
         if self.diffeomorphic:
             return ModelOutput(disp=integrate_velocity(flow, self.int_steps), velocity=flow, features=fused)

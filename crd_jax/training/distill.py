@@ -137,11 +137,15 @@ def terms_from_config(loss_cfg) -> Tuple[DistillTerm, ...]:
     return tuple(terms)
 
 
-def distillation_loss(t, s, batch, terms: Sequence[DistillTerm], objective: Objective = Objective()):
+def distillation_loss(t, s, batch, terms: Sequence[DistillTerm], objective: Objective = Objective(),
+                      student_term: bool = True):
     """Eq. 10 for a student output ``s`` given (constant) teacher output ``t``: ``L^L`` plus every weighted
-    term (terms of weight 0 are not computed)."""
+    term (terms of weight 0 are not computed). ``student_term = False`` leaves ``L^L`` out of the total (the
+    authors' ``train.py`` trains S3 on the distillation terms alone); it is still reported in ``aux``."""
     loss_l, parts = objective(batch, as_output_like(s).disp)
-    total = loss_l
+    total = loss_l if student_term else 0.0
+    if not student_term:
+        loss_l = jax.lax.stop_gradient(loss_l)
     aux = {"loss_L": loss_l, "sim": parts["sim"]}
     for term in terms:
         value = term.value(t, s) if term.weight else 0.0
@@ -169,10 +173,11 @@ def regress(regressor, features):
 
 
 def make_loss(student: Registrar, teacher, terms: Sequence[DistillTerm], objective: Objective = Objective(),
-              with_regressor: bool = False):
+              with_regressor: bool = False, student_term: bool = True):
     """``teacher``: an object with ``apply(frozen, moving, fixed)`` returning ``disp_low`` and ``features``
     on the student's grid (the FST, :class:`crd_jax.models.teacher.Teacher`). ``with_regressor``: the
-    trainable parameters are ``{"student", "regressor"}`` (:func:`init_regressor`)."""
+    trainable parameters are ``{"student", "regressor"}`` (:func:`init_regressor`). ``student_term``: whether
+    ``L^L`` is part of the total (``loss.student_term``)."""
 
     def loss_fn(params, frozen, batch):
         m, f = batch["moving"], batch["fixed"]
@@ -182,6 +187,6 @@ def make_loss(student: Registrar, teacher, terms: Sequence[DistillTerm], objecti
             s = s.replace(features=regress(params["regressor"], s.features))
         else:
             s = student.apply(params, m, f)
-        return distillation_loss(t, s, batch, terms, objective)
+        return distillation_loss(t, s, batch, terms, objective, student_term)
 
     return loss_fn

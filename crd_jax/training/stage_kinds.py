@@ -22,13 +22,15 @@ RESOLUTIONS = ("high", "low")
 
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
-    """Fields every kind has. ``model``: overrides of the global model for this stage only."""
+    """Fields every kind has. ``model`` / ``loss``: overrides of the global model / loss for this stage only
+    (the arms of an experiment that differ in eq. 10's weights share one config)."""
 
     kind: str
     steps: int
     evaluate: bool = True
     label: str = ""
     model: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    loss: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 0  # added to config.seed for this stage's training pairs and augmentation (replicate runs)
     augment: str = ""  # "" follows config.data.augment.kind; "none" or "bspline" for this stage only
 

@@ -63,6 +63,20 @@ def stage_model_config(config, st) -> dict:
     return cfg
 
 
+def stage_loss_config(config, st):
+    """``config.loss`` with the stage's own ``loss`` block on top (a ConfigDict; unknown fields refused)."""
+    import ml_collections
+
+    cfg = config.loss.to_dict()
+    own = st.loss if isinstance(st, stage_kinds.StageConfig) else st.get("loss", {})
+    own = own.to_dict() if hasattr(own, "to_dict") else dict(own)
+    for key in own:
+        if key not in cfg:
+            raise ValueError(f"stage loss override: config.loss has no field {key!r}")
+    cfg.update(own)
+    return ml_collections.ConfigDict(cfg)
+
+
 def backbone_name(arch) -> str:
     name = backbones.entry(arch).label
     if arch.get("backbone") == "affine":
@@ -160,22 +174,27 @@ class StageContext:
         return 2**self.shift
 
     @property
+    def loss(self):
+        """``config.loss`` with this stage's ``loss`` overrides."""
+        return stage_loss_config(self.config, self.st)
+
+    @property
     def reg(self) -> float:
-        return float(self.config.loss.reg_weight)
+        return float(self.loss.reg_weight)
 
     @property
     def window(self) -> int:
-        return int(self.config.loss.ncc_window)
+        return int(self.loss.ncc_window)
 
     @property
     def sim(self):
         """L_sim of eq. 3-7 from ``loss.similarity`` (``ncc``, the paper's; ``mind`` or ``nmi`` for multi-modal)."""
-        return losses.similarity(str(self.config.loss.get("similarity", "ncc")), self.window)
+        return losses.similarity(str(self.loss.get("similarity", "ncc")), self.window)
 
     @property
     def objective(self) -> losses.Objective:
         """Eq. 3's terms for every registration loss of the stage (plus ``loss.label_weight`` soft Dice)."""
-        weight = float(self.config.loss.get("label_weight", 0.0))
+        weight = float(self.loss.get("label_weight", 0.0))
         if weight and not self.num_labels:
             raise ValueError(f"stage {self.name}: loss.label_weight needs training subjects with label maps")
         return losses.Objective(self.reg, self.window, self.sim, weight, self.num_labels)
@@ -202,7 +221,8 @@ def _plan_cooperative(c: StageContext) -> StagePlan:
 
 def _plan_teacher(c: StageContext) -> StagePlan:
     source = _require(c.done, c.st.backbone, "backbone", c.name)
-    t_arch = dict(source.spec["architecture"], fusion=c.arch["fusion"], teacher_align_corners=c.arch["teacher_align_corners"])
+    t_arch = dict(source.spec["architecture"], fusion=c.arch["fusion"], teacher_align_corners=c.arch["teacher_align_corners"],
+                  teacher_output=c.arch["teacher_output"])
     model = mbuild.teacher_from_config(t_arch, c.n)
     frozen = {"backbone": source.params}
     init = redraw_flow_heads(model.init_head(c.key, frozen["backbone"], c.moving, c.fixed), jax.random.fold_in(c.key, 1), c.flow_init)
@@ -217,15 +237,16 @@ def _plan_distill(c: StageContext) -> StagePlan:
     if t.spec["kind"] == "registrar":
         teacher_model = ResampledTeacher(t.model, c.factor, c.st.teacher_features)
     init = _init_or_copy(c.st, c.done, lambda: student.init(c.key, c.moving, c.fixed), c.key, c.flow_init)
-    terms = distill.terms_from_config(c.config.loss)
+    terms = distill.terms_from_config(c.loss)
+    student_term = bool(c.loss.get("student_term", True))
     if not c.st.feature_regressor:
-        loss_fn = distill.make_loss(student, teacher_model, terms, c.objective)
+        loss_fn = distill.make_loss(student, teacher_model, terms, c.objective, student_term=student_term)
         return StagePlan(loss_fn, init, t.params, student, _identity, c.spec("registrar"))
     # the stage's own trainable parameters beside the student's: exported models hold the student only
     t_out = jax.eval_shape(teacher_model.apply, t.params, c.moving, c.fixed)
     s_out = jax.eval_shape(student.apply, init, c.moving, c.fixed)
     regressor = distill.init_regressor(jax.random.fold_in(c.key, 7), s_out.features, t_out.features)
-    loss_fn = distill.make_loss(student, teacher_model, terms, c.objective, with_regressor=True)
+    loss_fn = distill.make_loss(student, teacher_model, terms, c.objective, with_regressor=True, student_term=student_term)
     return StagePlan(loss_fn, {"student": init, "regressor": regressor}, t.params, student, lambda p: p["student"],
                      c.spec("registrar"))
 
@@ -251,7 +272,7 @@ def _plan_joint_all(c: StageContext) -> StagePlan:
     model, high, low, params, k3 = _joint_parts(c)
     student = mbuild.registrar_from_config(c.arch, c.factor)
     params["student"] = redraw_flow_heads(student.init(k3, c.moving, c.fixed), jax.random.fold_in(c.key, 2), c.flow_init)
-    loss_fn = joint.make_all_loss(high, low, model, student, distill.terms_from_config(c.config.loss), c.objective)
+    loss_fn = joint.make_all_loss(high, low, model, student, distill.terms_from_config(c.loss), c.objective)
     return StagePlan(loss_fn, params, {}, student, lambda p: p["student"], c.spec("registrar"))
 
 
