@@ -135,6 +135,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.max_pairs = -1  # <= 0: every pair
     c.eval.val_pairs = 4  # pairs of the val split checked every eval_every steps
     c.eval.hd95 = False
+    # after each distillation stage: ceilings, headroom, field distance, term gradients (training/diagnostics.py)
+    c.eval.diagnostics = True
     c.eval.timing_repeats = 5
 
     # --- devices (multi-host through jax.distributed) ----------------------------------------------------

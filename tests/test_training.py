@@ -228,6 +228,13 @@ def test_default_pipeline_end_to_end_writes_results(tmp_path):
     assert results[1]["input_shape"] == [16, 16] and results[0]["input_shape"] == [32, 32]
     table = (work / "results.md").read_text()
     assert "| VM-L-CRD |" in table and "Identity (no registration) Dice" in table
+    # the distillation stage's diagnostics (science issue, item 2) reach results.json and the report
+    d = results[3]["diagnostics"]
+    assert set(d["ceiling"]) == {"fst", "vm_h", "coop"} and all(0 <= c["ceiling_dice"] <= 1 for c in d["ceiling"].values())
+    assert set(d["term_gradients_at_start"]) == {"loss_L", "deformation", "feature"}
+    assert all(g["grad_norm"] > 0 for g in d["term_gradients_at_start"].values())
+    assert len(d["headroom_pairs"]) == 16 and d["field_distance_start"] >= 0 and d["field_distance_end"] >= 0
+    assert 0 <= d["teacher_train_dice"] <= 1 and "#### Distillation diagnostics" in table
     config = json.loads((work / "config.json").read_text())
     assert config["train"]["max_steps"] == 3
     assert (work / "tensorboard" / "vm_h").is_dir() and "val/dice" in (work / "metrics.jsonl").read_text()

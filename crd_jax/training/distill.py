@@ -143,9 +143,7 @@ def distillation_loss(t, s, batch, terms: Sequence[DistillTerm], objective: Obje
     term (terms of weight 0 are not computed). ``student_term = False`` leaves ``L^L`` out of the total (the
     authors' ``train.py`` trains S3 on the distillation terms alone); it is still reported in ``aux``."""
     loss_l, parts = objective(batch, as_output_like(s).disp)
-    total = loss_l if student_term else 0.0
-    if not student_term:
-        loss_l = jax.lax.stop_gradient(loss_l)
+    total = loss_l if student_term else 0.0  # aux values never enter the gradient (has_aux)
     aux = {"loss_L": loss_l, "sim": parts["sim"]}
     for term in terms:
         value = term.value(t, s) if term.weight else 0.0

@@ -31,6 +31,7 @@ from crd_jax.model_io import load_model, save_model
 from crd_jax.evaluation import count_parameters, evaluate_pairs, measure_inference, predictor, summarize
 from crd_jax.training.logging import MetricLogger
 from crd_jax.training.loop import StageRun, train_stage
+from crd_jax.training import diagnostics as diag
 from crd_jax.training import stage_kinds
 from crd_jax.training.stages import Trained, plan_stage
 
@@ -98,6 +99,14 @@ def _validator(config, plan, datasets, labels):
     return validate
 
 
+def evaluation_pairs(config, ds):
+    """The (moving, fixed) pairs a stage is evaluated on (``config.data.eval_pairs``, ``eval.max_pairs``)."""
+    pairs = eval_pairs(len(ds), config.data.eval_pairs, _atlas_index(ds, config.data.atlas), getattr(ds, "group_size", None))
+    if int(config.eval.max_pairs) > 0:
+        pairs = pairs[: int(config.eval.max_pairs)]
+    return pairs
+
+
 def evaluate_stage(config, trained: Trained, datasets, labels, directory: Path, logger) -> Dict:
     """Accuracy on the evaluation split and efficiency at its resolution, cached in ``eval.json``."""
     cache = directory / "eval.json"
@@ -107,9 +116,7 @@ def evaluate_stage(config, trained: Trained, datasets, labels, directory: Path, 
     ds = datasets.get(split)
     if ds is None:
         raise InputError(f"config.eval.split={split}", "no such split in the dataset")
-    pairs = eval_pairs(len(ds), config.data.eval_pairs, _atlas_index(ds, config.data.atlas), getattr(ds, "group_size", None))
-    if int(config.eval.max_pairs) > 0:
-        pairs = pairs[: int(config.eval.max_pairs)]
+    pairs = evaluation_pairs(config, ds)
     logger.info(f"[{trained.spec['stage']}] evaluating {trained.spec['label']} on {len(pairs)} {split} pairs")
     rows = evaluate_pairs(trained.model, trained.params, ds, pairs, labels, hd95=bool(config.eval.hd95))
     summary = summarize(rows)
@@ -249,7 +256,7 @@ def _run_stages(config, typed, workdir, datasets, labels, loader, example, multi
     )
 
     done: Dict[str, Trained] = {}
-    results = []
+    results, diagnostics = [], []
     root_key = jax.random.PRNGKey(int(config.seed))
     for index, name in enumerate(config.pipeline):
         st = typed[name]
@@ -275,9 +282,18 @@ def _run_stages(config, typed, workdir, datasets, labels, loader, example, multi
                 logger.info(f"[{name}] no '{config.eval.split}' split: evaluation skipped")
             else:
                 results.append(evaluate_stage(config, done[name], datasets, labels, directory, logger))
+        if st.kind == "distill" and is_main and bool(config.eval.get("diagnostics", True)):
+            logger.info(f"[{name}] diagnostics: ceilings, headroom, field distance, term gradients")
+            evaluation = datasets.get(config.eval.split)
+            row = diag.distill_diagnostics(name, st, plan, done, datasets, labels, stage_loader(config, st, loader, labels),
+                                           config, workdir, evaluation_pairs(config, evaluation) if evaluation else [])
+            diagnostics.append(row)
+            if results and results[-1]["stage"] == name:
+                results[-1]["diagnostics"] = row
 
     if is_main and results:
         table = results_markdown(results, f"{config.get('name', 'crd-jax')} ({config.eval.split} split)")
+        table += diag.diagnostics_markdown(diagnostics)
         slim = [{k: v for k, v in r.items() if k != "pairs"} for r in results]
         write_text(workdir / "results.json", json.dumps(slim, indent=2))
         write_text(workdir / "results.md", table)
