@@ -29,7 +29,8 @@ sys.path.insert(0, str(HERE))
 from common import machine, run_child  # noqa: E402
 
 CONFIGS = {"2d": "configs/lpba40_vm_2d.py", "3d": "configs/lpba40_vm_3d_small.py", "3d-ll": "configs/lpba40_vm_3d_ll.py",
-           "3d-ll-rep": "configs/lpba40_vm_3d_ll_replicates.py", "3d-ll-long": "configs/lpba40_vm_3d_ll_long.py"}
+           "3d-ll-rep": "configs/lpba40_vm_3d_ll_replicates.py", "3d-ll-long": "configs/lpba40_vm_3d_ll_long.py",
+           "3d-ll-exp1": "configs/lpba40_crd_exp1.py"}
 # Long runs live outside the work tree so that they outlive a checkout; re-running the command resumes them.
 RUNS = Path(os.environ.get("CRD_RUNS", Path.home() / "crd-runs"))
 # Table IV (LPBA40 column) and Section V-A of the paper: Dice (std), GPU MB, GPU s.

@@ -1,0 +1,204 @@
+"""Experiment 1 of the science round, pre-registered in ``configs/lpba40_crd_exp1.py`` (read its docstring
+first): the teacher phase, the gate, the student phase if the gate passes, and the analysis.
+
+    python benchmarks/crd_experiment.py --data-root /path/to/lpba40     # runs or resumes; hours on 2 cores
+    python benchmarks/crd_experiment.py --status                         # progress, nothing trained
+    python benchmarks/crd_experiment.py --report                         # results files from what finished
+
+Everything lives in the run folder (default ``~/crd-runs/reproduce_lpba40_3d-ll-exp1``, outside the work
+tree; re-running resumes). The gate's numbers go to ``gate.json`` there; ``--report`` (and the end of a run)
+writes ``benchmarks/results/crd_experiment1.{md,json}``: the teacher phase's Dice, the gate, and, when the
+students finished, the five-stream table with both intervals and the verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+import crd_stats  # noqa: E402
+from reproduce import RUNS, reuse_stages, shipped_main_run  # noqa: E402
+
+from configs import lpba40_crd_exp1 as protocol  # noqa: E402
+
+
+def _config(args, fst: str = ""):
+    config = protocol.get_config(fst)
+    config.workdir = str(args.workdir)
+    if args.data_root:
+        config.data.root = args.data_root
+    if args.steps:  # dry runs only: every stage this many steps
+        from crd_jax.config import set_steps
+
+        set_steps(config, args.steps)
+        config.train.eval_every = args.steps
+        config.eval.val_pairs = 1
+    if args.max_pairs:
+        config.eval.max_pairs = args.max_pairs
+    return config
+
+
+def write_text(path: Path, text: str) -> None:
+    from crd_jax.training.pipeline import write_text as atomic_write
+
+    atomic_write(path, text)
+
+
+def write_json(path: Path, value) -> None:
+    write_text(path, json.dumps(value, indent=1))
+
+
+def _eval_rows(workdir: Path, stage: str):
+    path = workdir / "stages" / stage / "eval.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _load(workdir: Path, stage: str):
+    from crd_jax.model_io import load_model
+    from crd_jax.models import build as mbuild
+
+    params, spec = load_model(workdir / "stages" / stage / "model")
+    return mbuild.model_from_spec(spec), params
+
+
+def gate(config, workdir: Path) -> dict:
+    """The protocol's FST choice (training pairs) and gate (validation pairs), cached in ``gate.json``."""
+    from crd_jax.data import build_datasets, dataset_labels
+    from crd_jax.training import diagnostics as diag
+    from crd_jax.training.pipeline import evaluation_pairs, network_multiple
+
+    path = workdir / "gate.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    datasets = build_datasets(config.data, network_multiple(config))
+    val, train = datasets[config.eval.split], datasets["train"]
+    labels = dataset_labels(config.data, val)
+    pairs = diag.headroom_pairs(len(train))
+    choice = {}
+    for key, stage in protocol.FSTS.items():
+        model, params = _load(workdir, stage)
+        choice[stage] = diag.mean_dice(model, params, train, pairs, labels)
+    fst = protocol.FSTS["half"] if choice[protocol.FSTS["half"]] >= choice[protocol.FSTS["full"]] else protocol.FSTS["full"]
+    model, params = _load(workdir, fst)
+    factor = 2 ** int(config.model.shift)
+    ceiling = diag.ceiling(model, params, val, evaluation_pairs(config, val), labels, factor)["ceiling_dice"]
+    vm_ll = _eval_rows(workdir, "vm_ll")["dice_mean"]
+    fst_dice = _eval_rows(workdir, fst)["dice_mean"]
+    result = {"fst_choice_train_dice": choice, "fst": fst, "fst_val_dice": fst_dice, "vm_ll_val_dice": vm_ll,
+              "ceiling_val_dice": ceiling, "fst_minus_vm_ll": fst_dice - vm_ll, "ceiling_minus_vm_ll": ceiling - vm_ll,
+              "threshold": protocol.GATE, "headroom_pairs": [[train.ids[m], train.ids[f]] for m, f in pairs]}
+    result["passed"] = bool(result["fst_minus_vm_ll"] >= protocol.GATE and result["ceiling_minus_vm_ll"] >= protocol.GATE)
+    write_json(path, result)
+    return result
+
+
+def _per_pair(workdir: Path, stage: str):
+    rows = _eval_rows(workdir, stage)
+    return None if rows is None else {(r["moving"], r["fixed"]): r["dice"] for r in rows["pairs"]}
+
+
+def report(workdir: Path, out: Path, draws: int) -> dict:
+    """``crd_experiment1.{md,json}`` from whatever has finished."""
+    teacher = {s: _eval_rows(workdir, s) for s in protocol.TEACHER_PIPELINE}
+    teacher = {s: {k: r[k] for k in ("label", "dice_mean", "dice_std", "folds_mean", "num_pairs")} for s, r in teacher.items() if r}
+    g = json.loads((workdir / "gate.json").read_text()) if (workdir / "gate.json").exists() else None
+    payload = {"protocol": "configs/lpba40_crd_exp1.py", "teacher_phase": teacher, "gate": g}
+    lines = ["### Experiment 1 (pre-registered): CRD at 64x80x64, n = 4, teacher trained 15,000 steps", "",
+             "| Stage | Val Dice | Pairs | Folds |", "|---|---|---|"]
+    lines += [f"| {r['label']} | {r['dice_mean']:.4f} ({r['dice_std']:.4f}) | {r['num_pairs']} | {r['folds_mean']:.1f} |"
+              for r in teacher.values()]
+    if g is None:
+        lines += ["", "Gate: not reached yet (the teacher phase is still training)."]
+    else:
+        lines += ["", f"FST chosen on 16 training pairs: {g['fst']} (train Dice "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in g["fst_choice_train_dice"].items()) + ").",
+                  f"Gate (>= +{g['threshold']:.3f} each): FST - VM-LL = {g['fst_minus_vm_ll']:+.4f}, "
+                  f"ceiling - VM-LL = {g['ceiling_minus_vm_ll']:+.4f} (ceiling {g['ceiling_val_dice']:.4f}): "
+                  + ("**passed**." if g["passed"] else "**failed**: this regime has no recoverable headroom; no student trains.")]
+    if g and (g["passed"] or (workdir / "stages" / "ctl_s0").exists()):
+        per_pair = {}
+        for arm in protocol.ARMS:
+            per_pair[arm] = {s: _per_pair(workdir, f"{arm}_s{s}") for s in protocol.SEEDS}
+        complete = [s for s in protocol.SEEDS if all(per_pair[a][s] for a in protocol.ARMS)]
+        payload["streams_finished"] = complete
+        if len(complete) == len(protocol.SEEDS):
+            per_pair = {a: {s: per_pair[a][s] for s in complete} for a in protocol.ARMS}
+            stats = crd_stats.analyse(per_pair, "ctl", ["crd_paper", "crd_code"], protocol.REFUTE, draws)
+            payload["analysis"] = stats
+            lines += ["", "| Arm | CRD - control per stream | mean | t 95% (df 4) | Holm level interval | bootstrap 95% | p (Holm) |",
+                      "|---|---|---|---|---|---|---|"]
+            for arm, r in stats["arms"].items():
+                lines.append(f"| {arm} | " + ", ".join(f"{v:+.4f}" for v in r["per_stream"].values())
+                             + f" | {r['t']['mean']:+.4f} | [{r['t']['low']:+.4f}, {r['t']['high']:+.4f}] "
+                             f"| [{r['t_holm']['low']:+.4f}, {r['t_holm']['high']:+.4f}] "
+                             f"| [{r['bootstrap']['low']:+.4f}, {r['bootstrap']['high']:+.4f}] | {r['holm']['p_holm']:.3f} |")
+            verdict = ("CRD supported: a Holm-adjusted interval excludes 0 on the positive side" if stats["supported"] else
+                       "CRD refuted in this regime: both upper bounds below +0.003" if stats["refuted"] else
+                       "inconclusive: no interval excludes 0 and not both upper bounds are below +0.003")
+            lines += ["", f"Verdict: **{verdict}**."]
+        else:
+            lines += ["", f"Students: {len(complete)} of {len(protocol.SEEDS)} streams finished in every arm."]
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "crd_experiment1.json", payload)
+    write_text(out / "crd_experiment1.md", "\n".join(lines) + "\n")
+    return payload
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=RUNS / "reproduce_lpba40_3d-ll-exp1")
+    p.add_argument("--data-root", default="")
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--status", action="store_true")
+    p.add_argument("--report", action="store_true", help="write the results files from what finished; train nothing")
+    p.add_argument("--draws", type=int, default=10_000, help="bootstrap draws")
+    p.add_argument("--steps", type=int, default=0, help="dry runs only: every stage this many steps")
+    p.add_argument("--max-pairs", type=int, default=0, help="dry runs only: evaluate on this many pairs")
+    p.add_argument("--force-gate", action="store_true", help="dry runs only (with --steps): run the student phase")
+    args = p.parse_args()
+    args.workdir = args.workdir.absolute()
+    g = json.loads((args.workdir / "gate.json").read_text()) if (args.workdir / "gate.json").exists() else None
+    if args.status:
+        from run_status import print_status
+
+        print_status(_config(args, g["fst"] if g and g["passed"] else ""), args.workdir)
+        print(f"gate: {json.dumps(g) if g else 'not reached'}")
+        return
+    if args.report:
+        report(args.workdir, args.out, args.draws)
+        print((args.out / "crd_experiment1.md").read_text())
+        return
+    from crd_jax.training import pipeline
+
+    config = _config(args)
+    if not (args.workdir / "stages" / "vm_h" / "model").exists():
+        # VM-H and VM-LL of the main run, as shipped (the protocol's starting point)
+        source = shipped_main_run(config, RUNS / "shipped_3d-ll")
+        if args.steps:  # a dry run's config differs from the main run's: copy the two model folders as they are
+            import shutil
+
+            for stage in ("vm_h", "vm_ll"):
+                shutil.copytree(source / "stages" / stage / "model", args.workdir / "stages" / stage / "model")
+            write_text(args.workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
+        else:
+            print(f"reused: {', '.join(reuse_stages(config, source, args.workdir)) or 'nothing'}", flush=True)
+    pipeline.run(config)
+    g = gate(config, args.workdir)
+    if args.steps and args.force_gate:  # dry runs only: exercise the student phase
+        g = dict(g, passed=True)
+    print(f"gate: {'passed' if g['passed'] else 'failed'} ({json.dumps(g)})", flush=True)
+    if g["passed"]:
+        pipeline.run(_config(args, g["fst"]))
+    report(args.workdir, args.out, args.draws)
+    print((args.out / "crd_experiment1.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

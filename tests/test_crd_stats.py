@@ -1,0 +1,63 @@
+"""The experiment statistics (benchmarks/crd_stats.py) against scipy and closed forms."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import crd_stats  # noqa: E402
+
+
+def test_t_interval_matches_scipy():
+    from scipy import stats
+
+    x = [0.004, -0.001, 0.006, 0.002, 0.003]
+    r = crd_stats.t_interval(x)
+    lo, hi = stats.t.interval(0.95, 4, loc=np.mean(x), scale=stats.sem(x))
+    assert r["low"] == pytest.approx(lo) and r["high"] == pytest.approx(hi)
+    assert r["p"] == pytest.approx(stats.ttest_1samp(x, 0).pvalue)
+
+
+def test_holm_adjusts_step_down():
+    out = crd_stats.holm({"a": 0.01, "b": 0.04})
+    assert out["a"]["p_holm"] == pytest.approx(0.02) and out["a"]["level"] == pytest.approx(0.025)
+    assert out["b"]["p_holm"] == pytest.approx(0.04) and out["b"]["level"] == pytest.approx(0.05)
+    out = crd_stats.holm({"a": 0.03, "b": 0.02})  # monotone: the larger p is never adjusted below the smaller's
+    assert out["a"]["p_holm"] == pytest.approx(0.04) and out["b"]["p_holm"] == pytest.approx(0.04)
+
+
+def _tables(shift, streams=5, subjects=6, noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = [f"S{i}" for i in range(subjects)]
+    control, arm = {}, {}
+    for s in range(streams):
+        control[s] = {(m, f): 0.6 + 0.01 * rng.normal() for m in ids for f in ids if m != f}
+        arm[s] = {p: v + shift + noise * rng.normal() for p, v in control[s].items()}
+    return arm, control
+
+
+def test_bootstrap_of_a_constant_difference_is_that_constant():
+    arm, control = _tables(0.004)
+    diffs = crd_stats.stream_differences(arm, control)
+    r = crd_stats.two_level_bootstrap(diffs, draws=200)
+    assert r["low"] == pytest.approx(0.004) and r["high"] == pytest.approx(0.004)
+
+
+def test_bootstrap_interval_widens_with_noise_and_covers_the_true_shift():
+    arm, control = _tables(0.004, noise=0.01)
+    r = crd_stats.two_level_bootstrap(crd_stats.stream_differences(arm, control), draws=2000)
+    assert r["low"] < 0.004 < r["high"] and r["high"] - r["low"] > 0.001
+
+
+def test_analyse_supports_a_clear_effect_and_refutes_a_null():
+    arm, control = _tables(0.01, noise=0.002)
+    null, _ = _tables(0.0, noise=0.0005, seed=1)
+    null = {s: {p: control[s][p] + (v - 0.6) * 0.01 for p, v in null[s].items()} for s in null}
+    out = crd_stats.analyse({"ctl": control, "crd": arm, "crd2": null}, "ctl", ["crd", "crd2"], refute_below=0.003, draws=500)
+    assert out["arms"]["crd"]["supports_crd"] and out["supported"]
+    assert not out["arms"]["crd2"]["supports_crd"]
+    assert not out["refuted"]  # one arm is clearly above the bound
+    with pytest.raises(ValueError, match="different pairs"):
+        crd_stats.stream_differences({0: {("a", "b"): 1.0}}, {0: {("b", "a"): 1.0}})
