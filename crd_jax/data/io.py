@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import stat
 import tempfile
 import zlib
 from pathlib import Path
@@ -45,30 +46,134 @@ def is_nifti(path: PathLike) -> bool:
     return str(path).endswith(NIFTI_SUFFIXES)
 
 
+def check_input_file(path: PathLike, what: str = "an image file") -> Path:
+    """``path`` must be an existing regular file: a FIFO, a device or a socket would block or never end a
+    read, a folder is not a file. One-line :class:`InputError` otherwise."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except OSError as exc:
+        raise InputError(path, f"cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(path, f"is a folder, expected {what}")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
+        raise InputError(path, f"is {kind}, not a regular file; expected {what}")
+    return path
+
+
+def max_input_bytes() -> int:
+    """The largest voxel payload an input may claim: ``CRD_JAX_MAX_INPUT_BYTES``, else half of this machine's
+    memory (a registration holds several float32 copies of its inputs)."""
+    env = os.environ.get("CRD_JAX_MAX_INPUT_BYTES", "")
+    if env.strip().isdigit():
+        return int(env)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 16 << 30
+
+
+def _header_from_bytes(head: bytes):
+    """The raw NIfTI-1 or -2 header at the start of ``head`` (``None`` when it is neither)."""
+    import io
+
+    for order in ("little", "big"):
+        size = int.from_bytes(head[:4], order)
+        if size == 348 and len(head) >= 348:
+            return nib.Nifti1Header.from_fileobj(io.BytesIO(head[:348]), check=False)
+        if size == 540 and len(head) >= 540:
+            return nib.Nifti2Header.from_fileobj(io.BytesIO(head[:540]), check=False)
+    return None
+
+
+def _claimed_bytes(header, path: PathLike) -> int:
+    """Bytes of the file a header claims (offset + voxels); refused when beyond :func:`max_input_bytes`."""
+    shape = header.get_data_shape()
+    if any(int(s) < 0 for s in shape):
+        raise InputError(path, f"header has a negative dimension {tuple(shape)}")
+    try:
+        dtype = header.get_data_dtype()
+    except Exception:
+        raise InputError(path, "header has an unknown data type code") from None
+    voxels = 1
+    for n in shape:
+        voxels *= int(n)
+    payload = voxels * dtype.itemsize
+    limit = max_input_bytes()
+    if payload > limit:
+        raise InputError(path, f"header claims {payload / 1e9:.3g} GB of voxels ({'x'.join(map(str, shape))} {dtype}), "
+                               f"more than the {limit / 1e9:.3g} GB allowed (half this machine's memory; "
+                               "CRD_JAX_MAX_INPUT_BYTES); nothing was read")
+    return max(0, int(header["vox_offset"])) + payload
+
+
+def _inflate(raw: bytes, limit: int) -> bytes:
+    """The gzip stream ``raw`` (one or more members) inflated to at most ``limit`` bytes, with ISA-L where
+    installed (about twice as fast as zlib); a stream that would inflate further is cut there."""
+    try:
+        from isal import isal_zlib as module
+    except ImportError:
+        module = zlib
+    out = bytearray()
+    data = raw
+    while data and len(out) < limit:
+        d = module.decompressobj(31)
+        out += d.decompress(data, limit - len(out))
+        if not d.eof:
+            break  # the limit reached, or a truncated stream (nibabel then reports the missing bytes)
+        data = d.unused_data
+    return bytes(out)
+
+
+# deflate cannot expand data by more than ~1032x: a header that claims more than this per stored byte belongs
+# to a damaged or hostile file, refused before anything is inflated
+DEFLATE_MAX_RATIO = 1100
+
+
 def _load_nifti(path: Path):
-    """``nib.load``, with ``.nii.gz`` files inflated by ISA-L (the ``isal`` package, already used for writing)
-    where it is installed: about twice as fast as the zlib stream nibabel reads them through (~0.1 s of a
-    ``crd-jax register`` call at OASIS size)."""
+    """:func:`_load_nifti_with_header`'s image."""
+    return _load_nifti_with_header(path)[0]
+
+
+def _load_nifti_with_header(path: Path):
+    """``(image, raw header)`` of a NIfTI file, read into memory (never memory-mapped: a file truncated while
+    it is read would kill the process with SIGBUS). The header is read first and bounds everything: the voxels
+    it claims must fit in :func:`max_input_bytes`, and a ``.nii.gz`` is inflated to at most what the header
+    claims (a stream that inflates further, a "zip bomb", is cut there). ``.nii.gz`` files are inflated by
+    ISA-L where installed."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        raw = f.read()
     if str(path).endswith(".gz"):
         try:
-            from isal import igzip
-        except ImportError:
-            return nib.load(str(path))
-        with open(path, "rb") as f:
-            raw = igzip.decompress(f.read())
-        sizeof_hdr = {int.from_bytes(raw[:4], order) for order in ("little", "big")}
-        kind = nib.Nifti1Image if 348 in sizeof_hdr else nib.Nifti2Image if 540 in sizeof_hdr else None
-        if kind is not None:
-            return kind.from_bytes(raw)
-    return nib.load(str(path))
+            head = zlib.decompressobj(31).decompress(raw, 540)
+        except zlib.error as exc:
+            raise InputError(path, f"unreadable or truncated file (not a gzip stream: {exc})") from None
+        header = _header_from_bytes(head)
+        if header is None:
+            raise InputError(path, "unreadable or truncated file (no NIfTI-1 or NIfTI-2 header)")
+        claimed = _claimed_bytes(header, path)
+        if claimed > DEFLATE_MAX_RATIO * len(raw) + (1 << 20):
+            raise InputError(path, f"unreadable or truncated file: its header claims {claimed / 1e6:.4g} MB, more than "
+                                   f"a {len(raw) / 1e6:.3g} MB gzip stream can hold")
+        raw = _inflate(raw, claimed + 1)
+    else:
+        header = _header_from_bytes(raw[:540])
+        if header is None:
+            raise InputError(path, "unreadable or truncated file (no NIfTI-1 or NIfTI-2 header)")
+        claimed = _claimed_bytes(header, path)
+        if len(raw) < claimed:
+            raise InputError(path, f"unreadable or truncated file: its header claims {claimed} bytes, the file holds "
+                                   f"{len(raw)}")
+    kind = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    return kind.from_bytes(raw), header
 
 
 def _read(path: PathLike, npz_key: str):
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "no such file")
-    if path.is_dir():
-        raise InputError(path, "is a folder, expected an image file")
+    path = check_input_file(path)
     try:
         if str(path).endswith(".npz"):
             with np.load(path) as f:
@@ -77,22 +182,36 @@ def _read(path: PathLike, npz_key: str):
                 return np.asarray(f[npz_key]), np.eye(4), None
         if not is_nifti(path):
             raise InputError(path, "unknown format (expected .nii, .nii.gz or .npz)")
-        img = _load_nifti(path)
-        _check_voxel_size(img, path)
+        img, raw_header = _load_nifti_with_header(path)
+        _check_voxel_size(raw_header, path)
         data = np.asanyarray(img.dataobj)
         return data, np.asarray(img.affine, dtype=np.float64), img.header
     except InputError:
         raise
+    except MemoryError:
+        raise InputError(path, "too large to read into this machine's memory") from None
     except Exception as exc:  # nibabel, gzip and zlib raise many types for damaged files
         raise InputError(path, f"unreadable or truncated file ({type(exc).__name__}: {exc})") from None
 
 
-def _check_voxel_size(img, path: PathLike) -> None:
-    """nibabel silently replaces zero voxel sizes by 1 mm when it reads a header: read the raw one."""
-    from nibabel.openers import ImageOpener
+def read_nifti_array(path: PathLike, dtype=np.float32) -> np.ndarray:
+    """The voxels of a NIfTI file (a displacement field, ...) as ``dtype``: a regular file, read into memory with
+    the size bounds of :func:`_load_nifti`; any problem is a one-line :class:`InputError`."""
+    path = check_input_file(path, "a NIfTI file")
+    if not is_nifti(path):
+        raise InputError(path, "unknown format (expected .nii or .nii.gz)")
+    try:
+        return np.asarray(_load_nifti(path).dataobj, dtype)
+    except InputError:
+        raise
+    except MemoryError:
+        raise InputError(path, "too large to read into this machine's memory") from None
+    except Exception as exc:
+        raise InputError(path, f"unreadable or truncated file ({type(exc).__name__}: {exc})") from None
 
-    with ImageOpener(str(path)) as f:
-        raw = type(img.header).from_fileobj(f, check=False)
+
+def _check_voxel_size(raw, path: PathLike) -> None:
+    """nibabel silently replaces zero voxel sizes by 1 mm when it reads a header: ``raw`` is the raw one."""
     ndim = min(int(raw["dim"][0]), 3)
     zooms = np.asarray(raw["pixdim"][1 : 1 + ndim], np.float64)
     if np.any(~np.isfinite(zooms)) or np.any(zooms <= 0):
@@ -119,9 +238,26 @@ def _check_geometry(affine: np.ndarray, ndim: int, path: PathLike) -> None:
                                "(a zero voxel size in the header, or a singular affine)")
 
 
-def load_image(path: PathLike, ndim: int = 3) -> Volume:
-    """An intensity image as float32; rejects wrong rank, degenerate geometry and non-finite voxels."""
+def check_orientation(header, path: PathLike) -> None:
+    """A NIfTI file must say where its voxels are: with neither a qform nor an sform (both codes 0) nibabel
+    assumes an orientation, and registering it against an image with a real affine is meaningless."""
+    if header is None:
+        return
+    try:
+        q, s = int(header["qform_code"]), int(header["sform_code"])
+    except (KeyError, ValueError, TypeError):
+        return
+    if q == 0 and s == 0:
+        raise InputError(path, "has neither a qform nor an sform (qform_code = sform_code = 0), so its orientation in "
+                               "space is unknown; set one (e.g. fslorient -copyqform2sform, or nibabel) first")
+
+
+def load_image(path: PathLike, ndim: int = 3, require_orientation: bool = False) -> Volume:
+    """An intensity image as float32; rejects wrong rank, degenerate geometry and non-finite voxels
+    (``require_orientation``: and NIfTI files with neither a qform nor an sform)."""
     data, affine, header = _read(path, "vol")
+    if require_orientation:
+        check_orientation(header, path)
     data = _fix_rank(np.asarray(data), ndim, path, "image")
     _check_geometry(affine, ndim, path)
     if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
@@ -133,9 +269,15 @@ def load_image(path: PathLike, ndim: int = 3) -> Volume:
     return Volume(data, affine, header, str(path))
 
 
-def load_labels(path: PathLike, ndim: int = 3) -> Volume:
-    """A label map as int32; float files are accepted only if every value is an integer."""
+INT64_LIMIT = 2.0**63
+
+
+def load_labels(path: PathLike, ndim: int = 3, require_orientation: bool = False) -> Volume:
+    """A label map as int32, or int64 where a label does not fit in int32 (values are kept exactly); float
+    files are accepted only if every value is an integer."""
     data, affine, header = _read(path, "seg")
+    if require_orientation:
+        check_orientation(header, path)
     data = _fix_rank(np.asarray(data), ndim, path, "label map")
     _check_geometry(affine, ndim, path)
     if np.issubdtype(data.dtype, np.floating):
@@ -143,9 +285,16 @@ def load_labels(path: PathLike, ndim: int = 3) -> Volume:
             raise InputError(path, "label map has NaN/Inf values")
         if not np.array_equal(data, np.round(data)):
             raise InputError(path, "label map has non-integer values (is this an intensity image?)")
+        if data.size and float(np.abs(data).max()) >= INT64_LIMIT:
+            raise InputError(path, f"label map has values up to {float(np.abs(data).max()):g}, beyond 64-bit integers")
     elif not np.issubdtype(data.dtype, np.integer) and data.dtype != bool:
         raise InputError(path, f"label map has non-integer type {data.dtype}")
-    return Volume(data.astype(np.int32), affine, header, str(path))
+    elif data.dtype == np.uint64 and data.size and int(data.max()) > np.iinfo(np.int64).max:
+        raise InputError(path, f"label map has values up to {int(data.max())}, beyond signed 64-bit integers")
+    if data.size == 0 or data.dtype == bool:
+        return Volume(data.astype(np.int32), affine, header, str(path))
+    wide = data.min() < np.iinfo(np.int32).min or data.max() > np.iinfo(np.int32).max
+    return Volume(data.astype(np.int64 if wide else np.int32), affine, header, str(path))
 
 
 @contextlib.contextmanager

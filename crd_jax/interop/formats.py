@@ -98,20 +98,21 @@ def write_displacement(out_dir: Path, disp: np.ndarray, fixed: Volume, fmt: str,
 def read_displacement(path, reference: Volume, fmt: str = "auto") -> np.ndarray:
     """A saved displacement as ``(*reference grid, 3)`` voxels of the reference. ``fmt``: ``voxel`` (ours),
     ``itk`` (ANTs/ITK/Slicer, mm LPS), ``learn2reg`` (``.npz`` at half size), or ``auto`` from the name."""
-    import nibabel as nib
-
     from crd_jax.errors import InputError
 
     name = str(path)
     if fmt == "auto":
         fmt = "learn2reg" if name.endswith(".npz") else "itk" if name.endswith(("_itk.nii.gz", "_itk.nii")) else "voxel"
+    from crd_jax.data.io import check_input_file, read_nifti_array
+
+    check_input_file(path, "a displacement file")
     try:
         if fmt == "learn2reg":
             with np.load(name) as f:
                 key = "arr_0" if "arr_0" in f else next(iter(f.keys()))
                 field = from_learn2reg(f[key], reference.data.shape)
         else:
-            raw = np.asarray(nib.load(name).dataobj, np.float32)
+            raw = read_nifti_array(name)
             field = from_itk(raw, reference.affine) if fmt == "itk" else raw
     except InputError:
         raise

@@ -74,6 +74,17 @@ class _Unpickler(pickle.Unpickler):
         return _StorageRef(str(key), storage_type.dtype, int(numel))
 
 
+class _DataUnpickler(pickle.Unpickler):
+    """Plain data only (numbers, strings, lists, dicts): the header records of a checkpoint. No class is ever
+    looked up, so a hostile file cannot run code through them."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a checkpoint header")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("unexpected persistent id in a checkpoint header")
+
+
 def _materialize(obj, storages):
     if isinstance(obj, _TensorRef):
         data = storages[obj.storage.key]
@@ -91,21 +102,28 @@ def _materialize(obj, storages):
 
 def load_legacy_checkpoint(path: Union[str, Path]) -> Dict[str, np.ndarray]:
     """The object stored by ``torch.save`` (legacy format), with tensors as numpy arrays."""
+    from crd_jax.data.io import check_input_file
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(path, "no such checkpoint file")
+    check_input_file(path, "a checkpoint file")
     try:
         with open(path, "rb") as f:
             head = f.read(2)
             f.seek(0)
             if head == b"PK":
                 raise InputError(path, "zip-format (torch >= 1.6) checkpoint; re-save it with _use_new_zipfile_serialization=False")
-            if pickle.load(f) != MAGIC_NUMBER:
+            try:
+                magic = _DataUnpickler(f).load()
+            except Exception:
+                magic = None
+            if magic != MAGIC_NUMBER:
                 raise InputError(path, "not a PyTorch legacy checkpoint (bad magic number)")
-            pickle.load(f)  # protocol version
-            pickle.load(f)  # system info
+            _DataUnpickler(f).load()  # protocol version
+            _DataUnpickler(f).load()  # system info
             obj = _Unpickler(f).load()
-            keys = pickle.load(f)
+            keys = _DataUnpickler(f).load()
             storages = {}
             for key in keys:
                 (count,) = struct.unpack("<q", f.read(8))
