@@ -50,10 +50,15 @@ def is_model_folder(directory: Path) -> bool:
         return False
 
 
+OUR_ENTRIES = (MODEL_JSON, PARAMS_FILE, "params")  # what crd-jax writes in a model folder (params/: format 1)
+
+
 def save_model(directory: Path, params, spec: Dict[str, Any], overwrite: bool = False) -> None:
     """Writes ``params`` (``params.msgpack``, plain arrays) and ``spec`` (``model.json``) as a model folder,
     atomically (built beside, then renamed). An existing folder is replaced only if crd-jax wrote it as a
-    model folder and ``overwrite`` is set; anything else there is an error and stays untouched."""
+    model folder and ``overwrite`` is set; anything else there is an error and stays untouched. A model
+    folder in which the user keeps other files (notes, results) keeps them: only ``params.msgpack`` and
+    ``model.json`` are replaced there, each atomically, the parameters first."""
     directory = Path(directory).absolute()
     if directory.exists() or directory.is_symlink():
         if not directory.is_dir():
@@ -62,6 +67,10 @@ def save_model(directory: Path, params, spec: Dict[str, Any], overwrite: bool = 
             raise InputError(directory, "exists and is not a crd-jax model folder; nothing was changed (choose a new folder)")
         if not overwrite:
             raise InputError(directory, "a model folder exists there; pass --overwrite to replace it")
+        others = sorted(set(os.listdir(directory)) - set(OUR_ENTRIES))
+        if others:
+            _replace_in_place(directory, params, spec)
+            return
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     old = None
@@ -80,6 +89,18 @@ def save_model(directory: Path, params, spec: Dict[str, Any], overwrite: bool = 
             if not directory.exists():  # the new one did not land: put the old model back
                 os.replace(old / "model", directory)
             shutil.rmtree(old, ignore_errors=True)  # the replaced crd-jax model folder (checked above)
+
+
+def _replace_in_place(directory: Path, params, spec: Dict[str, Any]) -> None:
+    """``params.msgpack`` and ``model.json`` of an existing model folder replaced, each written beside and
+    renamed over the old one; every other file in the folder is left as it is."""
+    from crd_jax.data.io import atomic_path
+
+    blobs = [(PARAMS_FILE, serialization.msgpack_serialize(_host_tree(params))),
+             (MODEL_JSON, json.dumps({"format_version": FORMAT_VERSION, **spec}, indent=2).encode())]
+    for name, blob in blobs:
+        with atomic_path(directory / name) as tmp, open(tmp, "wb") as f:
+            f.write(blob)
 
 
 def _check_params(directory: Path, params) -> None:
@@ -102,6 +123,137 @@ def _same_structure(params, like) -> bool:
     return a == b
 
 
+# --- model.json's schema ------------------------------------------------------------------------------------
+
+KNOWN_FIELDS = ("format_version", "kind", "architecture", "factor", "label", "stage", "steps", "labels",
+                "preprocessing", "shipped", "source")
+NORMALIZE_MODES = ("none", "minmax", "percentile")
+AXIS_PAIRS = ("LR", "PA", "IS")
+MAX_GRID_SIDE = 1024  # voxels per side of a model's grid (resample_shape, canvas_shape)
+MAX_STORED_SIDE = 4096
+MIN_GRID_SIDE = 8
+
+
+class _Bad(Exception):
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"field '{field}' {problem}")
+
+
+def _int(value, field, lo, hi):
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise _Bad(field, f"must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _number(value, field, lo=-float("inf"), hi=float("inf"), open_lo=False):
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < lo or value > hi or (open_lo and value == lo):
+        bounds = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]"
+        raise _Bad(field, f"must be a finite number in {bounds}, got {value!r}")
+    return value
+
+
+def _ints(value, field, lo, hi, lengths):
+    if not isinstance(value, list) or len(value) not in lengths:
+        raise _Bad(field, f"must be a list of {' or '.join(map(str, lengths))} integers, got {value!r}")
+    return [_int(v, f"{field}[{i}]", lo, hi) for i, v in enumerate(value)]
+
+
+def _orientation(value, field):
+    ok = isinstance(value, str) and len(value) == 3 and all(
+        sum(c in pair for c in value) == 1 for pair in AXIS_PAIRS)
+    if not ok:
+        raise _Bad(field, f"must be 3 axis codes, one of each pair L/R, P/A, I/S (e.g. 'RAS', 'LPS'), got {value!r}")
+    return value
+
+
+def _check_schema(spec) -> None:
+    """Raises :class:`_Bad` naming the first field of ``spec`` (a parsed ``model.json``) that is of the wrong
+    type, out of range or unknown."""
+    if not isinstance(spec, dict):
+        raise _Bad("(top level)", f"must be a JSON object, got {type(spec).__name__}")
+    unknown = [k for k in spec if k not in KNOWN_FIELDS]
+    if unknown:
+        raise _Bad(unknown[0], f"is unknown (known fields: {', '.join(KNOWN_FIELDS)})")
+    for field in ("kind", "architecture", "factor"):
+        if field not in spec:
+            raise _Bad(field, "is missing")
+    if spec["kind"] not in ("registrar", "teacher"):
+        raise _Bad("kind", f"must be 'registrar' or 'teacher', got {spec['kind']!r}")
+    if not isinstance(spec["architecture"], dict):
+        raise _Bad("architecture", "must be an object")
+    factor = _int(spec["factor"], "factor", 1, 16)
+    if factor & (factor - 1):
+        raise _Bad("factor", f"must be a power of two, got {factor}")
+    for field in ("label", "stage", "source"):
+        if field in spec and not isinstance(spec[field], str):
+            raise _Bad(field, f"must be a string, got {spec[field]!r}")
+    if "steps" in spec:
+        _int(spec["steps"], "steps", 0, 10**12)
+    if "labels" in spec:
+        if not isinstance(spec["labels"], list):
+            raise _Bad("labels", "must be a list of integers")
+        for i, v in enumerate(spec["labels"]):
+            _int(v, f"labels[{i}]", -(2**63), 2**63 - 1)
+    if "shipped" in spec and not isinstance(spec["shipped"], dict):
+        raise _Bad("shipped", "must be an object")
+    pre = spec.get("preprocessing", {})
+    if not isinstance(pre, dict):
+        raise _Bad("preprocessing", "must be an object")
+    ndim = _int(pre.get("ndim", 3), "preprocessing.ndim", 2, 3)
+    if "normalize" in pre and pre["normalize"] not in NORMALIZE_MODES:
+        raise _Bad("preprocessing.normalize", f"must be one of {', '.join(NORMALIZE_MODES)}, got {pre['normalize']!r}")
+    if "percentiles" in pre:
+        if not isinstance(pre["percentiles"], list) or len(pre["percentiles"]) != 2:
+            raise _Bad("preprocessing.percentiles", f"must be [low, high], got {pre['percentiles']!r}")
+        lo, hi = (_number(v, f"preprocessing.percentiles[{i}]", 0, 100) for i, v in enumerate(pre["percentiles"]))
+        if not lo < hi:
+            raise _Bad("preprocessing.percentiles", f"must have low < high, got {pre['percentiles']!r}")
+    if pre.get("resample_shape"):
+        _ints(pre["resample_shape"], "preprocessing.resample_shape", MIN_GRID_SIDE, MAX_GRID_SIDE, (ndim,))
+    elif "resample_shape" in pre and pre["resample_shape"] not in ([], None):
+        raise _Bad("preprocessing.resample_shape", f"must be a list of {ndim} integers or [], got {pre['resample_shape']!r}")
+    if "canvas_shape" in pre:
+        _ints(pre["canvas_shape"], "preprocessing.canvas_shape", 1, MAX_GRID_SIDE, (ndim,))
+    if "multiple" in pre:
+        multiple = _int(pre["multiple"], "preprocessing.multiple", 1, 1024)
+        if multiple & (multiple - 1):
+            raise _Bad("preprocessing.multiple", f"must be a power of two, got {multiple}")
+    if "intensity" in pre:
+        if not isinstance(pre["intensity"], dict):
+            raise _Bad("preprocessing.intensity", "must be an object")
+        for k, v in pre["intensity"].items():
+            _number(v, f"preprocessing.intensity.{k}")
+    if "geometry" in pre:
+        g = pre["geometry"]
+        if not isinstance(g, dict):
+            raise _Bad("preprocessing.geometry", "must be an object")
+        extra = [k for k in g if k not in ("orientation", "spacing", "stored_shape")]
+        if extra:
+            raise _Bad(f"preprocessing.geometry.{extra[0]}", "is unknown (known: orientation, spacing, stored_shape)")
+        for k in ("orientation", "spacing", "stored_shape"):
+            if k not in g:
+                raise _Bad(f"preprocessing.geometry.{k}", "is missing")
+        _orientation(g["orientation"], "preprocessing.geometry.orientation")
+        if not isinstance(g["spacing"], list) or len(g["spacing"]) != 3:
+            raise _Bad("preprocessing.geometry.spacing", f"must be 3 voxel sizes in mm, got {g['spacing']!r}")
+        for i, v in enumerate(g["spacing"]):
+            _number(v, f"preprocessing.geometry.spacing[{i}]", 0.0, 100.0, open_lo=True)
+        _ints(g["stored_shape"], "preprocessing.geometry.stored_shape", MIN_GRID_SIDE, MAX_STORED_SIDE, (3,))
+
+
+def validate_spec(spec, path) -> Dict[str, Any]:
+    """``spec`` checked against model.json's schema (types, ranges, known fields, orientation codes); a
+    problem is a one-line :class:`InputError` naming ``path`` and the field."""
+    try:
+        _check_schema(spec)
+    except _Bad as exc:
+        raise InputError(path, f"unusable model description: {exc}") from None
+    return spec
+
+
 def load_spec(directory: Path) -> Dict[str, Any]:
     directory = Path(directory)
     path = directory / MODEL_JSON
@@ -110,12 +262,16 @@ def load_spec(directory: Path) -> Dict[str, Any]:
     if not path.exists():
         raise InputError(directory, f"not a crd-jax model folder (no {MODEL_JSON})")
     try:
-        spec = json.loads(path.read_text())
-    except ValueError as exc:
-        raise InputError(path, f"unreadable model description ({exc})") from None
-    if spec.get("format_version") not in FORMATS:
-        raise InputError(path, f"unsupported model format version {spec.get('format_version')}")
-    return spec
+        spec = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise InputError(path, f"unreadable model description ({exc.strerror or exc})") from None
+    except (ValueError, RecursionError) as exc:  # JSON errors, bad UTF-8, absurd nesting
+        raise InputError(path, f"unreadable model description ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(spec, dict):
+        raise InputError(path, "unusable model description: not a JSON object")
+    if spec.get("format_version") not in FORMATS or isinstance(spec.get("format_version"), bool):
+        raise InputError(path, f"unsupported model format version {spec.get('format_version')!r}")
+    return validate_spec(spec, path)
 
 
 def load_model(directory: Path, like=None):
