@@ -269,7 +269,10 @@ def register_arrays(model, params, preprocessing: Mapping, multiple: int, fixed:
 
 
 @functools.lru_cache(maxsize=16)
-def _instance_optimiser(model, steps: int, learning_rate: float, reg_weight: float, window: int):
+def _instance_optimiser(model, learning_rate: float, reg_weight: float, window: int):
+    """Three compiled programs: ``begin(params, m, f) -> (w, state, loss)`` (the network's field on its own
+    grid), ``run(w, state, m, f, n) -> (w, state)`` (``n`` Adam steps, ``n`` a traced count: one program for
+    every chunk) and ``end(w, m, f) -> (disp, loss)``."""
     import optax
 
     from crd_jax.ops.spatial import upsample_field
@@ -277,27 +280,36 @@ def _instance_optimiser(model, steps: int, learning_rate: float, reg_weight: flo
 
     opt = optax.adam(learning_rate)
 
-    def run(params, m, f):
+    def factor_of(m, w):
+        return m.shape[1] // w.shape[1]
+
+    def loss(w, m, f):
+        factor = factor_of(m, w)
+        disp = upsample_field(w, factor) if factor > 1 else w
+        return registration_loss(m, f, disp, reg_weight, window)[0]
+
+    def begin(params, m, f):
         out = model.apply(params, m, f)
         low = jax.lax.stop_gradient(out.disp if out.disp_low is None else out.disp_low)
-        factor = m.shape[1] // low.shape[1]
+        return low, opt.init(low), loss(low, m, f)
 
-        def loss(w):
-            disp = upsample_field(w, factor) if factor > 1 else w
-            return registration_loss(m, f, disp, reg_weight, window)[0]
-
+    def run(w, state, m, f, n):
         def body(_, carry):
             w, state = carry
-            grads = jax.grad(loss)(w)
+            grads = jax.grad(loss)(w, m, f)
             updates, state = opt.update(grads, state, w)
             return optax.apply_updates(w, updates), state
 
-        before = loss(low)
-        w, _ = jax.lax.fori_loop(0, steps, body, (low, opt.init(low)))
-        after = loss(w)
-        return (upsample_field(w, factor) if factor > 1 else w), before, after
+        return jax.lax.fori_loop(0, n, body, (w, state))
 
-    return jax.jit(run)
+    def end(w, m, f):
+        factor = factor_of(m, w)
+        return (upsample_field(w, factor) if factor > 1 else w), loss(w, m, f)
+
+    return jax.jit(begin), jax.jit(run), jax.jit(end)
+
+
+IO_CHUNK = 10  # Adam steps per compiled call: Ctrl-C (and SIGTERM) end instance optimisation within a chunk
 
 
 def instance_optimise(model, params, prepared: Prepared, steps: int, learning_rate: float = 0.05,
@@ -305,7 +317,15 @@ def instance_optimise(model, params, prepared: Prepared, steps: int, learning_ra
     """Fine-tunes the predicted field for this pair (``steps`` of Adam on eq. 3, NCC + lambda * grad),
     starting from the network's prediction. The free variable is the field on the network's own grid
     (``phi^L`` for a low-resolution model), so a step costs a warp at the canvas and no network pass.
-    Returns ``(disp on the canvas, loss before, loss after)``."""
-    disp, before, after = _instance_optimiser(model, int(steps), float(learning_rate), float(reg_weight), int(window))(
-        params, prepared.moving, prepared.fixed)
+    The steps run in chunks of :data:`IO_CHUNK`, each waited for, so that Ctrl-C stops the optimisation
+    between two chunks rather than after the last step. Returns ``(disp on the canvas, loss before, loss after)``."""
+    begin, run, end = _instance_optimiser(model, float(learning_rate), float(reg_weight), int(window))
+    w, state, before = begin(params, prepared.moving, prepared.fixed)
+    done = 0
+    while done < int(steps):
+        n = min(IO_CHUNK, int(steps) - done)
+        w, state = run(w, state, prepared.moving, prepared.fixed, jnp.int32(n))
+        jax.block_until_ready(w)  # back in Python between chunks: a pending KeyboardInterrupt is raised here
+        done += n
+    disp, after = end(w, prepared.moving, prepared.fixed)
     return disp, float(before), float(after)

@@ -115,6 +115,91 @@ def check_images(fixed: Volume, moving: Volume) -> None:
                                       f"{gap:.1f} mm apart (check the affines, or align the images first)")
 
 
+MAX_WORK_SIDE = 1024  # voxels per side of the model's grid: beyond this a model.json or an image is wrong
+MAX_WORK_VOXELS = 1 << 27
+
+
+def check_field_of_view(loaded: "LoadedModel", volumes, voxel=None, work=None) -> None:
+    """Each input must cover at least ``MIN_SIDE`` voxels per side of the model's own grid (its training voxel
+    size ``voxel`` where the model records one): a 20-voxel field of view at a 2.5 mm model voxel size reaches
+    the network as 8 voxels per side and registers to noise with exit 0. ``work``: the model grid for this
+    pair, bounded in size (a damaged ``model.json`` geometry could ask for billions of voxels)."""
+    for vol in volumes:
+        extent = np.asarray(vol.data.shape, np.float64)
+        if voxel is not None:
+            extent = extent * np.asarray(vol.spacing) / np.asarray(voxel, np.float64)
+        seen = [int(round(e)) for e in extent]
+        if min(seen) < MIN_SIDE:
+            fov = " x ".join(f"{n * s:.0f}" for n, s in zip(vol.data.shape, vol.spacing))
+            raise InputError(vol.path, f"field of view too small for this model: {fov} mm is "
+                                       f"{'x'.join(map(str, seen))} voxels at the model's voxel size "
+                                       f"({'x'.join(f'{v:g}' for v in (voxel or vol.spacing))} mm; at least {MIN_SIDE} per side)")
+    if work is not None and min(int(w) for w in work) < MIN_SIDE:
+        raise InputError(volumes[0].path, f"field of view too small for this model: it reaches the network as "
+                                          f"{'x'.join(str(int(w)) for w in work)} voxels (at least {MIN_SIDE} per side)")
+    if work is not None and (max(int(w) for w in work) > MAX_WORK_SIDE or int(np.prod([int(w) for w in work])) > MAX_WORK_VOXELS):
+        raise InputError(loaded.path, f"the model's grid for this image would be {'x'.join(map(str, work))} voxels "
+                                      f"(at most {MAX_WORK_SIDE} per side): check model.json's geometry and resample_shape")
+
+
+def _check_model_grid(loaded: "LoadedModel", fixed: Volume, moving: Volume) -> None:
+    """:func:`check_field_of_view` for a pair, before any computation."""
+    pre = loaded.spec.get("preprocessing", {})
+    record = pre.get("geometry")
+    if record and fixed.data.ndim == 3:
+        try:
+            voxel = geometry.model_voxel_size(record, pre)
+            vols = [geometry.to_model_space(v, record["orientation"])[0] for v in (fixed, moving)]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise InputError(loaded.path, f"unusable geometry record in model.json ({exc})") from None
+        check_field_of_view(loaded, vols, voxel, geometry.model_work_shape(vols[0], voxel))
+    else:
+        check_field_of_view(loaded, [fixed, moving], None, tuple(pre.get("resample_shape") or ()) or fixed.data.shape)
+
+
+def check_label_grid(labels: Volume, image: Volume, what: str) -> None:
+    """A label map must describe the voxels of its image: the same grid, or another grid over the same world
+    box (axes flipped or permuted, with the affine to match; it is then resampled through its own affine,
+    exactly, by nearest neighbour). A label map of another shape or elsewhere in world space is refused."""
+    if sorted(labels.data.shape) != sorted(image.data.shape):
+        raise InputError(labels.path, f"label map shape {labels.data.shape} differs from the {what}'s {image.data.shape}")
+    if same_grid(labels, image):
+        return
+    (llo, lhi), (ilo, ihi) = geometry.world_box(labels), geometry.world_box(image)
+    gap = float(np.max(np.abs(np.concatenate([llo - ilo, lhi - ihi]))))
+    if gap > 0.5 * min(image.spacing):
+        raise InputError(labels.path, f"label map lies on another grid than the {what} {image.path}: their world boxes "
+                                      f"differ by up to {gap:.1f} mm (check the affines; labels must cover the same voxels)")
+
+
+def compact_labels(labels: np.ndarray):
+    """``(indices int32, values)`` with ``values[indices] == labels`` and label 0 at index 0 (background stays
+    0 where a warp samples outside): label maps whose values do not fit in int32 are warped as indices, so
+    every label survives exactly."""
+    values = np.unique(labels)
+    values = np.concatenate([np.zeros(1, values.dtype), values[values != 0]])
+    order = np.argsort(values, kind="stable")
+    indices = order[np.searchsorted(values[order], labels)].astype(np.int32)
+    return indices, values
+
+
+def onto_grid_labels(labels: Volume, target: Volume) -> np.ndarray:
+    """``onto_grid(labels, target, 0)`` that keeps every label exactly (64-bit values through indices)."""
+    if labels.data.dtype.itemsize <= 4:
+        return onto_grid(labels, target, order=0)
+    indices, values = compact_labels(labels.data)
+    return values[onto_grid(dataclasses.replace(labels, data=indices), target, order=0)]
+
+
+def warp_labels_exact(labels: np.ndarray, disp) -> np.ndarray:
+    """:func:`inference.warp_labels`, with labels beyond int32 kept exactly (warped as indices)."""
+    labels = np.asarray(labels)
+    if labels.dtype.itemsize <= 4:
+        return inference.warp_labels(labels, disp)
+    indices, values = compact_labels(labels)
+    return values[inference.warp_labels(indices, disp)]
+
+
 def _check_intensities(loaded: LoadedModel, image: np.ndarray, path, mode: str) -> None:
     """The network input must look like what the model was trained on (the model stores the 99th percentile
     of its training inputs; models without it were trained on [0, 1] images)."""
@@ -140,14 +225,15 @@ def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_
     ``normalize_mode``: ``model`` (what the model was trained with) or a :func:`normalize` mode."""
     notes: List[str] = []
     check_images(fixed, moving)
+    _check_model_grid(loaded, fixed, moving)
     moving_data = moving.data
     seg_data = moving_seg.data if moving_seg is not None else None
-    if moving_seg is not None and moving_seg.data.shape != moving.data.shape:
-        raise InputError(moving_seg.path, f"label map shape {moving_seg.data.shape} differs from the moving image's {moving.data.shape}")
+    if moving_seg is not None:
+        check_label_grid(moving_seg, moving, "moving image")
+        if not same_grid(moving_seg, fixed):  # through the label map's own affine (exact for 64-bit labels)
+            seg_data = onto_grid_labels(moving_seg, fixed)
     if not same_grid(fixed, moving):
         moving_data = onto_grid(moving, fixed, order=1)
-        if moving_seg is not None:
-            seg_data = onto_grid(moving_seg, fixed, order=0)
         notes.append(
             f"moving image resampled onto the fixed grid (shape {moving.data.shape} -> {fixed.data.shape}, "
             f"spacing {tuple(round(s, 3) for s in moving.spacing)} -> {tuple(round(s, 3) for s in fixed.spacing)})"
@@ -205,7 +291,7 @@ def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_
     if affine_result is not None:
         result["affine"] = affine_result
     if seg_data is not None:
-        result["warped_seg"] = inference.warp_labels(seg_data, disp)
+        result["warped_seg"] = warp_labels_exact(seg_data, disp)
     return result, notes
 
 
@@ -215,10 +301,10 @@ def load_pair(loaded: LoadedModel, fixed: str, moving: str, moving_seg: Optional
     files concurrently saved a tenth of a second and cost 60 MB of peak memory: they are read in turn.)"""
     ndim = loaded.ndim
     return (
-        load_image(fixed, ndim),
-        load_image(moving, ndim),
-        load_labels(moving_seg, ndim) if moving_seg else None,
-        load_labels(fixed_seg, ndim) if fixed_seg else None,
+        load_image(fixed, ndim, require_orientation=True),
+        load_image(moving, ndim, require_orientation=True),
+        load_labels(moving_seg, ndim, require_orientation=True) if moving_seg else None,
+        load_labels(fixed_seg, ndim, require_orientation=True) if fixed_seg else None,
     )
 
 
