@@ -9,8 +9,12 @@
   the block finishes without error are they moved into place: the whole staging folder renamed onto a new
   destination, or each file renamed into an existing one while holding a lock on the parent folder, with
   SIGINT deferred so that Ctrl-C cannot cut the set in half;
-* on any error (or Ctrl-C) the staging folder and any folder the set created are removed: the file system
-  is left exactly as it was.
+* on any error (or Ctrl-C, or SIGTERM when the command line turned it into :class:`Terminated`) the staging
+  folder and any folder the set created are removed: the file system is left exactly as it was; a staging
+  folder left by a killed process (SIGKILL) is removed by the next set written beside it (its name carries
+  the process id; only folders of this user whose process has ended are removed);
+* ``family``: every file the command can write there (with other options); with ``overwrite`` those this run
+  does not write are removed when the new set lands (no mixed set of two runs), without it they are refused.
 
 Files and folders get the permissions the user's umask gives (``tempfile`` creates 0600/0700).
 """
@@ -21,6 +25,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -70,6 +75,10 @@ def _existing_ancestor(path: Path) -> Path:
 def check_writable_folder(folder, what: str = "output folder") -> Path:
     """The checks an output folder must pass before anything is computed; returns it as an absolute path."""
     folder = Path(os.path.abspath(folder))
+    too_long = [part for part in folder.parts if len(os.fsencode(part)) > 255]
+    if too_long or len(os.fsencode(str(folder))) > 4000:
+        raise InputError(folder if not too_long else too_long[0][:60] + "...",
+                         f"{what} path is too long (at most 255 bytes per name, 4000 in all)")
     if folder.is_symlink():
         try:
             os.stat(folder)
@@ -90,21 +99,37 @@ def check_writable_folder(folder, what: str = "output folder") -> Path:
     return folder
 
 
+class Terminated(BaseException):
+    """SIGTERM, as the command line raises it (like ``KeyboardInterrupt`` for SIGINT): cleanup runs."""
+
+
+def check_plain_name(name: str, source) -> str:
+    """``name`` must be one plain file name: no folder separator, not ``.``/``..``, no NUL, not empty (an id
+    that becomes part of a file name must never lead the writer out of its output folder)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or name != name.strip():
+        raise InputError(source, f"{name!r} is not a plain file name (no '/', '..', spaces at the ends)")
+    return name
+
+
 @contextlib.contextmanager
 def _deferred_sigint():
-    """Holds SIGINT back while a set of renames runs (main thread only)."""
+    """Holds SIGINT and SIGTERM back while a set of renames runs (main thread only); a signal that came in the
+    meantime is delivered again to the previous handler afterwards."""
     pending = []
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGINT, lambda *a: pending.append(a))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if pending:
-            raise KeyboardInterrupt
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(pending):
+            os.kill(os.getpid(), signum)  # the previous handler runs now (KeyboardInterrupt, Terminated, ...)
 
 
 @contextlib.contextmanager
@@ -124,9 +149,11 @@ class OutputSet:
     ``names``: every file the block will write (relative to ``folder``); writing anything else is an error.
     """
 
-    def __init__(self, folder, names: Iterable[str], overwrite: bool = False, what: str = "output folder"):
+    def __init__(self, folder, names: Iterable[str], overwrite: bool = False, what: str = "output folder",
+                 family: Iterable[str] = ()):
         self.folder = check_writable_folder(folder, what)
-        self.names: List[str] = list(dict.fromkeys(names))
+        self.names: List[str] = [check_plain_name(n, Path(folder) / n) for n in dict.fromkeys(names)]
+        self.family: List[str] = [n for n in dict.fromkeys(family) if n not in self.names]
         self.overwrite = overwrite
         self._check_targets()
         self._created: List[Path] = []
@@ -139,6 +166,16 @@ class OutputSet:
                 raise InputError(target, "exists and is a folder; choose another output")
             if (target.exists() or target.is_symlink()) and not self.overwrite:
                 raise InputError(target, "exists; pass --overwrite to replace it (nothing was written)")
+        for name in self.family:
+            target = self.folder / name
+            if (target.exists() or target.is_symlink()) and not self.overwrite:
+                raise InputError(target, "is an output of an earlier run that this run does not write; pass --overwrite "
+                                         "to replace the earlier set (nothing was written)")
+
+    def stale(self) -> List[Path]:
+        """Files of the command's family, not written by this run, that exist in the folder now."""
+        return [self.folder / n for n in self.family
+                if ((self.folder / n).is_file() or (self.folder / n).is_symlink()) and not (self.folder / n).is_dir()]
 
     def paths(self) -> List[Path]:
         return [self.folder / n for n in self.names]
@@ -150,12 +187,17 @@ class OutputSet:
         while not p.exists():
             missing.append(p)
             p = p.parent
-        for d in reversed(missing):
-            d.mkdir()
-            os.chmod(d, 0o777 & ~umask())
-            self._created.append(d)
-        base = self.folder if self.folder.is_dir() else parent
-        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.crd-jax-", dir=base))
+        try:
+            for d in reversed(missing):
+                d.mkdir()
+                os.chmod(d, 0o777 & ~umask())
+                self._created.append(d)
+            base = self.folder if self.folder.is_dir() else parent
+            remove_stale_staging(base)
+            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.folder.name[:100]}.crd-jax-{os.getpid()}-", dir=base))
+        except OSError as exc:
+            self._cleanup()
+            raise InputError(self.folder, f"cannot write the outputs ({exc.strerror or exc})") from None
         return self.staging
 
     def __exit__(self, exc_type, exc, tb):
@@ -190,6 +232,9 @@ class OutputSet:
                 os.replace(self.staging / name, self.folder / name)
             shutil.rmtree(self.staging)  # now empty: our own staging folder
             self.staging = None
+            for path in self.stale():  # an earlier run's outputs this run does not write (checked with --overwrite)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
     def _cleanup(self) -> None:
         if self.staging is not None and self.staging.exists():
@@ -198,3 +243,41 @@ class OutputSet:
         for d in reversed(self._created):  # folders this set created, deepest first, only if still empty
             with contextlib.suppress(OSError):
                 d.rmdir()
+
+
+_STAGING = re.compile(r"^\..+\.crd-jax-(\d+)-[A-Za-z0-9_]+$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_staging(base) -> List[Path]:
+    """Removes the staging folders in ``base`` that a killed crd-jax process left behind: hidden folders named
+    ``.<name>.crd-jax-<pid>-<random>``, owned by this user, whose process no longer runs. Returns them."""
+    removed = []
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _STAGING.match(entry.name)
+        if not match or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        import stat as _stat
+
+        if not _stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or _alive(int(match.group(1))):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(Path(entry.path))
+    return removed

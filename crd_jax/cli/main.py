@@ -17,6 +17,9 @@ import csv
 import importlib.util
 import io
 import json
+import os
+import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,8 +31,11 @@ from crd_jax.errors import InputError
 def _load_config(path: str):
     """``get_config()`` of a config file (as ``train.py --config=...`` would)."""
     path_obj = Path(path)
-    if not path_obj.is_file():
+    if not path_obj.exists():
         raise InputError(path, "no such config file")
+    from crd_jax.data.io import check_input_file
+
+    check_input_file(path_obj, "a config file (.py)")
     root = str(path_obj.resolve().parent.parent)
     if root not in sys.path:
         sys.path.insert(0, root)  # configs may import each other as ``configs.x``
@@ -76,11 +82,40 @@ def label_dtype(labels):
     return labels.astype(np.int64)
 
 
+PAIR_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def _pair_ids(args):
+    """``--pair-ids`` checked: each id becomes part of a file name, so it must be a plain name (letters, digits,
+    '.', '_', '-'; no '/', no '..'), never a path that leads out of the output folder."""
+    if not args.pair_ids:
+        return None
+    for value in args.pair_ids:
+        if not PAIR_ID.match(value) or ".." in value:
+            raise InputError("--pair-ids", f"{value!r} is not a plain id (letters, digits, '.', '_', '-'; at most 64, "
+                                           "no '/' or '..'); nothing was written")
+    return tuple(args.pair_ids)
+
+
+def _register_family(args) -> List[str]:
+    """Every file ``register`` can write into one folder, whatever its options (Learn2Reg files: this pair's
+    ids only; other pairs' files in a submission folder are not this run's set)."""
+    from crd_jax.interop.formats import displacement_names
+
+    ids = _pair_ids(args)
+    names = ["affine.txt", "affine_itk.txt"]
+    for ext in (".nii.gz", ".nii"):
+        names += [f"warped{ext}", f"warped_seg{ext}", f"disp{ext}", f"disp_itk{ext}", f"jacobian{ext}",
+                  f"inverse_disp{ext}", f"inverse_disp_itk{ext}"]
+        names += displacement_names("learn2reg", pair_ids=ids, ext=ext)
+    return names
+
+
 def _register_names(args, with_seg: bool) -> List[str]:
     """Every file one registration writes, from the options (checked before any computation)."""
     from crd_jax.interop.formats import displacement_names
 
-    ids = tuple(args.pair_ids) if args.pair_ids else None
+    ids = _pair_ids(args)
     ext = ".nii" if args.uncompressed else ".nii.gz"
     names = [f"warped{ext}"] + ([f"warped_seg{ext}"] if with_seg else [])
     names += displacement_names(args.disp_format, pair_ids=ids, ext=ext)
@@ -108,7 +143,7 @@ def _write_registration(stage: Path, args, result, fixed, moving) -> None:
     from crd_jax.data.io import save_nifti
     from crd_jax.interop.formats import write_displacement
 
-    ids = tuple(args.pair_ids) if args.pair_ids else None
+    ids = _pair_ids(args)
     ext = ".nii" if args.uncompressed else ".nii.gz"
     save_nifti(stage / f"warped{ext}", result["warped"].astype(fixed.data.dtype, copy=False), fixed.affine, fixed.header)
     if "warped_seg" in result:
@@ -140,11 +175,15 @@ def read_pairs_csv(path: str) -> List[tuple]:
     ``<moving>_to_<fixed>`` from the file names."""
     from crd_jax.data.io import NIFTI_SUFFIXES
 
-    csv_path = Path(path)
+    from crd_jax.data.io import check_input_file
+
+    csv_path = check_input_file(path, "a CSV file")
     try:
         text = csv_path.read_text()
     except OSError as exc:
         raise InputError(csv_path, f"unreadable ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(csv_path, f"not a text file in UTF-8 (byte {exc.start})") from None
     rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
     if rows and rows[0][0].strip().lower() == "fixed":
         rows = rows[1:]
@@ -184,7 +223,8 @@ def cmd_register(args) -> None:
     from crd_jax.cli.registration import load, load_pair, register_volumes
     from crd_jax.outputs import OutputSet
 
-    outputs = OutputSet(args.out_dir, _register_names(args, bool(args.moving_seg)), args.overwrite)  # before computing
+    outputs = OutputSet(args.out_dir, _register_names(args, bool(args.moving_seg)), args.overwrite,
+                        family=_register_family(args))  # before computing
     kwargs = registration_kwargs(args)
     loaded = load(_model_path(args.model))
     fixed, moving, moving_seg, _ = load_pair(loaded, args.fixed, args.moving, args.moving_seg)
@@ -217,7 +257,8 @@ def _register_many(args) -> None:
 
     pairs = read_pairs_csv(args.pairs)
     out = Path(args.out_dir)
-    outputs = [OutputSet(out / name, _register_names(args, bool(seg)), args.overwrite) for _, _, seg, name in pairs]
+    outputs = [OutputSet(out / name, _register_names(args, bool(seg)), args.overwrite, family=_register_family(args))
+               for _, _, seg, name in pairs]
     loaded = load(_model_path(args.model))
     kwargs = registration_kwargs(args)
     t0 = time.perf_counter()
@@ -247,7 +288,7 @@ def cmd_apply(args) -> None:
     import numpy as np
 
     from crd_jax import transforms
-    from crd_jax.data.io import load_image, load_labels, save_nifti
+    from crd_jax.data.io import check_input_file, load_image, load_labels, save_nifti
     from crd_jax.interop.formats import read_displacement
     from crd_jax.outputs import OutputSet
 
@@ -255,9 +296,10 @@ def cmd_apply(args) -> None:
         raise InputError("crd-jax apply", "give exactly one of --image or --points")
     out = Path(args.out)
     outputs = OutputSet(out.parent, [out.name], args.overwrite)
-    reference = load_image(args.reference)
+    reference = load_image(args.reference, require_orientation=True)
     disp = read_displacement(args.disp, reference, args.disp_format)
     if args.points:
+        check_input_file(args.points, "a CSV of points")
         try:
             table = np.loadtxt(args.points, delimiter=",", ndmin=2, comments="#")
         except (OSError, ValueError) as exc:
@@ -270,23 +312,37 @@ def cmd_apply(args) -> None:
         print(f"mapped {len(moved)} points -> {out}")
         return
     if args.interpolation in ("nearest", "onehot") and args.labels:
-        vol = load_labels(args.image)
-        warped = transforms.apply_to_labels(vol.data, vol.affine, disp, reference.affine, args.interpolation)
+        vol = load_labels(args.image, require_orientation=True)
+        if vol.data.dtype.itemsize > 4 and args.interpolation == "nearest":  # 64-bit labels, exactly: as indices
+            from crd_jax.cli.registration import compact_labels
+
+            indices, values = compact_labels(vol.data)
+            warped = values[transforms.apply_to_labels(indices, vol.affine, disp, reference.affine, "nearest")]
+        else:
+            warped = transforms.apply_to_labels(vol.data, vol.affine, disp, reference.affine, args.interpolation)
     else:
         if args.labels or args.interpolation == "onehot":
             raise InputError(args.image, "label maps take --interpolation nearest or onehot, with --labels")
-        vol = load_image(args.image)
+        vol = load_image(args.image, require_orientation=True)
         warped = transforms.apply_to_image(vol.data, vol.affine, disp, reference.affine, args.interpolation)
+    if args.labels:
+        warped = label_dtype(np.asarray(warped))
     with outputs as stage:
         save_nifti(stage / out.name, warped, reference.affine, None)
     print(f"warped {args.image} ({args.interpolation}) onto {args.reference} -> {out}")
 
 
 def _read_pairs(path: str, ids: List[str]):
+    from crd_jax.data.io import check_input_file
+
+    check_input_file(path, "a CSV file")
     try:
-        rows = list(csv.reader(open(path)))
+        with open(path, encoding="utf-8") as f:
+            rows = list(csv.reader(f))
     except OSError as exc:
-        raise InputError(path, f"unreadable pairs file ({exc})") from None
+        raise InputError(path, f"unreadable pairs file ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(path, f"not a CSV text file in UTF-8 ({type(exc).__name__})") from None
     if rows and [c.strip().lower() for c in rows[0][:2]] == ["moving", "fixed"]:
         rows = rows[1:]
     pairs = []
@@ -311,6 +367,10 @@ def cmd_evaluate(args) -> None:
     from crd_jax.outputs import OutputSet
     from crd_jax.evaluation import evaluate_pairs, measure_inference, summarize
 
+    if args.max_pairs < 0:
+        raise InputError("--max-pairs", f"must be 0 (every pair) or more, got {args.max_pairs}")
+    if not 1 <= args.timing_repeats <= 10000:
+        raise InputError("--timing-repeats", f"must be between 1 and 10000, got {args.timing_repeats}")
     outputs = OutputSet(args.out_dir, ["metrics.csv", "summary.md", "summary.json"], args.overwrite)
     loaded = load(_model_path(args.model))
     config = _load_config(args.config)
@@ -375,6 +435,15 @@ def cmd_figure(args) -> None:
     outputs = OutputSet(out.parent, [out.name], args.overwrite)
     loaded = load(_model_path(args.model))
     fixed, moving, moving_seg, fixed_seg = load_pair(loaded, args.fixed, args.moving, args.moving_seg, args.fixed_seg)
+    if fixed_seg is not None:
+        from crd_jax.cli.registration import check_label_grid, onto_grid_labels
+        from crd_jax.geometry import same_grid as _same
+
+        check_label_grid(fixed_seg, fixed, "fixed image")
+        if not _same(fixed_seg, fixed):
+            import dataclasses
+
+            fixed_seg = dataclasses.replace(fixed_seg, data=onto_grid_labels(fixed_seg, fixed), affine=fixed.affine)
     result, notes = register_volumes(loaded, fixed, moving, moving_seg, **registration_kwargs(args))
     for note in notes:
         print(f"note: {note}")
@@ -407,20 +476,16 @@ def cmd_convert(args) -> None:
 
 
 def cmd_export(args) -> None:
-    import nibabel as nib
     import numpy as np
 
-    from crd_jax.data.io import load_image
+    from crd_jax.data.io import load_image, read_nifti_array
     from crd_jax.interop.formats import displacement_names, write_displacement
     from crd_jax.outputs import OutputSet
 
-    ids = tuple(args.pair_ids) if args.pair_ids else None
+    ids = _pair_ids(args)
     outputs = OutputSet(args.out_dir, displacement_names(args.format, pair_ids=ids), args.overwrite)
-    fixed = load_image(args.fixed)
-    try:
-        disp = np.asarray(nib.load(args.disp).dataobj, np.float32)
-    except Exception as exc:
-        raise InputError(args.disp, f"unreadable displacement ({type(exc).__name__})") from None
+    fixed = load_image(args.fixed, require_orientation=True)
+    disp = read_nifti_array(args.disp)
     if disp.shape != (*fixed.data.shape, 3):
         raise InputError(args.disp, f"expected a voxel displacement of shape {(*fixed.data.shape, 3)}, got {disp.shape}")
     bad = int((~np.isfinite(disp)).sum())
@@ -643,11 +708,48 @@ def enable_compilation_cache() -> Optional[str]:
     return path
 
 
+MAX_THREADS_PER_CPU = 4  # CRD_JAX_NUM_THREADS above this many threads per CPU is capped
+
+
+def cap_thread_count(environ=os.environ, prog: str = "crd-jax") -> Optional[int]:
+    """``CRD_JAX_NUM_THREADS`` (the native kernel's thread pool) capped at ``MAX_THREADS_PER_CPU`` threads per
+    CPU of the machine, with one warning line: 100,000 threads exhaust the system's thread limit (other
+    processes then fail to start threads). Must run before the native kernel is loaded. Returns the cap applied."""
+    value = environ.get("CRD_JAX_NUM_THREADS")
+    if not value:
+        return None
+    cap = MAX_THREADS_PER_CPU * max(1, os.cpu_count() or 1)
+    try:
+        n = int(value)
+    except ValueError:
+        print(f"{prog}: warning: CRD_JAX_NUM_THREADS={value!r} is not a number; ignored", file=sys.stderr)
+        del environ["CRD_JAX_NUM_THREADS"]
+        return None
+    if n > cap:
+        print(f"{prog}: warning: CRD_JAX_NUM_THREADS={n} capped at {cap} ({MAX_THREADS_PER_CPU} per CPU)", file=sys.stderr)
+        environ["CRD_JAX_NUM_THREADS"] = str(cap)
+        return cap
+    return None
+
+
+def _raise_terminated(signum, frame):
+    from crd_jax.outputs import Terminated
+
+    raise Terminated()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
-    if args.func not in (cmd_models,):
-        enable_compilation_cache()
+    from crd_jax.outputs import Terminated
+
+    previous = None
+    try:  # SIGTERM (a batch system's time limit, `kill`) ends the command like Ctrl-C: outputs cleaned, one line
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread
+        pass
     try:
+        if args.func not in (cmd_models,):
+            enable_compilation_cache()
         args.func(args)
     except InputError as exc:
         print(f"crd-jax: error: {exc}", file=sys.stderr)
@@ -655,14 +757,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("crd-jax: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("crd-jax: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
 def entry() -> None:
     from crd_jax.cli.allocator import return_large_blocks_to_the_system
 
+    cap_thread_count()
     return_large_blocks_to_the_system()
-    sys.exit(main())
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(status)
 
 
 if __name__ == "__main__":
