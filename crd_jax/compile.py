@@ -63,14 +63,106 @@ _executables: dict = {"folder": None}
 
 def cache_executables(folder: Optional[str]) -> None:
     """Stores and reuses the programs of :func:`persistent_jit` functions in ``folder`` (``None``: off, the
-    default; the command line turns it on in its user cache). Files there are loaded as code (pickled
-    trees and native executables), like the native kernel library in the same cache: a folder of this user."""
-    if folder is not None:
+    default; the command line turns it on in its user cache).
+
+    JAX's serialized executables are pickles (loading one can run code), so nothing is unpickled unless it
+    is proven to be ours: the folder must be this user's and private (:func:`crd_jax.user_cache.private_folder`),
+    an entry a regular file of this user that nobody else can write, and its content must carry a valid
+    HMAC-SHA256 tag under a secret key kept in the folder (``.key``, 0600, created on first use). A planted,
+    altered or damaged entry is ignored and compiled again."""
+    from crd_jax.user_cache import private_folder
+
+    key = None
+    if folder is not None and private_folder(folder):
+        key = _secret_key(folder)
+    _executables["folder"] = folder if key is not None else None
+    _executables["key"] = key
+
+
+_MAGIC = b"crd-jax executable 2\n"
+_TAG = 32  # bytes of an HMAC-SHA256 tag
+
+
+def _secret_key(folder: str) -> Optional[bytes]:
+    """The folder's 32-byte secret (``.key``, a private file of this user), created on first use."""
+    import tempfile
+
+    from crd_jax.user_cache import trusted_file
+
+    path = os.path.join(folder, ".key")
+    for _ in range(2):
         try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError:  # a cache only saves time: never a reason to fail
-            folder = None
-    _executables["folder"] = folder
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            try:
+                fd_tmp, tmp = tempfile.mkstemp(prefix=".key.", dir=folder)  # 0600
+                with os.fdopen(fd_tmp, "wb") as f:
+                    f.write(os.urandom(32))
+                try:
+                    os.link(tmp, path)  # never replaces a key another process made meanwhile
+                except FileExistsError:
+                    pass
+                finally:
+                    os.unlink(tmp)
+            except OSError:
+                return None
+            continue
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not trusted_file(fd) or st.st_mode & 0o077:
+                return None
+            key = os.read(fd, 64)
+        finally:
+            os.close(fd)
+        return key if len(key) == 32 else None
+    return None
+
+
+def _sign(key: bytes, body: bytes) -> bytes:
+    import hmac
+
+    return hmac.new(key, body, hashlib.sha256).digest()
+
+
+def _read_entry(path: str, key: bytes) -> Optional[bytes]:
+    """The body of a stored program if the entry is this user's, private and carries a valid tag; else ``None``."""
+    import hmac
+
+    from crd_jax.user_cache import trusted_file
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        if not trusted_file(fd):
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            blob = f.read()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if not blob.startswith(_MAGIC) or len(blob) < len(_MAGIC) + _TAG:
+        return None
+    tag, body = blob[len(_MAGIC):len(_MAGIC) + _TAG], blob[len(_MAGIC) + _TAG:]
+    return body if hmac.compare_digest(tag, _sign(key, body)) else None
+
+
+def _write_entry(path: str, key: bytes, body: bytes) -> None:
+    """Writes an entry whole (a private temporary file renamed into place)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=".entry.", dir=os.path.dirname(path))  # 0600 whatever the umask
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(_MAGIC + _sign(key, body) + body)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 @functools.lru_cache(maxsize=None)
@@ -208,12 +300,13 @@ class PersistentJit:
         from jax.experimental import serialize_executable
 
         path = os.path.join(folder, f"{key}.exe")
-        if os.path.exists(path):
+        secret = _executables.get("key")
+        body = _read_entry(path, secret) if secret is not None and os.path.exists(path) else None
+        if body is not None:  # ours, untouched since we wrote it: only then unpickled
             try:
-                with open(path, "rb") as f:
-                    payload, in_tree, out_tree = pickle.load(f)
+                payload, in_tree, out_tree = pickle.loads(body)
                 return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
-            except Exception:  # unreadable or from another build: compile it again and replace it
+            except Exception:  # from another build: compile it again and replace it
                 pass
         program, fresh = self._compile(key, args, kwargs)
         if not fresh:
@@ -223,12 +316,9 @@ class PersistentJit:
             program, fresh = self._compile(f"{key}_{os.urandom(6).hex()}", args, kwargs)
             if not fresh:
                 return program
-        from crd_jax.data.io import atomic_path  # whole or absent: concurrent processes may write the same key
-
-        try:
-            blob = pickle.dumps(serialize_executable.serialize(program))
-            with atomic_path(path) as part, open(part, "wb") as f:
-                f.write(blob)
+        try:  # whole or absent: concurrent processes may write the same key
+            if secret is not None:
+                _write_entry(path, secret, pickle.dumps(serialize_executable.serialize(program)))
         except Exception:  # a cache only saves time: never a reason to fail
             pass
         return program
