@@ -40,6 +40,35 @@ class StageCheckpointer:
         )
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
+    def restore_latest(self, like: Dict[str, Any], sharding=None, warn=None):
+        """``(step, state)`` of the newest checkpoint that restores, ``(0, None)`` when there is none. A damaged
+        newest checkpoint (a disk error, a copy cut short) is moved aside to ``<ckpt>/../ckpt_damaged/<step>``
+        with one warning line (``warn``), and the one before it is tried."""
+        import shutil
+        import time
+
+        from crd_jax.errors import InputError
+
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for i, step in enumerate(steps):
+            try:
+                return step, self.restore(step, like, sharding)
+            except Exception as exc:  # Orbax and tensorstore raise many types for damaged files
+                reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+                older = steps[i + 1] if i + 1 < len(steps) else None
+                aside = self.directory.parent / "ckpt_damaged" / f"{step}-{int(time.time())}"
+                try:
+                    aside.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(self.directory / str(step)), str(aside))
+                except OSError as move_error:
+                    raise InputError(self.directory / str(step), f"checkpoint is damaged ({reason}) and cannot be "
+                                                                 f"moved aside ({move_error.strerror})") from None
+                message = (f"warning: checkpoint {self.directory / str(step)} is damaged ({reason}); moved to {aside}, "
+                           + (f"resuming from step {older}" if older is not None else "starting the stage again"))
+                (warn or print)(message)
+                self.manager.reload()
+        return 0, None
+
     def close(self) -> None:
         self.manager.close()
 

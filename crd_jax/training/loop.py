@@ -12,9 +12,11 @@ the step (see :mod:`crd_jax.data.pairs`), so a restarted stage continues with th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
@@ -77,6 +79,61 @@ class StageRun:
     validate: Optional[Callable[[Any], Dict[str, float]]] = None  # params -> metrics on held-out pairs
 
 
+_pending_signals: list = []
+
+
+@contextlib.contextmanager
+def step_boundaries():
+    """Within the block, SIGINT (Ctrl-C) and SIGTERM wait for the end of the running train step (a
+    ``KeyboardInterrupt`` raised inside XLA's or Orbax's callbacks ended in a segmentation fault); a second
+    signal does not wait. :func:`check_interrupt` raises the held one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def hold(signum, frame):
+        if _pending_signals:
+            _raise_for(signum)
+        _pending_signals.append(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _pending_signals.clear()
+
+
+def _raise_for(signum: int):
+    from crd_jax.outputs import Terminated
+
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+def check_interrupt() -> None:
+    """Raises ``KeyboardInterrupt`` (SIGINT) or :class:`crd_jax.outputs.Terminated` (SIGTERM) held by
+    :func:`step_boundaries`."""
+    if _pending_signals:
+        _raise_for(_pending_signals[0])
+
+
+@jax.jit
+def _first_non_finite(first, loss, step):
+    """The first step whose loss is NaN/Inf (-1 while there is none), tracked on the device without a sync."""
+    return jax.numpy.where((first < 0) & ~jax.numpy.isfinite(loss), step, first)
+
+
+def _stop_if_non_finite(first, name: str, last_saved: int) -> None:
+    from crd_jax.errors import InputError
+
+    bad = int(first)
+    if bad >= 0:
+        kept = f"the last checkpoint (step {last_saved}) is kept" if last_saved else "no checkpoint was saved"
+        raise InputError(f"stage {name}", f"the loss became NaN/Inf at step {bad}; training stopped, {kept} "
+                                         "(lower config.train.lr, or check the data)")
+
+
 def _debug_kill(step: int) -> None:
     """Test hook: ``CRD_JAX_DEBUG_KILL_AFTER_STEP=N`` SIGKILLs the process after step N (no cleanup)."""
     target = os.environ.get("CRD_JAX_DEBUG_KILL_AFTER_STEP")
@@ -90,9 +147,9 @@ def train_stage(run: StageRun, loader, mesh, cfg, logger: MetricLogger) -> Any:
     optimizer = make_optimizer(tc, run.steps)
     ckpt = StageCheckpointer(run.directory / "ckpt", keep=int(tc.keep_checkpoints))
     state = {"params": run.init_params, "opt_state": optimizer.init(run.init_params), "step": np.int64(0)}
-    start = ckpt.latest_step() or 0
+    start, restored = ckpt.restore_latest(like=state, sharding=distributed.replicated(mesh), warn=logger.info)
     if start:
-        state = ckpt.restore(start, like=state, sharding=distributed.replicated(mesh))
+        state = restored
         logger.forget_after(run.name, start)
         logger.info(f"[{run.name}] resuming from step {start}")
     t_start = time.perf_counter()
@@ -105,23 +162,31 @@ def train_stage(run: StageRun, loader, mesh, cfg, logger: MetricLogger) -> Any:
     eval_every = int(tc.eval_every)
     bar = logger.progress(run.name, start, run.steps)
     t_last, n_last = time.perf_counter(), 0
-    for step, local in loader.iterate(start, run.steps, prefetch=int(cfg.data.prefetch)):
-        batch = distributed.global_batch(mesh, local)
-        params, opt_state, metrics = step_fn(params, opt_state, frozen, batch)
-        done = step + 1
-        n_last += 1
-        if done % log_every == 0 or done == run.steps:
-            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            now = time.perf_counter()
-            values["steps_per_s"] = n_last / max(now - t_last, 1e-9)
-            t_last, n_last = now, 0
-            logger.scalars(run.name, done, values)
-            bar.update(done, values)
-        if done % ckpt_every == 0 or done == run.steps:
-            ckpt.save(done, {"params": params, "opt_state": opt_state, "step": np.int64(done)})
-        if run.validate is not None and eval_every > 0 and (done % eval_every == 0 or done == run.steps):
-            logger.scalars(run.name, done, run.validate(distributed.to_host(params)), prefix="val/")
-        _debug_kill(done)
+    first_bad, last_saved = jax.numpy.int32(-1), start
+    with step_boundaries():
+        for step, local in loader.iterate(start, run.steps, prefetch=int(cfg.data.prefetch)):
+            batch = distributed.global_batch(mesh, local)
+            params, opt_state, metrics = step_fn(params, opt_state, frozen, batch)
+            done = step + 1
+            n_last += 1
+            first_bad = _first_non_finite(first_bad, metrics["loss"], done)
+            if done % log_every == 0 or done == run.steps:
+                _stop_if_non_finite(first_bad, run.name, last_saved)
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                values["steps_per_s"] = n_last / max(now - t_last, 1e-9)
+                t_last, n_last = now, 0
+                logger.scalars(run.name, done, values)
+                bar.update(done, values)
+            if done % ckpt_every == 0 or done == run.steps:
+                _stop_if_non_finite(first_bad, run.name, last_saved)  # never a checkpoint of NaN parameters
+                ckpt.save(done, {"params": params, "opt_state": opt_state, "step": np.int64(done)})
+                last_saved = done
+            if run.validate is not None and eval_every > 0 and (done % eval_every == 0 or done == run.steps):
+                logger.scalars(run.name, done, run.validate(distributed.to_host(params)), prefix="val/")
+            _debug_kill(done)
+            check_interrupt()
+        _stop_if_non_finite(first_bad, run.name, last_saved)
     bar.close()
     ckpt.close()
     ran = run.steps - start

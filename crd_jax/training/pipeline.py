@@ -176,6 +176,9 @@ def network_multiple(config) -> int:
 
 def check_run_config(config, workdir: Path):
     """What can be checked before anything is read or written: one-line errors for bad values."""
+    from crd_jax.training.config_checks import check_values
+
+    check_values(config)  # lr finite and positive, shapes and factors sane, ...
     batch = config.train.batch_size
     if not isinstance(batch, int) or batch < 1:
         raise InputError("config.train.batch_size", f"must be a positive integer, got {batch!r}")
@@ -205,6 +208,9 @@ def run(config) -> List[Dict]:
         raise InputError("config.data.splits.train", "the training split is empty")
     for ds in datasets.values():
         ds.validate()
+    from crd_jax.training.config_checks import check_training_split
+
+    check_training_split(datasets["train"])
     labels = dataset_labels(config.data, datasets.get(config.eval.split, datasets["train"]))
     train_ds = datasets["train"]
     loader = PairLoader(
