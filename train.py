@@ -93,6 +93,7 @@ def main(argv):
     from crd_jax.errors import InputError
     from crd_jax.outputs import Terminated
     from crd_jax.training import pipeline
+    from crd_jax.training.loop import DeadlineReached
 
     def terminated(signum, frame):
         raise Terminated()
@@ -111,7 +112,9 @@ def main(argv):
     except KeyboardInterrupt:
         _leave("error: interrupted; re-run the same command to resume from the last checkpoint", 130)
     except Terminated:
-        _leave("error: terminated (SIGTERM); re-run the same command to resume from the last checkpoint", 143)
+        _leave("error: terminated (SIGTERM); the interrupted step was saved; re-run the same command to resume", 143)
+    except DeadlineReached as exc:
+        _leave(f"stopped: {exc} (config.train.deadline); re-run to resume", 75)
 
 
 if __name__ == "__main__":

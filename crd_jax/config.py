@@ -108,6 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 2
     c.train.progress_bar = True
+    # > 0: a Unix time; a stage that reaches it saves a checkpoint and stops (loop.DeadlineReached), for
+    # time-boxed runs that resume later. SIGTERM/Ctrl-C likewise save the step they interrupt.
+    c.train.deadline = 0.0
 
     # --- the scheme: stages in order (Section III, Fig. 2) --------------------------------------------
     steps = 500_000

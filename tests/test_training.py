@@ -314,3 +314,20 @@ def test_label_supervised_and_augmented_stages_train_and_run_through_the_pipelin
     assert results[0]["label"] == "VM-L" and 0 <= results[0]["dice_mean"] <= 1
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert "dice_loss" in metrics
+
+
+def test_deadline_saves_the_step_and_a_rerun_resumes_from_it(tmp_path):
+    """config.train.deadline (time-boxed runs on a lent GPU): the stage saves the step it reached and stops
+    with one line (exit 75); the same command without the deadline resumes from that step, not from 0."""
+    import time
+
+    work = tmp_path / "run"
+    args = (*SMALL[:2], "--config.train.max_steps=4", "--config.train.checkpoint_every=100",
+            "--config.eval.val_pairs=0", "--config.pipeline=('vm_h',)")
+    proc = _train(work, *args, f"--config.train.deadline={time.time() - 1}", check=False)
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("stopped: stage vm_h: deadline reached after step 1")
+    assert "Traceback" not in proc.stderr
+    assert (work / "stages" / "vm_h" / "ckpt" / "1").exists()
+    again = _train(work, *args)
+    assert "resuming from step 1" in again.stderr and (work / "stages" / "vm_h" / "model").is_dir()

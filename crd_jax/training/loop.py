@@ -66,6 +66,15 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, me
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+class DeadlineReached(Exception):
+    """``config.train.deadline`` (a Unix time) passed: the stage saved a checkpoint of ``step`` and stopped;
+    re-running resumes there (time-boxed runs on a lent machine, ``benchmarks/gpu_science.py``)."""
+
+    def __init__(self, stage: str, step: int):
+        super().__init__(f"stage {stage}: deadline reached after step {step}; checkpoint saved")
+        self.stage, self.step = stage, step
+
+
 @dataclasses.dataclass
 class StageRun:
     """What a stage needs from the pipeline to train."""
@@ -160,6 +169,7 @@ def train_stage(run: StageRun, loader, mesh, cfg, logger: MetricLogger) -> Any:
 
     log_every, ckpt_every = max(1, int(tc.log_every)), max(1, int(tc.checkpoint_every))
     eval_every = int(tc.eval_every)
+    deadline = float(tc.get("deadline", 0.0) or 0.0)
     bar = logger.progress(run.name, start, run.steps)
     t_last, n_last = time.perf_counter(), 0
     first_bad, last_saved = jax.numpy.int32(-1), start
@@ -185,7 +195,18 @@ def train_stage(run: StageRun, loader, mesh, cfg, logger: MetricLogger) -> Any:
             if run.validate is not None and eval_every > 0 and (done % eval_every == 0 or done == run.steps):
                 logger.scalars(run.name, done, run.validate(distributed.to_host(params)), prefix="val/")
             _debug_kill(done)
-            check_interrupt()
+            out_of_time = deadline > 0 and time.time() >= deadline
+            if _pending_signals or out_of_time:
+                # a scheduler's preemption (SIGTERM), Ctrl-C or the run's deadline: keep this step's state
+                if last_saved != done:
+                    _stop_if_non_finite(first_bad, run.name, last_saved)
+                    ckpt.save(done, {"params": params, "opt_state": opt_state, "step": np.int64(done)})
+                    last_saved = done
+                check_interrupt()
+                if out_of_time and done < run.steps:
+                    bar.close()
+                    ckpt.close()
+                    raise DeadlineReached(run.name, done)
         _stop_if_non_finite(first_bad, run.name, last_saved)
     bar.close()
     ckpt.close()
