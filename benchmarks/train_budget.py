@@ -1,0 +1,629 @@
+"""Training budget: seconds per step of every stage of the CRD pipeline, split into network forward, network
+backward and loss, and the hours that 10,000 steps per stage would take (issue 26, item 1).
+
+    python benchmarks/train_budget.py                  # 128^3, n = 2, batch 1: every stage + PyTorch VM-H / VM-L
+    python benchmarks/train_budget.py --quick          # 32^3, one repeat, no PyTorch (seconds; what the test runs)
+    python benchmarks/train_budget.py --profile        # where a VM-L and a VM-H step spend their time
+                                                       #   -> results/train_profile.{md,json}
+
+Stages (the 128^3 regime of the paper, n = 2): VM-H and VM-L (baselines, eq. 3 / eq. 5), S1 (resolution
+cooperative, eq. 6), FST (S2: fusion head on the frozen S1 backbone, eq. 7), S3 (distillation from the FST,
+eq. 10, starting from VM-L) and the control (VM-L trained on for as many steps: the same step as VM-L). Each
+stage's loss is the project's own (``crd_jax.training.stages.plan_stage``) and the full step is the loop's
+(``crd_jax.training.loop.make_train_step``: gradient, global-norm clipping, Adam), so the step column is what
+``python train.py`` runs.
+
+The split, per stage, all jitted in one process and timed in alternation (every function once per round, the
+minimum over rounds: the machine may be shared):
+
+* forward: the stage's loss function with the registration loss replaced by ``mean(disp^2) / 2`` (the networks
+  the stage runs, frozen ones included, the field upsampling of a low-resolution model, the distillation terms);
+* backward: the gradient of that function minus its forward;
+* loss: the full training step minus the network forward + backward, i.e. the registration loss (warp, NCC,
+  grad-L2 at the full resolution, forward and backward) and the optimizer update.
+
+PyTorch rows: the paper's VM written in plain PyTorch (``_child.torch_same_arch``, as ``peers.py``), the
+low-resolution model as trilinear down/up-sampling around it, NCC 9^3 as separable box sums (1-D convolutions,
+the same algorithm as ours), ``grid_sample`` warp, Adam; each in a fresh process with all cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import machine, write  # noqa: E402
+
+STAGES = ("vm_h", "vm_l", "coop", "fst", "vm_l_crd", "control")
+LABELS = {"vm_h": "VM-H", "vm_l": "VM-L", "coop": "S1 cooperative", "fst": "FST teacher (S2)",
+          "vm_l_crd": "S3 distill (VM-L-CRD)", "control": "control (VM-L, continued)"}
+
+
+# --- JAX --------------------------------------------------------------------------------------------------
+
+
+def pipeline_config(shape, shift: int = 1, batch: int = 1):
+    """The default config (the paper's VM, n = 2^shift) with the six stages of the 128^3 experiment."""
+    from crd_jax.config import base_config, stage
+
+    c = base_config()
+    c.model.shift = shift
+    c.train.batch_size = batch
+    c.data.shape = tuple(shape)
+    c.stages.control = stage("baseline", resolution="low", init="vm_l", label="VM-L control")
+    c.pipeline = STAGES
+    return c
+
+
+@contextlib.contextmanager
+def network_only():
+    """Within the block the registration loss (warp + L_sim + lambda L_reg) is ``mean(disp^2) / 2``: a stage's
+    loss function then costs what its networks cost (the cotangent of ``disp`` is ``disp / size``, data
+    dependent, so nothing is folded away)."""
+    import jax.numpy as jnp
+
+    from crd_jax import losses
+
+    real = losses.registration_loss
+
+    def proxy(moving, fixed, disp, reg_weight=1.0, window=9, sim=None):
+        value = 0.5 * jnp.mean(disp * disp)
+        return value, {"sim": value, "reg": jnp.zeros_like(value)}
+
+    losses.registration_loss = proxy
+    try:
+        yield
+    finally:
+        losses.registration_loss = real
+
+
+def _batch(shape, batch, seed=0):
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    make = lambda: jnp.asarray(rng.random((batch, *shape, 1), np.float32))  # noqa: E731
+    return {"moving": make(), "fixed": make()}
+
+
+def plan_pipeline(config, shape, batch, stages=STAGES):
+    """``{stage: StagePlan}`` for every stage, each later stage reading the earlier ones' initial parameters (the
+    step's cost does not depend on the values)."""
+    import jax
+
+    from crd_jax.training.stages import Trained, plan_stage
+
+    example = {k: jax.device_get(v) for k, v in _batch(shape, batch).items()}
+    done, plans = {}, {}
+    key = jax.random.PRNGKey(0)
+    last = max(STAGES.index(s) for s in stages)
+    for i, name in enumerate(STAGES[: last + 1]):  # the requested stages and those they read
+        plan = plan_stage(name, config.stages[name], config, done, jax.random.fold_in(key, i), example)
+        done[name] = Trained(plan.model, plan.full_params(plan.init_params), plan.spec)
+        if name in stages:
+            plans[name] = plan
+    return plans
+
+
+def stage_functions(plan, config, steps: int):
+    """``{"forward", "network", "step"}``: jitted callables of no arguments (the step carries its own state)."""
+    import jax
+
+    from crd_jax.training import distributed
+    from crd_jax.training.loop import make_optimizer, make_train_step
+
+    loss_fn = plan.loss_fn
+    with network_only():
+        forward = jax.jit(lambda p, fr, b: loss_fn(p, fr, b)[0])
+        network = jax.jit(jax.value_and_grad(lambda p, fr, b: loss_fn(p, fr, b)[0]))
+    mesh = distributed.data_mesh()
+    optimizer = make_optimizer(config.train, steps)
+    step = make_train_step(loss_fn, optimizer, mesh)
+    return forward, network, step, optimizer, mesh
+
+
+class StageTimer:
+    """The three functions of one stage, compiled, with the step's state carried from call to call."""
+
+    def __init__(self, name, plan, config, batch, steps, compiler_options=None):
+        import jax
+
+        self.name = name
+        opts = compiler_options
+        forward, network, step, optimizer, mesh = stage_functions(plan, config, steps)
+        params, frozen = plan.init_params, plan.frozen
+        with network_only():  # traced (and compiled) inside: the proxy is what they run
+            self.forward = forward.lower(params, frozen, batch).compile(opts)
+            self.network = network.lower(params, frozen, batch).compile(opts)
+        self.state = (jax.tree_util.tree_map(lambda x: x.copy(), params), optimizer.init(params))
+        self.step = step.lower(*self.state, frozen, batch).compile(opts)
+        self.args = (params, frozen, batch)
+        self.times = {"forward": [], "network": [], "step": []}
+        self.parameters = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
+
+    def run(self, what: str) -> float:
+        import jax
+
+        params, frozen, batch = self.args
+        t = time.perf_counter()
+        if what == "step":
+            p, o, metrics = self.step(*self.state, frozen, batch)
+            jax.block_until_ready((p, o, metrics))
+            self.state = (p, o)
+        else:
+            jax.block_until_ready(getattr(self, what)(params, frozen, batch))
+        dt = time.perf_counter() - t
+        self.times[what].append(dt)
+        return dt
+
+    def result(self) -> dict:
+        best = {k: min(v) for k, v in self.times.items()}
+        return {"stage": self.name, "label": LABELS.get(self.name, self.name), "parameters": self.parameters,
+                "forward_s": best["forward"], "backward_s": max(best["network"] - best["forward"], 0.0),
+                "network_s": best["network"], "loss_s": max(best["step"] - best["network"], 0.0), "step_s": best["step"],
+                "runs": len(self.times["step"])}
+
+
+#: ``--quick``: XLA's backend optimisation off (a check that everything runs, not a measurement)
+QUICK_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+def measure_jax(shape, batch, repeats, steps, stages=STAGES, log=print, compiler_options=None):
+    config = pipeline_config(shape, batch=batch)
+    batch_arrays = _batch(shape, batch, seed=1)
+    plans = plan_pipeline(config, shape, batch, stages)
+    timers = []
+    for name in stages:
+        t = time.perf_counter()
+        timers.append(StageTimer(name, plans[name], config, batch_arrays, steps, compiler_options))
+        for what in ("forward", "network", "step"):  # warm-up, not recorded
+            timers[-1].run(what)
+            timers[-1].times[what].clear()
+        log(f"[{name}] compiled and warmed up in {time.perf_counter() - t:.1f} s")
+    for r in range(repeats):  # rounds: every stage's three functions once, in turn
+        for timer in timers:
+            for what in ("forward", "network", "step"):
+                timer.run(what)
+        log(f"round {r + 1}/{repeats}: " + ", ".join(f"{t.name} {t.times['step'][-1]:.2f}s" for t in timers))
+    return [t.result() for t in timers]
+
+
+# --- PyTorch (written independently, in a fresh process) ---------------------------------------------------
+
+
+def torch_child(model: str, shape, repeats: int) -> dict:
+    """VM-H (``vm_h``) or VM-L (``vm_l``, n = 2) training step in PyTorch: forward, forward + backward of
+    ``mean(disp^2) / 2``, and the full step (NCC 9^3 + grad-L2 at the full resolution, backward, Adam)."""
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from _child import torch_same_arch
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    fmt = torch.channels_last_3d
+    net = torch_same_arch(torch, nn).to(memory_format=fmt)
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand((1, 1, *shape), generator=g).to(memory_format=fmt)
+    f = torch.rand((1, 1, *shape), generator=g).to(memory_format=fmt)
+    n = 2 if model == "vm_l" else 1
+
+    def field(m, f):
+        if n == 1:
+            return net(m, f)
+        small = [F.interpolate(x, scale_factor=1 / n, mode="trilinear", align_corners=False) for x in (m, f)]
+        return F.interpolate(net(*small), scale_factor=n, mode="trilinear", align_corners=False) * n
+
+    box = [torch.ones((1, 1, *(9 if a == k else 1 for a in range(3)))) for k in range(3)]
+
+    def box_sum(x):  # separable 9^3 window sum, zeros outside
+        for k, kernel in enumerate(box):
+            x = F.conv3d(x, kernel, padding=tuple(4 if a == k else 0 for a in range(3)))
+        return x
+
+    def ncc(a, b):
+        sums = box_sum(torch.cat([a, b, a * a, b * b, a * b], 0))
+        a_sum, b_sum, aa, bb, ab = sums[0:1], sums[1:2], sums[2:3], sums[3:4], sums[4:5]
+        size = 9.0 ** 3
+        a_mean, b_mean = a_sum / size, b_sum / size
+        cross = ab - b_mean * a_sum - a_mean * b_sum + a_mean * b_mean * size
+        a_var = aa - 2 * a_mean * a_sum + a_mean * a_mean * size
+        b_var = bb - 2 * b_mean * b_sum + b_mean * b_mean * size
+        return -torch.mean(cross * cross / (a_var * b_var + 1e-5))
+
+    def grad_l2(d):
+        return sum(torch.mean(torch.diff(d, dim=k) ** 2) for k in (2, 3, 4)) / 3
+
+    grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij"))[None]
+
+    def warp(image, disp):  # border mode, voxel units, ij order
+        loc = grid + disp
+        loc = torch.stack([2 * loc[:, i] / (s - 1) - 1 for i, s in enumerate(shape)], -1)[..., [2, 1, 0]]
+        return F.grid_sample(image, loc, mode="bilinear", align_corners=True, padding_mode="border")
+
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99))
+
+    def forward():
+        with torch.no_grad():
+            field(m, f)
+
+    def network():
+        net.zero_grad(set_to_none=True)
+        d = field(m, f)
+        (0.5 * torch.mean(d * d)).backward()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        d = field(m, f)
+        loss = ncc(f, warp(m, d)) + grad_l2(d)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+
+    fns = {"forward": forward, "network": network, "step": step}
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    best = {k: float(np.min(v)) for k, v in times.items()}
+    return {"stage": model, "label": f"{LABELS[model]} (PyTorch {torch.__version__})", "framework": "torch",
+            "parameters": sum(p.numel() for p in net.parameters()), "forward_s": best["forward"],
+            "backward_s": max(best["network"] - best["forward"], 0.0), "network_s": best["network"],
+            "loss_s": max(best["step"] - best["network"], 0.0), "step_s": best["step"], "runs": repeats}
+
+
+def run_torch(model, shape, repeats, log=print) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--torch-child", model, "--shape", *map(str, shape),
+           "--repeats", str(repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        result = {"stage": model, "label": f"{LABELS[model]} (PyTorch)", "framework": "torch",
+                  "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+    else:
+        result = json.loads(lines[-1][len("RESULT "):])
+    log(json.dumps(result))
+    return result
+
+
+# --- report -----------------------------------------------------------------------------------------------
+
+
+def hours(step_s: float, steps: int) -> float:
+    return step_s * steps / 3600.0
+
+
+def render(rows, torch_rows, shape, batch, steps, repeats, conv, previous=None) -> str:
+    m = machine()
+    size = "x".join(map(str, shape))
+    lines = [f"Training budget at {size}, n = 2, batch {batch}; {m.get('cpu', m.get('processor', ''))}, {m['cpus']} "
+             f"cores; crd-jax convolution: {conv}. Seconds per step, minimum of {repeats} rounds in which every "
+             "function ran once in turn (one process); forward and backward: the stage's networks; loss: "
+             "the full step minus the networks' forward + backward (warp, NCC 9^3, grad-L2 at the full resolution, "
+             "forward and backward, and Adam). Regenerate: `python benchmarks/train_budget.py`.", "",
+             f"| Stage | Forward (s) | Backward (s) | Loss (s) | Step (s) | Step / forward | Loss share | "
+             f"Hours per {steps:,} steps |",
+             "|---|---|---|---|---|---|---|---|"]
+    total = 0.0
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | |")
+            continue
+        h = hours(r["step_s"], steps)
+        total += h
+        lines.append(f"| {r['label']} | {r['forward_s']:.3f} | {r['backward_s']:.3f} | {r['loss_s']:.3f} | "
+                     f"{r['step_s']:.3f} | {r['step_s'] / r['forward_s']:.1f}x | {r['loss_s'] / r['step_s']:.0%} | {h:.1f} |")
+    lines.append(f"| **Pipeline ({len(rows)} stages)** | | | | | | | **{total:.1f}** |")
+    if torch_rows:
+        lines += ["", f"PyTorch, written independently (the paper's VM in plain PyTorch, `channels_last_3d`, all cores; "
+                  "NCC 9^3 as separable box sums, `grid_sample` warp, Adam), each in a fresh process:", "",
+                  "| Model | Forward (s) | Backward (s) | Loss (s) | Step (s) | PyTorch / crd-jax step |", "|---|---|---|---|---|---|"]
+        ours = {r["stage"]: r for r in rows}
+        for r in torch_rows:
+            if "error" in r:
+                lines.append(f"| {r['label']} | failed: {r['error']} | | | | |")
+                continue
+            mine = ours.get(r["stage"])
+            ratio = f"{r['step_s'] / mine['step_s']:.2f}x" if mine and "error" not in mine else "-"
+            lines.append(f"| {r['label']} | {r['forward_s']:.3f} | {r['backward_s']:.3f} | {r['loss_s']:.3f} | "
+                         f"{r['step_s']:.3f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+# --- profile: where a step's time goes --------------------------------------------------------------------
+
+
+def record_layers(model, shape, batch):
+    """The convolutions ``model.apply`` runs, in order, with their shapes (an abstract trace)."""
+    import jax
+
+    from crd_jax.models import layers
+
+    calls = []
+    real_conv, real_upcat = layers.conv, layers.conv_upsampled_concat
+
+    def conv(x, w, b, stride=1, padding=None, negative_slope=None):
+        calls.append({"op": "conv", "x": tuple(x.shape), "w": tuple(w.shape), "stride": stride, "slope": negative_slope})
+        return real_conv(x, w, b, stride=stride, padding=padding, negative_slope=negative_slope)
+
+    def upcat(low, skip, w, b, negative_slope=None):
+        calls.append({"op": "upcat", "low": tuple(low.shape), "skip": tuple(skip.shape), "w": tuple(w.shape),
+                      "slope": negative_slope})
+        return real_upcat(low, skip, w, b, negative_slope=negative_slope)
+
+    layers.conv, layers.conv_upsampled_concat = conv, upcat
+    try:
+        data = _batch(shape, batch)
+        params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), data["moving"], data["fixed"]))
+        jax.eval_shape(lambda p: model.apply(p, data["moving"], data["fixed"]).disp, params)
+    finally:
+        layers.conv, layers.conv_upsampled_concat = real_conv, real_upcat
+    return calls
+
+
+def _layer_name(call) -> str:
+    w = call["w"]
+    if call["op"] == "upcat":
+        return (f"up({'x'.join(map(str, call['low'][1:-1]))}) ++ skip {'x'.join(map(str, call['skip'][1:-1]))}, "
+                f"{call['low'][-1]}+{call['skip'][-1]} -> {w[-1]}")
+    s = call["stride"]
+    stride = s if isinstance(s, int) else max(s)
+    return f"conv {'x'.join(map(str, call['x'][1:-1]))}, {w[-2]} -> {w[-1]}" + (", stride 2" if stride == 2 else "")
+
+
+def layer_functions(call):
+    """``{"forward", "input grad", "weight grad", "forward + backward"}`` of one recorded layer, on random
+    arguments: jitted functions and their arguments. Input grad: every input the layer differentiates in
+    training (the first layer's input and the level-0 skip are the image pair: no gradient)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from crd_jax.ops.conv import conv, conv_upsampled_concat
+
+    rng = np.random.default_rng(0)
+    arr = lambda s: jnp.asarray(rng.standard_normal(s, np.float32))  # noqa: E731
+    slope = call["slope"]
+    w = arr(call["w"]) * 0.1
+    b = arr(call["w"][-1:])
+    if call["op"] == "conv":
+        x = arr(call["x"])
+        stride = call["stride"]
+        op = lambda x, w, b: conv(x, w, b, stride=stride, negative_slope=slope)  # noqa: E731
+        ins = (x,)
+        data_input = call["x"][-1] == 2  # the image pair
+        grad_inputs = () if data_input else (0,)
+    else:
+        low, skip = arr(call["low"]), arr(call["skip"])
+        op = lambda low, skip, w, b: conv_upsampled_concat(low, skip, w, b, negative_slope=slope)  # noqa: E731
+        ins = (low, skip)
+        grad_inputs = (0,) if call["skip"][-1] == 2 else (0, 1)
+    y = jax.jit(op)(*ins, w, b)
+    cot = arr(y.shape)
+    k = len(ins)
+
+    def vjp_of(argnums):
+        def f(*args):
+            diff = [args[i] for i in argnums]
+
+            def g(*d):
+                full = list(args[:-1])
+                for i, v in zip(argnums, d):
+                    full[i] = v
+                return op(*full)
+
+            return jax.vjp(g, *diff)[1](args[-1])
+        return jax.jit(f)
+
+    out = {"forward": (jax.jit(op), (*ins, w, b))}
+    if grad_inputs:
+        out["input grad"] = (vjp_of(grad_inputs), (*ins, w, b, cot))
+    out["weight grad"] = (vjp_of((k, k + 1)), (*ins, w, b, cot))
+    out["forward + backward"] = (vjp_of(grad_inputs + (k, k + 1)), (*ins, w, b, cot))
+    return out
+
+
+def loss_functions(shape, factor, batch):
+    """The full-resolution loss of a step, by piece: forward and forward + backward (gradient with respect to
+    the field, as training takes it)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from crd_jax.losses import grad_l2, ncc, registration_loss
+    from crd_jax.ops.spatial import upsample_field, warp
+
+    rng = np.random.default_rng(0)
+    arr = lambda s, scale=1.0: jnp.asarray(scale * rng.standard_normal(s).astype(np.float32))  # noqa: E731
+    m, f = (jnp.asarray(rng.random((batch, *shape, 1), np.float32)) for _ in range(2))
+    d = arr((batch, *shape, 3), 2.0)
+    g1 = arr((batch, *shape, 1))
+    grad = lambda fn, argnums=0: jax.jit(jax.grad(fn, argnums=argnums))  # noqa: E731
+    out = {
+        "warp (trilinear, border), forward": (jax.jit(lambda m, d: warp(m, d)), (m, d)),
+        "warp, forward + backward (field)": (grad(lambda d, m, g: jnp.sum(warp(m, d) * g)), (d, m, g1)),
+        "NCC 9^3, forward": (jax.jit(ncc), (f, m)),
+        "NCC 9^3, forward + backward (warped image)": (grad(lambda w, f: ncc(f, w)), (m, f)),
+        "grad-L2, forward + backward": (grad(grad_l2), (d,)),
+        "registration loss (warp + NCC + grad-L2), forward + backward": (
+            grad(lambda d, m, f: registration_loss(m, f, d)[0]), (d, m, f)),
+    }
+    if factor > 1:
+        low = arr((batch, *(s // factor for s in shape), 3))
+        out["field upsampling x2 (VM-L), forward"] = (jax.jit(lambda x: upsample_field(x, factor)), (low,))
+        out["field upsampling x2 (VM-L), forward + backward"] = (
+            grad(lambda x, r: jnp.sum(upsample_field(x, factor) * r)), (low, d))
+    return out
+
+
+def hlo_census(shape, batch):
+    """What the compiled VM-L and VM-H training steps are made of: native custom calls by target, and the XLA
+    operations that matter for speed (convolutions would be lax fallbacks; gathers, scatters, reduce-windows)."""
+    import collections
+    import re
+
+    import jax
+
+    config = pipeline_config(shape, batch=batch)
+    plans = plan_pipeline(config, shape, batch, ("vm_h", "vm_l"))
+    data = _batch(shape, batch)
+    out = {}
+    for name, plan in plans.items():
+        fn = jax.jit(jax.value_and_grad(lambda p, fr, b: plan.loss_fn(p, fr, b)[0]))
+        text = fn.lower(plan.init_params, plan.frozen, data).compile().as_text()
+        targets = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', text))
+        ops = collections.Counter(re.findall(r"= \S+ ([a-z][\w-]*)\(", text))
+        out[name] = {"custom_calls": dict(targets),
+                     "xla": {k: ops.get(k, 0) for k in ("convolution", "gather", "scatter", "reduce-window", "dot", "sort")}}
+    return out
+
+
+def _alternating(named, repeats, log):
+    """``{name: min seconds}`` of jitted ``(fn, args)`` pairs, each called once per round, in turn."""
+    import jax
+
+    compiled = {}
+    for name, (fn, args) in named.items():
+        compiled[name] = (fn.lower(*args).compile(), args)
+        jax.block_until_ready(compiled[name][0](*args))
+    times = {name: [] for name in named}
+    for _ in range(repeats):
+        for name, (fn, args) in compiled.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t)
+    log(f"  timed {len(named)} functions x {repeats} rounds")
+    return {k: min(v) for k, v in times.items()}
+
+
+def profile(shape, batch, repeats, log=print) -> tuple:
+    from crd_jax.models import build as mbuild
+    from crd_jax.ops import native
+
+    config = pipeline_config(shape, batch=batch)
+    arch = mbuild.architecture(config.model)
+    step_rows = measure_jax(shape, batch, repeats, 10_000, ("vm_h", "vm_l"), log)
+    payload = {"shape": list(shape), "batch": batch, "repeats": repeats, "conv": native.describe(), "steps": step_rows,
+               "models": {}, "loss": {}}
+    md = [f"Where a training step's time goes at {'x'.join(map(str, shape))}, batch {batch} "
+          f"({machine().get('cpu', '')}, {machine()['cpus']} cores; {native.describe()}). Each row is a separately "
+          f"jitted function on random arguments of the layer's shapes, minimum of {repeats} rounds in which every "
+          "function of the table ran once in turn. Regenerate: `python benchmarks/train_budget.py --profile`.", "",
+          "Whole steps (the stage's own loss and train step, as `train_budget.py`):", "",
+          "| Stage | Forward (s) | Backward (s) | Loss (s) | Step (s) |", "|---|---|---|---|---|"]
+    for r in step_rows:
+        md.append(f"| {r['label']} | {r['forward_s']:.3f} | {r['backward_s']:.3f} | {r['loss_s']:.3f} | {r['step_s']:.3f} |")
+    for factor, label in ((2, "VM-L (network at half size)"), (1, "VM-H")):
+        model = mbuild.registrar_from_config(arch, factor)
+        calls = record_layers(model, shape, batch)
+        named = {}
+        for i, call in enumerate(calls):
+            for kind, fa in layer_functions(call).items():
+                named[(i, kind)] = fa
+        log(f"{label}: {len(calls)} layers")
+        best = _alternating(named, repeats, log)
+        rows = []
+        for i, call in enumerate(calls):
+            row = {"layer": _layer_name(call), **{kind: best[(i, kind)] for kind in ("forward", "input grad", "weight grad",
+                                                                                   "forward + backward") if (i, kind) in best}}
+            row["backward"] = max(row["forward + backward"] - row["forward"], 0.0)
+            rows.append(row)
+        payload["models"][label] = rows
+        md += ["", f"{label}, convolutions (ms; input grad: only where training needs it, the image pair has none; "
+               "backward = forward + backward minus forward):", "",
+               "| Layer | Forward | Input grad | Weight grad | Backward | Backward / forward |", "|---|---|---|---|---|---|"]
+        tot = {"forward": 0.0, "input grad": 0.0, "weight grad": 0.0, "backward": 0.0}
+        for r in rows:
+            for k in tot:
+                tot[k] += r.get(k, 0.0)
+            ig = f"{r['input grad'] * 1e3:.1f}" if "input grad" in r else "-"
+            md.append(f"| {r['layer']} | {r['forward'] * 1e3:.1f} | {ig} | {r['weight grad'] * 1e3:.1f} | "
+                      f"{r['backward'] * 1e3:.1f} | {r['backward'] / max(r['forward'], 1e-9):.1f}x |")
+        md.append(f"| **sum** | **{tot['forward'] * 1e3:.0f}** | {tot['input grad'] * 1e3:.0f} | {tot['weight grad'] * 1e3:.0f} "
+                  f"| **{tot['backward'] * 1e3:.0f}** | {tot['backward'] / max(tot['forward'], 1e-9):.1f}x |")
+    pieces = loss_functions(shape, 2, batch)
+    best = _alternating(pieces, repeats, log)
+    payload["loss"] = best
+    md += ["", f"Full-resolution loss pieces at {'x'.join(map(str, shape))} (ms; gradients with respect to the field "
+           "or the warped image, as training takes them):", "", "| Piece | ms |", "|---|---|"]
+    md += [f"| {k} | {v * 1e3:.1f} |" for k, v in best.items()]
+    census = hlo_census(shape, batch)
+    payload["hlo"] = census
+    md += ["", "The compiled gradient of the VM-H and VM-L losses (`jax.jit(...).lower().compile().as_text()`): native "
+           "custom calls by target, and XLA operations that matter (a `convolution` would be a lax fallback):", "",
+           "| Stage | Native custom calls | XLA convolution | gather | scatter | reduce-window |", "|---|---|---|---|---|---|"]
+    for name, c in census.items():
+        calls = ", ".join(f"{k} x{v}" for k, v in sorted(c["custom_calls"].items()))
+        x = c["xla"]
+        md.append(f"| {LABELS[name]} | {calls} | {x['convolution']} | {x['gather']} | {x['scatter']} | {x['reduce-window']} |")
+    return payload, "\n".join(md) + "\n"
+
+
+# --- main -------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", type=int, nargs=3, default=None, help="full-resolution size (default 128^3; --quick 32^3)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=None, help="rounds (default 5; --quick 1)")
+    p.add_argument("--steps", type=int, default=10_000, help="steps per stage for the projected hours")
+    p.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES)
+    p.add_argument("--quick", action="store_true", help="32^3, one round, no PyTorch: a check that it runs")
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--torch-repeats", type=int, default=None)
+    p.add_argument("--profile", action="store_true", help="the attribution tables -> results/train_profile.{md,json}")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--torch-child", choices=("vm_h", "vm_l"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    shape = tuple(args.shape or ((32, 32, 32) if args.quick else (128, 128, 128)))
+    repeats = args.repeats or (1 if args.quick else 5)
+    if args.torch_child:
+        print("RESULT " + json.dumps(torch_child(args.torch_child, shape, repeats)), flush=True)
+        return 0
+    if args.profile:
+        payload, md = profile(shape, args.batch, repeats)
+        payload["machine"] = machine()
+        write(args.out or HERE / "results" / "train_profile", payload, md)
+        return 0
+    from crd_jax.ops import native
+
+    conv = native.describe()
+    t = time.perf_counter()
+    rows = measure_jax(shape, args.batch, repeats, args.steps, tuple(args.stages),
+                       compiler_options=QUICK_OPTIONS if args.quick else None)
+    print(f"measured in {time.perf_counter() - t:.0f} s")
+    torch_rows = []
+    if not (args.quick or args.no_torch):
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            print("PyTorch is not installed (pip install -e '.[peers]'): no PyTorch rows")
+        else:
+            for model in ("vm_h", "vm_l"):
+                torch_rows.append(run_torch(model, shape, args.torch_repeats or repeats))
+    md = render(rows, torch_rows, shape, args.batch, args.steps, repeats, conv)
+    payload = {"machine": machine(), "conv": conv, "shape": list(shape), "batch": args.batch, "repeats": repeats,
+               "steps_per_stage": args.steps, "rows": rows, "torch_rows": torch_rows,
+               "pipeline_hours": sum(hours(r["step_s"], args.steps) for r in rows if "error" not in r)}
+    write(args.out or HERE / "results" / "train_budget", payload, md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
