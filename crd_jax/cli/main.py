@@ -299,13 +299,7 @@ def cmd_apply(args) -> None:
     reference = load_image(args.reference, require_orientation=True)
     disp = read_displacement(args.disp, reference, args.disp_format)
     if args.points:
-        check_input_file(args.points, "a CSV of points")
-        try:
-            table = np.loadtxt(args.points, delimiter=",", ndmin=2, comments="#")
-        except (OSError, ValueError) as exc:
-            raise InputError(args.points, f"expected a CSV of x,y,z world coordinates ({exc})") from None
-        if table.shape[1] != 3 or not np.all(np.isfinite(table)):
-            raise InputError(args.points, f"expected 3 finite columns (x, y, z in mm), got {table.shape[1]}")
+        table = read_points(args.points)
         moved = transforms.apply_to_points(table, disp, reference.affine)
         with outputs as stage:
             np.savetxt(stage / out.name, moved, delimiter=",", fmt="%.4f", header="x,y,z", comments="")
@@ -330,6 +324,36 @@ def cmd_apply(args) -> None:
     with outputs as stage:
         save_nifti(stage / out.name, warped, reference.affine, None)
     print(f"warped {args.image} ({args.interpolation}) onto {args.reference} -> {out}")
+
+
+def read_points(path) -> "np.ndarray":
+    """A CSV of world points ``x,y,z`` (mm; ``#`` comments allowed, no header line) as ``(N, 3)``
+    float64; anything else is a one-line :class:`InputError`."""
+    import numpy as np
+
+    from crd_jax.data.io import check_input_file
+
+    check_input_file(path, "a CSV of points")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [l for l in f.read().splitlines() if l.strip() and not l.lstrip().startswith("#")]
+    except OSError as exc:
+        raise InputError(path, f"unreadable ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(path, f"not a text file in UTF-8 (byte {exc.start})") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        cells = line.split(",")
+        try:
+            row = [float(c) for c in cells]
+        except ValueError:
+            raise InputError(path, f"line {n}: expected x,y,z numbers, got {line[:60]!r}") from None
+        if len(row) != 3 or not all(np.isfinite(row)):
+            raise InputError(path, f"line {n}: expected 3 finite numbers (x, y, z in mm), got {line[:60]!r}")
+        rows.append(row)
+    if not rows:
+        raise InputError(path, "no points")
+    return np.asarray(rows, np.float64)
 
 
 def _read_pairs(path: str, ids: List[str]):
@@ -774,6 +798,11 @@ def entry() -> None:
     status = main()
     sys.stdout.flush()
     sys.stderr.flush()
+    if status in (130, 143):
+        # interrupted or terminated while XLA's threads may still hold work: the interpreter's teardown could
+        # then end in a segmentation fault (seen after Ctrl-C during --io-steps); our files are settled (the
+        # output set removed its staging folder), so leave at once with the status
+        os._exit(status)
     sys.exit(status)
 
 

@@ -327,8 +327,7 @@ def save_nifti(
     data = np.asarray(data)
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
     hdr = header.copy() if header is not None else None
-    img = nib.Nifti1Image(data, affine, hdr)
-    img.set_data_dtype(data.dtype)
+    img = nib.Nifti1Image(data, affine, hdr, dtype=data.dtype)  # explicit: nibabel refuses 64-bit integers otherwise
     if data.dtype.kind == "f":
         # Source images may carry scl_slope/inter; float outputs are stored as-is.
         img.header.set_slope_inter(1.0, 0.0)
