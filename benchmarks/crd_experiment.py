@@ -1,14 +1,16 @@
-"""Experiment 1 of the science round, pre-registered in ``configs/lpba40_crd_exp1.py`` (read its docstring
-first): the teacher phase, the gate, the student phase if the gate passes, and the analysis.
+"""The pre-registered CRD experiments: Experiment 1 (``configs/lpba40_crd_exp1.py``, 64x80x64, n = 4) and
+Experiment 2 (``configs/lpba40_crd_exp2.py``, the paper's 128^3, n = 2); read the config's docstring first.
+The teacher phase, the gate, the student phase if the gate passes, and the analysis.
 
     python benchmarks/crd_experiment.py --data-root /path/to/lpba40     # runs or resumes; hours on 2 cores
     python benchmarks/crd_experiment.py --status                         # progress, nothing trained
     python benchmarks/crd_experiment.py --report                         # results files from what finished
+    python benchmarks/crd_experiment.py --experiment 2 ...               # the 128^3 regime
 
-Everything lives in the run folder (default ``~/crd-runs/reproduce_lpba40_3d-ll-exp1``, outside the work
-tree; re-running resumes). The gate's numbers go to ``gate.json`` there; ``--report`` (and the end of a run)
-writes ``benchmarks/results/crd_experiment1.{md,json}``: the teacher phase's Dice, the gate, and, when the
-students finished, the five-stream table with both intervals and the verdict.
+Everything lives in the run folder (default ``~/crd-runs/reproduce_lpba40_3d-ll-exp1`` / ``..._exp2``,
+outside the work tree; re-running resumes). The gate's numbers go to ``gate.json`` there; ``--report`` (and
+the end of a run) writes ``benchmarks/results/crd_experiment<N>.{md,json}``: the teacher phase's Dice, the
+gate, and, when the students finished, the five-stream table with both intervals and the verdict.
 """
 
 from __future__ import annotations
@@ -26,7 +28,20 @@ sys.path.insert(0, str(HERE))
 import crd_stats  # noqa: E402
 from reproduce import RUNS, reuse_stages, shipped_main_run  # noqa: E402
 
-from configs import lpba40_crd_exp1 as protocol  # noqa: E402
+from configs import lpba40_crd_exp1, lpba40_crd_exp2  # noqa: E402
+
+PROTOCOLS = {1: lpba40_crd_exp1, 2: lpba40_crd_exp2}
+WORKDIRS = {1: RUNS / "reproduce_lpba40_3d-ll-exp1", 2: RUNS / "reproduce_lpba40_exp2"}
+protocol = lpba40_crd_exp1  # the experiment this process runs (select() sets it)
+
+
+def select(experiment: int) -> None:
+    global protocol
+    protocol = PROTOCOLS[experiment]
+
+
+def result_name() -> str:
+    return f"crd_experiment{next(k for k, v in PROTOCOLS.items() if v is protocol)}"
 
 
 def _config(args, fst: str = ""):
@@ -42,6 +57,15 @@ def _config(args, fst: str = ""):
         config.eval.val_pairs = 1
     if args.max_pairs:
         config.eval.max_pairs = args.max_pairs
+    for dotted in getattr(args, "overrides", ()):  # "train.deadline=123", "data.shape=(32,32,32)" (gpu_science.py)
+        import ast
+
+        key, value = dotted.split("=", 1)
+        *path, leaf = key.split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        node[leaf] = ast.literal_eval(value) if value[:1] in "([{-0123456789" or value in ("True", "False") else value
     return config
 
 
@@ -89,7 +113,7 @@ def gate(config, workdir: Path) -> dict:
     model, params = _load(workdir, fst)
     factor = 2 ** int(config.model.shift)
     ceiling = diag.ceiling(model, params, val, evaluation_pairs(config, val), labels, factor)["ceiling_dice"]
-    vm_ll = _eval_rows(workdir, "vm_ll")["dice_mean"]
+    vm_ll = _eval_rows(workdir, protocol.BASELINE_LOW)["dice_mean"]
     fst_dice = _eval_rows(workdir, fst)["dice_mean"]
     result = {"fst_choice_train_dice": choice, "fst": fst, "fst_val_dice": fst_dice, "vm_ll_val_dice": vm_ll,
               "ceiling_val_dice": ceiling, "fst_minus_vm_ll": fst_dice - vm_ll, "ceiling_minus_vm_ll": ceiling - vm_ll,
@@ -105,13 +129,13 @@ def _per_pair(workdir: Path, stage: str):
 
 
 def report(workdir: Path, out: Path, draws: int) -> dict:
-    """``crd_experiment1.{md,json}`` from whatever has finished."""
+    """``crd_experiment<N>.{md,json}`` from whatever has finished."""
     teacher = {s: _eval_rows(workdir, s) for s in protocol.TEACHER_PIPELINE}
     teacher = {s: {k: r[k] for k in ("label", "dice_mean", "dice_std", "folds_mean", "num_pairs")} for s, r in teacher.items() if r}
     g = json.loads((workdir / "gate.json").read_text()) if (workdir / "gate.json").exists() else None
     payload = {"protocol": "configs/lpba40_crd_exp1.py", "teacher_phase": teacher, "gate": g}
-    lines = ["### Experiment 1 (pre-registered): CRD at 64x80x64, n = 4, teacher trained 15,000 steps", "",
-             "| Stage | Val Dice | Pairs | Folds |", "|---|---|---|"]
+    lines = [f"### {protocol.get_config().name} (pre-registered, {protocol.__name__.replace('.', '/')}.py)", "",
+             "| Stage | Val Dice | Pairs | Folds |", "|---|---|---|---|"]
     lines += [f"| {r['label']} | {r['dice_mean']:.4f} ({r['dice_std']:.4f}) | {r['num_pairs']} | {r['folds_mean']:.1f} |"
               for r in teacher.values()]
     if g is None:
@@ -146,14 +170,15 @@ def report(workdir: Path, out: Path, draws: int) -> dict:
         else:
             lines += ["", f"Students: {len(complete)} of {len(protocol.SEEDS)} streams finished in every arm."]
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "crd_experiment1.json", payload)
-    write_text(out / "crd_experiment1.md", "\n".join(lines) + "\n")
+    write_json(out / f"{result_name()}.json", payload)
+    write_text(out / f"{result_name()}.md", "\n".join(lines) + "\n")
     return payload
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", type=Path, default=RUNS / "reproduce_lpba40_3d-ll-exp1")
+    p.add_argument("--experiment", type=int, choices=sorted(PROTOCOLS), default=1)
+    p.add_argument("--workdir", type=Path, default=None, help="the run folder (default: under ~/crd-runs)")
     p.add_argument("--data-root", default="")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--status", action="store_true")
@@ -162,23 +187,15 @@ def main():
     p.add_argument("--steps", type=int, default=0, help="dry runs only: every stage this many steps")
     p.add_argument("--max-pairs", type=int, default=0, help="dry runs only: evaluate on this many pairs")
     p.add_argument("--force-gate", action="store_true", help="dry runs only (with --steps): run the student phase")
-    args = p.parse_args()
-    args.workdir = args.workdir.absolute()
-    g = json.loads((args.workdir / "gate.json").read_text()) if (args.workdir / "gate.json").exists() else None
-    if args.status:
-        from run_status import print_status
+    return p
 
-        print_status(_config(args, g["fst"] if g and g["passed"] else ""), args.workdir)
-        print(f"gate: {json.dumps(g) if g else 'not reached'}")
-        return
-    if args.report:
-        report(args.workdir, args.out, args.draws)
-        print((args.out / "crd_experiment1.md").read_text())
-        return
+
+def run(args) -> dict:
+    """Teacher phase, gate, student phase (if passed), report; resumes whatever finished. Returns the gate."""
     from crd_jax.training import pipeline
 
     config = _config(args)
-    if not (args.workdir / "stages" / "vm_h" / "model").exists():
+    if protocol is lpba40_crd_exp1 and not (args.workdir / "stages" / "vm_h" / "model").exists():
         # VM-H and VM-LL of the main run, as shipped (the protocol's starting point)
         source = shipped_main_run(config, RUNS / "shipped_3d-ll")
         if args.steps:  # a dry run's config differs from the main run's: copy the two model folders as they are
@@ -196,8 +213,24 @@ def main():
     print(f"gate: {'passed' if g['passed'] else 'failed'} ({json.dumps(g)})", flush=True)
     if g["passed"]:
         pipeline.run(_config(args, g["fst"]))
+    return g
+
+
+def main():
+    args = parser().parse_args()
+    select(args.experiment)
+    args.workdir = (args.workdir or WORKDIRS[args.experiment]).absolute()
+    g = json.loads((args.workdir / "gate.json").read_text()) if (args.workdir / "gate.json").exists() else None
+    if args.status:
+        from run_status import print_status
+
+        print_status(_config(args, g["fst"] if g and g["passed"] else ""), args.workdir)
+        print(f"gate: {json.dumps(g) if g else 'not reached'}")
+        return
+    if not args.report:
+        run(args)
     report(args.workdir, args.out, args.draws)
-    print((args.out / "crd_experiment1.md").read_text())
+    print((args.out / f"{result_name()}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ TEACHER_STEPS = 4 * BASE_STEPS  # 12,000 on top of the main run's 3,000: 15,000 
 STUDENT_STEPS = 2 * BASE_STEPS  # 6,000
 SEEDS = (0, 1, 2, 3, 4)
 FSTS = {"half": "fst_half", "full": "fst_full"}
+BASELINE_LOW = "vm_ll"  # the student's own baseline: the gate's reference and every arm's starting point
 TEACHER_PIPELINE = ("vm_h", "vm_ll", "vm_h_15k", "coop_15k", "fst_half", "fst_full")
 #: S3 as in the authors' code (train.py): field MSE + attention-map MSE, no L^L, alpha = beta = 1
 CODE_LOSS = {"feature_target": "attention", "student_term": False, "alpha": 1.0, "beta": 1.0}
