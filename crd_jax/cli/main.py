@@ -764,6 +764,9 @@ def _raise_terminated(signum, frame):
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
+    import logging
+
+    logging.getLogger("nibabel").setLevel(logging.ERROR)  # its header fix-up notes ("vox offset ... too low") are not ours to print
     from crd_jax.outputs import Terminated
 
     previous = None
