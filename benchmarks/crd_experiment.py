@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -123,6 +124,18 @@ def gate(config, workdir: Path) -> dict:
     return result
 
 
+def _progress(workdir: Path) -> dict:
+    """Steps reached by the stages that started and have not finished (from the run's metrics log)."""
+    from run_status import read_progress
+
+    config = json.loads((workdir / "config.json").read_text()) if (workdir / "config.json").exists() else {"stages": {}}
+    out = {}
+    for stage, p in read_progress(workdir / "metrics.jsonl").items():
+        if not (workdir / "stages" / stage / "model").exists() and stage in config["stages"]:
+            out[stage] = {"step": int(p["step"]), "steps": int(config["stages"][stage]["steps"])}
+    return out
+
+
 def _per_pair(workdir: Path, stage: str):
     rows = _eval_rows(workdir, stage)
     return None if rows is None else {(r["moving"], r["fixed"]): r["dice"] for r in rows["pairs"]}
@@ -138,6 +151,11 @@ def report(workdir: Path, out: Path, draws: int) -> dict:
              "| Stage | Val Dice | Pairs | Folds |", "|---|---|---|---|"]
     lines += [f"| {r['label']} | {r['dice_mean']:.4f} ({r['dice_std']:.4f}) | {r['num_pairs']} | {r['folds_mean']:.1f} |"
               for r in teacher.values()]
+    progress = _progress(workdir)
+    if progress:
+        payload["progress"] = progress
+        lines += ["", "Stages still training (" + time.strftime("%Y-%m-%d", time.gmtime()) + "): "
+                  + ", ".join(f"{s} step {p['step']:,} of {p['steps']:,}" for s, p in progress.items()) + "."]
     if g is None:
         lines += ["", "Gate: not reached yet (the teacher phase is still training)."]
     else:
