@@ -359,6 +359,7 @@ def k_out_dir_name_too_long(tmp, a):
 KINDS = [v for k, v in sorted(globals().items()) if k.startswith("k_")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS, ids=[k.__name__[2:] for k in KINDS])
 def test_refused_with_one_line_and_nothing_changed(tmp_path, assets, kind):
     argv, source, message = kind(tmp_path, assets)
@@ -379,6 +380,7 @@ TRAIN_KINDS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TRAIN_KINDS))
 def test_train_py_refuses_bad_values_before_running(tmp_path, name):
     args, source, message = TRAIN_KINDS[name]
@@ -395,6 +397,7 @@ def test_at_least_fifty_kinds():
 # --- commands that succeed must leave the user's files alone and write a consistent set ----------------------------
 
 
+@pytest.mark.slow
 def test_register_overwrite_replaces_the_whole_set_and_keeps_64_bit_labels_on_a_flipped_grid(tmp_path, assets):
     """One run covers: --overwrite removes an earlier run's jacobian and affine files (no mixed set), keeps the
     user's notes, removes the staging folder a killed run left; the label map is stored with its x axis
@@ -427,6 +430,7 @@ def test_register_overwrite_replaces_the_whole_set_and_keeps_64_bit_labels_on_a_
     np.testing.assert_array_equal(warped_seg, warp_labels_exact(labels, disp))  # as if stored on the image's grid
 
 
+@pytest.mark.slow
 def test_convert_overwrite_keeps_the_users_files_in_the_model_folder(tmp_path, assets):
     from test_cli import _random_official_state, _write_legacy
 
@@ -456,6 +460,7 @@ def test_thread_count_is_capped_with_one_warning(tmp_path):
     assert int(capped.stdout) == 4 * os.cpu_count()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum,status,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_signal_during_instance_optimisation_ends_it_at_once(tmp_path, assets, signum, status, word):
     """A million Adam steps: the signal ends the command within seconds, with one line, nothing written."""
@@ -563,6 +568,7 @@ def test_cache_folders_are_private_whatever_the_umask(tmp_path, monkeypatch):
         assert stat.S_IMODE(os.stat(p).st_mode) == 0o700
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
     from crd_jax.training.checkpoint import StageCheckpointer
 
@@ -583,6 +589,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
     assert (tmp_path / "ckpt_damaged").is_dir() and not (tmp_path / "ckpt" / "2").exists()
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_training_naming_stage_and_step(tmp_path):
     import jax.numpy as jnp
 

@@ -532,6 +532,7 @@ def t_data_root_is_file(tmp):
 TRAIN_CASES = [v for k, v in sorted(globals().items()) if k.startswith("t_")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", TRAIN_CASES, ids=[c.__name__[2:] for c in TRAIN_CASES])
 def test_train_py_bad_input(tmp_path, case):
     args, source, message = case(tmp_path)

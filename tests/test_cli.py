@@ -211,6 +211,7 @@ def test_python_m_crd_jax_is_the_same_command(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_and_figure_on_synthetic_data(tmp_path, shift_model, capsys):
     config = tmp_path / "tiny.py"
     config.write_text(
@@ -427,6 +428,7 @@ def test_register_pairs_bad_csv_is_one_line(tmp_path, shift_model, capsys, text,
     assert main(["register", "--pairs", str(tmp_path / "pairs.csv"), "--fixed", "x.nii.gz", "--out-dir", str(tmp_path / "o")]) == 2
 
 
+@pytest.mark.slow
 def test_register_bf16_runs_the_bf16_path_and_stays_within_a_tenth_of_a_voxel(tmp_path):
     """``--bf16`` with a shipped model, in fresh processes (the precision is process-wide): on CPUs with
     AVX512-BF16 the field differs from float32's, by far less than a voxel; elsewhere the log says it was

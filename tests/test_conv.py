@@ -277,6 +277,7 @@ def test_isa_selection_is_reported_and_checked():
         native.set_isa(before)
 
 
+@pytest.mark.slow
 def test_kernel_threads_follow_the_environment_and_results_do_not_depend_on_them(tmp_path):
     import os
     import subprocess

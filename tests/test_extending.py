@@ -41,6 +41,7 @@ def _config(tmp_path):
     return c
 
 
+@pytest.mark.slow
 def test_new_backbone_runs_every_stage_kind_and_registers_from_model_json(tmp_path, capsys):
     results = pipeline.run(_config(tmp_path))
     assert [r["label"] for r in results] == ["U2-H", "U2-L", "FST", "U2-L-CRD"]
@@ -91,6 +92,7 @@ def test_new_term_value_against_a_direct_computation():
         distill.terms_from_config(c.loss)
 
 
+@pytest.mark.slow
 def test_a_light_student_uses_feature_distillation_through_a_fitnets_regressor(tmp_path):
     from crd_jax.config import VM_LIGHT
     from crd_jax.training import distill

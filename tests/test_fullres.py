@@ -20,6 +20,7 @@ def tiny_slabs(monkeypatch):
     monkeypatch.setattr(inference, "SLAB_VOXELS", 100)  # many slabs, the last one partial
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(23, 17, 19), (9, 8, 7), (30, 20)])
 def test_slab_warps_equal_the_whole_volume_warp(tiny_slabs, shape):
     rng = np.random.default_rng(0)
@@ -35,6 +36,7 @@ def test_slab_warps_equal_the_whole_volume_warp(tiny_slabs, shape):
     np.testing.assert_array_equal(out, nearest)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(9, 10, 11, 3), (31, 7, 5, 3), (2, 5, 4, 3), (12, 13, 2)])
 def test_slab_jacobian_equals_numpy_gradient_version(tiny_slabs, shape):
     disp = np.random.default_rng(1).normal(0, 0.6, shape).astype(np.float32)
@@ -43,6 +45,7 @@ def test_slab_jacobian_equals_numpy_gradient_version(tiny_slabs, shape):
     assert inference.count_folds(disp) == int((ref <= 0).sum()) > 0
 
 
+@pytest.mark.slow
 def test_field_to_original_on_device_equals_numpy_for_every_orientation_tried():
     rng = np.random.default_rng(2)
     shape = (6, 7, 5)
@@ -71,6 +74,7 @@ def test_prepare_raw_matches_normalising_at_full_resolution(mode):
     np.testing.assert_allclose(normalize(fixed, mode), inference.normalize_inputs(pre, fixed, moving)[0])
 
 
+@pytest.mark.slow
 def test_map_back_on_device_equals_the_host_version():
     rng = np.random.default_rng(4)
     pre = {"resample_shape": [20, 24, 18]}
@@ -150,6 +154,7 @@ def test_streamed_nifti_keeps_header_extensions_of_the_source(tmp_path):
         assert [e.get_content() for e in back.header.extensions] == [b"written by a scanner pipeline"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("src,dst", [((23, 17, 30), (16, 20, 31)), ((9, 8, 7), (18, 4, 7)), ((31, 29, 33), (15, 14, 16)),
                                      ((12, 10), (7, 20))])
 def test_compiled_resampling_equals_scipy_zoom(src, dst):

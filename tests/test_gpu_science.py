@@ -9,6 +9,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
@@ -22,6 +24,7 @@ def _call(tmp_path, out, *args):
     return json.loads((out / "gpu_science.json").read_text())
 
 
+@pytest.mark.slow
 def test_small_dry_run_stops_at_its_deadline_and_the_next_call_resumes(tmp_path):
     first = _call(tmp_path, tmp_path / "out1", "--limit", "100", "--timing-budget", "15")
     assert not first["resumed"] and first["finished"] is False and "deadline reached" in first["stopped"]

@@ -67,6 +67,7 @@ def _kernel_files(site: Path) -> list:
     return sorted(p.name for p in (site / "crd_jax" / "ops").glob("_kernels*"))
 
 
+@pytest.mark.slow
 def test_install_without_a_compiler_runs_lax_conv_with_one_warning_and_fast_conv_1_fails_loudly(tmp_path):
     site = _wheel(tmp_path, with_compiler=False)
     assert _kernel_files(site) == []
@@ -78,6 +79,7 @@ def test_install_without_a_compiler_runs_lax_conv_with_one_warning_and_fast_conv
     assert proc.returncode != 0 and "CRD_JAX_FAST_CONV=1 but the native CPU convolution is unavailable" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not X86_LINUX or shutil.which("g++") is None, reason="needs x86-64 Linux and g++")
 def test_install_builds_the_kernel_which_runs_without_a_compiler_and_is_refused_once_its_source_changes(tmp_path):
     site = _wheel(tmp_path, with_compiler=True)
@@ -97,6 +99,7 @@ def test_install_builds_the_kernel_which_runs_without_a_compiler_and_is_refused_
     assert proc.stdout.splitlines()[0].startswith("lax.conv (no C++ compiler")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not X86_LINUX or shutil.which("g++") is None, reason="needs g++ on x86-64 Linux")
 def test_kernel_source_compiles_without_the_amx_path():
     """A compiler older than GCC 11 / clang 12 has no AMX intrinsics: the kernel then builds without that path

@@ -145,6 +145,7 @@ def _configs_by_program():
 _GROUPS = _configs_by_program()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("paths", _GROUPS, ids=["+".join(str(p.relative_to(ROOT / "configs")) for p in g) for g in _GROUPS])
 def test_every_config_plans_and_traces_every_train_step(paths):
     """Every config's models build and every stage's train step (loss, gradient, Adam update) is well formed:
@@ -189,6 +190,7 @@ EXECUTED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXECUTED))
 def test_each_kind_of_training_program_runs_two_finite_steps(name):
     config = _shrink(_load(ROOT / "configs" / name))
@@ -216,6 +218,7 @@ def test_each_kind_of_training_program_runs_two_finite_steps(name):
     _plan_pipeline(config, batch, run)
 
 
+@pytest.mark.slow
 def test_affine_network_recovers_a_known_affine_better_than_identity():
     from crd_jax.data import make_subject
 

@@ -116,6 +116,7 @@ def test_the_key_covers_the_convolution_settings_and_the_build(cache, monkeypatc
     assert len(stored(cache)) == 3
 
 
+@pytest.mark.slow
 def test_arguments_on_another_device_take_the_plain_jit(tmp_path):
     code = textwrap.dedent(f"""
         import jax, jax.numpy as jnp, numpy as np
@@ -157,6 +158,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_new_processes_run_the_stored_model_and_warp_without_tracing(tmp_path):
     """The real path, as the command line sets it up: the native convolution and warp (FFI targets registered
     before loading), a model's predictor keyed by its repr. The first process stores its programs; with them

@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -33,6 +35,7 @@ def _walkthrough_commands(text: str):
     return [shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_register_your_own_images_walkthrough_runs_as_written(tmp_path):
     """The README's walkthrough, command for command, on two synthetic brains stored in different
     orientations (LPS at 1.2 x 1 x 1 mm, RAS at 1 mm) with only the shipped models."""

@@ -76,6 +76,7 @@ def test_every_stage_loss_is_finite_and_decreases_on_a_fixed_pair_2d():
         assert np.mean(losses[-3:]) < losses[0] - 0.01, (name, losses[0], losses[-3:])
 
 
+@pytest.mark.slow
 def test_distillation_loss_decreases_in_3d_and_teacher_stays_frozen():
     cfg = tiny_config((32, 32, 32))
     example = _example(cfg, batch=1)
@@ -159,6 +160,7 @@ def _assert_same_params(a, b, tol):
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=tol, atol=tol), a, b)
 
 
+@pytest.mark.slow
 def test_two_devices_match_one_device(tmp_path):
     args = SMALL + ["--config.pipeline=('coop',)", "--config.stages.coop.steps=3", "--config.train.batch_size=2"]
     one = _train(tmp_path / "one", *args, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
@@ -177,6 +179,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_through_jax_distributed_match_one_process(tmp_path):
     args = SMALL + ["--config.pipeline=('vm_l',)", "--config.stages.vm_l.steps=3", "--config.train.batch_size=2"]
     single = tmp_path / "single"
@@ -201,6 +204,7 @@ def test_two_processes_through_jax_distributed_match_one_process(tmp_path):
     _assert_same_params(_params(single, "vm_l")[0], _params(multi, "vm_l")[0], 1e-5)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_same_final_params(tmp_path):
     args = SMALL + ["--config.pipeline=('vm_h','vm_l')", "--config.stages.vm_h.steps=4", "--config.stages.vm_l.steps=8",
                     "--config.train.checkpoint_every=3", "--config.train.batch_size=2"]
@@ -217,6 +221,7 @@ def test_kill_and_resume_gives_the_same_final_params(tmp_path):
         jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow
 def test_default_pipeline_end_to_end_writes_results(tmp_path):
     work = tmp_path / "run"
     proc = _train(work, *SMALL[:2], "--config.data.synthetic.train=6", "--config.data.synthetic.val=2",
@@ -257,6 +262,7 @@ def test_missing_data_root_is_a_clear_error(tmp_path):
     assert proc.returncode == 2 and "/nonexistent/oasis: no such folder" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_resumed_stage_logs_each_step_once(tmp_path):
     """Records logged after the checkpoint a stage resumes from (before a kill) are dropped on resume."""
     import json
@@ -277,6 +283,7 @@ def test_a_resumed_stage_logs_each_step_once(tmp_path):
     assert any(r.get("message") == "a message" for r in records)
 
 
+@pytest.mark.slow
 def test_label_supervised_and_augmented_stages_train_and_run_through_the_pipeline(tmp_path):
     """loss.label_weight: batches carry label maps and every stage's loss has the soft-Dice term; a stage
     with ``augment = "bspline"`` and its own ``seed`` runs end to end."""
@@ -316,6 +323,7 @@ def test_label_supervised_and_augmented_stages_train_and_run_through_the_pipelin
     assert "dice_loss" in metrics
 
 
+@pytest.mark.slow
 def test_deadline_saves_the_step_and_a_rerun_resumes_from_it(tmp_path):
     """config.train.deadline (time-boxed runs on a lent GPU): the stage saves the step it reached and stops
     with one line (exit 75); the same command without the deadline resumes from that step, not from 0."""
