@@ -86,6 +86,32 @@ def network_only():
         losses.registration_loss = real
 
 
+#: ``--before-after``: the training-path changes of issue 26 off ("before") and on ("after"), each stage compiled
+#: both ways and timed in the same rounds
+VARIANTS = {"before": {"upcat_backward": "concat", "upsample_vjp": "autodiff"},
+            "after": {"upcat_backward": "coarse", "upsample_vjp": "stencil"}}
+
+
+@contextlib.contextmanager
+def ops_variant(name):
+    """The ops' backward formulations of variant ``name`` while functions are traced (``None``: leave them)."""
+    import importlib
+
+    conv = importlib.import_module("crd_jax.ops.conv")
+    spatial = importlib.import_module("crd_jax.ops.spatial")
+    if name is None:
+        yield
+        return
+    previous = (conv.upcat_backward(), spatial.upsample_vjp())
+    conv.upcat_backward(VARIANTS[name]["upcat_backward"])
+    spatial.upsample_vjp(VARIANTS[name]["upsample_vjp"])
+    try:
+        yield
+    finally:
+        conv.upcat_backward(previous[0])
+        spatial.upsample_vjp(previous[1])
+
+
 def _batch(shape, batch, seed=0):
     import jax.numpy as jnp
     import numpy as np
@@ -134,18 +160,19 @@ def stage_functions(plan, config, steps: int):
 class StageTimer:
     """The three functions of one stage, compiled, with the step's state carried from call to call."""
 
-    def __init__(self, name, plan, config, batch, steps, compiler_options=None):
+    def __init__(self, name, plan, config, batch, steps, compiler_options=None, variant=None):
         import jax
 
-        self.name = name
+        self.name, self.variant = name, variant
         opts = compiler_options
         forward, network, step, optimizer, mesh = stage_functions(plan, config, steps)
         params, frozen = plan.init_params, plan.frozen
-        with network_only():  # traced (and compiled) inside: the proxy is what they run
-            self.forward = forward.lower(params, frozen, batch).compile(opts)
-            self.network = network.lower(params, frozen, batch).compile(opts)
-        self.state = (jax.tree_util.tree_map(lambda x: x.copy(), params), optimizer.init(params))
-        self.step = step.lower(*self.state, frozen, batch).compile(opts)
+        with ops_variant(variant):
+            with network_only():  # traced (and compiled) inside: the proxy is what they run
+                self.forward = forward.lower(params, frozen, batch).compile(opts)
+                self.network = network.lower(params, frozen, batch).compile(opts)
+            self.state = (jax.tree_util.tree_map(lambda x: x.copy(), params), optimizer.init(params))
+            self.step = step.lower(*self.state, frozen, batch).compile(opts)
         self.args = (params, frozen, batch)
         self.times = {"forward": [], "network": [], "step": []}
         self.parameters = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
@@ -167,7 +194,8 @@ class StageTimer:
 
     def result(self) -> dict:
         best = {k: min(v) for k, v in self.times.items()}
-        return {"stage": self.name, "label": LABELS.get(self.name, self.name), "parameters": self.parameters,
+        label = LABELS.get(self.name, self.name) + (f" ({self.variant})" if self.variant else "")
+        return {"stage": self.name, "label": label, "variant": self.variant or "", "parameters": self.parameters,
                 "forward_s": best["forward"], "backward_s": max(best["network"] - best["forward"], 0.0),
                 "network_s": best["network"], "loss_s": max(best["step"] - best["network"], 0.0), "step_s": best["step"],
                 "runs": len(self.times["step"])}
@@ -177,18 +205,19 @@ class StageTimer:
 QUICK_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-def measure_jax(shape, batch, repeats, steps, stages=STAGES, log=print, compiler_options=None):
+def measure_jax(shape, batch, repeats, steps, stages=STAGES, log=print, compiler_options=None, variants=(None,)):
     config = pipeline_config(shape, batch=batch)
     batch_arrays = _batch(shape, batch, seed=1)
     plans = plan_pipeline(config, shape, batch, stages)
     timers = []
     for name in stages:
-        t = time.perf_counter()
-        timers.append(StageTimer(name, plans[name], config, batch_arrays, steps, compiler_options))
-        for what in ("forward", "network", "step"):  # warm-up, not recorded
-            timers[-1].run(what)
-            timers[-1].times[what].clear()
-        log(f"[{name}] compiled and warmed up in {time.perf_counter() - t:.1f} s")
+        for variant in variants:
+            t = time.perf_counter()
+            timers.append(StageTimer(name, plans[name], config, batch_arrays, steps, compiler_options, variant))
+            for what in ("forward", "network", "step"):  # warm-up, not recorded
+                timers[-1].run(what)
+                timers[-1].times[what].clear()
+            log(f"[{name}{' ' + variant if variant else ''}] compiled and warmed up in {time.perf_counter() - t:.1f} s")
     for r in range(repeats):  # rounds: every stage's three functions once, in turn
         for timer in timers:
             for what in ("forward", "network", "step"):
@@ -319,21 +348,23 @@ def render(rows, torch_rows, shape, batch, steps, repeats, conv, previous=None) 
              f"| Stage | Forward (s) | Backward (s) | Loss (s) | Step (s) | Step / forward | Loss share | "
              f"Hours per {steps:,} steps |",
              "|---|---|---|---|---|---|---|---|"]
-    total = 0.0
+    total = {}
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | |")
             continue
         h = hours(r["step_s"], steps)
-        total += h
+        total[r.get("variant", "")] = total.get(r.get("variant", ""), 0.0) + h
         lines.append(f"| {r['label']} | {r['forward_s']:.3f} | {r['backward_s']:.3f} | {r['loss_s']:.3f} | "
                      f"{r['step_s']:.3f} | {r['step_s'] / r['forward_s']:.1f}x | {r['loss_s'] / r['step_s']:.0%} | {h:.1f} |")
-    lines.append(f"| **Pipeline ({len(rows)} stages)** | | | | | | | **{total:.1f}** |")
+    for variant, h in total.items():
+        count = sum(1 for r in rows if r.get("variant", "") == variant and "error" not in r)
+        lines.append(f"| **Pipeline ({count} stages{', ' + variant if variant else ''})** | | | | | | | **{h:.1f}** |")
     if torch_rows:
         lines += ["", f"PyTorch, written independently (the paper's VM in plain PyTorch, `channels_last_3d`, all cores; "
                   "NCC 9^3 as separable box sums, `grid_sample` warp, Adam), each in a fresh process:", "",
                   "| Model | Forward (s) | Backward (s) | Loss (s) | Step (s) | PyTorch / crd-jax step |", "|---|---|---|---|---|---|"]
-        ours = {r["stage"]: r for r in rows}
+        ours = {r["stage"]: r for r in rows if r.get("variant", "") in ("", "after")}
         for r in torch_rows:
             if "error" in r:
                 lines.append(f"| {r['label']} | failed: {r['error']} | | | | |")
@@ -352,6 +383,7 @@ def record_layers(model, shape, batch):
     """The convolutions ``model.apply`` runs, in order, with their shapes (an abstract trace)."""
     import jax
 
+    from crd_jax.compile import shapes_only
     from crd_jax.models import layers
 
     calls = []
@@ -369,7 +401,9 @@ def record_layers(model, shape, batch):
     layers.conv, layers.conv_upsampled_concat = conv, upcat
     try:
         data = _batch(shape, batch)
-        params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), data["moving"], data["fixed"]))
+        with shapes_only():  # parameter shapes from a trace, nothing compiled
+            params = model.init(jax.random.PRNGKey(0), data["moving"], data["fixed"])
+        calls.clear()  # the initialisation's trace ran the same layers
         jax.eval_shape(lambda p: model.apply(p, data["moving"], data["fixed"]).disp, params)
     finally:
         layers.conv, layers.conv_upsampled_concat = real_conv, real_upcat
@@ -586,6 +620,8 @@ def main(argv=None):
     p.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES)
     p.add_argument("--quick", action="store_true", help="32^3, one round, no PyTorch: a check that it runs")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--before-after", action="store_true", help="every stage twice, with the backward formulations "
+                   "of issue 26 off (before: concatenated decoder input, autodiff upsampling) and on (after)")
     p.add_argument("--torch-repeats", type=int, default=None)
     p.add_argument("--profile", action="store_true", help="the attribution tables -> results/train_profile.{md,json}")
     p.add_argument("--out", type=Path, default=None)
@@ -606,7 +642,8 @@ def main(argv=None):
     conv = native.describe()
     t = time.perf_counter()
     rows = measure_jax(shape, args.batch, repeats, args.steps, tuple(args.stages),
-                       compiler_options=QUICK_OPTIONS if args.quick else None)
+                       compiler_options=QUICK_OPTIONS if args.quick else None,
+                       variants=("before", "after") if args.before_after else (None,))
     print(f"measured in {time.perf_counter() - t:.0f} s")
     torch_rows = []
     if not (args.quick or args.no_torch):
@@ -620,7 +657,9 @@ def main(argv=None):
     md = render(rows, torch_rows, shape, args.batch, args.steps, repeats, conv)
     payload = {"machine": machine(), "conv": conv, "shape": list(shape), "batch": args.batch, "repeats": repeats,
                "steps_per_stage": args.steps, "rows": rows, "torch_rows": torch_rows,
-               "pipeline_hours": sum(hours(r["step_s"], args.steps) for r in rows if "error" not in r)}
+               "pipeline_hours": {v or "": sum(hours(r["step_s"], args.steps) for r in rows
+                                               if "error" not in r and r.get("variant", "") == (v or ""))
+                                  for v in (("before", "after") if args.before_after else (None,))}}
     write(args.out or HERE / "results" / "train_budget", payload, md)
     return 0
 

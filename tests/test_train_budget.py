@@ -20,7 +20,7 @@ def test_quick_run_writes_the_split_and_the_projected_hours(tmp_path):
     for key in ("forward_s", "backward_s", "loss_s", "step_s", "network_s"):
         assert row[key] >= 0.0
     assert row["step_s"] > 0 and row["network_s"] >= row["forward_s"]
-    assert abs(payload["pipeline_hours"] - row["step_s"] * 10_000 / 3600) < 1e-9
+    assert abs(payload["pipeline_hours"][""] - row["step_s"] * 10_000 / 3600) < 1e-9
     text = out.with_suffix(".md").read_text()
     assert "| VM-L |" in text and "Hours per 10,000 steps" in text and "**Pipeline (1 stages)**" in text
 

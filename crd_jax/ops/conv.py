@@ -375,14 +375,97 @@ def _upcat_conv_fwd(low, skip, w, b, padding, negative_slope):
     return y, (low, skip, w, y if negative_slope is not None else None)
 
 
+def upcat_backward(mode: Optional[str] = None) -> str:
+    """How :func:`conv_upsampled_concat`'s backward pass runs on the native path. ``"coarse"`` (the default): where
+    the skip is exactly twice the coarse grid, the upsampled channels' input and weight gradients are a stride-2
+    correlation on the coarse grid (:func:`_coarse_upsampled_grads`) and the skip's are a plain convolution's
+    (left out by XLA where the skip needs no gradient, as for the image pair); nothing of the concatenation's
+    size is stored. ``"concat"``: the concatenation is materialised and differentiated as one convolution (the
+    earlier way; benchmarks compare the two). ``mode`` sets it for this process (read when a function is
+    traced); returns the mode in use."""
+    if mode is not None:
+        if mode not in ("coarse", "concat"):
+            raise ValueError(f"upcat backward must be 'coarse' or 'concat', not {mode!r}")
+        _settings["upcat_backward"] = mode
+    return _settings.setdefault("upcat_backward", "coarse")
+
+
+def coarse_tap_matrix(k: int) -> np.ndarray:
+    """``M`` of shape ``(k + 1, k)``, per axis: ``M[j, t] = 1`` where tap ``j`` of the stride-2 correlation on the
+    coarse grid collects tap ``t`` of the ``k``-tap kernel applied to the nearest-upsampled grid.
+
+    With ``x = up(low)`` (``x[v] = low[v // 2]``) and padding ``p``, ``y[o] = sum_t x[o + t - p] w[t]``; so
+    ``dlow[c] = sum_{a in {0,1}, t} w[t] dz[2c + a - t + p]``. Writing ``2c + a - t + p = 2c - p' + j`` with
+    ``p' = k - 1 - p`` gives ``j = a - t + k - 1`` in ``0..k``: ``dlow`` is a stride-2 correlation of ``dz`` with the
+    ``k + 1`` taps ``W'[j] = sum_t M[j, t] w[t]^T`` (low padding ``p'``), and ``dw[t] = sum_j M[j, t] G[j]^T`` with
+    ``G[j] = sum_c dz[2c - p' + j] low[c]^T``, the weight gradient of that correlation.
+    """
+    m = np.zeros((k + 1, k), np.float32)
+    for j in range(k + 1):
+        for a in (0, 1):
+            t = a + k - 1 - j
+            if 0 <= t < k:
+                m[j, t] = 1.0
+    return m
+
+
+def _coarse_fits(low, skip) -> bool:
+    return all(2 * l == s for l, s in zip(low.shape[1:-1], skip.shape[1:-1]))
+
+
+def _coarse_upsampled_grads(low, dz, w_low, padding):
+    """Input and weight gradients of ``conv(up(low), w_low)`` (stride 1, the skip exactly twice ``low``'s grid)
+    from the coarse grid: see :func:`coarse_tap_matrix`. One native stride-2 correlation (``(k+1)^d`` taps on
+    ``low``'s grid: ``(k+1)^d / (2^d k^d)`` of the fine work, 0.30 for 3^3) and one native weight gradient of the
+    same size; ``lax`` on other platforms."""
+    ndim = low.ndim - 2
+    kernel = w_low.shape[:ndim]
+    mats = [jnp.asarray(coarse_tap_matrix(k)) for k in kernel]
+    coarse_pad = tuple((k - 1 - lo, k - 1 - lo) for k, (lo, _) in zip(kernel, padding))
+    letters = "abc"[:ndim]
+    fine = "def"[:ndim]
+
+    def reference(low, dz, w_low):
+        def f(low, w_low):
+            up = upsample_nearest(low, dz.shape[1:-1])
+            return _lax_conv(up, w_low, (1,) * ndim, padding)
+
+        _, vjp = jax.vjp(f, low, w_low)
+        return vjp(dz)
+
+    def native_fn(low, dz, w_low):
+        # W'[j] = sum_t M[j, t] w[t]^T: dz's channels in, low's channels out
+        spec = ",".join(f"{a}{t}" for a, t in zip(letters, fine)) + f",{fine}io->{letters}oi"
+        w_coarse = jnp.einsum(spec, *mats, w_low)
+        zero_bias = jnp.zeros((w_low.shape[-2],), dz.dtype)
+        dlow = _native_forward(dz, w_coarse, zero_bias, (2,) * ndim, coarse_pad, None, out_spatial=low.shape[1:-1])
+        g = _native_weight_grad(dz, low, tuple(k + 1 for k in kernel), (2,) * ndim, coarse_pad)  # (..., Co, Ci_low)
+        spec = ",".join(f"{a}{t}" for a, t in zip(letters, fine)) + f",{letters}oi->{fine}io"
+        return dlow, jnp.einsum(spec, *mats, g)
+
+    return _on_cpu(native_fn, reference, low, dz, w_low)
+
+
 def _upcat_conv_bwd(padding, negative_slope, residuals, dy):
-    # The weight gradient needs the concatenated input: the backward pass materialises it (training keeps
-    # the unfused cost; inference and the forward half of a training step do not pay it).
     low, skip, w, y = residuals
-    x, concat_vjp = jax.vjp(_upsampled_concat, low, skip)
-    dx, dw, db = _conv_bwd((1,) * (skip.ndim - 2), padding, negative_slope, (x, w, y), dy)
-    dlow, dskip = concat_vjp(dx)
-    return dlow, dskip, dw, db
+    ndim = skip.ndim - 2
+    stride = (1,) * ndim
+    if upcat_backward() == "concat" or not _coarse_fits(low, skip):
+        # The weight gradient needs the concatenated input: materialised here (an odd skip size crops the
+        # upsampled grid, which the coarse formulation does not model).
+        x, concat_vjp = jax.vjp(_upsampled_concat, low, skip)
+        dx, dw, db = _conv_bwd(stride, padding, negative_slope, (x, w, y), dy)
+        dlow, dskip = concat_vjp(dx)
+        return dlow, dskip, dw, db
+    dz = dy if negative_slope is None else jnp.where(y >= 0, dy, negative_slope * dy)
+    db = jnp.sum(dz, axis=tuple(range(ndim + 1)))
+    cl = low.shape[-1]
+    w_low, w_skip = w[..., :cl, :], w[..., cl:, :]
+    dlow, dw_low = _coarse_upsampled_grads(low, dz, w_low, padding)
+    dskip = _input_grad(dz, w_skip, skip.shape, stride, padding)  # dropped by XLA when the skip is data
+    dw_skip = _weight_grad(skip, dz, w.shape[:ndim], stride, padding)
+    dw = jnp.concatenate([dw_low, dw_skip], axis=-2)
+    return dlow, dskip, dw.astype(w.dtype), db.astype(w.dtype)
 
 
 _upcat_conv.defvjp(_upcat_conv_fwd, _upcat_conv_bwd)

@@ -1,0 +1,185 @@
+"""The training path's backward formulations (issue 26) against independent references, values and gradients:
+
+* the decoder's ``conv(concat([up(low), skip]))`` differentiated on the coarse grid (``upcat_backward="coarse"``)
+  against ``lax.conv`` of the explicit concatenation (numpy's ``repeat`` for the upsampling) and against the
+  concatenated formulation, 2-D and 3-D, odd coarse sizes, several kernel sizes;
+* the integer-factor linear upsampling's stencil transpose against JAX's transpose of the forward and against
+  the explicit matrix of the linear map (numpy).
+"""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crd_jax.ops import native
+from crd_jax.ops.conv import conv_reference, conv_upsampled_concat
+from crd_jax.ops.spatial import resize, upsample_field
+
+conv_mod = importlib.import_module("crd_jax.ops.conv")
+spatial = importlib.import_module("crd_jax.ops.spatial")
+
+
+@pytest.fixture
+def upcat_mode():
+    before = conv_mod.upcat_backward()
+    yield conv_mod.upcat_backward
+    conv_mod.upcat_backward(before)
+
+
+@pytest.fixture
+def upsample_mode():
+    before = spatial.upsample_vjp()
+    yield spatial.upsample_vjp
+    spatial.upsample_vjp(before)
+
+
+def _reference_upcat(low, skip, w, b, slope):
+    nd = skip.ndim - 2
+    up = np.asarray(low)
+    for axis in range(1, nd + 1):
+        up = np.repeat(up, 2, axis=axis)
+    up = jnp.asarray(up[(slice(None), *(slice(0, s) for s in skip.shape[1:-1]), slice(None))])
+    return conv_reference(jnp.concatenate([up, skip], axis=-1), w, b, negative_slope=slope)
+
+
+def _reference_upcat_traced(low, skip, w, b, slope):  # the same with jnp (differentiable)
+    nd = skip.ndim - 2
+    up = low
+    for axis in range(1, nd + 1):
+        up = jnp.repeat(up, 2, axis=axis)
+    up = up[(slice(None), *(slice(0, s) for s in skip.shape[1:-1]), slice(None))]
+    return conv_reference(jnp.concatenate([up, skip], axis=-1), w, b, negative_slope=slope)
+
+
+COARSE_CASES = [
+    # low spatial shape (the skip is exactly twice it), C_low, C_skip, C_out, kernel size, slope
+    ((4, 5, 6), 32, 2, 16, 3, 0.2),  # VM's last decoder level: 32 upsampled + the 2 images
+    ((3, 5, 7), 16, 16, 32, 3, 0.2),  # odd coarse sizes
+    ((2, 3, 9), 5, 3, 8, 3, None),  # channels that fill no vector
+    ((1, 2, 3), 4, 4, 16, 3, 0.2),  # a coarse axis of one voxel
+    ((3, 4, 5), 6, 2, 8, 1, 0.2),  # 1^3 kernel: two taps per axis on the coarse grid
+    ((3, 3, 4), 4, 2, 8, 5, None),  # 5^3 kernel
+    ((5, 7), 32, 16, 32, 3, 0.2),  # 2-D
+    ((3, 6), 3, 2, 5, 5, 0.1),  # 2-D, 5^2 kernel
+]
+
+
+@pytest.mark.parametrize("low_shape,cl,cs,cout,k,slope", COARSE_CASES)
+def test_coarse_upcat_backward_matches_lax_of_the_concatenation(low_shape, cl, cs, cout, k, slope, upcat_mode):
+    upcat_mode("coarse")
+    nd = len(low_shape)
+    shape = tuple(2 * s for s in low_shape)
+    k1, k2, k3, k4, k5 = jax.random.split(jax.random.PRNGKey(sum(low_shape) + cl + k), 5)
+    low = jax.random.normal(k1, (2, *low_shape, cl))
+    skip = jax.random.normal(k2, (2, *shape, cs))
+    w = jax.random.normal(k3, (k,) * nd + (cl + cs, cout)) * 0.3
+    b = jax.random.normal(k4, (cout,))
+    fused = lambda low, skip, w, b: conv_upsampled_concat(low, skip, w, b, negative_slope=slope)  # noqa: E731
+    y = jax.jit(fused)(low, skip, w, b)
+    np.testing.assert_allclose(y, _reference_upcat(low, skip, w, b, slope), rtol=1e-4, atol=1e-4)
+
+    cot = jax.random.normal(k5, y.shape)
+    grads = jax.jit(lambda *a: jax.vjp(fused, *a)[1](cot))(low, skip, w, b)
+    grads_ref = jax.vjp(lambda *a: _reference_upcat_traced(*a, slope), low, skip, w, b)[1](cot)
+    for g, g_ref in zip(grads, grads_ref):
+        assert g.shape == g_ref.shape
+        scale = float(jnp.max(jnp.abs(g_ref)))
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("low_shape,cl,cs,cout", [((4, 5, 6), 32, 2, 16), ((3, 5), 8, 8, 16)])
+def test_coarse_and_concatenated_backward_agree(low_shape, cl, cs, cout, upcat_mode):
+    shape = tuple(2 * s for s in low_shape)
+    nd = len(shape)
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(7), 4)
+    args = (jax.random.normal(k1, (1, *low_shape, cl)), jax.random.normal(k2, (1, *shape, cs)),
+            jax.random.normal(k3, (3,) * nd + (cl + cs, cout)) * 0.3, jax.random.normal(k4, (cout,)))
+    loss = lambda *a: jnp.sum(jnp.sin(conv_upsampled_concat(*a, negative_slope=0.2)))  # noqa: E731
+    out = {}
+    for mode in ("coarse", "concat"):
+        upcat_mode(mode)
+        out[mode] = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args)  # traced anew: a new function per mode
+    for g, g_ref in zip(out["coarse"], out["concat"]):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(g_ref))))
+
+
+def test_coarse_tap_matrix_sums_each_fine_tap_over_both_phases():
+    m = conv_mod.coarse_tap_matrix(3)
+    np.testing.assert_array_equal(m, [[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]])
+    for k in (1, 2, 3, 5):
+        assert conv_mod.coarse_tap_matrix(k).sum(axis=0).tolist() == [2.0] * k  # each tap reaches both children
+
+
+def test_coarse_backward_stores_no_concatenation_and_drops_the_unneeded_skip_gradient(upcat_mode):
+    """Where the skip is data (the image pair), XLA removes its input gradient: one native correlation for the
+    upsampled channels' input gradient, and no full-size concatenate in the program."""
+    if jax.default_backend() != "cpu" or not native.available():
+        pytest.skip("the native kernel runs on the CPU")
+    upcat_mode("coarse")
+    low, skip = jnp.ones((1, 4, 4, 4, 32)), jnp.ones((1, 8, 8, 8, 2))
+    w, b = jnp.ones((3, 3, 3, 34, 16)) * 0.01, jnp.zeros(16)
+    grad = jax.jit(jax.grad(lambda low, w, b, skip: jnp.sum(conv_upsampled_concat(low, skip, w, b, 0.2)),
+                            argnums=(0, 1, 2)))
+    text = grad.lower(low, w, b, skip).compile().as_text()
+    assert text.count('custom_call_target="crd_conv_fwd"') == 1  # dlow only (dskip was dropped)
+    assert text.count('custom_call_target="crd_conv_wgrad"') == 2  # coarse and skip weight gradients
+    assert "f32[1,8,8,8,34]" not in text
+
+
+def test_upcat_backward_setting_is_checked(upcat_mode):
+    with pytest.raises(ValueError):
+        upcat_mode("fused")
+    assert upcat_mode() in ("coarse", "concat")
+
+
+# --- the upsampling's transpose ------------------------------------------------------------------------------
+
+
+def _upsample_matrix(n: int, k: int) -> np.ndarray:
+    """The ``(n k, n)`` matrix of half-pixel linear upsampling by ``k`` with the edge repeated (numpy)."""
+    m = np.zeros((n * k, n))
+    for i in range(n):
+        for r in range(k):
+            o = (r + 0.5) / k - 0.5
+            j = min(max(i + (1 if o > 0 else -1), 0), n - 1)
+            m[k * i + r, i] += 1 - abs(o)
+            m[k * i + r, j] += abs(o)
+    return m
+
+
+@pytest.mark.parametrize("shape,axis,k", [((2, 5, 3, 1), 1, 2), ((1, 7, 4, 3), 2, 3), ((1, 1, 6, 2), 1, 2),
+                                          ((1, 4, 5, 6, 3), 3, 4), ((1, 3, 5, 7, 2), 2, 2), ((1, 2, 9), 1, 5)])
+def test_upsample_transpose_is_the_matrix_transpose(shape, axis, k):
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    m = _upsample_matrix(shape[axis], k)
+    y = jax.jit(lambda x: spatial._upsample_axis_integer(x, axis, k))(x)
+    np.testing.assert_allclose(y, np.moveaxis(np.tensordot(m, np.moveaxis(x, axis, 0), 1), 0, axis), rtol=1e-5, atol=1e-5)
+    g = np.random.default_rng(1).standard_normal(y.shape).astype(np.float32)
+    dx = jax.jit(lambda g: spatial._upsample_axis_transpose(g, axis, k))(g)
+    np.testing.assert_allclose(dx, np.moveaxis(np.tensordot(m.T, np.moveaxis(g, axis, 0), 1), 0, axis), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,factor", [((1, 3, 5, 7, 3), 2), ((2, 4, 3, 2), 2), ((1, 3, 2, 4, 3), 4), ((1, 5, 3, 2), 3)])
+def test_upsample_field_gradient_matches_autodiff_of_the_forward(shape, factor, upsample_mode):
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    r = jax.random.normal(jax.random.PRNGKey(1), (shape[0], *(s * factor for s in shape[1:-1]), shape[-1]))
+    out = {}
+    for mode in ("stencil", "autodiff"):
+        upsample_mode(mode)
+        out[mode] = jax.jit(jax.value_and_grad(lambda x, r: jnp.sum(jnp.sin(upsample_field(x, factor)) * r)))(x, r)
+    np.testing.assert_allclose(out["stencil"][0], out["autodiff"][0], rtol=1e-5)
+    np.testing.assert_allclose(out["stencil"][1], out["autodiff"][1], rtol=1e-5, atol=1e-5)
+
+
+def test_resize_by_a_whole_factor_has_second_derivatives(upsample_mode):
+    upsample_mode("stencil")
+    x = jax.random.normal(jax.random.PRNGKey(2), (1, 3, 4, 2))
+    f = lambda x: jnp.sum(resize(x, (6, 8)) ** 3)  # noqa: E731
+    hvp = jax.jvp(jax.grad(f), (x,), (jnp.ones_like(x),))[1]
+    upsample_mode("autodiff")
+    hvp_ref = jax.jvp(jax.grad(f), (x,), (jnp.ones_like(x),))[1]
+    np.testing.assert_allclose(hvp, hvp_ref, rtol=1e-4, atol=1e-4)
