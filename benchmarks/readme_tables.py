@@ -1,9 +1,10 @@
-"""Keeps every figure in the README equal to the results file that produced it.
+"""Keeps every figure in the README and the docs equal to the results file that produced it.
 
-The README holds each table between ``<!-- results: NAME -->`` and ``<!-- /results -->``; NAME is a file
-under ``benchmarks/results/`` (``NAME.md``). This script rewrites those blocks from the files:
+README.md and every page under docs/ hold each table between ``<!-- results: NAME -->`` and
+``<!-- /results -->``; NAME is a file under ``benchmarks/results/`` (``NAME.md``). This script rewrites those
+blocks from the files:
 
-    python benchmarks/readme_tables.py                        # README blocks <- results files
+    python benchmarks/readme_tables.py                        # README and docs blocks <- results files
     python benchmarks/readme_tables.py --check                # exit 1 if any block differs (what the test does)
     python benchmarks/readme_tables.py --collect-default-run runs/synthetic_vm   # after `python train.py`
 
@@ -23,7 +24,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 BLOCK = re.compile(r"(<!-- results: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+
+
+def pages(root: Path = ROOT) -> list:
+    """The files whose results blocks this script keeps: README.md and docs/*.md (sorted)."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
 def blocks(text: str):
@@ -34,7 +41,7 @@ def blocks(text: str):
 def result_text(name: str, results: Path = RESULTS) -> str:
     path = results / f"{name}.md"
     if not path.exists():
-        raise SystemExit(f"error: {path}: no such results file (named by a README block)")
+        raise SystemExit(f"error: {path}: no such results file (named by a README or docs block)")
     text = path.read_text()
     return text if text.endswith("\n") else text + "\n"
 
@@ -63,18 +70,24 @@ def main() -> int:
     args = p.parse_args()
     if args.collect_default_run:
         collect_default_run(args.collect_default_run)
-    text = README.read_text()
-    new = render(text)
+    stale, written = [], 0
+    for page in pages():
+        text = page.read_text()
+        new = render(text)
+        if args.check:
+            where = page.relative_to(ROOT)
+            stale += [f"{where}: {name}" for (name, body), (_, fresh) in zip(blocks(text), blocks(new)) if body != fresh]
+            continue
+        if new != text:
+            page.write_text(new)
+        written += len(blocks(new))
     if args.check:
-        stale = [name for (name, body), (_, fresh) in zip(blocks(text), blocks(new)) if body != fresh]
         if stale:
-            print(f"README blocks differ from their results files: {', '.join(stale)}", file=sys.stderr)
+            print(f"results blocks differ from their results files: {', '.join(stale)}", file=sys.stderr)
             return 1
         return 0
-    README.write_text(new)
-    print(f"README: {len(blocks(new))} results blocks written")
+    print(f"README and docs: {written} results blocks written")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

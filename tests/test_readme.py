@@ -11,12 +11,32 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import readme_tables  # noqa: E402
 
 
-def test_every_readme_results_block_equals_its_results_file():
-    text = (ROOT / "README.md").read_text()
-    found = readme_tables.blocks(text)
-    assert {"default_run", "efficiency", "peers", "reproduce_2d"} <= {name for name, _ in found}
-    for name, body in found:
-        assert body == readme_tables.result_text(name), f"README block '{name}' differs from benchmarks/results/{name}.md"
+def test_every_results_block_in_the_readme_and_the_docs_equals_its_results_file():
+    found = {}
+    for page in readme_tables.pages(ROOT):
+        for name, body in readme_tables.blocks(page.read_text()):
+            found.setdefault(page.name, set()).add(name)
+            assert body == readme_tables.result_text(name), (
+                f"{page.relative_to(ROOT)}: block '{name}' differs from benchmarks/results/{name}.md "
+                "(python benchmarks/readme_tables.py rewrites it)")
+    assert {"default_run", "register_options"} <= found["README.md"]
+    assert {"efficiency", "peers", "cpu_peak", "register_e2e", "gpu_table_h200"} <= found["performance.md"]
+
+
+def test_the_pages_the_script_keeps_are_the_readme_and_every_docs_page():
+    pages = readme_tables.pages(ROOT)
+    assert pages[0] == ROOT / "README.md" and set(pages[1:]) == set((ROOT / "docs").glob("*.md"))
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    """The contract: `.ci/run` is the README's second command, character for character."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"Install and run the tests.*?```bash\n(.*?)\n```", readme, re.S).group(1)
+    assert command.startswith("python3 -m venv .venv") and "pytest" in command and "ruff check ." in command
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == command, (ci[-1], command)
 
 
 def test_the_check_catches_a_changed_figure(tmp_path):
