@@ -63,11 +63,15 @@ def precheck(argv) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = [a.replace("--allow-config-change", "--allow_config_change", 1) if a.startswith("--allow-config-change") else a
+                for a in sys.argv]
     from crd_jax.cli.main import cap_thread_count
 
     cap_thread_count(prog="train.py")
     precheck(sys.argv)
 
+flags.DEFINE_bool("allow_config_change", False, "resume a workdir with a config changed where it was already trained "
+                  "(recorded in config_history.jsonl); also spelt --allow-config-change")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", DEFAULT_CONFIG, "Path to a config file under configs/.", lock_config=True
 )
@@ -105,7 +109,7 @@ def main(argv):
     except Exception as exc:  # ml_collections defers some load errors to here
         _fail(f"the config does not load ({' '.join(str(exc).split())[:300]})")
     try:
-        pipeline.run(config)
+        pipeline.run(config, allow_config_change=flags.FLAGS.allow_config_change)
     except InputError as exc:
         hint = " (the built-in synthetic data needs no files: --config=configs/synthetic_vm.py)" if ("root" in str(exc) or "folder" in str(exc)) and "workdir" not in str(exc) else ""
         _fail(f"{exc}{hint}")

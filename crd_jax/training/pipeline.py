@@ -197,11 +197,15 @@ def check_run_config(config, workdir: Path):
     return typed
 
 
-def run(config) -> List[Dict]:
-    """Runs ``config.pipeline`` and writes the results; returns the result rows."""
+def run(config, allow_config_change: bool = False) -> List[Dict]:
+    """Runs ``config.pipeline`` and writes the results; returns the result rows. A workdir run before refuses
+    a config changed where it was already trained unless ``allow_config_change`` (:mod:`workdir_config`)."""
+    from crd_jax.training import workdir_config
+
     distributed.initialize(config.distributed)
     workdir = Path(config.workdir).absolute()
     typed = check_run_config(config, workdir)
+    workdir_config.check_resume(config, workdir, allow_config_change)
     multiple = network_multiple(config)
     datasets = build_datasets(config.data, multiple)
     if "train" not in datasets:
@@ -228,8 +232,8 @@ def run(config) -> List[Dict]:
     created = not workdir.exists()
     try:
         return _run_stages(config, typed, workdir, datasets, labels, loader, example, multiple, is_main)
-    except (InputError, ValueError):
-        if created and is_main and workdir.is_dir() and not any((workdir / "stages").glob("*/ckpt/*")) \
+    except (InputError, ValueError) as exc:
+        if created and is_main and not isinstance(exc, workdir_config.WorkdirBusy) and workdir.is_dir() and not any((workdir / "stages").glob("*/ckpt/*")) \
                 and not any((workdir / "stages").glob("*/model")):
             shutil.rmtree(workdir, ignore_errors=True)  # created by this call, holds only its own start files
         raise
@@ -253,7 +257,10 @@ def _run_stages(config, typed, workdir, datasets, labels, loader, example, multi
     logger = MetricLogger(workdir, progress=bool(config.train.progress_bar))
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-        write_text(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
+        from crd_jax.training import workdir_config
+
+        workdir_config.lock(workdir)  # one training process per workdir
+        workdir_config.record(config, workdir)  # config.json stays the first; changes go to config_history.jsonl
     mesh = distributed.data_mesh()
     train_ds = datasets["train"]
     logger.info(
