@@ -132,6 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
         {"kind": "distill", "teacher": "fst", "steps": steps, "init": "vm_l", "evaluate": True, "label": ""}
     )
 
+    # --- fine-tuning a finished model on one's own scans (crd_jax/training/finetune.py) -----------------
+    c.init_from = ""  # a shipped model's name or a model folder: fine-tune it on config.data.root
+    c.finetune = ml_collections.ConfigDict({"steps": 1000, "val_subjects": 2})
+
     # --- evaluation (Section IV-C) ------------------------------------------------------------------
     c.eval = ml_collections.ConfigDict()
     c.eval.split = "test"

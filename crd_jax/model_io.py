@@ -126,7 +126,7 @@ def _same_structure(params, like) -> bool:
 # --- model.json's schema ------------------------------------------------------------------------------------
 
 KNOWN_FIELDS = ("format_version", "kind", "architecture", "factor", "label", "stage", "steps", "labels",
-                "preprocessing", "shipped", "source")
+                "preprocessing", "shipped", "source", "finetuned_from")
 NORMALIZE_MODES = ("none", "minmax", "percentile")
 AXIS_PAIRS = ("LR", "PA", "IS")
 MAX_GRID_SIDE = 1024  # voxels per side of a model's grid (resample_shape, canvas_shape)
@@ -197,6 +197,8 @@ def _check_schema(spec) -> None:
             raise _Bad("labels", "must be a list of integers")
         for i, v in enumerate(spec["labels"]):
             _int(v, f"labels[{i}]", -(2**63), 2**63 - 1)
+    if "finetuned_from" in spec and not isinstance(spec["finetuned_from"], dict):
+        raise _Bad("finetuned_from", "must be an object")
     if "shipped" in spec and not isinstance(spec["shipped"], dict):
         raise _Bad("shipped", "must be an object")
     pre = spec.get("preprocessing", {})

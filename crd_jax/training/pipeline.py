@@ -205,6 +205,11 @@ def run(config, allow_config_change: bool = False) -> List[Dict]:
     distributed.initialize(config.distributed)
     workdir = Path(config.workdir).absolute()
     typed = check_run_config(config, workdir)
+    if config.get("init_from"):  # fine-tuning: the user's scans mapped into the model's space, two stages
+        from crd_jax.training import finetune
+
+        finetune.setup(config)
+        typed = stage_kinds.parse_pipeline(config)
     workdir_config.check_resume(config, workdir, allow_config_change)
     multiple = network_multiple(config)
     datasets = build_datasets(config.data, multiple)
@@ -237,6 +242,15 @@ def run(config, allow_config_change: bool = False) -> List[Dict]:
                 and not any((workdir / "stages").glob("*/model")):
             shutil.rmtree(workdir, ignore_errors=True)  # created by this call, holds only its own start files
         raise
+
+
+def _load_pretrained(name: str, st, logger) -> Trained:
+    from crd_jax.pretrained import resolve
+
+    folder = resolve(st.path)
+    params, spec = load_model(folder)
+    logger.info(f"[{name}] loaded {folder} (not trained)")
+    return Trained(mbuild.model_from_spec(spec), params, dict(spec, stage=name, label=st.label or folder.name))
 
 
 def stage_augment(config, st) -> Augment:
@@ -273,6 +287,11 @@ def _run_stages(config, typed, workdir, datasets, labels, loader, example, multi
     root_key = jax.random.PRNGKey(int(config.seed))
     for index, name in enumerate(config.pipeline):
         st = typed[name]
+        if not st.trains:  # a finished model folder loaded as this stage's result (kind "pretrained")
+            done[name] = _load_pretrained(name, st, logger)
+            if st.evaluate and config.eval.split in datasets:
+                results.append(evaluate_stage(config, done[name], datasets, labels, workdir / "stages" / name, logger))
+            continue
         directory = workdir / "stages" / name
         model_dir = directory / "model"
         plan = plan_stage(name, st, config, done, jax.random.fold_in(root_key, index), example, len(labels))
@@ -285,7 +304,14 @@ def _run_stages(config, typed, workdir, datasets, labels, loader, example, multi
                             _validator(config, plan, datasets, labels))
             trained = train_stage(run_, stage_loader(config, st, loader, labels), mesh, config, logger)
             params = plan.full_params(trained)
-            spec = dict(plan.spec, steps=steps, labels=labels, preprocessing=_preprocessing_spec(config, train_ds, multiple))
+            preprocessing = _preprocessing_spec(config, train_ds, multiple)
+            if config.get("init_from"):  # new inputs still need the source model's normalisation
+                from crd_jax.training import finetune
+
+                preprocessing = finetune.exported_preprocessing(config, preprocessing)
+            spec = dict(plan.spec, steps=steps, labels=labels, preprocessing=preprocessing)
+            if config.get("init_from"):
+                spec["finetuned_from"] = {"model": str(config.init_from), "steps": steps}
             if is_main:
                 save_model(model_dir, params, spec)
             logger.info(f"[{name}] {steps} steps done -> {model_dir}")

@@ -34,6 +34,8 @@ class StageConfig:
     seed: int = 0  # added to config.seed for this stage's training pairs and augmentation (replicate runs)
     augment: str = ""  # "" follows config.data.augment.kind; "none" or "bspline" for this stage only
 
+    #: False for kinds whose result is loaded rather than trained (``pretrained``)
+    trains: bool = dataclasses.field(default=True, init=False, repr=False)
     #: stages this one reads (their names are fields of the kind): checked to run earlier
     references: Tuple[str, ...] = dataclasses.field(default=(), init=False, repr=False)
     #: behind a pre-trained, frozen affine stage (``model.affine = "stage"``): "wrap" (the affine parameters
@@ -100,6 +102,15 @@ class JointAll(StageConfig):
     default_resolution: str = dataclasses.field(default="low", init=False, repr=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class Pretrained(StageConfig):
+    """A finished model folder (``path``: a folder or a shipped model's name) loaded as this stage's result,
+    not trained (``steps`` is ignored); later stages initialise from it (fine-tuning, ``config.init_from``)."""
+
+    path: str = ""
+    trains: bool = dataclasses.field(default=False, init=False, repr=False)
+
+
 KINDS: Dict[str, Type[StageConfig]] = {}
 
 
@@ -108,10 +119,10 @@ def register_kind(name: str, cls: Type[StageConfig]) -> None:
 
 
 for _name, _cls in (("baseline", Baseline), ("cooperative", Cooperative), ("teacher", Teacher), ("distill", Distill),
-                    ("joint_teacher", JointTeacher), ("joint_all", JointAll)):
+                    ("joint_teacher", JointTeacher), ("joint_all", JointAll), ("pretrained", Pretrained)):
     register_kind(_name, _cls)
 
-_REQUIRED = {"teacher": ("backbone",), "distill": ("teacher",)}
+_REQUIRED = {"teacher": ("backbone",), "distill": ("teacher",), "pretrained": ("path",)}
 
 
 def _closest(word: str, options) -> str:
