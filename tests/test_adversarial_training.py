@@ -122,3 +122,24 @@ def test_resume_rules_without_training(tmp_path):
         with pytest.raises(InputError, match=rf"config\.{field}: changed from"):
             workdir_config.check_resume(d, tmp_path)
         assert workdir_config.check_resume(d, tmp_path, allow=True)
+
+
+def test_fields_a_newer_version_added_at_their_defaults_are_not_changes(tmp_path):
+    """A workdir recorded by an older crd-jax lacks the fields added since; resuming it with their defaults
+    (what the old run did) is no change, a non-default value of such a field is one."""
+    import json
+
+    from crd_jax.config import base_config
+    from crd_jax.errors import InputError
+    from crd_jax.training import workdir_config
+
+    c = base_config()
+    c.workdir = str(tmp_path)
+    old = json.loads(c.to_json_best_effort())
+    del old["model"]["teacher_output"], old["loss"]["student_term"], old["init_from"], old["finetune"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    (tmp_path / "stages" / "vm_h").mkdir(parents=True)
+    assert workdir_config.check_resume(c, tmp_path) == {}
+    c.loss.student_term = False
+    with pytest.raises(InputError, match=r"config\.loss\.student_term: changed from None to False"):
+        workdir_config.check_resume(c, tmp_path)

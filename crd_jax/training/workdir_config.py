@@ -59,10 +59,20 @@ def remembered(workdir: Path) -> Optional[Dict[str, Any]]:
     return config
 
 
+def _defaults() -> Dict[str, Any]:
+    from crd_jax.config import base_config
+
+    return _flat(_plain(base_config()))
+
+
 def changes(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
+    """Fields whose value differs. A field the old record lacks and the new config holds at its default is
+    not a change: a newer crd-jax added it, and its default is what the old run did."""
     a, b = _flat(old), _flat(new)
     missing = object()
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)}
+    defaults = _defaults()
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k, missing) != b.get(k, missing) and not (k not in a and k in defaults and b.get(k) == defaults[k])}
 
 
 def _free(key: str) -> bool:
