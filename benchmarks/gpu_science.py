@@ -140,7 +140,12 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="crd_gpu_science_")) / "run"
     resumed = restore(args.state, work)
     run_args = crd_experiment.parser().parse_args([])
-    run_args.workdir, run_args.data_root, run_args.out, run_args.draws = work, str(args.data), args.out, 2000
+    # one data path on every machine: the run folder remembers its config, and a moved data root is a change
+    stable = Path(tempfile.gettempdir()) / ("crd_gpu_science_small" if args.small else "crd_gpu_science_data")
+    if stable.is_symlink() or stable.exists():
+        stable.unlink()
+    stable.symlink_to(args.data.resolve(), target_is_directory=True)
+    run_args.workdir, run_args.data_root, run_args.out, run_args.draws = work, str(stable), args.out, 2000
     run_args.overrides = ["data.resample_shape=()", f"train.deadline={deadline}", "train.progress_bar=False"]
     if args.small:
         run_args.steps, run_args.max_pairs = 6, 2
