@@ -1,7 +1,7 @@
-"""train.py against what users do to a run: change the config of a workdir and resume, start a second
-train.py on the same workdir, press Ctrl-C or send SIGTERM while it trains. Each case is a fresh
-``python train.py`` subprocess on a tiny 2-D synthetic run (a train.py start costs ~25 s of compilation on
-two cores: these tests are kept apart from tests/test_adversarial.py)."""
+"""What users do to a running command: change the config of a workdir and resume, start a second train.py
+on the same workdir, press Ctrl-C or send SIGTERM while train.py trains or while ``register --io-steps``
+optimises. Each case is a fresh subprocess on a tiny run (compilation costs ~10-25 s of CPU per start on two
+cores: these tests are kept apart from tests/test_adversarial.py)."""
 
 import json
 import os
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from test_adversarial import snapshot
+from test_adversarial import ENV as _ENV, _register, assets, snapshot  # noqa: F401 (assets: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -143,3 +143,20 @@ def test_fields_a_newer_version_added_at_their_defaults_are_not_changes(tmp_path
     c.loss.student_term = False
     with pytest.raises(InputError, match=r"config\.loss\.student_term: changed from None to False"):
         workdir_config.check_resume(c, tmp_path)
+
+
+@pytest.mark.parametrize("signum,status,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_signal_during_instance_optimisation_ends_it_at_once(tmp_path, assets, signum, status, word):
+    """A million Adam steps: the signal ends the command within seconds, with one line, nothing written."""
+    before = snapshot(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "crd_jax", *map(str, _register(tmp_path, assets, extra=("--io-steps", "1000000")))],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # model loaded, programs compiled: inside the optimisation
+    assert proc.poll() is None
+    sent = time.perf_counter()
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert time.perf_counter() - sent < 30
+    assert proc.returncode == status, err[-3000:]
+    assert len(err.strip().splitlines()) == 1 and word in err and "Traceback" not in err
+    assert snapshot(tmp_path) == before

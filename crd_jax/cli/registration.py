@@ -97,6 +97,7 @@ def _cached_shapes(spec, ndim: int, compute) -> Dict[str, tuple]:
 
 
 MIN_SIDE = 16  # voxels: below this a 4-level network sees a few voxels and nothing meaningful registers
+MAX_ANISOTROPY = 20.0  # largest / smallest voxel side: beyond this a slab of thick slices, not a volume
 INTENSITY_RATIO = 4.0  # how far the input's 99th percentile may be from the training data's
 
 
@@ -109,6 +110,11 @@ def check_images(fixed: Volume, moving: Volume) -> None:
         lo, hi = float(vol.data.min()), float(vol.data.max())
         if hi <= lo:
             raise InputError(vol.path, f"image is constant (every voxel is {lo:g}): nothing to register")
+        spacing = np.asarray(vol.spacing)
+        if spacing.max() > MAX_ANISOTROPY * spacing.min():
+            raise InputError(vol.path, f"voxels of {' x '.join(f'{v:g}' for v in spacing)} mm are too anisotropic to "
+                                       f"register ({spacing.max() / spacing.min():.0f}:1, at most {MAX_ANISOTROPY:g}:1); "
+                                       "resample the image to near-isotropic voxels first")
     gap = world_gap(fixed, moving)
     if gap > 0:
         raise InputError(moving.path, f"does not overlap the fixed image {fixed.path} in world space: their boxes are "
