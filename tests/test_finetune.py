@@ -1,9 +1,8 @@
-"""Fine-tuning a shipped model on a folder of one's own scans (``config.init_from``, configs/finetune.py), run as
-a user runs it: ``train.py`` in a fresh process on NIfTI files written to disk in another orientation and voxel
-size than the model's, then ``crd-jax register --model`` on the result."""
+"""Fine-tuning a shipped model on a folder of one's own scans (``crd-jax finetune``; ``config.init_from`` in
+train.py), run as a user runs it: the documented walkthrough in fresh processes on NIfTI files written to disk in
+another orientation and voxel size than the model's, then ``crd-jax register --model`` on the result."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,33 +33,48 @@ def _write_subjects(root: Path, count: int = 8):
     return cfg
 
 
+def _walkthrough():
+    import re
+    import shlex
+
+    text = (ROOT / "docs" / "training.md").read_text()
+    block = re.search(r"<!-- finetune-walkthrough -->\n```bash\n(.*?)```\n<!-- /finetune-walkthrough -->", text, re.S).group(1)
+    return [shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
 @pytest.mark.slow
-def test_finetuning_a_shipped_model_improves_held_back_dice_and_register_takes_the_result(tmp_path):
+def test_the_finetune_walkthrough_runs_as_written_and_improves_held_back_dice(tmp_path):
+    """docs/training.md's walkthrough, command for command, in fresh processes, on synthetic brains."""
     _write_subjects(tmp_path / "scans")
-    work = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs' / 'finetune.py'}",
-           "--config.init_from=lpba40-vm-ll-crd", f"--config.data.root={tmp_path / 'scans'}", f"--config.workdir={work}",
-           "--config.finetune.steps=60", "--config.train.lr=1e-3", "--config.train.progress_bar=False",
-           "--config.train.eval_every=0"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    commands = _walkthrough()
+    assert [c[:2] for c in commands] == [["crd-jax", "finetune"], ["crd-jax", "register"]]
+    for argv in commands:
+        proc = subprocess.run([sys.executable, "-m", "crd_jax", *argv[1:]], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, (argv, proc.stderr[-3000:])
+    work = tmp_path / "my-model.work"
     prepared = json.loads((work / "prepared" / "prepared.json").read_text())
     assert prepared["orientation"] == "LPS" and prepared["voxel_size"] == pytest.approx([2.5, 2.4, 2.5])
     results = {r["stage"]: r for r in json.loads((work / "results.json").read_text())}
     before, after = results["pretrained"]["dice_mean"], results["finetune"]["dice_mean"]
     assert results["finetune"]["num_pairs"] == 2  # the two held-back subjects, both ways
     assert after > before + 0.005, (before, after)
-    model = work / "stages" / "finetune" / "model"
-    spec = json.loads((model / "model.json").read_text())
+    spec = json.loads((tmp_path / "my-model" / "model.json").read_text())
     assert spec["finetuned_from"]["model"] == "lpba40-vm-ll-crd" and spec["factor"] == 4
     assert spec["preprocessing"]["geometry"]["orientation"] == "LPS"
-    # the fine-tuned model registers new scans in their own space, as a shipped one does
     scans = tmp_path / "scans" / "images"
-    out = tmp_path / "reg"
-    reg = subprocess.run([sys.executable, "-m", "crd_jax", "register", "--model", str(model), "--fixed",
-                          str(scans / "sub-06.nii.gz"), "--moving", str(scans / "sub-07.nii.gz"), "--out", str(out)],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert reg.returncode == 0, reg.stderr[-2000:]
-    warped = nib.load(str(out / "warped.nii.gz"))
+    warped = nib.load(str(tmp_path / "sub-07_to_sub-06" / "warped.nii.gz"))
     assert warped.shape == nib.load(str(scans / "sub-06.nii.gz")).shape
     assert np.isfinite(np.asarray(warped.dataobj)).all()
+
+
+def test_finetune_refuses_bad_arguments_with_one_line(tmp_path):
+    (tmp_path / "out").mkdir()
+    for args, needle in ((["--images", str(tmp_path / "nope"), "--out", str(tmp_path / "m")], "is not a folder"),
+                         (["--images", str(tmp_path), "--out", str(tmp_path / "out")], "exists"),
+                         (["--images", str(tmp_path), "--out", str(tmp_path / "m"), "--steps", "0"], "--steps")):
+        proc = subprocess.run([sys.executable, "-m", "crd_jax", "finetune", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -650,6 +650,10 @@ def parser() -> argparse.ArgumentParser:
                         epilog="example: crd-jax models")
     mo.set_defaults(func=cmd_models)
 
+    from crd_jax.cli import finetune as finetune_cli
+
+    finetune_cli.add_parser(sub)
+
     e = sub.add_parser(
         "evaluate", help="Dice, HD95, folds, SDlogJ, time and memory over a dataset's pairs",
         description="Evaluates a model on the labelled pairs of a dataset config (its evaluation split, or --pairs). "

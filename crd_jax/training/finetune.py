@@ -31,6 +31,31 @@ from crd_jax.errors import InputError
 PREPARED = "prepared"
 
 
+def default_config():
+    """The fine-tuning run's config (``configs/finetune.py`` and ``crd-jax finetune`` start from it)."""
+    from crd_jax.config import base_config
+
+    c = base_config()
+    c.name = "Fine-tuning"
+    c.workdir = "runs/finetune"
+    c.init_from = "lpba40-vm-ll-crd"
+    c.data.kind = "folder"
+    c.data.root = ""  # required: the folder of scans
+    c.data.labels = "auto"
+    c.finetune.steps = 1000
+    c.finetune.val_subjects = 2
+    c.train.batch_size = 1
+    c.train.lr = 1e-4  # a tenth of the shipped models' training rate: adapt, do not retrain
+    c.train.log_every = 25
+    c.train.eval_every = 250
+    c.train.checkpoint_every = 250
+    c.eval.val_pairs = 2
+    c.eval.hd95 = False
+    c.eval.timing_repeats = 1
+    c.eval.diagnostics = False
+    return c
+
+
 def _source(init_from: str) -> Tuple[Path, Dict]:
     from crd_jax.model_io import load_spec
     from crd_jax.pretrained import resolve
