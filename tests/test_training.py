@@ -339,3 +339,30 @@ def test_deadline_saves_the_step_and_a_rerun_resumes_from_it(tmp_path):
     assert (work / "stages" / "vm_h" / "ckpt" / "1").exists()
     again = _train(work, *args)
     assert "resuming from step 1" in again.stderr and (work / "stages" / "vm_h" / "model").is_dir()
+
+
+def test_slurm_tasks_initialize_jax_distributed_from_the_environment(monkeypatch):
+    """Under ``srun -n N`` (N > 1) with no coordinator configured, ``jax.distributed.initialize()`` is called
+    without arguments (JAX reads Slurm's variables); a single task or no Slurm job stays single-process."""
+    from crd_jax.config import base_config
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(jax.config, "update", lambda *a, **k: None)
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    cfg = base_config().distributed
+    for env, expected in (({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, [((), {})]),
+                          ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, []),
+                          ({"SLURM_NTASKS": "4"}, []),
+                          ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "x"}, [])):
+        calls.clear()
+        for key in ("SLURM_JOB_ID", "SLURM_NTASKS"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        distributed.initialize(cfg)
+        assert calls == expected, env
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")  # an explicit coordinator wins
+    calls.clear()
+    distributed.initialize(cfg)
+    assert calls[0][1]["coordinator_address"] == "10.0.0.1:1234"

@@ -19,16 +19,34 @@ DATA = "data"
 def initialize(cfg) -> None:
     """``jax.distributed.initialize`` from ``config.distributed`` or the environment.
 
-    ``cfg.coordinator_address`` empty and no ``JAX_COORDINATOR_ADDRESS`` in the environment: single process.
+    ``cfg.coordinator_address`` empty and no ``JAX_COORDINATOR_ADDRESS`` in the environment: single process,
+    unless the process is one of several tasks of a Slurm job step (``SLURM_NTASKS > 1``, e.g. ``srun -n 4
+    python train.py ...``): then ``jax.distributed.initialize()`` without arguments, which reads the coordinator,
+    the process count and this process's rank from Slurm's variables.
     """
     address = cfg.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
     if not address:
+        if under_slurm():
+            _cpu_collectives()
+            jax.distributed.initialize()
         return
     num_processes = int(cfg.num_processes or os.environ.get("JAX_NUM_PROCESSES", 1))
     process_id = int(cfg.process_id if cfg.process_id >= 0 else os.environ.get("JAX_PROCESS_ID", 0))
+    _cpu_collectives()
+    jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=process_id)
+
+
+def under_slurm() -> bool:
+    """One task of several in a Slurm job step (``srun -n N``, ``N > 1``)."""
+    try:
+        return bool(os.environ.get("SLURM_JOB_ID")) and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    except ValueError:
+        return False
+
+
+def _cpu_collectives() -> None:
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=process_id)
 
 
 def data_mesh() -> Mesh:
