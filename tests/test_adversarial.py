@@ -557,6 +557,20 @@ def test_cache_folders_are_private_whatever_the_umask(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.getuid() != 0, reason="giving a folder to another user needs root")
+def test_a_cache_folder_of_another_user_turns_caching_off_with_one_warning(tmp_path, monkeypatch, capsys):
+    from crd_jax import user_cache
+
+    monkeypatch.setenv("CRD_JAX_CACHE_DIR", str(tmp_path / "c"))
+    (tmp_path / "c" / "executables").mkdir(parents=True, mode=0o700)
+    os.chown(tmp_path / "c" / "executables", 65534, 65534)  # planted by "nobody"
+    monkeypatch.setattr(user_cache, "_warned", set())
+    assert user_cache.cache_folder("executables") is None
+    assert user_cache.cache_folder("executables") is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "belongs to another user" in err[0] and "caching is off" in err[0]
+
+
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
     from crd_jax.training.checkpoint import StageCheckpointer
 
