@@ -88,8 +88,8 @@ def network_only():
 
 #: ``--before-after``: the training-path changes of issue 26 off ("before") and on ("after"), each stage compiled
 #: both ways and timed in the same rounds
-VARIANTS = {"before": {"upcat_backward": "concat", "upsample_vjp": "autodiff"},
-            "after": {"upcat_backward": "coarse", "upsample_vjp": "stencil"}}
+VARIANTS = {"before": {"upcat_backward": "concat", "upsample_vjp": "autodiff", "warp_gradient": "xla"},
+            "after": {"upcat_backward": "coarse", "upsample_vjp": "stencil", "warp_gradient": "native"}}
 
 
 @contextlib.contextmanager
@@ -102,14 +102,16 @@ def ops_variant(name):
     if name is None:
         yield
         return
-    previous = (conv.upcat_backward(), spatial.upsample_vjp())
+    previous = (conv.upcat_backward(), spatial.upsample_vjp(), spatial.warp_gradient())
     conv.upcat_backward(VARIANTS[name]["upcat_backward"])
     spatial.upsample_vjp(VARIANTS[name]["upsample_vjp"])
+    spatial.warp_gradient(VARIANTS[name]["warp_gradient"])
     try:
         yield
     finally:
         conv.upcat_backward(previous[0])
         spatial.upsample_vjp(previous[1])
+        spatial.warp_gradient(previous[2])
 
 
 def _batch(shape, batch, seed=0):
@@ -621,7 +623,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="32^3, one round, no PyTorch: a check that it runs")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--before-after", action="store_true", help="every stage twice, with the backward formulations "
-                   "of issue 26 off (before: concatenated decoder input, autodiff upsampling) and on (after)")
+                   "of issue 26 off (before: concatenated decoder input, autodiff upsampling, XLA's warp) and on (after)")
     p.add_argument("--torch-repeats", type=int, default=None)
     p.add_argument("--profile", action="store_true", help="the attribution tables -> results/train_profile.{md,json}")
     p.add_argument("--out", type=Path, default=None)

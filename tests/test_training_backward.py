@@ -183,3 +183,87 @@ def test_resize_by_a_whole_factor_has_second_derivatives(upsample_mode):
     upsample_mode("autodiff")
     hvp_ref = jax.jvp(jax.grad(f), (x,), (jnp.ones_like(x),))[1]
     np.testing.assert_allclose(hvp, hvp_ref, rtol=1e-4, atol=1e-4)
+
+
+# --- the native warp and its gradient with respect to the field ------------------------------------------------
+
+
+@pytest.fixture
+def warp_mode():
+    before = spatial.warp_gradient()
+    yield spatial.warp_gradient
+    spatial.warp_gradient(before)
+
+
+WARP_CASES = [
+    # image spatial shape, field spatial shape, channels, displacement scale
+    ((5, 6, 7), (5, 6, 7), 1, 1.5),
+    ((4, 9, 3), (6, 5, 8), 2, 3.0),  # another grid, coordinates far beyond the image
+    ((1, 4, 5), (3, 3, 3), 1, 0.7),  # an axis of one voxel
+    ((7, 7, 7), (7, 7, 7), 3, 0.0),  # the identity: corners exactly on voxels
+]
+
+
+@pytest.mark.parametrize("ishape,oshape,channels,scale", WARP_CASES)
+def test_native_warp_matches_map_coordinates_values_and_gradients(ishape, oshape, channels, scale, warp_mode):
+    if jax.default_backend() != "cpu" or not native.available():
+        pytest.skip("the native kernel runs on the CPU")
+    warp_mode("native")
+    rng = np.random.default_rng(sum(ishape) + channels)
+    image = jnp.asarray(rng.standard_normal((2, *ishape, channels)), jnp.float32)
+    disp = jnp.asarray(rng.standard_normal((2, *oshape, 3)) * scale, jnp.float32)
+    if scale:
+        disp = disp.at[0, 0, 0, 0].set(jnp.asarray([-40.0, 0.5, 60.0]))  # far outside on two axes
+    g = jnp.asarray(rng.standard_normal((2, *oshape, channels)), jnp.float32)
+    y = jax.jit(spatial.warp)(image, disp)
+    np.testing.assert_allclose(y, spatial._warp_reference(image, disp), rtol=1e-5, atol=1e-5)
+    loss = lambda warp_fn: lambda im, d: jnp.sum(warp_fn(im, d) * g)  # noqa: E731
+    gi, gd = jax.jit(jax.grad(loss(spatial.warp), argnums=(0, 1)))(image, disp)
+    gi_ref, gd_ref = jax.grad(loss(spatial._warp_reference), argnums=(0, 1))(image, disp)
+    np.testing.assert_allclose(gd, gd_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gi, gi_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_native_warp_gradient_matches_finite_differences(warp_mode):
+    """An independent check of the derivative (not autodiff's): central differences inside the cells."""
+    if jax.default_backend() != "cpu" or not native.available():
+        pytest.skip("the native kernel runs on the CPU")
+    warp_mode("native")
+    rng = np.random.default_rng(3)
+    image = jnp.asarray(rng.standard_normal((1, 6, 5, 7, 1)), jnp.float32)
+    disp = np.asarray(rng.uniform(-2, 2, (1, 6, 5, 7, 3)), np.float64)
+    disp = np.floor(disp) + np.clip(disp - np.floor(disp), 0.2, 0.8)  # away from cell borders (kinks)
+    f = lambda d: jnp.sum(spatial.warp(image, d) ** 2)  # noqa: E731
+    grad = np.asarray(jax.jit(jax.grad(f))(jnp.asarray(disp, jnp.float32)))
+    h = 1e-2
+    for index in [(0, 1, 2, 3, 0), (0, 4, 0, 6, 1), (0, 0, 4, 1, 2), (0, 5, 3, 0, 2)]:
+        up, down = disp.copy(), disp.copy()
+        up[index] += h
+        down[index] -= h
+        fd = (float(f(jnp.asarray(up, jnp.float32))) - float(f(jnp.asarray(down, jnp.float32)))) / (2 * h)
+        assert abs(grad[index] - fd) < 2e-2 * max(1.0, abs(fd)), (index, grad[index], fd)
+
+
+def test_native_warp_composes_fields_with_gradients_for_both_arguments(warp_mode):
+    """Scaling and squaring differentiates the warped image too (the field composed with itself)."""
+    from crd_jax.ops.spatial import integrate_velocity
+
+    v = jax.random.normal(jax.random.PRNGKey(4), (1, 5, 6, 4, 3)) * 2.0
+    out = {}
+    for mode in ("native", "xla"):
+        warp_mode(mode)
+        out[mode] = jax.jit(jax.value_and_grad(lambda v: jnp.sum(jnp.sin(integrate_velocity(v, 3)))))(v)
+    np.testing.assert_allclose(out["native"][0], out["xla"][0], rtol=1e-5)
+    np.testing.assert_allclose(out["native"][1], out["xla"][1], rtol=1e-4, atol=1e-5)
+
+
+def test_native_warp_leaves_other_warps_to_map_coordinates(warp_mode):
+    warp_mode("native")
+    image, disp = jnp.ones((1, 4, 5, 1)), jnp.zeros((1, 4, 5, 2))
+    text = jax.jit(spatial.warp).lower(image, disp).as_text()  # 2-D
+    assert "crd_warp" not in text
+    text = jax.jit(lambda i, d: spatial.warp(i, d, mode="zeros")).lower(jnp.ones((1, 3, 3, 3, 1)),
+                                                                          jnp.zeros((1, 3, 3, 3, 3))).as_text()
+    assert "crd_warp" not in text
+    with pytest.raises(ValueError):
+        warp_mode("scatter")

@@ -46,7 +46,7 @@ from crd_jax import user_cache
 from crd_jax.ops import native_build
 
 _TARGETS = {"crd_conv_fwd": "CrdConvFwd", "crd_conv_upcat_fwd": "CrdConvUpcatFwd", "crd_conv_wgrad": "CrdConvWgrad",
-            "crd_warp": "CrdWarp"}
+            "crd_warp": "CrdWarp", "crd_warp_grad": "CrdWarpGrad"}
 
 _lock = threading.Lock()
 _state: dict = {}

@@ -21,7 +21,7 @@ import subprocess
 from pathlib import Path
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / "conv_cpu.cc", CSRC / "warp_cpu.cc"]  # compiled into one library
+SOURCES = [CSRC / "conv_cpu.cc", CSRC / "warp_cpu.cc", CSRC / "warp_grad_cpu.cc"]  # compiled into one library
 HEADERS = [CSRC / "parallel.h", CSRC / "winograd.h"]
 FLAGS = ["-O3", "-std=c++17", "-fPIC", "-mavx2", "-mfma", "-fno-math-errno"]
 KEY_MACRO = "CRD_BUILD_KEY"

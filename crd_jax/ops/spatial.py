@@ -25,6 +25,7 @@ from jax import lax
 from jax.scipy import ndimage
 
 _MODES = {"border": "nearest", "zeros": "constant", "reflect": "mirror"}
+_settings: dict = {}  # per-process choices of formulation (warp_gradient, upsample_vjp)
 
 
 def upsample_nearest(x: jax.Array, shape: Sequence[int]) -> jax.Array:
@@ -68,6 +69,35 @@ def warp(image: jax.Array, disp: jax.Array, order: int = 1, mode: str = "border"
         raise ValueError(f"order must be 0 or 1, got {order}")
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
+    if order == 1 and mode == "border" and ndim == 3 and image.dtype == disp.dtype == jnp.float32 \
+            and warp_gradient() == "native" and _native_available():
+        return _warp_linear_border(image, disp)
+    return _warp_reference(image, disp, order, mode)
+
+
+def _native_available() -> bool:
+    from crd_jax.ops import native
+
+    return native.available()
+
+
+def warp_gradient(mode: Optional[str] = None) -> str:
+    """How :func:`warp` runs for 3-D float32 linear warps in ``"border"`` mode (every training loss's): ``"native"``
+    (default where the native kernels are built): the forward is ``csrc/warp_cpu.cc``'s sampling and the gradient
+    with respect to the displacement ``csrc/warp_grad_cpu.cc``'s (each voxel reads its eight corners once; the
+    image's gradient, needed only where the image itself is differentiated, stays XLA's); ``"xla"``:
+    ``map_coordinates`` and its autodiff throughout. ``mode`` sets it for this process (read when a function is
+    traced); returns the mode in use."""
+    if mode is not None:
+        if mode not in ("native", "xla"):
+            raise ValueError(f"warp gradient must be 'native' or 'xla', not {mode!r}")
+        _settings["warp_gradient"] = mode
+    return _settings.setdefault("warp_gradient", "native")
+
+
+def _warp_reference(image: jax.Array, disp: jax.Array, order: int = 1, mode: str = "border") -> jax.Array:
+    """:func:`warp` with ``map_coordinates`` (XLA's gathers) and JAX's autodiff."""
+    ndim = disp.shape[-1]
     grid = identity_grid(disp.shape[1:-1], disp.dtype)
 
     def one(img, d):
@@ -80,6 +110,52 @@ def warp(image: jax.Array, disp: jax.Array, order: int = 1, mode: str = "border"
         # map_coordinates rounds integer outputs through float; labels beyond 2^24 would be unsafe.
         return jax.vmap(one)(image.astype(jnp.float32), disp).astype(image.dtype)
     return jax.vmap(one)(image, disp)
+
+
+def _native_warp(image, disp):
+    """``(B, *in, C)`` sampled at ``x + disp`` by the native kernel, one call per batch element and channel."""
+
+    def volume(img, d):
+        out = jax.ShapeDtypeStruct(d.shape[:-1], jnp.float32)
+        return jax.ffi.ffi_call("crd_warp", out, vmap_method="sequential")(img, d, order=np.int64(1))
+
+    return jax.vmap(jax.vmap(volume, in_axes=(-1, None), out_axes=-1))(image, disp)
+
+
+def _native_warp_disp_grad(image, disp, g):
+    """``sum_c g_c * d image_c(x + disp) / d disp`` by the native kernel, ``(B, *out, 3)``."""
+
+    def volume(img, d, gc):
+        out = jax.ShapeDtypeStruct(d.shape, jnp.float32)
+        return jax.ffi.ffi_call("crd_warp_grad", out, vmap_method="sequential")(img, d, gc)
+
+    per_channel = jax.vmap(volume, in_axes=(-1, None, -1), out_axes=0)
+    return jax.vmap(lambda img, d, gc: jnp.sum(per_channel(img, d, gc), axis=0))(image, disp, g)
+
+
+@jax.custom_vjp
+def _warp_linear_border(image, disp):
+    return lax.platform_dependent(image, disp, cpu=_native_warp, default=_warp_reference)
+
+
+def _warp_linear_border_fwd(image, disp):
+    return _warp_linear_border(image, disp), (image, disp)
+
+
+def _warp_linear_border_bwd(residuals, g):
+    image, disp = residuals
+
+    def reference_disp(image, disp, g):
+        return jax.vjp(lambda d: _warp_reference(image, d), disp)[1](g)[0]
+
+    ddisp = lax.platform_dependent(image, disp, g, cpu=_native_warp_disp_grad, default=reference_disp)
+    # the image's cotangent (a scatter-add): XLA drops it where the image is not differentiated (training's
+    # moving image); composing fields (scaling and squaring) needs it
+    dimage = jax.vjp(lambda im: _warp_reference(im, disp), image)[1](g)[0]
+    return dimage, ddisp
+
+
+_warp_linear_border.defvjp(_warp_linear_border_fwd, _warp_linear_border_bwd)
 
 
 _NATIVE_SAMPLE_TYPES = ("float32", "int8", "uint8", "int16", "uint16", "int32", "uint32")
@@ -126,9 +202,6 @@ def sample_volume(image: jax.Array, disp: jax.Array, order: int = 1) -> jax.Arra
         return jax.ffi.ffi_call("crd_warp", out, vmap_method="sequential")(image, disp, order=np.int64(order))
 
     return lax.platform_dependent(image, disp, cpu=native_fn, default=reference)
-
-
-_settings: dict = {}
 
 
 def upsample_vjp(mode: Optional[str] = None) -> str:
