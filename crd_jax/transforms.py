@@ -78,6 +78,52 @@ def apply_to_points(points_world: np.ndarray, disp: np.ndarray, reference_affine
     return moved @ np.asarray(reference_affine)[:ndim, :ndim].T + np.asarray(reference_affine)[:ndim, ndim]
 
 
+#: the coarse grid of :func:`invert_fast` has at most this many voxels per side
+COARSE_SIDE = 96
+
+
+def invert_fast(disp, coarse_iterations: int = 50, fine_iterations: int = 12) -> np.ndarray:
+    """:func:`invert`'s fixed point ``v <- -u(x + v)`` solved where it is cheap: on a grid at most
+    :data:`COARSE_SIDE` voxels per side (the field resampled, values rescaled) to convergence, then brought to the
+    field's grid and refined there by ``fine_iterations`` steps (each one linear sampling pass in XLA, float32).
+    Registration fields are smooth upsamplings of a network's output, so the coarse solution is already close;
+    the fine steps remove the resampling error. Same border handling as :func:`invert` (edge values)."""
+    import jax.numpy as jnp
+
+    shape = tuple(int(s) for s in np.shape(disp)[:-1])
+    factor = max(1, int(np.ceil(max(shape) / COARSE_SIDE)))
+    coarse = tuple(max(2, int(np.ceil(s / factor))) for s in shape)
+    return np.asarray(_invert_jit(jnp.asarray(disp, jnp.float32)[None], coarse, int(coarse_iterations), int(fine_iterations))[0])
+
+
+def _invert_impl(u, coarse, coarse_iterations, fine_iterations):
+    import jax
+
+    from crd_jax.ops.spatial import resize_field, warp
+
+    shape = tuple(u.shape[1:-1])
+    u_c = resize_field(u, coarse) if coarse != shape else u
+
+    def step(field):
+        return lambda _, v: -warp(field, v)
+
+    v = jax.lax.fori_loop(0, coarse_iterations, step(u_c), -u_c)
+    v = resize_field(v, shape) if coarse != shape else v
+    return jax.lax.fori_loop(0, fine_iterations, step(u), v)
+
+
+def _invert_jit(u, coarse, coarse_iterations, fine_iterations):
+    import jax
+
+    global _INVERT
+    if _INVERT is None:
+        _INVERT = jax.jit(_invert_impl, static_argnums=(1, 2, 3))
+    return _INVERT(u, coarse, coarse_iterations, fine_iterations)
+
+
+_INVERT = None
+
+
 def invert(disp: np.ndarray, iterations: int = 50, tolerance: float = 1e-3) -> np.ndarray:
     """The inverse displacement ``v`` with ``x + v(x) + u(x + v(x)) = x`` by the fixed-point iteration
     ``v <- -u(x + v)`` (Chen et al. 2008), linear interpolation, border values outside. Converges where the

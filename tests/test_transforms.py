@@ -85,6 +85,21 @@ def test_inverse_composes_to_the_identity():
     assert residual.max() < 0.02 and np.abs(u).max() > 1.5
 
 
+@pytest.mark.parametrize("shape", [(30, 20, 26), (140, 12, 16)])
+def test_fast_inverse_solves_the_same_fixed_point_as_the_reference(shape, monkeypatch):
+    """invert_fast (coarse grid, then a few full-grid steps in XLA) against invert (scipy, to convergence):
+    the same field to 0.02 voxels and a composition residual as small; the second shape exercises the coarse grid
+    (a side over COARSE_SIDE, lowered here so that the test stays small)."""
+    monkeypatch.setattr(transforms, "COARSE_SIDE", 64)
+    u = _field(shape, 2.0)
+    ref, fast = transforms.invert(u), transforms.invert_fast(u)
+    assert fast.dtype == np.float32 and fast.shape == u.shape
+    np.testing.assert_allclose(fast, ref, atol=0.02)
+    grid = np.stack(np.meshgrid(*map(np.arange, shape), indexing="ij"), 0).astype(np.float64)
+    u_at = np.stack([ndimage.map_coordinates(u[..., i], grid + np.moveaxis(fast, -1, 0), order=1, mode="nearest") for i in range(3)], -1)
+    assert np.abs(fast + u_at)[4:-4, 4:-4, 4:-4].max() < 0.03
+
+
 def test_apply_and_register_outputs_through_the_command(tmp_path, capsys):
     from test_bad_inputs import _model
 

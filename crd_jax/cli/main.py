@@ -116,6 +116,7 @@ def _register_names(args, with_seg: bool) -> List[str]:
     from crd_jax.interop.formats import displacement_names
 
     ids = _pair_ids(args)
+    resolve_registration_options(args)
     ext = ".nii" if args.uncompressed else ".nii.gz"
     names = [f"warped{ext}"] + ([f"warped_seg{ext}"] if with_seg else [])
     names += displacement_names(args.disp_format, pair_ids=ids, ext=ext)
@@ -159,9 +160,9 @@ def _write_registration(stage: Path, args, result, fixed, moving) -> None:
             " ".join(f"{v:.10g}" for v in row) for row in world) + "\n")
         (stage / "affine_itk.txt").write_text(itk_affine_text(world))
     if args.inverse:
-        from crd_jax.transforms import invert
+        from crd_jax.transforms import invert_fast
 
-        inverse = invert(result["disp"])
+        inverse = invert_fast(result["disp"])
         if args.disp_format == "itk":
             from crd_jax.interop.formats import to_itk
 
@@ -179,7 +180,7 @@ def read_pairs_csv(path: str) -> List[tuple]:
 
     csv_path = check_input_file(path, "a CSV file")
     try:
-        text = csv_path.read_text()
+        text = csv_path.read_text(encoding="utf-8-sig")  # a BOM (spreadsheet exports) is not part of a path
     except OSError as exc:
         raise InputError(csv_path, f"unreadable ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
@@ -236,6 +237,8 @@ def cmd_register(args) -> None:
     folds, voxels = result["folds"], int(fixed.data.size)
     for note in notes:
         print(f"note: {note}")
+    if result.get("warning"):
+        print(f"crd-jax: warning: {result['warning']}", file=sys.stderr)
     with outputs as stage:
         _write_registration(stage, args, result, fixed, moving)
     print(f"note: convolution: {_conv_path(args)}")
@@ -256,6 +259,11 @@ def _register_many(args) -> None:
     from crd_jax.outputs import OutputSet
 
     pairs = read_pairs_csv(args.pairs)
+    from crd_jax.data.io import check_input_file
+
+    for row in pairs:  # every input exists before the first registration
+        for path in filter(None, row[:3]):
+            check_input_file(path)
     out = Path(args.out_dir)
     outputs = [OutputSet(out / name, _register_names(args, bool(seg)), args.overwrite, family=_register_family(args))
                for _, _, seg, name in pairs]
@@ -263,7 +271,8 @@ def _register_many(args) -> None:
     kwargs = registration_kwargs(args)
     t0 = time.perf_counter()
     log = []
-    bar = tqdm(total=len(pairs), desc="registering", unit="pair", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=len(pairs), desc="registering", unit="pair", file=sys.stderr, dynamic_ncols=True,
+               disable=None)  # on a terminal only: in a log, an error stays the one line on stderr
     for (fixed_path, moving_path, seg_path, name), outset in zip(pairs, outputs):
         fixed, moving, moving_seg, _ = load_pair(loaded, fixed_path, moving_path, seg_path)
         t = time.perf_counter()
@@ -271,7 +280,8 @@ def _register_many(args) -> None:
         fixed, moving, moving_seg = _geometry_only(fixed), _geometry_only(moving), None
         with outset as stage:
             _write_registration(stage, args, result, fixed, moving)
-        log.append(f"{name}: {time.perf_counter() - t:.2f} s, folds {result['folds']}")
+        log.append(f"{name}: {time.perf_counter() - t:.2f} s, folds {result['folds']}"
+                   + (f"; warning: {result['warning']}" if result.get("warning") else ""))
         del result  # the next pair's inputs must not sit beside this pair's field and warped volumes
         release_free_memory()
         bar.update(1)
@@ -280,7 +290,7 @@ def _register_many(args) -> None:
     for line in log:
         print(line)
     print(f"note: convolution: {_conv_path(args)}")
-    print(f"registered {len(pairs)} pairs with {loaded.spec.get('label', 'model')} in {wall:.1f} s "
+    print(f"registered {len(pairs)} pair{'' if len(pairs) == 1 else 's'} with {loaded.spec.get('label', 'model')} in {wall:.1f} s "
           f"({len(pairs) / wall:.2f} pairs/s; the first includes compilation) into {out}")
 
 
@@ -335,8 +345,10 @@ def read_points(path) -> "np.ndarray":
 
     check_input_file(path, "a CSV of points")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             lines = [l for l in f.read().splitlines() if l.strip() and not l.lstrip().startswith("#")]
+        if lines and [c.strip().lower() for c in lines[0].split(",")] == ["x", "y", "z"]:
+            lines = lines[1:]  # the header apply --points writes
     except OSError as exc:
         raise InputError(path, f"unreadable ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
@@ -361,8 +373,8 @@ def _read_pairs(path: str, ids: List[str]):
 
     check_input_file(path, "a CSV file")
     try:
-        with open(path, encoding="utf-8") as f:
-            rows = list(csv.reader(f))
+        with open(path, encoding="utf-8-sig") as f:
+            rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
     except OSError as exc:
         raise InputError(path, f"unreadable pairs file ({exc.strerror or exc})") from None
     except (UnicodeDecodeError, csv.Error) as exc:
@@ -521,7 +533,16 @@ def cmd_export(args) -> None:
         print(f"wrote {path}")
 
 
-MODEL_HELP = "a shipped model's name (`crd-jax models`) or a model folder (default: the best shipped VM-LL-CRD)"
+MODEL_HELP = ("a shipped model's name (`crd-jax models`) or a model folder (default: lpba40-vm-ll-crd, the distilled "
+              "VM-LL student: the fastest shipped model, not the most accurate)")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's errors (an unknown option, a missing or malformed value) as the one line the contract promises,
+    status 2; the usage block is what ``--help`` prints."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 class _Version(argparse.Action):
@@ -568,20 +589,45 @@ def add_registration_options(p: argparse.ArgumentParser) -> None:
     """The options that change how a pair is registered (``register`` and ``figure`` share them)."""
     p.add_argument("--normalize", choices=("model", "none", "minmax", "percentile"), default="model",
                    help="intensity normalisation of the inputs (default: as the model was trained)")
-    p.add_argument("--io-steps", type=int, default=0,
+    p.add_argument("--quality", choices=("fast", "accurate"), default="fast",
+                   help="fast (default): affine pre-alignment + the model's field; accurate: also --io-steps 50 "
+                   "(LPBA40 at 1 mm, 2 CPU cores: " + PRESET_COST + "; docs/cli.md has the table)")
+    p.add_argument("--io-steps", type=int, default=None,
                    help="instance optimisation: fine-tune the predicted field on this pair for N Adam steps at the model's "
-                   "own resolution (NCC + smoothness; uniGradICON uses 50). Default 0")
-    p.add_argument("--affine", nargs="?", const="ncc", choices=("ncc", "mi"), default="",
-                   help="affine pre-alignment before the deformable model (intensity-based, coarse to fine, optax): "
-                   "ncc (default) or mi for multi-modal pairs; register writes affine.txt (RAS) and affine_itk.txt (ITK)")
+                   "own resolution (NCC + smoothness; uniGradICON uses 50). Default: 0, or 50 with --quality accurate")
+    p.add_argument("--affine", nargs="?", const="ncc", choices=("ncc", "mi"), default=None,
+                   help="affine pre-alignment before the deformable model (intensity-based, coarse to fine, optax), on by "
+                   "default: ncc (default) or mi for multi-modal pairs; register writes affine.txt (RAS) and affine_itk.txt (ITK)")
+    p.add_argument("--no-affine", action="store_true",
+                   help="skip the affine pre-alignment (for pairs already affinely aligned; a one-line warning when the "
+                   "images' centroids are far apart)")
     p.add_argument("--bf16", action="store_true",
                    help="the network's convolutions with bfloat16 inputs and weights (float32 sums) on CPUs with "
                    "AVX512-BF16: faster, fields within ~0.1 voxel of float32 (see the README); elsewhere float32")
 
 
+# What the presets cost, measured (benchmarks/register_options.py, LPBA40 S35-S40 at 1 mm, AMD EPYC, 2 cores)
+PRESET_COST = "fast about 3 s per pair, accurate about 5 s, for about +0.05 Dice"
+
+
+def resolve_registration_options(args) -> None:
+    """``--quality``, ``--affine``, ``--no-affine`` and ``--io-steps`` made concrete on ``args`` (idempotent):
+    ``args.affine`` becomes ``"ncc"``, ``"mi"`` or ``""`` and ``args.io_steps`` a number; explicit options win
+    over the preset."""
+    if getattr(args, "_options_resolved", False):
+        return
+    if args.no_affine and args.affine:
+        raise InputError("--no-affine", f"contradicts --affine {args.affine}; give one of them")
+    args.affine = "" if args.no_affine else (args.affine or "ncc")
+    if args.io_steps is None:
+        args.io_steps = 50 if args.quality == "accurate" else 0
+    args._options_resolved = True
+
+
 def registration_kwargs(args) -> dict:
     """``register_volumes`` keywords from the options of :func:`add_registration_options` (``--bf16`` is set
     for the process here, before anything is traced)."""
+    resolve_registration_options(args)
     if args.io_steps < 0:
         raise InputError("--io-steps", f"must be 0 or more, got {args.io_steps}")
     if getattr(args, "bf16", False):
@@ -593,7 +639,7 @@ def registration_kwargs(args) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="crd-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _OneLineParser(prog="crd-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -608,14 +654,16 @@ def parser() -> argparse.ArgumentParser:
         "~/.cache/crd_jax (CRD_JAX_CACHE_DIR), so later calls start faster.",
         epilog="example: crd-jax register --model lpba40-vm-ll-crd --fixed S01.nii.gz --moving S02.nii.gz "
         "--moving-seg S02_labels.nii.gz --out-dir out/ --disp-format itk")
-    r.add_argument("--model", help="a shipped model's name (see `crd-jax models`; default: the best shipped VM-LL-CRD) "
+    r.add_argument("--model", help="a shipped model's name (see `crd-jax models`; default: lpba40-vm-ll-crd, the distilled "
+                   "1/4-resolution student: the fastest shipped model; lpba40-vm-h, the full-resolution network, scores higher at more time and memory) "
                    "or a model folder (a training stage's 'model', or convert-official's output)")
     r.add_argument("--fixed", help="fixed image (.nii, .nii.gz or .npz)")
     r.add_argument("--moving", help="moving image; resampled onto the fixed grid first if grids differ")
     r.add_argument("--pairs", help="CSV of pairs 'fixed,moving[,moving_seg[,name]]' registered in one process (compiled "
                    "once, a progress bar); each pair's files go to OUT_DIR/NAME (default NAME: <moving>_to_<fixed>)")
     r.add_argument("--moving-seg", help="moving label map, warped with nearest neighbour")
-    r.add_argument("--out-dir", required=True)
+    r.add_argument("--out-dir", required=True, help="folder for the outputs (created if missing; with --pairs, one "
+                   "subfolder per pair)")
     r.add_argument("--disp-format", choices=("voxel", "itk", "learn2reg"), default="voxel",
                    help="voxel: ours (X,Y,Z,3) voxels; itk: ANTs/ITK/Slicer displacement field; learn2reg: disp_FFFF_MMMM.npz + .nii.gz")
     r.add_argument("--pair-ids", nargs=2, metavar=("FIXED_ID", "MOVING_ID"), help="ids in Learn2Reg file names")
@@ -633,7 +681,8 @@ def parser() -> argparse.ArgumentParser:
                        epilog="example: crd-jax apply --disp out/disp.nii.gz --reference F.nii.gz --image M_seg.nii.gz "
                        "--labels --interpolation onehot --out M_seg_warped.nii.gz")
     a.add_argument("--disp", required=True, help="displacement written by crd-jax register (voxel, ITK or Learn2Reg format)")
-    a.add_argument("--disp-format", choices=("auto", "voxel", "itk", "learn2reg"), default="auto")
+    a.add_argument("--disp-format", choices=("auto", "voxel", "itk", "learn2reg"), default="auto",
+                   help="the displacement's format (default auto, from the file name: .npz learn2reg, *_itk.nii[.gz] itk, else voxel)")
     a.add_argument("--reference", required=True, help="the fixed image the displacement belongs to")
     a.add_argument("--image", help="image or label map to warp (any grid; placed through its affine)")
     a.add_argument("--labels", action="store_true", help="the image is a label map")
@@ -641,7 +690,7 @@ def parser() -> argparse.ArgumentParser:
                    help="images: linear (default), bspline (cubic) or nearest; label maps: nearest or onehot")
     a.add_argument("--points", help="CSV of world coordinates x,y,z (mm) in the reference, mapped into the moving image")
     a.add_argument("--out", required=True, help="the NIfTI (or CSV for --points) to write")
-    a.add_argument("--overwrite", action="store_true")
+    a.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     a.set_defaults(func=cmd_apply)
 
     mo = sub.add_parser("models", help="list the models shipped with crd-jax",
@@ -665,10 +714,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--data-root", help="override config.data.root")
     e.add_argument("--split", help="split to evaluate (default: config.eval.split)")
     e.add_argument("--pairs", help="CSV of 'moving,fixed' subject ids (default: the config's evaluation pairs)")
-    e.add_argument("--max-pairs", type=int, default=0)
+    e.add_argument("--max-pairs", type=int, default=0, help="evaluate only the first N pairs (default 0: every pair)")
     e.add_argument("--no-hd95", action="store_true", help="skip HD95 (the slowest metric)")
-    e.add_argument("--timing-repeats", type=int, default=5)
-    e.add_argument("--out-dir", default="evaluation")
+    e.add_argument("--timing-repeats", type=int, default=5,
+                   help="inference runs timed for the latency (median; default 5)")
+    e.add_argument("--out-dir", default="evaluation", help="folder for metrics.csv, summary.md and summary.json "
+                   "(default: evaluation)")
     e.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
     e.set_defaults(func=cmd_evaluate)
 
@@ -679,10 +730,10 @@ def parser() -> argparse.ArgumentParser:
         epilog="example: crd-jax figure --model lpba40-vm-ll-crd --fixed F.nii.gz --moving M.nii.gz --fixed-seg FS.nii.gz "
         "--moving-seg MS.nii.gz --out pair.pdf")
     f.add_argument("--model", help=MODEL_HELP)
-    f.add_argument("--fixed", required=True)
-    f.add_argument("--moving", required=True)
-    f.add_argument("--fixed-seg")
-    f.add_argument("--moving-seg")
+    f.add_argument("--fixed", required=True, help="fixed image (.nii, .nii.gz or .npz)")
+    f.add_argument("--moving", required=True, help="moving image (any grid; resampled onto the fixed grid)")
+    f.add_argument("--fixed-seg", help="fixed label map: the warped labels are drawn against it (agree / disagree)")
+    f.add_argument("--moving-seg", help="moving label map: warped and drawn over the warped image")
     f.add_argument("--out", required=True, help="PNG (or PDF) to write")
     f.add_argument("--overwrite", action="store_true", help="replace the file if it exists")
     add_registration_options(f)
@@ -695,7 +746,8 @@ def parser() -> argparse.ArgumentParser:
         epilog="example: crd-jax convert-official --checkpoint VMdalca1_Hinput_OASIS_R1_D_24500.pth --kind student "
         "--out models/crd_oasis_student")
     c.add_argument("--checkpoint", required=True, help="legacy torch .pth (e.g. VMdalca1_Hinput_OASIS_R1_D_24500.pth)")
-    c.add_argument("--kind", choices=("student", "teacher"), required=True)
+    c.add_argument("--kind", choices=("student", "teacher"), required=True,
+                   help="which of the authors' networks the checkpoint holds")
     c.add_argument("--out", required=True, help="model folder to write (a new folder)")
     c.add_argument("--overwrite", action="store_true", help="replace a crd-jax model folder that exists there")
     c.set_defaults(func=cmd_convert)
@@ -707,9 +759,10 @@ def parser() -> argparse.ArgumentParser:
         epilog="example: crd-jax export --disp out/disp.nii.gz --fixed F.nii.gz --format itk --out-dir out/")
     x.add_argument("--disp", required=True, help="our displacement NIfTI (X,Y,Z,3), voxels")
     x.add_argument("--fixed", required=True, help="the fixed image it belongs to (geometry)")
-    x.add_argument("--format", choices=("itk", "learn2reg", "voxel"), required=True)
-    x.add_argument("--pair-ids", nargs=2, metavar=("FIXED_ID", "MOVING_ID"))
-    x.add_argument("--out-dir", required=True)
+    x.add_argument("--format", choices=("itk", "learn2reg", "voxel"), required=True,
+                   help="itk: ANTs/ITK/Slicer field (mm, LPS); learn2reg: the challenge files; voxel: ours")
+    x.add_argument("--pair-ids", nargs=2, metavar=("FIXED_ID", "MOVING_ID"), help="ids in Learn2Reg file names")
+    x.add_argument("--out-dir", required=True, help="folder to write into (created if missing)")
     x.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
     x.set_defaults(func=cmd_export)
     return p
