@@ -438,7 +438,8 @@ def test_two_registers_into_one_folder_at_once(tmp_path, models, capsys):
         t.join()
     assert sorted(statuses) == [0, 2]
     assert "--overwrite" in capsys.readouterr().err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["disp.nii.gz", "warped.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["affine.txt", "affine_itk.txt", "disp.nii.gz",
+                                                                    "registration.json", "warped.nii.gz"]
 
 
 def test_read_only_model_folder_and_sheared_affine_register(tmp_path, models, capsys):

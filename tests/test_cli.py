@@ -133,7 +133,7 @@ def test_register_odd_sized_volume_keeps_shape_and_affine(tmp_path, shift_model,
     seg = _save(tmp_path / "s.nii.gz", (np.arange(np.prod(shape)).reshape(shape) % 5).astype(np.uint8))
     out = tmp_path / "out"
     assert main(["register", "--model", str(shift_model), "--fixed", fixed, "--moving", moving, "--moving-seg", seg,
-                 "--out-dir", str(out)]) == 0
+                 "--out-dir", str(out), "--no-affine"]) == 0
     text = capsys.readouterr().out
     assert "padded (37, 45, 29) -> (64, 64, 32)" in text
     warped, disp, wseg = (nib.load(out / n) for n in ("warped.nii.gz", "disp.nii.gz", "warped_seg.nii.gz"))
@@ -145,7 +145,7 @@ def test_register_odd_sized_volume_keeps_shape_and_affine(tmp_path, shift_model,
         np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1) + d, -1, 0), order=1, mode="nearest")
     np.testing.assert_allclose(warped.get_fdata(), ref, atol=1e-2)  # original intensities, not normalised
     assert set(np.unique(wseg.get_fdata())) <= set(range(5))
-    assert sorted(p.name for p in out.iterdir()) == ["disp.nii.gz", "warped.nii.gz", "warped_seg.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["disp.nii.gz", "registration.json", "warped.nii.gz", "warped_seg.nii.gz"]
 
 
 def test_register_resamples_a_moving_image_on_another_grid(tmp_path, shift_model, capsys):
@@ -379,13 +379,41 @@ def test_every_subcommand_help_has_a_description_and_an_example(capsys):
     sub = next(a for a in parser()._actions if getattr(a, "choices", None) and "register" in a.choices).choices
     for name, p in sub.items():
         text = p.format_help()
-        assert p.description and "example: crd-jax" in text, name
+        assert p.description and "example:" in text and "crd-jax " + name in text.split("example:", 1)[1], name
     with pytest.raises(SystemExit):
         main(["--version"])
     from crd_jax.ops import native
 
     out = capsys.readouterr().out
     assert "convolution:" in out and f"--bf16: {native.describe_bf16() or 'unavailable on this CPU'}" in out
+
+
+def test_every_option_has_help_and_every_example_parses():
+    """Each option of each subcommand says what it does; each subcommand's example is a command line its
+    parser accepts as written (the README's walkthrough runs the main ones)."""
+    import shlex
+
+    from crd_jax.cli.main import parser
+
+    sub = next(a for a in parser()._actions if getattr(a, "choices", None) and "register" in a.choices).choices
+    for name, p in sub.items():
+        for action in p._actions:
+            assert action.help and action.help.strip(), (name, action.option_strings)
+        text = p.epilog.split("example:", 1)[1].replace("example:", "\n").replace("\\\n", " ")
+        examples = [shlex.split(line) for line in text.splitlines() if line.strip().startswith("crd-jax")]
+        assert any(argv[1] == name for argv in examples), (name, p.epilog)
+        for argv in examples:  # exits with status 2 if an example does not parse
+            parser().parse_args(argv[1:])
+
+
+def test_register_help_names_the_default_model_and_the_presets():
+    from crd_jax import pretrained
+    from crd_jax.cli.main import parser
+
+    sub = next(a for a in parser()._actions if getattr(a, "choices", None) and "register" in a.choices).choices
+    text = " ".join(sub["register"].format_help().split())
+    assert f"default: {pretrained.default_model()}" in text and "best shipped" not in text
+    assert "--quality {fast,accurate}" in text and "--no-affine" in text
 
 
 def test_register_pairs_csv_writes_one_folder_per_pair_like_single_registrations(tmp_path, shift_model, capsys):
@@ -396,14 +424,16 @@ def test_register_pairs_csv_writes_one_folder_per_pair_like_single_registrations
     _save(tmp_path / "s0.nii.gz", (np.arange(np.prod(shape)).reshape(shape) % 4).astype(np.uint8))
     (tmp_path / "pairs.csv").write_text("fixed,moving,moving_seg,name\nf0.nii.gz,m0.nii.gz,s0.nii.gz\nf1.nii.gz,m1.nii.gz,,second\n")
     out = tmp_path / "out"
-    assert main(["register", "--model", str(shift_model), "--pairs", str(tmp_path / "pairs.csv"), "--out-dir", str(out)]) == 0
+    assert main(["register", "--model", str(shift_model), "--pairs", str(tmp_path / "pairs.csv"), "--out-dir", str(out),
+                 "--no-affine"]) == 0
     text = capsys.readouterr().out
     assert "registered 2 pairs" in text and "pairs/s" in text
-    assert sorted(p.name for p in (out / "m0_to_f0").iterdir()) == ["disp.nii.gz", "warped.nii.gz", "warped_seg.nii.gz"]
-    assert sorted(p.name for p in (out / "second").iterdir()) == ["disp.nii.gz", "warped.nii.gz"]
+    assert sorted(p.name for p in (out / "m0_to_f0").iterdir()) == ["disp.nii.gz", "registration.json", "warped.nii.gz",
+                                                                     "warped_seg.nii.gz"]
+    assert sorted(p.name for p in (out / "second").iterdir()) == ["disp.nii.gz", "registration.json", "warped.nii.gz"]
     single = tmp_path / "single"
     assert main(["register", "--model", str(shift_model), "--fixed", str(tmp_path / "f1.nii.gz"),
-                 "--moving", str(tmp_path / "m1.nii.gz"), "--out-dir", str(single)]) == 0
+                 "--moving", str(tmp_path / "m1.nii.gz"), "--out-dir", str(single), "--no-affine"]) == 0
     np.testing.assert_array_equal(nib.load(out / "second" / "disp.nii.gz").get_fdata(), nib.load(single / "disp.nii.gz").get_fdata())
     # the Python API gives the same field
     from crd_jax.api import register_files

@@ -79,13 +79,19 @@ def test_register_your_own_images_walkthrough_runs_as_written(tmp_path):
     nib.save(nib.Nifti1Image(img2.astype(np.float32) * 800.0, np.eye(4)), tmp_path / "sub-02_T1w.nii.gz")
     nib.save(nib.Nifti1Image(seg2.astype(np.int16), np.eye(4)), tmp_path / "sub-02_labels.nii.gz")
 
+    logs = {}
     for argv in _walkthrough_commands((ROOT / "README.md").read_text()):
         assert argv[0] == "crd-jax"
         proc = subprocess.run([sys.executable, "-m", "crd_jax", *argv[1:]], cwd=tmp_path, capture_output=True, text=True)
         assert proc.returncode == 0, (argv, proc.stderr[-2000:])
+        logs[argv[1]] = proc.stdout
+    # the figure shows the registration the walkthrough made: drawn from the saved outputs, no model loaded
+    assert "drawn from the saved registration in sub-02_to_sub-01 (no model loaded, nothing registered)" in logs["figure"]
+    assert "intensities scaled to [0, 1] (minmax)" in logs["register"] and "instance optimisation: 50 steps" in logs["register"]
+    print(f"walkthrough figure: {tmp_path / 'sub-02_to_sub-01' / 'overview.png'}")
     out = tmp_path / "sub-02_to_sub-01"
     for name in ("warped.nii.gz", "warped_seg.nii.gz", "disp.nii.gz", "jacobian.nii.gz", "affine.txt", "affine_itk.txt",
-                 "labels_smooth.nii.gz", "overview.png"):
+                 "registration.json", "labels_smooth.nii.gz", "overview.png"):
         assert (out / name).is_file(), name
     warped = nib.load(out / "warped_seg.nii.gz")
     assert warped.shape == img1_lps.shape and np.allclose(warped.affine, lps)

@@ -233,6 +233,8 @@ def test_default_pipeline_end_to_end_writes_results(tmp_path):
     assert results[1]["input_shape"] == [16, 16] and results[0]["input_shape"] == [32, 32]
     table = (work / "results.md").read_text()
     assert "| VM-L-CRD |" in table and "Identity (no registration) Dice" in table
+    last = proc.stdout.strip().splitlines()[-1]  # the run ends naming its results file
+    assert last.startswith("results: ") and Path(last.split(": ", 1)[1]).resolve() == (work / "results.md").resolve(), last
     # the distillation stage's diagnostics (science issue, item 2) reach results.json and the report
     d = results[3]["diagnostics"]
     assert set(d["ceiling"]) == {"fst", "vm_h", "coop"} and all(0 <= c["ceiling_dice"] <= 1 for c in d["ceiling"].values())

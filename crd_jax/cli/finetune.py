@@ -10,7 +10,7 @@ from pathlib import Path
 EXAMPLE = """example:
   crd-jax finetune --model lpba40-vm-ll-crd --images scans/images --labels scans/labels \\
       --out my-model --steps 2000
-  crd-jax register --model my-model --fixed a.nii.gz --moving b.nii.gz --out a_b"""
+  crd-jax register --model my-model --fixed a.nii.gz --moving b.nii.gz --out-dir a_b"""
 
 
 def add_parser(sub) -> None:

@@ -21,6 +21,7 @@ import os
 import re
 import signal
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -103,7 +104,7 @@ def _register_family(args) -> List[str]:
     from crd_jax.interop.formats import displacement_names
 
     ids = _pair_ids(args)
-    names = ["affine.txt", "affine_itk.txt"]
+    names = ["affine.txt", "affine_itk.txt", "registration.json"]
     for ext in (".nii.gz", ".nii"):
         names += [f"warped{ext}", f"warped_seg{ext}", f"disp{ext}", f"disp_itk{ext}", f"jacobian{ext}",
                   f"inverse_disp{ext}", f"inverse_disp_itk{ext}"]
@@ -122,7 +123,7 @@ def _register_names(args, with_seg: bool) -> List[str]:
     names += displacement_names(args.disp_format, pair_ids=ids, ext=ext)
     names += ["affine.txt", "affine_itk.txt"] if args.affine else []
     names += ([f"jacobian{ext}"] if args.jacobian else []) + ([_inverse_name(args)] if args.inverse else [])
-    return names
+    return names + ["registration.json"]
 
 
 def _inverse_name(args) -> str:
@@ -140,10 +141,26 @@ def _geometry_only(volume):
     return dataclasses.replace(volume, data=np.broadcast_to(np.zeros((), volume.data.dtype), volume.data.shape))
 
 
-def _write_registration(stage: Path, args, result, fixed, moving) -> None:
+def _registration_record(args, loaded, fixed_path, moving_path, seg_path, result, notes, seconds) -> dict:
+    """``registration.json``: what was registered, how, and what came of it (``crd-jax figure --from`` reads
+    the inputs' paths from it)."""
+    import crd_jax
+
+    where = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
+    return {"fixed": where(fixed_path), "moving": where(moving_path), "moving_seg": where(seg_path),
+            "model": loaded.path, "model_label": loaded.spec.get("label", ""),
+            "options": {"normalize": args.normalize, "quality": args.quality, "affine": args.affine or None,
+                        "io_steps": args.io_steps, "disp_format": args.disp_format},
+            "folds": int(result["folds"]), "seconds": round(float(seconds), 3), "notes": list(notes),
+            "warning": result.get("warning"), "crd_jax": crd_jax.__version__}
+
+
+def _write_registration(stage: Path, args, result, fixed, moving, record: Optional[dict] = None) -> None:
     from crd_jax.data.io import save_nifti
     from crd_jax.interop.formats import write_displacement
 
+    if record is not None:
+        (stage / "registration.json").write_text(json.dumps(record, indent=2) + "\n")
     ids = _pair_ids(args)
     ext = ".nii" if args.uncompressed else ".nii.gz"
     save_nifti(stage / f"warped{ext}", result["warped"].astype(fixed.data.dtype, copy=False), fixed.affine, fixed.header)
@@ -239,8 +256,9 @@ def cmd_register(args) -> None:
         print(f"note: {note}")
     if result.get("warning"):
         print(f"crd-jax: warning: {result['warning']}", file=sys.stderr)
+    record = _registration_record(args, loaded, args.fixed, args.moving, args.moving_seg, result, notes, elapsed)
     with outputs as stage:
-        _write_registration(stage, args, result, fixed, moving)
+        _write_registration(stage, args, result, fixed, moving, record)
     print(f"note: convolution: {_conv_path(args)}")
     print(f"registered {args.moving} to {args.fixed} with {loaded.spec.get('label', 'model')} in {elapsed:.2f} s; "
           f"folds (det J <= 0): {folds} voxels ({100.0 * folds / voxels:.3f}%)")
@@ -276,10 +294,11 @@ def _register_many(args) -> None:
     for (fixed_path, moving_path, seg_path, name), outset in zip(pairs, outputs):
         fixed, moving, moving_seg, _ = load_pair(loaded, fixed_path, moving_path, seg_path)
         t = time.perf_counter()
-        result, _ = register_volumes(loaded, fixed, moving, moving_seg, jacobian=args.jacobian, **kwargs)
+        result, notes = register_volumes(loaded, fixed, moving, moving_seg, jacobian=args.jacobian, **kwargs)
+        record = _registration_record(args, loaded, fixed_path, moving_path, seg_path, result, notes, time.perf_counter() - t)
         fixed, moving, moving_seg = _geometry_only(fixed), _geometry_only(moving), None
         with outset as stage:
-            _write_registration(stage, args, result, fixed, moving)
+            _write_registration(stage, args, result, fixed, moving, record)
         log.append(f"{name}: {time.perf_counter() - t:.2f} s, folds {result['folds']}"
                    + (f"; warning: {result['warning']}" if result.get("warning") else ""))
         del result  # the next pair's inputs must not sit beside this pair's field and warped volumes
@@ -304,6 +323,7 @@ def cmd_apply(args) -> None:
 
     if bool(args.image) == bool(args.points):
         raise InputError("crd-jax apply", "give exactly one of --image or --points")
+    t0 = time.perf_counter()
     out = Path(args.out)
     outputs = OutputSet(out.parent, [out.name], args.overwrite)
     reference = load_image(args.reference, require_orientation=True)
@@ -317,7 +337,11 @@ def cmd_apply(args) -> None:
         return
     if args.interpolation in ("nearest", "onehot") and args.labels:
         vol = load_labels(args.image, require_orientation=True)
-        if vol.data.dtype.itemsize > 4 and args.interpolation == "nearest":  # 64-bit labels, exactly: as indices
+        if args.interpolation == "onehot":  # on the device, every label at once (crd_jax.onehot)
+            from crd_jax.onehot import warp_labels_onehot
+
+            warped = warp_labels_onehot(vol.data, transforms.sample_coordinates(disp, reference.affine, vol.affine))
+        elif vol.data.dtype.itemsize > 4:  # 64-bit labels, exactly: as indices
             from crd_jax.cli.registration import compact_labels
 
             indices, values = compact_labels(vol.data)
@@ -330,10 +354,26 @@ def cmd_apply(args) -> None:
         vol = load_image(args.image, require_orientation=True)
         warped = transforms.apply_to_image(vol.data, vol.affine, disp, reference.affine, args.interpolation)
     if args.labels:
-        warped = label_dtype(np.asarray(warped))
+        warped = _stored_label_dtype(np.asarray(warped), vol)
     with outputs as stage:
         save_nifti(stage / out.name, warped, reference.affine, None)
-    print(f"warped {args.image} ({args.interpolation}) onto {args.reference} -> {out}")
+    print(f"warped {args.image} ({args.interpolation}) onto {args.reference} -> {out} in {time.perf_counter() - t0:.2f} s "
+          "(reading, warping and writing)")
+
+
+def _stored_label_dtype(warped, vol):
+    """Warped labels in the integer type the label file stored (uint8 in, uint8 out), else :func:`label_dtype`."""
+    import numpy as np
+
+    try:
+        stored = np.dtype(vol.header.get_data_dtype())
+    except (AttributeError, TypeError):
+        stored = None
+    if stored is not None and stored.kind in "iu":
+        info = np.iinfo(stored)
+        if warped.size == 0 or (warped.min() >= info.min and warped.max() <= info.max):
+            return warped.astype(stored, copy=False)
+    return label_dtype(warped)
 
 
 def read_points(path) -> "np.ndarray":
@@ -461,36 +501,103 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_figure(args) -> None:
-    from crd_jax.cli.figure import pair_figure
-    from crd_jax.cli.registration import load, load_pair, register_volumes
+    from crd_jax.cli.figure import pair_figure, to_display
     from crd_jax.outputs import OutputSet
 
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".pdf"):
         raise InputError(out, "the figure must be a .png or .pdf file")
+    if args.from_dir and args.model:
+        raise InputError("--from", "draws a saved registration with no model; leave out --model")
+    if not args.from_dir and not (args.fixed and args.moving):
+        raise InputError("figure", "needs --from OUT_DIR (a saved registration) or --fixed and --moving")
     outputs = OutputSet(out.parent, [out.name], args.overwrite)
-    loaded = load(_model_path(args.model))
-    fixed, moving, moving_seg, fixed_seg = load_pair(loaded, args.fixed, args.moving, args.moving_seg, args.fixed_seg)
-    if fixed_seg is not None:
-        from crd_jax.cli.registration import check_label_grid, onto_grid_labels
-        from crd_jax.geometry import same_grid as _same
+    if args.from_dir:
+        fixed, moving_shown, warped, disp, fixed_seg, warped_seg, title = _saved_registration(args)
+    else:
+        from crd_jax.cli.registration import load, load_pair, register_volumes
 
-        check_label_grid(fixed_seg, fixed, "fixed image")
-        if not _same(fixed_seg, fixed):
-            import dataclasses
+        loaded = load(_model_path(args.model))
+        fixed, moving, moving_seg, fixed_seg_vol = load_pair(loaded, args.fixed, args.moving, args.moving_seg, args.fixed_seg)
+        fixed_seg = _fixed_labels_on_grid(fixed_seg_vol, fixed)
+        result, notes = register_volumes(loaded, fixed, moving, moving_seg, **registration_kwargs(args))
+        for note in notes:
+            print(f"note: {note}")
+        if result.get("warning"):
+            print(f"crd-jax: warning: {result['warning']}", file=sys.stderr)
+        from crd_jax.geometry import onto_grid, same_grid
 
-            fixed_seg = dataclasses.replace(fixed_seg, data=onto_grid_labels(fixed_seg, fixed), affine=fixed.affine)
-    result, notes = register_volumes(loaded, fixed, moving, moving_seg, **registration_kwargs(args))
-    for note in notes:
-        print(f"note: {note}")
-    from crd_jax.geometry import onto_grid, same_grid
-
-    moving_shown = moving.data if same_grid(fixed, moving) else onto_grid(moving, fixed, order=1)
+        moving_shown = moving.data if same_grid(fixed, moving) else onto_grid(moving, fixed, order=1)
+        warped, disp, warped_seg = result["warped"], result["disp"], result.get("warped_seg")
+        title = f"{Path(args.moving).name} -> {Path(args.fixed).name} ({loaded.spec.get('label', '')})"
+    if fixed.data.ndim == 3:
+        shown, disp = to_display(fixed.affine, {"fixed": fixed.data, "moving": moving_shown, "warped": warped,
+                                                "fixed_seg": fixed_seg, "warped_seg": warped_seg}, disp)
+    else:
+        shown = {"fixed": fixed.data, "moving": moving_shown, "warped": warped, "fixed_seg": fixed_seg, "warped_seg": warped_seg}
     with outputs as stage:
-        pair_figure(stage / out.name, fixed.data, moving_shown, result["warped"], result["disp"],
-                    fixed_seg.data if fixed_seg is not None else None, result.get("warped_seg"),
-                    title=f"{Path(args.moving).name} -> {Path(args.fixed).name} ({loaded.spec.get('label', '')})")
+        pair_figure(stage / out.name, shown["fixed"], shown["moving"], shown["warped"], disp, shown["fixed_seg"],
+                    shown["warped_seg"], title=title)
     print(f"wrote {out}")
+
+
+def _fixed_labels_on_grid(fixed_seg, fixed):
+    """The fixed label map's voxels on the fixed grid (checked to cover it), or ``None``."""
+    if fixed_seg is None:
+        return None
+    from crd_jax.cli.registration import check_label_grid, onto_grid_labels
+    from crd_jax.geometry import same_grid
+
+    check_label_grid(fixed_seg, fixed, "fixed image")
+    return fixed_seg.data if same_grid(fixed_seg, fixed) else onto_grid_labels(fixed_seg, fixed)
+
+
+def _saved_registration(args):
+    """What ``figure --from OUT_DIR`` draws, read from a ``crd-jax register`` output folder (no model is loaded
+    and nothing is registered): the fixed and moving images named by its ``registration.json`` (or
+    ``--fixed``/``--moving``), its ``warped``, ``warped_seg`` (when present) and displacement files."""
+    from crd_jax.data.io import load_image, load_labels
+    from crd_jax.geometry import onto_grid, same_grid
+    from crd_jax.interop.formats import read_displacement
+
+    folder = Path(args.from_dir)
+    if not folder.is_dir():
+        raise InputError(folder, "no such folder (--from takes the --out-dir of crd-jax register)")
+    record = {}
+    if (folder / "registration.json").is_file():
+        try:
+            record = json.loads((folder / "registration.json").read_text())
+            assert isinstance(record, dict)
+        except (OSError, ValueError, UnicodeDecodeError, AssertionError):
+            raise InputError(folder / "registration.json", "unreadable registration record (not a JSON object)") from None
+
+    def first(*names):
+        return next((folder / n for n in names if (folder / n).is_file()), None)
+
+    fixed_path, moving_path = args.fixed or record.get("fixed"), args.moving or record.get("moving")
+    if not (fixed_path and moving_path):
+        raise InputError(folder, "no registration.json naming the fixed and moving images; pass --fixed and --moving")
+    warped_path = first("warped.nii.gz", "warped.nii")
+    disp_path = first("disp.nii.gz", "disp.nii", "disp_itk.nii.gz", "disp_itk.nii")
+    if warped_path is None or disp_path is None:
+        raise InputError(folder, "not a crd-jax register output folder (no warped.nii[.gz] and disp[_itk].nii[.gz])")
+    fixed = load_image(fixed_path, require_orientation=True)
+    moving = load_image(moving_path, require_orientation=True)
+    warped = load_image(warped_path)
+    if warped.data.shape != fixed.data.shape:
+        raise InputError(warped_path, f"shape {warped.data.shape} differs from the fixed image's {fixed.data.shape} "
+                                      f"({fixed_path}): not this pair's registration")
+    disp = read_displacement(disp_path, fixed)
+    seg_path = first("warped_seg.nii.gz", "warped_seg.nii")
+    warped_seg = load_labels(seg_path).data if seg_path is not None else None
+    if warped_seg is not None and warped_seg.shape != fixed.data.shape:
+        raise InputError(seg_path, f"shape {warped_seg.shape} differs from the fixed image's {fixed.data.shape}")
+    fixed_seg = _fixed_labels_on_grid(load_labels(args.fixed_seg, require_orientation=True) if args.fixed_seg else None, fixed)
+    moving_shown = moving.data if same_grid(fixed, moving) else onto_grid(moving, fixed, order=1)
+    print(f"figure: drawn from the saved registration in {folder} (no model loaded, nothing registered)")
+    label = record.get("model_label", "")
+    title = f"{Path(moving_path).name} -> {Path(fixed_path).name}" + (f" ({label})" if label else "")
+    return fixed, moving_shown, warped.data, disp, fixed_seg, warped_seg, title
 
 
 def cmd_convert(args) -> None:
@@ -725,13 +832,20 @@ def parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser(
         "figure", help="a PNG or PDF like the paper's Fig. 4 for one pair",
-        description="Registers one pair and draws fixed, moving, warped (label overlap when both label maps are given), "
-        "the deformed grid and the error map on the three mid-slices. Writes the one file --out (.png or .pdf).",
-        epilog="example: crd-jax figure --model lpba40-vm-ll-crd --fixed F.nii.gz --moving M.nii.gz --fixed-seg FS.nii.gz "
-        "--moving-seg MS.nii.gz --out pair.pdf")
-    f.add_argument("--model", help=MODEL_HELP)
-    f.add_argument("--fixed", required=True, help="fixed image (.nii, .nii.gz or .npz)")
-    f.add_argument("--moving", required=True, help="moving image (any grid; resampled onto the fixed grid)")
+        description=textwrap.fill("Draws fixed, moving, warped (with the label overlap when both label maps are given, the warped "
+        "labels alone when only the moving ones are), the deformed grid and the error map on the axial, coronal and "
+        "sagittal mid-slices in radiological orientation (patient right on the viewer's left). --from OUT_DIR draws "
+        "the registration crd-jax register saved there (no model, nothing registered again); otherwise the pair is "
+        "registered first. Writes the one file --out (.png or .pdf).", 100),
+        epilog="example: crd-jax figure --from out/ --out out/overview.png\n"
+        "example: crd-jax figure --model lpba40-vm-ll-crd --fixed F.nii.gz --moving M.nii.gz --fixed-seg FS.nii.gz "
+        "--moving-seg MS.nii.gz --out pair.pdf", formatter_class=argparse.RawDescriptionHelpFormatter)
+    f.add_argument("--from", dest="from_dir", metavar="OUT_DIR",
+                   help="a crd-jax register output folder: draw its saved result (its registration.json names the "
+                   "fixed and moving images; --fixed/--moving override it)")
+    f.add_argument("--model", help=MODEL_HELP + "; not with --from")
+    f.add_argument("--fixed", help="fixed image (.nii, .nii.gz or .npz)")
+    f.add_argument("--moving", help="moving image (any grid; resampled onto the fixed grid)")
     f.add_argument("--fixed-seg", help="fixed label map: the warped labels are drawn against it (agree / disagree)")
     f.add_argument("--moving-seg", help="moving label map: warped and drawn over the warped image")
     f.add_argument("--out", required=True, help="PNG (or PDF) to write")

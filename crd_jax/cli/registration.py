@@ -244,7 +244,7 @@ def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_
             f"moving image resampled onto the fixed grid (shape {moving.data.shape} -> {fixed.data.shape}, "
             f"spacing {tuple(round(s, 3) for s in moving.spacing)} -> {tuple(round(s, 3) for s in fixed.spacing)})"
         )
-    affine_result = None
+    affine_result, warning = None, None
     if affine:
         from crd_jax.affine_align import align
         from crd_jax.data.preprocess import normalize as _normalize
@@ -252,7 +252,17 @@ def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_
         affine_result = align(_normalize(fixed.data, "minmax"), _normalize(moving_data, "minmax"), affine)
         full_moving = moving_data
         moving_data = inference.warp_image(moving_data, affine_result.displacement(fixed.data.shape))
-        notes.append(f"affine pre-alignment ({affine}): loss {affine_result.loss_before:.4f} -> {affine_result.loss_after:.4f}")
+        moved = mean_displacement_mm(affine_result.displacement(fixed.data.shape), fixed)
+        notes.append(f"affine pre-alignment ({affine}): loss {affine_result.loss_before:.4f} -> {affine_result.loss_after:.4f}, "
+                     f"moving the fixed image's foreground by a mean {moved:.1f} mm")
+        if moved > AFFINE_MOVED_MM:
+            warning = (f"the input was not pre-aligned: the affine step moved the fixed image's foreground by a mean "
+                       f"{moved:.1f} mm (above {AFFINE_MOVED_MM:g} mm); check affine.txt and the overlay")
+    apart = centroid_distance_mm(fixed, moving_data)
+    if warning is None and apart > CENTROIDS_MM:
+        warning = (f"the images' foreground centroids are {apart:.1f} mm apart (above {CENTROIDS_MM:g} mm) "
+                   + ("after the affine step: it may have failed; check the overlay" if affine else
+                      "and no affine step ran: the input looks not pre-aligned; run without --no-affine"))
     pre = dict(loaded.spec.get("preprocessing", {}))
     record = pre.get("geometry")
     fixed_net, moving_net, transform = fixed.data, moving_data, None
@@ -271,6 +281,8 @@ def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_
     # on the network's input (the model's grid): what the network sees
     _check_intensities(loaded, prepared.placement.restore(np.asarray(prepared.fixed)[0, ..., 0]), fixed.path, mode)
     _check_intensities(loaded, prepared.placement.restore(np.asarray(prepared.moving)[0, ..., 0]), moving.path, mode)
+    if mode != "none":
+        notes.append(f"intensities scaled to [0, 1] ({mode}{'' if normalize_mode != 'model' else ', as the model was trained'})")
     notes += prepared.notes
     if io_steps > 0:
         disp_canvas, before, after = inference.instance_optimise(loaded.model, loaded.params, prepared, io_steps)
@@ -291,7 +303,7 @@ def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_
         moving_data = full_moving
     warped = inference.warp_image(moving_data, disp)
     _check_finite("warped image", warped, loaded.path)
-    result = {"disp": np.asarray(disp), "warped": warped, "folds": inference.count_folds(disp)}
+    result = {"disp": np.asarray(disp), "warped": warped, "folds": inference.count_folds(disp), "warning": warning}
     if jacobian:
         result["jacobian"] = inference.jacobian_determinant(disp)
     if affine_result is not None:
@@ -299,6 +311,37 @@ def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_
     if seg_data is not None:
         result["warped_seg"] = warp_labels_exact(seg_data, disp)
     return result, notes
+
+
+# The not-pre-aligned check (one warning line), from LPBA40's 30 ordered validation pairs (affinely aligned, 1 mm):
+AFFINE_MOVED_MM = 10.0  # the affine step's mean displacement of the fixed foreground; those pairs: at most 6.4 mm
+CENTROIDS_MM = 8.0  # the distance of the two foregrounds' centroids the network sees; those pairs: at most 4.2 mm
+
+
+def centroid_distance_mm(fixed: Volume, moving_data) -> float:
+    """The distance in mm between the centroids of the two images' foregrounds (voxels above a tenth of each
+    image's intensity range), ``moving_data`` on the fixed grid."""
+    spacing = np.asarray(fixed.spacing, np.float64)
+
+    def centroid(data):
+        data = jnp.asarray(data)
+        lo, hi = jnp.min(data), jnp.max(data)
+        mask = (data > lo + 0.1 * (hi - lo)).astype(jnp.float32)
+        total = jnp.maximum(jnp.sum(mask), 1.0)
+        return np.array([float(jnp.sum(mask * jnp.arange(n, dtype=jnp.float32).reshape([-1 if k == a else 1 for k in range(data.ndim)])) / total)
+                         for a, n in enumerate(data.shape)])
+
+    return float(np.linalg.norm((centroid(fixed.data) - centroid(moving_data)) * spacing))
+
+
+def mean_displacement_mm(disp, fixed: Volume) -> float:
+    """The mean length in mm of a displacement (fixed grid, voxels) over the fixed image's foreground (voxels
+    above a tenth of its intensity range): the check of :data:`MISALIGNED_MM`."""
+    data = np.asarray(fixed.data)
+    lo, hi = float(data.min()), float(data.max())
+    mask = jnp.asarray(data > lo + 0.1 * (hi - lo))
+    length = jnp.sqrt(jnp.sum((jnp.asarray(disp, jnp.float32) * jnp.asarray(fixed.spacing, jnp.float32)) ** 2, axis=-1))
+    return float(jnp.sum(jnp.where(mask, length, 0.0)) / jnp.maximum(jnp.sum(mask), 1))
 
 
 def load_pair(loaded: LoadedModel, fixed: str, moving: str, moving_seg: Optional[str] = None,

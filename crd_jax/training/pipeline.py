@@ -338,4 +338,6 @@ def _run_stages(config, typed, workdir, datasets, labels, loader, example, multi
         write_text(workdir / "results.md", table)
         logger.info("\n" + table)
     logger.close()
+    if is_main and results:
+        print(f"results: {workdir / 'results.md'}", flush=True)
     return results
