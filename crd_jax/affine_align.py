@@ -47,7 +47,10 @@ class AffineResult:
         """Fixed world (mm) -> moving world (mm), for a moving image resampled onto the fixed grid first
         through ``moving_affine`` (so the two grids share world coordinates)."""
         del moving_affine  # the moving image was put on the fixed grid through the world: same frame
-        return fixed_affine @ self.voxel_transform(shape) @ np.linalg.inv(fixed_affine)
+        n, small = len(shape), self.voxel_transform(shape)
+        voxel = np.eye(len(fixed_affine))  # a 2-D image's voxel (i, j) is (i, j, 0) of its 4x4 NIfTI affine
+        voxel[:n, :n], voxel[:n, -1] = small[:n, :n], small[:n, n]
+        return fixed_affine @ voxel @ np.linalg.inv(fixed_affine)
 
 
 def global_ncc(fixed, warped, eps: float = 1e-6):

@@ -230,6 +230,13 @@ def read_pairs_csv(path: str) -> List[tuple]:
     return pairs
 
 
+def _check_model_options(args, loaded) -> None:
+    """Options that exist for 3-D images only, refused for a 2-D model before anything is computed."""
+    if loaded.ndim != 3 and args.disp_format == "itk":
+        raise InputError("--disp-format itk", f"the ITK format holds 3-D fields; this model is {loaded.ndim}-D "
+                         "(use voxel or learn2reg)")
+
+
 def cmd_register(args) -> None:
     if args.pairs:
         if args.fixed or args.moving or args.moving_seg:
@@ -245,6 +252,7 @@ def cmd_register(args) -> None:
                         family=_register_family(args))  # before computing
     kwargs = registration_kwargs(args)
     loaded = load(_model_path(args.model))
+    _check_model_options(args, loaded)
     fixed, moving, moving_seg, _ = load_pair(loaded, args.fixed, args.moving, args.moving_seg)
     t = time.perf_counter()
     result, notes = register_volumes(loaded, fixed, moving, moving_seg, jacobian=args.jacobian, **kwargs)
@@ -286,6 +294,7 @@ def _register_many(args) -> None:
     outputs = [OutputSet(out / name, _register_names(args, bool(seg)), args.overwrite, family=_register_family(args))
                for _, _, seg, name in pairs]
     loaded = load(_model_path(args.model))
+    _check_model_options(args, loaded)
     kwargs = registration_kwargs(args)
     t0 = time.perf_counter()
     log = []

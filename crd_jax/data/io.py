@@ -236,6 +236,12 @@ def _check_geometry(affine: np.ndarray, ndim: int, path: PathLike) -> None:
     if np.any(spacing <= 1e-6) or abs(np.linalg.det(linear)) <= 1e-9 * float(np.prod(np.maximum(spacing, 1e-6))):
         raise InputError(path, f"degenerate geometry: voxel size {tuple(round(float(v), 4) for v in spacing)} mm "
                                "(a zero voxel size in the header, or a singular affine)")
+    if np.any(spacing > MAX_VOXEL_MM):
+        raise InputError(path, f"voxel size {tuple(round(float(v), 4) for v in spacing)} mm: above {MAX_VOXEL_MM:g} mm, "
+                               "not a scan's (a header in other units, or a damaged affine)")
+
+
+MAX_VOXEL_MM = 100.0  # as model.json's geometry.spacing
 
 
 def check_orientation(header, path: PathLike) -> None:
