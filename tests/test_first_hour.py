@@ -73,6 +73,18 @@ def test_presets_resolve_to_affine_and_instance_optimisation():
     assert kwargs("--no-affine")["affine"] == "" and kwargs("--affine", "mi")["affine"] == "nmi"
 
 
+def test_the_preset_cost_in_the_help_matches_the_results_file():
+    from pathlib import Path
+
+    from crd_jax.cli.main import PRESET_COST
+
+    results = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "register_options.json").read_text())
+    options = results["options"]
+    accurate, fast = options["--quality accurate (affine + --io-steps 50)"], options["--quality fast (default: affine)"]
+    gain = accurate["dice_mean"] - fast["dice_mean"]
+    assert f"about {gain:+.2f} Dice" in PRESET_COST, (gain, PRESET_COST)
+
+
 def test_radiological_display_puts_the_patients_right_on_the_left():
     from crd_jax.cli.figure import _slices, to_display
 

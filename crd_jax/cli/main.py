@@ -722,7 +722,9 @@ def add_registration_options(p: argparse.ArgumentParser) -> None:
                    "AVX512-BF16: faster, fields within ~0.1 voxel of float32 (see the README); elsewhere float32")
 
 
-# What the presets cost, measured (benchmarks/register_options.py, LPBA40 S35-S40 at 1 mm, AMD EPYC, 2 cores)
+# What the presets cost: benchmarks/register_options.py on LPBA40 S35-S40 at 1 mm, AMD EPYC, 2 cores; the seconds
+# from its last run on a quiet machine (--affine 3.1 s, --affine --io-steps 50 5.0 s per pair, 30 pairs), the
+# Dice gain from benchmarks/results/register_options.json (accurate - fast; tests/test_first_hour.py checks it)
 PRESET_COST = "fast about 3 s per pair, accurate about 5 s, for about +0.05 Dice"
 
 

@@ -313,8 +313,9 @@ def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_
     return result, notes
 
 
-# The not-pre-aligned check (one warning line), from LPBA40's 30 ordered validation pairs (affinely aligned, 1 mm):
-AFFINE_MOVED_MM = 10.0  # the affine step's mean displacement of the fixed foreground; those pairs: at most 6.4 mm
+# The not-pre-aligned check (one warning line), set from LPBA40 validation pairs (affinely aligned, 1 mm; the
+# first 10 of benchmarks/register_options.py, which counts the warnings: none there, 4 of 4 rotated inputs)
+AFFINE_MOVED_MM = 10.0  # the affine step's mean displacement of the fixed foreground; those pairs: at most 6.6 mm
 CENTROIDS_MM = 8.0  # the distance of the two foregrounds' centroids the network sees; those pairs: at most 4.2 mm
 
 
