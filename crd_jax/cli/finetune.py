@@ -37,6 +37,10 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+OPTIONS = {"config.init_from": "--model", "config.finetune.val_subjects": "--val-subjects", "config.finetune.steps": "--steps",
+           "config.train.lr": "--lr", "config.data.images_dir": "--images", "config.data.labels_dir": "--labels"}
+
+
 def run(args) -> None:
     from crd_jax.errors import InputError
     from crd_jax.training import finetune, pipeline
@@ -51,6 +55,10 @@ def run(args) -> None:
         raise InputError("--steps", f"must be at least 1, got {args.steps}")
     if not args.lr > 0 or args.lr != args.lr or args.lr == float("inf"):
         raise InputError("--lr", f"must be a finite positive number, got {args.lr}")
+    if args.labels and not Path(args.labels).is_dir():
+        raise InputError(Path(args.labels).absolute(), "is not a folder of label maps")
+    if args.val_subjects < 0:
+        raise InputError("--val-subjects", f"must be 0 or more, got {args.val_subjects}")
     config = finetune.default_config()
     config.init_from = args.model
     config.data.root = str(images.parent)
@@ -60,7 +68,10 @@ def run(args) -> None:
     config.finetune.val_subjects = int(args.val_subjects)
     config.train.lr = float(args.lr)
     config.workdir = str(Path(args.workdir).absolute() if args.workdir else out.parent / f"{out.name}.work")
-    pipeline.run(config)
+    try:
+        pipeline.run(config)
+    except InputError as exc:  # this command's option, not the training config's field it set
+        raise InputError(OPTIONS.get(exc.source, exc.source), exc.problem) from None
     trained = Path(config.workdir) / "stages" / "finetune" / "model"
     staging = out.parent / f".{out.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
