@@ -547,7 +547,8 @@ def _alternating(named, repeats, log):
     return {k: min(v) for k, v in times.items()}
 
 
-def profile(shape, batch, repeats, log=print) -> tuple:
+def profile(shape, batch, repeats, log=print) -> dict:
+    """The attribution's measurements (``render_profile`` writes them as tables)."""
     from crd_jax.models import build as mbuild
     from crd_jax.ops import native
 
@@ -555,15 +556,7 @@ def profile(shape, batch, repeats, log=print) -> tuple:
     arch = mbuild.architecture(config.model)
     step_rows = measure_jax(shape, batch, repeats, 10_000, ("vm_h", "vm_l"), log)
     payload = {"shape": list(shape), "batch": batch, "repeats": repeats, "conv": native.describe(), "steps": step_rows,
-               "models": {}, "loss": {}}
-    md = [f"Where a training step's time goes at {'x'.join(map(str, shape))}, batch {batch} "
-          f"({machine().get('cpu', '')}, {machine()['cpus']} cores; {native.describe()}). Each row is a separately "
-          f"jitted function on random arguments of the layer's shapes, minimum of {repeats} rounds in which every "
-          "function of the table ran once in turn. Regenerate: `python benchmarks/train_budget.py --profile`.", "",
-          "Whole steps (the stage's own loss and train step, as `train_budget.py`):", "",
-          "| Stage | Forward (s) | Backward (s) | Loss (s) | Step (s) |", "|---|---|---|---|---|"]
-    for r in step_rows:
-        md.append(f"| {r['label']} | {r['forward_s']:.3f} | {r['backward_s']:.3f} | {r['loss_s']:.3f} | {r['step_s']:.3f} |")
+               "models": {}, "loss": {}, "machine": machine()}
     for factor, label in ((2, "VM-L (network at half size)"), (1, "VM-H")):
         model = mbuild.registrar_from_config(arch, factor)
         calls = record_layers(model, shape, batch)
@@ -573,41 +566,58 @@ def profile(shape, batch, repeats, log=print) -> tuple:
                 named[(i, kind)] = fa
         log(f"{label}: {len(calls)} layers")
         best = _alternating(named, repeats, log)
-        rows = []
-        for i, call in enumerate(calls):
-            row = {"layer": _layer_name(call), **{kind: best[(i, kind)] for kind in ("forward", "input grad", "weight grad",
-                                                                                   "forward + backward") if (i, kind) in best}}
-            row["backward"] = max(row["forward + backward"] - row["forward"], 0.0)
-            rows.append(row)
-        payload["models"][label] = rows
-        md += ["", f"{label}, convolutions (ms; input grad: only where training needs it, the image pair has none; "
-               "backward = forward + backward minus forward):", "",
+        payload["models"][label] = [
+            {"layer": _layer_name(call), **{kind: best[(i, kind)] for kind in ("forward", "input grad", "weight grad",
+                                                                             "forward + backward") if (i, kind) in best}}
+            for i, call in enumerate(calls)]
+    payload["loss"] = _alternating(loss_functions(shape, 2, batch), repeats, log)
+    payload["hlo"] = hlo_census(shape, batch)
+    return payload
+
+
+def render_profile(payload) -> str:
+    """The attribution tables from :func:`profile`'s measurements (``--render-profile FILE.json`` rebuilds them).
+    Each gradient column is its function's time minus the layer's forward (a VJP runs the forward first)."""
+    shape, m = "x".join(map(str, payload["shape"])), payload.get("machine", {})
+    md = [f"Where a training step's time goes at {shape}, batch {payload['batch']} ({m.get('cpu', '')}, {m.get('cpus', '?')} "
+          f"cores; {payload['conv']}). Each row is a separately jitted function on random arguments of the layer's "
+          f"shapes, minimum of {payload['repeats']} rounds in which every function of the table ran once in turn. "
+          "Regenerate: `python benchmarks/train_budget.py --profile`.", "",
+          "Whole steps (the stage's own loss and train step, as `train_budget.py`; the loss column is the step minus "
+          "the networks' forward + backward, so on a loaded machine it can come out as 0):", "",
+          "| Stage | Forward (s) | Backward (s) | Loss (s) | Step (s) |", "|---|---|---|---|---|"]
+    for r in payload["steps"]:
+        md.append(f"| {r['label']} | {r['forward_s']:.3f} | {r['backward_s']:.3f} | {r['loss_s']:.3f} | {r['step_s']:.3f} |")
+    for label, rows in payload["models"].items():
+        md += ["", f"{label}, convolutions (ms). Input grad: the gradient with respect to every input training "
+               "differentiates (the image pair has none: `-`); weight grad: with respect to kernel and bias; "
+               "backward: all of them; each minus the forward:", "",
                "| Layer | Forward | Input grad | Weight grad | Backward | Backward / forward |", "|---|---|---|---|---|---|"]
         tot = {"forward": 0.0, "input grad": 0.0, "weight grad": 0.0, "backward": 0.0}
         for r in rows:
-            for k in tot:
-                tot[k] += r.get(k, 0.0)
-            ig = f"{r['input grad'] * 1e3:.1f}" if "input grad" in r else "-"
-            md.append(f"| {r['layer']} | {r['forward'] * 1e3:.1f} | {ig} | {r['weight grad'] * 1e3:.1f} | "
-                      f"{r['backward'] * 1e3:.1f} | {r['backward'] / max(r['forward'], 1e-9):.1f}x |")
+            f = r["forward"]
+            net = {"forward": f, "weight grad": max(r["weight grad"] - f, 0.0),
+                   "backward": max(r["forward + backward"] - f, 0.0)}
+            if "input grad" in r:
+                net["input grad"] = max(r["input grad"] - f, 0.0)
+            for k, v in net.items():
+                tot[k] += v
+            ig = f"{net['input grad'] * 1e3:.1f}" if "input grad" in net else "-"
+            md.append(f"| {r['layer']} | {f * 1e3:.1f} | {ig} | {net['weight grad'] * 1e3:.1f} | "
+                      f"{net['backward'] * 1e3:.1f} | {net['backward'] / max(f, 1e-9):.1f}x |")
         md.append(f"| **sum** | **{tot['forward'] * 1e3:.0f}** | {tot['input grad'] * 1e3:.0f} | {tot['weight grad'] * 1e3:.0f} "
                   f"| **{tot['backward'] * 1e3:.0f}** | {tot['backward'] / max(tot['forward'], 1e-9):.1f}x |")
-    pieces = loss_functions(shape, 2, batch)
-    best = _alternating(pieces, repeats, log)
-    payload["loss"] = best
-    md += ["", f"Full-resolution loss pieces at {'x'.join(map(str, shape))} (ms; gradients with respect to the field "
-           "or the warped image, as training takes them):", "", "| Piece | ms |", "|---|---|"]
-    md += [f"| {k} | {v * 1e3:.1f} |" for k, v in best.items()]
-    census = hlo_census(shape, batch)
-    payload["hlo"] = census
+    md += ["", f"Full-resolution loss pieces at {shape} (ms; gradients with respect to the field or the warped image, "
+           "as training takes them):", "", "| Piece | ms |", "|---|---|"]
+    md += [f"| {k} | {v * 1e3:.1f} |" for k, v in payload["loss"].items()]
     md += ["", "The compiled gradient of the VM-H and VM-L losses (`jax.jit(...).lower().compile().as_text()`): native "
            "custom calls by target, and XLA operations that matter (a `convolution` would be a lax fallback):", "",
            "| Stage | Native custom calls | XLA convolution | gather | scatter | reduce-window |", "|---|---|---|---|---|---|"]
-    for name, c in census.items():
+    for name, c in payload["hlo"].items():
         calls = ", ".join(f"{k} x{v}" for k, v in sorted(c["custom_calls"].items()))
         x = c["xla"]
         md.append(f"| {LABELS[name]} | {calls} | {x['convolution']} | {x['gather']} | {x['scatter']} | {x['reduce-window']} |")
-    return payload, "\n".join(md) + "\n"
+    return "\n".join(md) + "\n"
 
 
 # --- main -------------------------------------------------------------------------------------------------
@@ -626,6 +636,7 @@ def main(argv=None):
                    "of issue 26 off (before: concatenated decoder input, autodiff upsampling, XLA's warp) and on (after)")
     p.add_argument("--torch-repeats", type=int, default=None)
     p.add_argument("--profile", action="store_true", help="the attribution tables -> results/train_profile.{md,json}")
+    p.add_argument("--render-profile", type=Path, metavar="JSON", help="rebuild the profile's tables from its JSON")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--torch-child", choices=("vm_h", "vm_l"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -634,10 +645,13 @@ def main(argv=None):
     if args.torch_child:
         print("RESULT " + json.dumps(torch_child(args.torch_child, shape, repeats)), flush=True)
         return 0
+    if args.render_profile:
+        payload = json.loads(args.render_profile.read_text())
+        write(args.out or args.render_profile.with_suffix(""), payload, render_profile(payload))
+        return 0
     if args.profile:
-        payload, md = profile(shape, args.batch, repeats)
-        payload["machine"] = machine()
-        write(args.out or HERE / "results" / "train_profile", payload, md)
+        payload = profile(shape, args.batch, repeats)
+        write(args.out or HERE / "results" / "train_profile", payload, render_profile(payload))
         return 0
     from crd_jax.ops import native
 

@@ -38,3 +38,26 @@ def test_network_only_proxy_replaces_the_registration_loss_and_restores_it():
         value, terms = losses.Objective()({"moving": jnp.zeros((1, 4, 4, 4, 1)), "fixed": jnp.zeros((1, 4, 4, 4, 1))}, disp)
         assert float(value) == 2.0 and set(terms) == {"sim", "reg"}
     assert losses.registration_loss is real
+
+
+def test_profile_tables_are_rebuilt_from_their_json_with_gradients_net_of_the_forward(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import train_budget
+
+    row = {"layer": "conv 8x8x8, 16 -> 16", "forward": 0.010, "input grad": 0.025, "weight grad": 0.030,
+           "forward + backward": 0.045}
+    payload = {"shape": [8, 8, 8], "batch": 1, "repeats": 2, "conv": "native", "machine": {"cpu": "x", "cpus": 2},
+               "steps": [{"label": "VM-L", "forward_s": 0.1, "backward_s": 0.2, "loss_s": 0.3, "step_s": 0.6}],
+               "models": {"VM-L": [row, {**row, "layer": "first"}]}, "loss": {"warp": 0.002},
+               "hlo": {"vm_l": {"custom_calls": {"crd_conv_fwd": 3}, "xla": {"convolution": 0, "gather": 0, "scatter": 0,
+                                                                           "reduce-window": 24}}}}
+    del payload["models"]["VM-L"][1]["input grad"]
+    text = train_budget.render_profile(payload)
+    assert "| conv 8x8x8, 16 -> 16 | 10.0 | 15.0 | 20.0 | 35.0 | 3.5x |" in text
+    assert "| first | 10.0 | - | 20.0 | 35.0 | 3.5x |" in text
+    assert "| VM-L | crd_conv_fwd x3 | 0 | 0 | 0 | 24 |" in text
+    (tmp_path / "p.json").write_text(json.dumps(payload))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_budget.py"), "--render-profile",
+                           str(tmp_path / "p.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "p.md").read_text() == text

@@ -86,8 +86,9 @@ def warp_gradient(mode: Optional[str] = None) -> str:
     (default where the native kernels are built): the forward is ``csrc/warp_cpu.cc``'s sampling and the gradient
     with respect to the displacement ``csrc/warp_grad_cpu.cc``'s (each voxel reads its eight corners once; the
     image's gradient, needed only where the image itself is differentiated, stays XLA's); ``"xla"``:
-    ``map_coordinates`` and its autodiff throughout. ``mode`` sets it for this process (read when a function is
-    traced); returns the mode in use."""
+    ``map_coordinates`` and its autodiff throughout (the native gradient has no derivative of its own: second
+    derivatives of a warp need ``"xla"``). ``mode`` sets it for this process (read when a function is traced);
+    returns the mode in use."""
     if mode is not None:
         if mode not in ("native", "xla"):
             raise ValueError(f"warp gradient must be 'native' or 'xla', not {mode!r}")
