@@ -262,11 +262,11 @@ def cmd_register(args) -> None:
     folds, voxels = result["folds"], int(fixed.data.size)
     for note in notes:
         print(f"note: {note}")
-    if result.get("warning"):
-        print(f"crd-jax: warning: {result['warning']}", file=sys.stderr)
     record = _registration_record(args, loaded, args.fixed, args.moving, args.moving_seg, result, notes, elapsed)
     with outputs as stage:
         _write_registration(stage, args, result, fixed, moving, record)
+    if result.get("warning"):  # once the outputs are in place: a failed write stays one line
+        print(f"crd-jax: warning: {result['warning']}", file=sys.stderr)
     print(f"note: convolution: {_conv_path(args)}")
     print(f"registered {args.moving} to {args.fixed} with {loaded.spec.get('label', 'model')} in {elapsed:.2f} s; "
           f"folds (det J <= 0): {folds} voxels ({100.0 * folds / voxels:.3f}%)")
@@ -456,9 +456,21 @@ def cmd_evaluate(args) -> None:
         raise InputError("--max-pairs", f"must be 0 (every pair) or more, got {args.max_pairs}")
     if not 1 <= args.timing_repeats <= 10000:
         raise InputError("--timing-repeats", f"must be between 1 and 10000, got {args.timing_repeats}")
+    if not args.config and not args.data_root:
+        raise InputError("evaluate", "needs --data-root DIR (DIR/images, DIR/labels) or --config")
+    config = _load_config(args.config) if args.config else None
+    synthetic = config is not None and config.data.kind == "synthetic"
+    resolution = args.resolution or ("model" if synthetic else "files")
+    if resolution == "model" and config is None:
+        raise InputError("--resolution", "model needs --config (the model-grid evaluation reads the config's dataset)")
+    if resolution == "files" and synthetic:
+        raise InputError("--resolution", "files needs image files; a synthetic config has none (use --resolution model)")
+    if resolution == "model" and args.subjects:
+        raise InputError("--subjects", "selects files for --resolution files; with --resolution model use --split")
+    if resolution == "files":
+        return _evaluate_files(args, config)
     outputs = OutputSet(args.out_dir, ["metrics.csv", "summary.md", "summary.json"], args.overwrite)
     loaded = load(_model_path(args.model))
-    config = _load_config(args.config)
     if args.data_root:
         config.data.root = args.data_root
     multiple = int(loaded.spec.get("preprocessing", {}).get("multiple", 32))
@@ -482,6 +494,7 @@ def cmd_evaluate(args) -> None:
         rows.append(row)
         print(f"{row['moving']} -> {row['fixed']}: Dice {row['dice']:.3f}, folds {row['folds']}")
     summary = summarize(rows)
+    summary["resolution"] = "model"
     summary.update({k: eff[k] for k in ("latency_s", "compile_s", "memory_mb") if k in eff})
     header = ["moving", "fixed", "dice", *[f"dice_{l}" for l in labels], "hd95", "folds", "percent_folds", "sdlogj", "seconds"]
     buf = io.StringIO()
@@ -496,11 +509,136 @@ def cmd_evaluate(args) -> None:
     for key in ("dice", "dice_before", "hd95", "folds", "percent_folds", "sdlogj"):
         if f"{key}_mean" in summary:
             lines.append(f"| {key} | {summary[key + '_mean']:.4f} | {summary[key + '_std']:.4f} |")
-    lines += ["", f"Inference: {eff['latency_s']:.3f} s per pair (median of {args.timing_repeats}), compile {eff['compile_s']:.1f} s, "
+    lines += ["", f"Dice on the model's grid (the {'x'.join(map(str, ds.shape))} canvas the network sees), not at the files' "
+              "resolution (--resolution files).",
+              "", f"Inference: {eff['latency_s']:.3f} s per pair (median of {args.timing_repeats}), compile {eff['compile_s']:.1f} s, "
               f"XLA memory {eff.get('memory_mb', float('nan')):.0f} MB, on the {'x'.join(map(str, ds.shape))} canvas."]
     table = "\n".join(lines) + "\n"
     if not all(np.isfinite(v) for v in summary.values() if isinstance(v, float)):
         raise InputError(args.model, "evaluation produced NaN/Inf metrics; nothing was written")
+    with outputs as stage:
+        (stage / "metrics.csv").write_text(buf.getvalue())
+        (stage / "summary.md").write_text(table)
+        (stage / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(table)
+    print("wrote " + ", ".join(map(str, outputs.paths())))
+
+
+SUBJECT_RANGE = re.compile(r"(?P<prefix>[A-Za-z_.-]*?)(?P<a>\d+)-(?P=prefix)?(?P<b>\d+)")
+
+
+def parse_subjects(spec: str, ids: List[str], where) -> List[str]:
+    """``--subjects``: ids, ranges ``S01-S10`` (the same prefix, numbers inclusive, the first number's width) or
+    both, comma-separated, in the given order without repeats; every id must be one of ``ids``."""
+    chosen: List[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        m = SUBJECT_RANGE.fullmatch(part)
+        if part in ids or not m:
+            names = [part]
+        else:
+            lo, hi = int(m.group("a")), int(m.group("b"))
+            if lo > hi:
+                raise InputError("--subjects", f"range {part!r} runs backwards")
+            names = [f"{m.group('prefix')}{i:0{len(m.group('a'))}d}" for i in range(lo, hi + 1)]
+        missing = [n for n in names if n not in ids]
+        if missing:
+            shown = ", ".join(ids[:3]) + (f", ... {ids[-1]}" if len(ids) > 3 else "")
+            raise InputError("--subjects", f"no subject {', '.join(missing[:5])} in {where} (it has {len(ids)}: {shown})")
+        chosen += [n for n in names if n not in chosen]
+    if len(chosen) < 2:
+        raise InputError("--subjects", f"{spec!r} selects {len(chosen)} subject(s); a pair needs at least 2")
+    return chosen
+
+
+def _evaluate_files(args, config) -> None:
+    """``evaluate`` at the files' resolution: each pair registered as ``crd-jax register`` does, Dice of the
+    warped labels against the fixed labels on the fixed image's own grid."""
+    import numpy as np
+
+    from crd_jax import metrics
+    from crd_jax.cli.registration import load, load_pair, onto_grid_labels, register_volumes
+    from crd_jax.data.layouts import label_protocol, list_subjects, select
+    from crd_jax.evaluation import summarize
+    from crd_jax.geometry import same_grid
+    from crd_jax.outputs import OutputSet
+
+    root = args.data_root or config.data.root
+    if config is not None:
+        kwargs = {"images": config.data.images_dir, "labels": config.data.labels_dir} if config.data.kind == "folder" else {}
+        subjects = list_subjects(config.data.kind, root, **kwargs)
+    else:
+        if args.split:
+            raise InputError("--split", "names a config's split; without --config pick subjects with --subjects")
+        subjects = list_subjects("folder", root)
+    by_id = {s.id: s for s in subjects}
+    if args.subjects:
+        chosen = [by_id[i] for i in parse_subjects(args.subjects, [s.id for s in subjects], root)]
+    elif config is not None:
+        split = args.split or config.eval.split
+        if split not in config.data.splits:
+            raise InputError(args.config, f"no '{split}' split in this config (its splits: {', '.join(config.data.splits)})")
+        chosen = select(subjects, config.data.splits[split])
+    else:
+        chosen = [s for s in subjects if s.labels]
+    unlabelled = [s for s in chosen if not s.labels]
+    if unlabelled:
+        raise InputError(unlabelled[0].image, "has no label map to evaluate against (expected in the labels folder, same name)")
+    ids = [s.id for s in chosen]
+    pairs = _read_pairs(args.pairs, ids) if args.pairs else [(m, f) for f in range(len(ids)) for m in range(len(ids)) if m != f]
+    if args.max_pairs > 0:
+        pairs = pairs[: args.max_pairs]
+    outputs = OutputSet(args.out_dir, ["metrics.csv", "summary.md", "summary.json"], args.overwrite)
+    kwargs = registration_kwargs(args)
+    loaded = load(_model_path(args.model))
+    labels = None
+    if config is not None and config.data.labels != "auto":
+        labels = label_protocol(config.data.labels if isinstance(config.data.labels, str) else list(config.data.labels))
+    rows, grids = [], set()
+    for m, f in pairs:
+        fs, ms = chosen[f], chosen[m]
+        fixed, moving, moving_seg, fixed_seg = load_pair(loaded, fs.image, ms.image, ms.labels, fs.labels)
+        fixed_labels = _fixed_labels_on_grid(fixed_seg, fixed)
+        if labels is None:  # every nonzero label of the first fixed label map
+            labels = [int(v) for v in np.unique(fixed_labels) if v != 0]
+        before = moving_seg.data if same_grid(moving_seg, fixed) else onto_grid_labels(moving_seg, fixed)
+        t = time.perf_counter()
+        result, _ = register_volumes(loaded, fixed, moving, moving_seg, **kwargs)
+        seconds = time.perf_counter() - t
+        dice = metrics.dice(result["warped_seg"], fixed_labels, labels)
+        row = {"moving": ms.id, "fixed": fs.id, "dice": float(np.nanmean(dice)),
+               "dice_per_label": [None if np.isnan(d) else float(d) for d in dice],
+               "dice_before": float(np.nanmean(metrics.dice(before, fixed_labels, labels))),
+               "folds": int(result["folds"]), "percent_folds": 100.0 * int(result["folds"]) / fixed.data.size,
+               "sdlogj": metrics.sdlogj(result["disp"]), "seconds": seconds}
+        if not args.no_hd95:
+            row["hd95"] = float(np.nanmean(metrics.hd95(result["warped_seg"], fixed_labels, labels, fixed.spacing)))
+        grids.add(f"{'x'.join(map(str, fixed.data.shape))} of {' x '.join(f'{v:g}' for v in fixed.spacing)} mm")
+        rows.append(row)
+        print(f"{ms.id} -> {fs.id}: Dice {row['dice']:.3f} (before {row['dice_before']:.3f}), folds {row['folds']}, {seconds:.1f} s")
+    summary = summarize(rows)
+    summary.update({"resolution": "files", "grids": sorted(grids), "options": {k: v for k, v in kwargs.items()},
+                    "seconds_median": float(np.median([r["seconds"] for r in rows]))})
+    header = ["moving", "fixed", "dice", *[f"dice_{l}" for l in labels], "dice_before", "hd95", "folds", "percent_folds",
+              "sdlogj", "seconds"]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    for r in rows:
+        writer.writerow([r["moving"], r["fixed"], f"{r['dice']:.5f}", *["" if d is None else f"{d:.5f}" for d in r["dice_per_label"]],
+                         f"{r['dice_before']:.5f}", f"{r.get('hd95', float('nan')):.4f}", r["folds"], f"{r['percent_folds']:.5f}",
+                         f"{r['sdlogj']:.5f}", f"{r['seconds']:.3f}"])
+    options = f"affine {kwargs['affine'] or 'off'}, {kwargs['io_steps']} io steps, normalize {kwargs['normalize_mode']}"
+    lines = [f"{loaded.spec.get('label', 'model')} on {len(rows)} pairs of {', '.join(ids) if len(ids) <= 8 else ids[0] + ' ... ' + ids[-1]} "
+             f"({root}); {len(labels)} labels; {options}", "", "| metric | mean | std |", "|---|---|---|"]
+    for key in ("dice", "dice_before", "hd95", "folds", "percent_folds", "sdlogj"):
+        if f"{key}_mean" in summary:
+            lines.append(f"| {key} | {summary[key + '_mean']:.4f} | {summary[key + '_std']:.4f} |")
+    lines += ["", f"Dice at the files' resolution: each warped label map against the fixed labels on the fixed image's own "
+              f"grid ({'; '.join(sorted(grids))}), not the model's grid (--resolution model). "
+              f"{summary['seconds_median']:.2f} s per pair (median; registration, as crd-jax register)."]
+    table = "\n".join(lines) + "\n"
     with outputs as stage:
         (stage / "metrics.csv").write_text(buf.getvalue())
         (stage / "summary.md").write_text(table)
@@ -521,6 +659,7 @@ def cmd_figure(args) -> None:
     if not args.from_dir and not (args.fixed and args.moving):
         raise InputError("figure", "needs --from OUT_DIR (a saved registration) or --fixed and --moving")
     outputs = OutputSet(out.parent, [out.name], args.overwrite)
+    warning = None
     if args.from_dir:
         fixed, moving_shown, warped, disp, fixed_seg, warped_seg, title = _saved_registration(args)
     else:
@@ -533,7 +672,7 @@ def cmd_figure(args) -> None:
         for note in notes:
             print(f"note: {note}")
         if result.get("warning"):
-            print(f"crd-jax: warning: {result['warning']}", file=sys.stderr)
+            warning = result["warning"]
         from crd_jax.geometry import onto_grid, same_grid
 
         moving_shown = moving.data if same_grid(fixed, moving) else onto_grid(moving, fixed, order=1)
@@ -547,6 +686,8 @@ def cmd_figure(args) -> None:
     with outputs as stage:
         pair_figure(stage / out.name, shown["fixed"], shown["moving"], shown["warped"], disp, shown["fixed_seg"],
                     shown["warped_seg"], title=title)
+    if warning:
+        print(f"crd-jax: warning: {warning}", file=sys.stderr)
     print(f"wrote {out}")
 
 
@@ -823,15 +964,27 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser(
         "evaluate", help="Dice, HD95, folds, SDlogJ, time and memory over a dataset's pairs",
-        description="Evaluates a model on the labelled pairs of a dataset config (its evaluation split, or --pairs). "
-        "Writes metrics.csv (per pair), summary.md and summary.json into --out-dir.",
-        epilog="example: crd-jax evaluate --model runs/lpba40/stages/vm_l_crd/model --config configs/lpba40_vm.py "
+        description="Evaluates a model on every ordered pair of labelled subjects: a folder of your own (--data-root "
+        "DIR with DIR/images/<id>.nii.gz and DIR/labels/<id>.nii.gz; --subjects picks them) or a dataset config's "
+        "evaluation split. By default each pair is registered as crd-jax register does (same options) and Dice is "
+        "measured at the files' resolution, on each fixed image's own grid; --resolution model measures it on the "
+        "model's grid instead (needs --config). Writes metrics.csv (per pair), summary.md and summary.json into --out-dir; "
+        "the table says which resolution.",
+        epilog="example: crd-jax evaluate --model lpba40-vm-ll-crd --data-root /data/lpba40 --subjects S35-S37 "
         "--out-dir eval/")
     e.add_argument("--model", help=MODEL_HELP)
-    e.add_argument("--config", required=True, help="the dataset's config file (configs/*.py)")
-    e.add_argument("--data-root", help="override config.data.root")
-    e.add_argument("--split", help="split to evaluate (default: config.eval.split)")
-    e.add_argument("--pairs", help="CSV of 'moving,fixed' subject ids (default: the config's evaluation pairs)")
+    e.add_argument("--config", help="a dataset config file (configs/*.py): its layout, split and label set (optional "
+                   "with --data-root, which then reads DIR/images and DIR/labels)")
+    e.add_argument("--data-root", help="the data folder (overrides config.data.root)")
+    e.add_argument("--subjects", help="subjects to pair: ids, ranges or both, e.g. S01-S10 or S01,S03,S07-S09 "
+                   "(default: the config's evaluation split, or every labelled subject of --data-root)")
+    e.add_argument("--resolution", choices=("files", "model"), default=None,
+                   help="where Dice is measured: files (default; the fixed image's own grid) or model (the model's "
+                   "grid, the training evaluation; needs --config; the default for synthetic configs)")
+    e.add_argument("--split", help="a split name of the config: train, val or test (default: config.eval.split); "
+                   "for other subjects use --subjects")
+    e.add_argument("--pairs", help="CSV of 'moving,fixed' subject ids (default: every ordered pair, or the config's "
+                   "evaluation pairs)")
     e.add_argument("--max-pairs", type=int, default=0, help="evaluate only the first N pairs (default 0: every pair)")
     e.add_argument("--no-hd95", action="store_true", help="skip HD95 (the slowest metric)")
     e.add_argument("--timing-repeats", type=int, default=5,
@@ -839,6 +992,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out-dir", default="evaluation", help="folder for metrics.csv, summary.md and summary.json "
                    "(default: evaluation)")
     e.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
+    add_registration_options(e)
     e.set_defaults(func=cmd_evaluate)
 
     f = sub.add_parser(
