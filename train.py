@@ -110,6 +110,8 @@ def main(argv):
         _fail(f"the config does not load ({' '.join(str(exc).split())[:300]})")
     try:
         pipeline.run(config, allow_config_change=flags.FLAGS.allow_config_change)
+    except OSError as exc:  # the workdir's file system: full, read-only, another user's
+        _fail(f"{exc.filename or config.workdir}: {exc.strerror or exc}")
     except InputError as exc:
         hint = " (the built-in synthetic data needs no files: --config=configs/synthetic_vm.py)" if ("root" in str(exc) or "folder" in str(exc)) and "workdir" not in str(exc) else ""
         _fail(f"{exc}{hint}")

@@ -71,8 +71,11 @@ def save_model(directory: Path, params, spec: Dict[str, Any], overwrite: bool = 
         if others:
             _replace_in_place(directory, params, spec)
             return
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    except OSError as exc:  # a read-only or full file system, no permission
+        raise InputError(directory, f"cannot create the model folder ({exc.strerror or exc})") from None
     old = None
     try:
         (tmp / PARAMS_FILE).write_bytes(serialization.msgpack_serialize(_host_tree(params)))
@@ -82,6 +85,8 @@ def save_model(directory: Path, params, spec: Dict[str, Any], overwrite: bool = 
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
             os.replace(directory, old / "model")
         os.replace(tmp, directory)
+    except OSError as exc:  # a full disk: the staging folder goes, an earlier model is put back (below)
+        raise InputError(directory, f"cannot write the model folder ({exc.strerror or exc}); nothing was changed") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)  # our own staging folder
@@ -261,8 +266,12 @@ def load_spec(directory: Path) -> Dict[str, Any]:
     path = directory / MODEL_JSON
     if not directory.is_dir():
         raise InputError(directory, "no such model folder")
-    if not path.exists():
-        raise InputError(directory, f"not a crd-jax model folder (no {MODEL_JSON})")
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise InputError(directory, f"not a crd-jax model folder (no {MODEL_JSON})") from None
+    except OSError as exc:  # another user's folder: Path.exists() raises PermissionError
+        raise InputError(directory, f"cannot be read ({exc.strerror or exc})") from None
     try:
         spec = json.loads(path.read_bytes().decode("utf-8"))
     except OSError as exc:

@@ -106,6 +106,9 @@ def read_displacement(path, reference: Volume, fmt: str = "auto") -> np.ndarray:
     from crd_jax.data.io import check_input_file, read_nifti_array
 
     check_input_file(path, "a displacement file")
+    if fmt == "learn2reg" and not name.endswith(".npz"):
+        raise InputError(path, "the Learn2Reg format is a .npz file (disp_FFFF_MMMM.npz); for a NIfTI field use "
+                               "--disp-format voxel, itk or auto")
     try:
         if fmt == "learn2reg":
             with np.load(name) as f:
