@@ -96,6 +96,10 @@ def test_radiological_display_puts_the_patients_right_on_the_left():
     disp = np.zeros((*lps.shape, 3), np.float32)
     disp[..., 0] = 2.0  # +2 voxels along the stored x axis (towards the patient's left, -2 mm in RAS x)
     shown, disp_ras = to_display(affine, {"img": lps}, disp)
+    from crd_jax.cli.figure import display_spacing
+
+    permuted = np.diag([1.2, 0.9, 2.0, 1.0])[:, [1, 0, 2, 3]]  # stored axes A (0.9 mm), R (1.2 mm), S (2 mm)
+    assert display_spacing(permuted) == pytest.approx((1.2, 0.9, 2.0))
     np.testing.assert_array_equal(shown["img"], ras)
     np.testing.assert_allclose(disp_ras[..., 0], -2.0)
     axial, coronal, _ = _slices(shown["img"])

@@ -78,7 +78,16 @@ def _overlap_rgb(image: np.ndarray, warped_seg: np.ndarray, fixed_seg: np.ndarra
     return np.clip(rgb, 0, 1)
 
 
-def _grid(ax, field: np.ndarray, step: int = 4) -> None:
+def display_spacing(affine: np.ndarray):
+    """The voxel size (mm) along the axes of the RAS arrays of :func:`to_display`."""
+    import nibabel.orientations as ornt
+
+    transform = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(("R", "A", "S")))
+    linear = (affine @ ornt.inv_ornt_aff(transform, (2, 2, 2)))[:3, :3]
+    return tuple(float(v) for v in np.sqrt((linear ** 2).sum(axis=0)))
+
+
+def _grid(ax, field: np.ndarray, step: int = 4, aspect: float = 1.0) -> None:
     """Lines of the regular grid moved by the in-plane field; drawn like the images (x: axis 0, y: axis 1)."""
     h, w = field.shape[:2]
     ii, jj = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
@@ -89,15 +98,16 @@ def _grid(ax, field: np.ndarray, step: int = 4) -> None:
         ax.plot(x[:, c], y[:, c], color="k", lw=0.5)
     ax.set_xlim(-0.5, h - 0.5)
     ax.set_ylim(-0.5, w - 0.5)
-    ax.set_aspect("equal")
+    ax.set_aspect(aspect)
 
 
 def pair_figure(path, fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray, disp: np.ndarray,
-                fixed_seg: Optional[np.ndarray] = None, warped_seg: Optional[np.ndarray] = None, title: str = "") -> None:
+                fixed_seg: Optional[np.ndarray] = None, warped_seg: Optional[np.ndarray] = None, title: str = "",
+                spacing=None) -> None:
     """Writes a PNG or PDF (by the suffix): rows = mid-slices (axial, coronal, sagittal of RAS arrays, see
     :func:`to_display`, drawn in radiological orientation), columns = fixed | moving | warped (+ the label
     overlap with a legend when both label maps are given, the warped labels alone when only they are) | grid |
-    error (with a colour bar)."""
+    error (with a colour bar). ``spacing``: the voxel size of those arrays (mm), so that millimetres are square."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,16 +124,20 @@ def pair_figure(path, fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray,
     vmax = float(max(np.abs(fixed).max(), 1e-8))
     for r in range(len(rows)):
         ax = axes[r]
-        ax[0].imshow(f_s[r].T, cmap="gray", origin="lower")
-        ax[1].imshow(m_s[r].T, cmap="gray", origin="lower")
+        aspect = 1.0  # height / width of a voxel on the screen: square millimetres
+        if spacing is not None and len(rows) == 3:
+            h, v = [k for k in range(3) if k != PLANES[r][1]]
+            aspect = spacing[v] / spacing[h]
+        ax[0].imshow(f_s[r].T, cmap="gray", origin="lower", aspect=aspect)
+        ax[1].imshow(m_s[r].T, cmap="gray", origin="lower", aspect=aspect)
         if overlap:
-            ax[2].imshow(np.transpose(_overlap_rgb(w_s[r], ws_s[r], fs_s[r]), (1, 0, 2)), origin="lower")
+            ax[2].imshow(np.transpose(_overlap_rgb(w_s[r], ws_s[r], fs_s[r]), (1, 0, 2)), origin="lower", aspect=aspect)
         elif ws_s is not None:
-            ax[2].imshow(np.transpose(_labels_rgb(w_s[r], ws_s[r]), (1, 0, 2)), origin="lower")
+            ax[2].imshow(np.transpose(_labels_rgb(w_s[r], ws_s[r]), (1, 0, 2)), origin="lower", aspect=aspect)
         else:
-            ax[2].imshow(w_s[r].T, cmap="gray", origin="lower")
-        _grid(ax[3], d_s[r])
-        error = ax[4].imshow((w_s[r] - f_s[r]).T, cmap="bwr", vmin=-vmax / 2, vmax=vmax / 2, origin="lower")
+            ax[2].imshow(w_s[r].T, cmap="gray", origin="lower", aspect=aspect)
+        _grid(ax[3], d_s[r], aspect=aspect)
+        error = ax[4].imshow((w_s[r] - f_s[r]).T, cmap="bwr", vmin=-vmax / 2, vmax=vmax / 2, origin="lower", aspect=aspect)
         fig.colorbar(error, ax=ax[4], fraction=0.046, pad=0.04, label="intensity difference")
         for a in ax:
             a.set_xticks([])

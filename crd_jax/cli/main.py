@@ -650,7 +650,7 @@ def _evaluate_files(args, config) -> None:
 
 
 def cmd_figure(args) -> None:
-    from crd_jax.cli.figure import pair_figure, to_display
+    from crd_jax.cli.figure import display_spacing, pair_figure, to_display
     from crd_jax.outputs import OutputSet
 
     out = Path(args.out)
@@ -680,6 +680,7 @@ def cmd_figure(args) -> None:
         moving_shown = moving.data if same_grid(fixed, moving) else onto_grid(moving, fixed, order=1)
         warped, disp, warped_seg = result["warped"], result["disp"], result.get("warped_seg")
         title = f"{Path(args.moving).name} -> {Path(args.fixed).name} ({loaded.spec.get('label', '')})"
+    spacing = display_spacing(fixed.affine) if fixed.data.ndim == 3 else None
     if fixed.data.ndim == 3:
         shown, disp = to_display(fixed.affine, {"fixed": fixed.data, "moving": moving_shown, "warped": warped,
                                                 "fixed_seg": fixed_seg, "warped_seg": warped_seg}, disp)
@@ -687,7 +688,7 @@ def cmd_figure(args) -> None:
         shown = {"fixed": fixed.data, "moving": moving_shown, "warped": warped, "fixed_seg": fixed_seg, "warped_seg": warped_seg}
     with outputs as stage:
         pair_figure(stage / out.name, shown["fixed"], shown["moving"], shown["warped"], disp, shown["fixed_seg"],
-                    shown["warped_seg"], title=title)
+                    shown["warped_seg"], title=title, spacing=spacing)
     if warning:
         print(f"crd-jax: warning: {warning}", file=sys.stderr)
     print(f"wrote {out}")
