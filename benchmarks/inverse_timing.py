@@ -28,9 +28,15 @@ def main():
 
     rng = np.random.default_rng(0)
     u = np.asarray(upsample_field(jnp.asarray(rng.normal(size=(1, 20, 24, 28, 3)).astype(np.float32) * 0.12), 8))[0]
-    t = time.perf_counter(); ref = invert(u); t_ref = time.perf_counter() - t
-    t = time.perf_counter(); invert_fast(u); t_first = time.perf_counter() - t
-    t = time.perf_counter(); fast = invert_fast(u); t_warm = time.perf_counter() - t
+    t = time.perf_counter()
+    ref = invert(u)
+    t_ref = time.perf_counter() - t
+    t = time.perf_counter()
+    invert_fast(u)
+    t_first = time.perf_counter() - t
+    t = time.perf_counter()
+    fast = invert_fast(u)
+    t_warm = time.perf_counter() - t
     out = {"shape": list(u.shape[:3]), "max_disp_voxels": float(np.abs(u).max()), "scipy_s": t_ref,
            "fast_first_call_s": t_first, "fast_warm_s": t_warm, "max_difference_voxels": float(np.abs(fast - ref).max()),
            "machine": machine()}

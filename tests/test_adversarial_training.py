@@ -146,11 +146,12 @@ def test_fields_a_newer_version_added_at_their_defaults_are_not_changes(tmp_path
 
 
 @pytest.mark.parametrize("signum,status,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
-def test_signal_during_instance_optimisation_ends_it_at_once(tmp_path, assets, signum, status, word):
+def test_signal_during_instance_optimisation_ends_it_at_once(tmp_path, assets, signum, status, word):  # noqa: F811
     """A million Adam steps: the signal ends the command within seconds, with one line, nothing written."""
     before = snapshot(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "crd_jax", *map(str, _register(tmp_path, assets, extra=("--io-steps", "1000000")))],
-                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv = _register(tmp_path, assets, extra=("--io-steps", "1000000"))
+    proc = subprocess.Popen([sys.executable, "-m", "crd_jax", *map(str, argv)], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(8)  # model loaded, programs compiled: inside the optimisation
     assert proc.poll() is None
     sent = time.perf_counter()

@@ -123,13 +123,16 @@ def test_apply_and_register_outputs_through_the_command(tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "seg_w.nii.gz")).dataobj),
                                   np.asarray(nib.load(str(tmp_path / "out" / "warped_seg.nii.gz")).dataobj))
     pts = tmp_path / "pts.csv"
-    pts.write_text("x,y,z\n0,0,0\n10,5,-3\n")
+    pts.write_text("0,0,0\nabc,5,-3\n")
     assert cli.main(["apply", "--disp", str(tmp_path / "out" / "disp.nii.gz"), "--reference", str(f), "--points", str(pts),
-                     "--out", str(tmp_path / "moved.csv")]) == 2  # a header line is not a number: one clear line
-    pts.write_text("0,0,0\n10,5,-3\n")
+                     "--out", str(tmp_path / "moved.csv")]) == 2  # a row that is not three numbers: one clear line
+    pts.write_text("x,y,z\n0,0,0\n10,5,-3\n")  # the header apply itself writes is accepted
     assert cli.main(["apply", "--disp", str(tmp_path / "out" / "disp.nii.gz"), "--reference", str(f), "--points", str(pts),
                      "--out", str(tmp_path / "moved.csv")]) == 0
     assert len((tmp_path / "moved.csv").read_text().splitlines()) == 3
+    # and apply reads back the file it wrote
+    assert cli.main(["apply", "--disp", str(tmp_path / "out" / "disp.nii.gz"), "--reference", str(f), "--points",
+                     str(tmp_path / "moved.csv"), "--out", str(tmp_path / "moved2.csv")]) == 0
 
 
 def test_instance_optimisation_lowers_the_pair_loss_and_zero_steps_change_nothing(tmp_path):
