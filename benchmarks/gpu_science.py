@@ -124,6 +124,7 @@ def main():
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--timing-budget", type=float, default=60.0)
     p.add_argument("--small", action="store_true", help="CPU dry run: synthetic 32^3 data, a few steps per stage")
+    p.add_argument("--small-steps", type=int, default=6, help="with --small: steps per stage (default 6)")
     args = p.parse_args()
     start = time.time()
     deadline = start + args.limit - STOP_MARGIN_S
@@ -148,8 +149,8 @@ def main():
     run_args.workdir, run_args.data_root, run_args.out, run_args.draws = work, str(stable), args.out, 2000
     run_args.overrides = ["data.resample_shape=()", f"train.deadline={deadline}", "train.progress_bar=False"]
     if args.small:
-        run_args.steps, run_args.max_pairs = 6, 2
-        run_args.overrides += ["data.shape=(32,32,32)", "data.labels=auto", "train.checkpoint_every=2", "train.log_every=2"]
+        run_args.steps, run_args.max_pairs = args.small_steps, 2
+        run_args.overrides += ["data.shape=(32,32,32)", "data.labels=auto", "train.checkpoint_every=100", "train.log_every=10"]
     report = {"started": start, "limit_s": args.limit, "resumed": resumed, "device": str(jax.devices()[0]),
               "jax": jax.__version__, "small": args.small}
     config = crd_experiment._config(run_args, "fst_half")
