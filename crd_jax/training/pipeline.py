@@ -237,7 +237,7 @@ def run(config, allow_config_change: bool = False) -> List[Dict]:
     created = not workdir.exists()
     try:
         return _run_stages(config, typed, workdir, datasets, labels, loader, example, multiple, is_main)
-    except (InputError, ValueError) as exc:
+    except (InputError, ValueError, OSError) as exc:  # OSError: a full disk, a folder not ours
         if created and is_main and not isinstance(exc, workdir_config.WorkdirBusy) and workdir.is_dir() and not any((workdir / "stages").glob("*/ckpt/*")) \
                 and not any((workdir / "stages").glob("*/model")):
             shutil.rmtree(workdir, ignore_errors=True)  # created by this call, holds only its own start files
