@@ -58,16 +58,17 @@ GATE = 0.010  # FST - VM-LL and ceiling - VM-LL, validation Dice
 REFUTE = 0.003  # upper bound of the t-interval below this (both arms): refuted in this regime
 
 
-def student_stages(fst: str):
-    """The student phase's stage blocks (name -> block), every arm on every stream, under teacher ``fst``."""
+def student_stages(fst: str, steps: int = STUDENT_STEPS, init: str = BASELINE_LOW, name: str = "VM-LL"):
+    """The student phase's stage blocks (name -> block), every arm on every stream, under teacher ``fst``, each
+    arm starting from stage ``init``; ``name`` labels the rows (Experiment 2 reuses this with VM-L)."""
     blocks = {}
     for seed in SEEDS:
-        blocks[f"ctl_s{seed}"] = stage("baseline", resolution="low", steps=STUDENT_STEPS, init="vm_ll", seed=seed,
-                                       label=f"VM-LL +{STUDENT_STEPS} (stream {seed})")
-        blocks[f"crd_paper_s{seed}"] = stage("distill", teacher=fst, steps=STUDENT_STEPS, init="vm_ll", seed=seed,
-                                             label=f"VM-LL-CRD, paper (stream {seed})")
-        blocks[f"crd_code_s{seed}"] = stage("distill", teacher=fst, steps=STUDENT_STEPS, init="vm_ll", seed=seed,
-                                            loss=CODE_LOSS, label=f"VM-LL-CRD, authors' code (stream {seed})")
+        blocks[f"ctl_s{seed}"] = stage("baseline", resolution="low", steps=steps, init=init, seed=seed,
+                                       label=f"{name} +{steps} (stream {seed})")
+        blocks[f"crd_paper_s{seed}"] = stage("distill", teacher=fst, steps=steps, init=init, seed=seed,
+                                             label=f"{name}-CRD, paper (stream {seed})")
+        blocks[f"crd_code_s{seed}"] = stage("distill", teacher=fst, steps=steps, init=init, seed=seed,
+                                            loss=CODE_LOSS, label=f"{name}-CRD, authors' code (stream {seed})")
     return blocks
 
 

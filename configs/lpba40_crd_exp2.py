@@ -16,7 +16,8 @@ PROTOCOL (written 2026-12-04 before any stage of it trained; the analysis is Exp
 """
 
 from configs._datasets import lpba40
-from configs.lpba40_crd_exp1 import ARMS, CODE_LOSS, GATE, REFUTE, SEEDS  # noqa: F401 (the shared protocol)
+from configs import lpba40_crd_exp1 as exp1
+from configs.lpba40_crd_exp1 import ARMS, GATE, REFUTE, SEEDS  # noqa: F401 (the shared protocol)
 from crd_jax.config import stage
 
 STEPS = 10_000
@@ -26,15 +27,8 @@ BASELINE_LOW = "vm_l"
 
 
 def student_stages(fst: str, steps: int = STEPS):
-    blocks = {}
-    for seed in SEEDS:
-        blocks[f"ctl_s{seed}"] = stage("baseline", resolution="low", steps=steps, init=BASELINE_LOW, seed=seed,
-                                       label=f"VM-L +{steps} (stream {seed})")
-        blocks[f"crd_paper_s{seed}"] = stage("distill", teacher=fst, steps=steps, init=BASELINE_LOW, seed=seed,
-                                             label=f"VM-L-CRD, paper (stream {seed})")
-        blocks[f"crd_code_s{seed}"] = stage("distill", teacher=fst, steps=steps, init=BASELINE_LOW, seed=seed,
-                                            loss=CODE_LOSS, label=f"VM-L-CRD, authors' code (stream {seed})")
-    return blocks
+    """Experiment 1's arms and streams, from VM-L at this regime's step budget."""
+    return exp1.student_stages(fst, steps, BASELINE_LOW, "VM-L")
 
 
 def get_config(fst: str = ""):
