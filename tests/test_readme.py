@@ -1,5 +1,6 @@
 """The README's figures are the results files the project regenerates, never typed by hand."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -80,9 +81,17 @@ def test_register_your_own_images_walkthrough_runs_as_written(tmp_path):
     nib.save(nib.Nifti1Image(seg2.astype(np.int16), np.eye(4)), tmp_path / "sub-02_labels.nii.gz")
 
     logs = {}
+    import shlex
+
+    activate = Path(sys.prefix) / "bin" / "activate"  # the environment the README's install made (the test's own)
     for argv in _walkthrough_commands((ROOT / "README.md").read_text()):
         assert argv[0] == "crd-jax"
-        proc = subprocess.run([sys.executable, "-m", "crd_jax", *argv[1:]], cwd=tmp_path, capture_output=True, text=True)
+        if activate.exists():  # as the README says: a new shell, the environment activated, the line as written
+            line = f"source {shlex.quote(str(activate))} && {shlex.join(argv)}"
+            proc = subprocess.run(["bash", "--noprofile", "--norc", "-c", line], cwd=tmp_path, capture_output=True, text=True,
+                                  env={k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")})
+        else:
+            proc = subprocess.run([sys.executable, "-m", "crd_jax", *argv[1:]], cwd=tmp_path, capture_output=True, text=True)
         assert proc.returncode == 0, (argv, proc.stderr[-2000:])
         logs[argv[1]] = proc.stdout
     # the figure shows the registration the walkthrough made: drawn from the saved outputs, no model loaded
