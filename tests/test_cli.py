@@ -49,22 +49,6 @@ def _save(path, data, affine=AFFINE):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def shift_model(tmp_path_factory):
-    """A VM-L model folder whose output is (nearly) the constant displacement (1.5, -0.5, 0.25) voxels."""
-    arch = official.ARCHITECTURE | {"fusion": "paper", "teacher_align_corners": False}
-    spec = {"kind": "registrar", "factor": 2, "architecture": arch, "label": "VM-L (test)", "stage": "test",
-            "preprocessing": {"normalize": "minmax", "percentiles": [0.5, 99.5], "resample_shape": [], "multiple": 32, "ndim": 3}}
-    model = model_from_spec(spec)
-    x = jnp.zeros((1, 64, 64, 64, 1))
-    params = model.init(jax.random.PRNGKey(0), x, x)
-    params["flow"]["conv"]["kernel"] = jnp.zeros_like(params["flow"]["conv"]["kernel"])
-    params["flow"]["conv"]["bias"] = jnp.asarray([0.75, -0.25, 0.125])  # on the half-size grid: times 2
-    path = tmp_path_factory.mktemp("models") / "shift"
-    save_model(path, params, spec)
-    return path
-
-
 # --- formats ---------------------------------------------------------------------------------------------
 
 

@@ -5,17 +5,12 @@ import json
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from crd_jax.data.io import Volume
-from crd_jax.interop import official
-from crd_jax.models.build import model_from_spec
-from crd_jax.training.checkpoint import save_model
 
 
 def _crd(*argv, cwd):
@@ -27,22 +22,6 @@ def _sphere(shape, centre, radius=10.0):
     inside = (np.linalg.norm(grid - np.asarray(centre, np.float32), axis=-1) < radius).astype(np.float32)
     return ndimage.gaussian_filter(inside, 1.0) + 0.3 * ndimage.gaussian_filter(
         np.random.default_rng(0).random(shape).astype(np.float32), 2.0) * inside
-
-
-@pytest.fixture(scope="module")
-def shift_model(tmp_path_factory):
-    """A VM-L model folder whose output is the constant displacement (1.5, -0.5, 0.25) voxels."""
-    arch = official.ARCHITECTURE | {"fusion": "paper", "teacher_align_corners": False}
-    spec = {"kind": "registrar", "factor": 2, "architecture": arch, "label": "VM-L (test)", "stage": "test",
-            "preprocessing": {"normalize": "minmax", "percentiles": [0.5, 99.5], "resample_shape": [], "multiple": 32, "ndim": 3}}
-    model = model_from_spec(spec)
-    x = jnp.zeros((1, 64, 64, 64, 1))
-    params = model.init(jax.random.PRNGKey(0), x, x)
-    params["flow"]["conv"]["kernel"] = jnp.zeros_like(params["flow"]["conv"]["kernel"])
-    params["flow"]["conv"]["bias"] = jnp.asarray([0.75, -0.25, 0.125])
-    path = tmp_path_factory.mktemp("models") / "shift"
-    save_model(path, params, spec)
-    return path
 
 
 def test_centroid_distance_against_scipy_center_of_mass():

@@ -518,8 +518,13 @@ def cmd_evaluate(args) -> None:
     table = "\n".join(lines) + "\n"
     if not all(np.isfinite(v) for v in summary.values() if isinstance(v, float)):
         raise InputError(args.model, "evaluation produced NaN/Inf metrics; nothing was written")
+    _write_evaluation(outputs, buf.getvalue(), table, summary)
+
+
+def _write_evaluation(outputs, metrics_csv: str, table: str, summary) -> None:
+    """``evaluate``'s output set (per-pair CSV, the table, the summary), all at once."""
     with outputs as stage:
-        (stage / "metrics.csv").write_text(buf.getvalue())
+        (stage / "metrics.csv").write_text(metrics_csv)
         (stage / "summary.md").write_text(table)
         (stage / "summary.json").write_text(json.dumps(summary, indent=2))
     print(table)
@@ -641,12 +646,7 @@ def _evaluate_files(args, config) -> None:
               f"grid ({'; '.join(sorted(grids))}), not the model's grid (--resolution model). "
               f"{summary['seconds_median']:.2f} s per pair (median; registration, as crd-jax register)."]
     table = "\n".join(lines) + "\n"
-    with outputs as stage:
-        (stage / "metrics.csv").write_text(buf.getvalue())
-        (stage / "summary.md").write_text(table)
-        (stage / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(table)
-    print("wrote " + ", ".join(map(str, outputs.paths())))
+    _write_evaluation(outputs, buf.getvalue(), table, summary)
 
 
 def cmd_figure(args) -> None:
