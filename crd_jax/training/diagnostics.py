@@ -112,15 +112,13 @@ def term_gradient_norms(loss_fn: Callable, params, frozen, batches: Sequence[Dic
 def _cached(path, compute: Callable[[], Dict]) -> Dict:
     import json
 
-    from crd_jax.data.io import atomic_path
+    from crd_jax.training.pipeline import write_text  # here: pipeline imports this module
 
     if path.exists():
         return json.loads(path.read_text())
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as fh:
-            json.dump(value, fh, indent=1)
+    write_text(path, json.dumps(value, indent=1))
     return value
 
 
