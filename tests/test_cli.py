@@ -492,11 +492,13 @@ def test_bf16_speedup_is_measured_for_each_engine_the_cpu_has():
         return
     before = native.bf16_engine()
     try:
-        for engine, (low, high) in {"avx512-bf16": (0.1, 8.0), "amx": (1.0, 64.0)}.items():
+        for engine in ("avx512-bf16", "amx"):
             if native.set_bf16_engine(engine) != engine:
                 continue
-            first = native.bf16_speedup()  # VDPBF16PS: up to 2x the FMA rate; AMX: ~16x on Sapphire Rapids
-            assert low < first < high and native.bf16_speedup() == first  # measured once per process and engine
+            # Only that a ratio was measured and is remembered: its size depends on the machine's load, and no
+            # test asserts a speed (benchmarks/conv_layers.py reports it).
+            first = native.bf16_speedup()
+            assert np.isfinite(first) and first > 0 and native.bf16_speedup() == first  # once per process and engine
     finally:
         native.set_bf16_engine(before)
 
