@@ -38,19 +38,19 @@ def select_path(compare: str, candidate: bool) -> None:
     """The reference path (candidate False) or the compared one, for everything traced from now on."""
     import jax
 
-    from crd_jax import inference
+    from crd_jax.registration import model as registration_model
     from crd_jax.ops import native
 
     sys.modules["crd_jax.ops.conv"].bf16_inference(compare == "bf16" and candidate)
     native.set_winograd(compare != "winograd" or candidate)
     jax.clear_caches()  # the precision is read when a function is traced: trace everything again
-    inference.predictor.cache_clear()
+    registration_model.predictor.cache_clear()
 
 
 def register_all(loaded, pairs, img, seg, labels):
     """Fields, Dice and folds of every pair on the path selected now."""
     from crd_jax import metrics
-    from crd_jax.cli.registration import register_volumes
+    from crd_jax.registration.pipeline import register_volumes
 
     fields, dice, folds = [], [], []
     for m, f in pairs:
@@ -66,7 +66,7 @@ def main():
     from lpba40_report import bootstrap_indices, paired
 
     from crd_jax import pretrained
-    from crd_jax.cli.registration import load
+    from crd_jax.registration.model import load
     from crd_jax.data.io import load_image, load_labels
     from crd_jax.data.layouts import label_protocol
     from crd_jax.ops import native

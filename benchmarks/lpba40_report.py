@@ -81,7 +81,8 @@ def load_config():
 def full_resolution_rows(model_dir: Path, subjects, pairs, labels, hd95: bool = True):
     """Registers the original 1 mm volumes as ``crd-jax register`` does and scores the warped labels."""
     from crd_jax import metrics
-    from crd_jax.cli.registration import load, register_volumes
+    from crd_jax.registration.model import load
+    from crd_jax.registration.pipeline import register_volumes
     from crd_jax.data.io import load_image, load_labels
 
     loaded = load(model_dir)

@@ -57,7 +57,8 @@ def main():
     from lpba40_report import bootstrap_indices, paired
 
     from crd_jax import metrics, pretrained
-    from crd_jax.cli.registration import load, register_volumes
+    from crd_jax.registration.model import load
+    from crd_jax.registration.pipeline import register_volumes
     from crd_jax.data.io import load_image, load_labels
     from crd_jax.data.layouts import label_protocol
 

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from crd_jax import inference
-from crd_jax.models.registrar import Registrar
 from crd_jax.losses import registration_loss
+from crd_jax.models.registrar import Registrar
+from crd_jax.registration.model import predict
+from crd_jax.registration.warping import warp_image, warp_labels
 
 
 def as_batch(image) -> jax.Array:
@@ -28,10 +29,10 @@ def register(model: Registrar, params, moving, fixed, moving_seg=None) -> Dict[s
     """Registers ``moving`` to ``fixed`` (``(*spatial)`` arrays). Returns numpy ``disp`` ``(*spatial, ndim)``,
     ``warped`` ``(*spatial)`` and, given ``moving_seg``, ``warped_seg`` (nearest neighbour)."""
     m, f = as_batch(moving), as_batch(fixed)
-    disp = np.asarray(inference.predict(model, params, m, f)[0])
-    out = {"disp": disp, "warped": inference.warp_image(np.asarray(m[0, ..., 0]), disp)}
+    disp = np.asarray(predict(model, params, m, f)[0])
+    out = {"disp": disp, "warped": warp_image(np.asarray(m[0, ..., 0]), disp)}
     if moving_seg is not None:
-        out["warped_seg"] = inference.warp_labels(np.asarray(moving_seg), disp)
+        out["warped_seg"] = warp_labels(np.asarray(moving_seg), disp)
     return out
 
 
@@ -77,10 +78,11 @@ def register_files(pairs, model: Optional[str] = None, normalize_mode: str = "mo
     """Registers file pairs with one model, loaded and compiled once (what ``crd-jax register --pairs``
     does). ``pairs``: ``(fixed, moving)`` or ``(fixed, moving, moving_seg)`` paths; ``model``: a shipped
     model's name or a model folder (default: the default shipped model). Yields ``(pair, result)`` per pair,
-    ``result`` as :func:`crd_jax.cli.registration.register_volumes` returns it (``disp``, ``warped``,
+    ``result`` as :func:`crd_jax.registration.pipeline.register_volumes` returns it (``disp``, ``warped``,
     ``folds``, ``warped_seg`` with labels, the volumes' geometry in ``fixed``), on the fixed image's grid."""
     from crd_jax import pretrained
-    from crd_jax.cli.registration import load, load_pair, register_volumes
+    from crd_jax.registration.model import load
+    from crd_jax.registration.pipeline import load_pair, register_volumes
 
     loaded = load(pretrained.resolve(model))
     for pair in pairs:

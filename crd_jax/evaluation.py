@@ -16,13 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crd_jax import inference, metrics
-from crd_jax.ops.spatial import warp
+from crd_jax import metrics
+from crd_jax.registration import model as registration_model
+from crd_jax.registration.warping import warp_labels
 
 
 def predictor(model) -> Callable:
-    """The model's jitted ``(params, moving, fixed) -> disp`` (:func:`crd_jax.inference.predictor`)."""
-    return inference.predictor(model)
+    """The model's jitted ``(params, moving, fixed) -> disp`` (:func:`crd_jax.registration.model.predictor`)."""
+    return registration_model.predictor(model)
 
 
 def evaluate_pairs(
@@ -44,7 +45,7 @@ def evaluate_pairs(
         f = jnp.asarray(dataset.image(fi))[None, ..., None]
         disp = predict(params, m, f)
         seg_m = jnp.asarray(dataset.labels(mi))[None, ..., None]
-        warped = inference.warp_labels(dataset.labels(mi), np.asarray(disp[0]))
+        warped = warp_labels(dataset.labels(mi), np.asarray(disp[0]))
         seg_f = dataset.labels(fi)
         disp_src = placement.restore(np.asarray(disp[0]))
         warped_src = placement.restore(warped, fill=0)
@@ -84,7 +85,7 @@ def summarize(rows: List[Dict]) -> Dict[str, float]:
 def measure_inference(model, params, shape: Sequence[int], repeats: int = 5, warmup: int = 1) -> Dict[str, float]:
     """Latency (median, min, max over ``repeats`` runs after ``warmup``), compile time, XLA memory (MB)."""
     x = jnp.zeros((1, *shape, 1), jnp.float32)
-    fn = inference.predictor(model)  # the model's one jitted predictor, compiled here for its memory analysis
+    fn = registration_model.predictor(model)  # the model's one jitted predictor, compiled here for its memory analysis
     t0 = time.perf_counter()
     compiled = fn.lower(params, x, x).compile()
     compile_s = time.perf_counter() - t0

@@ -30,7 +30,7 @@ def shift_model(tmp_path_factory):
 
     from crd_jax.interop import official
     from crd_jax.models.build import model_from_spec
-    from crd_jax.training.checkpoint import save_model
+    from crd_jax.model_io import save_model
 
     arch = official.ARCHITECTURE | {"fusion": "paper", "teacher_align_corners": False}
     spec = {"kind": "registrar", "factor": 2, "architecture": arch, "label": "VM-L (test)", "stage": "test",

@@ -406,7 +406,7 @@ def test_register_overwrite_replaces_the_whole_set_and_keeps_64_bit_labels_on_a_
     """One run covers: --overwrite removes an earlier run's jacobian and affine files (no mixed set), keeps the
     user's notes, removes the staging folder a killed run left; the label map is stored with its x axis
     reversed (and the affine to match) and holds a label beyond int32, which survives exactly."""
-    from crd_jax.cli.registration import warp_labels_exact
+    from crd_jax.registration.warping import warp_labels as warp_labels_exact
 
     out = tmp_path / "out"
     out.mkdir()

@@ -21,7 +21,7 @@ from crd_jax.interop import formats, official
 from crd_jax.interop.torch_legacy import MAGIC_NUMBER, load_legacy_checkpoint
 from crd_jax.models.build import model_from_spec
 from crd_jax.ops.spatial import warp
-from crd_jax.training.checkpoint import save_model
+from crd_jax.model_io import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL = ROOT.parent / "shared" / "official_crd"
@@ -309,7 +309,7 @@ def test_converter_round_trip_on_a_legacy_file_written_by_the_test(tmp_path, kin
         np.testing.assert_array_equal(loaded[k], state[k])
     out = tmp_path / "model"
     assert main(["convert-official", "--checkpoint", str(path), "--kind", kind, "--out", str(out)]) == 0
-    from crd_jax.cli.registration import load
+    from crd_jax.registration.model import load
 
     model = load(out)
     backbone = model.params["backbone"] if kind == "teacher" else model.params
@@ -508,7 +508,7 @@ def test_parameter_shapes_are_remembered_once_per_architecture_in_the_cache(tmp_
     read them without computing; a folder where the file should be only costs the computation."""
     import os
 
-    from crd_jax.cli.registration import _cached_shapes
+    from crd_jax.registration.model import _cached_shapes
 
     monkeypatch.setenv("CRD_JAX_CACHE_DIR", str(tmp_path))
     spec = {"architecture": {"enc": [16, 32]}, "kind": "vm", "factor": 2}

@@ -25,7 +25,7 @@ def _sphere(shape, centre, radius=10.0):
 
 
 def test_centroid_distance_against_scipy_center_of_mass():
-    from crd_jax.cli.registration import centroid_distance_mm
+    from crd_jax.registration.checks import centroid_distance_mm
 
     shape = (30, 28, 26)
     fixed, moving = _sphere(shape, (12, 14, 13), 6), _sphere(shape, (18, 11, 13), 6)

@@ -9,15 +9,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from crd_jax import geometry, inference, metrics
+from crd_jax import metrics
 from crd_jax.data.io import Volume, gzip_members, save_nifti
-from crd_jax.data.preprocess import normalize
-from crd_jax.ops.spatial import warp
+from crd_jax.data.preprocess import normalize, padded_shape, place, resample
+from crd_jax.ops.spatial import resize_field, warp
+from crd_jax.registration import pipeline, space, warping
 
 
 @pytest.fixture
 def tiny_slabs(monkeypatch):
-    monkeypatch.setattr(inference, "SLAB_VOXELS", 100)  # many slabs, the last one partial
+    monkeypatch.setattr(warping, "SLAB_VOXELS", 100)  # many slabs, the last one partial
 
 
 @pytest.mark.slow
@@ -26,12 +27,12 @@ def test_slab_warps_equal_the_whole_volume_warp(tiny_slabs, shape):
     rng = np.random.default_rng(0)
     img = rng.random(shape).astype(np.float32)
     disp = rng.normal(0, 2, shape + (len(shape),)).astype(np.float32)
-    assert inference._slabs(shape) > 1
+    assert warping._slabs(shape) > 1
     whole = np.asarray(warp(jnp.asarray(img)[None, ..., None], jnp.asarray(disp)[None]))[0, ..., 0]
-    np.testing.assert_allclose(inference.warp_image(img, disp), whole, atol=1e-6)
+    np.testing.assert_allclose(warping.warp_image(img, disp), whole, atol=1e-6)
     labels = rng.integers(0, 300, shape).astype(np.int16)
     nearest = np.asarray(warp(jnp.asarray(labels, jnp.int32)[None, ..., None], jnp.asarray(disp)[None], order=0))[0, ..., 0]
-    out = inference.warp_labels(labels, disp)
+    out = warping.warp_labels(labels, disp)
     assert out.dtype == np.int16
     np.testing.assert_array_equal(out, nearest)
 
@@ -40,52 +41,61 @@ def test_slab_warps_equal_the_whole_volume_warp(tiny_slabs, shape):
 @pytest.mark.parametrize("shape", [(9, 10, 11, 3), (31, 7, 5, 3), (2, 5, 4, 3), (12, 13, 2)])
 def test_slab_jacobian_equals_numpy_gradient_version(tiny_slabs, shape):
     disp = np.random.default_rng(1).normal(0, 0.6, shape).astype(np.float32)
-    ours, ref = inference.jacobian_determinant(disp), metrics.jacobian_determinant(disp)
+    ours, ref = warping.jacobian_determinant(disp), metrics.jacobian_determinant(disp)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
-    assert inference.count_folds(disp) == int((ref <= 0).sum()) > 0
+    assert warping.count_folds(disp) == int((ref <= 0).sum()) > 0
 
 
 @pytest.mark.slow
-def test_field_to_original_on_device_equals_numpy_for_every_orientation_tried():
+def test_field_mapped_back_to_the_original_orientation_is_the_same_world_displacement():
+    """For every original voxel ``i`` (reoriented voxel ``j``, the same world point), the field brought back to
+    the original grid moves ``i`` by the same world vector as the reoriented field moves ``j``: closed form
+    through the two affines, for every orientation tried."""
     rng = np.random.default_rng(2)
     shape = (6, 7, 5)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
     for codes in ("LPS", "RAS", "SRA", "LIP", "AIL", "PSR"):
-        affine = nib.orientations.inv_ornt_aff(nib.orientations.axcodes2ornt(codes), shape)
+        affine = nib.orientations.inv_ornt_aff(nib.orientations.axcodes2ornt(codes), shape) @ np.diag([1.5, 1.0, 2.0, 1.0])
         volume = Volume(rng.random(shape).astype(np.float32), affine)
-        reoriented, transform = geometry.to_model_space(volume, "RAS")
+        reoriented, transform = space.to_model_space(volume, "RAS")
         disp = rng.normal(size=reoriented.data.shape + (3,)).astype(np.float32)
-        ref = geometry.field_to_original(disp, transform, shape)
-        np.testing.assert_array_equal(np.asarray(geometry.field_to_original_device(jnp.asarray(disp), transform, shape)), ref)
+        ours = np.asarray(space.field_to_original(jnp.asarray(disp), transform, shape))
+        assert ours.shape == shape + (3,)
+        j = np.rint((np.linalg.inv(reoriented.affine) @ affine @ np.c_[grid, np.ones(len(grid))].T)[:3].T).astype(int)
+        world_re = disp[j[:, 0], j[:, 1], j[:, 2]] @ reoriented.affine[:3, :3].T
+        world_ours = ours[grid[:, 0], grid[:, 1], grid[:, 2]] @ affine[:3, :3].T
+        np.testing.assert_allclose(world_ours, world_re, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["none", "minmax", "percentile"])
-def test_prepare_raw_matches_normalising_at_full_resolution(mode):
+def test_prepare_matches_normalising_and_resampling_at_full_resolution_with_scipy(mode):
+    """:func:`pipeline.prepare` normalises after downsampling (statistics from the full images); the reference
+    normalises first, resamples with scipy (the training data's resampler) and centres on the canvas."""
     rng = np.random.default_rng(3)
     fixed = (rng.random((40, 48, 36)) * 900).astype(np.float32)
     moving = (rng.random((40, 48, 36)) * 700 + 50).astype(np.float32)
     pre = {"normalize": mode, "resample_shape": [20, 24, 18]}
-    ref = inference.prepare(pre, 16, *inference.normalize_inputs(pre, fixed, moving)[:2])
-    ours, used = inference.prepare_raw(pre, 16, fixed, moving)
-    assert used == mode and ours.placement == ref.placement
+    ours, used = pipeline.prepare(pre, 16, fixed, moving)
+    placement = place((20, 24, 18), padded_shape((20, 24, 18), 16))
+    assert used == mode and ours.placement == placement and ours.grid == (40, 48, 36) and ours.work == (20, 24, 18)
     # affine maps commute with linear resampling; percentile clipping before or after it differs a little
     tol = 1e-4 * 900 if mode == "none" else (1e-5 if mode == "minmax" else 0.02)
-    np.testing.assert_allclose(np.asarray(ours.fixed), np.asarray(ref.fixed), atol=tol)
-    np.testing.assert_allclose(np.asarray(ours.moving), np.asarray(ref.moving), atol=tol)
-    np.testing.assert_allclose(normalize(fixed, mode), inference.normalize_inputs(pre, fixed, moving)[0])
+    for image, net in ((fixed, ours.fixed), (moving, ours.moving)):
+        ref = placement.apply(resample(normalize(image, mode), (20, 24, 18), 1))
+        np.testing.assert_allclose(np.asarray(net)[0, ..., 0], ref, atol=tol)
 
 
 @pytest.mark.slow
-def test_map_back_on_device_equals_the_host_version():
+def test_map_back_on_device_equals_restoring_and_resizing():
     rng = np.random.default_rng(4)
     pre = {"resample_shape": [20, 24, 18]}
-    prepared = inference.prepare(pre, 16, rng.random((40, 48, 36)).astype(np.float32), rng.random((40, 48, 36)).astype(np.float32))
+    prepared, _ = pipeline.prepare(pre, 16, rng.random((40, 48, 36)).astype(np.float32), rng.random((40, 48, 36)).astype(np.float32))
     canvas = rng.normal(size=(1,) + prepared.placement.canvas_shape + (3,)).astype(np.float32)
-    out = np.asarray(inference.map_back_device(prepared, canvas))
+    out = np.asarray(pipeline.map_back(prepared, canvas))
     assert out.shape == (40, 48, 36, 3)
     restored = prepared.placement.restore(canvas[0])
-    ref = np.asarray(inference.resize_field(jnp.asarray(restored)[None], (40, 48, 36))[0])
+    ref = np.asarray(resize_field(jnp.asarray(restored)[None], (40, 48, 36))[0])
     np.testing.assert_allclose(out, ref, atol=1e-6)
-    np.testing.assert_array_equal(inference.map_back(prepared, canvas), out)
 
 
 @pytest.mark.parametrize("shape,dtype,order", [((50, 60, 70, 3), np.float32, "C"), ((33, 20, 11), np.int16, "C"),
@@ -160,8 +170,6 @@ def test_streamed_nifti_keeps_header_extensions_of_the_source(tmp_path):
 def test_compiled_resampling_equals_scipy_zoom(src, dst):
     """What ``crd-jax register`` resamples its inputs with equals the training data's resampling
     (``scipy.ndimage.zoom``, order 1, grid mode, edges repeated) up to float32 rounding."""
-    from crd_jax.data.preprocess import resample
-
     image = (np.random.default_rng(5).random(src) * 1000).astype(np.float32)
-    np.testing.assert_allclose(inference.resample_image(image, dst), resample(image, dst, 1), rtol=1e-5, atol=1e-3)
-    assert inference.resample_image(image, src) is image
+    np.testing.assert_allclose(space.resample_linear(image, dst), resample(image, dst, 1), rtol=1e-5, atol=1e-3)
+    assert space.resample_linear(image, src) is image

@@ -7,10 +7,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from crd_jax import geometry
+from crd_jax.registration import space as geometry
 from crd_jax.cli import main as cli
 from crd_jax.data.io import Volume
-from crd_jax.interop.formats import onto_grid
+from crd_jax.registration.space import onto_grid
 from crd_jax.metrics import dice
 from model_folders import make_model_folder
 

@@ -138,7 +138,9 @@ def test_arguments_on_another_device_take_the_plain_jit(tmp_path):
 SCRIPT = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np
-    from crd_jax import compile as cc, inference
+    from crd_jax import compile as cc
+    from crd_jax.registration.model import predict
+    from crd_jax.registration.warping import warp_image
     from crd_jax.models.build import model_from_spec
     from crd_jax.interop.official import ARCHITECTURE
     from crd_jax.cli.main import enable_compilation_cache
@@ -151,8 +153,8 @@ SCRIPT = textwrap.dedent("""
     traces = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, *_, **__: traces.append(name) if name.endswith("jaxpr_trace_duration") else None)
-    disp = np.asarray(inference.predict(model, params, x, x * 0.5))
-    warped = np.asarray(inference.warp_image(np.asarray(x)[0, ..., 0], disp[0]))
+    disp = np.asarray(predict(model, params, x, x * 0.5))
+    warped = np.asarray(warp_image(np.asarray(x)[0, ..., 0], disp[0]))
     np.save(sys.argv[2], np.concatenate([disp.ravel(), warped.ravel()]))
     print(len(traces), native.available())
 """)

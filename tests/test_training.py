@@ -16,7 +16,7 @@ from crd_jax.config import base_config, set_steps
 from crd_jax.data import SyntheticConfig, SyntheticDataset, PairLoader
 from crd_jax.models import build as mbuild
 from crd_jax.training import distributed
-from crd_jax.training.checkpoint import load_model
+from crd_jax.model_io import load_model
 from crd_jax.training.loop import make_optimizer, make_train_step
 from crd_jax.training.stages import Trained, plan_stage
 

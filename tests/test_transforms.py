@@ -139,7 +139,8 @@ def test_instance_optimisation_lowers_the_pair_loss_and_zero_steps_change_nothin
     import jax
     import jax.numpy as jnp
 
-    from crd_jax import inference
+    from crd_jax.registration import model as inference
+    from crd_jax.registration.pipeline import prepare
     from crd_jax.models import Registrar, VoxelMorph
 
     shape = (32, 32, 32)
@@ -147,7 +148,7 @@ def test_instance_optimisation_lowers_the_pair_loss_and_zero_steps_change_nothin
     moving = np.asarray(warp(jnp.asarray(fixed)[None, ..., None], jnp.asarray(_field(shape, 2.0, 5))[None]))[0, ..., 0]
     model = Registrar(VoxelMorph(), factor=2)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape, 1)), jnp.zeros((1, *shape, 1)))
-    prepared = inference.prepare({}, 32, fixed, moving)
+    prepared, _ = prepare({"normalize": "none"}, 32, fixed, moving)
     start = np.asarray(inference.predict(model, params, prepared.moving, prepared.fixed))
     same, b0, a0 = inference.instance_optimise(model, params, prepared, 0)
     np.testing.assert_allclose(np.asarray(same), start, atol=1e-6)

@@ -245,8 +245,9 @@ def cmd_register(args) -> None:
     if not (args.fixed and args.moving):
         raise InputError("register", "needs --fixed and --moving (or --pairs pairs.csv)")
     started = time.perf_counter()
-    from crd_jax.cli.allocator import release_free_memory
-    from crd_jax.cli.registration import load, load_pair, register_volumes
+    from crd_jax.registration.allocator import release_free_memory
+    from crd_jax.registration.model import load
+    from crd_jax.registration.pipeline import load_pair, register_volumes
     from crd_jax.outputs import OutputSet
 
     outputs = OutputSet(args.out_dir, _register_names(args, bool(args.moving_seg)), args.overwrite,
@@ -282,8 +283,9 @@ def _register_many(args) -> None:
     once when it is done."""
     from tqdm import tqdm
 
-    from crd_jax.cli.allocator import release_free_memory
-    from crd_jax.cli.registration import load, load_pair, register_volumes
+    from crd_jax.registration.allocator import release_free_memory
+    from crd_jax.registration.model import load
+    from crd_jax.registration.pipeline import load_pair, register_volumes
     from crd_jax.outputs import OutputSet
 
     pairs = read_pairs_csv(args.pairs)
@@ -353,7 +355,7 @@ def cmd_apply(args) -> None:
 
             warped = warp_labels_onehot(vol.data, transforms.sample_coordinates(disp, reference.affine, vol.affine))
         elif vol.data.dtype.itemsize > 4:  # 64-bit labels, exactly: as indices
-            from crd_jax.cli.registration import compact_labels
+            from crd_jax.registration.warping import compact_labels
 
             indices, values = compact_labels(vol.data)
             warped = values[transforms.apply_to_labels(indices, vol.affine, disp, reference.affine, "nearest")]
@@ -449,7 +451,7 @@ def _read_pairs(path: str, ids: List[str]):
 def cmd_evaluate(args) -> None:
     import numpy as np
 
-    from crd_jax.cli.registration import load
+    from crd_jax.registration.model import load
     from crd_jax.data import build_datasets, dataset_labels, eval_pairs
     from crd_jax.outputs import OutputSet
     from crd_jax.evaluation import evaluate_pairs, measure_inference, summarize
@@ -565,10 +567,11 @@ def _evaluate_files(args, config) -> None:
     import numpy as np
 
     from crd_jax import metrics
-    from crd_jax.cli.registration import load, load_pair, onto_grid_labels, register_volumes
+    from crd_jax.registration.model import load
+    from crd_jax.registration.pipeline import load_pair, onto_grid_labels, register_volumes
     from crd_jax.data.layouts import label_protocol, list_subjects, select
     from crd_jax.evaluation import summarize
-    from crd_jax.geometry import same_grid
+    from crd_jax.registration.space import same_grid
     from crd_jax.outputs import OutputSet
 
     root = args.data_root or config.data.root
@@ -665,7 +668,8 @@ def cmd_figure(args) -> None:
     if args.from_dir:
         fixed, moving_shown, warped, disp, fixed_seg, warped_seg, title = _saved_registration(args)
     else:
-        from crd_jax.cli.registration import load, load_pair, register_volumes
+        from crd_jax.registration.model import load
+        from crd_jax.registration.pipeline import load_pair, register_volumes
 
         loaded = load(_model_path(args.model))
         fixed, moving, moving_seg, fixed_seg_vol = load_pair(loaded, args.fixed, args.moving, args.moving_seg, args.fixed_seg)
@@ -675,7 +679,7 @@ def cmd_figure(args) -> None:
             print(f"note: {note}")
         if result.get("warning"):
             warning = result["warning"]
-        from crd_jax.geometry import onto_grid, same_grid
+        from crd_jax.registration.space import onto_grid, same_grid
 
         moving_shown = moving.data if same_grid(fixed, moving) else onto_grid(moving, fixed, order=1)
         warped, disp, warped_seg = result["warped"], result["disp"], result.get("warped_seg")
@@ -698,8 +702,9 @@ def _fixed_labels_on_grid(fixed_seg, fixed):
     """The fixed label map's voxels on the fixed grid (checked to cover it), or ``None``."""
     if fixed_seg is None:
         return None
-    from crd_jax.cli.registration import check_label_grid, onto_grid_labels
-    from crd_jax.geometry import same_grid
+    from crd_jax.registration.checks import check_label_grid
+    from crd_jax.registration.pipeline import onto_grid_labels
+    from crd_jax.registration.space import same_grid
 
     check_label_grid(fixed_seg, fixed, "fixed image")
     return fixed_seg.data if same_grid(fixed_seg, fixed) else onto_grid_labels(fixed_seg, fixed)
@@ -710,7 +715,7 @@ def _saved_registration(args):
     and nothing is registered): the fixed and moving images named by its ``registration.json`` (or
     ``--fixed``/``--moving``), its ``warped``, ``warped_seg`` (when present) and displacement files."""
     from crd_jax.data.io import load_image, load_labels
-    from crd_jax.geometry import onto_grid, same_grid
+    from crd_jax.registration.space import onto_grid, same_grid
     from crd_jax.interop.formats import read_displacement
 
     folder = Path(args.from_dir)
@@ -1133,7 +1138,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def entry() -> None:
-    from crd_jax.cli.allocator import return_large_blocks_to_the_system
+    from crd_jax.registration.allocator import return_large_blocks_to_the_system
 
     cap_thread_count()
     return_large_blocks_to_the_system()

@@ -22,8 +22,6 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from crd_jax.data.io import Volume, save_nifti, save_npz
-# grid helpers live in crd_jax.geometry; re-exported for code importing them from here
-from crd_jax.geometry import onto_grid, same_grid, world_box, world_gap  # noqa: F401
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 FORMATS = ("voxel", "itk", "learn2reg")

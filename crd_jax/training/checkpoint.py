@@ -13,11 +13,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-# model folders live in crd_jax.model_io; re-exported here for code written against earlier releases
-from crd_jax.model_io import (  # noqa: E402,F401
-    FORMAT_VERSION, MODEL_JSON, PARAMS_FILE, is_model_folder, load_model, load_spec, save_model,
-)
-
 
 class StageCheckpointer:
     def __init__(self, directory: Path, keep: int = 2):

@@ -70,7 +70,7 @@ def _source(init_from: str) -> Tuple[Path, Dict]:
 
 
 def _model_space(spec: Dict) -> Tuple[str, Tuple[float, ...], Dict]:
-    from crd_jax.geometry import model_voxel_size
+    from crd_jax.registration.space import model_voxel_size
 
     pre = spec.get("preprocessing", {})
     record = pre.get("geometry")
@@ -97,7 +97,7 @@ def prepare_folder(root: Path, spec: Dict, dest: Path, images_dir: str = "images
     from crd_jax.data.io import load_image, load_labels, save_nifti
     from crd_jax.data.layouts import list_subjects
     from crd_jax.data.preprocess import apply_normalize, normalize_params, resample
-    from crd_jax.geometry import model_work_shape, to_model_space
+    from crd_jax.registration.space import model_work_shape, to_model_space
 
     done = dest / "prepared.json"
     if done.exists():
@@ -146,7 +146,7 @@ def setup(config) -> Dict:
 
     from crd_jax.config import stage
     from crd_jax.data.preprocess import padded_shape
-    from crd_jax.inference import canvas_multiple
+    from crd_jax.registration.model import canvas_multiple
     from crd_jax.models.build import spec_architecture
 
     folder, spec = _source(str(config.init_from))

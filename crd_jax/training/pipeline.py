@@ -58,7 +58,7 @@ def _stage_steps(config, st) -> int:
 
 def _preprocessing_spec(config, dataset, multiple: int) -> Dict:
     """How inputs must be prepared for the model (saved with it, used by ``crd-jax register``)."""
-    from crd_jax.geometry import geometry_of
+    from crd_jax.registration.space import geometry_of
 
     d = config.data
     sample = np.concatenate([np.ravel(dataset.image(i)) for i in range(min(4, len(dataset)))])

@@ -1,17 +1,17 @@
-"""The model's own space: orientation and voxel size.
+"""The model's space: its orientation, its voxel size, and the one resampler onto its grid.
 
 A model records the orientation (axis codes, e.g. ``LPS``) and voxel size of the data it was trained on, and
 the grid its network sees. :func:`to_model_space` reorients a volume to the model's orientation (a
-permutation and flips of the array axes, no resampling: nibabel's orientation tools), and
-:func:`model_work_shape` gives the shape that samples the volume's field of view at the model's voxel size.
-:func:`field_to_original` maps a displacement computed in the reoriented grid back onto the original one
-(array axes and vector components alike).
+permutation and flips of the array axes, no resampling: nibabel's orientation tools), :func:`model_work_shape`
+gives the shape that samples the volume's field of view at the model's voxel size, and :func:`resample_linear`
+brings an image onto that grid. :func:`field_to_original` maps a displacement computed in the reoriented grid
+back onto the original one (array axes and vector components alike, on the device). :func:`onto_grid` brings a
+volume onto another volume's grid through both affines (a moving image on a fixed image's grid).
 """
 
 from __future__ import annotations
 
 import functools
-
 from typing import Mapping, Optional, Sequence, Tuple
 
 import nibabel as nib
@@ -48,19 +48,9 @@ def _component_plan(transform: np.ndarray, original_shape: Sequence[int]):
     return tuple(plan), _inverse_transform(transform)
 
 
-def field_to_original(disp: np.ndarray, transform: np.ndarray, original_shape: Sequence[int]) -> np.ndarray:
-    """A ``(*reoriented, 3)`` voxel displacement -> ``(*original, 3)`` in the original voxels."""
-    plan, undo = _component_plan(transform, original_shape)
-    out = np.empty(tuple(original_shape) + (disp.shape[-1],), np.float32)  # one strided copy per component
-    for i, (j, sign) in enumerate(plan):
-        out[..., i] = ornt.apply_orientation(disp[..., j], undo)
-        if sign < 0:
-            np.negative(out[..., i], out=out[..., i])
-    return out
-
-
-def field_to_original_device(disp, transform: np.ndarray, original_shape: Sequence[int]):
-    """:func:`field_to_original` on a JAX array (compiled; no host copy of the full-size field)."""
+def field_to_original(disp, transform: np.ndarray, original_shape: Sequence[int]):
+    """A ``(*reoriented, 3)`` voxel displacement (a JAX array) -> ``(*original, 3)`` in the original voxels,
+    compiled, with no host copy of the full-size field."""
     import jax.numpy as jnp
 
     plan, undo = _component_plan(transform, original_shape)
@@ -79,7 +69,7 @@ def _reorient_field(disp, plan, flips, order):
 
 @functools.lru_cache(maxsize=None)
 def _reorient_jit():
-    from crd_jax.compile import persistent_jit  # geometry itself does not need JAX
+    from crd_jax.compile import persistent_jit  # the geometry itself does not need JAX
 
     return persistent_jit(_reorient_field, static_argnums=(1, 2, 3))
 
@@ -145,3 +135,27 @@ def world_gap(a: Volume, b: Volume) -> float:
     (alo, ahi), (blo, bhi) = world_box(a), world_box(b)
     separation = np.maximum(0.0, np.maximum(alo, blo) - np.minimum(ahi, bhi))
     return float(np.linalg.norm(separation))
+
+
+def resample_linear(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """An image resampled linearly to ``shape`` (half-pixel centres, edges repeated), compiled: what
+    registration resamples onto the model's grid with. It equals the training data's resampling
+    (:func:`crd_jax.data.preprocess.resample`, ``scipy.ndimage.zoom`` order 1) to float32 rounding (tested),
+    without scipy's import and single-threaded pass at full resolution."""
+    shape = tuple(int(s) for s in shape)
+    if tuple(np.shape(volume)) == shape:
+        return volume
+    return np.asarray(_resample_jit()(volume, shape))
+
+
+@functools.lru_cache(maxsize=None)
+def _resample_jit():
+    import jax.numpy as jnp
+
+    from crd_jax.compile import persistent_jit
+    from crd_jax.ops.spatial import resize
+
+    def run(volume, shape):
+        return resize(jnp.asarray(volume, jnp.float32)[None, ..., None], shape)[0, ..., 0]
+
+    return persistent_jit(run, static_argnums=1)

@@ -1,5 +1,5 @@
 """What the command line asks of glibc's allocator, so that a process that allocates and frees full-size
-volumes in turn stays small. Standard library only: :func:`crd_jax.cli.main.entry` calls it before any heavy
+volumes in turn stays small. Standard library only: the command line (:func:`crd_jax.cli.main.entry`) calls it before any heavy
 import."""
 
 from __future__ import annotations
