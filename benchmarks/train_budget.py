@@ -169,7 +169,7 @@ class StageTimer:
         opts = compiler_options
         forward, network, step, optimizer, mesh = stage_functions(plan, config, steps)
         params, frozen = plan.init_params, plan.frozen
-        with ops_variant(variant):
+        with ops_variant(None if variant == CACHED else variant):
             with network_only():  # traced (and compiled) inside: the proxy is what they run
                 self.forward = forward.lower(params, frozen, batch).compile(opts)
                 self.network = network.lower(params, frozen, batch).compile(opts)
@@ -207,19 +207,43 @@ class StageTimer:
 QUICK_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-def measure_jax(shape, batch, repeats, steps, stages=STAGES, log=print, compiler_options=None, variants=(None,)):
+#: the variant of S3 whose frozen teacher's outputs come with the batch (crd_jax/training/teacher_cache.py)
+CACHED = "teacher cached"
+#: ordered training pairs of 24 subjects (LPBA40's training split): the teacher forwards that fill the cache
+CACHE_PAIRS = 24 * 23
+
+
+def cached_teacher_stage(plan, batch_arrays):
+    """S3's plan and batch with the teacher read from the batch: the step a run pays once every pair is cached."""
+    import dataclasses
+
+    import jax
+
+    from crd_jax.training.distill import cached_key
+
+    loss_fn = plan.loss_fn
+    outputs = jax.jit(loss_fn.teacher.apply)(plan.frozen, batch_arrays["moving"], batch_arrays["fixed"])
+    leaves, tree = jax.tree_util.tree_flatten(outputs)
+    cached_batch = dict(batch_arrays, **{cached_key(i): leaf for i, leaf in enumerate(leaves)})
+    return dataclasses.replace(plan, loss_fn=loss_fn.with_cached_teacher(tree)), cached_batch
+
+
+def measure_jax(shape, batch, repeats, steps, stages=STAGES, log=print, compiler_options=None, variants=(None,),
+                teacher_cache=False):
     config = pipeline_config(shape, batch=batch)
     batch_arrays = _batch(shape, batch, seed=1)
     plans = plan_pipeline(config, shape, batch, stages)
     timers = []
-    for name in stages:
-        for variant in variants:
-            t = time.perf_counter()
-            timers.append(StageTimer(name, plans[name], config, batch_arrays, steps, compiler_options, variant))
-            for what in ("forward", "network", "step"):  # warm-up, not recorded
-                timers[-1].run(what)
-                timers[-1].times[what].clear()
-            log(f"[{name}{' ' + variant if variant else ''}] compiled and warmed up in {time.perf_counter() - t:.1f} s")
+    jobs = [(name, variant, plans[name], batch_arrays) for name in stages for variant in variants]
+    if teacher_cache and "vm_l_crd" in stages:
+        jobs.append(("vm_l_crd", CACHED, *cached_teacher_stage(plans["vm_l_crd"], batch_arrays)))
+    for name, variant, plan, arrays in jobs:
+        t = time.perf_counter()
+        timers.append(StageTimer(name, plan, config, arrays, steps, compiler_options, variant))
+        for what in ("forward", "network", "step"):  # warm-up, not recorded
+            timers[-1].run(what)
+            timers[-1].times[what].clear()
+        log(f"[{name}{' ' + variant if variant else ''}] compiled and warmed up in {time.perf_counter() - t:.1f} s")
     for r in range(repeats):  # rounds: every stage's three functions once, in turn
         for timer in timers:
             for what in ("forward", "network", "step"):
@@ -339,6 +363,11 @@ def hours(step_s: float, steps: int) -> float:
     return step_s * steps / 3600.0
 
 
+def cache_fill_hours(s3: dict, cached: dict) -> float:
+    """The teacher's forward once per training pair: S3's forward less the cached variant's (the student's)."""
+    return max(s3["forward_s"] - cached["forward_s"], 0.0) * CACHE_PAIRS / 3600.0
+
+
 def render(rows, torch_rows, shape, batch, steps, repeats, conv, previous=None) -> str:
     m = machine()
     size = "x".join(map(str, shape))
@@ -350,18 +379,32 @@ def render(rows, torch_rows, shape, batch, steps, repeats, conv, previous=None) 
              f"| Stage | Forward (s) | Backward (s) | Loss (s) | Step (s) | Step / forward | Loss share | "
              f"Hours per {steps:,} steps |",
              "|---|---|---|---|---|---|---|---|"]
-    total = {}
+    total, cached = {}, None
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | |")
             continue
         h = hours(r["step_s"], steps)
-        total[r.get("variant", "")] = total.get(r.get("variant", ""), 0.0) + h
+        if r.get("variant") == CACHED:
+            cached = r
+        else:
+            total[r.get("variant", "")] = total.get(r.get("variant", ""), 0.0) + h
         lines.append(f"| {r['label']} | {r['forward_s']:.3f} | {r['backward_s']:.3f} | {r['loss_s']:.3f} | "
                      f"{r['step_s']:.3f} | {r['step_s'] / r['forward_s']:.1f}x | {r['loss_s'] / r['step_s']:.0%} | {h:.1f} |")
     for variant, h in total.items():
         count = sum(1 for r in rows if r.get("variant", "") == variant and "error" not in r)
         lines.append(f"| **Pipeline ({count} stages{', ' + variant if variant else ''})** | | | | | | | **{h:.1f}** |")
+    s3 = next((r for r in rows if r["stage"] == "vm_l_crd" and r.get("variant", "") in ("", "after") and "error" not in r), None)
+    if cached is not None and s3 is not None:
+        fill = cache_fill_hours(s3, cached)
+        variant = s3.get("variant", "")
+        with_cache = total[variant] - hours(s3["step_s"], steps) + hours(cached["step_s"], steps) + fill
+        lines.append(f"| **Pipeline, S3's teacher cached** (+ {fill:.2f} h: {CACHE_PAIRS} teacher forwards fill the "
+                     f"cache) | | | | | | | **{with_cache:.1f}** |")
+        lines += ["", f"S3 with its teacher cached (`train.teacher_cache_gb`, on by default without augmentation): the "
+                  "frozen teacher runs once per training pair, so after the first "
+                  f"{CACHE_PAIRS} pairs a step pays the student only; its step is {s3['step_s'] / cached['step_s']:.2f}x "
+                  "faster than running the teacher every step."]
     if torch_rows:
         lines += ["", f"PyTorch, written independently (the paper's VM in plain PyTorch, `channels_last_3d`, all cores; "
                   "NCC 9^3 as separable box sums, `grid_sample` warp, Adam), each in a fresh process:", "",
@@ -634,6 +677,8 @@ def main(argv=None):
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--before-after", action="store_true", help="every stage twice, with the backward formulations "
                    "of issue 26 off (before: concatenated decoder input, autodiff upsampling, XLA's warp) and on (after)")
+    p.add_argument("--teacher-cache", action="store_true", help="also S3 with its frozen teacher's outputs cached "
+                   "(train.teacher_cache_gb), and the pipeline's hours with it")
     p.add_argument("--torch-repeats", type=int, default=None)
     p.add_argument("--profile", action="store_true", help="the attribution tables -> results/train_profile.{md,json}")
     p.add_argument("--render-profile", type=Path, metavar="JSON", help="rebuild the profile's tables from its JSON")
@@ -659,7 +704,7 @@ def main(argv=None):
     t = time.perf_counter()
     rows = measure_jax(shape, args.batch, repeats, args.steps, tuple(args.stages),
                        compiler_options=QUICK_OPTIONS if args.quick else None,
-                       variants=("before", "after") if args.before_after else (None,))
+                       variants=("before", "after") if args.before_after else (None,), teacher_cache=args.teacher_cache)
     print(f"measured in {time.perf_counter() - t:.0f} s")
     torch_rows = []
     if not (args.quick or args.no_torch):
@@ -676,6 +721,13 @@ def main(argv=None):
                "pipeline_hours": {v or "": sum(hours(r["step_s"], args.steps) for r in rows
                                                if "error" not in r and r.get("variant", "") == (v or ""))
                                   for v in (("before", "after") if args.before_after else (None,))}}
+    cached = [r for r in rows if r.get("variant") == CACHED and "error" not in r]
+    s3 = [r for r in rows if r["stage"] == "vm_l_crd" and r.get("variant", "") in ("", "after") and "error" not in r]
+    if cached and s3:
+        fill = cache_fill_hours(s3[0], cached[0])
+        key = s3[0].get("variant", "")
+        payload["pipeline_hours"][f"{key} with S3's teacher cached".strip()] = (
+            payload["pipeline_hours"][key] - hours(s3[0]["step_s"], args.steps) + hours(cached[0]["step_s"], args.steps) + fill)
     write(args.out or HERE / "results" / "train_budget", payload, md)
     return 0
 

@@ -111,6 +111,9 @@ def base_config() -> ml_collections.ConfigDict:
     # > 0: a Unix time; a stage that reaches it saves a checkpoint and stops (loop.DeadlineReached), for
     # time-boxed runs that resume later. SIGTERM/Ctrl-C likewise save the step they interrupt.
     c.train.deadline = 0.0
+    # S3: keep the frozen teacher's outputs per training pair in host memory (up to this many GB) instead of
+    # running it every step; exact, used only without augmentation (training/teacher_cache.py). 0: off.
+    c.train.teacher_cache_gb = 4.0
 
     # --- the scheme: stages in order (Section III, Fig. 2) --------------------------------------------
     steps = 500_000

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import queue
 import threading
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -88,38 +88,43 @@ class PairLoader:
         return batch
 
     def iterate(self, start: int, stop: int, prefetch: int = 2) -> Iterator[Tuple[int, Dict[str, np.ndarray]]]:
-        """Yields ``(step, batch)`` for ``start <= step < stop``, loading up to ``prefetch`` batches ahead.
+        """Yields ``(step, batch)`` for ``start <= step < stop``, loading up to ``prefetch`` batches ahead."""
+        return prefetched(self.batch, start, stop, prefetch)
 
-        An exception in the loader thread is re-raised in the consumer.
-        """
-        q: "queue.Queue" = queue.Queue(maxsize=max(1, prefetch))
-        stop_event = threading.Event()
 
-        def work():
-            try:
-                for step in range(start, stop):
-                    item = (step, self.batch(step))
-                    while not stop_event.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop_event.is_set():
-                        return
-            except BaseException as exc:  # handed to the consumer
-                q.put(exc)
+def prefetched(batch: Callable[[int], Dict[str, np.ndarray]], start: int, stop: int,
+               prefetch: int = 2) -> Iterator[Tuple[int, Dict[str, np.ndarray]]]:
+    """Yields ``(step, batch(step))`` for ``start <= step < stop``, computing up to ``prefetch`` batches ahead
+    in a background thread. An exception in the thread is re-raised in the consumer.
+    """
+    q: "queue.Queue" = queue.Queue(maxsize=max(1, prefetch))
+    stop_event = threading.Event()
 
-        thread = threading.Thread(target=work, name="crd-jax-loader", daemon=True)
-        thread.start()
+    def work():
         try:
-            for _ in range(start, stop):
-                item = q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop_event.set()
+            for step in range(start, stop):
+                item = (step, batch(step))
+                while not stop_event.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop_event.is_set():
+                    return
+        except BaseException as exc:  # handed to the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=work, name="crd-jax-loader", daemon=True)
+    thread.start()
+    try:
+        for _ in range(start, stop):
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop_event.set()
 
 
 def _sorted_values(values: Optional[Sequence[int]]) -> Optional[np.ndarray]:

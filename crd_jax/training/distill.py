@@ -170,21 +170,54 @@ def regress(regressor, features):
             for l, f in features.items()}
 
 
-def make_loss(student: Registrar, teacher, terms: Sequence[DistillTerm], objective: Objective = Objective(),
-              with_regressor: bool = False, student_term: bool = True):
-    """``teacher``: an object with ``apply(frozen, moving, fixed)`` returning ``disp_low`` and ``features``
+@dataclasses.dataclass(frozen=True)
+class DistillLoss:
+    """S3's ``loss_fn(params, frozen, batch) -> (loss, aux)`` (eq. 10) for a student under a frozen teacher.
+
+    ``teacher``: an object with ``apply(frozen, moving, fixed)`` returning ``disp_low`` and ``features``
     on the student's grid (the FST, :class:`crd_jax.models.teacher.Teacher`). ``with_regressor``: the
     trainable parameters are ``{"student", "regressor"}`` (:func:`init_regressor`). ``student_term``: whether
-    ``L^L`` is part of the total (``loss.student_term``)."""
+    ``L^L`` is part of the total (``loss.student_term``). ``teacher_tree``: set by :meth:`with_cached_teacher`;
+    the teacher's outputs then come with the batch (``batch["teacher/<i>"]``, the leaves of its output for
+    each pair, :mod:`crd_jax.training.teacher_cache`) instead of being recomputed at every step.
+    """
 
-    def loss_fn(params, frozen, batch):
+    student: Registrar
+    teacher: object
+    terms: Tuple[DistillTerm, ...]
+    objective: Objective = Objective()
+    with_regressor: bool = False
+    student_term: bool = True
+    teacher_tree: object = None
+
+    def teacher_output(self, frozen, batch):
+        """phi^T and F^T for the batch: constants for the student (``stop_gradient``)."""
+        if self.teacher_tree is not None:
+            leaves = [batch[cached_key(i)] for i in range(self.teacher_tree.num_leaves)]
+            return jax.tree_util.tree_unflatten(self.teacher_tree, leaves)
+        return jax.lax.stop_gradient(self.teacher.apply(frozen, batch["moving"], batch["fixed"]))
+
+    def with_cached_teacher(self, teacher_tree) -> "DistillLoss":
+        """The same loss reading the teacher's outputs (structure ``teacher_tree``) from the batch."""
+        return dataclasses.replace(self, teacher_tree=teacher_tree)
+
+    def __call__(self, params, frozen, batch):
         m, f = batch["moving"], batch["fixed"]
-        t = jax.lax.stop_gradient(teacher.apply(frozen, m, f))
-        if with_regressor:
-            s = student.apply(params["student"], m, f)
+        t = self.teacher_output(frozen, batch)
+        if self.with_regressor:
+            s = self.student.apply(params["student"], m, f)
             s = s.replace(features=regress(params["regressor"], s.features))
         else:
-            s = student.apply(params, m, f)
-        return distillation_loss(t, s, batch, terms, objective, student_term)
+            s = self.student.apply(params, m, f)
+        return distillation_loss(t, s, batch, self.terms, self.objective, self.student_term)
 
-    return loss_fn
+
+def cached_key(i: int) -> str:
+    """The batch key of leaf ``i`` of a cached teacher output."""
+    return f"teacher/{i}"
+
+
+def make_loss(student: Registrar, teacher, terms: Sequence[DistillTerm], objective: Objective = Objective(),
+              with_regressor: bool = False, student_term: bool = True) -> DistillLoss:
+    """Eq. 10's loss for ``student`` under ``teacher`` (:class:`DistillLoss`)."""
+    return DistillLoss(student, teacher, tuple(terms), objective, with_regressor, student_term)

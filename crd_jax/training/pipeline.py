@@ -34,6 +34,7 @@ from crd_jax.training.loop import StageRun, train_stage
 from crd_jax.training import diagnostics as diag
 from crd_jax.training import stage_kinds
 from crd_jax.training.stages import Trained, plan_stage
+from crd_jax.training import teacher_cache
 
 
 def write_text(path: Path, text: str) -> None:
@@ -283,6 +284,7 @@ def _run_stages(config, typed, workdir, datasets, labels, loader, example, multi
     )
 
     done: Dict[str, Trained] = {}
+    teacher_caches: Dict = {}  # S3 teachers' outputs per training pair, shared by stages with one teacher
     results, diagnostics = [], []
     root_key = jax.random.PRNGKey(int(config.seed))
     for index, name in enumerate(config.pipeline):
@@ -300,9 +302,14 @@ def _run_stages(config, typed, workdir, datasets, labels, loader, example, multi
             logger.info(f"[{name}] finished earlier, loaded {model_dir}")
         else:
             steps = _stage_steps(config, st)
-            run_ = StageRun(name, plan.loss_fn, plan.init_params, plan.frozen, steps, directory,
+            loss_fn, loader_, why = teacher_cache.attach(plan.loss_fn, plan.frozen, stage_loader(config, st, loader, labels),
+                                                         example, float(config.train.get("teacher_cache_gb", 0.0)),
+                                                         teacher_caches)
+            if why:
+                logger.info(f"[{name}] {why}")
+            run_ = StageRun(name, loss_fn, plan.init_params, plan.frozen, steps, directory,
                             _validator(config, plan, datasets, labels))
-            trained = train_stage(run_, stage_loader(config, st, loader, labels), mesh, config, logger)
+            trained = train_stage(run_, loader_, mesh, config, logger)
             params = plan.full_params(trained)
             preprocessing = _preprocessing_spec(config, train_ds, multiple)
             if config.get("init_from"):  # new inputs still need the source model's normalisation

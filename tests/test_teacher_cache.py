@@ -1,0 +1,149 @@
+"""S3's teacher cache (crd_jax/training/teacher_cache.py): the pair count it budgets for, the cached loss
+against the loss that runs the teacher, and a whole train.py run with the cache on against one with it off."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crd_jax.data.pairs import train_pair
+from crd_jax.training import distill, teacher_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("n, atlas, group", [(5, None, None), (4, 2, None), (6, None, 3), (6, 1, 3)])
+def test_distinct_pairs_is_the_number_of_pairs_the_stream_draws(n, atlas, group):
+    drawn = {train_pair(7, step, slot, n, atlas, group) for step in range(4000) for slot in range(2)}
+    assert teacher_cache.distinct_pairs(n, atlas, group) == len(drawn)
+
+
+class _Teacher:
+    """A deterministic stand-in with the FST's output structure (a field on a grid and features by level)."""
+
+    def apply(self, frozen, m, f):
+        from crd_jax.models.output import ModelOutput
+
+        d = jnp.tanh(frozen["w"] * (m - f))
+        disp = jnp.concatenate([d, 2 * d], axis=-1)
+        return ModelOutput(disp=disp, disp_low=disp, features={0: jnp.sin(frozen["w"] * m)})
+
+
+class _Student:
+    def apply(self, params, m, f):
+        from crd_jax.models.output import ModelOutput
+
+        disp = jnp.concatenate([params["a"] * (m - f), params["b"] * m], axis=-1)
+        return ModelOutput(disp=disp, disp_low=disp, features={0: params["a"] * m})
+
+
+def test_cached_loss_equals_the_loss_that_runs_the_teacher():
+    from crd_jax.losses import Objective
+
+    teacher, student = _Teacher(), _Student()
+    frozen = {"w": jnp.float32(1.7)}
+    params = {"a": jnp.float32(0.3), "b": jnp.float32(-0.2)}
+    rng = np.random.default_rng(0)
+    images = rng.random((3, 12, 10, 1), dtype=np.float32)
+    terms = (distill.TERMS["deformation"](weight=1.0), distill.TERMS["feature"](weight=0.5))
+    loss = distill.make_loss(student, teacher, terms, Objective(reg_weight=0.1, window=3))
+    cache = teacher_cache.TeacherCache(teacher.apply, frozen, images[:1], images[:1])
+    pairs = [(0, 1), (2, 0)]
+    batch = {"moving": images[[m for m, _ in pairs]], "fixed": images[[f for _, f in pairs]]}
+    cached_batch = dict(batch)
+    per_pair = [cache.leaves(p, batch["moving"][i:i + 1], batch["fixed"][i:i + 1]) for i, p in enumerate(pairs)]
+    for i in range(cache.tree.num_leaves):
+        cached_batch[distill.cached_key(i)] = np.concatenate([leaves[i] for leaves in per_pair])
+    cached = loss.with_cached_teacher(cache.tree)
+    (v0, aux0), g0 = jax.value_and_grad(loss, has_aux=True)(params, frozen, batch)
+    (v1, aux1), g1 = jax.value_and_grad(cached, has_aux=True)(params, frozen, cached_batch)
+    assert float(aux0["deformation"]) > 0 and float(aux0["feature"]) > 0  # the terms are live
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    for k in g0:
+        np.testing.assert_allclose(g1[k], g0[k], rtol=1e-5, atol=1e-7)
+    # each pair's teacher ran once; a second request is served from memory
+    assert cache.computed == 2 and cache.leaves((0, 1), None, None) is per_pair[0]
+
+
+def _train(workdir, *overrides):
+    cmd = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs/synthetic_vm_2d.py'}",
+           f"--config.workdir={workdir}", "--config.train.progress_bar=False",
+           "--config.data.synthetic.shape=(32,32)", "--config.data.synthetic.train=4",
+           "--config.data.synthetic.val=0", "--config.data.synthetic.test=0", "--config.train.log_every=1",
+           "--config.train.eval_every=0", "--config.train.batch_size=2", "--config.eval.diagnostics=False",
+           "--config.pipeline=('vm_h','vm_l','coop','fst','vm_l_crd')", "--config.stages.vm_h.steps=1", "--config.stages.vm_l.steps=1",
+           "--config.stages.coop.steps=1", "--config.stages.fst.steps=1", "--config.stages.vm_l_crd.steps=20",
+           *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_a_run_with_the_teacher_cache_trains_the_same_student(tmp_path):
+    from crd_jax.model_io import load_model
+
+    on = _train(tmp_path / "on")
+    off = _train(tmp_path / "off", "--config.train.teacher_cache_gb=0")
+    assert "[vm_l_crd] teacher cache on: the frozen teacher runs once per pair (12 pairs" in on.stderr
+    assert "[vm_l_crd] teacher cache off (train.teacher_cache_gb = 0)" in off.stderr
+
+    def losses(workdir):
+        rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if r.get("stage") == "vm_l_crd" and "loss" in r}
+
+    l_on, l_off = losses(tmp_path / "on"), losses(tmp_path / "off")
+    assert sorted(l_on) == list(range(1, 21))
+    for step in l_off:
+        assert l_on[step] == pytest.approx(l_off[step], rel=1e-4, abs=1e-6)
+    p_on, _ = load_model(tmp_path / "on" / "stages" / "vm_l_crd" / "model")
+    p_off, _ = load_model(tmp_path / "off" / "stages" / "vm_l_crd" / "model")
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p_on, p_off)
+
+
+class _Images:
+    def __init__(self, n, shape):
+        self.arrays = np.random.default_rng(1).random((n, *shape), dtype=np.float32)
+
+    def __len__(self):
+        return len(self.arrays)
+
+    def image(self, i):
+        return self.arrays[i]
+
+
+def test_the_cache_is_used_only_when_exact_and_within_the_budget():
+    from crd_jax.data.augment import Augment
+    from crd_jax.data.loader import PairLoader
+
+    teacher = _Teacher()
+    frozen = {"w": jnp.float32(1.3)}
+    loss = distill.make_loss(_Student(), teacher, (distill.TERMS["deformation"](weight=1.0),))
+    loader = PairLoader(_Images(5, (12, 10)), global_batch=2, seed=3)
+    example = loader.batch(0)
+    caches = {}
+    cached, cached_loader, why = teacher_cache.attach(loss, frozen, loader, example, 1.0, caches)
+    pair_mb = (2 * 12 * 10 * 2 + 12 * 10) * 4 / 2**20  # disp, disp_low (2 channels each), one feature level
+    assert why.startswith(f"teacher cache on: the frozen teacher runs once per pair (20 pairs x {pair_mb:.1f} MB")
+    batch = cached_loader.batch(4)
+    (m0, f0), (m1, f1) = loader.pairs(4)
+    expected = teacher.apply(frozen, batch["moving"], batch["fixed"])
+    np.testing.assert_allclose(batch[distill.cached_key(0)], expected.disp, rtol=1e-6)
+    assert cached.teacher_tree is not None and len(caches) == 1
+    # a second stage with the same teacher and parameters shares the cache
+    _, _, again = teacher_cache.attach(loss, frozen, loader, example, 1.0, caches)
+    assert len(caches) == 1 and again.endswith(f"{len(next(iter(caches.values())))} already computed)")
+    # off: budget 0, too small a budget, augmented pairs, a loss that is not S3's
+    assert teacher_cache.attach(loss, frozen, loader, example, 0.0, {})[1] is loader
+    small = teacher_cache.attach(loss, frozen, loader, example, 1e-6, {})
+    assert small[1] is loader and small[2].startswith("teacher cache off: 20 pairs x")
+    augmented = loader.for_stage(augment=Augment("bspline", 8.0, 2.0))
+    off = teacher_cache.attach(loss, frozen, augmented, example, 1.0, {})
+    assert off[1] is augmented and off[2] == "teacher cache off: augmented pairs differ at every draw"
+    assert teacher_cache.attach(lambda p, f, b: 0.0, frozen, loader, example, 1.0, {})[2] is None
