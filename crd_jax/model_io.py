@@ -4,6 +4,13 @@ A model folder holds ``model.json`` (architecture, resolution factor, preprocess
 needed to rebuild and run the model) and ``params.msgpack`` (the parameters as plain arrays,
 ``flax.serialization``). It is assembled under a temporary name and renamed into place, so its presence
 means "complete"; format 1 (an Orbax ``params/`` folder, earlier releases) is still read.
+
+A backbone that is not crd-jax's own is recorded with where it comes from (``backbone_source``: an entry
+point of an installed package, or a module). Loading a model whose backbone this process does not know loads
+an installed package's entry point by itself, but imports a recorded module only if the user allows that
+module by name (:func:`allow_backbone_modules`, ``--allow-backbone-module``, or ``CRD_JAX_BACKBONE_MODULES``):
+importing a module named in a file runs code, and a model folder may come from anywhere. Folders written
+before the field existed load as before (crd-jax's own backbones, or one registered in this process).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Collection, Dict, Optional
 
 import jax
 import numpy as np
@@ -26,6 +33,34 @@ MODEL_JSON = "model.json"
 PARAMS_FILE = "params.msgpack"
 FORMAT_VERSION = 2
 FORMATS = (1, 2)  # 1: Orbax params/ folder (read only)
+#: modules a recorded ``backbone_source`` may name that the user allows to be imported (comma-separated)
+ALLOW_ENV = "CRD_JAX_BACKBONE_MODULES"
+_allowed_modules: set = set()
+
+
+def allow_backbone_modules(modules: Collection[str]) -> None:
+    """Lets :func:`load_spec` import these modules when a ``model.json`` names one as its backbone's source
+    (``crd-jax register --allow-backbone-module MODULE``): for this process, in addition to the environment
+    variable ``CRD_JAX_BACKBONE_MODULES``."""
+    _allowed_modules.update(m.strip() for m in modules if m.strip())
+
+
+def allowed_backbone_modules(extra: Collection[str] = ()) -> set:
+    """The modules the user allows: ``extra``, those given to :func:`allow_backbone_modules`, and those in
+    ``CRD_JAX_BACKBONE_MODULES``."""
+    from_env = {m.strip() for m in os.environ.get(ALLOW_ENV, "").split(",") if m.strip()}
+    return set(extra) | _allowed_modules | from_env
+
+
+def _with_backbone_source(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """``spec`` with ``backbone_source`` (where a fork's backbone comes from) when this process knows it."""
+    from crd_jax.models import backbones
+
+    arch = spec.get("architecture")
+    if "backbone_source" in spec or not isinstance(arch, dict):
+        return spec
+    where = backbones.source(str(arch.get("backbone", backbones.COMMON["backbone"])))
+    return {**spec, "backbone_source": where} if where else spec
 
 
 def _host_tree(tree):
@@ -58,8 +93,10 @@ def save_model(directory: Path, params, spec: Dict[str, Any], overwrite: bool = 
     atomically (built beside, then renamed). An existing folder is replaced only if crd-jax wrote it as a
     model folder and ``overwrite`` is set; anything else there is an error and stays untouched. A model
     folder in which the user keeps other files (notes, results) keeps them: only ``params.msgpack`` and
-    ``model.json`` are replaced there, each atomically, the parameters first."""
+    ``model.json`` are replaced there, each atomically, the parameters first. A backbone that is not crd-jax's
+    own is recorded with where it comes from (``backbone_source``)."""
     directory = Path(directory).absolute()
+    spec = _with_backbone_source(dict(spec))
     if directory.exists() or directory.is_symlink():
         if not directory.is_dir():
             raise InputError(directory, "exists and is not a folder; nothing was changed")
@@ -131,7 +168,7 @@ def _same_structure(params, like) -> bool:
 # --- model.json's schema ------------------------------------------------------------------------------------
 
 KNOWN_FIELDS = ("format_version", "kind", "architecture", "factor", "label", "stage", "steps", "labels",
-                "preprocessing", "shipped", "source", "finetuned_from")
+                "preprocessing", "shipped", "source", "finetuned_from", "backbone_source")
 NORMALIZE_MODES = ("none", "minmax", "percentile")
 AXIS_PAIRS = ("LR", "PA", "IS")
 MAX_GRID_SIDE = 1024  # voxels per side of a model's grid (resample_shape, canvas_shape)
@@ -206,6 +243,8 @@ def _check_schema(spec) -> None:
         raise _Bad("finetuned_from", "must be an object")
     if "shipped" in spec and not isinstance(spec["shipped"], dict):
         raise _Bad("shipped", "must be an object")
+    if "backbone_source" in spec:
+        _backbone_source(spec["backbone_source"])
     pre = spec.get("preprocessing", {})
     if not isinstance(pre, dict):
         raise _Bad("preprocessing", "must be an object")
@@ -251,6 +290,33 @@ def _check_schema(spec) -> None:
         _ints(g["stored_shape"], "preprocessing.geometry.stored_shape", MIN_GRID_SIDE, MAX_STORED_SIDE, (3,))
 
 
+def _backbone_source(where) -> None:
+    from crd_jax.models.backbones import is_module_name
+
+    if not isinstance(where, dict) or len(where) != 1 or next(iter(where)) not in ("entry_point", "module"):
+        raise _Bad("backbone_source", f"must be {{\"entry_point\": name}} or {{\"module\": name}}, got {where!r}")
+    (key, value), = where.items()
+    if not isinstance(value, str) or not is_module_name(value) or (key == "entry_point" and "." in value):
+        raise _Bad(f"backbone_source.{key}", f"must be a {'name' if key == 'entry_point' else 'dotted module name'}, "
+                                             f"got {value!r}")
+
+
+def resolve_backbone(spec: Dict[str, Any], path, allowed_modules: Collection[str] = ()) -> None:
+    """Makes the backbone of ``spec`` (read from ``path``) buildable in this process: see
+    :func:`crd_jax.models.backbones.resolve`. A module recorded in ``backbone_source`` is imported only if
+    the user allows it (``allowed_modules``, :func:`allow_backbone_modules` or ``CRD_JAX_BACKBONE_MODULES``);
+    otherwise one line names the file, the module and how to allow it."""
+    from crd_jax.models import backbones
+
+    name = spec["architecture"].get("backbone", backbones.COMMON["backbone"])
+    if not isinstance(name, str):
+        raise InputError(path, f"unusable model description: field 'architecture.backbone' must be a string, got {name!r}")
+    try:
+        backbones.resolve(name, spec.get("backbone_source"), allowed_backbone_modules(allowed_modules))
+    except backbones.BackboneUnavailable as exc:
+        raise InputError(path, str(exc)) from None
+
+
 def validate_spec(spec, path) -> Dict[str, Any]:
     """``spec`` checked against model.json's schema (types, ranges, known fields, orientation codes); a
     problem is a one-line :class:`InputError` naming ``path`` and the field."""
@@ -261,7 +327,9 @@ def validate_spec(spec, path) -> Dict[str, Any]:
     return spec
 
 
-def load_spec(directory: Path) -> Dict[str, Any]:
+def load_spec(directory: Path, allowed_modules: Optional[Collection[str]] = None) -> Dict[str, Any]:
+    """``model.json`` of a model folder, checked, with its backbone made buildable (:func:`resolve_backbone`;
+    ``allowed_modules``: backbone modules the caller allows besides the process-wide ones)."""
     directory = Path(directory)
     path = directory / MODEL_JSON
     if not directory.is_dir():
@@ -282,15 +350,18 @@ def load_spec(directory: Path) -> Dict[str, Any]:
         raise InputError(path, "unusable model description: not a JSON object")
     if spec.get("format_version") not in FORMATS or isinstance(spec.get("format_version"), bool):
         raise InputError(path, f"unsupported model format version {spec.get('format_version')!r}")
-    return validate_spec(spec, path)
+    validate_spec(spec, path)
+    resolve_backbone(spec, path, allowed_modules or ())
+    return spec
 
 
-def load_model(directory: Path, like=None):
-    """``(params, spec)`` of a model folder. ``like``: a pytree of the expected structure (optional).
+def load_model(directory: Path, like=None, allowed_modules: Optional[Collection[str]] = None):
+    """``(params, spec)`` of a model folder. ``like``: a pytree of the expected structure (optional);
+    ``allowed_modules``: backbone modules a ``model.json`` may have imported (:func:`load_spec`).
 
     Format 2 stores ``params.msgpack``; format 1 (earlier releases) an Orbax ``params/`` folder."""
     directory = Path(directory).absolute()
-    spec = load_spec(directory)
+    spec = load_spec(directory, allowed_modules)
     packed = directory / PARAMS_FILE
     if packed.exists():
         if packed.stat().st_size == 0:
