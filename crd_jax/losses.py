@@ -5,7 +5,8 @@
 * :func:`grad_l2` is L_reg of eq. 2.
 * :func:`mse` is the distillation distance of eq. 8-9; :func:`soft_dice` an overlap score for label maps.
 * :func:`mind_loss` (MIND-SSC) and :func:`nmi` replace NCC as L_sim for multi-modal pairs
-  (``config.loss.similarity``).
+  (``config.loss.similarity``). Similarities are a registry (:data:`SIMILARITIES`): a new one is one
+  :class:`Similarity` subclass passed to :func:`register_similarity`, then usable by name from a config.
 * :func:`label_dice_loss` is the label-supervised term of VoxelMorph's semi-supervised mode
   (``config.loss.label_weight``); :class:`Objective` is eq. 3 with every term the config asks for.
 
@@ -16,7 +17,7 @@ sums over voxels, the code averages over voxels so that ``lambda`` does not depe
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, ClassVar, Dict, Optional, Sequence, Tuple, Type, Union
 
 import jax
 import jax.numpy as jnp
@@ -156,18 +157,70 @@ def mind_loss(fixed: jax.Array, warped: jax.Array, radius: int = 1) -> jax.Array
     return mse(mind_ssc(fixed, radius), mind_ssc(warped, radius))
 
 
-SIMILARITIES = ("ncc", "mind", "nmi")
+@dataclasses.dataclass(frozen=True)
+class Similarity:
+    """L_sim of eq. 3-7 by name (``config.loss.similarity``): ``sim(fixed, warped)`` is a scalar to minimise.
+    Subclasses set ``name`` and implement :meth:`__call__`; ``window`` is ``config.loss.ncc_window`` (the
+    local window of a windowed measure; others ignore it). Frozen, so instances compare and hash by value."""
+
+    window: int = 9
+    name: ClassVar[str] = "similarity"
+
+    def __call__(self, fixed: jax.Array, warped: jax.Array) -> jax.Array:
+        raise NotImplementedError
 
 
-def similarity(name: str = "ncc", window: int = 9):
-    """``L_sim(fixed, warped)`` by name: ``ncc`` (eq. 1, window ``window``), ``mind`` (MIND-SSC) or ``nmi``."""
-    if name == "ncc":
-        return lambda f, w: ncc(f, w, window=window)
-    if name == "mind":
-        return mind_loss
-    if name == "nmi":
-        return nmi
-    raise ValueError(f"unknown similarity {name!r} (choose from {', '.join(SIMILARITIES)})")
+#: name -> similarity class; :func:`register_similarity` adds to it
+SIMILARITIES: Dict[str, Type[Similarity]] = {}
+
+
+def register_similarity(cls: Type[Similarity]) -> Type[Similarity]:
+    """Makes a similarity usable from configs: ``config.loss.similarity = cls.name`` (also a decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, Similarity)) or cls.name == Similarity.name:
+        raise TypeError(f"register_similarity takes a Similarity subclass with its own name, got {cls!r}")
+    SIMILARITIES[cls.name] = cls
+    return cls
+
+
+@register_similarity
+@dataclasses.dataclass(frozen=True)
+class NCC(Similarity):
+    """Eq. 1: local NCC over a ``window^d`` box (:func:`ncc`), the paper's."""
+
+    name: ClassVar[str] = "ncc"
+
+    def __call__(self, fixed, warped):
+        return ncc(fixed, warped, window=self.window)
+
+
+@register_similarity
+@dataclasses.dataclass(frozen=True)
+class MIND(Similarity):
+    """MIND-SSC descriptors' mean squared difference (:func:`mind_loss`), for multi-modal pairs."""
+
+    name: ClassVar[str] = "mind"
+
+    def __call__(self, fixed, warped):
+        return mind_loss(fixed, warped)
+
+
+@register_similarity
+@dataclasses.dataclass(frozen=True)
+class NMI(Similarity):
+    """Negative normalised mutual information (:func:`nmi`), for multi-modal pairs."""
+
+    name: ClassVar[str] = "nmi"
+
+    def __call__(self, fixed, warped):
+        return nmi(fixed, warped)
+
+
+def similarity(name: str = "ncc", window: int = 9) -> Similarity:
+    """``L_sim(fixed, warped)`` by its registered name: ``ncc`` (eq. 1, window ``window``), ``mind``
+    (MIND-SSC), ``nmi``, or one a fork registered (:func:`register_similarity`)."""
+    if name not in SIMILARITIES:
+        raise ValueError(f"unknown similarity {name!r} (choose from {', '.join(sorted(SIMILARITIES))})")
+    return SIMILARITIES[name](window=int(window))
 
 
 def registration_loss(

@@ -70,6 +70,14 @@ def _percentiles(v) -> str:
     return ""
 
 
+def _similarity(v) -> str:
+    from crd_jax.losses import SIMILARITIES  # registered by crd-jax and by any module the config imported
+
+    if not isinstance(v, str) or v not in SIMILARITIES:
+        return f"unknown similarity {v!r} (registered: {', '.join(sorted(SIMILARITIES))})"
+    return ""
+
+
 def _fractions(v) -> str:
     try:
         items = [float(x) for x in v]
@@ -95,6 +103,7 @@ CHECKS: List[Tuple[str, Callable[[Any], str]]] = [
     ("train.max_steps", _integer(-(10**12))),
     ("loss.reg_weight", _real(0.0, 1e6)),
     ("loss.ncc_window", _integer(1, 99)),
+    ("loss.similarity", _similarity),
     ("loss.label_weight", _real(0.0, 1e6)),
     ("loss.alpha", _real(0.0, 1e6)),
     ("loss.beta", _real(0.0, 1e6)),
@@ -127,6 +136,12 @@ def check_values(config) -> None:
         problem = check(value)
         if problem:
             raise InputError(f"config.{dotted}", problem)
+    stages = _get(config, "stages")
+    for name in (stages if stages is not _MISSING and stages is not None else {}):
+        own = _get(config, f"stages.{name}.loss.similarity")
+        problem = _similarity(own) if own is not _MISSING else ""
+        if problem:
+            raise InputError(f"config.stages.{name}.loss.similarity", problem)
 
 
 def check_training_split(train_ds) -> None:
