@@ -5,17 +5,21 @@ have (``teachr``), a missing required field, a value out of range, or a referenc
 not run earlier is a one-line :class:`InputError` naming the field and, for a misspelling, the closest valid
 name. Nothing is read with a silent default.
 
-To add a kind: a dataclass deriving from :class:`StageConfig` with its fields, registered with
-:func:`register_kind`, and a planner for it in :mod:`crd_jax.training.stages` (``PLANNERS``).
+A kind is one class: a frozen dataclass deriving from :class:`StageConfig` with its fields and its
+:meth:`StageConfig.plan` (the planner: loss, initial and frozen parameters, export), registered once with
+:func:`register_kind`. The built-in kinds' planners live in :mod:`crd_jax.training.stages`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, Dict, Mapping, Tuple, Type
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple, Type
 
 from crd_jax.errors import InputError
+
+if TYPE_CHECKING:  # stages imports this module
+    from crd_jax.training.stages import StageContext, StagePlan
 
 RESOLUTIONS = ("high", "low")
 
@@ -43,6 +47,27 @@ class StageConfig:
     #: "unsupported" (an error, never a silent skip)
     frozen_affine: str = dataclasses.field(default="wrap", init=False, repr=False)
     default_resolution: str = dataclasses.field(default="high", init=False, repr=False)
+    #: fields a block of this kind must set (non-empty), e.g. the stage it reads
+    required: Tuple[str, ...] = dataclasses.field(default=(), init=False, repr=False)
+
+    def plan(self, context: "StageContext") -> "StagePlan":
+        """The planner: what the loop trains for this stage (``crd_jax.training.stages.StagePlan``: the pure
+        loss, the initial trainable and the frozen parameters, the exported model and its spec), from the
+        ``StageContext`` (this config, the resolved architecture, the loss settings, finished stages)."""
+        raise NotImplementedError(f"stage kind {self.kind!r} has no planner")
+
+
+def _builtin_planner(function: str) -> Callable:
+    """``plan`` of a built-in kind: ``crd_jax.training.stages.<function>`` (imported when a stage is planned,
+    since stages imports this module, and configs are parsed without loading the models)."""
+
+    def plan(self, context):
+        from crd_jax.training import stages
+
+        return getattr(stages, function)(context)
+
+    plan.__doc__ = f"The planner of this kind: :func:`crd_jax.training.stages.{function}`."
+    return plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +77,7 @@ class Baseline(StageConfig):
     resolution: str = "high"
     init: str = ""
     references: Tuple[str, ...] = dataclasses.field(default=("init",), init=False, repr=False)
+    plan = _builtin_planner("plan_baseline")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +86,7 @@ class Cooperative(StageConfig):
 
     init: str = ""
     references: Tuple[str, ...] = dataclasses.field(default=("init",), init=False, repr=False)
+    plan = _builtin_planner("plan_cooperative")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +96,8 @@ class Teacher(StageConfig):
     backbone: str = ""
     references: Tuple[str, ...] = dataclasses.field(default=("backbone",), init=False, repr=False)
     frozen_affine: str = dataclasses.field(default="inherited", init=False, repr=False)
+    required: Tuple[str, ...] = dataclasses.field(default=("backbone",), init=False, repr=False)
+    plan = _builtin_planner("plan_teacher")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +113,8 @@ class Distill(StageConfig):
     feature_regressor: bool = False
     references: Tuple[str, ...] = dataclasses.field(default=("teacher", "init"), init=False, repr=False)
     default_resolution: str = dataclasses.field(default="low", init=False, repr=False)
+    required: Tuple[str, ...] = dataclasses.field(default=("teacher",), init=False, repr=False)
+    plan = _builtin_planner("plan_distill")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +122,7 @@ class JointTeacher(StageConfig):
     """S1 and S2 trained together (teacher G)."""
 
     frozen_affine: str = dataclasses.field(default="unsupported", init=False, repr=False)
+    plan = _builtin_planner("plan_joint_teacher")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +132,7 @@ class JointAll(StageConfig):
     resolution: str = "low"
     frozen_affine: str = dataclasses.field(default="unsupported", init=False, repr=False)
     default_resolution: str = dataclasses.field(default="low", init=False, repr=False)
+    plan = _builtin_planner("plan_joint_all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,20 +142,30 @@ class Pretrained(StageConfig):
 
     path: str = ""
     trains: bool = dataclasses.field(default=False, init=False, repr=False)
+    required: Tuple[str, ...] = dataclasses.field(default=("path",), init=False, repr=False)
 
 
+#: kind name -> its class (config fields and planner)
 KINDS: Dict[str, Type[StageConfig]] = {}
 
 
-def register_kind(name: str, cls: Type[StageConfig]) -> None:
+def register_kind(name: str, cls: Optional[Type[StageConfig]] = None):
+    """Makes stage kind ``name`` usable in ``config.stages`` (``kind = name``): ``cls`` is a frozen dataclass
+    deriving from :class:`StageConfig` that implements :meth:`StageConfig.plan` (kinds that load rather than
+    train, ``trains = False``, need none). ``@register_kind("name")`` is the decorator form."""
+    if cls is None:
+        return lambda c: register_kind(name, c)
+    if not (isinstance(cls, type) and issubclass(cls, StageConfig) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"stage kind {name!r}: expected a dataclass deriving from StageConfig, got {cls!r}")
+    if cls.trains and cls.plan is StageConfig.plan:
+        raise TypeError(f"stage kind {name!r}: {cls.__name__} has no plan() (its planner)")
     KINDS[name] = cls
+    return cls
 
 
 for _name, _cls in (("baseline", Baseline), ("cooperative", Cooperative), ("teacher", Teacher), ("distill", Distill),
                     ("joint_teacher", JointTeacher), ("joint_all", JointAll), ("pretrained", Pretrained)):
     register_kind(_name, _cls)
-
-_REQUIRED = {"teacher": ("backbone",), "distill": ("teacher",), "pretrained": ("path",)}
 
 
 def _closest(word: str, options) -> str:
@@ -149,7 +192,7 @@ def parse_stage(name: str, block) -> StageConfig:
             raise InputError(f"{where}.{key}", f"a '{kind}' stage has no field '{key}'{_closest(key, fields)}")
     if "steps" not in data:
         raise InputError(f"{where}.steps", "missing")
-    for key in _REQUIRED.get(kind, ()):
+    for key in cls.required:
         if not data.get(key):
             raise InputError(f"{where}.{key}", f"a '{kind}' stage needs it (the stage it reads)")
     try:

@@ -19,6 +19,9 @@ Kinds (``config.stages.<name>.kind``):
 A stage may override the global model with its own ``model`` block (VM-large for teacher B, a 2-cascade for
 teacher C, light channels for the students of Table III). Every stage exports a model (``registrar`` or
 ``teacher``) that later stages and ``crd-jax register`` load.
+
+A kind's typed config and its planner are one class (:mod:`crd_jax.training.stage_kinds`); the built-in
+kinds' ``plan`` calls the ``plan_<kind>`` function of this module.
 """
 
 from __future__ import annotations
@@ -203,7 +206,7 @@ class StageContext:
         return _spec(kind, arch or self.arch, self.factor if factor is None else factor, self.label, self.name)
 
 
-def _plan_baseline(c: StageContext) -> StagePlan:
+def plan_baseline(c: StageContext) -> StagePlan:
     model = mbuild.registrar_from_config(c.arch, c.factor)
     objective = c.objective
     if c.arch.get("backbone") == "affine":
@@ -212,14 +215,14 @@ def _plan_baseline(c: StageContext) -> StagePlan:
     return StagePlan(baseline.make_loss(model, objective), init, {}, model, _identity, c.spec("registrar"))
 
 
-def _plan_cooperative(c: StageContext) -> StagePlan:
+def plan_cooperative(c: StageContext) -> StagePlan:
     high, low = mbuild.registrar_from_config(c.arch, 1), mbuild.registrar_from_config(c.arch, c.n)
     low = dataclasses.replace(low, backbone=high.backbone)
     init = _init_or_copy(c.st, c.done, lambda: high.init(c.key, c.moving, c.fixed), c.key, c.flow_init)
     return StagePlan(cooperative.make_loss(high, low, c.objective), init, {}, high, _identity, c.spec("registrar", factor=1))
 
 
-def _plan_teacher(c: StageContext) -> StagePlan:
+def plan_teacher(c: StageContext) -> StagePlan:
     source = _require(c.done, c.st.backbone, "backbone", c.name)
     t_arch = dict(source.spec["architecture"], fusion=c.arch["fusion"], teacher_align_corners=c.arch["teacher_align_corners"],
                   teacher_output=c.arch["teacher_output"])
@@ -230,7 +233,7 @@ def _plan_teacher(c: StageContext) -> StagePlan:
                      lambda p: {"backbone": frozen["backbone"], "head": p}, c.spec("teacher", t_arch, c.n))
 
 
-def _plan_distill(c: StageContext) -> StagePlan:
+def plan_distill(c: StageContext) -> StagePlan:
     t = _require(c.done, c.st.teacher, "teacher", c.name)
     student = mbuild.registrar_from_config(c.arch, c.factor)
     teacher_model = t.model
@@ -262,13 +265,13 @@ def _joint_parts(c: StageContext):
     return model, high, low, params, k3
 
 
-def _plan_joint_teacher(c: StageContext) -> StagePlan:
+def plan_joint_teacher(c: StageContext) -> StagePlan:
     model, high, low, params, _ = _joint_parts(c)
     return StagePlan(joint.make_teacher_loss(high, low, model, c.objective), params, {}, model, _identity,
                      c.spec("teacher", factor=c.n))
 
 
-def _plan_joint_all(c: StageContext) -> StagePlan:
+def plan_joint_all(c: StageContext) -> StagePlan:
     model, high, low, params, k3 = _joint_parts(c)
     student = mbuild.registrar_from_config(c.arch, c.factor)
     params["student"] = redraw_flow_heads(student.init(k3, c.moving, c.fixed), jax.random.fold_in(c.key, 2), c.flow_init)
@@ -278,17 +281,6 @@ def _plan_joint_all(c: StageContext) -> StagePlan:
 
 def _identity(p):
     return p
-
-
-#: kind -> planner; a new kind registers its typed config in ``stage_kinds`` and its planner here
-PLANNERS: Dict[str, Callable[[StageContext], StagePlan]] = {
-    "baseline": _plan_baseline,
-    "cooperative": _plan_cooperative,
-    "teacher": _plan_teacher,
-    "distill": _plan_distill,
-    "joint_teacher": _plan_joint_teacher,
-    "joint_all": _plan_joint_all,
-}
 
 
 def plan_stage(name: str, st, config, done: Dict[str, Trained], key, example, num_labels: int = 0) -> StagePlan:
@@ -305,7 +297,7 @@ def plan_stage(name: str, st, config, done: Dict[str, Trained], key, example, nu
     context = StageContext(name, st, config, done, key, example["moving"][:1], example["fixed"][:1], arch, shift, factor,
                            st.label or default_label(st.kind, st, arch, shift), str(model_cfg.get("flow_init", "torch")),
                            int(num_labels))
-    plan = PLANNERS[st.kind](context)
+    plan = st.plan(context)  # the kind's planner (``StageConfig.plan``)
     if arch.get("affine") == "stage" and st.frozen_affine != "inherited":
         if st.frozen_affine == "unsupported":
             raise ValueError(f"stage {name}: a '{st.kind}' stage cannot train behind a frozen affine stage "
