@@ -1,7 +1,21 @@
-"""docs/extending.md, executed: a new backbone through every stage kind and back out of model.json into
-`crd-jax register`; a new distillation term added by one class and one config line."""
+"""docs/extending.md, executed the way a fork uses it: the example module (tests/extending_example.py) is
+copied into a folder of its own, a model is trained with it in one process, and ``crd-jax register`` loads
+that model in another, fresh process, which knows the backbone only from what ``model.json`` records:
+
+* as a module on ``PYTHONPATH``: imported only when the user allows it (``CRD_JAX_BACKBONE_MODULES`` or
+  ``--allow-backbone-module``); without that, one line naming the file, the module and the flag, exit 2,
+  and the module is not imported;
+* as an installed package's entry point (group ``crd_jax.backbones``; a dist-info folder on ``PYTHONPATH``
+  stands for ``pip install``): loaded without asking.
+
+The new distillation term, similarity and stage kind run through a config in the training process."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -9,77 +23,199 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import extending_example  # noqa: F401  (registers the backbone and the term)
-from crd_jax.cli import main as cli
 from crd_jax.config import base_config, stage
+from crd_jax.errors import InputError
 from crd_jax.training import pipeline
 
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = Path(__file__).with_name("extending_example.py")
+CONFIG = Path(__file__).with_name("extending_config.py")
+# appended to the copies only: proves whether a process imported the fork's module
+MARKER_LINES = '\nimport os as _os\nif _os.environ.get("FORK_IMPORT_MARKER"):\n    open(_os.environ["FORK_IMPORT_MARKER"], "a").close()\n'
+ENTRY_POINTS = "[crd_jax.backbones]\ntwo_level_unet = extending_example:BACKBONE\n"
 
-def _config(tmp_path):
-    c = base_config()
-    c.workdir = str(tmp_path / "run")
-    c.data.synthetic.shape = (16, 16, 16)
-    c.data.synthetic.train, c.data.synthetic.val, c.data.synthetic.test = 4, 0, 2
-    c.model.backbone = "two_level_unet"
-    c.model.channels = (4, 8)
-    c.loss.beta = 0.0
-    c.loss.terms.deformation_l1 = {"weight": 0.5}  # the new term: one config line
-    c.train.batch_size = 1
-    c.train.progress_bar = False
-    c.train.log_every = 1
-    c.eval.timing_repeats = 1
-    c.pipeline = ("u_h", "u_l", "coop", "fst", "u_l_crd", "joint_t", "joint_all")
-    c.stages = {
-        "u_h": stage("baseline", resolution="high", steps=2),
-        "u_l": stage("baseline", resolution="low", steps=2),
-        "coop": stage("cooperative", steps=2, evaluate=False),
-        "fst": stage("teacher", backbone="coop", steps=2),
-        "u_l_crd": stage("distill", teacher="fst", init="u_l", steps=2),
-        "joint_t": stage("joint_teacher", steps=2, evaluate=False),
-        "joint_all": stage("joint_all", steps=2, evaluate=False),
-    }
-    return c
+
+def _fork_folder(root: Path, entry_point: bool) -> Path:
+    """A folder holding the example module, as a fork keeps it; with ``entry_point``, also the metadata
+    ``pip install`` would write for a package declaring it in the ``crd_jax.backbones`` group."""
+    folder = root / ("site" if entry_point else "fork")
+    folder.mkdir()
+    (folder / "extending_example.py").write_text(EXAMPLE.read_text() + MARKER_LINES)
+    if entry_point:
+        info = folder / "u2_fork-0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: u2-fork\nVersion: 0.1\n")
+        (info / "entry_points.txt").write_text(ENTRY_POINTS)
+    return folder
+
+
+def _env(pythonpath: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CRD_JAX_BACKBONE_MODULES", "FORK_IMPORT_MARKER")}
+    env.update(PYTHONPATH=str(pythonpath), JAX_PLATFORMS="cpu", **extra)
+    return env
+
+
+def _crd_jax() -> list:
+    script = Path(sys.executable).with_name("crd-jax")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "crd_jax"]
+
+
+def _images(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"{i}.nii.gz")
+        nib.save(nib.Nifti1Image(rng.random((20, 18, 16)).astype(np.float32), np.eye(4)), str(paths[-1]))
+    return paths
+
+
+def _register(model: Path, tmp_path: Path, out: str, env: dict, *flags: str) -> subprocess.CompletedProcess:
+    fixed, moving = _images(tmp_path)
+    return subprocess.run([*_crd_jax(), "register", "--model", str(model), "--fixed", str(fixed), "--moving", str(moving),
+                           "--out-dir", str(tmp_path / out), *flags], capture_output=True, text=True, env=env, cwd=tmp_path)
+
+
+def _metrics(workdir: Path):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
-def test_new_backbone_runs_every_stage_kind_and_registers_from_model_json(tmp_path, capsys):
-    results = pipeline.run(_config(tmp_path))
-    assert [r["label"] for r in results] == ["U2-H", "U2-L", "FST", "U2-L-CRD"]
-    assert all(np.isfinite(r["dice_mean"]) for r in results)
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+def test_a_fork_module_trains_every_stage_kind_and_registers_from_a_fresh_process_when_allowed(tmp_path):
+    fork = _fork_folder(tmp_path, entry_point=False)
+    run = tmp_path / "run"
+    train = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--config={CONFIG}", f"--config.workdir={run}"],
+                           capture_output=True, text=True, env=_env(fork), cwd=tmp_path)
+    assert train.returncode == 0, train.stderr[-3000:]
+    metrics = _metrics(run)
     crd_steps = [m for m in metrics if m.get("stage") == "u_l_crd" and "loss" in m]
-    assert crd_steps and all("deformation_l1" in m for m in crd_steps)
-    model = tmp_path / "run" / "stages" / "u_l_crd" / "model"
-    arch = json.loads((model / "model.json").read_text())["architecture"]
-    assert arch["backbone"] == "two_level_unet" and arch["channels"] == [4, 8] and "decoder" not in arch
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        nib.save(nib.Nifti1Image(rng.random((20, 18, 16)).astype(np.float32), np.eye(4)), str(tmp_path / f"{i}.nii.gz"))
-    assert cli.main(["register", "--model", str(model), "--fixed", str(tmp_path / "0.nii.gz"), "--moving",
-                     str(tmp_path / "1.nii.gz"), "--out-dir", str(tmp_path / "out")]) == 0
+    assert crd_steps and all("deformation_l1" in m for m in crd_steps)  # the new term, from one config line
+    sym = [m for m in metrics if m.get("stage") == "sym" and "loss" in m]
+    assert sym and all({"forward", "backward"} <= set(m) for m in sym)  # the new stage kind's own loss
+    assert all(m["sim"] > 0 for m in sym)  # the new similarity (a mean absolute difference) in that stage ...
+    assert all(m["sim"] < 0 for m in metrics if m.get("stage") == "u_h" and "sim" in m)  # ... NCC elsewhere
+    results = (run / "results.md").read_text()
+    assert all(f"| {label} |" in results for label in ("U2-H", "U2-L", "FST", "U2-L-CRD", "U2-H (sym)"))
+
+    model = run / "stages" / "u_l_crd" / "model"
+    spec = json.loads((model / "model.json").read_text())
+    assert spec["architecture"]["backbone"] == "two_level_unet" and spec["architecture"]["channels"] == [4, 8]
+    assert "decoder" not in spec["architecture"]
+    assert spec["backbone_source"] == {"module": "extending_example"}
+
+    # a fresh process that was not told the module may run: one line, exit 2, the module never imported
+    marker = tmp_path / "imported"
+    refused = _register(model, tmp_path, "refused", _env(fork, FORK_IMPORT_MARKER=str(marker)))
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in refused.stderr
+    assert str(model / "model.json") in lines[0] and "extending_example" in lines[0]
+    assert "--allow-backbone-module extending_example" in lines[0] and "CRD_JAX_BACKBONE_MODULES" in lines[0]
+    assert not marker.exists() and not (tmp_path / "refused").exists()
+
+    allowed = _register(model, tmp_path, "out", _env(fork, FORK_IMPORT_MARKER=str(marker),
+                                                     CRD_JAX_BACKBONE_MODULES="extending_example"))
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert marker.exists()
     assert nib.load(str(tmp_path / "out" / "warped.nii.gz")).shape == (20, 18, 16)
 
 
-def test_model_json_with_an_unknown_field_is_refused(tmp_path, capsys):
-    from crd_jax.model_io import load_model, save_model
+API_TRAINING = """
+from crd_jax.config import base_config, stage
+from crd_jax.training import pipeline
 
-    c = _config(tmp_path)
-    c.pipeline = ("u_l",)
-    c.stages = {"u_l": stage("baseline", resolution="low", steps=1, evaluate=False)}
-    pipeline.run(c)
-    model = tmp_path / "run" / "stages" / "u_l" / "model"
-    params, spec = load_model(model)
-    spec.pop("format_version")
-    spec["architecture"]["window_size"] = 7
-    save_model(tmp_path / "odd", params, spec)
-    f = tmp_path / "f.nii.gz"
-    nib.save(nib.Nifti1Image(np.random.default_rng(1).random((16, 16, 16)).astype(np.float32), np.eye(4)), str(f))
-    assert cli.main(["register", "--model", str(tmp_path / "odd"), "--fixed", str(f), "--moving", str(f),
-                     "--out-dir", str(tmp_path / "o")]) == 2
-    assert "window_size" in capsys.readouterr().err
+c = base_config()
+c.workdir = {workdir!r}
+c.data.synthetic.shape = (16, 16, 16)
+c.data.synthetic.train, c.data.synthetic.val, c.data.synthetic.test = 3, 0, 1
+c.model.backbone = "two_level_unet"  # nothing imports the fork: the installed entry point provides it
+c.train.batch_size, c.train.progress_bar, c.eval.timing_repeats = 1, False, 1
+c.pipeline = ("u_l",)
+c.stages = {{"u_l": stage("baseline", resolution="low", steps=2, evaluate=False)}}
+pipeline.run(c)
+"""
+
+
+@pytest.mark.slow
+def test_a_fork_installed_as_an_entry_point_trains_and_registers_without_a_flag(tmp_path):
+    site = _fork_folder(tmp_path, entry_point=True)
+    run = tmp_path / "run"
+    train = subprocess.run([sys.executable, "-c", API_TRAINING.format(workdir=str(run))], capture_output=True, text=True,
+                           env=_env(site), cwd=tmp_path)
+    assert train.returncode == 0, train.stderr[-3000:]
+    model = run / "stages" / "u_l" / "model"
+    spec = json.loads((model / "model.json").read_text())
+    assert spec["architecture"]["backbone"] == "two_level_unet"
+    assert spec["backbone_source"] == {"entry_point": "two_level_unet"}
+    done = _register(model, tmp_path, "out", _env(site))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert nib.load(str(tmp_path / "out" / "warped.nii.gz")).shape == (20, 18, 16)
+    # the same folder where the package is not installed: one line saying what to install, exit 2
+    gone = _register(model, tmp_path, "gone", _env(tmp_path / "nowhere"))
+    assert gone.returncode == 2 and len(gone.stderr.strip().splitlines()) == 1
+    assert "two_level_unet" in gone.stderr and "crd_jax.backbones" in gone.stderr and "install" in gone.stderr
+
+
+def _fork_model(tmp_path: Path, **spec_extra) -> Path:
+    """A model folder of the example's backbone, made in this process (no training)."""
+    import extending_example  # noqa: F401  (registers the backbone here, for the parameters' shapes)
+    from crd_jax.model_io import save_model
+    from crd_jax.models.build import architecture, model_from_spec
+
+    arch = architecture({"backbone": "two_level_unet", "channels": [4, 8]})
+    spec = {"kind": "registrar", "architecture": arch, "factor": 1, "label": "U2-H", "stage": "test",
+            "preprocessing": {"normalize": "minmax", "multiple": 4, "ndim": 3}}
+    x = jnp.zeros((1, 16, 16, 16, 1))
+    params = model_from_spec(spec).init(jax.random.PRNGKey(0), x, x)
+    spec = {**spec, **spec_extra}
+    spec["architecture"] = {**arch, **spec_extra.pop("architecture", {})}
+    save_model(tmp_path / "model", params, spec)
+    return tmp_path / "model"
+
+
+def test_a_recorded_module_is_imported_only_with_the_users_word(tmp_path, monkeypatch):
+    from crd_jax.model_io import load_spec
+
+    module = "crd_fork_marker_test"
+    (tmp_path / f"{module}.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'a').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.json").write_text(json.dumps({"format_version": 2, "kind": "registrar", "factor": 1,
+                                                   "architecture": {"backbone": "fork_net"},
+                                                   "backbone_source": {"module": module}}))
+    with pytest.raises(InputError, match=f"module '{module}'.*--allow-backbone-module {module}") as exc:
+        load_spec(folder)
+    assert str(folder / "model.json") in str(exc.value) and not (tmp_path / "imported").exists()
+    with pytest.raises(InputError, match="registers no backbone"):  # allowed: imported (it registers nothing)
+        load_spec(folder, allowed_modules=[module])
+    assert (tmp_path / "imported").exists()
+    (folder / "model.json").write_text(json.dumps({"format_version": 2, "kind": "registrar", "factor": 1,
+                                                   "architecture": {"backbone": "fork_net"},
+                                                   "backbone_source": {"module": "os; import evil"}}))
+    with pytest.raises(InputError, match="backbone_source.module"):
+        load_spec(folder)
+
+
+def test_model_json_with_an_unknown_field_is_refused_in_a_fresh_process(tmp_path):
+    fork = _fork_folder(tmp_path, entry_point=False)
+    model = _fork_model(tmp_path, architecture={"window_size": 7})
+    assert json.loads((model / "model.json").read_text())["backbone_source"] == {"module": "extending_example"}
+    done = _register(model, tmp_path, "o", _env(fork, CRD_JAX_BACKBONE_MODULES="extending_example"))
+    assert done.returncode == 2 and "window_size" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_model_of_a_backbone_without_a_recorded_source_says_so(tmp_path):
+    model = _fork_model(tmp_path)
+    spec = json.loads((model / "model.json").read_text())
+    spec.pop("backbone_source")  # as a script (``__main__``) registering it would leave it
+    (model / "model.json").write_text(json.dumps(spec))
+    done = _register(model, tmp_path, "o", _env(tmp_path / "nowhere"))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "unknown backbone 'two_level_unet'" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_new_term_value_against_a_direct_computation():
+    import extending_example  # noqa: F401
     from crd_jax.training import distill
 
     rng = np.random.default_rng(0)
@@ -92,11 +228,49 @@ def test_new_term_value_against_a_direct_computation():
         distill.terms_from_config(c.loss)
 
 
+def test_new_similarity_by_name_against_numpy_and_unknown_names_refused_when_the_config_is_checked():
+    import extending_example  # noqa: F401
+    from crd_jax import losses
+    from crd_jax.training.config_checks import check_values
+
+    rng = np.random.default_rng(0)
+    f, m = (rng.random((1, 6, 5, 4, 1)).astype(np.float32) for _ in range(2))
+    sim = losses.similarity("mae", window=9)
+    assert float(sim(jnp.asarray(f), jnp.asarray(m))) == pytest.approx(float(np.mean(np.abs(f - m))), rel=1e-6)
+    c = base_config()
+    c.loss.similarity = "mea"
+    with pytest.raises(InputError, match="config.loss.similarity.*unknown similarity 'mea'.*mae"):
+        check_values(c)
+    c = base_config()
+    c.stages = {"x": stage("baseline", steps=1, loss={"similarity": "nope"})}
+    with pytest.raises(InputError, match="config.stages.x.loss.similarity"):
+        check_values(c)
+
+
+def test_a_stage_kind_is_one_registration_with_its_planner():
+    import dataclasses
+
+    import extending_example  # noqa: F401
+    from crd_jax.training import stage_kinds
+
+    st = stage_kinds.parse_stage("sym", stage("symmetric", steps=3))
+    assert type(st).__name__ == "Symmetric" and st.steps == 3 and st.resolution == "high"
+    with pytest.raises(InputError, match="did you mean 'resolution'"):
+        stage_kinds.parse_stage("sym", {"kind": "symmetric", "steps": 1, "resoluton": "low"})
+
+    @dataclasses.dataclass(frozen=True)
+    class NoPlanner(stage_kinds.StageConfig):
+        pass
+
+    with pytest.raises(TypeError, match="has no plan"):
+        stage_kinds.register_kind("no_planner", NoPlanner)
+    assert "no_planner" not in stage_kinds.KINDS
+
+
 @pytest.mark.slow
 def test_a_light_student_uses_feature_distillation_through_a_fitnets_regressor(tmp_path):
     from crd_jax.config import VM_LIGHT
     from crd_jax.training import distill
-    from crd_jax.training.stages import plan_stage
 
     c = base_config()
     c.workdir = str(tmp_path / "run")
