@@ -147,7 +147,9 @@ def main():
         stable.unlink()
     stable.symlink_to(args.data.resolve(), target_is_directory=True)
     run_args.workdir, run_args.data_root, run_args.out, run_args.draws = work, str(stable), args.out, 2000
-    run_args.overrides = ["data.resample_shape=()", f"train.deadline={deadline}", "train.progress_bar=False"]
+    # on the GPU the teacher's forward costs less than reading its cached outputs from disk
+    run_args.overrides = ["data.resample_shape=()", f"train.deadline={deadline}", "train.progress_bar=False",
+                          "train.teacher_cache_disk_gb=0"]
     if args.small:
         run_args.steps, run_args.max_pairs = args.small_steps, 2
         run_args.overrides += ["data.shape=(32,32,32)", "data.labels=auto", "train.checkpoint_every=100", "train.log_every=10"]

@@ -114,6 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
     # S3: keep the frozen teacher's outputs per training pair in host memory (up to this many GB) instead of
     # running it every step; exact, used only without augmentation (training/teacher_cache.py). 0: off.
     c.train.teacher_cache_gb = 4.0
+    # ... or, when they do not fit in memory, on disk in <workdir>/teacher_cache/ (up to this many GB; 0: never)
+    c.train.teacher_cache_disk_gb = 0.0
 
     # --- the scheme: stages in order (Section III, Fig. 2) --------------------------------------------
     steps = 500_000

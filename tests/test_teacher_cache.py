@@ -53,7 +53,7 @@ def test_cached_loss_equals_the_loss_that_runs_the_teacher():
     images = rng.random((3, 12, 10, 1), dtype=np.float32)
     terms = (distill.TERMS["deformation"](weight=1.0), distill.TERMS["feature"](weight=0.5))
     loss = distill.make_loss(student, teacher, terms, Objective(reg_weight=0.1, window=3))
-    cache = teacher_cache.TeacherCache(teacher.apply, frozen, images[:1], images[:1])
+    cache = teacher_cache.TeacherCache(teacher.apply, frozen, images[:1], images[:1]).open(teacher_cache.MemoryStore(), 3)
     pairs = [(0, 1), (2, 0)]
     batch = {"moving": images[[m for m, _ in pairs]], "fixed": images[[f for _, f in pairs]]}
     cached_batch = dict(batch)
@@ -68,7 +68,8 @@ def test_cached_loss_equals_the_loss_that_runs_the_teacher():
     for k in g0:
         np.testing.assert_allclose(g1[k], g0[k], rtol=1e-5, atol=1e-7)
     # each pair's teacher ran once; a second request is served from memory
-    assert cache.computed == 2 and cache.leaves((0, 1), None, None) is per_pair[0]
+    assert cache.computed == 2 and len(cache) == 2
+    assert all(np.array_equal(a, b) for a, b in zip(cache.leaves((0, 1), None, None), per_pair[0]))
 
 
 def _train(workdir, *overrides):
@@ -77,8 +78,9 @@ def _train(workdir, *overrides):
            "--config.data.synthetic.shape=(32,32)", "--config.data.synthetic.train=4",
            "--config.data.synthetic.val=0", "--config.data.synthetic.test=0", "--config.train.log_every=1",
            "--config.train.eval_every=0", "--config.train.batch_size=2", "--config.eval.diagnostics=False",
-           "--config.pipeline=('vm_h','vm_l','coop','fst','vm_l_crd')", "--config.stages.vm_h.steps=1", "--config.stages.vm_l.steps=1",
-           "--config.stages.coop.steps=1", "--config.stages.fst.steps=1", "--config.stages.vm_l_crd.steps=20",
+           "--config.pipeline=('vm_h','vm_l','coop','fst','vm_l_crd')", "--config.stages.vm_h.steps=1",
+           "--config.stages.vm_l.steps=1", "--config.stages.coop.steps=1", "--config.stages.fst.steps=1",
+           "--config.stages.vm_l_crd.steps=20",
            *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -130,7 +132,7 @@ def test_the_cache_is_used_only_when_exact_and_within_the_budget():
     caches = {}
     cached, cached_loader, why = teacher_cache.attach(loss, frozen, loader, example, 1.0, caches)
     pair_mb = (2 * 12 * 10 * 2 + 12 * 10) * 4 / 2**20  # disp, disp_low (2 channels each), one feature level
-    assert why.startswith(f"teacher cache on: the frozen teacher runs once per pair (20 pairs x {pair_mb:.1f} MB")
+    assert why.startswith(f"teacher cache on: the frozen teacher runs once per pair (20 pairs x {pair_mb:.1f} MB in host memory")
     batch = cached_loader.batch(4)
     (m0, f0), (m1, f1) = loader.pairs(4)
     expected = teacher.apply(frozen, batch["moving"], batch["fixed"])
@@ -143,7 +145,51 @@ def test_the_cache_is_used_only_when_exact_and_within_the_budget():
     assert teacher_cache.attach(loss, frozen, loader, example, 0.0, {})[1] is loader
     small = teacher_cache.attach(loss, frozen, loader, example, 1e-6, {})
     assert small[1] is loader and small[2].startswith("teacher cache off: 20 pairs x")
+    assert small[2].endswith("> train.teacher_cache_gb = 1e-06")
     augmented = loader.for_stage(augment=Augment("bspline", 8.0, 2.0))
     off = teacher_cache.attach(loss, frozen, augmented, example, 1.0, {})
     assert off[1] is augmented and off[2] == "teacher cache off: augmented pairs differ at every draw"
     assert teacher_cache.attach(lambda p, f, b: 0.0, frozen, loader, example, 1.0, {})[2] is None
+
+
+def test_the_disk_cache_survives_a_restart_and_is_emptied_for_another_teacher(tmp_path):
+    from crd_jax.data.loader import PairLoader
+
+    teacher = _Teacher()
+    loss = distill.make_loss(_Student(), teacher, (distill.TERMS["deformation"](weight=1.0),))
+    loader = PairLoader(_Images(4, (12, 10)), global_batch=2, seed=5)
+    example = loader.batch(0)
+    folder = tmp_path / "teacher_cache" / "fst"
+
+    def run(frozen, steps):
+        _, cached_loader, why = teacher_cache.attach(loss, frozen, loader, example, 1e-6, {}, 1.0, folder)
+        batches = [cached_loader.batch(step) for step in steps]
+        return cached_loader.cache, batches, why
+
+    frozen = {"w": jnp.float32(0.9)}
+    first, batches, why = run(frozen, range(3))
+    assert "in disk; 0 already computed" in why and first.computed == len({p for s in range(3) for p in loader.pairs(s)})
+    for b in batches:  # the cached leaves are the teacher's outputs for the batch
+        expected = teacher.apply(frozen, b["moving"], b["fixed"])
+        np.testing.assert_allclose(b[distill.cached_key(0)], expected.disp, rtol=1e-6)
+    # a new process (here: a new cache object) reads what the first computed, and computes nothing for it
+    again, batches2, why = run(frozen, range(3))
+    assert f"{len(first)} already computed" in why and again.computed == 0
+    for b1, b2 in zip(batches, batches2):
+        for key in b1:
+            np.testing.assert_array_equal(b1[key], b2[key])
+    # a pair whose 'filled' byte was never set (the process was killed while writing it) is computed again
+    filled = np.load(folder / "filled.npy", mmap_mode="r+")
+    index = int(np.flatnonzero(filled)[0])
+    filled[index] = 0
+    filled.flush()
+    del filled
+    third, _, _ = run(frozen, range(3))
+    assert third.computed == 1
+    # other teacher parameters: the folder is emptied and filled again
+    other, batches3, why = run({"w": jnp.float32(1.1)}, range(1))
+    assert "0 already computed" in why and other.computed == len(set(loader.pairs(0)))
+    assert not np.allclose(batches3[0][distill.cached_key(0)], batches[0][distill.cached_key(0)])
+    # a disk budget too small, or a memory budget that fits, decide the store
+    assert "teacher_cache_disk_gb = 1e-06" in teacher_cache.attach(loss, frozen, loader, example, 1e-6, {}, 1e-6, folder)[2]
+    assert "in host memory" in teacher_cache.attach(loss, frozen, loader, example, 1.0, {}, 1.0, folder)[2]

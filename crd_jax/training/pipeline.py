@@ -304,7 +304,8 @@ def _run_stages(config, typed, workdir, datasets, labels, loader, example, multi
             steps = _stage_steps(config, st)
             loss_fn, loader_, why = teacher_cache.attach(plan.loss_fn, plan.frozen, stage_loader(config, st, loader, labels),
                                                          example, float(config.train.get("teacher_cache_gb", 0.0)),
-                                                         teacher_caches)
+                                                         teacher_caches, float(config.train.get("teacher_cache_disk_gb", 0.0)),
+                                                         workdir / "teacher_cache" / str(getattr(st, "teacher", name)))
             if why:
                 logger.info(f"[{name}] {why}")
             run_ = StageRun(name, loss_fn, plan.init_params, plan.frozen, steps, directory,

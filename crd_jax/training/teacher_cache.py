@@ -3,22 +3,29 @@
 In stage S3 (Section III-C) the teacher is frozen and deterministic, and without augmentation a training pair
 is the same two volumes every time it is drawn, so phi^T and F^T (eq. 8-9) of a pair never change. A stage
 draws its pairs from at most ``n (n - 1)`` ordered pairs of ``n`` subjects (552 for LPBA40's 24), while it
-trains for thousands of steps: at 128^3 with n = 2 the teacher's forward is more than half of an S3 step
-(``benchmarks/train_budget.py``), so evaluating it once per pair and keeping its outputs in host memory
-removes most of that cost once every pair has been seen.
+trains for thousands of steps: at 128^3 with n = 2 the teacher's forward is most of an S3 step
+(``benchmarks/train_budget.py --teacher-cache``), so evaluating it once per pair removes most of that cost once
+every pair has been seen.
 
-The cache is filled lazily by the loader's background thread (the first time a pair is drawn) and lives for
-the process: a resumed stage refills it. It is used only when it is exact and fits:
+The cache is filled lazily by the loader's background thread (the first time a pair is drawn). It is used only
+when it is exact and fits:
 
 * the stage's moving images are not augmented (a random deformation makes every draw a new pair);
-* every pair the stage can draw fits in ``config.train.teacher_cache_gb`` of host memory (0 turns it off).
+* every pair the stage can draw fits in host memory (``config.train.teacher_cache_gb``), or else on disk
+  (``config.train.teacher_cache_disk_gb``, single-process runs): ``.npy`` files in
+  ``<workdir>/teacher_cache/<teacher stage>/`` that survive a restart, tied to the teacher's parameters and
+  the training data by a fingerprint (a different one empties the folder). 0 turns either off.
 
 Stages sharing one teacher (the arms and streams of an experiment) share one cache.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import threading
+from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import jax
@@ -35,37 +42,119 @@ def distinct_pairs(n: int, atlas: Optional[int] = None, group_size: Optional[int
     return n - 1 if atlas is not None else n * (n - 1)
 
 
-class TeacherCache:
-    """The teacher's output leaves for each ordered pair ``(moving, fixed)``, computed on first use.
+class MemoryStore:
+    """Leaves by pair index in a dict."""
 
-    ``apply(frozen, moving, fixed)`` is the teacher's forward; its output's tree structure is
-    :attr:`tree` and each cached leaf has a leading batch axis of one.
-    """
+    where = "host memory"
+
+    def __init__(self):
+        self._items: Dict[int, list] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, index: int):
+        return self._items.get(index)
+
+    def put(self, index: int, leaves: list) -> None:
+        self._items[index] = leaves
+
+
+class DiskStore:
+    """Leaves by pair index in one ``leaf_<i>.npy`` per output leaf (``(slots, *shape)``, memory-mapped) and
+    ``filled.npy`` (one byte per slot, set only after the slot's leaves are flushed, so a killed process
+    leaves no half-written pair behind). ``meta.json`` holds the fingerprint; any other empties the folder."""
+
+    where = "disk"
+
+    def __init__(self, directory: Path, slots: int, shapes, fingerprint: str):
+        self.directory = Path(directory)
+        meta = {"fingerprint": fingerprint, "slots": slots, "leaves": [[list(s), str(d)] for s, d in shapes]}
+        try:
+            if json.loads((self.directory / "meta.json").read_text()) != meta:
+                raise ValueError("another teacher or other data")
+            self._open("r+", slots, shapes)
+        except (OSError, ValueError):
+            if self.directory.exists():
+                shutil.rmtree(self.directory)  # this module's own files, for another teacher or other data
+            self.directory.mkdir(parents=True)
+            self._open("w+", slots, shapes)
+            self._filled.flush()
+            (self.directory / "meta.json").write_text(json.dumps(meta))  # last: the folder is complete
+
+    def _open(self, mode: str, slots: int, shapes) -> None:
+        open_ = np.lib.format.open_memmap
+        self._leaves = [open_(self.directory / f"leaf_{i}.npy", mode=mode, dtype=d, shape=None if mode == "r+" else (slots, *s))
+                        for i, (s, d) in enumerate(shapes)]
+        self._filled = open_(self.directory / "filled.npy", mode=mode, dtype=np.uint8, shape=None if mode == "r+" else (slots,))
+        expected = [(slots, *s) for s, _ in shapes] + [(slots,)]
+        if [tuple(a.shape) for a in (*self._leaves, self._filled)] != [tuple(e) for e in expected]:
+            raise ValueError("shapes differ from meta.json")
+
+    def __len__(self) -> int:
+        return int(self._filled.sum())
+
+    def get(self, index: int):
+        if not self._filled[index]:
+            return None
+        return [np.array(leaf[index]) for leaf in self._leaves]
+
+    def put(self, index: int, leaves: list) -> None:
+        for store, leaf in zip(self._leaves, leaves):
+            store[index] = leaf
+            store.flush()
+        self._filled[index] = 1
+        self._filled.flush()
+
+
+class TeacherCache:
+    """The teacher's output leaves for each ordered pair ``(moving, fixed)`` of ``n`` subjects, computed on
+    first use. ``apply(frozen, moving, fixed)`` is the teacher's forward; :attr:`tree` its output's structure;
+    each leaf is stored without the batch axis."""
 
     def __init__(self, apply, frozen, example_moving, example_fixed):
         shapes = jax.eval_shape(apply, frozen, example_moving[:1], example_fixed[:1])
         self.tree = jax.tree_util.tree_structure(shapes)
-        self.pair_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
+        self.shapes = [(x.shape[1:], np.dtype(x.dtype)) for x in jax.tree_util.tree_leaves(shapes)]
+        self.pair_bytes = sum(int(np.prod(s)) * d.itemsize for s, d in self.shapes)
         self._forward = jax.jit(lambda frozen, m, f: jax.tree_util.tree_leaves(apply(frozen, m, f)))
         self._frozen = frozen
-        self._outputs: Dict[Tuple[int, int], list] = {}
+        self.store = None
+        self.n = 0
         self._lock = threading.Lock()
-        self.computed = 0  # teacher forwards run (one per distinct pair)
+        self.computed = 0  # teacher forwards run in this process
+
+    def open(self, store, n: int) -> "TeacherCache":
+        self.store, self.n = store, n
+        return self
 
     def __len__(self) -> int:
-        return len(self._outputs)
+        return len(self.store)
 
     def leaves(self, pair: Tuple[int, int], moving: np.ndarray, fixed: np.ndarray) -> list:
-        """The teacher's output leaves for ``pair`` (images ``(1, *shape, 1)``), from the cache or computed."""
+        """The teacher's output leaves for ``pair`` (images ``(1, *shape, 1)``), each ``(1, ...)``."""
+        index = pair[0] * self.n + pair[1]
         with self._lock:
-            hit = self._outputs.get(pair)
-        if hit is not None:
-            return hit
-        leaves = [np.asarray(x) for x in jax.device_get(self._forward(self._frozen, moving, fixed))]
-        with self._lock:
-            self._outputs.setdefault(pair, leaves)
-            self.computed += 1
-        return leaves
+            hit = self.store.get(index)
+        if hit is None:
+            hit = [np.asarray(x)[0] for x in jax.device_get(self._forward(self._frozen, moving, fixed))]
+            with self._lock:
+                self.store.put(index, hit)
+                self.computed += 1
+        return [x[None] for x in hit]
+
+
+def fingerprint(frozen, dataset) -> str:
+    """The teacher's parameters and the training volumes (what a cached output depends on)."""
+    h = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(frozen):
+        a = np.ascontiguousarray(jax.device_get(leaf))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    h.update(f"{len(dataset)}".encode())
+    for i in range(len(dataset)):
+        h.update(np.ascontiguousarray(dataset.image(i), np.float32).tobytes())
+    return h.hexdigest()
 
 
 class CachedTeacherLoader:
@@ -87,26 +176,39 @@ class CachedTeacherLoader:
         return prefetched(self.batch, start, stop, prefetch)
 
 
-def attach(loss_fn, frozen, loader, example, budget_gb: float, caches: Dict[tuple, TeacherCache]):
+def attach(loss_fn, frozen, loader, example, budget_gb: float, caches: Dict[tuple, TeacherCache],
+           disk_gb: float = 0.0, directory: Optional[Path] = None):
     """``(loss_fn, loader, why)``: the stage's loss and loader reading the teacher from a cache when that is
-    exact and fits ``budget_gb`` (see the module's docstring), else unchanged; ``why`` is one line for the log.
+    exact and fits (in ``budget_gb`` of host memory, else ``disk_gb`` of ``directory``; see the module's
+    docstring), else unchanged; ``why`` is one line for the log (None for a stage without a teacher).
     ``caches`` holds the run's caches by teacher (stages with the same teacher and parameters share one)."""
     if not isinstance(loss_fn, DistillLoss) or loss_fn.teacher_tree is not None:
         return loss_fn, loader, None
-    if budget_gb <= 0:
+    if budget_gb <= 0 and disk_gb <= 0:
         return loss_fn, loader, "teacher cache off (train.teacher_cache_gb = 0): the teacher runs every step"
     if loader.augment.active:
         return loss_fn, loader, "teacher cache off: augmented pairs differ at every draw"
     key = (id(frozen), id(loss_fn.teacher))  # one teacher stage's model and parameters (alive in the run)
     cache = caches.get(key)
+    n_items = len(loader.dataset)
+    pairs = distinct_pairs(n_items, loader.atlas, getattr(loader.dataset, "group_size", None))
     if cache is None:
         cache = TeacherCache(loss_fn.teacher.apply, frozen, example["moving"], example["fixed"])
-    n = distinct_pairs(len(loader.dataset), loader.atlas, getattr(loader.dataset, "group_size", None))
-    need = n * cache.pair_bytes / 2**30
-    if need > budget_gb:
-        return loss_fn, loader, (f"teacher cache off: {n} pairs x {cache.pair_bytes / 2**20:.1f} MB = {need:.1f} GB "
-                                 f"> train.teacher_cache_gb = {budget_gb:g}")
-    caches[key] = cache
-    why = (f"teacher cache on: the frozen teacher runs once per pair ({n} pairs x {cache.pair_bytes / 2**20:.1f} MB "
-           f"<= {need:.2f} GB of host memory; {len(cache)} already computed)")
+        need = pairs * cache.pair_bytes / 2**30
+        size = f"{pairs} pairs x {cache.pair_bytes / 2**20:.1f} MB = {need:.2f} GB"
+        if need <= budget_gb:
+            cache.open(MemoryStore(), n_items)
+        elif need <= disk_gb and directory is not None and jax.process_count() == 1:
+            directory = Path(directory)
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(directory.parent).free / 2**30
+            if need > free:
+                return loss_fn, loader, f"teacher cache off: {size} > {free:.1f} GB free on the disk of {directory}"
+            cache.open(DiskStore(directory, n_items * n_items, cache.shapes, fingerprint(frozen, loader.dataset)), n_items)
+        else:
+            disk = f" and > train.teacher_cache_disk_gb = {disk_gb:g}" if disk_gb > 0 else ""
+            return loss_fn, loader, f"teacher cache off: {size} > train.teacher_cache_gb = {budget_gb:g}{disk}"
+        caches[key] = cache
+    why = (f"teacher cache on: the frozen teacher runs once per pair ({pairs} pairs x "
+           f"{cache.pair_bytes / 2**20:.1f} MB in {cache.store.where}; {len(cache)} already computed)")
     return loss_fn.with_cached_teacher(cache.tree), CachedTeacherLoader(loader, cache), why

@@ -22,7 +22,8 @@ from crd_jax.errors import InputError
 FIRST = "config.json"
 HISTORY = "config_history.jsonl"
 # settings that change neither the parameters trained nor the results: free to change between resumes
-FREE = ("workdir", "name", "distributed.", "train.progress_bar", "train.deadline", "train.teacher_cache_gb", "train.log_every",
+FREE = ("workdir", "name", "distributed.", "train.progress_bar", "train.deadline", "train.teacher_cache_gb",
+        "train.teacher_cache_disk_gb", "train.log_every",
         "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "data.prefetch", "data.cache_size",
         "eval.timing_repeats", "eval.val_pairs", "eval.diagnostics")
 
