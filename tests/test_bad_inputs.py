@@ -402,6 +402,7 @@ def _fail_on_second_write(monkeypatch, error):
 
     monkeypatch.setattr(dio, "save_nifti", flaky)
     monkeypatch.setattr("crd_jax.interop.formats.save_nifti", flaky)
+    monkeypatch.setattr("crd_jax.registration.writing.save_nifti", flaky)
 
 
 @pytest.mark.parametrize("existing", [False, True])

@@ -472,16 +472,16 @@ def test_register_bf16_runs_the_bf16_path_and_stays_within_a_tenth_of_a_voxel(tm
 def test_register_log_says_when_bf16_cannot_pay_on_this_cpu(monkeypatch, speedup, warned):
     import argparse
 
-    from crd_jax.cli import main as cli
+    from crd_jax.cli import options as cli
     from crd_jax.ops import native
 
     monkeypatch.setattr(native, "describe", lambda: "native CPU kernel")
     monkeypatch.setattr(native, "has_bf16", lambda: speedup > 0)
     monkeypatch.setattr(native, "bf16_speedup", lambda: speedup)
     monkeypatch.setattr(native, "bf16_engine", lambda: "avx512-bf16")
-    path = cli._conv_path(argparse.Namespace(bf16=True))
+    path = cli.conv_path(argparse.Namespace(bf16=True))
     assert ("unlikely to be faster here" in path) == warned
-    assert "unlikely" not in cli._conv_path(argparse.Namespace(bf16=False))
+    assert "unlikely" not in cli.conv_path(argparse.Namespace(bf16=False))
 
 
 def test_bf16_speedup_is_measured_for_each_engine_the_cpu_has():

@@ -40,7 +40,8 @@ def test_centroid_distance_against_scipy_center_of_mass():
 
 
 def test_presets_resolve_to_affine_and_instance_optimisation():
-    from crd_jax.cli.main import parser, registration_kwargs
+    from crd_jax.cli.main import parser
+    from crd_jax.cli.options import registration_kwargs
 
     def kwargs(*extra):
         args = parser().parse_args(["register", "--fixed", "f", "--moving", "m", "--out-dir", "o", *extra])
@@ -55,7 +56,7 @@ def test_presets_resolve_to_affine_and_instance_optimisation():
 def test_the_preset_cost_in_the_help_matches_the_results_file():
     from pathlib import Path
 
-    from crd_jax.cli.main import PRESET_COST
+    from crd_jax.cli.options import PRESET_COST
 
     results = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "register_options.json").read_text())
     options = results["options"]
@@ -65,7 +66,7 @@ def test_the_preset_cost_in_the_help_matches_the_results_file():
 
 
 def test_radiological_display_puts_the_patients_right_on_the_left():
-    from crd_jax.cli.figure import _slices, to_display
+    from crd_jax.cli.drawing import _slices, to_display
 
     ras = np.zeros((20, 22, 18), np.float32)
     ras[16:19, 10:12, 8:10] = 1.0  # a blob at the patient's right (high x in RAS), centred in y and z
@@ -75,7 +76,7 @@ def test_radiological_display_puts_the_patients_right_on_the_left():
     disp = np.zeros((*lps.shape, 3), np.float32)
     disp[..., 0] = 2.0  # +2 voxels along the stored x axis (towards the patient's left, -2 mm in RAS x)
     shown, disp_ras = to_display(affine, {"img": lps}, disp)
-    from crd_jax.cli.figure import display_spacing
+    from crd_jax.cli.drawing import display_spacing
 
     permuted = np.diag([1.2, 0.9, 2.0, 1.0])[:, [1, 0, 2, 3]]  # stored axes A (0.9 mm), R (1.2 mm), S (2 mm)
     assert display_spacing(permuted) == pytest.approx((1.2, 0.9, 2.0))
@@ -129,7 +130,7 @@ def test_register_warns_on_an_unaligned_pair_and_figure_draws_the_saved_result(t
 
 
 def test_subject_ranges_and_lists():
-    from crd_jax.cli.main import parse_subjects
+    from crd_jax.cli.evaluate import parse_subjects
     from crd_jax.errors import InputError
 
     ids = [f"S{i:02d}" for i in range(1, 41)]

@@ -95,7 +95,7 @@ cells = st.text(alphabet=string.ascii_letters + string.digits + "._-/ ,\"'#\\\n\
 @FUZZ
 @given(st.lists(cells, max_size=6))
 def test_register_pairs_csv(tmp_path_factory, rows):
-    from crd_jax.cli.main import read_pairs_csv
+    from crd_jax.cli.register import read_register_pairs as read_pairs_csv
 
     folder = tmp_path_factory.mktemp("p", numbered=True)
     path = folder / "pairs.csv"
@@ -105,7 +105,7 @@ def test_register_pairs_csv(tmp_path_factory, rows):
     except InputError as exc:
         assert "\n" not in str(exc)
         return
-    names = [p[3] for p in pairs]
+    names = [p.name for p in pairs]
     assert len(set(names)) == len(names)
     assert all(n and "/" not in n and n not in (".", "..") for n in names)
     assert [p.name for p in folder.iterdir()] == ["pairs.csv"]
@@ -114,7 +114,7 @@ def test_register_pairs_csv(tmp_path_factory, rows):
 @FUZZ
 @given(st.binary(max_size=300))
 def test_register_pairs_csv_bytes(tmp_path_factory, raw):
-    from crd_jax.cli.main import read_pairs_csv
+    from crd_jax.cli.register import read_register_pairs as read_pairs_csv
 
     path = tmp_path_factory.mktemp("p", numbered=True) / "pairs.csv"
     path.write_bytes(raw)
@@ -127,7 +127,7 @@ def test_register_pairs_csv_bytes(tmp_path_factory, raw):
 @FUZZ
 @given(st.binary(max_size=200), st.lists(st.text(alphabet="ab01", min_size=1, max_size=3), max_size=4))
 def test_evaluate_pairs_file(tmp_path_factory, raw, ids):
-    from crd_jax.cli.main import _read_pairs
+    from crd_jax.cli.evaluate import read_pair_ids as _read_pairs
 
     path = tmp_path_factory.mktemp("e", numbered=True) / "pairs.csv"
     path.write_bytes(raw)
@@ -143,7 +143,7 @@ def test_evaluate_pairs_file(tmp_path_factory, raw, ids):
 @given(st.binary(max_size=200) | st.lists(st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=4), max_size=4).map(
     lambda rows: "\n".join(",".join(repr(v) for v in r) for r in rows).encode()))
 def test_points_file(tmp_path_factory, raw):
-    from crd_jax.cli.main import read_points
+    from crd_jax.cli.apply import read_points
 
     path = tmp_path_factory.mktemp("pts", numbered=True) / "pts.csv"
     path.write_bytes(raw)

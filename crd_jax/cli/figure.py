@@ -1,166 +1,135 @@
-"""A figure per pair like the paper's Fig. 4: fixed, moving, warped with label overlap, deformed grid, error, in
-radiological display orientation (patient right on the viewer's left)."""
+"""``crd-jax figure``: a PNG or PDF like the paper's Fig. 4 for one pair, drawn from a saved registration
+(``--from OUT_DIR``) or after registering the pair (:mod:`crd_jax.cli.drawing` draws it)."""
 
 from __future__ import annotations
 
+import json
+import sys
+import textwrap
 from pathlib import Path
-from typing import Optional
 
-import numpy as np
+from crd_jax.cli import options
+from crd_jax.errors import InputError
 
-from crd_jax.data.io import atomic_path
-
-
-# rows of a 3-D figure: (name, the axis held fixed, what the panel's left/right/top/bottom edges face) on a RAS array
-PLANES = (("axial", 2, "RLAP"), ("coronal", 1, "RLSI"), ("sagittal", 0, "APSI"))
+EXAMPLES = ["crd-jax figure --from out/ --out out/overview.png",
+            "crd-jax figure --model lpba40-vm-ll-crd --fixed F.nii.gz --moving M.nii.gz --fixed-seg FS.nii.gz "
+            "--moving-seg MS.nii.gz --out pair.pdf"]
 
 
-def to_display(affine: np.ndarray, volumes: dict, disp: Optional[np.ndarray] = None):
-    """The arrays reoriented to RAS (axes permuted and flipped, no resampling) and the voxel displacement ``disp``
-    (on the same grid) expressed in the reoriented voxels, for drawing in radiological orientation."""
-    import nibabel.orientations as ornt
-
-    transform = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(("R", "A", "S")))
-    out = {k: (None if v is None else ornt.apply_orientation(np.asarray(v), transform)) for k, v in volumes.items()}
-    if disp is not None:
-        shape = np.asarray(disp).shape[:3]
-        new_affine = affine @ ornt.inv_ornt_aff(transform, shape)
-        m = np.linalg.solve(new_affine[:3, :3], affine[:3, :3])  # original voxel components -> reoriented ones
-        moved = np.asarray(disp, np.float32) @ m.T.astype(np.float32)
-        disp = np.stack([ornt.apply_orientation(moved[..., k], transform) for k in range(3)], -1)
-    return out, disp
-
-
-def _slices(volume: np.ndarray):
-    """The mid-slices of a RAS volume in radiological display order (rows of :data:`PLANES`), each ``(h, v)``
-    with the horizontal axis flipped (patient right on the viewer's left; anterior on the left in the sagittal
-    row) so that ``imshow(s.T, origin="lower")`` draws it; a 2-D image is its own single slice."""
-    if volume.ndim == 2:
-        return [volume]
-    centre = [s // 2 for s in volume.shape[:3]]
-    return [np.take(volume, centre[a], axis=a)[::-1] for _, a, _ in PLANES]
+def add_parser(sub) -> None:
+    f = options.subcommand(
+        sub, "figure", "a PNG or PDF like the paper's Fig. 4 for one pair",
+        textwrap.fill("Draws fixed, moving, warped (with the label overlap when both label maps are given, the warped "
+                      "labels alone when only the moving ones are), the deformed grid and the error map on the axial, coronal and "
+                      "sagittal mid-slices in radiological orientation (patient right on the viewer's left). --from OUT_DIR draws "
+                      "the registration crd-jax register saved there (no model, nothing registered again); otherwise the pair is "
+                      "registered first. Writes the one file --out (.png or .pdf).", 100), EXAMPLES, raw=True)
+    f.add_argument("--from", dest="from_dir", metavar="OUT_DIR",
+                   help="a crd-jax register output folder: draw its saved result (its registration.json names the "
+                   "fixed and moving images; --fixed/--moving override it)")
+    options.add_model(f, options.MODEL_HELP + "; not with --from")
+    f.add_argument("--fixed", help="fixed image (.nii, .nii.gz or .npz)")
+    f.add_argument("--moving", help="moving image (any grid; resampled onto the fixed grid)")
+    f.add_argument("--fixed-seg", help="fixed label map: the warped labels are drawn against it (agree / disagree)")
+    f.add_argument("--moving-seg", help="moving label map: warped and drawn over the warped image")
+    f.add_argument("--out", required=True, help="PNG (or PDF) to write")
+    options.add_overwrite(f, "replace the file if it exists")
+    options.add_registration_options(f)
+    f.set_defaults(func=run)
 
 
-def _field_slices(disp: np.ndarray):
-    """In-plane components of the field on each mid-slice of :func:`_slices` (the flipped axis negated)."""
-    if disp.shape[-1] == 2:
-        return [disp]
-    centre = [s // 2 for s in disp.shape[:3]]
-    out = []
-    for _, a, _ in PLANES:
-        plane = [k for k in range(3) if k != a]
-        f = np.take(disp, centre[a], axis=a)[..., plane][::-1].copy()
-        f[..., 0] *= -1
-        out.append(f)
-    return out
+def run(args) -> None:
+    from crd_jax.cli.drawing import display_spacing, pair_figure, to_display
+    from crd_jax.outputs import OutputSet
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".pdf"):
+        raise InputError(out, "the figure must be a .png or .pdf file")
+    if args.from_dir and args.model:
+        raise InputError("--from", "draws a saved registration with no model; leave out --model")
+    if not args.from_dir and not (args.fixed and args.moving):
+        raise InputError("figure", "needs --from OUT_DIR (a saved registration) or --fixed and --moving")
+    outputs = OutputSet(out.parent, [out.name], args.overwrite)
+    warning = None
+    if args.from_dir:
+        fixed, moving_shown, warped, disp, fixed_seg, warped_seg, title = _saved_registration(args)
+    else:
+        from crd_jax.registration.model import load
+        from crd_jax.registration.pipeline import labels_on_grid, load_pair, register_volumes
+
+        loaded = load(options.model_path(args.model))
+        fixed, moving, moving_seg, fixed_seg_vol = load_pair(loaded, args.fixed, args.moving, args.moving_seg, args.fixed_seg)
+        fixed_seg = labels_on_grid(fixed_seg_vol, fixed)
+        result, notes = register_volumes(loaded, fixed, moving, moving_seg, **options.registration_kwargs(args))
+        for note in notes:
+            print(f"note: {note}")
+        if result.get("warning"):
+            warning = result["warning"]
+        from crd_jax.registration.space import onto_grid, same_grid
+
+        moving_shown = moving.data if same_grid(fixed, moving) else onto_grid(moving, fixed, order=1)
+        warped, disp, warped_seg = result["warped"], result["disp"], result.get("warped_seg")
+        title = f"{Path(args.moving).name} -> {Path(args.fixed).name} ({loaded.spec.get('label', '')})"
+    spacing = display_spacing(fixed.affine) if fixed.data.ndim == 3 else None
+    if fixed.data.ndim == 3:
+        shown, disp = to_display(fixed.affine, {"fixed": fixed.data, "moving": moving_shown, "warped": warped,
+                                                "fixed_seg": fixed_seg, "warped_seg": warped_seg}, disp)
+    else:
+        shown = {"fixed": fixed.data, "moving": moving_shown, "warped": warped, "fixed_seg": fixed_seg, "warped_seg": warped_seg}
+    with outputs as stage:
+        pair_figure(stage / out.name, shown["fixed"], shown["moving"], shown["warped"], disp, shown["fixed_seg"],
+                    shown["warped_seg"], title=title, spacing=spacing)
+    if warning:
+        print(f"crd-jax: warning: {warning}", file=sys.stderr)
+    print(f"wrote {out}")
 
 
-def _labels_rgb(image: np.ndarray, seg: np.ndarray) -> np.ndarray:
-    """Grey image with each label in its own colour (40% opacity)."""
-    import matplotlib
 
-    grey = (image - image.min()) / max(float(np.ptp(image)), 1e-8)
-    rgb = np.stack([grey] * 3, -1) * 0.8
-    fg = seg > 0
-    colours = np.asarray(matplotlib.colormaps["tab20"](np.arange(20)))[:, :3]
-    rgb[fg] = 0.6 * rgb[fg] + 0.4 * colours[(np.asarray(seg)[fg].astype(np.int64) * 7) % 20]
-    return np.clip(rgb, 0, 1)
+def _saved_registration(args):
+    """What ``figure --from OUT_DIR`` draws, read from a ``crd-jax register`` output folder (no model is loaded
+    and nothing is registered): the fixed and moving images named by its ``registration.json`` (or
+    ``--fixed``/``--moving``), its ``warped``, ``warped_seg`` (when present) and displacement files."""
+    from crd_jax.data.io import load_image, load_labels
+    from crd_jax.interop.formats import read_displacement
+    from crd_jax.registration.pipeline import labels_on_grid
+    from crd_jax.registration.space import onto_grid, same_grid
 
+    folder = Path(args.from_dir)
+    if not folder.is_dir():
+        raise InputError(folder, "no such folder (--from takes the --out-dir of crd-jax register)")
+    record = {}
+    if (folder / "registration.json").is_file():
+        try:
+            record = json.loads((folder / "registration.json").read_text())
+            assert isinstance(record, dict)
+        except (OSError, ValueError, UnicodeDecodeError, AssertionError):
+            raise InputError(folder / "registration.json", "unreadable registration record (not a JSON object)") from None
 
-def _overlap_rgb(image: np.ndarray, warped_seg: np.ndarray, fixed_seg: np.ndarray) -> np.ndarray:
-    """Grey image; voxels where the warped and fixed labels agree (foreground) in red, disagree in blue."""
-    grey = (image - image.min()) / max(float(np.ptp(image)), 1e-8)
-    rgb = np.stack([grey] * 3, -1) * 0.6
-    fg = (warped_seg > 0) | (fixed_seg > 0)
-    agree = fg & (warped_seg == fixed_seg)
-    rgb[agree] = 0.6 * rgb[agree] + 0.4 * np.array([1.0, 0.1, 0.1])
-    rgb[fg & ~agree] = 0.6 * rgb[fg & ~agree] + 0.4 * np.array([0.1, 0.3, 1.0])
-    return np.clip(rgb, 0, 1)
+    def first(*names):
+        return next((folder / n for n in names if (folder / n).is_file()), None)
 
+    fixed_path, moving_path = args.fixed or record.get("fixed"), args.moving or record.get("moving")
+    if not (fixed_path and moving_path):
+        raise InputError(folder, "no registration.json naming the fixed and moving images; pass --fixed and --moving")
+    warped_path = first("warped.nii.gz", "warped.nii")
+    disp_path = first("disp.nii.gz", "disp.nii", "disp_itk.nii.gz", "disp_itk.nii")
+    if warped_path is None or disp_path is None:
+        raise InputError(folder, "not a crd-jax register output folder (no warped.nii[.gz] and disp[_itk].nii[.gz])")
+    fixed = load_image(fixed_path, require_orientation=True)
+    moving = load_image(moving_path, require_orientation=True)
+    warped = load_image(warped_path)
+    if warped.data.shape != fixed.data.shape:
+        raise InputError(warped_path, f"shape {warped.data.shape} differs from the fixed image's {fixed.data.shape} "
+                                      f"({fixed_path}): not this pair's registration")
+    disp = read_displacement(disp_path, fixed)
+    seg_path = first("warped_seg.nii.gz", "warped_seg.nii")
+    warped_seg = load_labels(seg_path).data if seg_path is not None else None
+    if warped_seg is not None and warped_seg.shape != fixed.data.shape:
+        raise InputError(seg_path, f"shape {warped_seg.shape} differs from the fixed image's {fixed.data.shape}")
+    fixed_seg = labels_on_grid(load_labels(args.fixed_seg, require_orientation=True) if args.fixed_seg else None, fixed)
+    moving_shown = moving.data if same_grid(fixed, moving) else onto_grid(moving, fixed, order=1)
+    print(f"figure: drawn from the saved registration in {folder} (no model loaded, nothing registered)")
+    label = record.get("model_label", "")
+    title = f"{Path(moving_path).name} -> {Path(fixed_path).name}" + (f" ({label})" if label else "")
+    return fixed, moving_shown, warped.data, disp, fixed_seg, warped_seg, title
 
-def display_spacing(affine: np.ndarray):
-    """The voxel size (mm) along the axes of the RAS arrays of :func:`to_display`."""
-    import nibabel.orientations as ornt
-
-    transform = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(("R", "A", "S")))
-    linear = (affine @ ornt.inv_ornt_aff(transform, (2, 2, 2)))[:3, :3]
-    return tuple(float(v) for v in np.sqrt((linear ** 2).sum(axis=0)))
-
-
-def _grid(ax, field: np.ndarray, step: int = 4, aspect: float = 1.0) -> None:
-    """Lines of the regular grid moved by the in-plane field; drawn like the images (x: axis 0, y: axis 1)."""
-    h, w = field.shape[:2]
-    ii, jj = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    x, y = ii + field[..., 0], jj + field[..., 1]
-    for r in range(0, h, step):
-        ax.plot(x[r], y[r], color="k", lw=0.5)
-    for c in range(0, w, step):
-        ax.plot(x[:, c], y[:, c], color="k", lw=0.5)
-    ax.set_xlim(-0.5, h - 0.5)
-    ax.set_ylim(-0.5, w - 0.5)
-    ax.set_aspect(aspect)
-
-
-def pair_figure(path, fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray, disp: np.ndarray,
-                fixed_seg: Optional[np.ndarray] = None, warped_seg: Optional[np.ndarray] = None, title: str = "",
-                spacing=None) -> None:
-    """Writes a PNG or PDF (by the suffix): rows = mid-slices (axial, coronal, sagittal of RAS arrays, see
-    :func:`to_display`, drawn in radiological orientation), columns = fixed | moving | warped (+ the label
-    overlap with a legend when both label maps are given, the warped labels alone when only they are) | grid |
-    error (with a colour bar). ``spacing``: the voxel size of those arrays (mm), so that millimetres are square."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = _slices(fixed)
-    overlap = fixed_seg is not None and warped_seg is not None
-    cols = ["fixed", "moving", "warped" + (" (label overlap)" if overlap else " + warped labels" if warped_seg is not None else ""),
-            "deformed grid", "error (warped - fixed)"]
-    fig, axes = plt.subplots(len(rows), 5, figsize=(15, 3.2 * len(rows)), squeeze=False)
-    f_s, m_s, w_s, d_s = _slices(fixed), _slices(moving), _slices(warped), _field_slices(disp)
-    fs_s = _slices(fixed_seg) if fixed_seg is not None else None
-    ws_s = _slices(warped_seg) if warped_seg is not None else None
-    vmax = float(max(np.abs(fixed).max(), 1e-8))
-    for r in range(len(rows)):
-        ax = axes[r]
-        aspect = 1.0  # height / width of a voxel on the screen: square millimetres
-        if spacing is not None and len(rows) == 3:
-            h, v = [k for k in range(3) if k != PLANES[r][1]]
-            aspect = spacing[v] / spacing[h]
-        ax[0].imshow(f_s[r].T, cmap="gray", origin="lower", aspect=aspect)
-        ax[1].imshow(m_s[r].T, cmap="gray", origin="lower", aspect=aspect)
-        if overlap:
-            ax[2].imshow(np.transpose(_overlap_rgb(w_s[r], ws_s[r], fs_s[r]), (1, 0, 2)), origin="lower", aspect=aspect)
-        elif ws_s is not None:
-            ax[2].imshow(np.transpose(_labels_rgb(w_s[r], ws_s[r]), (1, 0, 2)), origin="lower", aspect=aspect)
-        else:
-            ax[2].imshow(w_s[r].T, cmap="gray", origin="lower", aspect=aspect)
-        _grid(ax[3], d_s[r], aspect=aspect)
-        error = ax[4].imshow((w_s[r] - f_s[r]).T, cmap="bwr", vmin=-vmax / 2, vmax=vmax / 2, origin="lower", aspect=aspect)
-        fig.colorbar(error, ax=ax[4], fraction=0.046, pad=0.04, label="intensity difference")
-        for a in ax:
-            a.set_xticks([])
-            a.set_yticks([])
-        if len(rows) == 3:
-            name, axis, edges = PLANES[r]
-            ax[0].set_ylabel(f"{name} (slice {fixed.shape[axis] // 2})", fontsize=10)
-            for a in ax[:3]:
-                for (x, y, ha, va), letter in zip(((0.02, 0.5, "left", "center"), (0.98, 0.5, "right", "center"),
-                                                   (0.5, 0.98, "center", "top"), (0.5, 0.02, "center", "bottom")), edges):
-                    a.text(x, y, letter, transform=a.transAxes, ha=ha, va=va, color="yellow", fontsize=8)
-        if r == 0:
-            for a, name in zip(ax, cols):
-                a.set_title(name, fontsize=10)
-    if overlap:
-        from matplotlib.patches import Patch
-
-        fig.legend(handles=[Patch(color=(1.0, 0.1, 0.1), label="labels agree"), Patch(color=(0.1, 0.3, 1.0), label="labels disagree")],
-                   loc="lower center", ncol=2, frameon=False)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="pdf" if path.suffix.lower() == ".pdf" else "png")
-    plt.close(fig)

@@ -1,13 +1,17 @@
-"""Which subjects are registered to which.
+"""Which subjects are registered to which: training and evaluation pairs, and pairs files.
 
 Training pairs are a pure function of ``(seed, step, slot)``: the same run always sees the same pairs in
 the same order, a resumed run continues the sequence exactly, and each host can compute its own slots of
-the global batch without coordination.
+the global batch without coordination. A pairs file (:func:`read_pairs_file`) lists ``fixed,moving`` pairs,
+in that order for every command.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import csv
+import dataclasses
+import io
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -54,3 +58,66 @@ def eval_pairs(n: int, mode: str = "all", atlas: Optional[int] = None, group_siz
     if mode == "consecutive":
         return [(i + 1, i) for i in range(n - 1)]
     raise ValueError(f"unknown evaluation pairing {mode!r} (all, consecutive)")
+
+
+# --- pairs files: what ``crd-jax register --pairs`` and ``crd-jax evaluate --pairs`` read ------------------------
+
+#: the columns of a pairs file, in the order a file without a header row gives them
+PAIR_COLUMNS = ("fixed", "moving", "moving_seg", "name")
+
+
+@dataclasses.dataclass(frozen=True)
+class PairRow:
+    """One row of a pairs file: the fixed and moving entries (paths, or subject ids for ``evaluate``), the
+    optional moving label map and output folder name, and the row's number (data rows, from 1)."""
+
+    fixed: str
+    moving: str
+    moving_seg: Optional[str]
+    name: Optional[str]
+    row: int
+
+
+def read_pairs_file(path, columns: Sequence[str] = PAIR_COLUMNS) -> List[PairRow]:
+    """The rows of a pairs file (CSV, UTF-8 with or without a byte-order mark; blank rows and rows starting
+    with ``#`` skipped). A file without a header row gives ``fixed,moving[,...]`` in the order of ``columns``
+    (the command's own: ``fixed,moving,moving_seg,name`` for ``register``, ``fixed,moving`` for ``evaluate``);
+    a first row that names the columns (``fixed``, ``moving`` and any others of ``columns``) may give them in
+    any order, e.g. ``moving,fixed``. Anything else is one :class:`~crd_jax.errors.InputError` line naming the
+    file and the row."""
+    from crd_jax.data.io import check_input_file
+    from crd_jax.errors import InputError
+
+    csv_path = check_input_file(path, "a CSV file")
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")  # a BOM (spreadsheet exports) is not part of a cell
+        rows = [r for r in csv.reader(io.StringIO(text))
+                if r and any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
+    except OSError as exc:
+        raise InputError(csv_path, f"unreadable ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(csv_path, f"not a text file in UTF-8 (byte {exc.start})") from None
+    except csv.Error as exc:
+        raise InputError(csv_path, f"not a CSV file ({' '.join(str(exc).split())})") from None
+    expected = "'" + ",".join(columns[:2]) + "".join(f"[,{c}" for c in columns[2:]) + "]" * (len(columns) - 2) + "'"
+    order = list(columns)
+    header = [c.strip().lower() for c in rows[0]] if rows else []
+    if header and header[0] in PAIR_COLUMNS:
+        unknown = [c for c in header if c not in columns]
+        if unknown or len(set(header)) != len(header) or not {"fixed", "moving"} <= set(header):
+            raise InputError(csv_path, f"header row {','.join(rows[0])!r}: expected the column names fixed and moving "
+                                       f"(and {', '.join(columns[2:]) or 'nothing else'}), each once, in any order")
+        order, rows = header, rows[1:]
+    if not rows:
+        raise InputError(csv_path, f"no pairs (expected rows {expected})")
+    out = []
+    for i, row in enumerate(rows, 1):
+        cells = [c.strip() for c in row]
+        if len(cells) < 2 or len(cells) > len(order):
+            raise InputError(csv_path, f"row {i}: expected {expected if order == list(columns) else ','.join(order)}, "
+                                       f"got {','.join(row)!r}")
+        value = dict(zip(order, cells))
+        if not value.get("fixed") or not value.get("moving"):
+            raise InputError(csv_path, f"row {i}: the fixed and the moving entries must not be empty, got {','.join(row)!r}")
+        out.append(PairRow(value["fixed"], value["moving"], value.get("moving_seg") or None, value.get("name") or None, i))
+    return out

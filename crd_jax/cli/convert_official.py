@@ -1,0 +1,39 @@
+"""``crd-jax convert-official``: the authors' PyTorch checkpoint as a crd-jax model folder (no torch needed)."""
+
+from __future__ import annotations
+
+from crd_jax.cli import options
+from crd_jax.errors import InputError
+
+
+def add_parser(sub) -> None:
+    c = options.subcommand(
+        sub, "convert-official", "the authors' PyTorch checkpoint -> a crd-jax model folder (no torch needed)",
+        "Converts a legacy .pth of the authors' released CRD code into a model folder (model.json + "
+        "params.msgpack). The models take OASIS aligned_norm volumes as stored: intensities in [0, 1].",
+        "crd-jax convert-official --checkpoint VMdalca1_Hinput_OASIS_R1_D_24500.pth --kind student "
+        "--out models/crd_oasis_student")
+    c.add_argument("--checkpoint", required=True, help="legacy torch .pth (e.g. VMdalca1_Hinput_OASIS_R1_D_24500.pth)")
+    c.add_argument("--kind", choices=("student", "teacher"), required=True,
+                   help="which of the authors' networks the checkpoint holds")
+    c.add_argument("--out", required=True, help="model folder to write (a new folder)")
+    options.add_overwrite(c, "replace a crd-jax model folder that exists there")
+    c.set_defaults(func=run)
+
+
+def run(args) -> None:
+    from crd_jax.interop import official
+    from crd_jax.interop.torch_legacy import load_legacy_checkpoint
+    from crd_jax.outputs import check_writable_folder
+    from crd_jax.model_io import is_model_folder, save_model
+
+    out = check_writable_folder(args.out, "model folder")
+    if out.exists() and not is_model_folder(out):
+        raise InputError(out, "exists and is not a crd-jax model folder; nothing was changed (choose a new folder)")
+    if out.exists() and not args.overwrite:
+        raise InputError(out, "a model folder exists there; pass --overwrite to replace it")
+    state = load_legacy_checkpoint(args.checkpoint)
+    params, spec = official.convert(state, args.kind, source=args.checkpoint)
+    spec["source"] = str(args.checkpoint)
+    save_model(out, params, spec, overwrite=args.overwrite)
+    print(f"converted {args.checkpoint} ({args.kind}) -> {out}")
