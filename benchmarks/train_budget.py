@@ -51,12 +51,15 @@ LABELS = {"vm_h": "VM-H", "vm_l": "VM-L", "coop": "S1 cooperative", "fst": "FST 
 # --- JAX --------------------------------------------------------------------------------------------------
 
 
-def pipeline_config(shape, shift: int = 1, batch: int = 1):
-    """The default config (the paper's VM, n = 2^shift) with the six stages of the 128^3 experiment."""
+def pipeline_config(shape, shift: int = 1, batch: int = 1, fusion: str = "compact"):
+    """The default config (the paper's VM, n = 2^shift) with the six stages of the 128^3 experiment and
+    Experiment 2's settings (``configs/lpba40_crd_exp2.py``: the compact FST head, eq. 8 on the full grid)."""
     from crd_jax.config import base_config, stage
 
     c = base_config()
     c.model.shift = shift
+    c.model.fusion = fusion
+    c.loss.deformation_grid = "full"
     c.train.batch_size = batch
     c.data.shape = tuple(shape)
     c.stages.control = stage("baseline", resolution="low", init="vm_l", label="VM-L control")
@@ -229,8 +232,8 @@ def cached_teacher_stage(plan, batch_arrays):
 
 
 def measure_jax(shape, batch, repeats, steps, stages=STAGES, log=print, compiler_options=None, variants=(None,),
-                teacher_cache=False):
-    config = pipeline_config(shape, batch=batch)
+                teacher_cache=False, fusion="compact"):
+    config = pipeline_config(shape, batch=batch, fusion=fusion)
     batch_arrays = _batch(shape, batch, seed=1)
     plans = plan_pipeline(config, shape, batch, stages)
     timers = []
@@ -368,10 +371,11 @@ def cache_fill_hours(s3: dict, cached: dict) -> float:
     return max(s3["forward_s"] - cached["forward_s"], 0.0) * CACHE_PAIRS / 3600.0
 
 
-def render(rows, torch_rows, shape, batch, steps, repeats, conv, previous=None) -> str:
+def render(rows, torch_rows, shape, batch, steps, repeats, conv, previous=None, fusion="compact") -> str:
     m = machine()
     size = "x".join(map(str, shape))
-    lines = [f"Training budget at {size}, n = 2, batch {batch}; {m.get('cpu', m.get('processor', ''))}, {m['cpus']} "
+    lines = [f"Training budget at {size}, n = 2, batch {batch}, FST head `{fusion}`, eq. 8 on the full grid "
+             f"(Experiment 2's settings); {m.get('cpu', m.get('processor', ''))}, {m['cpus']} "
              f"cores; crd-jax convolution: {conv}. Seconds per step, minimum of {repeats} rounds in which every "
              "function ran once in turn (one process); forward and backward: the stage's networks; loss: "
              "the full step minus the networks' forward + backward (warp, NCC 9^3, grad-L2 at the full resolution, "
@@ -677,6 +681,8 @@ def main(argv=None):
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--before-after", action="store_true", help="every stage twice, with the backward formulations "
                    "of issue 26 off (before: concatenated decoder input, autodiff upsampling, XLA's warp) and on (after)")
+    p.add_argument("--fusion", default="compact", choices=("compact", "paper", "official"),
+                   help="the FST head (model.fusion; Experiment 2: compact)")
     p.add_argument("--teacher-cache", action="store_true", help="also S3 with its frozen teacher's outputs cached "
                    "(train.teacher_cache_gb), and the pipeline's hours with it")
     p.add_argument("--torch-repeats", type=int, default=None)
@@ -704,7 +710,8 @@ def main(argv=None):
     t = time.perf_counter()
     rows = measure_jax(shape, args.batch, repeats, args.steps, tuple(args.stages),
                        compiler_options=QUICK_OPTIONS if args.quick else None,
-                       variants=("before", "after") if args.before_after else (None,), teacher_cache=args.teacher_cache)
+                       variants=("before", "after") if args.before_after else (None,), teacher_cache=args.teacher_cache,
+                       fusion=args.fusion)
     print(f"measured in {time.perf_counter() - t:.0f} s")
     torch_rows = []
     if not (args.quick or args.no_torch):
@@ -715,8 +722,9 @@ def main(argv=None):
         else:
             for model in ("vm_h", "vm_l"):
                 torch_rows.append(run_torch(model, shape, args.torch_repeats or repeats))
-    md = render(rows, torch_rows, shape, args.batch, args.steps, repeats, conv)
+    md = render(rows, torch_rows, shape, args.batch, args.steps, repeats, conv, fusion=args.fusion)
     payload = {"machine": machine(), "conv": conv, "shape": list(shape), "batch": args.batch, "repeats": repeats,
+               "fusion": args.fusion,
                "steps_per_stage": args.steps, "rows": rows, "torch_rows": torch_rows,
                "pipeline_hours": {v or "": sum(hours(r["step_s"], args.steps) for r in rows
                                                if "error" not in r and r.get("variant", "") == (v or ""))

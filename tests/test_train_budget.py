@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,6 +25,23 @@ def test_quick_run_writes_the_split_and_the_projected_hours(tmp_path):
     assert abs(payload["pipeline_hours"][""] - row["step_s"] * 10_000 / 3600) < 1e-9
     text = out.with_suffix(".md").read_text()
     assert "| VM-L |" in text and "Hours per 10,000 steps" in text and "**Pipeline (1 stages)**" in text
+
+
+@pytest.mark.slow
+def test_quick_run_with_the_teacher_cache_adds_the_cached_s3_row_and_its_pipeline_hours(tmp_path):
+    out = tmp_path / "budget"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_budget.py"), "--quick", "--stages", "vm_l_crd",
+                           "--teacher-cache", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    payload = json.loads(out.with_suffix(".json").read_text())
+    assert payload["fusion"] == "compact"
+    s3, cached = payload["rows"]
+    assert (s3["stage"], s3["variant"]) == ("vm_l_crd", "")
+    assert (cached["stage"], cached["variant"]) == ("vm_l_crd", "teacher cached")
+    fill = max(s3["forward_s"] - cached["forward_s"], 0.0) * 24 * 23 / 3600
+    expected = cached["step_s"] * 10_000 / 3600 + fill  # the one stage's hours, S3 replaced by its cached step
+    assert abs(payload["pipeline_hours"]["with S3's teacher cached"] - expected) < 1e-9
+    assert "**Pipeline, S3's teacher cached** (+" in out.with_suffix(".md").read_text()
 
 
 def test_network_only_proxy_replaces_the_registration_loss_and_restores_it():
