@@ -1,15 +1,15 @@
-"""Builds, caches and registers the native CPU kernels (``csrc/``: the convolution, ``conv_cpu.cc``, and the
-volume warp of ``crd-jax register``, ``warp_cpu.cc``) as XLA FFI targets.
+"""Loads and registers the native CPU kernels (``csrc/``: the convolution and the volume warp of ``crd-jax
+register``) as XLA FFI targets.
 
-The kernels are compiled when the package is installed (``setup.py``), against the FFI headers of jaxlib,
-into one library ``_kernels<suffix>`` beside this module. That library is used when its build key (sources,
-flags, jaxlib version: :mod:`crd_jax.ops.native_build`) matches the running jaxlib and the sources on disk;
-otherwise (no compiler at install time, an edited kernel, another jaxlib) it is compiled on first use with
-the system C++ compiler into a per-user cache under the same key, a few seconds once. Where both are
-impossible (no compiler, not x86-64 Linux, no AVX2/FMA, or ``CRD_JAX_FAST_CONV=0``) :func:`available` is
-False, one warning says why, and callers use ``lax.conv`` (and XLA's gathers for the warp);
-``CRD_JAX_FAST_CONV=1`` makes that an error instead. It is never built or loaded when JAX's default backend
-is not the CPU (a GPU host runs ``lax.conv`` on the GPU).
+The kernels are compiled when crd-jax is installed (scikit-build-core + CMake, against the XLA FFI headers of
+jaxlib: :mod:`crd_jax.ops.native_build`) into one library ``_kernels.so`` beside this module; a wheel carries it
+built, so no compiler is needed to use it. Nothing is compiled at run time. The library is used when it was
+built for the running jaxlib and from the sources on disk; otherwise (another jaxlib since the install, an
+edited kernel, no compiler at install time, not x86-64 Linux, no AVX2/FMA, or ``CRD_JAX_FAST_CONV=0``)
+:func:`available` is False, one warning says why (and, where a rebuild would help, to run ``crd-jax
+build-kernel``), and callers use ``lax.conv`` (and XLA's gathers for the warp); ``CRD_JAX_FAST_CONV=1`` makes
+that an error instead. It is never loaded when JAX's default backend is not the CPU (a GPU host runs
+``lax.conv`` on the GPU).
 
 Vector width: the forward convolution uses AVX-512 where the CPU has it (``CRD_JAX_ISA=avx2`` or
 :func:`set_isa` selects the AVX2 path, which every supported CPU runs), the few-output-channel flow head
@@ -32,17 +32,14 @@ by a cgroup CPU quota) or ``CRD_JAX_NUM_THREADS``.
 from __future__ import annotations
 
 import ctypes
-import importlib.machinery
 import os
 import platform
 import threading
 import warnings
 from importlib import metadata
-from pathlib import Path
 
 import jax
 
-from crd_jax import user_cache
 from crd_jax.ops import native_build
 
 _TARGETS = {"crd_conv_fwd": "CrdConvFwd", "crd_conv_upcat_fwd": "CrdConvUpcatFwd", "crd_conv_wgrad": "CrdConvWgrad",
@@ -50,47 +47,35 @@ _TARGETS = {"crd_conv_fwd": "CrdConvFwd", "crd_conv_upcat_fwd": "CrdConvUpcatFwd
 
 _lock = threading.Lock()
 _state: dict = {}
+_REBUILD = "run `crd-jax build-kernel` to rebuild it"
 
 
-def _kernel_folder() -> Path:
-    """``<crd-jax's user cache>/kernels`` (:mod:`crd_jax.user_cache`); a folder of this process where caching
-    is off or the cache cannot be written."""
-    folder = user_cache.cache_folder("kernels")
-    if folder is None:
-        import atexit
-        import shutil
-        import tempfile
-
-        folder = tempfile.mkdtemp(prefix="crd-jax-kernel-")
-        atexit.register(shutil.rmtree, folder, True)
-    return Path(folder)
+class _Unusable(Exception):
+    """Why the installed kernel cannot be used (the text of the one warning)."""
 
 
-def _expected_key() -> str:
-    return native_build.build_key(native_build.source_bytes(), metadata.version("jaxlib"))
-
-
-def _installed_library(key: str) -> ctypes.CDLL | None:
-    """The library built when the package was installed, if it was built from this source and jaxlib."""
-    folder = Path(__file__).parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = folder / f"{native_build.INSTALLED_NAME}{suffix}"
-        if path.exists():
-            lib = ctypes.CDLL(str(path))
-            built_from = getattr(lib, "crd_build_key", None)  # absent in libraries older than the key
-            if built_from is not None:
-                built_from.restype = ctypes.c_char_p
-                if built_from().decode() == key:
-                    return lib
-    return None
-
-
-def _cached_library(key: str) -> ctypes.CDLL:
-    """The first-use build in the user cache (compiled now if missing)."""
-    path = _kernel_folder() / f"{native_build.INSTALLED_NAME}-{key}.so"
-    if not path.exists():
-        native_build.compile_library(path, jax.ffi.include_dir(), key)
-    return ctypes.CDLL(str(path))
+def _open_library() -> ctypes.CDLL:
+    """The installed kernel, if it was built for the running jaxlib and from the sources on disk."""
+    path = native_build.library_path()
+    if path is None:
+        raise _Unusable("the native kernel was not built when crd-jax was installed (no C++ compiler?); "
+                        "run `crd-jax build-kernel` to build it")
+    lib = ctypes.CDLL(str(path))
+    record = {}
+    for name in ("crd_built_for_jaxlib", "crd_source_hash"):
+        fn = getattr(lib, name, None)  # absent in libraries built before they were recorded
+        if fn is not None:
+            fn.restype = ctypes.c_char_p
+        record[name] = fn().decode() if fn is not None else ""
+    running = metadata.version("jaxlib")
+    if record["crd_built_for_jaxlib"] != running:
+        built = record["crd_built_for_jaxlib"] or "an older crd-jax"
+        raise _Unusable(f"the native kernel was built for jaxlib {built}, this is jaxlib {running}; {_REBUILD}")
+    on_disk = native_build.source_hash()
+    if on_disk and record["crd_source_hash"] != on_disk:  # sources present and edited since the build
+        raise _Unusable(f"the kernel's sources changed since it was built; {_REBUILD}")
+    _state["built"] = f"jaxlib {running}"
+    return lib
 
 
 def _load() -> bool:
@@ -98,11 +83,7 @@ def _load() -> bool:
         return False
     if not native_build.supported_platform(platform.system(), platform.machine()):
         return False
-    key = _expected_key()
-    lib = _installed_library(key)
-    _state["built"] = "built at install"
-    if lib is None:
-        lib, _state["built"] = _cached_library(key), "built on first use"
+    lib = _open_library()
     if not lib.crd_cpu_supported():
         return False
     for name, symbol in _TARGETS.items():

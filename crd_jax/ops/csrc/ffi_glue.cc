@@ -1,0 +1,156 @@
+// The convolution's XLA FFI handlers: argument checks, the output buffer's huge-page hint, and the calls into the
+// kernels. The kernels are 3-D convolutions for x86-64 CPUs with AVX2 + FMA (and AVX-512, AMX where the CPU
+// has them).
+//
+// Why this exists: XLA's CPU backend runs 3^3 convolutions at ~15 GFLOP/s on the 2-core machines this
+// project targets, and an im2col + dot formulation is bounded by the memory traffic of the 27x patch
+// matrix. A register-blocked direct convolution reads each input voxel from cache and keeps the partial
+// sums in registers, which is what oneDNN does for PyTorch.
+//
+// Stride-1 3^3 layers with output channels in multiples of 16 run as Winograd F(2x2x2, 3x3x3) on AVX-512
+// (conv_winograd_avx512.cc, winograd.h): 64 instead of 216 multiply-adds per 2x2x2 outputs and channel pair.
+//
+// Forward pass: each output row reads its KD x KH input rows in place (only the few columns at either end
+// read a zero-padded copy); tiles of output columns x output channels keep their partial sums in
+// registers; output rows are visited in bands that keep the input rows they share in the L2 cache.
+//
+// Layout: channels-last. Input x (B, D, H, W, Ci); weights (KD, KH, KW, Ci, CoP) with the output channels
+// zero-padded to CoP, a multiple of 8; output (B, Do, Ho, Wo, Co). 2-D convolutions are passed as D = 1,
+// KD = 1. Padding is explicit (low side); out-of-range taps read zeros, as in lax.conv_general_dilated.
+//
+// Three entry points:
+//   crd_conv_fwd: y = act(conv(x, w) + b), act = LeakyReLU(slope) or identity.
+//   crd_conv_wgrad: dw[k, ci, co] = sum_{b, o} x[b, o * s - p + k, ci] * dy[b, o, co].
+//
+// Files: conv_direct.cc (the forward driver), conv_direct_avx2.cc, conv_direct_avx512.cc, conv_amx.cc (tiles),
+// conv_winograd_avx512.cc, conv_upcat.cc (the fused decoder step), conv_wgrad_avx2.cc, dispatch.cc (CPU features
+// and settings), control_api.cc (the C functions crd_jax/ops/native.py calls); the warp is warp_cpu.cc and
+// warp_grad_cpu.cc.
+#include <sys/mman.h>
+
+#include <cstdint>
+#include <string>
+
+#include "conv_common.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using namespace crd;  // NOLINT: the kernels' types and entry points
+
+ffi::Error CheckRank(const ffi::AnyBuffer::Dimensions& d, size_t rank, const char* what) {
+  if (d.size() != rank) return ffi::Error::InvalidArgument(std::string(what) + ": wrong rank");
+  return ffi::Error::Success();
+}
+
+// A fresh output buffer is an untouched anonymous mapping; its first writes fault in 4 KB pages (~13k faults,
+// ~20% of a full-resolution 16-channel layer). Asking for transparent huge pages on the 2 MB-aligned part
+// before writing turns those into a few hundred faults. A hint only: ignored where THP is off.
+void AdviseHugePages(void* data, size_t bytes) {
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (bytes < 2 * kHuge || !HugePagesWanted()) return;
+  uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+}
+
+ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> bias,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t sd, int64_t sh, int64_t sw, int64_t pd,
+                       int64_t ph, int64_t pw, float slope, int64_t act, int64_t bf16) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (auto e = CheckRank(xd, 5, "x"); e.failure()) return e;
+  if (auto e = CheckRank(wd, 5, "w"); e.failure()) return e;
+  if (auto e = CheckRank(yd, 5, "y"); e.failure()) return e;
+  Geometry g{xd[0], xd[1], xd[2], xd[3], xd[4], yd[1], yd[2], yd[3], yd[4], wd[4],
+             wd[0], wd[1], wd[2], sd, sh, sw, pd, ph, pw};
+  if (wd[3] != g.Ci || g.CoP % 8 != 0 || g.CoP < g.Co) return ffi::Error::InvalidArgument("weight shape");
+  if (g.KD * g.KH > 64) return ffi::Error::InvalidArgument("kernel too large (KD * KH > 64)");
+  if (bf16 != 0 && !CpuHasBf16()) return ffi::Error::InvalidArgument("bf16 convolution needs AVX512-BF16");
+  AdviseHugePages(y->typed_data(), y->size_bytes());
+  ConvForward(g, x.typed_data(), w.typed_data(), bias.typed_data(), slope, act != 0, y->typed_data(), bf16 != 0);
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvUpcatFwdImpl(ffi::Buffer<ffi::F32> low, ffi::Buffer<ffi::F32> skip, ffi::Buffer<ffi::F32> w,
+                            ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, int64_t pd, int64_t ph,
+                            int64_t pw, float slope, int64_t act, int64_t bf16) {
+  auto ld = low.dimensions(), sd = skip.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (auto e = CheckRank(ld, 5, "low"); e.failure()) return e;
+  if (auto e = CheckRank(sd, 5, "skip"); e.failure()) return e;
+  if (auto e = CheckRank(wd, 5, "w"); e.failure()) return e;
+  if (auto e = CheckRank(yd, 5, "y"); e.failure()) return e;
+  const int64_t ci = bf16 != 0 ? (ld[4] + sd[4] + 1) / 2 : ld[4] + sd[4];  // bf16: pairs of channels
+  Geometry g{sd[0], sd[1], sd[2], sd[3], ci, yd[1], yd[2], yd[3], yd[4], wd[4],
+             wd[0], wd[1], wd[2], 1, 1, 1, pd, ph, pw};
+  const Upcat u{low.typed_data(), ld[1], ld[2], ld[3], ld[4], skip.typed_data(), sd[4]};
+  if (ld[0] != sd[0] || sd[1] > 2 * ld[1] || sd[2] > 2 * ld[2] || sd[3] > 2 * ld[3])
+    return ffi::Error::InvalidArgument("low and skip shapes do not match a x2 upsampling");
+  if (g.Do != g.D - g.KD + 1 + 2 * pd || g.Ho != g.H - g.KH + 1 + 2 * ph || g.Wo != g.W - g.KW + 1 + 2 * pw)
+    return ffi::Error::InvalidArgument("output shape");
+  if (wd[3] != g.Ci || g.CoP % 8 != 0 || g.CoP < g.Co) return ffi::Error::InvalidArgument("weight shape");
+  if (g.KD * g.KH > 64) return ffi::Error::InvalidArgument("kernel too large (KD * KH > 64)");
+  if (bf16 != 0 && !CpuHasBf16()) return ffi::Error::InvalidArgument("bf16 convolution needs AVX512-BF16");
+  AdviseHugePages(y->typed_data(), y->size_bytes());
+  ConvUpcatForward(g, u, w.typed_data(), bias.typed_data(), slope, act != 0, y->typed_data(), bf16 != 0);
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvWgradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
+                         int64_t sd, int64_t sh, int64_t sw, int64_t pd, int64_t ph, int64_t pw) {
+  auto xd = x.dimensions(), yd = dy.dimensions(), wd = dw->dimensions();
+  if (auto e = CheckRank(xd, 5, "x"); e.failure()) return e;
+  if (auto e = CheckRank(yd, 5, "dy"); e.failure()) return e;
+  if (auto e = CheckRank(wd, 5, "dw"); e.failure()) return e;
+  const int64_t co = yd[4];
+  Geometry g{xd[0], xd[1], xd[2], xd[3], xd[4], yd[1], yd[2], yd[3], co, (co + 7) / 8 * 8,
+             wd[0], wd[1], wd[2], sd, sh, sw, pd, ph, pw};
+  if (wd[3] != g.Ci || wd[4] != co) return ffi::Error::InvalidArgument("weight-gradient shape");
+  ConvWeightGrad(g, x.typed_data(), dy.typed_data(), dw->typed_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrdConvFwd, ConvFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sd")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pd")
+                                  .Attr<int64_t>("ph")
+                                  .Attr<int64_t>("pw")
+                                  .Attr<float>("slope")
+                                  .Attr<int64_t>("act")
+                                  .Attr<int64_t>("bf16"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrdConvUpcatFwd, ConvUpcatFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pd")
+                                  .Attr<int64_t>("ph")
+                                  .Attr<int64_t>("pw")
+                                  .Attr<float>("slope")
+                                  .Attr<int64_t>("act")
+                                  .Attr<int64_t>("bf16"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrdConvWgrad, ConvWgradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sd")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pd")
+                                  .Attr<int64_t>("ph")
+                                  .Attr<int64_t>("pw"));
