@@ -196,3 +196,16 @@ def test_objective_adds_the_weighted_label_term_and_its_gradient_moves_the_field
     g = jax.grad(term)(disp)
     assert float(g[0, 3:10, 3:8, 3:8, 0].sum()) > 0
     assert float(term(disp - 20.0 * g)) < float(term(disp))
+
+
+def test_the_built_in_similarities_are_registry_entries_equal_to_their_functions():
+    """``similarity(name)`` builds the registered class; each built-in returns exactly its function's value."""
+    rng = np.random.default_rng(5)
+    f, w = (jnp.asarray(ndimage.gaussian_filter(rng.random((1, 12, 10, 8, 1)), (0, 1, 1, 1, 0)), jnp.float32) for _ in range(2))
+    assert {"ncc", "mind", "nmi"} <= set(losses.SIMILARITIES)
+    assert float(losses.similarity("ncc", 5)(f, w)) == float(losses.ncc(f, w, window=5))
+    assert float(losses.similarity("mind")(f, w)) == float(losses.mind_loss(f, w))
+    assert float(losses.similarity("nmi")(f, w)) == float(losses.nmi(f, w))
+    assert losses.similarity("ncc", 5) == losses.NCC(window=5)  # frozen: compares (and hashes) by value
+    with pytest.raises(TypeError, match="Similarity subclass"):
+        losses.register_similarity(lambda fixed, warped: 0.0)
