@@ -112,8 +112,8 @@ def test_a_fork_module_trains_every_stage_kind_and_registers_from_a_fresh_proces
     assert "--allow-backbone-module extending_example" in lines[0] and "CRD_JAX_BACKBONE_MODULES" in lines[0]
     assert not marker.exists() and not (tmp_path / "refused").exists()
 
-    allowed = _register(model, tmp_path, "out", _env(fork, FORK_IMPORT_MARKER=str(marker),
-                                                     CRD_JAX_BACKBONE_MODULES="extending_example"))
+    allowed = _register(model, tmp_path, "out", _env(fork, FORK_IMPORT_MARKER=str(marker)),
+                        "--allow-backbone-module", "extending_example")
     assert allowed.returncode == 0, allowed.stderr[-3000:]
     assert marker.exists()
     assert nib.load(str(tmp_path / "out" / "warped.nii.gz")).shape == (20, 18, 16)
@@ -194,6 +194,22 @@ def test_a_recorded_module_is_imported_only_with_the_users_word(tmp_path, monkey
                                                    "backbone_source": {"module": "os; import evil"}}))
     with pytest.raises(InputError, match="backbone_source.module"):
         load_spec(folder)
+
+
+def test_a_fork_model_registers_in_a_fresh_process_with_the_flag_and_not_without(tmp_path):
+    """The quick tier's version of the trained round trip above (the model made here, not trained)."""
+    fork = _fork_folder(tmp_path, entry_point=False)
+    model = _fork_model(tmp_path)
+    marker = tmp_path / "imported"
+    refused = _register(model, tmp_path, "refused", _env(fork, FORK_IMPORT_MARKER=str(marker)))
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr[-3000:]
+    assert f"{model / 'model.json'}: backbone 'two_level_unet' is defined by module 'extending_example'" in refused.stderr
+    assert "--allow-backbone-module extending_example" in refused.stderr
+    assert not marker.exists() and not (tmp_path / "refused").exists()
+    done = _register(model, tmp_path, "out", _env(fork, FORK_IMPORT_MARKER=str(marker)),
+                     "--allow-backbone-module", "extending_example")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert marker.exists() and nib.load(str(tmp_path / "out" / "warped.nii.gz")).shape == (20, 18, 16)
 
 
 def test_model_json_with_an_unknown_field_is_refused_in_a_fresh_process(tmp_path):

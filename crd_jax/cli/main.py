@@ -131,6 +131,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.func not in (models.run, build_kernel.run):
             enable_compilation_cache()
+        if getattr(args, "allow_backbone_module", None):  # a fork's backbone module, named by the user (model_io)
+            from crd_jax import model_io
+
+            model_io.allow_backbone_modules(args.allow_backbone_module)
         args.func(args)
     except InputError as exc:
         print(f"crd-jax: error: {exc}", file=sys.stderr)
