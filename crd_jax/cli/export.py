@@ -12,7 +12,7 @@ def add_parser(sub) -> None:
         "Writes a saved voxel displacement in another format into --out-dir: disp_itk.nii.gz (ITK/ANTs/Slicer, "
         "mm LPS) or disp_FFFF_MMMM.npz + .nii.gz (Learn2Reg).",
         "crd-jax export --disp out/disp.nii.gz --fixed F.nii.gz --format itk --out-dir out/")
-    x.add_argument("--disp", required=True, help="our displacement NIfTI (X,Y,Z,3), voxels")
+    x.add_argument("--disp", required=True, help="our displacement NIfTI (X,Y,Z,3), voxels, or register's disp_compact.npz")
     x.add_argument("--fixed", required=True, help="the fixed image it belongs to (geometry)")
     x.add_argument("--format", choices=("itk", "learn2reg", "voxel"), required=True,
                    help="itk: ANTs/ITK/Slicer field (mm, LPS); learn2reg: the challenge files; voxel: ours")
@@ -31,7 +31,9 @@ def run(args) -> None:
     ids = options.pair_ids(args)
     outputs = OutputSet(args.out_dir, displacement_names(args.format, pair_ids=ids), args.overwrite)
     fixed = load_image(args.fixed, require_orientation=True)
-    disp = read_nifti_array(args.disp)
+    from crd_jax.registration import compact
+
+    disp = compact.expand(args.disp)[0] if compact.is_compact(args.disp) else read_nifti_array(args.disp)
     if disp.shape != (*fixed.data.shape, 3):
         raise InputError(args.disp, f"expected a voxel displacement of shape {(*fixed.data.shape, 3)}, got {disp.shape}")
     bad = int((~np.isfinite(disp)).sum())

@@ -19,7 +19,7 @@ import signal
 import sys
 from typing import List, Optional
 
-from crd_jax.cli import (apply, build_kernel, convert_official, evaluate, export, figure, finetune, models,
+from crd_jax.cli import (apply, build_kernel, convert_official, evaluate, export, figure, finetune, models, options,
                          register)
 from crd_jax.cli.common import load_config as _load_config  # noqa: F401  (train.py reads its config with it)
 from crd_jax.errors import InputError
@@ -62,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
         module.add_parser(sub)
+    for command in sub.choices.values():  # -q, -v, --log FILE: shared by every subcommand
+        options.add_logging(command)
     return p
 
 
@@ -129,15 +131,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError:  # not the main thread
         pass
     try:
+        options.configure_logging(args)
         if args.func not in (models.run, build_kernel.run):
             enable_compilation_cache()
         if getattr(args, "allow_backbone_module", None):  # a fork's backbone module, named by the user (model_io)
             from crd_jax import model_io
 
             model_io.allow_backbone_modules(args.allow_backbone_module)
-        args.func(args)
+        status = args.func(args)  # None (0), or a subcommand's own status (register --keep-going: 1)
     except InputError as exc:
         print(f"crd-jax: error: {exc}", file=sys.stderr)
+        logging.getLogger("crd_jax").error("error: %s", exc, extra={"file_only": True})  # --log FILE: the same line
         return 2
     except KeyboardInterrupt:
         print("crd-jax: interrupted; nothing was written", file=sys.stderr)
@@ -148,7 +152,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    return 0
+    return int(status or 0)
 
 
 def entry() -> None:

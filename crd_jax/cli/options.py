@@ -5,7 +5,9 @@ and the Learn2Reg pair ids; and what they become (:func:`registration_kwargs`)."
 from __future__ import annotations
 
 import argparse
+import logging
 import re
+import sys
 from typing import Optional, Tuple
 
 from crd_jax.errors import InputError
@@ -138,3 +140,75 @@ def subcommand(sub, name: str, help: str, description: str, examples, raw: bool 
     epilog = "\n".join(f"example: {e}" for e in examples)
     kwargs = {"formatter_class": argparse.RawDescriptionHelpFormatter} if raw or len(examples) > 1 else {}
     return sub.add_parser(name, help=help, description=description, epilog=epilog, **kwargs)
+
+
+# --- logging: -q, -v, --log FILE for every subcommand ------------------------------------------------------------
+
+
+def add_logging(p: argparse.ArgumentParser) -> None:
+    """``-q``, ``-v`` and ``--log FILE`` (the command line adds them to every subcommand)."""
+    g = p.add_argument_group("log")
+    level = g.add_mutually_exclusive_group()
+    level.add_argument("-q", "--quiet", action="store_true", help="print errors only on stderr (no steps, no warnings)")
+    level.add_argument("-v", "--verbose", action="store_true", help="print debug detail on stderr (each step's start "
+                       "and end, each pair's steps with --pairs)")
+    g.add_argument("--log", metavar="FILE", help="also append the log to FILE (each step with its time, at INFO, or "
+                   "DEBUG with -v), with timestamps")
+
+
+class _AboveProgressBars(logging.Handler):
+    """Log records on stderr written with ``tqdm.write``, so that a line never lands on a progress bar."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+
+    def emit(self, record):
+        if getattr(record, "file_only", False):
+            return
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
+def log_level(args, stream=None) -> int:
+    """stderr's level: ``-q`` errors, ``-v`` debug; by default each step (INFO) on a terminal, warnings and
+    errors only when stderr is a file or a pipe (a batch log: bad input then stays one line)."""
+    stream = stream or sys.stderr
+    if getattr(args, "quiet", False):
+        return logging.ERROR
+    if getattr(args, "verbose", False):
+        return logging.DEBUG
+    return logging.INFO if getattr(stream, "isatty", lambda: False)() else logging.WARNING
+
+
+def configure_logging(args, stream=None) -> logging.Logger:
+    """The ``crd_jax`` logger's handlers for this command (replacing an earlier command's in this process):
+    stderr at :func:`log_level`, and ``--log FILE`` (appended; INFO, or DEBUG with ``-v``)."""
+    stream = stream or sys.stderr
+    root = logging.getLogger("crd_jax")
+    for handler in [h for h in root.handlers if getattr(h, "_crd_jax_cli", False)]:
+        root.removeHandler(handler)
+        handler.close()
+    console = _AboveProgressBars(stream)
+    console.setLevel(log_level(args, stream))
+    console.setFormatter(logging.Formatter("crd-jax: %(message)s"))
+    handlers = [console]
+    if getattr(args, "log", None):
+        try:
+            to_file = logging.FileHandler(args.log, mode="a", encoding="utf-8")
+        except OSError as exc:
+            raise InputError(args.log, f"cannot write the log file ({exc.strerror or exc})") from None
+        to_file.setLevel(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(to_file)
+    for handler in handlers:
+        handler._crd_jax_cli = True
+        root.addHandler(handler)
+    root.setLevel(min(h.level for h in handlers))
+    root.propagate = False
+    logging.getLogger("crd_jax.registration.steps").setLevel(logging.NOTSET)  # --pairs lowers it; a new command resets
+    return root

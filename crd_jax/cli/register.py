@@ -3,7 +3,10 @@ model and written as one output set per pair (:mod:`crd_jax.registration`)."""
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
+import logging
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -11,9 +14,14 @@ from pathlib import Path
 from crd_jax.cli import options
 from crd_jax.errors import InputError
 
+OUTPUT_KINDS = ("warped", "warped_seg", "disp", "jacobian", "inverse", "affine")  # writing.OUTPUT_KINDS, without its import
+log = logging.getLogger("crd_jax.register")
+
 EXAMPLES = ["crd-jax register --model lpba40-vm-ll-crd --fixed S01.nii.gz --moving S02.nii.gz "
             "--moving-seg S02_labels.nii.gz --out-dir out/ --disp-format itk",
-            "crd-jax register --pairs pairs.csv --out-dir out/"]
+            "crd-jax register --pairs pairs.csv --out-dir out/ --skip-existing --keep-going --outputs disp --disp-format compact",
+            "crd-jax register --pairs pairs.csv --out-dir out/ --shard 0/4   (or in an sbatch --array=0-3 job, no --shard)",
+            "crd-jax register --pairs pairs.csv --out-dir out/ --dask local:2   (or --dask tcp://scheduler:8786)"]
 
 
 def add_parser(sub) -> None:
@@ -36,15 +44,43 @@ def add_parser(sub) -> None:
                    "files go to OUT_DIR/NAME (default NAME: <moving>_to_<fixed>)")
     r.add_argument("--moving-seg", help="moving label map, warped with nearest neighbour")
     options.add_out_dir(r, "folder for the outputs (created if missing; with --pairs, one subfolder per pair)")
-    r.add_argument("--disp-format", choices=("voxel", "itk", "learn2reg"), default="voxel",
-                   help="voxel: ours (X,Y,Z,3) voxels; itk: ANTs/ITK/Slicer displacement field; learn2reg: disp_FFFF_MMMM.npz + .nii.gz")
+    r.add_argument("--fixed-seg", help="fixed label map: registration.json records the Dice of the warped labels with it")
+    r.add_argument("--disp-format", choices=("voxel", "itk", "learn2reg", "compact"), default="voxel",
+                   help="voxel: ours (X,Y,Z,3) voxels; itk: ANTs/ITK/Slicer displacement field; learn2reg: "
+                   "disp_FFFF_MMMM.npz + .nii.gz (with --pairs: all in OUT_DIR, the submission layout, ids from the file "
+                   "names' first digits or a FFFF_MMMM name column); compact: disp_compact.npz, the field at the network's "
+                   "resolution and what expands it (a few MB; `apply` and `export` expand it)")
+    r.add_argument("--outputs", type=_kinds, default=None, metavar="KIND,...",
+                   help="what to write, from " + ",".join(OUTPUT_KINDS) + " (default: warped, warped_seg with --moving-seg, "
+                   "disp, affine when the affine step runs; --jacobian and --inverse add theirs); registration.json always")
     options.add_pair_ids(r)
     options.add_registration_options(r)
     r.add_argument("--uncompressed", action="store_true",
                    help="write .nii instead of .nii.gz (faster: compressing a float32 field saves little space)")
     r.add_argument("--jacobian", action="store_true", help="also write jacobian.nii.gz, det(I + grad u) on the fixed grid")
     r.add_argument("--inverse", action="store_true", help="also write the inverse displacement (inverse_disp*, fixed-point iteration)")
+    b = r.add_argument_group("many pairs (--pairs)")
+    b.add_argument("--skip-existing", action="store_true",
+                   help="skip the pairs whose complete output set exists (a resumed or repeated run); an incomplete one is redone")
+    b.add_argument("--keep-going", action="store_true",
+                   help="register the other pairs when one fails (bad rows included); the failed ones are listed in "
+                   "OUT_DIR/failures.csv (failures_K_of_N.csv for a shard) and the exit status is 1")
+    b.add_argument("--shard", metavar="K/N",
+                   help="register shard K of N (K from 0): the pairs of rows i with i mod N = K. Default in a Slurm job "
+                   "array: SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT (docs/cli.md has the sbatch recipe)")
+    b.add_argument("--dask", metavar="ADDRESS",
+                   help="register on a Dask cluster: a scheduler's address (tcp://host:8786) or local:N for N local worker "
+                   "processes; one model loaded and compiled per worker (pip install \"crd-jax[dask]\")")
     r.set_defaults(func=run)
+
+
+def _kinds(text: str):
+    """``--outputs``: a comma-separated list of :data:`OUTPUT_KINDS`."""
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in OUTPUT_KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"{','.join(unknown) or 'nothing'}: choose from {','.join(OUTPUT_KINDS)}")
+    return kinds
 
 
 def output_options(args):
@@ -53,21 +89,23 @@ def output_options(args):
 
     options.resolve_registration_options(args)
     return OutputOptions(args.disp_format, options.pair_ids(args), args.uncompressed, args.jacobian, args.inverse,
-                         bool(args.affine))
+                         bool(args.affine), args.outputs)
 
 
-def _record(args, loaded, fixed_path, moving_path, seg_path, result, notes, seconds) -> dict:
-    from crd_jax.registration.writing import registration_record
+def _used(args) -> dict:
+    """The options ``registration.json`` records."""
+    return {"normalize": args.normalize, "quality": args.quality, "affine": args.affine or None,
+            "io_steps": args.io_steps, "disp_format": args.disp_format, "outputs": list(args.outputs or []) or None,
+            "jacobian": args.jacobian, "inverse": args.inverse, "uncompressed": args.uncompressed,
+            "bf16": bool(getattr(args, "bf16", False))}
 
-    used = {"normalize": args.normalize, "quality": args.quality, "affine": args.affine or None,
-            "io_steps": args.io_steps, "disp_format": args.disp_format}
-    return registration_record(loaded, fixed_path, moving_path, seg_path, result, notes, seconds, used)
 
-
-def read_register_pairs(path) -> list:
+def read_register_pairs(path, learn2reg: bool = False) -> list:
     """``register --pairs``: :func:`~crd_jax.data.pairs.read_pairs_file` rows with paths relative to the file's
     folder made whole and each pair's output folder name (default ``<moving>_to_<fixed>`` from the file names),
-    every name a plain folder name used once."""
+    every name a plain folder name used once; as :class:`~crd_jax.registration.batch.Task`\\ s (``learn2reg``:
+    with each pair's ids, used once)."""
+    from crd_jax.registration.batch import Task, learn2reg_ids
     from crd_jax.data.io import NIFTI_SUFFIXES
     from crd_jax.data.pairs import read_pairs_file
 
@@ -81,14 +119,19 @@ def read_register_pairs(path) -> list:
         return name
 
     here = lambda p: p and str(p if Path(p).is_absolute() else folder / p)  # noqa: E731
-    rows, names = [], set()
-    for row in read_pairs_file(path):
+    rows, names, ids = [], set(), set()
+    for index, row in enumerate(read_pairs_file(path)):
         name = row.name or f"{stem(row.moving)}_to_{stem(row.fixed)}"
         if name in names or "/" in name or name in (".", ".."):
             raise InputError(path, f"row {row.row}: output name {name!r} is repeated or not a plain folder name")
         names.add(name)
-        rows.append(dataclasses.replace(row, fixed=here(row.fixed), moving=here(row.moving),
-                                        moving_seg=here(row.moving_seg), name=name))
+        pair_ids = learn2reg_ids(row.fixed, row.moving, row.name) if learn2reg else None
+        if learn2reg and (pair_ids is None or pair_ids in ids or any(not options.PAIR_ID.match(v) for v in pair_ids)):
+            raise InputError(path, f"row {row.row}: Learn2Reg ids {pair_ids or 'missing'} "
+                                   f"({'repeated' if pair_ids in ids else 'no digits in a file name'}); name the pair "
+                                   "FFFF_MMMM in the name column")
+        ids.add(pair_ids)
+        rows.append(Task(index, row.row, name, here(row.fixed), here(row.moving), here(row.moving_seg), None, pair_ids))
     return rows
 
 
@@ -99,11 +142,18 @@ def _check_model_options(args, loaded) -> None:
                          "(use voxel or learn2reg)")
 
 
-def run(args) -> None:
+def run(args):
+    if args.skip_existing and args.overwrite:
+        raise InputError("--skip-existing", "contradicts --overwrite (which redoes every pair); give one of them")
     if args.pairs:
-        if args.fixed or args.moving or args.moving_seg:
-            raise InputError("--pairs", "give either --pairs or --fixed/--moving/--moving-seg, not both")
-        return _register_many(args)
+        if args.fixed or args.moving or args.moving_seg or args.fixed_seg:
+            raise InputError("--pairs", "give either --pairs or --fixed/--moving/--moving-seg/--fixed-seg, not both")
+        if args.pair_ids:
+            raise InputError("--pair-ids", "is for one pair; with --pairs each pair's ids come from its row")
+        return register_many(args)
+    for flag in ("skip_existing", "keep_going", "shard", "dask"):
+        if getattr(args, flag):
+            raise InputError(f"--{flag.replace('_', '-')}", "is for --pairs")
     if not (args.fixed and args.moving):
         raise InputError("register", "needs --fixed and --moving (or --pairs pairs.csv)")
     started = time.perf_counter()
@@ -111,7 +161,7 @@ def run(args) -> None:
     from crd_jax.registration.allocator import release_free_memory
     from crd_jax.registration.model import load
     from crd_jax.registration.pipeline import load_pair, register_volumes
-    from crd_jax.registration.writing import geometry_only, write_registration
+    from crd_jax.registration.writing import geometry_only, registration_record, write_registration
 
     written = output_options(args)
     outputs = OutputSet(args.out_dir, written.names(bool(args.moving_seg)), args.overwrite,
@@ -119,73 +169,140 @@ def run(args) -> None:
     kwargs = options.registration_kwargs(args)
     loaded = load(options.model_path(args.model))
     _check_model_options(args, loaded)
-    fixed, moving, moving_seg, _ = load_pair(loaded, args.fixed, args.moving, args.moving_seg)
     t = time.perf_counter()
-    result, notes = register_volumes(loaded, fixed, moving, moving_seg, jacobian=args.jacobian, **kwargs)
+    fixed, moving, moving_seg, fixed_seg = load_pair(loaded, args.fixed, args.moving, args.moving_seg, args.fixed_seg)
+    timings = {"load": time.perf_counter() - t}
+    t = time.perf_counter()
+    result, notes = register_volumes(loaded, fixed, moving, moving_seg, jacobian=args.jacobian,
+                                     network_field=written.disp_format == "compact", **kwargs)
     elapsed = time.perf_counter() - t
-    fixed, moving, moving_seg = geometry_only(fixed), geometry_only(moving), None
+    dice = None
+    if fixed_seg is not None and "warped_seg" in result:
+        from crd_jax.registration.pipeline import labels_on_grid
+        from crd_jax.registration.writing import dice_scores
+
+        dice = dice_scores(result["warped_seg"], labels_on_grid(fixed_seg, fixed))
+    fixed, moving, moving_seg, fixed_seg = geometry_only(fixed), geometry_only(moving), None, None
     release_free_memory()  # the inputs' and the warps' freed blocks, before the writer's buffers
     folds, voxels = result["folds"], int(fixed.data.size)
     for note in notes:
         print(f"note: {note}")
-    record = _record(args, loaded, args.fixed, args.moving, args.moving_seg, result, notes, elapsed)
+    record = registration_record(loaded, args.fixed, args.moving, args.moving_seg, result, notes, elapsed, _used(args),
+                                 args.fixed_seg, timings, dice)
+    t = time.perf_counter()
     with outputs as stage:
         write_registration(stage, written, result, fixed, moving, record)
+    log.info("write: %.2f s", time.perf_counter() - t)
     if result.get("warning"):  # once the outputs are in place: a failed write stays one line
         print(f"crd-jax: warning: {result['warning']}", file=sys.stderr)
     print(f"note: convolution: {options.conv_path(args)}")
     print(f"registered {args.moving} to {args.fixed} with {loaded.spec.get('label', 'model')} in {elapsed:.2f} s "
           f"({time.perf_counter() - started:.2f} s in all: loading, registering and writing every output); "
-          f"folds (det J <= 0): {folds} voxels ({100.0 * folds / voxels:.3f}%)")
+          f"folds (det J <= 0): {folds} voxels ({100.0 * folds / voxels:.3f}%)"
+          + (f"; Dice with --fixed-seg {dice['mean']:.4f}" if dice and dice["mean"] is not None else ""))
     for path in outputs.paths():
         print(f"wrote {path}")
 
 
-def _register_many(args) -> None:
-    """``--pairs``: every pair in one process (the model loaded and compiled once), one subfolder each, a
-    progress bar. Every input and output folder is checked before the first registration; each pair's files
-    appear at once when it is done."""
+def _debug_kill_after() -> int:
+    """``CRD_JAX_DEBUG_KILL_AFTER_PAIRS=N`` (tests only): SIGKILL this process once N pairs are written, as a
+    scheduler's hard kill would, to show that a rerun with --skip-existing completes the batch."""
+    value = os.environ.get("CRD_JAX_DEBUG_KILL_AFTER_PAIRS", "")
+    return int(value) if value.isdigit() else 0
+
+
+def register_many(args) -> int:
+    """``--pairs``: this run's shard of the pairs (``--shard``, or the Slurm job array's task), every input's
+    header checked before the first pair (one line per bad row, status 2, nothing written; with
+    ``--keep-going`` the bad rows are listed as failures instead), complete output sets skipped with
+    ``--skip-existing``, the rest registered with one model per process (here, or on each ``--dask`` worker),
+    each pair's line printed as it finishes. Returns 1 when a pair failed under ``--keep-going``, else 0."""
     from tqdm import tqdm
 
-    from crd_jax.data.io import check_input_file
-    from crd_jax.outputs import OutputSet
-    from crd_jax.registration.allocator import release_free_memory
-    from crd_jax.registration.model import load
-    from crd_jax.registration.pipeline import load_pair, register_volumes
-    from crd_jax.registration.writing import geometry_only, write_registration
+    from crd_jax.registration import batch
 
-    pairs = read_register_pairs(args.pairs)
-    for row in pairs:  # every input exists before the first registration
-        for path in filter(None, (row.fixed, row.moving, row.moving_seg)):
-            check_input_file(path)
-    out = Path(args.out_dir)
+    k, n = batch.parse_shard(args.shard)
     written = output_options(args)
-    outputs = [OutputSet(out / row.name, written.names(bool(row.moving_seg)), args.overwrite, family=written.family())
-               for row in pairs]
-    loaded = load(options.model_path(args.model))
-    _check_model_options(args, loaded)
-    kwargs = options.registration_kwargs(args)
-    t0 = time.perf_counter()
-    log = []
-    bar = tqdm(total=len(pairs), desc="registering", unit="pair", file=sys.stderr, dynamic_ncols=True,
+    tasks = batch.select_shard(read_register_pairs(args.pairs, learn2reg=args.disp_format == "learn2reg"), k, n)
+    model_dir = str(options.model_path(args.model))
+    settings = batch.Settings(model_dir, str(Path(args.out_dir).absolute()), written, options.registration_kwargs(args),
+                              _used(args), args.overwrite, args.skip_existing, args.disp_format == "learn2reg",
+                              bool(getattr(args, "bf16", False)))
+    from crd_jax.registration.model import load
+
+    t = time.perf_counter()
+    loaded = None if args.dask else load(model_dir)
+    ndim = loaded.ndim if loaded is not None else int(_model_ndim(model_dir))
+    if loaded is not None:
+        log.info("model: %s (%.2f s)", loaded.spec.get("label", model_dir), time.perf_counter() - t)
+        _check_model_options(args, loaded)
+    bad = batch.validate(tasks, ndim)
+    if bad and not args.keep_going:  # one line per bad row, the last one with what happened
+        for task, problem in bad[:-1]:
+            print(f"crd-jax: error: {problem} (row {task.row} of {args.pairs})", file=sys.stderr)
+        task, problem = bad[-1]
+        raise InputError(problem.source, f"{problem.problem} (row {task.row} of {args.pairs}; {len(bad)} bad "
+                                         f"row{'s' if len(bad) > 1 else ''}, nothing registered; --keep-going registers the others)")
+    failed = [batch.Outcome(task, "failed", reason=str(problem)) for task, problem in bad]
+    bad_rows = {task.index for task, _ in bad}
+    todo, skipped = batch.plan([task for task in tasks if task.index not in bad_rows], settings)
+    shard = f" (shard {k}/{n})" if n > 1 else ""
+    log.info("%d pair%s%s: %d to register, %d complete (skipped), %d with bad input", len(tasks),
+             "" if len(tasks) == 1 else "s", shard, len(todo), len(skipped), len(bad))
+    Path(settings.out_root).mkdir(parents=True, exist_ok=True)
+    if not args.verbose:  # each pair is one line; its steps with -v
+        logging.getLogger("crd_jax.registration.steps").setLevel(logging.WARNING)
+    bar = tqdm(total=len(todo), desc="registering", unit="pair", file=sys.stderr, dynamic_ncols=True,
                disable=None)  # on a terminal only: in a log, an error stays the one line on stderr
-    for row, outset in zip(pairs, outputs):
-        fixed, moving, moving_seg, _ = load_pair(loaded, row.fixed, row.moving, row.moving_seg)
-        t = time.perf_counter()
-        result, notes = register_volumes(loaded, fixed, moving, moving_seg, jacobian=args.jacobian, **kwargs)
-        record = _record(args, loaded, row.fixed, row.moving, row.moving_seg, result, notes, time.perf_counter() - t)
-        fixed, moving, moving_seg = geometry_only(fixed), geometry_only(moving), None
-        with outset as stage:
-            write_registration(stage, written, result, fixed, moving, record)
-        log.append(f"{row.name}: {time.perf_counter() - t:.2f} s, folds {result['folds']}"
-                   + (f"; warning: {result['warning']}" if result.get("warning") else ""))
-        del result  # the next pair's inputs must not sit beside this pair's field and warped volumes
-        release_free_memory()
+    counts = {"done": 0}
+    kill_after = _debug_kill_after()
+    finished = []
+
+    def report(outcome):
+        counts["done"] += 1
+        finished.append(outcome)
+        line = f"[{counts['done']}/{len(todo)}] {outcome.line()}"
+        tqdm.write(line, file=sys.stdout)
+        sys.stdout.flush()
+        log.info("%s", line, extra={"file_only": True})
         bar.update(1)
-    bar.close()
+        if kill_after and counts["done"] >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    for task in skipped:
+        log.debug("%s", batch.Outcome(task, "skipped").line())
+    t0 = time.perf_counter()
+    try:
+        if args.dask:
+            batch.run_dask(args.dask, todo, settings, args.keep_going, report)
+        else:
+            batch.run_serial(todo, settings, args.keep_going, report, loaded)
+    finally:
+        bar.close()
+        failed += [o for o in finished if o.status == "failed"]
+        if args.keep_going:  # the failures so far, also when the run is interrupted
+            batch.write_failures(Path(settings.out_root) / batch.failures_name(k, n), failed)
     wall = time.perf_counter() - t0
-    for line in log:
-        print(line)
-    print(f"note: convolution: {options.conv_path(args)}")
-    print(f"registered {len(pairs)} pair{'' if len(pairs) == 1 else 's'} with {loaded.spec.get('label', 'model')} in "
-          f"{wall:.1f} s ({len(pairs) / wall:.2f} pairs/s; the first includes compilation) into {out}")
+    registered = sum(o.status == "done" for o in finished)
+    where = f"on Dask ({args.dask})" if args.dask else f"with {loaded.spec.get('label', 'model')}"
+    if not args.dask:
+        print(f"note: convolution: {options.conv_path(args)}")
+    print(f"registered {registered} pair{'' if registered == 1 else 's'}{shard} {where} in {wall:.1f} s "
+          f"({registered / max(wall, 1e-9):.2f} pairs/s; the first includes compilation) into {settings.out_root}"
+          + (f"; skipped {len(skipped)} complete" if skipped else "") + (f"; {len(failed)} failed" if failed else ""))
+    if failed:
+        path = Path(settings.out_root) / batch.failures_name(k, n)
+        print(f"crd-jax: {len(failed)} pair{'s' if len(failed) > 1 else ''} failed, listed in {path}", file=sys.stderr)
+        return batch.FAILED_STATUS
+    return 0
+
+
+def _model_ndim(model_dir: str) -> int:
+    """The model's image rank from its model.json (the Dask driver does not load the weights)."""
+    import json
+
+    try:
+        spec = json.loads((Path(model_dir) / "model.json").read_text())
+        return int(spec.get("preprocessing", {}).get("ndim", 3))
+    except (OSError, ValueError) as exc:
+        raise InputError(Path(model_dir) / "model.json", f"unreadable model record ({exc})") from None

@@ -16,7 +16,10 @@ The full-size field exists once, as a JAX array; nothing at full resolution goes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+import time
 from typing import List, Mapping, Optional, Sequence, Tuple
 
 import jax
@@ -32,6 +35,27 @@ from crd_jax.registration.allocator import release_free_memory
 from crd_jax.registration.model import LoadedModel, canvas_multiple, instance_optimise, predict
 
 NORMALIZE_CHOICES = ("model", "none", "minmax", "percentile")
+
+#: each step's time, logged as it ends (INFO; ``crd-jax -q``/``-v`` set the level, ``register --pairs`` lowers
+#: it to DEBUG so that thousands of pairs print one line each)
+log = logging.getLogger("crd_jax.registration.steps")
+
+
+@contextlib.contextmanager
+def step(name: str, timings: Optional[dict] = None):
+    """Times the block and logs ``name: seconds`` when it ends (``timings[name]`` gets the seconds)."""
+    log.debug("%s ...", name)
+    t = time.perf_counter()
+    yield
+    took(name, t, timings)
+
+
+def took(name: str, start: float, timings: Optional[dict] = None) -> None:
+    """Logs and records the time since ``start`` (``time.perf_counter()``) as step ``name``."""
+    seconds = time.perf_counter() - start
+    if timings is not None:
+        timings[name] = round(timings.get(name, 0.0) + seconds, 4)
+    log.info("%s: %.2f s", name, seconds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,23 +144,27 @@ def load_pair(loaded: LoadedModel, fixed: str, moving: str, moving_seg: Optional
     """Reads every input before anything is written, so bad input leaves no partial output. (Reading the
     files concurrently saved a tenth of a second and cost 60 MB of peak memory: they are read in turn.)"""
     ndim = loaded.ndim
-    return (
-        load_image(fixed, ndim, require_orientation=True),
-        load_image(moving, ndim, require_orientation=True),
-        load_labels(moving_seg, ndim, require_orientation=True) if moving_seg else None,
-        load_labels(fixed_seg, ndim, require_orientation=True) if fixed_seg else None,
-    )
+    with step("load"):
+        return (
+            load_image(fixed, ndim, require_orientation=True),
+            load_image(moving, ndim, require_orientation=True),
+            load_labels(moving_seg, ndim, require_orientation=True) if moving_seg else None,
+            load_labels(fixed_seg, ndim, require_orientation=True) if fixed_seg else None,
+        )
 
 
 def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_seg: Optional[Volume] = None,
-                     normalize_mode: str = "model", io_steps: int = 0, affine: str = "", jacobian: bool = False):
+                     normalize_mode: str = "model", io_steps: int = 0, affine: str = "", jacobian: bool = False,
+                     network_field: bool = False):
     """``(result, notes)``: ``result`` has ``disp`` (fixed grid, voxels), ``warped``, ``folds`` (voxels with
-    det J <= 0), ``warped_seg``, ``warning`` (a line, or ``None``), ``affine`` (with ``affine``) and, with
-    ``jacobian``, the map of det J (float32).
+    det J <= 0), ``warped_seg``, ``warning`` (a line, or ``None``), ``affine`` (with ``affine``), ``timings``
+    (seconds per step) and, with ``jacobian``, the map of det J (float32); with ``network_field``, the
+    field at the network's resolution and the way back (:class:`~crd_jax.registration.compact.NetworkField`).
 
     ``normalize_mode``: ``model`` (what the model was trained with) or a
     :func:`~crd_jax.data.preprocess.normalize` mode; ``affine``: ``""``, ``"ncc"`` or ``"nmi"``."""
     notes: List[str] = []
+    timings: dict = {}
     checks.check_images(fixed, moving)
     checks.check_model_grid(loaded, fixed, moving)
     moving_data = moving.data
@@ -156,9 +184,10 @@ def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_
         from crd_jax.affine_align import align
         from crd_jax.data.preprocess import normalize as _normalize
 
-        affine_result = align(_normalize(fixed.data, "minmax"), _normalize(moving_data, "minmax"), affine)
-        full_moving = moving_data
-        moving_data = warping.warp_image(moving_data, affine_result.displacement(fixed.data.shape))
+        with step("affine", timings):
+            affine_result = align(_normalize(fixed.data, "minmax"), _normalize(moving_data, "minmax"), affine)
+            full_moving = moving_data
+            moving_data = warping.warp_image(moving_data, affine_result.displacement(fixed.data.shape))
         moved = checks.mean_displacement_mm(affine_result.displacement(fixed.data.shape), fixed)
         notes.append(f"affine pre-alignment ({affine}): loss {affine_result.loss_before:.4f} -> "
                      f"{affine_result.loss_after:.4f}, moving the fixed image's foreground by a mean {moved:.1f} mm")
@@ -170,6 +199,7 @@ def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_
         warning = (f"the images' foreground centroids are {apart:.1f} mm apart (above {checks.CENTROIDS_MM:g} mm) "
                    + ("after the affine step: it may have failed; check the overlay" if affine else
                       "and no affine step ran: the input looks not pre-aligned; run without --no-affine"))
+    started = time.perf_counter()  # "prepare": into the model's space and onto its canvas
     pre = dict(loaded.spec.get("preprocessing", {}))
     record = pre.get("geometry")
     fixed_net, moving_net, transform = fixed.data, moving_data, None
@@ -192,30 +222,40 @@ def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_
     if mode != "none":
         notes.append(f"intensities scaled to [0, 1] ({mode}{'' if normalize_mode != 'model' else ', as the model was trained'})")
     notes += prepared.notes
-    if io_steps > 0:
-        disp_canvas, before, after = instance_optimise(loaded.model, loaded.params, prepared, io_steps)
-        disp_canvas = np.asarray(disp_canvas)
-        notes.append(f"instance optimisation: {io_steps} steps, loss {before:.4f} -> {after:.4f}")
-    else:
-        disp_canvas = np.asarray(predict(loaded.model, loaded.params, prepared.moving, prepared.fixed))
+    took("prepare", started, timings)
+    with step("predict" if io_steps <= 0 else f"predict + instance optimisation ({io_steps} steps)", timings):
+        if io_steps > 0:
+            disp_canvas, before, after = instance_optimise(loaded.model, loaded.params, prepared, io_steps)
+            disp_canvas = np.asarray(disp_canvas)
+            notes.append(f"instance optimisation: {io_steps} steps, loss {before:.4f} -> {after:.4f}")
+        else:
+            disp_canvas = np.asarray(predict(loaded.model, loaded.params, prepared.moving, prepared.fixed))
     checks.check_finite("displacement", disp_canvas, loaded.path)
-    # the full-size field stays a JAX array (one copy, no host round trips); np.asarray of it is a view
-    disp = map_back(prepared, disp_canvas)
-    if transform is not None:
-        disp = space.field_to_original(disp, transform, fixed.data.shape)
-    if affine_result is not None:  # first the deformable field, then the affine map: one interpolation
-        from crd_jax.ops.spatial import compose
+    with step("map back", timings):
+        # the full-size field stays a JAX array (one copy, no host round trips); np.asarray of it is a view
+        disp = map_back(prepared, disp_canvas)
+        if transform is not None:
+            disp = space.field_to_original(disp, transform, fixed.data.shape)
+        if affine_result is not None:  # first the deformable field, then the affine map: one interpolation
+            from crd_jax.ops.spatial import compose
 
-        u_aff = jnp.asarray(affine_result.displacement(fixed.data.shape))[None]
-        disp = compose(u_aff, disp[None])[0]
-        moving_data = full_moving
-    warped = warping.warp_image(moving_data, disp)
-    checks.check_finite("warped image", warped, loaded.path)
-    result = {"disp": np.asarray(disp), "warped": warped, "folds": warping.count_folds(disp), "warning": warning}
-    if jacobian:
-        result["jacobian"] = warping.jacobian_determinant(disp)
-    if affine_result is not None:
-        result["affine"] = affine_result
-    if seg_data is not None:
-        result["warped_seg"] = warping.warp_labels(seg_data, disp)
+            u_aff = jnp.asarray(affine_result.displacement(fixed.data.shape))[None]
+            disp = compose(u_aff, disp[None])[0]
+            moving_data = full_moving
+        disp.block_until_ready()
+    with step("warp", timings):
+        warped = warping.warp_image(moving_data, disp)
+        checks.check_finite("warped image", warped, loaded.path)
+        result = {"disp": np.asarray(disp), "warped": warped, "folds": warping.count_folds(disp), "warning": warning,
+                  "timings": timings}
+        if jacobian:
+            result["jacobian"] = warping.jacobian_determinant(disp)
+        if affine_result is not None:
+            result["affine"] = affine_result
+        if seg_data is not None:
+            result["warped_seg"] = warping.warp_labels(seg_data, disp)
+    if network_field:
+        from crd_jax.registration.compact import NetworkField
+
+        result["network_field"] = NetworkField.of(prepared, disp_canvas, transform, affine_result)
     return result, notes
