@@ -570,8 +570,8 @@ def k_apply_out_exists(tmp, a):
     return refused(_apply(tmp, a, "--image", a["m"]), "w.nii.gz", "--overwrite")
 
 
-def k_apply_labels_linear(tmp, a):
-    return refused(_apply(tmp, a, "--image", a["m"], "--labels"), "nearest or onehot")
+def k_apply_labels_linear(tmp, a):  # --labels alone means nearest (issue 28); linear is refused
+    return refused(_apply(tmp, a, "--image", a["m"], "--labels", "--interpolation", "linear"), "nearest or onehot")
 
 
 def k_apply_4d_image(tmp, a):

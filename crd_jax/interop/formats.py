@@ -7,7 +7,10 @@ affine.
 ``itk``: the layout ANTs, ITK and 3D Slicer read as a displacement-field transform: a 5-D NIfTI
 ``(X, Y, Z, 1, 3)`` with intent ``vector``, the fixed image's affine, and vectors in millimetres in ITK's
 LPS physical frame. For a fixed voxel ``i`` the physical point is ``p = A i`` (RAS, the NIfTI affine ``A``);
-ITK samples the moving image at ``p + d`` with ``d`` in LPS, so ``d = diag(-1, -1, 1) A[:3, :3] u``.
+ITK samples the moving image at ``p + d`` with ``d`` in LPS, so ``d = diag(-1, -1, 1) A[:3, :3] u``. Beside it,
+``composite.h5``: ITK's composite transform file (the affine pre-alignment, then the deformable field), which
+``antsApplyTransforms -t composite.h5`` and SimpleITK's ``ReadTransform`` apply (:mod:`crd_jax.interop.itk`;
+it needs SimpleITK).
 
 ``learn2reg``: the 2021 task-3 submission layout, ``disp_FFFF_MMMM.npz`` holding one float16 array
 ``(3, X/2, Y/2, Z/2)`` in voxels (channel-first; the evaluation upsamples it by 2), plus the full-resolution
@@ -72,7 +75,11 @@ def displacement_names(fmt: str, name: str = "disp", pair_ids: Optional[Tuple[st
     if fmt == "voxel":
         return [f"{name}{ext}"]
     if fmt == "itk":
-        return [f"{name}_itk{ext}"]
+        # named before anything is computed: a missing SimpleITK is found then, not after the registration
+        from crd_jax.interop.itk import simpleitk
+
+        simpleitk("--disp-format itk", "writing the ITK composite transform (composite.h5)")
+        return [f"{name}_itk{ext}", "composite.h5" if name == "disp" else f"{name}_composite.h5"]
     if fmt == "learn2reg":
         f_id, m_id = pair_ids or ("0000", "0001")
         return [f"disp_{f_id}_{m_id}.npz", f"disp_{f_id}_{m_id}{ext}"]
@@ -80,13 +87,19 @@ def displacement_names(fmt: str, name: str = "disp", pair_ids: Optional[Tuple[st
 
 
 def write_displacement(out_dir: Path, disp: np.ndarray, fixed: Volume, fmt: str, name: str = "disp",
-                       pair_ids: Optional[Tuple[str, str]] = None, ext: str = ".nii.gz") -> list:
-    """Writes ``disp`` (fixed grid, voxels) in format ``fmt``; returns the paths written."""
+                       pair_ids: Optional[Tuple[str, str]] = None, ext: str = ".nii.gz",
+                       world: Optional[np.ndarray] = None) -> list:
+    """Writes ``disp`` (fixed grid, voxels) in format ``fmt``; returns the paths written. ``world``: the affine
+    pre-alignment composed into ``disp`` (RAS fixed world -> moving world), which the ITK composite stores as
+    its own affine transform (``None``: an identity there, the whole map in the field)."""
     paths = [Path(out_dir) / n for n in displacement_names(fmt, name, pair_ids, ext)]
     if fmt == "voxel":
         save_nifti(paths[0], np.asarray(disp, np.float32), fixed.affine, None, intent="vector")
     elif fmt == "itk":
         save_nifti(paths[0], to_itk(disp, fixed.affine), fixed.affine, None, intent="vector")
+        from crd_jax.interop.itk import write_composite
+
+        write_composite(paths[1], np.asarray(disp), fixed.affine, world)
     else:
         save_npz(paths[0], arr_0=to_learn2reg(disp))
         save_nifti(paths[1], disp.astype(np.float32), fixed.affine, None, intent="vector")
@@ -95,11 +108,13 @@ def write_displacement(out_dir: Path, disp: np.ndarray, fixed: Volume, fmt: str,
 
 def read_displacement(path, reference: Volume, fmt: str = "auto") -> np.ndarray:
     """A saved displacement as ``(*reference grid, 3)`` voxels of the reference. ``fmt``: ``voxel`` (ours),
-    ``itk`` (ANTs/ITK/Slicer, mm LPS), ``learn2reg`` (``.npz`` at half size), or ``auto`` from the name."""
+    ``itk`` (ANTs/ITK/Slicer, mm LPS), ``learn2reg`` (``.npz`` at half size), or ``auto``: from the name, and a
+    5-D NIfTI ``(X, Y, Z, 1, 3)`` is ITK's."""
     from crd_jax.errors import InputError
 
     name = str(path)
-    if fmt == "auto":
+    auto = fmt == "auto"
+    if auto:
         fmt = "learn2reg" if name.endswith(".npz") else "itk" if name.endswith(("_itk.nii.gz", "_itk.nii")) else "voxel"
     from crd_jax.data.io import check_input_file, read_nifti_array
 
@@ -114,6 +129,8 @@ def read_displacement(path, reference: Volume, fmt: str = "auto") -> np.ndarray:
                 field = from_learn2reg(f[key], reference.data.shape)
         else:
             raw = read_nifti_array(name)
+            if auto and fmt == "voxel" and raw.ndim == 5:
+                fmt = "itk"  # ITK's 5-D layout (X, Y, Z, 1, 3), as ANTs writes its *Warp.nii.gz, whatever the name
             field = from_itk(raw, reference.affine) if fmt == "itk" else raw
     except InputError:
         raise

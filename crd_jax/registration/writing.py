@@ -81,7 +81,7 @@ class OutputOptions:
     def family(self) -> List[str]:
         """Every file a registration can write into one folder, whatever its options (Learn2Reg files: this
         pair's ids only; other pairs' files in a submission folder are not this run's set)."""
-        names = ["affine.txt", "affine_itk.txt", "registration.json", compact.NAME]
+        names = ["affine.txt", "affine_itk.txt", "registration.json", compact.NAME, "composite.h5"]
         for ext in (".nii.gz", ".nii"):
             names += [f"warped{ext}", f"warped_seg{ext}", f"disp{ext}", f"disp_itk{ext}", f"jacobian{ext}",
                       f"inverse_disp{ext}", f"inverse_disp_itk{ext}"]
@@ -187,8 +187,10 @@ def write_registration(stage: Path, options: OutputOptions, result: dict, fixed:
     if "disp" in kinds and options.disp_format == "compact":
         compact.save((disp_stage or stage) / compact.NAME, result["network_field"], fixed.affine)
     elif "disp" in kinds:
+        world = (result["affine"].world_transform(fixed.data.shape, fixed.affine, moving.affine)  # composite.h5's affine
+                 if options.disp_format == "itk" and "affine" in result else None)
         write_displacement(disp_stage or stage, result["disp"], fixed, options.disp_format, pair_ids=options.pair_ids,
-                           ext=ext)
+                           ext=ext, world=world)
     if "jacobian" in kinds:
         save_nifti(stage / f"jacobian{ext}", result["jacobian"], fixed.affine, None)
     if "affine" in kinds:
