@@ -1,4 +1,6 @@
-"""Reading and writing volumes: NIfTI (nibabel, affine and header kept) and VoxelMorph ``.npz``.
+"""Reading and writing volumes: NIfTI (nibabel, affine and header kept) and VoxelMorph ``.npz``; as inputs also
+FreeSurfer's ``.mgz``/``.mgh`` (nibabel) and NRRD/MetaImage (``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``: SimpleITK,
+the ``itk`` extra), placed in the world by their own geometry (ITK's LPS frame turned into NIfTI's RAS).
 
 Every problem with a file raises :class:`crd_jax.errors.InputError` naming the file: unreadable or
 truncated, wrong rank, NaN/Inf voxels, label maps that are not integers. Writes are atomic: the data
@@ -25,6 +27,10 @@ from crd_jax.outputs import share_file
 
 PathLike = Union[str, os.PathLike]
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+MGH_SUFFIXES = (".mgz", ".mgh")
+ITK_IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+#: every image format an input may be in (outputs are NIfTI)
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + (".npz",) + MGH_SUFFIXES + ITK_IMAGE_SUFFIXES
 
 
 @dataclasses.dataclass
@@ -180,8 +186,12 @@ def _read(path: PathLike, npz_key: str):
                 if npz_key not in f:
                     raise InputError(path, f"no '{npz_key}' array in the .npz (keys: {sorted(f.keys())})")
                 return np.asarray(f[npz_key]), np.eye(4), None
+        if str(path).lower().endswith(MGH_SUFFIXES):
+            return _read_mgh(path)
+        if str(path).lower().endswith(ITK_IMAGE_SUFFIXES):
+            return _read_with_simpleitk(path)
         if not is_nifti(path):
-            raise InputError(path, "unknown format (expected .nii, .nii.gz or .npz)")
+            raise InputError(path, "unknown format (expected .nii, .nii.gz, .npz, .mgz, .mgh, .nrrd, .nhdr, .mha or .mhd)")
         img, raw_header = _load_nifti_with_header(path)
         _check_voxel_size(raw_header, path)
         data = np.asanyarray(img.dataobj)
@@ -192,6 +202,60 @@ def _read(path: PathLike, npz_key: str):
         raise InputError(path, "too large to read into this machine's memory") from None
     except Exception as exc:  # nibabel, gzip and zlib raise many types for damaged files
         raise InputError(path, f"unreadable or truncated file ({type(exc).__name__}: {exc})") from None
+
+
+def _as_nifti_header(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Header:
+    """A NIfTI header for voxels read from another format: their type (labels keep it when written) and the
+    affine as the sform, so that outputs written with it are placed where the input was."""
+    return nib.Nifti1Image(data, affine, dtype=data.dtype if data.dtype.kind in "iuf" else None).header
+
+
+def _check_claim(path: PathLike, shape, itemsize: int) -> None:
+    """The voxels a header claims must fit in :func:`max_input_bytes` (checked before they are read)."""
+    payload = int(np.prod([int(s) for s in shape], dtype=np.float64)) * int(itemsize)
+    limit = max_input_bytes()
+    if payload > limit:
+        raise InputError(path, f"header claims {payload / 1e9:.3g} GB of voxels ({'x'.join(map(str, shape))}), more than "
+                               f"the {limit / 1e9:.3g} GB allowed (half this machine's memory; CRD_JAX_MAX_INPUT_BYTES); "
+                               "nothing was read")
+
+
+def _read_mgh(path: Path):
+    """A FreeSurfer ``.mgz``/``.mgh`` volume through nibabel: its voxels and its vox2ras (RAS) affine."""
+    img = nib.load(str(path))
+    if not isinstance(img, nib.MGHImage):
+        raise InputError(path, f"not a FreeSurfer MGH file (nibabel read a {type(img).__name__})")
+    _check_claim(path, img.header.get_data_shape(), img.header.get_data_dtype().itemsize)
+    data = np.asarray(img.dataobj)
+    data = data.astype(data.dtype.newbyteorder("="), copy=False)  # MGH is big-endian on disk
+    affine = np.asarray(img.affine, np.float64)
+    return data, affine, _as_nifti_header(data, affine)
+
+
+def _read_with_simpleitk(path: Path):
+    """An NRRD or MetaImage volume through SimpleITK (the ``itk`` extra): voxels in index order ``(i, j, k)``
+    and the RAS affine of its LPS origin, spacing and direction."""
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        raise InputError(path, "reading NRRD/MetaImage files needs SimpleITK, which is not installed: "
+                               "install it (pip install 'crd-jax[itk]') or convert the file to NIfTI") from None
+    from crd_jax.interop.itk import array_of, ras_affine
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        _check_claim(path, tuple(reader.GetSize()) + (reader.GetNumberOfComponents(),), 8)
+        image = reader.Execute()
+    except RuntimeError as exc:
+        detail = next((l.split("sitk::ERROR:")[-1].strip() for l in str(exc).splitlines() if "sitk::ERROR" in l), "")
+        raise InputError(path, "unreadable or truncated file" + (f" ({detail})" if detail else "")) from None
+    if image.GetDimension() not in (2, 3):
+        raise InputError(path, f"a {image.GetDimension()}-D image; crd-jax reads 2-D and 3-D volumes")
+    data = array_of(image)
+    affine = ras_affine(image)
+    return data, affine, _as_nifti_header(data, affine)
 
 
 def read_nifti_array(path: PathLike, dtype=np.float32) -> np.ndarray:
