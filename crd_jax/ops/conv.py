@@ -5,7 +5,8 @@ channels-last inputs. Two implementations of the same maths:
 
 * the reference: ``lax.conv_general_dilated`` (used on GPU/TPU, for non-float32 inputs, and in tests as
   the ground truth);
-* on CPU, the native direct convolution of ``csrc/conv_cpu.cc`` (see :mod:`crd_jax.ops.native`).
+* on CPU, the native direct convolution of ``csrc/conv_direct*.cc`` and ``csrc/conv_winograd_avx512.cc``
+  (see :mod:`crd_jax.ops.native` and ``docs/native-kernel.md``).
 
 Either way the op has a custom VJP that keeps only the input ``x`` and the activated output ``y`` for the
 backward pass (LeakyReLU's derivative is read off the sign of ``y``), so a network of these blocks stores

@@ -13,7 +13,7 @@
 // In 3-D each transform is applied along the three axes in turn, and the 64 products of a block become 64
 // independent matrix products over channels: M[p][tile][co] = sum_ci U[p][tile][ci] V[p][ci][co].
 //
-// This file holds the transforms and the work of one row of tiles; the caller (conv_cpu.cc) provides the input
+// This file holds the transforms and the work of one row of tiles; the caller (conv_winograd_avx512.cc) provides the input
 // rows (zero-padded: virtual column c is input column c - 1) and the output rows.
 #pragma once
 
