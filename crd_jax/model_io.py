@@ -168,7 +168,7 @@ def _same_structure(params, like) -> bool:
 # --- model.json's schema ------------------------------------------------------------------------------------
 
 KNOWN_FIELDS = ("format_version", "kind", "architecture", "factor", "label", "stage", "steps", "labels",
-                "preprocessing", "shipped", "source", "finetuned_from", "backbone_source")
+                "preprocessing", "shipped", "card", "source", "finetuned_from", "backbone_source")
 NORMALIZE_MODES = ("none", "minmax", "percentile")
 AXIS_PAIRS = ("LR", "PA", "IS")
 MAX_GRID_SIDE = 1024  # voxels per side of a model's grid (resample_shape, canvas_shape)
@@ -241,8 +241,9 @@ def _check_schema(spec) -> None:
             _int(v, f"labels[{i}]", -(2**63), 2**63 - 1)
     if "finetuned_from" in spec and not isinstance(spec["finetuned_from"], dict):
         raise _Bad("finetuned_from", "must be an object")
-    if "shipped" in spec and not isinstance(spec["shipped"], dict):
-        raise _Bad("shipped", "must be an object")
+    for field in ("shipped", "card"):
+        if field in spec and not isinstance(spec[field], dict):
+            raise _Bad(field, "must be an object")
     if "backbone_source" in spec:
         _backbone_source(spec["backbone_source"])
     pre = spec.get("preprocessing", {})

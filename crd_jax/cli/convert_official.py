@@ -10,7 +10,9 @@ def add_parser(sub) -> None:
     c = options.subcommand(
         sub, "convert-official", "the authors' PyTorch checkpoint -> a crd-jax model folder (no torch needed)",
         "Converts a legacy .pth of the authors' released CRD code into a model folder (model.json + "
-        "params.msgpack). The models take OASIS aligned_norm volumes as stored: intensities in [0, 1].",
+        "params.msgpack). The models were trained on OASIS aligned_norm volumes as stored (LIA, 1 mm, 160x192x224, "
+        "intensities in [0, 1]); model.json records that space, so registration reorients and resamples inputs "
+        "into it, and a card (training data, terms: no licence stated by the authors, the source checkpoint).",
         "crd-jax convert-official --checkpoint VMdalca1_Hinput_OASIS_R1_D_24500.pth --kind student "
         "--out models/crd_oasis_student")
     c.add_argument("--checkpoint", required=True, help="legacy torch .pth (e.g. VMdalca1_Hinput_OASIS_R1_D_24500.pth)")

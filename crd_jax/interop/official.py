@@ -11,11 +11,14 @@ This module owns every difference of convention, and nothing else in the code ba
   ``(out, in, kD, kH, kW)`` becomes our ``(kX, kY, kZ, in, out)`` by reversing all five axes;
 * their flow channels are (x, y, z) = displacements along (W, H, D) = NIfTI (X, Y, Z): our channel order;
 * their network input is ``concat([fixed, moving])``, ours ``concat([moving, fixed])``: the first conv's
-  input channels are swapped.
+  input channels are swapped;
+* their training space (:data:`TRAINING_SPACE`), recorded in ``model.json`` so that registration reorients and
+  resamples an input into it as for the shipped models.
 """
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Dict, Mapping
 
 import numpy as np
@@ -59,6 +62,24 @@ HEAD_LAYERS = {
     "flow_f": ("flow", "conv"),
 }
 PREFIX = "module.defnet_0."
+
+# The space the authors trained in: neurite-oasis ``aligned_norm.nii.gz`` (FreeSurfer norm.mgz, skull-stripped,
+# affinely aligned, cropped), 160x192x224 voxels of 1 mm, stored with the affine
+# [[-1, 0, 0, 80], [0, 0, 1, -112], [0, -1, 0, 96]]: nibabel's ``aff2axcodes`` gives L, I, A (FreeSurfer's
+# conformed orientation). Their (D, H, W) arrays are those NIfTI axes reversed and the weights above are mapped
+# back onto NIfTI order, so the converted network sees arrays in that stored order: LIA. (Checked on the
+# reference pair's crops, reversed into NIfTI order: axis 0 is the mirror-symmetric one, left-right; along axis 1
+# the corpus callosum comes before the brainstem, superior -> inferior; along axis 2 the splenium comes first and
+# the fornix runs from it towards higher indices, posterior -> anterior.)
+TRAINING_SPACE = {"orientation": "LIA", "spacing": [1.0, 1.0, 1.0], "stored_shape": [160, 192, 224]}
+# Intensities as stored, in [0, 1] (0-255 / 255), no normalisation. The statistics that the input checks compare
+# with (crd_jax.registration.checks), from the two subjects of the authors' reference pair
+# (shared/official_crd/reference_io.npz, fixed and moving crops of 64x96x64 voxels at the volume's centre):
+# - p99, the 99th percentile: 0.4275 in both crops (109/255). A whole volume, mostly background, has a somewhat
+#   lower one; check_intensities allows a factor of 4 either way.
+# - fg_median_ratio, the foreground median / the 99th percentile: 0.679 and 0.725, mean 0.702 (it does not depend
+#   on how much background a crop holds).
+TRAINING_INTENSITY = {"p99": 0.4275, "fg_median_ratio": 0.702}
 
 
 def _kernel(w: np.ndarray) -> np.ndarray:
@@ -116,7 +137,22 @@ def convert(state: Mapping[str, np.ndarray], kind: str, source: str = "checkpoin
     spec.update(
         architecture=dict(ARCHITECTURE),
         stage="convert-official",
-        # The authors feed OASIS intensities in [0, 1] as stored: no normalisation.
-        preprocessing={"normalize": "none", "percentiles": [0.5, 99.5], "resample_shape": [], "multiple": 32, "ndim": 3},
+        # The authors feed OASIS intensities in [0, 1] as stored: no normalisation; 1 mm, as their network ran.
+        preprocessing={"normalize": "none", "percentiles": [0.5, 99.5], "resample_shape": [], "multiple": 32, "ndim": 3,
+                       "geometry": dict(TRAINING_SPACE), "intensity": dict(TRAINING_INTENSITY)},
+        card=card(source),
     )
     return params, spec
+
+
+def card(source: str) -> Dict[str, str]:
+    """What a user should know of the converted model, recorded in its ``model.json``."""
+    grid = "x".join(map(str, TRAINING_SPACE["stored_shape"]))
+    return {
+        "training_data": "OASIS (neurite-oasis aligned_norm), the authors' release",
+        "grid": f"{grid} voxels of 1 mm, {TRAINING_SPACE['orientation']}; inputs are reoriented and resampled to 1 mm",
+        "preprocessing": "skull-stripped (FreeSurfer norm), affinely aligned, intensities in [0, 1] as stored "
+                         "(no normalisation)",
+        "licence": "no licence stated by the authors; for local checks",
+        "source_checkpoint": PurePath(str(source)).name,
+    }

@@ -1,9 +1,12 @@
 """What registration refuses before it computes (one line naming the file and the problem) and what it
 warns about after: inputs too small, constant, too anisotropic or apart in world space; a field of view the
 model's grid cannot see; label maps on another grid; intensities unlike the model's training data; NaN/Inf
-results; inputs that look not pre-aligned."""
+results; inputs that look not pre-aligned; inputs that look out of the model's training domain (a warning, once
+per process)."""
 
 from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -144,3 +147,74 @@ def mean_displacement_mm(disp, fixed: Volume) -> float:
     length = jnp.sqrt(jnp.sum((jnp.asarray(disp, jnp.float32) * jnp.asarray(fixed.spacing, jnp.float32)) ** 2, axis=-1))
     return float(jnp.sum(jnp.where(mask, length, 0.0)) / jnp.maximum(jnp.sum(mask), 1))
 
+
+
+# The out-of-domain check (one warning line, once per process), for models that record their training space
+# (``preprocessing.geometry``). Per axis, in the model's orientation: the input's voxel size and its field of view
+# (shape x voxel size) within [1/DOMAIN_RATIO, DOMAIN_RATIO] of the training data's (``stored_shape x spacing``).
+DOMAIN_RATIO = 2.0
+# The intensity histogram, as one statistic: the median of the foreground (voxels above a tenth of the 99th
+# percentile) over the 99th percentile. It does not depend on the intensity scale or on how much background the
+# field of view holds; a skull-stripped T1 image gives about 0.7-0.8, other contrasts, heads with skull and fat,
+# masks or noise give other values. A model records its own in ``preprocessing.intensity.fg_median_ratio``; models
+# without one were trained on the shipped models' data: LPBA40 S11-S34 (their training subjects, images as
+# stored) give 0.694-0.815, median 0.795, the default below. The warning fires beyond +-0.15 of the model's value
+# (about the spread of those 24 training images, 0.12, with a margin); no held-out image set these numbers.
+FG_MEDIAN_RATIO = 0.795
+FG_MEDIAN_TOLERANCE = 0.15
+_domain_warned: set = set()  # models (paths) that have warned in this process
+
+
+def foreground_median_ratio(data) -> float:
+    """The intensity statistic of :data:`FG_MEDIAN_RATIO` on every second voxel per axis (the percentiles of an
+    eighth of a brain image are the whole image's to about 1e-3); NaN for an image without positive values."""
+    sample = np.asarray(data)[tuple(slice(None, None, 2) for _ in range(np.ndim(data)))]
+    p99 = float(np.percentile(sample, 99))
+    if not p99 > 0:
+        return float("nan")
+    return float(np.median(sample[sample > 0.1 * p99])) / p99
+
+
+def out_of_domain(spec: Mapping, volumes: Sequence[Volume]) -> Optional[str]:
+    """Why the first of ``volumes`` that looks out of the training domain of the model ``spec`` does (a phrase),
+    or ``None``; ``None`` also for a model without a geometry record (nothing to compare with)."""
+    pre = spec.get("preprocessing", {})
+    record = pre.get("geometry")
+    if not record or any(v.data.ndim != 3 for v in volumes):
+        return None
+    codes = record["orientation"]
+    ref_spacing = np.asarray(record["spacing"], np.float64)
+    ref_fov = np.asarray(record["stored_shape"], np.float64) * ref_spacing
+    ref_ratio = float(pre.get("intensity", {}).get("fg_median_ratio", FG_MEDIAN_RATIO))
+    mm = lambda v: " x ".join(f"{x:.3g}" for x in v)  # noqa: E731
+    outside = lambda r: bool(np.any((r < 1 / DOMAIN_RATIO) | (r > DOMAIN_RATIO)))  # noqa: E731
+    band = f"per axis outside [{1 / DOMAIN_RATIO:g}, {DOMAIN_RATIO:g}] of it"
+    for vol in volumes:
+        seen = space.to_model_space(vol, codes)[0]  # a view: axes permuted into the model's orientation
+        spacing = np.asarray(seen.spacing, np.float64)
+        if outside(spacing / ref_spacing):
+            return (f"{vol.path}: voxels of {mm(spacing)} mm ({codes}) against the training data's {mm(ref_spacing)} "
+                    f"mm, {band}")
+        fov = np.asarray(seen.data.shape, np.float64) * spacing
+        if outside(fov / ref_fov):
+            return (f"{vol.path}: a field of view of {mm(fov)} mm ({codes}) against the training data's "
+                    f"{mm(ref_fov)} mm, {band}")
+        ratio = foreground_median_ratio(vol.data)
+        if not abs(ratio - ref_ratio) <= FG_MEDIAN_TOLERANCE:
+            return (f"{vol.path}: an intensity histogram unlike the training data's (foreground median / 99th "
+                    f"percentile {ratio:.2f} against {ref_ratio:.2f}, beyond +-{FG_MEDIAN_TOLERANCE:g})")
+    return None
+
+
+def domain_warning_once(loaded, volumes: Sequence[Volume]) -> Optional[str]:
+    """The out-of-domain warning line for the first pair that looks out of the model's training domain, then
+    ``None`` for the rest of the process (a batch of such pairs warns once); see :func:`out_of_domain`."""
+    key = str(loaded.path)
+    if key in _domain_warned:
+        return None
+    reason = out_of_domain(loaded.spec, volumes)
+    if reason is None:
+        return None
+    _domain_warned.add(key)
+    return (f"the input looks out of this model's training domain ({reason}); its results there are not what it "
+            "was validated on (see docs/models.md; this warning is shown once per process)")

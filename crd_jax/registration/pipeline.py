@@ -199,6 +199,9 @@ def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_
         warning = (f"the images' foreground centroids are {apart:.1f} mm apart (above {checks.CENTROIDS_MM:g} mm) "
                    + ("after the affine step: it may have failed; check the overlay" if affine else
                       "and no affine step ran: the input looks not pre-aligned; run without --no-affine"))
+    domain = checks.domain_warning_once(loaded, (fixed, moving))  # once per process: the inputs as given
+    if domain:
+        warning = domain if warning is None else f"{warning}; {domain}"
     started = time.perf_counter()  # "prepare": into the model's space and onto its canvas
     pre = dict(loaded.spec.get("preprocessing", {}))
     record = pre.get("geometry")
