@@ -129,6 +129,8 @@ class AffineMap:
         self.matrix = np.asarray(matrix, np.float64)
 
     def __call__(self, points: np.ndarray) -> np.ndarray:
+        if np.array_equal(self.matrix, np.eye(4)):  # a composite without an affine step holds the identity
+            return points
         return points @ self.matrix[:3, :3].T + self.matrix[:3, 3]
 
 
@@ -139,20 +141,37 @@ class FieldMap:
     edge values within half a voxel of the grid, no displacement beyond)."""
 
     def __init__(self, field: np.ndarray, grid_affine: np.ndarray, outside: str = "edge"):
-        self.field = np.asarray(field)
+        field = np.asarray(field)
+        self.shape = tuple(field.shape[:3])
+        self.components = [np.ascontiguousarray(field[..., c]) for c in range(3)]  # scipy copies strided inputs
         self.grid_affine = np.asarray(grid_affine, np.float64)
         self.to_voxel = np.linalg.inv(self.grid_affine)
         self.outside = outside
+
+    def on_grid(self, shape, affine) -> bool:
+        """Whether the field is stored on this grid (its values there need no interpolation)."""
+        return tuple(shape) == self.shape and np.allclose(affine, self.grid_affine, atol=1e-6)
+
+    def at_voxels(self) -> np.ndarray:
+        """``p + d(p)`` for every voxel centre of the field's own grid, ``(X * Y * Z, 3)``: the stored values."""
+        a = self.grid_affine
+        world = np.empty((*self.shape, 3))
+        world[:] = a[:3, 3]
+        for axis, n in enumerate(self.shape):  # separable: one broadcast add per axis, no (N, 3) @ (3, 3)
+            steps = np.arange(n, dtype=np.float64)[:, None] * a[:3, axis]
+            world += steps.reshape([n if k == axis else 1 for k in range(3)] + [3])
+        for c, component in enumerate(self.components):
+            world[..., c] += component
+        return world.reshape(-1, 3)
 
     def __call__(self, points: np.ndarray) -> np.ndarray:
         from scipy import ndimage  # here, not at import: it costs ~0.25 s of every command's start
 
         vox = points @ self.to_voxel[:3, :3].T + self.to_voxel[:3, 3]
-        d = np.stack([ndimage.map_coordinates(self.field[..., c], vox.T, order=1, mode="nearest")
-                      for c in range(3)], -1)
+        coords = np.ascontiguousarray(vox.T)
+        d = np.stack([ndimage.map_coordinates(c, coords, order=1, mode="nearest") for c in self.components], -1)
         if self.outside == "zero":
-            shape = np.asarray(self.field.shape[:3])
-            inside = np.all((vox >= -0.5) & (vox < shape - 0.5), axis=1)
+            inside = np.all((vox >= -0.5) & (vox < np.asarray(self.shape) - 0.5), axis=1)
             d[~inside] = 0.0
         return points + d
 
@@ -238,7 +257,13 @@ def displacement_on_grid(maps: Sequence, shape: Sequence[int], affine: np.ndarra
     of that grid, float32, pull-back (what :mod:`crd_jax.transforms` applies)."""
     affine = np.asarray(affine, np.float64)
     grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij"), -1).reshape(-1, 3)
-    world = apply_maps(maps, grid @ affine[:3, :3].T + affine[:3, 3])
+    maps = list(maps)
+    if maps and isinstance(maps[-1], FieldMap) and maps[-1].on_grid(shape, affine):
+        # the first map applied is a field stored on this grid (a registration's composite.h5 on its fixed
+        # image): its values are read, not interpolated
+        world = apply_maps(maps[:-1], maps[-1].at_voxels())
+    else:
+        world = apply_maps(maps, grid @ affine[:3, :3].T + affine[:3, 3])
     inv = np.linalg.inv(affine)
     vox = world @ inv[:3, :3].T + inv[:3, 3]
     return (vox - grid).reshape(*shape, 3).astype(np.float32)
