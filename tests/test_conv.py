@@ -86,6 +86,44 @@ def test_conv_matches_lax_values_and_gradients(shape, cin, cout, stride, slope, 
         np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4 * scale)
 
 
+@pytest.mark.parametrize("shape,kernel,stride,cin,cout", [
+    ((9, 7, 8), 2, 2, 3, 8),  # kernel 2, stride 2, default padding 1: a residue class starts past dz's first row
+    ((8, 8, 8), 2, 2, 1, 16),
+    ((8, 9, 10), 4, 2, 4, 4),
+    ((10, 11, 7), 3, 3, 2, 8),
+    ((9, 7), 2, 2, 3, 8),
+    ((12, 10), 4, 3, 2, 5),
+])
+def test_strided_input_gradient_of_any_kernel_matches_lax(shape, kernel, stride, cin, cout, isa):
+    """The polyphase input gradient for kernels other than 3 (a fork's downsampling layers); kernel 2 with
+    stride 2 used to hand the native kernel a negative padding (a heap overrun)."""
+    nd = len(shape)
+    k1, k2 = jax.random.split(jax.random.PRNGKey(kernel * 10 + stride))
+    x = jax.random.normal(k1, (2, *shape, cin))
+    w = jax.random.normal(k2, (kernel,) * nd + (cin, cout)) * 0.3
+    b = jnp.zeros((cout,))
+
+    def loss(fn):
+        return lambda x, w: jnp.sum(jnp.sin(fn(x, w, b, stride, negative_slope=0.2)))
+
+    grads = jax.jit(jax.grad(loss(conv), argnums=(0, 1)))(x, w)
+    grads_ref = jax.grad(loss(conv_reference), argnums=(0, 1))(x, w)
+    for g, g_ref in zip(grads, grads_ref):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(g_ref))))
+
+
+def test_the_native_kernel_refuses_a_negative_padding_instead_of_reading_out_of_bounds():
+    if not ON_CPU or not native.available():
+        pytest.skip("the native kernel is not loaded")
+    from crd_jax.ops.conv import _native_forward
+
+    x = jnp.ones((1, 6, 6, 6, 2))
+    w = jnp.ones((3, 3, 3, 2, 8))
+    with pytest.raises(Exception, match="paddings must not be negative"):
+        jax.block_until_ready(jax.jit(lambda x, w: _native_forward(x, w, jnp.zeros(8), (1, 1, 1), ((-1, 0), (0, 0), (0, 0)), None,
+                                                                    out_spatial=(4, 4, 4)))(x, w))
+
+
 UPCAT_CASES = [
     # skip spatial shape, low spatial shape, C_low, C_skip, C_out, slope
     ((8, 10, 12), (4, 5, 6), 32, 2, 16, 0.2),  # VM's last decoder level: 32 upsampled + the 2 images

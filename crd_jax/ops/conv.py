@@ -220,8 +220,12 @@ def _native_input_grad_strided(dz, w, x_shape, stride, padding):
             taps = [per_axis[a][0][index[a]] for a in range(ndim)]
             if None not in taps:
                 sub = sub.at[index].set(wt[tuple(taps)])
-        pads = tuple((lo, 0) for _, lo in per_axis)
-        outs.append(_native_forward(dz, sub, zero_bias, (1,) * ndim, pads, None, out_spatial=tuple(blocks)))
+        # A class whose first tap lands past dz's start (d_min > 0, e.g. kernel 2, stride 2, padding 1) reads
+        # dz from d_min on: cropped here, since the kernel takes no negative padding.
+        start = tuple(max(-lo, 0) for _, lo in per_axis)
+        dz_r = dz[(slice(None), *(slice(s0, None) for s0 in start))] if any(start) else dz
+        pads = tuple((max(lo, 0), 0) for _, lo in per_axis)
+        outs.append(_native_forward(dz_r, sub, zero_bias, (1,) * ndim, pads, None, out_spatial=tuple(blocks)))
     # outs[residue] holds x[s * m + r]; interleave (B, m..., C) blocks into (B, m0, s0, m1, s1, ..., C).
     stacked = jnp.stack(outs, axis=0).reshape(*stride, dz.shape[0], *blocks, cin)
     order = [ndim] + [a for i in range(ndim) for a in (ndim + 1 + i, i)] + [2 * ndim + 1]

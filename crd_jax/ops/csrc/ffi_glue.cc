@@ -45,6 +45,14 @@ ffi::Error CheckRank(const ffi::AnyBuffer::Dimensions& d, size_t rank, const cha
   return ffi::Error::Success();
 }
 
+// Strides of at least 1 and paddings of at least 0: the kernels index the input from o * s - p without
+// bounds checks beyond the zero-padded edge, so a negative padding would read before the buffer.
+ffi::Error CheckGeometry(const Geometry& g) {
+  if (g.sd < 1 || g.sh < 1 || g.sw < 1) return ffi::Error::InvalidArgument("strides must be at least 1");
+  if (g.pd < 0 || g.ph < 0 || g.pw < 0) return ffi::Error::InvalidArgument("paddings must not be negative");
+  return ffi::Error::Success();
+}
+
 // A fresh output buffer is an untouched anonymous mapping; its first writes fault in 4 KB pages (~13k faults,
 // ~20% of a full-resolution 16-channel layer). Asking for transparent huge pages on the 2 MB-aligned part
 // before writing turns those into a few hundred faults. A hint only: ignored where THP is off.
@@ -67,6 +75,7 @@ ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Bu
              wd[0], wd[1], wd[2], sd, sh, sw, pd, ph, pw};
   if (wd[3] != g.Ci || g.CoP % 8 != 0 || g.CoP < g.Co) return ffi::Error::InvalidArgument("weight shape");
   if (g.KD * g.KH > 64) return ffi::Error::InvalidArgument("kernel too large (KD * KH > 64)");
+  if (auto e = CheckGeometry(g); e.failure()) return e;
   if (bf16 != 0 && !CpuHasBf16()) return ffi::Error::InvalidArgument("bf16 convolution needs AVX512-BF16");
   AdviseHugePages(y->typed_data(), y->size_bytes());
   ConvForward(g, x.typed_data(), w.typed_data(), bias.typed_data(), slope, act != 0, y->typed_data(), bf16 != 0);
@@ -91,6 +100,7 @@ ffi::Error ConvUpcatFwdImpl(ffi::Buffer<ffi::F32> low, ffi::Buffer<ffi::F32> ski
     return ffi::Error::InvalidArgument("output shape");
   if (wd[3] != g.Ci || g.CoP % 8 != 0 || g.CoP < g.Co) return ffi::Error::InvalidArgument("weight shape");
   if (g.KD * g.KH > 64) return ffi::Error::InvalidArgument("kernel too large (KD * KH > 64)");
+  if (auto e = CheckGeometry(g); e.failure()) return e;
   if (bf16 != 0 && !CpuHasBf16()) return ffi::Error::InvalidArgument("bf16 convolution needs AVX512-BF16");
   AdviseHugePages(y->typed_data(), y->size_bytes());
   ConvUpcatForward(g, u, w.typed_data(), bias.typed_data(), slope, act != 0, y->typed_data(), bf16 != 0);
@@ -107,6 +117,7 @@ ffi::Error ConvWgradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi:
   Geometry g{xd[0], xd[1], xd[2], xd[3], xd[4], yd[1], yd[2], yd[3], co, (co + 7) / 8 * 8,
              wd[0], wd[1], wd[2], sd, sh, sw, pd, ph, pw};
   if (wd[3] != g.Ci || wd[4] != co) return ffi::Error::InvalidArgument("weight-gradient shape");
+  if (auto e = CheckGeometry(g); e.failure()) return e;
   ConvWeightGrad(g, x.typed_data(), dy.typed_data(), dw->typed_data());
   return ffi::Error::Success();
 }
