@@ -526,8 +526,9 @@ def k_apply_points_bom_crlf_and_header_accepted(tmp, a):
 
 
 def k_evaluate_pairs_bom_header_blank_lines(tmp, a):
+    # the header names the columns (moving zz, fixed yy); the fixed column is checked first
     (tmp / "p.csv").write_bytes("\ufeffmoving,fixed\r\n\r\nzz,yy\r\n".encode())
-    return refused(_evaluate(tmp, a, "--pairs", tmp / "p.csv"), "p.csv", "unknown subject 'zz'")
+    return refused(_evaluate(tmp, a, "--pairs", tmp / "p.csv"), "p.csv", "row 1", "unknown subject 'yy'")
 
 
 def k_apply_image_and_points(tmp, a):
@@ -689,7 +690,7 @@ def k_evaluate_pairs_unknown_subject(tmp, a):
 
 def k_evaluate_pairs_one_column(tmp, a):
     (tmp / "p.csv").write_text("0\n")
-    return refused(_evaluate(tmp, a, "--pairs", tmp / "p.csv"), "p.csv", "line 1")
+    return refused(_evaluate(tmp, a, "--pairs", tmp / "p.csv"), "p.csv", "row 1")
 
 
 def k_evaluate_out_dir_is_a_file(tmp, a):
