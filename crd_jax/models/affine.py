@@ -9,7 +9,7 @@ identity. The transform acts about the image centre ``c``: the moving image is s
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -20,7 +20,7 @@ from crd_jax.models.output import ModelOutput, as_output
 from crd_jax.ops.spatial import compose, identity_grid, warp
 
 
-def affine_field(matrix: jax.Array, translation: jax.Array, shape) -> jax.Array:
+def affine_field(matrix: jax.Array, translation: jax.Array, shape: Sequence[int]) -> jax.Array:
     """``u(x) = A (x - c) + t`` on a grid of ``shape``; ``matrix`` (B, d, d), ``translation`` (B, d)."""
     grid = identity_grid(shape)
     centre = (jnp.asarray(shape, jnp.float32) - 1) / 2

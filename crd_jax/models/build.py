@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Union
 
 from crd_jax.models import backbones
 from crd_jax.models.affine import AffineNet, AffineThenDeformable
@@ -12,6 +12,9 @@ from crd_jax.models.pyramid import Pyramid
 from crd_jax.models.registrar import Registrar
 from crd_jax.models.teacher import FusionHead, OfficialFusionHead, PyramidFusionHead, Teacher
 from crd_jax.models.voxelmorph import VoxelMorph, encoder_levels
+
+if TYPE_CHECKING:
+    import flax.linen as nn
 
 def _tuple(v):
     return tuple(_tuple(x) for x in v) if isinstance(v, (list, tuple)) else v
@@ -50,7 +53,7 @@ def _vm_fst_head(arch, factor: int):
 TEACHER_OUTPUTS = ("half", "full")
 
 
-def teacher_output(arch) -> str:
+def teacher_output(arch: Mapping[str, Any]) -> str:
     """``model.teacher_output``: where the FST predicts phi^T. ``"half"`` (the paper's text): on the student's
     grid, upsampled; ``"full"`` (the authors' code): at the input's resolution through the finest F^H levels.
     The ``official`` fusion head is always ``full``; pyramid heads have ``half`` only."""
@@ -108,7 +111,7 @@ def affine_net(arch: Mapping[str, Any]) -> AffineNet:
                      negative_slope=float(arch["negative_slope"]))
 
 
-def deformable_from_config(arch: Mapping[str, Any]):
+def deformable_from_config(arch: Mapping[str, Any]) -> nn.Module:
     """The deformable part: one backbone, or a cascade of ``arch["cascade"]`` copies (teacher C)."""
     count = int(arch.get("cascade", 1))
     if count > 1:
@@ -116,7 +119,7 @@ def deformable_from_config(arch: Mapping[str, Any]):
     return _single_backbone(arch)
 
 
-def backbone_from_config(arch: Mapping[str, Any]):
+def backbone_from_config(arch: Mapping[str, Any]) -> nn.Module:
     """The network a registrar runs: ``backbone = "affine"`` alone, or the deformable model, with an affine
     network in front when ``affine`` is ``"joint"`` (trained together) or ``"stage"`` (pre-trained, frozen)."""
     backbones.check_architecture(arch)
@@ -160,7 +163,7 @@ def spec_architecture(spec: Mapping[str, Any]) -> dict:
     return arch
 
 
-def model_from_spec(spec: Mapping[str, Any]):
+def model_from_spec(spec: Mapping[str, Any]) -> Union[Registrar, Teacher]:
     """``spec = {"kind": "registrar" | "teacher", "architecture": {...}, "factor": n}``."""
     kind = spec["kind"]
     arch = spec_architecture(spec)

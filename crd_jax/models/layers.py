@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -12,9 +12,10 @@ import numpy as np
 
 from crd_jax.ops.conv import conv, conv_upsampled_concat
 from crd_jax.ops.spatial import upsample_nearest  # noqa: F401  (re-exported for the models)
+from crd_jax.typing import Params
 
 
-def torch_default_bias_init(fan_in: int):
+def torch_default_bias_init(fan_in: int) -> Callable[..., jax.Array]:
     """PyTorch's default bias init U(-1/sqrt(fan_in), 1/sqrt(fan_in)), so training starts like the authors'."""
 
     def init(key, shape, dtype=jnp.float32):
@@ -59,7 +60,7 @@ class Conv(nn.Module):
         return conv(x, kernel, bias, stride=self.stride, negative_slope=self.negative_slope)
 
 
-def flow_kernel_init(stddev: float = 1e-5):
+def flow_kernel_init(stddev: float = 1e-5) -> jax.nn.initializers.Initializer:
     """VoxelMorph initialises the flow head near zero so training starts from the identity."""
     return nn.initializers.normal(stddev)
 
@@ -83,7 +84,7 @@ def concat(parts: Union[Sequence[jax.Array], jax.Array]) -> jax.Array:
 FLOW_INITS = ("torch", "small")
 
 
-def redraw_flow_heads(params, key, scheme: str = "torch"):
+def redraw_flow_heads(params: Params, key: jax.Array, scheme: str = "torch") -> Params:
     """Re-initialises every flow head (a ``flow*`` module holding a ``conv``) of a parameter tree.
 
     ``small``: VoxelMorph's N(0, 1e-5) kernel and zero bias, as the modules initialise them.

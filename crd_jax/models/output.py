@@ -15,7 +15,7 @@ outputs of earlier releases.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import flax.struct
 import jax
@@ -41,14 +41,14 @@ class ModelOutput:
     def __contains__(self, key: str) -> bool:
         return (getattr(self, key) if key in FIELDS else self.extras.get(key)) is not None
 
-    def get(self, key: str, default=None):
+    def get(self, key: str, default: Any = None) -> Any:
         return self[key] if key in self else default
 
-    def keys(self):
+    def keys(self) -> List[str]:
         return [k for k in FIELDS if getattr(self, k) is not None] + list(self.extras)
 
 
-def as_output(out) -> ModelOutput:
+def as_output(out: ModelOutput | Mapping[str, Any]) -> ModelOutput:
     """A :class:`ModelOutput` from itself or from a mapping with the same keys (unknown keys go to extras)."""
     if isinstance(out, ModelOutput):
         return out

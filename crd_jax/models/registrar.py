@@ -9,7 +9,7 @@ the high- and low-resolution models (resolution cooperative training shares them
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict
+from typing import Dict, Tuple
 
 import flax.linen as nn
 import jax
@@ -17,9 +17,11 @@ import jax
 from crd_jax.compile import run_once
 from crd_jax.models.output import ModelOutput, as_output
 from crd_jax.ops.spatial import resize, upsample_field
+from crd_jax.typing import Params
 
 
-def downsample_pair(moving: jax.Array, fixed: jax.Array, factor: int, align_corners: bool = False):
+def downsample_pair(moving: jax.Array, fixed: jax.Array, factor: int,
+                    align_corners: bool = False) -> Tuple[jax.Array, jax.Array]:
     """``{I_m^L, I_f^L}``: both images resized to ``1/factor`` of their size (linear, half-pixel centres
     unless ``align_corners``)."""
     if factor == 1:
@@ -48,12 +50,12 @@ class Registrar:
         """k with n = 2^k: the number of levels the feature-shifted teacher shifts (Section III-B-2)."""
         return self.factor.bit_length() - 1
 
-    def init(self, key: jax.Array, moving: jax.Array, fixed: jax.Array):
+    def init(self, key: jax.Array, moving: jax.Array, fixed: jax.Array) -> Params:
         """Parameters for inputs shaped like ``moving``/``fixed`` (compiled: eager init is slow)."""
         m, f = downsample_pair(moving, fixed, self.factor)
         return run_once(lambda k, m, f: self.backbone.init(k, m, f)["params"], key, m, f)
 
-    def apply(self, params, moving: jax.Array, fixed: jax.Array) -> ModelOutput:
+    def apply(self, params: Params, moving: jax.Array, fixed: jax.Array) -> ModelOutput:
         m, f = downsample_pair(moving, fixed, self.factor)
         out = as_output(self.backbone.apply({"params": params}, m, f))
         low = out.disp

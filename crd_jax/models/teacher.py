@@ -16,7 +16,7 @@ training stage can pass them as a frozen constant (no gradient, no optimizer sta
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -28,9 +28,10 @@ from crd_jax.models.output import ModelOutput, as_output
 from crd_jax.models.pyramid import PyramidEstimator
 from crd_jax.models.voxelmorph import FlowHead
 from crd_jax.ops.spatial import downsample_field, integrate_velocity, resize, resize_field, upsample_field
+from crd_jax.typing import Params
 
 
-def fusion_levels(high: Dict[int, jax.Array], low: Dict[int, jax.Array], shift: int):
+def fusion_levels(high: Dict[int, jax.Array], low: Dict[int, jax.Array], shift: int) -> List[int]:
     """Student levels ``l`` that have a shifted partner ``F^H_{l+k}``; ordered deepest first."""
     levels = sorted((lev for lev in low if lev + shift in high), reverse=True)
     if not levels:
@@ -59,7 +60,8 @@ class FeatureFusion(nn.Module):
         return Conv(b, negative_slope=self.negative_slope, name="conv_3")(h)
 
 
-def fuse_shifted(high, low, shift: int, negative_slope: float, convs: int = 4) -> Dict[int, jax.Array]:
+def fuse_shifted(high: Dict[int, jax.Array], low: Dict[int, jax.Array], shift: int, negative_slope: float,
+                 convs: int = 4) -> Dict[int, jax.Array]:
     """``{l: F^T_l}``: Table I fusion of every shifted pair (called inside a head's ``compact`` method)."""
     return {
         lev: FeatureFusion(negative_slope, convs, name=f"fuse_{lev}")(low[lev], high[lev + shift])
@@ -176,21 +178,23 @@ class Teacher:
     def shift(self) -> int:
         return self.factor.bit_length() - 1
 
-    def backbone_features(self, backbone_params, moving, fixed):
+    def backbone_features(self, backbone_params: Params, moving: jax.Array,
+                          fixed: jax.Array) -> Tuple[Dict[int, jax.Array], Dict[int, jax.Array]]:
         """``(F^H, F^L)``: the backbone's decoder features at both resolutions."""
         high = as_output(self.backbone.apply({"params": backbone_params}, moving, fixed)).features
         m, f = downsample_pair(moving, fixed, self.factor, self.align_corners)
         low = as_output(self.backbone.apply({"params": backbone_params}, m, f)).features
         return high, low
 
-    def init_head(self, key, backbone_params, moving, fixed):
+    def init_head(self, key: jax.Array, backbone_params: Params, moving: jax.Array, fixed: jax.Array) -> Params:
         def init(k, bp, m, f):
             high, low = self.backbone_features(bp, m, f)
             return self.head.init(k, high, low)["params"]
 
         return run_once(init, key, backbone_params, moving, fixed)
 
-    def apply(self, params, moving, fixed, backbone_features: Optional[tuple] = None) -> Dict:
+    def apply(self, params: Params, moving: jax.Array, fixed: jax.Array,
+              backbone_features: Optional[tuple] = None) -> ModelOutput:
         high, low = backbone_features or self.backbone_features(params["backbone"], moving, fixed)
         out = as_output(self.head.apply({"params": params["head"]}, high, low))
         if getattr(self.head, "full_resolution", False):
@@ -211,7 +215,7 @@ class ResampledTeacher:
     student_factor: int
     features: str = "none"
 
-    def apply(self, params, moving, fixed) -> Dict:
+    def apply(self, params: Params, moving: jax.Array, fixed: jax.Array) -> ModelOutput:
         if self.features not in ("none", "downsample"):
             raise ValueError(f"teacher_features must be 'none' or 'downsample', got {self.features!r}")
         out = self.registrar.apply(params, moving, fixed)

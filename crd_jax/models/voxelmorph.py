@@ -24,7 +24,7 @@ diffeomorphic variant.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -38,7 +38,7 @@ VM_ENCODER = (16, 32, 32, 32)
 VM_DECODER = ((32,), (32,), (32,), (32, 32), (16, 16))
 
 
-def encoder_levels(strides) -> int:
+def encoder_levels(strides: Sequence[int]) -> int:
     """Number of halvings the encoder applies (the deepest feature level)."""
     level = 0
     for s in strides:
