@@ -328,3 +328,132 @@ def test_200_pairs_in_shards_killed_and_resumed_and_on_dask_equal_one_process(tm
     fields = _fields(tmp_path / "dask", names)
     for n in names:
         np.testing.assert_allclose(fields[n], reference[n], atol=1e-6, err_msg=n)
+
+
+# --- fixed labels in the pairs file (Dice, summary.json) and one QC figure per pair (--qc) ------------------------
+
+
+def _labels(seed):
+    """Two labels of a smooth random volume (1: high, 2: low intensity), uint8, on the 16^3 grid."""
+    v = _volume(seed)
+    return ((v > 0.6) * 1 + (v < 0.3) * 2).astype(np.uint8)
+
+
+def _hand_dice(warped_seg, fixed_seg):
+    """Mean Dice over the labels (not 0) of either map, by hand."""
+    labels = sorted((set(np.unique(warped_seg)) | set(np.unique(fixed_seg))) - {0})
+    return float(np.mean([2 * np.sum((warped_seg == lab) & (fixed_seg == lab))
+                          / (np.sum(warped_seg == lab) + np.sum(fixed_seg == lab)) for lab in labels]))
+
+
+def _pixels(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        return np.asarray(im.convert("RGBA"))
+
+
+def test_pairs_file_columns_fixed_seg_last_without_a_header_any_order_with_one(tmp_path):
+    from crd_jax.cli.register import read_register_pairs
+    from crd_jax.data.pairs import read_pairs_file
+    from crd_jax.errors import InputError
+
+    path = tmp_path / "p.csv"
+    path.write_text("f.nii.gz,m.nii.gz\nf.nii.gz,m.nii.gz,ms.nii.gz,n2\nf.nii.gz,m.nii.gz,ms.nii.gz,n3,fs.nii.gz\n")
+    rows = read_pairs_file(path)  # files of 2 to 4 columns keep their meaning; the 5th is fixed_seg
+    assert [(r.moving_seg, r.name, r.fixed_seg) for r in rows] == [(None, None, None), ("ms.nii.gz", "n2", None),
+                                                                   ("ms.nii.gz", "n3", "fs.nii.gz")]
+    path.write_text("fixed_seg,moving,fixed,moving_seg\nfs.nii.gz,m.nii.gz,f.nii.gz,ms.nii.gz\n")
+    (row,) = read_pairs_file(path)
+    assert (row.fixed, row.moving, row.moving_seg, row.fixed_seg) == ("f.nii.gz", "m.nii.gz", "ms.nii.gz", "fs.nii.gz")
+    tasks = read_register_pairs(path)  # relative to the file's folder
+    assert tasks[0].fixed_seg == str(tmp_path / "fs.nii.gz")
+    path.write_text("fixed,moving,fixed_seg\nf.nii.gz,m.nii.gz,fs.nii.gz\n")
+    with pytest.raises(InputError, match="row 1: a fixed_seg without a moving_seg"):
+        read_register_pairs(path)
+    with pytest.raises(InputError, match="header row"):  # evaluate's columns: fixed_seg is not one of them
+        read_pairs_file(path, columns=("fixed", "moving"))
+
+
+def test_batch_dice_summary_and_a_qc_figure_per_pair_in_fresh_processes(tmp_path, tiny_model):
+    """register --pairs with fixed_seg in the headerless 5th column and --qc, as a user runs it: each pair's Dice
+    (its line and registration.json) equals Dice computed by hand from the written warped_seg and the fixed
+    labels; summary.json holds their mean and sd; each pair's folder holds qc.png, the PNG `figure --from`
+    draws of it; --skip-existing skips the pairs (figures included) and redoes one whose qc.png is gone."""
+    for i in range(4):
+        _save(tmp_path / f"img{i}.nii.gz", _volume(i))
+        _save(tmp_path / f"seg{i}.nii.gz", _labels(i))
+    rows = ["img0.nii.gz,img1.nii.gz,seg1.nii.gz,a,seg0.nii.gz", "img2.nii.gz,img3.nii.gz,seg3.nii.gz,b,seg2.nii.gz",
+            "img1.nii.gz,img2.nii.gz,seg2.nii.gz,c,seg1.nii.gz", "img3.nii.gz,img0.nii.gz,,d"]  # d: no labels
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    argv = ["register", "--model", tiny_model, "--pairs", tmp_path / "pairs.csv", "--out-dir", out, "--no-affine", "--qc"]
+    run = _crd(argv)
+    assert run.returncode == 0, run.stderr[-3000:]
+    hand = {}
+    for name, fixed in (("a", 0), ("b", 2), ("c", 1)):
+        warped = np.asarray(nib.load(out / name / "warped_seg.nii.gz").dataobj)
+        hand[name] = _hand_dice(warped, np.asarray(nib.load(tmp_path / f"seg{fixed}.nii.gz").dataobj))
+        record = json.loads((out / name / "registration.json").read_text())
+        assert record["dice"]["mean"] == pytest.approx(hand[name], abs=1e-6)
+        assert record["fixed_seg"] == str(tmp_path / f"seg{fixed}.nii.gz")
+        assert f"] {name}: " in run.stdout and f"Dice {hand[name]:.4f}" in run.stdout.split(f"] {name}: ")[1].splitlines()[0]
+    assert 0.05 < min(hand.values()) and max(hand.values()) < 0.999  # real, different overlaps
+    assert "Dice" not in run.stdout.split("] d: ")[1].splitlines()[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dice"]["pairs"] == 3 and summary["dice"]["per_pair"] == pytest.approx(hand, abs=1e-6)
+    assert summary["dice"]["mean"] == pytest.approx(np.mean(list(hand.values())), abs=1e-6)
+    assert summary["dice"]["sd"] == pytest.approx(np.std(list(hand.values())), abs=1e-6)
+    assert (summary["pairs"], summary["registered"], summary["skipped"], summary["failed"]) == (4, 4, 0, 0)
+    assert f"Dice over 3 pairs with labels: mean {summary['dice']['mean']:.4f}" in run.stdout
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # written atomically: no temporary left
+
+    # one qc.png per pair, of the figure's size (15 x 9.6 in at 80 dpi), the pixels `figure --from` draws
+    figures = {name: _pixels(out / name / "qc.png") for name in "abcd"}
+    assert all(p.shape == (768, 1200, 4) for p in figures.values())
+    drawn = _crd(["figure", "--from", out / "a", "--fixed-seg", tmp_path / "seg0.nii.gz", "--out", tmp_path / "a.png"])
+    assert drawn.returncode == 0, drawn.stderr[-2000:]
+    np.testing.assert_array_equal(_pixels(tmp_path / "a.png"), figures["a"])
+    assert not np.array_equal(figures["a"], figures["b"])
+
+    # resumed: every pair complete (qc.png included) is skipped; the summary still covers them
+    stamps = {name: (out / name / "qc.png").stat().st_mtime_ns for name in "abcd"}
+    again = _crd(argv + ["--skip-existing"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "registered 0 pairs" in again.stdout and "skipped 4 complete" in again.stdout
+    assert {name: (out / name / "qc.png").stat().st_mtime_ns for name in "abcd"} == stamps
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["dice"] == summary["dice"] and (resumed["registered"], resumed["skipped"]) == (0, 4)
+    # a set without its figure is incomplete: redone, figure and all
+    (out / "b" / "qc.png").unlink()
+    third = _crd(argv + ["--skip-existing"])
+    assert third.returncode == 0 and "registered 1 pair " in third.stdout and "skipped 3 complete" in third.stdout
+    np.testing.assert_array_equal(_pixels(out / "b" / "qc.png"), figures["b"])
+
+
+def test_qc_needs_the_warped_image_and_works_for_one_pair(tmp_path, tiny_model, capsys):
+    pairs = _pairs(tmp_path, 2)
+    out = tmp_path / "out"
+    refused = _crd(["register", "--model", tiny_model, "--pairs", pairs, "--out-dir", out, "--no-affine", "--qc",
+                    "--outputs", "disp"])
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "--qc: draws the saved warped image and displacement; add warped to --outputs" in refused.stderr
+    assert "Traceback" not in refused.stderr and not out.exists()
+    # one pair: qc.png beside the outputs, with the fixed labels drawn against the warped ones
+    f, m = _save(tmp_path / "f.nii.gz", _volume(0)), _save(tmp_path / "m.nii.gz", _volume(1))
+    fs, ms = _save(tmp_path / "fs.nii.gz", _labels(0)), _save(tmp_path / "ms.nii.gz", _labels(1))
+    one = tmp_path / "one"
+    assert main(["register", "--model", str(tiny_model), "--fixed", f, "--moving", m, "--moving-seg", ms, "--fixed-seg", fs,
+                 "--out-dir", str(one), "--no-affine", "--qc"]) == 0
+    assert f"wrote {one / 'qc.png'}" in capsys.readouterr().out
+    assert main(["figure", "--from", str(one), "--fixed-seg", fs, "--out", str(tmp_path / "ref.png")]) == 0
+    np.testing.assert_array_equal(_pixels(one / "qc.png"), _pixels(tmp_path / "ref.png"))
+    # the compact field and the flat Learn2Reg layout are drawn from too
+    for fmt in ("compact", "learn2reg"):
+        assert main(["register", "--model", str(tiny_model), "--pairs", str(pairs), "--out-dir", str(tmp_path / fmt),
+                     "--no-affine", "--qc", "--disp-format", fmt]) == 0
+        assert _pixels(tmp_path / fmt / "p001" / "qc.png").shape == (768, 1200, 4)
+    capsys.readouterr()
+    a, b = (_pixels(tmp_path / fmt / "p000" / "qc.png") for fmt in ("compact", "learn2reg"))
+    assert np.mean(a != b) < 1e-3  # the same field (within 1e-4 voxels), so the same figure

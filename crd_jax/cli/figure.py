@@ -1,9 +1,8 @@
 """``crd-jax figure``: a PNG or PDF like the paper's Fig. 4 for one pair, drawn from a saved registration
-(``--from OUT_DIR``) or after registering the pair (:mod:`crd_jax.cli.drawing` draws it)."""
+(``--from OUT_DIR``) or after registering the pair (:mod:`crd_jax.drawing` draws it)."""
 
 from __future__ import annotations
 
-import json
 import sys
 import textwrap
 from pathlib import Path
@@ -39,7 +38,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
-    from crd_jax.cli.drawing import display_spacing, pair_figure, to_display
+    from crd_jax.drawing import draw_pair
     from crd_jax.outputs import OutputSet
 
     out = Path(args.out)
@@ -70,15 +69,8 @@ def run(args) -> None:
         moving_shown = moving.data if same_grid(fixed, moving) else onto_grid(moving, fixed, order=1)
         warped, disp, warped_seg = result["warped"], result["disp"], result.get("warped_seg")
         title = f"{Path(args.moving).name} -> {Path(args.fixed).name} ({loaded.spec.get('label', '')})"
-    spacing = display_spacing(fixed.affine) if fixed.data.ndim == 3 else None
-    if fixed.data.ndim == 3:
-        shown, disp = to_display(fixed.affine, {"fixed": fixed.data, "moving": moving_shown, "warped": warped,
-                                                "fixed_seg": fixed_seg, "warped_seg": warped_seg}, disp)
-    else:
-        shown = {"fixed": fixed.data, "moving": moving_shown, "warped": warped, "fixed_seg": fixed_seg, "warped_seg": warped_seg}
     with outputs as stage:
-        pair_figure(stage / out.name, shown["fixed"], shown["moving"], shown["warped"], disp, shown["fixed_seg"],
-                    shown["warped_seg"], title=title, spacing=spacing)
+        draw_pair(stage / out.name, fixed, moving_shown, warped, disp, fixed_seg, warped_seg, title)
     if warning:
         print(f"crd-jax: warning: {warning}", file=sys.stderr)
     print(f"wrote {out}")
@@ -86,50 +78,10 @@ def run(args) -> None:
 
 
 def _saved_registration(args):
-    """What ``figure --from OUT_DIR`` draws, read from a ``crd-jax register`` output folder (no model is loaded
-    and nothing is registered): the fixed and moving images named by its ``registration.json`` (or
-    ``--fixed``/``--moving``), its ``warped``, ``warped_seg`` (when present) and displacement files."""
-    from crd_jax.data.io import load_image, load_labels
-    from crd_jax.interop.formats import read_displacement
-    from crd_jax.registration.pipeline import labels_on_grid
-    from crd_jax.registration.space import onto_grid, same_grid
+    """What ``figure --from OUT_DIR`` draws (:func:`crd_jax.drawing.saved_registration`: no model is loaded
+    and nothing is registered; ``register --qc`` draws the same)."""
+    from crd_jax.drawing import saved_registration
 
-    folder = Path(args.from_dir)
-    if not folder.is_dir():
-        raise InputError(folder, "no such folder (--from takes the --out-dir of crd-jax register)")
-    record = {}
-    if (folder / "registration.json").is_file():
-        try:
-            record = json.loads((folder / "registration.json").read_text())
-            assert isinstance(record, dict)
-        except (OSError, ValueError, UnicodeDecodeError, AssertionError):
-            raise InputError(folder / "registration.json", "unreadable registration record (not a JSON object)") from None
-
-    def first(*names):
-        return next((folder / n for n in names if (folder / n).is_file()), None)
-
-    fixed_path, moving_path = args.fixed or record.get("fixed"), args.moving or record.get("moving")
-    if not (fixed_path and moving_path):
-        raise InputError(folder, "no registration.json naming the fixed and moving images; pass --fixed and --moving")
-    warped_path = first("warped.nii.gz", "warped.nii")
-    disp_path = first("disp.nii.gz", "disp.nii", "disp_itk.nii.gz", "disp_itk.nii")
-    if warped_path is None or disp_path is None:
-        raise InputError(folder, "not a crd-jax register output folder (no warped.nii[.gz] and disp[_itk].nii[.gz])")
-    fixed = load_image(fixed_path, require_orientation=True)
-    moving = load_image(moving_path, require_orientation=True)
-    warped = load_image(warped_path)
-    if warped.data.shape != fixed.data.shape:
-        raise InputError(warped_path, f"shape {warped.data.shape} differs from the fixed image's {fixed.data.shape} "
-                                      f"({fixed_path}): not this pair's registration")
-    disp = read_displacement(disp_path, fixed)
-    seg_path = first("warped_seg.nii.gz", "warped_seg.nii")
-    warped_seg = load_labels(seg_path).data if seg_path is not None else None
-    if warped_seg is not None and warped_seg.shape != fixed.data.shape:
-        raise InputError(seg_path, f"shape {warped_seg.shape} differs from the fixed image's {fixed.data.shape}")
-    fixed_seg = labels_on_grid(load_labels(args.fixed_seg, require_orientation=True) if args.fixed_seg else None, fixed)
-    moving_shown = moving.data if same_grid(fixed, moving) else onto_grid(moving, fixed, order=1)
-    print(f"figure: drawn from the saved registration in {folder} (no model loaded, nothing registered)")
-    label = record.get("model_label", "")
-    title = f"{Path(moving_path).name} -> {Path(fixed_path).name}" + (f" ({label})" if label else "")
-    return fixed, moving_shown, warped.data, disp, fixed_seg, warped_seg, title
-
+    drawn = saved_registration(args.from_dir, args.fixed, args.moving, args.fixed_seg)
+    print(f"figure: drawn from the saved registration in {args.from_dir} (no model loaded, nothing registered)")
+    return drawn

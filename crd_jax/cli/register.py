@@ -39,9 +39,10 @@ def add_parser(sub) -> None:
                       "higher at more time and memory) or a model folder (a training stage's 'model', or convert-official's output)")
     r.add_argument("--fixed", help="fixed image (.nii, .nii.gz or .npz)")
     r.add_argument("--moving", help="moving image; resampled onto the fixed grid first if grids differ")
-    r.add_argument("--pairs", help="CSV of pairs 'fixed,moving[,moving_seg[,name]]' registered in one process (compiled "
-                   "once, a progress bar); a header row naming the columns may give them in another order; each pair's "
-                   "files go to OUT_DIR/NAME (default NAME: <moving>_to_<fixed>)")
+    r.add_argument("--pairs", help="CSV of pairs 'fixed,moving[,moving_seg[,name[,fixed_seg]]]' registered in one process "
+                   "(compiled once, a progress bar); a header row naming the columns may give them in another order; each "
+                   "pair's files go to OUT_DIR/NAME (default NAME: <moving>_to_<fixed>); pairs with both label maps get their "
+                   "Dice, and their mean and sd are written to OUT_DIR/summary.json")
     r.add_argument("--moving-seg", help="moving label map, warped with nearest neighbour")
     options.add_out_dir(r, "folder for the outputs (created if missing; with --pairs, one subfolder per pair)")
     r.add_argument("--fixed-seg", help="fixed label map: registration.json records the Dice of the warped labels with it")
@@ -59,6 +60,9 @@ def add_parser(sub) -> None:
                    help="write .nii instead of .nii.gz (faster: compressing a float32 field saves little space)")
     r.add_argument("--jacobian", action="store_true", help="also write jacobian.nii.gz, det(I + grad u) on the fixed grid")
     r.add_argument("--inverse", action="store_true", help="also write the inverse displacement (inverse_disp*, fixed-point iteration)")
+    r.add_argument("--qc", action="store_true",
+                   help="also write qc.png (with --pairs: one per pair, in its folder): the figure `crd-jax figure --from` "
+                   "draws of the saved outputs (with the fixed labels when given); needs warped and disp among --outputs")
     b = r.add_argument_group("many pairs (--pairs)")
     b.add_argument("--skip-existing", action="store_true",
                    help="skip the pairs whose complete output set exists (a resumed or repeated run); an incomplete one is redone")
@@ -89,22 +93,22 @@ def output_options(args):
 
     options.resolve_registration_options(args)
     return OutputOptions(args.disp_format, options.pair_ids(args), args.uncompressed, args.jacobian, args.inverse,
-                         bool(args.affine), args.outputs)
+                         bool(args.affine), args.outputs, args.qc)
 
 
 def _used(args) -> dict:
     """The options ``registration.json`` records."""
     return {"normalize": args.normalize, "quality": args.quality, "affine": args.affine or None,
             "io_steps": args.io_steps, "disp_format": args.disp_format, "outputs": list(args.outputs or []) or None,
-            "jacobian": args.jacobian, "inverse": args.inverse, "uncompressed": args.uncompressed,
+            "jacobian": args.jacobian, "inverse": args.inverse, "uncompressed": args.uncompressed, "qc": args.qc,
             "bf16": bool(getattr(args, "bf16", False))}
 
 
 def read_register_pairs(path, learn2reg: bool = False) -> list:
     """``register --pairs``: :func:`~crd_jax.data.pairs.read_pairs_file` rows with paths relative to the file's
     folder made whole and each pair's output folder name (default ``<moving>_to_<fixed>`` from the file names),
-    every name a plain folder name used once; as :class:`~crd_jax.registration.batch.Task`\\ s (``learn2reg``:
-    with each pair's ids, used once)."""
+    every name a plain folder name used once, a ``fixed_seg`` only with a ``moving_seg``; as
+    :class:`~crd_jax.registration.batch.Task`\\ s (``learn2reg``: with each pair's ids, used once)."""
     from crd_jax.registration.batch import Task, learn2reg_ids
     from crd_jax.data.io import NIFTI_SUFFIXES
     from crd_jax.data.pairs import read_pairs_file
@@ -131,7 +135,11 @@ def read_register_pairs(path, learn2reg: bool = False) -> list:
                                    f"({'repeated' if pair_ids in ids else 'no digits in a file name'}); name the pair "
                                    "FFFF_MMMM in the name column")
         ids.add(pair_ids)
-        rows.append(Task(index, row.row, name, here(row.fixed), here(row.moving), here(row.moving_seg), None, pair_ids))
+        if row.fixed_seg and not row.moving_seg:
+            raise InputError(path, f"row {row.row}: a fixed_seg without a moving_seg (Dice compares the warped moving "
+                                   "labels with the fixed ones; give both, or neither)")
+        rows.append(Task(index, row.row, name, here(row.fixed), here(row.moving), here(row.moving_seg),
+                         here(row.fixed_seg), pair_ids))
     return rows
 
 
@@ -216,7 +224,8 @@ def register_many(args) -> int:
     header checked before the first pair (one line per bad row, status 2, nothing written; with
     ``--keep-going`` the bad rows are listed as failures instead), complete output sets skipped with
     ``--skip-existing``, the rest registered with one model per process (here, or on each ``--dask`` worker),
-    each pair's line printed as it finishes. Returns 1 when a pair failed under ``--keep-going``, else 0."""
+    each pair's line printed as it finishes; with label maps on both sides, the Dice over the pairs printed
+    and written to ``summary.json``. Returns 1 when a pair failed under ``--keep-going``, else 0."""
     from tqdm import tqdm
 
     from crd_jax.registration import batch
@@ -290,6 +299,14 @@ def register_many(args) -> int:
     print(f"registered {registered} pair{'' if registered == 1 else 's'}{shard} {where} in {wall:.1f} s "
           f"({registered / max(wall, 1e-9):.2f} pairs/s; the first includes compilation) into {settings.out_root}"
           + (f"; skipped {len(skipped)} complete" if skipped else "") + (f"; {len(failed)} failed" if failed else ""))
+    if any(task.fixed_seg and task.moving_seg for task in tasks):  # Dice of this run's pairs and of the skipped ones
+        summary = batch.dice_summary(finished, skipped, settings, len(tasks), len(failed), args.pairs, (k, n))
+        path = Path(settings.out_root) / batch.summary_name(k, n)
+        batch.write_summary(path, summary)
+        dice = summary["dice"]
+        print(f"Dice over {dice['pairs']} pair{'' if dice['pairs'] == 1 else 's'} with labels{shard}: "
+              + (f"mean {dice['mean']:.4f} (sd {dice['sd']:.4f})" if dice["pairs"] else "none registered")
+              + f"; written to {path}")
     if failed:
         path = Path(settings.out_root) / batch.failures_name(k, n)
         print(f"crd-jax: {len(failed)} pair{'s' if len(failed) > 1 else ''} failed, listed in {path}", file=sys.stderr)

@@ -62,26 +62,31 @@ def eval_pairs(n: int, mode: str = "all", atlas: Optional[int] = None, group_siz
 
 # --- pairs files: what ``crd-jax register --pairs`` and ``crd-jax evaluate --pairs`` read ------------------------
 
-#: the columns of a pairs file, in the order a file without a header row gives them
-PAIR_COLUMNS = ("fixed", "moving", "moving_seg", "name")
+#: the columns of register's pairs file, in the order a file without a header row gives them (``fixed_seg`` last:
+#: files of 2 to 4 columns written before it existed keep their meaning)
+PAIR_COLUMNS = ("fixed", "moving", "moving_seg", "name", "fixed_seg")
+#: a first cell naming one of these marks a header row, whichever command reads the file
+_HEADER_MARKS = ("fixed", "moving", "moving_seg", "name")
 
 
 @dataclasses.dataclass(frozen=True)
 class PairRow:
     """One row of a pairs file: the fixed and moving entries (paths, or subject ids for ``evaluate``), the
-    optional moving label map and output folder name, and the row's number (data rows, from 1)."""
+    optional moving label map and output folder name, the row's number (data rows, from 1) and the optional
+    fixed label map (``register``: the Dice of the warped labels with it)."""
 
     fixed: str
     moving: str
     moving_seg: Optional[str]
     name: Optional[str]
     row: int
+    fixed_seg: Optional[str] = None
 
 
 def read_pairs_file(path, columns: Sequence[str] = PAIR_COLUMNS) -> List[PairRow]:
     """The rows of a pairs file (CSV, UTF-8 with or without a byte-order mark; blank rows and rows starting
     with ``#`` skipped). A file without a header row gives ``fixed,moving[,...]`` in the order of ``columns``
-    (the command's own: ``fixed,moving,moving_seg,name`` for ``register``, ``fixed,moving`` for ``evaluate``);
+    (the command's own: ``fixed,moving,moving_seg,name,fixed_seg`` for ``register``, ``fixed,moving`` for ``evaluate``);
     a first row that names the columns (``fixed``, ``moving`` and any others of ``columns``) may give them in
     any order, e.g. ``moving,fixed``. Anything else is one :class:`~crd_jax.errors.InputError` line naming the
     file and the row."""
@@ -102,7 +107,7 @@ def read_pairs_file(path, columns: Sequence[str] = PAIR_COLUMNS) -> List[PairRow
     expected = "'" + ",".join(columns[:2]) + "".join(f"[,{c}" for c in columns[2:]) + "]" * (len(columns) - 2) + "'"
     order = list(columns)
     header = [c.strip().lower() for c in rows[0]] if rows else []
-    if header and header[0] in PAIR_COLUMNS:
+    if header and (header[0] in _HEADER_MARKS or header[0] in columns):
         unknown = [c for c in header if c not in columns]
         if unknown or len(set(header)) != len(header) or not {"fixed", "moving"} <= set(header):
             raise InputError(csv_path, f"header row {','.join(rows[0])!r}: expected the column names fixed and moving "
@@ -119,5 +124,6 @@ def read_pairs_file(path, columns: Sequence[str] = PAIR_COLUMNS) -> List[PairRow
         value = dict(zip(order, cells))
         if not value.get("fixed") or not value.get("moving"):
             raise InputError(csv_path, f"row {i}: the fixed and the moving entries must not be empty, got {','.join(row)!r}")
-        out.append(PairRow(value["fixed"], value["moving"], value.get("moving_seg") or None, value.get("name") or None, i))
+        out.append(PairRow(value["fixed"], value["moving"], value.get("moving_seg") or None, value.get("name") or None, i,
+                           value.get("fixed_seg") or None))
     return out

@@ -438,3 +438,53 @@ def write_failures(path: Path, failed: Sequence[Outcome]) -> None:
         writer.writerow([o.task.row, o.task.name, o.task.fixed, o.task.moving, o.reason])
     with atomic_path(path) as tmp:
         Path(tmp).write_text(buffer.getvalue())
+
+
+# --- the Dice summary ---------------------------------------------------------------------------------------------
+
+
+def summary_name(k: int, n: int) -> str:
+    """``summary.json``, or ``summary_K_of_N.json`` for shard K of N (shards share the output root)."""
+    return "summary.json" if n == 1 else f"summary_{k}_of_{n}.json"
+
+
+def saved_dice(task: Task, settings: Settings) -> Optional[float]:
+    """The mean Dice a complete (skipped) pair's ``registration.json`` recorded, ``None`` when it has none."""
+    import json
+
+    try:
+        record = json.loads((Path(settings.out_root) / task.name / "registration.json").read_text())
+        value = (record.get("dice") or {}).get("mean")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None if value is None else float(value)
+
+
+def dice_summary(finished: Sequence[Outcome], skipped: Sequence[Task], settings: Settings, pairs: int, failed: int,
+                 pairs_file: str, shard: Tuple[int, int]) -> dict:
+    """What ``summary.json`` holds: the run's counts and, over the pairs with both label maps (registered now,
+    or complete from an earlier run and skipped: their recorded Dice), each pair's mean Dice in file order with
+    their mean and standard deviation (population, as ``evaluate`` reports it); ``None`` without such a pair."""
+    import numpy as np
+
+    import crd_jax
+
+    found = [(o.task, o.dice) for o in finished if o.status == "done" and o.dice is not None]
+    found += [(t, saved_dice(t, settings)) for t in skipped if t.fixed_seg and t.moving_seg]
+    per_pair = {t.name: d for t, d in sorted(found, key=lambda x: x[0].index) if d is not None}
+    values = np.asarray(list(per_pair.values()), np.float64)
+    dice = {"pairs": len(per_pair), "mean": round(float(values.mean()), 6) if values.size else None,
+            "sd": round(float(values.std()), 6) if values.size else None, "per_pair": per_pair}
+    return {"pairs_file": str(Path(pairs_file).absolute()), "shard": list(shard), "pairs": pairs,
+            "registered": sum(o.status == "done" for o in finished), "skipped": len(skipped), "failed": failed,
+            "dice": dice, "crd_jax": crd_jax.__version__}
+
+
+def write_summary(path: Path, summary: Mapping) -> None:
+    """``summary.json``, written atomically (a reader never sees half of it)."""
+    import json
+
+    from crd_jax.data.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(summary, indent=2) + "\n")

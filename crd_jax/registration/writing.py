@@ -21,14 +21,16 @@ from crd_jax.registration import compact
 #: what ``register --outputs`` chooses from (``affine``: affine.txt and affine_itk.txt)
 OUTPUT_KINDS = ("warped", "warped_seg", "disp", "jacobian", "inverse", "affine")
 DISP_FORMATS = ("voxel", "itk", "learn2reg", "compact")
+#: ``register --qc``'s figure of each pair, in the pair's folder
+QC_NAME = "qc.png"
 
 
 @dataclasses.dataclass(frozen=True)
 class OutputOptions:
     """What one registration writes: the displacement's format (``voxel``, ``itk``, ``learn2reg``,
     ``compact``), the Learn2Reg ids, ``.nii`` instead of ``.nii.gz``, the optional files (det J, the inverse,
-    the affine) and ``outputs``: the kinds of :data:`OUTPUT_KINDS` chosen (``None``: the default set, every
-    image the options ask for)."""
+    the affine), ``outputs``: the kinds of :data:`OUTPUT_KINDS` chosen (``None``: the default set, every
+    image the options ask for) and ``qc``: ``qc.png``, the figure of the saved outputs (``register --qc``)."""
 
     disp_format: str = "voxel"
     pair_ids: Optional[Tuple[str, str]] = None
@@ -37,6 +39,7 @@ class OutputOptions:
     inverse: bool = False
     affine: bool = False
     outputs: Optional[Tuple[str, ...]] = None
+    qc: bool = False
 
     def __post_init__(self):
         if self.outputs is not None:
@@ -45,6 +48,9 @@ class OutputOptions:
                 raise InputError("--outputs", f"{','.join(unknown) or 'nothing'}: choose from {','.join(OUTPUT_KINDS)}")
             if "affine" in self.outputs and not self.affine:
                 raise InputError("--outputs", "affine is written when the affine pre-alignment runs; drop --no-affine")
+        missing = [k for k in ("warped", "disp") if k not in self.kinds(True)]
+        if self.qc and missing:  # the figure is drawn from the saved files, as `figure --from` draws them
+            raise InputError("--qc", f"draws the saved warped image and displacement; add {' and '.join(missing)} to --outputs")
 
     def kinds(self, with_seg: bool) -> Tuple[str, ...]:
         """The kinds written for a pair (with a moving label map or not): ``outputs`` or the default set, plus
@@ -76,12 +82,12 @@ class OutputOptions:
         ext, kinds = self.ext, self.kinds(with_seg)
         files = {"warped": [f"warped{ext}"], "warped_seg": [f"warped_seg{ext}"], "disp": self.disp_names() if disp else [],
                  "jacobian": [f"jacobian{ext}"], "inverse": [self.inverse_name], "affine": ["affine.txt", "affine_itk.txt"]}
-        return [n for k in kinds for n in files[k]] + ["registration.json"]
+        return [n for k in kinds for n in files[k]] + ["registration.json"] + ([QC_NAME] if self.qc else [])
 
     def family(self) -> List[str]:
         """Every file a registration can write into one folder, whatever its options (Learn2Reg files: this
         pair's ids only; other pairs' files in a submission folder are not this run's set)."""
-        names = ["affine.txt", "affine_itk.txt", "registration.json", compact.NAME, "composite.h5"]
+        names = ["affine.txt", "affine_itk.txt", "registration.json", compact.NAME, "composite.h5", QC_NAME]
         for ext in (".nii.gz", ".nii"):
             names += [f"warped{ext}", f"warped_seg{ext}", f"disp{ext}", f"disp_itk{ext}", f"jacobian{ext}",
                       f"inverse_disp{ext}", f"inverse_disp_itk{ext}"]
@@ -176,7 +182,9 @@ def write_registration(stage: Path, options: OutputOptions, result: dict, fixed:
                        record: Optional[dict] = None, disp_stage: Optional[Path] = None) -> None:
     """Writes :meth:`OutputOptions.names` into ``stage`` (an output set's staging folder, see
     :class:`crd_jax.outputs.OutputSet`) from :func:`~crd_jax.registration.pipeline.register_volumes`'s result;
-    the displacement into ``disp_stage`` when given (the Learn2Reg layout's shared folder)."""
+    the displacement into ``disp_stage`` when given (the Learn2Reg layout's shared folder). With ``qc``, last,
+    ``qc.png``: drawn from the files just written (and the inputs ``record`` names), as ``crd-jax figure --from``
+    draws a saved registration, so it is part of the set that lands at once."""
     if record is not None:
         (stage / "registration.json").write_text(json.dumps(record, indent=2) + "\n")
     ext, kinds = options.ext, options.kinds("warped_seg" in result)
@@ -207,3 +215,9 @@ def write_registration(stage: Path, options: OutputOptions, result: dict, fixed:
         if options.disp_format == "itk":
             inverse = to_itk(inverse, fixed.affine)
         save_nifti(stage / options.inverse_name, inverse, fixed.affine, None, intent="vector")
+    if options.qc:
+        from crd_jax.drawing import draw_saved
+
+        disp_name = next(n for n in options.disp_names() if n.endswith((".nii.gz", ".nii", compact.NAME)))
+        draw_saved(stage / QC_NAME, stage, fixed_seg_path=(record or {}).get("fixed_seg"),
+                   disp_path=(disp_stage or stage) / disp_name)
