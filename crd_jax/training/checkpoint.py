@@ -7,7 +7,7 @@ A finished stage is exported as a model folder (:mod:`crd_jax.model_io`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import numpy as np
@@ -27,7 +27,7 @@ class StageCheckpointer:
         self.manager.save(step, args=ocp.args.StandardSave(state))
         self.manager.wait_until_finished()
 
-    def restore(self, step: int, like: Dict[str, Any], sharding=None) -> Dict[str, Any]:
+    def restore(self, step: int, like: Dict[str, Any], sharding: Optional[jax.sharding.Sharding] = None) -> Dict[str, Any]:
         """Restores onto ``sharding`` (e.g. replicated over the mesh) with the structure of ``like``."""
         abstract = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype, sharding=sharding),
@@ -35,7 +35,8 @@ class StageCheckpointer:
         )
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
-    def restore_latest(self, like: Dict[str, Any], sharding=None, warn=None):
+    def restore_latest(self, like: Dict[str, Any], sharding: Optional[jax.sharding.Sharding] = None,
+                       warn: Optional[Callable[[str], None]] = None) -> Tuple[int, Optional[Dict[str, Any]]]:
         """``(step, state)`` of the newest checkpoint that restores, ``(0, None)`` when there is none. A damaged
         newest checkpoint (a disk error, a copy cut short) is moved aside to ``<ckpt>/../ckpt_damaged/<step>``
         with one warning line (``warn``), and the one before it is tried."""

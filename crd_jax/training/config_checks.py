@@ -5,9 +5,12 @@ is one line naming the field, exit 2."""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, List, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Sized, Tuple
 
 from crd_jax.errors import InputError
+
+if TYPE_CHECKING:
+    import ml_collections
 
 
 def _get(config, dotted: str):
@@ -125,7 +128,7 @@ CHECKS: List[Tuple[str, Callable[[Any], str]]] = [
 ]
 
 
-def check_values(config) -> None:
+def check_values(config: ml_collections.ConfigDict) -> None:
     """Raises :class:`InputError` (``config.<field>``) for the first value out of its range."""
     for dotted, check in CHECKS:
         if dotted.startswith("data.synthetic.") and _get(config, "data.kind") != "synthetic":
@@ -144,7 +147,7 @@ def check_values(config) -> None:
             raise InputError(f"config.stages.{name}.loss.similarity", problem)
 
 
-def check_training_split(train_ds) -> None:
+def check_training_split(train_ds: Sized) -> None:
     """Training needs pairs: at least two subjects."""
     n = len(train_ds)
     if n < 2:

@@ -6,11 +6,16 @@ the pair downsampled by ``n`` (field upsampled, loss against the high-resolution
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from crd_jax.models.registrar import Registrar
 from crd_jax.losses import Objective
 
+if TYPE_CHECKING:
+    from crd_jax.training.loop import LossFn
 
-def make_loss(high: Registrar, low: Registrar, objective: Objective = Objective()):
+
+def make_loss(high: Registrar, low: Registrar, objective: Objective = Objective()) -> LossFn:
     if high.backbone is not low.backbone and high.backbone != low.backbone:
         raise ValueError("cooperative training shares one backbone between the two resolutions")
 

@@ -17,7 +17,7 @@ distillation has anything to transfer:
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,16 @@ import numpy as np
 
 from crd_jax.evaluation import evaluate_pairs, predictor, summarize
 from crd_jax.ops.spatial import upsample_field
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import ml_collections
+
+    from crd_jax.data.loader import PairLoader
+    from crd_jax.typing import Dataset, Model, Params
+    from crd_jax.training.stage_kinds import StageConfig
+    from crd_jax.training.stages import StagePlan, Trained
 
 #: how many fixed training pairs the headroom and distance use, and the seed that draws them
 HEADROOM_PAIRS = 16
@@ -68,19 +78,22 @@ def ceiling_predictor(predict: Callable, factor: int) -> Callable:
     return predict_ceiling
 
 
-def mean_dice(model, params, dataset, pairs, labels, predict=None) -> float:
+def mean_dice(model: Model, params: Params, dataset: Dataset, pairs: Sequence[Tuple[int, int]], labels: Sequence[int],
+              predict: Optional[Callable] = None) -> float:
     rows = evaluate_pairs(model, params, dataset, pairs, labels, predict=predict)
     return float(summarize(rows)["dice_mean"])
 
 
-def ceiling(model, params, dataset, pairs, labels, factor: int) -> Dict[str, float]:
+def ceiling(model: Model, params: Params, dataset: Dataset, pairs: Sequence[Tuple[int, int]], labels: Sequence[int],
+            factor: int) -> Dict[str, float]:
     """Dice of ``model`` itself and of its field averaged to the ``1/factor`` grid, on ``pairs``."""
     predict = predictor(model)
     rows = evaluate_pairs(model, params, dataset, pairs, labels, predict=ceiling_predictor(predict, factor))
     return {"ceiling_dice": float(summarize(rows)["dice_mean"]), "factor": int(factor), "pairs": len(pairs)}
 
 
-def field_distance(teacher, teacher_params, student, student_params, dataset, pairs) -> float:
+def field_distance(teacher: Model, teacher_params: Params, student: Model, student_params: Params, dataset: Dataset,
+                   pairs: Sequence[Tuple[int, int]]) -> float:
     """RMS over the canvas and the pairs of ``up(phi^T) - up(phi^S)``, in input (high-resolution) voxels."""
     t_predict, s_predict = predictor(teacher), predictor(student)
     total, count = 0.0, 0
@@ -96,7 +109,8 @@ def field_distance(teacher, teacher_params, student, student_params, dataset, pa
 TERM_WEIGHTS = ("loss_L", "deformation", "feature")
 
 
-def term_gradient_norms(loss_fn: Callable, params, frozen, batches: Sequence[Dict], weights: Dict[str, float]) -> Dict:
+def term_gradient_norms(loss_fn: Callable, params: Params, frozen: Params, batches: Sequence[Dict],
+                        weights: Dict[str, float]) -> Dict:
     """Per term of eq. 10 (the keys of the stage loss's ``aux`` named in ``weights``): the mean over
     ``batches`` of ``||d term / d params||`` (global 2-norm, unweighted) and the weight it enters with."""
     norms = {name: [] for name in weights}
@@ -122,7 +136,10 @@ def _cached(path, compute: Callable[[], Dict]) -> Dict:
     return value
 
 
-def distill_diagnostics(name: str, st, plan, done: Dict, datasets, labels, loader, config, workdir, eval_pairs_) -> Dict:
+def distill_diagnostics(name: str, st: StageConfig, plan: StagePlan, done: Dict[str, Trained],
+                        datasets: Mapping[str, Dataset], labels: Sequence[int], loader: PairLoader,
+                        config: ml_collections.ConfigDict, workdir: Union[str, Path],
+                        eval_pairs_: Sequence[Tuple[int, int]]) -> Dict:
     """Every diagnostic of this module for the finished distillation stage ``name`` (its plan, the finished
     stages ``done``), cached under ``workdir/diagnostics/`` (a teacher's ceiling and headroom Dice are
     computed once for every student it teaches). ``eval_pairs_``: the evaluation split's pairs."""

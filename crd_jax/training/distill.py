@@ -14,7 +14,7 @@ compares attention maps ``sum_c F^2`` (the authors' released code, after Zagoruy
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Dict, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Mapping, Sequence, Tuple, Type, Union
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,12 @@ from crd_jax import losses
 from crd_jax.models.output import ModelOutput
 from crd_jax.models.registrar import Registrar
 from crd_jax.losses import Objective
+from crd_jax.typing import Model, Params
+
+if TYPE_CHECKING:
+    import ml_collections
+
+OutputLike = Union[ModelOutput, Mapping[str, Any]]  # a model output, or a mapping with its keys
 
 
 def attention_map(feature: jax.Array) -> jax.Array:
@@ -31,7 +37,8 @@ def attention_map(feature: jax.Array) -> jax.Array:
     return jnp.sum(feature * feature, axis=-1, keepdims=True)
 
 
-def feature_loss(teacher_features, student_features, target: str = "raw"):
+def feature_loss(teacher_features: Mapping[int, jax.Array], student_features: Mapping[int, jax.Array],
+                 target: str = "raw") -> Union[jax.Array, float]:
     """Eq. 9 over the levels the teacher provides."""
     if target not in ("raw", "attention"):
         raise ValueError(f"feature_target must be 'raw' or 'attention', got {target!r}")
@@ -50,7 +57,7 @@ def feature_loss(teacher_features, student_features, target: str = "raw"):
 DEFORMATION_GRIDS = ("student", "full")
 
 
-def deformation_loss(teacher_out, student_out, grid: str = "student"):
+def deformation_loss(teacher_out: OutputLike, student_out: OutputLike, grid: str = "student") -> jax.Array:
     """Eq. 8, ``MSE(phi^T, phi^S)``; for pyramids eq. 11, the sum over the levels of the intermediate fields
     that teacher and student share.
 
@@ -68,7 +75,7 @@ def deformation_loss(teacher_out, student_out, grid: str = "student"):
     return losses.mse(t.disp_low, s.disp_low)
 
 
-def as_output_like(out) -> ModelOutput:
+def as_output_like(out: OutputLike) -> ModelOutput:
     """Model outputs, or mappings with their keys (tests and forks build those by hand)."""
     if isinstance(out, ModelOutput):
         return out
@@ -84,7 +91,7 @@ class DistillTerm:
     weight: float
     name: ClassVar[str] = "term"
 
-    def value(self, teacher_out, student_out) -> jax.Array:
+    def value(self, teacher_out: OutputLike, student_out: OutputLike) -> jax.Array:
         raise NotImplementedError
 
 
@@ -95,7 +102,7 @@ class Deformation(DistillTerm):
     grid: str = "student"
     name: ClassVar[str] = "deformation"
 
-    def value(self, t, s):
+    def value(self, t: OutputLike, s: OutputLike) -> jax.Array:
         return deformation_loss(t, s, self.grid)
 
 
@@ -106,7 +113,7 @@ class Feature(DistillTerm):
     target: str = "raw"
     name: ClassVar[str] = "feature"
 
-    def value(self, t, s):
+    def value(self, t: OutputLike, s: OutputLike) -> Union[jax.Array, float]:
         return feature_loss(as_output_like(t).features, as_output_like(s).features, self.target)
 
 
@@ -123,7 +130,7 @@ register_term(Deformation)
 register_term(Feature)
 
 
-def terms_from_config(loss_cfg) -> Tuple[DistillTerm, ...]:
+def terms_from_config(loss_cfg: ml_collections.ConfigDict) -> Tuple[DistillTerm, ...]:
     """Eq. 10's terms: deformation (``alpha``, ``deformation_grid``), feature (``beta``, ``feature_target``),
     then every entry of ``loss.terms`` (``{name: {"weight": w, **fields}}``, a registered term each)."""
     terms = [Deformation(float(loss_cfg.alpha), str(loss_cfg.get("deformation_grid", "student"))),
@@ -137,8 +144,9 @@ def terms_from_config(loss_cfg) -> Tuple[DistillTerm, ...]:
     return tuple(terms)
 
 
-def distillation_loss(t, s, batch, terms: Sequence[DistillTerm], objective: Objective = Objective(),
-                      student_term: bool = True):
+def distillation_loss(t: OutputLike, s: OutputLike, batch: Mapping[str, jax.Array], terms: Sequence[DistillTerm],
+                      objective: Objective = Objective(),
+                      student_term: bool = True) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """Eq. 10 for a student output ``s`` given (constant) teacher output ``t``: ``L^L`` plus every weighted
     term (terms of weight 0 are not computed). ``student_term = False`` leaves ``L^L`` out of the total (the
     authors' ``train.py`` trains S3 on the distillation terms alone); it is still reported in ``aux``."""
@@ -152,7 +160,8 @@ def distillation_loss(t, s, batch, terms: Sequence[DistillTerm], objective: Obje
     return total, aux
 
 
-def init_regressor(key, student_features, teacher_features):
+def init_regressor(key: jax.Array, student_features: Mapping[int, Union[jax.Array, jax.ShapeDtypeStruct]],
+                   teacher_features: Mapping[int, Union[jax.Array, jax.ShapeDtypeStruct]]) -> Dict[str, Dict[str, jax.Array]]:
     """FitNets regressors (Romero et al. 2015): per shared level, a 1x1 conv ``C_s -> C_t`` (PyTorch's default
     uniform draw) and a zero bias. Arguments: feature dicts or their shapes."""
     out = {}
@@ -164,7 +173,7 @@ def init_regressor(key, student_features, teacher_features):
     return out
 
 
-def regress(regressor, features):
+def regress(regressor: Mapping[str, Mapping[str, jax.Array]], features: Mapping[int, jax.Array]) -> Dict[int, jax.Array]:
     """The student's features mapped to the teacher's channels (levels without a regressor pass unchanged)."""
     return {l: (f @ regressor[str(l)]["kernel"] + regressor[str(l)]["bias"]) if str(l) in regressor else f
             for l, f in features.items()}
@@ -190,14 +199,14 @@ class DistillLoss:
     student_term: bool = True
     teacher_tree: object = None
 
-    def teacher_output(self, frozen, batch):
+    def teacher_output(self, frozen: Params, batch: Mapping[str, jax.Array]) -> ModelOutput:
         """phi^T and F^T for the batch: constants for the student (``stop_gradient``)."""
         if self.teacher_tree is not None:
             leaves = [batch[cached_key(i)] for i in range(self.teacher_tree.num_leaves)]
             return jax.tree_util.tree_unflatten(self.teacher_tree, leaves)
         return jax.lax.stop_gradient(self.teacher.apply(frozen, batch["moving"], batch["fixed"]))
 
-    def with_cached_teacher(self, teacher_tree) -> "DistillLoss":
+    def with_cached_teacher(self, teacher_tree: jax.tree_util.PyTreeDef) -> "DistillLoss":
         """The same loss reading the teacher's outputs (structure ``teacher_tree``) from the batch."""
         return dataclasses.replace(self, teacher_tree=teacher_tree)
 
@@ -217,7 +226,7 @@ def cached_key(i: int) -> str:
     return f"teacher/{i}"
 
 
-def make_loss(student: Registrar, teacher, terms: Sequence[DistillTerm], objective: Objective = Objective(),
+def make_loss(student: Registrar, teacher: Model, terms: Sequence[DistillTerm], objective: Objective = Objective(),
               with_regressor: bool = False, student_term: bool = True) -> DistillLoss:
     """Eq. 10's loss for ``student`` under ``teacher`` (:class:`DistillLoss`)."""
     return DistillLoss(student, teacher, tuple(terms), objective, with_regressor, student_term)

@@ -8,15 +8,21 @@ device; on CPU hosts the cross-process collectives go through gloo.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+if TYPE_CHECKING:
+    import ml_collections
+
+    from crd_jax.typing import PyTree
+
 DATA = "data"
 
 
-def initialize(cfg) -> None:
+def initialize(cfg: ml_collections.ConfigDict) -> None:
     """``jax.distributed.initialize`` from ``config.distributed`` or the environment.
 
     ``cfg.coordinator_address`` empty and no ``JAX_COORDINATOR_ADDRESS`` in the environment: single process,
@@ -67,7 +73,7 @@ def global_batch(mesh: Mesh, local: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
-def replicate(mesh: Mesh, tree):
+def replicate(mesh: Mesh, tree: PyTree) -> PyTree:
     """Puts a pytree on every device: host values (identical on every process) are copied, arrays that
     are already replicated over ``mesh`` pass through."""
     sharding = replicated(mesh)
@@ -81,6 +87,6 @@ def replicate(mesh: Mesh, tree):
     return jax.tree_util.tree_map(put, tree)
 
 
-def to_host(tree):
+def to_host(tree: PyTree) -> PyTree:
     """A replicated device pytree as numpy (the local copy)."""
     return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x), tree)

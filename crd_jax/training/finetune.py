@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import TYPE_CHECKING, Dict, List, Tuple
 
 import numpy as np
 
 from crd_jax.errors import InputError
 
+if TYPE_CHECKING:
+    import ml_collections
+
 PREPARED = "prepared"
 
 
-def default_config():
+def default_config() -> ml_collections.ConfigDict:
     """The fine-tuning run's config (``configs/finetune.py`` and ``crd-jax finetune`` start from it)."""
     from crd_jax.config import base_config
 
@@ -139,7 +142,7 @@ def prepare_folder(root: Path, spec: Dict, dest: Path, images_dir: str = "images
     return record
 
 
-def setup(config) -> Dict:
+def setup(config: ml_collections.ConfigDict) -> Dict:
     """Rewrites a config with ``init_from`` set into the fine-tuning run (see the module docstring); returns
     the source model's spec. Idempotent, so a resumed run sees the same config."""
     import ml_collections
@@ -182,7 +185,7 @@ def setup(config) -> Dict:
     return spec
 
 
-def exported_preprocessing(config, computed: Dict) -> Dict:
+def exported_preprocessing(config: ml_collections.ConfigDict, computed: Dict) -> Dict:
     """The fine-tuned model's ``preprocessing``: as computed from the prepared data (their geometry, canvas and
     intensities after normalisation), with the source model's normalisation, which new inputs still need."""
     _, spec = _source(str(config.init_from))

@@ -9,10 +9,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Sequence
+
 import jax
 
 from crd_jax.losses import Objective
 from crd_jax.training.distill import distillation_loss
+
+if TYPE_CHECKING:
+    from crd_jax.models.registrar import Registrar
+    from crd_jax.models.teacher import Teacher
+    from crd_jax.training.distill import DistillTerm
+    from crd_jax.training.loop import LossFn
 
 
 def _teacher_terms(high, low, teacher, params, batch, objective: Objective):
@@ -24,7 +32,7 @@ def _teacher_terms(high, low, teacher, params, batch, objective: Objective):
     return loss_h + loss_l + loss_t, {"loss_H": loss_h, "loss_L": loss_l, "loss_T": loss_t}, t
 
 
-def make_teacher_loss(high, low, teacher, objective: Objective = Objective()):
+def make_teacher_loss(high: Registrar, low: Registrar, teacher: Teacher, objective: Objective = Objective()) -> LossFn:
     def loss_fn(params, frozen, batch):
         del frozen
         total, aux, _ = _teacher_terms(high, low, teacher, params, batch, objective)
@@ -33,7 +41,8 @@ def make_teacher_loss(high, low, teacher, objective: Objective = Objective()):
     return loss_fn
 
 
-def make_all_loss(high, low, teacher, student, terms, objective: Objective = Objective()):
+def make_all_loss(high: Registrar, low: Registrar, teacher: Teacher, student: Registrar, terms: Sequence[DistillTerm],
+                  objective: Objective = Objective()) -> LossFn:
     def loss_fn(params, frozen, batch):
         del frozen
         total, aux, t = _teacher_terms(high, low, teacher, params, batch, objective)

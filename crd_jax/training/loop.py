@@ -19,21 +19,27 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional
 
 import jax
 import numpy as np
 import optax
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from crd_jax.training import distributed
 from crd_jax.training.checkpoint import StageCheckpointer
 from crd_jax.training.logging import MetricLogger
 
+if TYPE_CHECKING:
+    import ml_collections
+
+    from crd_jax.data.loader import PairLoader
+    from crd_jax.training.teacher_cache import CachedTeacherLoader
+
 LossFn = Callable[[Any, Any, Dict[str, jax.Array]], Any]
 
 
-def make_optimizer(train_cfg, steps: int) -> optax.GradientTransformation:
+def make_optimizer(train_cfg: ml_collections.ConfigDict, steps: int) -> optax.GradientTransformation:
     """Adam (beta1 0.9, beta2 0.99) at ``lr``, multiplied by ``lr_decay_factor`` at each fraction of
     ``lr_decay_at`` of the stage's steps (the paper: 1e-4, halved at 3e5 and 4e5 of 5e5, Section IV-B-2),
     after clipping the gradient's global norm to ``grad_clip`` when it is positive (the authors' code: 1.0)."""
@@ -48,7 +54,7 @@ def make_optimizer(train_cfg, steps: int) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(clip), adam) if clip > 0 else adam
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh):
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh) -> Callable:
     def per_device(params, opt_state, frozen, batch):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch)
         grads = jax.lax.pmean(grads, distributed.DATA)
@@ -92,7 +98,7 @@ _pending_signals: list = []
 
 
 @contextlib.contextmanager
-def step_boundaries():
+def step_boundaries() -> Iterator[None]:
     """Within the block, SIGINT (Ctrl-C) and SIGTERM wait for the end of the running train step (a
     ``KeyboardInterrupt`` raised inside XLA's or Orbax's callbacks ended in a segmentation fault); a second
     signal does not wait. :func:`check_interrupt` raises the held one."""
@@ -150,7 +156,8 @@ def _debug_kill(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train_stage(run: StageRun, loader, mesh, cfg, logger: MetricLogger) -> Any:
+def train_stage(run: StageRun, loader: PairLoader | CachedTeacherLoader, mesh: Mesh, cfg: ml_collections.ConfigDict,
+                logger: MetricLogger) -> Any:
     """Trains one stage to ``run.steps`` steps (resuming from its latest checkpoint); returns host params."""
     tc = cfg.train
     optimizer = make_optimizer(tc, run.steps)

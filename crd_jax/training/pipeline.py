@@ -14,7 +14,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -35,6 +35,12 @@ from crd_jax.training import diagnostics as diag
 from crd_jax.training import stage_kinds
 from crd_jax.training.stages import Trained, plan_stage
 from crd_jax.training import teacher_cache
+
+if TYPE_CHECKING:
+    import ml_collections
+
+    from crd_jax.data.pairs import Pair
+    from crd_jax.typing import Dataset
 
 
 def write_text(path: Path, text: str) -> None:
@@ -100,7 +106,7 @@ def _validator(config, plan, datasets, labels):
     return validate
 
 
-def evaluation_pairs(config, ds):
+def evaluation_pairs(config: ml_collections.ConfigDict, ds: Dataset) -> List[Pair]:
     """The (moving, fixed) pairs a stage is evaluated on (``config.data.eval_pairs``, ``eval.max_pairs``)."""
     pairs = eval_pairs(len(ds), config.data.eval_pairs, _atlas_index(ds, config.data.atlas), getattr(ds, "group_size", None))
     if int(config.eval.max_pairs) > 0:
@@ -108,7 +114,8 @@ def evaluation_pairs(config, ds):
     return pairs
 
 
-def evaluate_stage(config, trained: Trained, datasets, labels, directory: Path, logger) -> Dict:
+def evaluate_stage(config: ml_collections.ConfigDict, trained: Trained, datasets: Mapping[str, Dataset],
+                   labels: Sequence[int], directory: Path, logger: MetricLogger) -> Dict:
     """Accuracy on the evaluation split and efficiency at its resolution, cached in ``eval.json``."""
     cache = directory / "eval.json"
     if cache.exists():
@@ -163,7 +170,7 @@ def results_markdown(results: List[Dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def network_multiple(config) -> int:
+def network_multiple(config: ml_collections.ConfigDict) -> int:
     """Every canvas side must divide by ``2^(levels + k)`` for every model of every stage."""
     from crd_jax.training.stages import stage_model_config
 
@@ -175,7 +182,7 @@ def network_multiple(config) -> int:
     return multiple
 
 
-def check_run_config(config, workdir: Path):
+def check_run_config(config: ml_collections.ConfigDict, workdir: Path) -> Dict[str, stage_kinds.StageConfig]:
     """What can be checked before anything is read or written: one-line errors for bad values."""
     from crd_jax.training.config_checks import check_values
 
@@ -198,7 +205,7 @@ def check_run_config(config, workdir: Path):
     return typed
 
 
-def run(config, allow_config_change: bool = False) -> List[Dict]:
+def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) -> List[Dict]:
     """Runs ``config.pipeline`` and writes the results; returns the result rows. A workdir run before refuses
     a config changed where it was already trained unless ``allow_config_change`` (:mod:`workdir_config`)."""
     from crd_jax.training import workdir_config
@@ -254,14 +261,15 @@ def _load_pretrained(name: str, st, logger) -> Trained:
     return Trained(mbuild.model_from_spec(spec), params, dict(spec, stage=name, label=st.label or folder.name))
 
 
-def stage_augment(config, st) -> Augment:
+def stage_augment(config: ml_collections.ConfigDict, st: stage_kinds.StageConfig) -> Augment:
     """The stage's augmentation: ``config.data.augment``, with the stage's own ``augment`` kind when set."""
     a = config.data.get("augment", None)
     base = Augment(str(a.kind), float(a.spacing), float(a.sigma)) if a is not None else Augment()
     return dataclasses.replace(base, kind=st.augment) if st.augment else base
 
 
-def stage_loader(config, st, loader: PairLoader, labels) -> PairLoader:
+def stage_loader(config: ml_collections.ConfigDict, st: stage_kinds.StageConfig, loader: PairLoader,
+                 labels: Optional[Sequence[int]]) -> PairLoader:
     """The run's loader with the stage's pair stream (``seed``) and augmentation; batches carry label maps
     when the loss has a label-supervised term."""
     with_labels = float(config.loss.get("label_weight", 0.0)) > 0

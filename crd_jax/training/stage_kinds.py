@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple, Type
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple, Type, Union
 
 from crd_jax.errors import InputError
 
 if TYPE_CHECKING:  # stages imports this module
+    import ml_collections
+
     from crd_jax.training.stages import StageContext, StagePlan
 
 RESOLUTIONS = ("high", "low")
@@ -149,7 +151,9 @@ class Pretrained(StageConfig):
 KINDS: Dict[str, Type[StageConfig]] = {}
 
 
-def register_kind(name: str, cls: Optional[Type[StageConfig]] = None):
+def register_kind(
+    name: str, cls: Optional[Type[StageConfig]] = None
+) -> Union[Type[StageConfig], Callable[[Type[StageConfig]], Type[StageConfig]]]:
     """Makes stage kind ``name`` usable in ``config.stages`` (``kind = name``): ``cls`` is a frozen dataclass
     deriving from :class:`StageConfig` that implements :meth:`StageConfig.plan` (kinds that load rather than
     train, ``trains = False``, need none). ``@register_kind("name")`` is the decorator form."""
@@ -178,7 +182,7 @@ def _block_dict(block) -> Dict[str, Any]:
     return data
 
 
-def parse_stage(name: str, block) -> StageConfig:
+def parse_stage(name: str, block: Union[ml_collections.ConfigDict, Mapping[str, Any]]) -> StageConfig:
     """The typed config of stage ``name`` from its block (a ConfigDict or a dict)."""
     where = f"config.stages.{name}"
     data = _block_dict(block)
@@ -211,7 +215,7 @@ def parse_stage(name: str, block) -> StageConfig:
     return cls(**data)
 
 
-def parse_pipeline(config) -> Dict[str, StageConfig]:
+def parse_pipeline(config: ml_collections.ConfigDict) -> Dict[str, StageConfig]:
     """Every stage of ``config.pipeline``, typed, with its references checked to run earlier."""
     stages = {}
     for name in config.pipeline:

@@ -27,7 +27,7 @@ kinds' ``plan`` calls the ``plan_<kind>`` function of this module.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Union
 
 import jax
 
@@ -37,6 +37,12 @@ from crd_jax.models import build as mbuild
 from crd_jax.models.layers import redraw_flow_heads
 from crd_jax.models.teacher import ResampledTeacher
 from crd_jax.training import baseline, cooperative, distill, joint, stage_kinds, teacher
+
+if TYPE_CHECKING:
+    import ml_collections
+    import numpy as np
+
+    StageBlock = Union[stage_kinds.StageConfig, ml_collections.ConfigDict, Mapping[str, Any]]  # typed or raw
 
 
 @dataclasses.dataclass
@@ -58,7 +64,7 @@ class StagePlan:
     spec: Dict[str, Any]
 
 
-def stage_model_config(config, st) -> dict:
+def stage_model_config(config: ml_collections.ConfigDict, st: StageBlock) -> dict:
     """``config.model`` with the stage's own ``model`` block on top (``st``: a typed stage or a raw block)."""
     cfg = config.model.to_dict()
     own = st.model if isinstance(st, stage_kinds.StageConfig) else st.get("model", {})
@@ -66,7 +72,7 @@ def stage_model_config(config, st) -> dict:
     return cfg
 
 
-def stage_loss_config(config, st):
+def stage_loss_config(config: ml_collections.ConfigDict, st: StageBlock) -> ml_collections.ConfigDict:
     """``config.loss`` with the stage's own ``loss`` block on top (a ConfigDict; unknown fields refused)."""
     import ml_collections
 
@@ -80,7 +86,7 @@ def stage_loss_config(config, st):
     return ml_collections.ConfigDict(cfg)
 
 
-def backbone_name(arch) -> str:
+def backbone_name(arch: Mapping[str, Any]) -> str:
     name = backbones.entry(arch).label
     if arch.get("backbone") == "affine":
         return name
@@ -94,7 +100,7 @@ def low_suffix(shift: int) -> str:
     return "L" * shift
 
 
-def default_label(kind: str, st, arch, shift: int) -> str:
+def default_label(kind: str, st: stage_kinds.StageConfig, arch: Mapping[str, Any], shift: int) -> str:
     name = backbone_name(arch)
     resolution = getattr(st, "resolution", st.default_resolution)
     suffix = "H" if resolution == "high" else low_suffix(shift)
@@ -177,7 +183,7 @@ class StageContext:
         return 2**self.shift
 
     @property
-    def loss(self):
+    def loss(self) -> ml_collections.ConfigDict:
         """``config.loss`` with this stage's ``loss`` overrides."""
         return stage_loss_config(self.config, self.st)
 
@@ -190,7 +196,7 @@ class StageContext:
         return int(self.loss.ncc_window)
 
     @property
-    def sim(self):
+    def sim(self) -> Callable[[jax.Array, jax.Array], jax.Array]:
         """L_sim of eq. 3-7 from ``loss.similarity`` (``ncc``, the paper's; ``mind`` or ``nmi`` for multi-modal)."""
         return losses.similarity(str(self.loss.get("similarity", "ncc")), self.window)
 
@@ -202,7 +208,7 @@ class StageContext:
             raise ValueError(f"stage {self.name}: loss.label_weight needs training subjects with label maps")
         return losses.Objective(self.reg, self.window, self.sim, weight, self.num_labels)
 
-    def spec(self, kind: str, arch=None, factor=None) -> Dict[str, Any]:
+    def spec(self, kind: str, arch: Optional[Mapping[str, Any]] = None, factor: Optional[int] = None) -> Dict[str, Any]:
         return _spec(kind, arch or self.arch, self.factor if factor is None else factor, self.label, self.name)
 
 
@@ -283,7 +289,8 @@ def _identity(p):
     return p
 
 
-def plan_stage(name: str, st, config, done: Dict[str, Trained], key, example, num_labels: int = 0) -> StagePlan:
+def plan_stage(name: str, st: StageBlock, config: ml_collections.ConfigDict, done: Dict[str, Trained], key: jax.Array,
+               example: Mapping[str, np.ndarray], num_labels: int = 0) -> StagePlan:
     """Everything the loop needs for stage ``name``. ``st``: the stage's block (or its typed config);
     ``example``: a host batch for shapes; ``num_labels``: structures of the training label maps. The shared wrappers apply to every kind: the resolution (from the
     kind's default) and, with ``model.affine = "stage"``, the frozen pre-trained affine network."""

@@ -6,13 +6,18 @@ never sees it. Loss: eq. 7, ``L_sim(I^H_m(up(phi^T)), I^H_f) + lambda L_reg(up(p
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 
 from crd_jax.models.teacher import Teacher
 from crd_jax.losses import Objective
 
+if TYPE_CHECKING:
+    from crd_jax.training.loop import LossFn
 
-def make_loss(teacher: Teacher, objective: Objective = Objective()):
+
+def make_loss(teacher: Teacher, objective: Objective = Objective()) -> LossFn:
     def loss_fn(params, frozen, batch):
         m, f = batch["moving"], batch["fixed"]
         backbone = jax.lax.stop_gradient(frozen["backbone"])

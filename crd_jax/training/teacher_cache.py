@@ -26,13 +26,18 @@ import json
 import shutil
 import threading
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import jax
 import numpy as np
 
 from crd_jax.data.loader import prefetched
 from crd_jax.training.distill import DistillLoss, cached_key
+
+if TYPE_CHECKING:
+    from crd_jax.data.loader import PairLoader
+    from crd_jax.training.loop import LossFn
+    from crd_jax.typing import Dataset, Params
 
 
 def distinct_pairs(n: int, atlas: Optional[int] = None, group_size: Optional[int] = None) -> int:
@@ -53,7 +58,7 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, index: int):
+    def get(self, index: int) -> Optional[list]:
         return self._items.get(index)
 
     def put(self, index: int, leaves: list) -> None:
@@ -94,7 +99,7 @@ class DiskStore:
     def __len__(self) -> int:
         return int(self._filled.sum())
 
-    def get(self, index: int):
+    def get(self, index: int) -> Optional[List[np.ndarray]]:
         if not self._filled[index]:
             return None
         return [np.array(leaf[index]) for leaf in self._leaves]
@@ -124,7 +129,7 @@ class TeacherCache:
         self._lock = threading.Lock()
         self.computed = 0  # teacher forwards run in this process
 
-    def open(self, store, n: int) -> "TeacherCache":
+    def open(self, store: Union[MemoryStore, DiskStore], n: int) -> "TeacherCache":
         self.store, self.n = store, n
         return self
 
@@ -144,7 +149,7 @@ class TeacherCache:
         return [x[None] for x in hit]
 
 
-def fingerprint(frozen, dataset) -> str:
+def fingerprint(frozen: Params, dataset: Dataset) -> str:
     """The teacher's parameters and the training volumes (what a cached output depends on)."""
     h = hashlib.sha256()
     for leaf in jax.tree_util.tree_leaves(frozen):
@@ -172,12 +177,13 @@ class CachedTeacherLoader:
             batch[cached_key(i)] = np.concatenate([leaves[i] for leaves in per_slot])
         return batch
 
-    def iterate(self, start: int, stop: int, prefetch: int = 2):
+    def iterate(self, start: int, stop: int, prefetch: int = 2) -> Iterator[Tuple[int, Dict[str, np.ndarray]]]:
         return prefetched(self.batch, start, stop, prefetch)
 
 
-def attach(loss_fn, frozen, loader, example, budget_gb: float, caches: Dict[tuple, TeacherCache],
-           disk_gb: float = 0.0, directory: Optional[Path] = None):
+def attach(loss_fn: LossFn, frozen: Params, loader: PairLoader, example: Mapping[str, np.ndarray], budget_gb: float,
+           caches: Dict[tuple, TeacherCache], disk_gb: float = 0.0,
+           directory: Optional[Path] = None) -> Tuple[LossFn, Union[PairLoader, CachedTeacherLoader], Optional[str]]:
     """``(loss_fn, loader, why)``: the stage's loss and loader reading the teacher from a cache when that is
     exact and fits (in ``budget_gb`` of host memory, else ``disk_gb`` of ``directory``; see the module's
     docstring), else unchanged; ``why`` is one line for the log (None for a stage without a teacher).

@@ -15,9 +15,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from crd_jax.errors import InputError
+
+if TYPE_CHECKING:
+    import ml_collections
 
 FIRST = "config.json"
 HISTORY = "config_history.jsonl"
@@ -80,7 +83,7 @@ def _free(key: str) -> bool:
     return any(key == f or (f.endswith(".") and key.startswith(f)) for f in FREE)
 
 
-def check_resume(config, workdir: Path, allow: bool = False) -> Dict[str, Tuple[Any, Any]]:
+def check_resume(config: ml_collections.ConfigDict, workdir: Path, allow: bool = False) -> Dict[str, Tuple[Any, Any]]:
     """The changes since the workdir's last run; raises :class:`InputError` (one line, the first field) for a
     change that is not allowed (see the module). Reads only."""
     old = remembered(workdir)
@@ -111,7 +114,7 @@ def check_resume(config, workdir: Path, allow: bool = False) -> Dict[str, Tuple[
     return diff
 
 
-def record(config, workdir: Path) -> None:
+def record(config: ml_collections.ConfigDict, workdir: Path) -> None:
     """``config.json`` for a new workdir; else the changes, if any, appended to ``config_history.jsonl``."""
     from crd_jax.training.pipeline import write_text
 
