@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import TYPE_CHECKING, Dict, List, Optional, Union
 
 from crd_jax.data.dataset import SliceDataset, VolumeDataset
 from crd_jax.data.layouts import label_protocol, list_subjects, select
@@ -10,10 +10,13 @@ from crd_jax.data.preprocess import Preprocessor
 from crd_jax.data.synthetic import SyntheticConfig, SyntheticDataset
 from crd_jax.errors import InputError
 
+if TYPE_CHECKING:
+    import ml_collections
+
 SPLITS = ("train", "val", "test")
 
 
-def synthetic_config(data) -> SyntheticConfig:
+def synthetic_config(data: ml_collections.ConfigDict) -> SyntheticConfig:
     s = data.synthetic
     return SyntheticConfig(
         shape=tuple(s.shape),
@@ -24,7 +27,7 @@ def synthetic_config(data) -> SyntheticConfig:
     )
 
 
-def preprocessor(data, multiple: int) -> Preprocessor:
+def preprocessor(data: ml_collections.ConfigDict, multiple: int) -> Preprocessor:
     return Preprocessor(
         normalize=data.normalize,
         percentiles=tuple(data.percentiles),
@@ -34,7 +37,7 @@ def preprocessor(data, multiple: int) -> Preprocessor:
     )
 
 
-def build_datasets(data, multiple: int) -> Dict[str, object]:
+def build_datasets(data: ml_collections.ConfigDict, multiple: int) -> Dict[str, object]:
     """``{"train": ds, "val": ds, "test": ds}``; splits that select nothing are omitted.
 
     ``multiple``: every canvas side must be divisible by it (``2^(levels + k)`` for the models in use).
@@ -69,7 +72,8 @@ def build_datasets(data, multiple: int) -> Dict[str, object]:
     return out
 
 
-def dataset_labels(data, dataset=None) -> List[int]:
+def dataset_labels(data: ml_collections.ConfigDict,
+                   dataset: Optional[Union[VolumeDataset, SliceDataset, SyntheticDataset]] = None) -> List[int]:
     """The label set a Dice average runs over (``config.data.labels``): a protocol name, a list, or
     ``"auto"`` (every nonzero label of the dataset's first label map)."""
     if data.kind == "synthetic":

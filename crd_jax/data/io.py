@@ -17,10 +17,11 @@ import stat
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Iterator, List, Optional, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import nibabel as nib
 import numpy as np
+import numpy.typing as npt
 
 from crd_jax.errors import InputError
 from crd_jax.outputs import share_file
@@ -43,7 +44,7 @@ class Volume:
     path: Optional[str] = None
 
     @property
-    def spacing(self):
+    def spacing(self) -> Tuple[float, ...]:
         """Voxel size in mm along each array axis."""
         return tuple(float(v) for v in np.sqrt((self.affine[:3, : self.data.ndim] ** 2).sum(axis=0)))
 
@@ -258,7 +259,7 @@ def _read_with_simpleitk(path: Path):
     return data, affine, _as_nifti_header(data, affine)
 
 
-def read_nifti_array(path: PathLike, dtype=np.float32) -> np.ndarray:
+def read_nifti_array(path: PathLike, dtype: npt.DTypeLike = np.float32) -> np.ndarray:
     """The voxels of a NIfTI file (a displacement field, ...) as ``dtype``: a regular file, read into memory with
     the size bounds of :func:`_load_nifti`; any problem is a one-line :class:`InputError`."""
     path = check_input_file(path, "a NIfTI file")
@@ -308,7 +309,7 @@ def _check_geometry(affine: np.ndarray, ndim: int, path: PathLike) -> None:
 MAX_VOXEL_MM = 100.0  # as model.json's geometry.spacing
 
 
-def check_orientation(header, path: PathLike) -> None:
+def check_orientation(header: Optional[nib.Nifti1Header], path: PathLike) -> None:
     """A NIfTI file must say where its voxels are: with neither a qform nor an sform (both codes 0) nibabel
     assumes an orientation, and registering it against an image with a real affine is meaningless."""
     if header is None:
@@ -504,7 +505,7 @@ def gzip_members(raw: bytes, level: int = 1, chunk: int = 4 << 20) -> List[bytes
     return list(_compressed((bytes(view[i:i + chunk]) for i in range(0, max(len(raw), 1), chunk)), level))
 
 
-def save_npz(path: PathLike, **arrays) -> None:
+def save_npz(path: PathLike, **arrays: npt.ArrayLike) -> None:
     """``np.savez_compressed`` written atomically."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:

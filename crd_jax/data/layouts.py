@@ -15,7 +15,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from crd_jax.errors import InputError
 
@@ -108,7 +108,7 @@ LAYOUTS: Dict[str, Callable[..., List[Subject]]] = {
 }
 
 
-def list_subjects(layout: str, root: Union[str, Path], **kwargs) -> List[Subject]:
+def list_subjects(layout: str, root: Union[str, Path], **kwargs: Any) -> List[Subject]:
     if layout not in LAYOUTS:
         raise InputError(layout, f"unknown dataset layout (choose from {sorted(LAYOUTS)})")
     return LAYOUTS[layout](root, **kwargs)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import copy
 import queue
 import threading
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from crd_jax.data.augment import Augment, deform
-from crd_jax.data.pairs import train_pair
+from crd_jax.data.pairs import Pair, train_pair
 
 
 class PairLoader:
@@ -63,7 +63,7 @@ class PairLoader:
         pos = np.clip(np.searchsorted(values, raw), 0, len(values) - 1)
         return np.where(values[pos] == raw, pos + 1, 0).astype(np.int32)
 
-    def pairs(self, step: int):
+    def pairs(self, step: int) -> List[Pair]:
         return [
             train_pair(self.seed, step, slot, len(self.dataset), self.atlas, getattr(self.dataset, "group_size", None))
             for slot in range(self.first_slot, self.first_slot + self.local_batch)

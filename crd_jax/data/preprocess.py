@@ -92,7 +92,7 @@ class Placement:
             dst.append(slice(d0, d0 + length))
         return tuple(src), tuple(dst)
 
-    def apply(self, volume: np.ndarray, fill=0) -> np.ndarray:
+    def apply(self, volume: np.ndarray, fill: float = 0) -> np.ndarray:
         """Source ``(*source_shape, ...)`` -> canvas ``(*canvas_shape, ...)`` (extra trailing axes kept)."""
         volume = np.asarray(volume)
         out = np.full(self.canvas_shape + volume.shape[len(self.source_shape) :], fill, dtype=volume.dtype)
