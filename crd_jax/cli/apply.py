@@ -5,9 +5,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crd_jax.cli import options
 from crd_jax.errors import InputError
+
+if TYPE_CHECKING:
+    import argparse
+
+    import numpy as np
+
+    from crd_jax.data.io import PathLike
 
 EXAMPLES = ["crd-jax apply --transform out/disp.nii.gz --reference F.nii.gz --image M_seg.nii.gz --labels "
             "--out M_seg_warped.nii.gz",
@@ -15,7 +23,7 @@ EXAMPLES = ["crd-jax apply --transform out/disp.nii.gz --reference F.nii.gz --im
             "crd-jax apply --transform out/composite.h5 --points F_landmarks.csv --lps --out M_landmarks.csv"]
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     a = options.subcommand(
         sub, "apply", "warp an image, a label map or points with saved transforms",
         "Warps an image or label map (on any grid) onto the reference grid with saved transforms, or maps world "
@@ -48,7 +56,7 @@ def add_parser(sub) -> None:
     a.set_defaults(func=run)
 
 
-def transform_paths(args) -> list:
+def transform_paths(args: argparse.Namespace) -> list:
     """The chain, in the order given: ``--disp``, then every ``--transform``, then the positional ones."""
     paths = ([args.disp] if args.disp else []) + list(args.transform_list) + list(args.transforms)
     if not paths:
@@ -56,7 +64,7 @@ def transform_paths(args) -> list:
     return paths
 
 
-def interpolation(args) -> str:
+def interpolation(args: argparse.Namespace) -> str:
     """``--interpolation``, or its default: nearest for a label map, linear for an image."""
     if args.interpolation is None:
         return "nearest" if args.labels else "linear"
@@ -67,7 +75,7 @@ def interpolation(args) -> str:
     return args.interpolation
 
 
-def run(args) -> None:
+def run(args: argparse.Namespace) -> None:
     if bool(args.image) == bool(args.points):
         raise InputError("crd-jax apply", "give exactly one of --image or --points")
     paths = transform_paths(args)
@@ -141,7 +149,7 @@ def _image(args, paths, out: Path, how: str) -> None:
           f"{out} in {time.perf_counter() - t0:.2f} s (reading, warping and writing)")
 
 
-def read_points(path, lps: bool = False):
+def read_points(path: PathLike, lps: bool = False) -> np.ndarray:
     """The points of a points CSV as ``(N, 3)`` float64, RAS mm (:func:`crd_jax.interop.points.read_points`)."""
     from crd_jax.interop.points import read_points as read_table
 

@@ -3,11 +3,16 @@ nothing has to compile inside a user's process (:func:`crd_jax.ops.native_build.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from crd_jax.cli import options
 from crd_jax.errors import InputError
 
+if TYPE_CHECKING:
+    import argparse
 
-def add_parser(sub) -> None:
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
     b = options.subcommand(
         sub, "build-kernel", "rebuild the native CPU kernel for the installed jaxlib",
         "Compiles the native convolution and warp kernel against the installed jaxlib's FFI headers (needs a C++ "
@@ -17,7 +22,7 @@ def add_parser(sub) -> None:
     b.set_defaults(func=run)
 
 
-def run(args) -> None:
+def run(args: argparse.Namespace) -> None:
     from crd_jax.ops import native_build
 
     rebuild = getattr(native_build, "rebuild", None)  # imported here: the build tools load only for this command

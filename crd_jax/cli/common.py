@@ -5,11 +5,15 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crd_jax.errors import InputError
 
+if TYPE_CHECKING:
+    import ml_collections
 
-def load_config(path: str):
+
+def load_config(path: str) -> ml_collections.ConfigDict:
     """``get_config()`` of a config file (as ``train.py --config=...`` would)."""
     path_obj = Path(path)
     if not path_obj.exists():

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from crd_jax.cli import options
 from crd_jax.errors import InputError
 
+if TYPE_CHECKING:
+    import argparse
 
-def add_parser(sub) -> None:
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
     c = options.subcommand(
         sub, "convert-official", "the authors' PyTorch checkpoint -> a crd-jax model folder (no torch needed)",
         "Converts a legacy .pth of the authors' released CRD code into a model folder (model.json + "
@@ -23,7 +28,7 @@ def add_parser(sub) -> None:
     c.set_defaults(func=run)
 
 
-def run(args) -> None:
+def run(args: argparse.Namespace) -> None:
     from crd_jax.interop import official
     from crd_jax.interop.torch_legacy import load_legacy_checkpoint
     from crd_jax.outputs import check_writable_folder

@@ -8,16 +8,20 @@ import io
 import json
 import re
 import time
-from typing import List
+from typing import TYPE_CHECKING, List, Tuple, Union
 
 from crd_jax.cli import options
 from crd_jax.cli.common import load_config
 from crd_jax.errors import InputError
 
+if TYPE_CHECKING:
+    import argparse
+    import os
+
 EXAMPLE = "crd-jax evaluate --model lpba40-vm-ll-crd --data-root /data/lpba40 --subjects S35-S37 --out-dir eval/"
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     e = options.subcommand(
         sub, "evaluate", "Dice, HD95, folds, SDlogJ, time and memory over a dataset's pairs",
         "Evaluates a model on every ordered pair of labelled subjects: a folder of your own (--data-root "
@@ -48,7 +52,7 @@ def add_parser(sub) -> None:
     e.set_defaults(func=run)
 
 
-def read_pair_ids(path: str, ids: List[str]):
+def read_pair_ids(path: str, ids: List[str]) -> List[Tuple[int, int]]:
     """``--pairs``: ``(moving, fixed)`` indices into ``ids`` from a pairs file of subject ids
     (:func:`crd_jax.data.pairs.read_pairs_file`, columns ``fixed,moving``)."""
     from crd_jax.data.pairs import read_pairs_file
@@ -62,7 +66,7 @@ def read_pair_ids(path: str, ids: List[str]):
     return pairs
 
 
-def run(args) -> None:
+def run(args: argparse.Namespace) -> None:
     import numpy as np
 
     from crd_jax.data import build_datasets, dataset_labels, eval_pairs
@@ -150,7 +154,7 @@ def _write_evaluation(outputs, metrics_csv: str, table: str, summary) -> None:
 SUBJECT_RANGE = re.compile(r"(?P<prefix>[A-Za-z_.-]*?)(?P<a>\d+)-(?P=prefix)?(?P<b>\d+)")
 
 
-def parse_subjects(spec: str, ids: List[str], where) -> List[str]:
+def parse_subjects(spec: str, ids: List[str], where: Union[str, os.PathLike]) -> List[str]:
     """``--subjects``: ids, ranges ``S01-S10`` (the same prefix, numbers inclusive, the first number's width) or
     both, comma-separated, in the given order without repeats; every id must be one of ``ids``."""
     chosen: List[str] = []

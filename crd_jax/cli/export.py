@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from crd_jax.cli import options
 from crd_jax.errors import InputError
 
+if TYPE_CHECKING:
+    import argparse
 
-def add_parser(sub) -> None:
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
     x = options.subcommand(
         sub, "export", "convert a voxel displacement (ours) to the ITK or Learn2Reg format",
         "Writes a saved voxel displacement in another format into --out-dir: disp_itk.nii.gz (ITK/ANTs/Slicer, "
@@ -21,7 +26,7 @@ def add_parser(sub) -> None:
     x.set_defaults(func=run)
 
 
-def run(args) -> None:
+def run(args: argparse.Namespace) -> None:
     import numpy as np
 
     from crd_jax.data.io import load_image, read_nifti_array

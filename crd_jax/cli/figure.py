@@ -6,16 +6,20 @@ from __future__ import annotations
 import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crd_jax.cli import options
 from crd_jax.errors import InputError
+
+if TYPE_CHECKING:
+    import argparse
 
 EXAMPLES = ["crd-jax figure --from out/ --out out/overview.png",
             "crd-jax figure --model lpba40-vm-ll-crd --fixed F.nii.gz --moving M.nii.gz --fixed-seg FS.nii.gz "
             "--moving-seg MS.nii.gz --out pair.pdf"]
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     f = options.subcommand(
         sub, "figure", "a PNG or PDF like the paper's Fig. 4 for one pair",
         textwrap.fill("Draws fixed, moving, warped (with the label overlap when both label maps are given, the warped "
@@ -37,7 +41,7 @@ def add_parser(sub) -> None:
     f.set_defaults(func=run)
 
 
-def run(args) -> None:
+def run(args: argparse.Namespace) -> None:
     from crd_jax.drawing import draw_pair
     from crd_jax.outputs import OutputSet
 

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import argparse
 
 EXAMPLE = """example:
   crd-jax finetune --model lpba40-vm-ll-crd --images scans/images --labels scans/labels \\
@@ -13,7 +17,7 @@ EXAMPLE = """example:
   crd-jax register --model my-model --fixed a.nii.gz --moving b.nii.gz --out-dir a_b"""
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     import argparse
 
     p = sub.add_parser("finetune", help="train a shipped model further on your own scans",
@@ -41,7 +45,7 @@ OPTIONS = {"config.init_from": "--model", "config.finetune.val_subjects": "--val
            "config.train.lr": "--lr", "config.data.images_dir": "--images", "config.data.labels_dir": "--labels"}
 
 
-def run(args) -> None:
+def run(args: argparse.Namespace) -> None:
     from crd_jax.errors import InputError
     from crd_jax.training import finetune, pipeline
 

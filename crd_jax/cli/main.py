@@ -17,7 +17,7 @@ import argparse
 import os
 import signal
 import sys
-from typing import List, Optional
+from typing import List, MutableMapping, Optional
 
 from crd_jax.cli import (apply, build_kernel, convert_official, evaluate, export, figure, finetune, models, options,
                          register)
@@ -91,7 +91,7 @@ def enable_compilation_cache() -> Optional[str]:
 MAX_THREADS_PER_CPU = 4  # CRD_JAX_NUM_THREADS above this many threads per CPU is capped
 
 
-def cap_thread_count(environ=os.environ, prog: str = "crd-jax") -> Optional[int]:
+def cap_thread_count(environ: MutableMapping[str, str] = os.environ, prog: str = "crd-jax") -> Optional[int]:
     """``CRD_JAX_NUM_THREADS`` (the native kernel's thread pool) capped at ``MAX_THREADS_PER_CPU`` threads per
     CPU of the machine, with one warning line: 100,000 threads exhaust the system's thread limit (other
     processes then fail to start threads). Must run before the native kernel is loaded. Returns the cap applied."""

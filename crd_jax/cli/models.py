@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from crd_jax.cli import options
 
+if TYPE_CHECKING:
+    import argparse
 
-def add_parser(sub) -> None:
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
     mo = options.subcommand(sub, "models", "list the models shipped with crd-jax",
                             "Lists the shipped models: what each was trained on, its grid, voxel size and "
                             "orientation, the intensities it expects and its measured validation Dice.", "crd-jax models")
     mo.set_defaults(func=run)
 
 
-def run(args) -> None:
+def run(args: argparse.Namespace) -> None:
     from crd_jax import pretrained
 
     rows = pretrained.listing()

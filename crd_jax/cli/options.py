@@ -8,10 +8,13 @@ import argparse
 import logging
 import re
 import sys
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Iterable, Optional, TextIO, Tuple, Union
 
 from crd_jax.errors import InputError
 from crd_jax.registration.pipeline import NORMALIZE_CHOICES
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 MODEL_HELP = ("a shipped model's name (`crd-jax models`) or a model folder (default: lpba40-vm-ll-crd, the distilled "
               "VM-LL student: the fastest shipped model, not the most accurate)")
@@ -50,7 +53,7 @@ def add_pair_ids(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pair-ids", nargs=2, metavar=("FIXED_ID", "MOVING_ID"), help="ids in Learn2Reg file names")
 
 
-def pair_ids(args) -> Optional[Tuple[str, str]]:
+def pair_ids(args: argparse.Namespace) -> Optional[Tuple[str, str]]:
     """``--pair-ids`` checked: each id becomes part of a file name, so it must be a plain name (letters, digits,
     '.', '_', '-'; no '/', no '..'), never a path that leads out of the output folder."""
     if not args.pair_ids:
@@ -84,7 +87,7 @@ def add_registration_options(p: argparse.ArgumentParser) -> None:
                    "AVX512-BF16: faster, fields within ~0.1 voxel of float32 (see the README); elsewhere float32")
 
 
-def resolve_registration_options(args) -> None:
+def resolve_registration_options(args: argparse.Namespace) -> None:
     """``--quality``, ``--affine``, ``--no-affine`` and ``--io-steps`` made concrete on ``args`` (idempotent):
     ``args.affine`` becomes ``"ncc"``, ``"mi"`` or ``""`` and ``args.io_steps`` a number; explicit options win
     over the preset."""
@@ -98,7 +101,7 @@ def resolve_registration_options(args) -> None:
     args._options_resolved = True
 
 
-def registration_kwargs(args) -> dict:
+def registration_kwargs(args: argparse.Namespace) -> dict:
     """``register_volumes`` keywords from the options of :func:`add_registration_options` (``--bf16`` is set
     for the process here, before anything is traced)."""
     resolve_registration_options(args)
@@ -112,7 +115,7 @@ def registration_kwargs(args) -> dict:
             "affine": "ncc" if args.affine == "ncc" else ("nmi" if args.affine else "")}
 
 
-def conv_path(args) -> str:
+def conv_path(args: argparse.Namespace) -> str:
     """The convolution path for the log, with what ``--bf16`` did."""
     from crd_jax.ops import native
 
@@ -127,14 +130,15 @@ def conv_path(args) -> str:
     return path
 
 
-def model_path(model):
+def model_path(model: Optional[str]) -> Path:
     """``--model``: a shipped model's folder by name, or the folder given (the default model when empty)."""
     from crd_jax import pretrained
 
     return pretrained.resolve(model)
 
 
-def subcommand(sub, name: str, help: str, description: str, examples, raw: bool = False) -> argparse.ArgumentParser:
+def subcommand(sub: argparse._SubParsersAction, name: str, help: str, description: str, examples: Union[str, Iterable[str]],
+               raw: bool = False) -> argparse.ArgumentParser:
     """A subcommand's parser with its examples as the epilog (one ``example:`` line each)."""
     examples = [examples] if isinstance(examples, str) else list(examples)
     epilog = "\n".join(f"example: {e}" for e in examples)
@@ -174,7 +178,7 @@ class _AboveProgressBars(logging.Handler):
             self.handleError(record)
 
 
-def log_level(args, stream=None) -> int:
+def log_level(args: argparse.Namespace, stream: Optional[TextIO] = None) -> int:
     """stderr's level: ``-q`` errors, ``-v`` debug; by default each step (INFO) on a terminal, warnings and
     errors only when stderr is a file or a pipe (a batch log: bad input then stays one line)."""
     stream = stream or sys.stderr
@@ -185,7 +189,7 @@ def log_level(args, stream=None) -> int:
     return logging.INFO if getattr(stream, "isatty", lambda: False)() else logging.WARNING
 
 
-def configure_logging(args, stream=None) -> logging.Logger:
+def configure_logging(args: argparse.Namespace, stream: Optional[TextIO] = None) -> logging.Logger:
     """The ``crd_jax`` logger's handlers for this command (replacing an earlier command's in this process):
     stderr at :func:`log_level`, and ``--log FILE`` (appended; INFO, or DEBUG with ``-v``)."""
     stream = stream or sys.stderr
