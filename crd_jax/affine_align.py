@@ -53,7 +53,7 @@ class AffineResult:
         return fixed_affine @ voxel @ np.linalg.inv(fixed_affine)
 
 
-def global_ncc(fixed, warped, eps: float = 1e-6):
+def global_ncc(fixed: jax.Array, warped: jax.Array, eps: float = 1e-6) -> jax.Array:
     """Minus the correlation coefficient of the two images, over all voxels (mean over the batch)."""
     axes = tuple(range(1, fixed.ndim))
     f = fixed - jnp.mean(fixed, axis=axes, keepdims=True)

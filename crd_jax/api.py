@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +14,12 @@ from crd_jax.models.registrar import Registrar
 from crd_jax.registration.model import predict
 from crd_jax.registration.warping import warp_image, warp_labels
 
+if TYPE_CHECKING:
+    from crd_jax.data.io import PathLike
+    from crd_jax.typing import Params
 
-def as_batch(image) -> jax.Array:
+
+def as_batch(image: np.ndarray | jax.Array) -> jax.Array:
     """``(*spatial)`` -> ``(1, *spatial, 1)`` float32; arrays that already have batch and channel pass."""
     image = jnp.asarray(image, jnp.float32)
     if image.ndim in (2, 3):
@@ -25,7 +29,8 @@ def as_batch(image) -> jax.Array:
     raise ValueError(f"expected a 2-D or 3-D image, got shape {image.shape}")
 
 
-def register(model: Registrar, params, moving, fixed, moving_seg=None) -> Dict[str, np.ndarray]:
+def register(model: Registrar, params: Params, moving: np.ndarray | jax.Array, fixed: np.ndarray | jax.Array,
+             moving_seg: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
     """Registers ``moving`` to ``fixed`` (``(*spatial)`` arrays). Returns numpy ``disp`` ``(*spatial, ndim)``,
     ``warped`` ``(*spatial)`` and, given ``moving_seg``, ``warped_seg`` (nearest neighbour)."""
     m, f = as_batch(moving), as_batch(fixed)
@@ -38,14 +43,14 @@ def register(model: Registrar, params, moving, fixed, moving_seg=None) -> Dict[s
 
 def fit_pair(
     model: Registrar,
-    moving,
-    fixed,
+    moving: np.ndarray | jax.Array,
+    fixed: np.ndarray | jax.Array,
     steps: int = 200,
     learning_rate: float = 1e-3,
     reg_weight: float = 1.0,
     seed: int = 0,
     params: Optional[dict] = None,
-):
+) -> Params:
     """Optimises the network on a single pair with eq. 3 (instance-specific optimisation).
 
     Useful to try the models on two arrays without a training set; real use trains on many pairs
@@ -73,8 +78,9 @@ def fit_pair(
     return params
 
 
-def register_files(pairs, model: Optional[str] = None, normalize_mode: str = "model", io_steps: int = 0,
-                   affine: str = "", jacobian: bool = False):
+def register_files(pairs: Iterable[Sequence[PathLike]], model: Optional[str] = None, normalize_mode: str = "model",
+                   io_steps: int = 0, affine: str = "",
+                   jacobian: bool = False) -> Iterator[Tuple[Sequence[PathLike], Dict[str, Any]]]:
     """Registers file pairs with one model, loaded and compiled once (what ``crd-jax register --pairs``
     does). ``pairs``: ``(fixed, moving)`` or ``(fixed, moving, moving_seg)`` paths; ``model``: a shipped
     model's name or a model folder (default: the default shipped model). Yields ``(pair, result)`` per pair,

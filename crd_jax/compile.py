@@ -12,7 +12,7 @@ import pickle
 import platform
 import threading
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 
@@ -41,7 +41,7 @@ def shapes_only() -> Iterator[None]:
         _state.abstract = previous
 
 
-def run_once(fn: Callable, *args):
+def run_once(fn: Callable, *args: Any) -> Any:
     """Compiles ``fn`` without backend optimisation and calls it on ``args`` (for init-like code)."""
     if getattr(_state, "abstract", False):
         return jax.eval_shape(fn, *args)
@@ -325,7 +325,8 @@ class PersistentJit:
 
 
 def persistent_jit(fun: Optional[Callable] = None, *, static_argnums: int | Sequence[int] = (),
-                   static_argnames: str | Sequence[str] = (), context: str = ""):
+                   static_argnames: str | Sequence[str] = (),
+                   context: str = "") -> PersistentJit | Callable[[Callable], PersistentJit]:
     """Decorator form of :class:`PersistentJit` (``@persistent_jit`` or ``@persistent_jit(static_argnums=...)``)."""
     if fun is None:
         return lambda f: PersistentJit(f, static_argnums, static_argnames, context)

@@ -7,6 +7,8 @@ Registration", IEEE TCSVT 2022.
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 
 VM_ENCODER = (16, 32, 32, 32)
@@ -168,7 +170,7 @@ PYD_LIGHT = {"encoder": (8, 16, 16, 16, 16), "estimator": (16, 8)}
 PYD_LIGHTER = {"encoder": (4, 8, 8, 8, 8), "estimator": (8, 4)}
 
 
-def set_model(config: ml_collections.ConfigDict, **fields) -> None:
+def set_model(config: ml_collections.ConfigDict, **fields: Any) -> None:
     for k, v in fields.items():
         config.model[k] = v
 
@@ -178,7 +180,7 @@ def use_pyramid(config: ml_collections.ConfigDict, diffeomorphic: bool = False) 
     set_model(config, **PYD, diffeomorphic=diffeomorphic)
 
 
-def stage(kind: str, **fields) -> ml_collections.ConfigDict:
+def stage(kind: str, **fields: Any) -> ml_collections.ConfigDict:
     """A stage block with every field of its kind (so each can be overridden from the command line);
     ``model`` and ``loss`` (dicts) override the global model and loss for this stage only."""
     import dataclasses

@@ -10,7 +10,7 @@ repeated runs after a warm-up (compile time reported apart) and XLA's compiled m
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -20,16 +20,19 @@ from crd_jax import metrics
 from crd_jax.registration import model as registration_model
 from crd_jax.registration.warping import warp_labels
 
+if TYPE_CHECKING:
+    from crd_jax.typing import Dataset, Model, Params
 
-def predictor(model) -> Callable:
+
+def predictor(model: Model) -> Callable:
     """The model's jitted ``(params, moving, fixed) -> disp`` (:func:`crd_jax.registration.model.predictor`)."""
     return registration_model.predictor(model)
 
 
 def evaluate_pairs(
-    model,
-    params,
-    dataset,
+    model: Model,
+    params: Params,
+    dataset: Dataset,
     pairs: Sequence[Tuple[int, int]],
     labels: Sequence[int],
     hd95: bool = False,
@@ -82,7 +85,8 @@ def summarize(rows: List[Dict]) -> Dict[str, float]:
     return out
 
 
-def measure_inference(model, params, shape: Sequence[int], repeats: int = 5, warmup: int = 1) -> Dict[str, float]:
+def measure_inference(model: Model, params: Params, shape: Sequence[int], repeats: int = 5,
+                      warmup: int = 1) -> Dict[str, float]:
     """Latency (median, min, max over ``repeats`` runs after ``warmup``), compile time, XLA memory (MB)."""
     x = jnp.zeros((1, *shape, 1), jnp.float32)
     fn = registration_model.predictor(model)  # the model's one jitted predictor, compiled here for its memory analysis
@@ -114,5 +118,5 @@ def measure_inference(model, params, shape: Sequence[int], repeats: int = 5, war
     return out
 
 
-def count_parameters(params) -> int:
+def count_parameters(params: Params) -> int:
     return int(sum(np.prod(np.shape(p)) for p in jax.tree_util.tree_leaves(params)))

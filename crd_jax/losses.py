@@ -224,7 +224,8 @@ def similarity(name: str = "ncc", window: int = 9) -> Similarity:
 
 
 def registration_loss(
-    moving: jax.Array, fixed: jax.Array, disp: jax.Array, reg_weight: float = 1.0, window: int = 9, sim=None
+    moving: jax.Array, fixed: jax.Array, disp: jax.Array, reg_weight: float = 1.0, window: int = 9,
+    sim: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None,
 ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """``L = L_sim(I_m(phi), I_f) + lambda L_reg(phi)`` (eq. 3), on the grid of ``fixed``.
 

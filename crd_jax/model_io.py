@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Collection, Dict, Optional
+from typing import TYPE_CHECKING, Any, Collection, Dict, Optional, Tuple, Union
 
 import jax
 import numpy as np
@@ -28,6 +28,9 @@ from flax import serialization
 
 from crd_jax.errors import InputError
 from crd_jax.outputs import share_tree
+
+if TYPE_CHECKING:
+    from crd_jax.typing import Params
 
 MODEL_JSON = "model.json"
 PARAMS_FILE = "params.msgpack"
@@ -88,7 +91,7 @@ def is_model_folder(directory: Path) -> bool:
 OUR_ENTRIES = (MODEL_JSON, PARAMS_FILE, "params")  # what crd-jax writes in a model folder (params/: format 1)
 
 
-def save_model(directory: Path, params, spec: Dict[str, Any], overwrite: bool = False) -> None:
+def save_model(directory: Path, params: Params, spec: Dict[str, Any], overwrite: bool = False) -> None:
     """Writes ``params`` (``params.msgpack``, plain arrays) and ``spec`` (``model.json``) as a model folder,
     atomically (built beside, then renamed). An existing folder is replaced only if crd-jax wrote it as a
     model folder and ``overwrite`` is set; anything else there is an error and stays untouched. A model
@@ -302,7 +305,7 @@ def _backbone_source(where) -> None:
                                              f"got {value!r}")
 
 
-def resolve_backbone(spec: Dict[str, Any], path, allowed_modules: Collection[str] = ()) -> None:
+def resolve_backbone(spec: Dict[str, Any], path: Union[str, os.PathLike], allowed_modules: Collection[str] = ()) -> None:
     """Makes the backbone of ``spec`` (read from ``path``) buildable in this process: see
     :func:`crd_jax.models.backbones.resolve`. A module recorded in ``backbone_source`` is imported only if
     the user allows it (``allowed_modules``, :func:`allow_backbone_modules` or ``CRD_JAX_BACKBONE_MODULES``);
@@ -318,7 +321,7 @@ def resolve_backbone(spec: Dict[str, Any], path, allowed_modules: Collection[str
         raise InputError(path, str(exc)) from None
 
 
-def validate_spec(spec, path) -> Dict[str, Any]:
+def validate_spec(spec: Any, path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """``spec`` checked against model.json's schema (types, ranges, known fields, orientation codes); a
     problem is a one-line :class:`InputError` naming ``path`` and the field."""
     try:
@@ -356,7 +359,8 @@ def load_spec(directory: Path, allowed_modules: Optional[Collection[str]] = None
     return spec
 
 
-def load_model(directory: Path, like=None, allowed_modules: Optional[Collection[str]] = None):
+def load_model(directory: Path, like: Optional[Params] = None,
+               allowed_modules: Optional[Collection[str]] = None) -> Tuple[Params, Dict[str, Any]]:
     """``(params, spec)`` of a model folder. ``like``: a pytree of the expected structure (optional);
     ``allowed_modules``: backbone modules a ``model.json`` may have imported (:func:`load_spec`).
 

@@ -30,7 +30,7 @@ import shutil
 import signal
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional
+from typing import Iterable, Iterator, List, Optional, Union
 
 from crd_jax.errors import InputError
 
@@ -47,12 +47,12 @@ def umask() -> int:
     return _UMASK
 
 
-def share_file(path) -> None:
+def share_file(path: Union[str, os.PathLike]) -> None:
     """Gives a file created by ``tempfile`` (0600) the mode a plain ``open`` would have (0666 & ~umask)."""
     os.chmod(path, 0o666 & ~umask())
 
 
-def share_tree(path) -> None:
+def share_tree(path: Union[str, os.PathLike]) -> None:
     """Folders 0777 & ~umask and files 0666 & ~umask under ``path`` (all created by us)."""
     path = Path(path)
     os.chmod(path, 0o777 & ~umask())
@@ -72,7 +72,7 @@ def _existing_ancestor(path: Path) -> Path:
     return p
 
 
-def check_writable_folder(folder, what: str = "output folder") -> Path:
+def check_writable_folder(folder: Union[str, os.PathLike], what: str = "output folder") -> Path:
     """The checks an output folder must pass before anything is computed; returns it as an absolute path."""
     folder = Path(os.path.abspath(folder))
     too_long = [part for part in folder.parts if len(os.fsencode(part)) > 255]
@@ -103,7 +103,7 @@ class Terminated(BaseException):
     """SIGTERM, as the command line raises it (like ``KeyboardInterrupt`` for SIGINT): cleanup runs."""
 
 
-def check_plain_name(name: str, source) -> str:
+def check_plain_name(name: str, source: Union[str, os.PathLike]) -> str:
     """``name`` must be one plain file name: no folder separator, not ``.``/``..``, no NUL, not empty (an id
     that becomes part of a file name must never lead the writer out of its output folder)."""
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or name != name.strip():
@@ -258,7 +258,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_staging(base) -> List[Path]:
+def remove_stale_staging(base: Union[str, os.PathLike]) -> List[Path]:
     """Removes the staging folders in ``base`` that a killed crd-jax process left behind: hidden folders named
     ``.<name>.crd-jax-<pid>-<random>``, owned by this user, whose process no longer runs. Returns them."""
     removed = []

@@ -29,7 +29,8 @@ def sample_coordinates(disp: np.ndarray, reference_affine: np.ndarray, image_aff
     return np.moveaxis(coords, -1, 0)
 
 
-def apply_to_image(image: np.ndarray, image_affine, disp: np.ndarray, reference_affine, interpolation: str = "linear"):
+def apply_to_image(image: np.ndarray, image_affine: np.ndarray, disp: np.ndarray, reference_affine: np.ndarray,
+                   interpolation: str = "linear") -> np.ndarray:
     """An intensity image warped onto the reference grid (``linear``, cubic ``bspline`` or ``nearest``).
     Outside the image the edge values continue (border clamping, as ``crd-jax register``'s own outputs)."""
     from scipy import ndimage  # here, not at import: it costs ~0.25 s of every command's start
@@ -41,7 +42,8 @@ def apply_to_image(image: np.ndarray, image_affine, disp: np.ndarray, reference_
     return ndimage.map_coordinates(np.asarray(image, np.float32), coords, order=order, mode="nearest")
 
 
-def apply_to_labels(labels: np.ndarray, labels_affine, disp: np.ndarray, reference_affine, interpolation: str = "nearest"):
+def apply_to_labels(labels: np.ndarray, labels_affine: np.ndarray, disp: np.ndarray, reference_affine: np.ndarray,
+                    interpolation: str = "nearest") -> np.ndarray:
     """A label map warped onto the reference grid: ``nearest`` neighbour, or ``onehot``: each label's
     indicator interpolated linearly and the largest taken per voxel (smoother boundaries; background wins
     ties, so no label grows)."""
@@ -64,7 +66,7 @@ def apply_to_labels(labels: np.ndarray, labels_affine, disp: np.ndarray, referen
     return out
 
 
-def apply_to_points(points_world: np.ndarray, disp: np.ndarray, reference_affine) -> np.ndarray:
+def apply_to_points(points_world: np.ndarray, disp: np.ndarray, reference_affine: np.ndarray) -> np.ndarray:
     """World points of the reference (``(N, ndim)``, mm) -> their corresponding world points in the moving
     image, ``A_f (x + u(x))`` with ``u`` interpolated linearly at ``x = A_f^-1 p`` (landmarks, TRE)."""
     from scipy import ndimage  # here, not at import: it costs ~0.25 s of every command's start
@@ -82,7 +84,7 @@ def apply_to_points(points_world: np.ndarray, disp: np.ndarray, reference_affine
 COARSE_SIDE = 96
 
 
-def invert_fast(disp, coarse_iterations: int = 50, fine_iterations: int = 12) -> np.ndarray:
+def invert_fast(disp: np.ndarray, coarse_iterations: int = 50, fine_iterations: int = 12) -> np.ndarray:
     """:func:`invert`'s fixed point ``v <- -u(x + v)`` solved where it is cheap: on a grid at most
     :data:`COARSE_SIDE` voxels per side (the field resampled, values rescaled) to convergence, then brought to the
     field's grid and refined there by ``fine_iterations`` steps (each one linear sampling pass in XLA, float32).
