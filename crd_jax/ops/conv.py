@@ -66,7 +66,8 @@ def _activate(z, negative_slope):
     return z if negative_slope is None else jnp.where(z >= 0, z, negative_slope * z)
 
 
-def conv_reference(x, w, b, stride: IntOrSeq = 1, padding: Optional[Padding] = None, negative_slope=None):
+def conv_reference(x: jax.Array, w: jax.Array, b: jax.Array, stride: IntOrSeq = 1, padding: Optional[Padding] = None,
+                   negative_slope: Optional[float] = None) -> jax.Array:
     """The same op written with ``lax.conv_general_dilated`` and ordinary autodiff (ground truth)."""
     ndim = x.ndim - 2
     padding = default_padding(w.shape[:ndim]) if padding is None else tuple(map(tuple, padding))

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.scipy import ndimage
+from jax.typing import DTypeLike
 
 _MODES = {"border": "nearest", "zeros": "constant", "reflect": "mirror"}
 _settings: dict = {}  # per-process choices of formulation (warp_gradient, upsample_vjp)
@@ -36,7 +37,7 @@ def upsample_nearest(x: jax.Array, shape: Sequence[int]) -> jax.Array:
     return x[(slice(None), *(slice(0, s) for s in shape), slice(None))]
 
 
-def identity_grid(shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+def identity_grid(shape: Sequence[int], dtype: DTypeLike = jnp.float32) -> jax.Array:
     """Voxel coordinates of a grid, ``(*shape, ndim)``; channel k is the index along axis k."""
     axes = [jnp.arange(n, dtype=dtype) for n in shape]
     return jnp.stack(jnp.meshgrid(*axes, indexing="ij"), axis=-1)
@@ -162,7 +163,7 @@ _warp_linear_border.defvjp(_warp_linear_border_fwd, _warp_linear_border_bwd)
 _NATIVE_SAMPLE_TYPES = ("float32", "int8", "uint8", "int16", "uint16", "int32", "uint32")
 
 
-def sampled_natively(dtype, ndim: int) -> bool:
+def sampled_natively(dtype: DTypeLike, ndim: int) -> bool:
     """Whether :func:`sample_volume` runs the native kernel for an image of ``dtype`` in ``ndim`` dimensions
     (3-D, a type it takes, JAX on the CPU with the kernels built)."""
     from crd_jax.ops import native
