@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from crd_jax.data.io import Volume
+from crd_jax.data.io import PathLike, Volume
 from crd_jax.errors import InputError
 from crd_jax.interop import itk
 from crd_jax.interop.formats import read_displacement, voxel_to_physical
@@ -34,7 +34,7 @@ def _is_itk_text(path) -> bool:
         return f.read(64).lstrip().startswith(b"#Insight Transform File")
 
 
-def read_ras_matrix(path) -> np.ndarray:
+def read_ras_matrix(path: PathLike) -> np.ndarray:
     """crd-jax's ``affine.txt``: a 4x4 matrix (``#`` comments), RAS fixed world -> moving world."""
     try:
         matrix = np.loadtxt(path, comments="#", ndmin=2)
@@ -49,7 +49,7 @@ def read_ras_matrix(path) -> np.ndarray:
     return matrix
 
 
-def field_kind(path, fmt: str = "auto") -> Optional[str]:
+def field_kind(path: PathLike, fmt: str = "auto") -> Optional[str]:
     """``voxel``, ``itk``, ``learn2reg`` or ``compact`` for a displacement file (``auto``: ITK's by a name
     ending ``_itk.nii[.gz]`` or a 5-D array, decided when read), ``None`` for any other transform file."""
     name = str(path).lower()
@@ -91,7 +91,7 @@ def _nifti_field(path, fmt: str) -> itk.FieldMap:
     return itk.FieldMap(mm, affine)
 
 
-def read_one(path, reference: Optional[Volume], fmt: str = "auto") -> list:
+def read_one(path: PathLike, reference: Optional[Volume], fmt: str = "auto") -> list:
     """One transform file as point maps (RAS mm, fixed -> moving) in ANTs order."""
     from crd_jax.data.io import check_input_file
 
@@ -146,6 +146,6 @@ def displacement_for(paths: Sequence, reference: Volume, fmt: str = "auto") -> n
     return itk.displacement_on_grid(read_chain(paths, reference, fmt), reference.data.shape, reference.affine)
 
 
-def map_points(paths: Sequence, points, reference: Optional[Volume], fmt: str = "auto") -> np.ndarray:
+def map_points(paths: Sequence, points: np.ndarray, reference: Optional[Volume], fmt: str = "auto") -> np.ndarray:
     """World points of the reference (``(N, 3)``, RAS mm) through the chain: their points in the moving image."""
     return itk.apply_maps(read_chain(paths, reference, fmt), points)

@@ -24,7 +24,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from crd_jax.data.io import Volume, save_nifti, save_npz
+from crd_jax.data.io import PathLike, Volume, save_nifti, save_npz
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 FORMATS = ("voxel", "itk", "learn2reg")
@@ -106,7 +106,7 @@ def write_displacement(out_dir: Path, disp: np.ndarray, fixed: Volume, fmt: str,
     return paths
 
 
-def read_displacement(path, reference: Volume, fmt: str = "auto") -> np.ndarray:
+def read_displacement(path: PathLike, reference: Volume, fmt: str = "auto") -> np.ndarray:
     """A saved displacement as ``(*reference grid, 3)`` voxels of the reference. ``fmt``: ``voxel`` (ours),
     ``itk`` (ANTs/ITK/Slicer, mm LPS), ``learn2reg`` (``.npz`` at half size), or ``auto``: from the name, and a
     5-D NIfTI ``(X, Y, Z, 1, 3)`` is ITK's."""

@@ -19,11 +19,19 @@ values repeated); farther out the displacement is zero. :class:`FieldMap` reprod
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from crd_jax.errors import InputError
+
+if TYPE_CHECKING:
+    import os
+    import types
+
+    import SimpleITK as sitk
+
+    from crd_jax.data.io import PathLike
 
 FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS, for points and (as FLIP @ M @ FLIP) for 4x4 maps
 EXTRA_HINT = "install SimpleITK (pip install 'crd-jax[itk]')"
@@ -31,7 +39,7 @@ EXTRA_HINT = "install SimpleITK (pip install 'crd-jax[itk]')"
 TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".hdf", ".tfm", ".txt", ".mat", ".xfm")
 
 
-def simpleitk(source, purpose: str):
+def simpleitk(source: Union[str, os.PathLike], purpose: str) -> types.ModuleType:
     """SimpleITK, or a one-line :class:`InputError` naming ``source``, what needs it and the extra to install."""
     try:
         import SimpleITK as sitk
@@ -40,7 +48,7 @@ def simpleitk(source, purpose: str):
     return sitk
 
 
-def lps_geometry(affine: np.ndarray):
+def lps_geometry(affine: np.ndarray) -> Tuple[Tuple[float, ...], Tuple[float, ...], Tuple[float, ...]]:
     """``(origin, spacing, direction)`` of an ITK image on the grid of a RAS voxel -> world ``affine`` (4x4)."""
     lps = FLIP @ np.asarray(affine, np.float64)
     spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
@@ -48,7 +56,7 @@ def lps_geometry(affine: np.ndarray):
     return tuple(float(v) for v in lps[:3, 3]), tuple(float(s) for s in spacing), tuple(float(v) for v in direction.ravel())
 
 
-def ras_affine(image) -> np.ndarray:
+def ras_affine(image: sitk.Image) -> np.ndarray:
     """The RAS voxel -> world 4x4 affine of an ITK image's index grid (index ``(i, j, k)`` = array ``[i, j, k]``
     of :func:`array_of`)."""
     dim = image.GetDimension()
@@ -59,7 +67,7 @@ def ras_affine(image) -> np.ndarray:
     return FLIP @ out
 
 
-def array_of(image) -> np.ndarray:
+def array_of(image: sitk.Image) -> np.ndarray:
     """An ITK image's voxels in index order ``(i, j, k[, component])`` (SimpleITK's arrays are ``k, j, i``)."""
     import SimpleITK as sitk
 
@@ -85,7 +93,8 @@ def deformable_part(disp: np.ndarray, fixed_affine: np.ndarray, world: Optional[
     return end
 
 
-def composite_transform(disp: np.ndarray, fixed_affine: np.ndarray, world: Optional[np.ndarray] = None):
+def composite_transform(disp: np.ndarray, fixed_affine: np.ndarray,
+                        world: Optional[np.ndarray] = None) -> sitk.CompositeTransform:
     """A SimpleITK ``CompositeTransform`` ``[affine, displacement field]`` equal to a crd-jax registration:
     ``disp`` (the fixed grid's voxels, the affine already composed in, as ``register`` writes it) and its
     affine pre-alignment ``world`` (RAS fixed world -> moving world; ``None``: identity)."""
@@ -108,7 +117,7 @@ def composite_transform(disp: np.ndarray, fixed_affine: np.ndarray, world: Optio
     return sitk.CompositeTransform([linear, sitk.DisplacementFieldTransform(image)])
 
 
-def write_composite(path, disp: np.ndarray, fixed_affine: np.ndarray, world: Optional[np.ndarray] = None) -> None:
+def write_composite(path: PathLike, disp: np.ndarray, fixed_affine: np.ndarray, world: Optional[np.ndarray] = None) -> None:
     """:func:`composite_transform` written to ``path`` (``.h5``: ITK's HDF5 transform file, float64, as
     ``antsRegistration`` writes it), atomically."""
     from crd_jax.data.io import atomic_path
@@ -148,7 +157,7 @@ class FieldMap:
         self.to_voxel = np.linalg.inv(self.grid_affine)
         self.outside = outside
 
-    def on_grid(self, shape, affine) -> bool:
+    def on_grid(self, shape: Sequence[int], affine: np.ndarray) -> bool:
         """Whether the field is stored on this grid (its values there need no interpolation)."""
         return tuple(shape) == self.shape and np.allclose(affine, self.grid_affine, atol=1e-6)
 
@@ -220,7 +229,7 @@ def _maps_of(transform, sitk) -> list:
     return [SitkMap(transform)]
 
 
-def read_transform(path) -> List:
+def read_transform(path: PathLike) -> List:
     """An ITK transform file (anything SimpleITK's ``ReadTransform`` reads) as point maps in ANTs order; any
     problem is a one-line :class:`InputError` naming the file."""
     from crd_jax.data.io import check_input_file

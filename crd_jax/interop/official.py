@@ -19,11 +19,14 @@ This module owns every difference of convention, and nothing else in the code ba
 from __future__ import annotations
 
 from pathlib import PurePath
-from typing import Dict, Mapping
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Tuple
 
 import numpy as np
 
 from crd_jax.errors import InputError
+
+if TYPE_CHECKING:
+    from crd_jax.typing import Params
 
 ARCHITECTURE = {
     "backbone": "voxelmorph",
@@ -112,7 +115,7 @@ def _convert_layers(state: Mapping[str, np.ndarray], layers: Dict, source: str) 
     return params
 
 
-def convert(state: Mapping[str, np.ndarray], kind: str, source: str = "checkpoint"):
+def convert(state: Mapping[str, np.ndarray], kind: str, source: str = "checkpoint") -> Tuple[Params, Dict[str, Any]]:
     """``(params, spec)`` for ``kind = "student"`` (a registrar, factor 2) or ``"teacher"``."""
     keys = set(state)
     has_fusion = any(k.startswith(PREFIX + "fuse") for k in keys)

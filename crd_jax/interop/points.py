@@ -13,11 +13,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import numpy as np
 
 from crd_jax.errors import InputError
+
+if TYPE_CHECKING:
+    from crd_jax.data.io import PathLike
 
 LPS_FLIP = np.array([-1.0, -1.0, 1.0])
 
@@ -39,7 +42,7 @@ def _number(cell: str) -> Optional[float]:
         return None
 
 
-def read_points(path, lps: bool = False) -> PointsTable:
+def read_points(path: PathLike, lps: bool = False) -> PointsTable:
     """A points CSV (module docstring) as a :class:`PointsTable` in RAS; any problem is one
     :class:`InputError` line naming the file and the line."""
     from crd_jax.data.io import check_input_file
