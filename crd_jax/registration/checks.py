@@ -6,7 +6,7 @@ per process)."""
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Tuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +15,12 @@ from crd_jax.data.io import Volume
 from crd_jax.errors import InputError
 from crd_jax.registration import space
 from crd_jax.registration.space import same_grid, world_gap
+
+if TYPE_CHECKING:
+    import jax
+
+    from crd_jax.data.io import PathLike
+    from crd_jax.registration.model import LoadedModel
 
 
 MIN_SIDE = 16  # voxels: below this a 4-level network sees a few voxels and nothing meaningful registers
@@ -46,7 +52,8 @@ MAX_WORK_SIDE = 1024  # voxels per side of the model's grid: beyond this a model
 MAX_WORK_VOXELS = 1 << 27
 
 
-def check_field_of_view(loaded, volumes, voxel=None, work=None) -> None:
+def check_field_of_view(loaded: LoadedModel, volumes: Sequence[Volume], voxel: Optional[Sequence[float]] = None,
+                        work: Optional[Tuple[int, ...]] = None) -> None:
     """Each input must cover at least ``MIN_SIDE`` voxels per side of the model's own grid (its training voxel
     size ``voxel`` where the model records one): a 20-voxel field of view at a 2.5 mm model voxel size reaches
     the network as 8 voxels per side and registers to noise with exit 0. ``work``: the model grid for this
@@ -69,7 +76,7 @@ def check_field_of_view(loaded, volumes, voxel=None, work=None) -> None:
                                       f"(at most {MAX_WORK_SIDE} per side): check model.json's geometry and resample_shape")
 
 
-def check_model_grid(loaded, fixed: Volume, moving: Volume) -> None:
+def check_model_grid(loaded: LoadedModel, fixed: Volume, moving: Volume) -> None:
     """:func:`check_field_of_view` for a pair, before any computation."""
     pre = loaded.spec.get("preprocessing", {})
     record = pre.get("geometry")
@@ -99,7 +106,7 @@ def check_label_grid(labels: Volume, image: Volume, what: str) -> None:
                                       f"differ by up to {gap:.1f} mm (check the affines; labels must cover the same voxels)")
 
 
-def check_intensities(loaded, image: np.ndarray, path, mode: str) -> None:
+def check_intensities(loaded: LoadedModel, image: np.ndarray, path: PathLike, mode: str) -> None:
     """The network input must look like what the model was trained on (the model stores the 99th percentile
     of its training inputs; models without it were trained on [0, 1] images)."""
     reference = float(loaded.spec.get("preprocessing", {}).get("intensity", {}).get("p99", 1.0))
@@ -110,7 +117,7 @@ def check_intensities(loaded, image: np.ndarray, path, mode: str) -> None:
                                f"({reference:.4g});{hint or ' rescale the image'}")
 
 
-def check_finite(name: str, array: np.ndarray, model_path) -> None:
+def check_finite(name: str, array: np.ndarray, model_path: PathLike) -> None:
     bad = int((~np.isfinite(array)).sum())
     if bad:
         raise InputError(model_path, f"the model produced {bad} NaN/Inf values in the {name}; nothing was written")
@@ -122,7 +129,7 @@ AFFINE_MOVED_MM = 10.0  # the affine step's mean displacement of the fixed foreg
 CENTROIDS_MM = 8.0  # the distance of the two foregrounds' centroids the network sees; those pairs: at most 4.2 mm
 
 
-def centroid_distance_mm(fixed: Volume, moving_data) -> float:
+def centroid_distance_mm(fixed: Volume, moving_data: np.ndarray) -> float:
     """The distance in mm between the centroids of the two images' foregrounds (voxels above a tenth of each
     image's intensity range), ``moving_data`` on the fixed grid."""
     spacing = np.asarray(fixed.spacing, np.float64)
@@ -138,7 +145,7 @@ def centroid_distance_mm(fixed: Volume, moving_data) -> float:
     return float(np.linalg.norm((centroid(fixed.data) - centroid(moving_data)) * spacing))
 
 
-def mean_displacement_mm(disp, fixed: Volume) -> float:
+def mean_displacement_mm(disp: np.ndarray | jax.Array, fixed: Volume) -> float:
     """The mean length in mm of a displacement (fixed grid, voxels) over the fixed image's foreground (voxels
     above a tenth of its intensity range): the check of :data:`MISALIGNED_MM`."""
     data = np.asarray(fixed.data)
@@ -165,7 +172,7 @@ FG_MEDIAN_TOLERANCE = 0.15
 _domain_warned: set = set()  # models (paths) that have warned in this process
 
 
-def foreground_median_ratio(data) -> float:
+def foreground_median_ratio(data: np.ndarray) -> float:
     """The intensity statistic of :data:`FG_MEDIAN_RATIO` on every second voxel per axis (the percentiles of an
     eighth of a brain image are the whole image's to about 1e-3); NaN for an image without positive values."""
     sample = np.asarray(data)[tuple(slice(None, None, 2) for _ in range(np.ndim(data)))]
@@ -206,7 +213,7 @@ def out_of_domain(spec: Mapping, volumes: Sequence[Volume]) -> Optional[str]:
     return None
 
 
-def domain_warning_once(loaded, volumes: Sequence[Volume]) -> Optional[str]:
+def domain_warning_once(loaded: LoadedModel, volumes: Sequence[Volume]) -> Optional[str]:
     """The out-of-domain warning line for the first pair that looks out of the model's training domain, then
     ``None`` for the rest of the process (a batch of such pairs warns once); see :func:`out_of_domain`."""
     key = str(loaded.path)

@@ -22,11 +22,18 @@ from __future__ import annotations
 import dataclasses
 import zipfile
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import numpy as np
 
 from crd_jax.errors import InputError
+
+if TYPE_CHECKING:
+    import jax
+
+    from crd_jax.affine_align import AffineResult
+    from crd_jax.data.io import PathLike
+    from crd_jax.registration.pipeline import Prepared
 
 FORMAT_VERSION = 1
 #: the file name ``register --disp-format compact`` writes
@@ -47,7 +54,8 @@ class NetworkField:
     affine_translation: Optional[np.ndarray] = None
 
     @classmethod
-    def of(cls, prepared, disp_canvas, transform=None, affine_result=None) -> "NetworkField":
+    def of(cls, prepared: Prepared, disp_canvas: np.ndarray | jax.Array, transform: Optional[np.ndarray] = None,
+           affine_result: Optional[AffineResult] = None) -> "NetworkField":
         """From :func:`~crd_jax.registration.pipeline.prepare`'s result, the predicted canvas field, the
         reorientation transform and the affine pre-alignment of one registration."""
         src, dst = prepared.placement._windows()
@@ -60,7 +68,7 @@ class NetworkField:
                    None if affine_result is None else np.asarray(affine_result.matrix, np.float64),
                    None if affine_result is None else np.asarray(affine_result.translation, np.float64))
 
-    def expand(self):
+    def expand(self) -> jax.Array:
         """The full field on the fixed grid (a JAX array, voxels): the registration's own steps, in its order."""
         import jax.numpy as jnp
 
@@ -80,7 +88,7 @@ class NetworkField:
         return disp
 
 
-def save(path, field: NetworkField, fixed_affine) -> None:
+def save(path: PathLike, field: NetworkField, fixed_affine: np.ndarray) -> None:
     """Writes ``field`` with the fixed image's affine as one ``.npz`` (atomically, numeric arrays only)."""
     from crd_jax.data.io import save_npz
 
@@ -95,7 +103,7 @@ def save(path, field: NetworkField, fixed_affine) -> None:
     save_npz(path, **arrays)
 
 
-def is_compact(path) -> bool:
+def is_compact(path: PathLike) -> bool:
     """Whether ``path`` is a compact displacement file (a ``.npz`` holding this module's keys)."""
     if not str(path).endswith(".npz"):
         return False
@@ -107,7 +115,7 @@ def is_compact(path) -> bool:
     return set(_REQUIRED) <= names
 
 
-def read(path) -> Tuple[NetworkField, np.ndarray]:
+def read(path: PathLike) -> Tuple[NetworkField, np.ndarray]:
     """``(field, fixed_affine)`` of a compact file; a damaged or foreign file is one :class:`InputError` line."""
     from crd_jax.data.io import check_input_file
 
@@ -136,7 +144,7 @@ def read(path) -> Tuple[NetworkField, np.ndarray]:
     return field, a["fixed_affine"]
 
 
-def expand(path) -> Tuple[np.ndarray, np.ndarray]:
+def expand(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
     """``(field, affine)``: a compact file's full displacement ``(*grid, ndim)`` float32 in voxels of the fixed
     grid (``--disp-format voxel``'s field) and the fixed image's 4x4 affine. What ``apply`` and ``export`` call."""
     field, affine = read(Path(path))

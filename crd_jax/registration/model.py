@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Dict, Mapping
+from typing import TYPE_CHECKING, Callable, Dict, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,11 @@ from crd_jax.data.io import atomic_path
 from crd_jax.errors import InputError
 from crd_jax.model_io import load_model
 from crd_jax.models.build import model_from_spec
+
+if TYPE_CHECKING:
+    from crd_jax.data.io import PathLike
+    from crd_jax.registration.pipeline import Prepared
+    from crd_jax.typing import Model, Params
 
 
 @dataclasses.dataclass
@@ -30,7 +35,7 @@ class LoadedModel:
         return int(self.spec.get("preprocessing", {}).get("ndim", 3))
 
 
-def load(path) -> LoadedModel:
+def load(path: PathLike) -> LoadedModel:
     """A model folder (a training stage's ``model`` or the output of ``convert-official``), checked against
     its own architecture so that a mismatched checkpoint fails here with one line."""
     params, spec = load_model(path)
@@ -106,13 +111,13 @@ def canvas_multiple(spec: Mapping) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def predictor(model):
+def predictor(model: Model) -> Callable[[Params, jax.Array, jax.Array], jax.Array]:
     """The model's jitted ``(params, moving, fixed) -> disp`` (one per model object; with
     :func:`crd_jax.compile.cache_executables` on, its program is kept on disk, keyed by the model's repr)."""
     return persistent_jit(lambda p, m, f: model.apply(p, m, f).disp, context=repr(model))
 
 
-def predict(model, params, moving: jax.Array, fixed: jax.Array) -> jax.Array:
+def predict(model: Model, params: Params, moving: jax.Array, fixed: jax.Array) -> jax.Array:
     return predictor(model)(params, moving, fixed)
 
 
@@ -160,8 +165,8 @@ def _instance_optimiser(model, learning_rate: float, reg_weight: float, window: 
 IO_CHUNK = 10  # Adam steps per compiled call: Ctrl-C (and SIGTERM) end instance optimisation within a chunk
 
 
-def instance_optimise(model, params, prepared, steps: int, learning_rate: float = 0.05,
-                      reg_weight: float = 1.0, window: int = 9):
+def instance_optimise(model: Model, params: Params, prepared: Prepared, steps: int, learning_rate: float = 0.05,
+                      reg_weight: float = 1.0, window: int = 9) -> Tuple[jax.Array, float, float]:
     """Fine-tunes the predicted field for this pair (``prepared``, :class:`~crd_jax.registration.pipeline.Prepared`:
     ``steps`` of Adam on eq. 3, NCC + lambda * grad), starting from the network's prediction. The free
     variable is the field on the network's own grid (``phi^L`` for a low-resolution model), so a step costs a

@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -34,15 +34,13 @@ from crd_jax.registration import checks, space, warping
 from crd_jax.registration.allocator import release_free_memory
 from crd_jax.registration.model import LoadedModel, canvas_multiple, instance_optimise, predict
 
-NORMALIZE_CHOICES = ("model", "none", "minmax", "percentile")
-
 #: each step's time, logged as it ends (INFO; ``crd-jax -q``/``-v`` set the level, ``register --pairs`` lowers
 #: it to DEBUG so that thousands of pairs print one line each)
 log = logging.getLogger("crd_jax.registration.steps")
 
 
 @contextlib.contextmanager
-def step(name: str, timings: Optional[dict] = None):
+def step(name: str, timings: Optional[dict] = None) -> Iterator[None]:
     """Times the block and logs ``name: seconds`` when it ends (``timings[name]`` gets the seconds)."""
     log.debug("%s ...", name)
     t = time.perf_counter()
@@ -102,7 +100,7 @@ def prepare(preprocessing: Mapping, multiple: int, fixed: np.ndarray, moving: np
     return Prepared(as_input(m_in), as_input(f_in), grid, work, placement), mode
 
 
-def map_back(prepared: Prepared, disp_canvas) -> jax.Array:
+def map_back(prepared: Prepared, disp_canvas: np.ndarray | jax.Array) -> jax.Array:
     """A ``(*canvas, ndim)`` (or batched) field on the canvas -> ``(*grid, ndim)`` on the caller's grid, as a
     JAX array: cropped, resampled and rescaled in one compiled program, so that the full-size field exists
     once, on the device (``np.asarray`` of it is a view on CPU)."""
@@ -155,7 +153,7 @@ def load_pair(loaded: LoadedModel, fixed: str, moving: str, moving_seg: Optional
 
 def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_seg: Optional[Volume] = None,
                      normalize_mode: str = "model", io_steps: int = 0, affine: str = "", jacobian: bool = False,
-                     network_field: bool = False):
+                     network_field: bool = False) -> Tuple[Dict[str, Any], List[str]]:
     """``(result, notes)``: ``result`` has ``disp`` (fixed grid, voxels), ``warped``, ``folds`` (voxels with
     det J <= 0), ``warped_seg``, ``warning`` (a line, or ``None``), ``affine`` (with ``affine``), ``timings``
     (seconds per step) and, with ``jacobian``, the map of det J (float32); with ``network_field``, the

@@ -12,7 +12,7 @@ volume onto another volume's grid through both affines (a moving image on a fixe
 from __future__ import annotations
 
 import functools
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Tuple
 
 import nibabel as nib
 import numpy as np
@@ -20,12 +20,15 @@ from nibabel import orientations as ornt
 
 from crd_jax.data.io import Volume
 
+if TYPE_CHECKING:
+    import jax
+
 
 def axis_codes(affine: np.ndarray) -> str:
     return "".join(nib.aff2axcodes(affine))
 
 
-def to_model_space(volume: Volume, codes: str):
+def to_model_space(volume: Volume, codes: str) -> Tuple[Volume, np.ndarray]:
     """``(reoriented volume, transform)``: the volume's axes permuted and flipped so that its orientation is
     ``codes``; the world positions of all voxels are unchanged (the affine follows)."""
     start = ornt.io_orientation(volume.affine)
@@ -48,7 +51,7 @@ def _component_plan(transform: np.ndarray, original_shape: Sequence[int]):
     return tuple(plan), _inverse_transform(transform)
 
 
-def field_to_original(disp, transform: np.ndarray, original_shape: Sequence[int]):
+def field_to_original(disp: jax.Array, transform: np.ndarray, original_shape: Sequence[int]) -> jax.Array:
     """A ``(*reoriented, 3)`` voxel displacement (a JAX array) -> ``(*original, 3)`` in the original voxels,
     compiled, with no host copy of the full-size field."""
     import jax.numpy as jnp
@@ -122,7 +125,7 @@ def same_grid(a: Volume, b: Volume, tol: float = 1e-4) -> bool:
     return a.data.shape == b.data.shape and np.allclose(a.affine, b.affine, atol=tol)
 
 
-def world_box(volume: Volume):
+def world_box(volume: Volume) -> Tuple[np.ndarray, np.ndarray]:
     """``(low, high)`` corners (mm) of the axis-aligned world box around the volume's voxels."""
     ndim = volume.data.ndim
     corners = np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in volume.data.shape], indexing="ij")).reshape(ndim, -1)

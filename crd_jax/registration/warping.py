@@ -3,6 +3,8 @@ the native kernel in one pass), folds counted and det J mapped, in float32."""
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ from crd_jax.compile import persistent_jit
 from crd_jax.ops import spatial
 
 
-def compact_labels(labels: np.ndarray):
+def compact_labels(labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """``(indices int32, values)`` with ``values[indices] == labels`` and label 0 at index 0 (background stays
     0 where a warp samples outside): label maps whose values do not fit in int32 are warped as indices, so
     every label survives exactly."""
@@ -22,13 +24,13 @@ def compact_labels(labels: np.ndarray):
     return indices, values
 
 
-def count_folds(disp) -> int:
+def count_folds(disp: np.ndarray | jax.Array) -> int:
     """Voxels with det J <= 0 of :func:`jacobian_determinant`, without keeping the map."""
     disp = jnp.asarray(disp, jnp.float32)
     return int(_jacobian_slabs(disp, _slabs(disp.shape[:-1]), True))
 
 
-def jacobian_determinant(disp) -> np.ndarray:
+def jacobian_determinant(disp: np.ndarray | jax.Array) -> np.ndarray:
     """:func:`crd_jax.metrics.jacobian_determinant` (central differences, one-sided at the border) in
     float32, compiled and computed in slabs of the first axis: what ``crd-jax register`` reports at full
     size, several times faster than the float64 version and with a fraction of its memory."""
@@ -112,14 +114,14 @@ def _sample(image, disp, order: int, dtype: str = "float32"):
     return _warp_slabs(image, disp, order, _slabs(disp.shape[:-1]), dtype)
 
 
-def warp_image(image: np.ndarray, disp, order: int = 1) -> np.ndarray:
+def warp_image(image: np.ndarray, disp: np.ndarray | jax.Array, order: int = 1) -> np.ndarray:
     """``(*grid)`` image warped by a ``(*grid, ndim)`` field (linear), float32. ``disp``: numpy or a JAX
     array (not copied)."""
     image = jnp.asarray(image, jnp.float32)
     return np.asarray(_sample(image, jnp.asarray(disp, jnp.float32), order))
 
 
-def warp_labels(labels: np.ndarray, disp) -> np.ndarray:
+def warp_labels(labels: np.ndarray, disp: np.ndarray | jax.Array) -> np.ndarray:
     """``(*grid)`` integer labels warped by nearest neighbour, in the labels' own integer type; maps whose
     values do not fit in int32 are warped as indices (:func:`compact_labels`), so every label survives exactly."""
     labels = np.asarray(labels)
