@@ -41,7 +41,7 @@ def _leave(message: str, status: int) -> None:
 def precheck(argv) -> None:
     """Loads the config file and checks every ``--config.<field>`` override before absl does: ml_collections
     reports a missing file or an unknown field with tracebacks, at import time."""
-    from crd_jax.cli.main import _load_config
+    from crd_jax.cli.common import load_config as _load_config
     from crd_jax.config import check_override
     from crd_jax.errors import InputError
 

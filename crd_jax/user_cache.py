@@ -67,3 +67,23 @@ def trusted_file(fd: int) -> bool:
     """An open cache entry may be used: a regular file of this user that nobody else can write."""
     st = os.fstat(fd)
     return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def enable_compilation_cache() -> Optional[str]:
+    """JAX's persistent compilation cache in the user's cache folder (``xla``), so that a second ``crd-jax``
+    call loads the compiled programs instead of compiling them again, and the registration path's whole
+    programs (``executables``: loaded without tracing, :func:`crd_jax.compile.cache_executables`). Called by the
+    command line and by batch workers (Dask), before their first compilation."""
+    path = cache_folder("xla")
+    if path is None:
+        return None
+    import jax
+
+    from crd_jax.compile import cache_executables
+
+    cache_executables(cache_folder("executables"))
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path

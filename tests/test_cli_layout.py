@@ -86,3 +86,13 @@ def test_build_kernel_calls_the_kernels_rebuild(monkeypatch, capsys):
 def test_build_kernel_help_runs_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-m", "crd_jax", "build-kernel", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "example: crd-jax build-kernel --force" in out.stdout
+
+
+def test_the_command_line_parses_without_loading_jax():
+    """`crd-jax --help`, `models`, `--version` and argument errors must not pay for JAX, Flax and SciPy
+    (seconds per call): building the whole parser, every subcommand's options included, imports none of them."""
+    code = ("import sys, crd_jax.cli.main as m; m.parser(); "
+            "print(sorted({'jax', 'flax', 'scipy', 'optax'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

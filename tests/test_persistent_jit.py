@@ -143,7 +143,7 @@ SCRIPT = textwrap.dedent("""
     from crd_jax.registration.warping import warp_image
     from crd_jax.models.build import model_from_spec
     from crd_jax.interop.official import ARCHITECTURE
-    from crd_jax.cli.main import enable_compilation_cache
+    from crd_jax.user_cache import enable_compilation_cache
     from crd_jax.ops import native
     enable_compilation_cache()  # as the command line does: JAX's cache and the stored programs
     spec = {"kind": "registrar", "factor": 2, "architecture": dict(ARCHITECTURE)}

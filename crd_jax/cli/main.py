@@ -21,8 +21,8 @@ from typing import List, MutableMapping, Optional
 
 from crd_jax.cli import (apply, build_kernel, convert_official, evaluate, export, figure, finetune, models, options,
                          register)
-from crd_jax.cli.common import load_config as _load_config  # noqa: F401  (train.py reads its config with it)
 from crd_jax.errors import InputError
+from crd_jax.user_cache import enable_compilation_cache
 
 #: the subcommands, in the order ``crd-jax --help`` lists them; each module has ``add_parser(sub)`` and ``run(args)``
 SUBCOMMANDS = (register, apply, models, finetune, evaluate, figure, convert_official, export, build_kernel)
@@ -65,27 +65,6 @@ def parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():  # -q, -v, --log FILE: shared by every subcommand
         options.add_logging(command)
     return p
-
-
-def enable_compilation_cache() -> Optional[str]:
-    """JAX's persistent compilation cache in the user's cache folder (:mod:`crd_jax.user_cache`, ``xla``), so
-    that a second ``crd-jax`` call loads the compiled programs instead of compiling them again, and the
-    registration path's whole programs (``executables``: loaded without tracing, :func:`crd_jax.compile.cache_executables`)."""
-    from crd_jax.user_cache import cache_folder
-
-    path = cache_folder("xla")
-    if path is None:
-        return None
-    import jax
-
-    from crd_jax.compile import cache_executables
-
-    cache_executables(cache_folder("executables"))
-
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return path
 
 
 MAX_THREADS_PER_CPU = 4  # CRD_JAX_NUM_THREADS above this many threads per CPU is capped

@@ -11,7 +11,7 @@ import sys
 from typing import TYPE_CHECKING, Iterable, Optional, TextIO, Tuple, Union
 
 from crd_jax.errors import InputError
-from crd_jax.registration.pipeline import NORMALIZE_CHOICES
+from crd_jax.registration import NORMALIZE_CHOICES
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import importlib
 
+#: ``register --normalize``: the model's own normalisation, none, min-max or percentiles (here, not in
+#: :mod:`.pipeline`, so that the command line's option parser does not load JAX to list them)
+NORMALIZE_CHOICES = ("model", "none", "minmax", "percentile")
+
 _NAMES = {
     "LoadedModel": "model", "load": "model", "register_volumes": "pipeline", "load_pair": "pipeline",
     "OutputOptions": "writing", "write_registration": "writing",

@@ -358,7 +358,7 @@ def _on_worker(task: Task, settings: Settings, keep_going: bool) -> Outcome:
     """A Dask task: the worker's model (loaded and compiled on its first pair, kept for the next ones)."""
     key = (settings.model, settings.bf16)
     if key not in _WORKER_MODELS:
-        from crd_jax.cli.main import enable_compilation_cache
+        from crd_jax.user_cache import enable_compilation_cache
 
         enable_compilation_cache()  # the workers share the user's compiled programs
         logging.getLogger("crd_jax.registration.steps").setLevel(logging.WARNING)
