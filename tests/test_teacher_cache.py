@@ -101,7 +101,7 @@ def test_a_run_with_the_teacher_cache_trains_the_same_student(tmp_path):
         return {r["step"]: r["loss"] for r in rows if r.get("stage") == "vm_l_crd" and "loss" in r}
 
     l_on, l_off = losses(tmp_path / "on"), losses(tmp_path / "off")
-    assert sorted(l_on) == list(range(1, 21))
+    assert sorted(l_on) == sorted(l_off) == list(range(1, 21))
     for step in l_off:
         assert l_on[step] == pytest.approx(l_off[step], rel=1e-4, abs=1e-6)
     p_on, _ = load_model(tmp_path / "on" / "stages" / "vm_l_crd" / "model")
@@ -179,7 +179,8 @@ def test_the_disk_cache_survives_a_restart_and_is_emptied_for_another_teacher(tm
         for key in b1:
             np.testing.assert_array_equal(b1[key], b2[key])
     # a pair whose 'filled' byte was never set (the process was killed while writing it) is computed again
-    filled = np.load(folder / "filled.npy", mmap_mode="r+")
+    (store_dir,) = folder.parent.glob("fst-*")  # one folder per teacher setting
+    filled = np.load(store_dir / "filled.npy", mmap_mode="r+")
     index = int(np.flatnonzero(filled)[0])
     filled[index] = 0
     filled.flush()
@@ -193,3 +194,49 @@ def test_the_disk_cache_survives_a_restart_and_is_emptied_for_another_teacher(tm
     # a disk budget too small, or a memory budget that fits, decide the store
     assert "teacher_cache_disk_gb = 1e-06" in teacher_cache.attach(loss, frozen, loader, example, 1e-6, {}, 1e-6, folder)[2]
     assert "in host memory" in teacher_cache.attach(loss, frozen, loader, example, 1.0, {}, 1.0, folder)[2]
+
+
+class _Scaled(_Teacher):
+    """The same parameters, another setting: its outputs differ, so no cache may serve the other's."""
+
+    def __init__(self, scale):
+        self.scale = scale
+
+    def __repr__(self):
+        return f"_Scaled(scale={self.scale})"
+
+    def apply(self, frozen, m, f):
+        out = super().apply(frozen, m, f)
+        return out.replace(disp=self.scale * out.disp)
+
+
+def test_caches_are_keyed_by_the_teachers_settings_and_share_one_memory_budget(tmp_path):
+    from crd_jax.data.loader import PairLoader
+
+    frozen = {"w": jnp.float32(0.9)}
+    loader = PairLoader(_Images(4, (12, 10)), global_batch=2, seed=5)
+    example = loader.batch(0)
+    terms = (distill.TERMS["deformation"](weight=1.0),)
+    one, three = (distill.make_loss(_Student(), _Scaled(s), terms) for s in (1.0, 3.0))
+    folder = tmp_path / "teacher_cache" / "fst"
+    # on disk: the same stage name and parameters but another setting reads nothing of the first's outputs
+    _, first, _ = teacher_cache.attach(one, frozen, loader, example, 0.0, {}, 1.0, folder, "fst")
+    first.batch(0)
+    _, second, why = teacher_cache.attach(three, frozen, loader, example, 0.0, {}, 1.0, folder, "fst")
+    assert "0 already computed" in why
+    b = second.batch(0)
+    np.testing.assert_allclose(b[distill.cached_key(0)], _Scaled(3.0).apply(frozen, b["moving"], b["fixed"]).disp, rtol=1e-6)
+    assert len(list(folder.parent.glob("fst-*"))) == 2
+    # in memory: one budget over every live cache; a second teacher that does not fit with the first is refused
+    pair_bytes = (2 * 12 * 10 * 2 + 12 * 10) * 4
+    budget = 12 * pair_bytes * 1.5 / 2**30  # room for one teacher's 12 pairs, not two
+    caches = {}
+    assert "host memory" in teacher_cache.attach(one, frozen, loader, example, budget, caches, teacher_stage="a")[2]
+    refused = teacher_cache.attach(three, frozen, loader, example, budget, caches, teacher_stage="b")[2]
+    assert refused.startswith("teacher cache off:") and "held by other teachers' caches" in refused
+    # a stage with the first teacher again shares its cache; once no later stage needs it, it is dropped
+    assert len(caches) == 1 and "host memory" in teacher_cache.attach(one, frozen, loader, example, budget, caches,
+                                                                      teacher_stage="a")[2]
+    teacher_cache.release_unused(caches, ["b"])
+    assert caches == {}
+    assert "host memory" in teacher_cache.attach(three, frozen, loader, example, budget, caches, teacher_stage="b")[2]

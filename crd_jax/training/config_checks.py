@@ -104,6 +104,8 @@ CHECKS: List[Tuple[str, Callable[[Any], str]]] = [
     ("train.keep_checkpoints", _integer(1, 10**6)),
     ("train.eval_every", _integer(-(10**12))),
     ("train.max_steps", _integer(-(10**12))),
+    ("train.teacher_cache_gb", _real(0.0, 1e6)),
+    ("train.teacher_cache_disk_gb", _real(0.0, 1e9)),
     ("loss.reg_weight", _real(0.0, 1e6)),
     ("loss.ncc_window", _integer(1, 99)),
     ("loss.similarity", _similarity),

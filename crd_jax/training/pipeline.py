@@ -313,7 +313,8 @@ def _run_stages(config, typed, workdir, datasets, labels, loader, example, multi
             loss_fn, loader_, why = teacher_cache.attach(plan.loss_fn, plan.frozen, stage_loader(config, st, loader, labels),
                                                          example, float(config.train.get("teacher_cache_gb", 0.0)),
                                                          teacher_caches, float(config.train.get("teacher_cache_disk_gb", 0.0)),
-                                                         workdir / "teacher_cache" / str(getattr(st, "teacher", name)))
+                                                         workdir / "teacher_cache" / str(getattr(st, "teacher", name)),
+                                                         str(getattr(st, "teacher", "")))
             if why:
                 logger.info(f"[{name}] {why}")
             run_ = StageRun(name, loss_fn, plan.init_params, plan.frozen, steps, directory,
@@ -332,6 +333,8 @@ def _run_stages(config, typed, workdir, datasets, labels, loader, example, multi
                 save_model(model_dir, params, spec)
             logger.info(f"[{name}] {steps} steps done -> {model_dir}")
         done[name] = Trained(plan.model, params, plan.spec)
+        later = [getattr(typed[n], "teacher", "") for n in config.pipeline[index + 1:]]
+        teacher_cache.release_unused(teacher_caches, later)  # memory no later stage reads
         if st.evaluate:
             if config.eval.split not in datasets:
                 logger.info(f"[{name}] no '{config.eval.split}' split: evaluation skipped")

@@ -26,7 +26,7 @@ import json
 import shutil
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import jax
 import numpy as np
@@ -92,9 +92,9 @@ class DiskStore:
         self._leaves = [open_(self.directory / f"leaf_{i}.npy", mode=mode, dtype=d, shape=None if mode == "r+" else (slots, *s))
                         for i, (s, d) in enumerate(shapes)]
         self._filled = open_(self.directory / "filled.npy", mode=mode, dtype=np.uint8, shape=None if mode == "r+" else (slots,))
-        expected = [(slots, *s) for s, _ in shapes] + [(slots,)]
-        if [tuple(a.shape) for a in (*self._leaves, self._filled)] != [tuple(e) for e in expected]:
-            raise ValueError("shapes differ from meta.json")
+        expected = [((slots, *s), np.dtype(d)) for s, d in shapes] + [((slots,), np.dtype(np.uint8))]
+        if [(tuple(a.shape), a.dtype) for a in (*self._leaves, self._filled)] != [(tuple(e), d) for e, d in expected]:
+            raise ValueError("shapes or types differ from meta.json")
 
     def __len__(self) -> int:
         return int(self._filled.sum())
@@ -129,8 +129,10 @@ class TeacherCache:
         self._lock = threading.Lock()
         self.computed = 0  # teacher forwards run in this process
 
-    def open(self, store: Union[MemoryStore, DiskStore], n: int) -> "TeacherCache":
+    def open(self, store: Union[MemoryStore, DiskStore], n: int, pairs: int = 0) -> "TeacherCache":
+        """Uses ``store`` for the pairs of ``n`` items (``pairs``: how many the stream can draw)."""
         self.store, self.n = store, n
+        self.capacity_bytes = pairs * self.pair_bytes
         return self
 
     def __len__(self) -> int:
@@ -149,9 +151,26 @@ class TeacherCache:
         return [x[None] for x in hit]
 
 
-def fingerprint(frozen: Params, dataset: Dataset) -> str:
-    """The teacher's parameters and the training volumes (what a cached output depends on)."""
+def teacher_code() -> str:
+    """What a teacher's forward pass runs besides its parameters: crd-jax's model and op sources (Python and
+    native) and the JAX that executes them. A change of any re-fills a disk cache."""
+    import jaxlib
+
     h = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for folder in ("models", "ops"):
+        for path in sorted((root / folder).rglob("*")):
+            if path.suffix in (".py", ".cc", ".h") and path.is_file():
+                h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update(f"{jax.__version__} {jaxlib.__version__}".encode())
+    return h.hexdigest()
+
+
+def fingerprint(teacher: object, frozen: Params, dataset: Dataset) -> str:
+    """What a cached output depends on: the teacher's settings (its ``repr``: a dataclass or Flax module
+    lists its fields), its parameters, the code that runs it (:func:`teacher_code`) and the training volumes."""
+    h = hashlib.sha256()
+    h.update(repr(teacher).encode() + b"\0" + teacher_code().encode())
     for leaf in jax.tree_util.tree_leaves(frozen):
         a = np.ascontiguousarray(jax.device_get(leaf))
         h.update(f"{a.dtype}{a.shape}".encode())
@@ -160,6 +179,18 @@ def fingerprint(frozen: Params, dataset: Dataset) -> str:
     for i in range(len(dataset)):
         h.update(np.ascontiguousarray(dataset.image(i), np.float32).tobytes())
     return h.hexdigest()
+
+
+def in_memory_bytes(caches: Mapping[tuple, "TeacherCache"]) -> int:
+    """Host memory the run's memory caches may fill (every pair of each)."""
+    return sum(c.capacity_bytes for c in caches.values() if isinstance(c.store, MemoryStore))
+
+
+def release_unused(caches: Dict[tuple, "TeacherCache"], teachers_still_needed: Iterable[str]) -> None:
+    """Drops the caches of teacher stages that no later stage distils from (their memory is freed)."""
+    needed = set(teachers_still_needed)
+    for key in [k for k in caches if k[0] not in needed]:
+        del caches[key]
 
 
 class CachedTeacherLoader:
@@ -182,38 +213,44 @@ class CachedTeacherLoader:
 
 
 def attach(loss_fn: LossFn, frozen: Params, loader: PairLoader, example: Mapping[str, np.ndarray], budget_gb: float,
-           caches: Dict[tuple, TeacherCache], disk_gb: float = 0.0,
-           directory: Optional[Path] = None) -> Tuple[LossFn, Union[PairLoader, CachedTeacherLoader], Optional[str]]:
+           caches: Dict[tuple, TeacherCache], disk_gb: float = 0.0, directory: Optional[Path] = None,
+           teacher_stage: str = "") -> Tuple[LossFn, Union[PairLoader, CachedTeacherLoader], Optional[str]]:
     """``(loss_fn, loader, why)``: the stage's loss and loader reading the teacher from a cache when that is
-    exact and fits (in ``budget_gb`` of host memory, else ``disk_gb`` of ``directory``; see the module's
-    docstring), else unchanged; ``why`` is one line for the log (None for a stage without a teacher).
-    ``caches`` holds the run's caches by teacher (stages with the same teacher and parameters share one)."""
+    exact and fits (in ``budget_gb`` of host memory over all the run's memory caches, else ``disk_gb`` under
+    ``directory``; see the module's docstring), else unchanged; ``why`` is one line for the log (None for a
+    stage without a teacher). ``caches`` holds the run's caches, keyed by the teacher stage's name and the
+    teacher's settings, so stages distilling from one teacher share one (:func:`release_unused` drops them)."""
     if not isinstance(loss_fn, DistillLoss) or loss_fn.teacher_tree is not None:
         return loss_fn, loader, None
-    if budget_gb <= 0 and disk_gb <= 0:
+    if not budget_gb > 0 and not disk_gb > 0:
         return loss_fn, loader, "teacher cache off (train.teacher_cache_gb = 0): the teacher runs every step"
     if loader.augment.active:
         return loss_fn, loader, "teacher cache off: augmented pairs differ at every draw"
-    key = (id(frozen), id(loss_fn.teacher))  # one teacher stage's model and parameters (alive in the run)
+    description = repr(loss_fn.teacher)
+    key = (teacher_stage, description)
     cache = caches.get(key)
     n_items = len(loader.dataset)
     pairs = distinct_pairs(n_items, loader.atlas, getattr(loader.dataset, "group_size", None))
     if cache is None:
         cache = TeacherCache(loss_fn.teacher.apply, frozen, example["moving"], example["fixed"])
         need = pairs * cache.pair_bytes / 2**30
+        held = in_memory_bytes(caches) / 2**30
         size = f"{pairs} pairs x {cache.pair_bytes / 2**20:.1f} MB = {need:.2f} GB"
-        if need <= budget_gb:
-            cache.open(MemoryStore(), n_items)
+        if need + held <= budget_gb:
+            cache.open(MemoryStore(), n_items, pairs)
         elif need <= disk_gb and directory is not None and jax.process_count() == 1:
-            directory = Path(directory)
+            tag = hashlib.sha256(description.encode()).hexdigest()[:8]
+            directory = Path(directory).with_name(f"{Path(directory).name}-{tag}")  # one folder per teacher setting
             directory.parent.mkdir(parents=True, exist_ok=True)
             free = shutil.disk_usage(directory.parent).free / 2**30
             if need > free:
                 return loss_fn, loader, f"teacher cache off: {size} > {free:.1f} GB free on the disk of {directory}"
-            cache.open(DiskStore(directory, n_items * n_items, cache.shapes, fingerprint(frozen, loader.dataset)), n_items)
+            store = DiskStore(directory, n_items * n_items, cache.shapes, fingerprint(loss_fn.teacher, frozen, loader.dataset))
+            cache.open(store, n_items, pairs)
         else:
+            other = f" with {held:.2f} GB held by other teachers' caches" if held else ""
             disk = f" and > train.teacher_cache_disk_gb = {disk_gb:g}" if disk_gb > 0 else ""
-            return loss_fn, loader, f"teacher cache off: {size} > train.teacher_cache_gb = {budget_gb:g}{disk}"
+            return loss_fn, loader, f"teacher cache off: {size}{other} > train.teacher_cache_gb = {budget_gb:g}{disk}"
         caches[key] = cache
     why = (f"teacher cache on: the frozen teacher runs once per pair ({pairs} pairs x "
            f"{cache.pair_bytes / 2**20:.1f} MB in {cache.store.where}; {len(cache)} already computed)")
