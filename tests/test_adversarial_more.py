@@ -684,12 +684,12 @@ def k_evaluate_unknown_split(tmp, a):
 
 
 def k_evaluate_pairs_unknown_subject(tmp, a):
-    (tmp / "p.csv").write_text("subject_x,subject_y\n")
+    (tmp / "p.csv").write_text("fixed,moving\nsubject_x,subject_y\n")
     return refused(_evaluate(tmp, a, "--pairs", tmp / "p.csv"), "p.csv", "unknown subject")
 
 
 def k_evaluate_pairs_one_column(tmp, a):
-    (tmp / "p.csv").write_text("0\n")
+    (tmp / "p.csv").write_text("fixed,moving\n0\n")
     return refused(_evaluate(tmp, a, "--pairs", tmp / "p.csv"), "p.csv", "row 1")
 
 

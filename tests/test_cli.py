@@ -217,9 +217,12 @@ def test_evaluate_and_figure_on_synthetic_data(tmp_path, shift_model, capsys):
     assert main(["evaluate", "--model", str(shift_model), "--config", str(config), "--out-dir", str(out), "--pairs", str(pairs),
                  "--no-hd95", "--timing-repeats", "1", "--overwrite"]) == 0
     assert (out / "metrics.csv").read_text().splitlines()[1].startswith("synth0004,synth0002,")
-    pairs.write_text("synth0009,synth0002\n")
+    pairs.write_text("fixed,moving\nsynth0002,synth0009\n")
     assert main(["evaluate", "--model", str(shift_model), "--config", str(config), "--pairs", str(pairs)]) == 2
     assert "unknown subject 'synth0009'" in capsys.readouterr().err
+    pairs.write_text("synth0002,synth0004\n")  # no header: refused, since 0.1.0 read such rows the other way round
+    assert main(["evaluate", "--model", str(shift_model), "--config", str(config), "--pairs", str(pairs)]) == 2
+    assert "needs a header row naming its columns" in capsys.readouterr().err
     f = _save(tmp_path / "f.nii.gz", _smooth_volume((32, 32, 32), 0))
     m = _save(tmp_path / "m.nii.gz", _smooth_volume((32, 32, 32), 1))
     seg = _save(tmp_path / "s.nii.gz", (_smooth_volume((32, 32, 32), 2) * 4).astype(np.uint8))

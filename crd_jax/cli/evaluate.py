@@ -41,8 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "grid, the training evaluation; needs --config; the default for synthetic configs)")
     e.add_argument("--split", help="a split name of the config: train, val or test (default: config.eval.split); "
                    "for other subjects use --subjects")
-    e.add_argument("--pairs", help="CSV of 'fixed,moving' subject ids, as register's pairs file (a header row naming the "
-                   "columns may give them as moving,fixed; default: every ordered pair, or the config's evaluation pairs)")
+    e.add_argument("--pairs", help="CSV of subject ids with a header row naming the columns, 'fixed,moving' (or "
+                   "'moving,fixed'); default: every ordered pair, or the config's evaluation pairs")
     e.add_argument("--max-pairs", type=int, default=0, help="evaluate only the first N pairs (default 0: every pair)")
     e.add_argument("--no-hd95", action="store_true", help="skip HD95 (the slowest metric)")
     e.add_argument("--timing-repeats", type=int, default=5,
@@ -57,13 +57,30 @@ def read_pair_ids(path: str, ids: List[str]) -> List[Tuple[int, int]]:
     (:func:`crd_jax.data.pairs.read_pairs_file`, columns ``fixed,moving``)."""
     from crd_jax.data.pairs import read_pairs_file
 
+    rows = read_pairs_file(path, columns=("fixed", "moving"))
+    if not _names_its_columns(path):
+        # crd-jax 0.1.0 read a headerless evaluate pairs file as moving,fixed, this version as fixed,moving
+        # (register's order): a file written for the old order would be evaluated reversed without a word
+        raise InputError(path, "needs a header row naming its columns: 'fixed,moving' (or 'moving,fixed'; crd-jax "
+                               "0.1.0 read rows without a header as moving,fixed, this version as fixed,moving)")
     pairs = []
-    for row in read_pairs_file(path, columns=("fixed", "moving")):
+    for row in rows:
         for sid in (row.fixed, row.moving):
             if sid not in ids:
                 raise InputError(path, f"row {row.row}: unknown subject '{sid}'")
         pairs.append((ids.index(row.moving), ids.index(row.fixed)))
     return pairs
+
+
+def _names_its_columns(path: str) -> bool:
+    """Whether the pairs file's first row (after blank and ``#`` rows) is a header naming fixed/moving."""
+    from pathlib import Path
+
+    for line in Path(path).read_text(encoding="utf-8-sig").splitlines():  # read_pairs_file checked it reads
+        cell = line.split(",")[0].strip().lower()
+        if cell and not cell.startswith("#"):
+            return cell in ("fixed", "moving")
+    return False
 
 
 def run(args: argparse.Namespace) -> None:

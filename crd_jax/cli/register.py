@@ -20,8 +20,8 @@ log = logging.getLogger("crd_jax.register")
 EXAMPLES = ["crd-jax register --model lpba40-vm-ll-crd --fixed S01.nii.gz --moving S02.nii.gz "
             "--moving-seg S02_labels.nii.gz --out-dir out/ --disp-format itk",
             "crd-jax register --pairs pairs.csv --out-dir out/ --skip-existing --keep-going --outputs disp --disp-format compact",
-            "crd-jax register --pairs pairs.csv --out-dir out/ --shard 0/4   (or in an sbatch --array=0-3 job, no --shard)",
-            "crd-jax register --pairs pairs.csv --out-dir out/ --dask local:2   (or --dask tcp://scheduler:8786)"]
+            "crd-jax register --pairs pairs.csv --out-dir out/ --shard 0/4",
+            "crd-jax register --pairs pairs.csv --out-dir out/ --dask local:2"]
 
 
 def add_parser(sub) -> None:
