@@ -306,3 +306,37 @@ def test_a_light_student_uses_feature_distillation_through_a_fitnets_regressor(t
     reg = distill.init_regressor(jax.random.PRNGKey(0), {0: jnp.zeros((1, 4, 4, 4, 8))}, {0: jnp.zeros((1, 4, 4, 4, 16))})
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 4, 4, 4, 8)), jnp.float32)
     np.testing.assert_allclose(distill.regress(reg, {0: x})[0], np.einsum("...c,cd->...d", x, reg["0"]["kernel"]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_backbone_registered_by_a_config_file_records_no_module_that_would_not_import(tmp_path):
+    """A config loaded by path gets a made-up module name (``_crd_config_<stem>``, ml_collections'
+    ``config_config``); recording it would send another process to import a module that does not exist, or
+    some other module of that name. A module importable as itself is recorded."""
+    from crd_jax.cli.common import load_config
+    from crd_jax.models import backbones
+
+    body = ("import dataclasses\n"
+            "from crd_jax.config import base_config\n"
+            "from crd_jax.models import backbones\n"
+            "backbones.register_backbone(dataclasses.replace(backbones.REGISTRY['voxelmorph'], name='{name}', module=''))\n"
+            "def get_config():\n    return base_config()\n")
+    cfg = tmp_path / "cfg_inline.py"
+    cfg.write_text(body.format(name="inline_net"))
+    load_config(str(cfg))
+    assert backbones.source("inline_net") is None
+    module = tmp_path / "fork_pkg_src.py"
+    module.write_text(body.format(name="module_net"))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        __import__("fork_pkg_src")
+        assert backbones.source("module_net") == {"module": "fork_pkg_src"}
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in ("inline_net", "module_net"):
+            backbones.REGISTRY.pop(name, None)
+        sys.modules.pop("fork_pkg_src", None)
+
+
+def test_finetune_takes_the_allow_backbone_module_flag_its_error_names():
+    out = subprocess.run([sys.executable, "-m", "crd_jax", "finetune", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and "--allow-backbone-module MODULE" in out.stdout

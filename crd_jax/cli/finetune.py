@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from crd_jax.cli import options
+
 if TYPE_CHECKING:
     import argparse
 
@@ -28,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="lpba40-vm-ll-crd", help="the model to start from: a shipped model's name "
                    "(crd-jax models) or a model folder (default: lpba40-vm-ll-crd)")
+    options.add_allow_backbone_module(p)
     p.add_argument("--images", required=True, help="folder of NIfTI scans (at least two; roughly aligned to each other)")
     p.add_argument("--labels", default="", help="folder of label maps named as the scans: the last --val-subjects "
                    "subjects are held back and the Dice before and after is reported")

@@ -34,6 +34,11 @@ PAIR_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 def add_model(p: argparse.ArgumentParser, help: str = MODEL_HELP) -> None:
     p.add_argument("--model", help=help)
+    add_allow_backbone_module(p)
+
+
+def add_allow_backbone_module(p: argparse.ArgumentParser) -> None:
+    """``--allow-backbone-module`` (every command that loads a model; :mod:`crd_jax.model_io`)."""
     p.add_argument("--allow-backbone-module", action="append", default=[], metavar="MODULE",
                    help="import MODULE where the model's model.json names it as the source of its backbone (a fork's; "
                         "importing runs its code: only modules you trust). Repeatable; also CRD_JAX_BACKBONE_MODULES")

@@ -150,9 +150,31 @@ def source(name: str) -> Optional[Dict[str, str]]:
     if _installed_entry_point(name) is not None:
         return {"entry_point": name}
     module = REGISTRY[name].module
-    if module and module != "__main__" and _MODULE_NAME.match(module):
+    if module and module != "__main__" and _MODULE_NAME.match(module) and _importable_as_itself(module):
         return {"module": module}
     return None
+
+
+def _importable_as_itself(module: str) -> bool:
+    """Whether importing ``module`` by name in another process finds the file that registered the backbone: a
+    config file loaded by path gets a made-up module name (``_crd_config_x``, ml_collections' ``config_config``)
+    that imports nothing, or worse, some other module of that name."""
+    import importlib.util
+    import os
+
+    loaded = sys.modules.get(module)
+    here = getattr(loaded, "__file__", None)
+    if here is None:
+        return False
+    saved = sys.modules.pop(module)  # find_spec looks a module up in sys.modules first
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    finally:
+        sys.modules[module] = saved
+    origin = getattr(spec, "origin", None)
+    return bool(origin) and os.path.realpath(origin) == os.path.realpath(here)
 
 
 def is_module_name(text: str) -> bool:
