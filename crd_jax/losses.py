@@ -178,6 +178,12 @@ def register_similarity(cls: Type[Similarity]) -> Type[Similarity]:
     """Makes a similarity usable from configs: ``config.loss.similarity = cls.name`` (also a decorator)."""
     if not (isinstance(cls, type) and issubclass(cls, Similarity)) or cls.name == Similarity.name:
         raise TypeError(f"register_similarity takes a Similarity subclass with its own name, got {cls!r}")
+    before = SIMILARITIES.get(cls.name)
+    where = lambda c: f"{c.__module__}.{c.__qualname__}"  # noqa: E731 (the same class re-imported is no clash)
+    if before is not None and where(before) != where(cls):
+        # a fork's "ncc" would silently change NCC for every config: a new name instead
+        raise ValueError(f"similarity {cls.name!r} is registered already (by {where(before)}); give {where(cls)} "
+                         "another name")
     SIMILARITIES[cls.name] = cls
     return cls
 

@@ -209,3 +209,22 @@ def test_the_built_in_similarities_are_registry_entries_equal_to_their_functions
     assert losses.similarity("ncc", 5) == losses.NCC(window=5)  # frozen: compares (and hashes) by value
     with pytest.raises(TypeError, match="Similarity subclass"):
         losses.register_similarity(lambda fixed, warped: 0.0)
+
+
+def test_a_similarity_name_cannot_be_taken_over():
+    import dataclasses
+    from typing import ClassVar
+
+    from crd_jax import losses
+
+    @dataclasses.dataclass(frozen=True)
+    class Impostor(losses.Similarity):
+        name: ClassVar[str] = "ncc"
+
+        def __call__(self, fixed, warped):
+            return jnp.mean((fixed - warped) ** 2)
+
+    with pytest.raises(ValueError, match="similarity 'ncc' is registered already"):
+        losses.register_similarity(Impostor)
+    assert losses.SIMILARITIES["ncc"] is losses.NCC
+    assert losses.register_similarity(losses.NCC) is losses.NCC  # the same class again: fine
