@@ -19,7 +19,8 @@ def test_every_results_block_in_the_readme_and_the_docs_equals_its_results_file(
             found.setdefault(page.name, set()).add(name)
             assert body == readme_tables.result_text(name), (
                 f"{page.relative_to(ROOT)}: block '{name}' differs from benchmarks/results/{name}.md "
-                "(python benchmarks/readme_tables.py rewrites it)")
+                "(python benchmarks/readme_tables.py rewrites it)"
+            )
     assert {"default_run", "register_options"} <= found["README.md"]
     assert {"efficiency", "peers", "cpu_peak", "register_e2e", "gpu_table_h200"} <= found["performance.md"]
 
@@ -35,7 +36,12 @@ def test_ci_runs_exactly_the_readme_test_command():
 
     readme = (ROOT / "README.md").read_text()
     command = re.search(r"Install and run the tests.*?```bash\n(.*?)\n```", readme, re.S).group(1)
-    assert command.startswith("python3 -m venv .venv") and "pytest" in command and "ruff check ." in command
+    assert (
+        command.startswith("python3 -m venv .venv")
+        and "pytest" in command
+        and "ruff check ." in command
+        and "ruff format --check ." in command
+    )
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert ci[-1] == command, (ci[-1], command)
 
@@ -88,8 +94,13 @@ def test_register_your_own_images_walkthrough_runs_as_written(tmp_path):
         assert argv[0] == "crd-jax"
         if activate.exists():  # as the README says: a new shell, the environment activated, the line as written
             line = f"source {shlex.quote(str(activate))} && {shlex.join(argv)}"
-            proc = subprocess.run(["bash", "--noprofile", "--norc", "-c", line], cwd=tmp_path, capture_output=True, text=True,
-                                  env={k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")})
+            proc = subprocess.run(
+                ["bash", "--noprofile", "--norc", "-c", line],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                env={k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")},
+            )
         else:
             proc = subprocess.run([sys.executable, "-m", "crd_jax", *argv[1:]], cwd=tmp_path, capture_output=True, text=True)
         assert proc.returncode == 0, (argv, proc.stderr[-2000:])
@@ -99,8 +110,17 @@ def test_register_your_own_images_walkthrough_runs_as_written(tmp_path):
     assert "intensities scaled to [0, 1] (minmax)" in logs["register"] and "instance optimisation: 50 steps" in logs["register"]
     print(f"walkthrough figure: {tmp_path / 'sub-02_to_sub-01' / 'overview.png'}")
     out = tmp_path / "sub-02_to_sub-01"
-    for name in ("warped.nii.gz", "warped_seg.nii.gz", "disp.nii.gz", "jacobian.nii.gz", "affine.txt", "affine_itk.txt",
-                 "registration.json", "labels_smooth.nii.gz", "overview.png"):
+    for name in (
+        "warped.nii.gz",
+        "warped_seg.nii.gz",
+        "disp.nii.gz",
+        "jacobian.nii.gz",
+        "affine.txt",
+        "affine_itk.txt",
+        "registration.json",
+        "labels_smooth.nii.gz",
+        "overview.png",
+    ):
         assert (out / name).is_file(), name
     warped = nib.load(out / "warped_seg.nii.gz")
     assert warped.shape == img1_lps.shape and np.allclose(warped.affine, lps)
