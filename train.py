@@ -53,7 +53,7 @@ def precheck(argv) -> None:
         elif arg == "--config" and i + 1 < len(args):
             path = args[i + 1]
         elif arg.startswith("--config."):
-            overrides.append(arg[len("--config."):].split("=", 1)[0])
+            overrides.append(arg[len("--config.") :].split("=", 1)[0])
     try:
         config = _load_config(path)
         for dotted in overrides:
@@ -63,18 +63,22 @@ def precheck(argv) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = [a.replace("--allow-config-change", "--allow_config_change", 1) if a.startswith("--allow-config-change") else a
-                for a in sys.argv]
+    sys.argv = [
+        a.replace("--allow-config-change", "--allow_config_change", 1) if a.startswith("--allow-config-change") else a
+        for a in sys.argv
+    ]
     from crd_jax.cli.main import cap_thread_count
 
     cap_thread_count(prog="train.py")
     precheck(sys.argv)
 
-flags.DEFINE_bool("allow_config_change", False, "resume a workdir with a config changed where it was already trained "
-                  "(recorded in config_history.jsonl); also spelt --allow-config-change")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "Path to a config file under configs/.", lock_config=True
+flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "resume a workdir with a config changed where it was already trained "
+    "(recorded in config_history.jsonl); also spelt --allow-config-change",
 )
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Path to a config file under configs/.", lock_config=True)
 
 
 def parse_flags(argv):
@@ -113,7 +117,11 @@ def main(argv):
     except OSError as exc:  # the workdir's file system: full, read-only, another user's
         _fail(f"{exc.filename or config.workdir}: {exc.strerror or exc}")
     except InputError as exc:
-        hint = " (the built-in synthetic data needs no files: --config=configs/synthetic_vm.py)" if ("root" in str(exc) or "folder" in str(exc)) and "workdir" not in str(exc) else ""
+        hint = (
+            " (the built-in synthetic data needs no files: --config=configs/synthetic_vm.py)"
+            if ("root" in str(exc) or "folder" in str(exc)) and "workdir" not in str(exc)
+            else ""
+        )
         _fail(f"{exc}{hint}")
     except KeyboardInterrupt:
         _leave("error: interrupted; re-run the same command to resume from the last checkpoint", 130)

@@ -27,8 +27,12 @@ def timed(fn, repeats: int, warmup: int = 1):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return {"latency_s": float(np.median(times)), "latency_min_s": float(np.min(times)), "latency_max_s": float(np.max(times)),
-            "runs": len(times)}
+    return {
+        "latency_s": float(np.median(times)),
+        "latency_min_s": float(np.min(times)),
+        "latency_max_s": float(np.max(times)),
+        "runs": len(times),
+    }
 
 
 # --- JAX (crd-jax) ----------------------------------------------------------------------------------------
@@ -77,13 +81,23 @@ def run_jax(args) -> dict:
     compiled = fn.lower(params, m, f).compile()
     compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
-    out = {"framework": "jax", "conv": "native" if native.available() and args.conv != "lax" else "lax", "compile_s": compile_s,
-           "bf16": bool(args.bf16 and native.has_bf16()), "bf16_engine": native.bf16_engine() if args.bf16 else ""}
+    out = {
+        "framework": "jax",
+        "conv": "native" if native.available() and args.conv != "lax" else "lax",
+        "compile_s": compile_s,
+        "bf16": bool(args.bf16 and native.has_bf16()),
+        "bf16_engine": native.bf16_engine() if args.bf16 else "",
+    }
     if mem is not None:
-        out.update(xla_arguments_mb=mem.argument_size_in_bytes / 2**20, xla_outputs_mb=mem.output_size_in_bytes / 2**20,
-                   xla_temporaries_mb=mem.temp_size_in_bytes / 2**20,
-                   xla_total_mb=(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                                 - mem.alias_size_in_bytes) / 2**20)
+        out.update(
+            xla_arguments_mb=mem.argument_size_in_bytes / 2**20,
+            xla_outputs_mb=mem.output_size_in_bytes / 2**20,
+            xla_temporaries_mb=mem.temp_size_in_bytes / 2**20,
+            xla_total_mb=(
+                mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+            )
+            / 2**20,
+        )
     out.update(timed(lambda: jax.block_until_ready(compiled(params, m, f)), args.repeats))
     out["baseline_rss_mb"] = base_rss
     out["peak_rss_mb"] = rss_mb()
@@ -94,8 +108,11 @@ def run_jax(args) -> dict:
         # XLA's count for the same model written with lax.conv (the native kernel is opaque to XLA).
         native._state["ok"] = False
         ref = jax.jit(fn.__wrapped__ if hasattr(fn, "__wrapped__") else fn)
-        ref = jax.jit(lambda p, m, f: model.apply(p, m, f)["disp"]) if args.mode == "infer" else jax.jit(
-            jax.value_and_grad(lambda p, m, f: registration_loss(m, f, model.apply(p, m, f)["disp"])[0]))
+        ref = (
+            jax.jit(lambda p, m, f: model.apply(p, m, f)["disp"])
+            if args.mode == "infer"
+            else jax.jit(jax.value_and_grad(lambda p, m, f: registration_loss(m, f, model.apply(p, m, f)["disp"])[0]))
+        )
         cost = ref.lower(params, m, f).compile().cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         out["gflop"] = float(cost.get("flops", 0.0)) / 1e9
@@ -171,8 +188,9 @@ def run_torch(args) -> dict:
     elif args.model == "monai_voxelmorph":
         from monai.networks.nets import VoxelMorph, VoxelMorphUNet
 
-        backbone = VoxelMorphUNet(spatial_dims=3, in_channels=2, unet_out_channels=32, channels=(16, 32, 32, 32, 32, 32),
-                                  final_conv_channels=(16, 16))
+        backbone = VoxelMorphUNet(
+            spatial_dims=3, in_channels=2, unet_out_channels=32, channels=(16, 32, 32, 32, 32, 32), final_conv_channels=(16, 16)
+        )
         net = VoxelMorph(backbone=backbone, integration_steps=0)
         forward = lambda m, f: net(m, f)[1]  # noqa: E731
     elif args.model == "torch_same":
@@ -231,10 +249,17 @@ def run_torch(args) -> dict:
             disp = forward(m, f)
             loss = ncc(f, warp(m, disp)) + grad(None, disp)
             loss.backward()
+
     if args.bf16 and args.mode != "infer":
         raise ValueError("--bf16 is an inference setting")
-    out = {"framework": "torch", "torch": torch.__version__, "memory_format": args.memory_format, "parameters": n_params,
-           "device": str(device), "bf16": bool(args.bf16)}
+    out = {
+        "framework": "torch",
+        "torch": torch.__version__,
+        "memory_format": args.memory_format,
+        "parameters": n_params,
+        "device": str(device),
+        "bf16": bool(args.bf16),
+    }
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats()
@@ -255,8 +280,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--conv", choices=("native", "lax"), default="native")
     p.add_argument("--flops", action="store_true")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 inference: crd-jax's opt-in convolutions, PyTorch's "
-                   "autocast")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 inference: crd-jax's opt-in convolutions, PyTorch's autocast")
     p.add_argument("--memory-format", default="channels_last_3d")
     p.add_argument("--device", default="cpu", help="PyTorch peers: cpu or cuda")
     args = p.parse_args()

@@ -19,13 +19,37 @@ def padded(shape: Sequence[int], multiple: int) -> List[int]:
     return [int(-(-s // multiple) * multiple) for s in shape]
 
 
-def run_child(model: str, shape: Sequence[int], factor: int = 1, mode: str = "infer", repeats: int = 5,
-              conv: str = "native", flops: bool = False, log=None, timeout: int = 3600, cpus: int = 0,
-              extra: Sequence[str] = ()) -> Dict:
+def run_child(
+    model: str,
+    shape: Sequence[int],
+    factor: int = 1,
+    mode: str = "infer",
+    repeats: int = 5,
+    conv: str = "native",
+    flops: bool = False,
+    log=None,
+    timeout: int = 3600,
+    cpus: int = 0,
+    extra: Sequence[str] = (),
+) -> Dict:
     """One measurement in a fresh process; ``cpus > 0`` pins it to the first ``cpus`` CPUs it may use (XLA's
     pool and the native kernel's both size themselves by the affinity mask)."""
-    cmd = [sys.executable, str(HERE / "_child.py"), "--model", model, "--factor", str(factor), "--mode", mode,
-           "--shape", *map(str, shape), "--repeats", str(repeats), "--conv", conv]
+    cmd = [
+        sys.executable,
+        str(HERE / "_child.py"),
+        "--model",
+        model,
+        "--factor",
+        str(factor),
+        "--mode",
+        mode,
+        "--shape",
+        *map(str, shape),
+        "--repeats",
+        str(repeats),
+        "--conv",
+        conv,
+    ]
     if flops:
         cmd.append("--flops")
     cmd += list(extra)
@@ -37,9 +61,15 @@ def run_child(model: str, shape: Sequence[int], factor: int = 1, mode: str = "in
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, preexec_fn=pin)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        result = {"model": model, "factor": factor, "mode": mode, "shape": list(shape), "error": proc.stderr.strip().splitlines()[-1:]}
+        result = {
+            "model": model,
+            "factor": factor,
+            "mode": mode,
+            "shape": list(shape),
+            "error": proc.stderr.strip().splitlines()[-1:],
+        }
     else:
-        result = json.loads(lines[-1][len("RESULT "):])
+        result = json.loads(lines[-1][len("RESULT ") :])
     result["wall_s"] = time.perf_counter() - t
     if log:
         log(json.dumps({k: v for k, v in result.items() if not isinstance(v, list) or k == "shape"}))
@@ -49,8 +79,13 @@ def run_child(model: str, shape: Sequence[int], factor: int = 1, mode: str = "in
 def machine() -> Dict:
     import jax
 
-    info = {"python": platform.python_version(), "jax": jax.__version__, "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(), "backend": jax.default_backend()}
+    info = {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "backend": jax.default_backend(),
+    }
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):

@@ -28,11 +28,22 @@ def vm_layers(shape):
     ``shape``; ``C_skip > 0``: the decoder's first convolution of a level, whose input is
     ``concat(upsample(C_in - C_skip channels), C_skip skip channels)`` (one fused op, as the network runs it)."""
     s = np.asarray(shape)
-    enc = [("enc0", s, 2, 16, 2, 0), ("enc1", s // 2, 16, 32, 2, 0), ("enc2", s // 4, 32, 32, 2, 0),
-           ("enc3", s // 8, 32, 32, 2, 0)]
-    dec = [("dec4", s // 16, 32, 32, 1, 0), ("dec3", s // 8, 64, 32, 1, 32), ("dec2", s // 4, 64, 32, 1, 32),
-           ("dec1a", s // 2, 48, 32, 1, 16), ("dec1b", s // 2, 32, 32, 1, 0), ("dec0a", s, 34, 16, 1, 2),
-           ("dec0b", s, 16, 16, 1, 0), ("flow", s, 16, 3, 1, 0)]
+    enc = [
+        ("enc0", s, 2, 16, 2, 0),
+        ("enc1", s // 2, 16, 32, 2, 0),
+        ("enc2", s // 4, 32, 32, 2, 0),
+        ("enc3", s // 8, 32, 32, 2, 0),
+    ]
+    dec = [
+        ("dec4", s // 16, 32, 32, 1, 0),
+        ("dec3", s // 8, 64, 32, 1, 32),
+        ("dec2", s // 4, 64, 32, 1, 32),
+        ("dec1a", s // 2, 48, 32, 1, 16),
+        ("dec1b", s // 2, 32, 32, 1, 0),
+        ("dec0a", s, 34, 16, 1, 2),
+        ("dec0b", s, 16, 16, 1, 0),
+        ("flow", s, 16, 3, 1, 0),
+    ]
     return [(n, tuple(int(v) for v in sp), ci, co, st, sk) for n, sp, ci, co, st, sk in enc + dec]
 
 
@@ -99,28 +110,57 @@ def main():
         latency = time_layer(spatial, cin, cout, stride, args.repeats, act=name != "flow", skip=skip)
         algorithm = "Winograd" if native.winograd_calls() > calls else "direct"
         g = useful_gflop(spatial, cin, cout, stride)
-        rows.append({"layer": name + (" (up+concat)" if skip else ""), "algorithm": algorithm, "input": list(spatial),
-                     "cin": cin, "cout": cout, "stride": stride,
-                     "latency_s": latency, "gflop": g, "gflops": g / latency, "fraction_of_peak": g / latency / args.peak})
+        rows.append(
+            {
+                "layer": name + (" (up+concat)" if skip else ""),
+                "algorithm": algorithm,
+                "input": list(spatial),
+                "cin": cin,
+                "cout": cout,
+                "stride": stride,
+                "latency_s": latency,
+                "gflop": g,
+                "gflops": g / latency,
+                "fraction_of_peak": g / latency / args.peak,
+            }
+        )
         total_s += latency
         total_g += g
     m = machine()
     path = native.describe() + (f", bfloat16 inputs and weights, float32 sums, {native.describe_bf16()}" if args.bf16 else "")
-    lines = [f"### VM-H convolutions one by one, input {'x'.join(map(str, args.shape))} ({m.get('cpu', '')}, {path})", "",
-             f"Median of {args.repeats}; GFLOP/s counts a direct convolution's multiply-adds (a Winograd layer does about a "
-             f"third of them, so its rate can pass the peak); peak {args.peak:.0f} GFLOP/s (FMA loop, same CPUs). "
-             "`(up+concat)`: the decoder's upsample-and-concatenate and the convolution as the network runs them "
-             "(one fused op, input channels = upsampled + skip).", "",
-             "| Layer | Algorithm | Input | C_in -> C_out | Stride | Latency (ms) | GFLOP | GFLOP/s | % of peak |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### VM-H convolutions one by one, input {'x'.join(map(str, args.shape))} ({m.get('cpu', '')}, {path})",
+        "",
+        f"Median of {args.repeats}; GFLOP/s counts a direct convolution's multiply-adds (a Winograd layer does about a "
+        f"third of them, so its rate can pass the peak); peak {args.peak:.0f} GFLOP/s (FMA loop, same CPUs). "
+        "`(up+concat)`: the decoder's upsample-and-concatenate and the convolution as the network runs them "
+        "(one fused op, input channels = upsampled + skip).",
+        "",
+        "| Layer | Algorithm | Input | C_in -> C_out | Stride | Latency (ms) | GFLOP | GFLOP/s | % of peak |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['layer']} | {r['algorithm']} | {'x'.join(map(str, r['input']))} | {r['cin']} -> {r['cout']} | {r['stride']} | "
-                     f"{1e3 * r['latency_s']:.1f} | {r['gflop']:.2f} | {r['gflops']:.0f} | {100 * r['fraction_of_peak']:.0f}% |")
-    lines.append(f"| all | | | | | {1e3 * total_s:.1f} | {total_g:.2f} | {total_g / total_s:.0f} | "
-                 f"{100 * total_g / total_s / args.peak:.0f}% |")
-    write(args.out, {"machine": m, "shape": list(args.shape), "peak_gflops": args.peak, "conv": path,
-                     "rows": rows, "total_s": total_s, "total_gflop": total_g},
-          "\n".join(lines) + "\n")
+        lines.append(
+            f"| {r['layer']} | {r['algorithm']} | {'x'.join(map(str, r['input']))} | {r['cin']} -> {r['cout']} | {r['stride']} | "
+            f"{1e3 * r['latency_s']:.1f} | {r['gflop']:.2f} | {r['gflops']:.0f} | {100 * r['fraction_of_peak']:.0f}% |"
+        )
+    lines.append(
+        f"| all | | | | | {1e3 * total_s:.1f} | {total_g:.2f} | {total_g / total_s:.0f} | "
+        f"{100 * total_g / total_s / args.peak:.0f}% |"
+    )
+    write(
+        args.out,
+        {
+            "machine": m,
+            "shape": list(args.shape),
+            "peak_gflops": args.peak,
+            "conv": path,
+            "rows": rows,
+            "total_s": total_s,
+            "total_gflop": total_g,
+        },
+        "\n".join(lines) + "\n",
+    )
 
 
 if __name__ == "__main__":

@@ -77,42 +77,70 @@ def main():
     infer = {k: run_child("vm", args.shape, 1, "infer", args.repeats, flops=True, cpus=k) for k in counts}
 
     m = machine()
-    lines = [f"### FMA peak and VM-H inference efficiency ({m.get('cpu', '')}, {n} CPUs)", "",
-             f"VM-H inference at {'x'.join(map(str, args.shape))}, native convolution path, median of {args.repeats}; "
-             "GFLOP/s = XLA's flop count (a direct convolution's; the Winograd layers do about a third of their "
-             "multiply-adds, so the rate can pass the peak) / latency; peak = the FMA loop of "
-             "`benchmarks/csrc/fma_peak.cc` on the same CPUs.",
-             "", "| CPUs | FMA peak AVX2 (GFLOP/s) | " + ("FMA peak AVX-512 | " if 512 in peak else "")
-             + "VM-H latency (s) | VM-H GFLOP/s | % of AVX2 peak | % of the machine's peak | speed-up vs 1 CPU |",
-             "|---|---|" + ("---|" if 512 in peak else "") + "---|---|---|---|---|"]
+    lines = [
+        f"### FMA peak and VM-H inference efficiency ({m.get('cpu', '')}, {n} CPUs)",
+        "",
+        f"VM-H inference at {'x'.join(map(str, args.shape))}, native convolution path, median of {args.repeats}; "
+        "GFLOP/s = XLA's flop count (a direct convolution's; the Winograd layers do about a third of their "
+        "multiply-adds, so the rate can pass the peak) / latency; peak = the FMA loop of "
+        "`benchmarks/csrc/fma_peak.cc` on the same CPUs.",
+        "",
+        "| CPUs | FMA peak AVX2 (GFLOP/s) | "
+        + ("FMA peak AVX-512 | " if 512 in peak else "")
+        + "VM-H latency (s) | VM-H GFLOP/s | % of AVX2 peak | % of the machine's peak | speed-up vs 1 CPU |",
+        "|---|---|" + ("---|" if 512 in peak else "") + "---|---|---|---|---|",
+    ]
     base = infer[counts[0]].get("latency_s")
     rows = []
     for k in counts:
         r = infer[k]
         if "error" in r:
-            lines.append(f"| {k} | {peak[256][k]:.0f} | " + (f"{peak[512][k]:.0f} | " if 512 in peak else "") + "failed | | | | |")
+            lines.append(
+                f"| {k} | {peak[256][k]:.0f} | " + (f"{peak[512][k]:.0f} | " if 512 in peak else "") + "failed | | | | |"
+            )
             continue
         gflops = r["gflop"] / r["latency_s"]
-        rows.append({"cpus": k, "peak": {str(w): peak[w][k] for w in widths}, "latency_s": r["latency_s"],
-                     "gflop": r["gflop"], "gflops": gflops, "fraction_of_avx2_peak": gflops / peak[256][k],
-                     "fraction_of_peak": gflops / best[k]})
-        lines.append(f"| {k} | {peak[256][k]:.0f} | " + (f"{peak[512][k]:.0f} | " if 512 in peak else "")
-                     + f"{r['latency_s']:.3f} | {gflops:.0f} | {100 * gflops / peak[256][k]:.0f}% | {100 * gflops / best[k]:.0f}% "
-                     f"| {base / r['latency_s']:.2f}x |")
+        rows.append(
+            {
+                "cpus": k,
+                "peak": {str(w): peak[w][k] for w in widths},
+                "latency_s": r["latency_s"],
+                "gflop": r["gflop"],
+                "gflops": gflops,
+                "fraction_of_avx2_peak": gflops / peak[256][k],
+                "fraction_of_peak": gflops / best[k],
+            }
+        )
+        lines.append(
+            f"| {k} | {peak[256][k]:.0f} | "
+            + (f"{peak[512][k]:.0f} | " if 512 in peak else "")
+            + f"{r['latency_s']:.3f} | {gflops:.0f} | {100 * gflops / peak[256][k]:.0f}% | {100 * gflops / best[k]:.0f}% "
+            f"| {base / r['latency_s']:.2f}x |"
+        )
     from crd_jax.ops import native
 
-    lines += ["", f"Convolution path: {native.describe()}. The AVX-512 column is the same FMA loop with 16 lanes (some "
-              "CPUs, Zen 4 among them, run it at the AVX2 rate, so 512-bit vectors add no peak there, only fewer "
-              "instructions and twice the registers)." if 512 in peak else f"Convolution path: {native.describe()}."]
+    lines += [
+        "",
+        f"Convolution path: {native.describe()}. The AVX-512 column is the same FMA loop with 16 lanes (some "
+        "CPUs, Zen 4 among them, run it at the AVX2 rate, so 512-bit vectors add no peak there, only fewer "
+        "instructions and twice the registers)."
+        if 512 in peak
+        else f"Convolution path: {native.describe()}.",
+    ]
     bf16 = native.bf16_speedup()
     if bf16:
         engine = {"amx": "AMX TDPBF16PS", "avx512-bf16": "VDPBF16PS"}[native.bf16_engine()]
-        lines += ["", f"bfloat16 (`--bf16`): {engine} multiply-adds per second / float32 FMA multiply-adds per second "
-                  f"on one CPU = {bf16:.2f} (`crd_jax.ops.native.bf16_speedup()`; below 1.2 `crd-jax register --bf16` "
-                  "says in its log that it is unlikely to be faster)."]
-    write(args.out, {"machine": m, "shape": args.shape, "rows": rows, "bf16_speedup": bf16,
-                     "bf16_engine": native.bf16_engine()},
-          "\n".join(lines).rstrip() + "\n")
+        lines += [
+            "",
+            f"bfloat16 (`--bf16`): {engine} multiply-adds per second / float32 FMA multiply-adds per second "
+            f"on one CPU = {bf16:.2f} (`crd_jax.ops.native.bf16_speedup()`; below 1.2 `crd-jax register --bf16` "
+            "says in its log that it is unlikely to be faster).",
+        ]
+    write(
+        args.out,
+        {"machine": m, "shape": args.shape, "rows": rows, "bf16_speedup": bf16, "bf16_engine": native.bf16_engine()},
+        "\n".join(lines).rstrip() + "\n",
+    )
 
 
 if __name__ == "__main__":

@@ -116,9 +116,17 @@ def gate(config, workdir: Path) -> dict:
     ceiling = diag.ceiling(model, params, val, evaluation_pairs(config, val), labels, factor)["ceiling_dice"]
     vm_ll = _eval_rows(workdir, protocol.BASELINE_LOW)["dice_mean"]
     fst_dice = _eval_rows(workdir, fst)["dice_mean"]
-    result = {"fst_choice_train_dice": choice, "fst": fst, "fst_val_dice": fst_dice, "vm_ll_val_dice": vm_ll,
-              "ceiling_val_dice": ceiling, "fst_minus_vm_ll": fst_dice - vm_ll, "ceiling_minus_vm_ll": ceiling - vm_ll,
-              "threshold": protocol.GATE, "headroom_pairs": [[train.ids[m], train.ids[f]] for m, f in pairs]}
+    result = {
+        "fst_choice_train_dice": choice,
+        "fst": fst,
+        "fst_val_dice": fst_dice,
+        "vm_ll_val_dice": vm_ll,
+        "ceiling_val_dice": ceiling,
+        "fst_minus_vm_ll": fst_dice - vm_ll,
+        "ceiling_minus_vm_ll": ceiling - vm_ll,
+        "threshold": protocol.GATE,
+        "headroom_pairs": [[train.ids[m], train.ids[f]] for m, f in pairs],
+    }
     result["passed"] = bool(result["fst_minus_vm_ll"] >= protocol.GATE and result["ceiling_minus_vm_ll"] >= protocol.GATE)
     write_json(path, result)
     return result
@@ -144,26 +152,44 @@ def _per_pair(workdir: Path, stage: str):
 def report(workdir: Path, out: Path, draws: int) -> dict:
     """``crd_experiment<N>.{md,json}`` from whatever has finished."""
     teacher = {s: _eval_rows(workdir, s) for s in protocol.TEACHER_PIPELINE}
-    teacher = {s: {k: r[k] for k in ("label", "dice_mean", "dice_std", "folds_mean", "num_pairs")} for s, r in teacher.items() if r}
+    teacher = {
+        s: {k: r[k] for k in ("label", "dice_mean", "dice_std", "folds_mean", "num_pairs")} for s, r in teacher.items() if r
+    }
     g = json.loads((workdir / "gate.json").read_text()) if (workdir / "gate.json").exists() else None
     payload = {"protocol": "configs/lpba40_crd_exp1.py", "teacher_phase": teacher, "gate": g}
-    lines = [f"### {protocol.get_config().name} (pre-registered, {protocol.__name__.replace('.', '/')}.py)", "",
-             "| Stage | Val Dice | Pairs | Folds |", "|---|---|---|---|"]
-    lines += [f"| {r['label']} | {r['dice_mean']:.4f} ({r['dice_std']:.4f}) | {r['num_pairs']} | {r['folds_mean']:.1f} |"
-              for r in teacher.values()]
+    lines = [
+        f"### {protocol.get_config().name} (pre-registered, {protocol.__name__.replace('.', '/')}.py)",
+        "",
+        "| Stage | Val Dice | Pairs | Folds |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['label']} | {r['dice_mean']:.4f} ({r['dice_std']:.4f}) | {r['num_pairs']} | {r['folds_mean']:.1f} |"
+        for r in teacher.values()
+    ]
     progress = _progress(workdir)
     if progress:
         payload["progress"] = progress
-        lines += ["", "Stages still training (" + time.strftime("%Y-%m-%d", time.gmtime()) + "): "
-                  + ", ".join(f"{s} step {p['step']:,} of {p['steps']:,}" for s, p in progress.items()) + "."]
+        lines += [
+            "",
+            "Stages still training ("
+            + time.strftime("%Y-%m-%d", time.gmtime())
+            + "): "
+            + ", ".join(f"{s} step {p['step']:,} of {p['steps']:,}" for s, p in progress.items())
+            + ".",
+        ]
     if g is None:
         lines += ["", "Gate: not reached yet (the teacher phase is still training)."]
     else:
-        lines += ["", f"FST chosen on 16 training pairs: {g['fst']} (train Dice "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in g["fst_choice_train_dice"].items()) + ").",
-                  f"Gate (>= +{g['threshold']:.3f} each): FST - VM-LL = {g['fst_minus_vm_ll']:+.4f}, "
-                  f"ceiling - VM-LL = {g['ceiling_minus_vm_ll']:+.4f} (ceiling {g['ceiling_val_dice']:.4f}): "
-                  + ("**passed**." if g["passed"] else "**failed**: this regime has no recoverable headroom; no student trains.")]
+        lines += [
+            "",
+            f"FST chosen on 16 training pairs: {g['fst']} (train Dice "
+            + ", ".join(f"{k} {v:.4f}" for k, v in g["fst_choice_train_dice"].items())
+            + ").",
+            f"Gate (>= +{g['threshold']:.3f} each): FST - VM-LL = {g['fst_minus_vm_ll']:+.4f}, "
+            f"ceiling - VM-LL = {g['ceiling_minus_vm_ll']:+.4f} (ceiling {g['ceiling_val_dice']:.4f}): "
+            + ("**passed**." if g["passed"] else "**failed**: this regime has no recoverable headroom; no student trains."),
+        ]
     if g and (g["passed"] or (workdir / "stages" / "ctl_s0").exists()):
         per_pair = {}
         for arm in protocol.ARMS:
@@ -174,16 +200,26 @@ def report(workdir: Path, out: Path, draws: int) -> dict:
             per_pair = {a: {s: per_pair[a][s] for s in complete} for a in protocol.ARMS}
             stats = crd_stats.analyse(per_pair, "ctl", ["crd_paper", "crd_code"], protocol.REFUTE, draws)
             payload["analysis"] = stats
-            lines += ["", "| Arm | CRD - control per stream | mean | t 95% (df 4) | Holm level interval | bootstrap 95% | p (Holm) |",
-                      "|---|---|---|---|---|---|---|"]
+            lines += [
+                "",
+                "| Arm | CRD - control per stream | mean | t 95% (df 4) | Holm level interval | bootstrap 95% | p (Holm) |",
+                "|---|---|---|---|---|---|---|",
+            ]
             for arm, r in stats["arms"].items():
-                lines.append(f"| {arm} | " + ", ".join(f"{v:+.4f}" for v in r["per_stream"].values())
-                             + f" | {r['t']['mean']:+.4f} | [{r['t']['low']:+.4f}, {r['t']['high']:+.4f}] "
-                             f"| [{r['t_holm']['low']:+.4f}, {r['t_holm']['high']:+.4f}] "
-                             f"| [{r['bootstrap']['low']:+.4f}, {r['bootstrap']['high']:+.4f}] | {r['holm']['p_holm']:.3f} |")
-            verdict = ("CRD supported: a Holm-adjusted interval excludes 0 on the positive side" if stats["supported"] else
-                       "CRD refuted in this regime: both upper bounds below +0.003" if stats["refuted"] else
-                       "inconclusive: no interval excludes 0 and not both upper bounds are below +0.003")
+                lines.append(
+                    f"| {arm} | "
+                    + ", ".join(f"{v:+.4f}" for v in r["per_stream"].values())
+                    + f" | {r['t']['mean']:+.4f} | [{r['t']['low']:+.4f}, {r['t']['high']:+.4f}] "
+                    f"| [{r['t_holm']['low']:+.4f}, {r['t_holm']['high']:+.4f}] "
+                    f"| [{r['bootstrap']['low']:+.4f}, {r['bootstrap']['high']:+.4f}] | {r['holm']['p_holm']:.3f} |"
+                )
+            verdict = (
+                "CRD supported: a Holm-adjusted interval excludes 0 on the positive side"
+                if stats["supported"]
+                else "CRD refuted in this regime: both upper bounds below +0.003"
+                if stats["refuted"]
+                else "inconclusive: no interval excludes 0 and not both upper bounds are below +0.003"
+            )
             lines += ["", f"Verdict: **{verdict}**."]
         else:
             lines += ["", f"Students: {len(complete)} of {len(protocol.SEEDS)} streams finished in every arm."]

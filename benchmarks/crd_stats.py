@@ -14,7 +14,9 @@ import numpy as np
 Pair = Tuple[str, str]  # (moving id, fixed id)
 
 
-def stream_differences(arm: Mapping[int, Mapping[Pair, float]], control: Mapping[int, Mapping[Pair, float]]) -> Dict[int, Dict[Pair, float]]:
+def stream_differences(
+    arm: Mapping[int, Mapping[Pair, float]], control: Mapping[int, Mapping[Pair, float]]
+) -> Dict[int, Dict[Pair, float]]:
     """Per stream, per validation pair: Dice(arm) - Dice(control). Both must cover the same streams and pairs."""
     if set(arm) != set(control):
         raise ValueError(f"streams differ: {sorted(arm)} vs {sorted(control)}")
@@ -44,8 +46,9 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> Dict[str, float]
     return {"mean": mean, "low": mean - half, "high": mean + half, "p": p, "n": n, "sd": sd, "level": level}
 
 
-def two_level_bootstrap(diffs: Mapping[int, Mapping[Pair, float]], draws: int = 10_000, level: float = 0.95,
-                        seed: int = 0) -> Dict[str, float]:
+def two_level_bootstrap(
+    diffs: Mapping[int, Mapping[Pair, float]], draws: int = 10_000, level: float = 0.95, seed: int = 0
+) -> Dict[str, float]:
     """Percentile interval of the mean difference when both the streams and the validation subjects are
     resampled: each draw takes the streams with replacement, then the subjects with replacement, and forms
     every ordered pair of two distinct drawn subjects (a subject drawn twice contributes its pairs twice)."""
@@ -82,8 +85,13 @@ def holm(pvalues: Mapping[str, float], alpha: float = 0.05) -> Dict[str, Dict[st
     return out
 
 
-def analyse(per_pair: Mapping[str, Mapping[int, Mapping[Pair, float]]], control: str, arms: Sequence[str],
-            refute_below: float, draws: int = 10_000) -> Dict:
+def analyse(
+    per_pair: Mapping[str, Mapping[int, Mapping[Pair, float]]],
+    control: str,
+    arms: Sequence[str],
+    refute_below: float,
+    draws: int = 10_000,
+) -> Dict:
     """The protocol's analysis. ``per_pair[arm][stream][(moving, fixed)] = Dice``."""
     out = {"arms": {}}
     pvals = {}

@@ -52,16 +52,22 @@ def main():
                 r["lax_comparison"] = True
                 rows.append(r)
 
-    lines = [f"Input {'x'.join(map(str, args.shape))}; {machine().get('cpu', '')}, {machine()['cpus']} cores; "
-             f"median (min-max) of {args.repeats} runs after a warm-up.", ""]
+    lines = [
+        f"Input {'x'.join(map(str, args.shape))}; {machine().get('cpu', '')}, {machine()['cpus']} cores; "
+        f"median (min-max) of {args.repeats} runs after a warm-up.",
+        "",
+    ]
     for mode in ("infer", "train"):
         sel = [r for r in rows if r["mode"] == mode and not r.get("lax_comparison")]
         if not sel:
             continue
         title = "Inference" if mode == "infer" else "Training step (forward + backward, NCC 9^3 + grad, at the H grid)"
-        lines += [f"**{title}**", "",
-                  "| Model | Input -> network | Latency (s) | vs H | Compile (s) | XLA memory (MB): args / out / temp / total | vs H | Peak RSS (MB) | GFLOP | GFLOP/s |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"**{title}**",
+            "",
+            "| Model | Input -> network | Latency (s) | vs H | Compile (s) | XLA memory (MB): args / out / temp / total | vs H | Peak RSS (MB) | GFLOP | GFLOP/s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in sel:
             ref = next((q for q in sel if q["model"] == r["model"] and q["factor"] == 1 and "error" not in q), None)
             lat_ratio = f"{r['latency_s'] / ref['latency_s']:.0%}" if ref and "error" not in r else "-"
@@ -72,17 +78,33 @@ def main():
                 f"| {NAMES[r['model']]}-{SUFFIX[r['factor']]} | {'x'.join(map(str, r['shape']))} -> {'x'.join(map(str, r['network_input']))} | {fmt_latency(r)} "
                 f"| {lat_ratio} | {fmt(r.get('compile_s'), 1)} | {fmt(r.get('xla_arguments_mb'))} / {fmt(r.get('xla_outputs_mb'))} / "
                 f"{fmt(r.get('xla_temporaries_mb'))} / {fmt(r.get('xla_total_mb'))} | {mem_ratio} | {fmt(r.get('peak_rss_mb'))} "
-                f"| {fmt(gflops, 1)} | {rate} |")
+                f"| {fmt(gflops, 1)} | {rate} |"
+            )
         lines.append("")
     lax = [r for r in rows if r.get("lax_comparison")]
     if lax:
-        lines += [f"**Native kernel vs lax.conv (VM-L, input {'x'.join(map(str, args.lax_shape))})**", "",
-                  "| Mode | Conv | Latency (s) | XLA total (MB) | Peak RSS (MB) |", "|---|---|---|---|---|"]
+        lines += [
+            f"**Native kernel vs lax.conv (VM-L, input {'x'.join(map(str, args.lax_shape))})**",
+            "",
+            "| Mode | Conv | Latency (s) | XLA total (MB) | Peak RSS (MB) |",
+            "|---|---|---|---|---|",
+        ]
         for r in lax:
-            lines.append(f"| {r['mode']} | {r.get('conv', '?')} | {fmt_latency(r)} | {fmt(r.get('xla_total_mb'))} | {fmt(r.get('peak_rss_mb'))} |")
+            lines.append(
+                f"| {r['mode']} | {r.get('conv', '?')} | {fmt_latency(r)} | {fmt(r.get('xla_total_mb'))} | {fmt(r.get('peak_rss_mb'))} |"
+            )
         lines.append("")
-    write(args.out, {"machine": machine(), "args": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
-                                                    for k, v in vars(args).items()}, "rows": rows}, "\n".join(lines))
+    write(
+        args.out,
+        {
+            "machine": machine(),
+            "args": {
+                k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+            },
+            "rows": rows,
+        },
+        "\n".join(lines),
+    )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,16 @@ def time_steps(config, budget_s: float) -> dict:
     datasets = build_datasets(config.data, network_multiple(config))
     example = PairLoader(datasets["train"], 1, seed=0).batch(0)
     mesh = distributed.data_mesh()
-    kinds = {"vm_h": "VM-H", "vm_l": "VM-L", "coop": "S1", "fst_half": "FST (half)", "fst_full": "FST (full)",
-             "crd_paper_s0": "S3 (paper)", "crd_code_s0": "S3 (code)", "ctl_s0": "control"}
+    kinds = {
+        "vm_h": "VM-H",
+        "vm_l": "VM-L",
+        "coop": "S1",
+        "fst_half": "FST (half)",
+        "fst_full": "FST (full)",
+        "crd_paper_s0": "S3 (paper)",
+        "crd_code_s0": "S3 (code)",
+        "ctl_s0": "control",
+    }
     done, out = {}, {}
     for name, label in kinds.items():
         if time.time() - t0 > budget_s:
@@ -111,7 +119,7 @@ def pack(workdir: Path, out: Path) -> list:
     archive.unlink()
     for i in range(0, len(data), PART):
         name = f"state.tar.gz.{i // PART:02d}"
-        (out / name).write_bytes(data[i:i + PART])
+        (out / name).write_bytes(data[i : i + PART])
         names.append(name)
     return names
 
@@ -137,7 +145,9 @@ def main():
 
     crd_experiment.select(2)
     if not (args.data / "images").is_dir():
-        raise SystemExit(f"{args.data}: no prepared data (python benchmarks/gpu_science_data.py{' --small' if args.small else ''})")
+        raise SystemExit(
+            f"{args.data}: no prepared data (python benchmarks/gpu_science_data.py{' --small' if args.small else ''})"
+        )
     work = Path(tempfile.mkdtemp(prefix="crd_gpu_science_")) / "run"
     resumed = restore(args.state, work)
     run_args = crd_experiment.parser().parse_args([])
@@ -148,13 +158,23 @@ def main():
     stable.symlink_to(args.data.resolve(), target_is_directory=True)
     run_args.workdir, run_args.data_root, run_args.out, run_args.draws = work, str(stable), args.out, 2000
     # on the GPU the teacher's forward costs less than reading its cached outputs from disk
-    run_args.overrides = ["data.resample_shape=()", f"train.deadline={deadline}", "train.progress_bar=False",
-                          "train.teacher_cache_disk_gb=0"]
+    run_args.overrides = [
+        "data.resample_shape=()",
+        f"train.deadline={deadline}",
+        "train.progress_bar=False",
+        "train.teacher_cache_disk_gb=0",
+    ]
     if args.small:
         run_args.steps, run_args.max_pairs = args.small_steps, 2
         run_args.overrides += ["data.shape=(32,32,32)", "data.labels=auto", "train.checkpoint_every=100", "train.log_every=10"]
-    report = {"started": start, "limit_s": args.limit, "resumed": resumed, "device": str(jax.devices()[0]),
-              "jax": jax.__version__, "small": args.small}
+    report = {
+        "started": start,
+        "limit_s": args.limit,
+        "resumed": resumed,
+        "device": str(jax.devices()[0]),
+        "jax": jax.__version__,
+        "small": args.small,
+    }
     config = crd_experiment._config(run_args, "fst_half")
     try:
         report["step_timings"] = time_steps(config, min(args.timing_budget, max(0.0, deadline - time.time() - 60)))
@@ -171,8 +191,11 @@ def main():
     from run_status import read_progress
 
     report["progress"] = read_progress(work / "metrics.jsonl")
-    report["evaluated"] = {s.name: {k: v for k, v in json.loads((s / "eval.json").read_text()).items() if k != "pairs"}
-                           for s in sorted((work / "stages").glob("*")) if (s / "eval.json").exists()}
+    report["evaluated"] = {
+        s.name: {k: v for k, v in json.loads((s / "eval.json").read_text()).items() if k != "pairs"}
+        for s in sorted((work / "stages").glob("*"))
+        if (s / "eval.json").exists()
+    }
     if (work / "gate.json").exists():
         crd_experiment.report(work, args.out, 2000)
     report["wall_s"] = time.time() - start

@@ -37,14 +37,18 @@ def merge_rows(results: Sequence[dict]) -> List[dict]:
 
 def render(device: str, shape: Sequence[int], repeats: int, rows: Sequence[dict], note: str = "") -> str:
     """Table II in markdown: device peak memory and latency, each relative to the same model's H row."""
-    lines = [f"### Table II on {device}, {'x'.join(map(str, shape))}", "",
-             f"Inference of one pair, median of {repeats} after a warm-up; memory: device peak on a GPU, else XLA's "
-             "footprint (JAX) / peak RSS (PyTorch). XLA footprint: what the compiled program needs (arguments, "
-             "outputs, temporaries); a GPU's device peak also holds what the convolution-algorithm search "
-             "(XLA's autotuning, `cudnn.benchmark`) allocated.", "",
-             "| Model | Framework | Memory (MB) | XLA footprint (MB) | Latency (s) | vs H: memory | vs H: time "
-             "| paper GPU MB | paper GPU s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### Table II on {device}, {'x'.join(map(str, shape))}",
+        "",
+        f"Inference of one pair, median of {repeats} after a warm-up; memory: device peak on a GPU, else XLA's "
+        "footprint (JAX) / peak RSS (PyTorch). XLA footprint: what the compiled program needs (arguments, "
+        "outputs, temporaries); a GPU's device peak also holds what the convolution-algorithm search "
+        "(XLA's autotuning, `cudnn.benchmark`) allocated.",
+        "",
+        "| Model | Framework | Memory (MB) | XLA footprint (MB) | Latency (s) | vs H: memory | vs H: time "
+        "| paper GPU MB | paper GPU s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     base = {}
     for r in rows:
         name = f"{NAMES.get(r['model'], r['model'])}-{SUFFIX.get(r['factor'], r['factor'])}"
@@ -56,10 +60,11 @@ def render(device: str, shape: Sequence[int], repeats: int, rows: Sequence[dict]
         if r["factor"] == 1:
             base[r["model"]] = (mem, r["latency_s"])
         h = base.get(r["model"])
-        rel = (f"{mem / h[0]:.0%} | {r['latency_s'] / h[1]:.0%}" if h else "- | -")
+        rel = f"{mem / h[0]:.0%} | {r['latency_s'] / h[1]:.0%}" if h else "- | -"
         paper = PAPER.get((r["model"], r["factor"]), ("-", "-"))
-        lines.append(f"| {name} | {r.get('framework', '')} | {mem:.0f} | {xla} | {r['latency_s']:.4f} | {rel} "
-                     f"| {paper[0]} | {paper[1]} |")
+        lines.append(
+            f"| {name} | {r.get('framework', '')} | {mem:.0f} | {xla} | {r['latency_s']:.4f} | {rel} | {paper[0]} | {paper[1]} |"
+        )
     return "\n".join(lines + ([""] + [note] if note else [])) + "\n"
 
 
@@ -69,18 +74,28 @@ def main():
     p.add_argument("--models", nargs="+", default=["vm", "vm_diff", "torch_same"])
     p.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--render", type=Path, nargs="+", metavar="JSON",
-                   help="measure nothing: rebuild the table from earlier runs' gpu_table.json files (a later "
-                        "file's rows replace an earlier one's for the same model and factor)")
+    p.add_argument(
+        "--render",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="measure nothing: rebuild the table from earlier runs' gpu_table.json files (a later "
+        "file's rows replace an earlier one's for the same model and factor)",
+    )
     p.add_argument("--out", type=Path, default=HERE / "results" / "gpu_table")
     args = p.parse_args()
     if args.render:
         results = [json.loads(path.read_text()) for path in args.render]
         last = results[-1]
         note = "Rebuilt by `benchmarks/gpu_table.py --render` from " + ", ".join(f"`{path.name}`" for path in args.render) + "."
-        body = {"machine": last["machine"], "device": last["device"], "shape": last["shape"],
-                "repeats": last.get("repeats", args.repeats), "rows": merge_rows(results),
-                "rendered_from": [path.name for path in args.render]}
+        body = {
+            "machine": last["machine"],
+            "device": last["device"],
+            "shape": last["shape"],
+            "repeats": last.get("repeats", args.repeats),
+            "rows": merge_rows(results),
+            "rendered_from": [path.name for path in args.render],
+        }
         write(args.out, body, render(body["device"], body["shape"], body["repeats"], body["rows"], note))
         return
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the device peak is what the model needs
@@ -98,8 +113,11 @@ def main():
         device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
     except Exception:
         pass
-    write(args.out, {"machine": m, "device": device, "shape": args.shape, "repeats": args.repeats, "rows": rows},
-          render(device, args.shape, args.repeats, rows))
+    write(
+        args.out,
+        {"machine": m, "device": device, "shape": args.shape, "repeats": args.repeats, "rows": rows},
+        render(device, args.shape, args.repeats, rows),
+    )
 
 
 if __name__ == "__main__":

@@ -37,15 +37,28 @@ def main():
     t = time.perf_counter()
     fast = invert_fast(u)
     t_warm = time.perf_counter() - t
-    out = {"shape": list(u.shape[:3]), "max_disp_voxels": float(np.abs(u).max()), "scipy_s": t_ref,
-           "fast_first_call_s": t_first, "fast_warm_s": t_warm, "max_difference_voxels": float(np.abs(fast - ref).max()),
-           "machine": machine()}
-    lines = [f"### `register --inverse` at 1 mm ({'x'.join(map(str, out['shape']))}), one process ({machine().get('cpu', '')}, "
-             f"{machine()['cpus']} CPUs)", "", "| Inversion | Seconds |", "|---|---|",
-             f"| scipy fixed point (before) | {t_ref:.1f} |", f"| invert_fast, first call (compiles) | {t_first:.1f} |",
-             f"| invert_fast, warm | {t_warm:.1f} |", "",
-             f"Largest difference between the two inverses: {out['max_difference_voxels']:.4f} voxels "
-             f"(field up to {out['max_disp_voxels']:.1f} voxels)."]
+    out = {
+        "shape": list(u.shape[:3]),
+        "max_disp_voxels": float(np.abs(u).max()),
+        "scipy_s": t_ref,
+        "fast_first_call_s": t_first,
+        "fast_warm_s": t_warm,
+        "max_difference_voxels": float(np.abs(fast - ref).max()),
+        "machine": machine(),
+    }
+    lines = [
+        f"### `register --inverse` at 1 mm ({'x'.join(map(str, out['shape']))}), one process ({machine().get('cpu', '')}, "
+        f"{machine()['cpus']} CPUs)",
+        "",
+        "| Inversion | Seconds |",
+        "|---|---|",
+        f"| scipy fixed point (before) | {t_ref:.1f} |",
+        f"| invert_fast, first call (compiles) | {t_first:.1f} |",
+        f"| invert_fast, warm | {t_warm:.1f} |",
+        "",
+        f"Largest difference between the two inverses: {out['max_difference_voxels']:.4f} voxels "
+        f"(field up to {out['max_disp_voxels']:.1f} voxels).",
+    ]
     write_text(HERE / "results" / "inverse_timing.json", json.dumps(out, indent=1))
     write_text(HERE / "results" / "inverse_timing.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -91,15 +91,26 @@ def main():
     seg = {s: load_labels(args.data_root / "labels" / f"{s}.nii.gz") for s in VAL}
     idx = bootstrap_indices(len(pairs))
     m = machine()
-    what = (f"bfloat16 on {engine}" if args.compare == "bf16"
-            else "Winograd F(2x2x2, 3x3x3) on the stride-1 3^3 layers against the direct kernel on all of them")
-    title = ("bfloat16 inference (`--bf16`) against float32" if args.compare == "bf16"
-             else "Winograd convolutions against the direct kernel")
-    lines = [f"### {title}, LPBA40 S35-S40 at 1 mm", "",
-             f"{len(pairs)} ordered pairs, 56 structures; {native.describe()}, {what}, {m.get('cpu', '')}. "
-             f"Field differences in voxels over every voxel of every pair; Dice difference = {new} - {ref} over pairs.", "",
-             f"| Model | Max field difference | Mean field difference | Dice {ref} | Dice {new} | {new} - {ref} [95% CI] | "
-             f"Wilcoxon p | Folds {ref} / {new} |", "|---|---|---|---|---|---|---|---|"]
+    what = (
+        f"bfloat16 on {engine}"
+        if args.compare == "bf16"
+        else "Winograd F(2x2x2, 3x3x3) on the stride-1 3^3 layers against the direct kernel on all of them"
+    )
+    title = (
+        "bfloat16 inference (`--bf16`) against float32"
+        if args.compare == "bf16"
+        else "Winograd convolutions against the direct kernel"
+    )
+    lines = [
+        f"### {title}, LPBA40 S35-S40 at 1 mm",
+        "",
+        f"{len(pairs)} ordered pairs, 56 structures; {native.describe()}, {what}, {m.get('cpu', '')}. "
+        f"Field differences in voxels over every voxel of every pair; Dice difference = {new} - {ref} over pairs.",
+        "",
+        f"| Model | Max field difference | Mean field difference | Dice {ref} | Dice {new} | {new} - {ref} [95% CI] | "
+        f"Wilcoxon p | Folds {ref} / {new} |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     summary = {}
     for name in args.models:
         loaded = load(pretrained.resolve(name))
@@ -111,17 +122,34 @@ def main():
         max_diff = float(max(d.max() for d in diffs))
         mean_diff = float(np.mean([d.mean() for d in diffs]))
         cmp = paired(np.asarray(d16), np.asarray(d32), idx)
-        summary[name] = {"max_field_difference_vox": max_diff, "mean_field_difference_vox": mean_diff,
-                         f"dice_{ref.lower()}": d32, f"dice_{new.lower()}": d16, f"{new.lower()}_minus_{ref.lower()}": cmp,
-                         f"folds_{ref.lower()}": k32, f"folds_{new.lower()}": k16}
-        lines.append(f"| {name} | {voxels(max_diff)} | {voxels(mean_diff)} | {np.mean(d32):.4f} | {np.mean(d16):.4f} | "
-                     f"{cmp['mean']:+.5f} [{cmp['ci'][0]:+.5f}, {cmp['ci'][1]:+.5f}] | {cmp['p']:.2g} | "
-                     f"{np.mean(k32):.0f} / {np.mean(k16):.0f} |")
+        summary[name] = {
+            "max_field_difference_vox": max_diff,
+            "mean_field_difference_vox": mean_diff,
+            f"dice_{ref.lower()}": d32,
+            f"dice_{new.lower()}": d16,
+            f"{new.lower()}_minus_{ref.lower()}": cmp,
+            f"folds_{ref.lower()}": k32,
+            f"folds_{new.lower()}": k16,
+        }
+        lines.append(
+            f"| {name} | {voxels(max_diff)} | {voxels(mean_diff)} | {np.mean(d32):.4f} | {np.mean(d16):.4f} | "
+            f"{cmp['mean']:+.5f} [{cmp['ci'][0]:+.5f}, {cmp['ci'][1]:+.5f}] | {cmp['p']:.2g} | "
+            f"{np.mean(k32):.0f} / {np.mean(k16):.0f} |"
+        )
         print(lines[-1], flush=True)
     select_path(args.compare, candidate=False)
-    write(args.out, {"compare": args.compare, "pairs": pairs, "models": summary, "machine": m, "conv": native.describe(),
-                     "bf16_engine": engine},
-          "\n".join(lines) + "\n")
+    write(
+        args.out,
+        {
+            "compare": args.compare,
+            "pairs": pairs,
+            "models": summary,
+            "machine": m,
+            "conv": native.describe(),
+            "bf16_engine": engine,
+        },
+        "\n".join(lines) + "\n",
+    )
 
 
 if __name__ == "__main__":

@@ -66,23 +66,34 @@ def main():
         d = paired(c, k, idx)
         gain = paired(c, vec(low), idx)
         payload[name] = {"crd": float(c.mean()), "control": float(k.mean()), "crd_minus_control": d, "crd_minus_ll": gain}
-        rows.append(f"| {name} | {c.mean():.4f} | {k.mean():.4f} | {d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] "
-                    f"| {d['p']:.2g} | {gain['mean']:+.4f} |")
+        rows.append(
+            f"| {name} | {c.mean():.4f} | {k.mean():.4f} | {d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] "
+            f"| {d['p']:.2g} | {gain['mean']:+.4f} |"
+        )
     plain = [payload[n]["crd_minus_control"]["mean"] for n in PLAIN if n in payload]
-    lines = ["### VM-LL-CRD vs the step-matched VM-LL control, over streams of training pairs", "",
-             f"LPBA40 S35-S40, {len(keys)} ordered pairs, Dice over 56 structures at the models' grid. Each row: CRD and "
-             "the control each trained 3,000 steps from the same VM-LL on the same pairs (the main run's VM-H, VM-LL and "
-             f"FST; VM-LL alone scores {vec(low).mean():.4f}).", "",
-             "| Stream | VM-LL-CRD | VM-LL +3000 | CRD - control [95% CI over pairs] | Wilcoxon p | CRD - VM-LL |",
-             "|---|---|---|---|---|---|", *rows]
+    lines = [
+        "### VM-LL-CRD vs the step-matched VM-LL control, over streams of training pairs",
+        "",
+        f"LPBA40 S35-S40, {len(keys)} ordered pairs, Dice over 56 structures at the models' grid. Each row: CRD and "
+        "the control each trained 3,000 steps from the same VM-LL on the same pairs (the main run's VM-H, VM-LL and "
+        f"FST; VM-LL alone scores {vec(low).mean():.4f}).",
+        "",
+        "| Stream | VM-LL-CRD | VM-LL +3000 | CRD - control [95% CI over pairs] | Wilcoxon p | CRD - VM-LL |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
     if len(plain) > 1:
-        lines += ["", f"Across the {len(plain)} plain streams, CRD - control = {np.mean(plain):+.4f} on average "
-                  f"(streams: {', '.join(f'{v:+.4f}' for v in plain)}; standard deviation {np.std(plain, ddof=1):.4f})."]
+        lines += [
+            "",
+            f"Across the {len(plain)} plain streams, CRD - control = {np.mean(plain):+.4f} on average "
+            f"(streams: {', '.join(f'{v:+.4f}' for v in plain)}; standard deviation {np.std(plain, ddof=1):.4f}).",
+        ]
     md = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "reproduce_3d_ll_replicates.md").write_text(md)
-    (args.out / "reproduce_3d_ll_replicates.json").write_text(json.dumps(
-        {"pairs": [list(k) for k in keys], "streams": payload, "plain_differences": plain}, indent=2))
+    (args.out / "reproduce_3d_ll_replicates.json").write_text(
+        json.dumps({"pairs": [list(k) for k in keys], "streams": payload, "plain_differences": plain}, indent=2)
+    )
     print(md)
 
 

@@ -52,8 +52,12 @@ def paired(a: np.ndarray, b: np.ndarray, idx: np.ndarray) -> dict:
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
     boot = d[idx].mean(axis=1)
     p = float(stats.wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
-    return {"mean": float(d.mean()), "ci": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))], "p": p,
-            "n": int(d.size)}
+    return {
+        "mean": float(d.mean()),
+        "ci": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+        "p": p,
+        "n": int(d.size),
+    }
 
 
 def gap_recovered(high, low, crd, idx) -> dict:
@@ -62,8 +66,11 @@ def gap_recovered(high, low, crd, idx) -> dict:
     gap = high.mean() - low.mean()
     boot_gap = high[idx].mean(1) - low[idx].mean(1)
     boot = (crd[idx].mean(1) - low[idx].mean(1)) / np.where(np.abs(boot_gap) > 1e-12, boot_gap, np.nan)
-    return {"fraction": float((crd.mean() - low.mean()) / gap) if abs(gap) > 1e-12 else float("nan"),
-            "ci": [float(np.nanpercentile(boot, 2.5)), float(np.nanpercentile(boot, 97.5))], "gap": float(gap)}
+    return {
+        "fraction": float((crd.mean() - low.mean()) / gap) if abs(gap) > 1e-12 else float("nan"),
+        "ci": [float(np.nanpercentile(boot, 2.5)), float(np.nanpercentile(boot, 97.5))],
+        "gap": float(gap),
+    }
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------
@@ -100,10 +107,15 @@ def full_resolution_rows(model_dir: Path, subjects, pairs, labels, hd95: bool = 
         result, _ = register_volumes(loaded, fixed, moving, moving_seg)
         seconds = time.perf_counter() - t
         disp = result["disp"]
-        row = {"moving": subjects[mi].id, "fixed": subjects[fi].id, "seconds": seconds,
-               "dice": float(np.nanmean(metrics.dice(result["warped_seg"], fixed_seg.data, labels))),
-               "folds": metrics.count_folds(disp), "folds_forward": metrics.count_folds(disp, "forward"),
-               "sdlogj": metrics.sdlogj(disp)}
+        row = {
+            "moving": subjects[mi].id,
+            "fixed": subjects[fi].id,
+            "seconds": seconds,
+            "dice": float(np.nanmean(metrics.dice(result["warped_seg"], fixed_seg.data, labels))),
+            "folds": metrics.count_folds(disp),
+            "folds_forward": metrics.count_folds(disp, "forward"),
+            "sdlogj": metrics.sdlogj(disp),
+        }
         if hd95:
             row["hd95"] = float(np.nanmean(metrics.hd95(result["warped_seg"], fixed_seg.data, labels, fixed.spacing)))
         rows.append(row)
@@ -135,11 +147,20 @@ def demons_rows(dataset, pairs, labels, iterations: int = 50, sigma: float = 1.5
         # SimpleITK arrays are (z, y, x) with vectors (x, y, z): back to our (x, y, z) axes and components
         disp = sitk.GetArrayFromImage(field)[..., ::-1]
         seg = dataset.labels(mi)
-        warped = np.asarray(warp(jnp.asarray(seg, jnp.int32)[None, ..., None], jnp.asarray(disp, jnp.float32)[None], order=0))[0, ..., 0]
+        warped = np.asarray(warp(jnp.asarray(seg, jnp.int32)[None, ..., None], jnp.asarray(disp, jnp.float32)[None], order=0))[
+            0, ..., 0
+        ]
         src = dataset.placement.restore
-        rows.append({"moving": dataset.ids[mi], "fixed": dataset.ids[fi], "seconds": seconds,
-                     "dice": float(np.nanmean(metrics.dice(src(warped, fill=0), src(dataset.labels(fi), fill=0), labels))),
-                     "folds": metrics.count_folds(src(disp)), "folds_forward": metrics.count_folds(src(disp), "forward")})
+        rows.append(
+            {
+                "moving": dataset.ids[mi],
+                "fixed": dataset.ids[fi],
+                "seconds": seconds,
+                "dice": float(np.nanmean(metrics.dice(src(warped, fill=0), src(dataset.labels(fi), fill=0), labels))),
+                "folds": metrics.count_folds(src(disp)),
+                "folds_forward": metrics.count_folds(src(disp), "forward"),
+            }
+        )
     return rows
 
 
@@ -167,8 +188,12 @@ def run_log(workdir: Path, pipeline):
             wall += (s - previous) / max(speed[s], 1e-9)
             previous = s
         curve = sorted({int(r["step"]): float(r["val/dice"]) for r in rows if "val/dice" in r}.items())
-        out[name] = {"steps": steps[-1] if steps else 0, "train_wall_s": wall, "val_curve": curve,
-                     "final_val_dice": curve[-1][1] if curve else None}
+        out[name] = {
+            "steps": steps[-1] if steps else 0,
+            "train_wall_s": wall,
+            "val_curve": curve,
+            "final_val_dice": curve[-1][1] if curve else None,
+        }
     return out
 
 
@@ -229,13 +254,19 @@ def main():
         ev = json.loads((stage_dir / "eval.json").read_text())
         rows = [r for r in ev["pairs"] if (r["moving"], r["fixed"]) in keep]
         entry = {k: v for k, v in ev.items() if k != "pairs"}
-        entry["grid"] = {"dice": [r["dice"] for r in rows], "folds": [r["folds"] for r in rows],
-                         "hd95": [r.get("hd95", float("nan")) for r in rows], "sdlogj": [r["sdlogj"] for r in rows],
-                         "dice_before": [r["dice_before"] for r in rows]}
+        entry["grid"] = {
+            "dice": [r["dice"] for r in rows],
+            "folds": [r["folds"] for r in rows],
+            "hd95": [r.get("hd95", float("nan")) for r in rows],
+            "sdlogj": [r["sdlogj"] for r in rows],
+            "dice_before": [r["dice_before"] for r in rows],
+        }
         if not args.no_full_res:
             print(f"[{name}] registering {len(pairs)} pairs at 1 mm", flush=True)
             full = full_resolution_rows(stage_dir / "model", val.subjects, pairs, labels, hd95=not args.no_hd95)
-            entry["full"] = {k: [r.get(k, float("nan")) for r in full] for k in ("dice", "folds", "folds_forward", "hd95", "sdlogj", "seconds")}
+            entry["full"] = {
+                k: [r.get(k, float("nan")) for r in full] for k in ("dice", "folds", "folds_forward", "hd95", "sdlogj", "seconds")
+            }
         models[name] = entry
         per_pair[name] = rows
 
@@ -244,15 +275,21 @@ def main():
     grids = ["grid"] + ([] if args.no_full_res else ["full"])
     comparisons = {}
     r = ROLES
-    wanted = [("H vs L", r["high"], r["low"]), ("CRD vs L", r["crd"], r["low"]), ("CRD vs H", r["crd"], r["high"]),
-              ("CRD vs L (+steps)", r["crd"], r["control"]), ("L (+steps) vs L", r["control"], r["low"])]
+    wanted = [
+        ("H vs L", r["high"], r["low"]),
+        ("CRD vs L", r["crd"], r["low"]),
+        ("CRD vs H", r["crd"], r["high"]),
+        ("CRD vs L (+steps)", r["crd"], r["control"]),
+        ("L (+steps) vs L", r["control"], r["low"]),
+    ]
     for grid in grids:
         for title, a, b in wanted:
             if a in models and b in models:
                 comparisons[f"{title} @ {grid}"] = paired(models[a][grid]["dice"], models[b][grid]["dice"], idx)
         if all(x in models for x in (r["high"], r["low"], r["crd"])):
-            comparisons[f"gap recovered @ {grid}"] = gap_recovered(models[r["high"]][grid]["dice"], models[r["low"]][grid]["dice"],
-                                                                   models[r["crd"]][grid]["dice"], idx)
+            comparisons[f"gap recovered @ {grid}"] = gap_recovered(
+                models[r["high"]][grid]["dice"], models[r["low"]][grid]["dice"], models[r["crd"]][grid]["dice"], idx
+            )
     log = run_log(args.workdir, config.pipeline)
     labels_of = {n: m["label"] for n, m in models.items()}
 
@@ -277,18 +314,24 @@ def main():
             d1 = fmt(np.mean(f["dice"]), np.std(f["dice"])) if f else "-"
             hd = fmt(np.nanmean(f["hd95"]), np.nanstd(f["hd95"]), 2) if f and not args.no_hd95 else "-"
             folds = f"{np.mean(f['folds']):.0f} / {np.mean(f['folds_forward']):.0f}" if f else f"{np.mean(g['folds']):.0f} / -"
-            lines.append(f"| {m['label']} | {fmt(np.mean(g['dice']), np.std(g['dice']))} | {d1} | {hd} | {folds} "
-                         f"| {np.mean(g['sdlogj']):.3f} | {m.get('memory_mb', float('nan')):.1f} | {m['latency_s']:.4f} "
-                         f"| {m['parameters']:,} |")
+            lines.append(
+                f"| {m['label']} | {fmt(np.mean(g['dice']), np.std(g['dice']))} | {d1} | {hd} | {folds} "
+                f"| {np.mean(g['sdlogj']):.3f} | {m.get('memory_mb', float('nan')):.1f} | {m['latency_s']:.4f} "
+                f"| {m['parameters']:,} |"
+            )
         if classical:
             dc = np.asarray([row["dice"] for row in classical])
-            lines.append(f"| Demons (SimpleITK, grid) | {fmt(dc.mean(), dc.std())} | - | - | "
-                         f"{np.mean([row['folds'] for row in classical]):.0f} / - | - | - | "
-                         f"{np.median([row['seconds'] for row in classical]):.2f} | - |")
+            lines.append(
+                f"| Demons (SimpleITK, grid) | {fmt(dc.mean(), dc.std())} | - | - | "
+                f"{np.mean([row['folds'] for row in classical]):.0f} / - | - | - | "
+                f"{np.median([row['seconds'] for row in classical]):.2f} | - |"
+            )
         lines += ["", "| Comparison (Dice) | mean difference | 95% bootstrap CI | Wilcoxon p |", "|---|---|---|---|"]
         for title, c in comparisons.items():
             if "fraction" in c:
-                lines.append(f"| {title} | {c['fraction']:.2f} of a gap of {c['gap']:+.4f} | [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}] | - |")
+                lines.append(
+                    f"| {title} | {c['fraction']:.2f} of a gap of {c['gap']:+.4f} | [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}] | - |"
+                )
             else:
                 lines.append(f"| {title} | {c['mean']:+.4f} | [{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}] | {c['p']:.2g} |")
     lines += ["", "| Stage | Steps | Training wall time (min) | Final val Dice (4 pairs) |", "|---|---|---|---|"]
@@ -298,9 +341,13 @@ def main():
     markdown = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "reproduce_3d_ll.md").write_text(markdown)
-    (args.out / "reproduce_3d_ll.json").write_text(json.dumps(
-        {"pairs": len(pairs), "models": models, "comparisons": comparisons, "classical": classical, "run_log": log},
-        indent=1, default=float))
+    (args.out / "reproduce_3d_ll.json").write_text(
+        json.dumps(
+            {"pairs": len(pairs), "models": models, "comparisons": comparisons, "classical": classical, "run_log": log},
+            indent=1,
+            default=float,
+        )
+    )
     plot_curves(log, labels_of, args.out / "reproduce_3d_ll_curves.png")
     print(markdown)
 

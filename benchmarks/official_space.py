@@ -90,29 +90,52 @@ def main():
                     r["folds_pct"].append(100.0 * int(metrics.count_folds(result["disp"])) / img[f].data.size)
                     r["warned"].append(reason is not None)
                     r["reasons"].append(reason)
-                    print(f"{version}, {option}, {m}->{f}: Dice {r['dice'][-1]:.4f}, folds {r['folds_pct'][-1]:.3f}%, "
-                          f"out of domain: {reason}", flush=True)
+                    print(
+                        f"{version}, {option}, {m}->{f}: Dice {r['dice'][-1]:.4f}, folds {r['folds_pct'][-1]:.3f}%, "
+                        f"out of domain: {reason}",
+                        flush=True,
+                    )
     before = [float(np.nanmean(metrics.dice(seg[m].data, seg[f].data, labels))) for m, f in pairs]
     n = len(pairs)
-    lines = ["### The authors' OASIS student (`convert-official`) on LPBA40 S35-S40 at 1 mm, without and with its "
-             "training space", "",
-             f"First {n} ordered pairs ({', '.join(f'{m}->{f}' for m, f in pairs)}), 56 structures; Dice before "
-             f"registration {np.mean(before):.4f}. \"before\": model.json without the training-space record (arrays "
-             "in LPBA40's stored LPS order); \"after\": with it (reoriented to the OASIS LIA space, 1 mm). Folds: "
-             "voxels with det J <= 0 (central differences), % of the volume. Out of domain: pairs on which the "
-             "once-per-process warning fires in a fresh process. Seconds: mean in-process time per pair "
-             f"(1-minute load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end on "
-             f"{machine()['cpus']} cores: shared machine, seconds inflated).", "",
-             "| Model.json, options | Dice | Folds % | out of domain | s per pair |", "|---|---|---|---|---|"]
+    lines = [
+        "### The authors' OASIS student (`convert-official`) on LPBA40 S35-S40 at 1 mm, without and with its training space",
+        "",
+        f"First {n} ordered pairs ({', '.join(f'{m}->{f}' for m, f in pairs)}), 56 structures; Dice before "
+        f'registration {np.mean(before):.4f}. "before": model.json without the training-space record (arrays '
+        'in LPBA40\'s stored LPS order); "after": with it (reoriented to the OASIS LIA space, 1 mm). Folds: '
+        "voxels with det J <= 0 (central differences), % of the volume. Out of domain: pairs on which the "
+        "once-per-process warning fires in a fresh process. Seconds: mean in-process time per pair "
+        f"(1-minute load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end on "
+        f"{machine()['cpus']} cores: shared machine, seconds inflated).",
+        "",
+        "| Model.json, options | Dice | Folds % | out of domain | s per pair |",
+        "|---|---|---|---|---|",
+    ]
     summary = {}
     for name, r in rows.items():
         d = np.asarray(r["dice"])
-        summary[name] = {"dice_mean": float(d.mean()), "dice_std": float(d.std()),
-                         "folds_pct_mean": float(np.mean(r["folds_pct"])), "warned": int(sum(r["warned"])), **r}
-        lines.append(f"| {name} | {d.mean():.4f} ({d.std():.4f}) | {np.mean(r['folds_pct']):.3f} | "
-                     f"{sum(r['warned'])}/{n} | {np.mean(r['seconds']):.1f} |")
-    write(args.out / "official_space", {"checkpoint": args.checkpoint.name, "pairs": pairs, "dice_before": before,
-                                        "configurations": summary, "machine": machine()}, "\n".join(lines) + "\n")
+        summary[name] = {
+            "dice_mean": float(d.mean()),
+            "dice_std": float(d.std()),
+            "folds_pct_mean": float(np.mean(r["folds_pct"])),
+            "warned": int(sum(r["warned"])),
+            **r,
+        }
+        lines.append(
+            f"| {name} | {d.mean():.4f} ({d.std():.4f}) | {np.mean(r['folds_pct']):.3f} | "
+            f"{sum(r['warned'])}/{n} | {np.mean(r['seconds']):.1f} |"
+        )
+    write(
+        args.out / "official_space",
+        {
+            "checkpoint": args.checkpoint.name,
+            "pairs": pairs,
+            "dice_before": before,
+            "configurations": summary,
+            "machine": machine(),
+        },
+        "\n".join(lines) + "\n",
+    )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,11 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip", nargs="*", default=[], help="model names to leave out")
     p.add_argument("--quick", action="store_true", help="only vm vs torch_same, 3 runs each")
-    p.add_argument("--bf16", action="store_true", help="also bfloat16 inference: crd-jax's opt-in --bf16 (AMX or "
-                   "AVX512-BF16) against PyTorch's autocast")
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also bfloat16 inference: crd-jax's opt-in --bf16 (AMX or AVX512-BF16) against PyTorch's autocast",
+    )
     p.add_argument("--out", type=Path, default=HERE / "results" / "peers")
     args = p.parse_args()
     if args.quick:
@@ -65,26 +68,37 @@ def main():
                         r.update(size=size, model=f"{model} (bf16)")
                         rows.append(r)
 
-    lines = [f"{machine().get('cpu', '')}, {machine()['cpus']} cores; batch 1; median (min-max) of {args.repeats} runs after a warm-up; "
-             f"peak RSS of a fresh process per configuration; crd-jax convolution: {conv}."
-             + (f" Rows `(bf16)`: bfloat16 inference on both sides, compared with each other: crd-jax with `--bf16` "
-                f"(bfloat16 inputs and weights, float32 sums; {bf16_engine}), PyTorch under "
-                "`torch.autocast(\"cpu\", dtype=torch.bfloat16)` (oneDNN's bfloat16 convolutions)." if args.bf16 else ""), "",
-             "| Mode | Size | Model | Framework | Latency (s) | Peak RSS (MB) | peer / crd-jax latency | peer / crd-jax RSS |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{machine().get('cpu', '')}, {machine()['cpus']} cores; batch 1; median (min-max) of {args.repeats} runs after a warm-up; "
+        f"peak RSS of a fresh process per configuration; crd-jax convolution: {conv}."
+        + (
+            f" Rows `(bf16)`: bfloat16 inference on both sides, compared with each other: crd-jax with `--bf16` "
+            f"(bfloat16 inputs and weights, float32 sums; {bf16_engine}), PyTorch under "
+            '`torch.autocast("cpu", dtype=torch.bfloat16)` (oneDNN\'s bfloat16 convolutions).'
+            if args.bf16
+            else ""
+        ),
+        "",
+        "| Mode | Size | Model | Framework | Latency (s) | Peak RSS (MB) | peer / crd-jax latency | peer / crd-jax RSS |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
     def ratio(peer, ours, key):
         return f"{peer[key] / ours[key]:.2f}x" if ours and "error" not in peer and "error" not in ours else ""
 
     for r in rows:
         ours = None
-        base, suffix = (r["model"][:-len(" (bf16)")], " (bf16)") if r["model"].endswith(" (bf16)") else (r["model"], "")
+        base, suffix = (r["model"][: -len(" (bf16)")], " (bf16)") if r["model"].endswith(" (bf16)") else (r["model"], "")
         for a, b in PAIRS:
             if base == b and a is not None:  # a peer's row: against ours in the same precision
-                ours = next((q for q in rows if q["model"] == a + suffix and q["size"] == r["size"] and q["mode"] == r["mode"]),
-                            None)
+                ours = next(
+                    (q for q in rows if q["model"] == a + suffix and q["size"] == r["size"] and q["mode"] == r["mode"]), None
+                )
         ratio_t, ratio_m = ratio(r, ours, "latency_s"), ratio(r, ours, "peak_rss_mb")
-        lines.append(f"| {r['mode']} | {r['size']} | {r['model']} | {r['framework'] if 'framework' in r else '?'} | {fmt_latency(r)} "
-                     f"| {fmt(r.get('peak_rss_mb'))} | {ratio_t} | {ratio_m} |")
+        lines.append(
+            f"| {r['mode']} | {r['size']} | {r['model']} | {r['framework'] if 'framework' in r else '?'} | {fmt_latency(r)} "
+            f"| {fmt(r.get('peak_rss_mb'))} | {ratio_t} | {ratio_m} |"
+        )
     write(args.out, {"machine": machine(), "conv": conv, "rows": rows}, "\n".join(lines) + "\n")
 
 

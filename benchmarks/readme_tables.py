@@ -57,8 +57,10 @@ def collect_default_run(workdir: Path) -> None:
     table = (workdir / "results.md").read_text()
     rows = json.loads((workdir / "results.json").read_text())
     m = machine()
-    note = (f"\n`python train.py` ({workdir.name}), {m.get('cpu', 'CPU')}, {m.get('cpus', '?')} cores; "
-            "regenerate with `python benchmarks/readme_tables.py --collect-default-run runs/synthetic_vm`.\n")
+    note = (
+        f"\n`python train.py` ({workdir.name}), {m.get('cpu', 'CPU')}, {m.get('cpus', '?')} cores; "
+        "regenerate with `python benchmarks/readme_tables.py --collect-default-run runs/synthetic_vm`.\n"
+    )
     (RESULTS / "default_run.md").write_text(table.rstrip("\n") + "\n" + note)
     (RESULTS / "default_run.json").write_text(json.dumps({"machine": m, "results": rows}, indent=2) + "\n")
 
@@ -88,6 +90,7 @@ def main() -> int:
         return 0
     print(f"README and docs: {written} results blocks written")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,9 +33,12 @@ sys.path.insert(0, str(HERE))
 
 VAL = [f"S{i}" for i in range(35, 41)]
 BASE = "--no-affine"
-OPTIONS = {BASE: {}, "--no-affine --io-steps 50": {"io_steps": 50},
-           "--quality fast (default: affine)": {"affine": "ncc"},
-           "--quality accurate (affine + --io-steps 50)": {"affine": "ncc", "io_steps": 50}}
+OPTIONS = {
+    BASE: {},
+    "--no-affine --io-steps 50": {"io_steps": 50},
+    "--quality fast (default: affine)": {"affine": "ncc"},
+    "--quality accurate (affine + --io-steps 50)": {"affine": "ncc", "io_steps": 50},
+}
 ROTATION_DEG, SHIFT_MM = 10.0, (8.0, 8.0, 2.5)
 
 
@@ -49,7 +52,9 @@ def rotated(volume, order: int):
     m = np.array([[np.cos(t), -np.sin(t), 0.0], [np.sin(t), np.cos(t), 0.0], [0.0, 0.0, 1.0]])
     centre = (np.asarray(volume.data.shape) - 1) / 2
     offset = centre - m @ centre + np.asarray(SHIFT_MM) / np.asarray(volume.spacing)
-    return dataclasses.replace(volume, data=ndimage.affine_transform(volume.data, m, offset, order=order).astype(volume.data.dtype))
+    return dataclasses.replace(
+        volume, data=ndimage.affine_transform(volume.data, m, offset, order=order).astype(volume.data.dtype)
+    )
 
 
 def main():
@@ -93,7 +98,9 @@ def main():
                 affine_mm += [float(n.split("by a mean ")[1].split(" mm")[0]) for n in notes if "by a mean" in n]
             rows[name]["dice"].append(float(np.nanmean(metrics.dice(result["warped_seg"], seg[f].data, labels))))
             rows[name]["folds"].append(int(metrics.count_folds(result["disp"])))
-        print(f"pair {i + 1}/{len(pairs)} {m}->{f}: " + ", ".join(f"{n} {r['dice'][-1]:.4f}" for n, r in rows.items()), flush=True)
+        print(
+            f"pair {i + 1}/{len(pairs)} {m}->{f}: " + ", ".join(f"{n} {r['dice'][-1]:.4f}" for n, r in rows.items()), flush=True
+        )
     for i, (m, f) in enumerate(pairs[: args.rotated_pairs]):
         moving, moving_seg = rotated(img[m], 1), rotated(seg[m], 0)
         for name in rot_rows:
@@ -104,49 +111,94 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         m, f = pairs[0]
-        cmd = [sys.executable, "-m", "crd_jax", "register", "--model", args.model, "--quality", "accurate",
-               "--fixed", str(args.data_root / "images" / f"{f}.nii.gz"), "--moving", str(args.data_root / "images" / f"{m}.nii.gz"),
-               "--moving-seg", str(args.data_root / "labels" / f"{m}.nii.gz"), "--out-dir", str(Path(tmp) / "out")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "crd_jax",
+            "register",
+            "--model",
+            args.model,
+            "--quality",
+            "accurate",
+            "--fixed",
+            str(args.data_root / "images" / f"{f}.nii.gz"),
+            "--moving",
+            str(args.data_root / "images" / f"{m}.nii.gz"),
+            "--moving-seg",
+            str(args.data_root / "labels" / f"{m}.nii.gz"),
+            "--out-dir",
+            str(Path(tmp) / "out"),
+        ]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True)
         cli_wall = time.perf_counter() - t0
 
     idx = bootstrap_indices(len(pairs))
     base = np.asarray(rows[BASE]["dice"])
-    lines = [f"### `--quality` presets and `--no-affine` with {args.model} on LPBA40 S35-S40 at 1 mm", "",
-             f"{len(pairs)} ordered pairs, 56 structures; Dice before registration {np.mean(before):.4f} ({np.std(before):.4f}). "
-             f"Seconds: median in-process time per pair after the first ({machine().get('cpu', '')}, {machine()['cpus']} cores; "
-             f"1-minute load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end: above the core "
-             "count, other processes shared the machine and the seconds are inflated).",
-             "", f"| Options | Dice | vs {BASE}: mean [95% CI] | Wilcoxon p | Folds | s per pair | warned |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### `--quality` presets and `--no-affine` with {args.model} on LPBA40 S35-S40 at 1 mm",
+        "",
+        f"{len(pairs)} ordered pairs, 56 structures; Dice before registration {np.mean(before):.4f} ({np.std(before):.4f}). "
+        f"Seconds: median in-process time per pair after the first ({machine().get('cpu', '')}, {machine()['cpus']} cores; "
+        f"1-minute load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end: above the core "
+        "count, other processes shared the machine and the seconds are inflated).",
+        "",
+        f"| Options | Dice | vs {BASE}: mean [95% CI] | Wilcoxon p | Folds | s per pair | warned |",
+        "|---|---|---|---|---|---|---|",
+    ]
     summary = {}
     for name, r in rows.items():
         d = np.asarray(r["dice"])
         cmp = paired(d, base, idx) if name != BASE else None
         secs = float(np.median(r["seconds"][1:] or r["seconds"]))
-        summary[name] = {"dice_mean": float(d.mean()), "dice_std": float(d.std()), "vs_no_affine": cmp,
-                         "folds_mean": float(np.mean(r["folds"])), "seconds_median": secs, "dice": r["dice"],
-                         "warned": r["warned"]}
+        summary[name] = {
+            "dice_mean": float(d.mean()),
+            "dice_std": float(d.std()),
+            "vs_no_affine": cmp,
+            "folds_mean": float(np.mean(r["folds"])),
+            "seconds_median": secs,
+            "dice": r["dice"],
+            "warned": r["warned"],
+        }
         diff = "-" if cmp is None else f"{cmp['mean']:+.4f} [{cmp['ci'][0]:+.4f}, {cmp['ci'][1]:+.4f}]"
         pval = "-" if cmp is None else f"{cmp['p']:.2g}"
-        lines.append(f"| {name} | {d.mean():.4f} ({d.std():.4f}) | {diff} | {pval} | {np.mean(r['folds']):.0f} | {secs:.1f} | "
-                     f"{r['warned']}/{len(pairs)} |")
+        lines.append(
+            f"| {name} | {d.mean():.4f} ({d.std():.4f}) | {diff} | {pval} | {np.mean(r['folds']):.0f} | {secs:.1f} | "
+            f"{r['warned']}/{len(pairs)} |"
+        )
     n_rot = len(next(iter(rot_rows.values()))["dice"])
-    lines += ["", f"The affine step moved the fixed foreground by a mean {np.mean(affine_mm):.1f} mm (at most "
-              f"{np.max(affine_mm):.1f} mm) on these pre-aligned pairs. Rotated input (the moving image and labels rotated "
-              f"{ROTATION_DEG:g} degrees and shifted {np.linalg.norm(SHIFT_MM):.1f} mm, first {n_rot} pairs): "
-              + "; ".join(f"{n}: Dice {np.mean(r['dice']):.4f} ({np.std(r['dice']):.4f}), warned {r['warned']}/{n_rot}"
-                          for n, r in rot_rows.items()) + ".",
-              "", f"One fresh `crd-jax register --model {args.model} --quality accurate` process on {pairs[0][0]} -> "
-              f"{pairs[0][1]} (interpreter start to last file): {cli_wall:.1f} s wall."]
+    lines += [
+        "",
+        f"The affine step moved the fixed foreground by a mean {np.mean(affine_mm):.1f} mm (at most "
+        f"{np.max(affine_mm):.1f} mm) on these pre-aligned pairs. Rotated input (the moving image and labels rotated "
+        f"{ROTATION_DEG:g} degrees and shifted {np.linalg.norm(SHIFT_MM):.1f} mm, first {n_rot} pairs): "
+        + "; ".join(
+            f"{n}: Dice {np.mean(r['dice']):.4f} ({np.std(r['dice']):.4f}), warned {r['warned']}/{n_rot}"
+            for n, r in rot_rows.items()
+        )
+        + ".",
+        "",
+        f"One fresh `crd-jax register --model {args.model} --quality accurate` process on {pairs[0][0]} -> "
+        f"{pairs[0][1]} (interpreter start to last file): {cli_wall:.1f} s wall.",
+    ]
     md = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "register_options.md").write_text(md)
-    (args.out / "register_options.json").write_text(json.dumps(
-        {"model": args.model, "pairs": pairs, "dice_before": before, "options": summary, "cli_wall_s": cli_wall,
-         "affine_mm": affine_mm, "rotated": rot_rows,
-         "machine": machine()}, indent=2))
+    (args.out / "register_options.json").write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "pairs": pairs,
+                "dice_before": before,
+                "options": summary,
+                "cli_wall_s": cli_wall,
+                "affine_mm": affine_mm,
+                "rotated": rot_rows,
+                "machine": machine(),
+            },
+            indent=2,
+        )
+    )
     print(md)
 
 

@@ -28,9 +28,14 @@ sys.path.insert(0, str(HERE))
 
 from common import machine, run_child  # noqa: E402
 
-CONFIGS = {"2d": "configs/lpba40_vm_2d.py", "3d": "configs/lpba40_vm_3d_small.py", "3d-ll": "configs/lpba40_vm_3d_ll.py",
-           "3d-ll-rep": "configs/lpba40_vm_3d_ll_replicates.py", "3d-ll-long": "configs/lpba40_vm_3d_ll_long.py",
-           "3d-ll-exp1": "configs/lpba40_crd_exp1.py"}
+CONFIGS = {
+    "2d": "configs/lpba40_vm_2d.py",
+    "3d": "configs/lpba40_vm_3d_small.py",
+    "3d-ll": "configs/lpba40_vm_3d_ll.py",
+    "3d-ll-rep": "configs/lpba40_vm_3d_ll_replicates.py",
+    "3d-ll-long": "configs/lpba40_vm_3d_ll_long.py",
+    "3d-ll-exp1": "configs/lpba40_crd_exp1.py",
+}
 # Long runs live outside the work tree so that they outlive a checkout; re-running the command resumes them.
 RUNS = Path(os.environ.get("CRD_RUNS", Path.home() / "crd-runs"))
 # Table IV (LPBA40 column) and Section V-A of the paper: Dice (std), GPU MB, GPU s.
@@ -119,10 +124,17 @@ def main():
     p.add_argument("--no-full-size", action="store_true", help="skip the 160x192x160 efficiency measurement")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--status", action="store_true", help="print per-stage progress and time left, then exit")
-    p.add_argument("--reuse", type=Path, default=None,
-                   help="another run folder whose identically configured finished stages are copied, not retrained")
-    p.add_argument("--reuse-shipped", action="store_true",
-                   help="3d-ll variants: reuse the shipped lpba40-vm-h and lpba40-vm-ll (the main run's VM-H and VM-LL)")
+    p.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="another run folder whose identically configured finished stages are copied, not retrained",
+    )
+    p.add_argument(
+        "--reuse-shipped",
+        action="store_true",
+        help="3d-ll variants: reuse the shipped lpba40-vm-h and lpba40-vm-ll (the main run's VM-H and VM-LL)",
+    )
     args = p.parse_args()
     workdir = Path(args.workdir) if args.workdir else RUNS / f"reproduce_lpba40_{args.setting}"
     if args.status:
@@ -178,20 +190,29 @@ def main():
         )
     if "VM-H" in rows and "VM-L-CRD" in rows:
         h, l = rows["VM-H"], rows["VM-L-CRD"]
-        lines += ["", f"At this setting's resolution VM-L-CRD uses {l['memory_mb'] / h['memory_mb']:.0%} of VM-H's memory and "
-                  f"{l['latency_s'] / h['latency_s']:.0%} of its time (paper: 16% and 35%)."]
+        lines += [
+            "",
+            f"At this setting's resolution VM-L-CRD uses {l['memory_mb'] / h['memory_mb']:.0%} of VM-H's memory and "
+            f"{l['latency_s'] / h['latency_s']:.0%} of its time (paper: 16% and 35%).",
+        ]
     if full and all("error" not in r for r in full.values()):
         h, l = full["VM-H"], full["VM-L"]
         lines.append(
             f"At LPBA40's full 160x192x160: VM-H {h['latency_s']:.2f} s, {h['xla_total_mb']:.0f} MB (XLA), peak RSS {h['peak_rss_mb']:.0f} MB; "
             f"VM-L(-CRD) {l['latency_s']:.2f} s, {l['xla_total_mb']:.0f} MB, {l['peak_rss_mb']:.0f} MB: "
-            f"{l['xla_total_mb'] / h['xla_total_mb']:.0%} of the memory and {l['latency_s'] / h['latency_s']:.0%} of the time.")
+            f"{l['xla_total_mb'] / h['xla_total_mb']:.0%} of the memory and {l['latency_s'] / h['latency_s']:.0%} of the time."
+        )
     markdown = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"reproduce_{args.setting}"
-    payload = {"setting": args.setting, "config": json.loads(config.to_json_best_effort()), "wall_s": wall,
-               "results": [{k: v for k, v in r.items() if k != "pairs"} for r in results], "full_size": full,
-               "machine": machine()}
+    payload = {
+        "setting": args.setting,
+        "config": json.loads(config.to_json_best_effort()),
+        "wall_s": wall,
+        "results": [{k: v for k, v in r.items() if k != "pairs"} for r in results],
+        "full_size": full,
+        "machine": machine(),
+    }
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     out.with_suffix(".md").write_text(markdown)
     print(markdown)

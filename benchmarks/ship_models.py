@@ -27,13 +27,13 @@ NAMES = {"vm_h": "lpba40-vm-h", "vm_ll": "lpba40-vm-ll", "vm_ll_crd": "lpba40-vm
 #: how each was trained (configs/lpba40_vm_3d_ll.py): the model card's recipe
 RECIPES = {
     "vm_h": "VM-H: VoxelMorph on the full 64x80x64 grid, 3,000 steps of NCC (9^3) + grad-L2 (eq. 3), batch 1, "
-            "Adam lr 1e-3 halved at 60% and 80%, gradient norm clipped at 1",
+    "Adam lr 1e-3 halved at 60% and 80%, gradient norm clipped at 1",
     "vm_ll": "VM-LL: the same network on the input downsampled by n = 4 (16x32x16 on the canvas), 3,000 steps of "
-             "eq. 5 (the loss on the full grid), as VM-H otherwise",
+    "eq. 5 (the loss on the full grid), as VM-H otherwise",
     "vm_ll_crd": "VM-LL-CRD: from VM-LL, 3,000 steps of eq. 10 (L^L + 1.0 x eq. 8 on the full grid + 0.1 x eq. 9) "
-                 "under the FST (S1 1,000 steps from VM-H, S2 compact fusion head 1,000 steps)",
+    "under the FST (S1 1,000 steps from VM-H, S2 compact fusion head 1,000 steps)",
     "vm_ll_long": "The step-matched control of lpba40-vm-ll-crd: from VM-LL, 3,000 more steps of eq. 5 alone on "
-                  "the same stream of training pairs (6,000 in all); compare the two on your data",
+    "the same stream of training pairs (6,000 in all); compare the two on your data",
 }
 
 
@@ -57,8 +57,11 @@ def main():
     p.add_argument("--dest", type=Path, default=ROOT / "crd_jax" / "pretrained")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--stages", nargs="*", default=[], help="only these stages (default: every one finished)")
-    p.add_argument("--measure-1mm", action="store_true",
-                   help="register the 30 validation pairs at 1 mm (as crd-jax register) where the report has no figure")
+    p.add_argument(
+        "--measure-1mm",
+        action="store_true",
+        help="register the 30 validation pairs at 1 mm (as crd-jax register) where the report has no figure",
+    )
     args = p.parse_args()
 
     import nibabel as nib
@@ -93,15 +96,25 @@ def main():
         spec["architecture"] = spec_architecture(spec)  # format-1 folders list every backbone's fields
         spec.pop("format_version", None)
         # models trained before the geometry record existed: the training data's orientation and voxel size
-        spec.setdefault("preprocessing", {}).setdefault("geometry", {
-            "orientation": "".join(nib.aff2axcodes(header.affine)),
-            "spacing": [float(z) for z in header.header.get_zooms()[:3]], "stored_shape": list(stored)})
+        spec.setdefault("preprocessing", {}).setdefault(
+            "geometry",
+            {
+                "orientation": "".join(nib.aff2axcodes(header.affine)),
+                "spacing": [float(z) for z in header.header.get_zooms()[:3]],
+                "stored_shape": list(stored),
+            },
+        )
         spec["shipped"] = {
             "trained_on": "LPBA40 S11-S34 (24 subjects; skull-stripped T1 in [0, 1], affinely aligned, 1 mm)",
             "validated_on": f"LPBA40 S35-S40, {ev['num_pairs']} ordered pairs, 56 structures",
-            "grid": grid, "canvas": config["data"]["shape"], "voxel_size_mm": [round(z, 3) for z in zooms],
-            "orientation": "".join(nib.aff2axcodes(header.affine)), "source_shape": list(stored),
-            "steps": spec.get("steps"), "recipe": RECIPES[stage], "val_dice_grid": round(ev["dice_mean"], 4),
+            "grid": grid,
+            "canvas": config["data"]["shape"],
+            "voxel_size_mm": [round(z, 3) for z in zooms],
+            "orientation": "".join(nib.aff2axcodes(header.affine)),
+            "source_shape": list(stored),
+            "steps": spec.get("steps"),
+            "recipe": RECIPES[stage],
+            "val_dice_grid": round(ev["dice_mean"], 4),
             "val_dice_1mm": round(sum(full) / len(full), 4) if full else None,
             "intensity": "[0, 1] (the model refuses images far from its training intensities)",
         }

@@ -51,24 +51,35 @@ def main():
     out = {"val_pairs": len(val_pairs), "train_pairs": [[train.ids[m], train.ids[f]] for m, f in train_pairs], "models": {}}
     h_model, h_params = models["lpba40-vm-h"]
     for name, (model, params) in models.items():
-        row = {"val_dice": diag.mean_dice(model, params, val, val_pairs, labels),
-               "train_dice": diag.mean_dice(model, params, train, train_pairs, labels)}
+        row = {
+            "val_dice": diag.mean_dice(model, params, val, val_pairs, labels),
+            "train_dice": diag.mean_dice(model, params, train, train_pairs, labels),
+        }
         if name != "lpba40-vm-h":
             row["distance_to_vm_h"] = diag.field_distance(h_model, h_params, model, params, train, train_pairs)
         out["models"][name] = row
         print(name, row, flush=True)
     out["ceiling"] = {f"n={n}": diag.ceiling(h_model, h_params, val, val_pairs, labels, n)["ceiling_dice"] for n in (4, 2)}
-    out["ceiling_train"] = {f"n={n}": diag.ceiling(h_model, h_params, train, train_pairs, labels, n)["ceiling_dice"] for n in (4, 2)}
-    lines = ["### Diagnostics of the shipped LPBA40 models (64x80x64 grid)", "",
-             f"Validation: all {len(val_pairs)} ordered pairs of S35-S40; training: the {len(train_pairs)} fixed pairs of the "
-             "headroom diagnostic. Ceiling: VM-H's field averaged over n^3 blocks onto the student grid and upsampled.", "",
-             "| Model | Val Dice | Train-pair Dice | RMS field distance to VM-H (train pairs, voxels) |", "|---|---|---|---|"]
+    out["ceiling_train"] = {
+        f"n={n}": diag.ceiling(h_model, h_params, train, train_pairs, labels, n)["ceiling_dice"] for n in (4, 2)
+    }
+    lines = [
+        "### Diagnostics of the shipped LPBA40 models (64x80x64 grid)",
+        "",
+        f"Validation: all {len(val_pairs)} ordered pairs of S35-S40; training: the {len(train_pairs)} fixed pairs of the "
+        "headroom diagnostic. Ceiling: VM-H's field averaged over n^3 blocks onto the student grid and upsampled.",
+        "",
+        "| Model | Val Dice | Train-pair Dice | RMS field distance to VM-H (train pairs, voxels) |",
+        "|---|---|---|---|",
+    ]
     for name, r in out["models"].items():
         dist = f"{r['distance_to_vm_h']:.3f}" if "distance_to_vm_h" in r else "-"
         lines.append(f"| {name} | {r['val_dice']:.4f} | {r['train_dice']:.4f} | {dist} |")
     for n in (4, 2):
-        lines.append(f"| VM-H averaged to the n = {n} grid (ceiling) | {out['ceiling'][f'n={n}']:.4f} | "
-                     f"{out['ceiling_train'][f'n={n}']:.4f} | - |")
+        lines.append(
+            f"| VM-H averaged to the n = {n} grid (ceiling) | {out['ceiling'][f'n={n}']:.4f} | "
+            f"{out['ceiling_train'][f'n={n}']:.4f} | - |"
+        )
     write_text(args.out.with_suffix(".json"), json.dumps(out, indent=1))
     write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))

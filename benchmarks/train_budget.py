@@ -44,8 +44,14 @@ sys.path.insert(0, str(HERE))
 from common import machine, write  # noqa: E402
 
 STAGES = ("vm_h", "vm_l", "coop", "fst", "vm_l_crd", "control")
-LABELS = {"vm_h": "VM-H", "vm_l": "VM-L", "coop": "S1 cooperative", "fst": "FST teacher (S2)",
-          "vm_l_crd": "S3 distill (VM-L-CRD)", "control": "control (VM-L, continued)"}
+LABELS = {
+    "vm_h": "VM-H",
+    "vm_l": "VM-L",
+    "coop": "S1 cooperative",
+    "fst": "FST teacher (S2)",
+    "vm_l_crd": "S3 distill (VM-L-CRD)",
+    "control": "control (VM-L, continued)",
+}
 
 
 # --- JAX --------------------------------------------------------------------------------------------------
@@ -91,8 +97,10 @@ def network_only():
 
 #: ``--before-after``: the training-path changes of issue 26 off ("before") and on ("after"), each stage compiled
 #: both ways and timed in the same rounds
-VARIANTS = {"before": {"upcat_backward": "concat", "upsample_vjp": "autodiff", "warp_gradient": "xla"},
-            "after": {"upcat_backward": "coarse", "upsample_vjp": "stencil", "warp_gradient": "native"}}
+VARIANTS = {
+    "before": {"upcat_backward": "concat", "upsample_vjp": "autodiff", "warp_gradient": "xla"},
+    "after": {"upcat_backward": "coarse", "upsample_vjp": "stencil", "warp_gradient": "native"},
+}
 
 
 @contextlib.contextmanager
@@ -200,10 +208,18 @@ class StageTimer:
     def result(self) -> dict:
         best = {k: min(v) for k, v in self.times.items()}
         label = LABELS.get(self.name, self.name) + (f" ({self.variant})" if self.variant else "")
-        return {"stage": self.name, "label": label, "variant": self.variant or "", "parameters": self.parameters,
-                "forward_s": best["forward"], "backward_s": max(best["network"] - best["forward"], 0.0),
-                "network_s": best["network"], "loss_s": max(best["step"] - best["network"], 0.0), "step_s": best["step"],
-                "runs": len(self.times["step"])}
+        return {
+            "stage": self.name,
+            "label": label,
+            "variant": self.variant or "",
+            "parameters": self.parameters,
+            "forward_s": best["forward"],
+            "backward_s": max(best["network"] - best["forward"], 0.0),
+            "network_s": best["network"],
+            "loss_s": max(best["step"] - best["network"], 0.0),
+            "step_s": best["step"],
+            "runs": len(self.times["step"]),
+        }
 
 
 #: ``--quick``: XLA's backend optimisation off (a check that everything runs, not a measurement)
@@ -231,8 +247,18 @@ def cached_teacher_stage(plan, batch_arrays):
     return dataclasses.replace(plan, loss_fn=loss_fn.with_cached_teacher(tree)), cached_batch
 
 
-def measure_jax(shape, batch, repeats, steps, stages=STAGES, log=print, compiler_options=None, variants=(None,),
-                teacher_cache=False, fusion="compact"):
+def measure_jax(
+    shape,
+    batch,
+    repeats,
+    steps,
+    stages=STAGES,
+    log=print,
+    compiler_options=None,
+    variants=(None,),
+    teacher_cache=False,
+    fusion="compact",
+):
     config = pipeline_config(shape, batch=batch, fusion=fusion)
     batch_arrays = _batch(shape, batch, seed=1)
     plans = plan_pipeline(config, shape, batch, stages)
@@ -293,7 +319,7 @@ def torch_child(model: str, shape, repeats: int) -> dict:
     def ncc(a, b):
         sums = box_sum(torch.cat([a, b, a * a, b * b, a * b], 0))
         a_sum, b_sum, aa, bb, ab = sums[0:1], sums[1:2], sums[2:3], sums[3:4], sums[4:5]
-        size = 9.0 ** 3
+        size = 9.0**3
         a_mean, b_mean = a_sum / size, b_sum / size
         cross = ab - b_mean * a_sum - a_mean * b_sum + a_mean * b_mean * size
         a_var = aa - 2 * a_mean * a_sum + a_mean * a_mean * size
@@ -339,22 +365,42 @@ def torch_child(model: str, shape, repeats: int) -> dict:
             fn()
             times[k].append(time.perf_counter() - t)
     best = {k: float(np.min(v)) for k, v in times.items()}
-    return {"stage": model, "label": f"{LABELS[model]} (PyTorch {torch.__version__})", "framework": "torch",
-            "parameters": sum(p.numel() for p in net.parameters()), "forward_s": best["forward"],
-            "backward_s": max(best["network"] - best["forward"], 0.0), "network_s": best["network"],
-            "loss_s": max(best["step"] - best["network"], 0.0), "step_s": best["step"], "runs": repeats}
+    return {
+        "stage": model,
+        "label": f"{LABELS[model]} (PyTorch {torch.__version__})",
+        "framework": "torch",
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "forward_s": best["forward"],
+        "backward_s": max(best["network"] - best["forward"], 0.0),
+        "network_s": best["network"],
+        "loss_s": max(best["step"] - best["network"], 0.0),
+        "step_s": best["step"],
+        "runs": repeats,
+    }
 
 
 def run_torch(model, shape, repeats, log=print) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--torch-child", model, "--shape", *map(str, shape),
-           "--repeats", str(repeats)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--torch-child",
+        model,
+        "--shape",
+        *map(str, shape),
+        "--repeats",
+        str(repeats),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not lines:
-        result = {"stage": model, "label": f"{LABELS[model]} (PyTorch)", "framework": "torch",
-                  "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+        result = {
+            "stage": model,
+            "label": f"{LABELS[model]} (PyTorch)",
+            "framework": "torch",
+            "error": (proc.stderr.strip().splitlines() or ["no output"])[-1],
+        }
     else:
-        result = json.loads(lines[-1][len("RESULT "):])
+        result = json.loads(lines[-1][len("RESULT ") :])
     log(json.dumps(result))
     return result
 
@@ -374,15 +420,17 @@ def cache_fill_hours(s3: dict, cached: dict) -> float:
 def render(rows, torch_rows, shape, batch, steps, repeats, conv, previous=None, fusion="compact") -> str:
     m = machine()
     size = "x".join(map(str, shape))
-    lines = [f"Training budget at {size}, n = 2, batch {batch}, FST head `{fusion}`, eq. 8 on the full grid "
-             f"(Experiment 2's settings); {m.get('cpu', m.get('processor', ''))}, {m['cpus']} "
-             f"cores; crd-jax convolution: {conv}. Seconds per step, minimum of {repeats} rounds in which every "
-             "function ran once in turn (one process); forward and backward: the stage's networks; loss: "
-             "the full step minus the networks' forward + backward (warp, NCC 9^3, grad-L2 at the full resolution, "
-             "forward and backward, and Adam). Regenerate: `python benchmarks/train_budget.py`.", "",
-             f"| Stage | Forward (s) | Backward (s) | Loss (s) | Step (s) | Step / forward | Loss share | "
-             f"Hours per {steps:,} steps |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Training budget at {size}, n = 2, batch {batch}, FST head `{fusion}`, eq. 8 on the full grid "
+        f"(Experiment 2's settings); {m.get('cpu', m.get('processor', ''))}, {m['cpus']} "
+        f"cores; crd-jax convolution: {conv}. Seconds per step, minimum of {repeats} rounds in which every "
+        "function ran once in turn (one process); forward and backward: the stage's networks; loss: "
+        "the full step minus the networks' forward + backward (warp, NCC 9^3, grad-L2 at the full resolution, "
+        "forward and backward, and Adam). Regenerate: `python benchmarks/train_budget.py`.",
+        "",
+        f"| Stage | Forward (s) | Backward (s) | Loss (s) | Step (s) | Step / forward | Loss share | Hours per {steps:,} steps |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     total, cached = {}, None
     for r in rows:
         if "error" in r:
@@ -393,8 +441,10 @@ def render(rows, torch_rows, shape, batch, steps, repeats, conv, previous=None, 
             cached = r
         else:
             total[r.get("variant", "")] = total.get(r.get("variant", ""), 0.0) + h
-        lines.append(f"| {r['label']} | {r['forward_s']:.3f} | {r['backward_s']:.3f} | {r['loss_s']:.3f} | "
-                     f"{r['step_s']:.3f} | {r['step_s'] / r['forward_s']:.1f}x | {r['loss_s'] / r['step_s']:.0%} | {h:.1f} |")
+        lines.append(
+            f"| {r['label']} | {r['forward_s']:.3f} | {r['backward_s']:.3f} | {r['loss_s']:.3f} | "
+            f"{r['step_s']:.3f} | {r['step_s'] / r['forward_s']:.1f}x | {r['loss_s'] / r['step_s']:.0%} | {h:.1f} |"
+        )
     for variant, h in total.items():
         count = sum(1 for r in rows if r.get("variant", "") == variant and "error" not in r)
         lines.append(f"| **Pipeline ({count} stages{', ' + variant if variant else ''})** | | | | | | | **{h:.1f}** |")
@@ -403,16 +453,26 @@ def render(rows, torch_rows, shape, batch, steps, repeats, conv, previous=None, 
         fill = cache_fill_hours(s3, cached)
         variant = s3.get("variant", "")
         with_cache = total[variant] - hours(s3["step_s"], steps) + hours(cached["step_s"], steps) + fill
-        lines.append(f"| **Pipeline, S3's teacher cached** (+ {fill:.2f} h: {CACHE_PAIRS} teacher forwards fill the "
-                     f"cache) | | | | | | | **{with_cache:.1f}** |")
-        lines += ["", f"S3 with its teacher cached (`train.teacher_cache_gb`, on by default without augmentation): the "
-                  "frozen teacher runs once per training pair, so after the first "
-                  f"{CACHE_PAIRS} pairs a step pays the student only; its step is {s3['step_s'] / cached['step_s']:.2f}x "
-                  "faster than running the teacher every step."]
+        lines.append(
+            f"| **Pipeline, S3's teacher cached** (+ {fill:.2f} h: {CACHE_PAIRS} teacher forwards fill the "
+            f"cache) | | | | | | | **{with_cache:.1f}** |"
+        )
+        lines += [
+            "",
+            f"S3 with its teacher cached (`train.teacher_cache_gb`, on by default without augmentation): the "
+            "frozen teacher runs once per training pair, so after the first "
+            f"{CACHE_PAIRS} pairs a step pays the student only; its step is {s3['step_s'] / cached['step_s']:.2f}x "
+            "faster than running the teacher every step.",
+        ]
     if torch_rows:
-        lines += ["", f"PyTorch, written independently (the paper's VM in plain PyTorch, `channels_last_3d`, all cores; "
-                  "NCC 9^3 as separable box sums, `grid_sample` warp, Adam), each in a fresh process:", "",
-                  "| Model | Forward (s) | Backward (s) | Loss (s) | Step (s) | PyTorch / crd-jax step |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"PyTorch, written independently (the paper's VM in plain PyTorch, `channels_last_3d`, all cores; "
+            "NCC 9^3 as separable box sums, `grid_sample` warp, Adam), each in a fresh process:",
+            "",
+            "| Model | Forward (s) | Backward (s) | Loss (s) | Step (s) | PyTorch / crd-jax step |",
+            "|---|---|---|---|---|---|",
+        ]
         ours = {r["stage"]: r for r in rows if r.get("variant", "") in ("", "after")}
         for r in torch_rows:
             if "error" in r:
@@ -420,8 +480,10 @@ def render(rows, torch_rows, shape, batch, steps, repeats, conv, previous=None, 
                 continue
             mine = ours.get(r["stage"])
             ratio = f"{r['step_s'] / mine['step_s']:.2f}x" if mine and "error" not in mine else "-"
-            lines.append(f"| {r['label']} | {r['forward_s']:.3f} | {r['backward_s']:.3f} | {r['loss_s']:.3f} | "
-                         f"{r['step_s']:.3f} | {ratio} |")
+            lines.append(
+                f"| {r['label']} | {r['forward_s']:.3f} | {r['backward_s']:.3f} | {r['loss_s']:.3f} | "
+                f"{r['step_s']:.3f} | {ratio} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -443,8 +505,9 @@ def record_layers(model, shape, batch):
         return real_conv(x, w, b, stride=stride, padding=padding, negative_slope=negative_slope)
 
     def upcat(low, skip, w, b, negative_slope=None):
-        calls.append({"op": "upcat", "low": tuple(low.shape), "skip": tuple(skip.shape), "w": tuple(w.shape),
-                      "slope": negative_slope})
+        calls.append(
+            {"op": "upcat", "low": tuple(low.shape), "skip": tuple(skip.shape), "w": tuple(w.shape), "slope": negative_slope}
+        )
         return real_upcat(low, skip, w, b, negative_slope=negative_slope)
 
     layers.conv, layers.conv_upsampled_concat = conv, upcat
@@ -462,8 +525,10 @@ def record_layers(model, shape, batch):
 def _layer_name(call) -> str:
     w = call["w"]
     if call["op"] == "upcat":
-        return (f"up({'x'.join(map(str, call['low'][1:-1]))}) ++ skip {'x'.join(map(str, call['skip'][1:-1]))}, "
-                f"{call['low'][-1]}+{call['skip'][-1]} -> {w[-1]}")
+        return (
+            f"up({'x'.join(map(str, call['low'][1:-1]))}) ++ skip {'x'.join(map(str, call['skip'][1:-1]))}, "
+            f"{call['low'][-1]}+{call['skip'][-1]} -> {w[-1]}"
+        )
     s = call["stride"]
     stride = s if isinstance(s, int) else max(s)
     return f"conv {'x'.join(map(str, call['x'][1:-1]))}, {w[-2]} -> {w[-1]}" + (", stride 2" if stride == 2 else "")
@@ -511,6 +576,7 @@ def layer_functions(call):
                 return op(*full)
 
             return jax.vjp(g, *diff)[1](args[-1])
+
         return jax.jit(f)
 
     out = {"forward": (jax.jit(op), (*ins, w, b))}
@@ -544,13 +610,17 @@ def loss_functions(shape, factor, batch):
         "NCC 9^3, forward + backward (warped image)": (grad(lambda w, f: ncc(f, w)), (m, f)),
         "grad-L2, forward + backward": (grad(grad_l2), (d,)),
         "registration loss (warp + NCC + grad-L2), forward + backward": (
-            grad(lambda d, m, f: registration_loss(m, f, d)[0]), (d, m, f)),
+            grad(lambda d, m, f: registration_loss(m, f, d)[0]),
+            (d, m, f),
+        ),
     }
     if factor > 1:
         low = arr((batch, *(s // factor for s in shape), 3))
         out["field upsampling x2 (VM-L), forward"] = (jax.jit(lambda x: upsample_field(x, factor)), (low,))
         out["field upsampling x2 (VM-L), forward + backward"] = (
-            grad(lambda x, r: jnp.sum(upsample_field(x, factor) * r)), (low, d))
+            grad(lambda x, r: jnp.sum(upsample_field(x, factor) * r)),
+            (low, d),
+        )
     return out
 
 
@@ -571,8 +641,10 @@ def hlo_census(shape, batch):
         text = fn.lower(plan.init_params, plan.frozen, data).compile().as_text()
         targets = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', text))
         ops = collections.Counter(re.findall(r"= \S+ ([a-z][\w-]*)\(", text))
-        out[name] = {"custom_calls": dict(targets),
-                     "xla": {k: ops.get(k, 0) for k in ("convolution", "gather", "scatter", "reduce-window", "dot", "sort")}}
+        out[name] = {
+            "custom_calls": dict(targets),
+            "xla": {k: ops.get(k, 0) for k in ("convolution", "gather", "scatter", "reduce-window", "dot", "sort")},
+        }
     return out
 
 
@@ -602,8 +674,16 @@ def profile(shape, batch, repeats, log=print) -> dict:
     config = pipeline_config(shape, batch=batch)
     arch = mbuild.architecture(config.model)
     step_rows = measure_jax(shape, batch, repeats, 10_000, ("vm_h", "vm_l"), log)
-    payload = {"shape": list(shape), "batch": batch, "repeats": repeats, "conv": native.describe(), "steps": step_rows,
-               "models": {}, "loss": {}, "machine": machine()}
+    payload = {
+        "shape": list(shape),
+        "batch": batch,
+        "repeats": repeats,
+        "conv": native.describe(),
+        "steps": step_rows,
+        "models": {},
+        "loss": {},
+        "machine": machine(),
+    }
     for factor, label in ((2, "VM-L (network at half size)"), (1, "VM-H")):
         model = mbuild.registrar_from_config(arch, factor)
         calls = record_layers(model, shape, batch)
@@ -614,9 +694,16 @@ def profile(shape, batch, repeats, log=print) -> dict:
         log(f"{label}: {len(calls)} layers")
         best = _alternating(named, repeats, log)
         payload["models"][label] = [
-            {"layer": _layer_name(call), **{kind: best[(i, kind)] for kind in ("forward", "input grad", "weight grad",
-                                                                             "forward + backward") if (i, kind) in best}}
-            for i, call in enumerate(calls)]
+            {
+                "layer": _layer_name(call),
+                **{
+                    kind: best[(i, kind)]
+                    for kind in ("forward", "input grad", "weight grad", "forward + backward")
+                    if (i, kind) in best
+                },
+            }
+            for i, call in enumerate(calls)
+        ]
     payload["loss"] = _alternating(loss_functions(shape, 2, batch), repeats, log)
     payload["hlo"] = hlo_census(shape, batch)
     return payload
@@ -626,40 +713,64 @@ def render_profile(payload) -> str:
     """The attribution tables from :func:`profile`'s measurements (``--render-profile FILE.json`` rebuilds them).
     Each gradient column is its function's time minus the layer's forward (a VJP runs the forward first)."""
     shape, m = "x".join(map(str, payload["shape"])), payload.get("machine", {})
-    md = [f"Where a training step's time goes at {shape}, batch {payload['batch']} ({m.get('cpu', '')}, {m.get('cpus', '?')} "
-          f"cores; {payload['conv']}). Each row is a separately jitted function on random arguments of the layer's "
-          f"shapes, minimum of {payload['repeats']} rounds in which every function of the table ran once in turn. "
-          "Regenerate: `python benchmarks/train_budget.py --profile`.", "",
-          "Whole steps (the stage's own loss and train step, as `train_budget.py`; the loss column is the step minus "
-          "the networks' forward + backward, so on a loaded machine it can come out as 0):", "",
-          "| Stage | Forward (s) | Backward (s) | Loss (s) | Step (s) |", "|---|---|---|---|---|"]
+    md = [
+        f"Where a training step's time goes at {shape}, batch {payload['batch']} ({m.get('cpu', '')}, {m.get('cpus', '?')} "
+        f"cores; {payload['conv']}). Each row is a separately jitted function on random arguments of the layer's "
+        f"shapes, minimum of {payload['repeats']} rounds in which every function of the table ran once in turn. "
+        "Regenerate: `python benchmarks/train_budget.py --profile`.",
+        "",
+        "Whole steps (the stage's own loss and train step, as `train_budget.py`; the loss column is the step minus "
+        "the networks' forward + backward, so on a loaded machine it can come out as 0):",
+        "",
+        "| Stage | Forward (s) | Backward (s) | Loss (s) | Step (s) |",
+        "|---|---|---|---|---|",
+    ]
     for r in payload["steps"]:
         md.append(f"| {r['label']} | {r['forward_s']:.3f} | {r['backward_s']:.3f} | {r['loss_s']:.3f} | {r['step_s']:.3f} |")
     for label, rows in payload["models"].items():
-        md += ["", f"{label}, convolutions (ms). Input grad: the gradient with respect to every input training "
-               "differentiates (the image pair has none: `-`); weight grad: with respect to kernel and bias; "
-               "backward: all of them; each minus the forward:", "",
-               "| Layer | Forward | Input grad | Weight grad | Backward | Backward / forward |", "|---|---|---|---|---|---|"]
+        md += [
+            "",
+            f"{label}, convolutions (ms). Input grad: the gradient with respect to every input training "
+            "differentiates (the image pair has none: `-`); weight grad: with respect to kernel and bias; "
+            "backward: all of them; each minus the forward:",
+            "",
+            "| Layer | Forward | Input grad | Weight grad | Backward | Backward / forward |",
+            "|---|---|---|---|---|---|",
+        ]
         tot = {"forward": 0.0, "input grad": 0.0, "weight grad": 0.0, "backward": 0.0}
         for r in rows:
             f = r["forward"]
-            net = {"forward": f, "weight grad": max(r["weight grad"] - f, 0.0),
-                   "backward": max(r["forward + backward"] - f, 0.0)}
+            net = {"forward": f, "weight grad": max(r["weight grad"] - f, 0.0), "backward": max(r["forward + backward"] - f, 0.0)}
             if "input grad" in r:
                 net["input grad"] = max(r["input grad"] - f, 0.0)
             for k, v in net.items():
                 tot[k] += v
             ig = f"{net['input grad'] * 1e3:.1f}" if "input grad" in net else "-"
-            md.append(f"| {r['layer']} | {f * 1e3:.1f} | {ig} | {net['weight grad'] * 1e3:.1f} | "
-                      f"{net['backward'] * 1e3:.1f} | {net['backward'] / max(f, 1e-9):.1f}x |")
-        md.append(f"| **sum** | **{tot['forward'] * 1e3:.0f}** | {tot['input grad'] * 1e3:.0f} | {tot['weight grad'] * 1e3:.0f} "
-                  f"| **{tot['backward'] * 1e3:.0f}** | {tot['backward'] / max(tot['forward'], 1e-9):.1f}x |")
-    md += ["", f"Full-resolution loss pieces at {shape} (ms; gradients with respect to the field or the warped image, "
-           "as training takes them):", "", "| Piece | ms |", "|---|---|"]
+            md.append(
+                f"| {r['layer']} | {f * 1e3:.1f} | {ig} | {net['weight grad'] * 1e3:.1f} | "
+                f"{net['backward'] * 1e3:.1f} | {net['backward'] / max(f, 1e-9):.1f}x |"
+            )
+        md.append(
+            f"| **sum** | **{tot['forward'] * 1e3:.0f}** | {tot['input grad'] * 1e3:.0f} | {tot['weight grad'] * 1e3:.0f} "
+            f"| **{tot['backward'] * 1e3:.0f}** | {tot['backward'] / max(tot['forward'], 1e-9):.1f}x |"
+        )
+    md += [
+        "",
+        f"Full-resolution loss pieces at {shape} (ms; gradients with respect to the field or the warped image, "
+        "as training takes them):",
+        "",
+        "| Piece | ms |",
+        "|---|---|",
+    ]
     md += [f"| {k} | {v * 1e3:.1f} |" for k, v in payload["loss"].items()]
-    md += ["", "The compiled gradient of the VM-H and VM-L losses (`jax.jit(...).lower().compile().as_text()`): native "
-           "custom calls by target, and XLA operations that matter (a `convolution` would be a lax fallback):", "",
-           "| Stage | Native custom calls | XLA convolution | gather | scatter | reduce-window |", "|---|---|---|---|---|---|"]
+    md += [
+        "",
+        "The compiled gradient of the VM-H and VM-L losses (`jax.jit(...).lower().compile().as_text()`): native "
+        "custom calls by target, and XLA operations that matter (a `convolution` would be a lax fallback):",
+        "",
+        "| Stage | Native custom calls | XLA convolution | gather | scatter | reduce-window |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, c in payload["hlo"].items():
         calls = ", ".join(f"{k} x{v}" for k, v in sorted(c["custom_calls"].items()))
         x = c["xla"]
@@ -679,12 +790,23 @@ def main(argv=None):
     p.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES)
     p.add_argument("--quick", action="store_true", help="32^3, one round, no PyTorch: a check that it runs")
     p.add_argument("--no-torch", action="store_true")
-    p.add_argument("--before-after", action="store_true", help="every stage twice, with the backward formulations "
-                   "of issue 26 off (before: concatenated decoder input, autodiff upsampling, XLA's warp) and on (after)")
-    p.add_argument("--fusion", default="compact", choices=("compact", "paper", "official"),
-                   help="the FST head (model.fusion; Experiment 2: compact)")
-    p.add_argument("--teacher-cache", action="store_true", help="also S3 with its frozen teacher's outputs cached "
-                   "(train.teacher_cache_gb), and the pipeline's hours with it")
+    p.add_argument(
+        "--before-after",
+        action="store_true",
+        help="every stage twice, with the backward formulations "
+        "of issue 26 off (before: concatenated decoder input, autodiff upsampling, XLA's warp) and on (after)",
+    )
+    p.add_argument(
+        "--fusion",
+        default="compact",
+        choices=("compact", "paper", "official"),
+        help="the FST head (model.fusion; Experiment 2: compact)",
+    )
+    p.add_argument(
+        "--teacher-cache",
+        action="store_true",
+        help="also S3 with its frozen teacher's outputs cached (train.teacher_cache_gb), and the pipeline's hours with it",
+    )
     p.add_argument("--torch-repeats", type=int, default=None)
     p.add_argument("--profile", action="store_true", help="the attribution tables -> results/train_profile.{md,json}")
     p.add_argument("--render-profile", type=Path, metavar="JSON", help="rebuild the profile's tables from its JSON")
@@ -708,10 +830,17 @@ def main(argv=None):
 
     conv = native.describe()
     t = time.perf_counter()
-    rows = measure_jax(shape, args.batch, repeats, args.steps, tuple(args.stages),
-                       compiler_options=QUICK_OPTIONS if args.quick else None,
-                       variants=("before", "after") if args.before_after else (None,), teacher_cache=args.teacher_cache,
-                       fusion=args.fusion)
+    rows = measure_jax(
+        shape,
+        args.batch,
+        repeats,
+        args.steps,
+        tuple(args.stages),
+        compiler_options=QUICK_OPTIONS if args.quick else None,
+        variants=("before", "after") if args.before_after else (None,),
+        teacher_cache=args.teacher_cache,
+        fusion=args.fusion,
+    )
     print(f"measured in {time.perf_counter() - t:.0f} s")
     torch_rows = []
     if not (args.quick or args.no_torch):
@@ -723,19 +852,29 @@ def main(argv=None):
             for model in ("vm_h", "vm_l"):
                 torch_rows.append(run_torch(model, shape, args.torch_repeats or repeats))
     md = render(rows, torch_rows, shape, args.batch, args.steps, repeats, conv, fusion=args.fusion)
-    payload = {"machine": machine(), "conv": conv, "shape": list(shape), "batch": args.batch, "repeats": repeats,
-               "fusion": args.fusion,
-               "steps_per_stage": args.steps, "rows": rows, "torch_rows": torch_rows,
-               "pipeline_hours": {v or "": sum(hours(r["step_s"], args.steps) for r in rows
-                                               if "error" not in r and r.get("variant", "") == (v or ""))
-                                  for v in (("before", "after") if args.before_after else (None,))}}
+    payload = {
+        "machine": machine(),
+        "conv": conv,
+        "shape": list(shape),
+        "batch": args.batch,
+        "repeats": repeats,
+        "fusion": args.fusion,
+        "steps_per_stage": args.steps,
+        "rows": rows,
+        "torch_rows": torch_rows,
+        "pipeline_hours": {
+            v or "": sum(hours(r["step_s"], args.steps) for r in rows if "error" not in r and r.get("variant", "") == (v or ""))
+            for v in (("before", "after") if args.before_after else (None,))
+        },
+    }
     cached = [r for r in rows if r.get("variant") == CACHED and "error" not in r]
     s3 = [r for r in rows if r["stage"] == "vm_l_crd" and r.get("variant", "") in ("", "after") and "error" not in r]
     if cached and s3:
         fill = cache_fill_hours(s3[0], cached[0])
         key = s3[0].get("variant", "")
         payload["pipeline_hours"][f"{key} with S3's teacher cached".strip()] = (
-            payload["pipeline_hours"][key] - hours(s3[0]["step_s"], args.steps) + hours(cached[0]["step_s"], args.steps) + fill)
+            payload["pipeline_hours"][key] - hours(s3[0]["step_s"], args.steps) + hours(cached[0]["step_s"], args.steps) + fill
+        )
     write(args.out or HERE / "results" / "train_budget", payload, md)
     return 0
 

@@ -63,12 +63,21 @@ def student_stages(fst: str, steps: int = STUDENT_STEPS, init: str = BASELINE_LO
     arm starting from stage ``init``; ``name`` labels the rows (Experiment 2 reuses this with VM-L)."""
     blocks = {}
     for seed in SEEDS:
-        blocks[f"ctl_s{seed}"] = stage("baseline", resolution="low", steps=steps, init=init, seed=seed,
-                                       label=f"{name} +{steps} (stream {seed})")
-        blocks[f"crd_paper_s{seed}"] = stage("distill", teacher=fst, steps=steps, init=init, seed=seed,
-                                             label=f"{name}-CRD, paper (stream {seed})")
-        blocks[f"crd_code_s{seed}"] = stage("distill", teacher=fst, steps=steps, init=init, seed=seed,
-                                            loss=CODE_LOSS, label=f"{name}-CRD, authors' code (stream {seed})")
+        blocks[f"ctl_s{seed}"] = stage(
+            "baseline", resolution="low", steps=steps, init=init, seed=seed, label=f"{name} +{steps} (stream {seed})"
+        )
+        blocks[f"crd_paper_s{seed}"] = stage(
+            "distill", teacher=fst, steps=steps, init=init, seed=seed, label=f"{name}-CRD, paper (stream {seed})"
+        )
+        blocks[f"crd_code_s{seed}"] = stage(
+            "distill",
+            teacher=fst,
+            steps=steps,
+            init=init,
+            seed=seed,
+            loss=CODE_LOSS,
+            label=f"{name}-CRD, authors' code (stream {seed})",
+        )
     return blocks
 
 
@@ -83,8 +92,9 @@ def get_config(fst: str = ""):
     c.stages.vm_h_15k = stage("baseline", resolution="high", steps=TEACHER_STEPS, init="vm_h", label="VM-H (15k)")
     c.stages.coop_15k = stage("cooperative", steps=BASE_STEPS, init="vm_h_15k", evaluate=False)
     c.stages.fst_half = stage("teacher", backbone="coop_15k", steps=BASE_STEPS, label="FST (half)")
-    c.stages.fst_full = stage("teacher", backbone="coop_15k", steps=BASE_STEPS, model={"teacher_output": "full"},
-                              label="FST (full)")
+    c.stages.fst_full = stage(
+        "teacher", backbone="coop_15k", steps=BASE_STEPS, model={"teacher_output": "full"}, label="FST (full)"
+    )
     c.pipeline = TEACHER_PIPELINE
     if fst:
         blocks = student_stages(fst)

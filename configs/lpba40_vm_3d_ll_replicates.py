@@ -35,8 +35,9 @@ def get_config():
     for suffix, extra, note in variants:
         crd, control = f"vm_ll_crd_{suffix}", f"vm_ll_long_{suffix}"
         c.stages[crd] = stage("distill", teacher="fst", steps=BASE_STEPS, init="vm_ll", label=f"VM-LL-CRD ({note})", **extra)
-        c.stages[control] = stage("baseline", resolution="low", steps=BASE_STEPS, init="vm_ll",
-                                  label=f"VM-LL +{BASE_STEPS} ({note})", **extra)
+        c.stages[control] = stage(
+            "baseline", resolution="low", steps=BASE_STEPS, init="vm_ll", label=f"VM-LL +{BASE_STEPS} ({note})", **extra
+        )
         pipeline += [crd, control]
     c.pipeline = tuple(pipeline)
     return c

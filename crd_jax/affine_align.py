@@ -96,8 +96,13 @@ def _optimiser(shape: Tuple[int, ...], steps: int, similarity: str, lr_matrix: f
     return jax.jit(run)
 
 
-def align(fixed: np.ndarray, moving: np.ndarray, similarity: str = "ncc", levels: Sequence[int] = (32, 64),
-          steps: Sequence[int] = (300, 150)) -> AffineResult:
+def align(
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    similarity: str = "ncc",
+    levels: Sequence[int] = (32, 64),
+    steps: Sequence[int] = (300, 150),
+) -> AffineResult:
     """Affine alignment of ``moving`` to ``fixed`` (arrays on one grid, intensities roughly in [0, 1])."""
     shape = tuple(fixed.shape)
     ndim = len(shape)
@@ -126,5 +131,7 @@ def itk_affine_text(world: np.ndarray) -> str:
     flip = np.diag([-1.0, -1.0, 1.0, 1.0])
     lps = flip @ world @ flip
     params = list(lps[:3, :3].ravel()) + list(lps[:3, 3])
-    return ("#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
-            f"Parameters: {' '.join(f'{v:.10g}' for v in params)}\nFixedParameters: 0 0 0\n")
+    return (
+        "#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
+        f"Parameters: {' '.join(f'{v:.10g}' for v in params)}\nFixedParameters: 0 0 0\n"
+    )

@@ -29,8 +29,13 @@ def as_batch(image: np.ndarray | jax.Array) -> jax.Array:
     raise ValueError(f"expected a 2-D or 3-D image, got shape {image.shape}")
 
 
-def register(model: Registrar, params: Params, moving: np.ndarray | jax.Array, fixed: np.ndarray | jax.Array,
-             moving_seg: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+def register(
+    model: Registrar,
+    params: Params,
+    moving: np.ndarray | jax.Array,
+    fixed: np.ndarray | jax.Array,
+    moving_seg: Optional[np.ndarray] = None,
+) -> Dict[str, np.ndarray]:
     """Registers ``moving`` to ``fixed`` (``(*spatial)`` arrays). Returns numpy ``disp`` ``(*spatial, ndim)``,
     ``warped`` ``(*spatial)`` and, given ``moving_seg``, ``warped_seg`` (nearest neighbour)."""
     m, f = as_batch(moving), as_batch(fixed)
@@ -78,9 +83,14 @@ def fit_pair(
     return params
 
 
-def register_files(pairs: Iterable[Sequence[PathLike]], model: Optional[str] = None, normalize_mode: str = "model",
-                   io_steps: int = 0, affine: str = "",
-                   jacobian: bool = False) -> Iterator[Tuple[Sequence[PathLike], Dict[str, Any]]]:
+def register_files(
+    pairs: Iterable[Sequence[PathLike]],
+    model: Optional[str] = None,
+    normalize_mode: str = "model",
+    io_steps: int = 0,
+    affine: str = "",
+    jacobian: bool = False,
+) -> Iterator[Tuple[Sequence[PathLike], Dict[str, Any]]]:
     """Registers file pairs with one model, loaded and compiled once (what ``crd-jax register --pairs``
     does). ``pairs``: ``(fixed, moving)`` or ``(fixed, moving, moving_seg)`` paths; ``model``: a shipped
     model's name or a model folder (default: the default shipped model). Yields ``(pair, result)`` per pair,

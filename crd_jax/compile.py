@@ -147,7 +147,7 @@ def _read_entry(path: str, key: bytes) -> Optional[bytes]:
         os.close(fd)
     if not blob.startswith(_MAGIC) or len(blob) < len(_MAGIC) + _TAG:
         return None
-    tag, body = blob[len(_MAGIC):len(_MAGIC) + _TAG], blob[len(_MAGIC) + _TAG:]
+    tag, body = blob[len(_MAGIC) : len(_MAGIC) + _TAG], blob[len(_MAGIC) + _TAG :]
     return body if hmac.compare_digest(tag, _sign(key, body)) else None
 
 
@@ -184,9 +184,17 @@ def _fingerprint() -> str:
             cpu = "".join(l for l in itertools.islice(f, 40) if l.startswith(("model name", "flags")))
     except OSError:
         cpu = platform.processor()
-    for part in (jax.__version__, jaxlib.__version__, device.platform, device.device_kind,
-                 getattr(device.client, "platform_version", ""), cpu, os.environ.get("XLA_FLAGS", ""),
-                 str(jax.config.jax_enable_x64), str(jax.config.jax_default_matmul_precision)):
+    for part in (
+        jax.__version__,
+        jaxlib.__version__,
+        device.platform,
+        device.device_kind,
+        getattr(device.client, "platform_version", ""),
+        cpu,
+        os.environ.get("XLA_FLAGS", ""),
+        str(jax.config.jax_enable_x64),
+        str(jax.config.jax_default_matmul_precision),
+    ):
         h.update(str(part).encode() + b"\0")
     return h.hexdigest()
 
@@ -197,7 +205,9 @@ def _trace_settings() -> str:
     targets, which a stored program that calls them needs before it can be loaded.)"""
     import importlib
 
-    conv, native = (importlib.import_module(f"crd_jax.ops.{m}") for m in ("conv", "native"))  # crd_jax.ops.conv is also a function
+    conv, native = (
+        importlib.import_module(f"crd_jax.ops.{m}") for m in ("conv", "native")
+    )  # crd_jax.ops.conv is also a function
     return f"native={native.available()} bf16={conv.bf16_inference()}"
 
 
@@ -242,8 +252,13 @@ class PersistentJit:
     Inside another trace, away from the CPU, with arguments on other devices or processes, or with the cache
     off, it is the plain ``jax.jit`` function."""
 
-    def __init__(self, fun: Callable, static_argnums: int | Sequence[int] = (),
-                 static_argnames: str | Sequence[str] = (), context: str = ""):
+    def __init__(
+        self,
+        fun: Callable,
+        static_argnums: int | Sequence[int] = (),
+        static_argnames: str | Sequence[str] = (),
+        context: str = "",
+    ):
         functools.update_wrapper(self, fun)
         static_argnums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
         static_argnames = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
@@ -262,8 +277,10 @@ class PersistentJit:
         leaves, tree = jax.tree.flatten((dynamic, dynamic_kw))
         if folder is None or jax.default_backend() != "cpu" or not _on_the_default_device(leaves):
             return self._jit(*args, **kwargs)
-        static = ([(i, a) for i, a in enumerate(args) if i in self._static_positions],
-                  sorted((k, v) for k, v in kwargs.items() if k in self._static_names))
+        static = (
+            [(i, a) for i, a in enumerate(args) if i in self._static_positions],
+            sorted((k, v) for k, v in kwargs.items() if k in self._static_names),
+        )
         description = repr((self._what, static, str(tree), [jax.typeof(x) for x in leaves], _trace_settings()))
         if "0x" in description:
             return self._jit(*args, **kwargs)
@@ -324,9 +341,13 @@ class PersistentJit:
         return program
 
 
-def persistent_jit(fun: Optional[Callable] = None, *, static_argnums: int | Sequence[int] = (),
-                   static_argnames: str | Sequence[str] = (),
-                   context: str = "") -> PersistentJit | Callable[[Callable], PersistentJit]:
+def persistent_jit(
+    fun: Optional[Callable] = None,
+    *,
+    static_argnums: int | Sequence[int] = (),
+    static_argnames: str | Sequence[str] = (),
+    context: str = "",
+) -> PersistentJit | Callable[[Callable], PersistentJit]:
     """Decorator form of :class:`PersistentJit` (``@persistent_jit`` or ``@persistent_jit(static_argnums=...)``)."""
     if fun is None:
         return lambda f: PersistentJit(f, static_argnums, static_argnames, context)

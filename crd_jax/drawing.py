@@ -84,7 +84,7 @@ def display_spacing(affine: np.ndarray):
 
     transform = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt(("R", "A", "S")))
     linear = (affine @ ornt.inv_ornt_aff(transform, (2, 2, 2)))[:3, :3]
-    return tuple(float(v) for v in np.sqrt((linear ** 2).sum(axis=0)))
+    return tuple(float(v) for v in np.sqrt((linear**2).sum(axis=0)))
 
 
 def _grid(ax, field: np.ndarray, step: int = 4, aspect: float = 1.0) -> None:
@@ -101,9 +101,17 @@ def _grid(ax, field: np.ndarray, step: int = 4, aspect: float = 1.0) -> None:
     ax.set_aspect(aspect)
 
 
-def pair_figure(path, fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray, disp: np.ndarray,
-                fixed_seg: Optional[np.ndarray] = None, warped_seg: Optional[np.ndarray] = None, title: str = "",
-                spacing=None) -> None:
+def pair_figure(
+    path,
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    warped: np.ndarray,
+    disp: np.ndarray,
+    fixed_seg: Optional[np.ndarray] = None,
+    warped_seg: Optional[np.ndarray] = None,
+    title: str = "",
+    spacing=None,
+) -> None:
     """Writes a PNG or PDF (by the suffix): rows = mid-slices (axial, coronal, sagittal of RAS arrays, see
     :func:`to_display`, drawn in radiological orientation), columns = fixed | moving | warped (+ the label
     overlap with a legend when both label maps are given, the warped labels alone when only they are) | grid |
@@ -146,8 +154,15 @@ def pair_figure(path, fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray,
             name, axis, edges = PLANES[r]
             ax[0].set_ylabel(f"{name} (slice {fixed.shape[axis] // 2})", fontsize=10)
             for a in ax[:3]:
-                for (x, y, ha, va), letter in zip(((0.02, 0.5, "left", "center"), (0.98, 0.5, "right", "center"),
-                                                   (0.5, 0.98, "center", "top"), (0.5, 0.02, "center", "bottom")), edges):
+                for (x, y, ha, va), letter in zip(
+                    (
+                        (0.02, 0.5, "left", "center"),
+                        (0.98, 0.5, "right", "center"),
+                        (0.5, 0.98, "center", "top"),
+                        (0.5, 0.02, "center", "bottom"),
+                    ),
+                    edges,
+                ):
                     a.text(x, y, letter, transform=a.transAxes, ha=ha, va=va, color="yellow", fontsize=8)
         if r == 0:
             for a, name in zip(ax, cols):
@@ -208,14 +223,20 @@ def saved_registration(folder, fixed_path=None, moving_path=None, fixed_seg_path
     warped_path = first("warped.nii.gz", "warped.nii")
     disp_path = disp_path or first(*SAVED_DISPLACEMENTS) or next(iter(sorted(folder.glob("disp_[0-9]*_[0-9]*.nii*"))), None)
     if warped_path is None or disp_path is None:
-        raise InputError(folder, "not a crd-jax register output folder (no warped.nii[.gz] and no displacement: "
-                                 "disp[_itk].nii[.gz], disp_compact.npz or disp_FFFF_MMMM.nii[.gz])")
+        raise InputError(
+            folder,
+            "not a crd-jax register output folder (no warped.nii[.gz] and no displacement: "
+            "disp[_itk].nii[.gz], disp_compact.npz or disp_FFFF_MMMM.nii[.gz])",
+        )
     fixed = load_image(fixed_path, require_orientation=True)
     moving = load_image(moving_path, require_orientation=True)
     warped = load_image(warped_path)
     if warped.data.shape != fixed.data.shape:
-        raise InputError(warped_path, f"shape {warped.data.shape} differs from the fixed image's {fixed.data.shape} "
-                                      f"({fixed_path}): not this pair's registration")
+        raise InputError(
+            warped_path,
+            f"shape {warped.data.shape} differs from the fixed image's {fixed.data.shape} "
+            f"({fixed_path}): not this pair's registration",
+        )
     if compact.is_compact(disp_path):
         disp, _ = compact.expand(disp_path)
         if disp.shape[:-1] != fixed.data.shape:
@@ -241,13 +262,23 @@ def draw_pair(path, fixed, moving_shown, warped, disp, fixed_seg=None, warped_se
     if fixed.data.ndim == 3:
         spacing = display_spacing(fixed.affine)
         volumes, disp = to_display(fixed.affine, volumes, disp)
-    pair_figure(path, volumes["fixed"], volumes["moving"], volumes["warped"], disp, volumes["fixed_seg"],
-                volumes["warped_seg"], title=title, spacing=spacing)
+    pair_figure(
+        path,
+        volumes["fixed"],
+        volumes["moving"],
+        volumes["warped"],
+        disp,
+        volumes["fixed_seg"],
+        volumes["warped_seg"],
+        title=title,
+        spacing=spacing,
+    )
 
 
 def draw_saved(path, folder, fixed_seg_path=None, disp_path=None) -> None:
     """The figure of the registration saved in ``folder`` (:func:`saved_registration`) written to ``path``:
     what ``crd-jax figure --from FOLDER [--fixed-seg ...]`` draws, and ``register --qc``'s ``qc.png``."""
     fixed, moving_shown, warped, disp, fixed_seg, warped_seg, title = saved_registration(
-        folder, fixed_seg_path=fixed_seg_path, disp_path=disp_path)
+        folder, fixed_seg_path=fixed_seg_path, disp_path=disp_path
+    )
     draw_pair(path, fixed, moving_shown, warped, disp, fixed_seg, warped_seg, title)

@@ -62,7 +62,9 @@ def evaluate_pairs(
             "folds": metrics.count_folds(disp_src),
             "percent_folds": metrics.percent_folds(disp_src),
             "sdlogj": metrics.sdlogj(disp_src),
-            "dice_before": float(np.nanmean(metrics.dice(placement.restore(np.asarray(seg_m[0, ..., 0]), fill=0), fixed_src, labels))),
+            "dice_before": float(
+                np.nanmean(metrics.dice(placement.restore(np.asarray(seg_m[0, ..., 0]), fill=0), fixed_src, labels))
+            ),
         }
         if hd95:
             if spacing is None:
@@ -85,8 +87,7 @@ def summarize(rows: List[Dict]) -> Dict[str, float]:
     return out
 
 
-def measure_inference(model: Model, params: Params, shape: Sequence[int], repeats: int = 5,
-                      warmup: int = 1) -> Dict[str, float]:
+def measure_inference(model: Model, params: Params, shape: Sequence[int], repeats: int = 5, warmup: int = 1) -> Dict[str, float]:
     """Latency (median, min, max over ``repeats`` runs after ``warmup``), compile time, XLA memory (MB)."""
     x = jnp.zeros((1, *shape, 1), jnp.float32)
     fn = registration_model.predictor(model)  # the model's one jitted predictor, compiled here for its memory analysis

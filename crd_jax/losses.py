@@ -124,8 +124,7 @@ def nmi(fixed: jax.Array, warped: jax.Array, bins: int = 32, sigma: float = 0.0,
 
 _SIX = ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))
 #: MIND-SSC: the 12 pairs of six-neighbourhood offsets at distance sqrt(2) (Heinrich et al. 2013)
-SSC_PAIRS = tuple((p, q) for i, p in enumerate(_SIX) for q in _SIX[i + 1:]
-                  if sum((a - b) ** 2 for a, b in zip(p, q)) == 2)
+SSC_PAIRS = tuple((p, q) for i, p in enumerate(_SIX) for q in _SIX[i + 1 :] if sum((a - b) ** 2 for a, b in zip(p, q)) == 2)
 
 
 def _shifted(x: jax.Array, offset) -> jax.Array:
@@ -143,8 +142,9 @@ def mind_ssc(image: jax.Array, radius: int = 1, eps: float = 1e-6) -> jax.Array:
     if image.ndim != 5 or image.shape[-1] != 1:
         raise ValueError(f"mind_ssc: expected a single-channel 3-D image (B, X, Y, Z, 1), got {image.shape}")
     window = 2 * radius + 1
-    dist = jnp.concatenate([box_sum((_shifted(image, p) - _shifted(image, q)) ** 2, window) / window**3
-                            for p, q in SSC_PAIRS], axis=-1)
+    dist = jnp.concatenate(
+        [box_sum((_shifted(image, p) - _shifted(image, q)) ** 2, window) / window**3 for p, q in SSC_PAIRS], axis=-1
+    )
     var = jnp.mean(dist, axis=-1, keepdims=True)
     level = jnp.mean(var, axis=(1, 2, 3, 4), keepdims=True)
     var = jnp.clip(var, level * 1e-3, level * 1e3) + eps
@@ -182,8 +182,7 @@ def register_similarity(cls: Type[Similarity]) -> Type[Similarity]:
     where = lambda c: f"{c.__module__}.{c.__qualname__}"  # noqa: E731 (the same class re-imported is no clash)
     if before is not None and where(before) != where(cls):
         # a fork's "ncc" would silently change NCC for every config: a new name instead
-        raise ValueError(f"similarity {cls.name!r} is registered already (by {where(before)}); give {where(cls)} "
-                         "another name")
+        raise ValueError(f"similarity {cls.name!r} is registered already (by {where(before)}); give {where(cls)} another name")
     SIMILARITIES[cls.name] = cls
     return cls
 
@@ -230,7 +229,11 @@ def similarity(name: str = "ncc", window: int = 9) -> Similarity:
 
 
 def registration_loss(
-    moving: jax.Array, fixed: jax.Array, disp: jax.Array, reg_weight: float = 1.0, window: int = 9,
+    moving: jax.Array,
+    fixed: jax.Array,
+    disp: jax.Array,
+    reg_weight: float = 1.0,
+    window: int = 9,
     sim: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None,
 ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """``L = L_sim(I_m(phi), I_f) + lambda L_reg(phi)`` (eq. 3), on the grid of ``fixed``.

@@ -40,17 +40,21 @@ def jacobian_determinant(disp: np.ndarray) -> np.ndarray:
     if disp.ndim != ndim + 1 or ndim not in (2, 3):
         raise ValueError(f"expected a 2-D or 3-D displacement (*spatial, ndim), got {disp.shape}")
     # jac[i][j] = d(x_i + u_i) / d x_j; the determinant in closed form (no (N, d, d) stack: 5x less memory)
-    jac = [[g + (1.0 if i == j else 0.0) for j, g in enumerate(np.gradient(disp[..., i], axis=tuple(range(ndim))))]
-           for i in range(ndim)]
+    jac = [
+        [g + (1.0 if i == j else 0.0) for j, g in enumerate(np.gradient(disp[..., i], axis=tuple(range(ndim))))]
+        for i in range(ndim)
+    ]
     return _det(jac)
 
 
 def _det(j):
     if len(j) == 2:
         return j[0][0] * j[1][1] - j[0][1] * j[1][0]
-    return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
-            - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
-            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
+    return (
+        j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+        - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+        + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])
+    )
 
 
 def jacobian_determinant_forward(disp: np.ndarray) -> np.ndarray:
@@ -112,9 +116,7 @@ def _label_boxes(seg: np.ndarray, labels: Sequence[int]):
     return {l: boxes[l - 1] for l in positive if boxes[l - 1] is not None}
 
 
-def hd95(
-    seg_a: np.ndarray, seg_b: np.ndarray, labels: Sequence[int], spacing: Optional[Sequence[float]] = None
-) -> np.ndarray:
+def hd95(seg_a: np.ndarray, seg_b: np.ndarray, labels: Sequence[int], spacing: Optional[Sequence[float]] = None) -> np.ndarray:
     """95th-percentile Hausdorff distance per label between the surfaces of two label maps.
 
     For each label: the distances from every surface voxel of A to the nearest surface voxel of B and
@@ -155,4 +157,3 @@ def hd95(
         dist_to_a = spatial.cKDTree(pa).query(pb, workers=-1)[0]
         out[i] = max(np.percentile(dist_to_b, 95), np.percentile(dist_to_a, 95))
     return out
-

@@ -141,8 +141,10 @@ def _replace_in_place(directory: Path, params, spec: Dict[str, Any]) -> None:
     renamed over the old one; every other file in the folder is left as it is."""
     from crd_jax.data.io import atomic_path
 
-    blobs = [(PARAMS_FILE, serialization.msgpack_serialize(_host_tree(params))),
-             (MODEL_JSON, json.dumps({"format_version": FORMAT_VERSION, **spec}, indent=2).encode())]
+    blobs = [
+        (PARAMS_FILE, serialization.msgpack_serialize(_host_tree(params))),
+        (MODEL_JSON, json.dumps({"format_version": FORMAT_VERSION, **spec}, indent=2).encode()),
+    ]
     for name, blob in blobs:
         with atomic_path(directory / name) as tmp, open(tmp, "wb") as f:
             f.write(blob)
@@ -170,8 +172,22 @@ def _same_structure(params, like) -> bool:
 
 # --- model.json's schema ------------------------------------------------------------------------------------
 
-KNOWN_FIELDS = ("format_version", "kind", "architecture", "factor", "label", "stage", "steps", "labels",
-                "preprocessing", "shipped", "card", "source", "finetuned_from", "backbone_source")
+KNOWN_FIELDS = (
+    "format_version",
+    "kind",
+    "architecture",
+    "factor",
+    "label",
+    "stage",
+    "steps",
+    "labels",
+    "preprocessing",
+    "shipped",
+    "card",
+    "source",
+    "finetuned_from",
+    "backbone_source",
+)
 NORMALIZE_MODES = ("none", "minmax", "percentile")
 AXIS_PAIRS = ("LR", "PA", "IS")
 MAX_GRID_SIDE = 1024  # voxels per side of a model's grid (resample_shape, canvas_shape)
@@ -193,8 +209,14 @@ def _int(value, field, lo, hi):
 def _number(value, field, lo=-float("inf"), hi=float("inf"), open_lo=False):
     import math
 
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < lo or value > hi or (open_lo and value == lo):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < lo
+        or value > hi
+        or (open_lo and value == lo)
+    ):
         bounds = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]"
         raise _Bad(field, f"must be a finite number in {bounds}, got {value!r}")
     return value
@@ -207,8 +229,7 @@ def _ints(value, field, lo, hi, lengths):
 
 
 def _orientation(value, field):
-    ok = isinstance(value, str) and len(value) == 3 and all(
-        sum(c in pair for c in value) == 1 for pair in AXIS_PAIRS)
+    ok = isinstance(value, str) and len(value) == 3 and all(sum(c in pair for c in value) == 1 for pair in AXIS_PAIRS)
     if not ok:
         raise _Bad(field, f"must be 3 axis codes, one of each pair L/R, P/A, I/S (e.g. 'RAS', 'LPS'), got {value!r}")
     return value
@@ -298,11 +319,12 @@ def _backbone_source(where) -> None:
     from crd_jax.models.backbones import is_module_name
 
     if not isinstance(where, dict) or len(where) != 1 or next(iter(where)) not in ("entry_point", "module"):
-        raise _Bad("backbone_source", f"must be {{\"entry_point\": name}} or {{\"module\": name}}, got {where!r}")
-    (key, value), = where.items()
+        raise _Bad("backbone_source", f'must be {{"entry_point": name}} or {{"module": name}}, got {where!r}')
+    ((key, value),) = where.items()
     if not isinstance(value, str) or not is_module_name(value) or (key == "entry_point" and "." in value):
-        raise _Bad(f"backbone_source.{key}", f"must be a {'name' if key == 'entry_point' else 'dotted module name'}, "
-                                             f"got {value!r}")
+        raise _Bad(
+            f"backbone_source.{key}", f"must be a {'name' if key == 'entry_point' else 'dotted module name'}, got {value!r}"
+        )
 
 
 def resolve_backbone(spec: Dict[str, Any], path: Union[str, os.PathLike], allowed_modules: Collection[str] = ()) -> None:
@@ -349,7 +371,9 @@ def load_spec(directory: Path, allowed_modules: Optional[Collection[str]] = None
     except OSError as exc:
         raise InputError(path, f"unreadable model description ({exc.strerror or exc})") from None
     except (ValueError, RecursionError) as exc:  # JSON errors, bad UTF-8, absurd nesting
-        raise InputError(path, f"unreadable model description ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+        raise InputError(
+            path, f"unreadable model description ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+        ) from None
     if not isinstance(spec, dict):
         raise InputError(path, "unusable model description: not a JSON object")
     if spec.get("format_version") not in FORMATS or isinstance(spec.get("format_version"), bool):
@@ -359,8 +383,9 @@ def load_spec(directory: Path, allowed_modules: Optional[Collection[str]] = None
     return spec
 
 
-def load_model(directory: Path, like: Optional[Params] = None,
-               allowed_modules: Optional[Collection[str]] = None) -> Tuple[Params, Dict[str, Any]]:
+def load_model(
+    directory: Path, like: Optional[Params] = None, allowed_modules: Optional[Collection[str]] = None
+) -> Tuple[Params, Dict[str, Any]]:
     """``(params, spec)`` of a model folder. ``like``: a pytree of the expected structure (optional);
     ``allowed_modules``: backbone modules a ``model.json`` may have imported (:func:`load_spec`).
 

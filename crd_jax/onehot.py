@@ -38,7 +38,7 @@ def _program(ndim: int):
         frac = coords - base
         base = base.astype(jnp.int32)
         flat = indices.reshape(-1)
-        strides = [int(np.prod(shape[k + 1:])) for k in range(ndim)]
+        strides = [int(np.prod(shape[k + 1 :])) for k in range(ndim)]
         labels, weights = [], []
         for corner in corners:
             offset = jnp.zeros(coords.shape[1:], jnp.int32)

@@ -77,8 +77,10 @@ def check_writable_folder(folder: Union[str, os.PathLike], what: str = "output f
     folder = Path(os.path.abspath(folder))
     too_long = [part for part in folder.parts if len(os.fsencode(part)) > 255]
     if too_long or len(os.fsencode(str(folder))) > 4000:
-        raise InputError(folder if not too_long else too_long[0][:60] + "...",
-                         f"{what} path is too long (at most 255 bytes per name, 4000 in all)")
+        raise InputError(
+            folder if not too_long else too_long[0][:60] + "...",
+            f"{what} path is too long (at most 255 bytes per name, 4000 in all)",
+        )
     if folder.is_symlink():
         try:
             os.stat(folder)
@@ -149,8 +151,9 @@ class OutputSet:
     ``names``: every file the block will write (relative to ``folder``); writing anything else is an error.
     """
 
-    def __init__(self, folder, names: Iterable[str], overwrite: bool = False, what: str = "output folder",
-                 family: Iterable[str] = ()):
+    def __init__(
+        self, folder, names: Iterable[str], overwrite: bool = False, what: str = "output folder", family: Iterable[str] = ()
+    ):
         self.folder = check_writable_folder(folder, what)
         self.names: List[str] = [check_plain_name(n, Path(folder) / n) for n in dict.fromkeys(names)]
         self.family: List[str] = [n for n in dict.fromkeys(family) if n not in self.names]
@@ -169,13 +172,19 @@ class OutputSet:
         for name in self.family:
             target = self.folder / name
             if (target.exists() or target.is_symlink()) and not self.overwrite:
-                raise InputError(target, "is an output of an earlier run that this run does not write; pass --overwrite "
-                                         "to replace the earlier set (nothing was written)")
+                raise InputError(
+                    target,
+                    "is an output of an earlier run that this run does not write; pass --overwrite "
+                    "to replace the earlier set (nothing was written)",
+                )
 
     def stale(self) -> List[Path]:
         """Files of the command's family, not written by this run, that exist in the folder now."""
-        return [self.folder / n for n in self.family
-                if ((self.folder / n).is_file() or (self.folder / n).is_symlink()) and not (self.folder / n).is_dir()]
+        return [
+            self.folder / n
+            for n in self.family
+            if ((self.folder / n).is_file() or (self.folder / n).is_symlink()) and not (self.folder / n).is_dir()
+        ]
 
     def paths(self) -> List[Path]:
         return [self.folder / n for n in self.names]

@@ -29,8 +29,9 @@ def sample_coordinates(disp: np.ndarray, reference_affine: np.ndarray, image_aff
     return np.moveaxis(coords, -1, 0)
 
 
-def apply_to_image(image: np.ndarray, image_affine: np.ndarray, disp: np.ndarray, reference_affine: np.ndarray,
-                   interpolation: str = "linear") -> np.ndarray:
+def apply_to_image(
+    image: np.ndarray, image_affine: np.ndarray, disp: np.ndarray, reference_affine: np.ndarray, interpolation: str = "linear"
+) -> np.ndarray:
     """An intensity image warped onto the reference grid (``linear``, cubic ``bspline`` or ``nearest``).
     Outside the image the edge values continue (border clamping, as ``crd-jax register``'s own outputs)."""
     from scipy import ndimage  # here, not at import: it costs ~0.25 s of every command's start
@@ -42,8 +43,9 @@ def apply_to_image(image: np.ndarray, image_affine: np.ndarray, disp: np.ndarray
     return ndimage.map_coordinates(np.asarray(image, np.float32), coords, order=order, mode="nearest")
 
 
-def apply_to_labels(labels: np.ndarray, labels_affine: np.ndarray, disp: np.ndarray, reference_affine: np.ndarray,
-                    interpolation: str = "nearest") -> np.ndarray:
+def apply_to_labels(
+    labels: np.ndarray, labels_affine: np.ndarray, disp: np.ndarray, reference_affine: np.ndarray, interpolation: str = "nearest"
+) -> np.ndarray:
     """A label map warped onto the reference grid: ``nearest`` neighbour, or ``onehot``: each label's
     indicator interpolated linearly and the largest taken per voxel (smoother boundaries; background wins
     ties, so no label grows)."""

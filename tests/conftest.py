@@ -33,8 +33,14 @@ def shift_model(tmp_path_factory):
     from crd_jax.model_io import save_model
 
     arch = official.ARCHITECTURE | {"fusion": "paper", "teacher_align_corners": False}
-    spec = {"kind": "registrar", "factor": 2, "architecture": arch, "label": "VM-L (test)", "stage": "test",
-            "preprocessing": {"normalize": "minmax", "percentiles": [0.5, 99.5], "resample_shape": [], "multiple": 32, "ndim": 3}}
+    spec = {
+        "kind": "registrar",
+        "factor": 2,
+        "architecture": arch,
+        "label": "VM-L (test)",
+        "stage": "test",
+        "preprocessing": {"normalize": "minmax", "percentiles": [0.5, 99.5], "resample_shape": [], "multiple": 32, "ndim": 3},
+    }
     model = model_from_spec(spec)
     x = jnp.zeros((1, 64, 64, 64, 1))
     params = model.init(jax.random.PRNGKey(0), x, x)

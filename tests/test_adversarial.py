@@ -66,13 +66,25 @@ def snapshot(folder: Path):
 
 
 def crd(argv, cwd, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "crd_jax", *map(str, argv)], capture_output=True, text=True, cwd=cwd,
-                          env={**ENV, **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "crd_jax", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**ENV, **(env or {})},
+        timeout=timeout,
+    )
 
 
 def train_py(argv, cwd, timeout=120):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, argv)], capture_output=True, text=True,
-                          cwd=cwd, env=ENV, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=ENV,
+        timeout=timeout,
+    )
 
 
 def assert_one_line(proc, status, *needles):
@@ -88,19 +100,39 @@ def assert_one_line(proc, status, *needles):
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
     model, _, _ = make_model_folder(root / "model", SHAPE[0], "minmax")
-    geo, _, _ = make_model_folder(root / "geo", SHAPE[0], "minmax",
-                                  geometry={"orientation": "RAS", "spacing": [2.5, 2.5, 2.5], "stored_shape": [64, 64, 64]})
+    geo, _, _ = make_model_folder(
+        root / "geo",
+        SHAPE[0],
+        "minmax",
+        geometry={"orientation": "RAS", "spacing": [2.5, 2.5, 2.5], "stored_shape": [64, 64, 64]},
+    )
     shift, _, _ = make_model_folder(root / "shift", SHAPE[0], "minmax", bias=[0.75, -0.25, 0.125])
-    a = {"root": root, "model": model, "geo": geo, "shift": shift,
-         "f": _nifti(root / "f.nii.gz", _volume(0)), "m": _nifti(root / "m.nii.gz", _volume(1)),
-         "disp": _nifti(root / "disp.nii.gz", np.zeros((*SHAPE, 3), np.float32))}
+    a = {
+        "root": root,
+        "model": model,
+        "geo": geo,
+        "shift": shift,
+        "f": _nifti(root / "f.nii.gz", _volume(0)),
+        "m": _nifti(root / "m.nii.gz", _volume(1)),
+        "disp": _nifti(root / "disp.nii.gz", np.zeros((*SHAPE, 3), np.float32)),
+    }
     a["before"] = snapshot(root)
     return a
 
 
 def _register(tmp, a, model=None, fixed=None, moving=None, extra=()):
-    return ["register", "--model", model or a["model"], "--fixed", fixed or a["f"], "--moving", moving or a["m"],
-            "--out-dir", tmp / "out", *extra]
+    return [
+        "register",
+        "--model",
+        model or a["model"],
+        "--fixed",
+        fixed or a["f"],
+        "--moving",
+        moving or a["m"],
+        "--out-dir",
+        tmp / "out",
+        *extra,
+    ]
 
 
 def _edited_model(tmp, a, edit, raw=None):
@@ -113,7 +145,12 @@ def _edited_model(tmp, a, edit, raw=None):
 
 
 def _geometry(spec, **changes):
-    spec["preprocessing"]["geometry"] = {"orientation": "RAS", "spacing": [1.0, 1.0, 1.0], "stored_shape": [32, 32, 32], **changes}
+    spec["preprocessing"]["geometry"] = {
+        "orientation": "RAS",
+        "spacing": [1.0, 1.0, 1.0],
+        "stored_shape": [32, 32, 32],
+        **changes,
+    }
 
 
 # --- the kinds: k_<name>(tmp, assets) -> (argv, source, message) ---------------------------------------------------
@@ -124,14 +161,34 @@ def k_pair_ids_traversal_register(tmp, a):
     (tmp / "victim").mkdir()
     (tmp / "victim" / "x_1.npz").write_bytes(b"the user's own file")
     (tmp / "victim" / "x_1.nii.gz").write_bytes(b"the user's own file")
-    return _register(tmp, a, extra=("--disp-format", "learn2reg", "--pair-ids", "../victim/x", "1")), "--pair-ids", "not a plain id"
+    return (
+        _register(tmp, a, extra=("--disp-format", "learn2reg", "--pair-ids", "../victim/x", "1")),
+        "--pair-ids",
+        "not a plain id",
+    )
 
 
 def k_pair_ids_traversal_export(tmp, a):
     (tmp / "victim").mkdir()
     (tmp / "victim" / "x_1.npz").write_bytes(b"the user's own file")
-    return ["export", "--disp", a["disp"], "--fixed", a["f"], "--format", "learn2reg", "--pair-ids", "../../victim/x", "1",
-            "--out-dir", tmp / "a" / "b"], "--pair-ids", "not a plain id"
+    return (
+        [
+            "export",
+            "--disp",
+            a["disp"],
+            "--fixed",
+            a["f"],
+            "--format",
+            "learn2reg",
+            "--pair-ids",
+            "../../victim/x",
+            "1",
+            "--out-dir",
+            tmp / "a" / "b",
+        ],
+        "--pair-ids",
+        "not a plain id",
+    )
 
 
 def k_pair_ids_absolute(tmp, a):
@@ -139,8 +196,24 @@ def k_pair_ids_absolute(tmp, a):
 
 
 def k_pair_ids_dotdot(tmp, a):
-    return ["export", "--disp", a["disp"], "--fixed", a["f"], "--format", "learn2reg", "--pair-ids", "..", "0001",
-            "--out-dir", tmp / "x"], "--pair-ids", "'..'"
+    return (
+        [
+            "export",
+            "--disp",
+            a["disp"],
+            "--fixed",
+            a["f"],
+            "--format",
+            "learn2reg",
+            "--pair-ids",
+            "..",
+            "0001",
+            "--out-dir",
+            tmp / "x",
+        ],
+        "--pair-ids",
+        "'..'",
+    )
 
 
 def k_stale_outputs_without_overwrite(tmp, a):
@@ -168,8 +241,11 @@ def k_figure_fixed_seg_shifted(tmp, a):
     affine = np.eye(4)
     affine[2, 3] = -12.0
     seg = _nifti(tmp / "fseg.nii.gz", (_volume(5) * 4).astype(np.int16), affine)
-    return ["figure", "--model", a["model"], "--fixed", a["f"], "--moving", a["m"], "--fixed-seg", seg, "--out",
-            tmp / "fig.png"], "fseg.nii.gz", "another grid"
+    return (
+        ["figure", "--model", a["model"], "--fixed", a["f"], "--moving", a["m"], "--fixed-seg", seg, "--out", tmp / "fig.png"],
+        "fseg.nii.gz",
+        "another grid",
+    )
 
 
 def k_moving_without_qform_or_sform(tmp, a):
@@ -317,14 +393,20 @@ def k_fifo_as_checkpoint(tmp, a):
 
 def k_fifo_as_points(tmp, a):
     os.mkfifo(tmp / "pts.csv")
-    return ["apply", "--disp", a["disp"], "--reference", a["f"], "--points", tmp / "pts.csv", "--out", tmp / "moved.csv"], \
-        "pts.csv", "is a FIFO"
+    return (
+        ["apply", "--disp", a["disp"], "--reference", a["f"], "--points", tmp / "pts.csv", "--out", tmp / "moved.csv"],
+        "pts.csv",
+        "is a FIFO",
+    )
 
 
 def k_fifo_as_displacement(tmp, a):
     os.mkfifo(tmp / "d.nii.gz")
-    return ["export", "--disp", tmp / "d.nii.gz", "--fixed", a["f"], "--format", "itk", "--out-dir", tmp / "x"], \
-        "d.nii.gz", "is a FIFO"
+    return (
+        ["export", "--disp", tmp / "d.nii.gz", "--fixed", a["f"], "--format", "itk", "--out-dir", tmp / "x"],
+        "d.nii.gz",
+        "is a FIFO",
+    )
 
 
 def k_truncated_displacement(tmp, a):
@@ -335,8 +417,11 @@ def k_truncated_displacement(tmp, a):
 
 def k_points_not_numbers(tmp, a):
     (tmp / "pts.csv").write_text("1,2,3\n4,five,6\n")
-    return ["apply", "--disp", a["disp"], "--reference", a["f"], "--points", tmp / "pts.csv", "--out", tmp / "moved.csv"], \
-        "pts.csv", "line 2"
+    return (
+        ["apply", "--disp", a["disp"], "--reference", a["f"], "--points", tmp / "pts.csv", "--out", tmp / "moved.csv"],
+        "pts.csv",
+        "line 2",
+    )
 
 
 def k_pairs_csv_latin1(tmp, a):
@@ -345,13 +430,39 @@ def k_pairs_csv_latin1(tmp, a):
 
 
 def k_evaluate_zero_timing_repeats(tmp, a):
-    return ["evaluate", "--model", a["model"], "--config", ROOT / "configs" / "synthetic_vm.py", "--timing-repeats", "0",
-            "--out-dir", tmp / "e"], "--timing-repeats", "between 1"
+    return (
+        [
+            "evaluate",
+            "--model",
+            a["model"],
+            "--config",
+            ROOT / "configs" / "synthetic_vm.py",
+            "--timing-repeats",
+            "0",
+            "--out-dir",
+            tmp / "e",
+        ],
+        "--timing-repeats",
+        "between 1",
+    )
 
 
 def k_evaluate_negative_max_pairs(tmp, a):
-    return ["evaluate", "--model", a["model"], "--config", ROOT / "configs" / "synthetic_vm.py", "--max-pairs", "-3",
-            "--out-dir", tmp / "e"], "--max-pairs", "0 (every pair) or more"
+    return (
+        [
+            "evaluate",
+            "--model",
+            a["model"],
+            "--config",
+            ROOT / "configs" / "synthetic_vm.py",
+            "--max-pairs",
+            "-3",
+            "--out-dir",
+            tmp / "e",
+        ],
+        "--max-pairs",
+        "0 (every pair) or more",
+    )
 
 
 def k_out_dir_name_too_long(tmp, a):
@@ -424,11 +535,18 @@ def test_register_overwrite_replaces_the_whole_set_and_keeps_64_bit_labels_on_a_
     flipped = np.eye(4)
     flipped[0, 0], flipped[0, 3] = -1.0, SHAPE[0] - 1.0  # voxel i of the file is voxel 31 - i of the moving image
     seg = _nifti(tmp_path / "seg.nii.gz", labels[::-1].copy(), flipped)
-    proc = crd(_register(tmp_path, assets, model=assets["shift"], extra=("--moving-seg", seg, "--overwrite",
-                                                                                 "--no-affine")), cwd=tmp_path)
+    proc = crd(
+        _register(tmp_path, assets, model=assets["shift"], extra=("--moving-seg", seg, "--overwrite", "--no-affine")),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["disp.nii.gz", "notes.txt", "registration.json", "warped.nii.gz",
-                                                     "warped_seg.nii.gz"]  # the earlier affine.txt is gone
+    assert sorted(p.name for p in out.iterdir()) == [
+        "disp.nii.gz",
+        "notes.txt",
+        "registration.json",
+        "warped.nii.gz",
+        "warped_seg.nii.gz",
+    ]  # the earlier affine.txt is gone
     assert (out / "notes.txt").read_text() == "the user's notes"
     warped_seg = np.asarray(nib.load(str(out / "warped_seg.nii.gz")).dataobj)
     disp = np.asarray(nib.load(str(out / "disp.nii.gz")).dataobj, np.float32)
@@ -445,8 +563,10 @@ def test_convert_overwrite_keeps_the_users_files_in_the_model_folder(tmp_path, a
     (folder / "notes.md").write_text("years of notes")
     old_params = (folder / "params.msgpack").read_bytes()
     _write_legacy(tmp_path / "student.pth", _random_official_state(False))
-    proc = crd(["convert-official", "--checkpoint", tmp_path / "student.pth", "--kind", "student", "--out", folder,
-                "--overwrite"], cwd=tmp_path)
+    proc = crd(
+        ["convert-official", "--checkpoint", tmp_path / "student.pth", "--kind", "student", "--out", folder, "--overwrite"],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (folder / "notes.md").read_text() == "years of notes"
     assert sorted(p.name for p in folder.iterdir()) == ["model.json", "notes.md", "params.msgpack"]
@@ -459,10 +579,12 @@ def test_thread_count_is_capped_with_one_warning(tmp_path):
     proc = crd(["models"], cwd=tmp_path, env={"CRD_JAX_NUM_THREADS": "100000"})
     assert proc.returncode == 0
     assert_one_line(proc, 0, "CRD_JAX_NUM_THREADS=100000 capped at")
-    code = ("import os; from crd_jax.cli.main import cap_thread_count; cap_thread_count(); "
-            "print(os.environ['CRD_JAX_NUM_THREADS'])")
-    capped = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env={**ENV, "CRD_JAX_NUM_THREADS": "100000"})
+    code = (
+        "import os; from crd_jax.cli.main import cap_thread_count; cap_thread_count(); print(os.environ['CRD_JAX_NUM_THREADS'])"
+    )
+    capped = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**ENV, "CRD_JAX_NUM_THREADS": "100000"}
+    )
     assert int(capped.stdout) == 4 * os.cpu_count()
 
 

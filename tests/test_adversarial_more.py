@@ -25,8 +25,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from test_adversarial import (ROOT, SHAPE, _nifti, _register, _volume, assert_one_line, assets,  # noqa: F401
-                              crd, snapshot)
+from test_adversarial import (
+    ROOT,
+    SHAPE,
+    _nifti,
+    _register,
+    _volume,
+    assert_one_line,
+    assets,  # noqa: F401
+    crd,
+    snapshot,
+)
 
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
 CONFIG = ROOT / "configs" / "synthetic_vm.py"
@@ -69,12 +78,22 @@ def more(tmp_path_factory, assets):  # noqa: F811 (the fixture imported above)
     root = tmp_path_factory.mktemp("more")
     arch = official.ARCHITECTURE | {"fusion": "paper", "teacher_align_corners": False}
     pre = {"normalize": "minmax", "percentiles": [0.5, 99.5], "resample_shape": [], "multiple": 32, "ndim": 2}
-    spec = {"kind": "registrar", "factor": 2, "architecture": arch, "label": "VM-L 2-D (test)", "stage": "test",
-            "preprocessing": pre}
+    spec = {
+        "kind": "registrar",
+        "factor": 2,
+        "architecture": arch,
+        "label": "VM-L 2-D (test)",
+        "stage": "test",
+        "preprocessing": pre,
+    }
     x = jnp.zeros((1, 32, 32, 1))
     save_model(root / "model2d", model_from_spec(spec).init(jax.random.PRNGKey(0), x, x), spec)
-    m = {**assets, "model2d": root / "model2d",
-         "f2d": _nifti(root / "f2d.nii.gz", _volume(0, (32, 32))), "m2d": _nifti(root / "m2d.nii.gz", _volume(1, (32, 32)))}
+    m = {
+        **assets,
+        "model2d": root / "model2d",
+        "f2d": _nifti(root / "f2d.nii.gz", _volume(0, (32, 32))),
+        "m2d": _nifti(root / "m2d.nii.gz", _volume(1, (32, 32))),
+    }
     m["more_root"], m["more_before"] = root, snapshot(root)
     return m
 
@@ -105,8 +124,7 @@ def _convert(tmp, ckpt, *extra, kind="student"):
 
 
 def _finetune(tmp, a, *extra, images=None):
-    return ["finetune", "--model", a["geo"], "--images", images or tmp / "scans", "--out", tmp / "tuned", "--steps", "2",
-            *extra]
+    return ["finetune", "--model", a["geo"], "--images", images or tmp / "scans", "--out", tmp / "tuned", "--steps", "2", *extra]
 
 
 def _scans(tmp, n=3, shape=SHAPE, labels=None):
@@ -192,8 +210,13 @@ def k_cli_version_succeeds_and_writes_nothing(tmp, a):
 
 
 def k_cli_thread_count_not_a_number(tmp, a):
-    return Case(["models"], ("CRD_JAX_NUM_THREADS='lots' is not a number",), status=0, env={"CRD_JAX_NUM_THREADS": "lots"},
-                stdout="lpba40-vm-ll-crd")
+    return Case(
+        ["models"],
+        ("CRD_JAX_NUM_THREADS='lots' is not a number",),
+        status=0,
+        env={"CRD_JAX_NUM_THREADS": "lots"},
+        stdout="lpba40-vm-ll-crd",
+    )
 
 
 # register: input files
@@ -272,8 +295,9 @@ def k_register_complex_voxels(tmp, a):
 
 
 def k_register_huge_voxels(tmp, a):
-    return refused(_reg(tmp, a, moving=_image(tmp, "km.nii.gz", affine=np.diag([1e6, 1e6, 1e6, 1.0]))), "km.nii.gz",
-                   "above 100 mm")
+    return refused(
+        _reg(tmp, a, moving=_image(tmp, "km.nii.gz", affine=np.diag([1e6, 1e6, 1e6, 1.0]))), "km.nii.gz", "above 100 mm"
+    )
 
 
 def k_register_zero_voxel_size(tmp, a):
@@ -415,20 +439,27 @@ def k_register_2d_model_3d_images(tmp, a):
 
 
 def k_register_2d_model_itk_format(tmp, a):
-    return refused(_reg(tmp, a, model=a["model2d"], fixed=a["f2d"], moving=a["m2d"], extra=("--disp-format", "itk")),
-                   "--disp-format itk", "this model is 2-D")
+    return refused(
+        _reg(tmp, a, model=a["model2d"], fixed=a["f2d"], moving=a["m2d"], extra=("--disp-format", "itk")),
+        "--disp-format itk",
+        "this model is 2-D",
+    )
 
 
 def k_register_2d_model_with_the_affine_step_succeeds(tmp, a):
     """Was a traceback (affine.txt from a 2-D map); the affine step is on by default."""
-    return Case(_reg(tmp, a, model=a["model2d"], fixed=a["f2d"], moving=a["f2d"]), (), status=0, stdout="registered",
-                writes=("out", "out/"))
+    return Case(
+        _reg(tmp, a, model=a["model2d"], fixed=a["f2d"], moving=a["f2d"]),
+        (),
+        status=0,
+        stdout="registered",
+        writes=("out", "out/"),
+    )
 
 
 def k_register_2d_model_3d_seg(tmp, a):
     seg = _image(tmp, "seg3d.nii.gz", np.ones(SHAPE, np.int16))
-    return refused(_reg(tmp, a, model=a["model2d"], fixed=a["f2d"], moving=a["m2d"], extra=("--moving-seg", seg)),
-                   "seg3d.nii.gz")
+    return refused(_reg(tmp, a, model=a["model2d"], fixed=a["f2d"], moving=a["m2d"], extra=("--moving-seg", seg)), "seg3d.nii.gz")
 
 
 def k_figure_2d_model_3d_images(tmp, a):
@@ -890,19 +921,31 @@ def k_train_4d_synthetic_shape(tmp, a):
 KINDS = {k[2:]: v for k, v in sorted(globals().items()) if k.startswith("k_")}
 # refused before a model is loaded or a program compiled (about 1 s each): the quick tier
 QUICK = {n for n in KINDS if n.startswith(("cli_", "pairs_", "apply_points", "export_", "convert_"))} - {
-    "pairs_second_pair_bad_first_pair_complete", "convert_out_is_a_file", "convert_teacher_checkpoint_as_student"}
+    "pairs_second_pair_bad_first_pair_complete",
+    "convert_out_is_a_file",
+    "convert_teacher_checkpoint_as_student",
+}
 
 
 def _run(case, tmp):
     if case.tool == "train":
-        args = case.argv if any(a.startswith("--config.workdir=") for a in case.argv) else [
-            *case.argv, f"--config.workdir={tmp / 'wd'}"]
+        args = (
+            case.argv
+            if any(a.startswith("--config.workdir=") for a in case.argv)
+            else [*case.argv, f"--config.workdir={tmp / 'wd'}"]
+        )
         import subprocess
 
         from test_adversarial import ENV
 
-        return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True, text=True,
-                              cwd=tmp, env=ENV, timeout=120)
+        return subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), *map(str, args)],
+            capture_output=True,
+            text=True,
+            cwd=tmp,
+            env=ENV,
+            timeout=120,
+        )
     return crd(case.argv, cwd=tmp, env=case.env, timeout=120)
 
 

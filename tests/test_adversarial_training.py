@@ -17,15 +17,29 @@ from test_adversarial import ENV as _ENV, _register, assets, snapshot  # noqa: F
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
-TINY = [f"--config={ROOT / 'configs' / 'synthetic_vm_2d.py'}", "--config.train.progress_bar=False",
-        "--config.data.synthetic.shape=(32,32)", "--config.data.synthetic.train=4", "--config.data.synthetic.val=0",
-        "--config.data.synthetic.test=0", "--config.pipeline=('vm_l',)", "--config.stages.vm_l.evaluate=False",
-        "--config.train.batch_size=2", "--config.train.log_every=1"]
+TINY = [
+    f"--config={ROOT / 'configs' / 'synthetic_vm_2d.py'}",
+    "--config.train.progress_bar=False",
+    "--config.data.synthetic.shape=(32,32)",
+    "--config.data.synthetic.train=4",
+    "--config.data.synthetic.val=0",
+    "--config.data.synthetic.test=0",
+    "--config.pipeline=('vm_l',)",
+    "--config.stages.vm_l.evaluate=False",
+    "--config.train.batch_size=2",
+    "--config.train.log_every=1",
+]
 
 
 def _train(workdir, *args, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, f"--config.workdir={workdir}", *args],
-                          capture_output=True, text=True, cwd=workdir.parent, env=ENV, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *TINY, f"--config.workdir={workdir}", *args],
+        capture_output=True,
+        text=True,
+        cwd=workdir.parent,
+        env=ENV,
+        timeout=timeout,
+    )
 
 
 def _errors(stderr):
@@ -38,8 +52,11 @@ def test_a_workdir_refuses_a_changed_config_unless_told_and_keeps_its_history(tm
     assert first.returncode == 0, first.stderr[-3000:]
     config_json = (work / "config.json").read_bytes()
     before = snapshot(tmp_path)
-    for change, field in ((["--config.train.lr=0.0005"], "config.train.lr"), (["--config.seed=7"], "config.seed"),
-                          (["--config.stages.vm_l.steps=3"], "config.stages.vm_l.steps")):
+    for change, field in (
+        (["--config.train.lr=0.0005"], "config.train.lr"),
+        (["--config.seed=7"], "config.seed"),
+        (["--config.stages.vm_l.steps=3"], "config.stages.vm_l.steps"),
+    ):
         proc = _train(work, "--config.stages.vm_l.steps=2", *change)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         lines = proc.stderr.strip().splitlines()
@@ -73,9 +90,14 @@ def test_a_second_train_py_on_a_busy_workdir_is_refused(tmp_path):
 @pytest.mark.parametrize("signum,status,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_a_signal_while_training_exits_with_one_line_and_resumes(tmp_path, signum, status, word):
     work = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, f"--config.workdir={work}",
-                             "--config.stages.vm_l.steps=100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=tmp_path, env=ENV)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *TINY, f"--config.workdir={work}", "--config.stages.vm_l.steps=100000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=ENV,
+    )
     metrics = work / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -109,8 +131,13 @@ def test_resume_rules_without_training(tmp_path):
     c.stages.extra = stage("baseline", resolution="low", steps=3)
     c.pipeline = ("vm_h", "vm_l", "extra")  # appended
     workdir_config.check_resume(c, tmp_path)
-    for field, value in (("pipeline", ("vm_l", "vm_h")), ("stages.vm_h.steps", 9), ("loss.alpha", 0.5),
-                         ("data.normalize", "minmax"), ("eval.max_pairs", 3)):
+    for field, value in (
+        ("pipeline", ("vm_l", "vm_h")),
+        ("stages.vm_h.steps", 9),
+        ("loss.alpha", 0.5),
+        ("data.normalize", "minmax"),
+        ("eval.max_pairs", 3),
+    ):
         d = base_config()
         d.workdir = str(tmp_path)
         d.pipeline = ("vm_h", "vm_l")
@@ -150,8 +177,14 @@ def test_signal_during_instance_optimisation_ends_it_at_once(tmp_path, assets, s
     """A million Adam steps: the signal ends the command within seconds, with one line, nothing written."""
     before = snapshot(tmp_path)
     argv = _register(tmp_path, assets, extra=("--io-steps", "1000000"))
-    proc = subprocess.Popen([sys.executable, "-m", "crd_jax", *map(str, argv)], cwd=tmp_path, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crd_jax", *map(str, argv)],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(8)  # model loaded, programs compiled: inside the optimisation
     assert proc.poll() is None
     sent = time.perf_counter()

@@ -60,8 +60,23 @@ def test_register_with_affine_recovers_the_shift_and_writes_matrices(tmp_path, c
     for name, data in (("f", fixed), ("m", moving)):
         nib.save(nib.Nifti1Image(data, affine), str(tmp_path / f"{name}.nii.gz"))
     model, _, _ = make_model_folder(tmp_path / "model", 48)
-    assert cli.main(["register", "--model", str(model), "--fixed", str(tmp_path / "f.nii.gz"), "--moving",
-                     str(tmp_path / "m.nii.gz"), "--out-dir", str(tmp_path / "o"), "--affine"]) == 0
+    assert (
+        cli.main(
+            [
+                "register",
+                "--model",
+                str(model),
+                "--fixed",
+                str(tmp_path / "f.nii.gz"),
+                "--moving",
+                str(tmp_path / "m.nii.gz"),
+                "--out-dir",
+                str(tmp_path / "o"),
+                "--affine",
+            ]
+        )
+        == 0
+    )
     assert "affine pre-alignment" in capsys.readouterr().out
     world = np.loadtxt(tmp_path / "o" / "affine.txt")
     # moving(x + t) = fixed(x): the fixed world point p corresponds to the moving world point p + t

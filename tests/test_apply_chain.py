@@ -71,10 +71,20 @@ def chain(tmp_path_factory):
     nib.save(nib.Nifti1Image(np.zeros(r_shape, np.float32), r_aff), str(root / "reference.nii.gz"))
     nib.save(nib.Nifti1Image(u1, f_aff), str(root / "u1.nii.gz"))
     nib.save(nib.Nifti1Image(u2, r_aff), str(root / "u2.nii.gz"))
-    (root / "affine.txt").write_text("# fixed world (RAS, mm) -> moving world, 4x4\n"
-                                     + "\n".join(" ".join(f"{v:.12g}" for v in row) for row in affine) + "\n")
-    return {"root": root, "moving": moving, "m_aff": m_aff, "f_aff": f_aff, "r_aff": r_aff, "r_shape": r_shape,
-            "u1": u1, "u2": u2, "affine": affine}
+    (root / "affine.txt").write_text(
+        "# fixed world (RAS, mm) -> moving world, 4x4\n" + "\n".join(" ".join(f"{v:.12g}" for v in row) for row in affine) + "\n"
+    )
+    return {
+        "root": root,
+        "moving": moving,
+        "m_aff": m_aff,
+        "f_aff": f_aff,
+        "r_aff": r_aff,
+        "r_shape": r_shape,
+        "u1": u1,
+        "u2": u2,
+        "affine": affine,
+    }
 
 
 def compose_by_hand(c, points):
@@ -87,17 +97,43 @@ def compose_by_hand(c, points):
 def test_a_chain_in_ants_order_equals_composing_by_hand(chain, tmp_path):
     c = chain
     root = c["root"]
-    argv = ["apply", "--reference", str(root / "reference.nii.gz"), "--image", str(root / "moving.nii.gz"),
-            "--transform", str(root / "u1.nii.gz"), "--transform", str(root / "affine.txt"), str(root / "u2.nii.gz")]
+    argv = [
+        "apply",
+        "--reference",
+        str(root / "reference.nii.gz"),
+        "--image",
+        str(root / "moving.nii.gz"),
+        "--transform",
+        str(root / "u1.nii.gz"),
+        "--transform",
+        str(root / "affine.txt"),
+        str(root / "u2.nii.gz"),
+    ]
     assert main([*argv, "--out", str(tmp_path / "w.nii.gz")]) == 0
     ours = np.asarray(nib.load(str(tmp_path / "w.nii.gz")).dataobj)
     q = compose_by_hand(c, to_world(grid(c["r_shape"]), c["r_aff"]))
     want = ndimage.map_coordinates(c["moving"], np.moveaxis(to_voxel(q, c["m_aff"]), -1, 0), order=1, mode="nearest")
     assert np.abs(ours - want).max() < 1e-4
     # the order matters: listed the other way round, the result differs
-    assert main(["apply", "--reference", str(root / "reference.nii.gz"), "--image", str(root / "moving.nii.gz"),
-                 "--transform", str(root / "u2.nii.gz"), "--transform", str(root / "affine.txt"),
-                 str(root / "u1.nii.gz"), "--out", str(tmp_path / "w2.nii.gz")]) == 0
+    assert (
+        main(
+            [
+                "apply",
+                "--reference",
+                str(root / "reference.nii.gz"),
+                "--image",
+                str(root / "moving.nii.gz"),
+                "--transform",
+                str(root / "u2.nii.gz"),
+                "--transform",
+                str(root / "affine.txt"),
+                str(root / "u1.nii.gz"),
+                "--out",
+                str(tmp_path / "w2.nii.gz"),
+            ]
+        )
+        == 0
+    )
     assert np.abs(np.asarray(nib.load(str(tmp_path / "w2.nii.gz")).dataobj) - ours).max() > 0.1
 
 
@@ -131,15 +167,22 @@ def test_points_map_from_the_reference_to_the_moving_image_and_read_back(chain, 
     out; extra columns (ANTs' t,label,comment) come back unchanged; the output is read as input."""
     c = chain
     root = c["root"]
-    chain_args = ["--transform", str(root / "u1.nii.gz"), "--transform", str(root / "affine.txt"),
-                  "--transform", str(root / "u2.nii.gz")]
+    chain_args = [
+        "--transform",
+        str(root / "u1.nii.gz"),
+        "--transform",
+        str(root / "affine.txt"),
+        "--transform",
+        str(root / "u2.nii.gz"),
+    ]
     ras = np.array([[0.5, 1.0, -2.0], [6.0, -4.0, 3.5], [-8.0, 2.0, 9.0], [40.0, 40.0, 40.0]])  # the last: outside
     pts = tmp_path / "ras.csv"
     pts.write_text("x,y,z,t,label,comment\n" + "".join(f"{x},{y},{z},0,{i},p{i}\n" for i, (x, y, z) in enumerate(ras)))
     assert main(["apply", *chain_args, "--points", str(pts), "--out", str(tmp_path / "out.csv")]) == 0
     lines = (tmp_path / "out.csv").read_text().splitlines()
     assert lines[0] == "x,y,z,t,label,comment" and [line.split(",")[3:] for line in lines[1:]] == [
-        ["0", str(i), f"p{i}"] for i in range(4)]
+        ["0", str(i), f"p{i}"] for i in range(4)
+    ]
     got = np.array([[float(v) for v in line.split(",")[:3]] for line in lines[1:]])
     np.testing.assert_allclose(got, compose_by_hand(c, ras), atol=1e-5)
 
@@ -166,8 +209,22 @@ def test_one_crd_field_maps_points_as_the_field_says(tmp_path):
     idx = np.array([[3, 4, 5], [10, 11, 9], [17, 2, 15]])
     (tmp_path / "p.csv").write_text("x,y,z\n" + "".join(",".join(f"{v:.10f}" for v in p) + "\n" for p in to_world(idx, aff)))
     for extra in ([], ["--reference", str(tmp_path / "f.nii.gz")]):
-        assert main(["apply", "--transform", str(tmp_path / "disp.nii.gz"), *extra, "--points", str(tmp_path / "p.csv"),
-                     "--out", str(tmp_path / "o.csv"), "--overwrite"]) == 0
+        assert (
+            main(
+                [
+                    "apply",
+                    "--transform",
+                    str(tmp_path / "disp.nii.gz"),
+                    *extra,
+                    "--points",
+                    str(tmp_path / "p.csv"),
+                    "--out",
+                    str(tmp_path / "o.csv"),
+                    "--overwrite",
+                ]
+            )
+            == 0
+        )
         got = np.loadtxt(tmp_path / "o.csv", delimiter=",", skiprows=1)
         np.testing.assert_allclose(got, to_world(idx + u[tuple(idx.T)], aff), atol=1e-5)
 
@@ -183,9 +240,26 @@ def test_compact_field_in_a_chain(chain, tmp_path):
     outs = []
     for first in (str(root / "u1.nii.gz"), str(tmp_path / "disp_compact.npz")):
         out = tmp_path / f"w{len(outs)}.nii.gz"
-        assert main(["apply", "--reference", str(root / "reference.nii.gz"), "--image", str(root / "moving.nii.gz"),
-                     "--transform", first, "--transform", str(root / "affine.txt"), "--transform", str(root / "u2.nii.gz"),
-                     "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "apply",
+                    "--reference",
+                    str(root / "reference.nii.gz"),
+                    "--image",
+                    str(root / "moving.nii.gz"),
+                    "--transform",
+                    first,
+                    "--transform",
+                    str(root / "affine.txt"),
+                    "--transform",
+                    str(root / "u2.nii.gz"),
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         outs.append(np.asarray(nib.load(str(out)).dataobj))
     assert np.abs(outs[0] - outs[1]).max() < 1e-5
 
@@ -194,11 +268,13 @@ def _nrrd_ras(path, data: np.ndarray, affine: np.ndarray):
     """A NRRD written by hand in RAS space (what 3D Slicer writes): sizes fastest axis first, each axis' space
     direction a column of the NIfTI affine, raw little-endian float32."""
     cols = [affine[:3, k] for k in range(3)]
-    head = ("NRRD0004\ntype: float\ndimension: 3\nspace: right-anterior-superior\n"
-            f"sizes: {' '.join(str(s) for s in data.shape)}\n"
-            "space directions: " + " ".join("(" + ",".join(f"{v:.12g}" for v in col) + ")" for col in cols) + "\n"
-            "kinds: domain domain domain\nendian: little\nencoding: raw\n"
-            "space origin: (" + ",".join(f"{v:.12g}" for v in affine[:3, 3]) + ")\n\n")
+    head = (
+        "NRRD0004\ntype: float\ndimension: 3\nspace: right-anterior-superior\n"
+        f"sizes: {' '.join(str(s) for s in data.shape)}\n"
+        "space directions: " + " ".join("(" + ",".join(f"{v:.12g}" for v in col) + ")" for col in cols) + "\n"
+        "kinds: domain domain domain\nendian: little\nencoding: raw\n"
+        "space origin: (" + ",".join(f"{v:.12g}" for v in affine[:3, 3]) + ")\n\n"
+    )
     path.write_bytes(head.encode() + np.asarray(data, "<f4").tobytes(order="F"))
 
 
@@ -227,8 +303,22 @@ def test_the_same_image_as_nifti_mgz_nrrd_and_mha_applies_to_the_same_result(cha
     outs = {}
     for fmt in ("nii.gz", "mgz", "nrrd", "mha"):
         out = tmp_path / f"w_{fmt.replace('.', '_')}.nii.gz"
-        assert main(["apply", "--reference", str(files[("r", fmt)]), "--image", str(files[("m", fmt)]),
-                     "--transform", str(root / "affine.txt"), "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "apply",
+                    "--reference",
+                    str(files[("r", fmt)]),
+                    "--image",
+                    str(files[("m", fmt)]),
+                    "--transform",
+                    str(root / "affine.txt"),
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         img = nib.load(str(out))
         np.testing.assert_allclose(img.affine, c["r_aff"], atol=1e-4)
         outs[fmt] = np.asarray(img.dataobj)
@@ -240,8 +330,16 @@ def test_labels_default_to_nearest(chain, tmp_path):
     c = chain
     labels = (c["moving"] * 3).astype(np.int16)
     nib.save(nib.Nifti1Image(labels, c["m_aff"]), str(tmp_path / "seg.nii.gz"))
-    base = ["apply", "--reference", str(c["root"] / "reference.nii.gz"), "--image", str(tmp_path / "seg.nii.gz"),
-            "--labels", "--transform", str(c["root"] / "affine.txt")]
+    base = [
+        "apply",
+        "--reference",
+        str(c["root"] / "reference.nii.gz"),
+        "--image",
+        str(tmp_path / "seg.nii.gz"),
+        "--labels",
+        "--transform",
+        str(c["root"] / "affine.txt"),
+    ]
     assert main([*base, "--out", str(tmp_path / "a.nii.gz")]) == 0
     assert main([*base, "--interpolation", "nearest", "--out", str(tmp_path / "b.nii.gz")]) == 0
     a, b = (np.asarray(nib.load(str(tmp_path / n)).dataobj) for n in ("a.nii.gz", "b.nii.gz"))
@@ -266,9 +364,28 @@ def test_registering_nrrd_and_mgz_inputs_equals_nifti(tmp_path, shift_model):
             else:
                 pytest.importorskip("SimpleITK")
                 _nrrd_ras(path, data, aff)
-        proc = subprocess.run([sys.executable, "-m", "crd_jax", "register", "--model", str(shift_model), "--fixed",
-                               f"f.{fmt}", "--moving", f"m.{fmt}", "--no-affine", "--out-dir", f"out_{fmt}"],
-                              capture_output=True, text=True, cwd=tmp_path, env=ENV, timeout=600)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "crd_jax",
+                "register",
+                "--model",
+                str(shift_model),
+                "--fixed",
+                f"f.{fmt}",
+                "--moving",
+                f"m.{fmt}",
+                "--no-affine",
+                "--out-dir",
+                f"out_{fmt}",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=ENV,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         img = nib.load(str(tmp_path / f"out_{fmt}" / "warped.nii.gz"))
         np.testing.assert_allclose(img.affine, aff, atol=1e-4)

@@ -59,7 +59,7 @@ def test_random_field_statistics_follow_sigma():
     rng = np.random.default_rng(2)
     field = augment.random_field(rng, (64, 64, 64), Augment("bspline", 8.0, 2.0))
     # interior voxels at control points: variance sum_k B3(k)^2 per axis -> (2/3)^2 + 2 (1/6)^2 = 1/2
-    expected = 2.0 * (0.5 ** 1.5)
+    expected = 2.0 * (0.5**1.5)
     assert field[8:-8:8, 8:-8:8, 8:-8:8].std() == pytest.approx(expected, rel=0.15)
     assert np.abs(np.diff(field, axis=0)).max() < 1.5  # smooth at the voxel scale
 

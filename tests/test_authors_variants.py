@@ -134,8 +134,10 @@ def test_authors_s3_loss_is_field_mse_plus_attention_mse_without_the_student_ter
     t = done["fst"].model.apply(done["fst"].params, batch["moving"], batch["fixed"])
     s = plan.model.apply(plan.init_params, batch["moving"], batch["fixed"])
     field = np.mean((np.asarray(t.disp) - np.asarray(s.disp)) ** 2)
-    attention = sum(np.mean((np.sum(np.asarray(t.features[l]) ** 2, -1) - np.sum(np.asarray(s.features[l]) ** 2, -1)) ** 2)
-                    for l in t.features)
+    attention = sum(
+        np.mean((np.sum(np.asarray(t.features[l]) ** 2, -1) - np.sum(np.asarray(s.features[l]) ** 2, -1)) ** 2)
+        for l in t.features
+    )
     np.testing.assert_allclose(float(total), field + attention, rtol=1e-4)
     assert float(aux["loss_L"]) != 0.0  # still reported
     # no L^L gradient: the gradient equals that of the two distillation terms alone

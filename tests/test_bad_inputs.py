@@ -72,8 +72,18 @@ def _pair(tmp):
 
 def _register(tmp, models, fixed=None, moving=None, extra=(), model=None):
     f, m = _pair(tmp)
-    return ["register", "--model", str(model or models["good"]), "--fixed", fixed or f, "--moving", moving or m,
-            "--out-dir", str(tmp / "out"), *extra]
+    return [
+        "register",
+        "--model",
+        str(model or models["good"]),
+        "--fixed",
+        fixed or f,
+        "--moving",
+        moving or m,
+        "--out-dir",
+        str(tmp / "out"),
+        *extra,
+    ]
 
 
 def c_missing_fixed(tmp, models):
@@ -111,7 +121,11 @@ def c_2d_image(tmp, models):
 
 
 def c_4d_image(tmp, models):
-    return _register(tmp, models, moving=_nifti(tmp / "4d.nii.gz", np.zeros((32, 32, 32, 2), np.float32))), "4d.nii.gz", "expected a 3-D"
+    return (
+        _register(tmp, models, moving=_nifti(tmp / "4d.nii.gz", np.zeros((32, 32, 32, 2), np.float32))),
+        "4d.nii.gz",
+        "expected a 3-D",
+    )
 
 
 def c_nan_voxels(tmp, models):
@@ -294,7 +308,11 @@ def c_export_nan(tmp, models):
 def c_export_wrong_shape(tmp, models):
     f = _nifti(tmp / "f.nii.gz", _volume(0))
     disp = _nifti(tmp / "disp.nii.gz", np.zeros((*SHAPE, 2), np.float32))
-    return ["export", "--disp", disp, "--fixed", f, "--format", "itk", "--out-dir", str(tmp / "x")], "disp.nii.gz", "expected a voxel displacement"
+    return (
+        ["export", "--disp", disp, "--fixed", f, "--format", "itk", "--out-dir", str(tmp / "x")],
+        "disp.nii.gz",
+        "expected a voxel displacement",
+    )
 
 
 def c_export_existing(tmp, models):
@@ -302,68 +320,101 @@ def c_export_existing(tmp, models):
     disp = _nifti(tmp / "disp.nii.gz", np.zeros((*SHAPE, 3), np.float32))
     (tmp / "x").mkdir()
     (tmp / "x" / "disp_itk.nii.gz").write_text("mine")
-    return ["export", "--disp", disp, "--fixed", f, "--format", "itk", "--out-dir", str(tmp / "x")], "disp_itk.nii.gz", "--overwrite"
+    return (
+        ["export", "--disp", disp, "--fixed", f, "--format", "itk", "--out-dir", str(tmp / "x")],
+        "disp_itk.nii.gz",
+        "--overwrite",
+    )
 
 
 def c_convert_into_user_folder(tmp, models):
     (tmp / "mine").mkdir()
     (tmp / "mine" / "thesis.tex").write_text("years of work")
     (tmp / "ck.pth").write_bytes(b"whatever")
-    return ["convert-official", "--checkpoint", str(tmp / "ck.pth"), "--kind", "student", "--out", str(tmp / "mine"),
-            "--overwrite"], "mine", "not a crd-jax model folder"
+    return (
+        ["convert-official", "--checkpoint", str(tmp / "ck.pth"), "--kind", "student", "--out", str(tmp / "mine"), "--overwrite"],
+        "mine",
+        "not a crd-jax model folder",
+    )
 
 
 def c_convert_over_model_without_overwrite(tmp, models):
     save_model(tmp / "converted", models["params"], models["spec"])
     (tmp / "ck.pth").write_bytes(b"whatever")
-    return ["convert-official", "--checkpoint", str(tmp / "ck.pth"), "--kind", "student", "--out", str(tmp / "converted")], \
-        "converted", "--overwrite"
+    return (
+        ["convert-official", "--checkpoint", str(tmp / "ck.pth"), "--kind", "student", "--out", str(tmp / "converted")],
+        "converted",
+        "--overwrite",
+    )
 
 
 def c_convert_not_torch(tmp, models):
     (tmp / "ck.pth").write_bytes(b"\x80\x02}q\x00.")  # a pickle, but not torch's
-    return ["convert-official", "--checkpoint", str(tmp / "ck.pth"), "--kind", "student", "--out", str(tmp / "new")], \
-        "ck.pth", "not a PyTorch legacy checkpoint"
+    return (
+        ["convert-official", "--checkpoint", str(tmp / "ck.pth"), "--kind", "student", "--out", str(tmp / "new")],
+        "ck.pth",
+        "not a PyTorch legacy checkpoint",
+    )
 
 
 def c_evaluate_missing_config(tmp, models):
-    return ["evaluate", "--model", str(models["good"]), "--config", str(tmp / "nope.py"), "--out-dir", str(tmp / "e")], \
-        "nope.py", "no such config file"
+    return (
+        ["evaluate", "--model", str(models["good"]), "--config", str(tmp / "nope.py"), "--out-dir", str(tmp / "e")],
+        "nope.py",
+        "no such config file",
+    )
 
 
 def c_evaluate_broken_config(tmp, models):
     (tmp / "broken.py").write_text("def get_config():\n    raise RuntimeError('boom')\n")
-    return ["evaluate", "--model", str(models["good"]), "--config", str(tmp / "broken.py"), "--out-dir", str(tmp / "e")], \
-        "broken.py", "does not load"
+    return (
+        ["evaluate", "--model", str(models["good"]), "--config", str(tmp / "broken.py"), "--out-dir", str(tmp / "e")],
+        "broken.py",
+        "does not load",
+    )
 
 
 def c_evaluate_data_root_is_file(tmp, models):
-    (tmp / "cfg.py").write_text("from crd_jax.config import base_config\n"
-                                "def get_config():\n    c = base_config()\n    c.data.kind = 'folder'\n"
-                                f"    c.data.root = {str(tmp / 'rootfile')!r}\n    return c\n")
+    (tmp / "cfg.py").write_text(
+        "from crd_jax.config import base_config\n"
+        "def get_config():\n    c = base_config()\n    c.data.kind = 'folder'\n"
+        f"    c.data.root = {str(tmp / 'rootfile')!r}\n    return c\n"
+    )
     (tmp / "rootfile").write_text("x")
-    return ["evaluate", "--model", str(models["good"]), "--config", str(tmp / "cfg.py"), "--out-dir", str(tmp / "e")], \
-        "rootfile", "not a folder"
+    return (
+        ["evaluate", "--model", str(models["good"]), "--config", str(tmp / "cfg.py"), "--out-dir", str(tmp / "e")],
+        "rootfile",
+        "not a folder",
+    )
 
 
 def c_figure_out_is_folder(tmp, models):
     f, m = _pair(tmp)
     (tmp / "fig.png").mkdir()
-    return ["figure", "--model", str(models["good"]), "--fixed", f, "--moving", m, "--out", str(tmp / "fig.png")], \
-        "fig.png", "is a folder"
+    return (
+        ["figure", "--model", str(models["good"]), "--fixed", f, "--moving", m, "--out", str(tmp / "fig.png")],
+        "fig.png",
+        "is a folder",
+    )
 
 
 def c_figure_bad_suffix(tmp, models):
     f, m = _pair(tmp)
-    return ["figure", "--model", str(models["good"]), "--fixed", f, "--moving", m, "--out", str(tmp / "fig.txt")], \
-        "fig.txt", ".png or .pdf"
+    return (
+        ["figure", "--model", str(models["good"]), "--fixed", f, "--moving", m, "--out", str(tmp / "fig.txt")],
+        "fig.txt",
+        ".png or .pdf",
+    )
 
 
 def c_figure_existing(tmp, models):
     f, m = _pair(tmp)
     (tmp / "fig.png").write_bytes(b"my own figure")
-    return ["figure", "--model", str(models["good"]), "--fixed", f, "--moving", m, "--out", str(tmp / "fig.png")], \
-        "fig.png", "--overwrite"
+    return (
+        ["figure", "--model", str(models["good"]), "--fixed", f, "--moving", m, "--out", str(tmp / "fig.png")],
+        "fig.png",
+        "--overwrite",
+    )
 
 
 CASES = [v for k, v in sorted(globals().items()) if k.startswith("c_")]
@@ -439,8 +490,13 @@ def test_two_registers_into_one_folder_at_once(tmp_path, models, capsys):
         t.join()
     assert sorted(statuses) == [0, 2]
     assert "--overwrite" in capsys.readouterr().err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["affine.txt", "affine_itk.txt", "disp.nii.gz",
-                                                                    "registration.json", "warped.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "affine.txt",
+        "affine_itk.txt",
+        "disp.nii.gz",
+        "registration.json",
+        "warped.nii.gz",
+    ]
 
 
 def test_read_only_model_folder_and_sheared_affine_register(tmp_path, models, capsys):
@@ -527,8 +583,15 @@ def t_workdir_foreign(tmp):
 
 def t_data_root_is_file(tmp):
     (tmp / "rootfile").write_text("x")
-    return ["--config=" + str(ROOT / "configs" / "lpba40_vm.py"), f"--config.data.root={tmp / 'rootfile'}",
-            f"--config.workdir={tmp / 'wd'}"], "rootfile", "not a folder"
+    return (
+        [
+            "--config=" + str(ROOT / "configs" / "lpba40_vm.py"),
+            f"--config.data.root={tmp / 'rootfile'}",
+            f"--config.workdir={tmp / 'wd'}",
+        ],
+        "rootfile",
+        "not a folder",
+    )
 
 
 TRAIN_CASES = [v for k, v in sorted(globals().items()) if k.startswith("t_")]
@@ -539,8 +602,14 @@ TRAIN_CASES = [v for k, v in sorted(globals().items()) if k.startswith("t_")]
 def test_train_py_bad_input(tmp_path, case):
     args, source, message = case(tmp_path)
     before = snapshot(tmp_path)
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=tmp_path,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        timeout=300,
+    )
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and source in lines[0] and message in lines[0], r.stderr

@@ -47,9 +47,14 @@ def tiny_model(tmp_path_factory):
     from crd_jax.models.build import model_from_spec
 
     arch = official.ARCHITECTURE | {"fusion": "paper", "teacher_align_corners": False}
-    spec = {"kind": "registrar", "factor": 2, "architecture": arch, "label": "VM-L (random, test)", "stage": "test",
-            "preprocessing": {"normalize": "minmax", "percentiles": [0.5, 99.5], "resample_shape": [], "multiple": 32,
-                              "ndim": 3}}
+    spec = {
+        "kind": "registrar",
+        "factor": 2,
+        "architecture": arch,
+        "label": "VM-L (random, test)",
+        "stage": "test",
+        "preprocessing": {"normalize": "minmax", "percentiles": [0.5, 99.5], "resample_shape": [], "multiple": 32, "ndim": 3},
+    }
     model = model_from_spec(spec)
     x = jnp.zeros((1, 32, 32, 32, 1))
     params = model.init(jax.random.PRNGKey(3), x, x)
@@ -130,8 +135,19 @@ def test_bad_rows_are_one_line_each_before_anything_runs(tmp_path, tiny_model, c
 def test_skip_existing_keep_going_failures_csv_and_outputs(tmp_path, tiny_model, capsys):
     pairs = _pairs(tmp_path, 5, bad=(2, 3))
     out = tmp_path / "out"
-    argv = ["register", "--model", str(tiny_model), "--pairs", str(pairs), "--out-dir", str(out), "--no-affine",
-            "--outputs", "disp", "--keep-going"]
+    argv = [
+        "register",
+        "--model",
+        str(tiny_model),
+        "--pairs",
+        str(pairs),
+        "--out-dir",
+        str(out),
+        "--no-affine",
+        "--outputs",
+        "disp",
+        "--keep-going",
+    ]
     assert main(argv) == 1
     captured = capsys.readouterr()
     assert "[1/4] p000:" in captured.out and "FAILED (row 4)" in captured.out and "nan3.nii.gz" in captured.out
@@ -161,8 +177,10 @@ def test_skip_existing_keep_going_failures_csv_and_outputs(tmp_path, tiny_model,
     record = json.loads((out / "p000" / "registration.json").read_text())
     fixed = tmp_path / "img0000.nii.gz"
     assert record["inputs"]["fixed"] == {"path": str(fixed), "sha256": hashlib.sha256(fixed.read_bytes()).hexdigest()}
-    assert record["model_version"]["sha256"]["params.msgpack"] == hashlib.sha256(
-        (tiny_model / "params.msgpack").read_bytes()).hexdigest()
+    assert (
+        record["model_version"]["sha256"]["params.msgpack"]
+        == hashlib.sha256((tiny_model / "params.msgpack").read_bytes()).hexdigest()
+    )
     assert record["options"]["outputs"] == ["disp"] and record["folds"] >= 0
     assert {"load", "prepare", "predict", "map back", "warp"} <= set(record["timings"])
 
@@ -173,8 +191,27 @@ def test_dice_in_the_record_with_a_fixed_label_map(tmp_path, tiny_model, capsys)
     _save(tmp_path / "fs.nii.gz", seg)
     _save(tmp_path / "ms.nii.gz", seg)
     out = tmp_path / "o"
-    assert main(["register", "--model", str(tiny_model), "--fixed", f, "--moving", m, "--moving-seg", str(tmp_path / "ms.nii.gz"),
-                 "--fixed-seg", str(tmp_path / "fs.nii.gz"), "--out-dir", str(out), "--no-affine"]) == 0
+    assert (
+        main(
+            [
+                "register",
+                "--model",
+                str(tiny_model),
+                "--fixed",
+                f,
+                "--moving",
+                m,
+                "--moving-seg",
+                str(tmp_path / "ms.nii.gz"),
+                "--fixed-seg",
+                str(tmp_path / "fs.nii.gz"),
+                "--out-dir",
+                str(out),
+                "--no-affine",
+            ]
+        )
+        == 0
+    )
     record = json.loads((out / "registration.json").read_text())
     warped = np.asarray(nib.load(out / "warped_seg.nii.gz").dataobj)
     expected = 2 * np.sum((warped == 1) & (seg == 1)) / (np.sum(warped == 1) + np.sum(seg == 1))
@@ -215,14 +252,58 @@ def test_compact_field_expands_to_the_full_field_within_1e4_voxels(tmp_path, cap
 def test_learn2reg_layout_is_flat_in_the_output_folder(tmp_path, tiny_model, capsys):
     pairs = _pairs(tmp_path, 3)
     out = tmp_path / "sub"
-    assert main(["register", "--model", str(tiny_model), "--pairs", str(pairs), "--out-dir", str(out), "--no-affine",
-                 "--disp-format", "learn2reg", "--outputs", "disp"]) == 0
+    assert (
+        main(
+            [
+                "register",
+                "--model",
+                str(tiny_model),
+                "--pairs",
+                str(pairs),
+                "--out-dir",
+                str(out),
+                "--no-affine",
+                "--disp-format",
+                "learn2reg",
+                "--outputs",
+                "disp",
+            ]
+        )
+        == 0
+    )
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["disp_0000_0001.nii.gz", "disp_0000_0001.npz", "disp_0001_0004.nii.gz", "disp_0001_0004.npz",
-                     "disp_0002_0007.nii.gz", "disp_0002_0007.npz", "p000", "p001", "p002"]
+    assert names == [
+        "disp_0000_0001.nii.gz",
+        "disp_0000_0001.npz",
+        "disp_0001_0004.nii.gz",
+        "disp_0001_0004.npz",
+        "disp_0002_0007.nii.gz",
+        "disp_0002_0007.npz",
+        "p000",
+        "p001",
+        "p002",
+    ]
     assert sorted(p.name for p in (out / "p000").iterdir()) == ["registration.json"]
-    assert main(["register", "--model", str(tiny_model), "--pairs", str(pairs), "--out-dir", str(out), "--no-affine",
-                 "--disp-format", "learn2reg", "--outputs", "disp", "--skip-existing"]) == 0
+    assert (
+        main(
+            [
+                "register",
+                "--model",
+                str(tiny_model),
+                "--pairs",
+                str(pairs),
+                "--out-dir",
+                str(out),
+                "--no-affine",
+                "--disp-format",
+                "learn2reg",
+                "--outputs",
+                "disp",
+                "--skip-existing",
+            ]
+        )
+        == 0
+    )
     assert "skipped 3 complete" in capsys.readouterr().out
 
 
@@ -249,8 +330,12 @@ def test_steps_are_logged_with_v_and_to_a_file_and_q_is_quiet(tmp_path, tiny_mod
 def test_dask_absent_is_one_line_naming_the_extra(tmp_path, tiny_model, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)
     pairs = _pairs(tmp_path, 2)
-    assert main(["register", "--model", str(tiny_model), "--pairs", str(pairs), "--out-dir", str(tmp_path / "o"),
-                 "--dask", "local:2"]) == 2
+    assert (
+        main(
+            ["register", "--model", str(tiny_model), "--pairs", str(pairs), "--out-dir", str(tmp_path / "o"), "--dask", "local:2"]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "crd-jax[dask]" in err[0]
 
@@ -260,8 +345,14 @@ def test_dask_absent_is_one_line_naming_the_extra(tmp_path, tiny_model, capsys, 
 
 def _crd(argv, **env):
     """``python -m crd_jax ...`` in a fresh process (as a cluster job runs it)."""
-    return subprocess.run([sys.executable, "-m", "crd_jax", *map(str, argv)], capture_output=True, text=True,
-                          env={**os.environ, **env}, cwd=ROOT, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "crd_jax", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        cwd=ROOT,
+        timeout=900,
+    )
 
 
 def _fields(root, names):
@@ -277,8 +368,11 @@ def _failures(root):
 
 
 def _done(stdout):
-    return [line.split("] ", 1)[1].split(":")[0] for line in stdout.splitlines()
-            if line.startswith("[") and "FAILED" not in line and "skipped" not in line]
+    return [
+        line.split("] ", 1)[1].split(":")[0]
+        for line in stdout.splitlines()
+        if line.startswith("[") and "FAILED" not in line and "skipped" not in line
+    ]
 
 
 @pytest.mark.slow
@@ -297,10 +391,17 @@ def test_200_pairs_in_shards_killed_and_resumed_and_on_dask_equal_one_process(tm
 
     # two shards at once into one folder (as two array tasks); shard 0 killed (SIGKILL) after 30 pairs
     shards = tmp_path / "shards"
-    procs = [subprocess.Popen([sys.executable, "-m", "crd_jax", *map(str, common + ["--out-dir", shards, "--shard", f"{k}/2"])],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                              env={**os.environ, **({"CRD_JAX_DEBUG_KILL_AFTER_PAIRS": "30"} if k == 0 else {})})
-             for k in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "crd_jax", *map(str, common + ["--out-dir", shards, "--shard", f"{k}/2"])],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, **({"CRD_JAX_DEBUG_KILL_AFTER_PAIRS": "30"} if k == 0 else {})},
+        )
+        for k in (0, 1)
+    ]
     (out0, _), (out1, err1) = (p.communicate(timeout=900) for p in procs)
     assert procs[0].returncode == -9 and procs[1].returncode == 1, err1[-2000:]
     assert len(_done(out0)) == 30
@@ -311,7 +412,9 @@ def test_200_pairs_in_shards_killed_and_resumed_and_on_dask_equal_one_process(tm
     assert sorted(done) == names  # every pair registered exactly once across the shards, the kill and the resume
     assert all(int(n[1:]) % 2 == k for k, out in ((0, out0 + resumed.stdout), (1, out1)) for n in _done(out))
     assert _failures(shards) == failed and sorted(p.name for p in shards.glob("failures*")) == [
-        "failures_0_of_2.csv", "failures_1_of_2.csv"]
+        "failures_0_of_2.csv",
+        "failures_1_of_2.csv",
+    ]
     assert not [p for p in shards.iterdir() if p.name.startswith(".")]  # the killed run's staging folder removed
     union = _fields(shards, names)
     assert union.keys() == reference.keys()
@@ -342,8 +445,14 @@ def _labels(seed):
 def _hand_dice(warped_seg, fixed_seg):
     """Mean Dice over the labels (not 0) of either map, by hand."""
     labels = sorted((set(np.unique(warped_seg)) | set(np.unique(fixed_seg))) - {0})
-    return float(np.mean([2 * np.sum((warped_seg == lab) & (fixed_seg == lab))
-                          / (np.sum(warped_seg == lab) + np.sum(fixed_seg == lab)) for lab in labels]))
+    return float(
+        np.mean(
+            [
+                2 * np.sum((warped_seg == lab) & (fixed_seg == lab)) / (np.sum(warped_seg == lab) + np.sum(fixed_seg == lab))
+                for lab in labels
+            ]
+        )
+    )
 
 
 def _pixels(path):
@@ -362,8 +471,11 @@ def test_pairs_file_columns_fixed_seg_last_without_a_header_any_order_with_one(t
     path = tmp_path / "p.csv"
     path.write_text("f.nii.gz,m.nii.gz\nf.nii.gz,m.nii.gz,ms.nii.gz,n2\nf.nii.gz,m.nii.gz,ms.nii.gz,n3,fs.nii.gz\n")
     rows = read_pairs_file(path)  # files of 2 to 4 columns keep their meaning; the 5th is fixed_seg
-    assert [(r.moving_seg, r.name, r.fixed_seg) for r in rows] == [(None, None, None), ("ms.nii.gz", "n2", None),
-                                                                   ("ms.nii.gz", "n3", "fs.nii.gz")]
+    assert [(r.moving_seg, r.name, r.fixed_seg) for r in rows] == [
+        (None, None, None),
+        ("ms.nii.gz", "n2", None),
+        ("ms.nii.gz", "n3", "fs.nii.gz"),
+    ]
     path.write_text("fixed_seg,moving,fixed,moving_seg\nfs.nii.gz,m.nii.gz,f.nii.gz,ms.nii.gz\n")
     (row,) = read_pairs_file(path)
     assert (row.fixed, row.moving, row.moving_seg, row.fixed_seg) == ("f.nii.gz", "m.nii.gz", "ms.nii.gz", "fs.nii.gz")
@@ -384,8 +496,12 @@ def test_batch_dice_summary_and_a_qc_figure_per_pair_in_fresh_processes(tmp_path
     for i in range(4):
         _save(tmp_path / f"img{i}.nii.gz", _volume(i))
         _save(tmp_path / f"seg{i}.nii.gz", _labels(i))
-    rows = ["img0.nii.gz,img1.nii.gz,seg1.nii.gz,a,seg0.nii.gz", "img2.nii.gz,img3.nii.gz,seg3.nii.gz,b,seg2.nii.gz",
-            "img1.nii.gz,img2.nii.gz,seg2.nii.gz,c,seg1.nii.gz", "img3.nii.gz,img0.nii.gz,,d"]  # d: no labels
+    rows = [
+        "img0.nii.gz,img1.nii.gz,seg1.nii.gz,a,seg0.nii.gz",
+        "img2.nii.gz,img3.nii.gz,seg3.nii.gz,b,seg2.nii.gz",
+        "img1.nii.gz,img2.nii.gz,seg2.nii.gz,c,seg1.nii.gz",
+        "img3.nii.gz,img0.nii.gz,,d",
+    ]  # d: no labels
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "out"
     argv = ["register", "--model", tiny_model, "--pairs", tmp_path / "pairs.csv", "--out-dir", out, "--no-affine", "--qc"]
@@ -435,8 +551,9 @@ def test_batch_dice_summary_and_a_qc_figure_per_pair_in_fresh_processes(tmp_path
 def test_qc_needs_the_warped_image_and_works_for_one_pair(tmp_path, tiny_model, capsys):
     pairs = _pairs(tmp_path, 2)
     out = tmp_path / "out"
-    refused = _crd(["register", "--model", tiny_model, "--pairs", pairs, "--out-dir", out, "--no-affine", "--qc",
-                    "--outputs", "disp"])
+    refused = _crd(
+        ["register", "--model", tiny_model, "--pairs", pairs, "--out-dir", out, "--no-affine", "--qc", "--outputs", "disp"]
+    )
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     assert "--qc: draws the saved warped image and displacement; add warped to --outputs" in refused.stderr
     assert "Traceback" not in refused.stderr and not out.exists()
@@ -444,15 +561,51 @@ def test_qc_needs_the_warped_image_and_works_for_one_pair(tmp_path, tiny_model, 
     f, m = _save(tmp_path / "f.nii.gz", _volume(0)), _save(tmp_path / "m.nii.gz", _volume(1))
     fs, ms = _save(tmp_path / "fs.nii.gz", _labels(0)), _save(tmp_path / "ms.nii.gz", _labels(1))
     one = tmp_path / "one"
-    assert main(["register", "--model", str(tiny_model), "--fixed", f, "--moving", m, "--moving-seg", ms, "--fixed-seg", fs,
-                 "--out-dir", str(one), "--no-affine", "--qc"]) == 0
+    assert (
+        main(
+            [
+                "register",
+                "--model",
+                str(tiny_model),
+                "--fixed",
+                f,
+                "--moving",
+                m,
+                "--moving-seg",
+                ms,
+                "--fixed-seg",
+                fs,
+                "--out-dir",
+                str(one),
+                "--no-affine",
+                "--qc",
+            ]
+        )
+        == 0
+    )
     assert f"wrote {one / 'qc.png'}" in capsys.readouterr().out
     assert main(["figure", "--from", str(one), "--fixed-seg", fs, "--out", str(tmp_path / "ref.png")]) == 0
     np.testing.assert_array_equal(_pixels(one / "qc.png"), _pixels(tmp_path / "ref.png"))
     # the compact field and the flat Learn2Reg layout are drawn from too
     for fmt in ("compact", "learn2reg"):
-        assert main(["register", "--model", str(tiny_model), "--pairs", str(pairs), "--out-dir", str(tmp_path / fmt),
-                     "--no-affine", "--qc", "--disp-format", fmt]) == 0
+        assert (
+            main(
+                [
+                    "register",
+                    "--model",
+                    str(tiny_model),
+                    "--pairs",
+                    str(pairs),
+                    "--out-dir",
+                    str(tmp_path / fmt),
+                    "--no-affine",
+                    "--qc",
+                    "--disp-format",
+                    fmt,
+                ]
+            )
+            == 0
+        )
         assert _pixels(tmp_path / fmt / "p001" / "qc.png").shape == (768, 1200, 4)
     capsys.readouterr()
     a, b = (_pixels(tmp_path / fmt / "p000" / "qc.png") for fmt in ("compact", "learn2reg"))

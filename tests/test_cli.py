@@ -64,8 +64,13 @@ def test_itk_field_applied_by_simpleitk_moves_the_image_like_our_warp(tmp_path):
     field = sitk.ReadImage(str(path), sitk.sitkVectorFloat64)
     assert field.GetNumberOfComponentsPerPixel() == 3 and field.GetSize() == shape
     transform = sitk.DisplacementFieldTransform(field)
-    itk_warped = sitk.Resample(sitk.ReadImage(str(tmp_path / "moving.nii.gz")), sitk.ReadImage(str(tmp_path / "fixed.nii.gz")),
-                               transform, sitk.sitkLinear, 0.0)
+    itk_warped = sitk.Resample(
+        sitk.ReadImage(str(tmp_path / "moving.nii.gz")),
+        sitk.ReadImage(str(tmp_path / "fixed.nii.gz")),
+        transform,
+        sitk.sitkLinear,
+        0.0,
+    )
     itk_warped = np.transpose(sitk.GetArrayFromImage(itk_warped), (2, 1, 0))  # SimpleITK arrays are z, y, x
     ours = np.asarray(warp(jnp.asarray(moving)[None, ..., None], jnp.asarray(disp)[None]))[0, ..., 0]
     inside = (slice(4, -4),) * 3  # ITK reads zeros beyond the edge, we repeat the edge voxel
@@ -116,8 +121,25 @@ def test_register_odd_sized_volume_keeps_shape_and_affine(tmp_path, shift_model,
     moving = _save(tmp_path / "m.nii.gz", _smooth_volume(shape, 1) * 300)
     seg = _save(tmp_path / "s.nii.gz", (np.arange(np.prod(shape)).reshape(shape) % 5).astype(np.uint8))
     out = tmp_path / "out"
-    assert main(["register", "--model", str(shift_model), "--fixed", fixed, "--moving", moving, "--moving-seg", seg,
-                 "--out-dir", str(out), "--no-affine"]) == 0
+    assert (
+        main(
+            [
+                "register",
+                "--model",
+                str(shift_model),
+                "--fixed",
+                fixed,
+                "--moving",
+                moving,
+                "--moving-seg",
+                seg,
+                "--out-dir",
+                str(out),
+                "--no-affine",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "padded (37, 45, 29) -> (64, 64, 32)" in text
     warped, disp, wseg = (nib.load(out / n) for n in ("warped.nii.gz", "disp.nii.gz", "warped_seg.nii.gz"))
@@ -125,8 +147,12 @@ def test_register_odd_sized_volume_keeps_shape_and_affine(tmp_path, shift_model,
     np.testing.assert_allclose(warped.affine, AFFINE, atol=1e-6)
     d = disp.get_fdata()
     np.testing.assert_allclose(d[5:-5, 5:-5, 5:-5], np.broadcast_to([1.5, -0.5, 0.25], d[5:-5, 5:-5, 5:-5].shape), atol=1e-3)
-    ref = ndimage.map_coordinates(_smooth_volume(shape, 1) * 300, np.moveaxis(
-        np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1) + d, -1, 0), order=1, mode="nearest")
+    ref = ndimage.map_coordinates(
+        _smooth_volume(shape, 1) * 300,
+        np.moveaxis(np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1) + d, -1, 0),
+        order=1,
+        mode="nearest",
+    )
     np.testing.assert_allclose(warped.get_fdata(), ref, atol=1e-2)  # original intensities, not normalised
     assert set(np.unique(wseg.get_fdata())) <= set(range(5))
     assert sorted(p.name for p in out.iterdir()) == ["disp.nii.gz", "registration.json", "warped.nii.gz", "warped_seg.nii.gz"]
@@ -138,15 +164,34 @@ def test_register_resamples_a_moving_image_on_another_grid(tmp_path, shift_model
     coarse = AFFINE.copy()
     coarse[:3, :3] *= 2
     moving = _save(tmp_path / "m.nii.gz", _smooth_volume((16, 16, 16), 1), coarse)
-    assert main(["register", "--model", str(shift_model), "--fixed", fixed, "--moving", moving, "--out-dir",
-                 str(tmp_path / "o"), "--disp-format", "learn2reg"]) == 0
+    assert (
+        main(
+            [
+                "register",
+                "--model",
+                str(shift_model),
+                "--fixed",
+                fixed,
+                "--moving",
+                moving,
+                "--out-dir",
+                str(tmp_path / "o"),
+                "--disp-format",
+                "learn2reg",
+            ]
+        )
+        == 0
+    )
     assert "resampled onto the fixed grid" in capsys.readouterr().out
     assert nib.load(tmp_path / "o" / "warped.nii.gz").shape == shape
     assert (tmp_path / "o" / "disp_0000_0001.npz").exists()
 
 
 BAD_CASES = {
-    "truncated": lambda p: (p.write_bytes(Path(_save(p.with_name("ok.nii.gz"), _smooth_volume((20, 20, 20)))).read_bytes()[:300]), p)[1],
+    "truncated": lambda p: (
+        p.write_bytes(Path(_save(p.with_name("ok.nii.gz"), _smooth_volume((20, 20, 20)))).read_bytes()[:300]),
+        p,
+    )[1],
     "two_d": lambda p: Path(_save(p, _smooth_volume((20, 20)))),
     "four_d": lambda p: Path(_save(p, np.zeros((10, 10, 10, 2), np.float32))),
     "nan": lambda p: Path(_save(p, np.full((10, 10, 10), np.nan, np.float32))),
@@ -190,8 +235,25 @@ def test_python_m_crd_jax_is_the_same_command(tmp_path):
     assert help_text.returncode == 0 and "register" in help_text.stdout and "convert-official" in help_text.stdout
     for sub in ("register", "evaluate", "figure", "convert-official", "export"):
         assert subprocess.run([sys.executable, "-m", "crd_jax", sub, "--help"], capture_output=True, cwd=ROOT).returncode == 0
-    bad = subprocess.run([sys.executable, "-m", "crd_jax", "register", "--model", str(tmp_path), "--fixed", "a.nii.gz",
-                          "--moving", "b.nii.gz", "--out-dir", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crd_jax",
+            "register",
+            "--model",
+            str(tmp_path),
+            "--fixed",
+            "a.nii.gz",
+            "--moving",
+            "b.nii.gz",
+            "--out-dir",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
 
 
@@ -204,18 +266,53 @@ def test_evaluate_and_figure_on_synthetic_data(tmp_path, shift_model, capsys):
         "    c = base_config()\n"
         "    c.data.synthetic.shape = (32, 32, 32)\n"
         "    c.data.synthetic.train, c.data.synthetic.val, c.data.synthetic.test = 2, 0, 3\n"
-        "    return c\n")
+        "    return c\n"
+    )
     out = tmp_path / "eval"
-    assert main(["evaluate", "--model", str(shift_model), "--config", str(config), "--out-dir", str(out), "--max-pairs", "2",
-                 "--timing-repeats", "1"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(shift_model),
+                "--config",
+                str(config),
+                "--out-dir",
+                str(out),
+                "--max-pairs",
+                "2",
+                "--timing-repeats",
+                "1",
+            ]
+        )
+        == 0
+    )
     lines = (out / "metrics.csv").read_text().splitlines()
     assert lines[0].startswith("moving,fixed,dice,dice_1,") and len(lines) == 3
     summary = (out / "summary.md").read_text()
     assert "| dice |" in summary and "| hd95 |" in summary and "Inference:" in summary
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("moving,fixed\nsynth0004,synth0002\n")
-    assert main(["evaluate", "--model", str(shift_model), "--config", str(config), "--out-dir", str(out), "--pairs", str(pairs),
-                 "--no-hd95", "--timing-repeats", "1", "--overwrite"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(shift_model),
+                "--config",
+                str(config),
+                "--out-dir",
+                str(out),
+                "--pairs",
+                str(pairs),
+                "--no-hd95",
+                "--timing-repeats",
+                "1",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert (out / "metrics.csv").read_text().splitlines()[1].startswith("synth0004,synth0002,")
     pairs.write_text("fixed,moving\nsynth0002,synth0009\n")
     assert main(["evaluate", "--model", str(shift_model), "--config", str(config), "--pairs", str(pairs)]) == 2
@@ -227,8 +324,26 @@ def test_evaluate_and_figure_on_synthetic_data(tmp_path, shift_model, capsys):
     m = _save(tmp_path / "m.nii.gz", _smooth_volume((32, 32, 32), 1))
     seg = _save(tmp_path / "s.nii.gz", (_smooth_volume((32, 32, 32), 2) * 4).astype(np.uint8))
     png = tmp_path / "pair.png"
-    assert main(["figure", "--model", str(shift_model), "--fixed", f, "--moving", m, "--fixed-seg", seg, "--moving-seg", seg,
-                 "--out", str(png)]) == 0
+    assert (
+        main(
+            [
+                "figure",
+                "--model",
+                str(shift_model),
+                "--fixed",
+                f,
+                "--moving",
+                m,
+                "--fixed-seg",
+                seg,
+                "--moving-seg",
+                seg,
+                "--out",
+                str(png),
+            ]
+        )
+        == 0
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10000
 
 
@@ -275,7 +390,9 @@ def _write_legacy(path, state):
                 self._in_tensor = obj  # the first argument (the tensor itself) becomes its storage reference
             return super().save_reduce(func, args, *rest, obj=obj, **kw)
 
-    tensors = collections.OrderedDict((k, Tensor(str(i), np.ascontiguousarray(v, np.float32))) for i, (k, v) in enumerate(state.items()))
+    tensors = collections.OrderedDict(
+        (k, Tensor(str(i), np.ascontiguousarray(v, np.float32))) for i, (k, v) in enumerate(state.items())
+    )
     with open(path, "wb") as f:
         for header in (MAGIC_NUMBER, 1001, {"little_endian": True}):
             pickle.dump(header, f, protocol=2)
@@ -290,10 +407,24 @@ def _write_legacy(path, state):
 
 def _random_official_state(teacher: bool, seed=0):
     rng = np.random.default_rng(seed)
-    shapes = {"conv1": (16, 2), "conv2": (32, 16), "conv3": (32, 32), "conv4": (32, 32), "conv5": (32, 32), "decode5": (32, 32),
-              "decode4": (32, 64), "decode3": (32, 64), "decode2": (32, 64), "decode2_1": (16, 32), "decode1": (16, 32), "flow": (3, 16)}
+    shapes = {
+        "conv1": (16, 2),
+        "conv2": (32, 16),
+        "conv3": (32, 32),
+        "conv4": (32, 32),
+        "conv5": (32, 32),
+        "decode5": (32, 32),
+        "decode4": (32, 64),
+        "decode3": (32, 64),
+        "decode2": (32, 64),
+        "decode2_1": (16, 32),
+        "decode1": (16, 32),
+        "flow": (3, 16),
+    }
     if teacher:
-        shapes.update({"fuse5": (32, 64), "fuse4": (32, 96), "fuse3": (32, 80), "fuse2": (32, 64), "fuse1": (16, 48), "flow_f": (3, 16)})
+        shapes.update(
+            {"fuse5": (32, 64), "fuse4": (32, 96), "fuse3": (32, 80), "fuse2": (32, 64), "fuse1": (16, 48), "flow_f": (3, 16)}
+        )
     state = collections.OrderedDict()
     for name, (o, i) in shapes.items():
         state[f"module.defnet_0.{name}.weight"] = rng.normal(0, 0.1, (o, i, 3, 3, 3)).astype(np.float32)
@@ -349,11 +480,41 @@ def test_parity_with_the_authors_code_on_reference_io(tmp_path):
             np.testing.assert_allclose(attention, nifti(ref[f"{kind}_attn_{name}_s"]), rtol=1e-4, atol=1e-4)
     # The command line, on NIfTI files, gives the authors' displacement and warped image.
     aff = np.eye(4)
-    fixed, moving = _save(tmp_path / "f.nii.gz", nifti(ref["fixed"]), aff), _save(tmp_path / "m.nii.gz", nifti(ref["moving"]), aff)
-    assert main(["convert-official", "--checkpoint", str(OFFICIAL / "student_oasis.pth"), "--kind", "student", "--out",
-                 str(tmp_path / "student")]) == 0
-    assert main(["register", "--model", str(tmp_path / "student"), "--fixed", fixed, "--moving", moving, "--out-dir",
-                 str(tmp_path / "out"), "--no-affine"]) == 0  # the network alone, as the authors' code runs it
+    fixed, moving = (
+        _save(tmp_path / "f.nii.gz", nifti(ref["fixed"]), aff),
+        _save(tmp_path / "m.nii.gz", nifti(ref["moving"]), aff),
+    )
+    assert (
+        main(
+            [
+                "convert-official",
+                "--checkpoint",
+                str(OFFICIAL / "student_oasis.pth"),
+                "--kind",
+                "student",
+                "--out",
+                str(tmp_path / "student"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "register",
+                "--model",
+                str(tmp_path / "student"),
+                "--fixed",
+                fixed,
+                "--moving",
+                moving,
+                "--out-dir",
+                str(tmp_path / "out"),
+                "--no-affine",
+            ]
+        )
+        == 0
+    )  # the network alone, as the authors' code runs it
     disp = nib.load(tmp_path / "out" / "disp.nii.gz").get_fdata()
     assert np.abs(disp - field(ref["student_flow"])).max() <= 1e-3
     warped = nib.load(tmp_path / "out" / "warped.nii.gz").get_fdata()
@@ -409,19 +570,55 @@ def test_register_pairs_csv_writes_one_folder_per_pair_like_single_registrations
         _save(tmp_path / f"f{i}.nii.gz", _smooth_volume(shape, 2 * i))
         _save(tmp_path / f"m{i}.nii.gz", _smooth_volume(shape, 2 * i + 1))
     _save(tmp_path / "s0.nii.gz", (np.arange(np.prod(shape)).reshape(shape) % 4).astype(np.uint8))
-    (tmp_path / "pairs.csv").write_text("fixed,moving,moving_seg,name\nf0.nii.gz,m0.nii.gz,s0.nii.gz\nf1.nii.gz,m1.nii.gz,,second\n")
+    (tmp_path / "pairs.csv").write_text(
+        "fixed,moving,moving_seg,name\nf0.nii.gz,m0.nii.gz,s0.nii.gz\nf1.nii.gz,m1.nii.gz,,second\n"
+    )
     out = tmp_path / "out"
-    assert main(["register", "--model", str(shift_model), "--pairs", str(tmp_path / "pairs.csv"), "--out-dir", str(out),
-                 "--no-affine"]) == 0
+    assert (
+        main(
+            [
+                "register",
+                "--model",
+                str(shift_model),
+                "--pairs",
+                str(tmp_path / "pairs.csv"),
+                "--out-dir",
+                str(out),
+                "--no-affine",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "registered 2 pairs" in text and "pairs/s" in text
-    assert sorted(p.name for p in (out / "m0_to_f0").iterdir()) == ["disp.nii.gz", "registration.json", "warped.nii.gz",
-                                                                     "warped_seg.nii.gz"]
+    assert sorted(p.name for p in (out / "m0_to_f0").iterdir()) == [
+        "disp.nii.gz",
+        "registration.json",
+        "warped.nii.gz",
+        "warped_seg.nii.gz",
+    ]
     assert sorted(p.name for p in (out / "second").iterdir()) == ["disp.nii.gz", "registration.json", "warped.nii.gz"]
     single = tmp_path / "single"
-    assert main(["register", "--model", str(shift_model), "--fixed", str(tmp_path / "f1.nii.gz"),
-                 "--moving", str(tmp_path / "m1.nii.gz"), "--out-dir", str(single), "--no-affine"]) == 0
-    np.testing.assert_array_equal(nib.load(out / "second" / "disp.nii.gz").get_fdata(), nib.load(single / "disp.nii.gz").get_fdata())
+    assert (
+        main(
+            [
+                "register",
+                "--model",
+                str(shift_model),
+                "--fixed",
+                str(tmp_path / "f1.nii.gz"),
+                "--moving",
+                str(tmp_path / "m1.nii.gz"),
+                "--out-dir",
+                str(single),
+                "--no-affine",
+            ]
+        )
+        == 0
+    )
+    np.testing.assert_array_equal(
+        nib.load(out / "second" / "disp.nii.gz").get_fdata(), nib.load(single / "disp.nii.gz").get_fdata()
+    )
     # the Python API gives the same field
     from crd_jax.api import register_files
 
@@ -434,15 +631,22 @@ def test_register_pairs_csv_writes_one_folder_per_pair_like_single_registrations
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("text,problem", [("", "no pairs"), ("f0.nii.gz\n", "row 1: expected"),
-                                           ("f0.nii.gz,m0.nii.gz,,a\nf1.nii.gz,m1.nii.gz,,a\n", "repeated")])
+@pytest.mark.parametrize(
+    "text,problem",
+    [("", "no pairs"), ("f0.nii.gz\n", "row 1: expected"), ("f0.nii.gz,m0.nii.gz,,a\nf1.nii.gz,m1.nii.gz,,a\n", "repeated")],
+)
 def test_register_pairs_bad_csv_is_one_line(tmp_path, shift_model, capsys, text, problem):
     (tmp_path / "pairs.csv").write_text(text)
-    assert main(["register", "--model", str(shift_model), "--pairs", str(tmp_path / "pairs.csv"), "--out-dir", str(tmp_path / "o")]) == 2
+    assert (
+        main(["register", "--model", str(shift_model), "--pairs", str(tmp_path / "pairs.csv"), "--out-dir", str(tmp_path / "o")])
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pairs.csv" in err[0] and problem in err[0]
     assert not (tmp_path / "o").exists()
-    assert main(["register", "--pairs", str(tmp_path / "pairs.csv"), "--fixed", "x.nii.gz", "--out-dir", str(tmp_path / "o")]) == 2
+    assert (
+        main(["register", "--pairs", str(tmp_path / "pairs.csv"), "--fixed", "x.nii.gz", "--out-dir", str(tmp_path / "o")]) == 2
+    )
 
 
 @pytest.mark.slow
@@ -458,8 +662,25 @@ def test_register_bf16_runs_the_bf16_path_and_stays_within_a_tenth_of_a_voxel(tm
     fields, logs = [], []
     for extra in ([], ["--bf16"]):
         out = tmp_path / ("bf16" if extra else "f32")
-        proc = subprocess.run([sys.executable, "-m", "crd_jax", "register", "--model", "lpba40-vm-ll-crd", "--fixed", fixed,
-                               "--moving", moving, "--out-dir", str(out), *extra], capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "crd_jax",
+                "register",
+                "--model",
+                "lpba40-vm-ll-crd",
+                "--fixed",
+                fixed,
+                "--moving",
+                moving,
+                "--out-dir",
+                str(out),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 0, proc.stderr
         logs.append(proc.stdout)
         fields.append(nib.load(out / "disp.nii.gz").get_fdata())

@@ -86,14 +86,17 @@ def test_conv_matches_lax_values_and_gradients(shape, cin, cout, stride, slope, 
         np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4 * scale)
 
 
-@pytest.mark.parametrize("shape,kernel,stride,cin,cout", [
-    ((9, 7, 8), 2, 2, 3, 8),  # kernel 2, stride 2, default padding 1: a residue class starts past dz's first row
-    ((8, 8, 8), 2, 2, 1, 16),
-    ((8, 9, 10), 4, 2, 4, 4),
-    ((10, 11, 7), 3, 3, 2, 8),
-    ((9, 7), 2, 2, 3, 8),
-    ((12, 10), 4, 3, 2, 5),
-])
+@pytest.mark.parametrize(
+    "shape,kernel,stride,cin,cout",
+    [
+        ((9, 7, 8), 2, 2, 3, 8),  # kernel 2, stride 2, default padding 1: a residue class starts past dz's first row
+        ((8, 8, 8), 2, 2, 1, 16),
+        ((8, 9, 10), 4, 2, 4, 4),
+        ((10, 11, 7), 3, 3, 2, 8),
+        ((9, 7), 2, 2, 3, 8),
+        ((12, 10), 4, 3, 2, 5),
+    ],
+)
 def test_strided_input_gradient_of_any_kernel_matches_lax(shape, kernel, stride, cin, cout, isa):
     """The polyphase input gradient for kernels other than 3 (a fork's downsampling layers); kernel 2 with
     stride 2 used to hand the native kernel a negative padding (a heap overrun)."""
@@ -120,8 +123,13 @@ def test_the_native_kernel_refuses_a_negative_padding_instead_of_reading_out_of_
     x = jnp.ones((1, 6, 6, 6, 2))
     w = jnp.ones((3, 3, 3, 2, 8))
     with pytest.raises(Exception, match="paddings must not be negative"):
-        jax.block_until_ready(jax.jit(lambda x, w: _native_forward(x, w, jnp.zeros(8), (1, 1, 1), ((-1, 0), (0, 0), (0, 0)), None,
-                                                                    out_spatial=(4, 4, 4)))(x, w))
+        jax.block_until_ready(
+            jax.jit(
+                lambda x, w: _native_forward(
+                    x, w, jnp.zeros(8), (1, 1, 1), ((-1, 0), (0, 0), (0, 0)), None, out_spatial=(4, 4, 4)
+                )
+            )(x, w)
+        )
 
 
 UPCAT_CASES = [
@@ -231,15 +239,18 @@ def test_winograd_path_matches_lax_and_the_direct_kernel(shape, cin, cout, slope
     assert float(np.abs(outputs[True] - outputs[False]).max()) <= 1e-5 * float(np.abs(ref).max()) + 1e-6
 
 
-@pytest.mark.parametrize("shape,low_shape,cl,cs,cout", [
-    ((8, 10, 12), (4, 5, 6), 32, 2, 16),  # VM's last level: the upsampled channels from the coarse grid
-    ((6, 4, 10), (3, 2, 5), 16, 16, 32),  # the same with whole vectors of skip channels
-    ((2, 2, 2), (1, 1, 1), 32, 5, 16),  # one tile, every neighbour outside
-    ((8, 10, 12), (5, 5, 6), 32, 2, 16),  # a coarse grid larger than half the skip (cropped): rows built in full
-    ((7, 9, 5), (4, 5, 3), 16, 16, 32),  # odd sizes: rows built in full
-    ((6, 4, 3), (3, 2, 2), 5, 3, 16)])
-def test_winograd_path_of_the_upsampled_concat_conv_matches_the_direct_kernel(shape, low_shape, cl, cs, cout,
-                                                                               winograd_switch):
+@pytest.mark.parametrize(
+    "shape,low_shape,cl,cs,cout",
+    [
+        ((8, 10, 12), (4, 5, 6), 32, 2, 16),  # VM's last level: the upsampled channels from the coarse grid
+        ((6, 4, 10), (3, 2, 5), 16, 16, 32),  # the same with whole vectors of skip channels
+        ((2, 2, 2), (1, 1, 1), 32, 5, 16),  # one tile, every neighbour outside
+        ((8, 10, 12), (5, 5, 6), 32, 2, 16),  # a coarse grid larger than half the skip (cropped): rows built in full
+        ((7, 9, 5), (4, 5, 3), 16, 16, 32),  # odd sizes: rows built in full
+        ((6, 4, 3), (3, 2, 2), 5, 3, 16),
+    ],
+)
+def test_winograd_path_of_the_upsampled_concat_conv_matches_the_direct_kernel(shape, low_shape, cl, cs, cout, winograd_switch):
     k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(cl + cs), 4)
     low = jax.random.normal(k1, (2, *low_shape, cl))
     skip = jax.random.normal(k2, (2, *shape, cs))
@@ -321,10 +332,12 @@ def test_kernel_threads_follow_the_environment_and_results_do_not_depend_on_them
     import subprocess
     import sys
 
-    code = ("import numpy as np, jax.numpy as jnp\nfrom crd_jax.ops import native\nfrom crd_jax.ops.conv import conv\n"
-            "x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 12, 12, 12, 8)), jnp.float32)\n"
-            "w = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 3, 8, 16)), jnp.float32)\n"
-            "y = np.asarray(conv(x, w, jnp.zeros(16)))\nnp.save('out.npy', y)\nprint(native.isa(), native.threads())\n")
+    code = (
+        "import numpy as np, jax.numpy as jnp\nfrom crd_jax.ops import native\nfrom crd_jax.ops.conv import conv\n"
+        "x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 12, 12, 12, 8)), jnp.float32)\n"
+        "w = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 3, 8, 16)), jnp.float32)\n"
+        "y = np.asarray(conv(x, w, jnp.zeros(16)))\nnp.save('out.npy', y)\nprint(native.isa(), native.threads())\n"
+    )
     outs, isas = [], []
     for threads, extra in (("1", {}), ("3", {}), ("2", {"CRD_JAX_ISA": "avx2"})):
         folder = tmp_path / threads
@@ -409,10 +422,14 @@ def test_bf16_inference_equals_float32_on_bf16_rounded_inputs(shape, cin, cout, 
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(g_ref))))
 
 
-@pytest.mark.parametrize("shape,low_shape,cl,cs,cout,slope", [c for c in UPCAT_CASES if c[4] >= 8] + [
-    ((4, 5, 37), (2, 3, 19), 32, 2, 16, 0.2),  # VM's last level on a row of 37: two AMX tiles and an overlapping pair
-    ((3, 4, 20), (2, 2, 10), 16, 16, 32, None),
-])
+@pytest.mark.parametrize(
+    "shape,low_shape,cl,cs,cout,slope",
+    [c for c in UPCAT_CASES if c[4] >= 8]
+    + [
+        ((4, 5, 37), (2, 3, 19), 32, 2, 16, 0.2),  # VM's last level on a row of 37: two AMX tiles and an overlapping pair
+        ((3, 4, 20), (2, 2, 10), 16, 16, 32, None),
+    ],
+)
 def test_bf16_upsampled_concat_conv_equals_float32_on_bf16_rounded_inputs(shape, low_shape, cl, cs, cout, slope):
     """The fused decoder step rounds the rows it builds to bfloat16 pairs (odd channel totals padded)."""
     if not (ON_CPU and native.has_bf16()):
@@ -451,6 +468,7 @@ def test_amx_is_the_bf16_engine_where_the_cpu_has_it():
     flags = Path("/proc/cpuinfo").read_text().split()
     libc = ctypes.CDLL(None, use_errno=True)
     sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18  # x86-64 Linux
-    granted = "amx_bf16" in flags and "amx_tile" in flags and libc.syscall(
-        sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0
+    granted = (
+        "amx_bf16" in flags and "amx_tile" in flags and libc.syscall(sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0
+    )
     assert _bf16_engines() == (["avx512-bf16", "amx"] if granted else ["avx512-bf16"])

@@ -172,7 +172,9 @@ def test_learn2reg_oasis_layout(tmp_path, with_json):
         _write(tmp_path / "imagesTr" / f"OASIS_{i:04d}_0000.nii.gz", _volume(seed=i))
         _write(tmp_path / "labelsTr" / f"OASIS_{i:04d}_0000.nii.gz", _labels(seed=i))
     if with_json:
-        entries = [{"image": f"./imagesTr/OASIS_{i:04d}_0000.nii.gz", "label": f"./labelsTr/OASIS_{i:04d}_0000.nii.gz"} for i in (2,)]
+        entries = [
+            {"image": f"./imagesTr/OASIS_{i:04d}_0000.nii.gz", "label": f"./labelsTr/OASIS_{i:04d}_0000.nii.gz"} for i in (2,)
+        ]
         (tmp_path / "OASIS_dataset.json").write_text(json.dumps({"training": entries}))
     subjects = list_subjects("learn2reg_oasis", tmp_path)
     assert [s.id for s in subjects] == (["OASIS_0002"] if with_json else ["OASIS_0001", "OASIS_0002"])

@@ -50,8 +50,9 @@ def test_term_gradient_norms_match_the_analytic_gradient():
         b = jnp.sum(3 * p["w"])
         return a + b, {"a": a, "b": b}
 
-    out = diag.term_gradient_norms(loss_fn, params, None, [{"scale": np.ones(1)}, {"scale": 3 * np.ones(1)}],
-                                   {"a": 0.5, "b": 2.0})
+    out = diag.term_gradient_norms(
+        loss_fn, params, None, [{"scale": np.ones(1)}, {"scale": 3 * np.ones(1)}], {"a": 0.5, "b": 2.0}
+    )
     np.testing.assert_allclose(out["a"]["grad_norm"], (6.0 + 18.0) / 2, rtol=1e-6)
     np.testing.assert_allclose(out["b"]["grad_norm"], 3 * np.sqrt(3), rtol=1e-6)
     assert out["b"]["weighted_grad_norm"] == pytest.approx(2.0 * 3 * np.sqrt(3))

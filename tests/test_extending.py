@@ -31,7 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = Path(__file__).with_name("extending_example.py")
 CONFIG = Path(__file__).with_name("extending_config.py")
 # appended to the copies only: proves whether a process imported the fork's module
-MARKER_LINES = '\nimport os as _os\nif _os.environ.get("FORK_IMPORT_MARKER"):\n    open(_os.environ["FORK_IMPORT_MARKER"], "a").close()\n'
+MARKER_LINES = (
+    '\nimport os as _os\nif _os.environ.get("FORK_IMPORT_MARKER"):\n    open(_os.environ["FORK_IMPORT_MARKER"], "a").close()\n'
+)
 ENTRY_POINTS = "[crd_jax.backbones]\ntwo_level_unet = extending_example:BACKBONE\n"
 
 
@@ -71,8 +73,25 @@ def _images(tmp_path: Path):
 
 def _register(model: Path, tmp_path: Path, out: str, env: dict, *flags: str) -> subprocess.CompletedProcess:
     fixed, moving = _images(tmp_path)
-    return subprocess.run([*_crd_jax(), "register", "--model", str(model), "--fixed", str(fixed), "--moving", str(moving),
-                           "--out-dir", str(tmp_path / out), *flags], capture_output=True, text=True, env=env, cwd=tmp_path)
+    return subprocess.run(
+        [
+            *_crd_jax(),
+            "register",
+            "--model",
+            str(model),
+            "--fixed",
+            str(fixed),
+            "--moving",
+            str(moving),
+            "--out-dir",
+            str(tmp_path / out),
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
 
 
 def _metrics(workdir: Path):
@@ -83,8 +102,13 @@ def _metrics(workdir: Path):
 def test_a_fork_module_trains_every_stage_kind_and_registers_from_a_fresh_process_when_allowed(tmp_path):
     fork = _fork_folder(tmp_path, entry_point=False)
     run = tmp_path / "run"
-    train = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--config={CONFIG}", f"--config.workdir={run}"],
-                           capture_output=True, text=True, env=_env(fork), cwd=tmp_path)
+    train = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), f"--config={CONFIG}", f"--config.workdir={run}"],
+        capture_output=True,
+        text=True,
+        env=_env(fork),
+        cwd=tmp_path,
+    )
     assert train.returncode == 0, train.stderr[-3000:]
     metrics = _metrics(run)
     crd_steps = [m for m in metrics if m.get("stage") == "u_l_crd" and "loss" in m]
@@ -112,8 +136,9 @@ def test_a_fork_module_trains_every_stage_kind_and_registers_from_a_fresh_proces
     assert "--allow-backbone-module extending_example" in lines[0] and "CRD_JAX_BACKBONE_MODULES" in lines[0]
     assert not marker.exists() and not (tmp_path / "refused").exists()
 
-    allowed = _register(model, tmp_path, "out", _env(fork, FORK_IMPORT_MARKER=str(marker)),
-                        "--allow-backbone-module", "extending_example")
+    allowed = _register(
+        model, tmp_path, "out", _env(fork, FORK_IMPORT_MARKER=str(marker)), "--allow-backbone-module", "extending_example"
+    )
     assert allowed.returncode == 0, allowed.stderr[-3000:]
     assert marker.exists()
     assert nib.load(str(tmp_path / "out" / "warped.nii.gz")).shape == (20, 18, 16)
@@ -139,8 +164,13 @@ pipeline.run(c)
 def test_a_fork_installed_as_an_entry_point_trains_and_registers_without_a_flag(tmp_path):
     site = _fork_folder(tmp_path, entry_point=True)
     run = tmp_path / "run"
-    train = subprocess.run([sys.executable, "-c", API_TRAINING.format(workdir=str(run))], capture_output=True, text=True,
-                           env=_env(site), cwd=tmp_path)
+    train = subprocess.run(
+        [sys.executable, "-c", API_TRAINING.format(workdir=str(run))],
+        capture_output=True,
+        text=True,
+        env=_env(site),
+        cwd=tmp_path,
+    )
     assert train.returncode == 0, train.stderr[-3000:]
     model = run / "stages" / "u_l" / "model"
     spec = json.loads((model / "model.json").read_text())
@@ -162,8 +192,14 @@ def _fork_model(tmp_path: Path, **spec_extra) -> Path:
     from crd_jax.models.build import architecture, model_from_spec
 
     arch = architecture({"backbone": "two_level_unet", "channels": [4, 8]})
-    spec = {"kind": "registrar", "architecture": arch, "factor": 1, "label": "U2-H", "stage": "test",
-            "preprocessing": {"normalize": "minmax", "multiple": 4, "ndim": 3}}
+    spec = {
+        "kind": "registrar",
+        "architecture": arch,
+        "factor": 1,
+        "label": "U2-H",
+        "stage": "test",
+        "preprocessing": {"normalize": "minmax", "multiple": 4, "ndim": 3},
+    }
     x = jnp.zeros((1, 16, 16, 16, 1))
     params = model_from_spec(spec).init(jax.random.PRNGKey(0), x, x)
     spec = {**spec, **spec_extra}
@@ -180,18 +216,34 @@ def test_a_recorded_module_is_imported_only_with_the_users_word(tmp_path, monkey
     monkeypatch.syspath_prepend(str(tmp_path))
     folder = tmp_path / "m"
     folder.mkdir()
-    (folder / "model.json").write_text(json.dumps({"format_version": 2, "kind": "registrar", "factor": 1,
-                                                   "architecture": {"backbone": "fork_net"},
-                                                   "backbone_source": {"module": module}}))
+    (folder / "model.json").write_text(
+        json.dumps(
+            {
+                "format_version": 2,
+                "kind": "registrar",
+                "factor": 1,
+                "architecture": {"backbone": "fork_net"},
+                "backbone_source": {"module": module},
+            }
+        )
+    )
     with pytest.raises(InputError, match=f"module '{module}'.*--allow-backbone-module {module}") as exc:
         load_spec(folder)
     assert str(folder / "model.json") in str(exc.value) and not (tmp_path / "imported").exists()
     with pytest.raises(InputError, match="registers no backbone"):  # allowed: imported (it registers nothing)
         load_spec(folder, allowed_modules=[module])
     assert (tmp_path / "imported").exists()
-    (folder / "model.json").write_text(json.dumps({"format_version": 2, "kind": "registrar", "factor": 1,
-                                                   "architecture": {"backbone": "fork_net"},
-                                                   "backbone_source": {"module": "os; import evil"}}))
+    (folder / "model.json").write_text(
+        json.dumps(
+            {
+                "format_version": 2,
+                "kind": "registrar",
+                "factor": 1,
+                "architecture": {"backbone": "fork_net"},
+                "backbone_source": {"module": "os; import evil"},
+            }
+        )
+    )
     with pytest.raises(InputError, match="backbone_source.module"):
         load_spec(folder)
 
@@ -206,8 +258,9 @@ def test_a_fork_model_registers_in_a_fresh_process_with_the_flag_and_not_without
     assert f"{model / 'model.json'}: backbone 'two_level_unet' is defined by module 'extending_example'" in refused.stderr
     assert "--allow-backbone-module extending_example" in refused.stderr
     assert not marker.exists() and not (tmp_path / "refused").exists()
-    done = _register(model, tmp_path, "out", _env(fork, FORK_IMPORT_MARKER=str(marker)),
-                     "--allow-backbone-module", "extending_example")
+    done = _register(
+        model, tmp_path, "out", _env(fork, FORK_IMPORT_MARKER=str(marker)), "--allow-backbone-module", "extending_example"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert marker.exists() and nib.load(str(tmp_path / "out" / "warped.nii.gz")).shape == (20, 18, 16)
 
@@ -237,7 +290,9 @@ def test_new_term_value_against_a_direct_computation():
     rng = np.random.default_rng(0)
     a, b = (jnp.asarray(rng.normal(size=(1, 4, 4, 4, 3)), jnp.float32) for _ in range(2))
     term = distill.TERMS["deformation_l1"](weight=0.5)
-    assert float(term.value({"disp_low": a}, {"disp_low": b})) == pytest.approx(float(np.mean(np.abs(np.asarray(a - b)))), rel=1e-6)
+    assert float(term.value({"disp_low": a}, {"disp_low": b})) == pytest.approx(
+        float(np.mean(np.abs(np.asarray(a - b)))), rel=1e-6
+    )
     with pytest.raises(ValueError, match="unknown distillation term 'nope'"):
         c = base_config()
         c.loss.terms.nope = {"weight": 1.0}
@@ -295,9 +350,18 @@ def test_a_light_student_uses_feature_distillation_through_a_fitnets_regressor(t
     c.train.batch_size, c.train.progress_bar, c.eval.timing_repeats = 1, False, 1
     c.loss.beta = 0.1  # feature distillation on, although the light student's channels differ from VM-H's
     c.pipeline = ("vm_h", "light")
-    c.stages = {"vm_h": stage("baseline", resolution="high", steps=2, evaluate=False),
-                "light": stage("distill", teacher="vm_h", resolution="high", model=VM_LIGHT, steps=3,
-                               teacher_features="downsample", feature_regressor=True)}
+    c.stages = {
+        "vm_h": stage("baseline", resolution="high", steps=2, evaluate=False),
+        "light": stage(
+            "distill",
+            teacher="vm_h",
+            resolution="high",
+            model=VM_LIGHT,
+            steps=3,
+            teacher_features="downsample",
+            feature_regressor=True,
+        ),
+    }
     results = pipeline.run(c)
     assert results[0]["label"] == "VM-H-CRD" and np.isfinite(results[0]["dice_mean"])
     metrics = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -305,7 +369,9 @@ def test_a_light_student_uses_feature_distillation_through_a_fitnets_regressor(t
     # the regressor: a 1x1 conv, i.e. a matrix product over channels
     reg = distill.init_regressor(jax.random.PRNGKey(0), {0: jnp.zeros((1, 4, 4, 4, 8))}, {0: jnp.zeros((1, 4, 4, 4, 16))})
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 4, 4, 4, 8)), jnp.float32)
-    np.testing.assert_allclose(distill.regress(reg, {0: x})[0], np.einsum("...c,cd->...d", x, reg["0"]["kernel"]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        distill.regress(reg, {0: x})[0], np.einsum("...c,cd->...d", x, reg["0"]["kernel"]), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_a_backbone_registered_by_a_config_file_records_no_module_that_would_not_import(tmp_path):
@@ -315,11 +381,13 @@ def test_a_backbone_registered_by_a_config_file_records_no_module_that_would_not
     from crd_jax.cli.common import load_config
     from crd_jax.models import backbones
 
-    body = ("import dataclasses\n"
-            "from crd_jax.config import base_config\n"
-            "from crd_jax.models import backbones\n"
-            "backbones.register_backbone(dataclasses.replace(backbones.REGISTRY['voxelmorph'], name='{name}', module=''))\n"
-            "def get_config():\n    return base_config()\n")
+    body = (
+        "import dataclasses\n"
+        "from crd_jax.config import base_config\n"
+        "from crd_jax.models import backbones\n"
+        "backbones.register_backbone(dataclasses.replace(backbones.REGISTRY['voxelmorph'], name='{name}', module=''))\n"
+        "def get_config():\n    return base_config()\n"
+    )
     cfg = tmp_path / "cfg_inline.py"
     cfg.write_text(body.format(name="inline_net"))
     load_config(str(cfg))

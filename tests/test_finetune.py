@@ -49,8 +49,9 @@ def test_the_finetune_walkthrough_runs_as_written_and_improves_held_back_dice(tm
     commands = _walkthrough()
     assert [c[:2] for c in commands] == [["crd-jax", "finetune"], ["crd-jax", "register"]]
     for argv in commands:
-        proc = subprocess.run([sys.executable, "-m", "crd_jax", *argv[1:]], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=900)
+        proc = subprocess.run(
+            [sys.executable, "-m", "crd_jax", *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=900
+        )
         assert proc.returncode == 0, (argv, proc.stderr[-3000:])
     work = tmp_path / "my-model.work"
     prepared = json.loads((work / "prepared" / "prepared.json").read_text())
@@ -70,11 +71,14 @@ def test_the_finetune_walkthrough_runs_as_written_and_improves_held_back_dice(tm
 
 def test_finetune_refuses_bad_arguments_with_one_line(tmp_path):
     (tmp_path / "out").mkdir()
-    for args, needle in ((["--images", str(tmp_path / "nope"), "--out", str(tmp_path / "m")], "is not a folder"),
-                         (["--images", str(tmp_path), "--out", str(tmp_path / "out")], "exists"),
-                         (["--images", str(tmp_path), "--out", str(tmp_path / "m"), "--steps", "0"], "--steps")):
-        proc = subprocess.run([sys.executable, "-m", "crd_jax", "finetune", *args], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=300)
+    for args, needle in (
+        (["--images", str(tmp_path / "nope"), "--out", str(tmp_path / "m")], "is not a folder"),
+        (["--images", str(tmp_path), "--out", str(tmp_path / "out")], "exists"),
+        (["--images", str(tmp_path), "--out", str(tmp_path / "m"), "--steps", "0"], "--steps"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "crd_jax", "finetune", *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -20,8 +20,10 @@ def _crd(*argv, cwd):
 def _sphere(shape, centre, radius=10.0):
     grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"), -1)
     inside = (np.linalg.norm(grid - np.asarray(centre, np.float32), axis=-1) < radius).astype(np.float32)
-    return ndimage.gaussian_filter(inside, 1.0) + 0.3 * ndimage.gaussian_filter(
-        np.random.default_rng(0).random(shape).astype(np.float32), 2.0) * inside
+    return (
+        ndimage.gaussian_filter(inside, 1.0)
+        + 0.3 * ndimage.gaussian_filter(np.random.default_rng(0).random(shape).astype(np.float32), 2.0) * inside
+    )
 
 
 def test_centroid_distance_against_scipy_center_of_mass():
@@ -96,8 +98,21 @@ def test_register_warns_on_an_unaligned_pair_and_figure_draws_the_saved_result(t
     seg = (_sphere(shape, (36, 24, 24)) > 0.5).astype(np.uint8) * 3
     nib.save(nib.Nifti1Image(seg, affine), tmp_path / "s.nii.gz")
 
-    proc = _crd("register", "--model", shift_model, "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--moving-seg",
-                "s.nii.gz", "--no-affine", "--out-dir", "out", cwd=tmp_path)
+    proc = _crd(
+        "register",
+        "--model",
+        shift_model,
+        "--fixed",
+        "f.nii.gz",
+        "--moving",
+        "m.nii.gz",
+        "--moving-seg",
+        "s.nii.gz",
+        "--no-affine",
+        "--out-dir",
+        "out",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     warnings = [line for line in proc.stderr.splitlines() if "warning:" in line]
     assert len(warnings) == 1 and "without --no-affine" in warnings[0], proc.stderr
@@ -107,8 +122,19 @@ def test_register_warns_on_an_unaligned_pair_and_figure_draws_the_saved_result(t
     assert record["warning"] == warnings[0].split("warning: ", 1)[1]
 
     # an aligned pair: no warning
-    aligned = _crd("register", "--model", shift_model, "--fixed", "f.nii.gz", "--moving", "f.nii.gz", "--no-affine",
-                   "--out-dir", "same", cwd=tmp_path)
+    aligned = _crd(
+        "register",
+        "--model",
+        shift_model,
+        "--fixed",
+        "f.nii.gz",
+        "--moving",
+        "f.nii.gz",
+        "--no-affine",
+        "--out-dir",
+        "same",
+        cwd=tmp_path,
+    )
     assert aligned.returncode == 0 and "warning" not in aligned.stderr, aligned.stderr
 
     # the figure of the saved registration: no model loaded, the saved files drawn
@@ -119,10 +145,14 @@ def test_register_warns_on_an_unaligned_pair_and_figure_draws_the_saved_result(t
 
     # bad input: one line, exit 2, nothing written
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    for argv, message in ((("figure", "--from", "nowhere", "--out", "x.png"), "no such folder"),
-                          (("figure", "--from", "out", "--model", shift_model, "--out", "x.png"), "leave out --model"),
-                          (("register", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--affine", "--no-affine", "--out-dir",
-                            "o2"), "contradicts --affine")):
+    for argv, message in (
+        (("figure", "--from", "nowhere", "--out", "x.png"), "no such folder"),
+        (("figure", "--from", "out", "--model", shift_model, "--out", "x.png"), "leave out --model"),
+        (
+            ("register", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--affine", "--no-affine", "--out-dir", "o2"),
+            "contradicts --affine",
+        ),
+    ):
         bad = _crd(*argv, cwd=tmp_path)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and message in bad.stderr, (argv, bad.stderr)
         assert "Traceback" not in bad.stderr
@@ -168,8 +198,19 @@ def test_evaluate_a_folder_of_subjects_at_the_files_resolution(tmp_path, shift_m
 
     rows = {(r["moving"], r["fixed"]): r for r in csv.DictReader((tmp_path / "ev" / "metrics.csv").open())}
     assert len(rows) == 6
-    reg = _crd("register", *common, "--fixed", "d/images/S01.nii.gz", "--moving", "d/images/S03.nii.gz", "--moving-seg",
-               "d/labels/S03.nii.gz", "--out-dir", "reg", cwd=tmp_path)
+    reg = _crd(
+        "register",
+        *common,
+        "--fixed",
+        "d/images/S01.nii.gz",
+        "--moving",
+        "d/images/S03.nii.gz",
+        "--moving-seg",
+        "d/labels/S03.nii.gz",
+        "--out-dir",
+        "reg",
+        cwd=tmp_path,
+    )
     assert reg.returncode == 0, reg.stderr[-2000:]
     warped = np.asarray(nib.load(tmp_path / "reg" / "warped_seg.nii.gz").dataobj)
     fixed = np.asarray(nib.load(tmp_path / "d" / "labels" / "S01.nii.gz").dataobj)
@@ -177,8 +218,11 @@ def test_evaluate_a_folder_of_subjects_at_the_files_resolution(tmp_path, shift_m
     assert float(rows[("S03", "S01")]["dice"]) == pytest.approx(dice, abs=1e-5)
 
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    for argv, message in ((("--subjects", "S01-S09"), "no subject S04"), (("--split", "val"), "without --config"),
-                          (("--resolution", "model"), "needs --config")):
+    for argv, message in (
+        (("--subjects", "S01-S09"), "no subject S04"),
+        (("--split", "val"), "without --config"),
+        (("--resolution", "model"), "needs --config"),
+    ):
         bad = _crd("evaluate", *common, "--data-root", "d", *argv, "--out-dir", "ev2", cwd=tmp_path)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and message in bad.stderr, (argv, bad.stderr)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

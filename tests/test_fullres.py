@@ -89,7 +89,9 @@ def test_prepare_matches_normalising_and_resampling_at_full_resolution_with_scip
 def test_map_back_on_device_equals_restoring_and_resizing():
     rng = np.random.default_rng(4)
     pre = {"resample_shape": [20, 24, 18]}
-    prepared, _ = pipeline.prepare(pre, 16, rng.random((40, 48, 36)).astype(np.float32), rng.random((40, 48, 36)).astype(np.float32))
+    prepared, _ = pipeline.prepare(
+        pre, 16, rng.random((40, 48, 36)).astype(np.float32), rng.random((40, 48, 36)).astype(np.float32)
+    )
     canvas = rng.normal(size=(1,) + prepared.placement.canvas_shape + (3,)).astype(np.float32)
     out = np.asarray(pipeline.map_back(prepared, canvas))
     assert out.shape == (40, 48, 36, 3)
@@ -98,8 +100,15 @@ def test_map_back_on_device_equals_restoring_and_resizing():
     np.testing.assert_allclose(out, ref, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape,dtype,order", [((50, 60, 70, 3), np.float32, "C"), ((33, 20, 11), np.int16, "C"),
-                                               ((40, 30), np.float32, "C"), ((37, 66, 9), np.float32, "F")])
+@pytest.mark.parametrize(
+    "shape,dtype,order",
+    [
+        ((50, 60, 70, 3), np.float32, "C"),
+        ((33, 20, 11), np.int16, "C"),
+        ((40, 30), np.float32, "C"),
+        ((37, 66, 9), np.float32, "F"),
+    ],
+)
 def test_streamed_nifti_writes_read_back_exactly_with_nibabel_and_simpleitk(tmp_path, monkeypatch, shape, dtype, order):
     sitk = pytest.importorskip("SimpleITK")
 
@@ -134,7 +143,9 @@ def test_gzip_members_from_isal_and_the_zlib_fallback_decompress_to_the_input(mo
         monkeypatch.setattr(io, "_deflate_module", lambda level: zlib)
     raw = np.cumsum(np.random.default_rng(2).normal(size=200_000)).astype(np.float32).tobytes() + bytes(50_000)
     members = gzip_members(raw, chunk=65_536)
-    assert len(members) == -(-len(raw) // 65_536) and all(m[:2] == b"\x1f\x8b" for m in members)  # gzip magic: ordinary gzip members
+    assert len(members) == -(-len(raw) // 65_536) and all(
+        m[:2] == b"\x1f\x8b" for m in members
+    )  # gzip magic: ordinary gzip members
     assert gzip.decompress(b"".join(members)) == raw
     assert len(b"".join(members)) < len(raw)  # the zero tail compresses
 
@@ -165,8 +176,9 @@ def test_streamed_nifti_keeps_header_extensions_of_the_source(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("src,dst", [((23, 17, 30), (16, 20, 31)), ((9, 8, 7), (18, 4, 7)), ((31, 29, 33), (15, 14, 16)),
-                                     ((12, 10), (7, 20))])
+@pytest.mark.parametrize(
+    "src,dst", [((23, 17, 30), (16, 20, 31)), ((9, 8, 7), (18, 4, 7)), ((31, 29, 33), (15, 14, 16)), ((12, 10), (7, 20))]
+)
 def test_compiled_resampling_equals_scipy_zoom(src, dst):
     """What ``crd-jax register`` resamples its inputs with equals the training data's resampling
     (``scipy.ndimage.zoom``, order 1, grid mode, edges repeated) up to float32 rounding."""

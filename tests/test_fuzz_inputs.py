@@ -22,26 +22,63 @@ from crd_jax.errors import InputError  # noqa: E402
 
 # CRD_JAX_FUZZ_EXAMPLES=2000 (and CRD_JAX_FUZZ_RANDOM=1 for new seeds) for a longer search than CI's
 EXAMPLES = int(os.environ.get("CRD_JAX_FUZZ_EXAMPLES", "80"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=os.environ.get("CRD_JAX_FUZZ_RANDOM") != "1",
-                suppress_health_check=list(HealthCheck), database=None)
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=os.environ.get("CRD_JAX_FUZZ_RANDOM") != "1",
+    suppress_health_check=list(HealthCheck),
+    database=None,
+)
 
 json_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True) | st.text(max_size=12)
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-    st.text(max_size=8), inner, max_size=4), max_leaves=12)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 
 VALID_SPEC = {
-    "format_version": 2, "kind": "registrar", "factor": 2, "label": "x", "stage": "s", "steps": 3, "labels": [1, 2],
+    "format_version": 2,
+    "kind": "registrar",
+    "factor": 2,
+    "label": "x",
+    "stage": "s",
+    "steps": 3,
+    "labels": [1, 2],
     "architecture": {"backbone": "voxelmorph"},
-    "preprocessing": {"normalize": "minmax", "percentiles": [0.5, 99.5], "resample_shape": [], "multiple": 32, "ndim": 3,
-                      "canvas_shape": [32, 32, 32], "intensity": {"p1": 0.0, "p99": 1.0},
-                      "geometry": {"orientation": "RAS", "spacing": [1.0, 1.0, 1.0], "stored_shape": [32, 32, 32]}},
+    "preprocessing": {
+        "normalize": "minmax",
+        "percentiles": [0.5, 99.5],
+        "resample_shape": [],
+        "multiple": 32,
+        "ndim": 3,
+        "canvas_shape": [32, 32, 32],
+        "intensity": {"p1": 0.0, "p99": 1.0},
+        "geometry": {"orientation": "RAS", "spacing": [1.0, 1.0, 1.0], "stored_shape": [32, 32, 32]},
+    },
 }
-PATHS = [("format_version",), ("kind",), ("factor",), ("label",), ("steps",), ("labels",), ("architecture",),
-         ("preprocessing",), ("preprocessing", "normalize"), ("preprocessing", "percentiles"),
-         ("preprocessing", "resample_shape"), ("preprocessing", "multiple"), ("preprocessing", "ndim"),
-         ("preprocessing", "canvas_shape"), ("preprocessing", "intensity"), ("preprocessing", "geometry"),
-         ("preprocessing", "geometry", "orientation"), ("preprocessing", "geometry", "spacing"),
-         ("preprocessing", "geometry", "stored_shape"), ("unknown_field",)]
+PATHS = [
+    ("format_version",),
+    ("kind",),
+    ("factor",),
+    ("label",),
+    ("steps",),
+    ("labels",),
+    ("architecture",),
+    ("preprocessing",),
+    ("preprocessing", "normalize"),
+    ("preprocessing", "percentiles"),
+    ("preprocessing", "resample_shape"),
+    ("preprocessing", "multiple"),
+    ("preprocessing", "ndim"),
+    ("preprocessing", "canvas_shape"),
+    ("preprocessing", "intensity"),
+    ("preprocessing", "geometry"),
+    ("preprocessing", "geometry", "orientation"),
+    ("preprocessing", "geometry", "spacing"),
+    ("preprocessing", "geometry", "stored_shape"),
+    ("unknown_field",),
+]
 
 
 def _mutated(path, value):
@@ -140,8 +177,12 @@ def test_evaluate_pairs_file(tmp_path_factory, raw, ids):
 
 
 @FUZZ
-@given(st.binary(max_size=200) | st.lists(st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=4), max_size=4).map(
-    lambda rows: "\n".join(",".join(repr(v) for v in r) for r in rows).encode()))
+@given(
+    st.binary(max_size=200)
+    | st.lists(st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=4), max_size=4).map(
+        lambda rows: "\n".join(",".join(repr(v) for v in r) for r in rows).encode()
+    )
+)
 def test_points_file(tmp_path_factory, raw):
     from crd_jax.cli.apply import read_points
 
@@ -175,16 +216,20 @@ small = st.integers(-3, 40)
 
 
 @FUZZ
-@given(dims=st.just([3, 6, 6, 6]) | st.just([4, 6, 6, 6, 1]) | st.lists(small, min_size=1, max_size=8),
-       pixdim=st.just([1.0, 1.0, 1.0]) | st.lists(st.floats(-2, 1e6, width=32) | st.sampled_from([float("nan"), float("inf")]), min_size=3, max_size=3),
-       datatype=st.just(16) | st.sampled_from([0, 2, 4, 8, 64, 256, 512, 768, 1024, 1280, 1536, 2048, 77]),
-       vox_offset=st.just(352.0) | st.sampled_from([0.0, 348.0, 1e9, -5.0, 356.5]),
-       qform=st.integers(0, 4), sform=st.integers(0, 4),
-       srow=st.lists(st.floats(-1e3, 1e3, width=32) | st.just(float("nan")), min_size=4, max_size=4),
-       slope=st.sampled_from([0.0, 1.0, -2.0, float("nan"), float("inf"), 1e38]),
-       gz=st.booleans(), cut=st.just(None) | st.sampled_from([10, 348, 400, 600]))
-def test_nifti_headers_and_payloads(tmp_path_factory, dims, pixdim, datatype, vox_offset, qform, sform, srow, slope, gz,
-                                    cut):
+@given(
+    dims=st.just([3, 6, 6, 6]) | st.just([4, 6, 6, 6, 1]) | st.lists(small, min_size=1, max_size=8),
+    pixdim=st.just([1.0, 1.0, 1.0])
+    | st.lists(st.floats(-2, 1e6, width=32) | st.sampled_from([float("nan"), float("inf")]), min_size=3, max_size=3),
+    datatype=st.just(16) | st.sampled_from([0, 2, 4, 8, 64, 256, 512, 768, 1024, 1280, 1536, 2048, 77]),
+    vox_offset=st.just(352.0) | st.sampled_from([0.0, 348.0, 1e9, -5.0, 356.5]),
+    qform=st.integers(0, 4),
+    sform=st.integers(0, 4),
+    srow=st.lists(st.floats(-1e3, 1e3, width=32) | st.just(float("nan")), min_size=4, max_size=4),
+    slope=st.sampled_from([0.0, 1.0, -2.0, float("nan"), float("inf"), 1e38]),
+    gz=st.booleans(),
+    cut=st.just(None) | st.sampled_from([10, 348, 400, 600]),
+)
+def test_nifti_headers_and_payloads(tmp_path_factory, dims, pixdim, datatype, vox_offset, qform, sform, srow, slope, gz, cut):
     from crd_jax.data.io import load_image, load_labels
 
     raw = _header_bytes(dims, pixdim, datatype, vox_offset, qform, sform, srow, slope)
@@ -205,12 +250,31 @@ def test_nifti_headers_and_payloads(tmp_path_factory, dims, pixdim, datatype, vo
         assert not isinstance(vol.data, np.memmap)
 
 
-CONFIG_FIELDS = ["train.lr", "train.b1", "train.b2", "train.lr_decay_factor", "train.grad_clip", "train.log_every",
-                 "train.keep_checkpoints", "loss.reg_weight", "loss.ncc_window", "model.shift", "data.percentiles",
-                 "data.resample_shape", "data.synthetic.shape", "data.synthetic.train", "seed"]
-config_values = (st.floats(allow_nan=True, allow_infinity=True) | st.integers(-(2**70), 2**70) | st.booleans()
-                 | st.text(max_size=5) | st.tuples(st.integers(-5, 2000), st.integers(-5, 2000))
-                 | st.tuples(st.integers(-5, 2000), st.integers(-5, 2000), st.integers(-5, 2000)))
+CONFIG_FIELDS = [
+    "train.lr",
+    "train.b1",
+    "train.b2",
+    "train.lr_decay_factor",
+    "train.grad_clip",
+    "train.log_every",
+    "train.keep_checkpoints",
+    "loss.reg_weight",
+    "loss.ncc_window",
+    "model.shift",
+    "data.percentiles",
+    "data.resample_shape",
+    "data.synthetic.shape",
+    "data.synthetic.train",
+    "seed",
+]
+config_values = (
+    st.floats(allow_nan=True, allow_infinity=True)
+    | st.integers(-(2**70), 2**70)
+    | st.booleans()
+    | st.text(max_size=5)
+    | st.tuples(st.integers(-5, 2000), st.integers(-5, 2000))
+    | st.tuples(st.integers(-5, 2000), st.integers(-5, 2000), st.integers(-5, 2000))
+)
 
 
 @FUZZ

@@ -22,8 +22,9 @@ def shift_model(tmp_path_factory):
     """A VM-L whose output is the constant (2, -2, 4) mm in its own RAS 1 mm space (a multiple of 2 mm, so
     that 1 mm and 2 mm grids represent the result exactly)."""
     record = {"orientation": "RAS", "spacing": [1.0, 1.0, 1.0], "stored_shape": [SIDE] * 3}
-    path, _, _ = make_model_folder(tmp_path_factory.mktemp("geom") / "shift", SIDE, bias=[1.0, -1.0, 2.0], label="shift",
-                                   geometry=record)
+    path, _, _ = make_model_folder(
+        tmp_path_factory.mktemp("geom") / "shift", SIDE, bias=[1.0, -1.0, 2.0], label="shift", geometry=record
+    )
     return path
 
 
@@ -64,9 +65,25 @@ def test_orientations_and_voxel_sizes_give_the_same_warped_labels_in_world_space
         for name, vol in (("f", f), ("m", m), ("s", s)):
             nib.save(nib.Nifti1Image(vol.data, vol.affine), str(tmp_path / f"{name}_{tag}.nii.gz"))
         out = tmp_path / f"out_{tag}"
-        assert cli.main(["register", "--model", str(shift_model), "--fixed", str(tmp_path / f"f_{tag}.nii.gz"),
-                         "--moving", str(tmp_path / f"m_{tag}.nii.gz"), "--moving-seg", str(tmp_path / f"s_{tag}.nii.gz"),
-                         "--out-dir", str(out), "--no-affine"]) == 0
+        assert (
+            cli.main(
+                [
+                    "register",
+                    "--model",
+                    str(shift_model),
+                    "--fixed",
+                    str(tmp_path / f"f_{tag}.nii.gz"),
+                    "--moving",
+                    str(tmp_path / f"m_{tag}.nii.gz"),
+                    "--moving-seg",
+                    str(tmp_path / f"s_{tag}.nii.gz"),
+                    "--out-dir",
+                    str(out),
+                    "--no-affine",
+                ]
+            )
+            == 0
+        )
         warped = nib.load(str(out / "warped_seg.nii.gz"))
         # every result, back on the reference RAS 1 mm grid through its own affine (world space)
         results[tag] = onto_grid(Volume(np.asarray(warped.dataobj).astype(np.int32), warped.affine), labels, order=0)

@@ -18,8 +18,14 @@ sys.path.insert(0, str(ROOT))
 
 def _call(tmp_path, out, *args):
     env = dict(os.environ, OUT=str(out), GPU_SCIENCE_DIR=str(tmp_path / "gs"), PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_science.sh"), "--small", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_science.sh"), "--small", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "gpu_science.json").read_text())
 

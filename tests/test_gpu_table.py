@@ -24,8 +24,11 @@ def test_a_later_run_replaces_the_same_model_and_factor_and_keeps_the_rest():
 
 
 def test_ratios_are_against_the_same_models_h_row_and_failures_are_named():
-    rows = [_row("vm", 1, 1000.0, 0.2, xla_total_mb=400.0), _row("vm", 2, 150.0, 0.03),
-            {"model": "torch_same", "factor": 4, "error": ["RuntimeError:", "sizes"]}]
+    rows = [
+        _row("vm", 1, 1000.0, 0.2, xla_total_mb=400.0),
+        _row("vm", 2, 150.0, 0.03),
+        {"model": "torch_same", "factor": 4, "error": ["RuntimeError:", "sizes"]},
+    ]
     text = gpu_table.render("GPU", (8, 8, 8), 3, rows)
     lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| VM")}
     assert "| 1000 | 400 | 0.2000 | 100% | 100% | 3307 | 0.156 |" in lines["| VM-H"]
@@ -38,7 +41,10 @@ def test_render_option_rebuilds_the_files_without_measuring(tmp_path):
     run = tmp_path / "run.json"
     run.write_text(json.dumps(body))
     out = tmp_path / "merged"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_table.py"), "--render", str(run), "--out", str(out)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_table.py"), "--render", str(run), "--out", str(out)],
+        check=True,
+        capture_output=True,
+    )
     assert json.loads(out.with_suffix(".json").read_text())["rows"] == body["rows"]
     assert "Rebuilt by `benchmarks/gpu_table.py --render` from `run.json`" in out.with_suffix(".md").read_text()

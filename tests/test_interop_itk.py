@@ -68,8 +68,9 @@ def sitk_resample(moving: np.ndarray, moving_affine, fixed_shape, fixed_affine, 
     from crd_jax.interop.itk import array_of
 
     reference = to_sitk(np.zeros(fixed_shape, np.float32), fixed_affine)
-    out = sitk.Resample(to_sitk(moving, moving_affine), reference, sitk.ReadTransform(str(transform_path)),
-                        sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    out = sitk.Resample(
+        to_sitk(moving, moving_affine), reference, sitk.ReadTransform(str(transform_path)), sitk.sitkLinear, 0.0, sitk.sitkFloat32
+    )
     return array_of(out)
 
 
@@ -92,8 +93,14 @@ def test_composite_reproduces_the_warp_sitk_applies_it_to_float32_rounding(tmp_p
     affine = oblique((1.2, 0.9, 1.6), (20, -15, 30), (-20.0, 15.0, -10.0))
     g = grid(shape)
     moving = smooth(world_of(shape, affine))
-    deform = np.stack([1.5 * np.sin(g[..., 0] / 6) + 0.5, np.cos(g[..., 1] / 5) * np.sin(g[..., 2] / 7),
-                       0.8 * np.sin((g[..., 0] + g[..., 2]) / 8)], -1)
+    deform = np.stack(
+        [
+            1.5 * np.sin(g[..., 0] / 6) + 0.5,
+            np.cos(g[..., 1] / 5) * np.sin(g[..., 2] / 7),
+            0.8 * np.sin((g[..., 0] + g[..., 2]) / 8),
+        ],
+        -1,
+    )
     world = oblique((1.03, 0.98, 1.01), (2, -3, 4), (1.5, -2.0, 0.7))  # the affine pre-alignment, RAS fixed -> moving
     voxel = np.linalg.inv(affine) @ world @ affine
     positions = (g + deform) @ voxel[:3, :3].T + voxel[:3, 3]  # the affine after the deformable field
@@ -109,25 +116,33 @@ def test_composite_reproduces_the_warp_sitk_applies_it_to_float32_rounding(tmp_p
     # the file is ITK's composite layout, the affine first, read back as the same two parts
     read = sitk.ReadTransform(str(tmp_path / "composite.h5")).Downcast()
     assert [read.GetNthTransform(n).GetName() for n in range(read.GetNumberOfTransforms())] == [
-        "AffineTransform", "DisplacementFieldTransform"]
+        "AffineTransform",
+        "DisplacementFieldTransform",
+    ]
     raw = (tmp_path / "composite.h5").read_bytes()
-    for name in (b"CompositeTransform_double_3_3", b"AffineTransform_double_3_3",
-                 b"DisplacementFieldTransform_double_3_3", b"TransformParameters", b"TransformFixedParameters"):
+    for name in (
+        b"CompositeTransform_double_3_3",
+        b"AffineTransform_double_3_3",
+        b"DisplacementFieldTransform_double_3_3",
+        b"TransformParameters",
+        b"TransformFixedParameters",
+    ):
         assert name in raw
     lps = np.diag([-1.0, -1.0, 1.0])
-    np.testing.assert_allclose(np.reshape(read.GetNthTransform(0).Downcast().GetMatrix(), (3, 3)),
-                               lps @ world[:3, :3] @ lps, atol=1e-12)
+    np.testing.assert_allclose(
+        np.reshape(read.GetNthTransform(0).Downcast().GetMatrix(), (3, 3)), lps @ world[:3, :3] @ lps, atol=1e-12
+    )
 
     # and crd-jax reads it back as the same displacement
     from crd_jax.interop.itk import displacement_on_grid, read_transform
 
-    np.testing.assert_allclose(displacement_on_grid(read_transform(tmp_path / "composite.h5"), shape, affine), disp,
-                               atol=1e-4)
+    np.testing.assert_allclose(displacement_on_grid(read_transform(tmp_path / "composite.h5"), shape, affine), disp, atol=1e-4)
 
 
 def _crd(argv, cwd):
-    return subprocess.run([sys.executable, "-m", "crd_jax", *map(str, argv)], capture_output=True, text=True,
-                          cwd=cwd, env=ENV, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "crd_jax", *map(str, argv)], capture_output=True, text=True, cwd=cwd, env=ENV, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -143,11 +158,32 @@ def registered(tmp_path_factory, shift_model):
     moving = smooth(world_of(m_shape, m_aff) @ shift[:3, :3].T + shift[:3, 3])
     nib.save(nib.Nifti1Image(fixed, f_aff), str(root / "fixed.nii.gz"))
     nib.save(nib.Nifti1Image(moving, m_aff), str(root / "moving.nii.gz"))
-    proc = _crd(["register", "--model", shift_model, "--fixed", "fixed.nii.gz", "--moving", "moving.nii.gz",
-                 "--out-dir", "out", "--disp-format", "itk"], root)
+    proc = _crd(
+        [
+            "register",
+            "--model",
+            shift_model,
+            "--fixed",
+            "fixed.nii.gz",
+            "--moving",
+            "moving.nii.gz",
+            "--out-dir",
+            "out",
+            "--disp-format",
+            "itk",
+        ],
+        root,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"root": root, "fixed": fixed, "moving": moving, "f_aff": f_aff, "m_aff": m_aff, "f_shape": f_shape,
-            "m_shape": m_shape}
+    return {
+        "root": root,
+        "fixed": fixed,
+        "moving": moving,
+        "f_aff": f_aff,
+        "m_aff": m_aff,
+        "f_shape": f_shape,
+        "m_shape": m_shape,
+    }
 
 
 def _sample_points(r):
@@ -176,8 +212,9 @@ def test_register_writes_a_composite_that_simpleitk_applies_like_warped_nii(regi
     composite = sitk.ReadTransform(str(out / "composite.h5")).Downcast()
     step = sitk.ReadTransform(str(out / "affine_itk.txt"))
     probe = [(10.0, -5.0, 3.0), (-20.0, 15.0, 8.0), (0.0, 0.0, 0.0)]
-    np.testing.assert_allclose([composite.GetNthTransform(0).TransformPoint(p) for p in probe],
-                               [step.TransformPoint(p) for p in probe], atol=1e-5)
+    np.testing.assert_allclose(
+        [composite.GetNthTransform(0).TransformPoint(p) for p in probe], [step.TransformPoint(p) for p in probe], atol=1e-5
+    )
     warped = np.asarray(nib.load(str(out / "warped.nii.gz")).dataobj, np.float32)
     theirs = sitk_resample(r["moving"], r["m_aff"], r["f_shape"], r["f_aff"], out / "composite.h5")
     mask = _away_from_borders(r)
@@ -186,8 +223,10 @@ def test_register_writes_a_composite_that_simpleitk_applies_like_warped_nii(regi
     bound = lambda spacing: sum(h * h for h in spacing) / 8 * curvature  # noqa: E731
     tol = 2 * bound((1.4, 1.0, 1.25)) + bound((1.1, 1.3, 1.5))
     diff = np.abs(warped - theirs)[mask]
-    print(f"SimpleITK through composite.h5 vs warped.nii.gz: max |diff| {diff.max():.4g}, mean {diff.mean():.3g}, "
-          f"tolerance {tol:.3g} (values {theirs[mask].min():.2f}..{theirs[mask].max():.2f})")
+    print(
+        f"SimpleITK through composite.h5 vs warped.nii.gz: max |diff| {diff.max():.4g}, mean {diff.mean():.3g}, "
+        f"tolerance {tol:.3g} (values {theirs[mask].min():.2f}..{theirs[mask].max():.2f})"
+    )
     assert diff.max() < tol
 
 
@@ -198,8 +237,20 @@ def test_apply_reads_the_composite_as_simpleitk_does(registered, tmp_path):
     r = registered
     out = r["root"] / "out"
     for name, transform in (("h5.nii.gz", "out/composite.h5"), ("field.nii.gz", "out/disp_itk.nii.gz")):
-        proc = _crd(["apply", "--transform", transform, "--reference", "fixed.nii.gz", "--image", "moving.nii.gz",
-                     "--out", tmp_path / name], r["root"])
+        proc = _crd(
+            [
+                "apply",
+                "--transform",
+                transform,
+                "--reference",
+                "fixed.nii.gz",
+                "--image",
+                "moving.nii.gz",
+                "--out",
+                tmp_path / name,
+            ],
+            r["root"],
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     via_h5 = np.asarray(nib.load(str(tmp_path / "h5.nii.gz")).dataobj)
     via_field = np.asarray(nib.load(str(tmp_path / "field.nii.gz")).dataobj)
@@ -235,18 +286,36 @@ def test_without_simpleitk_itk_outputs_and_files_are_one_line_naming_the_extra(t
     (tmp_path / "t.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
     (tmp_path / "m.nrrd").write_bytes(b"NRRD0004\n")
     hide = "import sys; sys.modules['SimpleITK'] = None; from crd_jax.cli.main import main; sys.exit(main(sys.argv[1:]))"
-    cases = [(["register", "--model", str(shift_model), "--fixed", "f.nii.gz", "--moving", "f.nii.gz", "--out-dir", "o",
-               "--disp-format", "itk"], "--disp-format itk"),
-             (["apply", "--transform", "t.h5", "--reference", "f.nii.gz", "--image", "f.nii.gz", "--out", "w.nii.gz"], "t.h5"),
-             (["apply", "--transform", "t.h5", "--reference", "f.nii.gz", "--image", "m.nrrd", "--out", "w.nii.gz"], "m.nrrd")]
+    cases = [
+        (
+            [
+                "register",
+                "--model",
+                str(shift_model),
+                "--fixed",
+                "f.nii.gz",
+                "--moving",
+                "f.nii.gz",
+                "--out-dir",
+                "o",
+                "--disp-format",
+                "itk",
+            ],
+            "--disp-format itk",
+        ),
+        (["apply", "--transform", "t.h5", "--reference", "f.nii.gz", "--image", "f.nii.gz", "--out", "w.nii.gz"], "t.h5"),
+        (["apply", "--transform", "t.h5", "--reference", "f.nii.gz", "--image", "m.nrrd", "--out", "w.nii.gz"], "m.nrrd"),
+    ]
     for argv, source in cases:
         before = sorted(p.name for p in tmp_path.iterdir())
-        proc = subprocess.run([sys.executable, "-c", hide, *argv], capture_output=True, text=True, cwd=tmp_path, env=ENV,
-                              timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", hide, *argv], capture_output=True, text=True, cwd=tmp_path, env=ENV, timeout=300
+        )
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
         assert source in lines[0] and "crd-jax[itk]" in lines[0] and "Traceback" not in proc.stderr
         assert sorted(p.name for p in tmp_path.iterdir()) == before
+
 
 def recipe(name: str) -> str:
     """The Python block after ``<!-- recipe: NAME -->`` in docs/interop.md."""
@@ -262,8 +331,9 @@ def test_the_docs_recipes_run_and_reproduce_the_registration(registered, name):
     if name == "antspyx":
         pytest.importorskip("ants")
     r = registered
-    proc = subprocess.run([sys.executable, "-c", recipe(name)], capture_output=True, text=True, cwd=r["root"], env=ENV,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", recipe(name)], capture_output=True, text=True, cwd=r["root"], env=ENV, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = r["root"] / ("warped_sitk.nii.gz" if name == "simpleitk" else "warped_ants.nii.gz")
     theirs = np.asarray(nib.load(str(out)).dataobj, np.float32)

@@ -84,12 +84,12 @@ def _mind_numpy(img, radius=1):
     from scipy import ndimage as ndi
 
     six = [(1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1)]
-    pairs = [(p, q) for i, p in enumerate(six) for q in six[i + 1:] if sum((a - b) ** 2 for a, b in zip(p, q)) == 2]
+    pairs = [(p, q) for i, p in enumerate(six) for q in six[i + 1 :] if sum((a - b) ** 2 for a, b in zip(p, q)) == 2]
     padded = np.pad(img.astype(np.float64), 1, mode="edge")
     n = img.shape
 
     def shifted(o):
-        return padded[1 + o[0]:1 + o[0] + n[0], 1 + o[1]:1 + o[1] + n[1], 1 + o[2]:1 + o[2] + n[2]]
+        return padded[1 + o[0] : 1 + o[0] + n[0], 1 + o[1] : 1 + o[1] + n[1], 1 + o[2] : 1 + o[2] + n[2]]
 
     w = 2 * radius + 1
     d = np.stack([ndi.uniform_filter((shifted(p) - shifted(q)) ** 2, size=w, mode="constant") for p, q in pairs], -1)
@@ -143,8 +143,10 @@ def test_every_stage_of_the_scheme_can_train_with_another_similarity(name):
     c = base_config()
     c.loss.similarity = name
     rng = np.random.default_rng(2)
-    batch = {k: jnp.asarray(ndimage.gaussian_filter(rng.random((1, 32, 32, 32, 1)), (0, 2, 2, 2, 0)), jnp.float32)
-             for k in ("moving", "fixed")}
+    batch = {
+        k: jnp.asarray(ndimage.gaussian_filter(rng.random((1, 32, 32, 32, 1)), (0, 2, 2, 2, 0)), jnp.float32)
+        for k in ("moving", "fixed")
+    }
     done = {}
     for i, stage in enumerate(c.pipeline):
         plan = plan_stage(stage, c.stages[stage], c, done, jax.random.PRNGKey(i), batch)
@@ -170,8 +172,10 @@ def test_label_dice_loss_matches_scipy_warp_of_one_hot_maps():
     ours = float(losses.label_dice_loss(jnp.asarray(moving), jnp.asarray(fixed), jnp.asarray(disp), k))
     grid = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
     coords = [g + disp[0, ..., a] for a, g in enumerate(grid)]
-    warped = np.stack([ndimage.map_coordinates((moving[0] == c).astype(np.float64), coords, order=1, mode="nearest")
-                       for c in range(1, k + 1)], -1)[None]
+    warped = np.stack(
+        [ndimage.map_coordinates((moving[0] == c).astype(np.float64), coords, order=1, mode="nearest") for c in range(1, k + 1)],
+        -1,
+    )[None]
     onehot_fixed = np.stack([(fixed[0] == c) for c in range(1, k + 1)], -1)[None].astype(np.float64)
     assert ours == pytest.approx(1 - _soft_dice_numpy(onehot_fixed, warped), abs=1e-5)
     # identical maps and no motion: a perfect overlap, and background does not count

@@ -13,7 +13,9 @@ def _grid(shape):
     return np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij"), -1)
 
 
-@pytest.mark.parametrize("A", [np.array([[0.1, 0.2], [-0.3, 0.05]]), np.array([[0.1, -0.2, 0.05], [0.3, 0.0, -0.1], [0.02, 0.04, 0.2]])])
+@pytest.mark.parametrize(
+    "A", [np.array([[0.1, 0.2], [-0.3, 0.05]]), np.array([[0.1, -0.2, 0.05], [0.3, 0.0, -0.1], [0.02, 0.04, 0.2]])]
+)
 def test_jacobian_of_affine_field_is_matrix_determinant_everywhere(A):
     shape = (6, 7, 8)[: A.shape[0]]
     u = _grid(shape) @ A.T + 0.5

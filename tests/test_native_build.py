@@ -43,16 +43,20 @@ PROBE = (
 )
 # The same with the running jaxlib's version reported as another one (a jaxlib upgraded since the install).
 STALE_JAXLIB = (
-    "import importlib.metadata as m\nreal = m.version\n"
-    "m.version = lambda name: '0.0.1' if name == 'jaxlib' else real(name)\n"
+    "import importlib.metadata as m\nreal = m.version\nm.version = lambda name: '0.0.1' if name == 'jaxlib' else real(name)\n"
 )
 
 
 def _project_copy(tmp: Path) -> Path:
     """The project's tracked files, as a clean clone has them (no build outputs, no caches)."""
     src = tmp / "src"
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
     for name in filter(None, files):
         path = ROOT / name
         if path.is_file() and not name.startswith(("benchmarks/results", "tests/")):
@@ -78,8 +82,12 @@ def _build_wheel(tmp: Path, with_compiler: bool) -> Path:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if not with_compiler:
         env["PATH"] = str(_bin_without_compilers(tmp))
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
-                           "-w", str(tmp / "wheels"), str(src)], env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", str(tmp / "wheels"), str(src)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (wheel,) = (tmp / "wheels").glob("crd_jax-*.whl")
     return wheel
@@ -91,12 +99,19 @@ def _venv_with(wheel: Path, tmp: Path) -> Path:
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     ours = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
     Path(site, "test-env-packages.pth").write_text("\n".join(ours) + "\n")
-    proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
-                           "--no-index", str(wheel)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return python
 
@@ -126,8 +141,9 @@ def built_wheel(tmp_path_factory):
 @pytest.mark.slow
 @needs_build
 def test_wheel_runs_the_native_kernel_without_a_compiler_and_refuses_it_when_stale(built_wheel, tmp_path):
-    names = subprocess.run([sys.executable, "-m", "zipfile", "-l", str(built_wheel)], capture_output=True,
-                           text=True, check=True).stdout
+    names = subprocess.run(
+        [sys.executable, "-m", "zipfile", "-l", str(built_wheel)], capture_output=True, text=True, check=True
+    ).stdout
     assert "crd_jax/ops/_kernels.so" in names and "crd_jax/ops/csrc/CMakeLists.txt" in names
     assert re.search(r"-py3-none-linux_x86_64\.whl$", built_wheel.name), built_wheel.name
     python = _venv_with(built_wheel, tmp_path)
@@ -160,9 +176,13 @@ def test_rebuild_builds_the_kernel_in_place_for_the_sources_and_jaxlib_installed
     source = installed / "csrc" / "dispatch.cc"
     source.write_text(source.read_text() + "\n// edited\n")
     env = {"PATH": os.pathsep.join([str(python.parent), os.environ["PATH"]])}
-    proc = subprocess.run([str(python), "-c", "from crd_jax.ops import native_build\n"
-                           "print(native_build.rebuild()); print(native_build.rebuild())"],
-                          env={**os.environ, **env}, capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [str(python), "-c", "from crd_jax.ops import native_build\nprint(native_build.rebuild()); print(native_build.rebuild())"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     built, again = proc.stdout.splitlines()[-2:]
     assert built.startswith(f"built the native CPU kernel for jaxlib {metadata.version('jaxlib')}")
@@ -172,8 +192,9 @@ def test_rebuild_builds_the_kernel_in_place_for_the_sources_and_jaxlib_installed
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("cmake") is None and shutil.which("cmake", path=str(Path(sys.executable).parent)) is None,
-                    reason="needs CMake")
+@pytest.mark.skipif(
+    shutil.which("cmake") is None and shutil.which("cmake", path=str(Path(sys.executable).parent)) is None, reason="needs CMake"
+)
 def test_install_without_a_compiler_runs_lax_conv_with_one_warning_and_fast_conv_1_fails_loudly(tmp_path):
     wheel = _build_wheel(tmp_path, with_compiler=False)
     names = subprocess.run([sys.executable, "-m", "zipfile", "-l", str(wheel)], capture_output=True, text=True).stdout
@@ -206,10 +227,13 @@ def test_no_avx512_instruction_outside_the_avx512_and_amx_code():
     fault on a CPU with AVX2 only."""
     if shutil.which("objdump") is None:
         pytest.skip("needs objdump")
-    out = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", str(_installed_library())],
-                         capture_output=True, text=True, check=True).stdout
-    evex = re.compile(r"%zmm|%k[0-7]\b|%[xy]mm(1[6-9]|2\d|3[01])\b|vpternlog|vmovdq[au](8|16|32|64)|vdpbf16ps"
-                      r"|vcvtne2ps2bf16|tdpbf16ps|tileloadd|ldtilecfg")
+    out = subprocess.run(
+        ["objdump", "-d", "-C", "--no-show-raw-insn", str(_installed_library())], capture_output=True, text=True, check=True
+    ).stdout
+    evex = re.compile(
+        r"%zmm|%k[0-7]\b|%[xy]mm(1[6-9]|2\d|3[01])\b|vpternlog|vmovdq[au](8|16|32|64)|vdpbf16ps"
+        r"|vcvtne2ps2bf16|tdpbf16ps|tileloadd|ldtilecfg"
+    )
     allowed = ("crd::avx512::", "crd::amx::", "crd::winograd::")
     function, isa_functions, outside = "", set(), set()
     for line in out.splitlines():
@@ -230,8 +254,7 @@ def test_kernel_source_compiles_without_the_amx_path():
     """A compiler older than GCC 11 / clang 12 has no AMX intrinsics: CMake then compiles conv_amx.cc without them
     (``CRD_AMX`` 0) rather than failing and leaving lax.conv."""
     flags = ["-std=c++17", "-mavx2", "-mfma", "-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx512bw", "-mavx512bf16"]
-    cmd = [COMPILER, *flags, "-fsyntax-only", "-DCRD_AMX=0", "-I", jax.ffi.include_dir(),
-           str(native_build.CSRC / "conv_amx.cc")]
+    cmd = [COMPILER, *flags, "-fsyntax-only", "-DCRD_AMX=0", "-I", jax.ffi.include_dir(), str(native_build.CSRC / "conv_amx.cc")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -127,8 +127,19 @@ def test_the_real_checkpoint_registers_an_lpba40_like_input_reoriented(tmp_path)
     affine = np.diag([-1.0, -1.0, 1.0, 1.0])
     nib.save(nib.Nifti1Image(_brain((64, 72, 64)) * 0.6, affine), tmp_path / "f.nii.gz")
     nib.save(nib.Nifti1Image(_brain((64, 72, 64), seed=1) * 0.6, affine), tmp_path / "m.nii.gz")
-    proc = _crd("register", "--model", "conv", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--no-affine",
-                "--out-dir", "out", cwd=tmp_path)
+    proc = _crd(
+        "register",
+        "--model",
+        "conv",
+        "--fixed",
+        "f.nii.gz",
+        "--moving",
+        "m.nii.gz",
+        "--no-affine",
+        "--out-dir",
+        "out",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     notes = json.loads((tmp_path / "out" / "registration.json").read_text())
     assert "reoriented LPS -> LIA" in json.dumps(notes), notes
@@ -148,8 +159,7 @@ def test_register_warns_once_per_process_out_of_domain_and_not_in_domain(tmp_pat
             nib.save(nib.Nifti1Image(data, np.diag([zoom, zoom, zoom, 1.0])), tmp_path / f"{name}{stem}.nii.gz")
     (tmp_path / "pairs.csv").write_text("fixed,moving\ncoarse_f.nii.gz,coarse_m.nii.gz\ncoarse_m.nii.gz,coarse_f.nii.gz\n")
 
-    inside = _crd("register", "--model", "model", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--out-dir", "in",
-                  cwd=tmp_path)
+    inside = _crd("register", "--model", "model", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--out-dir", "in", cwd=tmp_path)
     assert inside.returncode == 0, inside.stderr[-2000:]
     assert "training domain" not in inside.stderr, inside.stderr
 
@@ -160,14 +170,34 @@ def test_register_warns_once_per_process_out_of_domain_and_not_in_domain(tmp_pat
     line = next(x for x in batch.stdout.splitlines() if "training domain" in x)
     assert "voxels of 3 x 3 x 3 mm" in line and "once per process" in line, line
 
-    single = _crd("register", "--model", "model", "--fixed", "coarse_f.nii.gz", "--moving", "coarse_m.nii.gz",
-                  "--out-dir", "one", cwd=tmp_path)
+    single = _crd(
+        "register",
+        "--model",
+        "model",
+        "--fixed",
+        "coarse_f.nii.gz",
+        "--moving",
+        "coarse_m.nii.gz",
+        "--out-dir",
+        "one",
+        cwd=tmp_path,
+    )
     assert single.returncode == 0, single.stderr[-2000:]
     warned = [x for x in single.stderr.splitlines() if "training domain" in x]
     assert len(warned) == 1 and warned[0].startswith("crd-jax: warning: "), single.stderr
     record = json.loads((tmp_path / "one" / "registration.json").read_text())
     assert "training domain" in record["warning"]
 
-    old = _crd("register", "--model", "old", "--fixed", "coarse_f.nii.gz", "--moving", "coarse_m.nii.gz",
-               "--out-dir", "old_out", cwd=tmp_path)
+    old = _crd(
+        "register",
+        "--model",
+        "old",
+        "--fixed",
+        "coarse_f.nii.gz",
+        "--moving",
+        "coarse_m.nii.gz",
+        "--out-dir",
+        "old_out",
+        cwd=tmp_path,
+    )
     assert old.returncode == 0 and "training domain" not in old.stderr, old.stderr[-2000:]

@@ -24,12 +24,15 @@ def _field(shape, scale, seed=1):
     return ndimage.gaussian_filter(rng.normal(0, 1, (*shape, 3)), (3, 3, 3, 0)) * scale
 
 
-@pytest.mark.parametrize("dtype, values", [
-    (np.uint8, [0, 1, 2, 5, 9, 200]),
-    (np.int16, [0, -3, 4, 1000, 7]),
-    (np.int32, [0, 1, 2, 3]),
-    (np.int64, [0, 2**40, -(2**35), 11]),
-])
+@pytest.mark.parametrize(
+    "dtype, values",
+    [
+        (np.uint8, [0, 1, 2, 5, 9, 200]),
+        (np.int16, [0, -3, 4, 1000, 7]),
+        (np.int32, [0, 1, 2, 3]),
+        (np.int64, [0, 2**40, -(2**35), 11]),
+    ],
+)
 def test_onehot_on_the_device_equals_the_scipy_loop(dtype, values):
     shape = (19, 22, 17)
     labels = _labels(shape, dtype, values)
@@ -67,14 +70,34 @@ def test_apply_onehot_in_a_fresh_process_keeps_the_label_type(tmp_path):
     nib.save(nib.Nifti1Image(disp, affine), tmp_path / "disp.nii.gz")
     for dtype in (np.uint8, np.int16):
         name = np.dtype(dtype).name
-        proc = subprocess.run([sys.executable, "-m", "crd_jax", "apply", "--disp", "disp.nii.gz", "--reference", "fixed.nii.gz",
-                               "--image", f"labels_{name}.nii.gz", "--labels", "--interpolation", "onehot", "--out",
-                               f"out_{name}.nii.gz"], cwd=tmp_path, capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "crd_jax",
+                "apply",
+                "--disp",
+                "disp.nii.gz",
+                "--reference",
+                "fixed.nii.gz",
+                "--image",
+                f"labels_{name}.nii.gz",
+                "--labels",
+                "--interpolation",
+                "onehot",
+                "--out",
+                f"out_{name}.nii.gz",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "(reading, warping and writing)" in proc.stdout
         out = nib.load(tmp_path / f"out_{name}.nii.gz")
         assert out.get_data_dtype() == np.dtype(dtype), (name, out.get_data_dtype())
         labels = np.asarray(nib.load(tmp_path / f"labels_{name}.nii.gz").dataobj)
-        reference = transforms.apply_to_labels(labels, affine, np.asarray(nib.load(tmp_path / "disp.nii.gz").dataobj),
-                                               affine, "onehot")
+        reference = transforms.apply_to_labels(
+            labels, affine, np.asarray(nib.load(tmp_path / "disp.nii.gz").dataobj), affine, "onehot"
+        )
         np.testing.assert_array_equal(np.asarray(out.dataobj), reference)

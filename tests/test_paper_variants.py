@@ -39,7 +39,11 @@ def _pyd_arch(diffeomorphic=False):
 def test_pyramid_fields_and_two_stream_features_per_level(diffeomorphic, factor):
     model = mbuild.registrar_from_config(_pyd_arch(diffeomorphic), factor)
     x = jnp.zeros((1, 64, 96, 1))
-    out = jax.eval_shape(lambda: model.apply(model.backbone.init(jax.random.PRNGKey(0), x[:, ::factor, ::factor], x[:, ::factor, ::factor])["params"], x, x))
+    out = jax.eval_shape(
+        lambda: model.apply(
+            model.backbone.init(jax.random.PRNGKey(0), x[:, ::factor, ::factor], x[:, ::factor, ::factor])["params"], x, x
+        )
+    )
     low = (64 // factor, 96 // factor)
     assert sorted(out["fields"]) == [0, 1, 2, 3, 4]
     for level in range(5):
@@ -129,9 +133,17 @@ def _program_signature(config) -> str:
         for key in ("steps", "evaluate", "label"):
             block.pop(key, None)
         stages[name] = block
-    return json.dumps({"model": config.model.to_dict(), "loss": config.loss.to_dict(), "stages": stages,
-                       "pipeline": list(config.pipeline), "shape": list(config.data.synthetic.shape)},
-                      sort_keys=True, default=str)
+    return json.dumps(
+        {
+            "model": config.model.to_dict(),
+            "loss": config.loss.to_dict(),
+            "stages": stages,
+            "pipeline": list(config.pipeline),
+            "shape": list(config.data.synthetic.shape),
+        },
+        sort_keys=True,
+        default=str,
+    )
 
 
 def _configs_by_program():
@@ -203,8 +215,11 @@ def test_each_kind_of_training_program_runs_two_finite_steps(name):
             return plan.init_params
         params, state = plan.init_params, opt.init(plan.init_params)
         # Two steps of a tiny problem: compile without backend optimisation (several times faster).
-        step = jax.jit(_train_step(plan.loss_fn, opt)).lower(params, state, plan.frozen, batch).compile(
-            compiler_options={"xla_backend_optimization_level": 0})
+        step = (
+            jax.jit(_train_step(plan.loss_fn, opt))
+            .lower(params, state, plan.frozen, batch)
+            .compile(compiler_options={"xla_backend_optimization_level": 0})
+        )
         losses_seen = []
         for _ in range(2):
             params, state, loss = step(params, state, plan.frozen, batch)

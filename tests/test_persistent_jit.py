@@ -173,8 +173,13 @@ def test_new_processes_run_the_stored_model_and_warp_without_tracing(tmp_path):
     exe = tmp_path / "user-cache" / "executables"
 
     def run(i):
-        proc = subprocess.run([sys.executable, str(script), "", str(tmp_path / f"out{i}.npy")],
-                              capture_output=True, text=True, env=env, cwd=tmp_path)
+        proc = subprocess.run(
+            [sys.executable, str(script), "", str(tmp_path / f"out{i}.npy")],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         np.testing.assert_array_equal(np.load(tmp_path / f"out{i}.npy"), np.load(tmp_path / "out0.npy"))
         return int(proc.stdout.split()[0])

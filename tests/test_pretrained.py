@@ -17,8 +17,15 @@ def _ship(root, name, label):
     import json
 
     spec = json.loads(spec_path.read_text())
-    spec["shipped"] = {"trained_on": "test data", "grid": [32, 32, 32], "voxel_size_mm": [1, 1, 1], "orientation": "RAS",
-                       "val_dice_grid": 0.5, "val_dice_1mm": 0.6, "validated_on": "nothing"}
+    spec["shipped"] = {
+        "trained_on": "test data",
+        "grid": [32, 32, 32],
+        "voxel_size_mm": [1, 1, 1],
+        "orientation": "RAS",
+        "val_dice_grid": 0.5,
+        "val_dice_1mm": 0.6,
+        "validated_on": "nothing",
+    }
     spec_path.write_text(json.dumps(spec))
 
 
@@ -51,7 +58,19 @@ def test_register_and_models_commands_use_shipped_names(tmp_path, monkeypatch, c
     assert cli.main(["models"]) == 0
     out = capsys.readouterr().out
     assert "lpba40-vm-ll-crd (default): VM-LL-CRD" in out and "0.6 (1 mm)" in out
-    assert cli.main(["register", "--fixed", str(tmp_path / "0.nii.gz"), "--moving", str(tmp_path / "1.nii.gz"),
-                     "--out-dir", str(tmp_path / "out")]) == 0
+    assert (
+        cli.main(
+            [
+                "register",
+                "--fixed",
+                str(tmp_path / "0.nii.gz"),
+                "--moving",
+                str(tmp_path / "1.nii.gz"),
+                "--out-dir",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     assert "with VM-LL-CRD" in capsys.readouterr().out
     assert (tmp_path / "out" / "warped.nii.gz").exists()

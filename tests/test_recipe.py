@@ -49,8 +49,9 @@ def test_redraw_flow_heads_torch_bounds_and_other_params_untouched():
 
 
 def test_redraw_reaches_every_pyramid_level():
-    model = build.registrar_from_config(_arch(backbone="pyramid", encoder=(8, 8, 8, 8, 8), encoder_strides=(1, 2, 2, 2, 2),
-                                              estimator=(8,)), 1)
+    model = build.registrar_from_config(
+        _arch(backbone="pyramid", encoder=(8, 8, 8, 8, 8), encoder_strides=(1, 2, 2, 2, 2), estimator=(8,)), 1
+    )
     m, f = _pair()
     params = model.init(jax.random.PRNGKey(0), m, f)
     new = redraw_flow_heads(params, jax.random.PRNGKey(1))
@@ -63,7 +64,9 @@ def test_redraw_reaches_every_pyramid_level():
 
 
 def test_grad_clip_equals_manual_clip_then_adam():
-    tc = ml_collections.ConfigDict({"lr": 0.1, "b1": 0.9, "b2": 0.99, "lr_decay_at": (), "lr_decay_factor": 0.5, "grad_clip": 1.0})
+    tc = ml_collections.ConfigDict(
+        {"lr": 0.1, "b1": 0.9, "b2": 0.99, "lr_decay_at": (), "lr_decay_factor": 0.5, "grad_clip": 1.0}
+    )
     params = {"w": jnp.ones(4)}
     grads = {"w": jnp.asarray([30.0, -40.0, 0.0, 0.0])}  # global norm 50
     opt = make_optimizer(tc, 10)

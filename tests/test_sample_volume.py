@@ -50,8 +50,9 @@ def test_linear_equals_scipy_map_coordinates_with_edges_repeated(path, in_shape,
     image = rng.normal(size=in_shape).astype(np.float32)
     disp = _field(rng, out_shape, 2.5, [((0, 0, 0), [-40.0, 0.25, 1e6]), ((-1, -1, -1), [7.5, -1e5, 0.0])])
     out = np.asarray(spatial.sample_volume(jnp.asarray(image), jnp.asarray(disp), order=1))
-    expected = sp_ndimage.map_coordinates(image.astype(np.float64), [c.astype(np.float64) for c in _coords(disp)],
-                                          order=1, mode="nearest")
+    expected = sp_ndimage.map_coordinates(
+        image.astype(np.float64), [c.astype(np.float64) for c in _coords(disp)], order=1, mode="nearest"
+    )
     assert out.dtype == np.float32 and out.shape == out_shape
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
@@ -67,8 +68,9 @@ def test_linear_is_exact_at_integer_shifts_and_identity(path):
     np.testing.assert_array_equal(np.asarray(spatial.sample_volume(jnp.asarray(image), jnp.asarray(shift))), expected)
 
 
-@pytest.mark.parametrize("dtype, high", [(np.uint8, 255), (np.int16, 30000), (np.uint16, 65535),
-                                         (np.int32, 2**31 - 1), (np.float32, 1000)])
+@pytest.mark.parametrize(
+    "dtype, high", [(np.uint8, 255), (np.int16, 30000), (np.uint16, 65535), (np.int32, 2**31 - 1), (np.float32, 1000)]
+)
 def test_nearest_keeps_the_type_and_rounds_half_away_from_zero(path, dtype, high):
     if path == "fallback" and dtype == np.int32:
         pytest.skip("map_coordinates rounds integer values through float32 (exact only below 2^24)")
@@ -91,8 +93,7 @@ def test_native_and_fallback_agree_inside_jit():
     disp = jnp.asarray(_field(rng, (7, 8, 9), 1.5))
     native_out = jax.jit(spatial.sample_volume, static_argnames="order")(image, disp, order=1)
     grid = jnp.meshgrid(*(jnp.arange(n, dtype=jnp.float32) for n in (7, 8, 9)), indexing="ij")
-    reference = jax.scipy.ndimage.map_coordinates(image, [grid[k] + disp[..., k] for k in range(3)], order=1,
-                                                  mode="nearest")
+    reference = jax.scipy.ndimage.map_coordinates(image, [grid[k] + disp[..., k] for k in range(3)], order=1, mode="nearest")
     np.testing.assert_allclose(np.asarray(native_out), np.asarray(reference), rtol=1e-6, atol=1e-6)
 
 

@@ -51,8 +51,15 @@ def test_warp_constant_shift_moves_by_that_many_voxels():
 
 @pytest.mark.parametrize(
     "shape,target",
-    [((8, 12), (4, 6)), ((5, 7), (10, 14)), ((6, 4, 8), (3, 2, 4)), ((3, 4, 5), (6, 8, 10)), ((4, 3), (16, 9)),
-     ((16, 12), (4, 4)), ((6, 10), (4, 15))],
+    [
+        ((8, 12), (4, 6)),
+        ((5, 7), (10, 14)),
+        ((6, 4, 8), (3, 2, 4)),
+        ((3, 4, 5), (6, 8, 10)),
+        ((4, 3), (16, 9)),
+        ((16, 12), (4, 4)),
+        ((6, 10), (4, 15)),
+    ],
 )
 def test_resize_matches_scipy_zoom_half_pixel(shape, target):
     rng = _rng(3)

@@ -19,11 +19,14 @@ def test_default_pipeline_parses_into_typed_stages():
     assert stages["vm_l_crd"].teacher == "fst" and stages["vm_l_crd"].init == "vm_l" and stages["vm_l_crd"].resolution == "low"
 
 
-@pytest.mark.parametrize("field, value, where, message", [
-    ("teachr", "fst", "config.stages.vm_l_crd.teachr", "did you mean 'teacher'?"),
-    ("resolutoin", "low", "config.stages.vm_l_crd.resolutoin", "did you mean 'resolution'?"),
-    ("backbone", "coop", "config.stages.vm_l_crd.backbone", "a 'distill' stage has no field 'backbone'"),
-])
+@pytest.mark.parametrize(
+    "field, value, where, message",
+    [
+        ("teachr", "fst", "config.stages.vm_l_crd.teachr", "did you mean 'teacher'?"),
+        ("resolutoin", "low", "config.stages.vm_l_crd.resolutoin", "did you mean 'resolution'?"),
+        ("backbone", "coop", "config.stages.vm_l_crd.backbone", "a 'distill' stage has no field 'backbone'"),
+    ],
+)
 def test_misspelt_or_foreign_field(field, value, where, message):
     c = base_config()
     c.stages.vm_l_crd[field] = value

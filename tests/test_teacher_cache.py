@@ -57,7 +57,7 @@ def test_cached_loss_equals_the_loss_that_runs_the_teacher():
     pairs = [(0, 1), (2, 0)]
     batch = {"moving": images[[m for m, _ in pairs]], "fixed": images[[f for _, f in pairs]]}
     cached_batch = dict(batch)
-    per_pair = [cache.leaves(p, batch["moving"][i:i + 1], batch["fixed"][i:i + 1]) for i, p in enumerate(pairs)]
+    per_pair = [cache.leaves(p, batch["moving"][i : i + 1], batch["fixed"][i : i + 1]) for i, p in enumerate(pairs)]
     for i in range(cache.tree.num_leaves):
         cached_batch[distill.cached_key(i)] = np.concatenate([leaves[i] for leaves in per_pair])
     cached = loss.with_cached_teacher(cache.tree)
@@ -73,15 +73,28 @@ def test_cached_loss_equals_the_loss_that_runs_the_teacher():
 
 
 def _train(workdir, *overrides):
-    cmd = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs/synthetic_vm_2d.py'}",
-           f"--config.workdir={workdir}", "--config.train.progress_bar=False",
-           "--config.data.synthetic.shape=(32,32)", "--config.data.synthetic.train=4",
-           "--config.data.synthetic.val=0", "--config.data.synthetic.test=0", "--config.train.log_every=1",
-           "--config.train.eval_every=0", "--config.train.batch_size=2", "--config.eval.diagnostics=False",
-           "--config.pipeline=('vm_h','vm_l','coop','fst','vm_l_crd')", "--config.stages.vm_h.steps=1",
-           "--config.stages.vm_l.steps=1", "--config.stages.coop.steps=1", "--config.stages.fst.steps=1",
-           "--config.stages.vm_l_crd.steps=20",
-           *overrides]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"--config={ROOT / 'configs/synthetic_vm_2d.py'}",
+        f"--config.workdir={workdir}",
+        "--config.train.progress_bar=False",
+        "--config.data.synthetic.shape=(32,32)",
+        "--config.data.synthetic.train=4",
+        "--config.data.synthetic.val=0",
+        "--config.data.synthetic.test=0",
+        "--config.train.log_every=1",
+        "--config.train.eval_every=0",
+        "--config.train.batch_size=2",
+        "--config.eval.diagnostics=False",
+        "--config.pipeline=('vm_h','vm_l','coop','fst','vm_l_crd')",
+        "--config.stages.vm_h.steps=1",
+        "--config.stages.vm_l.steps=1",
+        "--config.stages.coop.steps=1",
+        "--config.stages.fst.steps=1",
+        "--config.stages.vm_l_crd.steps=20",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -235,8 +248,10 @@ def test_caches_are_keyed_by_the_teachers_settings_and_share_one_memory_budget(t
     refused = teacher_cache.attach(three, frozen, loader, example, budget, caches, teacher_stage="b")[2]
     assert refused.startswith("teacher cache off:") and "held by other teachers' caches" in refused
     # a stage with the first teacher again shares its cache; once no later stage needs it, it is dropped
-    assert len(caches) == 1 and "host memory" in teacher_cache.attach(one, frozen, loader, example, budget, caches,
-                                                                      teacher_stage="a")[2]
+    assert (
+        len(caches) == 1
+        and "host memory" in teacher_cache.attach(one, frozen, loader, example, budget, caches, teacher_stage="a")[2]
+    )
     teacher_cache.release_unused(caches, ["b"])
     assert caches == {}
     assert "host memory" in teacher_cache.attach(three, frozen, loader, example, budget, caches, teacher_stage="b")[2]

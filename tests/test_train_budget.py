@@ -12,8 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_quick_run_writes_the_split_and_the_projected_hours(tmp_path):
     out = tmp_path / "budget"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_budget.py"), "--quick", "--stages", "vm_l",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_budget.py"), "--quick", "--stages", "vm_l", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     payload = json.loads(out.with_suffix(".json").read_text())
     assert payload["shape"] == [32, 32, 32] and payload["torch_rows"] == []
@@ -30,8 +35,22 @@ def test_quick_run_writes_the_split_and_the_projected_hours(tmp_path):
 @pytest.mark.slow
 def test_quick_run_with_the_teacher_cache_adds_the_cached_s3_row_and_its_pipeline_hours(tmp_path):
     out = tmp_path / "budget"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_budget.py"), "--quick", "--stages", "vm_l_crd",
-                           "--teacher-cache", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "train_budget.py"),
+            "--quick",
+            "--stages",
+            "vm_l_crd",
+            "--teacher-cache",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     payload = json.loads(out.with_suffix(".json").read_text())
     assert payload["fusion"] == "compact"
@@ -63,20 +82,41 @@ def test_profile_tables_are_rebuilt_from_their_json_with_gradients_net_of_the_fo
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import train_budget
 
-    row = {"layer": "conv 8x8x8, 16 -> 16", "forward": 0.010, "input grad": 0.025, "weight grad": 0.030,
-           "forward + backward": 0.045}
-    payload = {"shape": [8, 8, 8], "batch": 1, "repeats": 2, "conv": "native", "machine": {"cpu": "x", "cpus": 2},
-               "steps": [{"label": "VM-L", "forward_s": 0.1, "backward_s": 0.2, "loss_s": 0.3, "step_s": 0.6}],
-               "models": {"VM-L": [row, {**row, "layer": "first"}]}, "loss": {"warp": 0.002},
-               "hlo": {"vm_l": {"custom_calls": {"crd_conv_fwd": 3}, "xla": {"convolution": 0, "gather": 0, "scatter": 0,
-                                                                           "reduce-window": 24}}}}
+    row = {
+        "layer": "conv 8x8x8, 16 -> 16",
+        "forward": 0.010,
+        "input grad": 0.025,
+        "weight grad": 0.030,
+        "forward + backward": 0.045,
+    }
+    payload = {
+        "shape": [8, 8, 8],
+        "batch": 1,
+        "repeats": 2,
+        "conv": "native",
+        "machine": {"cpu": "x", "cpus": 2},
+        "steps": [{"label": "VM-L", "forward_s": 0.1, "backward_s": 0.2, "loss_s": 0.3, "step_s": 0.6}],
+        "models": {"VM-L": [row, {**row, "layer": "first"}]},
+        "loss": {"warp": 0.002},
+        "hlo": {
+            "vm_l": {
+                "custom_calls": {"crd_conv_fwd": 3},
+                "xla": {"convolution": 0, "gather": 0, "scatter": 0, "reduce-window": 24},
+            }
+        },
+    }
     del payload["models"]["VM-L"][1]["input grad"]
     text = train_budget.render_profile(payload)
     assert "| conv 8x8x8, 16 -> 16 | 10.0 | 15.0 | 20.0 | 35.0 | 3.5x |" in text
     assert "| first | 10.0 | - | 20.0 | 35.0 | 3.5x |" in text
     assert "| VM-L | crd_conv_fwd x3 | 0 | 0 | 0 | 24 |" in text
     (tmp_path / "p.json").write_text(json.dumps(payload))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_budget.py"), "--render-profile",
-                           str(tmp_path / "p.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_budget.py"), "--render-profile", str(tmp_path / "p.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "p.md").read_text() == text

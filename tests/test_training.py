@@ -188,10 +188,17 @@ def test_two_processes_through_jax_distributed_match_one_process(tmp_path):
     port = _free_port()
     procs = []
     for pid in range(2):
-        cmd = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs/synthetic_vm_2d.py'}",
-               f"--config.workdir={multi}", "--config.train.progress_bar=False", *args,
-               f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-               "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}"]
+        cmd = [
+            sys.executable,
+            str(ROOT / "train.py"),
+            f"--config={ROOT / 'configs/synthetic_vm_2d.py'}",
+            f"--config.workdir={multi}",
+            "--config.train.progress_bar=False",
+            *args,
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={pid}",
+        ]
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=600) for p in procs]
@@ -206,8 +213,13 @@ def test_two_processes_through_jax_distributed_match_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_kill_and_resume_gives_the_same_final_params(tmp_path):
-    args = SMALL + ["--config.pipeline=('vm_h','vm_l')", "--config.stages.vm_h.steps=4", "--config.stages.vm_l.steps=8",
-                    "--config.train.checkpoint_every=3", "--config.train.batch_size=2"]
+    args = SMALL + [
+        "--config.pipeline=('vm_h','vm_l')",
+        "--config.stages.vm_h.steps=4",
+        "--config.stages.vm_l.steps=8",
+        "--config.train.checkpoint_every=3",
+        "--config.train.batch_size=2",
+    ]
     _train(tmp_path / "straight", *args)
     # SIGKILL after step 5 of the second stage: step 3's checkpoint exists, steps 4-5 are lost.
     killed = _train(tmp_path / "resumed", *args, env={"CRD_JAX_DEBUG_KILL_AFTER_STEP": "5"}, check=False)
@@ -224,9 +236,17 @@ def test_kill_and_resume_gives_the_same_final_params(tmp_path):
 @pytest.mark.slow
 def test_default_pipeline_end_to_end_writes_results(tmp_path):
     work = tmp_path / "run"
-    proc = _train(work, *SMALL[:2], "--config.data.synthetic.train=6", "--config.data.synthetic.val=2",
-                  "--config.data.synthetic.test=3", "--config.train.max_steps=3", "--config.train.eval_every=3",
-                  "--config.eval.val_pairs=1", "--config.eval.timing_repeats=1")
+    proc = _train(
+        work,
+        *SMALL[:2],
+        "--config.data.synthetic.train=6",
+        "--config.data.synthetic.val=2",
+        "--config.data.synthetic.test=3",
+        "--config.train.max_steps=3",
+        "--config.train.eval_every=3",
+        "--config.eval.val_pairs=1",
+        "--config.eval.timing_repeats=1",
+    )
     results = json.loads((work / "results.json").read_text())
     assert [r["label"] for r in results] == ["VM-H", "VM-L", "FST", "VM-L-CRD"]
     assert all(r["num_pairs"] == 6 and 0 <= r["dice_mean"] <= 1 for r in results)
@@ -248,9 +268,17 @@ def test_default_pipeline_end_to_end_writes_results(tmp_path):
     _, spec = _params(work, "vm_l_crd")
     assert spec["factor"] == 2 and spec["kind"] == "registrar" and spec["preprocessing"]["canvas_shape"] == [32, 32]
     # A second run finds everything done and rewrites the same table.
-    again = _train(work, *SMALL[:2], "--config.data.synthetic.train=6", "--config.data.synthetic.val=2",
-                   "--config.data.synthetic.test=3", "--config.train.max_steps=3", "--config.train.eval_every=3",
-                   "--config.eval.val_pairs=1", "--config.eval.timing_repeats=1")
+    again = _train(
+        work,
+        *SMALL[:2],
+        "--config.data.synthetic.train=6",
+        "--config.data.synthetic.val=2",
+        "--config.data.synthetic.test=3",
+        "--config.train.max_steps=3",
+        "--config.train.eval_every=3",
+        "--config.eval.val_pairs=1",
+        "--config.eval.timing_repeats=1",
+    )
     assert again.stderr.count("finished earlier") == 5
     assert (work / "results.md").read_text() == table
 
@@ -332,8 +360,13 @@ def test_deadline_saves_the_step_and_a_rerun_resumes_from_it(tmp_path):
     import time
 
     work = tmp_path / "run"
-    args = (*SMALL[:2], "--config.train.max_steps=4", "--config.train.checkpoint_every=100",
-            "--config.eval.val_pairs=0", "--config.pipeline=('vm_h',)")
+    args = (
+        *SMALL[:2],
+        "--config.train.max_steps=4",
+        "--config.train.checkpoint_every=100",
+        "--config.eval.val_pairs=0",
+        "--config.pipeline=('vm_h',)",
+    )
     proc = _train(work, *args, f"--config.train.deadline={time.time() - 1}", check=False)
     assert proc.returncode == 75, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("stopped: stage vm_h: deadline reached after step 1")
@@ -353,10 +386,12 @@ def test_slurm_tasks_initialize_jax_distributed_from_the_environment(monkeypatch
     monkeypatch.setattr(jax.config, "update", lambda *a, **k: None)
     monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
     cfg = base_config().distributed
-    for env, expected in (({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, [((), {})]),
-                          ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, []),
-                          ({"SLURM_NTASKS": "4"}, []),
-                          ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "x"}, [])):
+    for env, expected in (
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, [((), {})]),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, []),
+        ({"SLURM_NTASKS": "4"}, []),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "x"}, []),
+    ):
         calls.clear()
         for key in ("SLURM_JOB_ID", "SLURM_NTASKS"):
             monkeypatch.delenv(key, raising=False)

@@ -95,8 +95,12 @@ def test_coarse_and_concatenated_backward_agree(low_shape, cl, cs, cout, upcat_m
     shape = tuple(2 * s for s in low_shape)
     nd = len(shape)
     k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(7), 4)
-    args = (jax.random.normal(k1, (1, *low_shape, cl)), jax.random.normal(k2, (1, *shape, cs)),
-            jax.random.normal(k3, (3,) * nd + (cl + cs, cout)) * 0.3, jax.random.normal(k4, (cout,)))
+    args = (
+        jax.random.normal(k1, (1, *low_shape, cl)),
+        jax.random.normal(k2, (1, *shape, cs)),
+        jax.random.normal(k3, (3,) * nd + (cl + cs, cout)) * 0.3,
+        jax.random.normal(k4, (cout,)),
+    )
     loss = lambda *a: jnp.sum(jnp.sin(conv_upsampled_concat(*a, negative_slope=0.2)))  # noqa: E731
     out = {}
     for mode in ("coarse", "concat"):
@@ -121,8 +125,7 @@ def test_coarse_backward_stores_no_concatenation_and_drops_the_unneeded_skip_gra
     upcat_mode("coarse")
     low, skip = jnp.ones((1, 4, 4, 4, 32)), jnp.ones((1, 8, 8, 8, 2))
     w, b = jnp.ones((3, 3, 3, 34, 16)) * 0.01, jnp.zeros(16)
-    grad = jax.jit(jax.grad(lambda low, w, b, skip: jnp.sum(conv_upsampled_concat(low, skip, w, b, 0.2)),
-                            argnums=(0, 1, 2)))
+    grad = jax.jit(jax.grad(lambda low, w, b, skip: jnp.sum(conv_upsampled_concat(low, skip, w, b, 0.2)), argnums=(0, 1, 2)))
     text = grad.lower(low, w, b, skip).compile().as_text()
     assert text.count('custom_call_target="crd_conv_fwd"') == 1  # dlow only (dskip was dropped)
     assert text.count('custom_call_target="crd_conv_wgrad"') == 2  # coarse and skip weight gradients
@@ -150,8 +153,17 @@ def _upsample_matrix(n: int, k: int) -> np.ndarray:
     return m
 
 
-@pytest.mark.parametrize("shape,axis,k", [((2, 5, 3, 1), 1, 2), ((1, 7, 4, 3), 2, 3), ((1, 1, 6, 2), 1, 2),
-                                          ((1, 4, 5, 6, 3), 3, 4), ((1, 3, 5, 7, 2), 2, 2), ((1, 2, 9), 1, 5)])
+@pytest.mark.parametrize(
+    "shape,axis,k",
+    [
+        ((2, 5, 3, 1), 1, 2),
+        ((1, 7, 4, 3), 2, 3),
+        ((1, 1, 6, 2), 1, 2),
+        ((1, 4, 5, 6, 3), 3, 4),
+        ((1, 3, 5, 7, 2), 2, 2),
+        ((1, 2, 9), 1, 5),
+    ],
+)
 def test_upsample_transpose_is_the_matrix_transpose(shape, axis, k):
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     m = _upsample_matrix(shape[axis], k)
@@ -159,8 +171,7 @@ def test_upsample_transpose_is_the_matrix_transpose(shape, axis, k):
     np.testing.assert_allclose(y, np.moveaxis(np.tensordot(m, np.moveaxis(x, axis, 0), 1), 0, axis), rtol=1e-5, atol=1e-5)
     g = np.random.default_rng(1).standard_normal(y.shape).astype(np.float32)
     dx = jax.jit(lambda g: spatial._upsample_axis_transpose(g, axis, k))(g)
-    np.testing.assert_allclose(dx, np.moveaxis(np.tensordot(m.T, np.moveaxis(g, axis, 0), 1), 0, axis), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(dx, np.moveaxis(np.tensordot(m.T, np.moveaxis(g, axis, 0), 1), 0, axis), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape,factor", [((1, 3, 5, 7, 3), 2), ((2, 4, 3, 2), 2), ((1, 3, 2, 4, 3), 4), ((1, 5, 3, 2), 3)])
@@ -262,8 +273,11 @@ def test_native_warp_leaves_other_warps_to_map_coordinates(warp_mode):
     image, disp = jnp.ones((1, 4, 5, 1)), jnp.zeros((1, 4, 5, 2))
     text = jax.jit(spatial.warp).lower(image, disp).as_text()  # 2-D
     assert "crd_warp" not in text
-    text = jax.jit(lambda i, d: spatial.warp(i, d, mode="zeros")).lower(jnp.ones((1, 3, 3, 3, 1)),
-                                                                          jnp.zeros((1, 3, 3, 3, 3))).as_text()
+    text = (
+        jax.jit(lambda i, d: spatial.warp(i, d, mode="zeros"))
+        .lower(jnp.ones((1, 3, 3, 3, 1)), jnp.zeros((1, 3, 3, 3, 3)))
+        .as_text()
+    )
     assert "crd_warp" not in text
     with pytest.raises(ValueError):
         warp_mode("scatter")

@@ -39,8 +39,10 @@ def test_same_grid_linear_equals_our_warp_and_nearest_labels_too():
     ours = np.asarray(warp(img[None, ..., None], disp[None], order=1))[0, ..., 0]
     np.testing.assert_allclose(got, ours, atol=1e-4)
     labels = (img * 5).astype(np.int16)
-    np.testing.assert_array_equal(transforms.apply_to_labels(labels, OBLIQUE, disp, OBLIQUE, "nearest"),
-                                  ndimage.map_coordinates(labels, grid + np.moveaxis(disp, -1, 0), order=0, mode="nearest"))
+    np.testing.assert_array_equal(
+        transforms.apply_to_labels(labels, OBLIQUE, disp, OBLIQUE, "nearest"),
+        ndimage.map_coordinates(labels, grid + np.moveaxis(disp, -1, 0), order=0, mode="nearest"),
+    )
 
 
 def test_image_on_another_grid_is_sampled_through_its_affine():
@@ -62,7 +64,9 @@ def test_onehot_labels_keep_a_constant_map_and_agree_with_nearest_away_from_boun
     nearest = transforms.apply_to_labels(labels, np.eye(4), disp, np.eye(4), "nearest")
     assert set(np.unique(onehot)) <= {0, 3}
     assert np.mean(onehot == nearest) > 0.97
-    assert (transforms.apply_to_labels(np.full(shape, 7, np.int16), np.eye(4), disp, np.eye(4), "onehot")[2:-2, 2:-2, 2:-2] == 7).all()
+    assert (
+        transforms.apply_to_labels(np.full(shape, 7, np.int16), np.eye(4), disp, np.eye(4), "onehot")[2:-2, 2:-2, 2:-2] == 7
+    ).all()
 
 
 def test_points_follow_the_field_in_world_coordinates():
@@ -80,7 +84,9 @@ def test_inverse_composes_to_the_identity():
     v = transforms.invert(u)
     # x + v(x) + u(x + v(x)) = x  <=>  v + u o (id + v) = 0, away from the border
     grid = np.stack(np.meshgrid(*map(np.arange, shape), indexing="ij"), 0).astype(np.float64)
-    u_at = np.stack([ndimage.map_coordinates(u[..., i], grid + np.moveaxis(v, -1, 0), order=1, mode="nearest") for i in range(3)], -1)
+    u_at = np.stack(
+        [ndimage.map_coordinates(u[..., i], grid + np.moveaxis(v, -1, 0), order=1, mode="nearest") for i in range(3)], -1
+    )
     residual = np.abs(v + u_at)[4:-4, 4:-4, 4:-4]
     assert residual.max() < 0.02 and np.abs(u).max() > 1.5
 
@@ -96,7 +102,9 @@ def test_fast_inverse_solves_the_same_fixed_point_as_the_reference(shape, monkey
     assert fast.dtype == np.float32 and fast.shape == u.shape
     np.testing.assert_allclose(fast, ref, atol=0.02)
     grid = np.stack(np.meshgrid(*map(np.arange, shape), indexing="ij"), 0).astype(np.float64)
-    u_at = np.stack([ndimage.map_coordinates(u[..., i], grid + np.moveaxis(fast, -1, 0), order=1, mode="nearest") for i in range(3)], -1)
+    u_at = np.stack(
+        [ndimage.map_coordinates(u[..., i], grid + np.moveaxis(fast, -1, 0), order=1, mode="nearest") for i in range(3)], -1
+    )
     assert np.abs(fast + u_at)[4:-4, 4:-4, 4:-4].max() < 0.03
 
 
@@ -111,28 +119,108 @@ def test_apply_and_register_outputs_through_the_command(tmp_path, capsys):
     nib.save(nib.Nifti1Image(_image(shape, 0), OBLIQUE), str(f))
     nib.save(nib.Nifti1Image(_image(shape, 1), OBLIQUE), str(m))
     nib.save(nib.Nifti1Image((_image(shape, 2) * 6).astype(np.int16), OBLIQUE), str(seg))
-    assert cli.main(["register", "--model", str(model), "--fixed", str(f), "--moving", str(m), "--moving-seg", str(seg),
-                     "--out-dir", str(tmp_path / "out"), "--jacobian", "--inverse"]) == 0
+    assert (
+        cli.main(
+            [
+                "register",
+                "--model",
+                str(model),
+                "--fixed",
+                str(f),
+                "--moving",
+                str(m),
+                "--moving-seg",
+                str(seg),
+                "--out-dir",
+                str(tmp_path / "out"),
+                "--jacobian",
+                "--inverse",
+            ]
+        )
+        == 0
+    )
     assert "folds (det J <= 0):" in capsys.readouterr().out
     disp = np.asarray(nib.load(str(tmp_path / "out" / "disp.nii.gz")).dataobj)
-    np.testing.assert_allclose(np.asarray(nib.load(str(tmp_path / "out" / "jacobian.nii.gz")).dataobj),
-                               jacobian_determinant(disp), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(nib.load(str(tmp_path / "out" / "jacobian.nii.gz")).dataobj), jacobian_determinant(disp), rtol=1e-5, atol=1e-5
+    )
     assert (tmp_path / "out" / "inverse_disp.nii.gz").exists()
-    assert cli.main(["apply", "--disp", str(tmp_path / "out" / "disp.nii.gz"), "--reference", str(f), "--image", str(seg),
-                     "--labels", "--interpolation", "nearest", "--out", str(tmp_path / "seg_w.nii.gz")]) == 0
-    np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "seg_w.nii.gz")).dataobj),
-                                  np.asarray(nib.load(str(tmp_path / "out" / "warped_seg.nii.gz")).dataobj))
+    assert (
+        cli.main(
+            [
+                "apply",
+                "--disp",
+                str(tmp_path / "out" / "disp.nii.gz"),
+                "--reference",
+                str(f),
+                "--image",
+                str(seg),
+                "--labels",
+                "--interpolation",
+                "nearest",
+                "--out",
+                str(tmp_path / "seg_w.nii.gz"),
+            ]
+        )
+        == 0
+    )
+    np.testing.assert_array_equal(
+        np.asarray(nib.load(str(tmp_path / "seg_w.nii.gz")).dataobj),
+        np.asarray(nib.load(str(tmp_path / "out" / "warped_seg.nii.gz")).dataobj),
+    )
     pts = tmp_path / "pts.csv"
     pts.write_text("0,0,0\nabc,5,-3\n")
-    assert cli.main(["apply", "--disp", str(tmp_path / "out" / "disp.nii.gz"), "--reference", str(f), "--points", str(pts),
-                     "--out", str(tmp_path / "moved.csv")]) == 2  # a row that is not three numbers: one clear line
+    assert (
+        cli.main(
+            [
+                "apply",
+                "--disp",
+                str(tmp_path / "out" / "disp.nii.gz"),
+                "--reference",
+                str(f),
+                "--points",
+                str(pts),
+                "--out",
+                str(tmp_path / "moved.csv"),
+            ]
+        )
+        == 2
+    )  # a row that is not three numbers: one clear line
     pts.write_text("x,y,z\n0,0,0\n10,5,-3\n")  # the header apply itself writes is accepted
-    assert cli.main(["apply", "--disp", str(tmp_path / "out" / "disp.nii.gz"), "--reference", str(f), "--points", str(pts),
-                     "--out", str(tmp_path / "moved.csv")]) == 0
+    assert (
+        cli.main(
+            [
+                "apply",
+                "--disp",
+                str(tmp_path / "out" / "disp.nii.gz"),
+                "--reference",
+                str(f),
+                "--points",
+                str(pts),
+                "--out",
+                str(tmp_path / "moved.csv"),
+            ]
+        )
+        == 0
+    )
     assert len((tmp_path / "moved.csv").read_text().splitlines()) == 3
     # and apply reads back the file it wrote
-    assert cli.main(["apply", "--disp", str(tmp_path / "out" / "disp.nii.gz"), "--reference", str(f), "--points",
-                     str(tmp_path / "moved.csv"), "--out", str(tmp_path / "moved2.csv")]) == 0
+    assert (
+        cli.main(
+            [
+                "apply",
+                "--disp",
+                str(tmp_path / "out" / "disp.nii.gz"),
+                "--reference",
+                str(f),
+                "--points",
+                str(tmp_path / "moved.csv"),
+                "--out",
+                str(tmp_path / "moved2.csv"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_instance_optimisation_lowers_the_pair_loss_and_zero_steps_change_nothing(tmp_path):

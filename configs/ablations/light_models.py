@@ -16,10 +16,18 @@ def get_config():
         "vm_light_h": stage("baseline", resolution="high", model=VM_LIGHT, label="VM-light-H"),
         "vm_lighter_h": stage("baseline", resolution="high", model=VM_LIGHTER, label="VM-lighter-H"),
         "cascade_h": stage("baseline", resolution="high", model={"cascade": 2}, evaluate=False, label="2-cascade VM-H"),
-        "vm_light_36": stage("distill", teacher="vm_h", resolution="high", model=VM_LIGHT, init="vm_light_h", label="VM-light-H-[36]"),
-        "vm_light_43": stage("distill", teacher="cascade_h", resolution="high", model=VM_LIGHT, init="vm_light_h", label="VM-light-H-[43]"),
-        "vm_lighter_36": stage("distill", teacher="vm_h", resolution="high", model=VM_LIGHTER, init="vm_lighter_h", label="VM-lighter-H-[36]"),
-        "vm_lighter_43": stage("distill", teacher="cascade_h", resolution="high", model=VM_LIGHTER, init="vm_lighter_h", label="VM-lighter-H-[43]"),
+        "vm_light_36": stage(
+            "distill", teacher="vm_h", resolution="high", model=VM_LIGHT, init="vm_light_h", label="VM-light-H-[36]"
+        ),
+        "vm_light_43": stage(
+            "distill", teacher="cascade_h", resolution="high", model=VM_LIGHT, init="vm_light_h", label="VM-light-H-[43]"
+        ),
+        "vm_lighter_36": stage(
+            "distill", teacher="vm_h", resolution="high", model=VM_LIGHTER, init="vm_lighter_h", label="VM-lighter-H-[36]"
+        ),
+        "vm_lighter_43": stage(
+            "distill", teacher="cascade_h", resolution="high", model=VM_LIGHTER, init="vm_lighter_h", label="VM-lighter-H-[43]"
+        ),
     }
     for key, block in light.items():
         c.stages[key] = block

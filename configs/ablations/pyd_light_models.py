@@ -13,8 +13,12 @@ def get_config():
     light = {
         "pyd_light_h": stage("baseline", resolution="high", model=PYD_LIGHT, label="Pyd-light-H"),
         "pyd_lighter_h": stage("baseline", resolution="high", model=PYD_LIGHTER, label="Pyd-lighter-H"),
-        "pyd_light_36": stage("distill", teacher="vm_h", resolution="high", model=PYD_LIGHT, init="pyd_light_h", label="Pyd-light-H-[36]"),
-        "pyd_lighter_36": stage("distill", teacher="vm_h", resolution="high", model=PYD_LIGHTER, init="pyd_lighter_h", label="Pyd-lighter-H-[36]"),
+        "pyd_light_36": stage(
+            "distill", teacher="vm_h", resolution="high", model=PYD_LIGHT, init="pyd_light_h", label="Pyd-light-H-[36]"
+        ),
+        "pyd_lighter_36": stage(
+            "distill", teacher="vm_h", resolution="high", model=PYD_LIGHTER, init="pyd_lighter_h", label="Pyd-lighter-H-[36]"
+        ),
     }
     for key, block in light.items():
         c.stages[key] = block

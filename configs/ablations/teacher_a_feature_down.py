@@ -5,5 +5,9 @@ from configs.ablations._common import ablation, baselines, student
 
 
 def get_config():
-    return ablation("teacher A feature-down", ["vm_h", "vm_l", "vm_l_by_a_down"], **baselines(),
-                    vm_l_by_a_down=student("vm_h", "VM-L by A (feature down)", teacher_features="downsample"))
+    return ablation(
+        "teacher A feature-down",
+        ["vm_h", "vm_l", "vm_l_by_a_down"],
+        **baselines(),
+        vm_l_by_a_down=student("vm_h", "VM-L by A (feature down)", teacher_features="downsample"),
+    )

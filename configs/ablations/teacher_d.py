@@ -5,8 +5,12 @@ from crd_jax.config import stage
 
 
 def get_config():
-    c = ablation("teacher D", ["vm_h", "vm_l", "coop", "vm_l_by_d"], **baselines(),
-                 coop=stage("cooperative", label="D (VM-H with RC)"),
-                 vm_l_by_d=student("coop", "VM-L by D"))
+    c = ablation(
+        "teacher D",
+        ["vm_h", "vm_l", "coop", "vm_l_by_d"],
+        **baselines(),
+        coop=stage("cooperative", label="D (VM-H with RC)"),
+        vm_l_by_d=student("coop", "VM-L by D"),
+    )
     c.loss.beta = 0.0
     return c

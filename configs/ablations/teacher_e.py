@@ -5,6 +5,10 @@ from crd_jax.config import stage
 
 
 def get_config():
-    return ablation("teacher E", ["vm_h", "vm_l", "fst_e", "vm_l_by_e"], **baselines(),
-                    fst_e=stage("teacher", backbone="vm_h", label="E (FS + FF)"),
-                    vm_l_by_e=student("fst_e", "VM-L by E"))
+    return ablation(
+        "teacher E",
+        ["vm_h", "vm_l", "fst_e", "vm_l_by_e"],
+        **baselines(),
+        fst_e=stage("teacher", backbone="vm_h", label="E (FS + FF)"),
+        vm_l_by_e=student("fst_e", "VM-L by E"),
+    )

@@ -5,5 +5,4 @@ from crd_jax.config import stage
 
 
 def get_config():
-    return ablation("teacher F", ["vm_h", "vm_l", "joint_f"], **baselines(),
-                    joint_f=stage("joint_all", label="VM-L by F"))
+    return ablation("teacher F", ["vm_h", "vm_l", "joint_f"], **baselines(), joint_f=stage("joint_all", label="VM-L by F"))

@@ -17,40 +17,69 @@ if TYPE_CHECKING:
 
     from crd_jax.data.io import PathLike
 
-EXAMPLES = ["crd-jax apply --transform out/disp.nii.gz --reference F.nii.gz --image M_seg.nii.gz --labels "
-            "--out M_seg_warped.nii.gz",
-            "crd-jax apply --transform out/composite.h5 --reference F.mgz --image M.nrrd --out M_warped.nii.gz",
-            "crd-jax apply --transform out/composite.h5 --points F_landmarks.csv --lps --out M_landmarks.csv"]
+EXAMPLES = [
+    "crd-jax apply --transform out/disp.nii.gz --reference F.nii.gz --image M_seg.nii.gz --labels --out M_seg_warped.nii.gz",
+    "crd-jax apply --transform out/composite.h5 --reference F.mgz --image M.nrrd --out M_warped.nii.gz",
+    "crd-jax apply --transform out/composite.h5 --points F_landmarks.csv --lps --out M_landmarks.csv",
+]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     a = options.subcommand(
-        sub, "apply", "warp an image, a label map or points with saved transforms",
+        sub,
+        "apply",
+        "warp an image, a label map or points with saved transforms",
         "Warps an image or label map (on any grid) onto the reference grid with saved transforms, or maps world "
         "points (CSV with a header x,y,z, mm) from the reference (fixed) image to the moving image. Transforms: "
         "crd-jax's displacements (disp.nii.gz, disp_itk.nii.gz, disp_compact.npz, Learn2Reg .npz), ITK/ANTs "
         "transform files (composite.h5, .tfm, .txt, .mat; SimpleITK) and crd-jax's affine.txt; several are a chain "
         "in antsApplyTransforms' order: the last one listed is applied to a reference point first. Images: NIfTI, "
         ".mgz/.mgh, NRRD/MetaImage (.nrrd, .nhdr, .mha, .mhd; SimpleITK); the output is NIfTI. docs/interop.md "
-        "has the ANTs and SimpleITK recipes.", EXAMPLES)
+        "has the ANTs and SimpleITK recipes.",
+        EXAMPLES,
+    )
     a.add_argument("transforms", nargs="*", metavar="TRANSFORM", help="transforms, as --transform (after any --transform)")
-    a.add_argument("--transform", "-t", action="append", default=[], dest="transform_list", metavar="FILE",
-                   help="a transform (repeatable; ANTs order: the last one listed is applied to a reference point first)")
+    a.add_argument(
+        "--transform",
+        "-t",
+        action="append",
+        default=[],
+        dest="transform_list",
+        metavar="FILE",
+        help="a transform (repeatable; ANTs order: the last one listed is applied to a reference point first)",
+    )
     a.add_argument("--disp", help="a displacement written by crd-jax register (the same as one --transform)")
-    a.add_argument("--disp-format", choices=("auto", "voxel", "itk", "learn2reg"), default="auto",
-                   help="format of the displacement fields given (default auto: .npz learn2reg or compact, *_itk.nii[.gz] "
-                   "or a 5-D (X,Y,Z,1,3) NIfTI itk, else voxel)")
-    a.add_argument("--reference", help="the fixed image the transforms map from: the output's grid (needed with --image, "
-                   "and for a Learn2Reg .npz)")
+    a.add_argument(
+        "--disp-format",
+        choices=("auto", "voxel", "itk", "learn2reg"),
+        default="auto",
+        help="format of the displacement fields given (default auto: .npz learn2reg or compact, *_itk.nii[.gz] "
+        "or a 5-D (X,Y,Z,1,3) NIfTI itk, else voxel)",
+    )
+    a.add_argument(
+        "--reference",
+        help="the fixed image the transforms map from: the output's grid (needed with --image, and for a Learn2Reg .npz)",
+    )
     a.add_argument("--image", help="image or label map to warp (any grid; placed through its affine)")
-    a.add_argument("--labels", action="store_true", help="the image is a label map (nearest neighbour unless "
-                   "--interpolation onehot)")
-    a.add_argument("--interpolation", choices=("linear", "bspline", "nearest", "onehot"), default=None,
-                   help="images: linear (default), bspline (cubic) or nearest; label maps: nearest (default) or onehot")
-    a.add_argument("--points", help="CSV of world points in the reference (header x,y,z, mm, RAS; other columns kept), "
-                   "mapped into the moving image; the output is the same CSV with the points moved")
-    a.add_argument("--lps", action="store_true", help="--points and the output CSV are in LPS (ITK's and ANTs' "
-                   "convention, antsApplyTransformsToPoints' CSV), not RAS")
+    a.add_argument(
+        "--labels", action="store_true", help="the image is a label map (nearest neighbour unless --interpolation onehot)"
+    )
+    a.add_argument(
+        "--interpolation",
+        choices=("linear", "bspline", "nearest", "onehot"),
+        default=None,
+        help="images: linear (default), bspline (cubic) or nearest; label maps: nearest (default) or onehot",
+    )
+    a.add_argument(
+        "--points",
+        help="CSV of world points in the reference (header x,y,z, mm, RAS; other columns kept), "
+        "mapped into the moving image; the output is the same CSV with the points moved",
+    )
+    a.add_argument(
+        "--lps",
+        action="store_true",
+        help="--points and the output CSV are in LPS (ITK's and ANTs' convention, antsApplyTransformsToPoints' CSV), not RAS",
+    )
     a.add_argument("--out", required=True, help="the NIfTI (.nii or .nii.gz; a CSV for --points) to write")
     options.add_overwrite(a, "replace --out if it exists")
     a.set_defaults(func=run)
@@ -105,8 +134,7 @@ def _points(args, paths, out: Path) -> None:
         from crd_jax import transforms
         from crd_jax.interop.formats import read_displacement
 
-        moved = transforms.apply_to_points(table.xyz, read_displacement(paths[0], reference, args.disp_format),
-                                           reference.affine)
+        moved = transforms.apply_to_points(table.xyz, read_displacement(paths[0], reference, args.disp_format), reference.affine)
     else:
         moved = chain.map_points(paths, table.xyz, reference, args.disp_format)
     with outputs as stage:  # a staging folder: the file appears at --out when complete
@@ -145,8 +173,10 @@ def _image(args, paths, out: Path, how: str) -> None:
         warped = transforms.apply_to_image(vol.data, vol.affine, disp, reference.affine, how)
     with outputs as stage:
         save_nifti(stage / out.name, warped, reference.affine, None)
-    print(f"warped {args.image} ({how}) onto {args.reference} with {len(paths)} transform{'s' * (len(paths) > 1)} -> "
-          f"{out} in {time.perf_counter() - t0:.2f} s (reading, warping and writing)")
+    print(
+        f"warped {args.image} ({how}) onto {args.reference} with {len(paths)} transform{'s' * (len(paths) > 1)} -> "
+        f"{out} in {time.perf_counter() - t0:.2f} s (reading, warping and writing)"
+    )
 
 
 def read_points(path: PathLike, lps: bool = False) -> np.ndarray:

@@ -14,10 +14,15 @@ if TYPE_CHECKING:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     b = options.subcommand(
-        sub, "build-kernel", "rebuild the native CPU kernel for the installed jaxlib",
+        sub,
+        "build-kernel",
+        "rebuild the native CPU kernel for the installed jaxlib",
         "Compiles the native convolution and warp kernel against the installed jaxlib's FFI headers (needs a C++ "
         "compiler) and installs it where crd-jax loads it from. Without --force it rebuilds only when the kernel is "
-        "missing or stale.", ["crd-jax build-kernel", "crd-jax build-kernel --force"], raw=True)
+        "missing or stale.",
+        ["crd-jax build-kernel", "crd-jax build-kernel --force"],
+        raw=True,
+    )
     b.add_argument("--force", action="store_true", help="rebuild even when the installed kernel is current")
     b.set_defaults(func=run)
 

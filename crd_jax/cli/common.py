@@ -31,4 +31,3 @@ def load_config(path: str) -> ml_collections.ConfigDict:
         return module.get_config()
     except Exception as exc:
         raise InputError(path, f"config does not load ({type(exc).__name__}: {exc})") from None
-

@@ -23,30 +23,48 @@ EXAMPLE = "crd-jax evaluate --model lpba40-vm-ll-crd --data-root /data/lpba40 --
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     e = options.subcommand(
-        sub, "evaluate", "Dice, HD95, folds, SDlogJ, time and memory over a dataset's pairs",
+        sub,
+        "evaluate",
+        "Dice, HD95, folds, SDlogJ, time and memory over a dataset's pairs",
         "Evaluates a model on every ordered pair of labelled subjects: a folder of your own (--data-root "
         "DIR with DIR/images/<id>.nii.gz and DIR/labels/<id>.nii.gz; --subjects picks them) or a dataset config's "
         "evaluation split. By default each pair is registered as crd-jax register does (same options) and Dice is "
         "measured at the files' resolution, on each fixed image's own grid; --resolution model measures it on the "
         "model's grid instead (needs --config). Writes metrics.csv (per pair), summary.md and summary.json into --out-dir; "
-        "the table says which resolution.", EXAMPLE)
+        "the table says which resolution.",
+        EXAMPLE,
+    )
     options.add_model(e)
-    e.add_argument("--config", help="a dataset config file (configs/*.py): its layout, split and label set (optional "
-                   "with --data-root, which then reads DIR/images and DIR/labels)")
+    e.add_argument(
+        "--config",
+        help="a dataset config file (configs/*.py): its layout, split and label set (optional "
+        "with --data-root, which then reads DIR/images and DIR/labels)",
+    )
     e.add_argument("--data-root", help="the data folder (overrides config.data.root)")
-    e.add_argument("--subjects", help="subjects to pair: ids, ranges or both, e.g. S01-S10 or S01,S03,S07-S09 "
-                   "(default: the config's evaluation split, or every labelled subject of --data-root)")
-    e.add_argument("--resolution", choices=("files", "model"), default=None,
-                   help="where Dice is measured: files (default; the fixed image's own grid) or model (the model's "
-                   "grid, the training evaluation; needs --config; the default for synthetic configs)")
-    e.add_argument("--split", help="a split name of the config: train, val or test (default: config.eval.split); "
-                   "for other subjects use --subjects")
-    e.add_argument("--pairs", help="CSV of subject ids with a header row naming the columns, 'fixed,moving' (or "
-                   "'moving,fixed'); default: every ordered pair, or the config's evaluation pairs")
+    e.add_argument(
+        "--subjects",
+        help="subjects to pair: ids, ranges or both, e.g. S01-S10 or S01,S03,S07-S09 "
+        "(default: the config's evaluation split, or every labelled subject of --data-root)",
+    )
+    e.add_argument(
+        "--resolution",
+        choices=("files", "model"),
+        default=None,
+        help="where Dice is measured: files (default; the fixed image's own grid) or model (the model's "
+        "grid, the training evaluation; needs --config; the default for synthetic configs)",
+    )
+    e.add_argument(
+        "--split",
+        help="a split name of the config: train, val or test (default: config.eval.split); for other subjects use --subjects",
+    )
+    e.add_argument(
+        "--pairs",
+        help="CSV of subject ids with a header row naming the columns, 'fixed,moving' (or "
+        "'moving,fixed'); default: every ordered pair, or the config's evaluation pairs",
+    )
     e.add_argument("--max-pairs", type=int, default=0, help="evaluate only the first N pairs (default 0: every pair)")
     e.add_argument("--no-hd95", action="store_true", help="skip HD95 (the slowest metric)")
-    e.add_argument("--timing-repeats", type=int, default=5,
-                   help="inference runs timed for the latency (median; default 5)")
+    e.add_argument("--timing-repeats", type=int, default=5, help="inference runs timed for the latency (median; default 5)")
     options.add_out_dir(e, "folder for metrics.csv, summary.md and summary.json (default: evaluation)", default="evaluation")
     options.add_registration_options(e)
     e.set_defaults(func=run)
@@ -61,8 +79,11 @@ def read_pair_ids(path: str, ids: List[str]) -> List[Tuple[int, int]]:
     if not _names_its_columns(path):
         # crd-jax 0.1.0 read a headerless evaluate pairs file as moving,fixed, this version as fixed,moving
         # (register's order): a file written for the old order would be evaluated reversed without a word
-        raise InputError(path, "needs a header row naming its columns: 'fixed,moving' (or 'moving,fixed'; crd-jax "
-                               "0.1.0 read rows without a header as moving,fixed, this version as fixed,moving)")
+        raise InputError(
+            path,
+            "needs a header row naming its columns: 'fixed,moving' (or 'moving,fixed'; crd-jax "
+            "0.1.0 read rows without a header as moving,fixed, this version as fixed,moving)",
+        )
     pairs = []
     for row in rows:
         for sid in (row.fixed, row.moving):
@@ -120,7 +141,11 @@ def run(args: argparse.Namespace) -> None:
     ds = datasets[split]
     if not ds.has_labels:
         raise InputError(args.config, f"the '{split}' split has no label maps to evaluate against")
-    pairs = read_pair_ids(args.pairs, ds.ids) if args.pairs else eval_pairs(len(ds), config.data.eval_pairs, group_size=getattr(ds, "group_size", None))
+    pairs = (
+        read_pair_ids(args.pairs, ds.ids)
+        if args.pairs
+        else eval_pairs(len(ds), config.data.eval_pairs, group_size=getattr(ds, "group_size", None))
+    )
     if args.max_pairs > 0:
         pairs = pairs[: args.max_pairs]
     labels = dataset_labels(config.data, ds)
@@ -140,18 +165,36 @@ def run(args: argparse.Namespace) -> None:
     writer = csv.writer(buf)
     writer.writerow(header)
     for r in rows:
-        writer.writerow([r["moving"], r["fixed"], f"{r['dice']:.5f}", *["" if d is None else f"{d:.5f}" for d in r["dice_per_label"]],
-                         f"{r.get('hd95', float('nan')):.4f}", r["folds"], f"{r['percent_folds']:.5f}", f"{r['sdlogj']:.5f}",
-                         f"{r['seconds']:.3f}"])
-    lines = [f"{loaded.spec.get('label', 'model')} on {len(rows)} {split} pairs ({args.config})", "",
-             "| metric | mean | std |", "|---|---|---|"]
+        writer.writerow(
+            [
+                r["moving"],
+                r["fixed"],
+                f"{r['dice']:.5f}",
+                *["" if d is None else f"{d:.5f}" for d in r["dice_per_label"]],
+                f"{r.get('hd95', float('nan')):.4f}",
+                r["folds"],
+                f"{r['percent_folds']:.5f}",
+                f"{r['sdlogj']:.5f}",
+                f"{r['seconds']:.3f}",
+            ]
+        )
+    lines = [
+        f"{loaded.spec.get('label', 'model')} on {len(rows)} {split} pairs ({args.config})",
+        "",
+        "| metric | mean | std |",
+        "|---|---|---|",
+    ]
     for key in ("dice", "dice_before", "hd95", "folds", "percent_folds", "sdlogj"):
         if f"{key}_mean" in summary:
             lines.append(f"| {key} | {summary[key + '_mean']:.4f} | {summary[key + '_std']:.4f} |")
-    lines += ["", f"Dice on the model's grid (the {'x'.join(map(str, ds.shape))} canvas the network sees), not at the files' "
-              "resolution (--resolution files).",
-              "", f"Inference: {eff['latency_s']:.3f} s per pair (median of {args.timing_repeats}), compile {eff['compile_s']:.1f} s, "
-              f"XLA memory {eff.get('memory_mb', float('nan')):.0f} MB, on the {'x'.join(map(str, ds.shape))} canvas."]
+    lines += [
+        "",
+        f"Dice on the model's grid (the {'x'.join(map(str, ds.shape))} canvas the network sees), not at the files' "
+        "resolution (--resolution files).",
+        "",
+        f"Inference: {eff['latency_s']:.3f} s per pair (median of {args.timing_repeats}), compile {eff['compile_s']:.1f} s, "
+        f"XLA memory {eff.get('memory_mb', float('nan')):.0f} MB, on the {'x'.join(map(str, ds.shape))} canvas.",
+    ]
     table = "\n".join(lines) + "\n"
     if not all(np.isfinite(v) for v in summary.values() if isinstance(v, float)):
         raise InputError(args.model, "evaluation produced NaN/Inf metrics; nothing was written")
@@ -252,38 +295,79 @@ def _evaluate_files(args, config) -> None:
         result, _ = register_volumes(loaded, fixed, moving, moving_seg, **kwargs)
         seconds = time.perf_counter() - t
         dice = metrics.dice(result["warped_seg"], fixed_labels, labels)
-        row = {"moving": ms.id, "fixed": fs.id, "dice": float(np.nanmean(dice)),
-               "dice_per_label": [None if np.isnan(d) else float(d) for d in dice],
-               "dice_before": float(np.nanmean(metrics.dice(before, fixed_labels, labels))),
-               "folds": int(result["folds"]), "percent_folds": 100.0 * int(result["folds"]) / fixed.data.size,
-               "sdlogj": metrics.sdlogj(result["disp"]), "seconds": seconds}
+        row = {
+            "moving": ms.id,
+            "fixed": fs.id,
+            "dice": float(np.nanmean(dice)),
+            "dice_per_label": [None if np.isnan(d) else float(d) for d in dice],
+            "dice_before": float(np.nanmean(metrics.dice(before, fixed_labels, labels))),
+            "folds": int(result["folds"]),
+            "percent_folds": 100.0 * int(result["folds"]) / fixed.data.size,
+            "sdlogj": metrics.sdlogj(result["disp"]),
+            "seconds": seconds,
+        }
         if not args.no_hd95:
             row["hd95"] = float(np.nanmean(metrics.hd95(result["warped_seg"], fixed_labels, labels, fixed.spacing)))
         grids.add(f"{'x'.join(map(str, fixed.data.shape))} of {' x '.join(f'{v:g}' for v in fixed.spacing)} mm")
         rows.append(row)
-        print(f"{ms.id} -> {fs.id}: Dice {row['dice']:.3f} (before {row['dice_before']:.3f}), folds {row['folds']}, {seconds:.1f} s")
+        print(
+            f"{ms.id} -> {fs.id}: Dice {row['dice']:.3f} (before {row['dice_before']:.3f}), folds {row['folds']}, {seconds:.1f} s"
+        )
     summary = summarize(rows)
-    summary.update({"resolution": "files", "grids": sorted(grids), "options": {k: v for k, v in kwargs.items()},
-                    "seconds_median": float(np.median([r["seconds"] for r in rows]))})
-    header = ["moving", "fixed", "dice", *[f"dice_{l}" for l in labels], "dice_before", "hd95", "folds", "percent_folds",
-              "sdlogj", "seconds"]
+    summary.update(
+        {
+            "resolution": "files",
+            "grids": sorted(grids),
+            "options": {k: v for k, v in kwargs.items()},
+            "seconds_median": float(np.median([r["seconds"] for r in rows])),
+        }
+    )
+    header = [
+        "moving",
+        "fixed",
+        "dice",
+        *[f"dice_{l}" for l in labels],
+        "dice_before",
+        "hd95",
+        "folds",
+        "percent_folds",
+        "sdlogj",
+        "seconds",
+    ]
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(header)
     for r in rows:
-        writer.writerow([r["moving"], r["fixed"], f"{r['dice']:.5f}", *["" if d is None else f"{d:.5f}" for d in r["dice_per_label"]],
-                         f"{r['dice_before']:.5f}", f"{r.get('hd95', float('nan')):.4f}", r["folds"], f"{r['percent_folds']:.5f}",
-                         f"{r['sdlogj']:.5f}", f"{r['seconds']:.3f}"])
+        writer.writerow(
+            [
+                r["moving"],
+                r["fixed"],
+                f"{r['dice']:.5f}",
+                *["" if d is None else f"{d:.5f}" for d in r["dice_per_label"]],
+                f"{r['dice_before']:.5f}",
+                f"{r.get('hd95', float('nan')):.4f}",
+                r["folds"],
+                f"{r['percent_folds']:.5f}",
+                f"{r['sdlogj']:.5f}",
+                f"{r['seconds']:.3f}",
+            ]
+        )
     used = f"affine {kwargs['affine'] or 'off'}, {kwargs['io_steps']} io steps, normalize {kwargs['normalize_mode']}"
-    lines = [f"{loaded.spec.get('label', 'model')} on {len(rows)} pairs of {', '.join(ids) if len(ids) <= 8 else ids[0] + ' ... ' + ids[-1]} "
-             f"({root}); {len(labels)} labels; {used}", "", "| metric | mean | std |", "|---|---|---|"]
+    lines = [
+        f"{loaded.spec.get('label', 'model')} on {len(rows)} pairs of {', '.join(ids) if len(ids) <= 8 else ids[0] + ' ... ' + ids[-1]} "
+        f"({root}); {len(labels)} labels; {used}",
+        "",
+        "| metric | mean | std |",
+        "|---|---|---|",
+    ]
     for key in ("dice", "dice_before", "hd95", "folds", "percent_folds", "sdlogj"):
         if f"{key}_mean" in summary:
             lines.append(f"| {key} | {summary[key + '_mean']:.4f} | {summary[key + '_std']:.4f} |")
-    lines += ["", f"Dice at the files' resolution: each warped label map against the fixed labels on the fixed image's own "
-              f"grid ({'; '.join(sorted(grids))}), not the model's grid (--resolution model). "
-              f"{summary['seconds_median']:.2f} s per pair (median; registration, as crd-jax register)."]
+    lines += [
+        "",
+        f"Dice at the files' resolution: each warped label map against the fixed labels on the fixed image's own "
+        f"grid ({'; '.join(sorted(grids))}), not the model's grid (--resolution model). "
+        f"{summary['seconds_median']:.2f} s per pair (median; registration, as crd-jax register).",
+    ]
     table = "\n".join(lines) + "\n"
     _write_evaluation(outputs, buf.getvalue(), table, summary)
-
-

@@ -13,14 +13,21 @@ if TYPE_CHECKING:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     x = options.subcommand(
-        sub, "export", "convert a voxel displacement (ours) to the ITK or Learn2Reg format",
+        sub,
+        "export",
+        "convert a voxel displacement (ours) to the ITK or Learn2Reg format",
         "Writes a saved voxel displacement in another format into --out-dir: disp_itk.nii.gz (ITK/ANTs/Slicer, "
         "mm LPS) or disp_FFFF_MMMM.npz + .nii.gz (Learn2Reg).",
-        "crd-jax export --disp out/disp.nii.gz --fixed F.nii.gz --format itk --out-dir out/")
+        "crd-jax export --disp out/disp.nii.gz --fixed F.nii.gz --format itk --out-dir out/",
+    )
     x.add_argument("--disp", required=True, help="our displacement NIfTI (X,Y,Z,3), voxels, or register's disp_compact.npz")
     x.add_argument("--fixed", required=True, help="the fixed image it belongs to (geometry)")
-    x.add_argument("--format", choices=("itk", "learn2reg", "voxel"), required=True,
-                   help="itk: ANTs/ITK/Slicer field (mm, LPS); learn2reg: the challenge files; voxel: ours")
+    x.add_argument(
+        "--format",
+        choices=("itk", "learn2reg", "voxel"),
+        required=True,
+        help="itk: ANTs/ITK/Slicer field (mm, LPS); learn2reg: the challenge files; voxel: ours",
+    )
     options.add_pair_ids(x)
     options.add_out_dir(x, "folder to write into (created if missing)")
     x.set_defaults(func=run)

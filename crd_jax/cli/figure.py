@@ -14,22 +14,36 @@ from crd_jax.errors import InputError
 if TYPE_CHECKING:
     import argparse
 
-EXAMPLES = ["crd-jax figure --from out/ --out out/overview.png",
-            "crd-jax figure --model lpba40-vm-ll-crd --fixed F.nii.gz --moving M.nii.gz --fixed-seg FS.nii.gz "
-            "--moving-seg MS.nii.gz --out pair.pdf"]
+EXAMPLES = [
+    "crd-jax figure --from out/ --out out/overview.png",
+    "crd-jax figure --model lpba40-vm-ll-crd --fixed F.nii.gz --moving M.nii.gz --fixed-seg FS.nii.gz "
+    "--moving-seg MS.nii.gz --out pair.pdf",
+]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     f = options.subcommand(
-        sub, "figure", "a PNG or PDF like the paper's Fig. 4 for one pair",
-        textwrap.fill("Draws fixed, moving, warped (with the label overlap when both label maps are given, the warped "
-                      "labels alone when only the moving ones are), the deformed grid and the error map on the axial, coronal and "
-                      "sagittal mid-slices in radiological orientation (patient right on the viewer's left). --from OUT_DIR draws "
-                      "the registration crd-jax register saved there (no model, nothing registered again); otherwise the pair is "
-                      "registered first. Writes the one file --out (.png or .pdf).", 100), EXAMPLES, raw=True)
-    f.add_argument("--from", dest="from_dir", metavar="OUT_DIR",
-                   help="a crd-jax register output folder: draw its saved result (its registration.json names the "
-                   "fixed and moving images; --fixed/--moving override it)")
+        sub,
+        "figure",
+        "a PNG or PDF like the paper's Fig. 4 for one pair",
+        textwrap.fill(
+            "Draws fixed, moving, warped (with the label overlap when both label maps are given, the warped "
+            "labels alone when only the moving ones are), the deformed grid and the error map on the axial, coronal and "
+            "sagittal mid-slices in radiological orientation (patient right on the viewer's left). --from OUT_DIR draws "
+            "the registration crd-jax register saved there (no model, nothing registered again); otherwise the pair is "
+            "registered first. Writes the one file --out (.png or .pdf).",
+            100,
+        ),
+        EXAMPLES,
+        raw=True,
+    )
+    f.add_argument(
+        "--from",
+        dest="from_dir",
+        metavar="OUT_DIR",
+        help="a crd-jax register output folder: draw its saved result (its registration.json names the "
+        "fixed and moving images; --fixed/--moving override it)",
+    )
     options.add_model(f, options.MODEL_HELP + "; not with --from")
     f.add_argument("--fixed", help="fixed image (.nii, .nii.gz or .npz)")
     f.add_argument("--moving", help="moving image (any grid; resampled onto the fixed grid)")
@@ -78,7 +92,6 @@ def run(args: argparse.Namespace) -> None:
     if warning:
         print(f"crd-jax: warning: {warning}", file=sys.stderr)
     print(f"wrote {out}")
-
 
 
 def _saved_registration(args):

@@ -22,30 +22,48 @@ EXAMPLE = """example:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     import argparse
 
-    p = sub.add_parser("finetune", help="train a shipped model further on your own scans",
-                       description="Trains a shipped model (or any model folder) further on a folder of your scans, "
-                       "mapped into the model's own space (orientation, voxel size, normalisation) as register maps its "
-                       "inputs, and writes a model folder that `crd-jax register --model` takes. Re-running the same "
-                       "command resumes from the last checkpoint.", epilog=EXAMPLE,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="lpba40-vm-ll-crd", help="the model to start from: a shipped model's name "
-                   "(crd-jax models) or a model folder (default: lpba40-vm-ll-crd)")
+    p = sub.add_parser(
+        "finetune",
+        help="train a shipped model further on your own scans",
+        description="Trains a shipped model (or any model folder) further on a folder of your scans, "
+        "mapped into the model's own space (orientation, voxel size, normalisation) as register maps its "
+        "inputs, and writes a model folder that `crd-jax register --model` takes. Re-running the same "
+        "command resumes from the last checkpoint.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default="lpba40-vm-ll-crd",
+        help="the model to start from: a shipped model's name (crd-jax models) or a model folder (default: lpba40-vm-ll-crd)",
+    )
     options.add_allow_backbone_module(p)
     p.add_argument("--images", required=True, help="folder of NIfTI scans (at least two; roughly aligned to each other)")
-    p.add_argument("--labels", default="", help="folder of label maps named as the scans: the last --val-subjects "
-                   "subjects are held back and the Dice before and after is reported")
+    p.add_argument(
+        "--labels",
+        default="",
+        help="folder of label maps named as the scans: the last --val-subjects "
+        "subjects are held back and the Dice before and after is reported",
+    )
     p.add_argument("--out", required=True, help="the model folder to write (refused if it exists, unless --overwrite)")
     p.add_argument("--steps", type=int, default=1000, help="training steps (default: 1000)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: 1e-4)")
     p.add_argument("--val-subjects", type=int, default=2, help="labelled subjects held back for validation (default: 2)")
-    p.add_argument("--workdir", default="", help="checkpoints and logs; re-running resumes there "
-                   "(default: <out>.work beside --out)")
+    p.add_argument(
+        "--workdir", default="", help="checkpoints and logs; re-running resumes there (default: <out>.work beside --out)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=run)
 
 
-OPTIONS = {"config.init_from": "--model", "config.finetune.val_subjects": "--val-subjects", "config.finetune.steps": "--steps",
-           "config.train.lr": "--lr", "config.data.images_dir": "--images", "config.data.labels_dir": "--labels"}
+OPTIONS = {
+    "config.init_from": "--model",
+    "config.finetune.val_subjects": "--val-subjects",
+    "config.finetune.steps": "--steps",
+    "config.train.lr": "--lr",
+    "config.data.images_dir": "--images",
+    "config.data.labels_dir": "--labels",
+}
 
 
 def run(args: argparse.Namespace) -> None:

@@ -19,8 +19,7 @@ import signal
 import sys
 from typing import List, MutableMapping, Optional
 
-from crd_jax.cli import (apply, build_kernel, convert_official, evaluate, export, figure, finetune, models, options,
-                         register)
+from crd_jax.cli import apply, build_kernel, convert_official, evaluate, export, figure, finetune, models, options, register
 from crd_jax.errors import InputError
 from crd_jax.user_cache import enable_compilation_cache
 
@@ -50,10 +49,11 @@ class _Version(argparse.Action):
 
         conv = native.describe()
         bf16 = native.describe_bf16() or "unavailable on this CPU"
-        print(f"crd-jax {crd_jax.__version__}, jax {jax.__version__} on {jax.default_backend()}; convolution: {conv}; "
-              f"--bf16: {bf16}")
+        print(
+            f"crd-jax {crd_jax.__version__}, jax {jax.__version__} on {jax.default_backend()}; convolution: {conv}; "
+            f"--bf16: {bf16}"
+        )
         parser.exit()
-
 
 
 def parser() -> argparse.ArgumentParser:
@@ -101,7 +101,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     import logging
 
-    logging.getLogger("nibabel").setLevel(logging.ERROR)  # its header fix-up notes ("vox offset ... too low") are not ours to print
+    logging.getLogger("nibabel").setLevel(
+        logging.ERROR
+    )  # its header fix-up notes ("vox offset ... too low") are not ours to print
     from crd_jax.outputs import Terminated
 
     previous = None

@@ -16,8 +16,10 @@ from crd_jax.registration import NORMALIZE_CHOICES
 if TYPE_CHECKING:
     from pathlib import Path
 
-MODEL_HELP = ("a shipped model's name (`crd-jax models`) or a model folder (default: lpba40-vm-ll-crd, the distilled "
-              "VM-LL student: the fastest shipped model, not the most accurate)")
+MODEL_HELP = (
+    "a shipped model's name (`crd-jax models`) or a model folder (default: lpba40-vm-ll-crd, the distilled "
+    "VM-LL student: the fastest shipped model, not the most accurate)"
+)
 
 # What the presets cost: benchmarks/register_options.py on LPBA40 S35-S40 at 1 mm, AMD EPYC, 2 cores; the seconds
 # from its last run on a quiet machine (--affine 3.1 s, --affine --io-steps 50 5.0 s per pair, 30 pairs), the
@@ -39,9 +41,14 @@ def add_model(p: argparse.ArgumentParser, help: str = MODEL_HELP) -> None:
 
 def add_allow_backbone_module(p: argparse.ArgumentParser) -> None:
     """``--allow-backbone-module`` (every command that loads a model; :mod:`crd_jax.model_io`)."""
-    p.add_argument("--allow-backbone-module", action="append", default=[], metavar="MODULE",
-                   help="import MODULE where the model's model.json names it as the source of its backbone (a fork's; "
-                        "importing runs its code: only modules you trust). Repeatable; also CRD_JAX_BACKBONE_MODULES")
+    p.add_argument(
+        "--allow-backbone-module",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE where the model's model.json names it as the source of its backbone (a fork's; "
+        "importing runs its code: only modules you trust). Repeatable; also CRD_JAX_BACKBONE_MODULES",
+    )
 
 
 def add_out_dir(p: argparse.ArgumentParser, help: str, default: Optional[str] = None) -> None:
@@ -65,31 +72,57 @@ def pair_ids(args: argparse.Namespace) -> Optional[Tuple[str, str]]:
         return None
     for value in args.pair_ids:
         if not PAIR_ID.match(value) or ".." in value:
-            raise InputError("--pair-ids", f"{value!r} is not a plain id (letters, digits, '.', '_', '-'; at most 64, "
-                                           "no '/' or '..'); nothing was written")
+            raise InputError(
+                "--pair-ids",
+                f"{value!r} is not a plain id (letters, digits, '.', '_', '-'; at most 64, no '/' or '..'); nothing was written",
+            )
     return tuple(args.pair_ids)
 
 
 def add_registration_options(p: argparse.ArgumentParser) -> None:
     """The options that change how a pair is registered (``register``, ``evaluate`` and ``figure`` share them)."""
     g = p.add_argument_group("registration options")
-    g.add_argument("--normalize", choices=NORMALIZE_CHOICES, default="model",
-                   help="intensity normalisation of the inputs (default: as the model was trained)")
-    g.add_argument("--quality", choices=("fast", "accurate"), default="fast",
-                   help="fast (default): affine pre-alignment + the model's field; accurate: also --io-steps 50 "
-                   "(LPBA40 at 1 mm, 2 CPU cores: " + PRESET_COST + "; docs/cli.md has the table)")
-    g.add_argument("--io-steps", type=int, default=None,
-                   help="instance optimisation: fine-tune the predicted field on this pair for N Adam steps at the model's "
-                   "own resolution (NCC + smoothness; uniGradICON uses 50). Default: 0, or 50 with --quality accurate")
-    g.add_argument("--affine", nargs="?", const="ncc", choices=("ncc", "mi"), default=None,
-                   help="affine pre-alignment before the deformable model (intensity-based, coarse to fine, optax), on by "
-                   "default: ncc (default) or mi for multi-modal pairs; register writes affine.txt (RAS) and affine_itk.txt (ITK)")
-    g.add_argument("--no-affine", action="store_true",
-                   help="skip the affine pre-alignment (for pairs already affinely aligned; a one-line warning when the "
-                   "images' centroids are far apart)")
-    g.add_argument("--bf16", action="store_true",
-                   help="the network's convolutions with bfloat16 inputs and weights (float32 sums) on CPUs with "
-                   "AVX512-BF16: faster, fields within ~0.1 voxel of float32 (see the README); elsewhere float32")
+    g.add_argument(
+        "--normalize",
+        choices=NORMALIZE_CHOICES,
+        default="model",
+        help="intensity normalisation of the inputs (default: as the model was trained)",
+    )
+    g.add_argument(
+        "--quality",
+        choices=("fast", "accurate"),
+        default="fast",
+        help="fast (default): affine pre-alignment + the model's field; accurate: also --io-steps 50 "
+        "(LPBA40 at 1 mm, 2 CPU cores: " + PRESET_COST + "; docs/cli.md has the table)",
+    )
+    g.add_argument(
+        "--io-steps",
+        type=int,
+        default=None,
+        help="instance optimisation: fine-tune the predicted field on this pair for N Adam steps at the model's "
+        "own resolution (NCC + smoothness; uniGradICON uses 50). Default: 0, or 50 with --quality accurate",
+    )
+    g.add_argument(
+        "--affine",
+        nargs="?",
+        const="ncc",
+        choices=("ncc", "mi"),
+        default=None,
+        help="affine pre-alignment before the deformable model (intensity-based, coarse to fine, optax), on by "
+        "default: ncc (default) or mi for multi-modal pairs; register writes affine.txt (RAS) and affine_itk.txt (ITK)",
+    )
+    g.add_argument(
+        "--no-affine",
+        action="store_true",
+        help="skip the affine pre-alignment (for pairs already affinely aligned; a one-line warning when the "
+        "images' centroids are far apart)",
+    )
+    g.add_argument(
+        "--bf16",
+        action="store_true",
+        help="the network's convolutions with bfloat16 inputs and weights (float32 sums) on CPUs with "
+        "AVX512-BF16: faster, fields within ~0.1 voxel of float32 (see the README); elsewhere float32",
+    )
 
 
 def resolve_registration_options(args: argparse.Namespace) -> None:
@@ -116,8 +149,11 @@ def registration_kwargs(args: argparse.Namespace) -> dict:
         from crd_jax.ops.conv import bf16_inference
 
         bf16_inference(True)
-    return {"normalize_mode": args.normalize, "io_steps": args.io_steps,
-            "affine": "ncc" if args.affine == "ncc" else ("nmi" if args.affine else "")}
+    return {
+        "normalize_mode": args.normalize,
+        "io_steps": args.io_steps,
+        "affine": "ncc" if args.affine == "ncc" else ("nmi" if args.affine else ""),
+    }
 
 
 def conv_path(args: argparse.Namespace) -> str:
@@ -126,12 +162,17 @@ def conv_path(args: argparse.Namespace) -> str:
 
     path = native.describe()
     if getattr(args, "bf16", False):
-        path += f", bfloat16 inputs and weights (--bf16, {native.bf16_engine()})" if native.has_bf16() else (
-            "; --bf16 ignored: needs the native kernel on a CPU with AVX512-BF16, float32 used")
+        path += (
+            f", bfloat16 inputs and weights (--bf16, {native.bf16_engine()})"
+            if native.has_bf16()
+            else ("; --bf16 ignored: needs the native kernel on a CPU with AVX512-BF16, float32 used")
+        )
         speedup = native.bf16_speedup()
         if 0 < speedup < BF16_WORTHWHILE:
-            path += (f"; this CPU's bfloat16 dot products run at {speedup:.2f}x its float32 multiply-add rate, "
-                     "so --bf16 is unlikely to be faster here (float32 is exact)")
+            path += (
+                f"; this CPU's bfloat16 dot products run at {speedup:.2f}x its float32 multiply-add rate, "
+                "so --bf16 is unlikely to be faster here (float32 is exact)"
+            )
     return path
 
 
@@ -142,8 +183,14 @@ def model_path(model: Optional[str]) -> Path:
     return pretrained.resolve(model)
 
 
-def subcommand(sub: argparse._SubParsersAction, name: str, help: str, description: str, examples: Union[str, Iterable[str]],
-               raw: bool = False) -> argparse.ArgumentParser:
+def subcommand(
+    sub: argparse._SubParsersAction,
+    name: str,
+    help: str,
+    description: str,
+    examples: Union[str, Iterable[str]],
+    raw: bool = False,
+) -> argparse.ArgumentParser:
     """A subcommand's parser with its examples as the epilog (one ``example:`` line each)."""
     examples = [examples] if isinstance(examples, str) else list(examples)
     epilog = "\n".join(f"example: {e}" for e in examples)
@@ -159,10 +206,17 @@ def add_logging(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("log")
     level = g.add_mutually_exclusive_group()
     level.add_argument("-q", "--quiet", action="store_true", help="print errors only on stderr (no steps, no warnings)")
-    level.add_argument("-v", "--verbose", action="store_true", help="print debug detail on stderr (each step's start "
-                       "and end, each pair's steps with --pairs)")
-    g.add_argument("--log", metavar="FILE", help="also append the log to FILE (each step with its time, at INFO, or "
-                   "DEBUG with -v), with timestamps")
+    level.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print debug detail on stderr (each step's start and end, each pair's steps with --pairs)",
+    )
+    g.add_argument(
+        "--log",
+        metavar="FILE",
+        help="also append the log to FILE (each step with its time, at INFO, or DEBUG with -v), with timestamps",
+    )
 
 
 class _AboveProgressBars(logging.Handler):

@@ -7,15 +7,29 @@ machinery.
 import importlib
 
 _WHERE = {
-    "build_datasets": "build", "dataset_labels": "build",
+    "build_datasets": "build",
+    "dataset_labels": "build",
     "VolumeDataset": "dataset",
-    "Volume": "io", "load_image": "io", "load_labels": "io", "save_nifti": "io", "save_npz": "io",
-    "Subject": "layouts", "label_protocol": "layouts", "list_subjects": "layouts", "select": "layouts",
+    "Volume": "io",
+    "load_image": "io",
+    "load_labels": "io",
+    "save_nifti": "io",
+    "save_npz": "io",
+    "Subject": "layouts",
+    "label_protocol": "layouts",
+    "list_subjects": "layouts",
+    "select": "layouts",
     "PairLoader": "loader",
-    "eval_pairs": "pairs", "train_pair": "pairs",
-    "Placement": "preprocess", "Preprocessor": "preprocess", "normalize": "preprocess", "padded_shape": "preprocess",
+    "eval_pairs": "pairs",
+    "train_pair": "pairs",
+    "Placement": "preprocess",
+    "Preprocessor": "preprocess",
+    "normalize": "preprocess",
+    "padded_shape": "preprocess",
     "place": "preprocess",
-    "SyntheticConfig": "synthetic", "SyntheticDataset": "synthetic", "make_subject": "synthetic",
+    "SyntheticConfig": "synthetic",
+    "SyntheticDataset": "synthetic",
+    "make_subject": "synthetic",
 }
 
 __all__ = sorted(_WHERE)

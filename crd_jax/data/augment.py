@@ -83,8 +83,9 @@ def resample(volume: np.ndarray, disp: np.ndarray, order: int) -> np.ndarray:
     return ndimage.map_coordinates(volume, coords, order=order, mode="nearest").astype(volume.dtype, copy=False)
 
 
-def deform(rng: np.random.Generator, image: np.ndarray, labels: Optional[np.ndarray], augment: Augment
-           ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+def deform(
+    rng: np.random.Generator, image: np.ndarray, labels: Optional[np.ndarray], augment: Augment
+) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """The image (and its label map) through one random B-spline deformation."""
     if not augment.active:
         return image, labels

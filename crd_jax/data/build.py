@@ -72,8 +72,9 @@ def build_datasets(data: ml_collections.ConfigDict, multiple: int) -> Dict[str, 
     return out
 
 
-def dataset_labels(data: ml_collections.ConfigDict,
-                   dataset: Optional[Union[VolumeDataset, SliceDataset, SyntheticDataset]] = None) -> List[int]:
+def dataset_labels(
+    data: ml_collections.ConfigDict, dataset: Optional[Union[VolumeDataset, SliceDataset, SyntheticDataset]] = None
+) -> List[int]:
     """The label set a Dice average runs over (``config.data.labels``): a protocol name, a list, or
     ``"auto"`` (every nonzero label of the dataset's first label map)."""
     if data.kind == "synthetic":

@@ -120,8 +120,9 @@ class SliceDataset:
         keep = [a for a in range(3) if a != axis]
         p = volumes.placement
         self._offset = p.offset[axis]
-        self.placement = Placement(tuple(p.source_shape[a] for a in keep), tuple(p.canvas_shape[a] for a in keep),
-                                   tuple(p.offset[a] for a in keep))
+        self.placement = Placement(
+            tuple(p.source_shape[a] for a in keep), tuple(p.canvas_shape[a] for a in keep), tuple(p.offset[a] for a in keep)
+        )
         self.shape = self.placement.canvas_shape
         self.ndim = 2
         self._keep = keep

@@ -111,9 +111,12 @@ def _claimed_bytes(header, path: PathLike) -> int:
     payload = voxels * dtype.itemsize
     limit = max_input_bytes()
     if payload > limit:
-        raise InputError(path, f"header claims {payload / 1e9:.3g} GB of voxels ({'x'.join(map(str, shape))} {dtype}), "
-                               f"more than the {limit / 1e9:.3g} GB allowed (half this machine's memory; "
-                               "CRD_JAX_MAX_INPUT_BYTES); nothing was read")
+        raise InputError(
+            path,
+            f"header claims {payload / 1e9:.3g} GB of voxels ({'x'.join(map(str, shape))} {dtype}), "
+            f"more than the {limit / 1e9:.3g} GB allowed (half this machine's memory; "
+            "CRD_JAX_MAX_INPUT_BYTES); nothing was read",
+        )
     return max(0, int(header["vox_offset"])) + payload
 
 
@@ -164,8 +167,11 @@ def _load_nifti_with_header(path: Path):
             raise InputError(path, "unreadable or truncated file (no NIfTI-1 or NIfTI-2 header)")
         claimed = _claimed_bytes(header, path)
         if claimed > DEFLATE_MAX_RATIO * len(raw) + (1 << 20):
-            raise InputError(path, f"unreadable or truncated file: its header claims {claimed / 1e6:.4g} MB, more than "
-                                   f"a {len(raw) / 1e6:.3g} MB gzip stream can hold")
+            raise InputError(
+                path,
+                f"unreadable or truncated file: its header claims {claimed / 1e6:.4g} MB, more than "
+                f"a {len(raw) / 1e6:.3g} MB gzip stream can hold",
+            )
         raw = _inflate(raw, claimed + 1)
     else:
         header = _header_from_bytes(raw[:540])
@@ -173,8 +179,7 @@ def _load_nifti_with_header(path: Path):
             raise InputError(path, "unreadable or truncated file (no NIfTI-1 or NIfTI-2 header)")
         claimed = _claimed_bytes(header, path)
         if len(raw) < claimed:
-            raise InputError(path, f"unreadable or truncated file: its header claims {claimed} bytes, the file holds "
-                                   f"{len(raw)}")
+            raise InputError(path, f"unreadable or truncated file: its header claims {claimed} bytes, the file holds {len(raw)}")
     kind = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     return kind.from_bytes(raw), header
 
@@ -216,9 +221,12 @@ def _check_claim(path: PathLike, shape, itemsize: int) -> None:
     payload = int(np.prod([int(s) for s in shape], dtype=np.float64)) * int(itemsize)
     limit = max_input_bytes()
     if payload > limit:
-        raise InputError(path, f"header claims {payload / 1e9:.3g} GB of voxels ({'x'.join(map(str, shape))}), more than "
-                               f"the {limit / 1e9:.3g} GB allowed (half this machine's memory; CRD_JAX_MAX_INPUT_BYTES); "
-                               "nothing was read")
+        raise InputError(
+            path,
+            f"header claims {payload / 1e9:.3g} GB of voxels ({'x'.join(map(str, shape))}), more than "
+            f"the {limit / 1e9:.3g} GB allowed (half this machine's memory; CRD_JAX_MAX_INPUT_BYTES); "
+            "nothing was read",
+        )
 
 
 def _read_mgh(path: Path):
@@ -239,8 +247,11 @@ def _read_with_simpleitk(path: Path):
     try:
         import SimpleITK as sitk
     except ImportError:
-        raise InputError(path, "reading NRRD/MetaImage files needs SimpleITK, which is not installed: "
-                               "install it (pip install 'crd-jax[itk]') or convert the file to NIfTI") from None
+        raise InputError(
+            path,
+            "reading NRRD/MetaImage files needs SimpleITK, which is not installed: "
+            "install it (pip install 'crd-jax[itk]') or convert the file to NIfTI",
+        ) from None
     from crd_jax.interop.itk import array_of, ras_affine
 
     reader = sitk.ImageFileReader()
@@ -280,8 +291,11 @@ def _check_voxel_size(raw, path: PathLike) -> None:
     ndim = min(int(raw["dim"][0]), 3)
     zooms = np.asarray(raw["pixdim"][1 : 1 + ndim], np.float64)
     if np.any(~np.isfinite(zooms)) or np.any(zooms <= 0):
-        raise InputError(path, f"voxel size {tuple(float(z) for z in zooms)} in the header has a zero, negative or "
-                               "NaN entry (a damaged or non-conformant NIfTI header)")
+        raise InputError(
+            path,
+            f"voxel size {tuple(float(z) for z in zooms)} in the header has a zero, negative or "
+            "NaN entry (a damaged or non-conformant NIfTI header)",
+        )
 
 
 def _fix_rank(data: np.ndarray, ndim: int, path: PathLike, what: str) -> np.ndarray:
@@ -299,11 +313,17 @@ def _check_geometry(affine: np.ndarray, ndim: int, path: PathLike) -> None:
         raise InputError(path, "affine holds NaN/Inf values")
     spacing = np.sqrt((linear**2).sum(axis=0))
     if np.any(spacing <= 1e-6) or abs(np.linalg.det(linear)) <= 1e-9 * float(np.prod(np.maximum(spacing, 1e-6))):
-        raise InputError(path, f"degenerate geometry: voxel size {tuple(round(float(v), 4) for v in spacing)} mm "
-                               "(a zero voxel size in the header, or a singular affine)")
+        raise InputError(
+            path,
+            f"degenerate geometry: voxel size {tuple(round(float(v), 4) for v in spacing)} mm "
+            "(a zero voxel size in the header, or a singular affine)",
+        )
     if np.any(spacing > MAX_VOXEL_MM):
-        raise InputError(path, f"voxel size {tuple(round(float(v), 4) for v in spacing)} mm: above {MAX_VOXEL_MM:g} mm, "
-                               "not a scan's (a header in other units, or a damaged affine)")
+        raise InputError(
+            path,
+            f"voxel size {tuple(round(float(v), 4) for v in spacing)} mm: above {MAX_VOXEL_MM:g} mm, "
+            "not a scan's (a header in other units, or a damaged affine)",
+        )
 
 
 MAX_VOXEL_MM = 100.0  # as model.json's geometry.spacing
@@ -319,8 +339,11 @@ def check_orientation(header: Optional[nib.Nifti1Header], path: PathLike) -> Non
     except (KeyError, ValueError, TypeError):
         return
     if q == 0 and s == 0:
-        raise InputError(path, "has neither a qform nor an sform (qform_code = sform_code = 0), so its orientation in "
-                               "space is unknown; set one (e.g. fslorient -copyqform2sform, or nibabel) first")
+        raise InputError(
+            path,
+            "has neither a qform nor an sform (qform_code = sform_code = 0), so its orientation in "
+            "space is unknown; set one (e.g. fslorient -copyqform2sform, or nibabel) first",
+        )
 
 
 def load_image(path: PathLike, ndim: int = 3, require_orientation: bool = False) -> Volume:
@@ -436,10 +459,10 @@ def nifti_blocks(img: nib.Nifti1Image, data: np.ndarray, block: int = 4 << 20) -
     for index in np.ndindex(*reversed_axes.shape[: -len(rest) - 1]):
         plane = reversed_axes[index]
         for start in range(0, rows, step):
-            slab = plane[start:start + step]
+            slab = plane[start : start + step]
             out = np.empty(slab.shape, slab.dtype)
             for c in range(0, slab.shape[-1], 32):
-                out[..., c:c + 32] = slab[..., c:c + 32]
+                out[..., c : c + 32] = slab[..., c : c + 32]
             yield memoryview(out).cast("B")
 
 
@@ -502,7 +525,7 @@ def gzip_members(raw: bytes, level: int = 1, chunk: int = 4 << 20) -> List[bytes
     (zlib releases the GIL). Concatenated members are one valid gzip file (RFC 1952; zlib's ``gzread``,
     Python's ``gzip`` and every NIfTI reader built on them read through all members)."""
     view = memoryview(raw)
-    return list(_compressed((bytes(view[i:i + chunk]) for i in range(0, max(len(raw), 1), chunk)), level))
+    return list(_compressed((bytes(view[i : i + chunk]) for i in range(0, max(len(raw), 1), chunk)), level))
 
 
 def save_npz(path: PathLike, **arrays: npt.ArrayLike) -> None:

@@ -52,7 +52,9 @@ def _nonempty(subjects: List[Subject], root: Path, expected: str) -> List[Subjec
     return subjects
 
 
-def neurite_oasis(root: Union[str, Path], image_name: str = "aligned_norm.nii.gz", label_name: str = "aligned_seg35.nii.gz") -> List[Subject]:
+def neurite_oasis(
+    root: Union[str, Path], image_name: str = "aligned_norm.nii.gz", label_name: str = "aligned_seg35.nii.gz"
+) -> List[Subject]:
     """Neurite-OASIS (Hoopes et al.): one folder per subject, sorted by subject id."""
     root = _require_dir(Path(root))
     subjects = []

@@ -44,8 +44,9 @@ class PairLoader:
         self.augment = augment
         self.label_values = _sorted_values(label_values)
 
-    def for_stage(self, seed_offset: int = 0, augment: Optional[Augment] = None,
-                  label_values: Optional[Sequence[int]] = None) -> "PairLoader":
+    def for_stage(
+        self, seed_offset: int = 0, augment: Optional[Augment] = None, label_values: Optional[Sequence[int]] = None
+    ) -> "PairLoader":
         """A loader over the same data with the stage's own pair stream (``seed + seed_offset``),
         augmentation and label indices."""
         other = copy.copy(self)
@@ -92,8 +93,9 @@ class PairLoader:
         return prefetched(self.batch, start, stop, prefetch)
 
 
-def prefetched(batch: Callable[[int], Dict[str, np.ndarray]], start: int, stop: int,
-               prefetch: int = 2) -> Iterator[Tuple[int, Dict[str, np.ndarray]]]:
+def prefetched(
+    batch: Callable[[int], Dict[str, np.ndarray]], start: int, stop: int, prefetch: int = 2
+) -> Iterator[Tuple[int, Dict[str, np.ndarray]]]:
     """Yields ``(step, batch(step))`` for ``start <= step < stop``, computing up to ``prefetch`` batches ahead
     in a background thread. An exception in the thread is re-raised in the consumer.
     """

@@ -18,8 +18,7 @@ import numpy as np
 Pair = Tuple[int, int]  # (moving, fixed)
 
 
-def train_pair(seed: int, step: int, slot: int, n: int, atlas: Optional[int] = None,
-               group_size: Optional[int] = None) -> Pair:
+def train_pair(seed: int, step: int, slot: int, n: int, atlas: Optional[int] = None, group_size: Optional[int] = None) -> Pair:
     """A uniformly random ordered pair ``moving != fixed`` for batch slot ``slot`` of ``step``.
 
     Subject-to-subject (the paper's strategy, Section IV-B-1) unless ``atlas`` fixes the fixed image.
@@ -96,8 +95,7 @@ def read_pairs_file(path, columns: Sequence[str] = PAIR_COLUMNS) -> List[PairRow
     csv_path = check_input_file(path, "a CSV file")
     try:
         text = csv_path.read_text(encoding="utf-8-sig")  # a BOM (spreadsheet exports) is not part of a cell
-        rows = [r for r in csv.reader(io.StringIO(text))
-                if r and any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
+        rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
     except OSError as exc:
         raise InputError(csv_path, f"unreadable ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
@@ -110,8 +108,11 @@ def read_pairs_file(path, columns: Sequence[str] = PAIR_COLUMNS) -> List[PairRow
     if header and (header[0] in _HEADER_MARKS or header[0] in columns):
         unknown = [c for c in header if c not in columns]
         if unknown or len(set(header)) != len(header) or not {"fixed", "moving"} <= set(header):
-            raise InputError(csv_path, f"header row {','.join(rows[0])!r}: expected the column names fixed and moving "
-                                       f"(and {', '.join(columns[2:]) or 'nothing else'}), each once, in any order")
+            raise InputError(
+                csv_path,
+                f"header row {','.join(rows[0])!r}: expected the column names fixed and moving "
+                f"(and {', '.join(columns[2:]) or 'nothing else'}), each once, in any order",
+            )
         order, rows = header, rows[1:]
     if not rows:
         raise InputError(csv_path, f"no pairs (expected rows {expected})")
@@ -119,11 +120,20 @@ def read_pairs_file(path, columns: Sequence[str] = PAIR_COLUMNS) -> List[PairRow
     for i, row in enumerate(rows, 1):
         cells = [c.strip() for c in row]
         if len(cells) < 2 or len(cells) > len(order):
-            raise InputError(csv_path, f"row {i}: expected {expected if order == list(columns) else ','.join(order)}, "
-                                       f"got {','.join(row)!r}")
+            raise InputError(
+                csv_path, f"row {i}: expected {expected if order == list(columns) else ','.join(order)}, got {','.join(row)!r}"
+            )
         value = dict(zip(order, cells))
         if not value.get("fixed") or not value.get("moving"):
             raise InputError(csv_path, f"row {i}: the fixed and the moving entries must not be empty, got {','.join(row)!r}")
-        out.append(PairRow(value["fixed"], value["moving"], value.get("moving_seg") or None, value.get("name") or None, i,
-                           value.get("fixed_seg") or None))
+        out.append(
+            PairRow(
+                value["fixed"],
+                value["moving"],
+                value.get("moving_seg") or None,
+                value.get("name") or None,
+                i,
+                value.get("fixed_seg") or None,
+            )
+        )
     return out

@@ -39,11 +39,11 @@ def read_ras_matrix(path: PathLike) -> np.ndarray:
     try:
         matrix = np.loadtxt(path, comments="#", ndmin=2)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(path, "neither an ITK transform file nor a 4x4 matrix "
-                               f"({str(exc).splitlines()[0][:80]})") from None
+        raise InputError(path, f"neither an ITK transform file nor a 4x4 matrix ({str(exc).splitlines()[0][:80]})") from None
     if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)) or not np.allclose(matrix[3], [0, 0, 0, 1]):
-        raise InputError(path, f"expected a 4x4 affine matrix with last row 0 0 0 1 (crd-jax's affine.txt), got "
-                               f"shape {matrix.shape}")
+        raise InputError(
+            path, f"expected a 4x4 affine matrix with last row 0 0 0 1 (crd-jax's affine.txt), got shape {matrix.shape}"
+        )
     if abs(np.linalg.det(matrix[:3, :3])) < 1e-12:
         raise InputError(path, "the affine matrix is singular")
     return matrix
@@ -115,8 +115,11 @@ def read_one(path: PathLike, reference: Optional[Volume], fmt: str = "auto") -> 
         return [itk.AffineMap(read_ras_matrix(path))]
     if str(path).lower().endswith(itk.TRANSFORM_SUFFIXES):
         return itk.read_transform(path)
-    raise InputError(path, "unknown transform format (expected a displacement .nii/.nii.gz/.npz, an ITK transform "
-                           f"file {'/'.join(itk.TRANSFORM_SUFFIXES)}, or crd-jax's affine.txt)")
+    raise InputError(
+        path,
+        "unknown transform format (expected a displacement .nii/.nii.gz/.npz, an ITK transform "
+        f"file {'/'.join(itk.TRANSFORM_SUFFIXES)}, or crd-jax's affine.txt)",
+    )
 
 
 def read_chain(paths: Sequence, reference: Optional[Volume], fmt: str = "auto") -> List:

@@ -69,8 +69,9 @@ def from_learn2reg(field: np.ndarray, shape: Tuple[int, ...]) -> np.ndarray:
     return np.moveaxis(ndimage.zoom(field, zoom, order=1, grid_mode=True, mode="nearest"), 0, -1)
 
 
-def displacement_names(fmt: str, name: str = "disp", pair_ids: Optional[Tuple[str, str]] = None,
-                       ext: str = ".nii.gz") -> List[str]:
+def displacement_names(
+    fmt: str, name: str = "disp", pair_ids: Optional[Tuple[str, str]] = None, ext: str = ".nii.gz"
+) -> List[str]:
     """The file names :func:`write_displacement` writes for format ``fmt`` (NIfTI files end in ``ext``)."""
     if fmt == "voxel":
         return [f"{name}{ext}"]
@@ -86,9 +87,16 @@ def displacement_names(fmt: str, name: str = "disp", pair_ids: Optional[Tuple[st
     raise ValueError(f"unknown displacement format {fmt!r} ({', '.join(FORMATS)})")
 
 
-def write_displacement(out_dir: Path, disp: np.ndarray, fixed: Volume, fmt: str, name: str = "disp",
-                       pair_ids: Optional[Tuple[str, str]] = None, ext: str = ".nii.gz",
-                       world: Optional[np.ndarray] = None) -> list:
+def write_displacement(
+    out_dir: Path,
+    disp: np.ndarray,
+    fixed: Volume,
+    fmt: str,
+    name: str = "disp",
+    pair_ids: Optional[Tuple[str, str]] = None,
+    ext: str = ".nii.gz",
+    world: Optional[np.ndarray] = None,
+) -> list:
     """Writes ``disp`` (fixed grid, voxels) in format ``fmt``; returns the paths written. ``world``: the affine
     pre-alignment composed into ``disp`` (RAS fixed world -> moving world), which the ITK composite stores as
     its own affine transform (``None``: an identity there, the whole map in the field)."""
@@ -120,8 +128,10 @@ def read_displacement(path: PathLike, reference: Volume, fmt: str = "auto") -> n
 
     check_input_file(path, "a displacement file")
     if fmt == "learn2reg" and not name.endswith(".npz"):
-        raise InputError(path, "the Learn2Reg format is a .npz file (disp_FFFF_MMMM.npz); for a NIfTI field use "
-                               "--disp-format voxel, itk or auto")
+        raise InputError(
+            path,
+            "the Learn2Reg format is a .npz file (disp_FFFF_MMMM.npz); for a NIfTI field use --disp-format voxel, itk or auto",
+        )
     try:
         if fmt == "learn2reg":
             with np.load(name) as f:

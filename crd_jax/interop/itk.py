@@ -93,8 +93,9 @@ def deformable_part(disp: np.ndarray, fixed_affine: np.ndarray, world: Optional[
     return end
 
 
-def composite_transform(disp: np.ndarray, fixed_affine: np.ndarray,
-                        world: Optional[np.ndarray] = None) -> sitk.CompositeTransform:
+def composite_transform(
+    disp: np.ndarray, fixed_affine: np.ndarray, world: Optional[np.ndarray] = None
+) -> sitk.CompositeTransform:
     """A SimpleITK ``CompositeTransform`` ``[affine, displacement field]`` equal to a crd-jax registration:
     ``disp`` (the fixed grid's voxels, the affine already composed in, as ``register`` writes it) and its
     affine pre-alignment ``world`` (RAS fixed world -> moving world; ``None``: identity)."""
@@ -240,8 +241,9 @@ def read_transform(path: PathLike) -> List:
         transform = sitk.ReadTransform(str(path))
     except RuntimeError as exc:
         first = next((l.strip() for l in str(exc).splitlines() if l.strip() and "sitk::ERROR" in l), "")
-        raise InputError(path, "not a transform file SimpleITK reads"
-                               + (f" ({first.split('sitk::ERROR:')[-1].strip()})" if first else "")) from None
+        raise InputError(
+            path, "not a transform file SimpleITK reads" + (f" ({first.split('sitk::ERROR:')[-1].strip()})" if first else "")
+        ) from None
     try:
         return _maps_of(transform, sitk)
     except ValueError as exc:
@@ -254,10 +256,10 @@ def apply_maps(maps: Sequence, points: np.ndarray, chunk: int = 1 << 20) -> np.n
     points = np.asarray(points, np.float64).reshape(-1, 3)
     out = np.empty_like(points)
     for start in range(0, len(points), chunk):
-        p = points[start:start + chunk]
+        p = points[start : start + chunk]
         for m in reversed(list(maps)):
             p = m(p)
-        out[start:start + chunk] = p
+        out[start : start + chunk] = p
     return out
 
 

@@ -127,7 +127,10 @@ def convert(state: Mapping[str, np.ndarray], kind: str, source: str = "checkpoin
     elif kind == "teacher":
         if not has_fusion:
             raise InputError(source, "this is not a teacher checkpoint (no fusion layers); use --kind student")
-        params = {"backbone": _convert_layers(state, BACKBONE_LAYERS, source), "head": _convert_layers(state, HEAD_LAYERS, source)}
+        params = {
+            "backbone": _convert_layers(state, BACKBONE_LAYERS, source),
+            "head": _convert_layers(state, HEAD_LAYERS, source),
+        }
         spec = {"kind": "teacher", "factor": 2, "label": "FST (official)"}
     else:
         raise InputError(kind, "kind must be 'student' or 'teacher'")
@@ -141,8 +144,15 @@ def convert(state: Mapping[str, np.ndarray], kind: str, source: str = "checkpoin
         architecture=dict(ARCHITECTURE),
         stage="convert-official",
         # The authors feed OASIS intensities in [0, 1] as stored: no normalisation; 1 mm, as their network ran.
-        preprocessing={"normalize": "none", "percentiles": [0.5, 99.5], "resample_shape": [], "multiple": 32, "ndim": 3,
-                       "geometry": dict(TRAINING_SPACE), "intensity": dict(TRAINING_INTENSITY)},
+        preprocessing={
+            "normalize": "none",
+            "percentiles": [0.5, 99.5],
+            "resample_shape": [],
+            "multiple": 32,
+            "ndim": 3,
+            "geometry": dict(TRAINING_SPACE),
+            "intensity": dict(TRAINING_INTENSITY),
+        },
         card=card(source),
     )
     return params, spec
@@ -154,8 +164,7 @@ def card(source: str) -> Dict[str, str]:
     return {
         "training_data": "OASIS (neurite-oasis aligned_norm), the authors' release",
         "grid": f"{grid} voxels of 1 mm, {TRAINING_SPACE['orientation']}; inputs are reoriented and resampled to 1 mm",
-        "preprocessing": "skull-stripped (FreeSurfer norm), affinely aligned, intensities in [0, 1] as stored "
-                         "(no normalisation)",
+        "preprocessing": "skull-stripped (FreeSurfer norm), affinely aligned, intensities in [0, 1] as stored (no normalisation)",
         "licence": "no licence stated by the authors; for local checks",
         "source_checkpoint": PurePath(str(source)).name,
     }

@@ -55,8 +55,7 @@ def read_points(path: PathLike, lps: bool = False) -> PointsTable:
         raise InputError(path, f"unreadable ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
         raise InputError(path, f"not a text file in UTF-8 (byte {exc.start})") from None
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1)
-             if line.strip() and not line.lstrip().startswith("#")]
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip() and not line.lstrip().startswith("#")]
     try:
         table = [(n, next(csv.reader([line]))) for n, line in lines]
     except csv.Error as exc:
@@ -69,8 +68,11 @@ def read_points(path: PathLike, lps: bool = False) -> PointsTable:
         lower = [c.lower() for c in header]
         missing = [k for k in ("x", "y", "z") if k not in lower]
         if missing:
-            raise InputError(path, f"line {table[0][0]}: the header has no column {', '.join(missing)} "
-                                   "(expected x,y,z, any order, other columns allowed)")
+            raise InputError(
+                path,
+                f"line {table[0][0]}: the header has no column {', '.join(missing)} "
+                "(expected x,y,z, any order, other columns allowed)",
+            )
         columns = tuple(lower.index(k) for k in ("x", "y", "z"))
     else:
         header, body, columns = ["x", "y", "z"], table, (0, 1, 2)

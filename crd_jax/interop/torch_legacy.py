@@ -113,7 +113,9 @@ def load_legacy_checkpoint(path: Union[str, Path]) -> Dict[str, np.ndarray]:
             head = f.read(2)
             f.seek(0)
             if head == b"PK":
-                raise InputError(path, "zip-format (torch >= 1.6) checkpoint; re-save it with _use_new_zipfile_serialization=False")
+                raise InputError(
+                    path, "zip-format (torch >= 1.6) checkpoint; re-save it with _use_new_zipfile_serialization=False"
+                )
             try:
                 magic = _DataUnpickler(f).load()
             except Exception:

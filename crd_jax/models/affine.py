@@ -61,6 +61,7 @@ class AffineThenDeformable(nn.Module):
     def __call__(self, moving: jax.Array, fixed: jax.Array) -> Dict:
         a = self.affine(moving, fixed)
         out = as_output(self.deformable(warp(moving, a.disp), fixed))
-        out = out.replace(disp=compose(a.disp, out.disp),
-                          extras={**out.extras, "deformable_disp": out.disp, "affine_disp": a.disp})
+        out = out.replace(
+            disp=compose(a.disp, out.disp), extras={**out.extras, "deformable_disp": out.disp, "affine_disp": a.disp}
+        )
         return out

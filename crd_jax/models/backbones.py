@@ -114,29 +114,36 @@ def resolve(name: str, recorded: Optional[Mapping[str, str]] = None, allowed_mod
         try:
             _load_entry_point(ep)
         except Exception as exc:  # the package's own failure: one line naming it
-            raise BackboneUnavailable(f"backbone {name!r}: loading the entry point '{ep.value}' of group {GROUP} failed "
-                                      f"({type(exc).__name__}: {exc})") from None
+            raise BackboneUnavailable(
+                f"backbone {name!r}: loading the entry point '{ep.value}' of group {GROUP} failed ({type(exc).__name__}: {exc})"
+            ) from None
         if name not in REGISTRY:
-            raise BackboneUnavailable(f"backbone {name!r}: the entry point '{ep.value}' of group {GROUP} registers no "
-                                      "backbone of that name")
+            raise BackboneUnavailable(
+                f"backbone {name!r}: the entry point '{ep.value}' of group {GROUP} registers no backbone of that name"
+            )
         return
     recorded = recorded or {}
     module = recorded.get("module", "")
     if recorded.get("entry_point") or not module:
-        how = (f"no installed package provides the entry point {recorded['entry_point']!r} of group {GROUP}"
-               if recorded.get("entry_point") else "crd-jax does not know it and the model records no module that defines it")
+        how = (
+            f"no installed package provides the entry point {recorded['entry_point']!r} of group {GROUP}"
+            if recorded.get("entry_point")
+            else "crd-jax does not know it and the model records no module that defines it"
+        )
         known = ", ".join(sorted(REGISTRY))
-        raise BackboneUnavailable(f"unknown backbone {name!r}: {how} (install the package that provides it; "
-                                  f"registered: {known})")
+        raise BackboneUnavailable(f"unknown backbone {name!r}: {how} (install the package that provides it; registered: {known})")
     if module not in allowed_modules:
-        raise BackboneUnavailable(f"backbone {name!r} is defined by module '{module}', which crd-jax imports only when "
-                                  f"you allow it (importing runs its code): pass --allow-backbone-module {module} or set "
-                                  f"CRD_JAX_BACKBONE_MODULES={module}")
+        raise BackboneUnavailable(
+            f"backbone {name!r} is defined by module '{module}', which crd-jax imports only when "
+            f"you allow it (importing runs its code): pass --allow-backbone-module {module} or set "
+            f"CRD_JAX_BACKBONE_MODULES={module}"
+        )
     try:
         importlib.import_module(module)
     except Exception as exc:  # not on the path, or the module's own failure
-        raise BackboneUnavailable(f"backbone {name!r}: module '{module}' does not import ({type(exc).__name__}: {exc}; "
-                                  "is its folder on PYTHONPATH?)") from None
+        raise BackboneUnavailable(
+            f"backbone {name!r}: module '{module}' does not import ({type(exc).__name__}: {exc}; is its folder on PYTHONPATH?)"
+        ) from None
     if name not in REGISTRY:
         raise BackboneUnavailable(f"backbone {name!r}: module '{module}' was imported but registers no backbone of that name")
 

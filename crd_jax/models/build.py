@@ -16,33 +16,52 @@ from crd_jax.models.voxelmorph import VoxelMorph, encoder_levels
 if TYPE_CHECKING:
     import flax.linen as nn
 
+
 def _tuple(v):
     return tuple(_tuple(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
 def _common(arch, name):
-    return dict(negative_slope=float(arch["negative_slope"]), diffeomorphic=bool(arch["diffeomorphic"]),
-                int_steps=int(arch["int_steps"]), name=name)
+    return dict(
+        negative_slope=float(arch["negative_slope"]),
+        diffeomorphic=bool(arch["diffeomorphic"]),
+        int_steps=int(arch["int_steps"]),
+        name=name,
+    )
 
 
 def _build_voxelmorph(arch, name=None):
-    return VoxelMorph(encoder=_tuple(arch["encoder"]), encoder_strides=_tuple(arch["encoder_strides"]),
-                      decoder=_tuple(arch["decoder"]), encoder_pooling=str(arch["encoder_pooling"]), **_common(arch, name))
+    return VoxelMorph(
+        encoder=_tuple(arch["encoder"]),
+        encoder_strides=_tuple(arch["encoder_strides"]),
+        decoder=_tuple(arch["decoder"]),
+        encoder_pooling=str(arch["encoder_pooling"]),
+        **_common(arch, name),
+    )
 
 
 def _build_pyramid(arch, name=None):
-    return Pyramid(encoder=_tuple(arch["encoder"]), encoder_strides=_tuple(arch["encoder_strides"]),
-                   estimator=_tuple(arch["estimator"]), **_common(arch, name))
+    return Pyramid(
+        encoder=_tuple(arch["encoder"]),
+        encoder_strides=_tuple(arch["encoder_strides"]),
+        estimator=_tuple(arch["estimator"]),
+        **_common(arch, name),
+    )
 
 
 def _vm_fst_head(arch, factor: int):
     fusion = arch.get("fusion", "paper")
     output = teacher_output(arch)
     if fusion in ("paper", "compact"):
-        return FusionHead(decoder=_tuple(arch["decoder"]), shift=int(factor).bit_length() - 1,
-                          negative_slope=float(arch["negative_slope"]), diffeomorphic=bool(arch["diffeomorphic"]),
-                          int_steps=int(arch["int_steps"]), fusion_convs=4 if fusion == "paper" else 1,
-                          full_resolution=output == "full")
+        return FusionHead(
+            decoder=_tuple(arch["decoder"]),
+            shift=int(factor).bit_length() - 1,
+            negative_slope=float(arch["negative_slope"]),
+            diffeomorphic=bool(arch["diffeomorphic"]),
+            int_steps=int(arch["int_steps"]),
+            fusion_convs=4 if fusion == "paper" else 1,
+            full_resolution=output == "full",
+        )
     if fusion == "official":
         if int(factor) != 2 or arch["diffeomorphic"]:
             raise ValueError("the official fusion head exists for n = 2 and displacement (non-diffeomorphic) models")
@@ -68,25 +87,47 @@ def _pyramid_fst_head(arch, factor: int):
         raise ValueError("pyramid backbones have the paper's fusion only")
     if teacher_output(arch) != "half":
         raise ValueError("pyramid FST heads predict on the student's grid only (teacher_output = 'half')")
-    return PyramidFusionHead(estimator=_tuple(arch["estimator"]), shift=int(factor).bit_length() - 1,
-                             negative_slope=float(arch["negative_slope"]), diffeomorphic=bool(arch["diffeomorphic"]),
-                             int_steps=int(arch["int_steps"]))
+    return PyramidFusionHead(
+        estimator=_tuple(arch["estimator"]),
+        shift=int(factor).bit_length() - 1,
+        negative_slope=float(arch["negative_slope"]),
+        diffeomorphic=bool(arch["diffeomorphic"]),
+        int_steps=int(arch["int_steps"]),
+    )
 
 
 def _encoder_levels(arch):
     return encoder_levels(_tuple(arch["encoder_strides"]))
 
 
-backbones.register_backbone(backbones.BackboneEntry(
-    "voxelmorph",
-    {"encoder": [16, 32, 32, 32], "encoder_strides": [2, 2, 2, 2],
-     "decoder": [[32], [32], [32], [32, 32], [16, 16]], "encoder_pooling": "stride"},
-    _build_voxelmorph, _encoder_levels, "VM", _vm_fst_head))
-backbones.register_backbone(backbones.BackboneEntry(
-    "pyramid", {"encoder": [16, 32, 32, 32, 32], "encoder_strides": [1, 2, 2, 2, 2], "estimator": [32, 16]},
-    _build_pyramid, _encoder_levels, "Pyd", _pyramid_fst_head))
-backbones.register_backbone(backbones.BackboneEntry(
-    "affine", {}, lambda arch, name=None: affine_net(arch), lambda arch: 0, "Affine", None))
+backbones.register_backbone(
+    backbones.BackboneEntry(
+        "voxelmorph",
+        {
+            "encoder": [16, 32, 32, 32],
+            "encoder_strides": [2, 2, 2, 2],
+            "decoder": [[32], [32], [32], [32, 32], [16, 16]],
+            "encoder_pooling": "stride",
+        },
+        _build_voxelmorph,
+        _encoder_levels,
+        "VM",
+        _vm_fst_head,
+    )
+)
+backbones.register_backbone(
+    backbones.BackboneEntry(
+        "pyramid",
+        {"encoder": [16, 32, 32, 32, 32], "encoder_strides": [1, 2, 2, 2, 2], "estimator": [32, 16]},
+        _build_pyramid,
+        _encoder_levels,
+        "Pyd",
+        _pyramid_fst_head,
+    )
+)
+backbones.register_backbone(
+    backbones.BackboneEntry("affine", {}, lambda arch, name=None: affine_net(arch), lambda arch: 0, "Affine", None)
+)
 
 
 def architecture(model_cfg: Mapping[str, Any]) -> dict:
@@ -107,8 +148,10 @@ def _make_single(frozen_arch, name=None):
 
 
 def affine_net(arch: Mapping[str, Any]) -> AffineNet:
-    return AffineNet(channels=_tuple(arch.get("affine_channels", backbones.COMMON["affine_channels"])),
-                     negative_slope=float(arch["negative_slope"]))
+    return AffineNet(
+        channels=_tuple(arch.get("affine_channels", backbones.COMMON["affine_channels"])),
+        negative_slope=float(arch["negative_slope"]),
+    )
 
 
 def deformable_from_config(arch: Mapping[str, Any]) -> nn.Module:
@@ -149,8 +192,12 @@ def teacher_from_config(arch: Mapping[str, Any], factor: int) -> Teacher:
     make_head = backbones.entry(arch).fst_head
     if make_head is None:
         raise ValueError(f"backbone {arch.get('backbone')!r} has no FST head")
-    return Teacher(backbone_from_config(arch), make_head(arch, int(factor)), factor=int(factor),
-                   align_corners=bool(arch.get("teacher_align_corners", False)))
+    return Teacher(
+        backbone_from_config(arch),
+        make_head(arch, int(factor)),
+        factor=int(factor),
+        align_corners=bool(arch.get("teacher_align_corners", False)),
+    )
 
 
 def spec_architecture(spec: Mapping[str, Any]) -> dict:

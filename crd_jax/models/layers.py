@@ -110,8 +110,11 @@ def redraw_flow_heads(params: Params, key: jax.Array, scheme: str = "torch") -> 
                 bound = 1.0 / np.sqrt(np.prod(kernel.shape[:-1]))
                 k1, k2 = jax.random.split(jax.random.fold_in(key, counter[0]))
                 counter[0] += 1
-                out[name] = dict(sub, kernel=jax.random.uniform(k1, kernel.shape, kernel.dtype, -bound, bound),
-                                 bias=jax.random.uniform(k2, sub["bias"].shape, sub["bias"].dtype, -bound, bound))
+                out[name] = dict(
+                    sub,
+                    kernel=jax.random.uniform(k1, kernel.shape, kernel.dtype, -bound, bound),
+                    bias=jax.random.uniform(k2, sub["bias"].shape, sub["bias"].dtype, -bound, bound),
+                )
             else:
                 out[name] = walk(sub, inside_flow or str(name).startswith("flow"))
         return out

@@ -103,7 +103,8 @@ class Pyramid(nn.Module):
         encode = PyramidEncoder(self.encoder, self.encoder_strides, self.negative_slope, name="encoder")
         em, ef = encode(moving), encode(fixed)  # one module called twice: shared weights
         features = {lev: concat([em[lev], ef[lev]]) for lev in em}
-        out = PyramidEstimator(self.estimator, self.negative_slope, self.diffeomorphic, self.int_steps, name="estimator")(features)
+        out = PyramidEstimator(self.estimator, self.negative_slope, self.diffeomorphic, self.int_steps, name="estimator")(
+            features
+        )
         out = out.replace(features=features)
         return out
-

@@ -20,8 +20,7 @@ from crd_jax.ops.spatial import resize, upsample_field
 from crd_jax.typing import Params
 
 
-def downsample_pair(moving: jax.Array, fixed: jax.Array, factor: int,
-                    align_corners: bool = False) -> Tuple[jax.Array, jax.Array]:
+def downsample_pair(moving: jax.Array, fixed: jax.Array, factor: int, align_corners: bool = False) -> Tuple[jax.Array, jax.Array]:
     """``{I_m^L, I_f^L}``: both images resized to ``1/factor`` of their size (linear, half-pixel centres
     unless ``align_corners``)."""
     if factor == 1:

@@ -60,8 +60,9 @@ class FeatureFusion(nn.Module):
         return Conv(b, negative_slope=self.negative_slope, name="conv_3")(h)
 
 
-def fuse_shifted(high: Dict[int, jax.Array], low: Dict[int, jax.Array], shift: int, negative_slope: float,
-                 convs: int = 4) -> Dict[int, jax.Array]:
+def fuse_shifted(
+    high: Dict[int, jax.Array], low: Dict[int, jax.Array], shift: int, negative_slope: float, convs: int = 4
+) -> Dict[int, jax.Array]:
     """``{l: F^T_l}``: Table I fusion of every shifted pair (called inside a head's ``compact`` method)."""
     return {
         lev: FeatureFusion(negative_slope, convs, name=f"fuse_{lev}")(low[lev], high[lev + shift])
@@ -103,7 +104,8 @@ class FusionHead(nn.Module):
             for lev in range(self.shift - 1, -1, -1):
                 skip = high[lev]
                 h = Conv(skip.shape[-1], negative_slope=self.negative_slope, name=f"full_{lev}")(
-                    concat([upsample_nearest(h, skip.shape[1:-1]), skip]))
+                    concat([upsample_nearest(h, skip.shape[1:-1]), skip])
+                )
         flow = FlowHead(name="flow")(h)
         if self.diffeomorphic:
             return ModelOutput(disp=integrate_velocity(flow, self.int_steps), velocity=flow, features=fused)
@@ -153,7 +155,9 @@ class OfficialFusionHead(nn.Module):
         features = {deepest - 1: h}
         for i, lev in enumerate(range(deepest - 1, 0, -1), start=1):
             up = resize(h, high[lev].shape[1:-1], align_corners=True)
-            h = Conv(self.channels[i], negative_slope=self.negative_slope, name=f"fuse_{lev}")(concat([up, low[lev - 1], high[lev]]))
+            h = Conv(self.channels[i], negative_slope=self.negative_slope, name=f"fuse_{lev}")(
+                concat([up, low[lev - 1], high[lev]])
+            )
             features[lev - 1] = h
         up = resize(h, high[0].shape[1:-1], align_corners=True)
         h = Conv(self.channels[-1], negative_slope=self.negative_slope, name="fuse_0")(concat([up, high[0]]))
@@ -178,8 +182,9 @@ class Teacher:
     def shift(self) -> int:
         return self.factor.bit_length() - 1
 
-    def backbone_features(self, backbone_params: Params, moving: jax.Array,
-                          fixed: jax.Array) -> Tuple[Dict[int, jax.Array], Dict[int, jax.Array]]:
+    def backbone_features(
+        self, backbone_params: Params, moving: jax.Array, fixed: jax.Array
+    ) -> Tuple[Dict[int, jax.Array], Dict[int, jax.Array]]:
         """``(F^H, F^L)``: the backbone's decoder features at both resolutions."""
         high = as_output(self.backbone.apply({"params": backbone_params}, moving, fixed)).features
         m, f = downsample_pair(moving, fixed, self.factor, self.align_corners)
@@ -193,8 +198,9 @@ class Teacher:
 
         return run_once(init, key, backbone_params, moving, fixed)
 
-    def apply(self, params: Params, moving: jax.Array, fixed: jax.Array,
-              backbone_features: Optional[tuple] = None) -> ModelOutput:
+    def apply(
+        self, params: Params, moving: jax.Array, fixed: jax.Array, backbone_features: Optional[tuple] = None
+    ) -> ModelOutput:
         high, low = backbone_features or self.backbone_features(params["backbone"], moving, fixed)
         out = as_output(self.head.apply({"params": params["head"]}, high, low))
         if getattr(self.head, "full_resolution", False):

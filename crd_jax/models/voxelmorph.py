@@ -100,8 +100,7 @@ class FlowHead(nn.Module):
     @nn.compact
     def __call__(self, h):
         ndim = h.ndim - 2
-        return Conv(ndim, negative_slope=None, kernel_init=flow_kernel_init(), bias_init=nn.initializers.zeros,
-                    name="conv")(h)
+        return Conv(ndim, negative_slope=None, kernel_init=flow_kernel_init(), bias_init=nn.initializers.zeros, name="conv")(h)
 
 
 class VoxelMorph(nn.Module):

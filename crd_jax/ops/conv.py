@@ -57,17 +57,21 @@ def _dimension_numbers(ndim: int):
 
 def _lax_conv(x, w, stride, padding):
     ndim = x.ndim - 2
-    return lax.conv_general_dilated(
-        x, w, window_strides=stride, padding=padding, dimension_numbers=_dimension_numbers(ndim)
-    )
+    return lax.conv_general_dilated(x, w, window_strides=stride, padding=padding, dimension_numbers=_dimension_numbers(ndim))
 
 
 def _activate(z, negative_slope):
     return z if negative_slope is None else jnp.where(z >= 0, z, negative_slope * z)
 
 
-def conv_reference(x: jax.Array, w: jax.Array, b: jax.Array, stride: IntOrSeq = 1, padding: Optional[Padding] = None,
-                   negative_slope: Optional[float] = None) -> jax.Array:
+def conv_reference(
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array,
+    stride: IntOrSeq = 1,
+    padding: Optional[Padding] = None,
+    negative_slope: Optional[float] = None,
+) -> jax.Array:
     """The same op written with ``lax.conv_general_dilated`` and ordinary autodiff (ground truth)."""
     ndim = x.ndim - 2
     padding = default_padding(w.shape[:ndim]) if padding is None else tuple(map(tuple, padding))
@@ -252,8 +256,9 @@ def _forward(x, w, b, stride, padding, negative_slope, inference=False):
 
     if not _use_native(x):
         return reference(x, w, b)
-    native_fn = functools.partial(_native_forward, stride=stride, padding=padding, negative_slope=negative_slope,
-                                  bf16=_bf16_for(w, inference))
+    native_fn = functools.partial(
+        _native_forward, stride=stride, padding=padding, negative_slope=negative_slope, bf16=_bf16_for(w, inference)
+    )
     return _on_cpu(native_fn, reference, x, w, b)
 
 
@@ -353,8 +358,13 @@ def _native_upcat_forward(low, skip, w, b, padding, negative_slope, bf16=False):
     skip5, w5, _, padding5 = _as_3d(skip, w, (1,) * (skip.ndim - 2), padding)
     out = jax.ShapeDtypeStruct((*skip5.shape[:4], w5.shape[-1]), jnp.float32)
     y = jax.ffi.ffi_call("crd_conv_upcat_fwd", out, vmap_method="sequential")(
-        low5, skip5, _packed_weights(w5, bf16), b,
-        pd=np.int64(padding5[0][0]), ph=np.int64(padding5[1][0]), pw=np.int64(padding5[2][0]),
+        low5,
+        skip5,
+        _packed_weights(w5, bf16),
+        b,
+        pd=np.int64(padding5[0][0]),
+        ph=np.int64(padding5[1][0]),
+        pw=np.int64(padding5[2][0]),
         slope=np.float32(0.0 if negative_slope is None else negative_slope),
         act=np.int64(negative_slope is not None),
         bf16=np.int64(bf16),
@@ -368,8 +378,9 @@ def _upcat_forward(low, skip, w, b, padding, negative_slope, inference=False):
     def reference(low, skip, w, b):
         return _activate(_lax_conv(_upsampled_concat(low, skip), w, stride, padding) + b, negative_slope)
 
-    native_fn = functools.partial(_native_upcat_forward, padding=padding, negative_slope=negative_slope,
-                                  bf16=_bf16_for(w, inference))
+    native_fn = functools.partial(
+        _native_upcat_forward, padding=padding, negative_slope=negative_slope, bf16=_bf16_for(w, inference)
+    )
     return _on_cpu(native_fn, reference, low, skip, w, b)
 
 

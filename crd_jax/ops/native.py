@@ -42,8 +42,13 @@ import jax
 
 from crd_jax.ops import native_build
 
-_TARGETS = {"crd_conv_fwd": "CrdConvFwd", "crd_conv_upcat_fwd": "CrdConvUpcatFwd", "crd_conv_wgrad": "CrdConvWgrad",
-            "crd_warp": "CrdWarp", "crd_warp_grad": "CrdWarpGrad"}
+_TARGETS = {
+    "crd_conv_fwd": "CrdConvFwd",
+    "crd_conv_upcat_fwd": "CrdConvUpcatFwd",
+    "crd_conv_wgrad": "CrdConvWgrad",
+    "crd_warp": "CrdWarp",
+    "crd_warp_grad": "CrdWarpGrad",
+}
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -58,8 +63,10 @@ def _open_library() -> ctypes.CDLL:
     """The installed kernel, if it was built for the running jaxlib and from the sources on disk."""
     path = native_build.library_path()
     if path is None:
-        raise _Unusable("the native kernel was not built when crd-jax was installed (no C++ compiler?); "
-                        "run `crd-jax build-kernel` to build it")
+        raise _Unusable(
+            "the native kernel was not built when crd-jax was installed (no C++ compiler?); "
+            "run `crd-jax build-kernel` to build it"
+        )
     lib = ctypes.CDLL(str(path))
     record = {}
     for name in ("crd_built_for_jaxlib", "crd_source_hash"):

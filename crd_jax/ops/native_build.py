@@ -79,11 +79,13 @@ def _program(name: str) -> str | None:
 def _built_record(path: Path) -> tuple[str, str]:
     """(jaxlib, source hash) a library was built for, read in a child process (loading it here would pin the
     old file in this process)."""
-    code = ("import ctypes, sys\nlib = ctypes.CDLL(sys.argv[1])\n"
-            "for name in ('crd_built_for_jaxlib', 'crd_source_hash'):\n"
-            "    f = getattr(lib, name, None)\n"
-            "    if f is not None: f.restype = ctypes.c_char_p\n"
-            "    print(f().decode() if f is not None else '')\n")
+    code = (
+        "import ctypes, sys\nlib = ctypes.CDLL(sys.argv[1])\n"
+        "for name in ('crd_built_for_jaxlib', 'crd_source_hash'):\n"
+        "    f = getattr(lib, name, None)\n"
+        "    if f is not None: f.restype = ctypes.c_char_p\n"
+        "    print(f().decode() if f is not None else '')\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
     lines = proc.stdout.splitlines() if proc.returncode == 0 else []
     return (lines[0], lines[1]) if len(lines) == 2 else ("", "")
@@ -115,9 +117,17 @@ def rebuild(force: bool = False) -> str:
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="crd-jax-kernel-") as build:
-        configure = [cmake, "-S", str(CSRC), "-B", build, "-DCMAKE_BUILD_TYPE=Release",
-                     f"-DCRD_JAX_FFI_INCLUDE_DIR={jax.ffi.include_dir()}", f"-DCRD_JAXLIB_VERSION={jaxlib}",
-                     f"-DPython_EXECUTABLE={sys.executable}"]
+        configure = [
+            cmake,
+            "-S",
+            str(CSRC),
+            "-B",
+            build,
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCRD_JAX_FFI_INCLUDE_DIR={jax.ffi.include_dir()}",
+            f"-DCRD_JAXLIB_VERSION={jaxlib}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+        ]
         ninja = _program("ninja")
         if ninja is not None:
             configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
@@ -144,4 +154,3 @@ def rebuild(force: bool = False) -> str:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return f"built the native CPU kernel for jaxlib {jaxlib} (sources {sources}) in {time.perf_counter() - start:.0f} s: {target}"
-

@@ -70,8 +70,14 @@ def warp(image: jax.Array, disp: jax.Array, order: int = 1, mode: str = "border"
         raise ValueError(f"order must be 0 or 1, got {order}")
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
-    if order == 1 and mode == "border" and ndim == 3 and image.dtype == disp.dtype == jnp.float32 \
-            and warp_gradient() == "native" and _native_available():
+    if (
+        order == 1
+        and mode == "border"
+        and ndim == 3
+        and image.dtype == disp.dtype == jnp.float32
+        and warp_gradient() == "native"
+        and _native_available()
+    ):
         return _warp_linear_border(image, disp)
     return _warp_reference(image, disp, order, mode)
 

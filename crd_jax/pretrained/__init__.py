@@ -25,8 +25,12 @@ def shipped(root: Optional[Path] = None) -> Dict[str, Path]:
 
 def describe(folder: Path) -> Dict:
     spec = json.loads((folder / "model.json").read_text())
-    return {"name": folder.name, "label": spec.get("label", ""), **spec.get("shipped", {}),
-            "preprocessing": spec.get("preprocessing", {})}
+    return {
+        "name": folder.name,
+        "label": spec.get("label", ""),
+        **spec.get("shipped", {}),
+        "preprocessing": spec.get("preprocessing", {}),
+    }
 
 
 def default_model(root: Optional[Path] = None) -> Optional[str]:

@@ -24,8 +24,12 @@ import importlib
 NORMALIZE_CHOICES = ("model", "none", "minmax", "percentile")
 
 _NAMES = {
-    "LoadedModel": "model", "load": "model", "register_volumes": "pipeline", "load_pair": "pipeline",
-    "OutputOptions": "writing", "write_registration": "writing",
+    "LoadedModel": "model",
+    "load": "model",
+    "register_volumes": "pipeline",
+    "load_pair": "pipeline",
+    "OutputOptions": "writing",
+    "write_registration": "writing",
 }
 
 

@@ -220,8 +220,7 @@ def output_sets(task: Task, settings: Settings, overwrite: Optional[bool] = None
     overwrite = settings.overwrite or task.overwrite if overwrite is None else overwrite
     with_seg = bool(task.moving_seg)
     root = Path(settings.out_root)
-    sets = [OutputSet(root / task.name, written.names(with_seg, disp=not settings.flat_disp), overwrite,
-                      family=written.family())]
+    sets = [OutputSet(root / task.name, written.names(with_seg, disp=not settings.flat_disp), overwrite, family=written.family())]
     if settings.flat_disp and "disp" in written.kinds(with_seg):
         sets.append(OutputSet(root, written.disp_names(), overwrite))
     return sets
@@ -284,8 +283,15 @@ def register_task(loaded, task: Task, settings: Settings) -> Outcome:
     timings: Dict[str, float] = {}
     fixed, moving, moving_seg, fixed_seg = load_pair(loaded, task.fixed, task.moving, task.moving_seg, task.fixed_seg)
     timings["load"] = time.perf_counter() - t0
-    result, notes = register_volumes(loaded, fixed, moving, moving_seg, jacobian=written.jacobian,
-                                     network_field=written.disp_format == "compact", **settings.kwargs)
+    result, notes = register_volumes(
+        loaded,
+        fixed,
+        moving,
+        moving_seg,
+        jacobian=written.jacobian,
+        network_field=written.disp_format == "compact",
+        **settings.kwargs,
+    )
     dice = None
     if fixed_seg is not None and "warped_seg" in result:
         dice = dice_scores(result["warped_seg"], labels_on_grid(fixed_seg, fixed))
@@ -293,8 +299,19 @@ def register_task(loaded, task: Task, settings: Settings) -> Outcome:
     fixed, moving, moving_seg, fixed_seg = geometry_only(fixed), geometry_only(moving), None, None
     release_free_memory()
     t = time.perf_counter()
-    record = registration_record(loaded, task.fixed, task.moving, task.moving_seg, result, notes, seconds,
-                                 dict(settings.used), task.fixed_seg, timings, dice)
+    record = registration_record(
+        loaded,
+        task.fixed,
+        task.moving,
+        task.moving_seg,
+        result,
+        notes,
+        seconds,
+        dict(settings.used),
+        task.fixed_seg,
+        timings,
+        dice,
+    )
     record["pair"] = {"name": task.name, "row": task.row}
     record["process"] = {"host": socket.gethostname(), "pid": os.getpid(), "model_loads": _MODEL_LOADS["count"]}
     disp_set = sets[1] if len(sets) > 1 else None
@@ -305,8 +322,16 @@ def register_task(loaded, task: Task, settings: Settings) -> Outcome:
         with sets[0] as stage:
             write_registration(stage, written, result, fixed, moving, record)
     log.debug("%s: write: %.2f s", task.name, time.perf_counter() - t)  # after the record: not in its timings
-    outcome = Outcome(task, "done", time.perf_counter() - t0, int(result["folds"]), warning=result.get("warning"),
-                      dice=None if dice is None else dice["mean"], pid=os.getpid(), model_loads=_MODEL_LOADS["count"])
+    outcome = Outcome(
+        task,
+        "done",
+        time.perf_counter() - t0,
+        int(result["folds"]),
+        warning=result.get("warning"),
+        dice=None if dice is None else dice["mean"],
+        pid=os.getpid(),
+        model_loads=_MODEL_LOADS["count"],
+    )
     del result
     release_free_memory()
     return outcome
@@ -396,8 +421,9 @@ def run_dask(address: str, tasks: Sequence[Task], settings: Settings, keep_going
     try:
         from distributed import as_completed
 
-        futures = [client.submit(_on_worker, task, settings, keep_going, pure=False, key=f"crd-jax-pair-{task.index}")
-                   for task in tasks]
+        futures = [
+            client.submit(_on_worker, task, settings, keep_going, pure=False, key=f"crd-jax-pair-{task.index}") for task in tasks
+        ]
         outcomes = []
         for future in as_completed(futures):
             outcome = future.result()
@@ -460,8 +486,15 @@ def saved_dice(task: Task, settings: Settings) -> Optional[float]:
     return None if value is None else float(value)
 
 
-def dice_summary(finished: Sequence[Outcome], skipped: Sequence[Task], settings: Settings, pairs: int, failed: int,
-                 pairs_file: str, shard: Tuple[int, int]) -> dict:
+def dice_summary(
+    finished: Sequence[Outcome],
+    skipped: Sequence[Task],
+    settings: Settings,
+    pairs: int,
+    failed: int,
+    pairs_file: str,
+    shard: Tuple[int, int],
+) -> dict:
     """What ``summary.json`` holds: the run's counts and, over the pairs with both label maps (registered now,
     or complete from an earlier run and skipped: their recorded Dice), each pair's mean Dice in file order with
     their mean and standard deviation (population, as ``evaluate`` reports it); ``None`` without such a pair."""
@@ -473,11 +506,22 @@ def dice_summary(finished: Sequence[Outcome], skipped: Sequence[Task], settings:
     found += [(t, saved_dice(t, settings)) for t in skipped if t.fixed_seg and t.moving_seg]
     per_pair = {t.name: d for t, d in sorted(found, key=lambda x: x[0].index) if d is not None}
     values = np.asarray(list(per_pair.values()), np.float64)
-    dice = {"pairs": len(per_pair), "mean": round(float(values.mean()), 6) if values.size else None,
-            "sd": round(float(values.std()), 6) if values.size else None, "per_pair": per_pair}
-    return {"pairs_file": str(Path(pairs_file).absolute()), "shard": list(shard), "pairs": pairs,
-            "registered": sum(o.status == "done" for o in finished), "skipped": len(skipped), "failed": failed,
-            "dice": dice, "crd_jax": crd_jax.__version__}
+    dice = {
+        "pairs": len(per_pair),
+        "mean": round(float(values.mean()), 6) if values.size else None,
+        "sd": round(float(values.std()), 6) if values.size else None,
+        "per_pair": per_pair,
+    }
+    return {
+        "pairs_file": str(Path(pairs_file).absolute()),
+        "shard": list(shard),
+        "pairs": pairs,
+        "registered": sum(o.status == "done" for o in finished),
+        "skipped": len(skipped),
+        "failed": failed,
+        "dice": dice,
+        "crd_jax": crd_jax.__version__,
+    }
 
 
 def write_summary(path: Path, summary: Mapping) -> None:

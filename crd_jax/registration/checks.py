@@ -32,28 +32,40 @@ def check_images(fixed: Volume, moving: Volume) -> None:
     """Refuses pairs that would give meaningless output with exit 0: tiny, constant, or non-overlapping."""
     for vol in (fixed, moving):
         if min(vol.data.shape) < MIN_SIDE:
-            raise InputError(vol.path, f"image of {'x'.join(map(str, vol.data.shape))} voxels is too small to register "
-                                       f"(at least {MIN_SIDE} per side)")
+            raise InputError(
+                vol.path,
+                f"image of {'x'.join(map(str, vol.data.shape))} voxels is too small to register (at least {MIN_SIDE} per side)",
+            )
         lo, hi = float(vol.data.min()), float(vol.data.max())
         if hi <= lo:
             raise InputError(vol.path, f"image is constant (every voxel is {lo:g}): nothing to register")
         spacing = np.asarray(vol.spacing)
         if spacing.max() > MAX_ANISOTROPY * spacing.min():
-            raise InputError(vol.path, f"voxels of {' x '.join(f'{v:g}' for v in spacing)} mm are too anisotropic to "
-                                       f"register ({spacing.max() / spacing.min():.0f}:1, at most {MAX_ANISOTROPY:g}:1); "
-                                       "resample the image to near-isotropic voxels first")
+            raise InputError(
+                vol.path,
+                f"voxels of {' x '.join(f'{v:g}' for v in spacing)} mm are too anisotropic to "
+                f"register ({spacing.max() / spacing.min():.0f}:1, at most {MAX_ANISOTROPY:g}:1); "
+                "resample the image to near-isotropic voxels first",
+            )
     gap = world_gap(fixed, moving)
     if gap > 0:
-        raise InputError(moving.path, f"does not overlap the fixed image {fixed.path} in world space: their boxes are "
-                                      f"{gap:.1f} mm apart (check the affines, or align the images first)")
+        raise InputError(
+            moving.path,
+            f"does not overlap the fixed image {fixed.path} in world space: their boxes are "
+            f"{gap:.1f} mm apart (check the affines, or align the images first)",
+        )
 
 
 MAX_WORK_SIDE = 1024  # voxels per side of the model's grid: beyond this a model.json or an image is wrong
 MAX_WORK_VOXELS = 1 << 27
 
 
-def check_field_of_view(loaded: LoadedModel, volumes: Sequence[Volume], voxel: Optional[Sequence[float]] = None,
-                        work: Optional[Tuple[int, ...]] = None) -> None:
+def check_field_of_view(
+    loaded: LoadedModel,
+    volumes: Sequence[Volume],
+    voxel: Optional[Sequence[float]] = None,
+    work: Optional[Tuple[int, ...]] = None,
+) -> None:
     """Each input must cover at least ``MIN_SIDE`` voxels per side of the model's own grid (its training voxel
     size ``voxel`` where the model records one): a 20-voxel field of view at a 2.5 mm model voxel size reaches
     the network as 8 voxels per side and registers to noise with exit 0. ``work``: the model grid for this
@@ -65,15 +77,24 @@ def check_field_of_view(loaded: LoadedModel, volumes: Sequence[Volume], voxel: O
         seen = [int(round(e)) for e in extent]
         if min(seen) < MIN_SIDE:
             fov = " x ".join(f"{n * s:.0f}" for n, s in zip(vol.data.shape, vol.spacing))
-            raise InputError(vol.path, f"field of view too small for this model: {fov} mm is "
-                                       f"{'x'.join(map(str, seen))} voxels at the model's voxel size "
-                                       f"({'x'.join(f'{v:g}' for v in (voxel or vol.spacing))} mm; at least {MIN_SIDE} per side)")
+            raise InputError(
+                vol.path,
+                f"field of view too small for this model: {fov} mm is "
+                f"{'x'.join(map(str, seen))} voxels at the model's voxel size "
+                f"({'x'.join(f'{v:g}' for v in (voxel or vol.spacing))} mm; at least {MIN_SIDE} per side)",
+            )
     if work is not None and min(int(w) for w in work) < MIN_SIDE:
-        raise InputError(volumes[0].path, f"field of view too small for this model: it reaches the network as "
-                                          f"{'x'.join(str(int(w)) for w in work)} voxels (at least {MIN_SIDE} per side)")
+        raise InputError(
+            volumes[0].path,
+            f"field of view too small for this model: it reaches the network as "
+            f"{'x'.join(str(int(w)) for w in work)} voxels (at least {MIN_SIDE} per side)",
+        )
     if work is not None and (max(int(w) for w in work) > MAX_WORK_SIDE or int(np.prod([int(w) for w in work])) > MAX_WORK_VOXELS):
-        raise InputError(loaded.path, f"the model's grid for this image would be {'x'.join(map(str, work))} voxels "
-                                      f"(at most {MAX_WORK_SIDE} per side): check model.json's geometry and resample_shape")
+        raise InputError(
+            loaded.path,
+            f"the model's grid for this image would be {'x'.join(map(str, work))} voxels "
+            f"(at most {MAX_WORK_SIDE} per side): check model.json's geometry and resample_shape",
+        )
 
 
 def check_model_grid(loaded: LoadedModel, fixed: Volume, moving: Volume) -> None:
@@ -102,8 +123,11 @@ def check_label_grid(labels: Volume, image: Volume, what: str) -> None:
     (llo, lhi), (ilo, ihi) = space.world_box(labels), space.world_box(image)
     gap = float(np.max(np.abs(np.concatenate([llo - ilo, lhi - ihi]))))
     if gap > 0.5 * min(image.spacing):
-        raise InputError(labels.path, f"label map lies on another grid than the {what} {image.path}: their world boxes "
-                                      f"differ by up to {gap:.1f} mm (check the affines; labels must cover the same voxels)")
+        raise InputError(
+            labels.path,
+            f"label map lies on another grid than the {what} {image.path}: their world boxes "
+            f"differ by up to {gap:.1f} mm (check the affines; labels must cover the same voxels)",
+        )
 
 
 def check_intensities(loaded: LoadedModel, image: np.ndarray, path: PathLike, mode: str) -> None:
@@ -113,8 +137,11 @@ def check_intensities(loaded: LoadedModel, image: np.ndarray, path: PathLike, mo
     p99 = float(np.percentile(image, 99))
     if reference > 0 and not (reference / INTENSITY_RATIO <= p99 <= reference * INTENSITY_RATIO):
         hint = " pass --normalize minmax (or percentile) to rescale it" if mode == "none" else ""
-        raise InputError(path, f"intensities (99th percentile {p99:.4g}) are far from the model's training data "
-                               f"({reference:.4g});{hint or ' rescale the image'}")
+        raise InputError(
+            path,
+            f"intensities (99th percentile {p99:.4g}) are far from the model's training data "
+            f"({reference:.4g});{hint or ' rescale the image'}",
+        )
 
 
 def check_finite(name: str, array: np.ndarray, model_path: PathLike) -> None:
@@ -153,7 +180,6 @@ def mean_displacement_mm(disp: np.ndarray | jax.Array, fixed: Volume) -> float:
     mask = jnp.asarray(data > lo + 0.1 * (hi - lo))
     length = jnp.sqrt(jnp.sum((jnp.asarray(disp, jnp.float32) * jnp.asarray(fixed.spacing, jnp.float32)) ** 2, axis=-1))
     return float(jnp.sum(jnp.where(mask, length, 0.0)) / jnp.maximum(jnp.sum(mask), 1))
-
 
 
 # The out-of-domain check (one warning line, once per process), for models that record their training space
@@ -200,16 +226,16 @@ def out_of_domain(spec: Mapping, volumes: Sequence[Volume]) -> Optional[str]:
         seen = space.to_model_space(vol, codes)[0]  # a view: axes permuted into the model's orientation
         spacing = np.asarray(seen.spacing, np.float64)
         if outside(spacing / ref_spacing):
-            return (f"{vol.path}: voxels of {mm(spacing)} mm ({codes}) against the training data's {mm(ref_spacing)} "
-                    f"mm, {band}")
+            return f"{vol.path}: voxels of {mm(spacing)} mm ({codes}) against the training data's {mm(ref_spacing)} mm, {band}"
         fov = np.asarray(seen.data.shape, np.float64) * spacing
         if outside(fov / ref_fov):
-            return (f"{vol.path}: a field of view of {mm(fov)} mm ({codes}) against the training data's "
-                    f"{mm(ref_fov)} mm, {band}")
+            return f"{vol.path}: a field of view of {mm(fov)} mm ({codes}) against the training data's {mm(ref_fov)} mm, {band}"
         ratio = foreground_median_ratio(vol.data)
         if not abs(ratio - ref_ratio) <= FG_MEDIAN_TOLERANCE:
-            return (f"{vol.path}: an intensity histogram unlike the training data's (foreground median / 99th "
-                    f"percentile {ratio:.2f} against {ref_ratio:.2f}, beyond +-{FG_MEDIAN_TOLERANCE:g})")
+            return (
+                f"{vol.path}: an intensity histogram unlike the training data's (foreground median / 99th "
+                f"percentile {ratio:.2f} against {ref_ratio:.2f}, beyond +-{FG_MEDIAN_TOLERANCE:g})"
+            )
     return None
 
 
@@ -223,5 +249,7 @@ def domain_warning_once(loaded: LoadedModel, volumes: Sequence[Volume]) -> Optio
     if reason is None:
         return None
     _domain_warned.add(key)
-    return (f"the input looks out of this model's training domain ({reason}); its results there are not what it "
-            "was validated on (see docs/models.md; this warning is shown once per process)")
+    return (
+        f"the input looks out of this model's training domain ({reason}); its results there are not what it "
+        "was validated on (see docs/models.md; this warning is shown once per process)"
+    )

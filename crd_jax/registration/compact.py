@@ -54,19 +54,28 @@ class NetworkField:
     affine_translation: Optional[np.ndarray] = None
 
     @classmethod
-    def of(cls, prepared: Prepared, disp_canvas: np.ndarray | jax.Array, transform: Optional[np.ndarray] = None,
-           affine_result: Optional[AffineResult] = None) -> "NetworkField":
+    def of(
+        cls,
+        prepared: Prepared,
+        disp_canvas: np.ndarray | jax.Array,
+        transform: Optional[np.ndarray] = None,
+        affine_result: Optional[AffineResult] = None,
+    ) -> "NetworkField":
         """From :func:`~crd_jax.registration.pipeline.prepare`'s result, the predicted canvas field, the
         reorientation transform and the affine pre-alignment of one registration."""
         src, dst = prepared.placement._windows()
-        windows = tuple((d.start, d.stop, s.start, n - s.stop)
-                        for s, d, n in zip(src, dst, prepared.placement.source_shape))
+        windows = tuple((d.start, d.stop, s.start, n - s.stop) for s, d, n in zip(src, dst, prepared.placement.source_shape))
         canvas = np.asarray(disp_canvas, np.float32)
         canvas = canvas[0] if canvas.ndim == len(prepared.grid) + 2 else canvas
-        return cls(canvas, windows, tuple(prepared.work), tuple(prepared.grid),
-                   None if transform is None else np.asarray(transform, np.float64),
-                   None if affine_result is None else np.asarray(affine_result.matrix, np.float64),
-                   None if affine_result is None else np.asarray(affine_result.translation, np.float64))
+        return cls(
+            canvas,
+            windows,
+            tuple(prepared.work),
+            tuple(prepared.grid),
+            None if transform is None else np.asarray(transform, np.float64),
+            None if affine_result is None else np.asarray(affine_result.matrix, np.float64),
+            None if affine_result is None else np.asarray(affine_result.translation, np.float64),
+        )
 
     def expand(self) -> jax.Array:
         """The full field on the fixed grid (a JAX array, voxels): the registration's own steps, in its order."""
@@ -75,8 +84,12 @@ class NetworkField:
         from crd_jax.registration import space
         from crd_jax.registration.pipeline import _map_back
 
-        disp = _map_back(jnp.asarray(self.canvas), tuple(tuple(int(v) for v in w) for w in self.windows),
-                         tuple(int(v) for v in self.work), tuple(int(v) for v in self.grid))
+        disp = _map_back(
+            jnp.asarray(self.canvas),
+            tuple(tuple(int(v) for v in w) for w in self.windows),
+            tuple(int(v) for v in self.work),
+            tuple(int(v) for v in self.grid),
+        )
         if self.orientation is not None:
             disp = space.field_to_original(disp, self.orientation, self.grid)
         if self.affine_matrix is not None:
@@ -92,10 +105,14 @@ def save(path: PathLike, field: NetworkField, fixed_affine: np.ndarray) -> None:
     """Writes ``field`` with the fixed image's affine as one ``.npz`` (atomically, numeric arrays only)."""
     from crd_jax.data.io import save_npz
 
-    arrays = {"format": np.asarray([FORMAT_VERSION], np.int32), "canvas": field.canvas.astype(np.float32),
-              "windows": np.asarray(field.windows, np.int64).reshape(len(field.grid), 4),
-              "work": np.asarray(field.work, np.int64), "grid": np.asarray(field.grid, np.int64),
-              "fixed_affine": np.asarray(fixed_affine, np.float64)}
+    arrays = {
+        "format": np.asarray([FORMAT_VERSION], np.int32),
+        "canvas": field.canvas.astype(np.float32),
+        "windows": np.asarray(field.windows, np.int64).reshape(len(field.grid), 4),
+        "work": np.asarray(field.work, np.int64),
+        "grid": np.asarray(field.grid, np.int64),
+        "fixed_affine": np.asarray(fixed_affine, np.float64),
+    }
     if field.orientation is not None:
         arrays["orientation"] = field.orientation
     if field.affine_matrix is not None:
@@ -138,9 +155,15 @@ def read(path: PathLike) -> Tuple[NetworkField, np.ndarray]:
         raise InputError(path, f"compact displacement of shape {canvas.shape} does not match its grid {grid}")
     if not np.all(np.isfinite(canvas)):
         raise InputError(path, "compact displacement holds NaN/Inf values")
-    field = NetworkField(canvas.astype(np.float32), tuple(tuple(int(v) for v in w) for w in a["windows"]),
-                         tuple(int(v) for v in a["work"]), grid, a.get("orientation"), a.get("affine_matrix"),
-                         a.get("affine_translation"))
+    field = NetworkField(
+        canvas.astype(np.float32),
+        tuple(tuple(int(v) for v in w) for w in a["windows"]),
+        tuple(int(v) for v in a["work"]),
+        grid,
+        a.get("orientation"),
+        a.get("affine_matrix"),
+        a.get("affine_translation"),
+    )
     return field, a["fixed_affine"]
 
 

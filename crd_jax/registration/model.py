@@ -52,17 +52,25 @@ def _check_structure(model, params, spec, path) -> None:
     n = int(spec["factor"])
     shape = (1, *(32 * n,) * ndim, 1)
     if spec["kind"] == "teacher":
+
         def expected():
             x = jnp.zeros(shape)
             bp = model.backbone.init(jax.random.PRNGKey(0), x, x)["params"]
             high, low = model.backbone_features(bp, x, x)
             return {"backbone": bp, "head": model.head.init(jax.random.PRNGKey(0), high, low)["params"]}
     else:
+
         def expected():
             x = jnp.zeros(shape)
             return model.backbone.init(jax.random.PRNGKey(0), x, x)["params"]
-    want_shapes = _cached_shapes(spec, ndim, lambda: {
-        jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(jax.eval_shape(expected))})
+
+    want_shapes = _cached_shapes(
+        spec,
+        ndim,
+        lambda: {
+            jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(jax.eval_shape(expected))
+        },
+    )
     got_shapes = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(params)}
     if want_shapes != got_shapes:
         diff = sorted(set(want_shapes.items()) ^ set(got_shapes.items()))[:2]
@@ -79,8 +87,11 @@ def _cached_shapes(spec, ndim: int, compute) -> Dict[str, tuple]:
     import crd_jax
     from crd_jax.user_cache import cache_folder
 
-    key = json.dumps([spec.get("architecture"), spec["kind"], int(spec["factor"]), ndim, crd_jax.__version__,
-                      jax.__version__], sort_keys=True, default=str)
+    key = json.dumps(
+        [spec.get("architecture"), spec["kind"], int(spec["factor"]), ndim, crd_jax.__version__, jax.__version__],
+        sort_keys=True,
+        default=str,
+    )
     root = cache_folder("shapes")
     if root is None:
         return compute()
@@ -165,8 +176,15 @@ def _instance_optimiser(model, learning_rate: float, reg_weight: float, window: 
 IO_CHUNK = 10  # Adam steps per compiled call: Ctrl-C (and SIGTERM) end instance optimisation within a chunk
 
 
-def instance_optimise(model: Model, params: Params, prepared: Prepared, steps: int, learning_rate: float = 0.05,
-                      reg_weight: float = 1.0, window: int = 9) -> Tuple[jax.Array, float, float]:
+def instance_optimise(
+    model: Model,
+    params: Params,
+    prepared: Prepared,
+    steps: int,
+    learning_rate: float = 0.05,
+    reg_weight: float = 1.0,
+    window: int = 9,
+) -> Tuple[jax.Array, float, float]:
     """Fine-tunes the predicted field for this pair (``prepared``, :class:`~crd_jax.registration.pipeline.Prepared`:
     ``steps`` of Adam on eq. 3, NCC + lambda * grad), starting from the network's prediction. The free
     variable is the field on the network's own grid (``phi^L`` for a low-resolution model), so a step costs a

@@ -82,8 +82,9 @@ def normalisation(preprocessing: Mapping, mode: str) -> Tuple[str, Sequence[floa
     return mode, preprocessing.get("percentiles", [0.5, 99.5])
 
 
-def prepare(preprocessing: Mapping, multiple: int, fixed: np.ndarray, moving: np.ndarray,
-            mode: str = "model") -> Tuple[Prepared, str]:
+def prepare(
+    preprocessing: Mapping, multiple: int, fixed: np.ndarray, moving: np.ndarray, mode: str = "model"
+) -> Tuple[Prepared, str]:
     """``fixed``/``moving`` (one grid, raw intensities) -> the network's input on the model's canvas, exactly as
     the model was trained (its ``preprocessing`` record), with the work at full resolution reduced to what it
     must be: the normalisation's statistics are taken on the full images, the images are resampled onto the
@@ -137,8 +138,9 @@ def labels_on_grid(labels: Optional[Volume], image: Volume, what: str = "fixed i
     return labels.data if space.same_grid(labels, image) else onto_grid_labels(labels, image)
 
 
-def load_pair(loaded: LoadedModel, fixed: str, moving: str, moving_seg: Optional[str] = None,
-              fixed_seg: Optional[str] = None) -> Tuple[Volume, Volume, Optional[Volume], Optional[Volume]]:
+def load_pair(
+    loaded: LoadedModel, fixed: str, moving: str, moving_seg: Optional[str] = None, fixed_seg: Optional[str] = None
+) -> Tuple[Volume, Volume, Optional[Volume], Optional[Volume]]:
     """Reads every input before anything is written, so bad input leaves no partial output. (Reading the
     files concurrently saved a tenth of a second and cost 60 MB of peak memory: they are read in turn.)"""
     ndim = loaded.ndim
@@ -151,9 +153,17 @@ def load_pair(loaded: LoadedModel, fixed: str, moving: str, moving_seg: Optional
         )
 
 
-def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_seg: Optional[Volume] = None,
-                     normalize_mode: str = "model", io_steps: int = 0, affine: str = "", jacobian: bool = False,
-                     network_field: bool = False) -> Tuple[Dict[str, Any], List[str]]:
+def register_volumes(
+    loaded: LoadedModel,
+    fixed: Volume,
+    moving: Volume,
+    moving_seg: Optional[Volume] = None,
+    normalize_mode: str = "model",
+    io_steps: int = 0,
+    affine: str = "",
+    jacobian: bool = False,
+    network_field: bool = False,
+) -> Tuple[Dict[str, Any], List[str]]:
     """``(result, notes)``: ``result`` has ``disp`` (fixed grid, voxels), ``warped``, ``folds`` (voxels with
     det J <= 0), ``warped_seg``, ``warning`` (a line, or ``None``), ``affine`` (with ``affine``), ``timings``
     (seconds per step) and, with ``jacobian``, the map of det J (float32); with ``network_field``, the
@@ -187,16 +197,22 @@ def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_
             full_moving = moving_data
             moving_data = warping.warp_image(moving_data, affine_result.displacement(fixed.data.shape))
         moved = checks.mean_displacement_mm(affine_result.displacement(fixed.data.shape), fixed)
-        notes.append(f"affine pre-alignment ({affine}): loss {affine_result.loss_before:.4f} -> "
-                     f"{affine_result.loss_after:.4f}, moving the fixed image's foreground by a mean {moved:.1f} mm")
+        notes.append(
+            f"affine pre-alignment ({affine}): loss {affine_result.loss_before:.4f} -> "
+            f"{affine_result.loss_after:.4f}, moving the fixed image's foreground by a mean {moved:.1f} mm"
+        )
         if moved > checks.AFFINE_MOVED_MM:
-            warning = (f"the input was not pre-aligned: the affine step moved the fixed image's foreground by a mean "
-                       f"{moved:.1f} mm (above {checks.AFFINE_MOVED_MM:g} mm); check affine.txt and the overlay")
+            warning = (
+                f"the input was not pre-aligned: the affine step moved the fixed image's foreground by a mean "
+                f"{moved:.1f} mm (above {checks.AFFINE_MOVED_MM:g} mm); check affine.txt and the overlay"
+            )
     apart = checks.centroid_distance_mm(fixed, moving_data)
     if warning is None and apart > checks.CENTROIDS_MM:
-        warning = (f"the images' foreground centroids are {apart:.1f} mm apart (above {checks.CENTROIDS_MM:g} mm) "
-                   + ("after the affine step: it may have failed; check the overlay" if affine else
-                      "and no affine step ran: the input looks not pre-aligned; run without --no-affine"))
+        warning = f"the images' foreground centroids are {apart:.1f} mm apart (above {checks.CENTROIDS_MM:g} mm) " + (
+            "after the affine step: it may have failed; check the overlay"
+            if affine
+            else "and no affine step ran: the input looks not pre-aligned; run without --no-affine"
+        )
     domain = checks.domain_warning_once(loaded, (fixed, moving))  # once per process: the inputs as given
     if domain:
         warning = domain if warning is None else f"{warning}; {domain}"
@@ -247,8 +263,13 @@ def register_volumes(loaded: LoadedModel, fixed: Volume, moving: Volume, moving_
     with step("warp", timings):
         warped = warping.warp_image(moving_data, disp)
         checks.check_finite("warped image", warped, loaded.path)
-        result = {"disp": np.asarray(disp), "warped": warped, "folds": warping.count_folds(disp), "warning": warning,
-                  "timings": timings}
+        result = {
+            "disp": np.asarray(disp),
+            "warped": warped,
+            "folds": warping.count_folds(disp),
+            "warning": warning,
+            "timings": timings,
+        }
         if jacobian:
             result["jacobian"] = warping.jacobian_determinant(disp)
         if affine_result is not None:

@@ -105,8 +105,11 @@ def geometry_of(volume: Optional[Volume]) -> Optional[dict]:
     """What a model records of its training data's geometry (``None`` for data without an affine)."""
     if volume is None or volume.data.ndim != 3:
         return None
-    return {"orientation": axis_codes(volume.affine), "spacing": [round(s, 6) for s in volume.spacing],
-            "stored_shape": list(volume.data.shape)}
+    return {
+        "orientation": axis_codes(volume.affine),
+        "spacing": [round(s, 6) for s in volume.spacing],
+        "stored_shape": list(volume.data.shape),
+    }
 
 
 def onto_grid(moving: Volume, fixed: Volume, order: int) -> np.ndarray:

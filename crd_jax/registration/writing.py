@@ -80,8 +80,14 @@ class OutputOptions:
         """Every file one registration writes with these options (``disp=False``: without the displacement,
         which the Learn2Reg layout of ``register --pairs`` writes beside the pairs' folders)."""
         ext, kinds = self.ext, self.kinds(with_seg)
-        files = {"warped": [f"warped{ext}"], "warped_seg": [f"warped_seg{ext}"], "disp": self.disp_names() if disp else [],
-                 "jacobian": [f"jacobian{ext}"], "inverse": [self.inverse_name], "affine": ["affine.txt", "affine_itk.txt"]}
+        files = {
+            "warped": [f"warped{ext}"],
+            "warped_seg": [f"warped_seg{ext}"],
+            "disp": self.disp_names() if disp else [],
+            "jacobian": [f"jacobian{ext}"],
+            "inverse": [self.inverse_name],
+            "affine": ["affine.txt", "affine_itk.txt"],
+        }
         return [n for k in kinds for n in files[k]] + ["registration.json"] + ([QC_NAME] if self.qc else [])
 
     def family(self) -> List[str]:
@@ -89,8 +95,15 @@ class OutputOptions:
         pair's ids only; other pairs' files in a submission folder are not this run's set)."""
         names = ["affine.txt", "affine_itk.txt", "registration.json", compact.NAME, "composite.h5", QC_NAME]
         for ext in (".nii.gz", ".nii"):
-            names += [f"warped{ext}", f"warped_seg{ext}", f"disp{ext}", f"disp_itk{ext}", f"jacobian{ext}",
-                      f"inverse_disp{ext}", f"inverse_disp_itk{ext}"]
+            names += [
+                f"warped{ext}",
+                f"warped_seg{ext}",
+                f"disp{ext}",
+                f"disp_itk{ext}",
+                f"jacobian{ext}",
+                f"inverse_disp{ext}",
+                f"inverse_disp_itk{ext}",
+            ]
             names += displacement_names("learn2reg", pair_ids=self.pair_ids, ext=ext)
         return names
 
@@ -139,8 +152,15 @@ def model_identity(path: str, spec_json: str) -> Dict:
     spec = json.loads(spec_json)
     folder = Path(path)
     files = {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.is_file()} if folder.is_dir() else {}
-    return {"path": str(path), "name": folder.name, "label": spec.get("label", ""), "stage": spec.get("stage"),
-            "steps": spec.get("steps"), "format_version": spec.get("format_version"), "sha256": files}
+    return {
+        "path": str(path),
+        "name": folder.name,
+        "label": spec.get("label", ""),
+        "stage": spec.get("stage"),
+        "steps": spec.get("steps"),
+        "format_version": spec.get("format_version"),
+        "sha256": files,
+    }
 
 
 def dice_scores(warped_seg: np.ndarray, fixed_seg: np.ndarray) -> Dict:
@@ -156,8 +176,19 @@ def dice_scores(warped_seg: np.ndarray, fixed_seg: np.ndarray) -> Dict:
     return {"mean": round(float(np.mean(list(scores.values()))), 6) if scores else None, "labels": scores}
 
 
-def registration_record(loaded, fixed_path, moving_path, seg_path, result, notes, seconds, options: dict,
-                        fixed_seg_path=None, timings: Optional[Dict] = None, dice: Optional[Dict] = None) -> dict:
+def registration_record(
+    loaded,
+    fixed_path,
+    moving_path,
+    seg_path,
+    result,
+    notes,
+    seconds,
+    options: dict,
+    fixed_seg_path=None,
+    timings: Optional[Dict] = None,
+    dice: Optional[Dict] = None,
+) -> dict:
     """``registration.json``: what was registered (paths and SHA-256 of the inputs), with which model (its
     files' SHA-256) and crd-jax version, how (``options``: the command's), how long each step took
     (``timings``, seconds), and what came of it: folds, notes, a warning, Dice with a fixed label map
@@ -165,21 +196,41 @@ def registration_record(loaded, fixed_path, moving_path, seg_path, result, notes
     import crd_jax
 
     where = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
-    inputs = {role: {"path": where(p), "sha256": sha256(p)}
-              for role, p in (("fixed", fixed_path), ("moving", moving_path), ("moving_seg", seg_path),
-                              ("fixed_seg", fixed_seg_path)) if p}
+    inputs = {
+        role: {"path": where(p), "sha256": sha256(p)}
+        for role, p in (("fixed", fixed_path), ("moving", moving_path), ("moving_seg", seg_path), ("fixed_seg", fixed_seg_path))
+        if p
+    }
     steps = dict(result.get("timings") or {}) | dict(timings or {})
-    return {"fixed": where(fixed_path), "moving": where(moving_path), "moving_seg": where(seg_path),
-            "fixed_seg": where(fixed_seg_path), "inputs": inputs,
-            "model": loaded.path, "model_label": loaded.spec.get("label", ""),
-            "model_version": model_identity(str(loaded.path), json.dumps(loaded.spec, sort_keys=True, default=str)),
-            "options": dict(options), "folds": int(result["folds"]), "dice": dice, "seconds": round(float(seconds), 3),
-            "timings": {k: round(float(v), 4) for k, v in steps.items()}, "notes": list(notes),
-            "warning": result.get("warning"), "crd_jax": crd_jax.__version__}
+    return {
+        "fixed": where(fixed_path),
+        "moving": where(moving_path),
+        "moving_seg": where(seg_path),
+        "fixed_seg": where(fixed_seg_path),
+        "inputs": inputs,
+        "model": loaded.path,
+        "model_label": loaded.spec.get("label", ""),
+        "model_version": model_identity(str(loaded.path), json.dumps(loaded.spec, sort_keys=True, default=str)),
+        "options": dict(options),
+        "folds": int(result["folds"]),
+        "dice": dice,
+        "seconds": round(float(seconds), 3),
+        "timings": {k: round(float(v), 4) for k, v in steps.items()},
+        "notes": list(notes),
+        "warning": result.get("warning"),
+        "crd_jax": crd_jax.__version__,
+    }
 
 
-def write_registration(stage: Path, options: OutputOptions, result: dict, fixed: Volume, moving: Volume,
-                       record: Optional[dict] = None, disp_stage: Optional[Path] = None) -> None:
+def write_registration(
+    stage: Path,
+    options: OutputOptions,
+    result: dict,
+    fixed: Volume,
+    moving: Volume,
+    record: Optional[dict] = None,
+    disp_stage: Optional[Path] = None,
+) -> None:
     """Writes :meth:`OutputOptions.names` into ``stage`` (an output set's staging folder, see
     :class:`crd_jax.outputs.OutputSet`) from :func:`~crd_jax.registration.pipeline.register_volumes`'s result;
     the displacement into ``disp_stage`` when given (the Learn2Reg layout's shared folder). With ``qc``, last,
@@ -195,18 +246,25 @@ def write_registration(stage: Path, options: OutputOptions, result: dict, fixed:
     if "disp" in kinds and options.disp_format == "compact":
         compact.save((disp_stage or stage) / compact.NAME, result["network_field"], fixed.affine)
     elif "disp" in kinds:
-        world = (result["affine"].world_transform(fixed.data.shape, fixed.affine, moving.affine)  # composite.h5's affine
-                 if options.disp_format == "itk" and "affine" in result else None)
-        write_displacement(disp_stage or stage, result["disp"], fixed, options.disp_format, pair_ids=options.pair_ids,
-                           ext=ext, world=world)
+        world = (
+            result["affine"].world_transform(fixed.data.shape, fixed.affine, moving.affine)  # composite.h5's affine
+            if options.disp_format == "itk" and "affine" in result
+            else None
+        )
+        write_displacement(
+            disp_stage or stage, result["disp"], fixed, options.disp_format, pair_ids=options.pair_ids, ext=ext, world=world
+        )
     if "jacobian" in kinds:
         save_nifti(stage / f"jacobian{ext}", result["jacobian"], fixed.affine, None)
     if "affine" in kinds:
         from crd_jax.affine_align import itk_affine_text
 
         world = result["affine"].world_transform(fixed.data.shape, fixed.affine, moving.affine)
-        (stage / "affine.txt").write_text("# fixed world (RAS, mm) -> moving world, 4x4\n" + "\n".join(
-            " ".join(f"{v:.10g}" for v in row) for row in world) + "\n")
+        (stage / "affine.txt").write_text(
+            "# fixed world (RAS, mm) -> moving world, 4x4\n"
+            + "\n".join(" ".join(f"{v:.10g}" for v in row) for row in world)
+            + "\n"
+        )
         (stage / "affine_itk.txt").write_text(itk_affine_text(world))
     if "inverse" in kinds:
         from crd_jax.transforms import invert_fast
@@ -219,5 +277,6 @@ def write_registration(stage: Path, options: OutputOptions, result: dict, fixed:
         from crd_jax.drawing import draw_saved
 
         disp_name = next(n for n in options.disp_names() if n.endswith((".nii.gz", ".nii", compact.NAME)))
-        draw_saved(stage / QC_NAME, stage, fixed_seg_path=(record or {}).get("fixed_seg"),
-                   disp_path=(disp_stage or stage) / disp_name)
+        draw_saved(
+            stage / QC_NAME, stage, fixed_seg_path=(record or {}).get("fixed_seg"), disp_path=(disp_stage or stage) / disp_name
+        )

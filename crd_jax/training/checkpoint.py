@@ -30,13 +30,16 @@ class StageCheckpointer:
     def restore(self, step: int, like: Dict[str, Any], sharding: Optional[jax.sharding.Sharding] = None) -> Dict[str, Any]:
         """Restores onto ``sharding`` (e.g. replicated over the mesh) with the structure of ``like``."""
         abstract = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype, sharding=sharding),
+            lambda x: jax.ShapeDtypeStruct(
+                np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype, sharding=sharding
+            ),
             like,
         )
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
-    def restore_latest(self, like: Dict[str, Any], sharding: Optional[jax.sharding.Sharding] = None,
-                       warn: Optional[Callable[[str], None]] = None) -> Tuple[int, Optional[Dict[str, Any]]]:
+    def restore_latest(
+        self, like: Dict[str, Any], sharding: Optional[jax.sharding.Sharding] = None, warn: Optional[Callable[[str], None]] = None
+    ) -> Tuple[int, Optional[Dict[str, Any]]]:
         """``(step, state)`` of the newest checkpoint that restores, ``(0, None)`` when there is none. A damaged
         newest checkpoint (a disk error, a copy cut short) is moved aside to ``<ckpt>/../ckpt_damaged/<step>``
         with one warning line (``warn``), and the one before it is tried."""
@@ -57,15 +60,16 @@ class StageCheckpointer:
                     aside.parent.mkdir(parents=True, exist_ok=True)
                     shutil.move(str(self.directory / str(step)), str(aside))
                 except OSError as move_error:
-                    raise InputError(self.directory / str(step), f"checkpoint is damaged ({reason}) and cannot be "
-                                                                 f"moved aside ({move_error.strerror})") from None
-                message = (f"warning: checkpoint {self.directory / str(step)} is damaged ({reason}); moved to {aside}, "
-                           + (f"resuming from step {older}" if older is not None else "starting the stage again"))
+                    raise InputError(
+                        self.directory / str(step),
+                        f"checkpoint is damaged ({reason}) and cannot be moved aside ({move_error.strerror})",
+                    ) from None
+                message = f"warning: checkpoint {self.directory / str(step)} is damaged ({reason}); moved to {aside}, " + (
+                    f"resuming from step {older}" if older is not None else "starting the stage again"
+                )
                 (warn or print)(message)
                 self.manager.reload()
         return 0, None
 
     def close(self) -> None:
         self.manager.close()
-
-

@@ -33,6 +33,7 @@ def _real(lo: float, hi: float, open_lo: bool = False, open_hi: bool = False) ->
         if v < lo or v > hi or (open_lo and v == lo) or (open_hi and v == hi):
             return f"must be in {'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}, got {v!r}"
         return ""
+
     return check
 
 
@@ -43,6 +44,7 @@ def _integer(lo: int, hi: int = 10**12) -> Callable[[Any], str]:
         if not lo <= v <= hi:
             return f"must be an integer in [{lo}, {hi}], got {v}"
         return ""
+
     return check
 
 
@@ -60,6 +62,7 @@ def _shape(lo: int, hi: int, allow_empty: bool) -> Callable[[Any], str]:
             if isinstance(x, bool) or not isinstance(x, int) or not lo <= x <= hi:
                 return f"sides must be integers in [{lo}, {hi}], got {tuple(items)}"
         return ""
+
     return check
 
 
@@ -142,7 +145,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         if problem:
             raise InputError(f"config.{dotted}", problem)
     stages = _get(config, "stages")
-    for name in (stages if stages is not _MISSING and stages is not None else {}):
+    for name in stages if stages is not _MISSING and stages is not None else {}:
         own = _get(config, f"stages.{name}.loss.similarity")
         problem = _similarity(own) if own is not _MISSING else ""
         if problem:
@@ -153,5 +156,6 @@ def check_training_split(train_ds: Sized) -> None:
     """Training needs pairs: at least two subjects."""
     n = len(train_ds)
     if n < 2:
-        raise InputError("config.data.splits.train", f"the training split holds {n} subject(s); at least 2 are needed "
-                                                     "to form pairs")
+        raise InputError(
+            "config.data.splits.train", f"the training split holds {n} subject(s); at least 2 are needed to form pairs"
+        )

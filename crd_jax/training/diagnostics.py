@@ -78,22 +78,35 @@ def ceiling_predictor(predict: Callable, factor: int) -> Callable:
     return predict_ceiling
 
 
-def mean_dice(model: Model, params: Params, dataset: Dataset, pairs: Sequence[Tuple[int, int]], labels: Sequence[int],
-              predict: Optional[Callable] = None) -> float:
+def mean_dice(
+    model: Model,
+    params: Params,
+    dataset: Dataset,
+    pairs: Sequence[Tuple[int, int]],
+    labels: Sequence[int],
+    predict: Optional[Callable] = None,
+) -> float:
     rows = evaluate_pairs(model, params, dataset, pairs, labels, predict=predict)
     return float(summarize(rows)["dice_mean"])
 
 
-def ceiling(model: Model, params: Params, dataset: Dataset, pairs: Sequence[Tuple[int, int]], labels: Sequence[int],
-            factor: int) -> Dict[str, float]:
+def ceiling(
+    model: Model, params: Params, dataset: Dataset, pairs: Sequence[Tuple[int, int]], labels: Sequence[int], factor: int
+) -> Dict[str, float]:
     """Dice of ``model`` itself and of its field averaged to the ``1/factor`` grid, on ``pairs``."""
     predict = predictor(model)
     rows = evaluate_pairs(model, params, dataset, pairs, labels, predict=ceiling_predictor(predict, factor))
     return {"ceiling_dice": float(summarize(rows)["dice_mean"]), "factor": int(factor), "pairs": len(pairs)}
 
 
-def field_distance(teacher: Model, teacher_params: Params, student: Model, student_params: Params, dataset: Dataset,
-                   pairs: Sequence[Tuple[int, int]]) -> float:
+def field_distance(
+    teacher: Model,
+    teacher_params: Params,
+    student: Model,
+    student_params: Params,
+    dataset: Dataset,
+    pairs: Sequence[Tuple[int, int]],
+) -> float:
     """RMS over the canvas and the pairs of ``up(phi^T) - up(phi^S)``, in input (high-resolution) voxels."""
     t_predict, s_predict = predictor(teacher), predictor(student)
     total, count = 0.0, 0
@@ -109,8 +122,9 @@ def field_distance(teacher: Model, teacher_params: Params, student: Model, stude
 TERM_WEIGHTS = ("loss_L", "deformation", "feature")
 
 
-def term_gradient_norms(loss_fn: Callable, params: Params, frozen: Params, batches: Sequence[Dict],
-                        weights: Dict[str, float]) -> Dict:
+def term_gradient_norms(
+    loss_fn: Callable, params: Params, frozen: Params, batches: Sequence[Dict], weights: Dict[str, float]
+) -> Dict:
     """Per term of eq. 10 (the keys of the stage loss's ``aux`` named in ``weights``): the mean over
     ``batches`` of ``||d term / d params||`` (global 2-norm, unweighted) and the weight it enters with."""
     norms = {name: [] for name in weights}
@@ -119,8 +133,14 @@ def term_gradient_norms(loss_fn: Callable, params: Params, frozen: Params, batch
         for name in weights:
             g = jax.grad(lambda p: loss_fn(p, frozen, batch)[1][name])(params)
             norms[name].append(float(jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(g)))))
-    return {name: {"weight": float(weights[name]), "grad_norm": float(np.mean(v)),
-                   "weighted_grad_norm": float(weights[name]) * float(np.mean(v))} for name, v in norms.items()}
+    return {
+        name: {
+            "weight": float(weights[name]),
+            "grad_norm": float(np.mean(v)),
+            "weighted_grad_norm": float(weights[name]) * float(np.mean(v)),
+        }
+        for name, v in norms.items()
+    }
 
 
 def _cached(path, compute: Callable[[], Dict]) -> Dict:
@@ -136,10 +156,18 @@ def _cached(path, compute: Callable[[], Dict]) -> Dict:
     return value
 
 
-def distill_diagnostics(name: str, st: StageConfig, plan: StagePlan, done: Dict[str, Trained],
-                        datasets: Mapping[str, Dataset], labels: Sequence[int], loader: PairLoader,
-                        config: ml_collections.ConfigDict, workdir: Union[str, Path],
-                        eval_pairs_: Sequence[Tuple[int, int]]) -> Dict:
+def distill_diagnostics(
+    name: str,
+    st: StageConfig,
+    plan: StagePlan,
+    done: Dict[str, Trained],
+    datasets: Mapping[str, Dataset],
+    labels: Sequence[int],
+    loader: PairLoader,
+    config: ml_collections.ConfigDict,
+    workdir: Union[str, Path],
+    eval_pairs_: Sequence[Tuple[int, int]],
+) -> Dict:
     """Every diagnostic of this module for the finished distillation stage ``name`` (its plan, the finished
     stages ``done``), cached under ``workdir/diagnostics/`` (a teacher's ceiling and headroom Dice are
     computed once for every student it teaches). ``eval_pairs_``: the evaluation split's pairs."""
@@ -157,8 +185,11 @@ def distill_diagnostics(name: str, st: StageConfig, plan: StagePlan, done: Dict[
         from crd_jax.training.stages import stage_loss_config
 
         loss_cfg = stage_loss_config(config, st)
-        weights = {"loss_L": 1.0 if bool(loss_cfg.get("student_term", True)) else 0.0,
-                   "deformation": float(loss_cfg.alpha), "feature": float(loss_cfg.beta)}
+        weights = {
+            "loss_L": 1.0 if bool(loss_cfg.get("student_term", True)) else 0.0,
+            "deformation": float(loss_cfg.alpha),
+            "feature": float(loss_cfg.beta),
+        }
         batches = [loader.batch(i) for i in range(GRADIENT_BATCHES)]
         return term_gradient_norms(plan.loss_fn, plan.init_params, plan.frozen, batches, weights)
 
@@ -170,20 +201,32 @@ def distill_diagnostics(name: str, st: StageConfig, plan: StagePlan, done: Dict[
         out["ceiling"] = {}
         for source in dict.fromkeys(sources):
             t = done[source]
-            out["ceiling"][source] = _cached(cache / f"ceiling_{source}_n{factor}.json",
-                                             lambda: ceiling(t.model, t.params, evaluation, eval_pairs_, labels, factor))
+            out["ceiling"][source] = _cached(
+                cache / f"ceiling_{source}_n{factor}.json",
+                lambda: ceiling(t.model, t.params, evaluation, eval_pairs_, labels, factor),
+            )
     if train is not None and train.has_labels and len(train) >= 2:
         pairs = headroom_pairs(len(train))
         out["headroom_pairs"] = [[train.ids[m], train.ids[f]] for m, f in pairs]
-        out["teacher_train_dice"] = _cached(cache / f"headroom_{st.teacher}.json",
-                                            lambda: {"dice": mean_dice(teacher.model, teacher.params, train, pairs, labels)})["dice"]
+        out["teacher_train_dice"] = _cached(
+            cache / f"headroom_{st.teacher}.json",
+            lambda: {"dice": mean_dice(teacher.model, teacher.params, train, pairs, labels)},
+        )["dice"]
         init_params = plan.full_params(plan.init_params)
-        start = _cached(cache / f"{name}_start.json", lambda: {
-            "dice": mean_dice(plan.model, init_params, train, pairs, labels),
-            "distance": field_distance(teacher.model, teacher.params, plan.model, init_params, train, pairs)})
-        end = _cached(cache / f"{name}_end.json", lambda: {
-            "dice": mean_dice(student.model, student.params, train, pairs, labels),
-            "distance": field_distance(teacher.model, teacher.params, student.model, student.params, train, pairs)})
+        start = _cached(
+            cache / f"{name}_start.json",
+            lambda: {
+                "dice": mean_dice(plan.model, init_params, train, pairs, labels),
+                "distance": field_distance(teacher.model, teacher.params, plan.model, init_params, train, pairs),
+            },
+        )
+        end = _cached(
+            cache / f"{name}_end.json",
+            lambda: {
+                "dice": mean_dice(student.model, student.params, train, pairs, labels),
+                "distance": field_distance(teacher.model, teacher.params, student.model, student.params, train, pairs),
+            },
+        )
         out["student_train_dice_start"], out["student_train_dice_end"] = start["dice"], end["dice"]
         out["field_distance_start"], out["field_distance_end"] = start["distance"], end["distance"]
     return out
@@ -193,15 +236,22 @@ def diagnostics_markdown(rows: Sequence[Dict]) -> str:
     """The report's section: one line per distillation stage."""
     if not rows:
         return ""
-    lines = ["", "#### Distillation diagnostics", "",
-             "| Stage | Ceilings (val Dice, field averaged to the student grid) | Teacher / student Dice on training pairs "
-             "(start -> end) | Field distance start -> end (voxels) | Gradient norms at start (weight x norm) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "",
+        "#### Distillation diagnostics",
+        "",
+        "| Stage | Ceilings (val Dice, field averaged to the student grid) | Teacher / student Dice on training pairs "
+        "(start -> end) | Field distance start -> end (voxels) | Gradient norms at start (weight x norm) |",
+        "|---|---|---|---|---|",
+    ]
     for d in rows:
         ceil = ", ".join(f"{k} {v['ceiling_dice']:.4f}" for k, v in d.get("ceiling", {}).items()) or "-"
-        head = (f"{d['teacher_train_dice']:.4f} / {d['student_train_dice_start']:.4f} -> {d['student_train_dice_end']:.4f}"
-                if "teacher_train_dice" in d else "-")
-        dist = (f"{d['field_distance_start']:.3f} -> {d['field_distance_end']:.3f}" if "field_distance_start" in d else "-")
+        head = (
+            f"{d['teacher_train_dice']:.4f} / {d['student_train_dice_start']:.4f} -> {d['student_train_dice_end']:.4f}"
+            if "teacher_train_dice" in d
+            else "-"
+        )
+        dist = f"{d['field_distance_start']:.3f} -> {d['field_distance_end']:.3f}" if "field_distance_start" in d else "-"
         grads = ", ".join(f"{k} {v['weight']:g} x {v['grad_norm']:.3g}" for k, v in d["term_gradients_at_start"].items())
         lines.append(f"| {d['stage']} | {ceil} | {head} | {dist} | {grads} |")
     return "\n".join(lines) + "\n"

@@ -37,8 +37,9 @@ def attention_map(feature: jax.Array) -> jax.Array:
     return jnp.sum(feature * feature, axis=-1, keepdims=True)
 
 
-def feature_loss(teacher_features: Mapping[int, jax.Array], student_features: Mapping[int, jax.Array],
-                 target: str = "raw") -> Union[jax.Array, float]:
+def feature_loss(
+    teacher_features: Mapping[int, jax.Array], student_features: Mapping[int, jax.Array], target: str = "raw"
+) -> Union[jax.Array, float]:
     """Eq. 9 over the levels the teacher provides."""
     if target not in ("raw", "attention"):
         raise ValueError(f"feature_target must be 'raw' or 'attention', got {target!r}")
@@ -46,8 +47,10 @@ def feature_loss(teacher_features: Mapping[int, jax.Array], student_features: Ma
     for level, ft in teacher_features.items():
         fs = student_features[level]
         if target == "raw" and ft.shape != fs.shape:
-            raise ValueError(f"level {level}: teacher features {ft.shape} and student features {fs.shape} differ; "
-                             "distil attention maps (loss.feature_target='attention') or set loss.beta=0")
+            raise ValueError(
+                f"level {level}: teacher features {ft.shape} and student features {fs.shape} differ; "
+                "distil attention maps (loss.feature_target='attention') or set loss.beta=0"
+            )
         if target == "attention":
             ft, fs = attention_map(ft), attention_map(fs)
         total = total + losses.mse(ft, fs)
@@ -79,8 +82,9 @@ def as_output_like(out: OutputLike) -> ModelOutput:
     """Model outputs, or mappings with their keys (tests and forks build those by hand)."""
     if isinstance(out, ModelOutput):
         return out
-    return ModelOutput(disp=out.get("disp"), disp_low=out.get("disp_low"), fields=out.get("fields"),
-                       features=out.get("features", {}))
+    return ModelOutput(
+        disp=out.get("disp"), disp_low=out.get("disp_low"), fields=out.get("fields"), features=out.get("features", {})
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +137,10 @@ register_term(Feature)
 def terms_from_config(loss_cfg: ml_collections.ConfigDict) -> Tuple[DistillTerm, ...]:
     """Eq. 10's terms: deformation (``alpha``, ``deformation_grid``), feature (``beta``, ``feature_target``),
     then every entry of ``loss.terms`` (``{name: {"weight": w, **fields}}``, a registered term each)."""
-    terms = [Deformation(float(loss_cfg.alpha), str(loss_cfg.get("deformation_grid", "student"))),
-             Feature(float(loss_cfg.beta), str(loss_cfg.get("feature_target", "raw")))]
+    terms = [
+        Deformation(float(loss_cfg.alpha), str(loss_cfg.get("deformation_grid", "student"))),
+        Feature(float(loss_cfg.beta), str(loss_cfg.get("feature_target", "raw"))),
+    ]
     extra = loss_cfg.get("terms", {}) or {}
     extra = extra.to_dict() if hasattr(extra, "to_dict") else dict(extra)
     for name, fields in extra.items():
@@ -144,9 +150,14 @@ def terms_from_config(loss_cfg: ml_collections.ConfigDict) -> Tuple[DistillTerm,
     return tuple(terms)
 
 
-def distillation_loss(t: OutputLike, s: OutputLike, batch: Mapping[str, jax.Array], terms: Sequence[DistillTerm],
-                      objective: Objective = Objective(),
-                      student_term: bool = True) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+def distillation_loss(
+    t: OutputLike,
+    s: OutputLike,
+    batch: Mapping[str, jax.Array],
+    terms: Sequence[DistillTerm],
+    objective: Objective = Objective(),
+    student_term: bool = True,
+) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """Eq. 10 for a student output ``s`` given (constant) teacher output ``t``: ``L^L`` plus every weighted
     term (terms of weight 0 are not computed). ``student_term = False`` leaves ``L^L`` out of the total (the
     authors' ``train.py`` trains S3 on the distillation terms alone); it is still reported in ``aux``."""
@@ -160,23 +171,30 @@ def distillation_loss(t: OutputLike, s: OutputLike, batch: Mapping[str, jax.Arra
     return total, aux
 
 
-def init_regressor(key: jax.Array, student_features: Mapping[int, Union[jax.Array, jax.ShapeDtypeStruct]],
-                   teacher_features: Mapping[int, Union[jax.Array, jax.ShapeDtypeStruct]]) -> Dict[str, Dict[str, jax.Array]]:
+def init_regressor(
+    key: jax.Array,
+    student_features: Mapping[int, Union[jax.Array, jax.ShapeDtypeStruct]],
+    teacher_features: Mapping[int, Union[jax.Array, jax.ShapeDtypeStruct]],
+) -> Dict[str, Dict[str, jax.Array]]:
     """FitNets regressors (Romero et al. 2015): per shared level, a 1x1 conv ``C_s -> C_t`` (PyTorch's default
     uniform draw) and a zero bias. Arguments: feature dicts or their shapes."""
     out = {}
     for i, level in enumerate(sorted(set(student_features) & set(teacher_features))):
         cs, ct = student_features[level].shape[-1], teacher_features[level].shape[-1]
         bound = 1.0 / float(np.sqrt(cs))
-        out[str(level)] = {"kernel": jax.random.uniform(jax.random.fold_in(key, i), (cs, ct), jnp.float32, -bound, bound),
-                           "bias": jnp.zeros((ct,), jnp.float32)}
+        out[str(level)] = {
+            "kernel": jax.random.uniform(jax.random.fold_in(key, i), (cs, ct), jnp.float32, -bound, bound),
+            "bias": jnp.zeros((ct,), jnp.float32),
+        }
     return out
 
 
 def regress(regressor: Mapping[str, Mapping[str, jax.Array]], features: Mapping[int, jax.Array]) -> Dict[int, jax.Array]:
     """The student's features mapped to the teacher's channels (levels without a regressor pass unchanged)."""
-    return {l: (f @ regressor[str(l)]["kernel"] + regressor[str(l)]["bias"]) if str(l) in regressor else f
-            for l, f in features.items()}
+    return {
+        l: (f @ regressor[str(l)]["kernel"] + regressor[str(l)]["bias"]) if str(l) in regressor else f
+        for l, f in features.items()
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +244,13 @@ def cached_key(i: int) -> str:
     return f"teacher/{i}"
 
 
-def make_loss(student: Registrar, teacher: Model, terms: Sequence[DistillTerm], objective: Objective = Objective(),
-              with_regressor: bool = False, student_term: bool = True) -> DistillLoss:
+def make_loss(
+    student: Registrar,
+    teacher: Model,
+    terms: Sequence[DistillTerm],
+    objective: Objective = Objective(),
+    with_regressor: bool = False,
+    student_term: bool = True,
+) -> DistillLoss:
     """Eq. 10's loss for ``student`` under ``teacher`` (:class:`DistillLoss`)."""
     return DistillLoss(student, teacher, tuple(terms), objective, with_regressor, student_term)

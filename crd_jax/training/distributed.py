@@ -89,4 +89,6 @@ def replicate(mesh: Mesh, tree: PyTree) -> PyTree:
 
 def to_host(tree: PyTree) -> PyTree:
     """A replicated device pytree as numpy (the local copy)."""
-    return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x), tree)
+    return jax.tree_util.tree_map(
+        lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x), tree
+    )

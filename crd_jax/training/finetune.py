@@ -78,8 +78,11 @@ def _model_space(spec: Dict) -> Tuple[str, Tuple[float, ...], Dict]:
     pre = spec.get("preprocessing", {})
     record = pre.get("geometry")
     if not record:
-        raise InputError("config.init_from", "the model records no training orientation/voxel size "
-                         "(preprocessing.geometry); it cannot map new scans into its space")
+        raise InputError(
+            "config.init_from",
+            "the model records no training orientation/voxel size "
+            "(preprocessing.geometry); it cannot map new scans into its space",
+        )
     return record["orientation"], model_voxel_size(record, pre), pre
 
 
@@ -135,9 +138,15 @@ def prepare_folder(root: Path, spec: Dict, dest: Path, images_dir: str = "images
         save_nifti(dest / "images" / f"{sid}.nii.gz", _centre(data, common), axes)
         if seg is not None:
             save_nifti(dest / "labels" / f"{sid}.nii.gz", _centre(seg.astype(np.int32), common), axes)
-    record = {"subjects": [m[0] for m in mapped], "shape": list(common), "voxel_size": list(voxel),
-              "orientation": orientation, "normalize": mode, "labels": all(m[2] is not None for m in mapped),
-              "source": str(root)}
+    record = {
+        "subjects": [m[0] for m in mapped],
+        "shape": list(common),
+        "voxel_size": list(voxel),
+        "orientation": orientation,
+        "normalize": mode,
+        "labels": all(m[2] is not None for m in mapped),
+        "source": str(root),
+    }
     done.write_text(json.dumps(record, indent=1))
     return record
 
@@ -170,16 +179,23 @@ def setup(config: ml_collections.ConfigDict) -> Dict:
         config.data.resample_shape = ()
         config.data.shape = tuple(padded_shape(record["shape"], canvas_multiple(spec)))
         config.data.labels = "auto"
-        config.data.splits = ml_collections.ConfigDict({"train": f"0:{n - val}", "val": f"{n - val}:{n}" if val else "",
-                                                       "test": ""})
+        config.data.splits = ml_collections.ConfigDict(
+            {"train": f"0:{n - val}", "val": f"{n - val}:{n}" if val else "", "test": ""}
+        )
         config.eval.split = "val"
         for key, value in spec_architecture(spec).items():
             config.model[key] = value
         config.model.shift = factor.bit_length() - 1
         config.stages = ml_collections.ConfigDict()
         config.stages.pretrained = stage("pretrained", path=str(folder), evaluate=bool(val), label=f"{folder.name} (as shipped)")
-        config.stages.finetune = stage("baseline", resolution="low" if factor > 1 else "high", init="pretrained",
-                                       steps=int(config.finetune.steps), evaluate=bool(val), label=f"{folder.name} fine-tuned")
+        config.stages.finetune = stage(
+            "baseline",
+            resolution="low" if factor > 1 else "high",
+            init="pretrained",
+            steps=int(config.finetune.steps),
+            evaluate=bool(val),
+            label=f"{folder.name} fine-tuned",
+        )
         config.pipeline = ("pretrained", "finetune")
         config.eval.val_pairs = min(int(config.eval.val_pairs), val * (val - 1)) if val else 0
     return spec

@@ -41,8 +41,14 @@ def make_teacher_loss(high: Registrar, low: Registrar, teacher: Teacher, objecti
     return loss_fn
 
 
-def make_all_loss(high: Registrar, low: Registrar, teacher: Teacher, student: Registrar, terms: Sequence[DistillTerm],
-                  objective: Objective = Objective()) -> LossFn:
+def make_all_loss(
+    high: Registrar,
+    low: Registrar,
+    teacher: Teacher,
+    student: Registrar,
+    terms: Sequence[DistillTerm],
+    objective: Objective = Objective(),
+) -> LossFn:
     def loss_fn(params, frozen, batch):
         del frozen
         total, aux, t = _teacher_terms(high, low, teacher, params, batch, objective)

@@ -145,8 +145,10 @@ def _stop_if_non_finite(first, name: str, last_saved: int) -> None:
     bad = int(first)
     if bad >= 0:
         kept = f"the last checkpoint (step {last_saved}) is kept" if last_saved else "no checkpoint was saved"
-        raise InputError(f"stage {name}", f"the loss became NaN/Inf at step {bad}; training stopped, {kept} "
-                                         "(lower config.train.lr, or check the data)")
+        raise InputError(
+            f"stage {name}",
+            f"the loss became NaN/Inf at step {bad}; training stopped, {kept} (lower config.train.lr, or check the data)",
+        )
 
 
 def _debug_kill(step: int) -> None:
@@ -156,8 +158,9 @@ def _debug_kill(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train_stage(run: StageRun, loader: PairLoader | CachedTeacherLoader, mesh: Mesh, cfg: ml_collections.ConfigDict,
-                logger: MetricLogger) -> Any:
+def train_stage(
+    run: StageRun, loader: PairLoader | CachedTeacherLoader, mesh: Mesh, cfg: ml_collections.ConfigDict, logger: MetricLogger
+) -> Any:
     """Trains one stage to ``run.steps`` steps (resuming from its latest checkpoint); returns host params."""
     tc = cfg.train
     optimizer = make_optimizer(tc, run.steps)
@@ -218,6 +221,9 @@ def train_stage(run: StageRun, loader: PairLoader | CachedTeacherLoader, mesh: M
     bar.close()
     ckpt.close()
     ran = run.steps - start
-    logger.info(f"[{run.name}] ran steps {start + 1}-{run.steps} ({ran} steps) in {time.perf_counter() - t_start:.0f} s"
-                if ran else f"[{run.name}] all {run.steps} steps were done before")
+    logger.info(
+        f"[{run.name}] ran steps {start + 1}-{run.steps} ({ran} steps) in {time.perf_counter() - t_start:.0f} s"
+        if ran
+        else f"[{run.name}] all {run.steps} steps were done before"
+    )
     return distributed.to_host(params)

@@ -77,8 +77,7 @@ def _preprocessing_spec(config, dataset, multiple: int) -> Dict:
         # orientation, voxel size and stored shape of the training data: register maps inputs into this space
         **({"geometry": record} if record else {}),
         # what inputs looked like in training: ``crd-jax register`` refuses images far from it
-        "intensity": {"p1": float(np.percentile(sample, 1)), "p99": float(np.percentile(sample, 99)),
-                      "max": float(sample.max())},
+        "intensity": {"p1": float(np.percentile(sample, 1)), "p99": float(np.percentile(sample, 99)), "max": float(sample.max())},
         "normalize": d.normalize,
         "percentiles": list(d.percentiles),
         "resample_shape": list(d.resample_shape),
@@ -114,8 +113,14 @@ def evaluation_pairs(config: ml_collections.ConfigDict, ds: Dataset) -> List[Pai
     return pairs
 
 
-def evaluate_stage(config: ml_collections.ConfigDict, trained: Trained, datasets: Mapping[str, Dataset],
-                   labels: Sequence[int], directory: Path, logger: MetricLogger) -> Dict:
+def evaluate_stage(
+    config: ml_collections.ConfigDict,
+    trained: Trained,
+    datasets: Mapping[str, Dataset],
+    labels: Sequence[int],
+    directory: Path,
+    logger: MetricLogger,
+) -> Dict:
     """Accuracy on the evaluation split and efficiency at its resolution, cached in ``eval.json``."""
     cache = directory / "eval.json"
     if cache.exists():
@@ -164,9 +169,12 @@ def results_markdown(results: List[Dict], title: str) -> str:
             f"| {r['latency_s']:.3f} |"
         )
     if results:
-        lines += ["", f"Identity (no registration) Dice: {results[0]['dice_before_mean']:.3f} ({results[0]['dice_before_std']:.3f}); "
-                  f"{results[0]['num_pairs']} pairs. Memory: XLA's compiled footprint (arguments + outputs + temporaries) "
-                  "of one inference at batch 1; latency: median over repeated runs after compilation."]
+        lines += [
+            "",
+            f"Identity (no registration) Dice: {results[0]['dice_before_mean']:.3f} ({results[0]['dice_before_std']:.3f}); "
+            f"{results[0]['num_pairs']} pairs. Memory: XLA's compiled footprint (arguments + outputs + temporaries) "
+            "of one inference at batch 1; latency: median over repeated runs after compilation.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -200,8 +208,9 @@ def check_run_config(config: ml_collections.ConfigDict, workdir: Path) -> Dict[s
             raise InputError("config.data.augment", str(exc)) from None
     check_writable_folder(workdir, "workdir")
     if workdir.is_dir() and any(workdir.iterdir()) and not (workdir / "config.json").exists():
-        raise InputError(workdir, "workdir exists, is not empty and is not a crd-jax workdir (no config.json); "
-                                  "choose a new folder")
+        raise InputError(
+            workdir, "workdir exists, is not empty and is not a crd-jax workdir (no config.json); choose a new folder"
+        )
     return typed
 
 
@@ -246,8 +255,14 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
     try:
         return _run_stages(config, typed, workdir, datasets, labels, loader, example, multiple, is_main)
     except (InputError, ValueError, OSError) as exc:  # OSError: a full disk, a folder not ours
-        if created and is_main and not isinstance(exc, workdir_config.WorkdirBusy) and workdir.is_dir() and not any((workdir / "stages").glob("*/ckpt/*")) \
-                and not any((workdir / "stages").glob("*/model")):
+        if (
+            created
+            and is_main
+            and not isinstance(exc, workdir_config.WorkdirBusy)
+            and workdir.is_dir()
+            and not any((workdir / "stages").glob("*/ckpt/*"))
+            and not any((workdir / "stages").glob("*/model"))
+        ):
             shutil.rmtree(workdir, ignore_errors=True)  # created by this call, holds only its own start files
         raise
 
@@ -268,8 +283,9 @@ def stage_augment(config: ml_collections.ConfigDict, st: stage_kinds.StageConfig
     return dataclasses.replace(base, kind=st.augment) if st.augment else base
 
 
-def stage_loader(config: ml_collections.ConfigDict, st: stage_kinds.StageConfig, loader: PairLoader,
-                 labels: Optional[Sequence[int]]) -> PairLoader:
+def stage_loader(
+    config: ml_collections.ConfigDict, st: stage_kinds.StageConfig, loader: PairLoader, labels: Optional[Sequence[int]]
+) -> PairLoader:
     """The run's loader with the stage's pair stream (``seed``) and augmentation; batches carry label maps
     when the loss has a label-supervised term."""
     with_labels = float(config.loss.get("label_weight", 0.0)) > 0
@@ -310,15 +326,22 @@ def _run_stages(config, typed, workdir, datasets, labels, loader, example, multi
             logger.info(f"[{name}] finished earlier, loaded {model_dir}")
         else:
             steps = _stage_steps(config, st)
-            loss_fn, loader_, why = teacher_cache.attach(plan.loss_fn, plan.frozen, stage_loader(config, st, loader, labels),
-                                                         example, float(config.train.get("teacher_cache_gb", 0.0)),
-                                                         teacher_caches, float(config.train.get("teacher_cache_disk_gb", 0.0)),
-                                                         workdir / "teacher_cache" / str(getattr(st, "teacher", name)),
-                                                         str(getattr(st, "teacher", "")))
+            loss_fn, loader_, why = teacher_cache.attach(
+                plan.loss_fn,
+                plan.frozen,
+                stage_loader(config, st, loader, labels),
+                example,
+                float(config.train.get("teacher_cache_gb", 0.0)),
+                teacher_caches,
+                float(config.train.get("teacher_cache_disk_gb", 0.0)),
+                workdir / "teacher_cache" / str(getattr(st, "teacher", name)),
+                str(getattr(st, "teacher", "")),
+            )
             if why:
                 logger.info(f"[{name}] {why}")
-            run_ = StageRun(name, loss_fn, plan.init_params, plan.frozen, steps, directory,
-                            _validator(config, plan, datasets, labels))
+            run_ = StageRun(
+                name, loss_fn, plan.init_params, plan.frozen, steps, directory, _validator(config, plan, datasets, labels)
+            )
             trained = train_stage(run_, loader_, mesh, config, logger)
             params = plan.full_params(trained)
             preprocessing = _preprocessing_spec(config, train_ds, multiple)
@@ -333,7 +356,7 @@ def _run_stages(config, typed, workdir, datasets, labels, loader, example, multi
                 save_model(model_dir, params, spec)
             logger.info(f"[{name}] {steps} steps done -> {model_dir}")
         done[name] = Trained(plan.model, params, plan.spec)
-        later = [getattr(typed[n], "teacher", "") for n in config.pipeline[index + 1:]]
+        later = [getattr(typed[n], "teacher", "") for n in config.pipeline[index + 1 :]]
         teacher_cache.release_unused(teacher_caches, later)  # memory no later stage reads
         if st.evaluate:
             if config.eval.split not in datasets:
@@ -343,8 +366,18 @@ def _run_stages(config, typed, workdir, datasets, labels, loader, example, multi
         if st.kind == "distill" and is_main and bool(config.eval.get("diagnostics", True)):
             logger.info(f"[{name}] diagnostics: ceilings, headroom, field distance, term gradients")
             evaluation = datasets.get(config.eval.split)
-            row = diag.distill_diagnostics(name, st, plan, done, datasets, labels, stage_loader(config, st, loader, labels),
-                                           config, workdir, evaluation_pairs(config, evaluation) if evaluation else [])
+            row = diag.distill_diagnostics(
+                name,
+                st,
+                plan,
+                done,
+                datasets,
+                labels,
+                stage_loader(config, st, loader, labels),
+                config,
+                workdir,
+                evaluation_pairs(config, evaluation) if evaluation else [],
+            )
             diagnostics.append(row)
             if results and results[-1]["stage"] == name:
                 results[-1]["diagnostics"] = row

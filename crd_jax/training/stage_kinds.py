@@ -167,8 +167,15 @@ def register_kind(
     return cls
 
 
-for _name, _cls in (("baseline", Baseline), ("cooperative", Cooperative), ("teacher", Teacher), ("distill", Distill),
-                    ("joint_teacher", JointTeacher), ("joint_all", JointAll), ("pretrained", Pretrained)):
+for _name, _cls in (
+    ("baseline", Baseline),
+    ("cooperative", Cooperative),
+    ("teacher", Teacher),
+    ("distill", Distill),
+    ("joint_teacher", JointTeacher),
+    ("joint_all", JointAll),
+    ("pretrained", Pretrained),
+):
     register_kind(_name, _cls)
 
 

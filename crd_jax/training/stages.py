@@ -230,13 +230,25 @@ def plan_cooperative(c: StageContext) -> StagePlan:
 
 def plan_teacher(c: StageContext) -> StagePlan:
     source = _require(c.done, c.st.backbone, "backbone", c.name)
-    t_arch = dict(source.spec["architecture"], fusion=c.arch["fusion"], teacher_align_corners=c.arch["teacher_align_corners"],
-                  teacher_output=c.arch["teacher_output"])
+    t_arch = dict(
+        source.spec["architecture"],
+        fusion=c.arch["fusion"],
+        teacher_align_corners=c.arch["teacher_align_corners"],
+        teacher_output=c.arch["teacher_output"],
+    )
     model = mbuild.teacher_from_config(t_arch, c.n)
     frozen = {"backbone": source.params}
-    init = redraw_flow_heads(model.init_head(c.key, frozen["backbone"], c.moving, c.fixed), jax.random.fold_in(c.key, 1), c.flow_init)
-    return StagePlan(teacher.make_loss(model, c.objective), init, frozen, model,
-                     lambda p: {"backbone": frozen["backbone"], "head": p}, c.spec("teacher", t_arch, c.n))
+    init = redraw_flow_heads(
+        model.init_head(c.key, frozen["backbone"], c.moving, c.fixed), jax.random.fold_in(c.key, 1), c.flow_init
+    )
+    return StagePlan(
+        teacher.make_loss(model, c.objective),
+        init,
+        frozen,
+        model,
+        lambda p: {"backbone": frozen["backbone"], "head": p},
+        c.spec("teacher", t_arch, c.n),
+    )
 
 
 def plan_distill(c: StageContext) -> StagePlan:
@@ -256,8 +268,9 @@ def plan_distill(c: StageContext) -> StagePlan:
     s_out = jax.eval_shape(student.apply, init, c.moving, c.fixed)
     regressor = distill.init_regressor(jax.random.fold_in(c.key, 7), s_out.features, t_out.features)
     loss_fn = distill.make_loss(student, teacher_model, terms, c.objective, with_regressor=True, student_term=student_term)
-    return StagePlan(loss_fn, {"student": init, "regressor": regressor}, t.params, student, lambda p: p["student"],
-                     c.spec("registrar"))
+    return StagePlan(
+        loss_fn, {"student": init, "regressor": regressor}, t.params, student, lambda p: p["student"], c.spec("registrar")
+    )
 
 
 def _joint_parts(c: StageContext):
@@ -266,15 +279,19 @@ def _joint_parts(c: StageContext):
     low = dataclasses.replace(mbuild.registrar_from_config(c.arch, c.n), backbone=high.backbone)
     k1, k2, k3 = jax.random.split(c.key, 3)
     backbone_params = high.init(k1, c.moving, c.fixed)
-    params = redraw_flow_heads({"backbone": backbone_params, "head": model.init_head(k2, backbone_params, c.moving, c.fixed)},
-                               jax.random.fold_in(c.key, 1), c.flow_init)
+    params = redraw_flow_heads(
+        {"backbone": backbone_params, "head": model.init_head(k2, backbone_params, c.moving, c.fixed)},
+        jax.random.fold_in(c.key, 1),
+        c.flow_init,
+    )
     return model, high, low, params, k3
 
 
 def plan_joint_teacher(c: StageContext) -> StagePlan:
     model, high, low, params, _ = _joint_parts(c)
-    return StagePlan(joint.make_teacher_loss(high, low, model, c.objective), params, {}, model, _identity,
-                     c.spec("teacher", factor=c.n))
+    return StagePlan(
+        joint.make_teacher_loss(high, low, model, c.objective), params, {}, model, _identity, c.spec("teacher", factor=c.n)
+    )
 
 
 def plan_joint_all(c: StageContext) -> StagePlan:
@@ -289,8 +306,15 @@ def _identity(p):
     return p
 
 
-def plan_stage(name: str, st: StageBlock, config: ml_collections.ConfigDict, done: Dict[str, Trained], key: jax.Array,
-               example: Mapping[str, np.ndarray], num_labels: int = 0) -> StagePlan:
+def plan_stage(
+    name: str,
+    st: StageBlock,
+    config: ml_collections.ConfigDict,
+    done: Dict[str, Trained],
+    key: jax.Array,
+    example: Mapping[str, np.ndarray],
+    num_labels: int = 0,
+) -> StagePlan:
     """Everything the loop needs for stage ``name``. ``st``: the stage's block (or its typed config);
     ``example``: a host batch for shapes; ``num_labels``: structures of the training label maps. The shared wrappers apply to every kind: the resolution (from the
     kind's default) and, with ``model.affine = "stage"``, the frozen pre-trained affine network."""
@@ -301,14 +325,28 @@ def plan_stage(name: str, st: StageBlock, config: ml_collections.ConfigDict, don
     shift = int(model_cfg.get("shift", 1))
     resolution = getattr(st, "resolution", st.default_resolution)
     factor = 1 if resolution == "high" else 2**shift
-    context = StageContext(name, st, config, done, key, example["moving"][:1], example["fixed"][:1], arch, shift, factor,
-                           st.label or default_label(st.kind, st, arch, shift), str(model_cfg.get("flow_init", "torch")),
-                           int(num_labels))
+    context = StageContext(
+        name,
+        st,
+        config,
+        done,
+        key,
+        example["moving"][:1],
+        example["fixed"][:1],
+        arch,
+        shift,
+        factor,
+        st.label or default_label(st.kind, st, arch, shift),
+        str(model_cfg.get("flow_init", "torch")),
+        int(num_labels),
+    )
     plan = st.plan(context)  # the kind's planner (``StageConfig.plan``)
     if arch.get("affine") == "stage" and st.frozen_affine != "inherited":
         if st.frozen_affine == "unsupported":
-            raise ValueError(f"stage {name}: a '{st.kind}' stage cannot train behind a frozen affine stage "
-                             "(model.affine = 'stage'); use 'joint' or 'none'")
+            raise ValueError(
+                f"stage {name}: a '{st.kind}' stage cannot train behind a frozen affine stage "
+                "(model.affine = 'stage'); use 'joint' or 'none'"
+            )
         source = _require(done, model_cfg.get("affine_stage", ""), "affine", name)
         plan = _freeze_pretrained_affine(plan, source.params)
     return plan

@@ -89,8 +89,10 @@ class DiskStore:
 
     def _open(self, mode: str, slots: int, shapes) -> None:
         open_ = np.lib.format.open_memmap
-        self._leaves = [open_(self.directory / f"leaf_{i}.npy", mode=mode, dtype=d, shape=None if mode == "r+" else (slots, *s))
-                        for i, (s, d) in enumerate(shapes)]
+        self._leaves = [
+            open_(self.directory / f"leaf_{i}.npy", mode=mode, dtype=d, shape=None if mode == "r+" else (slots, *s))
+            for i, (s, d) in enumerate(shapes)
+        ]
         self._filled = open_(self.directory / "filled.npy", mode=mode, dtype=np.uint8, shape=None if mode == "r+" else (slots,))
         expected = [((slots, *s), np.dtype(d)) for s, d in shapes] + [((slots,), np.dtype(np.uint8))]
         if [(tuple(a.shape), a.dtype) for a in (*self._leaves, self._filled)] != [(tuple(e), d) for e, d in expected]:
@@ -202,8 +204,10 @@ class CachedTeacherLoader:
 
     def batch(self, step: int) -> Dict[str, np.ndarray]:
         batch = self.loader.batch(step)
-        per_slot = [self.cache.leaves(pair, batch["moving"][i:i + 1], batch["fixed"][i:i + 1])
-                    for i, pair in enumerate(self.loader.pairs(step))]
+        per_slot = [
+            self.cache.leaves(pair, batch["moving"][i : i + 1], batch["fixed"][i : i + 1])
+            for i, pair in enumerate(self.loader.pairs(step))
+        ]
         for i in range(self.cache.tree.num_leaves):
             batch[cached_key(i)] = np.concatenate([leaves[i] for leaves in per_slot])
         return batch
@@ -212,9 +216,17 @@ class CachedTeacherLoader:
         return prefetched(self.batch, start, stop, prefetch)
 
 
-def attach(loss_fn: LossFn, frozen: Params, loader: PairLoader, example: Mapping[str, np.ndarray], budget_gb: float,
-           caches: Dict[tuple, TeacherCache], disk_gb: float = 0.0, directory: Optional[Path] = None,
-           teacher_stage: str = "") -> Tuple[LossFn, Union[PairLoader, CachedTeacherLoader], Optional[str]]:
+def attach(
+    loss_fn: LossFn,
+    frozen: Params,
+    loader: PairLoader,
+    example: Mapping[str, np.ndarray],
+    budget_gb: float,
+    caches: Dict[tuple, TeacherCache],
+    disk_gb: float = 0.0,
+    directory: Optional[Path] = None,
+    teacher_stage: str = "",
+) -> Tuple[LossFn, Union[PairLoader, CachedTeacherLoader], Optional[str]]:
     """``(loss_fn, loader, why)``: the stage's loss and loader reading the teacher from a cache when that is
     exact and fits (in ``budget_gb`` of host memory over all the run's memory caches, else ``disk_gb`` under
     ``directory``; see the module's docstring), else unchanged; ``why`` is one line for the log (None for a
@@ -252,6 +264,8 @@ def attach(loss_fn: LossFn, frozen: Params, loader: PairLoader, example: Mapping
             disk = f" and > train.teacher_cache_disk_gb = {disk_gb:g}" if disk_gb > 0 else ""
             return loss_fn, loader, f"teacher cache off: {size}{other} > train.teacher_cache_gb = {budget_gb:g}{disk}"
         caches[key] = cache
-    why = (f"teacher cache on: the frozen teacher runs once per pair ({pairs} pairs x "
-           f"{cache.pair_bytes / 2**20:.1f} MB in {cache.store.where}; {len(cache)} already computed)")
+    why = (
+        f"teacher cache on: the frozen teacher runs once per pair ({pairs} pairs x "
+        f"{cache.pair_bytes / 2**20:.1f} MB in {cache.store.where}; {len(cache)} already computed)"
+    )
     return loss_fn.with_cached_teacher(cache.tree), CachedTeacherLoader(loader, cache), why

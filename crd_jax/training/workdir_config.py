@@ -25,10 +25,24 @@ if TYPE_CHECKING:
 FIRST = "config.json"
 HISTORY = "config_history.jsonl"
 # settings that change neither the parameters trained nor the results: free to change between resumes
-FREE = ("workdir", "name", "distributed.", "train.progress_bar", "train.deadline", "train.teacher_cache_gb",
-        "train.teacher_cache_disk_gb", "train.log_every",
-        "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "data.prefetch", "data.cache_size",
-        "eval.timing_repeats", "eval.val_pairs", "eval.diagnostics")
+FREE = (
+    "workdir",
+    "name",
+    "distributed.",
+    "train.progress_bar",
+    "train.deadline",
+    "train.teacher_cache_gb",
+    "train.teacher_cache_disk_gb",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "data.prefetch",
+    "data.cache_size",
+    "eval.timing_repeats",
+    "eval.val_pairs",
+    "eval.diagnostics",
+)
 
 
 def _plain(config) -> Dict[str, Any]:
@@ -58,8 +72,9 @@ def remembered(workdir: Path) -> Optional[Dict[str, Any]]:
                 if line.strip():
                     config = json.loads(line)["config"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(first, f"the workdir's config record does not read ({type(exc).__name__}); it was edited or "
-                                "damaged") from None
+        raise InputError(
+            first, f"the workdir's config record does not read ({type(exc).__name__}); it was edited or damaged"
+        ) from None
     return config
 
 
@@ -75,8 +90,11 @@ def changes(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Tuple[Any, An
     a, b = _flat(old), _flat(new)
     missing = object()
     defaults = _defaults()
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if a.get(k, missing) != b.get(k, missing) and not (k not in a and k in defaults and b.get(k) == defaults[k])}
+    return {
+        k: (a.get(k), b.get(k))
+        for k in sorted(set(a) | set(b))
+        if a.get(k, missing) != b.get(k, missing) and not (k not in a and k in defaults and b.get(k) == defaults[k])
+    }
 
 
 def _free(key: str) -> bool:
@@ -108,9 +126,12 @@ def check_resume(config: ml_collections.ConfigDict, workdir: Path, allow: bool =
             problem = f"changed from {was!r} to {now!r}"
             if key.startswith("stages."):
                 problem += f" after stage '{key.split('.')[1]}' started"
-        raise InputError(f"config.{key}", f"{problem} since this workdir ({workdir}) was run; the stages trained so far "
-                                          "used the old value: use a new workdir, or pass --allow-config-change to go on "
-                                          f"with the change (recorded in {HISTORY})")
+        raise InputError(
+            f"config.{key}",
+            f"{problem} since this workdir ({workdir}) was run; the stages trained so far "
+            "used the old value: use a new workdir, or pass --allow-config-change to go on "
+            f"with the change (recorded in {HISTORY})",
+        )
     return diff
 
 
@@ -154,8 +175,9 @@ def lock(workdir: Path) -> None:
     except OSError:
         holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise WorkdirBusy(workdir, f"another training process (pid {holder}) is running in this workdir; wait for it or "
-                                  "use another workdir") from None
+        raise WorkdirBusy(
+            workdir, f"another training process (pid {holder}) is running in this workdir; wait for it or use another workdir"
+        ) from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     _locks[key] = fd
