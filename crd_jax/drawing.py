@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
+from typing import TYPE_CHECKING, Sequence, Tuple
+
+if TYPE_CHECKING:
+    from crd_jax.data.io import PathLike, Volume
 
 import numpy as np
 
@@ -15,7 +19,7 @@ from crd_jax.data.io import atomic_path
 PLANES = (("axial", 2, "RLAP"), ("coronal", 1, "RLSI"), ("sagittal", 0, "APSI"))
 
 
-def to_display(affine: np.ndarray, volumes: dict, disp: Optional[np.ndarray] = None):
+def to_display(affine: np.ndarray, volumes: dict, disp: Optional[np.ndarray] = None) -> tuple:
     """The arrays reoriented to RAS (axes permuted and flipped, no resampling) and the voxel displacement ``disp``
     (on the same grid) expressed in the reoriented voxels, for drawing in radiological orientation."""
     import nibabel.orientations as ornt
@@ -78,7 +82,7 @@ def _overlap_rgb(image: np.ndarray, warped_seg: np.ndarray, fixed_seg: np.ndarra
     return np.clip(rgb, 0, 1)
 
 
-def display_spacing(affine: np.ndarray):
+def display_spacing(affine: np.ndarray) -> Tuple[float, ...]:
     """The voxel size (mm) along the axes of the RAS arrays of :func:`to_display`."""
     import nibabel.orientations as ornt
 
@@ -102,7 +106,7 @@ def _grid(ax, field: np.ndarray, step: int = 4, aspect: float = 1.0) -> None:
 
 
 def pair_figure(
-    path,
+    path: PathLike,
     fixed: np.ndarray,
     moving: np.ndarray,
     warped: np.ndarray,
@@ -110,7 +114,7 @@ def pair_figure(
     fixed_seg: Optional[np.ndarray] = None,
     warped_seg: Optional[np.ndarray] = None,
     title: str = "",
-    spacing=None,
+    spacing: Optional[Sequence[float]] = None,
 ) -> None:
     """Writes a PNG or PDF (by the suffix): rows = mid-slices (axial, coronal, sagittal of RAS arrays, see
     :func:`to_display`, drawn in radiological orientation), columns = fixed | moving | warped (+ the label
@@ -187,7 +191,13 @@ def pair_figure(
 SAVED_DISPLACEMENTS = ("disp.nii.gz", "disp.nii", "disp_itk.nii.gz", "disp_itk.nii", "disp_compact.npz")
 
 
-def saved_registration(folder, fixed_path=None, moving_path=None, fixed_seg_path=None, disp_path=None):
+def saved_registration(
+    folder: PathLike,
+    fixed_path: Optional[PathLike] = None,
+    moving_path: Optional[PathLike] = None,
+    fixed_seg_path: Optional[PathLike] = None,
+    disp_path: Optional[PathLike] = None,
+) -> tuple:
     """What a figure of a saved ``crd-jax register`` output folder draws, read from its files (no model is
     loaded, nothing is registered): the fixed and moving images named by its ``registration.json`` (or
     ``fixed_path``/``moving_path``), its ``warped``, ``warped_seg`` (when present) and displacement (the
@@ -254,7 +264,16 @@ def saved_registration(folder, fixed_path=None, moving_path=None, fixed_seg_path
     return fixed, moving_shown, warped.data, disp, fixed_seg, warped_seg, title
 
 
-def draw_pair(path, fixed, moving_shown, warped, disp, fixed_seg=None, warped_seg=None, title: str = "") -> None:
+def draw_pair(
+    path: PathLike,
+    fixed: Volume,
+    moving_shown: np.ndarray,
+    warped: np.ndarray,
+    disp: np.ndarray,
+    fixed_seg: Optional[np.ndarray] = None,
+    warped_seg: Optional[np.ndarray] = None,
+    title: str = "",
+) -> None:
     """:func:`pair_figure` of a pair on ``fixed``'s grid (a Volume; the arrays on its grid), a 3-D pair first
     reoriented to RAS (:func:`to_display`) and drawn with square millimetres."""
     volumes = {"fixed": fixed.data, "moving": moving_shown, "warped": warped, "fixed_seg": fixed_seg, "warped_seg": warped_seg}
@@ -275,7 +294,9 @@ def draw_pair(path, fixed, moving_shown, warped, disp, fixed_seg=None, warped_se
     )
 
 
-def draw_saved(path, folder, fixed_seg_path=None, disp_path=None) -> None:
+def draw_saved(
+    path: PathLike, folder: PathLike, fixed_seg_path: Optional[PathLike] = None, disp_path: Optional[PathLike] = None
+) -> None:
     """The figure of the registration saved in ``folder`` (:func:`saved_registration`) written to ``path``:
     what ``crd-jax figure --from FOLDER [--fixed-seg ...]`` draws, and ``register --qc``'s ``qc.png``."""
     fixed, moving_shown, warped, disp, fixed_seg, warped_seg, title = saved_registration(

@@ -10,6 +10,11 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from crd_jax.data.io import PathLike
+    from crd_jax.registration.writing import OutputOptions
 
 from crd_jax.cli import options
 from crd_jax.errors import InputError
@@ -26,7 +31,7 @@ EXAMPLES = [
 ]
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     r = options.subcommand(
         sub,
         "register",
@@ -128,7 +133,7 @@ def _kinds(text: str):
     return kinds
 
 
-def output_options(args):
+def output_options(args: argparse.Namespace) -> OutputOptions:
     """What one registration writes, from the options (checked before any computation)."""
     from crd_jax.registration.writing import OutputOptions
 
@@ -162,7 +167,7 @@ def _used(args) -> dict:
     }
 
 
-def read_register_pairs(path, learn2reg: bool = False) -> list:
+def read_register_pairs(path: PathLike, learn2reg: bool = False) -> list:
     """``register --pairs``: :func:`~crd_jax.data.pairs.read_pairs_file` rows with paths relative to the file's
     folder made whole and each pair's output folder name (default ``<moving>_to_<fixed>`` from the file names),
     every name a plain folder name used once, a ``fixed_seg`` only with a ``moving_seg``; as
@@ -216,7 +221,7 @@ def _check_model_options(args, loaded) -> None:
         )
 
 
-def run(args):
+def run(args: argparse.Namespace) -> Optional[int]:
     if args.skip_existing and args.overwrite:
         raise InputError("--skip-existing", "contradicts --overwrite (which redoes every pair); give one of them")
     if args.pairs:
@@ -290,7 +295,7 @@ def _debug_kill_after() -> int:
     return int(value) if value.isdigit() else 0
 
 
-def register_many(args) -> int:
+def register_many(args: argparse.Namespace) -> int:
     """``--pairs``: this run's shard of the pairs (``--shard``, or the Slurm job array's task), every input's
     header checked before the first pair (one line per bad row, status 2, nothing written; with
     ``--keep-going`` the bad rows are listed as failures instead), complete output sets skipped with

@@ -13,6 +13,11 @@ import dataclasses
 import io
 from typing import List, Optional, Sequence, Tuple
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from crd_jax.data.io import PathLike
+
 import numpy as np
 
 Pair = Tuple[int, int]  # (moving, fixed)
@@ -82,7 +87,7 @@ class PairRow:
     fixed_seg: Optional[str] = None
 
 
-def read_pairs_file(path, columns: Sequence[str] = PAIR_COLUMNS) -> List[PairRow]:
+def read_pairs_file(path: PathLike, columns: Sequence[str] = PAIR_COLUMNS) -> List[PairRow]:
     """The rows of a pairs file (CSV, UTF-8 with or without a byte-order mark; blank rows and rows starting
     with ``#`` skipped). A file without a header row gives ``fixed,moving[,...]`` in the order of ``columns``
     (the command's own: ``fixed,moving,moving_seg,name,fixed_seg`` for ``register``, ``fixed,moving`` for ``evaluate``);

@@ -24,6 +24,11 @@ import zipfile
 import zlib
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from crd_jax.registration.model import LoadedModel
+    import distributed
 
 from crd_jax.errors import InputError
 
@@ -258,7 +263,7 @@ def plan(tasks: Sequence[Task], settings: Settings) -> Tuple[List[Task], List[Ta
 _MODEL_LOADS = {"count": 0}
 
 
-def load_model(settings: Settings):
+def load_model(settings: Settings) -> LoadedModel:
     """The model of the run, loaded and checked (counted: a Dask worker loads it once)."""
     from crd_jax.registration.model import load
 
@@ -271,7 +276,7 @@ def load_model(settings: Settings):
     return loaded
 
 
-def register_task(loaded, task: Task, settings: Settings) -> Outcome:
+def register_task(loaded: LoadedModel, task: Task, settings: Settings) -> Outcome:
     """Registers one pair and writes its output set (atomically); bad input raises :class:`InputError`."""
     from crd_jax.registration.allocator import release_free_memory
     from crd_jax.registration.pipeline import labels_on_grid, load_pair, register_volumes
@@ -343,7 +348,7 @@ def one_line(exc: BaseException) -> str:
     return text if isinstance(exc, InputError) else f"{type(exc).__name__}: {text}"
 
 
-def attempt(loaded, task: Task, settings: Settings, keep_going: bool) -> Outcome:
+def attempt(loaded: LoadedModel, task: Task, settings: Settings, keep_going: bool) -> Outcome:
     """:func:`register_task`, a failure returned as a ``failed`` outcome: bad input always (the caller stops
     without ``keep_going``), any other error only with ``keep_going`` (else it propagates with its traceback)."""
     try:
@@ -360,7 +365,9 @@ def attempt(loaded, task: Task, settings: Settings, keep_going: bool) -> Outcome
 Report = Callable[[Outcome], None]
 
 
-def run_serial(tasks: Sequence[Task], settings: Settings, keep_going: bool, report: Report, loaded=None) -> List[Outcome]:
+def run_serial(
+    tasks: Sequence[Task], settings: Settings, keep_going: bool, report: Report, loaded: Optional[LoadedModel] = None
+) -> List[Outcome]:
     """Every task in this process, in order; without ``keep_going`` the first failure ends the run
     (:class:`InputError`: the pairs before it stay complete)."""
     loaded = loaded or load_model(settings)
@@ -394,7 +401,7 @@ def _on_worker(task: Task, settings: Settings, keep_going: bool) -> Outcome:
 DASK_EXTRA = 'the Dask runner needs the dask extra: pip install "crd-jax[dask]" (dask[distributed])'
 
 
-def dask_client(address: str):
+def dask_client(address: str) -> distributed.Client:
     """A :class:`distributed.Client` of the scheduler at ``address``, or of a new ``LocalCluster`` of N
     single-threaded worker processes for ``local:N``."""
     try:

@@ -10,6 +10,11 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from crd_jax.data.io import PathLike
+    from crd_jax.registration.model import LoadedModel
 
 import numpy as np
 
@@ -136,7 +141,7 @@ def geometry_only(volume: Volume) -> Volume:
     return dataclasses.replace(volume, data=np.broadcast_to(np.zeros((), volume.data.dtype), volume.data.shape))
 
 
-def sha256(path) -> str:
+def sha256(path: PathLike) -> str:
     """The file's SHA-256 (hex), read in 1 MB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -177,15 +182,15 @@ def dice_scores(warped_seg: np.ndarray, fixed_seg: np.ndarray) -> Dict:
 
 
 def registration_record(
-    loaded,
-    fixed_path,
-    moving_path,
-    seg_path,
-    result,
-    notes,
-    seconds,
+    loaded: LoadedModel,
+    fixed_path: PathLike,
+    moving_path: PathLike,
+    seg_path: Optional[PathLike],
+    result: Mapping[str, Any],
+    notes: Sequence[str],
+    seconds: float,
     options: dict,
-    fixed_seg_path=None,
+    fixed_seg_path: Optional[PathLike] = None,
     timings: Optional[Dict] = None,
     dice: Optional[Dict] = None,
 ) -> dict:
