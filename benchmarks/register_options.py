@@ -134,14 +134,19 @@ def main():
         cli_wall = time.perf_counter() - t0
 
     idx = bootstrap_indices(len(pairs))
+    load_end = os.getloadavg()[0]
     base = np.asarray(rows[BASE]["dice"])
     lines = [
         f"### `--quality` presets and `--no-affine` with {args.model} on LPBA40 S35-S40 at 1 mm",
         "",
         f"{len(pairs)} ordered pairs, 56 structures; Dice before registration {np.mean(before):.4f} ({np.std(before):.4f}). "
         f"Seconds: median in-process time per pair after the first ({machine().get('cpu', '')}, {machine()['cpus']} cores; "
-        f"1-minute load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end: above the core "
-        "count, other processes shared the machine and the seconds are inflated).",
+        f"1-minute load average {load_start:.1f} at the start, {load_end:.1f} at the end"
+        + (
+            ": above the core count, other processes shared the machine and the seconds are inflated)."
+            if max(load_start, load_end) > machine()["cpus"]
+            else ")."
+        ),
         "",
         f"| Options | Dice | vs {BASE}: mean [95% CI] | Wilcoxon p | Folds | s per pair | warned |",
         "|---|---|---|---|---|---|---|",

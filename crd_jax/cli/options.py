@@ -22,9 +22,9 @@ MODEL_HELP = (
 )
 
 # What the presets cost: benchmarks/register_options.py on LPBA40 S35-S40 at 1 mm, AMD EPYC, 2 cores; the seconds
-# from its last run on a quiet machine (--affine 3.1 s, --affine --io-steps 50 5.0 s per pair, 30 pairs), the
+# from its last run on a quiet machine (--affine 2.5 s, --affine --io-steps 50 3.8 s per pair, 30 pairs), the
 # Dice gain from benchmarks/results/register_options.json (accurate - fast; tests/test_first_hour.py checks it)
-PRESET_COST = "fast about 3 s per pair, accurate about 5 s, for about +0.05 Dice"
+PRESET_COST = "fast about 2.5 s per pair, accurate about 4 s, for about +0.05 Dice"
 
 # --bf16 doubles the multiply-adds per instruction; where the CPU issues those instructions at less than this
 # fraction of that gain (Intel Sapphire Rapids without its AMX tiles: ~0.5x float32's rate, measured) the log
