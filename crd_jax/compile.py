@@ -166,17 +166,24 @@ def _write_entry(path: str, key: bytes, body: bytes) -> None:
 
 
 @functools.lru_cache(maxsize=None)
+def source_digest(*folders: str) -> str:
+    """SHA-256 of crd-jax's Python and native sources (the package, or only its ``folders``, e.g. ``"models"``)."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for top in [root / f for f in folders] or [root]:
+        for path in sorted(top.rglob("*")):
+            if path.suffix in (".py", ".cc", ".h") and path.is_file():
+                h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def _fingerprint() -> str:
     """What every stored program depends on besides its own arguments: this package's source (Python and
     native), JAX's version and backend, the host CPU (XLA:CPU compiles for its instruction set) and the
     compilation settings of the environment."""
     import jaxlib
 
-    h = hashlib.sha256()
-    root = Path(__file__).resolve().parent
-    for path in sorted(root.rglob("*")):
-        if path.suffix in (".py", ".cc", ".h") and path.is_file():
-            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    h = hashlib.sha256(source_digest().encode())
     device = jax.devices()[0]
     cpu = ""
     try:

@@ -93,6 +93,15 @@ def read_pair_ids(path: str, ids: List[str]) -> List[Tuple[int, int]]:
     return pairs
 
 
+def summary_rows(summary: dict) -> list:
+    """The ``| metric | mean | std |`` table of an evaluation summary, the rows its metrics have."""
+    lines = ["| metric | mean | std |", "|---|---|---|"]
+    for key in ("dice", "dice_before", "hd95", "folds", "percent_folds", "sdlogj"):
+        if f"{key}_mean" in summary:
+            lines.append(f"| {key} | {summary[key + '_mean']:.4f} | {summary[key + '_std']:.4f} |")
+    return lines
+
+
 def _names_its_columns(path: str) -> bool:
     """Whether the pairs file's first row (after blank and ``#`` rows) is a header naming fixed/moving."""
     from pathlib import Path
@@ -181,12 +190,8 @@ def run(args: argparse.Namespace) -> None:
     lines = [
         f"{loaded.spec.get('label', 'model')} on {len(rows)} {split} pairs ({args.config})",
         "",
-        "| metric | mean | std |",
-        "|---|---|---|",
     ]
-    for key in ("dice", "dice_before", "hd95", "folds", "percent_folds", "sdlogj"):
-        if f"{key}_mean" in summary:
-            lines.append(f"| {key} | {summary[key + '_mean']:.4f} | {summary[key + '_std']:.4f} |")
+    lines += summary_rows(summary)
     lines += [
         "",
         f"Dice on the model's grid (the {'x'.join(map(str, ds.shape))} canvas the network sees), not at the files' "
@@ -357,12 +362,8 @@ def _evaluate_files(args, config) -> None:
         f"{loaded.spec.get('label', 'model')} on {len(rows)} pairs of {', '.join(ids) if len(ids) <= 8 else ids[0] + ' ... ' + ids[-1]} "
         f"({root}); {len(labels)} labels; {used}",
         "",
-        "| metric | mean | std |",
-        "|---|---|---|",
     ]
-    for key in ("dice", "dice_before", "hd95", "folds", "percent_folds", "sdlogj"):
-        if f"{key}_mean" in summary:
-            lines.append(f"| {key} | {summary[key + '_mean']:.4f} | {summary[key + '_std']:.4f} |")
+    lines += summary_rows(summary)
     lines += [
         "",
         f"Dice at the files' resolution: each warped label map against the fixed labels on the fixed image's own "

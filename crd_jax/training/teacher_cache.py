@@ -158,14 +158,9 @@ def teacher_code() -> str:
     native) and the JAX that executes them. A change of any re-fills a disk cache."""
     import jaxlib
 
-    h = hashlib.sha256()
-    root = Path(__file__).resolve().parents[1]
-    for folder in ("models", "ops"):
-        for path in sorted((root / folder).rglob("*")):
-            if path.suffix in (".py", ".cc", ".h") and path.is_file():
-                h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    h.update(f"{jax.__version__} {jaxlib.__version__}".encode())
-    return h.hexdigest()
+    from crd_jax.compile import source_digest
+
+    return hashlib.sha256(f"{source_digest('models', 'ops')} {jax.__version__} {jaxlib.__version__}".encode()).hexdigest()
 
 
 def fingerprint(teacher: object, frozen: Params, dataset: Dataset) -> str:
