@@ -112,6 +112,12 @@ def main(argv):
         config = _CONFIG.value
     except Exception as exc:  # ml_collections defers some load errors to here
         _fail(f"the config does not load ({' '.join(str(exc).split())[:300]})")
+    from crd_jax.user_cache import enable_compilation_cache
+
+    # JAX's persistent compilation cache, as the command line uses it: a resumed run (after Ctrl-C, SIGKILL or a
+    # deadline) and a rerun on the same shapes load their compiled train steps instead of compiling them again.
+    # CRD_JAX_CACHE_DIR=off turns it off; a folder that is not private to this user is not used.
+    enable_compilation_cache()
     try:
         pipeline.run(config, allow_config_change=flags.FLAGS.allow_config_change)
     except OSError as exc:  # the workdir's file system: full, read-only, another user's

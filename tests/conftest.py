@@ -49,3 +49,17 @@ def shift_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "shift"
     save_model(path, params, spec)
     return path
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """The quick tier (``pytest -m "not slow"``) runs the first case of each parametrized test; its other cases
+    are marked ``slow`` and run in the full suite (what CI runs). Runs before ``-m`` selects."""
+    seen = set()
+    for item in items:
+        if getattr(item, "callspec", None) is None:
+            continue
+        key = (item.path, item.cls, item.originalname)
+        if key in seen:
+            item.add_marker(pytest.mark.slow)
+        seen.add(key)

@@ -973,6 +973,7 @@ def _check(tmp, more, name):
 
 
 @pytest.mark.parametrize("name", sorted(QUICK))
+@pytest.mark.slow
 def test_refused_before_any_model_is_loaded(tmp_path, more, name):
     _check(tmp_path, more, name)
 

@@ -46,6 +46,7 @@ def _errors(stderr):
     return [l for l in stderr.strip().splitlines() if l.startswith("error:")]
 
 
+@pytest.mark.slow
 def test_a_workdir_refuses_a_changed_config_unless_told_and_keeps_its_history(tmp_path):
     work = tmp_path / "run"
     first = _train(work, "--config.stages.vm_l.steps=2")
@@ -70,6 +71,7 @@ def test_a_workdir_refuses_a_changed_config_unless_told_and_keeps_its_history(tm
     assert history[0]["config"]["train"]["lr"] == 0.0005
 
 
+@pytest.mark.slow
 def test_a_second_train_py_on_a_busy_workdir_is_refused(tmp_path):
     from crd_jax.training import workdir_config
 
@@ -88,6 +90,7 @@ def test_a_second_train_py_on_a_busy_workdir_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("signum,status,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+@pytest.mark.slow
 def test_a_signal_while_training_exits_with_one_line_and_resumes(tmp_path, signum, status, word):
     work = tmp_path / "run"
     proc = subprocess.Popen(
@@ -173,6 +176,7 @@ def test_fields_a_newer_version_added_at_their_defaults_are_not_changes(tmp_path
 
 
 @pytest.mark.parametrize("signum,status,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+@pytest.mark.slow
 def test_signal_during_instance_optimisation_ends_it_at_once(tmp_path, assets, signum, status, word):  # noqa: F811
     """A million Adam steps: the signal ends the command within seconds, with one line, nothing written."""
     before = snapshot(tmp_path)

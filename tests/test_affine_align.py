@@ -47,6 +47,7 @@ def test_itk_text_flips_ras_to_lps():
     assert "AffineTransform_double_3_3" in text
 
 
+@pytest.mark.slow
 def test_register_with_affine_recovers_the_shift_and_writes_matrices(tmp_path, capsys):
     import nibabel as nib
 

@@ -346,6 +346,7 @@ def test_labels_default_to_nearest(chain, tmp_path):
     assert a.dtype == np.int16 and np.array_equal(a, b) and set(np.unique(a)) <= set(np.unique(labels))
 
 
+@pytest.mark.slow
 def test_registering_nrrd_and_mgz_inputs_equals_nifti(tmp_path, shift_model):
     """register reads the same pair as NIfTI, MGZ and NRRD to the same warped image (a fresh process each)."""
     shape = (34, 30, 28)

@@ -44,6 +44,7 @@ def _teacher(config, shape, shift, output):
 
 
 @pytest.mark.parametrize("shift", [1, 2])
+@pytest.mark.slow
 def test_full_resolution_teacher_continues_through_the_finest_high_features(shift):
     shape = (64, 64, 64) if shift == 2 else (32, 32, 32)
     config = _config(shift)
@@ -100,6 +101,7 @@ def _stages(shift=1, output="full"):
     return config, batch, done, fst
 
 
+@pytest.mark.slow
 def test_full_fst_stage_trains_only_its_head_and_its_loss_decreases_on_a_fixed_pair():
     config, batch, done, fst = _stages(output="full")
     assert any(k.startswith("full_") for k in fst.init_params)
@@ -125,6 +127,7 @@ def _adam(loss, opt, params, state, frozen):
 CODE_ARM = {"feature_target": "attention", "student_term": False, "alpha": 1.0, "beta": 1.0}
 
 
+@pytest.mark.slow
 def test_authors_s3_loss_is_field_mse_plus_attention_mse_without_the_student_term():
     config, batch, done, _ = _stages(output="full")
     config.loss.deformation_grid = "full"
@@ -153,6 +156,7 @@ def test_authors_s3_loss_is_field_mse_plus_attention_mse_without_the_student_ter
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_paper_s3_loss_keeps_the_student_term_and_stage_overrides_stay_local():
     config, batch, done, _ = _stages(output="half")
     paper = _plan(config, "s3", stage("distill", teacher="fst", steps=1, init="coop"), done, batch)

@@ -457,6 +457,7 @@ def _fail_on_second_write(monkeypatch, error):
 
 
 @pytest.mark.parametrize("existing", [False, True])
+@pytest.mark.slow
 def test_disk_full_while_writing_leaves_everything_as_it_was(tmp_path, models, capsys, monkeypatch, existing):
     argv = _register(tmp_path, models, extra=("--overwrite",))
     if existing:

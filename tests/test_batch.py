@@ -222,6 +222,7 @@ def test_dice_in_the_record_with_a_fixed_label_map(tmp_path, tiny_model, capsys)
 # --- the compact field ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compact_field_expands_to_the_full_field_within_1e4_voxels(tmp_path, capsys):
     """The shipped model (its own orientation and voxel size: reoriented, resampled) with the affine step: the
     compact file is a fraction of the full field, and expand() gives the field --disp-format voxel writes."""
@@ -488,6 +489,7 @@ def test_pairs_file_columns_fixed_seg_last_without_a_header_any_order_with_one(t
         read_pairs_file(path, columns=("fixed", "moving"))
 
 
+@pytest.mark.slow
 def test_batch_dice_summary_and_a_qc_figure_per_pair_in_fresh_processes(tmp_path, tiny_model):
     """register --pairs with fixed_seg in the headerless 5th column and --qc, as a user runs it: each pair's Dice
     (its line and registration.json) equals Dice computed by hand from the written warped_seg and the fixed
@@ -548,6 +550,7 @@ def test_batch_dice_summary_and_a_qc_figure_per_pair_in_fresh_processes(tmp_path
     np.testing.assert_array_equal(_pixels(out / "b" / "qc.png"), figures["b"])
 
 
+@pytest.mark.slow
 def test_qc_needs_the_warped_image_and_works_for_one_pair(tmp_path, tiny_model, capsys):
     pairs = _pairs(tmp_path, 2)
     out = tmp_path / "out"

@@ -465,6 +465,7 @@ def _official_available():
 
 
 @pytest.mark.skipif(not _official_available(), reason="the authors' checkpoints are not in ../shared/official_crd")
+@pytest.mark.slow
 def test_parity_with_the_authors_code_on_reference_io(tmp_path):
     ref = np.load(OFFICIAL / "reference_io.npz")
     nifti = lambda a: np.ascontiguousarray(np.transpose(a, (2, 1, 0)))  # their (D, H, W) -> NIfTI (X, Y, Z)

@@ -248,6 +248,7 @@ def test_a_recorded_module_is_imported_only_with_the_users_word(tmp_path, monkey
         load_spec(folder)
 
 
+@pytest.mark.slow
 def test_a_fork_model_registers_in_a_fresh_process_with_the_flag_and_not_without(tmp_path):
     """The quick tier's version of the trained round trip above (the model made here, not trained)."""
     fork = _fork_folder(tmp_path, entry_point=False)

@@ -69,6 +69,7 @@ def test_the_finetune_walkthrough_runs_as_written_and_improves_held_back_dice(tm
     assert np.isfinite(np.asarray(warped.dataobj)).all()
 
 
+@pytest.mark.slow
 def test_finetune_refuses_bad_arguments_with_one_line(tmp_path):
     (tmp_path / "out").mkdir()
     for args, needle in (

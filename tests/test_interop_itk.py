@@ -200,6 +200,7 @@ def _away_from_borders(r):
     return inside(points, r["m_shape"], r["m_aff"], margin=3.0) & inside(points, r["f_shape"], r["f_aff"], margin=1.0)
 
 
+@pytest.mark.slow
 def test_register_writes_a_composite_that_simpleitk_applies_like_warped_nii(registered):
     """SimpleITK resamples the original moving image once through composite.h5; crd-jax resampled it onto the
     fixed grid, then warped it (two linear interpolations). Tolerance: the bound on those interpolation errors
@@ -230,6 +231,7 @@ def test_register_writes_a_composite_that_simpleitk_applies_like_warped_nii(regi
     assert diff.max() < tol
 
 
+@pytest.mark.slow
 def test_apply_reads_the_composite_as_simpleitk_does(registered, tmp_path):
     """``crd-jax apply --transform composite.h5`` (one interpolation of the moving image, like SimpleITK):
     equal to SimpleITK's resampling to float32 rounding inside the image (1e-4), and to applying the same
@@ -260,6 +262,7 @@ def test_apply_reads_the_composite_as_simpleitk_does(registered, tmp_path):
     assert np.abs(via_h5 - via_field).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_ants_applies_the_composite_like_simpleitk(registered):
     """antsApplyTransforms' engine (antspyx's ``ants.apply_transforms``, linear) through composite.h5: equal to
     SimpleITK's resampling (both are ITK's resampler) inside the image."""
@@ -277,6 +280,7 @@ def test_ants_applies_the_composite_like_simpleitk(registered):
     print(f"ANTs through composite.h5 vs warped.nii.gz: max |diff| {np.abs(warped - crd)[away].max():.4g}")
 
 
+@pytest.mark.slow
 def test_without_simpleitk_itk_outputs_and_files_are_one_line_naming_the_extra(tmp_path, shift_model):
     """SimpleITK hidden from a fresh process: --disp-format itk is refused before anything is computed or
     written, an .nrrd input and an .h5 transform too; exit 2, one line naming the extra."""

@@ -136,6 +136,7 @@ def test_nmi_matches_a_numpy_reference_and_is_best_for_related_images():
 
 
 @pytest.mark.parametrize("name", ["mind", "nmi"])
+@pytest.mark.slow
 def test_every_stage_of_the_scheme_can_train_with_another_similarity(name):
     from crd_jax.config import base_config
     from crd_jax.training.stages import Trained, plan_stage

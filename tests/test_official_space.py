@@ -116,6 +116,7 @@ def test_out_of_domain_compares_in_the_models_orientation():
     assert "field of view" in checks.out_of_domain(spec, [lia])
 
 
+@pytest.mark.slow
 def test_the_real_checkpoint_registers_an_lpba40_like_input_reoriented(tmp_path):
     """The recorded space is used: an LPS input to the converted student is reoriented to LIA (logged)."""
     ck = "/work/shared/official_crd/student_oasis.pth"
@@ -145,6 +146,7 @@ def test_the_real_checkpoint_registers_an_lpba40_like_input_reoriented(tmp_path)
     assert "reoriented LPS -> LIA" in json.dumps(notes), notes
 
 
+@pytest.mark.slow
 def test_register_warns_once_per_process_out_of_domain_and_not_in_domain(tmp_path):
     from model_folders import make_model_folder
 

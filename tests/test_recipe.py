@@ -29,6 +29,7 @@ def _pair(shape=(16, 16, 16)):
     return jax.random.uniform(k1, (1, *shape, 1)), jax.random.uniform(k2, (1, *shape, 1))
 
 
+@pytest.mark.slow
 def test_redraw_flow_heads_torch_bounds_and_other_params_untouched():
     model = build.registrar_from_config(_arch(), 2)
     m, f = _pair()
@@ -48,6 +49,7 @@ def test_redraw_flow_heads_torch_bounds_and_other_params_untouched():
         redraw_flow_heads(params, jax.random.PRNGKey(1), "zeros")
 
 
+@pytest.mark.slow
 def test_redraw_reaches_every_pyramid_level():
     model = build.registrar_from_config(
         _arch(backbone="pyramid", encoder=(8, 8, 8, 8, 8), encoder_strides=(1, 2, 2, 2, 2), estimator=(8,)), 1
@@ -80,6 +82,7 @@ def test_grad_clip_equals_manual_clip_then_adam():
     assert np.all(np.isfinite(updates2["w"]))
 
 
+@pytest.mark.slow
 def test_compact_fusion_has_one_conv_per_level_and_fewer_parameters():
     m, f = _pair((32, 32, 32))
     sizes = {}

@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quick_run_writes_the_split_and_the_projected_hours(tmp_path):
     out = tmp_path / "budget"
     proc = subprocess.run(

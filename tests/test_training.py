@@ -65,6 +65,7 @@ def _run_steps(plan, cfg, batch, steps):
     return losses, distributed.to_host(params)
 
 
+@pytest.mark.slow
 def test_every_stage_loss_is_finite_and_decreases_on_a_fixed_pair_2d():
     cfg = tiny_config((32, 32))
     example = _example(cfg)
@@ -220,13 +221,17 @@ def test_kill_and_resume_gives_the_same_final_params(tmp_path):
         "--config.train.checkpoint_every=3",
         "--config.train.batch_size=2",
     ]
-    _train(tmp_path / "straight", *args)
+    # The straight run compiles everything (no cache); the killed run fills its own compilation cache and the
+    # resumed run loads its train steps from it: equal parameters also say that a cached program is the program.
+    _train(tmp_path / "straight", *args, env={"CRD_JAX_CACHE_DIR": "off"})
+    cache = {"CRD_JAX_CACHE_DIR": str(tmp_path / "cache")}
     # SIGKILL after step 5 of the second stage: step 3's checkpoint exists, steps 4-5 are lost.
-    killed = _train(tmp_path / "resumed", *args, env={"CRD_JAX_DEBUG_KILL_AFTER_STEP": "5"}, check=False)
+    killed = _train(tmp_path / "resumed", *args, env={"CRD_JAX_DEBUG_KILL_AFTER_STEP": "5", **cache}, check=False)
     assert killed.returncode == -9
     assert (tmp_path / "resumed" / "stages" / "vm_h" / "model").exists()
     assert not (tmp_path / "resumed" / "stages" / "vm_l" / "model").exists()
-    again = _train(tmp_path / "resumed", *args)
+    assert len(list((tmp_path / "cache" / "xla").iterdir())) > 10  # train.py uses JAX's persistent cache
+    again = _train(tmp_path / "resumed", *args, env=cache)
     assert "[vm_h] finished earlier" in again.stderr and "[vm_l] resuming from step 3" in again.stderr
     for stage in ("vm_h", "vm_l"):
         a, b = _params(tmp_path / "straight", stage)[0], _params(tmp_path / "resumed", stage)[0]
@@ -283,6 +288,7 @@ def test_default_pipeline_end_to_end_writes_results(tmp_path):
     assert (work / "results.md").read_text() == table
 
 
+@pytest.mark.slow
 def test_missing_data_root_is_a_clear_error(tmp_path):
     proc = _train(tmp_path / "run", config="configs/oasis_vm.py", check=False)
     assert proc.returncode == 2

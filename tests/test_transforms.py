@@ -223,6 +223,7 @@ def test_apply_and_register_outputs_through_the_command(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_instance_optimisation_lowers_the_pair_loss_and_zero_steps_change_nothing(tmp_path):
     import jax
     import jax.numpy as jnp
