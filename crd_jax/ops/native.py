@@ -48,6 +48,8 @@ _TARGETS = {
     "crd_conv_wgrad": "CrdConvWgrad",
     "crd_warp": "CrdWarp",
     "crd_warp_grad": "CrdWarpGrad",
+    "crd_ncc_fwd": "CrdNccFwd",
+    "crd_ncc_bwd": "CrdNccBwd",
 }
 
 _lock = threading.Lock()
