@@ -22,6 +22,7 @@ from typing import Callable, ClassVar, Dict, Optional, Tuple, Type
 import jax
 import jax.numpy as jnp
 
+from crd_jax.ops import grad_l2 as _grad_l2
 from crd_jax.ops import ncc as _ncc
 from crd_jax.ops.ncc import box_sum  # noqa: F401 (part of this module's API; mind_ssc uses it)
 from crd_jax.ops.spatial import warp
@@ -43,13 +44,12 @@ def ncc(fixed: jax.Array, warped: jax.Array, window: int = 9, eps: float = 1e-5)
 
 
 def grad_l2(disp: jax.Array) -> jax.Array:
-    """L_reg of eq. 2: squared forward differences of the field, mean per axis, averaged over axes."""
-    ndim = disp.ndim - 2
-    total = 0.0
-    for axis in range(1, ndim + 1):
-        d = jnp.diff(disp, axis=axis)
-        total = total + jnp.mean(d * d)
-    return total / ndim
+    """L_reg of eq. 2: squared forward differences of the field, mean per axis, averaged over axes.
+
+    Float32 2-D and 3-D fields on the CPU run the native kernel (``crd_jax.ops.grad_l2``; its
+    ``grad_l2_formulation("xla")`` selects the ``jnp.diff`` reference, :func:`crd_jax.ops.grad_l2.grad_l2_reference`).
+    """
+    return _grad_l2.grad_l2(disp)
 
 
 def mse(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -1,10 +1,12 @@
-"""The fused native NCC (crd_jax/ops/csrc/ncc_cpu.cc) against the XLA reference (``reduce_window`` box sums and
-JAX's autodiff): values and gradients, 2-D and 3-D, odd sizes, even windows, channels, batches, borders.
+"""The native loss kernels against their XLA references: the fused NCC (crd_jax/ops/csrc/ncc_cpu.cc; reference:
+``reduce_window`` box sums and JAX's autodiff) and grad-L2 (csrc/grad_l2_cpu.cc; reference: ``jnp.diff``), values
+and gradients, 2-D and 3-D, odd sizes, even windows, channels, batches, borders.
 
 Tolerances: both sides sum at most ``window^d`` float32 terms per box in the same axis order; they differ in
 where float32 rounding falls (XLA's fusions vs one kernel; the gradient's coefficients are derived by hand here
 and by autodiff there), so values agree to ~1e-7 relative and gradients to ~5e-7 of their largest entry. The
-bounds below (1e-5 and 2e-5) leave 20-40x room and are still far below any change of the loss itself.
+bounds below (1e-5 and 2e-5) leave 20-40x room and are still far below any change of the loss itself. grad-L2's
+gradient is linear in the field and has one rounding per term either way (2e-6 of its largest entry).
 """
 
 import jax
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 
 from crd_jax import losses
+from crd_jax.ops import grad_l2 as grad_l2_ops
 from crd_jax.ops import native
 from crd_jax.ops import ncc as ncc_ops
 from crd_jax.ops.spatial import warp
@@ -118,3 +121,34 @@ def test_warped_image_gradient_through_the_native_warp_and_ncc(formulation):
     formulation("xla")
     g0 = jax.grad(lambda d: losses.ncc(f, warp(m, d)))(disp)
     np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), atol=2e-5 * float(jnp.max(jnp.abs(g0))))
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 9, 11, 3), (2, 5, 6, 40, 3), (1, 13, 17, 2), (2, 3, 33, 2)])
+def test_native_grad_l2_value_and_gradient_match_reference(shape):
+    disp = jnp.asarray(np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32))
+    v0, g0 = jax.value_and_grad(grad_l2_ops.grad_l2_reference)(disp)
+    v1, g1 = jax.jit(jax.value_and_grad(grad_l2_ops.grad_l2))(disp)
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), atol=2e-6 * float(jnp.max(jnp.abs(g0))))
+
+
+def test_native_grad_l2_of_an_affine_field_is_exact_and_of_a_flat_axis_nan_as_the_reference():
+    grid = jnp.stack(jnp.meshgrid(*(jnp.arange(n, dtype=jnp.float32) for n in (4, 5, 6)), indexing="ij"), -1)
+    disp = (grid @ jnp.asarray([[0.5, 0.0, 0.0], [0.0, -0.25, 0.0], [0.0, 0.0, 2.0]]))[None]
+    np.testing.assert_allclose(float(grad_l2_ops.grad_l2(disp)), (0.25 + 0.0625 + 4.0) / 9, rtol=1e-6)
+    flat = jnp.ones((1, 1, 5, 6, 3), jnp.float32)  # an axis of one voxel: jnp.mean of no differences
+    assert np.isnan(float(grad_l2_ops.grad_l2(flat))) and np.isnan(float(grad_l2_ops.grad_l2_reference(flat)))
+
+
+def test_grad_l2_compiles_to_the_native_kernel_or_the_reference():
+    disp = jnp.zeros((1, 6, 7, 8, 3), jnp.float32)
+    before = grad_l2_ops.grad_l2_formulation()
+    try:
+        text = jax.jit(jax.value_and_grad(losses.grad_l2)).lower(disp).compile().as_text()
+        assert "crd_grad_l2_fwd" in text and "crd_grad_l2_bwd" in text
+        grad_l2_ops.grad_l2_formulation("xla")
+        assert "crd_grad_l2" not in jax.jit(jax.grad(losses.grad_l2)).lower(disp).compile().as_text()
+        with pytest.raises(ValueError, match="'native' or 'xla'"):
+            grad_l2_ops.grad_l2_formulation("fast")
+    finally:
+        grad_l2_ops.grad_l2_formulation(before)
