@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "huge_pages.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -115,6 +116,7 @@ ffi::Error GradL2BwdImpl(ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> scale, f
   if (scale.element_count() != 3 || out->element_count() != u.element_count())
     return ffi::Error::InvalidArgument("grad l2 grad: scale must be (3,), the output the field's shape");
   if (u.element_count() == 0) return ffi::Error::Success();
+  crd::AdviseHugePagesOn(out->untyped_data(), out->size_bytes());
   GradL2Backward(u.typed_data(), f, scale.typed_data(), out->typed_data());
   return ffi::Error::Success();
 }

@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "huge_pages.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -308,6 +309,7 @@ ffi::Error NccFwdImpl(ffi::Buffer<ffi::F32> f, ffi::Buffer<ffi::F32> m, ffi::Res
   const int64_t c = static_cast<int64_t>(coef->element_count());
   if (c != 0 && c != 3 * voxels) return ffi::Error::InvalidArgument("ncc: coefficients must be (3, N, D, H, W) or empty");
   if (voxels == 0) return ffi::Error::Success();
+  if (c != 0) crd::AdviseHugePagesOn(coef->untyped_data(), coef->size_bytes());
   NccForward(f.typed_data(), m.typed_data(), s, win, eps, plane_sums->typed_data(),
              c != 0 ? coef->typed_data() : nullptr);
   return ffi::Error::Success();
@@ -325,6 +327,7 @@ ffi::Error NccBwdImpl(ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::F32> f, ffi::
     return ffi::Error::InvalidArgument("ncc grad: coefficients must be (3, N, D, H, W), the output (N, D, H, W)");
   if (scale.element_count() != 1) return ffi::Error::InvalidArgument("ncc grad: scale must be a scalar");
   if (voxels == 0) return ffi::Error::Success();
+  crd::AdviseHugePagesOn(dm->untyped_data(), dm->size_bytes());
   NccBackward(coef.typed_data(), f.typed_data(), m.typed_data(), s, win, scale.typed_data()[0], dm->typed_data());
   return ffi::Error::Success();
 }
