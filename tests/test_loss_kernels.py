@@ -6,7 +6,7 @@ Tolerances: both sides sum at most ``window^d`` float32 terms per box in the sam
 where float32 rounding falls (XLA's fusions vs one kernel; the gradient's coefficients are derived by hand here
 and by autodiff there), so values agree to ~1e-7 relative and gradients to ~5e-7 of their largest entry. The
 bounds below (1e-5 and 2e-5) leave 20-40x room and are still far below any change of the loss itself. grad-L2's
-gradient is linear in the field and has one rounding per term either way (2e-6 of its largest entry).
+gradient is linear in the field, a few roundings per term either way (2e-6 of its largest entry).
 """
 
 import jax
@@ -145,7 +145,7 @@ def test_grad_l2_compiles_to_the_native_kernel_or_the_reference():
     before = grad_l2_ops.grad_l2_formulation()
     try:
         text = jax.jit(jax.value_and_grad(losses.grad_l2)).lower(disp).compile().as_text()
-        assert "crd_grad_l2_fwd" in text and "crd_grad_l2_bwd" in text
+        assert "crd_grad_l2_fwd" in text
         grad_l2_ops.grad_l2_formulation("xla")
         assert "crd_grad_l2" not in jax.jit(jax.grad(losses.grad_l2)).lower(disp).compile().as_text()
         with pytest.raises(ValueError, match="'native' or 'xla'"):

@@ -4,7 +4,7 @@ the reference, and the path everywhere but the CPU) and a native forward and bac
 :func:`grad_l2_formulation` chooses: ``"native"`` (default where the native kernels are built) for float32 2-D
 and 3-D fields: the forward reads the field once (XLA materialised the three difference arrays, a full field
 each, and the backward read them again: at 128^3 on 2 cores the term took about as long as the fused NCC;
-benchmarks/results/loss_speed.md), the backward is the differences' transpose in one pass. ``"xla"`` keeps
+benchmarks/results/loss_speed.md); the backward is the differences' transpose as slices XLA fuses. ``"xla"`` keeps
 :func:`grad_l2_reference` throughout.
 """
 
@@ -78,15 +78,20 @@ def _grad_l2_native_fwd(disp):
 
 
 def _grad_l2_native_bwd(disp, g):
-    def native(disp, g):
-        scale = 2.0 * g.astype(jnp.float32) * jnp.nan_to_num(_weights(disp))
-        out = jax.ShapeDtypeStruct(disp.shape, jnp.float32)  # the field's own shape: a reshape would copy
-        return jax.ffi.ffi_call("crd_grad_l2_bwd", out)(_as_3d(disp), scale)
-
-    def elsewhere(disp, g):
-        return jax.vjp(grad_l2_reference, disp)[1](g)[0]
-
-    return (lax.platform_dependent(disp, g, cpu=native, default=elsewhere),)
+    # The differences' transpose as XLA slices and pads: elementwise, so XLA fuses it into the sum of the field's
+    # cotangents (the warp's, at least) and writes no field-sized array of its own (a native backward kernel's
+    # fresh 24 MB output at 128^3 cost more in page faults, ~19 ms of system time a step, than it saved)
+    ndim = disp.ndim - 2
+    weights = _weights(disp)[3 - ndim :]
+    out = jnp.zeros_like(disp)
+    for k, axis in enumerate(range(1, ndim + 1)):
+        if disp.shape[axis] < 2:
+            continue
+        d = jnp.diff(disp, axis=axis)
+        pad_low, pad_high = [(0, 0)] * disp.ndim, [(0, 0)] * disp.ndim
+        pad_low[axis], pad_high[axis] = (1, 0), (0, 1)
+        out = out + (2.0 * g * weights[k]) * (jnp.pad(d, pad_low) - jnp.pad(d, pad_high))
+    return (out.astype(disp.dtype),)
 
 
 _grad_l2_native.defvjp(_grad_l2_native_fwd, _grad_l2_native_bwd)

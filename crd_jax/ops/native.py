@@ -52,7 +52,6 @@ _TARGETS = {
     "crd_ncc_fwd": "CrdNccFwd",
     "crd_ncc_bwd": "CrdNccBwd",
     "crd_grad_l2_fwd": "CrdGradL2Fwd",
-    "crd_grad_l2_bwd": "CrdGradL2Bwd",
 }
 
 _lock = threading.Lock()

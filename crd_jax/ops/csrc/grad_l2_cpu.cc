@@ -1,24 +1,19 @@
-// The displacement field's smoothness term (crd_jax.losses.grad_l2, eq. 2 of the paper) and its gradient, exposed
-// to XLA as two FFI calls.
+// The displacement field's smoothness term (crd_jax.losses.grad_l2, eq. 2 of the paper), exposed to XLA as an FFI
+// call; its gradient stays XLA's (crd_jax/ops/grad_l2.py: slices fused into the field's other cotangents).
 //
 // Why this exists: XLA's CPU backend materialises the three arrays of forward differences (jnp.diff, one full-size
 // field each) before reducing them, and its gradient reads them again: at 128^3 on 2 cores the term took as long
-// as the fused NCC. Here the forward reads the field once and the backward reads it once and writes the gradient.
+// as the fused NCC. Here the forward reads the field once and writes three numbers.
 //
 // Forward (crd_grad_l2_fwd): for every axis k of the field (B, D, H, W, C), the sum of (u[i + e_k] - u[i])^2
 // over the voxels that have a neighbour along k, accumulated per row in float lanes and across rows in double, in
 // a fixed order (the same result whatever the threads).
-// Backward (crd_grad_l2_bwd): out[i] = sum_k s_k ((u[i] - u[i - e_k]) - (u[i + e_k] - u[i])), each difference
-// present only where its neighbour exists: the transpose of the forward differences times the caller's scale
-// s_k = cotangent * d value / d sum_k.
-//
 // A 2-D field is passed as D = 1 (its axis-0 sum is 0 and the caller ignores it).
 #include <immintrin.h>
 
 #include <cstdint>
 #include <vector>
 
-#include "huge_pages.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -68,30 +63,6 @@ void GradL2Forward(const float* u, const Field& f, float* sums) {
   }
 }
 
-// out[i] += s (x[i] - y[i]) over n floats.
-inline void AddScaledDifference(float* __restrict out, const float* __restrict x, const float* __restrict y, float s,
-                                int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] += s * (x[i] - y[i]);
-}
-
-void GradL2Backward(const float* u, const Field& f, const float* scale, float* out) {
-  const int64_t rows = f.b * f.d * f.h, len = f.w * f.c, plane = f.h * len;
-  crd::ParallelFor(rows, crd::NumThreads(), [&](int64_t begin, int64_t end, int) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t z = (r / f.h) % f.d, y = r % f.h;
-      const float* row = u + r * len;
-      float* o = out + r * len;
-      for (int64_t i = 0; i < len; ++i) o[i] = 0.0f;
-      if (z > 0) AddScaledDifference(o, row, row - plane, scale[0], len);
-      if (z + 1 < f.d) AddScaledDifference(o, row, row + plane, scale[0], len);
-      if (y > 0) AddScaledDifference(o, row, row - len, scale[1], len);
-      if (y + 1 < f.h) AddScaledDifference(o, row, row + len, scale[1], len);
-      AddScaledDifference(o + f.c, row + f.c, row, scale[2], len - f.c);
-      AddScaledDifference(o, row, row + f.c, scale[2], len - f.c);
-    }
-  });
-}
-
 ffi::Error ReadField(const ffi::Buffer<ffi::F32>& u, Field* f) {
   auto d = u.dimensions();
   if (d.size() != 5) return ffi::Error::InvalidArgument("grad l2: expected a field (B, D, H, W, C)");
@@ -110,24 +81,7 @@ ffi::Error GradL2FwdImpl(ffi::Buffer<ffi::F32> u, ffi::ResultBuffer<ffi::F32> su
   return ffi::Error::Success();
 }
 
-ffi::Error GradL2BwdImpl(ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> out) {
-  Field f;
-  if (auto e = ReadField(u, &f); e.failure()) return e;
-  if (scale.element_count() != 3 || out->element_count() != u.element_count())
-    return ffi::Error::InvalidArgument("grad l2 grad: scale must be (3,), the output the field's shape");
-  if (u.element_count() == 0) return ffi::Error::Success();
-  crd::AdviseHugePagesOn(out->untyped_data(), out->size_bytes());
-  GradL2Backward(u.typed_data(), f, scale.typed_data(), out->typed_data());
-  return ffi::Error::Success();
-}
-
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrdGradL2Fwd, GradL2FwdImpl,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CrdGradL2Bwd, GradL2BwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
