@@ -180,3 +180,17 @@ def test_one_pass_warp_equals_the_two_pass_warp_exactly(oshape, ishape, scale):
         spatial.warp_gradient(before)
     for a, b in zip(out["native"], out["regather"]):
         assert bool(jnp.array_equal(a, b, equal_nan=True))
+
+
+def test_native_losses_under_vmap_match_the_references():
+    """A batch of pairs mapped with jax.vmap (each call of the kernels runs once per pair)."""
+    f, m = _pair((3, 1, 6, 40, 9, 1), 13)
+    ncc_got = jax.vmap(jax.value_and_grad(lambda m, f: ncc_ops.ncc(f, m, 5)))(m, f)
+    ncc_want = jax.vmap(jax.value_and_grad(lambda m, f: ncc_ops.ncc_reference(f, m, 5)))(m, f)
+    np.testing.assert_allclose(np.asarray(ncc_got[0]), np.asarray(ncc_want[0]), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(ncc_got[1]), np.asarray(ncc_want[1]), atol=2e-5 * float(jnp.max(jnp.abs(ncc_want[1]))))
+    disp = jnp.asarray(np.random.default_rng(2).standard_normal((3, 1, 5, 6, 7, 3)).astype(np.float32))
+    l2_got = jax.vmap(jax.value_and_grad(grad_l2_ops.grad_l2))(disp)
+    l2_want = jax.vmap(jax.value_and_grad(grad_l2_ops.grad_l2_reference))(disp)
+    np.testing.assert_allclose(np.asarray(l2_got[0]), np.asarray(l2_want[0]), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(l2_got[1]), np.asarray(l2_want[1]), atol=2e-6 * float(jnp.max(jnp.abs(l2_want[1]))))

@@ -64,7 +64,7 @@ def _weights(disp: jax.Array) -> jax.Array:
 
 
 def _native_value(disp):
-    sums = jax.ffi.ffi_call("crd_grad_l2_fwd", jax.ShapeDtypeStruct((3,), jnp.float32))(_as_3d(disp))
+    sums = jax.ffi.ffi_call("crd_grad_l2_fwd", jax.ShapeDtypeStruct((3,), jnp.float32), vmap_method="sequential")(_as_3d(disp))
     return jnp.sum(sums[3 - (disp.ndim - 2) :] * _weights(disp)[3 - (disp.ndim - 2) :])
 
 

@@ -118,7 +118,7 @@ def _native_forward(fixed, warped, window, eps, with_coefficients):
     f, m = _volumes(fixed), _volumes(warped)
     sums = jax.ShapeDtypeStruct(f.shape[:2], jnp.float32)
     coef = jax.ShapeDtypeStruct((3, *f.shape) if with_coefficients else (0,), jnp.float32)
-    plane_sums, coefficients = jax.ffi.ffi_call("crd_ncc_fwd", (sums, coef))(
+    plane_sums, coefficients = jax.ffi.ffi_call("crd_ncc_fwd", (sums, coef), vmap_method="sequential")(
         f, m, eps=np.float32(eps), **_attrs(ndim, window, transposed=False)
     )
     return -jnp.sum(plane_sums) / fixed.size, coefficients
@@ -157,9 +157,9 @@ def _ncc_native_bwd(window, eps, residuals, g):
         attrs = _attrs(fixed.ndim - 2, window, transposed=True)
         if warped.shape[-1] == 1:  # written in the image's own shape: a reshape here would compile to a copy
             out = jax.ShapeDtypeStruct(warped.shape, jnp.float32)
-            return jax.ffi.ffi_call("crd_ncc_bwd", out)(coefficients, f, m, scale, **attrs)
+            return jax.ffi.ffi_call("crd_ncc_bwd", out, vmap_method="sequential")(coefficients, f, m, scale, **attrs)
         out = jax.ShapeDtypeStruct(m.shape, jnp.float32)
-        dm = jax.ffi.ffi_call("crd_ncc_bwd", out)(coefficients, f, m, scale, **attrs)
+        dm = jax.ffi.ffi_call("crd_ncc_bwd", out, vmap_method="sequential")(coefficients, f, m, scale, **attrs)
         channels_first = (warped.shape[0], warped.shape[-1], *warped.shape[1:-1])
         return jnp.moveaxis(dm.reshape(channels_first), 1, -1)
 
