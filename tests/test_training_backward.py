@@ -215,11 +215,12 @@ WARP_CASES = [
 ]
 
 
+@pytest.mark.parametrize("native_mode", ["native", "regather"])
 @pytest.mark.parametrize("ishape,oshape,channels,scale", WARP_CASES)
-def test_native_warp_matches_map_coordinates_values_and_gradients(ishape, oshape, channels, scale, warp_mode):
+def test_native_warp_matches_map_coordinates_values_and_gradients(ishape, oshape, channels, scale, native_mode, warp_mode):
     if jax.default_backend() != "cpu" or not native.available():
         pytest.skip("the native kernel runs on the CPU")
-    warp_mode("native")
+    warp_mode(native_mode)
     rng = np.random.default_rng(sum(ishape) + channels)
     image = jnp.asarray(rng.standard_normal((2, *ishape, channels)), jnp.float32)
     disp = jnp.asarray(rng.standard_normal((2, *oshape, 3)) * scale, jnp.float32)
@@ -266,6 +267,19 @@ def test_native_warp_composes_fields_with_gradients_for_both_arguments(warp_mode
         out[mode] = jax.jit(jax.value_and_grad(lambda v: jnp.sum(jnp.sin(integrate_velocity(v, 3)))))(v)
     np.testing.assert_allclose(out["native"][0], out["xla"][0], rtol=1e-5)
     np.testing.assert_allclose(out["native"][1], out["xla"][1], rtol=1e-4, atol=1e-5)
+
+
+def test_training_warp_gradient_is_one_pass_with_its_derivative_saved(warp_mode):
+    """The default: one crd_warp_linear call writes the sample and its derivative; no second gather pass."""
+    if jax.default_backend() != "cpu" or not native.available():
+        pytest.skip("the native kernel runs on the CPU")
+    warp_mode("native")
+    image, disp = jnp.ones((1, 4, 5, 6, 1)), jnp.zeros((1, 4, 5, 6, 3))
+    text = jax.jit(jax.grad(lambda d: jnp.sum(spatial.warp(image, d) ** 2))).lower(disp).compile().as_text()
+    assert "crd_warp_linear" in text and "crd_warp_grad" not in text
+    warp_mode("regather")
+    text = jax.jit(jax.grad(lambda d: jnp.sum(spatial.warp(image, d) ** 2))).lower(disp).compile().as_text()
+    assert "crd_warp_grad" in text and "crd_warp_linear" not in text
 
 
 def test_native_warp_leaves_other_warps_to_map_coordinates(warp_mode):

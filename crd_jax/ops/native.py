@@ -48,6 +48,10 @@ _TARGETS = {
     "crd_conv_wgrad": "CrdConvWgrad",
     "crd_warp": "CrdWarp",
     "crd_warp_grad": "CrdWarpGrad",
+    "crd_warp_linear": "CrdWarpLinear",
+    "crd_ncc_fwd": "CrdNccFwd",
+    "crd_ncc_bwd": "CrdNccBwd",
+    "crd_grad_l2_fwd": "CrdGradL2Fwd",
 }
 
 _lock = threading.Lock()

@@ -1,0 +1,196 @@
+"""The native loss kernels against their XLA references: the fused NCC (crd_jax/ops/csrc/ncc_cpu.cc; reference:
+``reduce_window`` box sums and JAX's autodiff) and grad-L2 (csrc/grad_l2_cpu.cc; reference: ``jnp.diff``), values
+and gradients, 2-D and 3-D, odd sizes, even windows, channels, batches, borders.
+
+Tolerances: both sides sum at most ``window^d`` float32 terms per box in the same axis order; they differ in
+where float32 rounding falls (XLA's fusions vs one kernel; the gradient's coefficients are derived by hand here
+and by autodiff there), so values agree to ~1e-7 relative and gradients to ~5e-7 of their largest entry. The
+bounds below (1e-5 and 2e-5) leave 20-40x room and are still far below any change of the loss itself. grad-L2's
+gradient is linear in the field, a few roundings per term either way (2e-6 of its largest entry).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crd_jax import losses
+from crd_jax.ops import grad_l2 as grad_l2_ops
+from crd_jax.ops import native
+from crd_jax.ops import ncc as ncc_ops
+from crd_jax.ops.spatial import warp
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernel not built")
+
+
+@pytest.fixture
+def formulation():
+    """Restores the process's NCC formulation after a test that changes it."""
+    before = ncc_ops.ncc_formulation()
+    yield ncc_ops.ncc_formulation
+    ncc_ops.ncc_formulation(before)
+
+
+def _pair(shape, seed, background=False):
+    rng = np.random.default_rng(seed)
+    f = rng.random(shape).astype(np.float32)
+    m = (0.5 * f + 0.5 * rng.random(shape)).astype(np.float32)
+    if background:  # zero borders, as skull-stripped scans have: flat windows, cc = 0 / eps
+        sl = (slice(None),) + tuple(slice(0, s // 3) for s in shape[1:-1]) + (slice(None),)
+        f[sl] = 0.0
+        m[sl] = 0.0
+    return jnp.asarray(f), jnp.asarray(m)
+
+
+CASES = [
+    ((1, 11, 13, 9, 1), 9, False),  # odd sizes, window larger than an axis
+    ((2, 7, 10, 12, 1), 4, False),  # even window: asymmetric padding, transposed in the backward
+    ((1, 9, 70, 37, 1), 9, True),  # several row blocks (the kernel works in blocks of 32 rows), zero background
+    ((1, 5, 66, 20, 2), 5, False),  # two channels
+    ((1, 20, 17, 1), 9, False),  # 2-D
+    ((2, 70, 45, 3), 3, True),  # 2-D, batch and channels, several row blocks
+    ((1, 3, 2, 1, 1), 9, False),  # tiny
+]
+
+
+@pytest.mark.parametrize("shape,window,background", CASES)
+def test_native_ncc_value_and_gradients_match_reference(shape, window, background):
+    f, m = _pair(shape, sum(shape), background)
+    ref = jax.value_and_grad(lambda f, m: ncc_ops.ncc_reference(f, m, window), argnums=(0, 1))
+    got = jax.value_and_grad(lambda f, m: ncc_ops.ncc(f, m, window), argnums=(0, 1))
+    (v0, (gf0, gm0)), (v1, (gf1, gm1)) = ref(f, m), got(f, m)
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5, atol=1e-7)
+    for a, b in ((gm1, gm0), (gf1, gf0)):
+        scale = float(jnp.max(jnp.abs(b)))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-5 * scale)
+
+
+def test_native_ncc_vjp_scales_with_the_cotangent_and_runs_jitted():
+    f, m = _pair((1, 12, 40, 16, 1), 3)
+    value, vjp = jax.vjp(jax.jit(lambda m: ncc_ops.ncc(f, m)), m)
+    ref_value, ref_vjp = jax.vjp(lambda m: ncc_ops.ncc_reference(f, m), m)
+    np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
+    got, want = vjp(jnp.float32(-2.5))[0], ref_vjp(jnp.float32(-2.5))[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def test_native_ncc_is_what_losses_ncc_compiles_to(formulation):
+    f, m = _pair((1, 10, 12, 14, 1), 5)
+    text = jax.jit(jax.grad(lambda m: losses.ncc(f, m))).lower(m).compile().as_text()
+    assert "crd_ncc_fwd" in text and "crd_ncc_bwd" in text and "reduce-window" not in text
+    formulation("xla")
+    text = jax.jit(jax.grad(lambda m: losses.ncc(f, m))).lower(m).compile().as_text()
+    assert "crd_ncc" not in text and "reduce-window" in text
+
+
+def test_registration_loss_gradient_is_the_same_either_way(formulation):
+    """What training differentiates: warp + NCC + grad-L2 with respect to the field."""
+    rng = np.random.default_rng(7)
+    f, m = _pair((1, 16, 36, 20, 1), 9)
+    disp = jnp.asarray(rng.normal(0.0, 1.5, (1, 16, 36, 20, 3)).astype(np.float32))
+    loss = jax.jit(jax.value_and_grad(lambda d: losses.registration_loss(m, f, d)[0]))
+    formulation("xla")
+    v0, g0 = jax.value_and_grad(lambda d: losses.registration_loss(m, f, d)[0])(disp)
+    formulation("native")
+    v1, g1 = loss(disp)
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), atol=2e-5 * float(jnp.max(jnp.abs(g0))))
+
+
+def test_other_dtypes_and_ranks_take_the_reference():
+    f, m = _pair((1, 6, 7, 1), 1)
+    np.testing.assert_allclose(
+        float(ncc_ops.ncc(f.astype(jnp.bfloat16), m.astype(jnp.bfloat16), 3)),
+        float(ncc_ops.ncc_reference(f.astype(jnp.bfloat16), m.astype(jnp.bfloat16), 3)),
+    )
+    text = jax.jit(lambda f, m: ncc_ops.ncc(f, m, 3)).lower(f[:, :, 0], m[:, :, 0]).compile().as_text()  # 1-D
+    assert "crd_ncc" not in text
+
+
+def test_ncc_formulation_refuses_unknown_modes(formulation):
+    with pytest.raises(ValueError, match="'native' or 'xla'"):
+        formulation("fast")
+    assert formulation() in ("native", "xla")
+
+
+def test_warped_image_gradient_through_the_native_warp_and_ncc(formulation):
+    """The composition of the two native kernels, second-argument gradients only (the fixed image constant)."""
+    f, m = _pair((1, 9, 33, 11, 1), 11)
+    disp = jnp.full((1, 9, 33, 11, 3), 0.3, jnp.float32)
+    g1 = jax.grad(lambda d: losses.ncc(f, warp(m, d)))(disp)
+    formulation("xla")
+    g0 = jax.grad(lambda d: losses.ncc(f, warp(m, d)))(disp)
+    np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), atol=2e-5 * float(jnp.max(jnp.abs(g0))))
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 9, 11, 3), (2, 5, 6, 40, 3), (1, 13, 17, 2), (2, 3, 33, 2)])
+def test_native_grad_l2_value_and_gradient_match_reference(shape):
+    disp = jnp.asarray(np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32))
+    v0, g0 = jax.value_and_grad(grad_l2_ops.grad_l2_reference)(disp)
+    v1, g1 = jax.jit(jax.value_and_grad(grad_l2_ops.grad_l2))(disp)
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), atol=2e-6 * float(jnp.max(jnp.abs(g0))))
+
+
+def test_native_grad_l2_of_an_affine_field_is_exact_and_of_a_flat_axis_nan_as_the_reference():
+    grid = jnp.stack(jnp.meshgrid(*(jnp.arange(n, dtype=jnp.float32) for n in (4, 5, 6)), indexing="ij"), -1)
+    disp = (grid @ jnp.asarray([[0.5, 0.0, 0.0], [0.0, -0.25, 0.0], [0.0, 0.0, 2.0]]))[None]
+    np.testing.assert_allclose(float(grad_l2_ops.grad_l2(disp)), (0.25 + 0.0625 + 4.0) / 9, rtol=1e-6)
+    flat = jnp.ones((1, 1, 5, 6, 3), jnp.float32)  # an axis of one voxel: jnp.mean of no differences
+    assert np.isnan(float(grad_l2_ops.grad_l2(flat))) and np.isnan(float(grad_l2_ops.grad_l2_reference(flat)))
+
+
+def test_grad_l2_compiles_to_the_native_kernel_or_the_reference():
+    disp = jnp.zeros((1, 6, 7, 8, 3), jnp.float32)
+    before = grad_l2_ops.grad_l2_formulation()
+    try:
+        text = jax.jit(jax.value_and_grad(losses.grad_l2)).lower(disp).compile().as_text()
+        assert "crd_grad_l2_fwd" in text
+        grad_l2_ops.grad_l2_formulation("xla")
+        assert "crd_grad_l2" not in jax.jit(jax.grad(losses.grad_l2)).lower(disp).compile().as_text()
+        with pytest.raises(ValueError, match="'native' or 'xla'"):
+            grad_l2_ops.grad_l2_formulation("fast")
+    finally:
+        grad_l2_ops.grad_l2_formulation(before)
+
+
+@pytest.mark.parametrize(
+    "oshape,ishape,scale",
+    [((1, 6, 7, 37), (6, 7, 37), 2.0), ((2, 5, 4, 19), (9, 7, 30), 6.0), ((1, 3, 4, 8), (2, 1, 5), 1.0)],
+)
+def test_one_pass_warp_equals_the_two_pass_warp_exactly(oshape, ishape, scale):
+    """warp_linear_cpu.cc (eight voxels at a time with AVX2 gathers, the rest scalar) against warp_cpu.cc +
+    warp_grad_cpu.cc: the same float operations in the same order, so equal bits, NaN coordinates included."""
+    from crd_jax.ops import spatial
+
+    rng = np.random.default_rng(sum(oshape))
+    image = jnp.asarray(rng.random((oshape[0], *ishape, 1), np.float32))
+    disp = jnp.asarray((rng.standard_normal((*oshape, 3)) * scale).astype(np.float32))
+    disp = disp.at[0, 0, 0, 2].set(jnp.asarray([np.nan, 0.0, 0.0], np.float32))
+    disp = disp.at[0, -1, -1, 0].set(jnp.asarray([-50.0, 70.0, 0.5], np.float32))
+    g = jnp.asarray(rng.standard_normal((*oshape, 1)).astype(np.float32))
+    before = spatial.warp_gradient()
+    out = {}
+    try:
+        for mode in ("regather", "native"):
+            spatial.warp_gradient(mode)
+            y, vjp = jax.vjp(lambda d: spatial.warp(image, d), disp)
+            out[mode] = (y, vjp(g)[0])
+    finally:
+        spatial.warp_gradient(before)
+    for a, b in zip(out["native"], out["regather"]):
+        assert bool(jnp.array_equal(a, b, equal_nan=True))
+
+
+def test_native_losses_under_vmap_match_the_references():
+    """A batch of pairs mapped with jax.vmap (each call of the kernels runs once per pair)."""
+    f, m = _pair((3, 1, 6, 40, 9, 1), 13)
+    ncc_got = jax.vmap(jax.value_and_grad(lambda m, f: ncc_ops.ncc(f, m, 5)))(m, f)
+    ncc_want = jax.vmap(jax.value_and_grad(lambda m, f: ncc_ops.ncc_reference(f, m, 5)))(m, f)
+    np.testing.assert_allclose(np.asarray(ncc_got[0]), np.asarray(ncc_want[0]), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(ncc_got[1]), np.asarray(ncc_want[1]), atol=2e-5 * float(jnp.max(jnp.abs(ncc_want[1]))))
+    disp = jnp.asarray(np.random.default_rng(2).standard_normal((3, 1, 5, 6, 7, 3)).astype(np.float32))
+    l2_got = jax.vmap(jax.value_and_grad(grad_l2_ops.grad_l2))(disp)
+    l2_want = jax.vmap(jax.value_and_grad(grad_l2_ops.grad_l2_reference))(disp)
+    np.testing.assert_allclose(np.asarray(l2_got[0]), np.asarray(l2_want[0]), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(l2_got[1]), np.asarray(l2_want[1]), atol=2e-6 * float(jnp.max(jnp.abs(l2_want[1]))))
