@@ -70,6 +70,7 @@ struct Vec256 {
   static constexpr int kLanes = 8;
   static constexpr int kRegisters = 16;
   static constexpr double kFmaPerCycle = 2.0;
+  static constexpr double kBroadcastFma = 0.0;  // see WgradTileCycles
   static Reg Zero() { return _mm256_setzero_ps(); }
   static Mask MaskOf(int64_t valid) { return TailMask(static_cast<int>(std::clamp<int64_t>(valid, 0, 8))); }
   static Reg Load(const float* p) { return _mm256_loadu_ps(p); }

@@ -23,6 +23,7 @@ struct Vec512 {
   static constexpr int kLanes = 16;
   static constexpr int kRegisters = 32;
   static constexpr double kFmaPerCycle = 1.0;  // Zen 4 issues a 512-bit FMA on both 256-bit pipes
+  static constexpr double kBroadcastFma = 0.5;  // see WgradTileCycles
   static Reg Zero() { return _mm512_setzero_ps(); }
   static Mask MaskOf(int64_t valid) { return LaneMask(valid); }
   static Reg Load(const float* p) { return _mm512_loadu_ps(p); }
