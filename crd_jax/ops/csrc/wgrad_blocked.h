@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "conv_common.h"
@@ -319,13 +320,16 @@ void WeightGradBlocked(const Geometry& g, const float* x, const float* dy, float
   std::vector<std::vector<float>> partial(threads, std::vector<float>(taps2 * tap_size, 0.0f));
   ParallelFor(rows, threads, [&](int64_t begin, int64_t end, int th) {
     float* part = partial[th].data();
-    std::vector<float> edge(band * taps2 * 2 * edge_row);
+    // a band never longer than the thread's rows; the edge copies are written before they are read, so their
+    // scratch is not zeroed (for a small layer, zeroing room for 32 rows of every tap is work out of proportion)
+    const int64_t rows_per_band = std::min(band, end - begin);
+    std::unique_ptr<float[]> edge(new float[std::max<int64_t>(rows_per_band * taps2 * 2 * edge_row, 1)]);
     const int64_t groups = p.taps == 3 ? taps2 / 3 : 0;  // taps 3j..3j+2 share a tile; the rest run alone
     std::vector<std::vector<WgradRun<V>>> by_group(groups), by_tap(taps2);  // a band's runs
     std::vector<const float*> rowp(taps2);
     std::vector<char> valid(taps2);
-    for (int64_t r0 = begin; r0 < end; r0 += band) {
-      const int64_t r1 = std::min(end, r0 + band);
+    for (int64_t r0 = begin; r0 < end; r0 += rows_per_band) {
+      const int64_t r1 = std::min(end, r0 + rows_per_band);
       for (auto& runs : by_group) runs.clear();
       for (auto& runs : by_tap) runs.clear();
       for (int64_t r = r0; r < r1; ++r) {
@@ -340,7 +344,7 @@ void WeightGradBlocked(const Geometry& g, const float* x, const float* dy, float
           }
         }
         // x pointers of each segment (interior in place, edges from zero-padded copies) for tap `tap`
-        float* edge_base = edge.data() + (r - r0) * taps2 * 2 * edge_row;
+        float* edge_base = edge.get() + (r - r0) * taps2 * 2 * edge_row;
         auto seg_x = [&](int64_t tap, int side) -> const float* {
           if (side == 2) return rowp[tap] + (lo * g.sw - g.pw) * g.Ci;
           const int64_t o0 = side == 0 ? 0 : hi, o1 = side == 0 ? lo : g.Wo;
