@@ -13,7 +13,8 @@ that an error instead. It is never loaded when JAX's default backend is not the 
 
 Vector width: the forward convolution uses AVX-512 where the CPU has it (``CRD_JAX_ISA=avx2`` or
 :func:`set_isa` selects the AVX2 path, which every supported CPU runs), the few-output-channel flow head
-too when its input channels are a multiple of 16; the weight gradient uses AVX2. On AVX-512 the stride-1 3^3
+too when its input channels are a multiple of 16; the weight gradient's blocked kernel (``csrc/wgrad_blocked.h``)
+runs at the same width (``CRD_JAX_WGRAD=rows`` or :func:`set_wgrad` selects the earlier AVX2 kernel). On AVX-512 the stride-1 3^3
 layers whose output channels are a multiple of 16 (and input channels at most 128: every decoder layer of VM)
 run as Winograd F(2x2x2, 3x3x3), 64 instead of 216 multiply-adds per 2x2x2 outputs, equal to the direct
 kernel to float32 rounding (``CRD_JAX_WINOGRAD=0`` or :func:`set_winograd` keeps the direct kernel). The opt-in bfloat16
@@ -216,6 +217,22 @@ def set_winograd(on: bool) -> bool:
     if available():
         _state["lib"].crd_set_winograd(1 if on else 0)
     return winograd()
+
+
+def wgrad() -> str:
+    """The weight gradient's kernel: ``"blocked"`` (the default: ``csrc/wgrad_blocked.h``, at the width of
+    :func:`isa`) or ``"rows"`` (the earlier AVX2 kernel, ``CRD_JAX_WGRAD=rows``); "" when the kernel is unused."""
+    return ("rows", "blocked")[int(_state["lib"].crd_wgrad())] if available() else ""
+
+
+def set_wgrad(name: str) -> str:
+    """Selects the weight-gradient kernel for this process (tests and benchmarks compare the two in one process);
+    read at run time, so compiled functions follow it. Returns :func:`wgrad`."""
+    if name not in ("rows", "blocked"):
+        raise ValueError(f"wgrad kernel must be 'rows' or 'blocked', not {name!r}")
+    if available():
+        _state["lib"].crd_set_wgrad(1 if name == "blocked" else 0)
+    return wgrad()
 
 
 def winograd_calls() -> int:

@@ -25,6 +25,15 @@ extern "C" int crd_set_winograd(int on) {
   return WinogradSetting().load();
 }
 
+// Selects the weight-gradient kernel (0: the earlier AVX2 "rows" kernel, 1: the blocked one); returns the one now
+// in use. For tests and benchmarks, which compare both in one process.
+extern "C" int crd_set_wgrad(int kernel) {
+  WgradSetting().store(kernel == kWgradRows ? kWgradRows : kWgradBlocked);
+  return WgradSetting().load();
+}
+
+extern "C" int crd_wgrad() { return WgradSetting().load(); }
+
 extern "C" int crd_winograd() { return WinogradSetting().load(); }
 
 extern "C" int64_t crd_winograd_calls() { return WinogradCalls().load(); }

@@ -32,6 +32,10 @@ enum Isa { kAvx2 = 0, kAvx512 = 1 };
 // (or crd_set_bf16_engine) asks for the VDPBF16PS tiles, which every AVX512-BF16 CPU runs.
 enum Bf16Engine { kBf16Avx512 = 0, kBf16Amx = 1 };
 
+// Which weight-gradient kernel runs: the blocked one (wgrad_blocked.h, at the width ActiveIsa() selects), unless
+// CRD_JAX_WGRAD=rows (or crd_set_wgrad) asks for the earlier AVX2 kernel (conv_wgrad_avx2.cc), kept for comparisons.
+enum WgradKernel { kWgradRows = 0, kWgradBlocked = 1 };
+
 constexpr int64_t kBandBytes = 768 * 1024;  // input rows a band of output rows may keep in the L2 cache
 
 // The input rows one output row reads, each copied into a W-padded scratch row so that every output
@@ -72,6 +76,7 @@ int ActiveIsa();
 std::atomic<int>& Bf16EngineSetting();
 int ActiveBf16Engine();
 std::atomic<int>& WinogradSetting();
+std::atomic<int>& WgradSetting();
 std::atomic<int64_t>& WinogradCalls();
 bool HugePagesWanted();
 
@@ -89,7 +94,7 @@ void BuildUpcatRow(const Geometry& g, const Upcat& u, int64_t b, int64_t id, int
 void ConvUpcatForward(const Geometry& g, const Upcat& u, const float* w, const float* bias, float slope, bool act,
                       float* y, bool bf16);
 
-// --- conv_wgrad_avx2.cc ------------------------------------------------------------------------------------------
+// --- conv_wgrad_avx2.cc (the choice of kernel, the AVX2 ones), conv_wgrad_avx512.cc ---------------------------
 void ConvWeightGrad(const Geometry& g, const float* x, const float* dy, float* dw_out);
 
 namespace avx2 {  // conv_direct_avx2.cc
@@ -111,6 +116,7 @@ bool SmallCoAvx512(const Geometry& g, const float* x, const float* w, const floa
 void PackBf16Pairs(const float* src, int64_t n, float* dst);
 double Bf16MulAddSpeedup();
 double TimedFmaChains(int64_t iters);
+void WeightGradAvx512(const Geometry& g, const float* x, const float* dy, float* dw_out);  // conv_wgrad_avx512.cc
 }  // namespace avx512
 
 namespace amx {  // conv_amx.cc

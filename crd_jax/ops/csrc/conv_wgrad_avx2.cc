@@ -1,6 +1,11 @@
-// The weight gradient of a convolution, AVX2 + FMA: dw[k, ci, co] = sum_{b, o} x[b, o * s - p + k, ci] * dy[b, o, co],
-// per-thread partial sums added at the end. (The input gradient of a stride-1 convolution is the forward pass on dy
-// with flipped, transposed weights: crd_jax/ops/conv.py.)
+// The weight gradient of a convolution: dw[k, ci, co] = sum_{b, o} x[b, o * s - p + k, ci] * dy[b, o, co], per-thread
+// partial sums added at the end. (The input gradient of a stride-1 convolution is the forward pass on dy with
+// flipped, transposed weights: crd_jax/ops/conv.py.)
+//
+// Two kernels: the blocked one (wgrad_blocked.h; here with 8-lane AVX2 registers, in conv_wgrad_avx512.cc with
+// AVX-512 ones), the default; and the "rows" kernel below, the earlier one (output channels in vectors of 8, one
+// kw tap at a time), kept selectable (CRD_JAX_WGRAD=rows, crd_set_wgrad) so that tests and benchmarks compare
+// the two in one process.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -9,6 +14,7 @@
 
 #include "conv_common.h"
 #include "parallel.h"
+#include "wgrad_blocked.h"
 
 namespace crd {
 namespace {
@@ -58,9 +64,23 @@ inline void WgradCiBlocks(const Geometry& g, const float* xrow, const float* dyr
   for (; ci0 < g.Ci; ++ci0) WgradTile<1, CB, kTail>(g, xrow, dyrow, kw, ci0, co0, ow_lo, ow_hi, dw_tap);
 }
 
-}  // namespace
+struct Vec256 {
+  using Reg = __m256;
+  using Mask = __m256i;
+  static constexpr int kLanes = 8;
+  static constexpr int kRegisters = 16;
+  static constexpr double kFmaPerCycle = 2.0;
+  static constexpr double kBroadcastFma = 0.0;  // see WgradTileCycles
+  static Reg Zero() { return _mm256_setzero_ps(); }
+  static Mask MaskOf(int64_t valid) { return TailMask(static_cast<int>(std::clamp<int64_t>(valid, 0, 8))); }
+  static Reg Load(const float* p) { return _mm256_loadu_ps(p); }
+  static Reg LoadMasked(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
+  static Reg Broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static Reg MulAdd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static void AddTo(float* p, Reg v) { _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), v)); }
+};
 
-void ConvWeightGrad(const Geometry& g, const float* x, const float* dy, float* dw_out) {
+void ConvWeightGradRows(const Geometry& g, const float* x, const float* dy, float* dw_out) {
   const int64_t taps = g.KD * g.KH * g.KW;
   const int64_t wsize = taps * g.Ci * g.CoP;
   const int64_t rows = g.B * g.Do * g.Ho;
@@ -101,6 +121,18 @@ void ConvWeightGrad(const Geometry& g, const float* x, const float* dy, float* d
       for (int t = 0; t < threads; ++t) s += partial[t][k * g.CoP + co];
       dw_out[k * g.Co + co] = s;
     }
+  }
+}
+
+}  // namespace
+
+void ConvWeightGrad(const Geometry& g, const float* x, const float* dy, float* dw_out) {
+  if (WgradSetting().load(std::memory_order_relaxed) == kWgradRows) {
+    ConvWeightGradRows(g, x, dy, dw_out);
+  } else if (ActiveIsa() == kAvx512) {
+    avx512::WeightGradAvx512(g, x, dy, dw_out);
+  } else {
+    WeightGradBlocked<Vec256>(g, x, dy, dw_out);
   }
 }
 

@@ -72,6 +72,15 @@ std::atomic<int>& WinogradSetting() {
   return on;
 }
 
+// The weight gradient: the blocked kernel by default; CRD_JAX_WGRAD=rows or crd_set_wgrad(0) runs the earlier one.
+std::atomic<int>& WgradSetting() {
+  static std::atomic<int> kernel{[] {
+    const char* env = std::getenv("CRD_JAX_WGRAD");
+    return static_cast<int>(env != nullptr && std::strcmp(env, "rows") == 0 ? kWgradRows : kWgradBlocked);
+  }()};
+  return kernel;
+}
+
 std::atomic<int64_t>& WinogradCalls() {  // convolutions that took the Winograd path (tests check the dispatch)
   static std::atomic<int64_t> calls{0};
   return calls;
