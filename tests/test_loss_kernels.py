@@ -43,8 +43,9 @@ def _pair(shape, seed, background=False):
 
 
 CASES = [
+    ((2, 7, 10, 12, 1), 4, False),  # even window: asymmetric padding, transposed in the backward (first: the quick
+    # tier runs the first case, and only an even window tells the backward's mirrored offset from the forward's)
     ((1, 11, 13, 9, 1), 9, False),  # odd sizes, window larger than an axis
-    ((2, 7, 10, 12, 1), 4, False),  # even window: asymmetric padding, transposed in the backward
     ((1, 9, 70, 37, 1), 9, True),  # several row blocks (the kernel works in blocks of 32 rows), zero background
     ((1, 5, 66, 20, 2), 5, False),  # two channels
     ((1, 20, 17, 1), 9, False),  # 2-D
@@ -84,15 +85,26 @@ def test_native_ncc_is_what_losses_ncc_compiles_to(formulation):
 
 
 def test_registration_loss_gradient_is_the_same_either_way(formulation):
-    """What training differentiates: warp + NCC + grad-L2 with respect to the field."""
+    """What training differentiates: warp + NCC + grad-L2 with respect to the field, all three native against all
+    three XLA references."""
+    from crd_jax.ops import spatial
+
     rng = np.random.default_rng(7)
     f, m = _pair((1, 16, 36, 20, 1), 9)
     disp = jnp.asarray(rng.normal(0.0, 1.5, (1, 16, 36, 20, 3)).astype(np.float32))
     loss = jax.jit(jax.value_and_grad(lambda d: losses.registration_loss(m, f, d)[0]))
-    formulation("xla")
-    v0, g0 = jax.value_and_grad(lambda d: losses.registration_loss(m, f, d)[0])(disp)
-    formulation("native")
-    v1, g1 = loss(disp)
+    warp_before, l2_before = spatial.warp_gradient(), grad_l2_ops.grad_l2_formulation()
+    try:
+        formulation("xla"), spatial.warp_gradient("xla"), grad_l2_ops.grad_l2_formulation("xla")
+        v0, g0 = jax.value_and_grad(lambda d: losses.registration_loss(m, f, d)[0])(disp)
+        text = jax.jit(jax.grad(lambda d: losses.registration_loss(m, f, d)[0])).lower(disp).compile().as_text()
+        assert 'custom_call_target="crd_' not in text  # the reference: no native kernel at all
+        formulation("native"), spatial.warp_gradient("native"), grad_l2_ops.grad_l2_formulation("native")
+        v1, g1 = loss(disp)
+        text = loss.lower(disp).compile().as_text()
+        assert all(k in text for k in ("crd_ncc_fwd", "crd_ncc_bwd", "crd_warp_linear", "crd_grad_l2_fwd"))
+    finally:
+        spatial.warp_gradient(warp_before), grad_l2_ops.grad_l2_formulation(l2_before)
     np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), atol=2e-5 * float(jnp.max(jnp.abs(g0))))
 
@@ -194,3 +206,15 @@ def test_native_losses_under_vmap_match_the_references():
     l2_want = jax.vmap(jax.value_and_grad(grad_l2_ops.grad_l2_reference))(disp)
     np.testing.assert_allclose(np.asarray(l2_got[0]), np.asarray(l2_want[0]), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(l2_got[1]), np.asarray(l2_want[1]), atol=2e-6 * float(jnp.max(jnp.abs(l2_want[1]))))
+
+
+def test_empty_inputs_and_a_traced_eps_take_the_reference():
+    """An empty image or field gives the reference's NaN (no division by a zero size in the wrapper), and an
+    ``eps`` that is a tracer (the kernel takes it as a constant) runs the reference inside the same jit."""
+    empty = jnp.zeros((1, 0, 4, 4, 1), jnp.float32)
+    assert np.isnan(float(losses.ncc(empty, empty))) and np.isnan(float(ncc_ops.ncc_reference(empty, empty)))
+    field = jnp.zeros((1, 0, 4, 4, 3), jnp.float32)
+    assert np.isnan(float(grad_l2_ops.grad_l2(field))) and np.isnan(float(grad_l2_ops.grad_l2_reference(field)))
+    f, m = _pair((1, 6, 7, 8, 1), 3)
+    traced = jax.jit(lambda e: ncc_ops.ncc(f, m, 5, e))(1e-5)
+    np.testing.assert_allclose(float(traced), float(ncc_ops.ncc_reference(f, m, 5, 1e-5)), rtol=1e-6)

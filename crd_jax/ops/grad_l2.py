@@ -1,11 +1,12 @@
 """The field's smoothness term (L_reg of eq. 2) two ways: XLA's forward differences (:func:`grad_l2_reference`,
-the reference, and the path everywhere but the CPU) and a native forward and backward (``csrc/grad_l2_cpu.cc``).
+the reference, and the path everywhere but the CPU) and a native forward (``csrc/grad_l2_cpu.cc``) whose backward is XLA slices.
 
 :func:`grad_l2_formulation` chooses: ``"native"`` (default where the native kernels are built) for float32 2-D
 and 3-D fields: the forward reads the field once (XLA materialised the three difference arrays, a full field
 each, and the backward read them again: at 128^3 on 2 cores the term took about as long as the fused NCC;
 benchmarks/results/loss_speed.md); the backward is the differences' transpose as slices XLA fuses. ``"xla"`` keeps
-:func:`grad_l2_reference` throughout.
+:func:`grad_l2_reference` throughout; forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) and second derivatives
+need it (the native path is a ``jax.custom_vjp``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def grad_l2(disp: jax.Array) -> jax.Array:
     """L_reg of eq. 2 (see :func:`crd_jax.losses.grad_l2`), natively where :func:`grad_l2_formulation` allows."""
     from crd_jax.ops import native
 
-    if disp.ndim in (4, 5) and disp.dtype == jnp.float32 and grad_l2_formulation() == "native" and native.available():
+    native_ok = disp.ndim in (4, 5) and disp.size > 0 and disp.dtype == jnp.float32  # empty: the reference's NaN
+    if native_ok and grad_l2_formulation() == "native" and native.available():
         return _grad_l2_native(disp)
     return grad_l2_reference(disp)
 

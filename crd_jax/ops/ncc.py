@@ -6,6 +6,8 @@ reference, and the path everywhere but the CPU) and one fused native kernel per 
 box-sums them: at 128^3 on 2 cores XLA's 24 reduce_window passes and their elementwise fusions were ~60% of the
 registration loss (benchmarks/results/loss_speed.md). ``"xla"`` keeps :func:`ncc_reference` throughout. The
 gradient with respect to the fixed image (never needed in training; XLA drops it there) is the reference's.
+Forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) and second derivatives need ``"xla"`` (the native path is a
+``jax.custom_vjp``); an empty input or a traced ``eps`` runs the reference.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ def ncc(fixed: jax.Array, warped: jax.Array, window: int = 9, eps: float = 1e-5)
     """``-mean_p cc(p)`` (see :func:`crd_jax.losses.ncc`), natively where :func:`ncc_formulation` allows."""
     if (
         fixed.ndim in (4, 5)
+        and fixed.size > 0  # the reference gives an empty input's NaN
+        and isinstance(eps, (int, float))  # a traced eps (the kernel takes it as a constant) goes to the reference
         and fixed.dtype == warped.dtype == jnp.float32
         and ncc_formulation() == "native"
         and _native_available()

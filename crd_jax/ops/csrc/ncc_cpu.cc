@@ -24,7 +24,7 @@
 // follow, then the elementwise terms. Rows vectorise along the contiguous axis.
 //
 // Layout: f, m (N, D, H, W) (a 2-D image is D = 1 with a window of 1 along it); coefficients (3, N, D, H, W);
-// plane sums (N, D). Work is split over the planes.
+// plane sums (N, D). Work is split over (volume, block of rows).
 #include <immintrin.h>
 
 #include <algorithm>
