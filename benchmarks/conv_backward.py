@@ -18,7 +18,8 @@ GFLOP/s: the multiply-adds those calls execute (for the decoder's fused step: th
 upsampled channels, ``(k + 1)^3`` taps on the coarse grid, plus the skip's ``k^3``), x 2, over their time; % of
 peak: over the larger of the FMA peak ``cpu_peak.py`` measures in the same process (all threads, the widest
 vectors; the best of three tries before and after: a shared machine) and the peak stored for this CPU in
-``results/cpu_peak.json`` (so the column follows that file when the tables are rendered again). Whole steps: ``train_budget.py``'s stage timers
+``results/cpu_peak.json`` (so the column follows that file when the tables are rendered again).
+Whole steps: ``train_budget.py``'s stage timers
 (forward, network forward + backward, full step) under each kernel in turn.
 
 Writes ``results/conv_backward.{md,json}`` (``--out`` to change).
