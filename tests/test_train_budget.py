@@ -1,27 +1,18 @@
 """benchmarks/train_budget.py runs end to end in a fresh process (--quick: 32^3, one round) and writes its table."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from benchmark_runs import run_benchmark, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_quick_run_writes_the_split_and_the_projected_hours(tmp_path):
-    out = tmp_path / "budget"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "train_budget.py"), "--quick", "--stages", "vm_l", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    payload = json.loads(out.with_suffix(".json").read_text())
+    payload, text = run_benchmark("train_budget.py", tmp_path / "budget", "--quick", "--stages", "vm_l")
     assert payload["shape"] == [32, 32, 32] and payload["torch_rows"] == []
     (row,) = payload["rows"]
     assert row["stage"] == "vm_l" and row["parameters"] > 0
@@ -29,31 +20,12 @@ def test_quick_run_writes_the_split_and_the_projected_hours(tmp_path):
         assert row[key] >= 0.0
     assert row["step_s"] > 0 and row["network_s"] >= row["forward_s"]
     assert abs(payload["pipeline_hours"][""] - row["step_s"] * 10_000 / 3600) < 1e-9
-    text = out.with_suffix(".md").read_text()
     assert "| VM-L |" in text and "Hours per 10,000 steps" in text and "**Pipeline (1 stages)**" in text
 
 
 @pytest.mark.slow
 def test_quick_run_with_the_teacher_cache_adds_the_cached_s3_row_and_its_pipeline_hours(tmp_path):
-    out = tmp_path / "budget"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "train_budget.py"),
-            "--quick",
-            "--stages",
-            "vm_l_crd",
-            "--teacher-cache",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    payload = json.loads(out.with_suffix(".json").read_text())
+    payload, text = run_benchmark("train_budget.py", tmp_path / "budget", "--quick", "--stages", "vm_l_crd", "--teacher-cache")
     assert payload["fusion"] == "compact"
     s3, cached = payload["rows"]
     assert (s3["stage"], s3["variant"]) == ("vm_l_crd", "")
@@ -61,7 +33,7 @@ def test_quick_run_with_the_teacher_cache_adds_the_cached_s3_row_and_its_pipelin
     fill = max(s3["forward_s"] - cached["forward_s"], 0.0) * 24 * 23 / 3600
     expected = cached["step_s"] * 10_000 / 3600 + fill  # the one stage's hours, S3 replaced by its cached step
     assert abs(payload["pipeline_hours"]["with S3's teacher cached"] - expected) < 1e-9
-    assert "**Pipeline, S3's teacher cached** (+" in out.with_suffix(".md").read_text()
+    assert "**Pipeline, S3's teacher cached** (+" in text
 
 
 def test_network_only_proxy_replaces_the_registration_loss_and_restores_it():
@@ -112,12 +84,5 @@ def test_profile_tables_are_rebuilt_from_their_json_with_gradients_net_of_the_fo
     assert "| first | 10.0 | - | 20.0 | 35.0 | 3.5x |" in text
     assert "| VM-L | crd_conv_fwd x3 | 0 | 0 | 0 | 24 |" in text
     (tmp_path / "p.json").write_text(json.dumps(payload))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "train_budget.py"), "--render-profile", str(tmp_path / "p.json")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_script("train_budget.py", "--render-profile", str(tmp_path / "p.json"), timeout=300)
     assert (tmp_path / "p.md").read_text() == text
