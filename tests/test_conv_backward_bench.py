@@ -17,9 +17,10 @@ def test_quick_run_writes_the_old_and_new_kernels_per_layer_and_per_step(tmp_pat
         assert len(rows) == 12
         for row in rows:
             assert row["wgrad_gflop"] > 0
-            for key in ("forward_ms_old", "forward_ms_new", "wgrad_ms_old", "wgrad_ms_new"):
+            for key in ("forward_ms_old", "forward_ms_new", "wgrad_ms_old", "wgrad_ms_new", "wgrad_cpu_ms_new"):
                 assert row[key] > 0
     (step,) = payload["steps"]
     assert step["stage"] == "vm_l" and step["step_s_old"] > 0 and step["step_s_new"] > 0
     assert payload["fma_peak_gflops"] > 0
     assert "| VM-L |" in text and "| conv 32x32x32, 16 -> 3 |" in text and "% of FMA peak" in text
+    assert "GFLOP per CPU-s new" in text and "% of one core" in text
