@@ -149,6 +149,53 @@ def _per_pair(workdir: Path, stage: str):
     return None if rows is None else {(r["moving"], r["fixed"]): r["dice"] for r in rows["pairs"]}
 
 
+def _stream_means(per_pair: dict, streams: list) -> dict:
+    """Per finished stream: each arm's mean Dice over the validation pairs and each CRD arm minus the control,
+    pair by pair (the quantity the analysis takes)."""
+    out = {}
+    for s in streams:
+        ctl = per_pair["ctl"][s]
+        row = {arm: float(sum(per_pair[arm][s].values()) / len(per_pair[arm][s])) for arm in protocol.ARMS}
+        for arm in protocol.ARMS:
+            if arm != "ctl":
+                row[f"{arm}_minus_ctl"] = float(sum(per_pair[arm][s][k] - ctl[k] for k in ctl) / len(ctl))
+        out[str(s)] = row
+    return out
+
+
+def _stream_table(streams: dict, partial: bool) -> list:
+    crd = [a for a in protocol.ARMS if a != "ctl"]
+    lines = [
+        "",
+        "| Stream | " + " | ".join(f"{a} Dice" for a in protocol.ARMS) + " | " + " | ".join(f"{a} - ctl" for a in crd) + " |",
+        "|---" * (1 + len(protocol.ARMS) + len(crd)) + "|",
+    ]
+    for s, row in streams.items():
+        lines.append(
+            f"| {s} | "
+            + " | ".join(f"{row[a]:.4f}" for a in protocol.ARMS)
+            + " | "
+            + " | ".join(f"{row[a + '_minus_ctl']:+.4f}" for a in crd)
+            + " |"
+        )
+    if partial:
+        lines += ["", "(Descriptive: the protocol's intervals and verdict wait for all five streams.)"]
+    return lines
+
+
+def _distill_diagnostics(workdir: Path) -> list:
+    """The diagnostics each distillation stage wrote: ``stages/<name>/diagnostics.json``, or the run's
+    ``results.json`` (where a run that finished keeps them)."""
+    found = {}
+    if (workdir / "results.json").exists():
+        for r in json.loads((workdir / "results.json").read_text()):
+            if "diagnostics" in r:
+                found[r["stage"]] = r["diagnostics"]
+    for path in sorted((workdir / "stages").glob("*/diagnostics.json")):
+        found.setdefault(path.parent.name, json.loads(path.read_text()))
+    return [found[k] for k in sorted(found)]
+
+
 def report(workdir: Path, out: Path, draws: int) -> dict:
     """``crd_experiment<N>.{md,json}`` from whatever has finished."""
     teacher = {s: _eval_rows(workdir, s) for s in protocol.TEACHER_PIPELINE}
@@ -196,6 +243,9 @@ def report(workdir: Path, out: Path, draws: int) -> dict:
             per_pair[arm] = {s: _per_pair(workdir, f"{arm}_s{s}") for s in protocol.SEEDS}
         complete = [s for s in protocol.SEEDS if all(per_pair[a][s] for a in protocol.ARMS)]
         payload["streams_finished"] = complete
+        if complete:
+            payload["streams"] = _stream_means(per_pair, complete)
+            lines += _stream_table(payload["streams"], len(complete) < len(protocol.SEEDS))
         if len(complete) == len(protocol.SEEDS):
             per_pair = {a: {s: per_pair[a][s] for s in complete} for a in protocol.ARMS}
             stats = crd_stats.analyse(per_pair, "ctl", ["crd_paper", "crd_code"], protocol.REFUTE, draws)
@@ -223,6 +273,12 @@ def report(workdir: Path, out: Path, draws: int) -> dict:
             lines += ["", f"Verdict: **{verdict}**."]
         else:
             lines += ["", f"Students: {len(complete)} of {len(protocol.SEEDS)} streams finished in every arm."]
+    diagnostics = _distill_diagnostics(workdir)
+    if diagnostics:
+        from crd_jax.training.diagnostics import diagnostics_markdown
+
+        payload["diagnostics"] = diagnostics
+        lines += diagnostics_markdown(diagnostics).rstrip("\n").split("\n")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{result_name()}.json", payload)
     write_text(out / f"{result_name()}.md", "\n".join(lines) + "\n")

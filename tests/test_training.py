@@ -267,6 +267,7 @@ def test_default_pipeline_end_to_end_writes_results(tmp_path):
     assert all(g["grad_norm"] > 0 for g in d["term_gradients_at_start"].values())
     assert len(d["headroom_pairs"]) == 16 and d["field_distance_start"] >= 0 and d["field_distance_end"] >= 0
     assert 0 <= d["teacher_train_dice"] <= 1 and "#### Distillation diagnostics" in table
+    assert json.loads((work / "stages" / "vm_l_crd" / "diagnostics.json").read_text()) == d  # kept with the stage
     config = json.loads((work / "config.json").read_text())
     assert config["train"]["max_steps"] == 3
     assert (work / "tensorboard" / "vm_h").is_dir() and "val/dice" in (work / "metrics.jsonl").read_text()
@@ -285,6 +286,7 @@ def test_default_pipeline_end_to_end_writes_results(tmp_path):
         "--config.eval.timing_repeats=1",
     )
     assert again.stderr.count("finished earlier") == 5
+    assert "diagnostics: ceilings" not in again.stderr  # a finished stage's diagnostics are read, not recomputed
     assert (work / "results.md").read_text() == table
 
 

@@ -364,20 +364,25 @@ def _run_stages(config, typed, workdir, datasets, labels, loader, example, multi
             else:
                 results.append(evaluate_stage(config, done[name], datasets, labels, directory, logger))
         if st.kind == "distill" and is_main and bool(config.eval.get("diagnostics", True)):
-            logger.info(f"[{name}] diagnostics: ceilings, headroom, field distance, term gradients")
-            evaluation = datasets.get(config.eval.split)
-            row = diag.distill_diagnostics(
-                name,
-                st,
-                plan,
-                done,
-                datasets,
-                labels,
-                stage_loader(config, st, loader, labels),
-                config,
-                workdir,
-                evaluation_pairs(config, evaluation) if evaluation else [],
-            )
+            saved = directory / "diagnostics.json"
+            if saved.exists():  # the stage's model is final, so are its diagnostics (a resumed run skips them)
+                row = json.loads(saved.read_text())
+            else:
+                logger.info(f"[{name}] diagnostics: ceilings, headroom, field distance, term gradients")
+                evaluation = datasets.get(config.eval.split)
+                row = diag.distill_diagnostics(
+                    name,
+                    st,
+                    plan,
+                    done,
+                    datasets,
+                    labels,
+                    stage_loader(config, st, loader, labels),
+                    config,
+                    workdir,
+                    evaluation_pairs(config, evaluation) if evaluation else [],
+                )
+                write_text(saved, json.dumps(row, indent=1))
             diagnostics.append(row)
             if results and results[-1]["stage"] == name:
                 results[-1]["diagnostics"] = row

@@ -1,0 +1,105 @@
+"""``python benchmarks/crd_experiment.py --report`` on a run folder written to disk (the stages' ``eval.json``,
+``gate.json``, a distillation stage's ``diagnostics.json``), in a fresh process: the teacher phase, the gate, a
+descriptive per-stream table while streams are missing, and the protocol's analysis and verdict once all five
+streams have finished, with the per-stream differences equal to numpy's."""
+
+import json
+
+import numpy as np
+import pytest
+from benchmark_runs import run_script
+
+from configs.lpba40_crd_exp1 import ARMS, SEEDS
+
+SUBJECTS = ["S35", "S36", "S37", "S38", "S39", "S40"]
+PAIRS = [(m, f) for f in SUBJECTS for m in SUBJECTS if m != f]
+
+
+def _stage(work, name, label, dice):
+    rows = [{"moving": m, "fixed": f, "dice": float(d)} for (m, f), d in zip(PAIRS, dice)]
+    body = {
+        "label": label,
+        "dice_mean": float(np.mean(dice)),
+        "dice_std": float(np.std(dice)),
+        "folds_mean": 0.0,
+        "num_pairs": len(rows),
+        "pairs": rows,
+    }
+    (work / "stages" / name).mkdir(parents=True, exist_ok=True)
+    (work / "stages" / name / "eval.json").write_text(json.dumps(body))
+
+
+def _run_folder(tmp_path, streams, effect):
+    """A finished teacher phase and ``streams`` finished streams; CRD (paper) = control + ``effect`` + noise,
+    CRD (code) = control + noise."""
+    rng = np.random.default_rng(0)
+    work = tmp_path / "run"
+    for name, label, mean in [("vm_ll", "VM-LL", 0.62), ("vm_h_15k", "VM-H (15k)", 0.65), ("fst_full", "FST (full)", 0.65)]:
+        _stage(work, name, label, mean + 0.01 * rng.standard_normal(len(PAIRS)))
+    gate = {
+        "fst_choice_train_dice": {"fst_half": 0.66, "fst_full": 0.67},
+        "fst": "fst_full",
+        "fst_val_dice": 0.65,
+        "vm_ll_val_dice": 0.62,
+        "ceiling_val_dice": 0.635,
+        "fst_minus_vm_ll": 0.03,
+        "ceiling_minus_vm_ll": 0.015,
+        "threshold": 0.01,
+        "passed": True,
+    }
+    (work / "gate.json").write_text(json.dumps(gate))
+    dice = {}
+    for s in streams:
+        ctl = 0.625 + 0.01 * rng.standard_normal(len(PAIRS))
+        dice[s] = {
+            "ctl": ctl,
+            "crd_paper": ctl + effect + 0.001 * rng.standard_normal(len(PAIRS)),
+            "crd_code": ctl + 0.001 * rng.standard_normal(len(PAIRS)),
+        }
+        for arm in ARMS:
+            _stage(work, f"{arm}_s{s}", f"{arm} {s}", dice[s][arm])
+    diag = {
+        "stage": "crd_paper_s0",
+        "ceiling": {"fst_full": {"ceiling_dice": 0.64}},
+        "teacher_train_dice": 0.67,
+        "student_train_dice_start": 0.64,
+        "student_train_dice_end": 0.65,
+        "field_distance_start": 1.5,
+        "field_distance_end": 0.9,
+        "term_gradients_at_start": {"loss_L": {"weight": 1.0, "grad_norm": 0.2}},
+    }
+    if streams:
+        (work / "stages" / "crd_paper_s0" / "diagnostics.json").write_text(json.dumps(diag))
+    return work, dice
+
+
+def _report(tmp_path, work):
+    out = tmp_path / "out"
+    run_script("crd_experiment.py", "--report", "--workdir", str(work), "--out", str(out), "--draws", "500", timeout=300)
+    return json.loads((out / "crd_experiment1.json").read_text()), (out / "crd_experiment1.md").read_text()
+
+
+def test_partial_streams_are_reported_descriptively_with_the_diagnostics(tmp_path):
+    work, dice = _run_folder(tmp_path, [0, 1], effect=0.02)
+    payload, text = _report(tmp_path, work)
+    assert payload["gate"]["passed"] and "**passed**" in text and "| FST (full) |" in text
+    assert payload["streams_finished"] == [0, 1] and "analysis" not in payload and "Verdict" not in text
+    for s in (0, 1):
+        row = payload["streams"][str(s)]
+        assert row["crd_paper_minus_ctl"] == pytest.approx(np.mean(dice[s]["crd_paper"] - dice[s]["ctl"]), abs=1e-9)
+        assert row["ctl"] == pytest.approx(np.mean(dice[s]["ctl"]), abs=1e-9)
+    assert "2 of 5 streams finished" in text and "wait for all five streams" in text
+    assert payload["diagnostics"][0]["stage"] == "crd_paper_s0" and "#### Distillation diagnostics" in text
+    assert "| crd_paper_s0 | fst_full 0.6400 |" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("effect, verdict", [(0.02, "CRD supported"), (0.0, "CRD refuted in this regime")])
+def test_five_streams_give_the_intervals_and_the_protocols_verdict(tmp_path, effect, verdict):
+    work, dice = _run_folder(tmp_path, list(SEEDS), effect=effect)
+    payload, text = _report(tmp_path, work)
+    paper = payload["analysis"]["arms"]["crd_paper"]
+    expected = [np.mean(dice[s]["crd_paper"] - dice[s]["ctl"]) for s in SEEDS]
+    assert list(paper["per_stream"].values()) == pytest.approx(expected, abs=1e-9)
+    assert paper["t"]["mean"] == pytest.approx(np.mean(expected), abs=1e-9)
+    assert f"Verdict: **{verdict}" in text and "wait for all five streams" not in text
