@@ -126,9 +126,29 @@ void ConvWeightGradRows(const Geometry& g, const float* x, const float* dy, floa
 
 }  // namespace
 
+// The Winograd weight gradient's layers: AVX-512, 3^3 taps, stride 1, padding 1, output the input's size (so the
+// high side pads by 1 too), and channels within what one thread's M (64 Ci Co floats) keeps in the L2 cache.
+bool WinogradWgradApplies(const Geometry& g) {
+  return ActiveIsa() == kAvx512 && g.KD == 3 && g.KH == 3 && g.KW == 3 && g.sd == 1 && g.sh == 1 && g.sw == 1 &&
+         g.pd == 1 && g.ph == 1 && g.pw == 1 && g.Do == g.D && g.Ho == g.H && g.Wo == g.W && g.Ci <= 64 &&
+         g.Co <= 64;
+}
+
+namespace {
+
+// Where "auto" takes the Winograd weight gradient (conv_wgrad_winograd_avx512.cc): measured per CPU-second
+// against the blocked kernel (benchmarks/conv_backward.py --compare blocked winograd; docs/native-kernel.md).
+bool WinogradWgradWins(const Geometry& g) { return WinogradWgradApplies(g); }
+
+}  // namespace
+
 void ConvWeightGrad(const Geometry& g, const float* x, const float* dy, float* dw_out) {
-  if (WgradSetting().load(std::memory_order_relaxed) == kWgradRows) {
+  const int setting = WgradSetting().load(std::memory_order_relaxed);
+  if (setting == kWgradRows) {
     ConvWeightGradRows(g, x, dy, dw_out);
+  } else if ((setting == kWgradWinograd && WinogradWgradApplies(g)) ||
+             (setting == kWgradAuto && WinogradWgradWins(g))) {
+    winograd::WinogradWeightGrad(g, x, dy, dw_out);
   } else if (ActiveIsa() == kAvx512) {
     avx512::WeightGradAvx512(g, x, dy, dw_out);
   } else if (g.Co < 8 || g.Ci <= 2) {
