@@ -137,8 +137,10 @@ bool WinogradWgradApplies(const Geometry& g) {
 namespace {
 
 // Where "auto" takes the Winograd weight gradient (conv_wgrad_winograd_avx512.cc): measured per CPU-second
-// against the blocked kernel (benchmarks/conv_backward.py --compare blocked winograd; docs/native-kernel.md).
-bool WinogradWgradWins(const Geometry& g) { return WinogradWgradApplies(g); }
+// against the blocked kernel (benchmarks/conv_backward.py --compare blocked winograd; docs/native-kernel.md). Its
+// transforms cost per tile what ~16 channel pairs of products do, so few channels on either side lose: the flow
+// head (16 -> 3) and the image pair (2 -> 16) ran at 0.5x of the blocked kernel, 16 -> 16 and 32 -> 32 at 1.8x.
+bool WinogradWgradWins(const Geometry& g) { return WinogradWgradApplies(g) && g.Ci >= 8 && g.Co >= 8; }
 
 }  // namespace
 
