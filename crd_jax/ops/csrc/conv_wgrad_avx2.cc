@@ -138,9 +138,13 @@ namespace {
 
 // Where "auto" takes the Winograd weight gradient (conv_wgrad_winograd_avx512.cc): measured per CPU-second
 // against the blocked kernel (benchmarks/conv_backward.py --compare blocked winograd; docs/native-kernel.md). Its
-// transforms cost per tile what ~16 channel pairs of products do, so few channels on either side lose: the flow
-// head (16 -> 3) and the image pair (2 -> 16) ran at 0.5x of the blocked kernel, 16 -> 16 and 32 -> 32 at 1.8x.
-bool WinogradWgradWins(const Geometry& g) { return WinogradWgradApplies(g) && g.Ci >= 8 && g.Co >= 8; }
+// transforms cost per tile what ~16 channel pairs of products do, so few channels on either side lose (the flow
+// head's 16 -> 3: 0.6-0.7x of the blocked kernel; the decoder's last skip, 2 -> 16: 0.85x), and so does a small
+// volume, whose per-call costs (buffers, the back transform) outweigh its few tiles (8^3, 32 -> 32: 0.8x; 4^3:
+// 0.4x). 16 -> 16 and 32 -> 32 from 16^3 up: 1.4-2.1x.
+bool WinogradWgradWins(const Geometry& g) {
+  return WinogradWgradApplies(g) && g.Ci >= 8 && g.Co >= 8 && g.D * g.H * g.W >= 16 * 16 * 16;
+}
 
 }  // namespace
 

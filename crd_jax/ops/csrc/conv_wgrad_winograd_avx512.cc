@@ -46,6 +46,7 @@ namespace crd::winograd {
 namespace {
 
 constexpr int64_t kGradChunk = 32;  // tiles transformed before their products are accumulated
+constexpr int64_t kFoldTiles = 512;  // tiles summed in float32 before they are added to the float64 total
 constexpr int64_t kAhead = 4;       // tiles ahead whose input and gradient columns are prefetched
 
 // Prefetches floats [first, first + n) of a row into the L1 cache.
@@ -98,14 +99,15 @@ inline void GradTile(const float* const* rows, int64_t col, int64_t wo, int64_t 
   }
 }
 
-// m[r][16 j] += sum_t bc[t * bs + r] vec[t * vs + 16 j] for R broadcast rows and CV vectors, over n tiles.
+// m[r][16 j] += sum_t bc[t * bs + r] vec[t * vs + 16 j] for R broadcast rows and CV vectors, over n tiles (summed
+// in registers from zero, then added: a sum over a few dozen tiles, not one chain over the thread's ~10^5).
 template <int R, int CV>
 inline void GradGemm(int64_t n, const float* bc, int64_t bs, const float* vec, int64_t vs, float* m, int64_t ms) {
   __m512 acc[R][CV];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 2
-    for (int j = 0; j < CV; ++j) acc[r][j] = _mm512_loadu_ps(m + r * ms + 16 * j);
+    for (int j = 0; j < CV; ++j) acc[r][j] = _mm512_setzero_ps();  // the chunk's own sum, then added to m
   for (int64_t t = 0; t < n; ++t, bc += bs, vec += vs) {
     __m512 w[CV];
 #pragma GCC unroll 2
@@ -120,7 +122,10 @@ inline void GradGemm(int64_t n, const float* bc, int64_t bs, const float* vec, i
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 2
-    for (int j = 0; j < CV; ++j) _mm512_storeu_ps(m + r * ms + 16 * j, acc[r][j]);
+    for (int j = 0; j < CV; ++j) {
+      float* out = m + r * ms + 16 * j;
+      _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), acc[r][j]));
+    }
 }
 
 // GradGemm over `rows` broadcast rows: blocks of the most rows CV vectors leave registers for, then the rest.
@@ -201,15 +206,24 @@ void WinogradWeightGrad(const Geometry& g, const float* x, const float* dy, floa
   const int64_t row_bytes = g.W * g.Ci * static_cast<int64_t>(sizeof(float));
   const int64_t band = std::clamp<int64_t>((kBandBytes / (4 * row_bytes) - 2) / 2, 1, tiles_h);
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(NumThreads(), planes)));
-  std::vector<std::vector<float>> partial(threads);
+  std::vector<std::vector<double>> partial(threads);
   ParallelFor(planes, threads, [&](int64_t begin, int64_t end, int th) {
-    std::vector<float>& m = partial[th];
-    m.assign(64 * pl.m_stride, 0.0f);
+    // Rounding: M is float32 over at least kFoldTiles tiles (whole planes of a band; chunk sums added), then
+    // added into the thread's float64 sum; one float32 chain over a thread's 10^5 tiles at 128^3 grew the error ~10x
+    // past the direct kernel's (6e-6 of the largest entry at 64^3, against 7e-7).
+    std::vector<double>& total = partial[th];
+    total.assign(64 * pl.m_stride, 0.0);
+    std::vector<float> m(64 * pl.m_stride, 0.0f);
+    int64_t unfolded = 0;  // tiles added to m since the last fold
+    auto fold = [&] {
+      for (size_t k = 0; k < m.size(); ++k) total[k] += m[k], m[k] = 0.0f;
+      unfolded = 0;
+    };
     // Zeroed once: masked stores never write the padding lanes, which must stay zero.
     std::vector<float> u(64 * pl.u_stride, 0.0f), v(64 * pl.v_stride, 0.0f), edge(16 * 4 * g.Ci + 16, 0.0f);
     int64_t slot = 0;
     for (int64_t th0 = 0; th0 < tiles_h; th0 += band)
-    for (int64_t plane = begin; plane < end; ++plane)
+    for (int64_t plane = begin; plane < end; ++plane, unfolded >= kFoldTiles ? fold() : void())
     for (int64_t th2 = th0; th2 < std::min(tiles_h, th0 + band); ++th2) {
       const int64_t b = plane / tiles_d, td = plane % tiles_d;
       const float* xrows[16];  // input rows (2 td - 1 + a, 2 th - 1 + b), their virtual column 0 at column -1
@@ -261,11 +275,12 @@ void WinogradWeightGrad(const Geometry& g, const float* x, const float* dy, floa
           GradTile(dyrows, 2 * t, g.Wo, g.Co, co0, LaneMask(g.Co - co0), v.data() + slot * pl.co_pad, pl.v_stride);
         if (++slot == kGradChunk) {
           ChunkGrad(pl, slot, u.data(), v.data(), m.data());
-          slot = 0;
+          unfolded += slot, slot = 0;
         }
       }
     }
     if (slot > 0) ChunkGrad(pl, slot, u.data(), v.data(), m.data());
+    fold();
   });
   // Sum the threads' M (in double: a few additions per weight), then G'^T along the three axes.
   const int64_t ci = g.Ci, co = g.Co;
