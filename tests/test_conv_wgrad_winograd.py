@@ -109,17 +109,19 @@ def test_winograd_weight_gradient_matches_lax_and_float64(shape, ci, co, avx512_
 
 
 def test_auto_takes_winograd_where_it_wins_and_the_direct_kernel_elsewhere(avx512_wgrad):
-    """The default ("auto"): Winograd for 16 -> 16, the blocked kernel for the flow head's 16 -> 3 and the image
-    pair's 2 -> 16 (slower in the Winograd domain), and for strided layers (not covered at all)."""
+    """The default ("auto"): Winograd for 16 -> 16 from 16^3 up, the blocked kernel for the flow head's 16 -> 3,
+    the image pair's 2 -> 16 and small volumes (all slower in the Winograd domain), and for strided layers (not
+    covered at all)."""
     rng = np.random.default_rng(0)
     arr = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
-    x16 = arr(1, 6, 6, 6, 16)
-    assert native_weight_grad(x16, arr(1, 6, 6, 6, 16), "auto")[1]
-    assert not native_weight_grad(x16, arr(1, 6, 6, 6, 3), "auto")[1]
-    assert not native_weight_grad(arr(1, 6, 6, 6, 2), arr(1, 6, 6, 6, 16), "auto")[1]
+    x16 = arr(1, 16, 16, 16, 16)
+    assert native_weight_grad(x16, arr(1, 16, 16, 16, 16), "auto")[1]
+    assert not native_weight_grad(x16, arr(1, 16, 16, 16, 3), "auto")[1]
+    assert not native_weight_grad(arr(1, 16, 16, 16, 2), arr(1, 16, 16, 16, 16), "auto")[1]
+    assert not native_weight_grad(arr(1, 8, 8, 8, 16), arr(1, 8, 8, 8, 16), "auto")[1]
     native.set_wgrad("winograd")  # even where asked for, a stride-2 layer keeps the direct kernel
     calls = native.winograd_wgrad_calls()
-    dz = arr(1, 3, 3, 3, 16)
+    dz = arr(1, 8, 8, 8, 16)
     strided = conv_module._native_weight_grad(x16, dz, (3, 3, 3), (2, 2, 2), ((1, 1),) * 3)
     assert native.winograd_wgrad_calls() == calls
     np.testing.assert_allclose(strided, lax_weight_grad(x16, dz, (2, 2, 2)), rtol=1e-5, atol=1e-5)

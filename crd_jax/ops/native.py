@@ -14,7 +14,8 @@ that an error instead. It is never loaded when JAX's default backend is not the 
 Vector width: the forward convolution uses AVX-512 where the CPU has it (``CRD_JAX_ISA=avx2`` or
 :func:`set_isa` selects the AVX2 path, which every supported CPU runs), the few-output-channel flow head
 too when its input channels are a multiple of 16; the weight gradient's blocked kernel (``csrc/wgrad_blocked.h``)
-runs at the same width (``CRD_JAX_WGRAD=rows`` or :func:`set_wgrad` selects the earlier AVX2 kernel). On AVX-512 the stride-1 3^3
+runs at the same width, and on AVX-512 the stride-1 3^3 layers with at least 8 channels on each side from 16^3 up
+take it in the Winograd domain (``CRD_JAX_WGRAD=blocked|winograd|rows`` or :func:`set_wgrad` chooses). On AVX-512 the stride-1 3^3
 layers whose output channels are a multiple of 16 (and input channels at most 128: every decoder layer of VM)
 run as Winograd F(2x2x2, 3x3x3), 64 instead of 216 multiply-adds per 2x2x2 outputs, equal to the direct
 kernel to float32 rounding (``CRD_JAX_WINOGRAD=0`` or :func:`set_winograd` keeps the direct kernel). The opt-in bfloat16
