@@ -12,8 +12,11 @@ largest entry: ~60x what either kernel reaches here, and ~10^4 below what a wron
 """
 
 import importlib
+import os
 import platform
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -138,3 +141,16 @@ def test_wgrad_names_include_winograd_and_auto():
             native.set_wgrad("wino")
     finally:
         native.set_wgrad(before)
+
+
+def test_the_environment_selects_the_kernel_in_a_fresh_process():
+    """``CRD_JAX_WGRAD`` as a user sets it: unset gives "auto", each name its kernel (read once, at start-up)."""
+    if not native.available():
+        pytest.skip("the native kernel is not available")
+    code = "from crd_jax.ops import native; print(native.wgrad())"
+    for value, expected in ((None, "auto"), ("blocked", "blocked"), ("winograd", "winograd"), ("rows", "rows")):
+        env = {k: v for k, v in os.environ.items() if k != "CRD_JAX_WGRAD"}
+        if value is not None:
+            env["CRD_JAX_WGRAD"] = value
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected, (value, out.stdout, out.stderr[-500:])
