@@ -7,11 +7,13 @@ over rounds is kept).
     python benchmarks/conv_backward.py --quick               # 32^3, 2 rounds (a check that it runs)
     python benchmarks/conv_backward.py --no-steps            # the layer tables only
     python benchmarks/conv_backward.py --render benchmarks/results/conv_backward.json   # tables from the JSON
+    python benchmarks/conv_backward.py --compare blocked winograd --no-steps   # any two kernels as old and new
 
 "old" is the weight gradient's earlier kernel (``CRD_JAX_WGRAD=rows``: AVX2, output channels in vectors of 8, one
 kw tap at a time), "new" the blocked kernel (``csrc/wgrad_blocked.h``) at the width the process runs (AVX-512 where
 the CPU has it); ``crd_jax.ops.native.set_wgrad`` switches between them at run time, so each function is compiled
-once. Per layer (the layers ``model.apply`` runs, recorded as ``train_budget.py --profile`` does): the forward,
+once. ``--compare OLD NEW`` names the two (any of ``native.set_wgrad``'s: rows, blocked, winograd, auto).
+Per layer (the layers ``model.apply`` runs, recorded as ``train_budget.py --profile`` does): the forward,
 and the native weight-gradient calls of the layer's backward pass, timed on their own (a layer's gradient with
 respect to its kernel minus its forward would hide them: XLA drops the forward where nothing needs its output).
 GFLOP/s: the multiply-adds those calls execute (for the decoder's fused step: the coarse-grid correlation of the
@@ -43,7 +45,7 @@ import train_budget
 from common import HERE, machine, write
 
 KERNELS = ("old", "new")
-_SETTING = {"old": "rows", "new": "blocked"}
+_SETTING = {"old": "rows", "new": "blocked"}  # --compare replaces them
 
 
 def use(kernel: str) -> None:
@@ -220,8 +222,10 @@ def _ratio(old, new) -> str:
 def render(payload) -> str:
     peak = max(payload["fma_peak_gflops"], recorded_peak(payload))
     core_peak = peak / max(payload["fma_peak"]["threads"], 1)
+    old_name, new_name = payload.get("kernels", ["rows", "blocked"])  # results written before --compare: the defaults
+    old_label = "rows, AVX2" if old_name == "rows" else f"{old_name}, {payload['isa']}"
     lines = [
-        f"# The convolutions' backward pass: weight-gradient kernel old (rows, AVX2) vs new (blocked, {payload['isa']})",
+        f"# The convolutions' backward pass: weight-gradient kernel old ({old_label}) vs new ({new_name}, {payload['isa']})",
         "",
         f"{payload['shape'][0]}x{payload['shape'][1]}x{payload['shape'][2]}, batch {payload['batch']}, "
         f"{payload['conv']}; {payload['machine'].get('cpu', '')}. One process, the two kernels alternated, minimum "
@@ -257,23 +261,26 @@ def render(payload) -> str:
             f"CPU time, and % of one core's peak ({core_peak:.0f} GFLOP/s):",
             "",
             "| Layer | Forward | Weight grad old | Weight grad new | old / new | GFLOP/s new | % of FMA peak "
-            "| GFLOP per CPU-s new | % of one core |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| GFLOP per CPU-s old | GFLOP per CPU-s new | % of one core | old / new per CPU-s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             new = r["wgrad_ms_new"]
             gflops = r["wgrad_gflop"] / (new / 1e3) if new > 0 else 0.0
             cpu_ms = r.get("wgrad_cpu_ms_new", 0.0)  # absent from results written before it was recorded
             per_cpu = r["wgrad_gflop"] / (cpu_ms / 1e3) if cpu_ms > 0 else 0.0
+            cpu_old = r.get("wgrad_cpu_ms_old", 0.0)
+            per_cpu_old = f"{r['wgrad_gflop'] / (cpu_old / 1e3):.0f}" if cpu_old > 0 else "-"
             lines.append(
                 f"| {r['layer']} | {r['forward_ms_new']:.1f} | {r['wgrad_ms_old']:.1f} | {new:.1f} "
-                f"| {_ratio(r['wgrad_ms_old'], new)} | {gflops:.0f} | {100 * gflops / peak:.0f}% "
-                f"| {f'{per_cpu:.0f} | {100 * per_cpu / core_peak:.0f}%' if per_cpu > 0 else '- | -'} |"
+                f"| {_ratio(r['wgrad_ms_old'], new)} | {gflops:.0f} | {100 * gflops / peak:.0f}% | {per_cpu_old} "
+                f"| {f'{per_cpu:.0f} | {100 * per_cpu / core_peak:.0f}%' if per_cpu > 0 else '- | -'} "
+                f"| {_ratio(cpu_old, cpu_ms) if cpu_old > 0 else '-'} |"
             )
         tot = {k: sum(r[k] for r in rows) for k in ("forward_ms_new", "wgrad_ms_old", "wgrad_ms_new")}
         lines.append(
             f"| **sum** | **{tot['forward_ms_new']:.0f}** | {tot['wgrad_ms_old']:.0f} | **{tot['wgrad_ms_new']:.0f}** "
-            f"| {_ratio(tot['wgrad_ms_old'], tot['wgrad_ms_new'])} | | | | |"
+            f"| {_ratio(tot['wgrad_ms_old'], tot['wgrad_ms_new'])} | | | | | | |"
         )
         lines.append("")
     return "\n".join(lines)
@@ -289,11 +296,20 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="32^3, 2 rounds: a check that it runs")
     p.add_argument("--out", type=Path, default=HERE / "results" / "conv_backward")
     p.add_argument("--render", type=Path, metavar="JSON", help="rebuild the tables from a results JSON")
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("OLD", "NEW"),
+        default=("rows", "blocked"),
+        choices=("rows", "blocked", "winograd", "auto"),
+        help="the two weight-gradient kernels (default: rows blocked)",
+    )
     args = p.parse_args(argv)
     if args.render:
         payload = json.loads(args.render.read_text())
         write(args.out, payload, render(payload))
         return
+    _SETTING.update(old=args.compare[0], new=args.compare[1])
     shape = (32, 32, 32) if args.quick else tuple(args.shape)
     repeats = 2 if args.quick else args.repeats
 
@@ -312,6 +328,7 @@ def main(argv=None):
         "batch": args.batch,
         "repeats": repeats,
         "isa": native.isa(),
+        "kernels": list(args.compare),
         "conv": native.describe(),
         "fma_peak": peaks,
         "fma_peak_gflops": max(peaks["all_threads"], peaks["one_thread_x_threads"]),

@@ -14,7 +14,8 @@ that an error instead. It is never loaded when JAX's default backend is not the 
 Vector width: the forward convolution uses AVX-512 where the CPU has it (``CRD_JAX_ISA=avx2`` or
 :func:`set_isa` selects the AVX2 path, which every supported CPU runs), the few-output-channel flow head
 too when its input channels are a multiple of 16; the weight gradient's blocked kernel (``csrc/wgrad_blocked.h``)
-runs at the same width (``CRD_JAX_WGRAD=rows`` or :func:`set_wgrad` selects the earlier AVX2 kernel). On AVX-512 the stride-1 3^3
+runs at the same width, and on AVX-512 the stride-1 3^3 layers with at least 8 channels on each side from 16^3 up
+take it in the Winograd domain (``CRD_JAX_WGRAD=blocked|winograd|rows`` or :func:`set_wgrad` chooses). On AVX-512 the stride-1 3^3
 layers whose output channels are a multiple of 16 (and input channels at most 128: every decoder layer of VM)
 run as Winograd F(2x2x2, 3x3x3), 64 instead of 216 multiply-adds per 2x2x2 outputs, equal to the direct
 kernel to float32 rounding (``CRD_JAX_WINOGRAD=0`` or :func:`set_winograd` keeps the direct kernel). The opt-in bfloat16
@@ -219,20 +220,34 @@ def set_winograd(on: bool) -> bool:
     return winograd()
 
 
+_WGRAD_NAMES = ("rows", "blocked", "winograd", "auto")
+
+
 def wgrad() -> str:
-    """The weight gradient's kernel: ``"blocked"`` (the default: ``csrc/wgrad_blocked.h``, at the width of
-    :func:`isa`) or ``"rows"`` (the earlier AVX2 kernel, ``CRD_JAX_WGRAD=rows``); "" when the kernel is unused."""
-    return ("rows", "blocked")[int(_state["lib"].crd_wgrad())] if available() else ""
+    """The weight gradient's kernel: ``"auto"`` (the default: the Winograd-domain kernel,
+    ``csrc/conv_wgrad_winograd_avx512.cc``, on the AVX-512 stride-1 3^3 layers where it measured faster, the
+    blocked one elsewhere), ``"winograd"`` (wherever it applies), ``"blocked"`` (``csrc/wgrad_blocked.h``, at the
+    width of :func:`isa`) or ``"rows"`` (the earlier AVX2 kernel); ``CRD_JAX_WGRAD`` sets it at start-up.
+    "" when the kernel is unused."""
+    return _WGRAD_NAMES[int(_state["lib"].crd_wgrad())] if available() else ""
 
 
 def set_wgrad(name: str) -> str:
-    """Selects the weight-gradient kernel for this process (tests and benchmarks compare the two in one process);
+    """Selects the weight-gradient kernel for this process (tests and benchmarks compare them in one process);
     read at run time, so compiled functions follow it. Returns :func:`wgrad`."""
-    if name not in ("rows", "blocked"):
-        raise ValueError(f"wgrad kernel must be 'rows' or 'blocked', not {name!r}")
+    if name not in _WGRAD_NAMES:
+        raise ValueError(f"wgrad kernel must be one of {', '.join(_WGRAD_NAMES)}, not {name!r}")
     if available():
-        _state["lib"].crd_set_wgrad(1 if name == "blocked" else 0)
+        _state["lib"].crd_set_wgrad(_WGRAD_NAMES.index(name))
     return wgrad()
+
+
+def winograd_wgrad_calls() -> int:
+    """How many weight gradients of this process took the Winograd path (tests check the dispatch with it)."""
+    if not available():
+        return 0
+    _state["lib"].crd_winograd_wgrad_calls.restype = ctypes.c_int64
+    return int(_state["lib"].crd_winograd_wgrad_calls())
 
 
 def winograd_calls() -> int:

@@ -25,12 +25,14 @@ extern "C" int crd_set_winograd(int on) {
   return WinogradSetting().load();
 }
 
-// Selects the weight-gradient kernel (0: the earlier AVX2 "rows" kernel, 1: the blocked one); returns the one now
-// in use. For tests and benchmarks, which compare both in one process.
+// Selects the weight-gradient kernel (0: the earlier AVX2 "rows" kernel, 1: the blocked one, 2: Winograd wherever it
+// applies, 3: auto); returns the one now in use. For tests and benchmarks, which compare them in one process.
 extern "C" int crd_set_wgrad(int kernel) {
-  WgradSetting().store(kernel == kWgradRows ? kWgradRows : kWgradBlocked);
+  WgradSetting().store(kernel >= kWgradRows && kernel <= kWgradAuto ? kernel : kWgradAuto);
   return WgradSetting().load();
 }
+
+extern "C" int64_t crd_winograd_wgrad_calls() { return WinogradWgradCalls().load(); }
 
 extern "C" int crd_wgrad() { return WgradSetting().load(); }
 

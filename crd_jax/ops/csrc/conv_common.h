@@ -32,9 +32,11 @@ enum Isa { kAvx2 = 0, kAvx512 = 1 };
 // (or crd_set_bf16_engine) asks for the VDPBF16PS tiles, which every AVX512-BF16 CPU runs.
 enum Bf16Engine { kBf16Avx512 = 0, kBf16Amx = 1 };
 
-// Which weight-gradient kernel runs: the blocked one (wgrad_blocked.h, at the width ActiveIsa() selects), unless
-// CRD_JAX_WGRAD=rows (or crd_set_wgrad) asks for the earlier AVX2 kernel (conv_wgrad_avx2.cc), kept for comparisons.
-enum WgradKernel { kWgradRows = 0, kWgradBlocked = 1 };
+// Which weight-gradient kernel runs (CRD_JAX_WGRAD or crd_set_wgrad): "auto", the default, takes the Winograd one
+// (conv_wgrad_winograd_avx512.cc) on the layers where it applies and measured faster, the blocked one
+// (wgrad_blocked.h, at the width ActiveIsa() selects) elsewhere; "winograd" takes it wherever it applies;
+// "blocked" never; "rows" is the earlier AVX2 kernel (conv_wgrad_avx2.cc), kept for comparisons.
+enum WgradKernel { kWgradRows = 0, kWgradBlocked = 1, kWgradWinograd = 2, kWgradAuto = 3 };
 
 constexpr int64_t kBandBytes = 768 * 1024;  // input rows a band of output rows may keep in the L2 cache
 
@@ -78,6 +80,7 @@ int ActiveBf16Engine();
 std::atomic<int>& WinogradSetting();
 std::atomic<int>& WgradSetting();
 std::atomic<int64_t>& WinogradCalls();
+std::atomic<int64_t>& WinogradWgradCalls();
 bool HugePagesWanted();
 
 // --- conv_direct.cc: the forward pass's driver (bands of rows, edge columns, the choice of kernel) ----------
@@ -96,6 +99,7 @@ void ConvUpcatForward(const Geometry& g, const Upcat& u, const float* w, const f
 
 // --- conv_wgrad_avx2.cc (the choice of kernel, the AVX2 ones), conv_wgrad_avx512.cc ---------------------------
 void ConvWeightGrad(const Geometry& g, const float* x, const float* dy, float* dw_out);
+bool WinogradWgradApplies(const Geometry& g);
 
 namespace avx2 {  // conv_direct_avx2.cc
 void Avx2Columns(const Geometry& g, const RowSet& rs, const float* w, const float* bias, int64_t begin, int64_t end,
@@ -132,6 +136,7 @@ void WinogradForward(const Geometry& g, const float* x, const float* w, const fl
                      float* y);
 void WinogradUpcatForward(const Geometry& g, const Upcat& u, const float* w, const float* bias, float slope, bool act,
                           float* y);
+void WinogradWeightGrad(const Geometry& g, const float* x, const float* dy, float* dw_out);  // conv_wgrad_winograd_avx512.cc
 }  // namespace winograd
 
 namespace {

@@ -126,9 +126,35 @@ void ConvWeightGradRows(const Geometry& g, const float* x, const float* dy, floa
 
 }  // namespace
 
+// The Winograd weight gradient's layers: AVX-512, 3^3 taps, stride 1, padding 1, output the input's size (so the
+// high side pads by 1 too), and channels within what one thread's M (64 Ci Co floats) keeps in the L2 cache.
+bool WinogradWgradApplies(const Geometry& g) {
+  return ActiveIsa() == kAvx512 && g.KD == 3 && g.KH == 3 && g.KW == 3 && g.sd == 1 && g.sh == 1 && g.sw == 1 &&
+         g.pd == 1 && g.ph == 1 && g.pw == 1 && g.Do == g.D && g.Ho == g.H && g.Wo == g.W && g.Ci <= 64 &&
+         g.Co <= 64;
+}
+
+namespace {
+
+// Where "auto" takes the Winograd weight gradient (conv_wgrad_winograd_avx512.cc): measured per CPU-second
+// against the blocked kernel (benchmarks/conv_backward.py --compare blocked winograd; docs/native-kernel.md). Its
+// transforms cost per tile what ~16 channel pairs of products do, so few channels on either side lose (the flow
+// head's 16 -> 3: 0.6-0.7x of the blocked kernel; the decoder's last skip, 2 -> 16: 0.85x), and so does a small
+// volume, whose per-call costs (buffers, the back transform) outweigh its few tiles (8^3, 32 -> 32: 0.8x; 4^3:
+// 0.4x). 16 -> 16 and 32 -> 32 from 16^3 up: 1.4-2.1x.
+bool WinogradWgradWins(const Geometry& g) {
+  return WinogradWgradApplies(g) && g.Ci >= 8 && g.Co >= 8 && g.D * g.H * g.W >= 16 * 16 * 16;
+}
+
+}  // namespace
+
 void ConvWeightGrad(const Geometry& g, const float* x, const float* dy, float* dw_out) {
-  if (WgradSetting().load(std::memory_order_relaxed) == kWgradRows) {
+  const int setting = WgradSetting().load(std::memory_order_relaxed);
+  if (setting == kWgradRows) {
     ConvWeightGradRows(g, x, dy, dw_out);
+  } else if ((setting == kWgradWinograd && WinogradWgradApplies(g)) ||
+             (setting == kWgradAuto && WinogradWgradWins(g))) {
+    winograd::WinogradWeightGrad(g, x, dy, dw_out);
   } else if (ActiveIsa() == kAvx512) {
     avx512::WeightGradAvx512(g, x, dy, dw_out);
   } else if (g.Co < 8 || g.Ci <= 2) {

@@ -72,13 +72,22 @@ std::atomic<int>& WinogradSetting() {
   return on;
 }
 
-// The weight gradient: the blocked kernel by default; CRD_JAX_WGRAD=rows or crd_set_wgrad(0) runs the earlier one.
+// The weight gradient: "auto" by default (conv_common.h); CRD_JAX_WGRAD=rows|blocked|winograd or crd_set_wgrad picks one.
 std::atomic<int>& WgradSetting() {
   static std::atomic<int> kernel{[] {
     const char* env = std::getenv("CRD_JAX_WGRAD");
-    return static_cast<int>(env != nullptr && std::strcmp(env, "rows") == 0 ? kWgradRows : kWgradBlocked);
+    if (env == nullptr) return static_cast<int>(kWgradAuto);
+    if (std::strcmp(env, "rows") == 0) return static_cast<int>(kWgradRows);
+    if (std::strcmp(env, "blocked") == 0) return static_cast<int>(kWgradBlocked);
+    if (std::strcmp(env, "winograd") == 0) return static_cast<int>(kWgradWinograd);
+    return static_cast<int>(kWgradAuto);
   }()};
   return kernel;
+}
+
+std::atomic<int64_t>& WinogradWgradCalls() {  // weight gradients that took the Winograd path (tests check the dispatch)
+  static std::atomic<int64_t> calls{0};
+  return calls;
 }
 
 std::atomic<int64_t>& WinogradCalls() {  // convolutions that took the Winograd path (tests check the dispatch)
