@@ -350,6 +350,7 @@ def test_a_light_student_uses_feature_distillation_through_a_fitnets_regressor(t
     c.data.synthetic.train, c.data.synthetic.val, c.data.synthetic.test = 3, 0, 2
     c.train.batch_size, c.train.progress_bar, c.eval.timing_repeats = 1, False, 1
     c.loss.beta = 0.1  # feature distillation on, although the light student's channels differ from VM-H's
+    c.eval.diagnostics = False  # covered by the default pipeline's test; here they would double the test's time
     c.pipeline = ("vm_h", "light")
     c.stages = {
         "vm_h": stage("baseline", resolution="high", steps=2, evaluate=False),
