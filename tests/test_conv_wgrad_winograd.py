@@ -122,12 +122,23 @@ def test_auto_takes_winograd_where_it_wins_and_the_direct_kernel_elsewhere(avx51
     assert not native_weight_grad(x16, arr(1, 16, 16, 16, 3), "auto")[1]
     assert not native_weight_grad(arr(1, 16, 16, 16, 2), arr(1, 16, 16, 16, 16), "auto")[1]
     assert not native_weight_grad(arr(1, 8, 8, 8, 16), arr(1, 8, 8, 8, 16), "auto")[1]
+    # thin volumes: an axis of 1-2 voxels (a tile's 64 products mostly padding) or fewer planes of tiles than threads
+    assert not native_weight_grad(arr(1, 1, 64, 64, 16), arr(1, 1, 64, 64, 16), "auto")[1]
+    assert not native_weight_grad(arr(1, 64, 2, 64, 16), arr(1, 64, 2, 64, 16), "auto")[1]
     native.set_wgrad("winograd")  # even where asked for, a stride-2 layer keeps the direct kernel
     calls = native.winograd_wgrad_calls()
     dz = arr(1, 8, 8, 8, 16)
     strided = conv_module._native_weight_grad(x16, dz, (3, 3, 3), (2, 2, 2), ((1, 1),) * 3)
     assert native.winograd_wgrad_calls() == calls
-    np.testing.assert_allclose(strided, lax_weight_grad(x16, dz, (2, 2, 2)), rtol=1e-5, atol=1e-5)
+    reference = lax_weight_grad(x16, dz, (2, 2, 2))  # sums of 512 products: float32 error relative to the largest
+    np.testing.assert_allclose(strided, reference, rtol=0, atol=RTOL * np.abs(reference).max())
+
+
+def test_an_empty_volume_gives_a_zero_gradient_under_every_setting(avx512_wgrad):
+    """A width or channel count of 0 never reaches the Winograd kernel (which would divide by a row of 0 bytes)."""
+    for kernel in ("winograd", "auto", "blocked"):
+        got, took = native_weight_grad(jnp.zeros((1, 4, 4, 0, 16)), jnp.zeros((1, 4, 4, 0, 16)), kernel)
+        assert not took and got.shape == (3, 3, 3, 16, 16) and not got.any(), kernel
 
 
 def test_wgrad_names_include_winograd_and_auto():
@@ -154,3 +165,7 @@ def test_the_environment_selects_the_kernel_in_a_fresh_process():
             env["CRD_JAX_WGRAD"] = value
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == expected, (value, out.stdout, out.stderr[-500:])
+    # a mistyped name keeps the direct kernel (not the default's Winograd) and says so
+    env = dict(os.environ, CRD_JAX_WGRAD="Blocked")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "blocked" and "CRD_JAX_WGRAD='Blocked' is not one of" in out.stderr, out.stderr[-500:]

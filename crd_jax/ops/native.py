@@ -102,6 +102,9 @@ def _load() -> bool:
     for name, symbol in _TARGETS.items():
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     _state["lib"] = lib
+    chosen = os.environ.get("CRD_JAX_WGRAD")
+    if chosen is not None and chosen not in _WGRAD_NAMES:  # the library keeps the blocked kernel for it
+        warnings.warn(f"crd_jax: CRD_JAX_WGRAD={chosen!r} is not one of {', '.join(_WGRAD_NAMES)}; using 'blocked'", stacklevel=3)
     return True
 
 

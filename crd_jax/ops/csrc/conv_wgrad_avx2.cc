@@ -129,9 +129,10 @@ void ConvWeightGradRows(const Geometry& g, const float* x, const float* dy, floa
 // The Winograd weight gradient's layers: AVX-512, 3^3 taps, stride 1, padding 1, output the input's size (so the
 // high side pads by 1 too), and channels within what one thread's M (64 Ci Co floats) keeps in the L2 cache.
 bool WinogradWgradApplies(const Geometry& g) {
+  // (an empty tensor has no tiles: the blocked kernel writes its zero gradient)
   return ActiveIsa() == kAvx512 && g.KD == 3 && g.KH == 3 && g.KW == 3 && g.sd == 1 && g.sh == 1 && g.sw == 1 &&
          g.pd == 1 && g.ph == 1 && g.pw == 1 && g.Do == g.D && g.Ho == g.H && g.Wo == g.W && g.Ci <= 64 &&
-         g.Co <= 64;
+         g.Co <= 64 && g.B >= 1 && g.D >= 1 && g.H >= 1 && g.W >= 1 && g.Ci >= 1 && g.Co >= 1;
 }
 
 namespace {
@@ -141,9 +142,13 @@ namespace {
 // transforms cost per tile what ~16 channel pairs of products do, so few channels on either side lose (the flow
 // head's 16 -> 3: 0.6-0.7x of the blocked kernel; the decoder's last skip, 2 -> 16: 0.85x), and so does a small
 // volume, whose per-call costs (buffers, the back transform) outweigh its few tiles (8^3, 32 -> 32: 0.8x; 4^3:
-// 0.4x). 16 -> 16 and 32 -> 32 from 16^3 up: 1.4-2.1x.
+// 0.4x). 16 -> 16 and 32 -> 32 from 16^3 up: 1.4-2.1x. A thin volume loses too: along an axis of 1 or 2 voxels
+// the direct kernel skips the taps that fall outside, while a 2x2x2 tile pays its 64 products whatever its padding
+// (1 x 128 x 128, 16 -> 16: 2.5-3.7x slower); and the kernel shares out planes of tiles (B x ceil(D / 2)), so with
+// fewer planes than threads some threads would sit idle.
 bool WinogradWgradWins(const Geometry& g) {
-  return WinogradWgradApplies(g) && g.Ci >= 8 && g.Co >= 8 && g.D * g.H * g.W >= 16 * 16 * 16;
+  return WinogradWgradApplies(g) && g.Ci >= 8 && g.Co >= 8 && g.D * g.H * g.W >= 16 * 16 * 16 &&
+         std::min({g.D, g.H, g.W}) >= 4 && g.B * ((g.D + 1) / 2) >= NumThreads();
 }
 
 }  // namespace

@@ -80,7 +80,10 @@ std::atomic<int>& WgradSetting() {
     if (std::strcmp(env, "rows") == 0) return static_cast<int>(kWgradRows);
     if (std::strcmp(env, "blocked") == 0) return static_cast<int>(kWgradBlocked);
     if (std::strcmp(env, "winograd") == 0) return static_cast<int>(kWgradWinograd);
-    return static_cast<int>(kWgradAuto);
+    if (std::strcmp(env, "auto") == 0) return static_cast<int>(kWgradAuto);
+    // an unknown value (crd_jax.ops.native warns about it) keeps the direct kernel: whoever set the variable meant
+    // to choose, most likely away from the default
+    return static_cast<int>(kWgradBlocked);
   }()};
   return kernel;
 }
