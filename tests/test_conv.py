@@ -472,3 +472,22 @@ def test_amx_is_the_bf16_engine_where_the_cpu_has_it():
         "amx_bf16" in flags and "amx_tile" in flags and libc.syscall(sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0
     )
     assert _bf16_engines() == (["avx512-bf16", "amx"] if granted else ["avx512-bf16"])
+
+
+@pytest.mark.parametrize("x_shape", [(1, 4, 4, 4, 0), (1, 4, 4, 0, 3)], ids=["no channels", "width 0"])
+def test_an_empty_input_gives_lax_results_and_gradients(x_shape):
+    """Nothing empty reaches a native kernel (one divided by a row of 0 bytes): the value and both gradients are
+    lax's, zeros of the right shapes."""
+    ci = x_shape[-1]
+    x = jnp.zeros(x_shape)
+    w = jnp.ones((3, 3, 3, ci, 8))
+    b = jnp.ones((8,))
+
+    def total(conv_fn, x, w):
+        return jnp.sum(conv_fn(x, w, b, (1, 1, 1), None, 0.2))
+
+    got = jax.value_and_grad(lambda x, w: total(conv, x, w), argnums=(0, 1))(x, w)
+    want = jax.value_and_grad(lambda x, w: total(conv_reference, x, w), argnums=(0, 1))(x, w)
+    for a, e in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert a.shape == e.shape
+        np.testing.assert_allclose(a, e)

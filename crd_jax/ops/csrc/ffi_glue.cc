@@ -113,6 +113,7 @@ ffi::Error ConvWgradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi:
   if (auto e = CheckRank(xd, 5, "x"); e.failure()) return e;
   if (auto e = CheckRank(yd, 5, "dy"); e.failure()) return e;
   if (auto e = CheckRank(wd, 5, "dw"); e.failure()) return e;
+  if (yd[0] != xd[0]) return ffi::Error::InvalidArgument("weight gradient: dy's batch differs from x's");
   const int64_t co = yd[4];
   Geometry g{xd[0], xd[1], xd[2], xd[3], xd[4], yd[1], yd[2], yd[3], co, (co + 7) / 8 * 8,
              wd[0], wd[1], wd[2], sd, sh, sw, pd, ph, pw};
