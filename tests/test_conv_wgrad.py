@@ -92,9 +92,10 @@ def test_wgrad_kernel_selection_is_reported_and_checked():
         pytest.skip("the native kernel is not available")
     before = native.wgrad()
     try:
-        assert native.set_wgrad("rows") == "rows" == native.wgrad()
-        assert native.set_wgrad("blocked") == "blocked" == native.wgrad()
-        with pytest.raises(ValueError, match="rows"):
-            native.set_wgrad("avx512")
+        for name in ("rows", "blocked", "winograd", "auto"):
+            assert native.set_wgrad(name) == name == native.wgrad()
+        for wrong in ("avx512", "wino"):
+            with pytest.raises(ValueError, match="rows.*winograd"):
+                native.set_wgrad(wrong)
     finally:
         native.set_wgrad(before)

@@ -141,19 +141,6 @@ def test_an_empty_volume_gives_a_zero_gradient_under_every_setting(avx512_wgrad)
         assert not took and got.shape == (3, 3, 3, 16, 16) and not got.any(), kernel
 
 
-def test_wgrad_names_include_winograd_and_auto():
-    if not native.available():
-        pytest.skip("the native kernel is not available")
-    before = native.wgrad()
-    try:
-        assert native.set_wgrad("winograd") == "winograd" == native.wgrad()
-        assert native.set_wgrad("auto") == "auto" == native.wgrad()
-        with pytest.raises(ValueError, match="winograd"):
-            native.set_wgrad("wino")
-    finally:
-        native.set_wgrad(before)
-
-
 def test_the_environment_selects_the_kernel_in_a_fresh_process():
     """``CRD_JAX_WGRAD`` as a user sets it: unset gives "auto", each name its kernel (read once, at start-up)."""
     if not native.available():
