@@ -203,7 +203,12 @@ def report(workdir: Path, out: Path, draws: int) -> dict:
         s: {k: r[k] for k in ("label", "dice_mean", "dice_std", "folds_mean", "num_pairs")} for s, r in teacher.items() if r
     }
     g = json.loads((workdir / "gate.json").read_text()) if (workdir / "gate.json").exists() else None
-    payload = {"protocol": "configs/lpba40_crd_exp1.py", "teacher_phase": teacher, "gate": g}
+    payload = {
+        "protocol": protocol.__name__.replace(".", "/") + ".py",
+        "started": (workdir / "config.json").exists(),
+        "teacher_phase": teacher,
+        "gate": g,
+    }
     lines = [
         f"### {protocol.get_config().name} (pre-registered, {protocol.__name__.replace('.', '/')}.py)",
         "",
@@ -270,6 +275,10 @@ def report(workdir: Path, out: Path, draws: int) -> dict:
                 if stats["refuted"]
                 else "inconclusive: no interval excludes 0 and not both upper bounds are below +0.003"
             )
+            below = [a for a, r in stats["arms"].items() if r["below_control"]]
+            if below:  # the direction, said plainly (not one of the protocol's decisions)
+                verdict += f"; {' and '.join(below)} scored below the control (Holm-level interval entirely below 0)"
+            payload["verdict"] = verdict
             lines += ["", f"Verdict: **{verdict}**."]
         else:
             lines += ["", f"Students: {len(complete)} of {len(protocol.SEEDS)} streams finished in every arm."]
@@ -282,7 +291,37 @@ def report(workdir: Path, out: Path, draws: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{result_name()}.json", payload)
     write_text(out / f"{result_name()}.md", "\n".join(lines) + "\n")
+    write_text(out / f"{result_name()}_summary.md", summary(payload) + "\n")
     return payload
+
+
+def summary(payload: dict) -> str:
+    """A few sentences for the README (``<!-- results: crd_experiment<N>_summary -->``): where the experiment
+    got, the gate, and, once every stream finished, each arm's mean difference with its intervals and the
+    verdict. Every figure comes from ``payload`` (the report's JSON)."""
+    name = protocol.get_config().name
+    g = payload.get("gate")
+    head = f"*{name}* (pre-registered in `{payload['protocol']}`): "
+    if g is None and not payload.get("started", True):
+        return head + "not started."
+    if g is None:
+        done = ", ".join(r["label"] for r in payload["teacher_phase"].values()) or "nothing yet"
+        going = ", ".join(f"{s} step {p['step']:,} of {p['steps']:,}" for s, p in payload.get("progress", {}).items())
+        return head + f"teacher phase under way; finished: {done}" + (f"; training: {going}" if going else "") + "."
+    gate = (
+        f"gate {'passed' if g['passed'] else 'failed'} (FST - VM-LL {g['fst_minus_vm_ll']:+.4f}, "
+        f"ceiling - VM-LL {g['ceiling_minus_vm_ll']:+.4f}; threshold +{g['threshold']:.3f})"
+    )
+    if "analysis" not in payload:
+        n = len(payload.get("streams_finished", []))
+        return head + gate + (f"; students: {n} of {len(protocol.SEEDS)} streams finished." if g["passed"] else ".")
+    arms = payload["analysis"]["arms"]
+    parts = [
+        f"{arm} - control {r['t']['mean']:+.4f} (t 95% [{r['t']['low']:+.4f}, {r['t']['high']:+.4f}], "
+        f"bootstrap [{r['bootstrap']['low']:+.4f}, {r['bootstrap']['high']:+.4f}])"
+        for arm, r in arms.items()
+    ]
+    return head + gate + f"; over {len(protocol.SEEDS)} streams " + ", ".join(parts) + f". **{payload['verdict']}.**"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -300,11 +339,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_config(args):
+    """The config a (resumed) run starts with: the teacher phase; past a passed gate (``gate.json``), the
+    teacher phase and the students, since the run folder then records that pipeline and refuses one that drops
+    stages (the finished teacher stages are skipped)."""
+    saved = json.loads((args.workdir / "gate.json").read_text()) if (args.workdir / "gate.json").exists() else None
+    return _config(args, saved["fst"] if saved and saved["passed"] else "")
+
+
 def run(args) -> dict:
     """Teacher phase, gate, student phase (if passed), report; resumes whatever finished. Returns the gate."""
     from crd_jax.training import pipeline
 
-    config = _config(args)
+    config = run_config(args)
     if protocol is lpba40_crd_exp1 and not (args.workdir / "stages" / "vm_h" / "model").exists():
         # VM-H and VM-LL of the main run, as shipped (the protocol's starting point)
         source = shipped_main_run(config, RUNS / "shipped_3d-ll")

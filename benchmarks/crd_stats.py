@@ -109,6 +109,8 @@ def analyse(
         values = list(r["per_stream"].values())
         r["t_holm"] = t_interval(values, 1 - adjusted[arm]["level"])
         r["supports_crd"] = bool(r["t_holm"]["low"] > 0)
+        # descriptive, not one of the protocol's decisions: the arm scores below the control at its Holm level
+        r["below_control"] = bool(r["t_holm"]["high"] < 0)
     out["refuted"] = all(out["arms"][a]["t"]["high"] < refute_below for a in arms)
     out["supported"] = any(out["arms"][a]["supports_crd"] for a in arms)
     return out

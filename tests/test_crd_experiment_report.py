@@ -4,6 +4,8 @@ descriptive per-stream table while streams are missing, and the protocol's analy
 streams have finished, with the per-stream differences equal to numpy's."""
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,15 +75,33 @@ def _run_folder(tmp_path, streams, effect):
     return work, dice
 
 
-def _report(tmp_path, work):
+def _report(tmp_path, work, experiment=1):
     out = tmp_path / "out"
-    run_script("crd_experiment.py", "--report", "--workdir", str(work), "--out", str(out), "--draws", "500", timeout=300)
-    return json.loads((out / "crd_experiment1.json").read_text()), (out / "crd_experiment1.md").read_text()
+    run_script(
+        "crd_experiment.py",
+        *("--experiment", str(experiment), "--report", "--workdir", str(work), "--out", str(out), "--draws", "500"),
+        timeout=300,
+    )
+    name = f"crd_experiment{experiment}"
+    payload = json.loads((out / f"{name}.json").read_text())
+    return payload, (out / f"{name}.md").read_text(), (out / f"{name}_summary.md").read_text()
+
+
+def test_the_readme_summary_says_where_an_experiment_is(tmp_path):
+    payload, _, summary = _report(tmp_path, tmp_path / "never-started", experiment=2)
+    assert not payload["started"] and summary.strip().endswith("not started.") and "lpba40_crd_exp2.py" in summary
+    work = tmp_path / "teacher"
+    _stage(work, "vm_h", "VM-H", 0.6 + np.zeros(len(PAIRS)))
+    (work / "config.json").write_text(json.dumps({"stages": {"vm_h": {"steps": 10}, "vm_l": {"steps": 10}}}))
+    (work / "metrics.jsonl").write_text(json.dumps({"stage": "vm_l", "step": 4, "loss": 0.1}) + "\n")
+    payload, _, summary = _report(tmp_path, work, experiment=2)
+    assert payload["started"] and "teacher phase under way; finished: VM-H" in summary
+    assert "training: vm_l step 4 of 10" in summary
 
 
 def test_partial_streams_are_reported_descriptively_with_the_diagnostics(tmp_path):
     work, dice = _run_folder(tmp_path, [0, 1], effect=0.02)
-    payload, text = _report(tmp_path, work)
+    payload, text, summary = _report(tmp_path, work)
     assert payload["gate"]["passed"] and "**passed**" in text and "| FST (full) |" in text
     assert payload["streams_finished"] == [0, 1] and "analysis" not in payload and "Verdict" not in text
     for s in (0, 1):
@@ -91,15 +111,52 @@ def test_partial_streams_are_reported_descriptively_with_the_diagnostics(tmp_pat
     assert "2 of 5 streams finished" in text and "wait for all five streams" in text
     assert payload["diagnostics"][0]["stage"] == "crd_paper_s0" and "#### Distillation diagnostics" in text
     assert "| crd_paper_s0 | fst_full 0.6400 |" in text
+    assert "gate passed (FST - VM-LL +0.0300" in summary and "students: 2 of 5 streams finished." in summary
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("effect, verdict", [(0.02, "CRD supported"), (0.0, "CRD refuted in this regime")])
+@pytest.mark.parametrize(
+    "effect, verdict",
+    [
+        (0.02, "CRD supported"),
+        (0.0, "CRD refuted in this regime"),
+        (-0.01, "CRD refuted in this regime: both upper bounds below +0.003; crd_paper scored below the control"),
+    ],
+)
 def test_five_streams_give_the_intervals_and_the_protocols_verdict(tmp_path, effect, verdict):
     work, dice = _run_folder(tmp_path, list(SEEDS), effect=effect)
-    payload, text = _report(tmp_path, work)
+    payload, text, summary = _report(tmp_path, work)
     paper = payload["analysis"]["arms"]["crd_paper"]
     expected = [np.mean(dice[s]["crd_paper"] - dice[s]["ctl"]) for s in SEEDS]
     assert list(paper["per_stream"].values()) == pytest.approx(expected, abs=1e-9)
     assert paper["t"]["mean"] == pytest.approx(np.mean(expected), abs=1e-9)
     assert f"Verdict: **{verdict}" in text and "wait for all five streams" not in text
+    assert f"crd_paper - control {np.mean(expected):+.4f} (t 95% [{paper['t']['low']:+.4f}" in summary
+    assert f"**{verdict}" in summary and (("below the control" in summary) == (effect < 0))
+
+
+def test_a_run_resumed_past_a_passed_gate_keeps_the_students_in_its_pipeline(tmp_path):
+    """The defect this guards: a run interrupted during the student phase refused to resume (its first
+    pipeline was the teacher phase alone, which drops the recorded students)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import crd_experiment
+
+    from crd_jax.errors import InputError
+    from crd_jax.training import workdir_config
+
+    crd_experiment.select(1)
+    work = tmp_path / "run"
+    args = crd_experiment.parser().parse_args(["--workdir", str(work), "--data-root", str(tmp_path)])
+    args.workdir = work
+    teacher = crd_experiment.run_config(args)
+    assert list(teacher.pipeline) == list(crd_experiment.protocol.TEACHER_PIPELINE)
+    work.mkdir()
+    (work / "gate.json").write_text(json.dumps({"fst": "fst_full", "passed": True}))
+    students = crd_experiment.run_config(args)
+    assert list(students.pipeline)[: len(teacher.pipeline)] == list(teacher.pipeline)
+    assert {"ctl_s4", "crd_paper_s0", "crd_code_s2"} <= set(students.pipeline)
+    workdir_config.record(students, work)  # the run folder as the student phase leaves it
+    (work / "stages" / "ctl_s0").mkdir(parents=True)
+    workdir_config.check_resume(crd_experiment.run_config(args), work)  # resumes
+    with pytest.raises(InputError, match="only appending stages is allowed"):
+        workdir_config.check_resume(teacher, work)
