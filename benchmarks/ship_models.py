@@ -3,6 +3,12 @@
     python benchmarks/ship_models.py                       # from ~/crd-runs/reproduce_lpba40_3d-ll
     python benchmarks/ship_models.py --workdir DIR --overwrite
     python benchmarks/ship_models.py --workdir ~/crd-runs/control_3d-ll --stages vm_ll_long   # the control
+    python benchmarks/ship_models.py --experiment1 --overwrite --measure-1mm   # Experiment 1's student + control
+
+``--experiment1`` ships from Experiment 1 (``configs/lpba40_crd_exp1.py``, run folder
+``~/crd-runs/reproduce_lpba40_3d-ll-exp1``) stream 0 of the paper's CRD arm as ``lpba40-vm-ll-crd`` and stream 0
+of the control as ``lpba40-vm-ll-control``: stream 0 because it was fixed before any result (not the stream with
+the best validation Dice), the paper's arm because the paper's text is the library's default recipe.
 
 Each becomes ``crd_jax/pretrained/<name>/`` (``model.json`` + ``params.msgpack``) with a ``shipped`` record:
 what it was trained and validated on, its grid, voxel size and orientation, the steps it trained and its
@@ -36,6 +42,17 @@ RECIPES = {
     "the same stream of training pairs (6,000 in all); compare the two on your data",
 }
 
+#: Experiment 1's stages as shipped: the paper's CRD arm and its step-matched control, stream 0 (see the docstring)
+EXP1_NAMES = {"crd_paper_s0": "lpba40-vm-ll-crd", "ctl_s0": "lpba40-vm-ll-control"}
+EXP1_RECIPES = {
+    "crd_paper_s0": "VM-LL-CRD (Experiment 1, configs/lpba40_crd_exp1.py, stream 0): from lpba40-vm-ll (3,000 "
+    "steps), 6,000 steps of eq. 10 (L^L + 1.0 x eq. 8 on the full grid + 0.1 x eq. 9 on raw features) under "
+    "the FST chosen on training pairs (output at full resolution through F^H_0, as the authors' code; from "
+    "S1 3,000 steps on VM-H 15,000 steps); Adam lr 1e-3 halved at 60% and 80%, batch 1",
+    "ctl_s0": "The step-matched control of lpba40-vm-ll-crd (Experiment 1, stream 0): from lpba40-vm-ll, 6,000 "
+    "steps of eq. 5 alone on the same pairs in the same order; compare the two on your data",
+}
+
 
 def _dice_at_1mm(model_dir: Path, config: dict):
     """The 30 validation pairs registered at 1 mm through ``crd-jax register``'s path (lpba40_report.py)."""
@@ -58,11 +75,19 @@ def main():
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--stages", nargs="*", default=[], help="only these stages (default: every one finished)")
     p.add_argument(
+        "--experiment1",
+        action="store_true",
+        help="ship Experiment 1's stream-0 paper-CRD student and its control (default workdir: its run folder)",
+    )
+    p.add_argument(
         "--measure-1mm",
         action="store_true",
         help="register the 30 validation pairs at 1 mm (as crd-jax register) where the report has no figure",
     )
     args = p.parse_args()
+    names, recipes = (EXP1_NAMES, EXP1_RECIPES) if args.experiment1 else (NAMES, RECIPES)
+    if args.experiment1 and args.workdir == p.get_default("workdir"):
+        args.workdir = RUNS / "reproduce_lpba40_3d-ll-exp1"
 
     import nibabel as nib
 
@@ -77,7 +102,7 @@ def main():
     stored = header.shape
     grid = config["data"]["resample_shape"] or list(stored)
     zooms = [float(z) * s / g for z, s, g in zip(header.header.get_zooms(), stored, grid)]
-    for stage, name in NAMES.items():
+    for stage, name in names.items():
         if args.stages and stage not in args.stages:
             continue
         folder = args.workdir / "stages" / stage
@@ -113,7 +138,7 @@ def main():
             "orientation": "".join(nib.aff2axcodes(header.affine)),
             "source_shape": list(stored),
             "steps": spec.get("steps"),
-            "recipe": RECIPES[stage],
+            "recipe": recipes[stage],
             "val_dice_grid": round(ev["dice_mean"], 4),
             "val_dice_1mm": round(sum(full) / len(full), 4) if full else None,
             "intensity": "[0, 1] (the model refuses images far from its training intensities)",
