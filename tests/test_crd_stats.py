@@ -61,3 +61,12 @@ def test_analyse_supports_a_clear_effect_and_refutes_a_null():
     assert not out["refuted"]  # one arm is clearly above the bound
     with pytest.raises(ValueError, match="different pairs"):
         crd_stats.stream_differences({0: {("a", "b"): 1.0}}, {0: {("b", "a"): 1.0}})
+
+
+def test_bootstrap_redraws_subject_draws_that_form_no_pair():
+    """With 2 subjects half the subject draws hold one subject twice (no ordered pair of distinct subjects);
+    they are drawn again, so the interval stays finite and equals the only two pairs' spread."""
+    diffs = {s: {("A", "B"): 0.01 * (s + 1), ("B", "A"): 0.01 * (s + 1)} for s in range(3)}
+    r = crd_stats.two_level_bootstrap(diffs, draws=500)
+    assert np.isfinite(r["low"]) and np.isfinite(r["high"])
+    assert 0.01 <= r["low"] <= r["high"] <= 0.03
