@@ -209,16 +209,13 @@ def report(workdir: Path, out: Path, draws: int) -> dict:
         "teacher_phase": teacher,
         "gate": g,
     }
-    lines = [
-        f"### {protocol.get_config().name} (pre-registered, {protocol.__name__.replace('.', '/')}.py)",
-        "",
-        "| Stage | Val Dice | Pairs | Folds |",
-        "|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['label']} | {r['dice_mean']:.4f} ({r['dice_std']:.4f}) | {r['num_pairs']} | {r['folds_mean']:.1f} |"
-        for r in teacher.values()
-    ]
+    lines = [f"### {protocol.get_config().name} (pre-registered, {protocol.__name__.replace('.', '/')}.py)"]
+    if teacher:
+        lines += ["", "| Stage | Val Dice | Pairs | Folds |", "|---|---|---|---|"]
+        lines += [
+            f"| {r['label']} | {r['dice_mean']:.4f} ({r['dice_std']:.4f}) | {r['num_pairs']} | {r['folds_mean']:.1f} |"
+            for r in teacher.values()
+        ]
     progress = _progress(workdir)
     if progress:
         payload["progress"] = progress
@@ -277,7 +274,9 @@ def report(workdir: Path, out: Path, draws: int) -> dict:
             )
             below = [a for a, r in stats["arms"].items() if r["below_control"]]
             if below:  # the direction, said plainly (not one of the protocol's decisions)
-                verdict += f"; {' and '.join(below)} scored below the control (Holm-level interval entirely below 0)"
+                verdict += f"; {' and '.join(below)} scored below the control (Holm-level t-interval entirely below 0"
+                spans_zero = any(stats["arms"][a]["bootstrap"]["high"] >= 0 for a in below)
+                verdict += "; the bootstrap, which also resamples the validation subjects, includes 0)" if spans_zero else ")"
             payload["verdict"] = verdict
             lines += ["", f"Verdict: **{verdict}**."]
         else:

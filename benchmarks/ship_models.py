@@ -8,7 +8,9 @@
 ``--experiment1`` ships from Experiment 1 (``configs/lpba40_crd_exp1.py``, run folder
 ``~/crd-runs/reproduce_lpba40_3d-ll-exp1``) stream 0 of the paper's CRD arm as ``lpba40-vm-ll-crd`` and stream 0
 of the control as ``lpba40-vm-ll-control``: stream 0 because it was fixed before any result (not the stream with
-the best validation Dice), the paper's arm because the paper's text is the library's default recipe.
+the best validation Dice), the paper's arm because the paper's text is the library's default recipe. They are not
+the shipped pair: the previous round's student and control (``vm_ll_crd``, ``vm_ll_long``) score higher on the
+validation pairs (docs/models.md).
 
 Each becomes ``crd_jax/pretrained/<name>/`` (``model.json`` + ``params.msgpack``) with a ``shipped`` record:
 what it was trained and validated on, its grid, voxel size and orientation, the steps it trained and its

@@ -120,7 +120,7 @@ def test_partial_streams_are_reported_descriptively_with_the_diagnostics(tmp_pat
     [
         (0.02, "CRD supported"),
         (0.0, "CRD refuted in this regime"),
-        (-0.01, "CRD refuted in this regime: both upper bounds below +0.003; crd_paper scored below the control"),
+        (-0.01, "CRD refuted in this regime: both upper bounds below +0.003; crd_paper scored below the control (Holm"),
     ],
 )
 def test_five_streams_give_the_intervals_and_the_protocols_verdict(tmp_path, effect, verdict):
