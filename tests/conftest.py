@@ -63,3 +63,11 @@ def pytest_collection_modifyitems(config, items):
         if key in seen:
             item.add_marker(pytest.mark.slow)
         seen.add(key)
+# JAX's persistent compilation cache for the tests' own processes, in this session's folder (both xdist workers
+# share it): many tests build the same networks and steps under new jit wrappers, which the in-memory cache
+# cannot match; measured on test_training/test_models/test_losses/test_authors_variants: 16% less CPU time.
+# CRD_JAX_TEST_XLA_CACHE=0 turns it off (to time compilation, or to rule the cache out of a failure).
+if os.environ.get("CRD_JAX_TEST_XLA_CACHE", "1") != "0":
+    jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ["CRD_JAX_CACHE_DIR"], "xla-tests"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
