@@ -136,7 +136,8 @@ def render(result: dict, meta: dict) -> str:
         "S35-S40 (56 labels), float32 inference for every run. Protocol: `benchmarks/bf16_training.py` (docstring, "
         "written before the runs). Regenerate: `python benchmarks/bf16_training.py --data-root <lpba40>`.",
         "",
-        "| Seed | float32 Dice | bf16 Dice | bf16 - float32 | SD over pairs | train s (float32 / bf16) |",
+        "| Seed | float32 Dice | bf16 Dice | bf16 - float32 | SD over pairs "
+        "| Wall s per run, train + evaluation (float32 / bf16) |",
         "|---|---|---|---|---|---|",
     ]
     for s in SEEDS:

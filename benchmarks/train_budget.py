@@ -457,7 +457,8 @@ def render(rows, torch_rows, shape, batch, steps, repeats, conv, previous=None, 
         f"cores; crd-jax convolution: {conv}. Seconds per step, minimum of {repeats} rounds in which every "
         "function ran once in turn (one process); forward and backward: the stage's networks; loss: "
         "the full step minus the networks' forward + backward (warp, NCC 9^3, grad-L2 at the full resolution, "
-        "forward and backward, and Adam). Regenerate: `python benchmarks/train_budget.py`.",
+        "forward and backward, and Adam). Regenerate: `python benchmarks/train_budget.py"
+        + (" --bf16`." if any(r.get("precision") == "bf16" for r in rows) else "`."),
         "",
         f"| Stage | Forward (s) | Backward (s) | Loss (s) | Step (s) | Step / forward | Loss share | Hours per {steps:,} steps |",
         "|---|---|---|---|---|---|---|---|",

@@ -371,3 +371,30 @@ def _with(config, dotted, value):
     with c.ignore_type():
         c[section][field] = value
     return c
+
+
+# --- the Dice comparison's analysis (benchmarks/bf16_training.py), on made-up tables --------------------------
+
+
+def test_dice_analysis_follows_the_protocol():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bf16_training
+
+    pairs = [("a", "b"), ("b", "a"), ("a", "c")]
+    base = np.array([0.60, 0.62, 0.58])
+    tables = {
+        ("float32", 0): dict(zip(pairs, base)),
+        ("float32", 1): dict(zip(pairs, base + [0.010, 0.020, 0.000])),
+        ("bf16", 0): dict(zip(pairs, base + [0.002, -0.001, 0.002])),
+        ("bf16", 1): dict(zip(pairs, base + [0.010, 0.020, 0.000] + [-0.001, 0.000, 0.001])),
+    }
+    a = bf16_training.analyse(tables)
+    d0, d1 = np.array([0.002, -0.001, 0.002]), np.array([-0.001, 0.000, 0.001])
+    assert a["bf16_minus_float32"]["0"]["mean"] == pytest.approx(d0.mean())
+    assert a["bf16_minus_float32"]["1"]["sd"] == pytest.approx(d1.std(ddof=1))
+    assert a["mean_bf16_minus_float32"] == pytest.approx((d0.mean() + d1.mean()) / 2)
+    assert a["pairs_bf16_minus_float32"]["mean"] == pytest.approx(((d0 + d1) / 2).mean())
+    assert a["float32_seed1_minus_seed0"]["mean"] == pytest.approx(0.01)
+    assert a["within_noise"]  # smaller in the mean and in the spread than two float32 seeds
+    tables["bf16", 1] = dict(zip(pairs, base + 0.05))  # a gross effect
+    assert not bf16_training.analyse(tables)["within_noise"]
