@@ -5,6 +5,9 @@ backward and loss, and the hours that 10,000 steps per stage would take (issue 2
     python benchmarks/train_budget.py --quick          # 32^3, one repeat, no PyTorch (seconds; what the test runs)
     python benchmarks/train_budget.py --profile        # where a VM-L and a VM-H step spend their time
                                                        #   -> results/train_profile.{md,json}
+    python benchmarks/train_budget.py --bf16 --stages vm_h vm_l --no-torch --repeats 3
+                                                       # float32 and bfloat16 training (train.bf16) in the same
+                                                       #   rounds -> results/train_budget_bf16.{md,json}
 
 Stages (the 128^3 regime of the paper, n = 2): VM-H and VM-L (baselines, eq. 3 / eq. 5), S1 (resolution
 cooperative, eq. 6), FST (S2: fusion head on the frozen S1 backbone, eq. 7), S3 (distillation from the FST,
@@ -21,6 +24,11 @@ minimum over rounds: the machine may be shared):
 * backward: the gradient of that function minus its forward;
 * loss: the full training step minus the network forward + backward, i.e. the registration loss (warp, NCC,
   grad-L2 at the full resolution, forward and backward) and the optimizer update.
+
+``--bf16``: every stage twice, float32 and ``train.bf16`` (the step, its forward and its gradient traced inside
+``crd_jax.ops.conv.bf16_training``), timed in the same rounds, so their ratio is measured under the same load; the
+process's CPU seconds per call (all threads) are recorded beside the wall-clock seconds, a measure less exposed to
+other processes on a shared machine.
 
 PyTorch rows: the paper's VM written in plain PyTorch (``_child.torch_same_arch``, as ``peers.py``), the
 low-resolution model as trilinear down/up-sampling around it, NCC 9^3 as separable box sums (1-D convolutions,
@@ -153,8 +161,9 @@ def plan_pipeline(config, shape, batch, stages=STAGES):
     return plans
 
 
-def stage_functions(plan, config, steps: int):
-    """``{"forward", "network", "step"}``: jitted callables of no arguments (the step carries its own state)."""
+def stage_functions(plan, config, steps: int, bf16: bool = False):
+    """``{"forward", "network", "step"}``: jitted callables of no arguments (the step carries its own state);
+    ``bf16``: the step is ``train.bf16``'s (forward and network are traced in bfloat16 by :class:`StageTimer`)."""
     import jax
 
     from crd_jax.training import distributed
@@ -166,21 +175,24 @@ def stage_functions(plan, config, steps: int):
         network = jax.jit(jax.value_and_grad(lambda p, fr, b: loss_fn(p, fr, b)[0]))
     mesh = distributed.data_mesh()
     optimizer = make_optimizer(config.train, steps)
-    step = make_train_step(loss_fn, optimizer, mesh)
+    step = make_train_step(loss_fn, optimizer, mesh, bf16=bf16)
     return forward, network, step, optimizer, mesh
 
 
 class StageTimer:
     """The three functions of one stage, compiled, with the step's state carried from call to call."""
 
-    def __init__(self, name, plan, config, batch, steps, compiler_options=None, variant=None):
+    def __init__(self, name, plan, config, batch, steps, compiler_options=None, variant=None, bf16=False):
+        import importlib
+
         import jax
 
-        self.name, self.variant = name, variant
+        bf16_training = importlib.import_module("crd_jax.ops.conv").bf16_training
+        self.name, self.variant, self.bf16 = name, variant, bf16
         opts = compiler_options
-        forward, network, step, optimizer, mesh = stage_functions(plan, config, steps)
+        forward, network, step, optimizer, mesh = stage_functions(plan, config, steps, bf16)
         params, frozen = plan.init_params, plan.frozen
-        with ops_variant(None if variant == CACHED else variant):
+        with ops_variant(None if variant == CACHED else variant), bf16_training(bf16):
             with network_only():  # traced (and compiled) inside: the proxy is what they run
                 self.forward = forward.lower(params, frozen, batch).compile(opts)
                 self.network = network.lower(params, frozen, batch).compile(opts)
@@ -188,13 +200,14 @@ class StageTimer:
             self.step = step.lower(*self.state, frozen, batch).compile(opts)
         self.args = (params, frozen, batch)
         self.times = {"forward": [], "network": [], "step": []}
+        self.cpu_times = {"forward": [], "network": [], "step": []}  # process CPU seconds, all threads
         self.parameters = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
 
     def run(self, what: str) -> float:
         import jax
 
         params, frozen, batch = self.args
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         if what == "step":
             p, o, metrics = self.step(*self.state, frozen, batch)
             jax.block_until_ready((p, o, metrics))
@@ -203,15 +216,22 @@ class StageTimer:
             jax.block_until_ready(getattr(self, what)(params, frozen, batch))
         dt = time.perf_counter() - t
         self.times[what].append(dt)
+        self.cpu_times[what].append(time.process_time() - c)
         return dt
 
     def result(self) -> dict:
         best = {k: min(v) for k, v in self.times.items()}
+        cpu = {k: min(v) for k, v in self.cpu_times.items()}
         label = LABELS.get(self.name, self.name) + (f" ({self.variant})" if self.variant else "")
+        label += " [bf16]" if self.bf16 else ""
         return {
             "stage": self.name,
             "label": label,
             "variant": self.variant or "",
+            "precision": "bf16" if self.bf16 else "float32",
+            "forward_cpu_s": cpu["forward"],
+            "network_cpu_s": cpu["network"],
+            "step_cpu_s": cpu["step"],
             "parameters": self.parameters,
             "forward_s": best["forward"],
             "backward_s": max(best["network"] - best["forward"], 0.0),
@@ -258,26 +278,37 @@ def measure_jax(
     variants=(None,),
     teacher_cache=False,
     fusion="compact",
+    precisions=("float32",),
 ):
     config = pipeline_config(shape, batch=batch, fusion=fusion)
     batch_arrays = _batch(shape, batch, seed=1)
     plans = plan_pipeline(config, shape, batch, stages)
     timers = []
-    jobs = [(name, variant, plans[name], batch_arrays) for name in stages for variant in variants]
+    jobs = [
+        (name, variant, plans[name], batch_arrays, precision == "bf16")
+        for name in stages
+        for variant in variants
+        for precision in precisions
+    ]
     if teacher_cache and "vm_l_crd" in stages:
-        jobs.append(("vm_l_crd", CACHED, *cached_teacher_stage(plans["vm_l_crd"], batch_arrays)))
-    for name, variant, plan, arrays in jobs:
+        jobs.append(("vm_l_crd", CACHED, *cached_teacher_stage(plans["vm_l_crd"], batch_arrays), False))
+    for name, variant, plan, arrays, bf16 in jobs:
         t = time.perf_counter()
-        timers.append(StageTimer(name, plan, config, arrays, steps, compiler_options, variant))
+        timers.append(StageTimer(name, plan, config, arrays, steps, compiler_options, variant, bf16))
         for what in ("forward", "network", "step"):  # warm-up, not recorded
             timers[-1].run(what)
             timers[-1].times[what].clear()
-        log(f"[{name}{' ' + variant if variant else ''}] compiled and warmed up in {time.perf_counter() - t:.1f} s")
+            timers[-1].cpu_times[what].clear()
+        what = (" " + variant if variant else "") + (" bf16" if bf16 else "")
+        log(f"[{name}{what}] compiled and warmed up in {time.perf_counter() - t:.1f} s")
     for r in range(repeats):  # rounds: every stage's three functions once, in turn
         for timer in timers:
             for what in ("forward", "network", "step"):
                 timer.run(what)
-        log(f"round {r + 1}/{repeats}: " + ", ".join(f"{t.name} {t.times['step'][-1]:.2f}s" for t in timers))
+        log(
+            f"round {r + 1}/{repeats}: "
+            + ", ".join(f"{t.name}{' bf16' if t.bf16 else ''} {t.times['step'][-1]:.2f}s" for t in timers)
+        )
     return [t.result() for t in timers]
 
 
@@ -426,7 +457,8 @@ def render(rows, torch_rows, shape, batch, steps, repeats, conv, previous=None, 
         f"cores; crd-jax convolution: {conv}. Seconds per step, minimum of {repeats} rounds in which every "
         "function ran once in turn (one process); forward and backward: the stage's networks; loss: "
         "the full step minus the networks' forward + backward (warp, NCC 9^3, grad-L2 at the full resolution, "
-        "forward and backward, and Adam). Regenerate: `python benchmarks/train_budget.py`.",
+        "forward and backward, and Adam). Regenerate: `python benchmarks/train_budget.py"
+        + (" --bf16`." if any(r.get("precision") == "bf16" for r in rows) else "`."),
         "",
         f"| Stage | Forward (s) | Backward (s) | Loss (s) | Step (s) | Step / forward | Loss share | Hours per {steps:,} steps |",
         "|---|---|---|---|---|---|---|---|",
@@ -440,15 +472,15 @@ def render(rows, torch_rows, shape, batch, steps, repeats, conv, previous=None, 
         if r.get("variant") == CACHED:
             cached = r
         else:
-            total[r.get("variant", "")] = total.get(r.get("variant", ""), 0.0) + h
+            total[_total_key(r)] = total.get(_total_key(r), 0.0) + h
         lines.append(
             f"| {r['label']} | {r['forward_s']:.3f} | {r['backward_s']:.3f} | {r['loss_s']:.3f} | "
             f"{r['step_s']:.3f} | {r['step_s'] / r['forward_s']:.1f}x | {r['loss_s'] / r['step_s']:.0%} | {h:.1f} |"
         )
     for variant, h in total.items():
-        count = sum(1 for r in rows if r.get("variant", "") == variant and "error" not in r)
+        count = sum(1 for r in rows if _total_key(r) == variant and "error" not in r)
         lines.append(f"| **Pipeline ({count} stages{', ' + variant if variant else ''})** | | | | | | | **{h:.1f}** |")
-    s3 = next((r for r in rows if r["stage"] == "vm_l_crd" and r.get("variant", "") in ("", "after") and "error" not in r), None)
+    s3 = next((r for r in rows if r["stage"] == "vm_l_crd" and _total_key(r) in ("", "after") and "error" not in r), None)
     if cached is not None and s3 is not None:
         fill = cache_fill_hours(s3, cached)
         variant = s3.get("variant", "")
@@ -473,7 +505,7 @@ def render(rows, torch_rows, shape, batch, steps, repeats, conv, previous=None, 
             "| Model | Forward (s) | Backward (s) | Loss (s) | Step (s) | PyTorch / crd-jax step |",
             "|---|---|---|---|---|---|",
         ]
-        ours = {r["stage"]: r for r in rows if r.get("variant", "") in ("", "after")}
+        ours = {r["stage"]: r for r in rows if _total_key(r) in ("", "after")}
         for r in torch_rows:
             if "error" in r:
                 lines.append(f"| {r['label']} | failed: {r['error']} | | | | |")
@@ -484,7 +516,55 @@ def render(rows, torch_rows, shape, batch, steps, repeats, conv, previous=None, 
                 f"| {r['label']} | {r['forward_s']:.3f} | {r['backward_s']:.3f} | {r['loss_s']:.3f} | "
                 f"{r['step_s']:.3f} | {ratio} |"
             )
+    lines += render_bf16(rows)
     return "\n".join(lines) + "\n"
+
+
+def _total_key(row) -> str:
+    """The pipeline total a row adds to: its variant, and ``bf16`` for ``train.bf16``'s rows."""
+    bf16 = row.get("precision", "float32") == "bf16"
+    return (row.get("variant", "") + (" bf16" if bf16 else "")).strip()
+
+
+def bf16_pairs(rows):
+    """``[(float32 row, bf16 row)]``: the same stage and variant in both precisions (``--bf16``)."""
+    ok = [r for r in rows if "error" not in r]
+    f32 = {(r["stage"], r.get("variant", "")): r for r in ok if r.get("precision", "float32") == "float32"}
+    return [
+        (f32[(r["stage"], r.get("variant", ""))], r)
+        for r in ok
+        if r.get("precision") == "bf16" and (r["stage"], r.get("variant", "")) in f32
+    ]
+
+
+def render_bf16(rows) -> list:
+    """The ``--bf16`` table: bfloat16 / float32 seconds per step, forward and backward, wall clock and CPU."""
+    pairs = bf16_pairs(rows)
+    if not pairs:
+        return []
+    from crd_jax.ops import native
+
+    lines = [
+        "",
+        f"bfloat16 training (`train.bf16`, {native.describe_bf16() or 'no bf16 engine'}) against float32, timed in the "
+        "same rounds: ratios under 1 mean bfloat16 is faster. CPU: the process's CPU seconds per call (all threads; "
+        "the minimum over rounds), less exposed than wall clock to other processes on a shared machine. In float32, "
+        "stride-1 3^3 layers with 16k output channels run Winograd F(2x2x2, 3x3x3) (64 instead of 216 multiply-adds "
+        "per 8 outputs); the bfloat16 kernels are direct convolutions (twice the multiply-adds per instruction on "
+        "AVX512-BF16), so they take those layers off Winograd.",
+        "",
+        "| Stage | float32 step (s) | bf16 step (s) | Step bf16 / float32 | Forward bf16 / float32 | "
+        "Backward bf16 / float32 | float32 step CPU (s) | bf16 step CPU (s) | CPU bf16 / float32 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for a, b in pairs:
+        back = b["backward_s"] / a["backward_s"] if a["backward_s"] > 0 else float("nan")
+        lines.append(
+            f"| {a['label']} | {a['step_s']:.3f} | {b['step_s']:.3f} | {b['step_s'] / a['step_s']:.2f} | "
+            f"{b['forward_s'] / a['forward_s']:.2f} | {back:.2f} | {a.get('step_cpu_s', float('nan')):.2f} | "
+            f"{b.get('step_cpu_s', float('nan')):.2f} | {b.get('step_cpu_s', 0) / a.get('step_cpu_s', float('nan')):.2f} |"
+        )
+    return lines
 
 
 # --- profile: where a step's time goes --------------------------------------------------------------------
@@ -807,6 +887,11 @@ def main(argv=None):
         action="store_true",
         help="also S3 with its frozen teacher's outputs cached (train.teacher_cache_gb), and the pipeline's hours with it",
     )
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="every stage in float32 and with train.bf16, timed in the same rounds -> results/train_budget_bf16",
+    )
     p.add_argument("--torch-repeats", type=int, default=None)
     p.add_argument("--profile", action="store_true", help="the attribution tables -> results/train_profile.{md,json}")
     p.add_argument("--render-profile", type=Path, metavar="JSON", help="rebuild the profile's tables from its JSON")
@@ -828,6 +913,9 @@ def main(argv=None):
         return 0
     from crd_jax.ops import native
 
+    if args.bf16 and not native.has_bf16():
+        print("error: --bf16: this CPU has neither AVX512-BF16 nor AMX (or the native kernel is off)", file=sys.stderr)
+        return 2
     conv = native.describe()
     t = time.perf_counter()
     rows = measure_jax(
@@ -840,6 +928,7 @@ def main(argv=None):
         variants=("before", "after") if args.before_after else (None,),
         teacher_cache=args.teacher_cache,
         fusion=args.fusion,
+        precisions=("float32", "bf16") if args.bf16 else ("float32",),
     )
     print(f"measured in {time.perf_counter() - t:.0f} s")
     torch_rows = []
@@ -863,19 +952,30 @@ def main(argv=None):
         "rows": rows,
         "torch_rows": torch_rows,
         "pipeline_hours": {
-            v or "": sum(hours(r["step_s"], args.steps) for r in rows if "error" not in r and r.get("variant", "") == (v or ""))
-            for v in (("before", "after") if args.before_after else (None,))
+            key: sum(hours(r["step_s"], args.steps) for r in rows if "error" not in r and _total_key(r) == key)
+            for key in dict.fromkeys(_total_key(r) for r in rows if r.get("variant") != CACHED)
         },
+        "bf16_ratios": [
+            {
+                "stage": a["stage"],
+                "variant": a.get("variant", ""),
+                "step": b["step_s"] / a["step_s"],
+                "forward": b["forward_s"] / a["forward_s"],
+                "step_cpu": b["step_cpu_s"] / a["step_cpu_s"],
+            }
+            for a, b in bf16_pairs(rows)
+        ],
+        "bf16_engine": native.describe_bf16(),
     }
     cached = [r for r in rows if r.get("variant") == CACHED and "error" not in r]
-    s3 = [r for r in rows if r["stage"] == "vm_l_crd" and r.get("variant", "") in ("", "after") and "error" not in r]
+    s3 = [r for r in rows if r["stage"] == "vm_l_crd" and _total_key(r) in ("", "after") and "error" not in r]
     if cached and s3:
         fill = cache_fill_hours(s3[0], cached[0])
         key = s3[0].get("variant", "")
         payload["pipeline_hours"][f"{key} with S3's teacher cached".strip()] = (
             payload["pipeline_hours"][key] - hours(s3[0]["step_s"], args.steps) + hours(cached[0]["step_s"], args.steps) + fill
         )
-    write(args.out or HERE / "results" / "train_budget", payload, md)
+    write(args.out or HERE / "results" / ("train_budget_bf16" if args.bf16 else "train_budget"), payload, md)
     return 0
 
 

@@ -118,6 +118,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.teacher_cache_gb = 4.0
     # ... or, when they do not fit in memory, on disk in <workdir>/teacher_cache/ (up to this many GB; 0: never)
     c.train.teacher_cache_disk_gb = 0.0
+    # opt-in bfloat16 training on CPUs with AVX512-BF16 or AMX: the train step's convolutions (forward passes and
+    # input gradients) round inputs and weights to bfloat16 with float32 sums; weight gradients, loss, parameters
+    # and Adam stay float32; validation and inference stay float32. Refused elsewhere (docs/training.md).
+    c.train.bf16 = False
 
     # --- the scheme: stages in order (Section III, Fig. 2) --------------------------------------------
     steps = 500_000

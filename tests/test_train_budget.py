@@ -36,6 +36,22 @@ def test_quick_run_with_the_teacher_cache_adds_the_cached_s3_row_and_its_pipelin
     assert "**Pipeline, S3's teacher cached** (+" in text
 
 
+@pytest.mark.slow
+def test_quick_run_with_bf16_times_both_precisions_in_the_same_rounds(tmp_path):
+    from crd_jax.ops import native
+
+    if not native.has_bf16():
+        pytest.skip("the CPU has neither AVX512-BF16 nor AMX (or no native kernel)")
+    payload, text = run_benchmark("train_budget.py", tmp_path / "budget", "--quick", "--stages", "vm_l", "--bf16")
+    f32, b16 = payload["rows"]
+    assert (f32["precision"], b16["precision"]) == ("float32", "bf16") and f32["runs"] == b16["runs"]
+    (ratio,) = payload["bf16_ratios"]
+    assert ratio["step"] == pytest.approx(b16["step_s"] / f32["step_s"])
+    assert ratio["step_cpu"] == pytest.approx(b16["step_cpu_s"] / f32["step_cpu_s"])
+    assert set(payload["pipeline_hours"]) == {"", "bf16"}
+    assert "| VM-L [bf16] |" in text and "Step bf16 / float32" in text
+
+
 def test_network_only_proxy_replaces_the_registration_loss_and_restores_it():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import jax.numpy as jnp

@@ -21,9 +21,11 @@ correlation on the coarse grid (:func:`coarse_tap_matrix`), 0.30 of the fine wor
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
-from typing import Optional, Sequence, Tuple, Union
+from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -119,10 +121,32 @@ def bf16_inference(enabled: Optional[bool] = None) -> bool:
     return _settings.setdefault("bf16", os.environ.get("CRD_JAX_CONV_BF16", "0") == "1")
 
 
-def _bf16_for(w, inference: bool) -> bool:
-    """Whether a native forward with weights ``w`` runs in bfloat16: inference only, opted in, on a CPU with
-    AVX512-BF16; the 3-channel flow head keeps float32 (and its own kernel): a small share of the work."""
-    return inference and w.shape[-1] >= 8 and bf16_inference() and native.has_bf16()
+_training_bf16 = contextvars.ContextVar("crd_jax_bf16_training", default=False)
+
+
+@contextlib.contextmanager
+def bf16_training(enabled: bool = True) -> Iterator[None]:
+    """Opt-in bfloat16 training (``config.train.bf16``): the convolutions *traced inside the block* run their
+    forward passes and their input gradients (native forward convolutions of the output gradient with flipped
+    weights) with inputs and weights rounded to bfloat16 and float32 sums, on CPUs with AVX512-BF16 or AMX.
+    Weight gradients, bias gradients and everything outside the convolutions stay float32, and so do the
+    parameters and optimizer state the caller keeps. The setting is read when :func:`conv` /
+    :func:`conv_upsampled_concat` are traced and travels with each call as a static argument of its custom VJP
+    (so a backward pass traced later, and JAX's caches, see the value of its forward); nothing outside the block
+    changes: inference and other jitted functions stay float32. The train step opens it
+    (:func:`crd_jax.training.loop.make_train_step`); callers check :func:`crd_jax.ops.native.has_bf16` first
+    (on other CPUs the block changes nothing: the kernels' float32 path runs)."""
+    token = _training_bf16.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _training_bf16.reset(token)
+
+
+def _bf16_for(w, wanted: bool) -> bool:
+    """Whether a native forward with weights ``w`` (``(*k, C_in, C_out)``) runs in bfloat16: asked for, on a CPU
+    with AVX512-BF16; the 3-channel flow head keeps float32 (and its own kernel): a small share of the work."""
+    return bool(wanted) and w.shape[-1] >= 8 and native.has_bf16()
 
 
 def _pairs_as_float32(a):
@@ -202,12 +226,13 @@ def _phase_taps(k: int, s: int, p: int, r: int):
     return [offsets.get(d) for d in range(lo, hi + 1)], -lo
 
 
-def _native_input_grad_strided(dz, w, x_shape, stride, padding):
+def _native_input_grad_strided(dz, w, x_shape, stride, padding, bf16=False):
     """Input gradient of a strided convolution by polyphase decomposition.
 
     Each residue class of input positions modulo the stride receives a stride-1 correlation of ``dz`` with
     a sub-kernel of ``w`` (flipped and transposed), so the work is the useful work of a transposed
     convolution, with no multiplications by inserted zeros. The class outputs are interleaved at the end.
+    ``bf16``: the correlations round ``dz`` and the weights to bfloat16 (bfloat16 training).
     """
     ndim = dz.ndim - 2
     kernel = w.shape[:ndim]
@@ -230,7 +255,9 @@ def _native_input_grad_strided(dz, w, x_shape, stride, padding):
         start = tuple(max(-lo, 0) for _, lo in per_axis)
         dz_r = dz[(slice(None), *(slice(s0, None) for s0 in start))] if any(start) else dz
         pads = tuple((max(lo, 0), 0) for _, lo in per_axis)
-        outs.append(_native_forward(dz_r, sub, zero_bias, (1,) * ndim, pads, None, out_spatial=tuple(blocks)))
+        outs.append(
+            _native_forward(dz_r, sub, zero_bias, (1,) * ndim, pads, None, out_spatial=tuple(blocks), bf16=_bf16_for(sub, bf16))
+        )
     # outs[residue] holds x[s * m + r]; interleave (B, m..., C) blocks into (B, m0, s0, m1, s1, ..., C).
     stacked = jnp.stack(outs, axis=0).reshape(*stride, dz.shape[0], *blocks, cin)
     order = [ndim] + [a for i in range(ndim) for a in (ndim + 1 + i, i)] + [2 * ndim + 1]
@@ -251,19 +278,23 @@ def _on_cpu(native_fn, reference_fn, *args):
     return lax.platform_dependent(*args, cpu=native_fn, default=reference_fn)
 
 
-def _forward(x, w, b, stride, padding, negative_slope, inference=False):
+def _forward(x, w, b, stride, padding, negative_slope, bf16=False):
+    """``bf16``: asked for bfloat16 (inference or training); :func:`_bf16_for` decides per layer."""
+
     def reference(x, w, b):
         return _activate(_lax_conv(x, w, stride, padding) + b, negative_slope)
 
     if not _use_native(x):
         return reference(x, w, b)
     native_fn = functools.partial(
-        _native_forward, stride=stride, padding=padding, negative_slope=negative_slope, bf16=_bf16_for(w, inference)
+        _native_forward, stride=stride, padding=padding, negative_slope=negative_slope, bf16=_bf16_for(w, bf16)
     )
     return _on_cpu(native_fn, reference, x, w, b)
 
 
-def _input_grad(dz, w, x_shape, stride, padding):
+def _input_grad(dz, w, x_shape, stride, padding, bf16=False):
+    """The input gradient: a native forward convolution of ``dz`` with flipped, transposed weights (polyphase
+    for strides); ``bf16`` (bfloat16 training) rounds ``dz`` and the weights to bfloat16, float32 sums."""
     ndim = dz.ndim - 2
     kernel_shape = w.shape[:ndim]
 
@@ -276,10 +307,11 @@ def _input_grad(dz, w, x_shape, stride, padding):
 
     def native_fn(dz, w):
         if any(s != 1 for s in stride):
-            return _native_input_grad_strided(dz, w, x_shape, stride, padding)
+            return _native_input_grad_strided(dz, w, x_shape, stride, padding, bf16)
         zero_bias = jnp.zeros((w.shape[-2],), dz.dtype)
         tpad = _transposed_padding(kernel_shape, padding)
-        return _native_forward(dz, _flip_transpose(w), zero_bias, stride, tpad, None)
+        wt = _flip_transpose(w)
+        return _native_forward(dz, wt, zero_bias, stride, tpad, None, bf16=_bf16_for(wt, bf16))
 
     return _on_cpu(native_fn, reference, dz, w)
 
@@ -296,23 +328,25 @@ def _weight_grad(x, dz, kernel_shape, stride, padding):
     return _on_cpu(native_fn, reference, x, dz)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _conv(x, w, b, stride, padding, negative_slope):
-    return _forward(x, w, b, stride, padding, negative_slope, inference=True)  # not differentiated
+# ``train_bf16``: the value of :func:`bf16_training` where the call was traced (static, so caches tell them apart)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _conv(x, w, b, stride, padding, negative_slope, train_bf16):
+    # not differentiated: inference, or a frozen network inside a train step
+    return _forward(x, w, b, stride, padding, negative_slope, bf16=train_bf16 or bf16_inference())
 
 
-def _conv_fwd(x, w, b, stride, padding, negative_slope):
-    y = _forward(x, w, b, stride, padding, negative_slope)
+def _conv_fwd(x, w, b, stride, padding, negative_slope, train_bf16):
+    y = _forward(x, w, b, stride, padding, negative_slope, bf16=train_bf16)
     return y, (x, w, y if negative_slope is not None else None)
 
 
-def _conv_bwd(stride, padding, negative_slope, residuals, dy):
+def _conv_bwd(stride, padding, negative_slope, train_bf16, residuals, dy):
     x, w, y = residuals
     ndim = x.ndim - 2
     dz = dy if negative_slope is None else jnp.where(y >= 0, dy, negative_slope * dy)
     db = jnp.sum(dz, axis=tuple(range(ndim + 1)))
     dw = _weight_grad(x, dz, w.shape[:ndim], stride, padding)
-    dx = _input_grad(dz, w, x.shape, stride, padding)
+    dx = _input_grad(dz, w, x.shape, stride, padding, bf16=train_bf16)
     return dx, dw.astype(w.dtype), db.astype(w.dtype)
 
 
@@ -343,7 +377,8 @@ def conv(
         raise ValueError(f"conv expects 2-D or 3-D channels-last input and a matching kernel, got {x.shape}, {w.shape}")
     _check_slope(negative_slope)
     padding = default_padding(w.shape[:ndim]) if padding is None else tuple(tuple(int(v) for v in p) for p in padding)
-    return _conv(x, w, b, _tuple(stride, ndim), padding, None if negative_slope is None else float(negative_slope))
+    slope = None if negative_slope is None else float(negative_slope)
+    return _conv(x, w, b, _tuple(stride, ndim), padding, slope, _training_bf16.get())
 
 
 # --- the decoder's conv(concat([upsample_nearest(low), skip])) ----------------------------------------
@@ -373,25 +408,23 @@ def _native_upcat_forward(low, skip, w, b, padding, negative_slope, bf16=False):
     return y[:, 0] if squeeze else y
 
 
-def _upcat_forward(low, skip, w, b, padding, negative_slope, inference=False):
+def _upcat_forward(low, skip, w, b, padding, negative_slope, bf16=False):
     stride = (1,) * (skip.ndim - 2)
 
     def reference(low, skip, w, b):
         return _activate(_lax_conv(_upsampled_concat(low, skip), w, stride, padding) + b, negative_slope)
 
-    native_fn = functools.partial(
-        _native_upcat_forward, padding=padding, negative_slope=negative_slope, bf16=_bf16_for(w, inference)
-    )
+    native_fn = functools.partial(_native_upcat_forward, padding=padding, negative_slope=negative_slope, bf16=_bf16_for(w, bf16))
     return _on_cpu(native_fn, reference, low, skip, w, b)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _upcat_conv(low, skip, w, b, padding, negative_slope):
-    return _upcat_forward(low, skip, w, b, padding, negative_slope, inference=True)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _upcat_conv(low, skip, w, b, padding, negative_slope, train_bf16):
+    return _upcat_forward(low, skip, w, b, padding, negative_slope, bf16=train_bf16 or bf16_inference())
 
 
-def _upcat_conv_fwd(low, skip, w, b, padding, negative_slope):
-    y = _upcat_forward(low, skip, w, b, padding, negative_slope)
+def _upcat_conv_fwd(low, skip, w, b, padding, negative_slope, train_bf16):
+    y = _upcat_forward(low, skip, w, b, padding, negative_slope, bf16=train_bf16)
     return y, (low, skip, w, y if negative_slope is not None else None)
 
 
@@ -433,11 +466,11 @@ def _coarse_fits(low, skip) -> bool:
     return all(2 * l == s for l, s in zip(low.shape[1:-1], skip.shape[1:-1]))
 
 
-def _coarse_upsampled_grads(low, dz, w_low, padding):
+def _coarse_upsampled_grads(low, dz, w_low, padding, bf16=False):
     """Input and weight gradients of ``conv(up(low), w_low)`` (stride 1, the skip exactly twice ``low``'s grid)
     from the coarse grid: see :func:`coarse_tap_matrix`. One native stride-2 correlation (``(k+1)^d`` taps on
     ``low``'s grid: ``(k+1)^d / (2^d k^d)`` of the fine work, 0.30 for 3^3) and one native weight gradient of the
-    same size; ``lax`` on other platforms."""
+    same size; ``lax`` on other platforms. ``bf16``: the correlation (an input gradient) in bfloat16."""
     ndim = low.ndim - 2
     kernel = w_low.shape[:ndim]
     mats = [jnp.asarray(coarse_tap_matrix(k)) for k in kernel]
@@ -458,7 +491,9 @@ def _coarse_upsampled_grads(low, dz, w_low, padding):
         spec = ",".join(f"{a}{t}" for a, t in zip(letters, fine)) + f",{fine}io->{letters}oi"
         w_coarse = jnp.einsum(spec, *mats, w_low)
         zero_bias = jnp.zeros((w_low.shape[-2],), dz.dtype)
-        dlow = _native_forward(dz, w_coarse, zero_bias, (2,) * ndim, coarse_pad, None, out_spatial=low.shape[1:-1])
+        dlow = _native_forward(
+            dz, w_coarse, zero_bias, (2,) * ndim, coarse_pad, None, out_spatial=low.shape[1:-1], bf16=_bf16_for(w_coarse, bf16)
+        )
         g = _native_weight_grad(dz, low, tuple(k + 1 for k in kernel), (2,) * ndim, coarse_pad)  # (..., Co, Ci_low)
         spec = ",".join(f"{a}{t}" for a, t in zip(letters, fine)) + f",{letters}oi->{fine}io"
         return dlow, jnp.einsum(spec, *mats, g)
@@ -466,7 +501,7 @@ def _coarse_upsampled_grads(low, dz, w_low, padding):
     return _on_cpu(native_fn, reference, low, dz, w_low)
 
 
-def _upcat_conv_bwd(padding, negative_slope, residuals, dy):
+def _upcat_conv_bwd(padding, negative_slope, train_bf16, residuals, dy):
     low, skip, w, y = residuals
     ndim = skip.ndim - 2
     stride = (1,) * ndim
@@ -474,15 +509,15 @@ def _upcat_conv_bwd(padding, negative_slope, residuals, dy):
         # The weight gradient needs the concatenated input: materialised here (an odd skip size crops the
         # upsampled grid, which the coarse formulation does not model).
         x, concat_vjp = jax.vjp(_upsampled_concat, low, skip)
-        dx, dw, db = _conv_bwd(stride, padding, negative_slope, (x, w, y), dy)
+        dx, dw, db = _conv_bwd(stride, padding, negative_slope, train_bf16, (x, w, y), dy)
         dlow, dskip = concat_vjp(dx)
         return dlow, dskip, dw, db
     dz = dy if negative_slope is None else jnp.where(y >= 0, dy, negative_slope * dy)
     db = jnp.sum(dz, axis=tuple(range(ndim + 1)))
     cl = low.shape[-1]
     w_low, w_skip = w[..., :cl, :], w[..., cl:, :]
-    dlow, dw_low = _coarse_upsampled_grads(low, dz, w_low, padding)
-    dskip = _input_grad(dz, w_skip, skip.shape, stride, padding)  # dropped by XLA when the skip is data
+    dlow, dw_low = _coarse_upsampled_grads(low, dz, w_low, padding, bf16=train_bf16)
+    dskip = _input_grad(dz, w_skip, skip.shape, stride, padding, bf16=train_bf16)  # dropped by XLA when the skip is data
     dw_skip = _weight_grad(skip, dz, w.shape[:ndim], stride, padding)
     dw = jnp.concatenate([dw_low, dw_skip], axis=-2)
     return dlow, dskip, dw.astype(w.dtype), db.astype(w.dtype)
@@ -515,4 +550,4 @@ def conv_upsampled_concat(
     slope = None if negative_slope is None else float(negative_slope)
     if not (_use_native(skip) and low.dtype == jnp.float32):
         return conv(_upsampled_concat(low, skip), w, b, padding=padding, negative_slope=slope)
-    return _upcat_conv(low, skip, w, b, padding, slope)
+    return _upcat_conv(low, skip, w, b, padding, slope, _training_bf16.get())

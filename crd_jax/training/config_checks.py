@@ -66,6 +66,10 @@ def _shape(lo: int, hi: int, allow_empty: bool) -> Callable[[Any], str]:
     return check
 
 
+def _boolean(v) -> str:
+    return "" if isinstance(v, bool) else f"must be True or False, got {v!r}"
+
+
 def _percentiles(v) -> str:
     try:
         lo, hi = (float(x) for x in v)
@@ -109,6 +113,7 @@ CHECKS: List[Tuple[str, Callable[[Any], str]]] = [
     ("train.max_steps", _integer(-(10**12))),
     ("train.teacher_cache_gb", _real(0.0, 1e6)),
     ("train.teacher_cache_disk_gb", _real(0.0, 1e9)),
+    ("train.bf16", _boolean),
     ("loss.reg_weight", _real(0.0, 1e6)),
     ("loss.ncc_window", _integer(1, 99)),
     ("loss.similarity", _similarity),
@@ -150,6 +155,28 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         problem = _similarity(own) if own is not _MISSING else ""
         if problem:
             raise InputError(f"config.stages.{name}.loss.similarity", problem)
+
+
+def check_bf16_training(config: ml_collections.ConfigDict) -> None:
+    """``train.bf16 = True`` needs the native CPU kernel on a CPU with AVX512-BF16 or AMX (it runs the bfloat16
+    convolutions): elsewhere (a GPU, another CPU, the kernel off) the run is refused with one line rather than
+    silently trained in float32 under a bfloat16 label."""
+    if _get(config, "train.bf16") is not True:
+        return
+    import jax
+
+    from crd_jax.ops import native
+
+    backend = jax.default_backend()
+    if backend != "cpu":
+        problem = f"bfloat16 training runs on the native CPU kernel; this run's devices are {backend}"
+    elif not native.available():
+        problem = "bfloat16 training needs the native CPU kernel, which is not available here (crd-jax build-kernel)"
+    elif not native.has_bf16():
+        problem = "bfloat16 training needs a CPU with AVX512-BF16 or AMX; this CPU has neither"
+    else:
+        return
+    raise InputError("config.train.bf16", problem + ": leave train.bf16 False (float32 training)")
 
 
 def check_training_split(train_ds: Sized) -> None:

@@ -54,9 +54,17 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict, steps: int) -> optax.Gr
     return optax.chain(optax.clip_by_global_norm(clip), adam) if clip > 0 else adam
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh) -> Callable:
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh, bf16: bool = False) -> Callable:
+    """The jitted step ``(params, opt_state, frozen, batch) -> (params, opt_state, metrics)``. ``bf16``
+    (``config.train.bf16``): the loss and its gradient are traced inside :func:`crd_jax.ops.conv.bf16_training`,
+    so the convolutions' forward passes and input gradients round to bfloat16 with float32 sums; the weight
+    gradients, the loss, the parameters and Adam's state stay float32 (the caller checks the CPU first:
+    :func:`crd_jax.training.config_checks.check_bf16_training`)."""
+    from crd_jax.ops.conv import bf16_training
+
     def per_device(params, opt_state, frozen, batch):
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch)
+        with bf16_training(bf16):  # read while this function is traced, i.e. inside jit: this step only
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch)
         grads = jax.lax.pmean(grads, distributed.DATA)
         metrics = jax.lax.pmean({"loss": loss, **aux}, distributed.DATA)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -175,7 +183,15 @@ def train_stage(
     params = distributed.replicate(mesh, state["params"])
     opt_state = distributed.replicate(mesh, state["opt_state"])
     frozen = distributed.replicate(mesh, run.frozen)
-    step_fn = make_train_step(run.loss_fn, optimizer, mesh)
+    bf16 = bool(tc.get("bf16", False))
+    if bf16:
+        from crd_jax.ops import native
+
+        logger.info(
+            f"[{run.name}] bfloat16 training ({native.describe_bf16()}): convolutions' forward passes and input "
+            "gradients in bfloat16 with float32 sums; weight gradients, loss, parameters and Adam in float32"
+        )
+    step_fn = make_train_step(run.loss_fn, optimizer, mesh, bf16=bf16)
 
     log_every, ckpt_every = max(1, int(tc.log_every)), max(1, int(tc.checkpoint_every))
     eval_every = int(tc.eval_every)

@@ -192,9 +192,10 @@ def network_multiple(config: ml_collections.ConfigDict) -> int:
 
 def check_run_config(config: ml_collections.ConfigDict, workdir: Path) -> Dict[str, stage_kinds.StageConfig]:
     """What can be checked before anything is read or written: one-line errors for bad values."""
-    from crd_jax.training.config_checks import check_values
+    from crd_jax.training.config_checks import check_bf16_training, check_values
 
     check_values(config)  # lr finite and positive, shapes and factors sane, ...
+    check_bf16_training(config)  # train.bf16 only where the CPU runs bfloat16
     batch = config.train.batch_size
     if not isinstance(batch, int) or batch < 1:
         raise InputError("config.train.batch_size", f"must be a positive integer, got {batch!r}")
