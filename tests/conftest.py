@@ -63,6 +63,8 @@ def pytest_collection_modifyitems(config, items):
         if key in seen:
             item.add_marker(pytest.mark.slow)
         seen.add(key)
+
+
 # JAX's persistent compilation cache for the tests' own processes, in this session's folder (both xdist workers
 # share it): many tests build the same networks and steps under new jit wrappers, which the in-memory cache
 # cannot match; measured on test_training/test_models/test_losses/test_authors_variants: 16% less CPU time.
