@@ -11,16 +11,33 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_quick_run_writes_the_split_and_the_projected_hours(tmp_path):
-    payload, text = run_benchmark("train_budget.py", tmp_path / "budget", "--quick", "--stages", "vm_l")
+def test_quick_run_writes_the_split_and_the_projected_hours_and_with_bf16_both_precisions(tmp_path):
+    """One process: the float32 table, and where the CPU runs bfloat16 (AVX512-BF16 or AMX), ``--bf16``'s rows
+    timed in the same rounds."""
+    from crd_jax.ops import native
+
+    bf16 = native.has_bf16()
+    payload, text = run_benchmark(
+        "train_budget.py", tmp_path / "budget", "--quick", "--stages", "vm_l", *(["--bf16"] if bf16 else [])
+    )
     assert payload["shape"] == [32, 32, 32] and payload["torch_rows"] == []
-    (row,) = payload["rows"]
+    row = payload["rows"][0]
     assert row["stage"] == "vm_l" and row["parameters"] > 0
     for key in ("forward_s", "backward_s", "loss_s", "step_s", "network_s"):
         assert row[key] >= 0.0
     assert row["step_s"] > 0 and row["network_s"] >= row["forward_s"]
     assert abs(payload["pipeline_hours"][""] - row["step_s"] * 10_000 / 3600) < 1e-9
     assert "| VM-L |" in text and "Hours per 10,000 steps" in text and "**Pipeline (1 stages)**" in text
+    if not bf16:
+        assert len(payload["rows"]) == 1
+        return
+    f32, b16 = payload["rows"]
+    assert (f32["precision"], b16["precision"]) == ("float32", "bf16") and f32["runs"] == b16["runs"]
+    (ratio,) = payload["bf16_ratios"]
+    assert ratio["step"] == pytest.approx(b16["step_s"] / f32["step_s"])
+    assert ratio["step_cpu"] == pytest.approx(b16["step_cpu_s"] / f32["step_cpu_s"])
+    assert set(payload["pipeline_hours"]) == {"", "bf16"}
+    assert "| VM-L [bf16] |" in text and "Step bf16 / float32" in text
 
 
 @pytest.mark.slow
@@ -34,22 +51,6 @@ def test_quick_run_with_the_teacher_cache_adds_the_cached_s3_row_and_its_pipelin
     expected = cached["step_s"] * 10_000 / 3600 + fill  # the one stage's hours, S3 replaced by its cached step
     assert abs(payload["pipeline_hours"]["with S3's teacher cached"] - expected) < 1e-9
     assert "**Pipeline, S3's teacher cached** (+" in text
-
-
-@pytest.mark.slow
-def test_quick_run_with_bf16_times_both_precisions_in_the_same_rounds(tmp_path):
-    from crd_jax.ops import native
-
-    if not native.has_bf16():
-        pytest.skip("the CPU has neither AVX512-BF16 nor AMX (or no native kernel)")
-    payload, text = run_benchmark("train_budget.py", tmp_path / "budget", "--quick", "--stages", "vm_l", "--bf16")
-    f32, b16 = payload["rows"]
-    assert (f32["precision"], b16["precision"]) == ("float32", "bf16") and f32["runs"] == b16["runs"]
-    (ratio,) = payload["bf16_ratios"]
-    assert ratio["step"] == pytest.approx(b16["step_s"] / f32["step_s"])
-    assert ratio["step_cpu"] == pytest.approx(b16["step_cpu_s"] / f32["step_cpu_s"])
-    assert set(payload["pipeline_hours"]) == {"", "bf16"}
-    assert "| VM-L [bf16] |" in text and "Step bf16 / float32" in text
 
 
 def test_network_only_proxy_replaces_the_registration_loss_and_restores_it():
