@@ -63,9 +63,6 @@ def pytest_collection_modifyitems(config, items):
         if key in seen:
             item.add_marker(pytest.mark.slow)
         seen.add(key)
-    # the slow tests first (stable, so each file's tests keep their order): xdist's workers then end the run on
-    # quick tests that they can share, instead of one worker finishing a 50-s test while the other waits
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 # JAX's persistent compilation cache for the tests' own processes, in this session's folder (both xdist workers
