@@ -157,8 +157,15 @@ def test_conv_gradients_match_lax_with_bf16_rounding(xshape, cout, stride, slope
 
 
 @needs_bf16
-@pytest.mark.parametrize("mode", ["coarse", "concat"])
-@pytest.mark.parametrize("low_shape,cl,cs,cout", [((4, 5, 6), 32, 2, 16), ((3, 5, 4), 16, 16, 32), ((5, 7), 32, 16, 32)])
+@pytest.mark.parametrize(
+    "low_shape,cl,cs,cout,mode",
+    [
+        ((4, 5, 6), 32, 2, 16, "coarse"),
+        ((3, 5, 4), 16, 16, 32, "concat"),
+        ((5, 7), 32, 16, 32, "coarse"),
+        ((5, 7), 32, 16, 32, "concat"),
+    ],
+)
 def test_upcat_conv_gradients_match_lax_with_bf16_rounding(low_shape, cl, cs, cout, mode, upcat_mode):
     upcat_mode(mode)
     nd = len(low_shape)
