@@ -299,6 +299,29 @@ def test_train_step_keeps_float32_state_lowers_bf16_only_in_the_step_and_the_los
     assert not conv_mod.bf16_inference()
 
 
+def test_s3_teacher_targets_stay_float32_inside_a_bf16_step():
+    """The frozen teacher run inside the step (no teacher cache) keeps float32 kernels, so its targets equal the
+    cache's (filled outside the step in float32), whichever a resumed run uses; the student's convolutions in
+    the same block run bfloat16."""
+    from crd_jax.training.distill import make_loss
+
+    _, params, model, (moving, fixed) = _vm_loss_and_params()
+    dl = make_loss(model, model, terms=())
+    batch = {"moving": moving, "fixed": fixed}
+
+    def lowered(fn):
+        def run(p):
+            with conv_mod.bf16_training(True):
+                return fn(p)
+
+        return jax.jit(run).lower(params).as_text()
+
+    teacher = lowered(lambda p: dl.teacher_output(p, batch).disp)
+    student = lowered(lambda p: model.apply(p, moving, fixed).disp)
+    assert "bf16 = 1" not in teacher and "bf16 = 0" in teacher
+    assert ("bf16 = 1" in student) == native.has_bf16()
+
+
 def test_the_setting_is_scoped_to_its_block_and_static_in_the_trace():
     x, w, b = _rng_arrays(6, (1, 6, 6, 6, 16), (3, 3, 3, 16, 16), (16,))
     with conv_mod.bf16_training():

@@ -132,8 +132,9 @@ def bf16_training(enabled: bool = True) -> Iterator[None]:
     Weight gradients, bias gradients and everything outside the convolutions stay float32, and so do the
     parameters and optimizer state the caller keeps. The setting is read when :func:`conv` /
     :func:`conv_upsampled_concat` are traced and travels with each call as a static argument of its custom VJP
-    (so a backward pass traced later, and JAX's caches, see the value of its forward); nothing outside the block
-    changes: inference and other jitted functions stay float32. The train step opens it
+    (so a backward pass traced later sees the value of its forward). ``jax.jit`` does not key its cache on it:
+    a jitted function first traced inside the block keeps bfloat16 when called outside, and the reverse, so
+    open the block inside the traced function (as the train step does), not around calls of a jitted one. The train step opens it
     (:func:`crd_jax.training.loop.make_train_step`); callers check :func:`crd_jax.ops.native.has_bf16` first
     (on other CPUs the block changes nothing: the kernels' float32 path runs)."""
     token = _training_bf16.set(bool(enabled))

@@ -222,7 +222,12 @@ class DistillLoss:
         if self.teacher_tree is not None:
             leaves = [batch[cached_key(i)] for i in range(self.teacher_tree.num_leaves)]
             return jax.tree_util.tree_unflatten(self.teacher_tree, leaves)
-        return jax.lax.stop_gradient(self.teacher.apply(frozen, batch["moving"], batch["fixed"]))
+        from crd_jax.ops.conv import bf16_training
+
+        # float32 under train.bf16 too: the targets must not depend on whether the teacher cache (filled outside
+        # the step, in float32) is on, which may change between resumes
+        with bf16_training(False):
+            return jax.lax.stop_gradient(self.teacher.apply(frozen, batch["moving"], batch["fixed"]))
 
     def with_cached_teacher(self, teacher_tree: jax.tree_util.PyTreeDef) -> "DistillLoss":
         """The same loss reading the teacher's outputs (structure ``teacher_tree``) from the batch."""
