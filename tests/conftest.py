@@ -69,7 +69,13 @@ def pytest_collection_modifyitems(config, items):
 # share it): many tests build the same networks and steps under new jit wrappers, which the in-memory cache
 # cannot match; measured on test_training/test_models/test_losses/test_authors_variants: 16% less CPU time.
 # CRD_JAX_TEST_XLA_CACHE=0 turns it off (to time compilation, or to rule the cache out of a failure).
-if os.environ.get("CRD_JAX_TEST_XLA_CACHE", "1") != "0":
-    jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ["CRD_JAX_CACHE_DIR"], "xla-tests"))
+# A fresh folder for each session (set once by the controller, inherited by the workers): entries left by an
+# earlier session would turn first compilations into cache hits, which the trace-count tests would see.
+if os.environ.get("CRD_JAX_TEST_XLA_CACHE", "1") != "0" and os.environ["CRD_JAX_CACHE_DIR"] != "off":
+    if "CRD_JAX_TEST_XLA_DIR" not in os.environ:
+        import tempfile
+
+        os.environ["CRD_JAX_TEST_XLA_DIR"] = tempfile.mkdtemp(prefix="crd-jax-test-xla-")
+    jax.config.update("jax_compilation_cache_dir", os.environ["CRD_JAX_TEST_XLA_DIR"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
