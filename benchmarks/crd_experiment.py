@@ -196,8 +196,15 @@ def _distill_diagnostics(workdir: Path) -> list:
     return [found[k] for k in sorted(found)]
 
 
+def baseline_label() -> str:
+    """The gate's reference model as the tables name it: VM-LL (Experiment 1, n = 4) or VM-L (Experiment 2, n = 2);
+    the gate's JSON keys keep the ``vm_ll`` spelling for both."""
+    return {"vm_ll": "VM-LL", "vm_l": "VM-L"}[protocol.BASELINE_LOW]
+
+
 def report(workdir: Path, out: Path, draws: int) -> dict:
     """``crd_experiment<N>.{md,json}`` from whatever has finished."""
+    low = baseline_label()
     teacher = {s: _eval_rows(workdir, s) for s in protocol.TEACHER_PIPELINE}
     teacher = {
         s: {k: r[k] for k in ("label", "dice_mean", "dice_std", "folds_mean", "num_pairs")} for s, r in teacher.items() if r
@@ -235,8 +242,8 @@ def report(workdir: Path, out: Path, draws: int) -> dict:
             f"FST chosen on 16 training pairs: {g['fst']} (train Dice "
             + ", ".join(f"{k} {v:.4f}" for k, v in g["fst_choice_train_dice"].items())
             + ").",
-            f"Gate (>= +{g['threshold']:.3f} each): FST - VM-LL = {g['fst_minus_vm_ll']:+.4f}, "
-            f"ceiling - VM-LL = {g['ceiling_minus_vm_ll']:+.4f} (ceiling {g['ceiling_val_dice']:.4f}): "
+            f"Gate (>= +{g['threshold']:.3f} each): FST - {low} = {g['fst_minus_vm_ll']:+.4f}, "
+            f"ceiling - {low} = {g['ceiling_minus_vm_ll']:+.4f} (ceiling {g['ceiling_val_dice']:.4f}): "
             + ("**passed**." if g["passed"] else "**failed**: this regime has no recoverable headroom; no student trains."),
         ]
     if g and (g["passed"] or (workdir / "stages" / "ctl_s0").exists()):
@@ -299,6 +306,7 @@ def summary(payload: dict) -> str:
     got, the gate, and, once every stream finished, each arm's mean difference with its intervals and the
     verdict. Every figure comes from ``payload`` (the report's JSON)."""
     name = protocol.get_config().name
+    low = baseline_label()
     g = payload.get("gate")
     head = f"*{name}* (pre-registered in `{payload['protocol']}`): "
     if g is None and not payload.get("started", True):
@@ -308,8 +316,8 @@ def summary(payload: dict) -> str:
         going = ", ".join(f"{s} step {p['step']:,} of {p['steps']:,}" for s, p in payload.get("progress", {}).items())
         return head + f"teacher phase under way; finished: {done}" + (f"; training: {going}" if going else "") + "."
     gate = (
-        f"gate {'passed' if g['passed'] else 'failed'} (FST - VM-LL {g['fst_minus_vm_ll']:+.4f}, "
-        f"ceiling - VM-LL {g['ceiling_minus_vm_ll']:+.4f}; threshold +{g['threshold']:.3f})"
+        f"gate {'passed' if g['passed'] else 'failed'} (FST - {low} {g['fst_minus_vm_ll']:+.4f}, "
+        f"ceiling - {low} {g['ceiling_minus_vm_ll']:+.4f}; threshold +{g['threshold']:.3f})"
     )
     if "analysis" not in payload:
         n = len(payload.get("streams_finished", []))
