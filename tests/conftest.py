@@ -51,6 +51,17 @@ def shift_model(tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def upcat_mode():
+    """``crd_jax.ops.conv.upcat_backward`` to set the decoder's backward mode in a test; restored after it."""
+    import importlib
+
+    conv = importlib.import_module("crd_jax.ops.conv")  # the module (crd_jax.ops.conv is also a function's name)
+    before = conv.upcat_backward()
+    yield conv.upcat_backward
+    conv.upcat_backward(before)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """The quick tier (``pytest -m "not slow"``) runs the first case of each parametrized test; its other cases

@@ -113,13 +113,6 @@ def _rng_arrays(seed, *shapes, scale=1.0):
     return [jnp.asarray(rng.standard_normal(s) * scale, jnp.float32) for s in shapes]
 
 
-@pytest.fixture
-def upcat_mode():
-    before = conv_mod.upcat_backward()
-    yield conv_mod.upcat_backward
-    conv_mod.upcat_backward(before)
-
-
 # --- single ops --------------------------------------------------------------------------------------------
 
 CONV_CASES = [

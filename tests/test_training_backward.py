@@ -23,13 +23,6 @@ spatial = importlib.import_module("crd_jax.ops.spatial")
 
 
 @pytest.fixture
-def upcat_mode():
-    before = conv_mod.upcat_backward()
-    yield conv_mod.upcat_backward
-    conv_mod.upcat_backward(before)
-
-
-@pytest.fixture
 def upsample_mode():
     before = spatial.upsample_vjp()
     yield spatial.upsample_vjp
