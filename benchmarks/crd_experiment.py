@@ -93,15 +93,22 @@ def _load(workdir: Path, stage: str):
     return mbuild.model_from_spec(spec), params
 
 
+def saved_gate(workdir: Path):
+    """The gate a run reached (``gate.json``), or None before it."""
+    path = workdir / "gate.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def gate(config, workdir: Path) -> dict:
     """The protocol's FST choice (training pairs) and gate (validation pairs), cached in ``gate.json``."""
     from crd_jax.data import build_datasets, dataset_labels
     from crd_jax.training import diagnostics as diag
     from crd_jax.training.pipeline import evaluation_pairs, network_multiple
 
+    saved = saved_gate(workdir)
+    if saved is not None:
+        return saved
     path = workdir / "gate.json"
-    if path.exists():
-        return json.loads(path.read_text())
     datasets = build_datasets(config.data, network_multiple(config))
     val, train = datasets[config.eval.split], datasets["train"]
     labels = dataset_labels(config.data, val)
@@ -209,7 +216,7 @@ def report(workdir: Path, out: Path, draws: int) -> dict:
     teacher = {
         s: {k: r[k] for k in ("label", "dice_mean", "dice_std", "folds_mean", "num_pairs")} for s, r in teacher.items() if r
     }
-    g = json.loads((workdir / "gate.json").read_text()) if (workdir / "gate.json").exists() else None
+    g = saved_gate(workdir)
     payload = {
         "protocol": protocol.__name__.replace(".", "/") + ".py",
         "started": (workdir / "config.json").exists(),
@@ -350,7 +357,7 @@ def run_config(args):
     """The config a (resumed) run starts with: the teacher phase; past a passed gate (``gate.json``), the
     teacher phase and the students, since the run folder then records that pipeline and refuses one that drops
     stages (the finished teacher stages are skipped)."""
-    saved = json.loads((args.workdir / "gate.json").read_text()) if (args.workdir / "gate.json").exists() else None
+    saved = saved_gate(args.workdir)
     return _config(args, saved["fst"] if saved and saved["passed"] else "")
 
 
@@ -384,7 +391,7 @@ def main():
     args = parser().parse_args()
     select(args.experiment)
     args.workdir = (args.workdir or WORKDIRS[args.experiment]).absolute()
-    g = json.loads((args.workdir / "gate.json").read_text()) if (args.workdir / "gate.json").exists() else None
+    g = saved_gate(args.workdir)
     if args.status:
         from run_status import print_status
 
