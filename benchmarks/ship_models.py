@@ -151,4 +151,10 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from crd_jax.errors import InputError
+
+    try:
+        main()
+    except InputError as exc:  # e.g. a shipped model there and no --overwrite: one line, nothing replaced
+        print(f"ship_models: error: {exc}", file=sys.stderr)
+        sys.exit(2)
