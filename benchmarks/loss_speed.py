@@ -1,14 +1,18 @@
-"""The full-resolution registration loss of a training step (NCC 9^3 + trilinear warp + grad-L2), forward and
-backward, before and after the fused native NCC and the one-pass warp gradient, and the VM-L / control step's
-loss share both ways.
+"""The full-resolution registration loss of a training step (NCC 9^3 + trilinear warp + grad-L2, and the x2
+upsampling of a low-resolution model's field), forward and backward, before and after a change of formulation,
+and the VM-L / control step's loss share both ways.
 
     python benchmarks/loss_speed.py                    # 128^3: pieces + VM-L and control steps -> results/loss_speed.{md,json}
+    python benchmarks/loss_speed.py --compare upsample # the native field upsampling -> results/loss_speed_upsample.{md,json}
     python benchmarks/loss_speed.py --no-steps         # the loss pieces only
     python benchmarks/loss_speed.py --quick            # 32^3, 2 rounds (a check that it runs)
 
-"before" is main's formulation (NCC as XLA's reduce_window box sums and autodiff, ``ncc_formulation("xla")``; the
-warp's field gradient a second native pass, ``warp_gradient("regather")``; grad-L2 as ``jnp.diff`` and autodiff,
-``grad_l2_formulation("xla")``); "after" is the default (the three ``"native"``). Every function is compiled
+``--compare loss`` (default): "before" is the formulation before the native loss kernels (NCC as XLA's
+reduce_window box sums and autodiff, ``ncc_formulation("xla")``; the warp's field gradient a second native pass,
+``warp_gradient("regather")``; grad-L2 as ``jnp.diff`` and autodiff, ``grad_l2_formulation("xla")``); "after" is
+the default (the three ``"native"``). ``--compare upsample``: "before" is XLA's stencil for the field upsampling
+(``upsample_vjp("stencil")``), "after" the native kernel (``"native"``, the default); the loss kernels are the
+default's both ways. Every function is compiled
 both ways in ONE process and the rounds alternate before / after (each function once per round, minimum over
 rounds), so a machine shared with other work slows both alike: read the ratios. CPU seconds (user + system of
 the process over the rounds, divided by the calls) are reported beside the wall-clock minimum, since a loaded
@@ -30,29 +34,36 @@ sys.path.insert(0, str(HERE))
 
 from common import machine, write  # noqa: E402
 
-FORMULATIONS = {
-    "before": {"ncc": "xla", "warp": "regather", "grad_l2": "xla"},
-    "after": {"ncc": "native", "warp": "native", "grad_l2": "native"},
+DEFAULTS = {"ncc": "native", "warp": "native", "grad_l2": "native", "upsample": "native"}
+#: ``--compare``: the two variants of each comparison (what they change from :data:`DEFAULTS`)
+COMPARISONS = {
+    "loss": {"before": {"ncc": "xla", "warp": "regather", "grad_l2": "xla"}, "after": {}},
+    "upsample": {"before": {"upsample": "stencil"}, "after": {}},
 }
 
 
 @contextlib.contextmanager
-def formulation(name):
-    """NCC, warp and grad-L2 formulations of ``name`` while functions are traced."""
+def formulation(name, comparison="loss"):
+    """NCC, warp, grad-L2 and upsampling formulations of variant ``name`` of ``comparison`` while functions are
+    traced."""
     from crd_jax.ops import grad_l2 as grad_l2_ops
     from crd_jax.ops import ncc as ncc_ops
     from crd_jax.ops import spatial
 
-    previous = (ncc_ops.ncc_formulation(), spatial.warp_gradient(), grad_l2_ops.grad_l2_formulation())
-    ncc_ops.ncc_formulation(FORMULATIONS[name]["ncc"])
-    spatial.warp_gradient(FORMULATIONS[name]["warp"])
-    grad_l2_ops.grad_l2_formulation(FORMULATIONS[name]["grad_l2"])
+    knobs = {
+        "ncc": ncc_ops.ncc_formulation,
+        "warp": spatial.warp_gradient,
+        "grad_l2": grad_l2_ops.grad_l2_formulation,
+        "upsample": spatial.upsample_vjp,
+    }
+    previous = {k: f() for k, f in knobs.items()}
+    for k, f in knobs.items():
+        f(COMPARISONS[comparison][name].get(k, DEFAULTS[k]))
     try:
         yield
     finally:
-        ncc_ops.ncc_formulation(previous[0])
-        spatial.warp_gradient(previous[1])
-        grad_l2_ops.grad_l2_formulation(previous[2])
+        for k, f in knobs.items():
+            f(previous[k])
 
 
 def loss_pieces(shape, batch=1):
@@ -63,7 +74,7 @@ def loss_pieces(shape, batch=1):
     import numpy as np
 
     from crd_jax.losses import grad_l2, ncc, registration_loss
-    from crd_jax.ops.spatial import warp
+    from crd_jax.ops.spatial import upsample_field, warp
 
     rng = np.random.default_rng(0)
     m, f = (jnp.asarray(rng.random((batch, *shape, 1), np.float32)) for _ in range(2))
@@ -71,6 +82,9 @@ def loss_pieces(shape, batch=1):
     low = rng.standard_normal((batch, *(max(s // 8, 1) for s in shape), 3)).astype(np.float32) * 2.0
     d = jax.image.resize(jnp.asarray(low), (batch, *shape, 3), "linear")
     g1 = jnp.asarray(rng.standard_normal((batch, *shape, 1)).astype(np.float32))
+    # a low-resolution model's field (n = 2) and a cotangent of the upsampled one
+    coarse = jax.image.resize(jnp.asarray(low), (batch, *(max(s // 2, 1) for s in shape), 3), "linear") * 0.5
+    g3 = jnp.asarray(rng.standard_normal((batch, *(2 * max(s // 2, 1) for s in shape), 3)).astype(np.float32))
     vg = lambda fn: jax.jit(jax.value_and_grad(fn))  # noqa: E731
     return {
         "warp, forward": (jax.jit(lambda m, d: warp(m, d)), (m, d)),
@@ -82,6 +96,12 @@ def loss_pieces(shape, batch=1):
             vg(lambda d, m, f: registration_loss(m, f, d)[0]),
             (d, m, f),
         ),
+        "field upsampling x2, forward": (jax.jit(lambda c: upsample_field(c, 2)), (coarse,)),
+        "field upsampling x2, forward + backward": (vg(lambda c, g: jnp.sum(upsample_field(c, 2) * g)), (coarse, g3)),
+        "registration loss of a coarse field (upsampling x2 + warp + NCC + grad-L2), forward + backward": (
+            vg(lambda c, m, f: registration_loss(m, f, upsample_field(c, 2))[0]),
+            (coarse, m, f),
+        ),
     }
 
 
@@ -90,18 +110,18 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def time_pieces(shape, repeats, log=print) -> dict:
+def time_pieces(shape, repeats, log=print, comparison="loss") -> dict:
     """``{piece: {variant: {"wall_s", "cpu_s"}}}``, both variants compiled in this process, rounds alternating."""
     import jax
 
     built = {}
-    for variant in FORMULATIONS:
-        with formulation(variant):
+    for variant in COMPARISONS[comparison]:
+        with formulation(variant, comparison):
             for name, (fn, args) in loss_pieces(shape).items():
                 built[(name, variant)] = (fn.lower(*args).compile(), args)
                 jax.block_until_ready(built[(name, variant)][0](*args))
     # each piece's before and after next to each other in a round (so both follow the same kind of work)
-    compiled = {(name, v): built[(name, v)] for name in dict.fromkeys(n for n, _ in built) for v in FORMULATIONS}
+    compiled = {(name, v): built[(name, v)] for name in dict.fromkeys(n for n, _ in built) for v in COMPARISONS[comparison]}
     wall = {k: [] for k in compiled}
     cpu = {k: 0.0 for k in compiled}
     for r in range(repeats):
@@ -117,7 +137,7 @@ def time_pieces(shape, repeats, log=print) -> dict:
     return out
 
 
-def time_steps(shape, repeats, stages, log=print) -> list:
+def time_steps(shape, repeats, stages, log=print, comparison="loss") -> list:
     """``train_budget.py``'s step rows for ``stages``, each stage compiled before and after, rounds alternating."""
     import train_budget as tb
 
@@ -126,8 +146,8 @@ def time_steps(shape, repeats, stages, log=print) -> list:
     plans = tb.plan_pipeline(config, shape, 1, stages)
     timers = []
     for name in stages:
-        for variant in FORMULATIONS:
-            with formulation(variant):
+        for variant in COMPARISONS[comparison]:
+            with formulation(variant, comparison):
                 timers.append(tb.StageTimer(name, plans[name], config, data, 10_000, variant=None))
             timers[-1].variant = variant
             for what in ("forward", "network", "step"):
@@ -159,15 +179,23 @@ def time_steps(shape, repeats, stages, log=print) -> list:
 def render(payload) -> str:
     shape = "x".join(map(str, payload["shape"]))
     m = payload["machine"]
+    comparison = payload.get("compare", "loss")
+    what = {
+        "loss": "Before: NCC as XLA's reduce_window box sums + autodiff, the warp's field gradient a second native "
+        "pass, grad-L2 as `jnp.diff` + autodiff; after: the fused native NCC (`csrc/ncc_cpu.cc`), the warp writing its "
+        "derivative in the forward (`csrc/warp_linear_cpu.cc`) and the native grad-L2 (`csrc/grad_l2_cpu.cc`). ",
+        "upsample": "Before: the field's x2 upsampling as XLA's stencil of slices per axis with its transpose written "
+        'out (`upsample_vjp("stencil")`); after: the native upsampling and transpose '
+        "(`csrc/upsample_linear_cpu.cc`). The loss kernels are the native ones both ways. ",
+    }[comparison]
+    command = "python benchmarks/loss_speed.py" + ("" if comparison == "loss" else f" --compare {comparison}")
     md = [
         f"The registration loss at {shape}, batch 1 ({m.get('cpu', '')}, {m.get('cpus', '?')} cores; load average "
-        f"{payload['load']:.1f} at the start: the machine was shared, read the ratios). Before: NCC as XLA's "
-        "reduce_window box sums + autodiff, the warp's field gradient a second native pass, grad-L2 as `jnp.diff` + "
-        "autodiff (main); after: the fused native NCC (`csrc/ncc_cpu.cc`), the warp writing its derivative in the "
-        "forward (`csrc/warp_linear_cpu.cc`) and the native grad-L2 (`csrc/grad_l2_cpu.cc`). Both compiled in one "
-        f"process, rounds alternating, minimum wall time of {payload['repeats']} rounds; CPU time = user + system "
-        "seconds per call. "
-        "Regenerate: `python benchmarks/loss_speed.py`.",
+        f"{payload['load']:.1f} at the start: where it is above 0, the machine was shared, read the ratios). "
+        + what
+        + f"Both compiled in one process, rounds alternating, minimum wall time of {payload['repeats']} rounds; CPU "
+        "time = user + system seconds per call. "
+        f"Regenerate: `{command}`.",
         "",
         "| Piece | Before (ms) | After (ms) | Before / after | CPU before (ms) | CPU after (ms) | CPU before / after |",
         "|---|---|---|---|---|---|---|",
@@ -208,6 +236,7 @@ def main(argv=None):
     p.add_argument("--stages", nargs="*", default=["vm_l", "control"], help="train_budget stages to time")
     p.add_argument("--no-steps", action="store_true", help="the loss pieces only")
     p.add_argument("--quick", action="store_true", help="32^3, 2 rounds, no steps")
+    p.add_argument("--compare", choices=sorted(COMPARISONS), default="loss", help="which change to time both ways")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     shape = tuple(args.shape or ((32, 32, 32) if args.quick else (128, 128, 128)))
@@ -220,12 +249,16 @@ def main(argv=None):
         "shape": list(shape),
         "repeats": repeats,
         "load": os.getloadavg()[0],
-        "formulations": FORMULATIONS,
+        "compare": args.compare,
+        "formulations": {v: dict(DEFAULTS, **c) for v, c in COMPARISONS[args.compare].items()},
     }
-    payload["pieces"] = time_pieces(shape, repeats)
-    payload["steps"] = [] if (args.no_steps or args.quick) else time_steps(shape, repeats, tuple(args.stages))
+    payload["pieces"] = time_pieces(shape, repeats, comparison=args.compare)
+    payload["steps"] = (
+        [] if (args.no_steps or args.quick) else time_steps(shape, repeats, tuple(args.stages), comparison=args.compare)
+    )
     md = render(payload)
-    write(args.out or HERE / "results" / ("loss_speed_quick" if args.quick else "loss_speed"), payload, md)
+    name = "loss_speed" + ("" if args.compare == "loss" else f"_{args.compare}") + ("_quick" if args.quick else "")
+    write(args.out or HERE / "results" / name, payload, md)
     return 0
 
 

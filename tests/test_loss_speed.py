@@ -4,10 +4,14 @@ from benchmark_runs import run_benchmark
 
 
 def test_quick_run_times_every_piece_before_and_after(tmp_path):
-    payload, text = run_benchmark("loss_speed.py", tmp_path / "loss", "--quick")
+    # the upsampling comparison: the same pieces as the default one, and the knobs it records differ in one place
+    payload, text = run_benchmark("loss_speed.py", tmp_path / "loss", "--quick", "--compare", "upsample")
     assert payload["shape"] == [32, 32, 32] and payload["steps"] == []
-    assert len(payload["pieces"]) == 6
+    assert len(payload["pieces"]) == 9
     for piece in payload["pieces"].values():
         for variant in ("before", "after"):
             assert piece[variant]["wall_s"] > 0 and piece[variant]["cpu_s"] >= 0
+    before, after = payload["formulations"]["before"], payload["formulations"]["after"]
+    assert {k for k in before if before[k] != after[k]} == {"upsample"} and after["upsample"] == "native"
     assert "| registration loss (warp + NCC + grad-L2), forward + backward |" in text
+    assert "`python benchmarks/loss_speed.py --compare upsample`" in text

@@ -4,7 +4,10 @@
   against ``lax.conv`` of the explicit concatenation (numpy's ``repeat`` for the upsampling) and against the
   concatenated formulation, 2-D and 3-D, odd coarse sizes, several kernel sizes;
 * the integer-factor linear upsampling's stencil transpose against JAX's transpose of the forward and against
-  the explicit matrix of the linear map (numpy).
+  the explicit matrix of the linear map (numpy);
+* the native upsampling by whole factors (``csrc/upsample_linear_cpu.cc``, ``upsample_vjp="native"``) and its
+  transpose against the same numpy matrices applied axis by axis, 2-D and 3-D, a different factor per axis, odd
+  sizes, batches and channels, and against the stencil (values and gradients).
 """
 
 import importlib
@@ -172,11 +175,69 @@ def test_upsample_field_gradient_matches_autodiff_of_the_forward(shape, factor, 
     x = jax.random.normal(jax.random.PRNGKey(0), shape)
     r = jax.random.normal(jax.random.PRNGKey(1), (shape[0], *(s * factor for s in shape[1:-1]), shape[-1]))
     out = {}
-    for mode in ("stencil", "autodiff"):
+    modes = ("stencil", "autodiff") + (("native",) if native.available() else ())
+    for mode in modes:
         upsample_mode(mode)
         out[mode] = jax.jit(jax.value_and_grad(lambda x, r: jnp.sum(jnp.sin(upsample_field(x, factor)) * r)))(x, r)
-    np.testing.assert_allclose(out["stencil"][0], out["autodiff"][0], rtol=1e-5)
-    np.testing.assert_allclose(out["stencil"][1], out["autodiff"][1], rtol=1e-5, atol=1e-5)
+    for mode in modes[1:]:
+        np.testing.assert_allclose(out[mode][0], out["stencil"][0], rtol=1e-5)
+        np.testing.assert_allclose(out[mode][1], out["stencil"][1], rtol=1e-5, atol=1e-5)
+
+
+def _separable(x: np.ndarray, matrices) -> np.ndarray:
+    """``x (B, *spatial, C)`` with ``matrices[k]`` applied along spatial axis ``k`` (numpy, float64)."""
+    y = np.asarray(x, np.float64)
+    for axis, m in enumerate(matrices, start=1):
+        y = np.moveaxis(np.tensordot(m, np.moveaxis(y, axis, 0), 1), 0, axis)
+    return y
+
+
+NATIVE_UPSAMPLE_CASES = [
+    ((1, 3, 5, 7, 3), (2, 2, 2)),  # a field (n = 2), odd sizes
+    ((2, 4, 3, 2, 1), (1, 3, 2)),  # batch, a factor of 1 on one axis, a different factor per axis
+    ((1, 1, 2, 1, 5), (4, 2, 5)),  # single-voxel axes (every tap clamped), five channels
+    ((2, 5, 3, 3), (2, 4)),  # 2-D (D = 1 in the kernel)
+    ((1, 1, 1, 2), (3, 1)),  # 2-D, one voxel
+]
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernel not built")
+@pytest.mark.parametrize("shape,factors", NATIVE_UPSAMPLE_CASES)
+def test_native_upsampling_and_its_transpose_are_the_numpy_matrices(shape, factors, upsample_mode):
+    upsample_mode("native")
+    x = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
+    target = tuple(n * k for n, k in zip(shape[1:-1], factors))
+    mats = [_upsample_matrix(n, k) for n, k in zip(shape[1:-1], factors)]
+    fn = jax.jit(lambda x: resize(x, target))
+    assert "crd_upsample_linear" in fn.lower(x).as_text()  # the kernel ran, not the stencil
+    np.testing.assert_allclose(fn(x), _separable(x, mats), rtol=1e-6, atol=1e-6)
+    g = np.random.default_rng(1).standard_normal((shape[0], *target, shape[-1])).astype(np.float32)
+    vjp = jax.jit(lambda x, g: jax.vjp(lambda x: resize(x, target), x)[1](g)[0])
+    assert "crd_upsample_linear_t" in vjp.lower(x, g).as_text()
+    np.testing.assert_allclose(vjp(x, g), _separable(g, [m.T for m in mats]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernel not built")
+def test_native_upsampling_under_vmap_and_where_it_does_not_apply(upsample_mode):
+    upsample_mode("native")
+    x = jax.random.normal(jax.random.PRNGKey(3), (3, 1, 4, 3, 2, 3))
+    got = jax.vmap(lambda v: upsample_field(v, 2))(x)
+    upsample_mode("stencil")
+    np.testing.assert_allclose(got, jax.vmap(lambda v: upsample_field(v, 2))(x), rtol=1e-6, atol=1e-6)
+    upsample_mode("native")
+    # not whole factors, a downsampling, float64-free bfloat16 input, corner alignment: XLA's path, no kernel
+    for fn, arg in [
+        (lambda v: resize(v, (6, 5, 3)), x[0]),
+        (lambda v: resize(v, (2, 3, 2)), x[0]),
+        (lambda v: resize(v, (8, 6, 4)), x[0].astype(jnp.bfloat16)),
+        (lambda v: resize(v, (8, 6, 4), align_corners=True), x[0]),
+    ]:
+        assert "crd_upsample_linear" not in jax.jit(fn).lower(arg).as_text()
+
+
+def test_upsample_vjp_refuses_unknown_modes(upsample_mode):
+    with pytest.raises(ValueError, match="'native', 'stencil' or 'autodiff'"):
+        upsample_mode("fast")
 
 
 def test_resize_by_a_whole_factor_has_second_derivatives(upsample_mode):

@@ -258,16 +258,21 @@ def sample_volume(image: jax.Array, disp: jax.Array, order: int = 1) -> jax.Arra
 
 
 def upsample_vjp(mode: Optional[str] = None) -> str:
-    """How the gradient of the integer-factor linear upsampling (:func:`upsample_field`, :func:`resize` by a whole
-    factor) is computed: ``"stencil"`` (default), its transpose written out as a stencil of slices
-    (:func:`_upsample_axis_transpose`); ``"autodiff"``, JAX's transpose of the forward (the edge padding's
-    transpose compiled to ~30 separate padded copies on XLA:CPU: 12x the forward's time at 128^3, measured).
-    ``mode`` sets it for this process (read when a function is traced); returns the mode in use."""
+    """How the linear upsampling by whole factors (:func:`upsample_field`, :func:`resize` by whole factors) and its
+    gradient run: ``"native"`` (default where the native kernels are built, for float32 2-D and 3-D arrays):
+    ``csrc/upsample_linear_cpu.cc`` writes the upsampled array in one pass and its transpose gathers the cotangent
+    in one pass (XLA fused the stencils into each consumer of the full-resolution field and recomputed them per
+    use: a low-resolution model's loss at 128^3 took ~2.5x the same loss on a given field); ``"stencil"``, XLA's
+    stencil of slices per axis with its transpose written out (:func:`_upsample_axis_transpose`; the path on other
+    platforms, and the one with second derivatives: the native transpose has no derivative of its own);
+    ``"autodiff"``, the stencil with JAX's transpose of the forward (the edge padding's transpose compiled to ~30
+    separate padded copies on XLA:CPU: 12x the forward's time at 128^3, measured). ``mode`` sets it for this
+    process (read when a function is traced); returns the mode in use."""
     if mode is not None:
-        if mode not in ("stencil", "autodiff"):
-            raise ValueError(f"upsample vjp must be 'stencil' or 'autodiff', not {mode!r}")
+        if mode not in ("native", "stencil", "autodiff"):
+            raise ValueError(f"upsample vjp must be 'native', 'stencil' or 'autodiff', not {mode!r}")
         _settings["upsample_vjp"] = mode
-    return _settings.setdefault("upsample_vjp", "stencil")
+    return _settings.setdefault("upsample_vjp", "native")
 
 
 def _upsample_offsets(k: int):
@@ -346,7 +351,8 @@ _upsample_axis_custom.defvjp(_upsample_custom_fwd, _upsample_custom_bwd)
 
 def _upsample_axis_integer(x: jax.Array, axis: int, k: int) -> jax.Array:
     """Half-pixel linear upsampling by an integer factor along ``axis`` (edge repeated); its gradient is the
-    stencil :func:`_upsample_axis_transpose` unless :func:`upsample_vjp` says ``"autodiff"``."""
+    stencil :func:`_upsample_axis_transpose` unless :func:`upsample_vjp` says ``"autodiff"`` (XLA's path; the
+    native one works on all axes at once, :func:`_upsample_native`)."""
     if upsample_vjp() == "autodiff":
         return _upsample_axis_stencil(x, axis, k)
     return _upsample_axis_custom(x, axis, k)
@@ -393,19 +399,90 @@ def resize(image: jax.Array, shape: Sequence[int], align_corners: bool = False) 
     ``F.interpolate(scale_factor=0.5, align_corners=False)`` in PyTorch. ``align_corners=True`` maps the
     corner voxels onto each other instead (PyTorch's ``align_corners=True``; only for interoperability with
     code that used it, since it breaks the "displacement times n" rule of :func:`upsample_field`).
+    Upsampling every axis by a whole factor runs the native kernel where :func:`upsample_vjp` says ``"native"``.
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) != image.ndim - 2:
         raise ValueError(f"resize target {shape} does not match the spatial rank of {image.shape}")
+    if not align_corners and _native_upsampling(image, shape):
+        return _upsample_native(image, shape)
+    return _resize_xla(image, shape, align_corners)
+
+
+def _resize_xla(image: jax.Array, shape: Sequence[int], align_corners: bool = False) -> jax.Array:
+    """:func:`resize` axis by axis in XLA (the reference of the native upsampling)."""
     for axis, size in enumerate(shape, start=1):
         image = _linear_axis(image, axis, size, align_corners)
     return image
+
+
+def _native_upsampling(image: jax.Array, shape: Sequence[int]) -> bool:
+    """Whether :func:`resize` to ``shape`` is an upsampling by whole factors the native kernel takes."""
+    spatial = image.shape[1:-1]
+    whole = all(n > 0 and t % n == 0 for n, t in zip(spatial, shape)) and tuple(spatial) != tuple(shape)
+    return (
+        whole
+        and image.ndim in (4, 5)
+        and image.dtype == jnp.float32
+        and image.size > 0
+        and upsample_vjp() == "native"
+        and _native_available()
+    )
+
+
+def _as_5d(x: jax.Array) -> jax.Array:
+    """``(B, *spatial, C)`` as the kernel's ``(B, D, H, W, C)`` (a 2-D array has ``D = 1``; a free reshape)."""
+    return x if x.ndim == 5 else x.reshape(x.shape[0], 1, *x.shape[1:])
+
+
+def _upsample_kernel(x: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """``csrc/upsample_linear_cpu.cc``'s forward: ``(B, *spatial, C)`` to ``(B, *shape, C)``."""
+    lead = (1,) * (5 - x.ndim)  # a 2-D array goes in with D = 1
+    out = jax.ShapeDtypeStruct((x.shape[0], *lead, *shape, x.shape[-1]), jnp.float32)
+    y = jax.ffi.ffi_call("crd_upsample_linear", out, vmap_method="sequential")(_as_5d(x))
+    return y.reshape(x.shape[0], *shape, x.shape[-1])
+
+
+def _upsample_kernel_transpose(g: jax.Array, small: Sequence[int]) -> jax.Array:
+    """``csrc/upsample_linear_cpu.cc``'s transpose: the cotangent ``(B, *shape, C)`` to ``(B, *small, C)``."""
+    lead = (1,) * (5 - g.ndim)
+    out = jax.ShapeDtypeStruct((g.shape[0], *lead, *small, g.shape[-1]), jnp.float32)
+    dx = jax.ffi.ffi_call("crd_upsample_linear_t", out, vmap_method="sequential")(_as_5d(g))
+    return dx.reshape(g.shape[0], *small, g.shape[-1])
+
+
+def _upsample_native(x: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """Linear upsampling of ``(B, *spatial, C)`` float32 to ``(B, *shape, C)``, every axis by a whole factor, by
+    ``csrc/upsample_linear_cpu.cc`` (forward and transpose; XLA's stencil on another platform of the same trace)."""
+    return _upsample_native_vjp(x, tuple(x.shape[1:-1]), tuple(shape))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _upsample_native_vjp(x, small, shape):
+    return lax.platform_dependent(x, cpu=lambda x: _upsample_kernel(x, shape), default=lambda x: _resize_xla(x, shape))
+
+
+def _upsample_native_fwd(x, small, shape):
+    return _upsample_native_vjp(x, small, shape), None
+
+
+def _upsample_native_bwd(small, shape, _, g):
+    def elsewhere(g):  # the stencil's transpose (the forward is linear: any primal point will do)
+        return jax.vjp(lambda x: _resize_xla(x, shape), jnp.zeros((g.shape[0], *small, g.shape[-1]), g.dtype))[1](g)[0]
+
+    return (lax.platform_dependent(g, cpu=lambda g: _upsample_kernel_transpose(g, small), default=elsewhere),)
+
+
+_upsample_native_vjp.defvjp(_upsample_native_fwd, _upsample_native_bwd)
 
 
 def resize_field(disp: jax.Array, shape: Sequence[int]) -> jax.Array:
     """Resamples a displacement field to a new grid and rescales each component to the new voxel size."""
     ndim = disp.shape[-1]
     scale = jnp.asarray([t / s for t, s in zip(shape, disp.shape[1 : 1 + ndim])], disp.dtype)
+    if all(t >= s for t, s in zip(shape, disp.shape[1 : 1 + ndim])):
+        # scaling commutes with the (linear) resampling: on the coarse grid it costs 1 / factor^ndim of the work
+        return resize(disp * scale, shape)
     return resize(disp, shape) * scale
 
 
