@@ -207,15 +207,21 @@ def _fingerprint() -> str:
 
 
 def _trace_settings() -> str:
-    """Process settings that change what a function traces to: the native convolution's presence and the
-    opt-in bfloat16 inference convolutions. (Asking for the first also registers the native kernels' FFI
-    targets, which a stored program that calls them needs before it can be loaded.)"""
+    """Process settings that change what a function traces to: the native convolution's presence, the opt-in
+    bfloat16 inference convolutions and the per-process formulations of the ops (native kernel or XLA reference;
+    a process that asked for a reference must not be handed a stored native program). (Asking for the first also
+    registers the native kernels' FFI targets, which a stored program that calls them needs before it can be
+    loaded.)"""
     import importlib
 
-    conv, native = (
-        importlib.import_module(f"crd_jax.ops.{m}") for m in ("conv", "native")
+    conv, native, spatial, ncc, grad_l2 = (
+        importlib.import_module(f"crd_jax.ops.{m}") for m in ("conv", "native", "spatial", "ncc", "grad_l2")
     )  # crd_jax.ops.conv is also a function
-    return f"native={native.available()} bf16={conv.bf16_inference()}"
+    return (
+        f"native={native.available()} bf16={conv.bf16_inference()} upsample={spatial.upsample_vjp()} "
+        f"warp={spatial.warp_gradient()} ncc={ncc.ncc_formulation()} grad_l2={grad_l2.grad_l2_formulation()} "
+        f"upcat={conv.upcat_backward()}"
+    )
 
 
 _hits = threading.local()

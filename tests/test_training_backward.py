@@ -235,6 +235,34 @@ def test_native_upsampling_under_vmap_and_where_it_does_not_apply(upsample_mode)
         assert "crd_upsample_linear" not in jax.jit(fn).lower(arg).as_text()
 
 
+@pytest.mark.skipif(not native.available(), reason="native kernel not built")
+def test_native_upsampling_has_gradients_of_gradients_and_no_nan_from_taps_of_weight_zero(upsample_mode):
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, 3, 4, 2, 2))
+    f = lambda u: jnp.sum(resize(u, (3, 8, 6)) ** 3)  # noqa: E731 (a factor 1 on the first axis)
+    gg = lambda v: jnp.sum(jnp.sin(jax.grad(f)(v)))  # noqa: E731
+    out = {}
+    for mode in ("native", "stencil"):
+        upsample_mode(mode)
+        out[mode] = jax.jit(jax.grad(gg))(x)
+    np.testing.assert_allclose(out["native"], out["stencil"], rtol=1e-4, atol=1e-4)
+    upsample_mode("native")
+    # NaN and inf reach the outputs they contribute to, as in XLA's stencil: not their neighbours along a factor-1
+    # axis, and an inf stays inf (a 2-D array runs as D = 1, an axis of factor 1). (Even factors only: for an odd
+    # factor the stencil multiplies its middle phase's neighbour by 0, so a NaN leaks there; the kernel's does not.)
+    for x, target in [
+        (np.array([0.0, np.nan, 0.0], np.float32).reshape(1, 3, 1, 1, 1), (3, 2, 1)),
+        (np.array([1.0, np.inf], np.float32).reshape(1, 1, 2, 1), (2, 4)),
+        (np.array([[1.0, np.nan], [2.0, -np.inf]], np.float32).reshape(1, 2, 2, 1), (2, 8)),
+    ]:
+        native_out = np.asarray(jax.jit(lambda v: resize(v, target))(x))
+        upsample_mode("stencil")
+        stencil_out = np.asarray(jax.jit(lambda v: resize(v, target))(x))
+        upsample_mode("native")
+        np.testing.assert_array_equal(np.isnan(native_out), np.isnan(stencil_out))
+        np.testing.assert_array_equal(native_out[np.isinf(native_out)], stencil_out[np.isinf(native_out)])
+        np.testing.assert_allclose(native_out, stencil_out, rtol=1e-6)
+
+
 def test_upsample_vjp_refuses_unknown_modes(upsample_mode):
     with pytest.raises(ValueError, match="'native', 'stencil' or 'autodiff'"):
         upsample_mode("fast")

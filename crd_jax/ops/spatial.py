@@ -264,7 +264,8 @@ def upsample_vjp(mode: Optional[str] = None) -> str:
     in one pass (XLA fused the stencils into each consumer of the full-resolution field and recomputed them per
     use: a low-resolution model's loss at 128^3 took ~2.5x the same loss on a given field); ``"stencil"``, XLA's
     stencil of slices per axis with its transpose written out (:func:`_upsample_axis_transpose`; the path on other
-    platforms, and the one with second derivatives: the native transpose has no derivative of its own);
+    platforms, and the one forward-mode autodiff of a gradient needs: the native pair, each the other's
+    transpose, gives gradients of gradients, not ``jax.jvp``);
     ``"autodiff"``, the stencil with JAX's transpose of the forward (the edge padding's transpose compiled to ~30
     separate padded copies on XLA:CPU: 12x the forward's time at 128^3, measured). ``mode`` sets it for this
     process (read when a function is traced); returns the mode in use."""
@@ -470,8 +471,25 @@ def _upsample_native_bwd(small, shape, _, g):
     def elsewhere(g):  # the stencil's transpose (the forward is linear: any primal point will do)
         return jax.vjp(lambda x: _resize_xla(x, shape), jnp.zeros((g.shape[0], *small, g.shape[-1]), g.dtype))[1](g)[0]
 
-    return (lax.platform_dependent(g, cpu=lambda g: _upsample_kernel_transpose(g, small), default=elsewhere),)
+    return (lax.platform_dependent(g, cpu=lambda g: _upsample_transpose_vjp(g, small, shape), default=elsewhere),)
 
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _upsample_transpose_vjp(g, small, shape):
+    """The native transpose, differentiable in turn: its own transpose is the forward, so gradients of gradients
+    (reverse over reverse) stay native to any order."""
+    return _upsample_kernel_transpose(g, small)
+
+
+def _upsample_transpose_fwd(g, small, shape):
+    return _upsample_transpose_vjp(g, small, shape), None
+
+
+def _upsample_transpose_bwd(small, shape, _, h):
+    return (_upsample_native_vjp(h, small, shape),)
+
+
+_upsample_transpose_vjp.defvjp(_upsample_transpose_fwd, _upsample_transpose_bwd)
 
 _upsample_native_vjp.defvjp(_upsample_native_fwd, _upsample_native_bwd)
 

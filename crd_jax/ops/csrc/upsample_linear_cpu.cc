@@ -11,7 +11,8 @@
 // Semantics (half-pixel centres, edge voxels repeated; the XLA stencil in spatial.py is the reference): along an
 // axis of n voxels upsampled by k, output q = k i + r samples the input at i + o_r, o_r = (r + 0.5) / k - 0.5:
 // taps (i - 1, -o_r) and (i, 1 + o_r) if o_r < 0, else (i, 1 - o_r) and (i + 1, o_r), indices clamped to
-// [0, n - 1]. The 3-D weight of a tap is the product of its axes' weights.
+// [0, n - 1]. The 3-D weight of a tap is the product of its axes' weights; taps of weight 0 are left out (not
+// multiplied by 0), so a NaN or inf reaches only the outputs it contributes to, as in the reference.
 //
 // Forward (crd_upsample_linear): x (B, D, H, W, C) -> y (B, kD D, kH H, kW W, C); the factors are the ratios of
 // the shapes. For each output row (b, z, y) the four input rows its (z, y) taps name are blended into one row
@@ -97,19 +98,39 @@ void UpsampleForward(const float* x, const Shape5& in, const Shape5& out, float*
       const Taps& Z = tz[z];
       const Taps& Y = ty[yy];
       const float* base = x + bi * in.d * in.h * in_row;
-      const float* r00 = base + (Z.a * in.h + Y.a) * in_row;
-      const float* r01 = base + (Z.a * in.h + Y.b) * in_row;
-      const float* r10 = base + (Z.b * in.h + Y.a) * in_row;
-      const float* r11 = base + (Z.b * in.h + Y.b) * in_row;
-      const float w00 = Z.wa * Y.wa, w01 = Z.wa * Y.wb, w10 = Z.wb * Y.wa, w11 = Z.wb * Y.wb;
+      // the rows with a nonzero weight only: 0 * inf or 0 * NaN from a tap that does not contribute (a factor-1
+      // axis, the D = 1 axis of a 2-D array) would otherwise turn a finite or infinite output into NaN
+      const float* rows_in[4];
+      float weights[4];
+      int terms = 0;
+      for (int i = 0; i < 2; ++i) {
+        const int64_t zi = i == 0 ? Z.a : Z.b;
+        const float wz = i == 0 ? Z.wa : Z.wb;
+        for (int j = 0; j < 2; ++j) {
+          const int64_t yj = j == 0 ? Y.a : Y.b;
+          const float w = wz * (j == 0 ? Y.wa : Y.wb);
+          if (w == 0.0f) continue;
+          rows_in[terms] = base + (zi * in.h + yj) * in_row;
+          weights[terms++] = w;
+        }
+      }
       float* t = blend.data();
-      for (int64_t i = 0; i < in_row; ++i) t[i] = w00 * r00[i] + w01 * r01[i] + w10 * r10[i] + w11 * r11[i];
+      for (int64_t i = 0; i < in_row; ++i) t[i] = weights[0] * rows_in[0][i];
+      for (int k = 1; k < terms; ++k) {
+        const float w = weights[k];
+        const float* src = rows_in[k];
+        for (int64_t i = 0; i < in_row; ++i) t[i] += w * src[i];
+      }
       float* o = y + r * out_row;
       for (int64_t q = 0; q < out.w; ++q) {
         const Taps& X = tx[q];
         const float* ta = t + X.a * c;
         const float* tb = t + X.b * c;
-        for (int64_t ch = 0; ch < c; ++ch) o[q * c + ch] = X.wa * ta[ch] + X.wb * tb[ch];
+        if (X.wb == 0.0f) {
+          for (int64_t ch = 0; ch < c; ++ch) o[q * c + ch] = X.wa * ta[ch];
+        } else {
+          for (int64_t ch = 0; ch < c; ++ch) o[q * c + ch] = X.wa * ta[ch] + X.wb * tb[ch];
+        }
       }
     }
   });
