@@ -263,6 +263,29 @@ def test_native_upsampling_has_gradients_of_gradients_and_no_nan_from_taps_of_we
         np.testing.assert_allclose(native_out, stencil_out, rtol=1e-6)
 
 
+@pytest.mark.skipif(not native.available(), reason="native kernel not built")
+def test_a_low_resolution_models_loss_and_gradient_are_the_same_with_the_native_upsampling(upsample_mode):
+    # VM-L's training loss (eq. 5: the full-resolution loss of up(phi^L)), end to end through the network
+    from crd_jax.losses import registration_loss
+    from crd_jax.models.registrar import Registrar
+    from crd_jax.models.voxelmorph import VoxelMorph
+
+    rng = np.random.default_rng(5)
+    moving, fixed = (jnp.asarray(rng.random((1, 16, 12, 16, 1), np.float32)) for _ in range(2))
+    model = Registrar(VoxelMorph(), factor=2)
+    params = model.init(jax.random.PRNGKey(0), moving, fixed)
+    loss = lambda p: registration_loss(moving, fixed, model.apply(p, moving, fixed).disp)[0]  # noqa: E731
+    out = {}
+    for mode in ("native", "stencil"):
+        upsample_mode(mode)
+        fn = jax.jit(jax.value_and_grad(loss))
+        out[mode] = fn(params)
+        assert ("crd_upsample_linear" in fn.lower(params).as_text()) == (mode == "native")
+    np.testing.assert_allclose(out["native"][0], out["stencil"][0], rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(out["native"][1]), jax.tree_util.tree_leaves(out["stencil"][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+
+
 def test_upsample_vjp_refuses_unknown_modes(upsample_mode):
     with pytest.raises(ValueError, match="'native', 'stencil' or 'autodiff'"):
         upsample_mode("fast")
