@@ -421,3 +421,25 @@ def test_dice_analysis_follows_the_protocol():
     assert a["within_noise"]  # smaller in the mean and in the spread than two float32 seeds
     tables["bf16", 1] = dict(zip(pairs, base + 0.05))  # a gross effect
     assert not bf16_training.analyse(tables)["within_noise"]
+
+
+def test_a_training_run_turns_bf16_inference_off_while_it_trains_and_restores_it(tmp_path, monkeypatch):
+    # CRD_JAX_CONV_BF16=1 (bfloat16 inference) must not round a run's frozen teachers, S3's teacher cache or its
+    # validation: the pipeline holds it off while its stages run, and gives the process its setting back after
+    from crd_jax.config import base_config
+    from crd_jax.training import pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "_run_stages", lambda *a, **k: seen.append(conv_mod.bf16_inference()) or [])
+    before = conv_mod.bf16_inference()
+    c = base_config()
+    c.data.kind, c.data.ndim = "synthetic", 2
+    c.data.synthetic.shape = (32, 32)
+    c.data.synthetic.train, c.data.synthetic.val, c.data.synthetic.test = 4, 0, 2
+    c.workdir = str(tmp_path / "run")
+    try:
+        conv_mod.bf16_inference(True)
+        assert pipeline.run(c) == [] and seen == [False]
+        assert conv_mod.bf16_inference() is True
+    finally:
+        conv_mod.bf16_inference(before)

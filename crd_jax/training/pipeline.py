@@ -253,6 +253,12 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
     # again if the run fails before its first stage has saved anything.
     is_main = jax.process_index() == 0
     created = not workdir.exists()
+    # Training is float32 outside train.bf16: CRD_JAX_CONV_BF16=1 (bfloat16 *inference*) must not round the frozen
+    # teachers, S3's teacher cache (whose fingerprint does not record it) or the validation of a run.
+    from crd_jax.ops.conv import bf16_inference
+
+    inference_bf16 = bf16_inference()
+    bf16_inference(False)
     try:
         return _run_stages(config, typed, workdir, datasets, labels, loader, example, multiple, is_main)
     except (InputError, ValueError, OSError) as exc:  # OSError: a full disk, a folder not ours
@@ -266,6 +272,8 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
         ):
             shutil.rmtree(workdir, ignore_errors=True)  # created by this call, holds only its own start files
         raise
+    finally:
+        bf16_inference(inference_bf16)
 
 
 def _load_pretrained(name: str, st, logger) -> Trained:
