@@ -221,6 +221,8 @@ def report(workdir: Path, out: Path, draws: int) -> dict:
         "protocol": protocol.__name__.replace(".", "/") + ".py",
         "started": (workdir / "config.json").exists(),
         "teacher_phase": teacher,
+        # every finished teacher stage, evaluated (after training) or not (S1 has no validation of its own)
+        "teacher_finished": [s for s in protocol.TEACHER_PIPELINE if s in teacher or (workdir / "stages" / s / "model").exists()],
         "gate": g,
     }
     lines = [f"### {protocol.get_config().name} (pre-registered, {protocol.__name__.replace('.', '/')}.py)"]
@@ -319,7 +321,9 @@ def summary(payload: dict) -> str:
     if g is None and not payload.get("started", True):
         return head + "not started."
     if g is None:
-        done = ", ".join(r["label"] for r in payload["teacher_phase"].values()) or "nothing yet"
+        evaluated = payload["teacher_phase"]
+        finished = payload.get("teacher_finished", list(evaluated))  # older payloads: the evaluated stages only
+        done = ", ".join(evaluated[s]["label"] if s in evaluated else s for s in finished) or "nothing yet"
         going = ", ".join(f"{s} step {p['step']:,} of {p['steps']:,}" for s, p in payload.get("progress", {}).items())
         return head + f"teacher phase under way; finished: {done}" + (f"; training: {going}" if going else "") + "."
     gate = (

@@ -97,6 +97,11 @@ def test_the_readme_summary_says_where_an_experiment_is(tmp_path):
     payload, _, summary = _report(tmp_path, work, experiment=2)
     assert payload["started"] and "teacher phase under way; finished: VM-H" in summary
     assert "training: vm_l step 4 of 10" in summary
+    # a stage trained without a validation of its own (S1) counts as finished once its model is saved
+    for name in ("vm_h", "coop"):
+        (work / "stages" / name / "model").mkdir(parents=True)
+    payload, _, summary = _report(tmp_path, work, experiment=2)
+    assert payload["teacher_finished"] == ["vm_h", "coop"] and "finished: VM-H, coop;" in summary
 
 
 def test_partial_streams_are_reported_descriptively_with_the_diagnostics(tmp_path):
