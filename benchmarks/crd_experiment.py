@@ -367,8 +367,12 @@ def run_config(args):
 
 def run(args) -> dict:
     """Teacher phase, gate, student phase (if passed), report; resumes whatever finished. Returns the gate."""
+    from crd_jax.ops.conv import bf16_inference
     from crd_jax.training import pipeline
 
+    # float32 throughout, the gate's own network passes included (pipeline.run holds bfloat16 inference off
+    # only while its stages run): CRD_JAX_CONV_BF16=1 must not decide a pre-registered gate
+    bf16_inference(False)
     config = run_config(args)
     if protocol is lpba40_crd_exp1 and not (args.workdir / "stages" / "vm_h" / "model").exists():
         # VM-H and VM-LL of the main run, as shipped (the protocol's starting point)

@@ -263,7 +263,9 @@ class PersistentJit:
     a description holding a memory address (``0x...``) would never match again, so it is not stored.
 
     Inside another trace, away from the CPU, with arguments on other devices or processes, or with the cache
-    off, it is the plain ``jax.jit`` function."""
+    off, it is the plain ``jax.jit`` function: one per set of the process's trace settings
+    (:func:`_trace_settings`), since ``jax.jit``'s own cache does not see them (a function traced under
+    ``bf16_inference(True)`` must not be reused after it is turned off, nor the other way round)."""
 
     def __init__(
         self,
@@ -278,10 +280,27 @@ class PersistentJit:
         names = list(inspect.signature(fun).parameters)
         self._static_positions = set(static_argnums) | {names.index(n) for n in static_argnames if n in names}
         self._static_names = set(static_argnames) | {names[i] for i in static_argnums if i < len(names)}
-        # both given in full: jax.jit infers one from the other only when the other is left out
-        self._jit = jax.jit(fun, static_argnums=sorted(self._static_positions), static_argnames=sorted(self._static_names))
         self._what = f"{fun.__module__}.{fun.__qualname__}|{context}"
         self._programs: dict = {}
+        self._jits: dict = {}  # trace settings -> the plain jitted function traced under them
+
+    @property
+    def _jit(self):
+        settings = _trace_settings()
+        jitted = self._jits.get(settings)
+        if jitted is None:
+            fun = self.__wrapped__
+
+            # a new function object per settings: jax.jit caches traces by the function, across its wrappers
+            @functools.wraps(fun)
+            def traced(*args, **kwargs):
+                return fun(*args, **kwargs)
+
+            # both given in full: jax.jit infers one from the other only when the other is left out
+            jitted = self._jits[settings] = jax.jit(
+                traced, static_argnums=sorted(self._static_positions), static_argnames=sorted(self._static_names)
+            )
+        return jitted
 
     def __call__(self, *args, **kwargs):
         folder = _executables["folder"]
@@ -304,7 +323,7 @@ class PersistentJit:
         return program(*dynamic, **dynamic_kw)
 
     def __getattr__(self, name):  # lower, trace, eval_shape, ...: those of the plain jitted function
-        if name == "_jit":
+        if name.startswith("_"):  # not set yet (during __init__) or private: no recursion through _jit
             raise AttributeError(name)
         return getattr(self._jit, name)
 

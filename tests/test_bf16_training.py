@@ -443,3 +443,44 @@ def test_a_training_run_turns_bf16_inference_off_while_it_trains_and_restores_it
         assert conv_mod.bf16_inference() is True
     finally:
         conv_mod.bf16_inference(before)
+
+
+def test_a_jitted_predictor_is_traced_again_when_bf16_inference_changes():
+    # jax.jit's cache does not see the process's trace settings: a predictor traced with bfloat16 inference on
+    # must not be reused once it is off (a run's validation after a bf16 call), nor the other way round
+    from crd_jax.compile import persistent_jit
+
+    seen = []
+
+    def fn(x):
+        seen.append(conv_mod.bf16_inference())
+        return x + 1.0
+
+    f = persistent_jit(fn, context="test")
+    before = conv_mod.bf16_inference()
+    try:
+        for setting in (True, False, True, False):
+            conv_mod.bf16_inference(setting)
+            assert float(f(jnp.float32(1.0))) == 2.0
+    finally:
+        conv_mod.bf16_inference(before)
+    assert seen == [True, False]  # traced once per setting, then reused
+
+
+@needs_bf16
+def test_a_stored_convolution_program_follows_bf16_inference_both_ways():
+    from crd_jax.compile import persistent_jit
+
+    k = jax.random.split(jax.random.PRNGKey(0), 2)
+    x, w = jax.random.normal(k[0], (1, 8, 8, 8, 16)), 0.1 * jax.random.normal(k[1], (3, 3, 3, 16, 16))
+    f = persistent_jit(lambda x: conv_mod.conv(x, w, jnp.zeros(16)), context="test")
+    reference = np.asarray(conv_mod.conv_reference(x, w, jnp.zeros(16)))
+    before, outs = conv_mod.bf16_inference(), []
+    try:
+        for setting in (True, False, True, False):
+            conv_mod.bf16_inference(setting)
+            outs.append(np.abs(np.asarray(f(x)) - reference).max())
+    finally:
+        conv_mod.bf16_inference(before)
+    assert outs[0] > 1e-3 and outs[2] == outs[0]  # bfloat16 ran, and ran again
+    assert outs[1] < 1e-4 and outs[3] == outs[1]  # float32 after it, both times
