@@ -190,8 +190,10 @@ def render(payload) -> str:
     }[comparison]
     command = "python benchmarks/loss_speed.py" + ("" if comparison == "loss" else f" --compare {comparison}")
     md = [
-        f"The registration loss at {shape}, batch 1 ({m.get('cpu', '')}, {m.get('cpus', '?')} cores; load average "
-        f"{payload['load']:.1f} at the start: where it is above 0, the machine was shared, read the ratios). "
+        f"The registration loss at {shape}, batch 1 ({m.get('cpu', '')}, {m.get('cpus', '?')} cores; 1-minute load "
+        f"average {payload['load']:.1f} at the start"
+        + (f", {payload['load_end']:.1f} at the end" if "load_end" in payload else "")
+        + ": a load above the cores this run used means the machine was shared; read the ratios). "
         + what
         + f"Both compiled in one process, rounds alternating, minimum wall time of {payload['repeats']} rounds; CPU "
         "time = user + system seconds per call. "
@@ -256,6 +258,7 @@ def main(argv=None):
     payload["steps"] = (
         [] if (args.no_steps or args.quick) else time_steps(shape, repeats, tuple(args.stages), comparison=args.compare)
     )
+    payload["load_end"] = os.getloadavg()[0]
     md = render(payload)
     name = "loss_speed" + ("" if args.compare == "loss" else f"_{args.compare}") + ("_quick" if args.quick else "")
     write(args.out or HERE / "results" / name, payload, md)
