@@ -123,7 +123,10 @@ def test_coarse_backward_stores_no_concatenation_and_drops_the_unneeded_skip_gra
     w, b = jnp.ones((3, 3, 3, 34, 16)) * 0.01, jnp.zeros(16)
     grad = jax.jit(jax.grad(lambda low, w, b, skip: jnp.sum(conv_upsampled_concat(low, skip, w, b, 0.2)), argnums=(0, 1, 2)))
     text = grad.lower(low, w, b, skip).compile().as_text()
-    assert text.count('custom_call_target="crd_conv_fwd"') == 1  # dlow only (dskip was dropped)
+    # dlow only (dskip was dropped): the pooled Winograd pass where it runs, else the coarse correlation
+    dlow_target = "crd_conv_pooled_t" if native.winograd() else "crd_conv_fwd"
+    assert text.count(f'custom_call_target="{dlow_target}"') == 1
+    assert text.count('custom_call_target="crd_conv_fwd"') == (dlow_target == "crd_conv_fwd")
     assert text.count('custom_call_target="crd_conv_wgrad"') == 2  # coarse and skip weight gradients
     assert "f32[1,8,8,8,34]" not in text
 
@@ -131,7 +134,41 @@ def test_coarse_backward_stores_no_concatenation_and_drops_the_unneeded_skip_gra
 def test_upcat_backward_setting_is_checked(upcat_mode):
     with pytest.raises(ValueError):
         upcat_mode("fused")
-    assert upcat_mode() in ("coarse", "concat")
+    assert upcat_mode() in ("coarse", "coarse_direct", "concat")
+
+
+POOLED_CASES = [
+    # low spatial shape, C_low, C_skip, C_out, batch
+    ((4, 5, 6), 32, 2, 16, 1),  # VM's last decoder level: odd and even coarse sizes, the images as the skip
+    ((3, 3, 3), 16, 16, 32, 2),  # a batch, skip channels with a gradient of their own
+    ((1, 1, 2), 16, 3, 48, 1),  # single-voxel coarse axes (every tile at an edge), three output vectors
+    ((2, 30, 3), 48, 1, 16, 1),  # a row of 30 tiles (more than a chunk of 24), 48 low channels
+]
+
+
+@pytest.mark.skipif(not native.winograd(), reason="the Winograd path needs the native kernel on AVX-512")
+@pytest.mark.parametrize("low_shape,cl,cs,cout,batch", POOLED_CASES)
+def test_pooled_winograd_input_gradient_matches_lax_and_the_coarse_correlation(low_shape, cl, cs, cout, batch, upcat_mode):
+    # d low = the fine grid's input gradient summed over each 2x2x2 block (csrc ConvPooledT: 27 of 64 products)
+    rng = np.random.default_rng(sum(low_shape) + cl)
+    low = jnp.asarray(rng.standard_normal((batch, *low_shape, cl)), jnp.float32)
+    skip = jnp.asarray(rng.standard_normal((batch, *(2 * n for n in low_shape), cs)), jnp.float32)
+    w = jnp.asarray(0.1 * rng.standard_normal((3, 3, 3, cl + cs, cout)), jnp.float32)
+    b = jnp.zeros((cout,), jnp.float32)
+    r = jnp.asarray(rng.standard_normal((batch, *skip.shape[1:-1], cout)), jnp.float32)
+    loss = lambda low, skip, w: jnp.sum(conv_upsampled_concat(low, skip, w, b, negative_slope=0.2) * r)  # noqa: E731
+    ref = jax.grad(lambda low, skip, w: jnp.sum(_reference_upcat_traced(low, skip, w, b, 0.2) * r), argnums=(0, 1, 2))
+    want = ref(low, skip, w)
+    got = {}
+    for mode in ("coarse", "coarse_direct"):
+        upcat_mode(mode)
+        fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        assert ("crd_conv_pooled_t" in fn.lower(low, skip, w).as_text()) == (mode == "coarse")
+        got[mode] = fn(low, skip, w)
+    for g, g_direct, g_ref in zip(got["coarse"], got["coarse_direct"], want):
+        scale = float(jnp.max(jnp.abs(g_ref))) or 1.0
+        np.testing.assert_allclose(g, g_ref, rtol=0, atol=2e-6 * scale)
+        np.testing.assert_allclose(g, g_direct, rtol=0, atol=2e-6 * scale)
 
 
 # --- the upsampling's transpose ------------------------------------------------------------------------------

@@ -431,15 +431,18 @@ def _upcat_conv_fwd(low, skip, w, b, padding, negative_slope, train_bf16):
 
 def upcat_backward(mode: Optional[str] = None) -> str:
     """How :func:`conv_upsampled_concat`'s backward pass runs on the native path. ``"coarse"`` (the default): where
-    the skip is exactly twice the coarse grid, the upsampled channels' input and weight gradients are a stride-2
-    correlation on the coarse grid (:func:`_coarse_upsampled_grads`) and the skip's are a plain convolution's
-    (left out by XLA where the skip needs no gradient, as for the image pair); nothing of the concatenation's
-    size is stored. ``"concat"``: the concatenation is materialised and differentiated as one convolution (the
-    earlier way; benchmarks compare the two). ``mode`` sets it for this process (read when a function is
-    traced); returns the mode in use."""
+    the skip is exactly twice the coarse grid, the upsampled channels' gradients come from the coarse grid and
+    the skip's are a plain convolution's (left out by XLA where the skip needs no gradient, as for the image pair);
+    nothing of the concatenation's size is stored. The input gradient is the fine grid's, each 2x2x2 block summed,
+    in one Winograd pass that computes only the 27 of 64 products the sums need (:func:`_pooled_input_grad`; 3^3
+    kernels, AVX-512), else a stride-2 correlation on the coarse grid (:func:`_coarse_upsampled_grads`); the
+    weight gradient is that correlation's. ``"coarse_direct"``: the coarse correlation for the input gradient too
+    (the earlier way; benchmarks compare the two). ``"concat"``: the concatenation is materialised and
+    differentiated as one convolution. ``mode`` sets it for this process (read when a function is traced);
+    returns the mode in use."""
     if mode is not None:
-        if mode not in ("coarse", "concat"):
-            raise ValueError(f"upcat backward must be 'coarse' or 'concat', not {mode!r}")
+        if mode not in ("coarse", "coarse_direct", "concat"):
+            raise ValueError(f"upcat backward must be 'coarse', 'coarse_direct' or 'concat', not {mode!r}")
         _settings["upcat_backward"] = mode
     return _settings.setdefault("upcat_backward", "coarse")
 
@@ -467,6 +470,34 @@ def _coarse_fits(low, skip) -> bool:
     return all(2 * l == s for l, s in zip(low.shape[1:-1], skip.shape[1:-1]))
 
 
+def _pooled_winograd_applies(low, dz, w_low, padding, bf16) -> bool:
+    """Whether the upsampled channels' input gradient runs as ``csrc/ffi_glue.cc: ConvPooledT`` (Winograd with the
+    outputs of each 2x2x2 tile summed): 3-D, a 3^3 kernel with padding 1, float32 (not bfloat16 training), the
+    low channels a multiple of 16, at most 128 output channels, and the Winograd path on (AVX-512)."""
+    from crd_jax.ops import native
+
+    return (
+        low.ndim == 5
+        and tuple(w_low.shape[:3]) == (3, 3, 3)
+        and tuple(tuple(p) for p in padding) == ((1, 1),) * 3
+        and not bf16
+        and low.shape[-1] % 16 == 0
+        and dz.shape[-1] <= 128
+        and dz.dtype == jnp.float32
+        and upcat_backward() == "coarse"
+        and native.winograd()
+    )
+
+
+def _pooled_input_grad(dz, w_low, low_shape):
+    """``d low = pool(conv^T(dz))``: the convolution's input gradient on the fine grid (flipped, transposed weights),
+    each 2x2x2 block summed onto the coarse voxel it was upsampled from, in one native Winograd pass that computes
+    only the 27 of 64 products the sums need (27 instead of the coarse correlation's 64 multiply-adds per coarse
+    voxel and channel pair)."""
+    out = jax.ShapeDtypeStruct(low_shape, jnp.float32)
+    return jax.ffi.ffi_call("crd_conv_pooled_t", out, vmap_method="sequential")(dz, _flip_transpose(w_low))
+
+
 def _coarse_upsampled_grads(low, dz, w_low, padding, bf16=False):
     """Input and weight gradients of ``conv(up(low), w_low)`` (stride 1, the skip exactly twice ``low``'s grid)
     from the coarse grid: see :func:`coarse_tap_matrix`. One native stride-2 correlation (``(k+1)^d`` taps on
@@ -488,13 +519,23 @@ def _coarse_upsampled_grads(low, dz, w_low, padding, bf16=False):
         return vjp(dz)
 
     def native_fn(low, dz, w_low):
-        # W'[j] = sum_t M[j, t] w[t]^T: dz's channels in, low's channels out
-        spec = ",".join(f"{a}{t}" for a, t in zip(letters, fine)) + f",{fine}io->{letters}oi"
-        w_coarse = jnp.einsum(spec, *mats, w_low)
-        zero_bias = jnp.zeros((w_low.shape[-2],), dz.dtype)
-        dlow = _native_forward(
-            dz, w_coarse, zero_bias, (2,) * ndim, coarse_pad, None, out_spatial=low.shape[1:-1], bf16=_bf16_for(w_coarse, bf16)
-        )
+        if _pooled_winograd_applies(low, dz, w_low, padding, bf16):
+            dlow = _pooled_input_grad(dz, w_low, low.shape)
+        else:
+            # W'[j] = sum_t M[j, t] w[t]^T: dz's channels in, low's channels out
+            spec = ",".join(f"{a}{t}" for a, t in zip(letters, fine)) + f",{fine}io->{letters}oi"
+            w_coarse = jnp.einsum(spec, *mats, w_low)
+            zero_bias = jnp.zeros((w_low.shape[-2],), dz.dtype)
+            dlow = _native_forward(
+                dz,
+                w_coarse,
+                zero_bias,
+                (2,) * ndim,
+                coarse_pad,
+                None,
+                out_spatial=low.shape[1:-1],
+                bf16=_bf16_for(w_coarse, bf16),
+            )
         g = _native_weight_grad(dz, low, tuple(k + 1 for k in kernel), (2,) * ndim, coarse_pad)  # (..., Co, Ci_low)
         spec = ",".join(f"{a}{t}" for a, t in zip(letters, fine)) + f",{letters}oi->{fine}io"
         return dlow, jnp.einsum(spec, *mats, g)

@@ -134,6 +134,7 @@ double AmxMulAddSpeedup();
 namespace winograd {  // conv_winograd_avx512.cc
 void WinogradForward(const Geometry& g, const float* x, const float* w, const float* bias, float slope, bool act,
                      float* y);
+void WinogradPooledForward(const Geometry& g, const float* x, const float* w, float* y);
 void WinogradUpcatForward(const Geometry& g, const Upcat& u, const float* w, const float* bias, float slope, bool act,
                           float* y);
 void WinogradWeightGrad(const Geometry& g, const float* x, const float* dy, float* dw_out);  // conv_wgrad_winograd_avx512.cc

@@ -78,6 +78,47 @@ void WinogradForward(const Geometry& g, const float* x, const float* w, const fl
   });
 }
 
+// WinogradForward with the 2 x 2 x 2 outputs of every tile summed into one voxel of a grid half the size (the
+// caller checks that the output's sizes are even): the input gradient of a convolution of a nearest-upsampled
+// input, pool(conv^T(dy)), in 27 instead of 64 products per tile (winograd.h: TileRowPooled).
+void WinogradPooledForward(const Geometry& g, const float* x, const float* w, float* y) {
+  const std::vector<float> v = crd::winograd::TransformWeights(w, g.Ci, g.Co, g.CoP);
+  const int64_t nt = (g.Wo + 1) / 2, tiles_d = (g.Do + 1) / 2, tiles_h = (g.Ho + 1) / 2;
+  const int64_t t_lo = std::min<int64_t>(1, nt);  // tile 0 reads column -1
+  const int64_t t_hi = std::clamp<int64_t>(g.W >= 3 ? (g.W - 3) / 2 + 1 : 0, t_lo, nt);  // reads column 2t + 2
+  const int64_t left_cols = 2 * t_lo + 2, right_cols = 2 * (nt - t_hi) + 2;
+  const int64_t band = WinogradBand(g, g.W * g.Ci);
+  ParallelFor(g.B * tiles_d, NumThreads(), [&](int64_t begin, int64_t end, int) {
+    std::vector<float> edges(16 * (left_cols + right_cols) * g.Ci + 1);
+    crd::winograd::Scratch scratch(g.Ci, g.Co);
+    for (int64_t th0 = 0; th0 < tiles_h; th0 += band) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t b = p / tiles_d, td = p % tiles_d;
+        for (int64_t th = th0; th < std::min(tiles_h, th0 + band); ++th) {
+          crd::winograd::TileRows in;
+          in.t_lo = t_lo, in.t_hi = t_hi;
+          float* buf = edges.data();
+          for (int64_t k = 0; k < 16; ++k) {
+            const int64_t id = 2 * td - 1 + k / 4, ih = 2 * th - 1 + k % 4;
+            if (id < 0 || id >= g.D || ih < 0 || ih >= g.H) {
+              in.inner[k] = in.left[k] = in.right[k] = nullptr;
+              continue;
+            }
+            const float* xrow = x + ((b * g.D + id) * g.H + ih) * g.W * g.Ci;
+            in.inner[k] = xrow - g.Ci;  // tiles [t_lo, t_hi) never read before xrow
+            in.left[k] = EdgeRow(g, xrow, 0, left_cols, buf);
+            buf += left_cols * g.Ci;
+            in.right[k] = EdgeRow(g, xrow, 2 * t_hi, right_cols, buf) + 2 * t_hi * g.Ci;
+            buf += right_cols * g.Ci;
+          }
+          float* out = y + ((b * tiles_d + td) * tiles_h + th) * nt * g.Co;  // coarse row (b, td, th)
+          crd::winograd::TileRowPooled(in, g.Ci, g.Co, nt, v.data(), out, scratch);
+        }
+      }
+    }
+  });
+}
+
 // The same over concat(up(low), skip): the zero-padded input rows of a band of tile rows are built once per
 // plane into a ring of four depth slots (a tile plane reads four input planes, two shared with the next). Where
 // the skip is exactly twice the coarse grid and the coarse channels fill whole vectors (VM's decoder), tile t

@@ -123,6 +123,26 @@ ffi::Error ConvWgradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi:
   return ffi::Error::Success();
 }
 
+// pool(conv^T(dy)) of the decoder's upsampled channels: dy (B, D, H, W, Ci) with even sizes, w the flipped,
+// transposed 3^3 kernel (3, 3, 3, Ci, Co), padding 1; out (B, D/2, H/2, W/2, Co) holds each 2 x 2 x 2 block's sum
+// (conv.py: _coarse_upsampled_grads). Winograd only: AVX-512, Co a multiple of 16, Ci <= 128.
+ffi::Error ConvPooledTImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
+  auto xd = dy.dimensions(), wd = w.dimensions(), od = out->dimensions();
+  if (auto e = CheckRank(xd, 5, "dy"); e.failure()) return e;
+  if (auto e = CheckRank(wd, 5, "w"); e.failure()) return e;
+  if (auto e = CheckRank(od, 5, "out"); e.failure()) return e;
+  Geometry g{xd[0], xd[1], xd[2], xd[3], xd[4], xd[1], xd[2], xd[3], wd[4], wd[4], 3, 3, 3, 1, 1, 1, 1, 1, 1};
+  if (wd[0] != 3 || wd[1] != 3 || wd[2] != 3 || wd[3] != g.Ci) return ffi::Error::InvalidArgument("pooled: weight shape");
+  if (g.D % 2 || g.H % 2 || g.W % 2 || od[0] != g.B || 2 * od[1] != g.D || 2 * od[2] != g.H || 2 * od[3] != g.W ||
+      od[4] != g.Co)
+    return ffi::Error::InvalidArgument("pooled: out must be (B, D/2, H/2, W/2, Co) of an even dy");
+  if (g.Co % 16 != 0 || g.Ci > 128 || ActiveIsa() != kAvx512)  // 128: winograd.h kMaxChannels
+    return ffi::Error::InvalidArgument("pooled: needs AVX-512, Co a multiple of 16 and Ci <= 128");
+  if (out->element_count() == 0) return ffi::Error::Success();
+  winograd::WinogradPooledForward(g, dy.typed_data(), w.typed_data(), out->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrdConvFwd, ConvFwdImpl,
@@ -166,3 +186,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrdConvWgrad, ConvWgradImpl,
                                   .Attr<int64_t>("pd")
                                   .Attr<int64_t>("ph")
                                   .Attr<int64_t>("pw"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrdConvPooledT, ConvPooledTImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

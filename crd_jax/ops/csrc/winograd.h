@@ -321,6 +321,73 @@ inline void TileRow(const TileRows& in, int64_t ci, int64_t co, int64_t nt, int6
   }
 }
 
+// --- sum-pooled outputs: the input gradient of a convolution of a nearest x2 upsampled input -------------------
+// d low = pool(conv^T(dy)): the 2 x 2 x 2 outputs of each tile summed (tile t of every axis is coarse voxel t).
+// Along an axis the two rows of A^T sum to (1, 2, 0, -1), so only the 27 positions without an index 2 contribute,
+// and only their products are computed: 27 instead of 64 multiply-adds per coarse voxel and channel pair.
+
+// M[p] = U[p] V[p] for the 27 positions p without an index 2.
+template <int TS>
+inline void ChunkProductsPooled(int64_t n, const float* u, int64_t u_stride, int64_t ci, const float* v, int64_t co,
+                                float* m, int64_t m_stride) {
+  for (int p = 0; p < 64; ++p) {
+    if (HasIndexTwo(p)) continue;
+    const float* up = u + p * u_stride;
+    const float* vp = v + p * WeightStride(ci, co);
+    float* mp = m + p * m_stride;
+    int64_t co0 = 0;
+    for (; co0 + 32 <= co; co0 += 32) GemmTiles<2, TS>(n, up, ci, vp + co0, co, mp + co0);
+    if (co0 < co) GemmTiles<1, TS>(n, up, ci, vp + co0, co, mp + co0);
+  }
+}
+
+// The sum of tile t's 8 outputs, channels co0 .. co0 + 16, written to out[t * co + co0]: sum_p a(p) M[p] with
+// a = (1, 2, 0, -1) along each axis (width, then height, then depth).
+inline void OutputTilePooled(const float* m, int64_t m_stride, int64_t co, int64_t co0, int64_t t, float* out) {
+  constexpr int kIdx[3] = {0, 1, 3};
+  const __m512 two = _mm512_set1_ps(2.0f);
+  __m512 depth[3];
+  for (int ia = 0; ia < 3; ++ia) {
+    __m512 height[3];
+    for (int ib = 0; ib < 3; ++ib) {
+      const float* p = m + ((kIdx[ia] * 4 + kIdx[ib]) * 4) * m_stride + t * co + co0;
+      height[ib] = _mm512_sub_ps(_mm512_fmadd_ps(two, _mm512_loadu_ps(p + m_stride), _mm512_loadu_ps(p)),
+                                 _mm512_loadu_ps(p + 3 * m_stride));
+    }
+    depth[ia] = _mm512_sub_ps(_mm512_fmadd_ps(two, height[1], height[0]), height[2]);
+  }
+  _mm512_storeu_ps(out + t * co + co0, _mm512_sub_ps(_mm512_fmadd_ps(two, depth[1], depth[0]), depth[2]));
+}
+
+// One row of tiles (TileRow's inputs), each tile's outputs summed into coarse voxel t of `out` (co floats each).
+inline void TileRowPooled(const TileRows& in, int64_t ci, int64_t co, int64_t nt, const float* v, float* out,
+                          Scratch& s) {
+  for (int64_t t0 = 0; t0 < nt; t0 += kChunk) {
+    const int64_t n = std::min(kChunk, nt - t0);
+    const int64_t ts = TileFloats(ci), u_stride = n * ts + kSkew, m_stride = n * co + kSkew;
+    for (int64_t t = t0; t < t0 + n; ++t) {
+      float* ut = s.u.data() + (t - t0) * ts;
+      const float* const* rows = t < in.t_lo ? in.left : t >= in.t_hi ? in.right : in.inner;
+      const int64_t offset = 2 * (t >= in.t_hi ? t - in.t_hi : t) * ci;
+      for (int64_t ci0 = 0; ci0 < ci; ci0 += 16) {
+        const __mmask16 mask = ci - ci0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (ci - ci0)) - 1);
+        InputTile(rows, offset, ci, ci0, mask, ut, u_stride);
+      }
+    }
+    switch (ts) {
+#define CRD_WINO_TS(TS) \
+  case TS:              \
+    ChunkProductsPooled<TS>(n, s.u.data(), u_stride, ci, v, co, s.m.data(), m_stride); \
+    break;
+      CRD_WINO_TS(16) CRD_WINO_TS(32) CRD_WINO_TS(48) CRD_WINO_TS(64) CRD_WINO_TS(80) CRD_WINO_TS(96)
+      CRD_WINO_TS(112) CRD_WINO_TS(128)
+#undef CRD_WINO_TS
+    }
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t co0 = 0; co0 < co; co0 += 16) OutputTilePooled(s.m.data(), m_stride, co, co0, t, out + t0 * co);
+  }
+}
+
 #pragma GCC pop_options
 
 }  // namespace crd::winograd
