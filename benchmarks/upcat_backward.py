@@ -2,7 +2,7 @@
 fine grid whose 2x2x2 sums need 27 of its 64 products (``upcat_backward("coarse")``, the default on AVX-512) and
 as the stride-2 correlation on the coarse grid (``"coarse_direct"``, the earlier way).
 
-    python benchmarks/upcat_backward.py            # 128^3: VM-H's decoder levels, VM-H and VM-L steps -> results/upcat_backward.{md,json}
+    python benchmarks/upcat_backward.py            # 128^3: decoder levels, VM-H and VM-L steps -> results/upcat_backward
     python benchmarks/upcat_backward.py --quick    # 32^3, 2 rounds (a check that it runs)
 
 Every function is compiled both ways in ONE process and the rounds alternate, minimum over rounds: read the
@@ -94,8 +94,8 @@ def render(payload) -> str:
     md = [
         f"The decoder's upcat backward at {shape}, batch 1 ({m.get('cpu', '')}, {m.get('cpus', '?')} cores; {payload['conv']}; "
         f"1-minute load average {payload['load']:.1f} at the start, {payload['load_end']:.1f} at the end). Before: the "
-        "upsampled channels' input gradient as a stride-2 correlation on the coarse grid (`upcat_backward(\"coarse_direct\")`); "
-        "after: one Winograd pass over the fine grid keeping the 27 of 64 products its 2x2x2 sums need (`\"coarse\"`, "
+        'upsampled channels\' input gradient as a stride-2 correlation on the coarse grid (`upcat_backward("coarse_direct")`); '
+        'after: one Winograd pass over the fine grid keeping the 27 of 64 products its 2x2x2 sums need (`"coarse"`, '
         "`csrc/ffi_glue.cc: ConvPooledT`). Both compiled in one process, rounds alternating, minimum of "
         f"{payload['repeats']} rounds. Regenerate: `python benchmarks/upcat_backward.py`.",
         "",
