@@ -142,7 +142,8 @@ POOLED_CASES = [
     ((4, 5, 6), 32, 2, 16, 1),  # VM's last decoder level: odd and even coarse sizes, the images as the skip
     ((3, 3, 3), 16, 16, 32, 2),  # a batch, skip channels with a gradient of their own
     ((1, 1, 2), 16, 3, 48, 1),  # single-voxel coarse axes (every tile at an edge), three output vectors
-    ((2, 30, 3), 48, 1, 16, 1),  # a row of 30 tiles (more than a chunk of 24), 48 low channels
+    ((2, 3, 26), 48, 1, 16, 1),  # a row of 26 tiles (more than a chunk of 24), 48 low channels
+    ((2, 2, 3), 16, 2, 24, 1),  # 24 output channels: the input transform's masked loads of dz
 ]
 
 
@@ -169,6 +170,30 @@ def test_pooled_winograd_input_gradient_matches_lax_and_the_coarse_correlation(l
         scale = float(jnp.max(jnp.abs(g_ref))) or 1.0
         np.testing.assert_allclose(g, g_ref, rtol=0, atol=2e-6 * scale)
         np.testing.assert_allclose(g, g_direct, rtol=0, atol=2e-6 * scale)
+
+
+@pytest.mark.skipif(not native.winograd(), reason="the Winograd path needs the native kernel on AVX-512")
+def test_a_compiled_pooled_gradient_still_runs_after_winograd_or_avx512_is_switched_off(upcat_mode):
+    # the program chose the pooled pass when it was traced; switched off later, the kernel takes the coarse
+    # correlation on the active instruction set instead of refusing
+    upcat_mode("coarse")
+    rng = np.random.default_rng(7)
+    low = jnp.asarray(rng.standard_normal((1, 3, 2, 3, 16)), jnp.float32)
+    skip = jnp.asarray(rng.standard_normal((1, 6, 4, 6, 2)), jnp.float32)
+    w = jnp.asarray(0.1 * rng.standard_normal((3, 3, 3, 18, 16)), jnp.float32)
+    b = jnp.zeros((16,), jnp.float32)
+    fn = jax.jit(jax.grad(lambda low, w: jnp.sum(conv_upsampled_concat(low, skip, w, b, 0.2) ** 2), argnums=(0, 1)))
+    assert "crd_conv_pooled_t" in fn.lower(low, w).as_text()
+    want = jax.grad(lambda low, w: jnp.sum(_reference_upcat_traced(low, skip, w, b, 0.2) ** 2), argnums=(0, 1))(low, w)
+    isa = native.isa()
+    try:
+        for switch in (lambda: native.set_winograd(False), lambda: native.set_isa("avx2")):
+            switch()
+            for g, g_ref in zip(fn(low, w), want):
+                np.testing.assert_allclose(g, g_ref, rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(g_ref))))
+    finally:
+        native.set_isa(isa)
+        native.set_winograd(True)
 
 
 # --- the upsampling's transpose ------------------------------------------------------------------------------

@@ -30,6 +30,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "conv_common.h"
 #include "xla/ffi/api/ffi.h"
@@ -123,23 +124,46 @@ ffi::Error ConvWgradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi:
   return ffi::Error::Success();
 }
 
-// pool(conv^T(dy)) of the decoder's upsampled channels: dy (B, D, H, W, Ci) with even sizes, w the flipped,
+// pool(conv^T(dy)) of the decoder's upsampled channels: dy (B, D, H, W, Ci) with even sizes, wf the flipped,
 // transposed 3^3 kernel (3, 3, 3, Ci, Co), padding 1; out (B, D/2, H/2, W/2, Co) holds each 2 x 2 x 2 block's sum
-// (conv.py: _coarse_upsampled_grads). Winograd only: AVX-512, Co a multiple of 16, Ci <= 128.
-ffi::Error ConvPooledTImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out) {
-  auto xd = dy.dimensions(), wd = w.dimensions(), od = out->dimensions();
+// (conv.py: _coarse_upsampled_grads). Winograd where it runs now (AVX-512 active, Winograd on, Co a multiple of 16,
+// Ci <= 128: 27 of 64 products per tile); elsewhere, as when the ISA or Winograd was switched off after the program
+// was compiled, the coarse grid's stride-2 correlation with 4^3 taps W'[j] = wf[j] + wf[j - 1] per axis (conv.py:
+// coarse_tap_matrix) on the tiles of the active instruction set.
+ffi::Error ConvPooledTImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> wf, ffi::ResultBuffer<ffi::F32> out) {
+  auto xd = dy.dimensions(), wd = wf.dimensions(), od = out->dimensions();
   if (auto e = CheckRank(xd, 5, "dy"); e.failure()) return e;
   if (auto e = CheckRank(wd, 5, "w"); e.failure()) return e;
   if (auto e = CheckRank(od, 5, "out"); e.failure()) return e;
-  Geometry g{xd[0], xd[1], xd[2], xd[3], xd[4], xd[1], xd[2], xd[3], wd[4], wd[4], 3, 3, 3, 1, 1, 1, 1, 1, 1};
-  if (wd[0] != 3 || wd[1] != 3 || wd[2] != 3 || wd[3] != g.Ci) return ffi::Error::InvalidArgument("pooled: weight shape");
-  if (g.D % 2 || g.H % 2 || g.W % 2 || od[0] != g.B || 2 * od[1] != g.D || 2 * od[2] != g.H || 2 * od[3] != g.W ||
-      od[4] != g.Co)
+  const int64_t ci = xd[4], co = wd[4], cop = (co + 7) / 8 * 8;
+  if (wd[0] != 3 || wd[1] != 3 || wd[2] != 3 || wd[3] != ci) return ffi::Error::InvalidArgument("pooled: weight shape");
+  if (xd[1] % 2 || xd[2] % 2 || xd[3] % 2 || od[0] != xd[0] || 2 * od[1] != xd[1] || 2 * od[2] != xd[2] ||
+      2 * od[3] != xd[3] || od[4] != co)
     return ffi::Error::InvalidArgument("pooled: out must be (B, D/2, H/2, W/2, Co) of an even dy");
-  if (g.Co % 16 != 0 || g.Ci > 128 || ActiveIsa() != kAvx512)  // 128: winograd.h kMaxChannels
-    return ffi::Error::InvalidArgument("pooled: needs AVX-512, Co a multiple of 16 and Ci <= 128");
   if (out->element_count() == 0) return ffi::Error::Success();
-  winograd::WinogradPooledForward(g, dy.typed_data(), w.typed_data(), out->typed_data());
+  const bool winograd = WinogradSetting().load(std::memory_order_relaxed) != 0 && ActiveIsa() == kAvx512 &&
+                        co % 16 == 0 && ci <= 128;  // 128: winograd.h kMaxChannels
+  if (winograd) {
+    const Geometry g{xd[0], xd[1], xd[2], xd[3], ci, xd[1], xd[2], xd[3], co, co, 3, 3, 3, 1, 1, 1, 1, 1, 1};
+    winograd::WinogradPooledForward(g, dy.typed_data(), wf.typed_data(), out->typed_data());
+    return ffi::Error::Success();
+  }
+  std::vector<float> wc(64 * ci * cop, 0.0f);  // (4, 4, 4, ci, cop)
+  const float* w = wf.typed_data();
+  for (int64_t j = 0; j < 64; ++j) {
+    const int64_t jd = j / 16, jh = (j / 4) % 4, jw = j % 4;
+    for (int64_t a = 0; a < 8; ++a) {
+      const int64_t td = jd - a / 4, th = jh - (a / 2) % 2, tw = jw - a % 2;
+      if (td < 0 || td > 2 || th < 0 || th > 2 || tw < 0 || tw > 2) continue;
+      const float* src = w + ((td * 3 + th) * 3 + tw) * ci * co;
+      for (int64_t i = 0; i < ci; ++i)
+        for (int64_t o = 0; o < co; ++o) wc[(j * ci + i) * cop + o] += src[i * co + o];
+    }
+  }
+  const std::vector<float> zero(cop, 0.0f);
+  const Geometry g{xd[0], xd[1], xd[2], xd[3], ci, od[1], od[2], od[3], co, cop, 4, 4, 4, 2, 2, 2, 1, 1, 1};
+  if (auto e = CheckGeometry(g); e.failure()) return e;
+  ConvForward(g, dy.typed_data(), wc.data(), zero.data(), 0.0f, false, out->typed_data(), false);
   return ffi::Error::Success();
 }
 
