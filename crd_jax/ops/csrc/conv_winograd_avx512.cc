@@ -36,11 +36,9 @@ int64_t WinogradBand(const Geometry& g, int64_t row_floats) {
 
 // Tiles of 2 x 2 x 2 outputs over a channels-last input read in place: threads take planes of tiles (two
 // output depths), in bands of tile rows; only the first and last tiles of a row read zero-padded copies of the
-// few columns they need.
-void WinogradForward(const Geometry& g, const float* x, const float* w, const float* bias, float slope, bool act,
-                     float* y) {
-  WinogradCalls().fetch_add(1, std::memory_order_relaxed);
-  const std::vector<float> v = crd::winograd::TransformWeights(w, g.Ci, g.Co, g.CoP);
+// few columns they need. row(in, b, td, th, scratch) does the work of tile row (b, td, th) on its inputs.
+template <typename RowFn>
+void ForEachTileRow(const Geometry& g, const float* x, RowFn row) {
   const int64_t nt = (g.Wo + 1) / 2, tiles_d = (g.Do + 1) / 2, tiles_h = (g.Ho + 1) / 2;
   const int64_t t_lo = std::min<int64_t>(1, nt);  // tile 0 reads column -1
   const int64_t t_hi = std::clamp<int64_t>(g.W >= 3 ? (g.W - 3) / 2 + 1 : 0, t_lo, nt);  // reads column 2t + 2
@@ -69,12 +67,23 @@ void WinogradForward(const Geometry& g, const float* x, const float* w, const fl
             in.right[k] = EdgeRow(g, xrow, 2 * t_hi, right_cols, buf) + 2 * t_hi * g.Ci;
             buf += right_cols * g.Ci;
           }
-          float* out[4];
-          WinogradOutputRows(g, y, b, td, th, out);
-          crd::winograd::TileRow(in, g.Ci, g.Co, nt, g.Wo, v.data(), bias, slope, act, out, scratch);
+          row(in, b, td, th, scratch);
         }
       }
     }
+  });
+}
+
+void WinogradForward(const Geometry& g, const float* x, const float* w, const float* bias, float slope, bool act,
+                     float* y) {
+  WinogradCalls().fetch_add(1, std::memory_order_relaxed);
+  const std::vector<float> v = crd::winograd::TransformWeights(w, g.Ci, g.Co, g.CoP);
+  const int64_t nt = (g.Wo + 1) / 2;
+  ForEachTileRow(g, x, [&](const crd::winograd::TileRows& in, int64_t b, int64_t td, int64_t th,
+                           crd::winograd::Scratch& scratch) {
+    float* out[4];
+    WinogradOutputRows(g, y, b, td, th, out);
+    crd::winograd::TileRow(in, g.Ci, g.Co, nt, g.Wo, v.data(), bias, slope, act, out, scratch);
   });
 }
 
@@ -84,38 +93,10 @@ void WinogradForward(const Geometry& g, const float* x, const float* w, const fl
 void WinogradPooledForward(const Geometry& g, const float* x, const float* w, float* y) {
   const std::vector<float> v = crd::winograd::TransformWeights(w, g.Ci, g.Co, g.CoP);
   const int64_t nt = (g.Wo + 1) / 2, tiles_d = (g.Do + 1) / 2, tiles_h = (g.Ho + 1) / 2;
-  const int64_t t_lo = std::min<int64_t>(1, nt);  // tile 0 reads column -1
-  const int64_t t_hi = std::clamp<int64_t>(g.W >= 3 ? (g.W - 3) / 2 + 1 : 0, t_lo, nt);  // reads column 2t + 2
-  const int64_t left_cols = 2 * t_lo + 2, right_cols = 2 * (nt - t_hi) + 2;
-  const int64_t band = WinogradBand(g, g.W * g.Ci);
-  ParallelFor(g.B * tiles_d, NumThreads(), [&](int64_t begin, int64_t end, int) {
-    std::vector<float> edges(16 * (left_cols + right_cols) * g.Ci + 1);
-    crd::winograd::Scratch scratch(g.Ci, g.Co);
-    for (int64_t th0 = 0; th0 < tiles_h; th0 += band) {
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t b = p / tiles_d, td = p % tiles_d;
-        for (int64_t th = th0; th < std::min(tiles_h, th0 + band); ++th) {
-          crd::winograd::TileRows in;
-          in.t_lo = t_lo, in.t_hi = t_hi;
-          float* buf = edges.data();
-          for (int64_t k = 0; k < 16; ++k) {
-            const int64_t id = 2 * td - 1 + k / 4, ih = 2 * th - 1 + k % 4;
-            if (id < 0 || id >= g.D || ih < 0 || ih >= g.H) {
-              in.inner[k] = in.left[k] = in.right[k] = nullptr;
-              continue;
-            }
-            const float* xrow = x + ((b * g.D + id) * g.H + ih) * g.W * g.Ci;
-            in.inner[k] = xrow - g.Ci;  // tiles [t_lo, t_hi) never read before xrow
-            in.left[k] = EdgeRow(g, xrow, 0, left_cols, buf);
-            buf += left_cols * g.Ci;
-            in.right[k] = EdgeRow(g, xrow, 2 * t_hi, right_cols, buf) + 2 * t_hi * g.Ci;
-            buf += right_cols * g.Ci;
-          }
-          float* out = y + ((b * tiles_d + td) * tiles_h + th) * nt * g.Co;  // coarse row (b, td, th)
-          crd::winograd::TileRowPooled(in, g.Ci, g.Co, nt, v.data(), out, scratch);
-        }
-      }
-    }
+  ForEachTileRow(g, x, [&](const crd::winograd::TileRows& in, int64_t b, int64_t td, int64_t th,
+                           crd::winograd::Scratch& scratch) {
+    float* out = y + ((b * tiles_d + td) * tiles_h + th) * nt * g.Co;  // coarse row (b, td, th)
+    crd::winograd::TileRowPooled(in, g.Ci, g.Co, nt, v.data(), out, scratch);
   });
 }
 
