@@ -1,8 +1,13 @@
-"""The decoder's upcat backward, both ways: the upsampled channels' input gradient as one Winograd pass over the
-fine grid whose 2x2x2 sums need 27 of its 64 products (``upcat_backward("coarse")``, the default on AVX-512) and
-as the stride-2 correlation on the coarse grid (``"coarse_direct"``, the earlier way).
+"""The decoder's upcat backward, two ways in one process (``upcat_backward`` modes, crd_jax/ops/conv.py):
 
-    python benchmarks/upcat_backward.py            # 128^3: decoder levels, VM-H and VM-L steps -> results/upcat_backward
+* ``--compare coarse_split coarse`` (the default -> results/upcat_backward_wgrad): the weight gradient of both
+  inputs as one Winograd pass that reads the upsampled channels on their coarse grid (``"coarse"``, the default on
+  AVX-512), against the stride-2 coarse correlation's weight gradient plus the skip's own (``"coarse_split"``);
+* ``--compare coarse_direct coarse_split`` (-> results/upcat_backward): the upsampled channels' input gradient as
+  one Winograd pass over the fine grid whose 2x2x2 sums need 27 of its 64 products, against the stride-2
+  correlation on the coarse grid (``"coarse_direct"``).
+
+    python benchmarks/upcat_backward.py            # 128^3: decoder levels, VM-H and VM-L steps
     python benchmarks/upcat_backward.py --quick    # 32^3, 2 rounds (a check that it runs)
 
 Every function is compiled both ways in ONE process and the rounds alternate, minimum over rounds: read the
@@ -25,7 +30,22 @@ sys.path.insert(0, str(HERE))
 
 from common import machine, write  # noqa: E402
 
-MODES = ("coarse_direct", "coarse")  # before, after
+#: (before, after) -> (results name, what changes)
+COMPARISONS = {
+    ("coarse_split", "coarse"): (
+        "upcat_backward_wgrad",
+        "Before: the weight gradient as the stride-2 coarse correlation's for the upsampled channels plus the skip's "
+        'own (`upcat_backward("coarse_split")`); after: one Winograd pass for both, the upsampled channels read on '
+        'their coarse grid (27 of 64 products per tile) and the gradient transform shared (`"coarse"`, '
+        "`csrc/ffi_glue.cc: ConvWgradUpcat`).",
+    ),
+    ("coarse_direct", "coarse_split"): (
+        "upcat_backward",
+        "Before: the upsampled channels' input gradient as a stride-2 correlation on the coarse grid "
+        '(`upcat_backward("coarse_direct")`); after: one Winograd pass over the fine grid keeping the 27 of 64 '
+        'products its 2x2x2 sums need (`"coarse_split"`, `csrc/ffi_glue.cc: ConvPooledT`).',
+    ),
+}
 
 
 def levels(shape):
@@ -53,7 +73,7 @@ def _time_rounds(fns: dict, repeats: int) -> dict:
     return {k: min(v) for k, v in times.items()}
 
 
-def layer_functions(shape):
+def layer_functions(shape, modes):
     import jax
     import jax.numpy as jnp
 
@@ -66,14 +86,14 @@ def layer_functions(shape):
         b, r = jnp.zeros((co,)), jax.random.normal(k[3], (*skip_s[:-1], co))
         argnums = (0, 1, 2, 3) if skip_grad else (0, 2, 3)
         name = f"up({'x'.join(map(str, low_s[1:4]))}) ++ skip {'x'.join(map(str, skip_s[1:4]))}, {low_s[-1]}+{skip_s[-1]} -> {co}"
-        for mode in MODES:
+        for mode in modes:
             conv.upcat_backward(mode)
             g = jax.grad(lambda low, skip, w, b: jnp.sum(conv.conv_upsampled_concat(low, skip, w, b, 0.2) * r), argnums)
             fns[(name, mode)] = (jax.jit(g).lower(low, skip, w, b).compile(), (low, skip, w, b))
     return fns
 
 
-def step_timers(shape, stages):
+def step_timers(shape, stages, modes):
     import train_budget as tb
 
     conv = importlib.import_module("crd_jax.ops.conv")
@@ -82,7 +102,7 @@ def step_timers(shape, stages):
     plans = tb.plan_pipeline(config, shape, 1, stages)
     timers = {}
     for st in stages:
-        for mode in MODES:
+        for mode in modes:
             conv.upcat_backward(mode)
             timers[(tb.LABELS.get(st, st), mode)] = tb.StageTimer(st, plans[st], config, data, 10_000)
     return timers
@@ -91,19 +111,18 @@ def step_timers(shape, stages):
 def render(payload) -> str:
     m = payload["machine"]
     shape = "x".join(map(str, payload["shape"]))
+    before, after = payload["modes"]
     md = [
         f"The decoder's upcat backward at {shape}, batch 1 ({m.get('cpu', '')}, {m.get('cpus', '?')} cores; {payload['conv']}; "
-        f"1-minute load average {payload['load']:.1f} at the start, {payload['load_end']:.1f} at the end). Before: the "
-        'upsampled channels\' input gradient as a stride-2 correlation on the coarse grid (`upcat_backward("coarse_direct")`); '
-        'after: one Winograd pass over the fine grid keeping the 27 of 64 products its 2x2x2 sums need (`"coarse"`, '
-        "`csrc/ffi_glue.cc: ConvPooledT`). Both compiled in one process, rounds alternating, minimum of "
-        f"{payload['repeats']} rounds. Regenerate: `python benchmarks/upcat_backward.py`.",
+        f"1-minute load average {payload['load']:.1f} at the start, {payload['load_end']:.1f} at the end). "
+        f"{COMPARISONS[(before, after)][1]} Both compiled in one process, rounds alternating, minimum of "
+        f"{payload['repeats']} rounds. Regenerate: `python benchmarks/upcat_backward.py --compare {before} {after}`.",
         "",
         "| Layer or step | Before (ms) | After (ms) | Before / after |",
         "|---|---|---|---|",
     ]
     for name, v in payload["rows"].items():
-        b, a = v["coarse_direct"], v["coarse"]
+        b, a = v[before], v[after]
         md.append(f"| {name} | {1e3 * b:.1f} | {1e3 * a:.1f} | {b / a:.2f}x |")
     return "\n".join(md) + "\n"
 
@@ -114,24 +133,35 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="rounds (default 6; --quick 2)")
     p.add_argument("--stages", nargs="*", default=["vm_h", "vm_l"], help="train_budget stages to time both ways")
     p.add_argument("--quick", action="store_true", help="32^3, 2 rounds, no steps")
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        default=["coarse_split", "coarse"],
+        metavar=("BEFORE", "AFTER"),
+        help="two upcat_backward modes: " + "; ".join(" vs ".join(k) for k in COMPARISONS),
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    modes = tuple(args.compare)
+    if modes not in COMPARISONS:
+        p.error(f"--compare: one of {'; '.join(' '.join(k) for k in COMPARISONS)}")
     shape = tuple(args.shape or ((32, 32, 32) if args.quick else (128, 128, 128)))
     repeats = args.repeats or (2 if args.quick else 6)
     from crd_jax.ops import native
 
     payload = {"machine": machine(), "conv": native.describe(), "shape": list(shape), "repeats": repeats}
+    payload["modes"] = list(modes)
     payload["load"] = os.getloadavg()[0]
     conv = importlib.import_module("crd_jax.ops.conv")
     before = conv.upcat_backward()
     try:
-        fns = layer_functions(shape)
+        fns = layer_functions(shape, modes)
         layer = _time_rounds(fns, repeats)
         rows = {}
         for (name, mode), t in layer.items():
             rows.setdefault(f"{name}, forward + backward", {})[mode] = t
         if not args.quick:
-            timers = step_timers(shape, tuple(args.stages))
+            timers = step_timers(shape, tuple(args.stages), modes)
             for t in timers.values():
                 t.run("step")
                 t.times["step"].clear()
@@ -144,7 +174,8 @@ def main(argv=None):
         conv.upcat_backward(before)
     payload["rows"] = rows
     payload["load_end"] = os.getloadavg()[0]
-    write(args.out or HERE / "results" / ("upcat_backward_quick" if args.quick else "upcat_backward"), payload, render(payload))
+    name = COMPARISONS[modes][0] + ("_quick" if args.quick else "")
+    write(args.out or HERE / "results" / name, payload, render(payload))
     return 0
 
 

@@ -134,7 +134,7 @@ def test_coarse_backward_stores_no_concatenation_and_drops_the_unneeded_skip_gra
 def test_upcat_backward_setting_is_checked(upcat_mode):
     with pytest.raises(ValueError):
         upcat_mode("fused")
-    assert upcat_mode() in ("coarse", "coarse_direct", "concat")
+    assert upcat_mode() in ("coarse", "coarse_split", "coarse_direct", "concat")
 
 
 POOLED_CASES = [
@@ -194,6 +194,88 @@ def test_a_compiled_pooled_gradient_still_runs_after_winograd_or_avx512_is_switc
     finally:
         native.set_isa(isa)
         native.set_winograd(True)
+
+
+# --- the decoder step's weight gradient in the Winograd domain (csrc ConvWgradUpcat) -------------------------
+
+UPCAT_WGRAD_CASES = [
+    # low spatial shape, C_low, C_skip, C_out, batch
+    ((4, 5, 6), 32, 2, 16, 1),  # VM's last decoder level (the images as the skip), odd and even coarse sizes
+    ((3, 3, 3), 16, 16, 32, 2),  # a batch; 32 output channels
+    ((1, 1, 2), 16, 3, 48, 1),  # single-voxel coarse axes (every tile at an edge), three output vectors
+    ((2, 3, 26), 48, 1, 16, 1),  # a row of 26 tiles, 48 low channels
+    ((2, 2, 3), 16, 2, 24, 1),  # 24 output channels (the gradient transform's masked loads)
+    ((3, 2, 2), 32, 32, 3, 1),  # 3 output channels: the input channels fill the lanes (V broadcast)
+    ((2, 3, 2), 16, 17, 20, 1),  # 17 skip channels: two masked skip vectors
+]
+
+
+def _lax_weight_grad_of_the_concatenation(low, skip, dz):
+    x = jnp.concatenate([jnp.repeat(jnp.repeat(jnp.repeat(low, 2, 1), 2, 2), 2, 3), skip], axis=-1)
+    w0 = jnp.zeros((3, 3, 3, x.shape[-1], dz.shape[-1]), jnp.float32)
+    conv = lambda w: jax.lax.conv_general_dilated(x, w, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))  # noqa: E731
+    return jax.vjp(conv, w0)[1](dz)[0]
+
+
+@pytest.mark.skipif(native.isa() != "avx512", reason="the Winograd weight gradient needs the native kernel on AVX-512")
+@pytest.mark.parametrize("low_shape,cl,cs,cout,batch", UPCAT_WGRAD_CASES)
+def test_upcat_weight_gradient_kernel_matches_lax_of_the_explicit_concatenation(low_shape, cl, cs, cout, batch):
+    conv_mod = importlib.import_module("crd_jax.ops.conv")
+    rng = np.random.default_rng(sum(low_shape) + cl + cs)
+    low = jnp.asarray(rng.standard_normal((batch, *low_shape, cl)), jnp.float32)
+    skip = jnp.asarray(rng.standard_normal((batch, *(2 * n for n in low_shape), cs)), jnp.float32)
+    dz = jnp.asarray(rng.standard_normal((*skip.shape[:-1], cout)), jnp.float32)
+    want = _lax_weight_grad_of_the_concatenation(low, skip, dz)
+    calls = native.winograd_wgrad_calls()
+    got = jax.jit(conv_mod._upcat_weight_grad)(low, skip, dz)
+    assert native.winograd_wgrad_calls() == calls + 1  # the Winograd pass, not the fallback
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.mark.skipif(native.isa() != "avx512", reason="the Winograd weight gradient needs the native kernel on AVX-512")
+def test_a_compiled_upcat_weight_gradient_still_runs_after_its_kernel_or_avx512_is_switched_off():
+    # the fallback builds the concatenation and takes the weight-gradient kernel the settings select
+    conv_mod = importlib.import_module("crd_jax.ops.conv")
+    rng = np.random.default_rng(11)
+    low = jnp.asarray(rng.standard_normal((1, 3, 2, 3, 16)), jnp.float32)
+    skip = jnp.asarray(rng.standard_normal((1, 6, 4, 6, 3)), jnp.float32)
+    dz = jnp.asarray(rng.standard_normal((1, 6, 4, 6, 16)), jnp.float32)
+    want = _lax_weight_grad_of_the_concatenation(low, skip, dz)
+    fn = jax.jit(conv_mod._upcat_weight_grad)
+    wgrad, isa = native.wgrad(), native.isa()
+    try:
+        for switch in (lambda: native.set_wgrad("blocked"), lambda: native.set_wgrad("rows"), lambda: native.set_isa("avx2")):
+            switch()
+            calls = native.winograd_wgrad_calls()
+            np.testing.assert_allclose(fn(low, skip, dz), want, rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(want))))
+            assert native.winograd_wgrad_calls() == calls
+            native.set_wgrad(wgrad)
+    finally:
+        native.set_isa(isa)
+        native.set_wgrad(wgrad)
+
+
+@pytest.mark.skipif(native.isa() != "avx512", reason="the Winograd weight gradient needs the native kernel on AVX-512")
+@pytest.mark.parametrize("low_shape,cl,cs,cout", [((8, 8, 8), 16, 2, 16), ((5, 9, 12), 32, 16, 32)])
+def test_decoder_step_gradients_with_the_fused_weight_gradient_match_lax_and_the_split_one(low_shape, cl, cs, cout, upcat_mode):
+    rng = np.random.default_rng(cl + cs)
+    low = jnp.asarray(rng.standard_normal((1, *low_shape, cl)), jnp.float32)
+    skip = jnp.asarray(rng.standard_normal((1, *(2 * n for n in low_shape), cs)), jnp.float32)
+    w = jnp.asarray(0.1 * rng.standard_normal((3, 3, 3, cl + cs, cout)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((cout,)), jnp.float32)
+    r = jnp.asarray(rng.standard_normal((1, *skip.shape[1:-1], cout)), jnp.float32)
+    loss = lambda low, skip, w, b: jnp.sum(conv_upsampled_concat(low, skip, w, b, negative_slope=0.2) * r)  # noqa: E731
+    want = jax.grad(lambda *a: jnp.sum(_reference_upcat_traced(*a, 0.2) * r), argnums=(0, 1, 2, 3))(low, skip, w, b)
+    got = {}
+    for mode in ("coarse", "coarse_split"):
+        upcat_mode(mode)
+        fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+        assert ("crd_conv_wgrad_upcat" in fn.lower(low, skip, w, b).as_text()) == (mode == "coarse")
+        got[mode] = fn(low, skip, w, b)
+    for g, g_split, g_ref in zip(got["coarse"], got["coarse_split"], want):
+        scale = float(jnp.max(jnp.abs(g_ref))) or 1.0
+        np.testing.assert_allclose(g, g_ref, rtol=0, atol=2e-6 * scale)
+        np.testing.assert_allclose(g, g_split, rtol=0, atol=2e-6 * scale)
 
 
 # --- the upsampling's transpose ------------------------------------------------------------------------------

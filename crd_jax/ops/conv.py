@@ -429,20 +429,26 @@ def _upcat_conv_fwd(low, skip, w, b, padding, negative_slope, train_bf16):
     return y, (low, skip, w, y if negative_slope is not None else None)
 
 
+#: :func:`upcat_backward`'s modes, fastest first
+UPCAT_BACKWARDS = ("coarse", "coarse_split", "coarse_direct", "concat")
+
+
 def upcat_backward(mode: Optional[str] = None) -> str:
     """How :func:`conv_upsampled_concat`'s backward pass runs on the native path. ``"coarse"`` (the default): where
     the skip is exactly twice the coarse grid, the upsampled channels' gradients come from the coarse grid and
     the skip's are a plain convolution's (left out by XLA where the skip needs no gradient, as for the image pair);
     nothing of the concatenation's size is stored. The input gradient is the fine grid's, each 2x2x2 block summed,
     in one Winograd pass that computes only the 27 of 64 products the sums need (:func:`_pooled_input_grad`; 3^3
-    kernels, AVX-512), else a stride-2 correlation on the coarse grid (:func:`_coarse_upsampled_grads`); the
-    weight gradient is that correlation's. ``"coarse_direct"``: the coarse correlation for the input gradient too
-    (the earlier way; benchmarks compare the two). ``"concat"``: the concatenation is materialised and
-    differentiated as one convolution. ``mode`` sets it for this process (read when a function is traced);
-    returns the mode in use."""
+    kernels, AVX-512), else a stride-2 correlation on the coarse grid (:func:`_coarse_upsampled_grads`). The
+    weight gradient of both inputs is one Winograd pass that reads the upsampled channels on their coarse grid
+    (:func:`_upcat_weight_grad`, where :func:`_upcat_wgrad_fused_applies`), else the coarse correlation's plus the
+    skip's own. ``"coarse_split"``: the two weight gradients apart (the earlier way); ``"coarse_direct"``: that and
+    the coarse correlation for the input gradient too (benchmarks compare them). ``"concat"``: the concatenation is
+    materialised and differentiated as one convolution. ``mode`` sets it for this process (read when a function is
+    traced); returns the mode in use."""
     if mode is not None:
-        if mode not in ("coarse", "coarse_direct", "concat"):
-            raise ValueError(f"upcat backward must be 'coarse', 'coarse_direct' or 'concat', not {mode!r}")
+        if mode not in UPCAT_BACKWARDS:
+            raise ValueError(f"upcat backward must be one of {', '.join(map(repr, UPCAT_BACKWARDS))}, not {mode!r}")
         _settings["upcat_backward"] = mode
     return _settings.setdefault("upcat_backward", "coarse")
 
@@ -484,7 +490,7 @@ def _pooled_winograd_applies(low, dz, w_low, padding, bf16) -> bool:
         and low.shape[-1] % 16 == 0
         and dz.shape[-1] <= 128
         and dz.dtype == jnp.float32
-        and upcat_backward() == "coarse"
+        and upcat_backward() in ("coarse", "coarse_split")
         and native.winograd()
     )
 
@@ -498,11 +504,12 @@ def _pooled_input_grad(dz, w_low, low_shape):
     return jax.ffi.ffi_call("crd_conv_pooled_t", out, vmap_method="sequential")(dz, _flip_transpose(w_low))
 
 
-def _coarse_upsampled_grads(low, dz, w_low, padding, bf16=False):
+def _coarse_upsampled_grads(low, dz, w_low, padding, bf16=False, weight_grad=True):
     """Input and weight gradients of ``conv(up(low), w_low)`` (stride 1, the skip exactly twice ``low``'s grid)
     from the coarse grid: see :func:`coarse_tap_matrix`. One native stride-2 correlation (``(k+1)^d`` taps on
     ``low``'s grid: ``(k+1)^d / (2^d k^d)`` of the fine work, 0.30 for 3^3) and one native weight gradient of the
-    same size; ``lax`` on other platforms. ``bf16``: the correlation (an input gradient) in bfloat16."""
+    same size; ``lax`` on other platforms. ``bf16``: the correlation (an input gradient) in bfloat16.
+    ``weight_grad=False``: the input gradient only (the weight gradient is ``None``)."""
     ndim = low.ndim - 2
     kernel = w_low.shape[:ndim]
     mats = [jnp.asarray(coarse_tap_matrix(k)) for k in kernel]
@@ -516,7 +523,8 @@ def _coarse_upsampled_grads(low, dz, w_low, padding, bf16=False):
             return _lax_conv(up, w_low, (1,) * ndim, padding)
 
         _, vjp = jax.vjp(f, low, w_low)
-        return vjp(dz)
+        dlow, dw = vjp(dz)
+        return (dlow, dw) if weight_grad else dlow
 
     def native_fn(low, dz, w_low):
         if _pooled_winograd_applies(low, dz, w_low, padding, bf16):
@@ -536,11 +544,54 @@ def _coarse_upsampled_grads(low, dz, w_low, padding, bf16=False):
                 out_spatial=low.shape[1:-1],
                 bf16=_bf16_for(w_coarse, bf16),
             )
+        if not weight_grad:
+            return dlow
         g = _native_weight_grad(dz, low, tuple(k + 1 for k in kernel), (2,) * ndim, coarse_pad)  # (..., Co, Ci_low)
         spec = ",".join(f"{a}{t}" for a, t in zip(letters, fine)) + f",{letters}oi->{fine}io"
         return dlow, jnp.einsum(spec, *mats, g)
 
-    return _on_cpu(native_fn, reference, low, dz, w_low)
+    out = _on_cpu(native_fn, reference, low, dz, w_low)
+    return out if weight_grad else (out, None)
+
+
+def _upcat_wgrad_fused_applies(low, skip, w, dz) -> bool:
+    """Whether the whole weight gradient of the decoder step runs as one native Winograd pass
+    (``csrc/ffi_glue.cc: ConvWgradUpcat`` -> ``conv_wgrad_winograd_avx512.cc: WinogradWeightGradUpcat``): 3-D, a 3^3
+    kernel (padding 1), the skip exactly twice ``low``'s grid, float32, ``low``'s channels a multiple of 16, at most
+    64 input and 64 output channels, the Winograd weight gradient selected (``native.wgrad()`` "auto" or
+    "winograd") on AVX-512, and a fine grid of at least 16^3 voxels, 4 along every axis (where the Winograd weight
+    gradient measured faster than the direct kernels: ``conv_wgrad_avx2.cc: WinogradWgradWins``)."""
+    spatial = skip.shape[1:-1]
+    return (
+        skip.ndim == 5
+        and tuple(w.shape[:3]) == (3, 3, 3)
+        and _coarse_fits(low, skip)
+        and low.dtype == skip.dtype == dz.dtype == jnp.float32
+        and low.shape[-1] % 16 == 0
+        and w.shape[-2] <= 64
+        and w.shape[-1] <= 64
+        and min(spatial) >= 4
+        and int(np.prod(spatial)) >= 16**3
+        and upcat_backward() == "coarse"
+        and native.isa() == "avx512"
+        and native.wgrad() in ("auto", "winograd")
+    )
+
+
+def _upcat_weight_grad(low, skip, dz):
+    """``dw`` of ``conv(concat(up(low), skip), w)`` (3^3, padding 1) without the concatenation: one native pass in
+    the Winograd domain, the upsampled channels on their coarse grid (27 of 64 products per tile), the gradient
+    transform of ``dz`` shared by both inputs; ``lax`` of the concatenation on other platforms."""
+    cin = low.shape[-1] + skip.shape[-1]
+
+    def reference(low, skip, dz):
+        return _weight_grad(_upsampled_concat(low, skip), dz, (3, 3, 3), (1, 1, 1), ((1, 1),) * 3)
+
+    def native_fn(low, skip, dz):
+        out = jax.ShapeDtypeStruct((3, 3, 3, cin, dz.shape[-1]), jnp.float32)
+        return jax.ffi.ffi_call("crd_conv_wgrad_upcat", out, vmap_method="sequential")(low, skip, dz)
+
+    return _on_cpu(native_fn, reference, low, skip, dz)
 
 
 def _upcat_conv_bwd(padding, negative_slope, train_bf16, residuals, dy):
@@ -558,10 +609,14 @@ def _upcat_conv_bwd(padding, negative_slope, train_bf16, residuals, dy):
     db = jnp.sum(dz, axis=tuple(range(ndim + 1)))
     cl = low.shape[-1]
     w_low, w_skip = w[..., :cl, :], w[..., cl:, :]
-    dlow, dw_low = _coarse_upsampled_grads(low, dz, w_low, padding, bf16=train_bf16)
+    fused = _upcat_wgrad_fused_applies(low, skip, w, dz)
+    dlow, dw_low = _coarse_upsampled_grads(low, dz, w_low, padding, bf16=train_bf16, weight_grad=not fused)
     dskip = _input_grad(dz, w_skip, skip.shape, stride, padding, bf16=train_bf16)  # dropped by XLA when the skip is data
-    dw_skip = _weight_grad(skip, dz, w.shape[:ndim], stride, padding)
-    dw = jnp.concatenate([dw_low, dw_skip], axis=-2)
+    if fused:
+        dw = _upcat_weight_grad(low, skip, dz)
+    else:
+        dw_skip = _weight_grad(skip, dz, w.shape[:ndim], stride, padding)
+        dw = jnp.concatenate([dw_low, dw_skip], axis=-2)
     return dlow, dskip, dw.astype(w.dtype), db.astype(w.dtype)
 
 

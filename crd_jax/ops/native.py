@@ -49,6 +49,7 @@ _TARGETS = {
     "crd_conv_upcat_fwd": "CrdConvUpcatFwd",
     "crd_conv_wgrad": "CrdConvWgrad",
     "crd_conv_pooled_t": "CrdConvPooledT",
+    "crd_conv_wgrad_upcat": "CrdConvWgradUpcat",
     "crd_warp": "CrdWarp",
     "crd_warp_grad": "CrdWarpGrad",
     "crd_warp_linear": "CrdWarpLinear",

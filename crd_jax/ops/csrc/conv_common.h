@@ -138,6 +138,8 @@ void WinogradPooledForward(const Geometry& g, const float* x, const float* w, fl
 void WinogradUpcatForward(const Geometry& g, const Upcat& u, const float* w, const float* bias, float slope, bool act,
                           float* y);
 void WinogradWeightGrad(const Geometry& g, const float* x, const float* dy, float* dw_out);  // conv_wgrad_winograd_avx512.cc
+void WinogradWeightGradUpcat(const Geometry& g, const float* low, int64_t cl, const float* x, const float* dy,
+                             float* dw_out);  // the same file: concat(up(low), x) as the input
 }  // namespace winograd
 
 namespace {

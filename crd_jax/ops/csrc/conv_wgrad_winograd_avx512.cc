@@ -169,19 +169,23 @@ Plan MakePlan(const Geometry& g) {
   return p;
 }
 
-// Adds the products of the n tiles in U and V to M.
-void ChunkGrad(const Plan& pl, int64_t n, const float* u, const float* v, float* m) {
+// Adds the products of the n tiles in U and V to M. The first `up` input channels (a multiple of 16) are upsampled
+// ones (InputTileUp): at the 37 positions with an index 2 their U is zero, so their rows (or lanes) are skipped and
+// their M stays zero.
+void ChunkGrad(const Plan& pl, int64_t n, const float* u, const float* v, float* m, int64_t up) {
   const float* bc = pl.lanes_co ? u : v;
   const float* vec = pl.lanes_co ? v : u;
   const int64_t b_stride = pl.lanes_co ? pl.u_stride : pl.v_stride, v_stride = pl.lanes_co ? pl.v_stride : pl.u_stride;
   const int64_t bs = pl.lanes_co ? pl.ci_pad : pl.co_pad, vs = pl.nv_pad;
   for (int p = 0; p < 64; ++p) {
-    const float* bp = bc + p * b_stride;
+    const int64_t skip = up > 0 && HasIndexTwo(p) ? up : 0;
+    const int64_t row0 = pl.lanes_co ? skip : 0, lane0 = pl.lanes_co ? 0 : skip;  // what the zero channels occupy
+    const float* bp = bc + p * b_stride + row0;
     const float* vp = vec + p * v_stride;
-    float* mp = m + p * pl.m_stride;
-    int64_t j0 = 0;
-    for (; j0 + 32 <= pl.nv_pad; j0 += 32) GradGemmRows<2>(pl.nb, n, bp, bs, vp + j0, vs, mp + j0, pl.nv_pad);
-    if (j0 < pl.nv_pad) GradGemmRows<1>(pl.nb, n, bp, bs, vp + j0, vs, mp + j0, pl.nv_pad);
+    float* mp = m + p * pl.m_stride + row0 * pl.nv_pad;
+    int64_t j0 = lane0;
+    for (; j0 + 32 <= pl.nv_pad; j0 += 32) GradGemmRows<2>(pl.nb - row0, n, bp, bs, vp + j0, vs, mp + j0, pl.nv_pad);
+    if (j0 < pl.nv_pad) GradGemmRows<1>(pl.nb - row0, n, bp, bs, vp + j0, vs, mp + j0, pl.nv_pad);
   }
 }
 
@@ -216,14 +220,27 @@ class Float64Sums {
 }  // namespace
 
 void WinogradWeightGrad(const Geometry& g, const float* x, const float* dy, float* dw_out) {
+  WinogradWeightGradUpcat(g, nullptr, 0, x, dy, dw_out);
+}
+
+// With `low` (cl > 0): the layer's input is concat(up(low), x), a U-Net decoder step (conv_upcat.cc): the first cl
+// input channels (a multiple of 16) are the nearest x2 upsampling of low (B, D / 2, H / 2, W / 2, cl), D, H, W even,
+// and x holds the other g.Ci - cl channels. Tile t of every axis then sits on coarse voxel t, the upsampled channels'
+// input transform is InputTileUp's (27 of 64 positions nonzero) and their products at the other 37 are skipped: 27
+// instead of the stride-2 coarse correlation's 64 multiply-adds per coarse voxel and channel pair, and the gradient
+// transform of dy is shared with the skip channels'. The concatenation is never stored.
+void WinogradWeightGradUpcat(const Geometry& g, const float* low, int64_t cl, const float* x, const float* dy,
+                             float* dw_out) {
   WinogradWgradCalls().fetch_add(1, std::memory_order_relaxed);
   const Plan pl = MakePlan(g);
+  const int64_t cs = g.Ci - cl;  // channels per voxel of x
+  const int64_t ld = g.D / 2, lh = g.H / 2, lw = g.W / 2;  // low's grid (with cl > 0)
   const int64_t nt = (g.W + 1) / 2, tiles_d = (g.D + 1) / 2, tiles_h = (g.H + 1) / 2;
   // Threads take planes of tiles (two output depths), in bands of tile rows: the 4 input planes x (2 band + 2)
   // rows of a band stay in the L2 cache while the next tile plane reads two of its planes again (as the forward
   // pass's bands; tile row by tile row through a whole plane, every input row came from memory twice).
   const int64_t planes = g.B * tiles_d;
-  const int64_t row_bytes = g.W * g.Ci * static_cast<int64_t>(sizeof(float));
+  const int64_t row_bytes = std::max<int64_t>(1, g.W * cs) * static_cast<int64_t>(sizeof(float));
   const int64_t band = std::clamp<int64_t>((kBandBytes / (4 * row_bytes) - 2) / 2, 1, tiles_h);
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(NumThreads(), planes)));
   std::vector<Float64Sums> partial(threads);
@@ -240,7 +257,7 @@ void WinogradWeightGrad(const Geometry& g, const float* x, const float* dy, floa
       unfolded = 0;
     };
     // Zeroed once: masked stores never write the padding lanes, which must stay zero.
-    std::vector<float> u(64 * pl.u_stride, 0.0f), v(64 * pl.v_stride, 0.0f), edge(16 * 4 * g.Ci + 16, 0.0f);
+    std::vector<float> u(64 * pl.u_stride, 0.0f), v(64 * pl.v_stride, 0.0f), edge(16 * 4 * cs + 16, 0.0f);
     int64_t slot = 0;
     for (int64_t th0 = 0; th0 < tiles_h; th0 += band)
     for (int64_t plane = begin; plane < end; ++plane, unfolded >= kFoldTiles ? fold() : void())
@@ -251,8 +268,13 @@ void WinogradWeightGrad(const Geometry& g, const float* x, const float* dy, floa
       for (int k = 0; k < 16; ++k) {
         const int64_t id = 2 * td - 1 + k / 4, ih = 2 * th2 - 1 + k % 4;
         const bool inside = id >= 0 && id < g.D && ih >= 0 && ih < g.H;
-        xin[k] = inside ? x + ((b * g.D + id) * g.H + ih) * g.W * g.Ci : nullptr;
-        xrows[k] = inside ? xin[k] - g.Ci : nullptr;
+        xin[k] = inside && cs > 0 ? x + ((b * g.D + id) * g.H + ih) * g.W * cs : nullptr;
+        xrows[k] = xin[k] != nullptr ? xin[k] - cs : nullptr;
+      }
+      const float* lrows[9];  // low's rows (td - 1 + jd, th - 1 + jh): the coarse neighbourhood of the tile row
+      for (int k = 0; k < 9 && cl > 0; ++k) {
+        const int64_t jd = td - 1 + k / 3, jh = th2 - 1 + k % 3;
+        lrows[k] = jd >= 0 && jd < ld && jh >= 0 && jh < lh ? low + ((b * ld + jd) * lh + jh) * lw * cl : nullptr;
       }
       const float* dyrows[4];
       for (int k = 0; k < 4; ++k) {
@@ -265,41 +287,43 @@ void WinogradWeightGrad(const Geometry& g, const float* x, const float* dy, floa
         // new columns of the tile kAhead tiles on are fetched now (measured: the input transform waited on them).
         if (const int64_t next = 2 * (t + kAhead); next + 2 < g.W) {  // its input columns next + 1, next + 2
           for (int k = 0; k < 16; ++k)
-            if (xin[k] != nullptr) PrefetchFloats(xin[k] + (next + 1) * g.Ci, 2 * g.Ci);
+            if (xin[k] != nullptr) PrefetchFloats(xin[k] + (next + 1) * cs, 2 * cs);
           for (int k = 0; k < 4; ++k)  // its output columns next, next + 1
             if (dyrows[k] != nullptr) PrefetchFloats(dyrows[k] + next * g.Co, 2 * g.Co);
         }
         const float* rows[16];
-        int64_t offset = 2 * t * g.Ci;
+        int64_t offset = 2 * t * cs;
         if (c0 >= 0 && c0 + 4 <= g.W) {
           std::copy(xrows, xrows + 16, rows);
         } else {  // a tile at either end of the row: its four columns copied, zero outside the row
           offset = 0;
           for (int k = 0; k < 16; ++k) {
-            float* dst = edge.data() + k * 4 * g.Ci;
+            float* dst = edge.data() + k * 4 * cs;
             rows[k] = xin[k] != nullptr ? dst : nullptr;
             if (xin[k] == nullptr) continue;
             for (int64_t c = 0; c < 4; ++c) {
               const int64_t col = c0 + c;
               if (col >= 0 && col < g.W) {
-                std::memcpy(dst + c * g.Ci, xin[k] + col * g.Ci, g.Ci * sizeof(float));
+                std::memcpy(dst + c * cs, xin[k] + col * cs, cs * sizeof(float));
               } else {
-                std::memset(dst + c * g.Ci, 0, g.Ci * sizeof(float));
+                std::memset(dst + c * cs, 0, cs * sizeof(float));
               }
             }
           }
         }
-        for (int64_t ci0 = 0; ci0 < g.Ci; ci0 += 16)
-          InputTile(rows, offset, g.Ci, ci0, LaneMask(g.Ci - ci0), u.data() + slot * pl.ci_pad, pl.u_stride);
+        float* ut = u.data() + slot * pl.ci_pad;
+        for (int64_t ci0 = 0; ci0 < cl; ci0 += 16) InputTileUp(lrows, t, t > 0, t + 1 < lw, cl, ci0, ut, pl.u_stride);
+        for (int64_t ci0 = 0; ci0 < cs; ci0 += 16)
+          InputTile(rows, offset, cs, ci0, LaneMask(cs - ci0), ut + cl, pl.u_stride);
         for (int64_t co0 = 0; co0 < g.Co; co0 += 16)
           GradTile(dyrows, 2 * t, g.Wo, g.Co, co0, LaneMask(g.Co - co0), v.data() + slot * pl.co_pad, pl.v_stride);
         if (++slot == kGradChunk) {
-          ChunkGrad(pl, slot, u.data(), v.data(), m.data());
+          ChunkGrad(pl, slot, u.data(), v.data(), m.data(), cl);
           unfolded += slot, slot = 0;
         }
       }
     }
-    if (slot > 0) ChunkGrad(pl, slot, u.data(), v.data(), m.data());
+    if (slot > 0) ChunkGrad(pl, slot, u.data(), v.data(), m.data(), cl);
     fold();
   });
   // Sum the threads' M (in double: a few additions per weight), then G'^T along the three axes.

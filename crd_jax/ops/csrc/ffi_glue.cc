@@ -28,6 +28,7 @@
 // warp_grad_cpu.cc.
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -167,6 +168,54 @@ ffi::Error ConvPooledTImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> wf, f
   return ffi::Error::Success();
 }
 
+// The weight gradient of a decoder step conv(concat(up(low), skip)) (3^3, padding 1, stride 1; conv_upcat.cc's
+// forward): low (B, D/2, H/2, W/2, Cl), skip (B, D, H, W, Cs), dy (B, D, H, W, Co) -> dw (3, 3, 3, Cl + Cs, Co), the
+// concatenation never stored (conv.py: _upcat_weight_grad). Winograd where it runs now (AVX-512 active, the weight
+// gradient's Winograd kernel not switched off, Cl a multiple of 16, Cl + Cs and Co at most 64:
+// WinogradWeightGradUpcat); elsewhere, as when a setting changed after the program was compiled, the concatenation
+// is built here and ConvWeightGrad takes it.
+ffi::Error ConvWgradUpcatImpl(ffi::Buffer<ffi::F32> low, ffi::Buffer<ffi::F32> skip, ffi::Buffer<ffi::F32> dy,
+                              ffi::ResultBuffer<ffi::F32> dw) {
+  auto ld = low.dimensions(), sd = skip.dimensions(), yd = dy.dimensions(), wd = dw->dimensions();
+  if (auto e = CheckRank(ld, 5, "low"); e.failure()) return e;
+  if (auto e = CheckRank(sd, 5, "skip"); e.failure()) return e;
+  if (auto e = CheckRank(yd, 5, "dy"); e.failure()) return e;
+  if (auto e = CheckRank(wd, 5, "dw"); e.failure()) return e;
+  const int64_t cl = ld[4], cs = sd[4], co = yd[4];
+  for (int a = 0; a < 4; ++a) {
+    if (sd[a] != yd[a] || (a > 0 && sd[a] != 2 * ld[a]) || (a == 0 && ld[0] != sd[0]))
+      return ffi::Error::InvalidArgument("upcat weight gradient: skip and dy must be low's grid x2");
+  }
+  if (wd[0] != 3 || wd[1] != 3 || wd[2] != 3 || wd[3] != cl + cs || wd[4] != co)
+    return ffi::Error::InvalidArgument("upcat weight gradient: dw must be (3, 3, 3, Cl + Cs, Co)");
+  const Geometry g{sd[0], sd[1], sd[2], sd[3], cl + cs, yd[1], yd[2], yd[3], co, (co + 7) / 8 * 8,
+                   3, 3, 3, 1, 1, 1, 1, 1, 1};
+  if (auto e = CheckGeometry(g); e.failure()) return e;
+  const int setting = WgradSetting().load(std::memory_order_relaxed);
+  if (setting != kWgradRows && setting != kWgradBlocked && WinogradWgradApplies(g) && cl % 16 == 0 &&
+      dw->element_count() > 0 && sd[1] * sd[2] * sd[3] > 0) {
+    winograd::WinogradWeightGradUpcat(g, low.typed_data(), cl, skip.typed_data(), dy.typed_data(), dw->typed_data());
+    return ffi::Error::Success();
+  }
+  const int64_t voxels = sd[0] * sd[1] * sd[2] * sd[3];
+  std::vector<float> x(voxels * (cl + cs));
+  const float* lp = low.typed_data();
+  const float* sp = skip.typed_data();
+  for (int64_t v = 0; v < voxels; ++v) {
+    int64_t r = v;
+    const int64_t w = r % sd[3];
+    r /= sd[3];
+    const int64_t h = r % sd[2];
+    r /= sd[2];
+    const int64_t d = r % sd[1], b = r / sd[1];
+    const float* src = lp + (((b * ld[1] + d / 2) * ld[2] + h / 2) * ld[3] + w / 2) * cl;
+    std::copy(src, src + cl, x.data() + v * (cl + cs));
+    std::copy(sp + v * cs, sp + (v + 1) * cs, x.data() + v * (cl + cs) + cl);
+  }
+  ConvWeightGrad(g, x.data(), dy.typed_data(), dw->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrdConvFwd, ConvFwdImpl,
@@ -213,6 +262,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrdConvWgrad, ConvWgradImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrdConvPooledT, ConvPooledTImpl,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrdConvWgradUpcat, ConvWgradUpcatImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
