@@ -4,7 +4,6 @@
   from separable box sums).
 * :func:`grad_l2` is L_reg of eq. 2.
 * :func:`mse` is the distillation distance of eq. 8-9; :func:`soft_dice` an overlap score for label maps.
-* :func:`mse_upsampled` is eq. 8 on the full grid against an upsampled field, differentiated on the coarse grid.
 * :func:`mind_loss` (MIND-SSC) and :func:`nmi` replace NCC as L_sim for multi-modal pairs
   (``config.loss.similarity``). Similarities are a registry (:data:`SIMILARITIES`): a new one is one
   :class:`Similarity` subclass passed to :func:`register_similarity`, then usable by name from a config.
@@ -18,7 +17,6 @@ sums over voxels, the code averages over voxels so that ``lambda`` does not depe
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable, ClassVar, Dict, Optional, Tuple, Type
 
 import jax
@@ -27,7 +25,7 @@ import jax.numpy as jnp
 from crd_jax.ops import grad_l2 as _grad_l2
 from crd_jax.ops import ncc as _ncc
 from crd_jax.ops.ncc import box_sum  # noqa: F401 (part of this module's API; mind_ssc uses it)
-from crd_jax.ops.spatial import upsample_field, upsample_gram, upsample_transpose, warp
+from crd_jax.ops.spatial import warp
 
 
 def ncc(fixed: jax.Array, warped: jax.Array, window: int = 9, eps: float = 1e-5) -> jax.Array:
@@ -59,55 +57,6 @@ def mse(a: jax.Array, b: jax.Array) -> jax.Array:
     if a.shape != b.shape:
         raise ValueError(f"mse: shapes differ, {a.shape} vs {b.shape}")
     return jnp.mean((a - b) ** 2)
-
-
-def mse_upsampled(target: jax.Array, low: jax.Array) -> jax.Array:
-    """``mse(target, up(phi))`` for ``phi = low`` on a grid a whole factor ``n`` coarser than ``target``'s and
-    ``up = upsample_field`` (eq. 5: resampled, times ``n``): eq. 8 on the full grid (the authors' code compares
-    ``up(phi^T)`` with ``up(phi^S)``).
-
-    The value is :func:`mse` of the upsampled field; the gradient never forms a full-resolution array but
-    ``U^T target``: with ``v = n phi`` and ``U`` the upsampling (a Kronecker product of tridiagonal-Gram axes),
-    ``d/dphi = 2 n (U^T U v - U^T target) / N`` (``N`` = target's size), on the coarse grid
-    (:func:`crd_jax.ops.spatial.upsample_gram`). At 128^3 this replaces three full-resolution passes of the
-    fine-grid gradient (the difference, its square's cotangent, the sum into the field's cotangent) by one read
-    of ``target``; the gradient with respect to ``target`` (a constant teacher's: dropped by XLA) is the usual one.
-    """
-    ndim = low.ndim - 2
-    fine, small = target.shape[1:-1], low.shape[1:-1]
-    factors = {f // s for f, s in zip(fine, small)}
-    if (
-        target.ndim != low.ndim
-        or target.shape[0] != low.shape[0]
-        or target.shape[-1] != low.shape[-1]
-        or len(factors) != 1
-        or any(f != s * n for f, s, n in zip(fine, small, [*factors] * ndim))
-    ):
-        raise ValueError(f"mse_upsampled: {target.shape} is not {low.shape} upsampled by one whole factor")
-    factor = factors.pop()
-    if factor == 1:
-        return mse(target, low)
-    return _mse_upsampled(target, low, factor)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _mse_upsampled(target, low, factor):
-    return jnp.mean(jnp.square(target - upsample_field(low, factor)))
-
-
-def _mse_upsampled_fwd(target, low, factor):
-    return _mse_upsampled(target, low, factor), (target, low)
-
-
-def _mse_upsampled_bwd(factor, residuals, g):
-    target, low = residuals
-    scale = 2.0 * g / target.size
-    d_low = (scale * factor) * (upsample_gram(factor * low, factor) - upsample_transpose(target, low.shape[1:-1]))
-    d_target = scale * (target - upsample_field(low, factor))  # unused (and removed by XLA) for a constant target
-    return d_target.astype(target.dtype), d_low.astype(low.dtype)
-
-
-_mse_upsampled.defvjp(_mse_upsampled_fwd, _mse_upsampled_bwd)
 
 
 def soft_dice(y_true: jax.Array, y_pred: jax.Array, eps: float = 1e-6) -> jax.Array:

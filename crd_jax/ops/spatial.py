@@ -504,53 +504,6 @@ def resize_field(disp: jax.Array, shape: Sequence[int]) -> jax.Array:
     return resize(disp, shape) * scale
 
 
-def linear_upsampling_matrix(n: int, factor: int) -> np.ndarray:
-    """``U`` (``factor n x n``, float64): :func:`resize`'s linear upsampling of one axis by a whole factor (half-pixel
-    centres, edges clamped), so that ``resize`` of an axis is ``U @ x`` along it."""
-    src = np.clip((np.arange(factor * n) + 0.5) / factor - 0.5, 0.0, n - 1)
-    lo = np.floor(src).astype(np.int64)
-    hi = np.minimum(lo + 1, n - 1)
-    w = src - lo
-    u = np.zeros((factor * n, n))
-    np.add.at(u, (np.arange(factor * n), lo), 1.0 - w)
-    np.add.at(u, (np.arange(factor * n), hi), w)
-    return u
-
-
-def upsample_gram(x: jax.Array, factor: int) -> jax.Array:
-    """``U^T U x`` for ``U`` the linear upsampling of every spatial axis of ``(B, *spatial, C)`` by ``factor``
-    (:func:`linear_upsampling_matrix`), computed on the coarse grid: ``U`` is a Kronecker product over the axes,
-    so ``U^T U`` is too, and each axis's ``U^T U`` is tridiagonal (a fine sample reads two adjacent coarse ones).
-    What :func:`crd_jax.losses.mse_upsampled` needs to differentiate a fine-grid distance on the coarse grid."""
-    for axis in range(1, x.ndim - 1):
-        n = x.shape[axis]
-        u = linear_upsampling_matrix(n, factor)
-        g = u.T @ u
-        if n > 2 and np.abs(np.triu(g, 2)).max() > 0:
-            raise AssertionError("the Gram matrix of linear upsampling is tridiagonal")  # by construction
-        shape = [1] * x.ndim
-        shape[axis] = n
-        diag = jnp.asarray(np.diag(g), x.dtype).reshape(shape)
-        y = diag * x
-        if n > 1:
-            shape[axis] = n - 1
-            off = jnp.asarray(np.diag(g, 1), x.dtype).reshape(shape)
-            head = lax.slice_in_dim(x, 0, n - 1, axis=axis)
-            tail = lax.slice_in_dim(x, 1, n, axis=axis)
-            pad_lo, pad_hi = [(0, 0)] * x.ndim, [(0, 0)] * x.ndim
-            pad_lo[axis], pad_hi[axis] = (1, 0), (0, 1)
-            y = y + jnp.pad(off * head, pad_lo) + jnp.pad(off * tail, pad_hi)  # sub- and super-diagonal
-        x = y
-    return x
-
-
-def upsample_transpose(g: jax.Array, small: Sequence[int]) -> jax.Array:
-    """``U^T g``: the transpose of :func:`resize` from ``small`` to ``g``'s grid (every axis a whole factor larger),
-    the native transpose on the CPU."""
-    zeros = jnp.zeros((g.shape[0], *small, g.shape[-1]), g.dtype)
-    return jax.vjp(lambda x: resize(x, g.shape[1:-1]), zeros)[1](g)[0]
-
-
 def upsample_field(disp: jax.Array, factor: int) -> jax.Array:
     """``up(phi)`` of eq. 5: a field on a grid ``factor`` times coarser, resampled and multiplied by ``factor``."""
     return resize_field(disp, [s * factor for s in disp.shape[1:-1]])

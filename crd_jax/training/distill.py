@@ -66,8 +66,7 @@ def deformation_loss(teacher_out: OutputLike, student_out: OutputLike, grid: str
 
     ``grid = "student"``: both fields on the student's grid, in its voxels. ``grid = "full"``: ``up(phi^T)``
     against ``up(phi^S)`` at the high resolution, in high-resolution voxels (the authors' code); a field
-    ``n`` times larger in voxels makes this term ``n^2`` times heavier at the same ``alpha``. ``up(phi^S)`` is
-    :func:`crd_jax.ops.spatial.upsample_field` of the student's ``disp_low`` (what a registrar's ``disp`` is).
+    ``n`` times larger in voxels makes this term ``n^2`` times heavier at the same ``alpha``.
     """
     if grid not in DEFORMATION_GRIDS:
         raise ValueError(f"deformation grid must be one of {DEFORMATION_GRIDS}, got {grid!r}")
@@ -75,9 +74,6 @@ def deformation_loss(teacher_out: OutputLike, student_out: OutputLike, grid: str
     if t.fields is not None and s.fields is not None:
         return sum(losses.mse(t.fields[l], s.fields[l]) for l in t.fields)
     if grid == "full":
-        if s.disp_low is not None and s.disp_low.shape != s.disp.shape:
-            # up(phi^S) from phi^S itself, so that the gradient stays on the student's grid (losses.mse_upsampled)
-            return losses.mse_upsampled(t.disp, s.disp_low)
         return losses.mse(t.disp, s.disp)
     return losses.mse(t.disp_low, s.disp_low)
 
