@@ -208,8 +208,10 @@ def _fingerprint() -> str:
 
 def _trace_settings() -> str:
     """Process settings that change what a function traces to: the native convolution's presence, the opt-in
-    bfloat16 inference convolutions and the per-process formulations of the ops (native kernel or XLA reference;
-    a process that asked for a reference must not be handed a stored native program). (Asking for the first also
+    bfloat16 inference convolutions, the per-process formulations of the ops (native kernel or XLA reference;
+    a process that asked for a reference must not be handed a stored native program) and the kernel settings a
+    trace reads (instruction set, Winograd, weight-gradient kernel: which custom calls the decoder's backward
+    makes; a stored program still runs under other settings, through the kernels' fallbacks, but slower). (Asking for the first also
     registers the native kernels' FFI targets, which a stored program that calls them needs before it can be
     loaded.)"""
     import importlib
@@ -220,7 +222,7 @@ def _trace_settings() -> str:
     return (
         f"native={native.available()} bf16={conv.bf16_inference()} upsample={spatial.upsample_vjp()} "
         f"warp={spatial.warp_gradient()} ncc={ncc.ncc_formulation()} grad_l2={grad_l2.grad_l2_formulation()} "
-        f"upcat={conv.upcat_backward()}"
+        f"upcat={conv.upcat_backward()} isa={native.isa()} winograd={native.winograd()} wgrad={native.wgrad()}"
     )
 
 

@@ -207,6 +207,8 @@ UPCAT_WGRAD_CASES = [
     ((2, 2, 3), 16, 2, 24, 1),  # 24 output channels (the gradient transform's masked loads)
     ((3, 2, 2), 32, 32, 3, 1),  # 3 output channels: the input channels fill the lanes (V broadcast)
     ((2, 3, 2), 16, 17, 20, 1),  # 17 skip channels: two masked skip vectors
+    ((2, 2, 3), 16, 5, 1, 2),  # 1 output channel: input lanes, a partial vector after the skipped ones; batch 2
+    ((3, 2, 2), 48, 1, 2, 1),  # the same with 48 low channels
 ]
 
 

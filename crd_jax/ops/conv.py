@@ -15,8 +15,10 @@ convolutions with flipped, transposed weights, so they run on the fast path too.
 
 ``conv_upsampled_concat(low, skip, w, b)`` is the U-Net decoder's ``conv(concat([up(low), skip]))``; on the
 native path its forward never materialises the concatenation (the largest tensor of the network), nor does its
-backward where the skip is exactly twice the coarse grid: the upsampled channels' gradients are then a stride-2
-correlation on the coarse grid (:func:`coarse_tap_matrix`), 0.30 of the fine work for 3^3 kernels.
+backward where the skip is exactly twice the coarse grid: the upsampled channels' input gradient is then a
+Winograd pass keeping the 27 of 64 products that each 2x2x2 block's sum needs (or a stride-2 correlation on the
+coarse grid, :func:`coarse_tap_matrix`, 0.30 of the fine work for 3^3 kernels), and the weight gradient one
+Winograd pass that reads the upsampled channels on their coarse grid (:func:`upcat_backward`).
 """
 
 from __future__ import annotations
@@ -436,8 +438,8 @@ UPCAT_BACKWARDS = ("coarse", "coarse_split", "coarse_direct", "concat")
 def upcat_backward(mode: Optional[str] = None) -> str:
     """How :func:`conv_upsampled_concat`'s backward pass runs on the native path. ``"coarse"`` (the default): where
     the skip is exactly twice the coarse grid, the upsampled channels' gradients come from the coarse grid and
-    the skip's are a plain convolution's (left out by XLA where the skip needs no gradient, as for the image pair);
-    nothing of the concatenation's size is stored. The input gradient is the fine grid's, each 2x2x2 block summed,
+    the skip's input gradient is a plain convolution's (left out by XLA where the skip needs no gradient, as for
+    the image pair); nothing of the concatenation's size is stored. The input gradient is the fine grid's, each 2x2x2 block summed,
     in one Winograd pass that computes only the 27 of 64 products the sums need (:func:`_pooled_input_grad`; 3^3
     kernels, AVX-512), else a stride-2 correlation on the coarse grid (:func:`_coarse_upsampled_grads`). The
     weight gradient of both inputs is one Winograd pass that reads the upsampled channels on their coarse grid
@@ -554,24 +556,27 @@ def _coarse_upsampled_grads(low, dz, w_low, padding, bf16=False, weight_grad=Tru
     return out if weight_grad else (out, None)
 
 
-def _upcat_wgrad_fused_applies(low, skip, w, dz) -> bool:
+def _upcat_wgrad_fused_applies(low, skip, w, dz, padding) -> bool:
     """Whether the whole weight gradient of the decoder step runs as one native Winograd pass
     (``csrc/ffi_glue.cc: ConvWgradUpcat`` -> ``conv_wgrad_winograd_avx512.cc: WinogradWeightGradUpcat``): 3-D, a 3^3
-    kernel (padding 1), the skip exactly twice ``low``'s grid, float32, ``low``'s channels a multiple of 16, at most
-    64 input and 64 output channels, the Winograd weight gradient selected (``native.wgrad()`` "auto" or
-    "winograd") on AVX-512, and a fine grid of at least 16^3 voxels, 4 along every axis (where the Winograd weight
-    gradient measured faster than the direct kernels: ``conv_wgrad_avx2.cc: WinogradWgradWins``)."""
+    kernel with padding 1, the skip exactly twice ``low``'s grid, float32, ``low``'s channels a multiple of 16, at
+    most 64 input and 8 to 64 output channels, the Winograd weight gradient selected (``native.wgrad()`` "auto" or
+    "winograd") on AVX-512, a fine grid of at least 16^3 voxels, 4 along every axis, and at least as many planes of
+    tiles (batch x depth / 2) as threads (where the Winograd weight gradient measured faster than the direct
+    kernels: ``conv_wgrad_avx2.cc: WinogradWgradWins``)."""
     spatial = skip.shape[1:-1]
     return (
         skip.ndim == 5
         and tuple(w.shape[:3]) == (3, 3, 3)
+        and tuple(tuple(p) for p in padding) == ((1, 1),) * 3
         and _coarse_fits(low, skip)
         and low.dtype == skip.dtype == dz.dtype == jnp.float32
         and low.shape[-1] % 16 == 0
         and w.shape[-2] <= 64
-        and w.shape[-1] <= 64
+        and 8 <= w.shape[-1] <= 64
         and min(spatial) >= 4
         and int(np.prod(spatial)) >= 16**3
+        and skip.shape[0] * spatial[0] // 2 >= native.threads()
         and upcat_backward() == "coarse"
         and native.isa() == "avx512"
         and native.wgrad() in ("auto", "winograd")
@@ -583,6 +588,7 @@ def _upcat_weight_grad(low, skip, dz):
     the Winograd domain, the upsampled channels on their coarse grid (27 of 64 products per tile), the gradient
     transform of ``dz`` shared by both inputs; ``lax`` of the concatenation on other platforms."""
     cin = low.shape[-1] + skip.shape[-1]
+    native.available()  # registers the kernels' FFI targets (a direct call may come before any other native op)
 
     def reference(low, skip, dz):
         return _weight_grad(_upsampled_concat(low, skip), dz, (3, 3, 3), (1, 1, 1), ((1, 1),) * 3)
@@ -609,7 +615,7 @@ def _upcat_conv_bwd(padding, negative_slope, train_bf16, residuals, dy):
     db = jnp.sum(dz, axis=tuple(range(ndim + 1)))
     cl = low.shape[-1]
     w_low, w_skip = w[..., :cl, :], w[..., cl:, :]
-    fused = _upcat_wgrad_fused_applies(low, skip, w, dz)
+    fused = _upcat_wgrad_fused_applies(low, skip, w, dz, padding)
     dlow, dw_low = _coarse_upsampled_grads(low, dz, w_low, padding, bf16=train_bf16, weight_grad=not fused)
     dskip = _input_grad(dz, w_skip, skip.shape, stride, padding, bf16=train_bf16)  # dropped by XLA when the skip is data
     if fused:
