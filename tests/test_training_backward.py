@@ -161,11 +161,15 @@ def test_pooled_winograd_input_gradient_matches_lax_and_the_coarse_correlation(l
     ref = jax.grad(lambda low, skip, w: jnp.sum(_reference_upcat_traced(low, skip, w, b, 0.2) * r), argnums=(0, 1, 2))
     want = ref(low, skip, w)
     got = {}
+    calls = {}
     for mode in ("coarse", "coarse_direct"):
         upcat_mode(mode)
         fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
         assert ("crd_conv_pooled_t" in fn.lower(low, skip, w).as_text()) == (mode == "coarse")
-        got[mode] = fn(low, skip, w)
+        before = native.winograd_calls()
+        got[mode] = jax.block_until_ready(fn(low, skip, w))
+        calls[mode] = native.winograd_calls() - before
+    assert calls["coarse"] == calls["coarse_direct"] + 1  # the pooled pass counts as a Winograd convolution
     for g, g_direct, g_ref in zip(got["coarse"], got["coarse_direct"], want):
         scale = float(jnp.max(jnp.abs(g_ref))) or 1.0
         np.testing.assert_allclose(g, g_ref, rtol=0, atol=2e-6 * scale)

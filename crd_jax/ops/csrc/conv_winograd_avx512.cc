@@ -91,6 +91,7 @@ void WinogradForward(const Geometry& g, const float* x, const float* w, const fl
 // caller checks that the output's sizes are even): the input gradient of a convolution of a nearest-upsampled
 // input, pool(conv^T(dy)), in 27 instead of 64 products per tile (winograd.h: TileRowPooled).
 void WinogradPooledForward(const Geometry& g, const float* x, const float* w, float* y) {
+  WinogradCalls().fetch_add(1, std::memory_order_relaxed);
   const std::vector<float> v = crd::winograd::TransformWeights(w, g.Ci, g.Co, g.CoP);
   const int64_t nt = (g.Wo + 1) / 2, tiles_d = (g.Do + 1) / 2, tiles_h = (g.Ho + 1) / 2;
   ForEachTileRow(g, x, [&](const crd::winograd::TileRows& in, int64_t b, int64_t td, int64_t th,
