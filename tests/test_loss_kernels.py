@@ -9,6 +9,7 @@ bounds below (1e-5 and 2e-5) leave 20-40x room and are still far below any chang
 gradient is linear in the field, a few roundings per term either way (2e-6 of its largest entry).
 """
 
+import os
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -218,3 +219,19 @@ def test_empty_inputs_and_a_traced_eps_take_the_reference():
     f, m = _pair((1, 6, 7, 8, 1), 3)
     traced = jax.jit(lambda e: ncc_ops.ncc(f, m, 5, e))(1e-5)
     np.testing.assert_allclose(float(traced), float(ncc_ops.ncc_reference(f, m, 5, 1e-5)), rtol=1e-6)
+
+
+def test_formulations_report_what_runs_when_the_native_kernels_are_switched_off():
+    # "native" is the default wish; without the kernels the reference runs, and the getters say so (results files
+    # and the stored-program key record them)
+    import subprocess
+    import sys
+
+    code = (
+        "from crd_jax.ops import grad_l2, native, ncc, spatial\n"
+        "print(native.available(), spatial.upsample_vjp(), spatial.warp_gradient(), ncc.ncc_formulation(),"
+        " grad_l2.grad_l2_formulation())"
+    )
+    env = dict(os.environ, CRD_JAX_FAST_CONV="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "stencil", "xla", "xla", "xla"]

@@ -70,7 +70,8 @@ def ncc_formulation(mode: Optional[str] = None) -> str:
         if mode not in ("native", "xla"):
             raise ValueError(f"ncc formulation must be 'native' or 'xla', not {mode!r}")
         _settings["ncc"] = mode
-    return _settings.setdefault("ncc", "native")
+    chosen = _settings.setdefault("ncc", "native")
+    return "xla" if chosen == "native" and not _native_available() else chosen  # what runs without the kernels
 
 
 def _native_available() -> bool:

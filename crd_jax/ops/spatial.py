@@ -105,7 +105,8 @@ def warp_gradient(mode: Optional[str] = None) -> str:
         if mode not in ("native", "regather", "xla"):
             raise ValueError(f"warp gradient must be 'native', 'regather' or 'xla', not {mode!r}")
         _settings["warp_gradient"] = mode
-    return _settings.setdefault("warp_gradient", "native")
+    chosen = _settings.setdefault("warp_gradient", "native")
+    return "xla" if chosen == "native" and not _native_available() else chosen  # what runs without the kernels
 
 
 def _warp_reference(image: jax.Array, disp: jax.Array, order: int = 1, mode: str = "border") -> jax.Array:
@@ -273,7 +274,9 @@ def upsample_vjp(mode: Optional[str] = None) -> str:
         if mode not in ("native", "stencil", "autodiff"):
             raise ValueError(f"upsample vjp must be 'native', 'stencil' or 'autodiff', not {mode!r}")
         _settings["upsample_vjp"] = mode
-    return _settings.setdefault("upsample_vjp", "native")
+    chosen = _settings.setdefault("upsample_vjp", "native")
+    # "native" without the kernels (not built, or disabled) runs the stencil: report that, not the wish
+    return "stencil" if chosen == "native" and not _native_available() else chosen
 
 
 def _upsample_offsets(k: int):
