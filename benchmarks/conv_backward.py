@@ -17,7 +17,9 @@ Per layer (the layers ``model.apply`` runs, recorded as ``train_budget.py --prof
 and the native weight-gradient calls of the layer's backward pass, timed on their own (a layer's gradient with
 respect to its kernel minus its forward would hide them: XLA drops the forward where nothing needs its output).
 GFLOP/s: the multiply-adds those calls execute (for the decoder's fused step: the coarse-grid correlation of the
-upsampled channels, ``(k + 1)^3`` taps on the coarse grid, plus the skip's ``k^3``), x 2, over their time; % of
+upsampled channels, ``(k + 1)^3`` taps on the coarse grid, plus the skip's ``k^3``: ``upcat_backward("coarse_split")``'s
+calls; the default ``"coarse"`` makes one Winograd call for both where it applies, timed by ``upcat_backward.py``),
+x 2, over their time; % of
 peak: over the larger of the FMA peak ``cpu_peak.py`` measures in the same process (all threads, the widest
 vectors; the best of three tries before and after: a shared machine) and the peak stored for this CPU in
 ``results/cpu_peak.json`` (so the column follows that file when the tables are rendered again).
@@ -89,8 +91,10 @@ def recorded_peak(payload) -> float:
 def wgrad_calls(call):
     """The native weight-gradient calls the backward pass of one recorded layer makes, as one jitted function and
     its (random) arguments, and their floating-point operations: a convolution's ``_weight_grad``; for the decoder's
-    fused step (``conv_upsampled_concat``, coarse backward) the stride-2 correlation on the coarse grid that gives
-    the upsampled channels' weight gradient (``(k + 1)^3`` taps, as ``_coarse_upsampled_grads``) and the skip's."""
+    fused step (``conv_upsampled_concat``) the split weight gradients of ``upcat_backward("coarse_split")``: the
+    stride-2 correlation on the coarse grid that gives the upsampled channels' (``(k + 1)^3`` taps, as
+    ``_coarse_upsampled_grads``) and the skip's. (The default ``"coarse"`` replaces both by one Winograd pass where
+    it applies: ``benchmarks/upcat_backward.py`` times that.)"""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -256,7 +260,8 @@ def render(payload) -> str:
     for label, rows in payload["layers"].items():
         lines += [
             f"{label}, per layer (ms): the forward, and the native weight-gradient calls of its backward pass (for "
-            "the decoder's fused step: the coarse-grid correlation of the upsampled channels and the skip's); "
+            "the decoder's fused step: the coarse-grid correlation of the upsampled channels and the skip's, "
+            'upcat_backward("coarse_split")\'s calls); '
             "GFLOP/s: their floating-point operations over the new kernel's time; per CPU-second: over its process "
             f"CPU time, and % of one core's peak ({core_peak:.0f} GFLOP/s):",
             "",

@@ -18,7 +18,8 @@ native path its forward never materialises the concatenation (the largest tensor
 backward where the skip is exactly twice the coarse grid: the upsampled channels' input gradient is then a
 Winograd pass keeping the 27 of 64 products that each 2x2x2 block's sum needs (or a stride-2 correlation on the
 coarse grid, :func:`coarse_tap_matrix`, 0.30 of the fine work for 3^3 kernels), and the weight gradient one
-Winograd pass that reads the upsampled channels on their coarse grid (:func:`upcat_backward`).
+Winograd pass that reads the upsampled channels on their coarse grid (3-D, AVX-512, fine grids from 16^3:
+:func:`_upcat_wgrad_fused_applies`), else the coarse correlation's plus the skip's (:func:`upcat_backward`).
 """
 
 from __future__ import annotations
@@ -431,7 +432,8 @@ def _upcat_conv_fwd(low, skip, w, b, padding, negative_slope, train_bf16):
     return y, (low, skip, w, y if negative_slope is not None else None)
 
 
-#: :func:`upcat_backward`'s modes, fastest first
+#: :func:`upcat_backward`'s modes, newest first (``"coarse"`` and ``"coarse_split"`` measured within noise of each
+#: other on VM's finest level; benchmarks/results/upcat_backward_wgrad.md)
 UPCAT_BACKWARDS = ("coarse", "coarse_split", "coarse_direct", "concat")
 
 
