@@ -4,6 +4,7 @@
     python benchmarks/ship_models.py --workdir DIR --overwrite
     python benchmarks/ship_models.py --workdir ~/crd-runs/control_3d-ll --stages vm_ll_long   # the control
     python benchmarks/ship_models.py --experiment1 --overwrite --measure-1mm   # Experiment 1's student + control
+    python benchmarks/ship_models.py --experiment2 --measure-1mm               # Experiment 2's n = 2 pair
 
 ``--experiment1`` ships from Experiment 1 (``configs/lpba40_crd_exp1.py``, run folder
 ``~/crd-runs/reproduce_lpba40_3d-ll-exp1``) stream 0 of the paper's CRD arm as ``lpba40-vm-ll-crd`` and stream 0
@@ -11,6 +12,10 @@ of the control as ``lpba40-vm-ll-control``: stream 0 because it was fixed before
 the best validation Dice), the paper's arm because the paper's text is the library's default recipe. They are not
 the shipped pair: the previous round's student and control (``vm_ll_crd``, ``vm_ll_long``) score higher on the
 validation pairs (docs/models.md).
+
+``--experiment2`` ships Experiment 2's (``configs/lpba40_crd_exp2.py``, run folder ``~/crd-runs/reproduce_lpba40_exp2``;
+128^3, n = 2) stream 0 of the same two arms as ``lpba40-vm-l-crd`` and ``lpba40-vm-l-control``, beside the n = 4 pair,
+for the same reasons.
 
 Each becomes ``crd_jax/pretrained/<name>/`` (``model.json`` + ``params.msgpack``) with a ``shipped`` record:
 what it was trained and validated on, its grid, voxel size and orientation, the steps it trained and its
@@ -55,6 +60,23 @@ EXP1_RECIPES = {
     "steps of eq. 5 alone on the same pairs in the same order; compare the two on your data",
 }
 
+#: Experiment 2's (128^3, n = 2): the same arms and stream, from VM-L (configs/lpba40_crd_exp2.py's protocol)
+EXP2_NAMES = {"crd_paper_s0": "lpba40-vm-l-crd", "ctl_s0": "lpba40-vm-l-control"}
+EXP2_RECIPES = {
+    "crd_paper_s0": "VM-L-CRD (Experiment 2, configs/lpba40_crd_exp2.py, stream 0): LPBA40 resampled to 128^3, n = 2; "
+    "from VM-L (10,000 steps of eq. 5), 10,000 steps of eq. 10 (L^L + 1.0 x eq. 8 on the full grid + 0.1 x eq. 9 on "
+    "raw features) under the FST chosen on training pairs (S1 10,000 steps from VM-H 10,000 steps, the FST 10,000); "
+    "Adam lr 1e-3 halved at 60% and 80%, batch 1",
+    "ctl_s0": "The step-matched control of lpba40-vm-l-crd (Experiment 2, stream 0): from VM-L, 10,000 steps of eq. 5 "
+    "alone on the same pairs in the same order; compare the two on your data",
+}
+#: --experimentN -> (names, recipes, run folder under ~/crd-runs)
+EXPERIMENTS = {
+    0: (NAMES, RECIPES, "reproduce_lpba40_3d-ll"),
+    1: (EXP1_NAMES, EXP1_RECIPES, "reproduce_lpba40_3d-ll-exp1"),
+    2: (EXP2_NAMES, EXP2_RECIPES, "reproduce_lpba40_exp2"),
+}
+
 
 def _dice_at_1mm(model_dir: Path, config: dict):
     """The 30 validation pairs registered at 1 mm through ``crd-jax register``'s path (lpba40_report.py)."""
@@ -72,14 +94,16 @@ def _dice_at_1mm(model_dir: Path, config: dict):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", type=Path, default=RUNS / "reproduce_lpba40_3d-ll")
+    p.add_argument("--workdir", type=Path, default=None, help="the run folder (default: the experiment's under ~/crd-runs)")
     p.add_argument("--dest", type=Path, default=ROOT / "crd_jax" / "pretrained")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--stages", nargs="*", default=[], help="only these stages (default: every one finished)")
-    p.add_argument(
-        "--experiment1",
-        action="store_true",
-        help="ship Experiment 1's stream-0 paper-CRD student and its control (default workdir: its run folder)",
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--experiment1", action="store_const", const=1, dest="experiment", help="Experiment 1's stream-0 pair (n = 4)"
+    )
+    which.add_argument(
+        "--experiment2", action="store_const", const=2, dest="experiment", help="Experiment 2's stream-0 pair (n = 2)"
     )
     p.add_argument(
         "--measure-1mm",
@@ -87,9 +111,8 @@ def main():
         help="register the 30 validation pairs at 1 mm (as crd-jax register) where the report has no figure",
     )
     args = p.parse_args()
-    names, recipes = (EXP1_NAMES, EXP1_RECIPES) if args.experiment1 else (NAMES, RECIPES)
-    if args.experiment1 and args.workdir == p.get_default("workdir"):
-        args.workdir = RUNS / "reproduce_lpba40_3d-ll-exp1"
+    names, recipes, folder = EXPERIMENTS[args.experiment or 0]
+    args.workdir = args.workdir or RUNS / folder
 
     import nibabel as nib
 

@@ -1,0 +1,72 @@
+"""benchmarks/ship_models.py, as a maintainer runs it (a fresh process) on a run folder of the experiments' layout:
+the stream-0 student and its control become named model folders with their cards; nothing is replaced without
+--overwrite."""
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from benchmark_runs import ROOT
+from model_folders import make_model_folder
+
+
+def _run_folder(tmp_path, stages):
+    data = tmp_path / "data" / "images"
+    data.mkdir(parents=True)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS, as LPBA40
+    nib.save(nib.Nifti1Image(np.zeros((40, 48, 40), np.float32), affine), data / "S11.nii.gz")
+    run = tmp_path / "run"
+    run.mkdir()
+    config = {"data": {"root": str(tmp_path / "data"), "resample_shape": [32, 32, 32], "shape": [32, 32, 32]}}
+    (run / "config.json").write_text(json.dumps(config))
+    for i, stage in enumerate(stages):
+        folder = run / "stages" / stage
+        folder.mkdir(parents=True)
+        make_model_folder(folder / "model", side=32)
+        (folder / "eval.json").write_text(json.dumps({"dice_mean": 0.6 + 0.01 * i, "num_pairs": 30}))
+    return run
+
+
+def _ship(*args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ship_models.py"), *args], cwd=ROOT, capture_output=True, text=True
+    )
+
+
+@pytest.mark.parametrize(
+    "flag, names, text",
+    [
+        ("--experiment1", ("lpba40-vm-ll-crd", "lpba40-vm-ll-control"), "Experiment 1"),
+        ("--experiment2", ("lpba40-vm-l-crd", "lpba40-vm-l-control"), "Experiment 2"),
+    ],
+)
+def test_an_experiments_stream_0_pair_is_shipped_with_its_cards(tmp_path, flag, names, text):
+    run = _run_folder(tmp_path, ["crd_paper_s0", "ctl_s0", "crd_code_s0"])
+    dest = tmp_path / "pretrained"
+    proc = _ship(flag, "--workdir", str(run), "--dest", str(dest))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in dest.iterdir()) == sorted(names)  # stream 0 of two arms, not the authors' arm
+    cards = [json.loads((dest / n / "model.json").read_text())["shipped"] for n in names]
+    for card, dice in zip(cards, (0.6, 0.61)):
+        assert text in card["recipe"] and card["val_dice_grid"] == dice
+        assert card["orientation"] == "LPS" and card["validated_on"].startswith("LPBA40 S35-S40, 30 ordered pairs")
+    assert "step-matched control" in cards[1]["recipe"]
+    # again without --overwrite: one line, exit 2, the shipped folders untouched
+    before = {n: (dest / n / "params.msgpack").read_bytes() for n in names}
+    again = _ship(flag, "--workdir", str(run), "--dest", str(dest))
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1 and "--overwrite" in again.stderr
+    assert {n: (dest / n / "params.msgpack").read_bytes() for n in names} == before
+
+
+def test_unfinished_stages_are_skipped_and_the_two_experiments_cannot_be_asked_at_once(tmp_path):
+    run = _run_folder(tmp_path, ["ctl_s0"])
+    dest = tmp_path / "pretrained"
+    proc = _ship("--experiment2", "--workdir", str(run), "--dest", str(dest))
+    assert proc.returncode == 0 and "crd_paper_s0: not finished, skipped" in proc.stdout
+    assert [p.name for p in dest.iterdir()] == ["lpba40-vm-l-control"]
+    both = _ship("--experiment1", "--experiment2", "--workdir", str(run), "--dest", str(dest))
+    assert both.returncode == 2 and "not allowed with" in both.stderr
