@@ -362,7 +362,8 @@ def run_config(args):
     teacher phase and the students, since the run folder then records that pipeline and refuses one that drops
     stages (the finished teacher stages are skipped)."""
     saved = saved_gate(args.workdir)
-    return _config(args, saved["fst"] if saved and saved["passed"] else "")
+    forced = bool(args.steps and args.force_gate)  # a dry run that forced the student phase resumes into it too
+    return _config(args, saved["fst"] if saved and (saved["passed"] or forced) else "")
 
 
 def run(args) -> dict:

@@ -165,3 +165,31 @@ def test_a_run_resumed_past_a_passed_gate_keeps_the_students_in_its_pipeline(tmp
     workdir_config.check_resume(crd_experiment.run_config(args), work)  # resumes
     with pytest.raises(InputError, match="only appending stages is allowed"):
         workdir_config.check_resume(teacher, work)
+
+
+def test_a_dry_run_that_forced_the_gate_resumes_into_its_student_phase(tmp_path):
+    """--force-gate (dry runs, with --steps) ran the students past a failed gate; resumed, the run's first pipeline
+    was the teacher phase alone, which the run folder refused (it records the students)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import crd_experiment
+
+    crd_experiment.select(2)
+    try:
+        _check_forced_gate_resume(crd_experiment, tmp_path)
+    finally:
+        crd_experiment.select(1)  # the module's default protocol, as other tests import it
+
+
+def _check_forced_gate_resume(crd_experiment, tmp_path):
+    work = tmp_path / "run"
+    work.mkdir()
+    (work / "gate.json").write_text(json.dumps({"fst": "fst_half", "passed": False}))
+    base = ["--experiment", "2", "--workdir", str(work), "--data-root", str(tmp_path), "--steps", "2"]
+    for extra, students in (([], False), (["--force-gate"], True)):
+        args = crd_experiment.parser().parse_args(base + extra)
+        args.workdir = work
+        pipeline = list(crd_experiment.run_config(args).pipeline)
+        assert ("crd_paper_s0" in pipeline) == students
+    real = crd_experiment.parser().parse_args(base[:-2] + ["--force-gate"])  # without --steps: no forcing
+    real.workdir = work
+    assert "crd_paper_s0" not in crd_experiment.run_config(real).pipeline
