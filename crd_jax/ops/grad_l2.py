@@ -38,14 +38,9 @@ def grad_l2_formulation(mode: Optional[str] = None) -> str:
         if mode not in ("native", "xla"):
             raise ValueError(f"grad-L2 formulation must be 'native' or 'xla', not {mode!r}")
         _settings["grad_l2"] = mode
-    chosen = _settings.setdefault("grad_l2", "native")
-    return "xla" if chosen == "native" and not _native_available() else chosen  # what runs without the kernels
-
-
-def _native_available() -> bool:
     from crd_jax.ops import native
 
-    return native.available()
+    return native.in_use(_settings.setdefault("grad_l2", "native"), "xla")
 
 
 def grad_l2(disp: jax.Array) -> jax.Array:

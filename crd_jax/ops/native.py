@@ -141,6 +141,12 @@ def _why_not() -> str:
     return "the CPU lacks AVX2/FMA"
 
 
+def in_use(chosen: str, fallback: str) -> str:
+    """An op's formulation as it runs: ``fallback`` (the XLA reference's name) where ``chosen`` is ``"native"`` and
+    the kernels are off (the op settings' getters report this, not the wish)."""
+    return fallback if chosen == "native" and not available() else chosen
+
+
 def threads() -> int:
     """Threads the native kernel uses (0 when it is not in use)."""
     return int(_state["lib"].crd_num_threads()) if available() else 0

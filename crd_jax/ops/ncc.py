@@ -70,8 +70,9 @@ def ncc_formulation(mode: Optional[str] = None) -> str:
         if mode not in ("native", "xla"):
             raise ValueError(f"ncc formulation must be 'native' or 'xla', not {mode!r}")
         _settings["ncc"] = mode
-    chosen = _settings.setdefault("ncc", "native")
-    return "xla" if chosen == "native" and not _native_available() else chosen  # what runs without the kernels
+    from crd_jax.ops import native
+
+    return native.in_use(_settings.setdefault("ncc", "native"), "xla")
 
 
 def _native_available() -> bool:

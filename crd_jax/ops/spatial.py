@@ -105,8 +105,9 @@ def warp_gradient(mode: Optional[str] = None) -> str:
         if mode not in ("native", "regather", "xla"):
             raise ValueError(f"warp gradient must be 'native', 'regather' or 'xla', not {mode!r}")
         _settings["warp_gradient"] = mode
-    chosen = _settings.setdefault("warp_gradient", "native")
-    return "xla" if chosen == "native" and not _native_available() else chosen  # what runs without the kernels
+    from crd_jax.ops import native
+
+    return native.in_use(_settings.setdefault("warp_gradient", "native"), "xla")
 
 
 def _warp_reference(image: jax.Array, disp: jax.Array, order: int = 1, mode: str = "border") -> jax.Array:
@@ -274,9 +275,9 @@ def upsample_vjp(mode: Optional[str] = None) -> str:
         if mode not in ("native", "stencil", "autodiff"):
             raise ValueError(f"upsample vjp must be 'native', 'stencil' or 'autodiff', not {mode!r}")
         _settings["upsample_vjp"] = mode
-    chosen = _settings.setdefault("upsample_vjp", "native")
-    # "native" without the kernels (not built, or disabled) runs the stencil: report that, not the wish
-    return "stencil" if chosen == "native" and not _native_available() else chosen
+    from crd_jax.ops import native
+
+    return native.in_use(_settings.setdefault("upsample_vjp", "native"), "stencil")
 
 
 def _upsample_offsets(k: int):
