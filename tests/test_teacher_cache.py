@@ -209,6 +209,47 @@ def test_the_disk_cache_survives_a_restart_and_is_emptied_for_another_teacher(tm
     assert "in host memory" in teacher_cache.attach(loss, frozen, loader, example, 1.0, {}, 1.0, folder)[2]
 
 
+def test_the_fingerprint_records_bfloat16_inference_and_keeps_float32_runs_fingerprints(monkeypatch):
+    """A cache filled by a teacher whose convolutions rounded to bfloat16 (the process's bf16 inference on, an
+    engine on the CPU) must not serve a float32 run, nor the reverse; float32 runs keep their old fingerprint, so
+    the caches on disk of runs made before stay valid."""
+    import importlib
+
+    from crd_jax.ops import native
+
+    conv = importlib.import_module("crd_jax.ops.conv")  # the module (crd_jax.ops.conv is also a function's name)
+    teacher, frozen = _Teacher(), {"w": jnp.float32(0.9)}
+    images = _Images(3, (8, 6))
+    before = conv.bf16_inference()
+    try:
+        conv.bf16_inference(False)
+        f32 = teacher_cache.fingerprint(teacher, frozen, images)
+        assert teacher_cache.teacher_precision() == ""
+        # what it was before the precision was recorded: the same hash without it
+        import hashlib
+
+        h = hashlib.sha256()
+        h.update(repr(teacher).encode() + b"\0" + teacher_cache.teacher_code().encode())
+        for leaf in jax.tree_util.tree_leaves(frozen):
+            a = np.ascontiguousarray(jax.device_get(leaf))
+            h.update(f"{a.dtype}{a.shape}".encode() + a.tobytes())
+        h.update(f"{len(images)}".encode())
+        for i in range(len(images)):
+            h.update(np.ascontiguousarray(images.image(i), np.float32).tobytes())
+        assert f32 == h.hexdigest()
+        conv.bf16_inference(True)
+        for engine, expected_same in (("", True), ("avx512-bf16", False), ("amx", False)):
+            monkeypatch.setattr(native, "bf16_engine", lambda engine=engine: engine)
+            got = teacher_cache.fingerprint(teacher, frozen, images)
+            assert (got == f32) is expected_same, engine
+        monkeypatch.setattr(native, "bf16_engine", lambda: "amx")
+        amx = teacher_cache.fingerprint(teacher, frozen, images)
+        monkeypatch.setattr(native, "bf16_engine", lambda: "avx512-bf16")
+        assert teacher_cache.fingerprint(teacher, frozen, images) != amx  # another engine, another rounding
+    finally:
+        conv.bf16_inference(before)
+
+
 class _Scaled(_Teacher):
     """The same parameters, another setting: its outputs differ, so no cache may serve the other's."""
 

@@ -163,11 +163,28 @@ def teacher_code() -> str:
     return hashlib.sha256(f"{source_digest('models', 'ops')} {jax.__version__} {jaxlib.__version__}".encode()).hexdigest()
 
 
+def teacher_precision() -> str:
+    """``"bf16 <engine>"`` where the teacher's convolutions round to bfloat16 (the process's bfloat16 inference is
+    on and the CPU has an engine for it), else ``""`` (float32). S3 runs the teacher outside ``train.bf16``
+    (:meth:`crd_jax.training.distill.DistillLoss.teacher_output`), so this is the only precision setting that
+    changes what it outputs."""
+    from crd_jax.ops import native
+    from crd_jax.ops.conv import bf16_inference
+
+    engine = native.bf16_engine() if bf16_inference() else ""
+    return f"bf16 {engine}" if engine else ""
+
+
 def fingerprint(teacher: object, frozen: Params, dataset: Dataset) -> str:
     """What a cached output depends on: the teacher's settings (its ``repr``: a dataclass or Flax module
-    lists its fields), its parameters, the code that runs it (:func:`teacher_code`) and the training volumes."""
+    lists its fields), its parameters, the code that runs it (:func:`teacher_code`), the precision its
+    convolutions run in (bfloat16 inference, :func:`crd_jax.ops.conv.bf16_inference`, with its engine, where it
+    is on and the CPU has one; float32 runs keep the fingerprint they had before this was recorded) and the
+    training volumes."""
     h = hashlib.sha256()
     h.update(repr(teacher).encode() + b"\0" + teacher_code().encode())
+    if precision := teacher_precision():
+        h.update(b"\0precision " + precision.encode())
     for leaf in jax.tree_util.tree_leaves(frozen):
         a = np.ascontiguousarray(jax.device_get(leaf))
         h.update(f"{a.dtype}{a.shape}".encode())
