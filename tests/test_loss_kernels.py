@@ -52,6 +52,8 @@ CASES = [
     ((1, 20, 17, 1), 9, False),  # 2-D
     ((2, 70, 45, 3), 3, True),  # 2-D, batch and channels, several row blocks
     ((1, 3, 2, 1, 1), 9, False),  # tiny
+    ((2, 23, 40, 64, 1), 5, True),  # rows of whole groups of 4 vectors; more planes than the backward's ring of
+    # window slots (it wraps), two volumes, several row blocks
 ]
 
 

@@ -20,8 +20,9 @@
 // Box sums: a window covers [p - lo, p - lo + w) along each axis, out-of-range voxels skipped (adding XLA's padded
 // zeros changes nothing). Sums run axis 0, then 1, then 2, each in window order, as XLA's three reduce_windows.
 // A thread takes blocks of rows and walks the planes of each in order: the axis-0 sums of a block read its rows
-// of the w0 planes around (from the L2 cache but for the newest plane), the axis-1 and axis-2 sums of each row
-// follow, then the elementwise terms. Rows vectorise along the contiguous axis.
+// of the w0 planes around (from the L2 cache but for the newest plane; the backward's three coefficient planes
+// through a ring of copies, see Ring), the axis-1 and axis-2 sums of each row follow, then the elementwise terms.
+// Rows vectorise along the contiguous axis, several vectors of a row at once (RowBox).
 //
 // Layout: f, m (N, D, H, W) (a 2-D image is D = 1 with a window of 1 along it); coefficients (3, N, D, H, W);
 // plane sums (N, D). Work is split over (volume, block of rows).
@@ -115,6 +116,34 @@ struct Scratch {
         t(K * row) {}
 };
 
+// The input planes of one row block's axis-0 window, copied once each into a per-thread ring of w0 slots.
+// Why: the axis-0 sums read the block's rows of w0 consecutive planes for every output plane, and the planes of a
+// volume with power-of-two sides lie a power of two bytes apart (64 KB at 128^3): the w0 x K rows of one step map to
+// the same few cache sets and evict each other (the backward spent half its time on those loads). Slots sit at a
+// stride that is not a multiple of 4 KB; each plane is read from memory once per block and re-read w0 times from
+// cache. The sums keep their order (z ascending): the same bits as reading the planes in place. The forward's
+// two input planes measured no faster through a ring, so it reads them in place.
+struct Ring {
+  int64_t slots, stride;
+  std::vector<float> data;
+  std::vector<int64_t> tag;  // the (volume, block, plane) key held in each slot, -1: none
+  Ring(int K, const Window& win, int64_t plane)
+      : slots(win.w[0]), stride(RoundUp8(plane) + 24), data(K * win.w[0] * stride), tag(win.w[0], -1) {}
+  const float* At(int k, int64_t z) const { return data.data() + (k * slots + z % slots) * stride; }
+  // Planes [zb, ze) of block `key0` (key0 + z identifies a plane of a block): rows [first, first + span) of
+  // the K inputs, input k at src[k] with planes hw floats apart.
+  void Fill(int K, const float* const* src, int64_t hw, int64_t first, int64_t span, int64_t zb, int64_t ze,
+            int64_t key0) {
+    for (int64_t z = zb; z < ze; ++z) {
+      const int64_t slot = z % slots;
+      if (tag[slot] == key0 + z) continue;
+      for (int k = 0; k < K; ++k)
+        std::copy(src[k] + z * hw + first, src[k] + z * hw + first + span, data.data() + (k * slots + slot) * stride);
+      tag[slot] = key0 + z;
+    }
+  }
+};
+
 // Axis-1 then axis-2 box sums of row y (of a block whose axis-0 sums in sc.q start at row ya) of K quantities into
 // sc.t (K rows of sc.row floats).
 void RowBox(int K, const Dims& s, int64_t y, int64_t ya, const Window& win, Scratch& sc) {
@@ -123,16 +152,36 @@ void RowBox(int K, const Dims& s, int64_t y, int64_t ya, const Window& win, Scra
   b -= ya;
   e -= ya;
   const int64_t W = s.w;
+  // Each output's sum is one chain of additions in window order (the reference's rounding); kGroup vectors of
+  // outputs are summed side by side so that their chains overlap (one chain at a time waited on the adder's
+  // latency: the two loops were most of the forward's time).
+  constexpr int kGroup = 4;
   for (int k = 0; k < K; ++k) {
     const float* q = sc.q.data() + k * sc.plane;
     float* r = sc.r.data() + k * sc.padded;
-    for (int64_t x = 0; x < W; x += 8) {
+    int64_t x = 0;
+    for (; x + 8 * kGroup <= W; x += 8 * kGroup) {
+      __m256 acc[kGroup];
+      for (int g = 0; g < kGroup; ++g) acc[g] = _mm256_loadu_ps(q + b * W + x + 8 * g);
+      for (int64_t yy = b + 1; yy < e; ++yy)
+        for (int g = 0; g < kGroup; ++g) acc[g] = _mm256_add_ps(acc[g], _mm256_loadu_ps(q + yy * W + x + 8 * g));
+      for (int g = 0; g < kGroup; ++g) _mm256_storeu_ps(r + win.lo[2] + x + 8 * g, acc[g]);
+    }
+    for (; x < W; x += 8) {
       __m256 acc = Load(q + b * W + x, W - x);
       for (int64_t yy = b + 1; yy < e; ++yy) acc = _mm256_add_ps(acc, Load(q + yy * W + x, W - x));
       Store(r + win.lo[2] + x, acc, W - x);
     }
     float* t = sc.t.data() + k * sc.row;
-    for (int64_t x = 0; x < W; x += 8) {
+    x = 0;
+    for (; x + 8 * kGroup <= W; x += 8 * kGroup) {
+      __m256 acc[kGroup];
+      for (int g = 0; g < kGroup; ++g) acc[g] = _mm256_loadu_ps(r + x + 8 * g);
+      for (int64_t j = 1; j < win.w[2]; ++j)
+        for (int g = 0; g < kGroup; ++g) acc[g] = _mm256_add_ps(acc[g], _mm256_loadu_ps(r + x + 8 * g + j));
+      for (int g = 0; g < kGroup; ++g) _mm256_storeu_ps(t + x + 8 * g, acc[g]);
+    }
+    for (; x < W; x += 8) {
       __m256 acc = _mm256_loadu_ps(r + x);
       for (int64_t j = 1; j < win.w[2]; ++j) acc = _mm256_add_ps(acc, _mm256_loadu_ps(r + x + j));
       _mm256_storeu_ps(t + x, acc);
@@ -234,6 +283,7 @@ void NccBackward(const float* coef, const float* f, const float* m, const Dims& 
   const int64_t blocks = Blocks(s);
   crd::ParallelFor(s.n * blocks, crd::NumThreads(), [&](int64_t begin, int64_t end, int) {
     Scratch sc(3, s, win);
+    Ring ring(3, win, sc.plane);
     for (int64_t item = 0; item < (end - begin) * s.d; ++item) {
       const int64_t n = (begin + item / s.d) / blocks, bl = (begin + item / s.d) % blocks, p = item % s.d;
       const Block blk(bl, s, win);
@@ -242,15 +292,17 @@ void NccBackward(const float* coef, const float* f, const float* m, const Dims& 
       const int64_t qp = sc.plane;
       int64_t zb, ze;
       Range(p, win.w[0], win.lo[0], s.d, &zb, &ze);
+      const float* src[3] = {coef + n * s.d * hw, coef + total + n * s.d * hw, coef + 2 * total + n * s.d * hw};
+      ring.Fill(3, src, hw, first, span, zb, ze, (n * blocks + bl) * s.d);
       for (int64_t i = 0; i < span; i += 16) {  // a cache line of each of the 3 w0 input rows per step
         __m256 a0[2] = {zero, zero}, a1[2] = {zero, zero}, a2[2] = {zero, zero};
         for (int64_t z = zb; z < ze; ++z) {
-          const float* c = coef + (n * s.d + z) * hw + first + i;
+          const float* c0 = ring.At(0, z) + i, *c1 = ring.At(1, z) + i, *c2 = ring.At(2, z) + i;
           for (int h = 0; h < 2; ++h) {
             const int64_t left = span - i - 8 * h;
-            a0[h] = _mm256_add_ps(a0[h], Load(c + 8 * h, left));
-            a1[h] = _mm256_add_ps(a1[h], Load(c + total + 8 * h, left));
-            a2[h] = _mm256_add_ps(a2[h], Load(c + 2 * total + 8 * h, left));
+            a0[h] = _mm256_add_ps(a0[h], Load(c0 + 8 * h, left));
+            a1[h] = _mm256_add_ps(a1[h], Load(c1 + 8 * h, left));
+            a2[h] = _mm256_add_ps(a2[h], Load(c2 + 8 * h, left));
           }
         }
         for (int h = 0; h < 2; ++h) {
