@@ -250,6 +250,36 @@ def test_the_fingerprint_records_bfloat16_inference_and_keeps_float32_runs_finge
         conv.bf16_inference(before)
 
 
+def test_a_filled_disk_cache_stays_on_when_the_disk_has_filled_up_since(tmp_path, monkeypatch):
+    """The free-space check counts what the cache's folder already holds: a resumed run on a disk that filled up
+    after the cache was written reads the cache instead of switching it off (and the teacher running every
+    step); without a folder the same free space still switches it off."""
+    import collections
+
+    from crd_jax.data.loader import PairLoader
+
+    teacher = _Teacher()
+    loss = distill.make_loss(_Student(), teacher, (distill.TERMS["deformation"](weight=1.0),))
+    loader = PairLoader(_Images(3, (12, 10)), global_batch=2, seed=5)
+    example = loader.batch(0)
+    folder = tmp_path / "teacher_cache" / "fst"
+    frozen = {"w": jnp.float32(0.9)}
+    _, cached_loader, why = teacher_cache.attach(loss, frozen, loader, example, 1e-6, {}, 1.0, folder)
+    assert "in disk" in why
+    total = teacher_cache.distinct_pairs(3)
+    step = 0
+    while len(cached_loader.cache) < total and step < 500:  # every pair the stream draws, written
+        cached_loader.batch(step)
+        step += 1
+    assert len(cached_loader.cache) == total
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(teacher_cache.shutil, "disk_usage", lambda path: usage(10**12, 10**12, 0))  # a full disk
+    _, _, why = teacher_cache.attach(loss, frozen, loader, example, 1e-6, {}, 1.0, folder)
+    assert f"{total} already computed" in why
+    _, _, why = teacher_cache.attach(loss, frozen, loader, example, 1e-6, {}, 1.0, tmp_path / "elsewhere" / "fst")
+    assert why.startswith("teacher cache off:") and "GB free on the disk" in why
+
+
 class _Scaled(_Teacher):
     """The same parameters, another setting: its outputs differ, so no cache may serve the other's."""
 

@@ -195,6 +195,15 @@ def fingerprint(teacher: object, frozen: Params, dataset: Dataset) -> str:
     return h.hexdigest()
 
 
+def _allocated_bytes(directory: Path) -> int:
+    """Disk space the files of a cache folder occupy (allocated blocks: its memory-mapped files are sparse until
+    their pairs are written); 0 where there is no folder."""
+    try:
+        return sum(f.stat().st_blocks * 512 for f in Path(directory).iterdir() if f.is_file())
+    except OSError:
+        return 0
+
+
 def in_memory_bytes(caches: Mapping[tuple, "TeacherCache"]) -> int:
     """Host memory the run's memory caches may fill (every pair of each)."""
     return sum(c.capacity_bytes for c in caches.values() if isinstance(c.store, MemoryStore))
@@ -266,7 +275,9 @@ def attach(
             tag = hashlib.sha256(description.encode()).hexdigest()[:8]
             directory = Path(directory).with_name(f"{Path(directory).name}-{tag}")  # one folder per teacher setting
             directory.parent.mkdir(parents=True, exist_ok=True)
-            free = shutil.disk_usage(directory.parent).free / 2**30
+            # what the folder already holds counts as free: a resumed run reuses it (or empties it for another
+            # teacher), so a disk that filled up since the cache was written does not switch the cache off
+            free = (shutil.disk_usage(directory.parent).free + _allocated_bytes(directory)) / 2**30
             if need > free:
                 return loss_fn, loader, f"teacher cache off: {size} > {free:.1f} GB free on the disk of {directory}"
             store = DiskStore(directory, n_items * n_items, cache.shapes, fingerprint(loss_fn.teacher, frozen, loader.dataset))
