@@ -143,7 +143,10 @@ def _progress(workdir: Path) -> dict:
     """Steps reached by the stages that started and have not finished (from the run's metrics log)."""
     from run_status import read_progress
 
-    config = json.loads((workdir / "config.json").read_text()) if (workdir / "config.json").exists() else {"stages": {}}
+    from crd_jax.training.workdir_config import remembered
+
+    # the latest config the run was started with (the student phase appends its stages to the teacher phase's)
+    config = remembered(workdir) or {"stages": {}}
     out = {}
     for stage, p in read_progress(workdir / "metrics.jsonl").items():
         if not (workdir / "stages" / stage / "model").exists() and stage in config["stages"]:
@@ -278,16 +281,23 @@ def report(workdir: Path, out: Path, draws: int) -> dict:
                     f"| {arm} | "
                     + ", ".join(f"{v:+.4f}" for v in r["per_stream"].values())
                     + f" | {r['t']['mean']:+.4f} | [{r['t']['low']:+.4f}, {r['t']['high']:+.4f}] "
-                    f"| [{r['t_holm']['low']:+.4f}, {r['t_holm']['high']:+.4f}] "
-                    f"| [{r['bootstrap']['low']:+.4f}, {r['bootstrap']['high']:+.4f}] | {r['holm']['p_holm']:.3f} |"
+                    + (
+                        f"| [{r['t_holm']['low']:+.4f}, {r['t_holm']['high']:+.4f}] "
+                        if r["holm"].get("reached", True)
+                        else "| not reached (Holm stopped at the arm of smaller p) "
+                    )
+                    + f"| [{r['bootstrap']['low']:+.4f}, {r['bootstrap']['high']:+.4f}] | {r['holm']['p_holm']:.3f} |"
                 )
             verdict = (
-                "CRD supported: a Holm-adjusted interval excludes 0 on the positive side"
+                "CRD supported: Holm's step-down rejects 'no difference' for a CRD arm above the control (its"
+                " Holm-level interval excludes 0 on the positive side)"
                 if stats["supported"]
                 else "CRD refuted in this regime: both upper bounds below +0.003"
                 if stats["refuted"]
-                else "inconclusive: no interval excludes 0 and not both upper bounds are below +0.003"
+                else "inconclusive: no CRD arm is above the control by Holm's test and not both upper bounds are below +0.003"
             )
+            if stats["supported"] and stats["refuted"]:  # a real effect, too small to matter by the protocol's bound
+                verdict += ", but smaller than +0.003: both upper bounds are below it (the refutation's bound)"
             below = [a for a, r in stats["arms"].items() if r["below_control"]]
             if below:  # the direction, said plainly (not one of the protocol's decisions)
                 verdict += f"; {' and '.join(below)} scored below the control (Holm-level t-interval entirely below 0"
@@ -320,11 +330,11 @@ def summary(payload: dict) -> str:
     head = f"*{name}* (pre-registered in `{payload['protocol']}`): "
     if g is None and not payload.get("started", True):
         return head + "not started."
+    going = ", ".join(f"{s} step {p['step']:,} of {p['steps']:,}" for s, p in payload.get("progress", {}).items())
     if g is None:
         evaluated = payload["teacher_phase"]
         finished = payload.get("teacher_finished", list(evaluated))  # older payloads: the evaluated stages only
         done = ", ".join(evaluated[s]["label"] if s in evaluated else s for s in finished) or "nothing yet"
-        going = ", ".join(f"{s} step {p['step']:,} of {p['steps']:,}" for s, p in payload.get("progress", {}).items())
         return head + f"teacher phase under way; finished: {done}" + (f"; training: {going}" if going else "") + "."
     gate = (
         f"gate {'passed' if g['passed'] else 'failed'} (FST - {low} {g['fst_minus_vm_ll']:+.4f}, "
@@ -332,7 +342,8 @@ def summary(payload: dict) -> str:
     )
     if "analysis" not in payload:
         n = len(payload.get("streams_finished", []))
-        return head + gate + (f"; students: {n} of {len(protocol.SEEDS)} streams finished." if g["passed"] else ".")
+        students = f"; students: {n} of {len(protocol.SEEDS)} streams finished" + (f"; training: {going}" if going else "")
+        return head + gate + (students + "." if g["passed"] else ".")
     arms = payload["analysis"]["arms"]
     parts = [
         f"{arm} - control {r['t']['mean']:+.4f} (t 95% [{r['t']['low']:+.4f}, {r['t']['high']:+.4f}], "

@@ -77,15 +77,31 @@ def two_level_bootstrap(
     return {"low": float(lo), "high": float(hi), "draws": draws, "level": level}
 
 
-def holm(pvalues: Mapping[str, float], alpha: float = 0.05) -> Dict[str, Dict[str, float]]:
-    """Holm's step-down adjusted p-values and the per-hypothesis test level (alpha / (m - rank))."""
+#: the family-wise error rate of the protocol's Holm correction
+ALPHA = 0.05
+
+
+def holm(pvalues: Mapping[str, float], alpha: float = ALPHA) -> Dict[str, Dict[str, float]]:
+    """Holm's step-down procedure: per hypothesis its adjusted p-value, its test level (alpha / (m - rank)),
+    whether the step-down reaches it (every hypothesis of a smaller p was rejected) and whether it is rejected
+    (reached and p <= its level; equivalently adjusted p <= alpha). The procedure stops at the first hypothesis
+    it does not reject: those after it are not rejected whatever their own p."""
     names = sorted(pvalues, key=lambda n: pvalues[n])
     m = len(names)
-    out, running = {}, 0.0
+    out, running, reached = {}, 0.0, True
     for rank, name in enumerate(names):
         adjusted = min(1.0, (m - rank) * pvalues[name])
         running = max(running, adjusted)
-        out[name] = {"p": float(pvalues[name]), "p_holm": float(running), "level": float(alpha / (m - rank))}
+        level = alpha / (m - rank)
+        rejected = reached and pvalues[name] <= level
+        out[name] = {
+            "p": float(pvalues[name]),
+            "p_holm": float(running),
+            "level": float(level),
+            "reached": bool(reached),
+            "rejected": bool(rejected),
+        }
+        reached = rejected
     return out
 
 
@@ -112,9 +128,11 @@ def analyse(
         # the interval at the Holm level of this arm (e.g. 97.5% for the smaller p of two)
         values = list(r["per_stream"].values())
         r["t_holm"] = t_interval(values, 1 - adjusted[arm]["level"])
-        r["supports_crd"] = bool(r["t_holm"]["low"] > 0)
-        # descriptive, not one of the protocol's decisions: the arm scores below the control at its Holm level
-        r["below_control"] = bool(r["t_holm"]["high"] < 0)
+        # Holm's decision: the step-down rejects this arm's null (its interval at its level then excludes 0; an
+        # arm the step-down does not reach is not rejected even where that interval excludes 0)
+        r["supports_crd"] = bool(adjusted[arm]["rejected"] and r["t"]["mean"] > 0)
+        # descriptive, not one of the protocol's decisions: the same rejection, on the side below the control
+        r["below_control"] = bool(adjusted[arm]["rejected"] and r["t"]["mean"] < 0)
     out["refuted"] = all(out["arms"][a]["t"]["high"] < refute_below for a in arms)
     out["supported"] = any(out["arms"][a]["supports_crd"] for a in arms)
     return out

@@ -117,6 +117,15 @@ def test_partial_streams_are_reported_descriptively_with_the_diagnostics(tmp_pat
     assert payload["diagnostics"][0]["stage"] == "crd_paper_s0" and "#### Distillation diagnostics" in text
     assert "| crd_paper_s0 | fst_full 0.6400 |" in text
     assert "gate passed (FST - VM-LL +0.0300" in summary and "students: 2 of 5 streams finished." in summary
+    # a student training: its stage was added to the run's config by the student phase (config_history.jsonl),
+    # after the teacher phase's config.json
+    (work / "config.json").write_text(json.dumps({"stages": {"vm_ll": {"steps": 10}}}))
+    student_config = {"stages": {"vm_ll": {"steps": 10}, "crd_paper_s2": {"steps": 600}}}
+    (work / "config_history.jsonl").write_text(json.dumps({"config": student_config}) + "\n")
+    (work / "metrics.jsonl").write_text(json.dumps({"stage": "crd_paper_s2", "step": 250, "loss": 0.1}) + "\n")
+    payload, _, summary = _report(tmp_path, work)
+    assert payload["progress"] == {"crd_paper_s2": {"step": 250, "steps": 600}}
+    assert "students: 2 of 5 streams finished; training: crd_paper_s2 step 250 of 600." in summary
 
 
 @pytest.mark.slow

@@ -28,6 +28,49 @@ def test_holm_adjusts_step_down():
     assert out["a"]["p_holm"] == pytest.approx(0.04) and out["b"]["p_holm"] == pytest.approx(0.04)
 
 
+def test_holm_stops_at_the_first_hypothesis_it_does_not_reject():
+    out = crd_stats.holm({"a": 0.01, "b": 0.04})  # 0.01 <= 0.025, then 0.04 <= 0.05: both rejected
+    assert out["a"]["rejected"] and out["b"]["reached"] and out["b"]["rejected"]
+    out = crd_stats.holm({"a": 0.03, "b": 0.045})  # 0.03 > 0.025: stop; b is not rejected although 0.045 <= 0.05
+    assert out["a"]["reached"] and not out["a"]["rejected"]
+    assert not out["b"]["reached"] and not out["b"]["rejected"]
+    for pv in ({"a": 0.001, "b": 0.2}, {"a": 0.03, "b": 0.045}, {"a": 0.01, "b": 0.04}, {"a": 0.5, "b": 0.01}):
+        for r in crd_stats.holm(pv).values():  # the same decision as the adjusted p-value's
+            assert r["rejected"] == (r["p_holm"] <= crd_stats.ALPHA)
+
+
+def _streams_with_p(p, mean_sign=1.0, sd=0.002):
+    """Five per-stream values whose one-sample t-test against 0 has two-sided p-value ``p``."""
+    from scipy import stats
+
+    z = np.array([-1.5, -0.5, 0.0, 0.5, 1.5])
+    z = (z - z.mean()) / z.std(ddof=1)
+    t = stats.t.isf(p / 2, 4)
+    return mean_sign * t * sd / np.sqrt(5) + sd * z
+
+
+def test_an_arm_the_step_down_does_not_reach_is_not_supported_though_its_interval_excludes_0():
+    """Holm with p = 0.03 and 0.045 rejects neither: the arm of p = 0.045 has a Holm-level (95%) interval above 0,
+    yet CRD is not supported (the decision the interval alone had made before)."""
+    ids = [f"S{i}" for i in range(6)]
+    pairs = [(m, f) for m in ids for f in ids if m != f]
+    control = {s: {q: 0.6 for q in pairs} for s in range(5)}
+
+    def arm(values):
+        return {s: {q: 0.6 + float(values[s]) for q in pairs} for s in range(5)}
+
+    per_pair = {"ctl": control, "first": arm(_streams_with_p(0.03, -1.0)), "second": arm(_streams_with_p(0.045))}
+    out = crd_stats.analyse(per_pair, "ctl", ["first", "second"], refute_below=0.003, draws=200)
+    first, second = out["arms"]["first"], out["arms"]["second"]
+    assert first["t"]["p"] == pytest.approx(0.03) and second["t"]["p"] == pytest.approx(0.045)
+    assert second["t_holm"]["low"] > 0 and not second["holm"]["reached"]
+    assert not second["supports_crd"] and not first["below_control"] and not out["supported"]
+    # with the first arm rejected the step-down reaches the second, which is then supported
+    per_pair["first"] = arm(_streams_with_p(0.01, -1.0))
+    out = crd_stats.analyse(per_pair, "ctl", ["first", "second"], refute_below=0.003, draws=200)
+    assert out["arms"]["first"]["below_control"] and out["arms"]["second"]["supports_crd"] and out["supported"]
+
+
 def _tables(shift, streams=5, subjects=6, noise=0.0, seed=0):
     rng = np.random.default_rng(seed)
     ids = [f"S{i}" for i in range(subjects)]
