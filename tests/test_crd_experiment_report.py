@@ -202,3 +202,45 @@ def _check_forced_gate_resume(crd_experiment, tmp_path):
     real = crd_experiment.parser().parse_args(base[:-2] + ["--force-gate"])  # without --steps: no forcing
     real.workdir = work
     assert "crd_paper_s0" not in crd_experiment.run_config(real).pipeline
+
+
+def _streams_with_p(p, sign=1.0, sd=0.002):
+    """Five per-stream differences whose one-sample t-test against 0 has two-sided p-value ``p``."""
+    from scipy import stats
+
+    z = np.array([-1.5, -0.5, 0.0, 0.5, 1.5])
+    z = (z - z.mean()) / z.std(ddof=1)
+    return sign * stats.t.isf(p / 2, 4) * sd / np.sqrt(5) + sd * z
+
+
+def _arms_folder(tmp_path, paper, code):
+    """A passed gate and five streams whose CRD - control differences are ``paper[s]`` / ``code[s]`` on every pair."""
+    work, _ = _run_folder(tmp_path, [], effect=0.0)
+    for s in SEEDS:
+        ctl = 0.62 + 0.001 * np.arange(len(PAIRS)) / len(PAIRS)
+        _stage(work, f"ctl_s{s}", "ctl", ctl)
+        _stage(work, f"crd_paper_s{s}", "paper", ctl + paper[s])
+        _stage(work, f"crd_code_s{s}", "code", ctl + code[s])
+    return work
+
+
+@pytest.mark.slow
+def test_an_arm_holm_does_not_reach_is_reported_so_and_not_supported(tmp_path):
+    """p = 0.03 (code, below the control) and 0.045 (paper, above): Holm stops at the first; the paper arm's 95%
+    interval excludes 0, but the report says its test was not reached and CRD is not supported."""
+    work = _arms_folder(tmp_path, _streams_with_p(0.045), _streams_with_p(0.03, -1.0))
+    payload, text, summary = _report(tmp_path, work)
+    paper = payload["analysis"]["arms"]["crd_paper"]
+    assert paper["t"]["p"] == pytest.approx(0.045, rel=1e-3) and paper["t_holm"]["low"] > 0
+    assert not paper["holm"]["reached"] and not payload["analysis"]["supported"]
+    assert "| not reached (Holm stopped at the arm of smaller p) |" in text
+    assert "Verdict: **inconclusive" in text and "inconclusive" in summary
+
+
+@pytest.mark.slow
+def test_a_supported_effect_below_the_refutation_bound_gets_both_verdicts(tmp_path):
+    small = 0.001 + 0.0001 * np.array([-1.5, -0.5, 0.0, 0.5, 1.5])  # clearly above 0, clearly below +0.003
+    work = _arms_folder(tmp_path, small, small)
+    payload, text, _ = _report(tmp_path, work)
+    assert payload["analysis"]["supported"] and payload["analysis"]["refuted"]
+    assert "Verdict: **CRD supported" in text and "but smaller than +0.003" in text

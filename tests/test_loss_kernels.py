@@ -10,6 +10,8 @@ gradient is linear in the field, a few roundings per term either way (2e-6 of it
 """
 
 import os
+import subprocess
+import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,6 +69,29 @@ def test_native_ncc_value_and_gradients_match_reference(shape, window, backgroun
     for a, b in ((gm1, gm0), (gf1, gf0)):
         scale = float(jnp.max(jnp.abs(b)))
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-5 * scale)
+
+
+def test_native_ncc_with_one_thread_matches_reference():
+    """One thread takes every (volume, block) item in turn, so the backward's ring of planes is reused across
+    volumes and row blocks (with two threads the items may split so that no thread reuses it); a fresh process,
+    the kernel's thread count read from the environment."""
+    code = (
+        "import jax, numpy as np\n"
+        "from crd_jax.ops import ncc as n\n"
+        "rng = np.random.default_rng(0)\n"
+        "for shape, w in (((2, 23, 40, 64, 1), 5), ((3, 9, 70, 37, 1), 9), ((2, 70, 45, 3), 3)):\n"
+        "    f = rng.random(shape).astype(np.float32); m = (0.5 * f + 0.5 * rng.random(shape)).astype(np.float32)\n"
+        "    ref = jax.value_and_grad(lambda f, m: n.ncc_reference(f, m, w), argnums=(0, 1))(f, m)\n"
+        "    got = jax.value_and_grad(lambda f, m: n.ncc(f, m, w), argnums=(0, 1))(f, m)\n"
+        "    np.testing.assert_allclose(float(got[0]), float(ref[0]), rtol=1e-5)\n"
+        "    for a, b in zip(got[1], ref[1]):\n"
+        "        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5 * float(np.abs(b).max()))\n"
+        "print(n.ncc_formulation())\n"
+    )
+    env = dict(os.environ, CRD_JAX_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == ncc_ops.ncc_formulation()
 
 
 def test_native_ncc_vjp_scales_with_the_cotangent_and_runs_jitted():

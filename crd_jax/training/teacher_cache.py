@@ -197,9 +197,13 @@ def fingerprint(teacher: object, frozen: Params, dataset: Dataset) -> str:
 
 def _allocated_bytes(directory: Path) -> int:
     """Disk space the files of a cache folder occupy (allocated blocks: its memory-mapped files are sparse until
-    their pairs are written); 0 where there is no folder."""
+    their pairs are written); 0 where there is no folder. Links are not followed (what they point to may lie on
+    another disk than the one whose free space this is added to)."""
+    directory = Path(directory)
     try:
-        return sum(f.stat().st_blocks * 512 for f in Path(directory).iterdir() if f.is_file())
+        if directory.is_symlink():
+            return 0
+        return sum(f.lstat().st_blocks * 512 for f in directory.iterdir() if not f.is_symlink() and f.is_file())
     except OSError:
         return 0
 

@@ -127,8 +127,13 @@ struct Ring {
   int64_t slots, stride;
   std::vector<float> data;
   std::vector<int64_t> tag;  // the (volume, block, plane) key held in each slot, -1: none
-  Ring(int K, const Window& win, int64_t plane)
-      : slots(win.w[0]), stride(RoundUp8(plane) + 24), data(K * win.w[0] * stride), tag(win.w[0], -1) {}
+  // A window holds at most min(w0, D) planes; z % slots then never puts two of them in one slot.
+  Ring(int K, const Window& win, int64_t plane, int64_t depth)
+      : slots(std::min(win.w[0], depth)), stride(SlotStride(plane)), data(K * slots * stride), tag(slots, -1) {}
+  static int64_t SlotStride(int64_t plane) {
+    const int64_t s = RoundUp8(plane) + 24;
+    return s % 1024 == 0 ? s + 16 : s;  // never a multiple of 4 KB
+  }
   const float* At(int k, int64_t z) const { return data.data() + (k * slots + z % slots) * stride; }
   // Planes [zb, ze) of block `key0` (key0 + z identifies a plane of a block): rows [first, first + span) of
   // the K inputs, input k at src[k] with planes hw floats apart.
@@ -283,7 +288,7 @@ void NccBackward(const float* coef, const float* f, const float* m, const Dims& 
   const int64_t blocks = Blocks(s);
   crd::ParallelFor(s.n * blocks, crd::NumThreads(), [&](int64_t begin, int64_t end, int) {
     Scratch sc(3, s, win);
-    Ring ring(3, win, sc.plane);
+    Ring ring(3, win, sc.plane, s.d);
     for (int64_t item = 0; item < (end - begin) * s.d; ++item) {
       const int64_t n = (begin + item / s.d) / blocks, bl = (begin + item / s.d) % blocks, p = item % s.d;
       const Block blk(bl, s, win);
