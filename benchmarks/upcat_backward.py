@@ -3,6 +3,8 @@
 * ``--compare coarse_split coarse`` (the default -> results/upcat_backward_wgrad): the weight gradient of both
   inputs as one Winograd pass that reads the upsampled channels on their coarse grid (``"coarse"``, the default on
   AVX-512), against the stride-2 coarse correlation's weight gradient plus the skip's own (``"coarse_split"``);
+* ``--compare coarse_fused_skip coarse`` (-> results/upcat_backward_skip): the image pair's 2 skip channels beside
+  the finest level inside the fused weight gradient, against their weight gradient apart (the direct kernel);
 * ``--compare coarse_direct coarse_split`` (-> results/upcat_backward): the upsampled channels' input gradient as
   one Winograd pass over the fine grid whose 2x2x2 sums need 27 of its 64 products, against the stride-2
   correlation on the coarse grid (``"coarse_direct"``).
@@ -37,7 +39,14 @@ COMPARISONS = {
         "Before: the weight gradient as the stride-2 coarse correlation's for the upsampled channels plus the skip's "
         'own (`upcat_backward("coarse_split")`); after: one Winograd pass for both, the upsampled channels read on '
         'their coarse grid (27 of 64 products per tile) and the gradient transform shared (`"coarse"`, '
-        "`csrc/ffi_glue.cc: ConvWgradUpcat`).",
+        "`csrc/ffi_glue.cc: ConvWgradUpcat`; a skip of at most 4 channels apart, as the direct kernel).",
+    ),
+    ("coarse_fused_skip", "coarse"): (
+        "upcat_backward_skip",
+        "Before: a skip of a few channels (the image pair beside the finest level) inside the fused Winograd weight "
+        'gradient, a whole 16-lane group of its transforms for 2 channels (`upcat_backward("coarse_fused_skip")`); '
+        "after: that skip's weight gradient apart, as the direct kernel, the Winograd pass given the upsampled "
+        'channels alone (`"coarse"`).',
     ),
     ("coarse_direct", "coarse_split"): (
         "upcat_backward",

@@ -263,8 +263,12 @@ def test_a_compiled_upcat_weight_gradient_still_runs_after_its_kernel_or_avx512_
 
 
 @pytest.mark.skipif(native.isa() != "avx512", reason="the Winograd weight gradient needs the native kernel on AVX-512")
-@pytest.mark.parametrize("low_shape,cl,cs,cout", [((8, 8, 8), 16, 2, 16), ((5, 9, 12), 32, 16, 32)])
+@pytest.mark.parametrize(
+    "low_shape,cl,cs,cout", [((8, 8, 8), 16, 2, 16), ((5, 9, 12), 32, 16, 32), ((8, 8, 9), 32, 4, 16), ((8, 9, 8), 16, 5, 8)]
+)
 def test_decoder_step_gradients_with_the_fused_weight_gradient_match_lax_and_the_split_one(low_shape, cl, cs, cout, upcat_mode):
+    """A skip of at most 4 channels (the image pair at the finest level) takes its weight gradient apart from the
+    fused Winograd pass (which then sees the upsampled channels alone: a skip of 0 channels); 5 and more stay in it."""
     rng = np.random.default_rng(cl + cs)
     low = jnp.asarray(rng.standard_normal((1, *low_shape, cl)), jnp.float32)
     skip = jnp.asarray(rng.standard_normal((1, *(2 * n for n in low_shape), cs)), jnp.float32)
@@ -274,14 +278,18 @@ def test_decoder_step_gradients_with_the_fused_weight_gradient_match_lax_and_the
     loss = lambda low, skip, w, b: jnp.sum(conv_upsampled_concat(low, skip, w, b, negative_slope=0.2) * r)  # noqa: E731
     want = jax.grad(lambda *a: jnp.sum(_reference_upcat_traced(*a, 0.2) * r), argnums=(0, 1, 2, 3))(low, skip, w, b)
     got = {}
-    for mode in ("coarse", "coarse_split"):
+    for mode in ("coarse", "coarse_fused_skip", "coarse_split"):
         upcat_mode(mode)
         fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-        assert ("crd_conv_wgrad_upcat" in fn.lower(low, skip, w, b).as_text()) == (mode == "coarse")
+        text = fn.lower(low, skip, w, b).as_text()
+        assert ("crd_conv_wgrad_upcat" in text) == (mode != "coarse_split")
+        apart = "x".join(str(n) for n in skip.shape[:-1]) + "x0xf32"  # the fused pass given a skip of no channels
+        assert (apart in text) == (mode == "coarse" and cs <= 4)
         got[mode] = fn(low, skip, w, b)
-    for g, g_split, g_ref in zip(got["coarse"], got["coarse_split"], want):
+    for g, g_fused, g_split, g_ref in zip(got["coarse"], got["coarse_fused_skip"], got["coarse_split"], want):
         scale = float(jnp.max(jnp.abs(g_ref))) or 1.0
         np.testing.assert_allclose(g, g_ref, rtol=0, atol=2e-6 * scale)
+        np.testing.assert_allclose(g_fused, g_ref, rtol=0, atol=2e-6 * scale)
         np.testing.assert_allclose(g, g_split, rtol=0, atol=2e-6 * scale)
 
 

@@ -433,8 +433,9 @@ def _upcat_conv_fwd(low, skip, w, b, padding, negative_slope, train_bf16):
 
 
 #: :func:`upcat_backward`'s modes, newest first (``"coarse"`` and ``"coarse_split"`` measured within noise of each
-#: other on VM's finest level; benchmarks/results/upcat_backward_wgrad.md)
-UPCAT_BACKWARDS = ("coarse", "coarse_split", "coarse_direct", "concat")
+#: other on VM's finest level; benchmarks/results/upcat_backward_wgrad.md; ``"coarse"`` against
+#: ``"coarse_fused_skip"``: benchmarks/results/upcat_backward_skip.md)
+UPCAT_BACKWARDS = ("coarse", "coarse_fused_skip", "coarse_split", "coarse_direct", "concat")
 
 
 def upcat_backward(mode: Optional[str] = None) -> str:
@@ -446,7 +447,9 @@ def upcat_backward(mode: Optional[str] = None) -> str:
     kernels, AVX-512), else a stride-2 correlation on the coarse grid (:func:`_coarse_upsampled_grads`). The
     weight gradient of both inputs is one Winograd pass that reads the upsampled channels on their coarse grid
     (:func:`_upcat_weight_grad`, where :func:`_upcat_wgrad_fused_applies`), else the coarse correlation's plus the
-    skip's own. ``"coarse_split"``: the two weight gradients apart (the earlier way); ``"coarse_direct"``: that and
+    skip's own; a skip of at most ``_SKIP_APART_MAX`` channels (the image pair beside the finest level) takes its
+    weight gradient apart, as the direct kernel. ``"coarse_fused_skip"``: such a skip inside the Winograd pass too
+    (the earlier way). ``"coarse_split"``: the two weight gradients apart; ``"coarse_direct"``: that and
     the coarse correlation for the input gradient too (benchmarks compare them). ``"concat"``: the concatenation is
     materialised and differentiated as one convolution. ``mode`` sets it for this process (read when a function is
     traced); returns the mode in use."""
@@ -494,7 +497,7 @@ def _pooled_winograd_applies(low, dz, w_low, padding, bf16) -> bool:
         and low.shape[-1] % 16 == 0
         and dz.shape[-1] <= 128
         and dz.dtype == jnp.float32
-        and upcat_backward() in ("coarse", "coarse_split")
+        and upcat_backward() in ("coarse", "coarse_fused_skip", "coarse_split")
         and native.winograd()
     )
 
@@ -579,10 +582,14 @@ def _upcat_wgrad_fused_applies(low, skip, w, dz, padding) -> bool:
         and min(spatial) >= 4
         and int(np.prod(spatial)) >= 16**3
         and skip.shape[0] * spatial[0] // 2 >= native.threads()
-        and upcat_backward() == "coarse"
+        and upcat_backward() in ("coarse", "coarse_fused_skip")
         and native.isa() == "avx512"
         and native.wgrad() in ("auto", "winograd")
     )
+
+
+#: skips of at most this many channels take their weight gradient apart from the fused Winograd pass
+_SKIP_APART_MAX = 4
 
 
 def _upcat_weight_grad(low, skip, dz):
@@ -620,7 +627,14 @@ def _upcat_conv_bwd(padding, negative_slope, train_bf16, residuals, dy):
     fused = _upcat_wgrad_fused_applies(low, skip, w, dz, padding)
     dlow, dw_low = _coarse_upsampled_grads(low, dz, w_low, padding, bf16=train_bf16, weight_grad=not fused)
     dskip = _input_grad(dz, w_skip, skip.shape, stride, padding, bf16=train_bf16)  # dropped by XLA when the skip is data
-    if fused:
+    if fused and skip.shape[-1] <= _SKIP_APART_MAX and upcat_backward() == "coarse":
+        # A skip of a few channels (the image pair beside the finest decoder level) would fill a whole 16-lane
+        # group of the Winograd transforms and a cache line of U per position for 2 useful floats; its weight
+        # gradient runs apart, as the direct kernel (where few input channels are its fast case)
+        dw_low = _upcat_weight_grad(low, skip[..., :0], dz)
+        dw_skip = _weight_grad(skip, dz, w.shape[:ndim], stride, padding)
+        dw = jnp.concatenate([dw_low, dw_skip], axis=-2)
+    elif fused:
         dw = _upcat_weight_grad(low, skip, dz)
     else:
         dw_skip = _weight_grad(skip, dz, w.shape[:ndim], stride, padding)
