@@ -248,24 +248,6 @@ def test_a_recorded_module_is_imported_only_with_the_users_word(tmp_path, monkey
         load_spec(folder)
 
 
-@pytest.mark.slow
-def test_a_fork_model_registers_in_a_fresh_process_with_the_flag_and_not_without(tmp_path):
-    """The quick tier's version of the trained round trip above (the model made here, not trained)."""
-    fork = _fork_folder(tmp_path, entry_point=False)
-    model = _fork_model(tmp_path)
-    marker = tmp_path / "imported"
-    refused = _register(model, tmp_path, "refused", _env(fork, FORK_IMPORT_MARKER=str(marker)))
-    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr[-3000:]
-    assert f"{model / 'model.json'}: backbone 'two_level_unet' is defined by module 'extending_example'" in refused.stderr
-    assert "--allow-backbone-module extending_example" in refused.stderr
-    assert not marker.exists() and not (tmp_path / "refused").exists()
-    done = _register(
-        model, tmp_path, "out", _env(fork, FORK_IMPORT_MARKER=str(marker)), "--allow-backbone-module", "extending_example"
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert marker.exists() and nib.load(str(tmp_path / "out" / "warped.nii.gz")).shape == (20, 18, 16)
-
-
 def test_model_json_with_an_unknown_field_is_refused_in_a_fresh_process(tmp_path):
     fork = _fork_folder(tmp_path, entry_point=False)
     model = _fork_model(tmp_path, architecture={"window_size": 7})

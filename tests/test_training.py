@@ -127,6 +127,12 @@ def test_teacher_features_have_exactly_the_student_shapes(shift, shape):
 # --- whole-program runs (subprocesses: device count and processes are fixed when JAX starts) ----------
 
 
+def _devices(n: int) -> dict:
+    """``XLA_FLAGS`` for ``n`` host devices, added to the flags the suite sets (conftest.py: the LLVM backend at
+    optimisation level 0), so that both sides of a comparison compile alike and as cheaply as the rest."""
+    return {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()}
+
+
 def _train(workdir, *overrides, env=None, config="configs/synthetic_vm_2d.py", check=True):
     cmd = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / config}", f"--config.workdir={workdir}"]
     cmd += ["--config.train.progress_bar=False", *overrides]
@@ -164,8 +170,8 @@ def _assert_same_params(a, b, tol):
 @pytest.mark.slow
 def test_two_devices_match_one_device(tmp_path):
     args = SMALL + ["--config.pipeline=('coop',)", "--config.stages.coop.steps=3", "--config.train.batch_size=2"]
-    one = _train(tmp_path / "one", *args, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
-    two = _train(tmp_path / "two", *args, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    one = _train(tmp_path / "one", *args, env=_devices(1))
+    two = _train(tmp_path / "two", *args, env=_devices(2))
     assert "1 device(s)" in one.stderr and "2 device(s)" in two.stderr
     l1, l2 = _losses(tmp_path / "one", "coop"), _losses(tmp_path / "two", "coop")
     assert sorted(l1) == [1, 2, 3]
@@ -184,7 +190,7 @@ def _free_port():
 def test_two_processes_through_jax_distributed_match_one_process(tmp_path):
     args = SMALL + ["--config.pipeline=('vm_l',)", "--config.stages.vm_l.steps=3", "--config.train.batch_size=2"]
     single = tmp_path / "single"
-    _train(single, *args, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    _train(single, *args, env=_devices(1))
     multi = tmp_path / "multi"
     port = _free_port()
     procs = []
@@ -200,7 +206,7 @@ def test_two_processes_through_jax_distributed_match_one_process(tmp_path):
             "--config.distributed.num_processes=2",
             f"--config.distributed.process_id={pid}",
         ]
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+        env = dict(os.environ, **_devices(1))
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
