@@ -33,7 +33,9 @@ def _call(tmp_path, out, *args):
 @pytest.mark.slow
 def test_small_dry_run_stops_at_its_deadline_and_the_next_call_resumes(tmp_path):
     # enough steps per stage that no machine finishes the teacher phase inside the limit: the deadline must act
-    first = _call(tmp_path, tmp_path / "out1", "--limit", "60", "--timing-budget", "15", "--small-steps", "3000")
+    # (the script stops 30 s before its limit: a 20 s deadline here; the second call's has passed when it starts, so
+    # it resumes, trains a step and stops: the loop checks the deadline after each step)
+    first = _call(tmp_path, tmp_path / "out1", "--limit", "50", "--timing-budget", "15", "--small-steps", "3000")
     assert not first["resumed"] and first["finished"] is False and "deadline reached" in first["stopped"]
     assert "step_s" in first["step_timings"]["VM-H"] and first["step_timings"]["VM-H"]["step_s"] > 0
     assert first["wall_s"] < 60 and len(list((tmp_path / "out1").iterdir())) <= 8
@@ -42,7 +44,7 @@ def test_small_dry_run_stops_at_its_deadline_and_the_next_call_resumes(tmp_path)
     with tarfile.open(tmp_path / "out1" / "state.tar.gz") as tar:
         names = tar.getnames()
     assert any("/ckpt/" in n for n in names) and not any("tensorboard" in n for n in names)
-    second = _call(tmp_path, tmp_path / "out2", "--limit", "45", "--timing-budget", "0", "--small-steps", "3000")
+    second = _call(tmp_path, tmp_path / "out2", "--limit", "31", "--timing-budget", "0", "--small-steps", "3000")
     assert second["resumed"]
     log = (tmp_path / "out2" / "log.txt").read_text()
     assert "resuming from step" in log or "finished earlier" in log
