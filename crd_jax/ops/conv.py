@@ -627,16 +627,15 @@ def _upcat_conv_bwd(padding, negative_slope, train_bf16, residuals, dy):
     fused = _upcat_wgrad_fused_applies(low, skip, w, dz, padding)
     dlow, dw_low = _coarse_upsampled_grads(low, dz, w_low, padding, bf16=train_bf16, weight_grad=not fused)
     dskip = _input_grad(dz, w_skip, skip.shape, stride, padding, bf16=train_bf16)  # dropped by XLA when the skip is data
-    if fused and skip.shape[-1] <= _SKIP_APART_MAX and upcat_backward() == "coarse":
-        # A skip of a few channels (the image pair beside the finest decoder level) would fill a whole 16-lane
-        # group of the Winograd transforms and a cache line of U per position for 2 useful floats; its weight
-        # gradient runs apart, as the direct kernel (where few input channels are its fast case)
-        dw_low = _upcat_weight_grad(low, skip[..., :0], dz)
-        dw_skip = _weight_grad(skip, dz, w.shape[:ndim], stride, padding)
-        dw = jnp.concatenate([dw_low, dw_skip], axis=-2)
-    elif fused:
+    # A skip of a few channels (the image pair beside the finest decoder level) would fill a whole 16-lane group of
+    # the Winograd transforms and a cache line of U per position for 2 useful floats: its weight gradient runs
+    # apart, as the direct kernel (few input channels are its fast case), and the fused pass sees ``low`` alone
+    skip_apart = not fused or (skip.shape[-1] <= _SKIP_APART_MAX and upcat_backward() == "coarse")
+    if fused and not skip_apart:
         dw = _upcat_weight_grad(low, skip, dz)
     else:
+        if fused:
+            dw_low = _upcat_weight_grad(low, skip[..., :0], dz)
         dw_skip = _weight_grad(skip, dz, w.shape[:ndim], stride, padding)
         dw = jnp.concatenate([dw_low, dw_skip], axis=-2)
     return dlow, dskip, dw.astype(w.dtype), db.astype(w.dtype)
