@@ -377,6 +377,36 @@ def run_config(args):
     return _config(args, saved["fst"] if saved and (saved["passed"] or forced) else "")
 
 
+def restore_shipped_stages(config, workdir: Path, experiment: int, pretrained: Path = ROOT / "crd_jax" / "pretrained") -> list:
+    """Copies back into ``workdir`` the finished stages this experiment keeps in the package (ship_models.py's
+    ``EXP2_TEACHERS``) where the run folder lacks them, so that a lost run folder does not retrain them; only a
+    shipped model whose card matches this config's stage (its recipe, steps and grid) counts. The copies are
+    logged in ``restored.json``. Returns the restored stage names."""
+    import shutil
+
+    from ship_models import EXP2_RECIPES, EXP2_TEACHERS
+
+    kept = {2: EXP2_TEACHERS}.get(experiment, {})
+    restored = []
+    for stage, name in kept.items():
+        target, source = workdir / "stages" / stage / "model", pretrained / name
+        if stage not in config.pipeline or target.exists() or not (source / "model.json").exists():
+            continue
+        card = json.loads((source / "model.json").read_text()).get("shipped", {})
+        wanted = (EXP2_RECIPES[stage], int(config.stages[stage].steps), list(config.data.resample_shape))
+        if (card.get("recipe"), card.get("steps"), card.get("grid")) != wanted:
+            continue
+        shutil.copytree(source, target.with_name("model.partial"), dirs_exist_ok=True)
+        target.with_name("model.partial").rename(target)  # whole or not at all: the pipeline trusts a model folder
+        restored.append(stage)
+    if restored:
+        log = workdir / "restored.json"
+        previous = json.loads(log.read_text()) if log.exists() else []
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        write_json(log, previous + [{"stage": s, "from": f"crd_jax/pretrained/{kept[s]}", "at": stamp} for s in restored])
+    return restored
+
+
 def run(args) -> dict:
     """Teacher phase, gate, student phase (if passed), report; resumes whatever finished. Returns the gate."""
     from crd_jax.ops.conv import bf16_inference
@@ -397,6 +427,10 @@ def run(args) -> dict:
             write_text(args.workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
         else:
             print(f"reused: {', '.join(reuse_stages(config, source, args.workdir)) or 'nothing'}", flush=True)
+    experiment = next(k for k, v in PROTOCOLS.items() if v is protocol)
+    restored = restore_shipped_stages(config, args.workdir, experiment)
+    if restored:
+        print(f"restored from the package: {', '.join(restored)}", flush=True)
     pipeline.run(config)
     g = gate(config, args.workdir)
     if args.steps and args.force_gate:  # dry runs only: exercise the student phase

@@ -15,7 +15,8 @@ validation pairs (docs/models.md).
 
 ``--experiment2`` ships Experiment 2's (``configs/lpba40_crd_exp2.py``, run folder ``~/crd-runs/reproduce_lpba40_exp2``;
 128^3, n = 2) stream 0 of the same two arms as ``lpba40-vm-l-crd`` and ``lpba40-vm-l-control``, beside the n = 4 pair,
-for the same reasons.
+for the same reasons, and its VM-H and VM-L as ``lpba40-vm-h-128`` and ``lpba40-vm-l`` (whichever finished: run it
+after each teacher stage, so that a lost run folder does not lose them; ``crd_experiment.py`` restores them).
 
 Each becomes ``crd_jax/pretrained/<name>/`` (``model.json`` + ``params.msgpack``) with a ``shipped`` record:
 what it was trained and validated on, its grid, voxel size and orientation, the steps it trained and its
@@ -62,7 +63,17 @@ EXP1_RECIPES = {
 
 #: Experiment 2's (128^3, n = 2): the same arms and stream, from VM-L (configs/lpba40_crd_exp2.py's protocol)
 EXP2_NAMES = {"crd_paper_s0": "lpba40-vm-l-crd", "ctl_s0": "lpba40-vm-l-control"}
+#: Experiment 2's finished baselines, shipped as soon as each finishes: VM-H and VM-L at the paper's 128^3 are
+#: models in their own right, and kept in the package they survive a lost run folder (crd_experiment.py copies
+#: them back into a new one instead of training them again: restore_shipped_stages)
+EXP2_TEACHERS = {"vm_h": "lpba40-vm-h-128", "vm_l": "lpba40-vm-l"}
+EXP2_NAMES.update(EXP2_TEACHERS)
 EXP2_RECIPES = {
+    "vm_h": "VM-H (Experiment 2, configs/lpba40_crd_exp2.py): VoxelMorph on LPBA40 resampled to 128^3, 10,000 "
+    "steps of NCC (9^3) + grad-L2 (eq. 3), batch 1, Adam lr 1e-3 halved at 60% and 80%, gradient norm clipped at 1",
+    "vm_l": "VM-L (Experiment 2, configs/lpba40_crd_exp2.py): the same network on the input downsampled by n = 2 "
+    "(64^3), 10,000 steps of eq. 5 (the loss on the full 128^3 grid), as lpba40-vm-h-128 otherwise; the starting "
+    "point of lpba40-vm-l-crd and lpba40-vm-l-control",
     "crd_paper_s0": "VM-L-CRD (Experiment 2, configs/lpba40_crd_exp2.py, stream 0): LPBA40 resampled to 128^3, n = 2; "
     "from VM-L (10,000 steps of eq. 5), 10,000 steps of eq. 10 (L^L + 1.0 x eq. 8 on the full grid + 0.1 x eq. 9 on "
     "raw features) under the FST chosen on training pairs (S1 10,000 steps from VM-H 10,000 steps, the FST 10,000); "

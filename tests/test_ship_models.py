@@ -70,3 +70,40 @@ def test_unfinished_stages_are_skipped_and_the_two_experiments_cannot_be_asked_a
     assert [p.name for p in dest.iterdir()] == ["lpba40-vm-l-control"]
     both = _ship("--experiment1", "--experiment2", "--workdir", str(run), "--dest", str(dest))
     assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
+def test_experiment_2s_finished_baselines_are_shipped_and_restore_a_lost_run_folder(tmp_path):
+    """VM-H and VM-L of Experiment 2 go into the package as soon as they finish; a new run folder (the old one
+    lost) gets them back instead of training them again, but only where the card matches the config's stage."""
+    run = _run_folder(tmp_path, ["vm_h", "vm_l"])
+    for stage in ("vm_h", "vm_l"):  # as the pipeline saves them: the steps they trained
+        path = run / "stages" / stage / "model" / "model.json"
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), steps=10_000)))
+    dest = tmp_path / "pretrained"
+    proc = _ship("--experiment2", "--workdir", str(run), "--dest", str(dest))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in dest.iterdir()) == ["lpba40-vm-h-128", "lpba40-vm-l"]
+    card = json.loads((dest / "lpba40-vm-h-128" / "model.json").read_text())["shipped"]
+    assert card["recipe"].startswith("VM-H (Experiment 2") and card["steps"] == 10_000
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import crd_experiment
+
+    crd_experiment.select(2)
+    args = crd_experiment.parser().parse_args(["--experiment", "2", "--data-root", str(tmp_path / "data")])
+    args.workdir = tmp_path / "new-run"
+    config = crd_experiment.run_config(args)
+    config.data.resample_shape = (32, 32, 32)  # the grid _run_folder's cards record
+    assert crd_experiment.restore_shipped_stages(config, args.workdir, 2, dest) == ["vm_h", "vm_l"]
+    for stage, name in (("vm_h", "lpba40-vm-h-128"), ("vm_l", "lpba40-vm-l")):
+        copied = args.workdir / "stages" / stage / "model" / "params.msgpack"
+        assert copied.read_bytes() == (dest / name / "params.msgpack").read_bytes()
+    log = json.loads((args.workdir / "restored.json").read_text())
+    assert [r["stage"] for r in log] == ["vm_h", "vm_l"] and log[0]["from"] == "crd_jax/pretrained/lpba40-vm-h-128"
+    # nothing twice; a stage trained for other steps, or on another grid, is not taken for this one
+    assert crd_experiment.restore_shipped_stages(config, args.workdir, 2, dest) == []
+    config.stages.vm_h.steps = 5_000
+    assert crd_experiment.restore_shipped_stages(config, tmp_path / "other", 2, dest) == ["vm_l"]
+    config.data.resample_shape = (128, 128, 128)
+    assert crd_experiment.restore_shipped_stages(config, tmp_path / "third", 2, dest) == []
+    assert crd_experiment.restore_shipped_stages(config, tmp_path / "fourth", 1, dest) == []
