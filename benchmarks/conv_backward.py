@@ -56,10 +56,10 @@ def use(kernel: str) -> None:
     native.set_wgrad(_SETTING[kernel])
 
 
-def fma_peak_gflops(seconds: float = 0.5) -> dict:
+def fma_peak_gflops(seconds: float = 0.5, tries: int = 3) -> dict:
     """The FMA peak at the widest vector width (``cpu_peak.py``): all the process's threads at once, and one thread
     alone times the threads (on a shared machine the first is what is left to us, the second the machine's), each
-    the best of three tries."""
+    the best of ``tries`` tries of ``seconds``."""
     import cpu_peak
 
     from crd_jax.ops import native
@@ -67,8 +67,8 @@ def fma_peak_gflops(seconds: float = 0.5) -> dict:
     dll = cpu_peak.build_peak_library(Path(tempfile.mkdtemp()))
     width = 512 if native.isa() == "avx512" else 256
     threads = native.threads()
-    together = max(cpu_peak.fma_peak(dll, width, threads, seconds) for _ in range(3))
-    alone = max(cpu_peak.fma_peak(dll, width, 1, seconds) for _ in range(3))
+    together = max(cpu_peak.fma_peak(dll, width, threads, seconds) for _ in range(tries))
+    alone = max(cpu_peak.fma_peak(dll, width, 1, seconds) for _ in range(tries))
     return {"threads": threads, "all_threads": together, "one_thread_x_threads": alone * threads}
 
 
@@ -322,10 +322,11 @@ def main(argv=None):
 
     if not native.available():
         raise SystemExit("conv_backward.py compares the native kernels: " + native.describe())
-    before = fma_peak_gflops()
+    probe = {"seconds": 0.05, "tries": 1} if args.quick else {}  # --quick checks that it runs, measures nothing
+    before = fma_peak_gflops(**probe)
     layers = time_layers(shape, args.batch, repeats)
     steps = [] if args.no_steps else time_steps(shape, args.batch, repeats, args.stages)
-    after = fma_peak_gflops()
+    after = fma_peak_gflops(**probe)
     peaks = {k: max(before[k], after[k]) for k in before}
     use("new")
     payload = {

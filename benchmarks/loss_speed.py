@@ -34,11 +34,13 @@ sys.path.insert(0, str(HERE))
 
 from common import machine, write  # noqa: E402
 
-DEFAULTS = {"ncc": "native", "warp": "native", "grad_l2": "native", "upsample": "native"}
+DEFAULTS = {"ncc": "native", "warp": "native", "grad_l2": "native", "upsample": "native", "grad_l2_coarse": True}
 #: ``--compare``: the two variants of each comparison (what they change from :data:`DEFAULTS`)
 COMPARISONS = {
     "loss": {"before": {"ncc": "xla", "warp": "regather", "grad_l2": "xla"}, "after": {}},
     "upsample": {"before": {"upsample": "stencil"}, "after": {}},
+    # L_reg of an upsampled field on the fine grid (before) or the coarse one (after; crd_jax/ops/grad_l2.py)
+    "coarse_grad_l2": {"before": {"grad_l2_coarse": False}, "after": {}},
 }
 
 
@@ -55,6 +57,7 @@ def formulation(name, comparison="loss"):
         "warp": spatial.warp_gradient,
         "grad_l2": grad_l2_ops.grad_l2_formulation,
         "upsample": spatial.upsample_vjp,
+        "grad_l2_coarse": grad_l2_ops.grad_l2_coarse,
     }
     previous = {k: f() for k, f in knobs.items()}
     for k, f in knobs.items():
@@ -97,6 +100,7 @@ def loss_pieces(shape, batch=1):
             (d, m, f),
         ),
         "field upsampling x2, forward": (jax.jit(lambda c: upsample_field(c, 2)), (coarse,)),
+        "grad-L2 of the upsampled coarse field, forward + backward": (vg(lambda c: grad_l2(upsample_field(c, 2))), (coarse,)),
         "field upsampling x2, forward + backward": (vg(lambda c, g: jnp.sum(upsample_field(c, 2) * g)), (coarse, g3)),
         "registration loss of a coarse field (upsampling x2 + warp + NCC + grad-L2), forward + backward": (
             vg(lambda c, m, f: registration_loss(m, f, upsample_field(c, 2))[0]),
@@ -187,6 +191,11 @@ def render(payload) -> str:
         "upsample": "Before: the field's x2 upsampling as XLA's stencil of slices per axis with its transpose written "
         'out (`upsample_vjp("stencil")`); after: the native upsampling and transpose '
         "(`csrc/upsample_linear_cpu.cc`). The loss kernels are the native ones both ways. ",
+        "coarse_grad_l2": "Before: L_reg (grad-L2) of a low-resolution model's upsampled field on the full-resolution "
+        "grid (the native forward, XLA's slices backward; `grad_l2_coarse(False)`); after: the same term on the "
+        "coarse field's grid through the 1-D Gram matrices of the upsampling (`crd_grad_l2_coarse`, equal up to "
+        "rounding; crd_jax/ops/grad_l2.py). The pieces on a given full-resolution field are the same program both "
+        "ways (their ratios are this run's noise). ",
     }[comparison]
     command = "python benchmarks/loss_speed.py" + ("" if comparison == "loss" else f" --compare {comparison}")
     md = [

@@ -21,7 +21,7 @@ from crd_jax import losses
 from crd_jax.ops import grad_l2 as grad_l2_ops
 from crd_jax.ops import native
 from crd_jax.ops import ncc as ncc_ops
-from crd_jax.ops.spatial import warp
+from crd_jax.ops.spatial import upsample_field, warp
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernel not built")
 
@@ -192,6 +192,99 @@ def test_grad_l2_compiles_to_the_native_kernel_or_the_reference():
             grad_l2_ops.grad_l2_formulation("fast")
     finally:
         grad_l2_ops.grad_l2_formulation(before)
+
+
+def _fine_grad_l2_numpy(phi: np.ndarray, factor: int) -> float:
+    """L_reg of eq. 2 on ``upsample_field(phi, factor)`` in float64 numpy: the upsampling as dense matrices along
+    each axis (half-pixel, edge repeated), then the mean squared forward differences per axis, averaged."""
+    v = np.asarray(phi, np.float64) * factor
+    for axis, n in enumerate(phi.shape[1:-1], start=1):
+        m = np.zeros((n * factor, n))
+        for i in range(n):
+            for r in range(factor):
+                o = (r + 0.5) / factor - 0.5
+                m[factor * i + r, i] += 1 - abs(o)
+                m[factor * i + r, min(max(i + (1 if o > 0 else -1), 0), n - 1)] += abs(o)
+        v = np.moveaxis(np.tensordot(m, np.moveaxis(v, axis, 0), 1), 0, axis)
+    ndim = phi.ndim - 2
+    return sum(np.mean(np.diff(v, axis=a) ** 2) for a in range(1, ndim + 1)) / ndim
+
+
+@pytest.mark.parametrize(
+    "shape,factor",
+    [
+        ((1, 5, 6, 7, 3), 2),  # odd sizes
+        ((2, 3, 4, 5, 3), 3),  # batch, factor 3
+        ((1, 1, 3, 2, 3), 4),  # a one-voxel axis (every tap clamped), factor 4
+        ((1, 2, 1, 1, 3), 2),
+        ((2, 5, 3, 2), 3),  # 2-D (D = 1 in the kernel)
+        ((1, 4, 4, 2), 2),
+    ],
+)
+def test_grad_l2_of_an_upsampled_field_is_taken_on_the_coarse_grid_exactly(shape, factor):
+    """grad_l2(upsample_field(phi)) runs on phi's grid (crd_grad_l2_coarse): the same value as the float64 fine-grid
+    computation and the same gradient as the fine-grid term (an equal field that is not upsample_field's own
+    result takes the fine grid), and the kernel's Z equals its XLA formulation."""
+    phi = jnp.asarray(np.random.default_rng(sum(shape) + factor).standard_normal(shape).astype(np.float32))
+    coarse = lambda x: grad_l2_ops.grad_l2(upsample_field(x, factor))  # noqa: E731
+    fine = lambda x: grad_l2_ops.grad_l2(upsample_field(x, factor) + 0.0)  # noqa: E731 (not the same array)
+    assert "crd_grad_l2_coarse" in jax.jit(jax.value_and_grad(coarse)).lower(phi).as_text()
+    fine_text = jax.jit(jax.value_and_grad(fine)).lower(phi).as_text()
+    assert "crd_grad_l2_fwd" in fine_text and "crd_grad_l2_coarse" not in fine_text
+    v1, g1 = jax.jit(jax.value_and_grad(coarse))(phi)
+    v0, g0 = jax.jit(jax.value_and_grad(fine))(phi)
+    np.testing.assert_allclose(float(v1), _fine_grad_l2_numpy(np.asarray(phi), factor), rtol=2e-6)
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), atol=2e-6 * float(jnp.max(jnp.abs(g0))))
+    z_native, z_xla = grad_l2_ops._native_z(phi, factor), grad_l2_ops._upsampled_z_xla(phi, factor)
+    np.testing.assert_allclose(np.asarray(z_native), np.asarray(z_xla), atol=1e-6 * float(jnp.max(jnp.abs(z_xla))))
+
+
+def test_the_coarse_grad_l2_under_vmap_and_where_it_does_not_apply():
+    phi = jax.random.normal(jax.random.PRNGKey(2), (3, 1, 4, 5, 3, 3))
+    got = jax.vmap(lambda x: grad_l2_ops.grad_l2(upsample_field(x, 2)))(phi)
+    want = jax.vmap(lambda x: grad_l2_ops.grad_l2_reference(upsample_field(x, 2)))(phi)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5)
+    before = (grad_l2_ops.grad_l2_formulation(), grad_l2_ops.grad_l2_coarse())
+
+    def lowered():  # a new function each time: the settings are read when a function is traced
+        return jax.jit(jax.value_and_grad(lambda x: grad_l2_ops.grad_l2(upsample_field(x, 2)))).lower(phi[0]).as_text()
+
+    try:
+        grad_l2_ops.grad_l2_coarse(False)  # switched off: the fine-grid kernel
+        text = lowered()
+        assert "crd_grad_l2_fwd" in text and "crd_grad_l2_coarse" not in text
+        grad_l2_ops.grad_l2_coarse(True)
+        grad_l2_ops.grad_l2_formulation("xla")  # forward-mode autodiff needs the reference: no custom VJP at all
+        assert "crd_grad_l2" not in lowered()
+    finally:
+        grad_l2_ops.grad_l2_formulation(before[0])
+        grad_l2_ops.grad_l2_coarse(before[1])
+
+
+def test_a_low_resolution_models_loss_takes_its_smoothness_on_the_coarse_grid_with_the_same_gradient():
+    from crd_jax.interop import official
+    from crd_jax.models.build import model_from_spec
+    from crd_jax.training import baseline
+
+    arch = official.ARCHITECTURE | {"fusion": "paper", "teacher_align_corners": False}
+    model = model_from_spec({"kind": "registrar", "factor": 2, "architecture": arch})
+    rng = np.random.default_rng(5)
+    batch = {k: jnp.asarray(rng.random((1, 32, 32, 32, 1)).astype(np.float32)) for k in ("moving", "fixed")}
+    params = model.init(jax.random.PRNGKey(0), batch["moving"], batch["fixed"])
+    loss = baseline.make_loss(model)
+    step = jax.jit(jax.value_and_grad(lambda p: loss(p, None, batch)[0]))
+    assert "crd_grad_l2_coarse" in step.lower(params).as_text()
+    v1, g1 = step(params)
+    before = grad_l2_ops.grad_l2_coarse()
+    try:
+        grad_l2_ops.grad_l2_coarse(False)
+        v0, g0 = jax.jit(jax.value_and_grad(lambda p: loss(p, None, batch)[0]))(params)
+    finally:
+        grad_l2_ops.grad_l2_coarse(before)
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * float(np.max(np.abs(b))) + 1e-9)
 
 
 @pytest.mark.parametrize(

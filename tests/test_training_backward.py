@@ -357,6 +357,11 @@ NATIVE_UPSAMPLE_CASES = [
     ((1, 1, 2, 1, 5), (4, 2, 5)),  # single-voxel axes (every tap clamped), five channels
     ((2, 5, 3, 3), (2, 4)),  # 2-D (D = 1 in the kernel)
     ((1, 1, 1, 2), (3, 1)),  # 2-D, one voxel
+    # enough planes for the plane order (upsample_linear_cpu.cc: >= 4 per thread, 2 threads here at most)
+    ((1, 9, 5, 7, 3), (2, 2, 2)),  # a field, odd sizes
+    ((2, 8, 3, 4, 2), (3, 1, 2)),  # batch (planes of two volumes in one ring), factor 1 on H
+    ((1, 10, 2, 3, 1), (1, 4, 3)),  # factor 1 on D: every output plane one input plane
+    ((9, 4, 6, 2), (2, 3)),  # 2-D with a batch of 9 single-plane volumes
 ]
 
 

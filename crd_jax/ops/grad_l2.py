@@ -7,14 +7,22 @@ each, and the backward read them again: at 128^3 on 2 cores the term took about 
 benchmarks/results/loss_speed.md); the backward is the differences' transpose as slices XLA fuses. ``"xla"`` keeps
 :func:`grad_l2_reference` throughout; forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) and second derivatives
 need it (the native path is a ``jax.custom_vjp``).
+
+A field that :func:`crd_jax.ops.spatial.upsample_field` returned (``up(phi)`` of a low-resolution model, eq. 5) is
+recognised (:func:`crd_jax.ops.spatial.upsampled_from`) and its term taken on the coarse grid, exactly
+(:func:`grad_l2_of_upsampled`, ``crd_grad_l2_coarse``): in a low-resolution training step at 128^3 the fine-grid
+term and its gradient cost ~10 ms of a ~120 ms step, the coarse one ~1 ms (benchmarks/results/loss_speed.md).
+:func:`grad_l2_coarse` switches it off.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 _settings: dict = {}
@@ -43,10 +51,25 @@ def grad_l2_formulation(mode: Optional[str] = None) -> str:
     return native.in_use(_settings.setdefault("grad_l2", "native"), "xla")
 
 
-def grad_l2(disp: jax.Array) -> jax.Array:
-    """L_reg of eq. 2 (see :func:`crd_jax.losses.grad_l2`), natively where :func:`grad_l2_formulation` allows."""
-    from crd_jax.ops import native
+def grad_l2_coarse(enabled: Optional[bool] = None) -> bool:
+    """Whether :func:`grad_l2` of a field that :func:`crd_jax.ops.spatial.upsample_field` returned is taken on the
+    coarse field's grid (:func:`grad_l2_of_upsampled`; default on). ``enabled`` sets it for this process (read
+    when a function is traced); returns the setting in use."""
+    if enabled is not None:
+        _settings["coarse"] = bool(enabled)
+    return _settings.setdefault("coarse", True)
 
+
+def grad_l2(disp: jax.Array) -> jax.Array:
+    """L_reg of eq. 2 (see :func:`crd_jax.losses.grad_l2`), natively where :func:`grad_l2_formulation` allows;
+    on the coarse grid (:func:`grad_l2_of_upsampled`) where ``disp`` is ``up(phi)`` from ``upsample_field``."""
+    from crd_jax.ops import native
+    from crd_jax.ops.spatial import upsampled_from
+
+    coarse_ok = grad_l2_coarse() and grad_l2_formulation() == "native" and native.available()  # custom VJPs both
+    source = upsampled_from(disp) if coarse_ok else None
+    if source is not None and source[0].dtype == jnp.float32 and source[0].ndim in (4, 5) and source[0].size > 0:
+        return grad_l2_of_upsampled(*source)
     native_ok = disp.ndim in (4, 5) and disp.size > 0 and disp.dtype == jnp.float32  # empty: the reference's NaN
     if native_ok and grad_l2_formulation() == "native" and native.available():
         return _grad_l2_native(disp)
@@ -99,3 +122,173 @@ def _grad_l2_native_bwd(disp, g):
 
 
 _grad_l2_native.defvjp(_grad_l2_native_fwd, _grad_l2_native_bwd)
+
+
+# ---- L_reg of an upsampled field on the coarse grid -------------------------------------------------------------
+#
+# A low-resolution model's field reaches the loss as v = f U phi (upsample_field: U the half-pixel linear
+# upsampling by f along every axis, phi on the coarse grid). L_reg(v) is a quadratic form in phi: along axis k the
+# squared forward differences of v sum to f^2 sum_{b,c} phi_{b,c}^T (G_0 x ... x G_{ndim-1}) phi_{b,c} with the
+# 1-D Gram matrices G_j = U_j^T U_j for j != k and G_k = (D_k U_k)^T (D_k U_k) (D_k: forward differences on the
+# fine grid). U's rows touch two neighbouring coarse voxels, D U's at most three, so U^T U is tridiagonal and
+# (D U)^T (D U) pentadiagonal: each factor is a few shifted multiply-adds on the coarse grid. With
+# Z = sum_k w_k (G_0 x ... ) phi (w_k: eq. 2's mean over the fine grid's pairs along k, averaged over the axes),
+# L_reg = <phi, Z> and its gradient is 2 Z: one pass over the coarse field forward, an elementwise product
+# backward. At n = 2 the coarse field has 1/8 of the voxels, and the term never touches a full-resolution array
+# (on the fine grid it read and wrote ~25 MB per step at 128^3). Equal to grad_l2(upsample_field(phi, f)) up to
+# rounding (tests/test_losses.py).
+
+
+def _upsample_matrix(n: int, k: int) -> np.ndarray:
+    """``(n k, n)``: half-pixel linear upsampling by ``k`` with the edge repeated (crd_jax.ops.spatial.resize)."""
+    m = np.zeros((n * k, n))
+    for i in range(n):
+        for r in range(k):
+            o = (r + 0.5) / k - 0.5
+            j = min(max(i + (1 if o > 0 else -1), 0), n - 1)
+            m[k * i + r, i] += 1.0 - abs(o)
+            m[k * i + r, j] += abs(o)
+    return m
+
+
+@functools.lru_cache(maxsize=64)
+def _gram_bands(n: int, k: int):
+    """The Gram matrices U^T U (``smooth``) and (D U)^T (D U) (``diff``) of one axis as ``{offset: diagonal}``
+    (offsets -2..2, each diagonal as a length-n vector aligned with the output index), float64."""
+    u = _upsample_matrix(n, k)
+    du = np.diff(u, axis=0)  # (n k - 1, n): forward differences of the upsampled axis
+    out = []
+    for gram in (u.T @ u, du.T @ du):
+        bands = {}
+        for o in range(-(n - 1), n):
+            d = np.diagonal(gram, o)
+            if np.any(d != 0):
+                if abs(o) > 2:
+                    raise AssertionError("the Gram matrix is wider than the derivation says")
+                row = np.zeros(n)  # y[i] += row[i] * x[i + o]
+                if o >= 0:
+                    row[: n - o] = d
+                else:
+                    row[-o:] = d
+                bands[o] = row
+        out.append(bands)
+    return tuple(out)
+
+
+def _apply_gram(x: jax.Array, bands: dict, axis: int, step: int = 1) -> jax.Array:
+    """``y[i] = sum_o bands[o][i] x[i + o]`` along ``axis`` (a banded symmetric matrix times ``x``); ``step``: the
+    axis interleaves that many channels (the last spatial axis with the channels folded into it)."""
+    n = x.shape[axis]
+    shape = [1] * x.ndim
+    shape[axis] = n
+    y = None
+    for o, row in sorted(bands.items()):
+        shift = abs(o) * step
+        if shift >= n:
+            continue
+        pad = [(0, 0)] * x.ndim
+        if o > 0:  # x[i + o]: drop the first entries, zeros at the end
+            pad[axis] = (0, shift)
+            shifted = jnp.pad(lax.slice_in_dim(x, shift, n, axis=axis), pad)
+        elif o < 0:
+            pad[axis] = (shift, 0)
+            shifted = jnp.pad(lax.slice_in_dim(x, 0, n - shift, axis=axis), pad)
+        else:
+            shifted = x
+        term = jnp.asarray(np.repeat(row, step).reshape(shape), x.dtype) * shifted
+        y = term if y is None else y + term
+    return jnp.zeros_like(x) if y is None else y
+
+
+def _gram_weights(phi: jax.Array, factor: int):
+    """``factor^2 / (ndim * pairs_k)``: the weight of axis k's sum of squares in L_reg (eq. 2's mean over the fine
+    grid's ``pairs_k`` neighbouring pairs along k, averaged over the axes)."""
+    ndim = phi.ndim - 2
+    fine = [n * factor for n in phi.shape[1:-1]]
+    pairs = [phi.shape[0] * phi.shape[-1] * int(np.prod(fine)) // fine[k] * (fine[k] - 1) for k in range(ndim)]
+    return [float(factor) ** 2 / (ndim * p) for p in pairs]
+
+
+def _packed_bands(phi: jax.Array, factor: int):
+    """The kernel's inputs: bands ``(3, 2, 5, N)`` (axes D, H, W; smooth, diff; offsets -2..2) and weights (3,); a
+    2-D field as D = 1 with axis 0 the identity and weight 0."""
+    ndim = phi.ndim - 2
+    sizes = phi.shape[1:-1]
+    n_pad = max(sizes)
+    bands = np.zeros((3, 2, 5, n_pad), np.float32)
+    weights = _gram_weights(phi, factor)
+    if ndim == 2:
+        bands[0, 0, 2, 0] = 1.0
+        weights = [0.0] + weights
+    for j, n in enumerate(sizes):
+        for which, gram in enumerate(_gram_bands(n, factor)):
+            for o, row in gram.items():
+                bands[3 - ndim + j, which, o + 2, :n] = row
+    return bands, np.asarray(weights, np.float32)
+
+
+def _native_z(phi: jax.Array, factor: int) -> jax.Array:
+    bands, weights = _packed_bands(phi, factor)
+    field = phi if phi.ndim == 5 else phi.reshape(phi.shape[0], 1, *phi.shape[1:])
+    z = jax.ffi.ffi_call("crd_grad_l2_coarse", jax.ShapeDtypeStruct(field.shape, jnp.float32), vmap_method="sequential")(
+        field, jnp.asarray(bands), jnp.asarray(weights)
+    )
+    return z.reshape(phi.shape)
+
+
+def _upsampled_z(phi: jax.Array, factor: int) -> jax.Array:
+    """``Z`` natively on the CPU where the kernel is built (``csrc/grad_l2_cpu.cc``), else :func:`_upsampled_z_xla`."""
+    from crd_jax.ops import native
+
+    if native.available() and phi.dtype == jnp.float32:
+        return lax.platform_dependent(phi, cpu=lambda p: _native_z(p, factor), default=lambda p: _upsampled_z_xla(p, factor))
+    return _upsampled_z_xla(phi, factor)
+
+
+def _upsampled_z_xla(phi: jax.Array, factor: int) -> jax.Array:
+    """``Z = sum_k w_k (G_0 x ... x G_{ndim-1}) phi`` (the derivation above), on the channel-folded field; the
+    products share their common factors (the last axis' smooth factor applied once for every k but the last).
+    The reference of the kernel; slower than the fine-grid term on XLA's CPU backend, which fuses the passes into
+    one loop and recomputes every tap."""
+    ndim = phi.ndim - 2
+    coarse, channels = phi.shape[1:-1], phi.shape[-1]
+    x = phi.reshape(*phi.shape[:-2], coarse[-1] * channels)
+    weights = _gram_weights(phi, factor)
+
+    def along(y, j, which):
+        smooth, diff = _gram_bands(coarse[j], factor)
+        return _apply_gram(y, diff if which == "diff" else smooth, j + 1, channels if j == ndim - 1 else 1)
+
+    # Horner-like: Z = sum_k w_k prod_j G_j^(k) phi, peeling one axis at a time from the last
+    def products(y, axes, scale):
+        """sum over k in axes of w_k prod_{j in axes} G_j^(k) y, with the factors of axes beyond applied."""
+        if len(axes) == 1:
+            return along(y, axes[0], "diff") * scale[axes[0]]
+        last, rest = axes[-1], axes[:-1]
+        smooth_last = along(y, last, "smooth")
+        out = products(smooth_last, rest, scale)  # k in rest: the last axis smoothed
+        diffed = along(y, last, "diff")
+        for j in rest:  # k = last: every other axis smoothed
+            diffed = along(diffed, j, "smooth")
+        return out + diffed * scale[last]
+
+    return products(x, list(range(ndim)), weights).reshape(phi.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def grad_l2_of_upsampled(phi: jax.Array, factor: int) -> jax.Array:
+    """``grad_l2(upsample_field(phi, factor))`` (L_reg of eq. 2 on ``up(phi)``, eq. 5) computed on ``phi``'s grid,
+    without forming the upsampled field: ``<phi, Z>``, gradient ``2 Z`` (the derivation above)."""
+    return jnp.sum(phi * _upsampled_z(phi, factor))
+
+
+def _upsampled_fwd(phi, factor):
+    z = _upsampled_z(phi, factor)
+    return jnp.sum(phi * z), z
+
+
+def _upsampled_bwd(factor, z, g):
+    return ((2.0 * g) * z,)
+
+
+grad_l2_of_upsampled.defvjp(_upsampled_fwd, _upsampled_bwd)

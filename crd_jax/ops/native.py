@@ -56,6 +56,7 @@ _TARGETS = {
     "crd_ncc_fwd": "CrdNccFwd",
     "crd_ncc_bwd": "CrdNccBwd",
     "crd_grad_l2_fwd": "CrdGradL2Fwd",
+    "crd_grad_l2_coarse": "CrdGradL2Coarse",
     "crd_upsample_linear": "CrdUpsampleLinear",
     "crd_upsample_linear_t": "CrdUpsampleLinearT",
 }

@@ -509,8 +509,39 @@ def resize_field(disp: jax.Array, shape: Sequence[int]) -> jax.Array:
 
 
 def upsample_field(disp: jax.Array, factor: int) -> jax.Array:
-    """``up(phi)`` of eq. 5: a field on a grid ``factor`` times coarser, resampled and multiplied by ``factor``."""
-    return resize_field(disp, [s * factor for s in disp.shape[1:-1]])
+    """``up(phi)`` of eq. 5: a field on a grid ``factor`` times coarser, resampled and multiplied by ``factor``.
+
+    The result is remembered (by identity, weakly) as ``up(disp)``, so that L_reg of eq. 2 on it can be taken on
+    ``disp``'s grid (:func:`upsampled_from`, :func:`crd_jax.ops.grad_l2.grad_l2`)."""
+    out = resize_field(disp, [s * factor for s in disp.shape[1:-1]])
+    if int(factor) > 1:
+        _remember_upsampled(out, disp, int(factor))
+    return out
+
+
+# id(up(phi)) -> (weak reference to up(phi), phi, factor); the entry goes when up(phi) does
+_UPSAMPLED: dict = {}
+
+
+def _remember_upsampled(out: jax.Array, source: jax.Array, factor: int) -> None:
+    import weakref
+
+    key = id(out)
+    try:
+        ref = weakref.ref(out, lambda _, key=key: _UPSAMPLED.pop(key, None))
+    except TypeError:  # an array type without weak references: not remembered (the full-grid paths apply)
+        return
+    _UPSAMPLED[key] = (ref, source, factor)
+
+
+def upsampled_from(disp: jax.Array) -> Optional[tuple]:
+    """``(phi, factor)`` when ``disp`` is the very array (or tracer) :func:`upsample_field` returned for ``phi``,
+    else None. An identity test: any array computed from it, even an equal one, is not recognised, so the
+    answer is never wrong, only sometimes absent."""
+    entry = _UPSAMPLED.get(id(disp))
+    if entry is None or entry[0]() is not disp:
+        return None
+    return entry[1], entry[2]
 
 
 def downsample_field(disp: jax.Array, factor: int) -> jax.Array:

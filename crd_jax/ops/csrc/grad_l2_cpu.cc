@@ -9,6 +9,16 @@
 // over the voxels that have a neighbour along k, accumulated per row in float lanes and across rows in double, in
 // a fixed order (the same result whatever the threads).
 // A 2-D field is passed as D = 1 (its axis-0 sum is 0 and the caller ignores it).
+//
+// Coarse form (crd_grad_l2_coarse): for a field v = f U phi upsampled from phi (crd_jax/ops/grad_l2.py derives
+// it), L_reg(v) = <phi, Z> with Z = sum_k w_k (G_0 x G_1 x G_2)^(k) phi, G_j^(k) the axis' Gram matrix of the
+// upsampling (U^T U, tridiagonal) or, for j = k, of its differences ((D U)^T (D U), pentadiagonal). This kernel
+// writes Z, separably on the coarse grid, sharing factors:
+//   a = S_2 phi, b = D_2 phi (along W);  c = S_1 a, d = w_1 D_1 a + w_2 S_1 b (along H);  Z = w_0 D_0 c + S_0 d.
+// Bands arrive as (3 axes, 2 matrices [smooth, diff], 5 offsets -2..2, N) with N >= every axis length; band
+// (o, i) multiplies x[i + o] into y[i] and is 0 where i + o leaves the axis. Every output element is a fixed
+// sum in a fixed order: the same result whatever the threads. A 2-D field: D = 1, axis 0's smooth band the
+// identity, w_0 = 0.
 #include <immintrin.h>
 
 #include <cstdint>
@@ -63,6 +73,85 @@ void GradL2Forward(const float* u, const Field& f, float* sums) {
   }
 }
 
+// y = scale * A x (+ y if accumulate) along an axis of length n: layout [outer][n][inner]; band[o + 2][i] the
+// coefficient of x[i + o] in y[i]. inner > 1: whole rows of inner values (contiguous, vectorised by the
+// compiler); inner == 1 never happens (the W axis is handled by ApplyW).
+void ApplyRows(const float* x, float* y, const float* band, int64_t n_pad, int64_t outer, int64_t n, int64_t inner,
+               float scale, bool accumulate) {
+  crd::ParallelFor(outer * n, crd::NumThreads(), [&](int64_t begin, int64_t end, int) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t o0 = r / n, i = r % n;
+      float* out = y + r * inner;
+      if (!accumulate)
+        for (int64_t e = 0; e < inner; ++e) out[e] = 0.0f;
+      for (int o = -2; o <= 2; ++o) {
+        if (i + o < 0 || i + o >= n) continue;
+        const float w = scale * band[(o + 2) * n_pad + i];
+        if (w == 0.0f) continue;
+        const float* in = x + (o0 * n + i + o) * inner;
+        for (int64_t e = 0; e < inner; ++e) out[e] += w * in[e];
+      }
+    }
+  });
+}
+
+// The same along W with C channels interleaved: rows of W * C values, band expanded per value.
+void ApplyW(const float* x, float* y, const float* band, int64_t n_pad, int64_t rows, int64_t w, int64_t c) {
+  const int64_t len = w * c;
+  std::vector<float> coef(5 * len);
+  for (int o = -2; o <= 2; ++o)
+    for (int64_t e = 0; e < len; ++e) {
+      const int64_t i = e / c;
+      coef[(o + 2) * len + e] = (i + o < 0 || i + o >= w) ? 0.0f : band[(o + 2) * n_pad + i];
+    }
+  crd::ParallelFor(rows, crd::NumThreads(), [&](int64_t begin, int64_t end, int) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* in = x + r * len;
+      float* out = y + r * len;
+      for (int64_t e = 0; e < len; ++e) out[e] = 0.0f;
+      for (int o = -2; o <= 2; ++o) {
+        const float* k = coef.data() + (o + 2) * len;
+        const int64_t lo = o < 0 ? -o * c : 0, hi = o > 0 ? len - o * c : len;  // where x[i + o] exists
+        const int64_t shift = o * c;
+        for (int64_t e = lo; e < hi; ++e) out[e] += k[e] * in[e + shift];
+      }
+    }
+  });
+}
+
+ffi::Error GradL2CoarseImpl(ffi::Buffer<ffi::F32> phi, ffi::Buffer<ffi::F32> bands, ffi::Buffer<ffi::F32> weights,
+                            ffi::ResultBuffer<ffi::F32> z) {
+  auto d = phi.dimensions();
+  auto bd = bands.dimensions();
+  if (d.size() != 5) return ffi::Error::InvalidArgument("grad l2 coarse: expected a field (B, D, H, W, C)");
+  const Field f{d[0], d[1], d[2], d[3], d[4]};
+  if (bd.size() != 4 || bd[0] != 3 || bd[1] != 2 || bd[2] != 5 || bd[3] < f.d || bd[3] < f.h || bd[3] < f.w)
+    return ffi::Error::InvalidArgument("grad l2 coarse: bands must be (3, 2, 5, N), N >= every axis length");
+  if (weights.element_count() != 3) return ffi::Error::InvalidArgument("grad l2 coarse: weights must be (3,)");
+  if (z->element_count() != phi.element_count()) return ffi::Error::InvalidArgument("grad l2 coarse: Z is phi's shape");
+  const int64_t count = static_cast<int64_t>(phi.element_count());
+  if (count == 0) return ffi::Error::Success();
+  const int64_t n_pad = bd[3];
+  const float* b = bands.typed_data();
+  auto band = [&](int axis, int which) { return b + (axis * 2 + which) * 5 * n_pad; };
+  const float* w = weights.typed_data();
+  // per calling thread and kept: fresh temporaries would page-fault on every step (12 MB at 64^3 x 3)
+  static thread_local std::vector<float> a, bb, c, dd;
+  for (auto* v : {&a, &bb, &c, &dd})
+    if (static_cast<int64_t>(v->size()) < count) v->resize(count);
+  const float* x = phi.typed_data();
+  const int64_t row = f.w * f.c, plane = f.h * row;
+  ApplyW(x, a.data(), band(2, 0), n_pad, f.b * f.d * f.h, f.w, f.c);   // a = S_2 phi
+  ApplyW(x, bb.data(), band(2, 1), n_pad, f.b * f.d * f.h, f.w, f.c);  // b = D_2 phi
+  ApplyRows(a.data(), c.data(), band(1, 0), n_pad, f.b * f.d, f.h, row, 1.0f, false);   // c = S_1 a
+  ApplyRows(a.data(), dd.data(), band(1, 1), n_pad, f.b * f.d, f.h, row, w[1], false);  // d = w_1 D_1 a
+  ApplyRows(bb.data(), dd.data(), band(1, 0), n_pad, f.b * f.d, f.h, row, w[2], true);  //   + w_2 S_1 b
+  float* out = z->typed_data();
+  ApplyRows(c.data(), out, band(0, 1), n_pad, f.b, f.d, plane, w[0], false);  // Z = w_0 D_0 c
+  ApplyRows(dd.data(), out, band(0, 0), n_pad, f.b, f.d, plane, 1.0f, true);  //   + S_0 d
+  return ffi::Error::Success();
+}
+
 ffi::Error ReadField(const ffi::Buffer<ffi::F32>& u, Field* f) {
   auto d = u.dimensions();
   if (d.size() != 5) return ffi::Error::InvalidArgument("grad l2: expected a field (B, D, H, W, C)");
@@ -85,3 +174,9 @@ ffi::Error GradL2FwdImpl(ffi::Buffer<ffi::F32> u, ffi::ResultBuffer<ffi::F32> su
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrdGradL2Fwd, GradL2FwdImpl,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrdGradL2Coarse, GradL2CoarseImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

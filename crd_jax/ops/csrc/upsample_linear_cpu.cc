@@ -22,6 +22,16 @@
 // weighted), then the W axis the same way. Gather-only, so the threads never write the same voxel, and the
 // order of every sum is fixed (the same result whatever the threads).
 // A 2-D array is passed as D = 1 (factor 1 on that axis).
+//
+// Plane order (3-D volumes with enough planes to share among the threads; the row order above otherwise). The W
+// pass is the only scalar work (channels interleaved), so it runs on as few rows as possible, and the full-size
+// array is streamed once: the forward upsamples each input row along W once per thread (a ring of two input
+// planes, each input plane serving the k_D output planes between it and the next) and forms each output row as
+// the weighted sum of its (z, y) taps' rows, contiguous vector work; the transpose reduces each output plane
+// along H once per thread into a ring of 2 k_D planes (an input plane gathers the output planes whose taps name
+// it, consecutive input planes share them), sums them along D, then gathers along W on the input's rows. Row
+// order read the full-size array once per (z, y) tap of its rows: four times at n = 2, from memory at 128^3.
+// Same taps and weights as the row order; the sums are grouped differently (a rounding difference).
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -168,6 +178,137 @@ void UpsampleTranspose(const float* g, const Shape5& out, const Shape5& in, floa
   });
 }
 
+// One row of n_in * c values upsampled along W into n_out * c values (taps tx, taps of weight 0 left out).
+inline void UpsampleRowW(const float* t, const std::vector<Taps>& tx, int64_t c, float* o) {
+  for (int64_t q = 0; q < static_cast<int64_t>(tx.size()); ++q) {
+    const Taps& X = tx[q];
+    const float* ta = t + X.a * c;
+    const float* tb = t + X.b * c;
+    if (X.wb == 0.0f) {
+      for (int64_t ch = 0; ch < c; ++ch) o[q * c + ch] = X.wa * ta[ch];
+    } else {
+      for (int64_t ch = 0; ch < c; ++ch) o[q * c + ch] = X.wa * ta[ch] + X.wb * tb[ch];
+    }
+  }
+}
+
+// A small per-thread cache of planes keyed by an integer tag (slot = tag mod slots): the rings of the plane order.
+struct PlaneRing {
+  std::vector<float> data;
+  std::vector<int64_t> tag;
+  int64_t plane;
+  PlaneRing(int64_t slots, int64_t plane_size) : data(slots * plane_size), tag(slots, -1), plane(plane_size) {}
+  // (pointer to the slot, whether it already holds `key`); the slot is claimed for `key` either way
+  std::pair<float*, bool> Get(int64_t key) {
+    const int64_t slot = key % static_cast<int64_t>(tag.size());
+    const bool hit = tag[slot] == key;
+    tag[slot] = key;
+    return {data.data() + slot * plane, hit};
+  }
+};
+
+// Worth the plane order: enough planes for every thread (the row order spreads a few planes' rows instead).
+bool PlaneOrder(int64_t planes) { return planes >= 4 * static_cast<int64_t>(crd::NumThreads()); }
+
+void UpsampleForwardPlanes(const float* x, const Shape5& in, const Shape5& out, float* y) {
+  const auto tz = AxisTaps(in.d, out.d / in.d), ty = AxisTaps(in.h, out.h / in.h), tx = AxisTaps(in.w, out.w / in.w);
+  const int64_t c = in.c, in_row = in.w * c, out_row = out.w * c, wide_plane = in.h * out_row;
+  crd::ParallelFor(out.b * out.d, crd::NumThreads(), [&](int64_t begin, int64_t end, int) {
+    PlaneRing ring(2, wide_plane);  // input planes upsampled along W; the taps of a plane are consecutive planes
+    auto wide = [&](int64_t bi, int64_t zi) {
+      auto [plane, hit] = ring.Get(bi * in.d + zi);
+      if (!hit) {
+        const float* src = x + (bi * in.d + zi) * in.h * in_row;
+        for (int64_t j = 0; j < in.h; ++j) UpsampleRowW(src + j * in_row, tx, c, plane + j * out_row);
+      }
+      return static_cast<const float*>(plane);
+    };
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t bi = p / out.d, z = p % out.d;
+      const Taps& Z = tz[z];
+      // both planes first: the ring has two slots, and Z.a, Z.b (consecutive or equal) never share a slot
+      const float* planes[2] = {wide(bi, Z.a), Z.b == Z.a ? nullptr : wide(bi, Z.b)};
+      for (int64_t yy = 0; yy < out.h; ++yy) {
+        const Taps& Y = ty[yy];
+        const float* rows_in[4];
+        float weights[4];
+        int terms = 0;
+        for (int i = 0; i < 2; ++i) {
+          const float* plane = i == 0 ? planes[0] : (planes[1] != nullptr ? planes[1] : planes[0]);
+          const float wz = i == 0 ? Z.wa : Z.wb;
+          for (int j = 0; j < 2; ++j) {
+            const float w = wz * (j == 0 ? Y.wa : Y.wb);
+            if (w == 0.0f) continue;  // 0 * inf: see UpsampleForward
+            rows_in[terms] = plane + (j == 0 ? Y.a : Y.b) * out_row;
+            weights[terms++] = w;
+          }
+        }
+        float* o = y + (p * out.h + yy) * out_row;
+        for (int64_t i = 0; i < out_row; ++i) o[i] = weights[0] * rows_in[0][i];
+        for (int k = 1; k < terms; ++k) {
+          const float w = weights[k];
+          const float* src = rows_in[k];
+          for (int64_t i = 0; i < out_row; ++i) o[i] += w * src[i];
+        }
+      }
+    }
+  });
+}
+
+void UpsampleTransposePlanes(const float* g, const Shape5& out, const Shape5& in, float* dx) {
+  const auto iz = InvertTaps(AxisTaps(in.d, out.d / in.d), in.d);
+  const auto iy = InvertTaps(AxisTaps(in.h, out.h / in.h), in.h);
+  const auto ix = InvertTaps(AxisTaps(in.w, out.w / in.w), in.w);
+  const int64_t c = in.c, in_row = in.w * c, out_row = out.w * c, narrow_plane = in.h * out_row;
+  const int64_t kd = out.d / in.d;
+  crd::ParallelFor(in.b * in.d, crd::NumThreads(), [&](int64_t begin, int64_t end, int) {
+    // output planes reduced along H: an input plane gathers at most 2 k_D consecutive output planes, so 2 k_D
+    // slots keep every plane the next input plane shares
+    PlaneRing ring(2 * kd, narrow_plane);
+    std::vector<float> t(out_row);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t bi = p / in.d, z = p % in.d;
+      const float* reduced[64];
+      float wz[64];
+      int64_t terms = 0;
+      for (int64_t ez = iz.start[z]; ez < iz.start[z + 1]; ++ez) {
+        const int64_t q = iz.index[ez];
+        auto [plane, hit] = ring.Get(bi * out.d + q);
+        if (!hit) {
+          const float* src = g + (bi * out.d + q) * out.h * out_row;
+          for (int64_t j = 0; j < in.h; ++j) {
+            float* r = plane + j * out_row;
+            for (int64_t i = 0; i < out_row; ++i) r[i] = 0.0f;
+            for (int64_t ey = iy.start[j]; ey < iy.start[j + 1]; ++ey) {
+              const float w = iy.weight[ey];
+              const float* row = src + iy.index[ey] * out_row;
+              for (int64_t i = 0; i < out_row; ++i) r[i] += w * row[i];
+            }
+          }
+        }
+        reduced[terms] = plane;
+        wz[terms++] = iz.weight[ez];
+      }
+      for (int64_t j = 0; j < in.h; ++j) {
+        for (int64_t i = 0; i < out_row; ++i) t[i] = 0.0f;
+        for (int64_t e = 0; e < terms; ++e) {
+          const float w = wz[e];
+          const float* row = reduced[e] + j * out_row;
+          for (int64_t i = 0; i < out_row; ++i) t[i] += w * row[i];
+        }
+        float* o = dx + (p * in.h + j) * in_row;
+        for (int64_t xi = 0; xi < in.w; ++xi) {
+          for (int64_t ch = 0; ch < c; ++ch) {
+            float acc = 0.0f;
+            for (int64_t e = ix.start[xi]; e < ix.start[xi + 1]; ++e) acc += ix.weight[e] * t[ix.index[e] * c + ch];
+            o[xi * c + ch] = acc;
+          }
+        }
+      }
+    }
+  });
+}
+
 template <typename Dims>
 Shape5 ToShape(const Dims& d) {
   return Shape5{d[0], d[1], d[2], d[3], d[4]};
@@ -189,7 +330,11 @@ ffi::Error UpsampleImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) 
   if (auto e = CheckShapes(in, out, "upsample linear"); e.failure()) return e;
   if (y->element_count() == 0) return ffi::Error::Success();
   crd::AdviseHugePagesOn(y->untyped_data(), y->size_bytes());
-  UpsampleForward(x.typed_data(), in, out, y->typed_data());
+  if (PlaneOrder(out.b * out.d) && out.d / in.d <= 16) {
+    UpsampleForwardPlanes(x.typed_data(), in, out, y->typed_data());
+  } else {
+    UpsampleForward(x.typed_data(), in, out, y->typed_data());
+  }
   return ffi::Error::Success();
 }
 
@@ -199,7 +344,11 @@ ffi::Error UpsampleTransposeImpl(ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi:
   const Shape5 out = ToShape(g.dimensions()), in = ToShape(dx->dimensions());
   if (auto e = CheckShapes(in, out, "upsample linear transpose"); e.failure()) return e;
   if (dx->element_count() == 0) return ffi::Error::Success();
-  UpsampleTranspose(g.typed_data(), out, in, dx->typed_data());
+  if (PlaneOrder(in.b * in.d) && out.d / in.d <= 16) {  // <= 2 k_D <= 32 output planes per input plane
+    UpsampleTransposePlanes(g.typed_data(), out, in, dx->typed_data());
+  } else {
+    UpsampleTranspose(g.typed_data(), out, in, dx->typed_data());
+  }
   return ffi::Error::Success();
 }
 
