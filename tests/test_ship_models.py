@@ -45,11 +45,18 @@ def _ship(*args):
     ],
 )
 def test_an_experiments_stream_0_pair_is_shipped_with_its_cards(tmp_path, flag, names, text):
-    run = _run_folder(tmp_path, ["crd_paper_s0", "ctl_s0", "crd_code_s0"])
+    teachers = ["vm_h", "vm_l"] if flag == "--experiment2" else []  # Experiment 2 ships its finished baselines too
+    run = _run_folder(tmp_path, ["crd_paper_s0", "ctl_s0", "crd_code_s0", *teachers])
+    for stage in teachers:  # as the pipeline saves them: the steps they trained
+        path = run / "stages" / stage / "model" / "model.json"
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), steps=10_000)))
     dest = tmp_path / "pretrained"
     proc = _ship(flag, "--workdir", str(run), "--dest", str(dest))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(p.name for p in dest.iterdir()) == sorted(names)  # stream 0 of two arms, not the authors' arm
+    extra = ["lpba40-vm-h-128", "lpba40-vm-l"] if teachers else []
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*names, *extra])  # stream 0 of two arms, not the authors'
+    if teachers:
+        _restores_a_lost_run_folder(tmp_path, dest)
     cards = [json.loads((dest / n / "model.json").read_text())["shipped"] for n in names]
     for card, dice in zip(cards, (0.6, 0.61)):
         assert text in card["recipe"] and card["val_dice_grid"] == dice
@@ -72,20 +79,11 @@ def test_unfinished_stages_are_skipped_and_the_two_experiments_cannot_be_asked_a
     assert both.returncode == 2 and "not allowed with" in both.stderr
 
 
-def test_experiment_2s_finished_baselines_are_shipped_and_restore_a_lost_run_folder(tmp_path):
+def _restores_a_lost_run_folder(tmp_path, dest):
     """VM-H and VM-L of Experiment 2 go into the package as soon as they finish; a new run folder (the old one
     lost) gets them back instead of training them again, but only where the card matches the config's stage."""
-    run = _run_folder(tmp_path, ["vm_h", "vm_l"])
-    for stage in ("vm_h", "vm_l"):  # as the pipeline saves them: the steps they trained
-        path = run / "stages" / stage / "model" / "model.json"
-        path.write_text(json.dumps(dict(json.loads(path.read_text()), steps=10_000)))
-    dest = tmp_path / "pretrained"
-    proc = _ship("--experiment2", "--workdir", str(run), "--dest", str(dest))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(p.name for p in dest.iterdir()) == ["lpba40-vm-h-128", "lpba40-vm-l"]
     card = json.loads((dest / "lpba40-vm-h-128" / "model.json").read_text())["shipped"]
     assert card["recipe"].startswith("VM-H (Experiment 2") and card["steps"] == 10_000
-
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import crd_experiment
 
