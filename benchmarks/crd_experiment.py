@@ -428,6 +428,12 @@ def run(args) -> dict:
         else:
             print(f"reused: {', '.join(reuse_stages(config, source, args.workdir)) or 'nothing'}", flush=True)
     experiment = next(k for k, v in PROTOCOLS.items() if v is protocol)
+    from crd_jax.training import workdir_config
+
+    # the run folder's lock first (the pipeline takes it again, a no-op in this process): a second invocation on a
+    # folder still training must be refused before it plants a model folder the first one would then trip over
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    workdir_config.lock(args.workdir)
     restored = restore_shipped_stages(config, args.workdir, experiment)
     if restored:
         print(f"restored from the package: {', '.join(restored)}", flush=True)

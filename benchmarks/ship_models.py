@@ -179,6 +179,11 @@ def main():
             "val_dice_1mm": round(sum(full) / len(full), 4) if full else None,
             "intensity": "[0, 1] (the model refuses images far from its training intensities)",
         }
+        existing = args.dest / name / "model.json"
+        if existing.exists() and not args.overwrite:
+            if json.loads(existing.read_text()).get("shipped") == json.loads(json.dumps(spec["shipped"])):
+                print(f"{stage}: already shipped as {name}")  # run after each stage: the earlier ones are there
+                continue
         save_model(args.dest / name, params, spec, overwrite=args.overwrite)
         size = sum(f.stat().st_size for f in (args.dest / name).iterdir())
         print(f"{stage} -> {args.dest / name} ({size / 1e6:.1f} MB)")

@@ -244,3 +244,32 @@ def test_a_supported_effect_below_the_refutation_bound_gets_both_verdicts(tmp_pa
     payload, text, _ = _report(tmp_path, work)
     assert payload["analysis"]["supported"] and payload["analysis"]["refuted"]
     assert "Verdict: **CRD supported" in text and "but smaller than +0.003" in text
+
+
+def test_a_run_on_a_busy_folder_is_refused_before_it_restores_anything(tmp_path):
+    """Another process trains in the folder: the second invocation stops at the folder's lock, before copying
+    shipped stages into it (a model folder planted there would break the first run when its stage finishes)."""
+    import subprocess
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import crd_experiment
+
+    from crd_jax.errors import InputError
+
+    work = tmp_path / "run"
+    work.mkdir()
+    code = (
+        "import sys, time; from crd_jax.training import workdir_config as w; "
+        "w.lock(sys.argv[1]); print('held', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(work)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        crd_experiment.select(2)
+        args = crd_experiment.parser().parse_args(["--experiment", "2", "--data-root", str(tmp_path)])
+        args.workdir = work
+        with pytest.raises(InputError, match="another training process"):
+            crd_experiment.run(args)
+        assert not (work / "stages").exists() and not (work / "restored.json").exists()
+    finally:
+        holder.kill()

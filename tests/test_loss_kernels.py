@@ -262,6 +262,38 @@ def test_the_coarse_grad_l2_under_vmap_and_where_it_does_not_apply():
         grad_l2_ops.grad_l2_coarse(before[1])
 
 
+def test_the_coarse_grad_l2_keeps_precision_under_a_large_offset_and_has_second_derivatives():
+    # a smooth field of small gradient on a large constant part: the quadratic form would cancel in float32
+    grid = np.meshgrid(*(np.linspace(0, np.pi, 12) for _ in range(3)), indexing="ij")
+    smooth = np.stack([np.sin(g) for g in grid], -1)[None].astype(np.float32)
+    for offset, amplitude in ((50.0, 0.0), (20.0, 0.01), (5.0, 0.05), (0.0, 3.0)):
+        phi = offset + amplitude * smooth
+        got = float(grad_l2_ops.grad_l2(upsample_field(jnp.asarray(phi), 2)))
+        want = _fine_grad_l2_numpy(phi, 2)
+        assert got >= 0.0 and abs(got - want) <= 1e-5 * want + 1e-12, (offset, amplitude, got, want)
+    # gradients of gradients (reverse over reverse), as the fine-grid term has them
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((1, 3, 4, 3, 3)).astype(np.float32))
+    outer = lambda f: jax.grad(lambda y: jnp.sum(jax.grad(f)(y) ** 2))(x)  # noqa: E731
+    coarse = outer(lambda y: grad_l2_ops.grad_l2(upsample_field(y, 2)))
+    fine = outer(lambda y: grad_l2_ops.grad_l2_reference(upsample_field(y, 2) + 0.0))
+    np.testing.assert_allclose(np.asarray(coarse), np.asarray(fine), atol=1e-5 * float(jnp.max(jnp.abs(fine))))
+
+
+def test_only_upsample_fields_own_unchangeable_result_is_recognised():
+    from crd_jax.ops import spatial
+
+    phi = jnp.ones((1, 3, 4, 5, 3))
+    assert spatial.upsampled_from(spatial.upsample_field(phi, 2))[1] == 2
+    assert spatial.upsampled_from(spatial.upsample_field(phi, 2) * 1.0) is None  # equal, but another array
+    source = np.ones((1, 3, 4, 5, 3), np.float32)  # numpy: it could change in place after the upsampling
+    assert spatial.upsampled_from(spatial.upsample_field(source, 2)) is None
+    assert spatial.upsampled_from(spatial.upsample_field(phi, 2.5)) is None  # not a whole factor
+    kept = jnp.asarray(np.arange(180, dtype=np.float32).reshape(1, 3, 4, 5, 3))
+    v = spatial.upsample_field(kept, 2)
+    kept.delete()  # deleted (or donated) since: the fine grid, not an error
+    assert spatial.upsampled_from(v) is None and np.isfinite(float(grad_l2_ops.grad_l2(v)))
+
+
 def test_a_low_resolution_models_loss_takes_its_smoothness_on_the_coarse_grid_with_the_same_gradient():
     from crd_jax.interop import official
     from crd_jax.models.build import model_from_spec

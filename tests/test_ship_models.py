@@ -62,11 +62,29 @@ def test_an_experiments_stream_0_pair_is_shipped_with_its_cards(tmp_path, flag, 
         assert text in card["recipe"] and card["val_dice_grid"] == dice
         assert card["orientation"] == "LPS" and card["validated_on"].startswith("LPBA40 S35-S40, 30 ordered pairs")
     assert "step-matched control" in cards[1]["recipe"]
-    # again without --overwrite: one line, exit 2, the shipped folders untouched
+    # again without --overwrite, the run's models now different (another evaluation): one line, exit 2, the
+    # shipped folders untouched (the same models again are skipped: test_experiment_2_ships_each_baseline_...)
     before = {n: (dest / n / "params.msgpack").read_bytes() for n in names}
+    (run / "stages" / "crd_paper_s0" / "eval.json").write_text(json.dumps({"dice_mean": 0.5, "num_pairs": 30}))
     again = _ship(flag, "--workdir", str(run), "--dest", str(dest))
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1 and "--overwrite" in again.stderr
     assert {n: (dest / n / "params.msgpack").read_bytes() for n in names} == before
+
+
+def test_experiment_2_ships_each_baseline_as_it_finishes(tmp_path):
+    """Shipping after each stage: the second run finds the first stage shipped with the same card and goes on."""
+    run = _run_folder(tmp_path, ["vm_h"])
+    dest = tmp_path / "pretrained"
+    first = _ship("--experiment2", "--workdir", str(run), "--dest", str(dest), "--stages", "vm_h", "vm_l")
+    assert first.returncode == 0 and "vm_l: not finished, skipped" in first.stdout, first.stderr[-2000:]
+    folder = run / "stages" / "vm_l"
+    folder.mkdir(parents=True)
+    make_model_folder(folder / "model", side=32)
+    (folder / "eval.json").write_text(json.dumps({"dice_mean": 0.65, "num_pairs": 30}))
+    second = _ship("--experiment2", "--workdir", str(run), "--dest", str(dest), "--stages", "vm_h", "vm_l")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "vm_h: already shipped as lpba40-vm-h-128" in second.stdout
+    assert sorted(p.name for p in dest.iterdir()) == ["lpba40-vm-h-128", "lpba40-vm-l"]
 
 
 def test_unfinished_stages_are_skipped_and_the_two_experiments_cannot_be_asked_at_once(tmp_path):

@@ -362,6 +362,7 @@ NATIVE_UPSAMPLE_CASES = [
     ((2, 8, 3, 4, 2), (3, 1, 2)),  # batch (planes of two volumes in one ring), factor 1 on H
     ((1, 10, 2, 3, 1), (1, 4, 3)),  # factor 1 on D: every output plane one input plane
     ((9, 4, 6, 2), (2, 3)),  # 2-D with a batch of 9 single-plane volumes
+    ((1, 70, 2, 3, 2), (2, 3, 1)),  # 70 planes: the plane order on up to 17 threads
 ]
 
 

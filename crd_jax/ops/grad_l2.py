@@ -10,9 +10,10 @@ need it (the native path is a ``jax.custom_vjp``).
 
 A field that :func:`crd_jax.ops.spatial.upsample_field` returned (``up(phi)`` of a low-resolution model, eq. 5) is
 recognised (:func:`crd_jax.ops.spatial.upsampled_from`) and its term taken on the coarse grid, exactly
-(:func:`grad_l2_of_upsampled`, ``crd_grad_l2_coarse``): in a low-resolution training step at 128^3 the fine-grid
-term and its gradient cost ~10 ms of a ~120 ms step, the coarse one ~1 ms (benchmarks/results/loss_speed.md).
-:func:`grad_l2_coarse` switches it off.
+(:func:`grad_l2_of_upsampled`, ``crd_grad_l2_coarse``): at 128^3 the term of an upsampled field with its gradient
+takes ~3 ms there against ~14 ms on the fine grid, measured alone; inside a training step XLA fuses the fine
+term's gradient into the warp's, and the step gains a few percent of CPU time at most
+(benchmarks/results/loss_speed_coarse_grad_l2.md). :func:`grad_l2_coarse` switches it off.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ _grad_l2_native.defvjp(_grad_l2_native_fwd, _grad_l2_native_bwd)
 # L_reg = <phi, Z> and its gradient is 2 Z: one pass over the coarse field forward, an elementwise product
 # backward. At n = 2 the coarse field has 1/8 of the voxels, and the term never touches a full-resolution array
 # (on the fine grid it read and wrote ~25 MB per step at 128^3). Equal to grad_l2(upsample_field(phi, f)) up to
-# rounding (tests/test_losses.py).
+# rounding (tests/test_loss_kernels.py).
 
 
 def _upsample_matrix(n: int, k: int) -> np.ndarray:
@@ -276,19 +277,39 @@ def _upsampled_z_xla(phi: jax.Array, factor: int) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _z_linear(x: jax.Array, factor: int) -> jax.Array:
+    """``Z(x)``: linear and symmetric in ``x``, so its VJP is itself (gradients of any order in reverse mode)."""
+    return _upsampled_z(x, factor)
+
+
+def _z_linear_fwd(x, factor):
+    return _upsampled_z(x, factor), None
+
+
+def _z_linear_bwd(factor, _, g):
+    return (_z_linear(g, factor),)
+
+
+_z_linear.defvjp(_z_linear_fwd, _z_linear_bwd)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _quadratic(c: jax.Array, factor: int) -> jax.Array:
+    return jnp.sum(c * _z_linear(c, factor))
+
+
+@_quadratic.defjvp
+def _quadratic_jvp(factor, primals, tangents):
+    # d <c, Z c> = 2 <Z c, dc> (Z symmetric): one Z per step, its transpose 2 g Z
+    (c,), (dc,) = primals, tangents
+    z = _z_linear(c, factor)
+    return jnp.sum(c * z), 2.0 * jnp.sum(z * dc)
+
+
 def grad_l2_of_upsampled(phi: jax.Array, factor: int) -> jax.Array:
     """``grad_l2(upsample_field(phi, factor))`` (L_reg of eq. 2 on ``up(phi)``, eq. 5) computed on ``phi``'s grid,
-    without forming the upsampled field: ``<phi, Z>``, gradient ``2 Z`` (the derivation above)."""
-    return jnp.sum(phi * _upsampled_z(phi, factor))
-
-
-def _upsampled_fwd(phi, factor):
-    z = _upsampled_z(phi, factor)
-    return jnp.sum(phi * z), z
-
-
-def _upsampled_bwd(factor, z, g):
-    return ((2.0 * g) * z,)
-
-
-grad_l2_of_upsampled.defvjp(_upsampled_fwd, _upsampled_bwd)
+    without forming the upsampled field: ``<c, Z c>``, gradient ``2 Z c`` (the derivation above), ``c`` the field
+    less its mean per volume and component. Z annihilates constants, so the mean changes nothing but rounding: a
+    large constant part would otherwise cancel in float32 (the fine-grid term takes differences first)."""
+    spatial = tuple(range(1, phi.ndim - 1))
+    return _quadratic(phi - jnp.mean(phi, axis=spatial, keepdims=True), int(factor))

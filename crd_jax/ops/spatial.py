@@ -514,8 +514,12 @@ def upsample_field(disp: jax.Array, factor: int) -> jax.Array:
     The result is remembered (by identity, weakly) as ``up(disp)``, so that L_reg of eq. 2 on it can be taken on
     ``disp``'s grid (:func:`upsampled_from`, :func:`crd_jax.ops.grad_l2.grad_l2`)."""
     out = resize_field(disp, [s * factor for s in disp.shape[1:-1]])
-    if int(factor) > 1:
-        _remember_upsampled(out, disp, int(factor))
+    # only what cannot change under it: a JAX array or tracer (a numpy source could be modified in place), a whole
+    # factor and the shape it implies
+    whole = isinstance(factor, (int, np.integer)) or (isinstance(factor, float) and factor.is_integer())
+    if whole and int(factor) > 1 and isinstance(disp, jax.Array):
+        if tuple(out.shape[1:-1]) == tuple(s * int(factor) for s in disp.shape[1:-1]):
+            _remember_upsampled(out, disp, int(factor))
     return out
 
 
@@ -541,7 +545,11 @@ def upsampled_from(disp: jax.Array) -> Optional[tuple]:
     entry = _UPSAMPLED.get(id(disp))
     if entry is None or entry[0]() is not disp:
         return None
-    return entry[1], entry[2]
+    source = entry[1]
+    deleted = getattr(source, "is_deleted", None)  # a concrete array deleted or donated since
+    if not isinstance(source, jax.core.Tracer) and deleted is not None and deleted():
+        return None
+    return source, entry[2]
 
 
 def downsample_field(disp: jax.Array, factor: int) -> jax.Array:
