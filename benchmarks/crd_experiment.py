@@ -235,6 +235,11 @@ def report(workdir: Path, out: Path, draws: int) -> dict:
             f"| {r['label']} | {r['dice_mean']:.4f} ({r['dice_std']:.4f}) | {r['num_pairs']} | {r['folds_mean']:.1f} |"
             for r in teacher.values()
         ]
+    restored = json.loads((workdir / "restored.json").read_text()) if (workdir / "restored.json").exists() else []
+    if restored:  # stages this run folder did not train itself (restore_shipped_stages)
+        payload["restored"] = restored
+        lines += ["", "Restored from the package (trained by an earlier run of this protocol, whose folder was lost): "]
+        lines[-1] += ", ".join(f"{r['stage']} ({r['from']}, {r['at']})" for r in restored) + "."
     progress = _progress(workdir)
     if progress:
         payload["progress"] = progress

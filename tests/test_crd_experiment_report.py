@@ -102,6 +102,12 @@ def test_the_readme_summary_says_where_an_experiment_is(tmp_path):
         (work / "stages" / name / "model").mkdir(parents=True)
     payload, _, summary = _report(tmp_path, work, experiment=2)
     assert payload["teacher_finished"] == ["vm_h", "coop"] and "finished: VM-H, coop;" in summary
+    # a stage restored from the package is said so in the report
+    restored = [{"stage": "vm_h", "from": "crd_jax/pretrained/lpba40-vm-h-128", "at": "2026-12-06 00:00:00"}]
+    (work / "restored.json").write_text(json.dumps(restored))
+    payload, text, _ = _report(tmp_path, work, experiment=2)
+    assert payload["restored"] == restored
+    assert "Restored from the package (trained by an earlier run of this protocol" in text and "lpba40-vm-h-128" in text
 
 
 def test_partial_streams_are_reported_descriptively_with_the_diagnostics(tmp_path):
