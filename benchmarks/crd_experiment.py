@@ -401,6 +401,11 @@ def restore_shipped_stages(config, workdir: Path, experiment: int, pretrained: P
         wanted = (EXP2_RECIPES[stage], int(config.stages[stage].steps), list(config.data.resample_shape))
         if (card.get("recipe"), card.get("steps"), card.get("grid")) != wanted:
             continue
+        if not (workdir / "config.json").exists():  # a crd-jax workdir before anything goes into it (the pipeline
+            from crd_jax.training import workdir_config  # refuses a non-empty folder without its config)
+
+            workdir.mkdir(parents=True, exist_ok=True)
+            workdir_config.record(config, workdir)
         shutil.copytree(source, target.with_name("model.partial"), dirs_exist_ok=True)
         target.with_name("model.partial").rename(target)  # whole or not at all: the pipeline trusts a model folder
         restored.append(stage)

@@ -111,6 +111,10 @@ def _restores_a_lost_run_folder(tmp_path, dest):
     config = crd_experiment.run_config(args)
     config.data.resample_shape = (32, 32, 32)  # the grid _run_folder's cards record
     assert crd_experiment.restore_shipped_stages(config, args.workdir, 2, dest) == ["vm_h", "vm_l"]
+    from crd_jax.training import pipeline, workdir_config
+
+    workdir_config.lock(args.workdir)  # as crd_experiment.run leaves the folder: the pipeline takes it from here
+    pipeline.check_run_config(config, args.workdir)
     for stage, name in (("vm_h", "lpba40-vm-h-128"), ("vm_l", "lpba40-vm-l")):
         copied = args.workdir / "stages" / stage / "model" / "params.msgpack"
         assert copied.read_bytes() == (dest / name / "params.msgpack").read_bytes()

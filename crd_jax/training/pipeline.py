@@ -208,7 +208,8 @@ def check_run_config(config: ml_collections.ConfigDict, workdir: Path) -> Dict[s
         except ValueError as exc:
             raise InputError("config.data.augment", str(exc)) from None
     check_writable_folder(workdir, "workdir")
-    if workdir.is_dir() and any(workdir.iterdir()) and not (workdir / "config.json").exists():
+    # the lock file is the training process's own (workdir_config.lock; a driver may take it before this check)
+    if workdir.is_dir() and any(p.name != ".lock" for p in workdir.iterdir()) and not (workdir / "config.json").exists():
         raise InputError(
             workdir, "workdir exists, is not empty and is not a crd-jax workdir (no config.json); choose a new folder"
         )
