@@ -191,24 +191,33 @@ def test_two_processes_through_jax_distributed_match_one_process(tmp_path):
     args = SMALL + ["--config.pipeline=('vm_l',)", "--config.stages.vm_l.steps=3", "--config.train.batch_size=2"]
     single = tmp_path / "single"
     _train(single, *args, env=_devices(1))
+
+    def two_processes(multi):
+        port = _free_port()
+        procs = []
+        for pid in range(2):
+            cmd = [
+                sys.executable,
+                str(ROOT / "train.py"),
+                f"--config={ROOT / 'configs/synthetic_vm_2d.py'}",
+                f"--config.workdir={multi}",
+                "--config.train.progress_bar=False",
+                *args,
+                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                "--config.distributed.num_processes=2",
+                f"--config.distributed.process_id={pid}",
+            ]
+            env = dict(os.environ, **_devices(1))
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        return procs, [p.communicate(timeout=600) for p in procs]
+
     multi = tmp_path / "multi"
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        cmd = [
-            sys.executable,
-            str(ROOT / "train.py"),
-            f"--config={ROOT / 'configs/synthetic_vm_2d.py'}",
-            f"--config.workdir={multi}",
-            "--config.train.progress_bar=False",
-            *args,
-            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-            "--config.distributed.num_processes=2",
-            f"--config.distributed.process_id={pid}",
-        ]
-        env = dict(os.environ, **_devices(1))
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=600) for p in procs]
+    procs, outs = two_processes(multi)
+    if any("Gloo context initialization failed" in err for _, err in outs):
+        # Gloo's rendezvous times out after 30 s; on this 2-core machine, shared with the other test worker, it
+        # has (once in three suite runs): an environment's limit, not this code's, so once more in a new folder
+        multi = tmp_path / "multi-again"
+        procs, outs = two_processes(multi)
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-4000:]
     assert "2 device(s), 2 process(es)" in outs[0][1]
