@@ -391,6 +391,8 @@ def restore_shipped_stages(config, workdir: Path, experiment: int, pretrained: P
 
     from ship_models import EXP2_RECIPES, EXP2_TEACHERS
 
+    from crd_jax.training import workdir_config
+
     kept = {2: EXP2_TEACHERS}.get(experiment, {})
     restored = []
     for stage, name in kept.items():
@@ -402,9 +404,7 @@ def restore_shipped_stages(config, workdir: Path, experiment: int, pretrained: P
         if (card.get("recipe"), card.get("steps"), card.get("grid")) != wanted:
             continue
         if not (workdir / "config.json").exists():  # a crd-jax workdir before anything goes into it (the pipeline
-            from crd_jax.training import workdir_config  # refuses a non-empty folder without its config)
-
-            workdir.mkdir(parents=True, exist_ok=True)
+            workdir.mkdir(parents=True, exist_ok=True)  # refuses a non-empty folder without its config)
             workdir_config.record(config, workdir)
         shutil.copytree(source, target.with_name("model.partial"), dirs_exist_ok=True)
         target.with_name("model.partial").rename(target)  # whole or not at all: the pipeline trusts a model folder

@@ -197,15 +197,11 @@ def test_grad_l2_compiles_to_the_native_kernel_or_the_reference():
 def _fine_grad_l2_numpy(phi: np.ndarray, factor: int) -> float:
     """L_reg of eq. 2 on ``upsample_field(phi, factor)`` in float64 numpy: the upsampling as dense matrices along
     each axis (half-pixel, edge repeated), then the mean squared forward differences per axis, averaged."""
+    from test_training_backward import _upsample_matrix  # the tests' own matrix of the map (not the library's)
+
     v = np.asarray(phi, np.float64) * factor
     for axis, n in enumerate(phi.shape[1:-1], start=1):
-        m = np.zeros((n * factor, n))
-        for i in range(n):
-            for r in range(factor):
-                o = (r + 0.5) / factor - 0.5
-                m[factor * i + r, i] += 1 - abs(o)
-                m[factor * i + r, min(max(i + (1 if o > 0 else -1), 0), n - 1)] += abs(o)
-        v = np.moveaxis(np.tensordot(m, np.moveaxis(v, axis, 0), 1), 0, axis)
+        v = np.moveaxis(np.tensordot(_upsample_matrix(n, factor), np.moveaxis(v, axis, 0), 1), 0, axis)
     ndim = phi.ndim - 2
     return sum(np.mean(np.diff(v, axis=a) ** 2) for a in range(1, ndim + 1)) / ndim
 

@@ -97,6 +97,41 @@ Inverse InvertTaps(const std::vector<Taps>& taps, int64_t n) {
   return inv;
 }
 
+// One row of n_in * c values upsampled along W into n_out * c values (taps tx, taps of weight 0 left out).
+inline void UpsampleRowW(const float* t, const std::vector<Taps>& tx, int64_t c, float* o) {
+  for (int64_t q = 0; q < static_cast<int64_t>(tx.size()); ++q) {
+    const Taps& X = tx[q];
+    const float* ta = t + X.a * c;
+    const float* tb = t + X.b * c;
+    if (X.wb == 0.0f) {
+      for (int64_t ch = 0; ch < c; ++ch) o[q * c + ch] = X.wa * ta[ch];
+    } else {
+      for (int64_t ch = 0; ch < c; ++ch) o[q * c + ch] = X.wa * ta[ch] + X.wb * tb[ch];
+    }
+  }
+}
+
+// o = sum_k weights[k] * rows[k] over n values (terms >= 1), in the order given.
+inline void BlendRows(const float* const* rows, const float* weights, int terms, int64_t n, float* o) {
+  for (int64_t i = 0; i < n; ++i) o[i] = weights[0] * rows[0][i];
+  for (int k = 1; k < terms; ++k) {
+    const float w = weights[k];
+    const float* src = rows[k];
+    for (int64_t i = 0; i < n; ++i) o[i] += w * src[i];
+  }
+}
+
+// The W transpose of one row: each of the input's n_in * c values gathers the output values its taps name.
+inline void GatherRowW(const float* t, const Inverse& ix, int64_t n_in, int64_t c, float* o) {
+  for (int64_t j = 0; j < n_in; ++j) {
+    for (int64_t ch = 0; ch < c; ++ch) {
+      float acc = 0.0f;
+      for (int64_t e = ix.start[j]; e < ix.start[j + 1]; ++e) acc += ix.weight[e] * t[ix.index[e] * c + ch];
+      o[j * c + ch] = acc;
+    }
+  }
+}
+
 void UpsampleForward(const float* x, const Shape5& in, const Shape5& out, float* y) {
   const auto tz = AxisTaps(in.d, out.d / in.d), ty = AxisTaps(in.h, out.h / in.h), tx = AxisTaps(in.w, out.w / in.w);
   const int64_t c = in.c, in_row = in.w * c, out_row = out.w * c;
@@ -124,24 +159,8 @@ void UpsampleForward(const float* x, const Shape5& in, const Shape5& out, float*
           weights[terms++] = w;
         }
       }
-      float* t = blend.data();
-      for (int64_t i = 0; i < in_row; ++i) t[i] = weights[0] * rows_in[0][i];
-      for (int k = 1; k < terms; ++k) {
-        const float w = weights[k];
-        const float* src = rows_in[k];
-        for (int64_t i = 0; i < in_row; ++i) t[i] += w * src[i];
-      }
-      float* o = y + r * out_row;
-      for (int64_t q = 0; q < out.w; ++q) {
-        const Taps& X = tx[q];
-        const float* ta = t + X.a * c;
-        const float* tb = t + X.b * c;
-        if (X.wb == 0.0f) {
-          for (int64_t ch = 0; ch < c; ++ch) o[q * c + ch] = X.wa * ta[ch];
-        } else {
-          for (int64_t ch = 0; ch < c; ++ch) o[q * c + ch] = X.wa * ta[ch] + X.wb * tb[ch];
-        }
-      }
+      BlendRows(rows_in, weights, terms, in_row, blend.data());
+      UpsampleRowW(blend.data(), tx, c, y + r * out_row);
     }
   });
 }
@@ -166,30 +185,9 @@ void UpsampleTranspose(const float* g, const Shape5& out, const Shape5& in, floa
           for (int64_t i = 0; i < out_row; ++i) t[i] += w * src[i];
         }
       }
-      float* o = dx + r * in_row;
-      for (int64_t j = 0; j < in.w; ++j) {
-        for (int64_t ch = 0; ch < c; ++ch) {
-          float acc = 0.0f;
-          for (int64_t e = ix.start[j]; e < ix.start[j + 1]; ++e) acc += ix.weight[e] * t[ix.index[e] * c + ch];
-          o[j * c + ch] = acc;
-        }
-      }
+      GatherRowW(t, ix, in.w, c, dx + r * in_row);
     }
   });
-}
-
-// One row of n_in * c values upsampled along W into n_out * c values (taps tx, taps of weight 0 left out).
-inline void UpsampleRowW(const float* t, const std::vector<Taps>& tx, int64_t c, float* o) {
-  for (int64_t q = 0; q < static_cast<int64_t>(tx.size()); ++q) {
-    const Taps& X = tx[q];
-    const float* ta = t + X.a * c;
-    const float* tb = t + X.b * c;
-    if (X.wb == 0.0f) {
-      for (int64_t ch = 0; ch < c; ++ch) o[q * c + ch] = X.wa * ta[ch];
-    } else {
-      for (int64_t ch = 0; ch < c; ++ch) o[q * c + ch] = X.wa * ta[ch] + X.wb * tb[ch];
-    }
-  }
 }
 
 // A small per-thread cache of planes keyed by an integer tag (slot = tag mod slots): the rings of the plane order.
@@ -243,13 +241,7 @@ void UpsampleForwardPlanes(const float* x, const Shape5& in, const Shape5& out, 
             weights[terms++] = w;
           }
         }
-        float* o = y + (p * out.h + yy) * out_row;
-        for (int64_t i = 0; i < out_row; ++i) o[i] = weights[0] * rows_in[0][i];
-        for (int k = 1; k < terms; ++k) {
-          const float w = weights[k];
-          const float* src = rows_in[k];
-          for (int64_t i = 0; i < out_row; ++i) o[i] += w * src[i];
-        }
+        BlendRows(rows_in, weights, terms, out_row, y + (p * out.h + yy) * out_row);
       }
     }
   });
@@ -296,14 +288,7 @@ void UpsampleTransposePlanes(const float* g, const Shape5& out, const Shape5& in
           const float* row = reduced[e] + j * out_row;
           for (int64_t i = 0; i < out_row; ++i) t[i] += w * row[i];
         }
-        float* o = dx + (p * in.h + j) * in_row;
-        for (int64_t xi = 0; xi < in.w; ++xi) {
-          for (int64_t ch = 0; ch < c; ++ch) {
-            float acc = 0.0f;
-            for (int64_t e = ix.start[xi]; e < ix.start[xi + 1]; ++e) acc += ix.weight[e] * t[ix.index[e] * c + ch];
-            o[xi * c + ch] = acc;
-          }
-        }
+        GatherRowW(t.data(), ix, in.w, c, dx + (p * in.h + j) * in_row);
       }
     }
   });
