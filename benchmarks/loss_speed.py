@@ -34,13 +34,23 @@ sys.path.insert(0, str(HERE))
 
 from common import machine, write  # noqa: E402
 
-DEFAULTS = {"ncc": "native", "warp": "native", "grad_l2": "native", "upsample": "native", "grad_l2_coarse": True}
+DEFAULTS = {
+    "ncc": "native",
+    "warp": "native",
+    "grad_l2": "native",
+    "upsample": "native",
+    "grad_l2_coarse": True,
+    "mse_coarse": True,
+}
 #: ``--compare``: the two variants of each comparison (what they change from :data:`DEFAULTS`)
 COMPARISONS = {
     "loss": {"before": {"ncc": "xla", "warp": "regather", "grad_l2": "xla"}, "after": {}},
     "upsample": {"before": {"upsample": "stencil"}, "after": {}},
     # L_reg of an upsampled field on the fine grid (before) or the coarse one (after; crd_jax/ops/grad_l2.py)
     "coarse_grad_l2": {"before": {"grad_l2_coarse": False}, "after": {}},
+    # eq. 8 on the full grid, MSE(up(phi^T), up(phi^S)), on the fine grid with up(phi^T) cached (before) or on
+    # the coarse grid with phi^T cached (after; crd_jax/ops/grad_l2.py mse_of_upsampled)
+    "coarse_mse": {"before": {"mse_coarse": False}, "after": {}},
 }
 
 
@@ -58,6 +68,7 @@ def formulation(name, comparison="loss"):
         "grad_l2": grad_l2_ops.grad_l2_formulation,
         "upsample": spatial.upsample_vjp,
         "grad_l2_coarse": grad_l2_ops.grad_l2_coarse,
+        "mse_coarse": grad_l2_ops.mse_coarse,
     }
     previous = {k: f() for k, f in knobs.items()}
     for k, f in knobs.items():
@@ -77,6 +88,7 @@ def loss_pieces(shape, batch=1):
     import numpy as np
 
     from crd_jax.losses import grad_l2, ncc, registration_loss
+    from crd_jax.ops.grad_l2 import field_mse
     from crd_jax.ops.spatial import upsample_field, warp
 
     rng = np.random.default_rng(0)
@@ -102,6 +114,10 @@ def loss_pieces(shape, batch=1):
         "field upsampling x2, forward": (jax.jit(lambda c: upsample_field(c, 2)), (coarse,)),
         "grad-L2 of the upsampled coarse field, forward + backward": (vg(lambda c: grad_l2(upsample_field(c, 2))), (coarse,)),
         "field upsampling x2, forward + backward": (vg(lambda c, g: jnp.sum(upsample_field(c, 2) * g)), (coarse, g3)),
+        "eq. 8 on the full grid of two upsampled coarse fields, forward + backward": (
+            vg(lambda c, t: field_mse(upsample_field(c, 2), upsample_field(t, 2))),
+            (coarse, coarse[..., ::-1] * 0.5),
+        ),
         "registration loss of a coarse field (upsampling x2 + warp + NCC + grad-L2), forward + backward": (
             vg(lambda c, m, f: registration_loss(m, f, upsample_field(c, 2))[0]),
             (coarse, m, f),
@@ -141,18 +157,25 @@ def time_pieces(shape, repeats, log=print, comparison="loss") -> dict:
     return out
 
 
+#: a stage name with this suffix (``vm_l_crd_cached``): the stage with its teacher cached (train_budget's)
+CACHED_SUFFIX = "_cached"
+
+
 def time_steps(shape, repeats, stages, log=print, comparison="loss") -> list:
     """``train_budget.py``'s step rows for ``stages``, each stage compiled before and after, rounds alternating."""
     import train_budget as tb
 
     config = tb.pipeline_config(shape)
     data = tb._batch(shape, 1, seed=1)
-    plans = tb.plan_pipeline(config, shape, 1, stages)
+    plans = tb.plan_pipeline(config, shape, 1, tuple(s.removesuffix(CACHED_SUFFIX) for s in stages))
     timers = []
     for name in stages:
         for variant in COMPARISONS[comparison]:
             with formulation(variant, comparison):
-                timers.append(tb.StageTimer(name, plans[name], config, data, 10_000, variant=None))
+                plan, arrays = plans[name.removesuffix(CACHED_SUFFIX)], data
+                if name.endswith(CACHED_SUFFIX):  # S3 with its teacher read from the batch, as its cache stores it
+                    plan, arrays = tb.cached_teacher_stage(plan, data)
+                timers.append(tb.StageTimer(name, plan, config, arrays, 10_000, variant=None))
             timers[-1].variant = variant
             for what in ("forward", "network", "step"):
                 timers[-1].run(what)
@@ -196,6 +219,11 @@ def render(payload) -> str:
         "coarse field's grid through the 1-D Gram matrices of the upsampling (`crd_grad_l2_coarse`, equal up to "
         "rounding; crd_jax/ops/grad_l2.py). The pieces on a given full-resolution field are the same program both "
         "ways (their ratios are this run's noise). ",
+        "coarse_mse": "Before: eq. 8 on the full grid, MSE(up(phi^T), up(phi^S)), on the full-resolution fields (S3's "
+        "teacher cache holding up(phi^T); `mse_coarse(False)`); after: the same term on the coarse fields' grid "
+        "through the tridiagonal Gram matrices of the upsampling (`mse_of_upsampled`, equal up to rounding; "
+        "crd_jax/ops/grad_l2.py), the cache holding phi^T only. The pieces on a given full-resolution field are the "
+        "same program both ways (their ratios are this run's noise); the eq. 8 piece forms both fields before. ",
     }[comparison]
     command = "python benchmarks/loss_speed.py" + ("" if comparison == "loss" else f" --compare {comparison}")
     md = [

@@ -59,6 +59,7 @@ LABELS = {
     "fst": "FST teacher (S2)",
     "vm_l_crd": "S3 distill (VM-L-CRD)",
     "control": "control (VM-L, continued)",
+    "vm_l_crd_cached": "S3 distill, teacher cached (VM-L-CRD)",  # loss_speed.py's name for the cached variant
 }
 
 
@@ -256,15 +257,14 @@ def cached_teacher_stage(plan, batch_arrays):
     """S3's plan and batch with the teacher read from the batch: the step a run pays once every pair is cached."""
     import dataclasses
 
-    import jax
-
     from crd_jax.training.distill import cached_key
+    from crd_jax.training.teacher_cache import TeacherCache
 
     loss_fn = plan.loss_fn
-    outputs = jax.jit(loss_fn.teacher.apply)(plan.frozen, batch_arrays["moving"], batch_arrays["fixed"])
-    leaves, tree = jax.tree_util.tree_flatten(outputs)
+    cache = TeacherCache(loss_fn.teacher.apply, plan.frozen, batch_arrays["moving"], batch_arrays["fixed"])
+    leaves = cache.compute(batch_arrays["moving"], batch_arrays["fixed"])  # what the cache stores
     cached_batch = dict(batch_arrays, **{cached_key(i): leaf for i, leaf in enumerate(leaves)})
-    return dataclasses.replace(plan, loss_fn=loss_fn.with_cached_teacher(tree)), cached_batch
+    return dataclasses.replace(plan, loss_fn=loss_fn.with_cached_teacher(cache.tree, cache.disp_factor)), cached_batch
 
 
 def measure_jax(

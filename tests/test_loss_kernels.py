@@ -236,6 +236,64 @@ def test_grad_l2_of_an_upsampled_field_is_taken_on_the_coarse_grid_exactly(shape
     np.testing.assert_allclose(np.asarray(z_native), np.asarray(z_xla), atol=1e-6 * float(jnp.max(jnp.abs(z_xla))))
 
 
+def _fine_upsampled_numpy(phi: np.ndarray, factor: int) -> np.ndarray:
+    """``upsample_field(phi, factor)`` in float64 numpy (the tests' own dense matrices of the map)."""
+    from test_training_backward import _upsample_matrix
+
+    v = np.asarray(phi, np.float64) * factor
+    for axis, n in enumerate(phi.shape[1:-1], start=1):
+        v = np.moveaxis(np.tensordot(_upsample_matrix(n, factor), np.moveaxis(v, axis, 0), 1), 0, axis)
+    return v
+
+
+@pytest.mark.parametrize(
+    "shape,factor",
+    [((1, 5, 6, 7, 3), 2), ((2, 3, 4, 5, 3), 3), ((1, 1, 3, 2, 3), 4), ((2, 5, 3, 2), 3), ((1, 4, 4, 2), 2)],
+)
+def test_the_mse_of_two_upsampled_fields_is_taken_on_the_coarse_grid_exactly(shape, factor):
+    """Eq. 8 on the full grid for two coarse fields, mse(up(a), up(b)), runs on their grid (field_mse ->
+    mse_of_upsampled, the kernel's "gram" passes): the float64 fine-grid value, the fine-grid term's gradient in
+    both arguments, and the kernel's Z equal to its XLA formulation."""
+    rng = np.random.default_rng(sum(shape) * factor)
+    a, b = (jnp.asarray(rng.standard_normal(shape).astype(np.float32)) for _ in range(2))
+    coarse = lambda x, y: grad_l2_ops.field_mse(upsample_field(x, factor), upsample_field(y, factor))  # noqa: E731
+    fine = lambda x, y: grad_l2_ops.field_mse(upsample_field(x, factor) + 0.0, upsample_field(y, factor))  # noqa: E731
+    both = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1)))  # noqa: E731
+    assert "crd_grad_l2_coarse" in both(coarse).lower(a, b).as_text()
+    assert "crd_grad_l2_coarse" not in both(fine).lower(a, b).as_text()  # one of them is not upsample_field's own
+    (v1, g1), (v0, g0) = both(coarse)(a, b), both(fine)(a, b)
+    want = np.mean((_fine_upsampled_numpy(np.asarray(a), factor) - _fine_upsampled_numpy(np.asarray(b), factor)) ** 2)
+    np.testing.assert_allclose(float(v1), want, rtol=2e-6)
+    np.testing.assert_allclose(float(v0), want, rtol=2e-6)
+    for x, y in zip(g1, g0):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-6 * float(jnp.max(jnp.abs(y))))
+    z_native, z_xla = grad_l2_ops._native_z(a, factor, "gram"), grad_l2_ops._upsampled_z_xla(a, factor, "gram")
+    np.testing.assert_allclose(np.asarray(z_native), np.asarray(z_xla), atol=1e-6 * float(jnp.max(jnp.abs(z_xla))))
+
+
+def test_field_mse_keeps_the_fine_grid_where_the_coarse_form_does_not_apply():
+    rng = np.random.default_rng(3)
+    a, b = (jnp.asarray(rng.standard_normal((1, 4, 4, 4, 3)).astype(np.float32)) for _ in range(2))
+
+    def text(f):  # a new function each time: the settings are read when a function is traced
+        return jax.jit(jax.grad(f, argnums=(0, 1))).lower(a, b).as_text()
+
+    up = upsample_field
+    assert "crd_grad_l2_coarse" not in text(lambda x, y: grad_l2_ops.field_mse(up(x, 2), up(y[:, ::2, ::2, ::2], 4)))
+    assert "crd_grad_l2_coarse" not in text(lambda x, y: grad_l2_ops.field_mse(up(x, 2), up(y, 2) * 1.0))
+    np.testing.assert_allclose(  # a fine-grid field against an upsampled one: the plain mean
+        float(grad_l2_ops.field_mse(up(a, 2), up(b, 2) * 1.0)), float(jnp.mean((up(a, 2) - up(b, 2)) ** 2)), rtol=1e-6
+    )
+    before = grad_l2_ops.mse_coarse()
+    try:
+        grad_l2_ops.mse_coarse(False)
+        assert "crd_grad_l2_coarse" not in text(lambda x, y: grad_l2_ops.field_mse(up(x, 2), up(y, 2)))
+    finally:
+        grad_l2_ops.mse_coarse(before)
+    with pytest.raises(ValueError, match="shapes differ"):
+        grad_l2_ops.mse_of_upsampled(a, b[:, :2], 2)
+
+
 def test_the_coarse_grad_l2_under_vmap_and_where_it_does_not_apply():
     phi = jax.random.normal(jax.random.PRNGKey(2), (3, 1, 4, 5, 3, 3))
     got = jax.vmap(lambda x: grad_l2_ops.grad_l2(upsample_field(x, 2)))(phi)

@@ -72,6 +72,64 @@ def test_cached_loss_equals_the_loss_that_runs_the_teacher():
     assert all(np.array_equal(a, b) for a, b in zip(cache.leaves((0, 1), None, None), per_pair[0]))
 
 
+class _HalfTeacher:
+    """The FST's "half" output: phi^T on a coarse grid and ``disp = up(phi^T)``."""
+
+    def apply(self, frozen, m, f):
+        from crd_jax.models.output import ModelOutput
+        from crd_jax.ops.spatial import upsample_field
+
+        low = jnp.tanh(frozen["w"] * (m - f))[:, ::2, ::2]
+        low = jnp.concatenate([low, 2 * low], axis=-1)
+        return ModelOutput(disp=upsample_field(low, 2), disp_low=low, features={0: jnp.sin(frozen["w"] * m)})
+
+
+class _LowStudent:
+    def apply(self, params, m, f):
+        from crd_jax.models.output import ModelOutput
+        from crd_jax.ops.spatial import upsample_field
+
+        low = jnp.concatenate([params["a"] * (m - f), params["b"] * m], axis=-1)[:, ::2, ::2]
+        return ModelOutput(disp=upsample_field(low, 2), disp_low=low, features={0: params["a"] * m})
+
+
+def test_an_upsampled_teacher_field_is_cached_coarse_and_eq_8_on_the_full_grid_runs_coarse():
+    """A "half" teacher's up(phi^T) is not stored (phi^T is, 1/4 of it in 2-D); eq. 8 on the full grid of it and
+    the student's up(phi^S) runs on the coarse grid, cached or not, and equals the fine-grid term."""
+    from crd_jax.losses import Objective
+    from crd_jax.ops import grad_l2
+
+    teacher, student = _HalfTeacher(), _LowStudent()
+    frozen = {"w": jnp.float32(1.3)}
+    params = {"a": jnp.float32(0.4), "b": jnp.float32(-0.3)}
+    images = np.random.default_rng(1).random((3, 12, 10, 1), dtype=np.float32)
+    terms = (distill.Deformation(weight=1.0, grid="full"), distill.TERMS["feature"](weight=0.5))
+    loss = distill.make_loss(student, teacher, terms, Objective(reg_weight=0.1, window=3))
+    cache = teacher_cache.TeacherCache(teacher.apply, frozen, images[:1], images[:1]).open(teacher_cache.MemoryStore(), 3)
+    assert cache.disp_factor == 2 and sorted(s for s, _ in cache.shapes) == [(6, 5, 2), (12, 10, 1)]  # phi^T, F_0
+    batch = {"moving": images[[0, 2]], "fixed": images[[1, 0]]}
+    per_pair = [cache.leaves(p, batch["moving"][i : i + 1], batch["fixed"][i : i + 1]) for i, p in enumerate([(0, 1), (2, 0)])]
+    cached_batch = dict(batch, **{distill.cached_key(i): np.concatenate([x[i] for x in per_pair]) for i in range(2)})
+    cached = loss.with_cached_teacher(cache.tree, cache.disp_factor)
+    run = lambda f, b: jax.jit(jax.value_and_grad(f, has_aux=True))(params, frozen, b)  # noqa: E731
+    for f, b in ((loss, batch), (cached, cached_batch)):
+        assert "crd_grad_l2_coarse" in jax.jit(jax.grad(lambda p: f(p, frozen, b)[0])).lower(params).as_text()
+    (v0, aux0), g0 = run(loss, batch)
+    (v1, _), g1 = run(cached, cached_batch)
+    before = grad_l2.mse_coarse()
+    try:
+        grad_l2.mse_coarse(False)
+        (vf, auxf), gf = run(distill.make_loss(student, teacher, terms, Objective(reg_weight=0.1, window=3)), batch)
+    finally:
+        grad_l2.mse_coarse(before)
+    assert float(aux0["deformation"]) > 0
+    np.testing.assert_allclose(float(aux0["deformation"]), float(auxf["deformation"]), rtol=1e-5)
+    for v, g in ((v1, g1), (vf, gf)):
+        np.testing.assert_allclose(v, v0, rtol=1e-5)
+        for k in g0:
+            np.testing.assert_allclose(g[k], g0[k], rtol=1e-4, atol=1e-7)
+
+
 def _train(workdir, *overrides):
     cmd = [
         sys.executable,

@@ -14,6 +14,10 @@ recognised (:func:`crd_jax.ops.spatial.upsampled_from`) and its term taken on th
 takes ~3 ms there against ~14 ms on the fine grid, measured alone; inside a training step XLA fuses the fine
 term's gradient into the warp's, and the step gains a few percent of CPU time at most
 (benchmarks/results/loss_speed_coarse_grad_l2.md). :func:`grad_l2_coarse` switches it off.
+
+The same Gram matrices give the mean squared difference of two upsampled fields (eq. 8 on the full grid,
+``loss.deformation_grid = "full"``: ``MSE(up(phi^T), up(phi^S))``) on the coarse grid: :func:`field_mse`
+recognises the pair, :func:`mse_of_upsampled` computes it; :func:`mse_coarse` switches it off.
 """
 
 from __future__ import annotations
@@ -61,20 +65,54 @@ def grad_l2_coarse(enabled: Optional[bool] = None) -> bool:
     return _settings.setdefault("coarse", True)
 
 
+def mse_coarse(enabled: Optional[bool] = None) -> bool:
+    """Whether :func:`field_mse` of two fields that :func:`crd_jax.ops.spatial.upsample_field` returned is taken
+    on the coarse fields' grid (:func:`mse_of_upsampled`; default on). ``enabled`` sets it for this process (read
+    when a function is traced); returns the setting in use."""
+    if enabled is not None:
+        _settings["mse_coarse"] = bool(enabled)
+    return _settings.setdefault("mse_coarse", True)
+
+
 def grad_l2(disp: jax.Array) -> jax.Array:
     """L_reg of eq. 2 (see :func:`crd_jax.losses.grad_l2`), natively where :func:`grad_l2_formulation` allows;
     on the coarse grid (:func:`grad_l2_of_upsampled`) where ``disp`` is ``up(phi)`` from ``upsample_field``."""
     from crd_jax.ops import native
-    from crd_jax.ops.spatial import upsampled_from
 
-    coarse_ok = grad_l2_coarse() and grad_l2_formulation() == "native" and native.available()  # custom VJPs both
-    source = upsampled_from(disp) if coarse_ok else None
-    if source is not None and source[0].dtype == jnp.float32 and source[0].ndim in (4, 5) and source[0].size > 0:
+    source = _coarse_source(disp) if grad_l2_coarse() else None
+    if source is not None:
         return grad_l2_of_upsampled(*source)
     native_ok = disp.ndim in (4, 5) and disp.size > 0 and disp.dtype == jnp.float32  # empty: the reference's NaN
     if native_ok and grad_l2_formulation() == "native" and native.available():
         return _grad_l2_native(disp)
     return grad_l2_reference(disp)
+
+
+def _coarse_source(disp: jax.Array) -> Optional[tuple]:
+    """``(phi, factor)`` where ``disp`` is ``upsample_field(phi, factor)`` of a float32 2-D or 3-D field and the
+    coarse forms can run (their custom VJPs need the native formulation: :func:`grad_l2_formulation`), else None."""
+    from crd_jax.ops import native
+    from crd_jax.ops.spatial import upsampled_from
+
+    if not (grad_l2_formulation() == "native" and native.available()):
+        return None
+    source = upsampled_from(disp)
+    if source is not None and source[0].dtype == jnp.float32 and source[0].ndim in (4, 5) and source[0].size > 0:
+        return source
+    return None
+
+
+def field_mse(u: jax.Array, v: jax.Array) -> jax.Array:
+    """:func:`crd_jax.losses.mse` of two fields; on the coarse grid (:func:`mse_of_upsampled`) where both are
+    ``upsample_field`` results by one factor from fields of one shape (``up(phi^T)`` and ``up(phi^S)`` in eq. 8 on
+    the full grid)."""
+    from crd_jax import losses
+
+    if mse_coarse() and u.shape == v.shape:
+        a, b = _coarse_source(u), _coarse_source(v)
+        if a is not None and b is not None and a[1] == b[1] and a[0].shape == b[0].shape:
+            return mse_of_upsampled(a[0], b[0], a[1])
+    return losses.mse(u, v)
 
 
 def _as_3d(disp: jax.Array) -> jax.Array:
@@ -210,9 +248,17 @@ def _gram_weights(phi: jax.Array, factor: int):
     return [float(factor) ** 2 / (ndim * p) for p in pairs]
 
 
-def _packed_bands(phi: jax.Array, factor: int):
+def _gram_weight(phi: jax.Array, factor: int) -> float:
+    """``factor^2 / N``: the weight of ``<d, (S_0 x ... ) d>`` in the mean over the fine grid's ``N`` values of
+    ``(up(d))^2`` (``up = factor U``)."""
+    fine = int(np.prod([n * factor for n in phi.shape[1:-1]]))
+    return float(factor) ** 2 / (phi.shape[0] * phi.shape[-1] * fine)
+
+
+def _packed_bands(phi: jax.Array, factor: int, kind: str = "grad_l2"):
     """The kernel's inputs: bands ``(3, 2, 5, N)`` (axes D, H, W; smooth, diff; offsets -2..2) and weights (3,); a
-    2-D field as D = 1 with axis 0 the identity and weight 0."""
+    2-D field as D = 1 with axis 0 the identity and weight 0. ``kind = "gram"``: the kernel's passes with axis 0's
+    diff band replaced by its smooth one and weights ``(w, 0, 0)`` give ``Z = w (S_0 x S_1 x S_2) phi``."""
     ndim = phi.ndim - 2
     sizes = phi.shape[1:-1]
     n_pad = max(sizes)
@@ -225,11 +271,15 @@ def _packed_bands(phi: jax.Array, factor: int):
         for which, gram in enumerate(_gram_bands(n, factor)):
             for o, row in gram.items():
                 bands[3 - ndim + j, which, o + 2, :n] = row
+    if kind == "gram":
+        bands[:, 1] = 0.0
+        bands[0, 1] = bands[0, 0]
+        weights = [_gram_weight(phi, factor), 0.0, 0.0]
     return bands, np.asarray(weights, np.float32)
 
 
-def _native_z(phi: jax.Array, factor: int) -> jax.Array:
-    bands, weights = _packed_bands(phi, factor)
+def _native_z(phi: jax.Array, factor: int, kind: str = "grad_l2") -> jax.Array:
+    bands, weights = _packed_bands(phi, factor, kind)
     field = phi if phi.ndim == 5 else phi.reshape(phi.shape[0], 1, *phi.shape[1:])
     z = jax.ffi.ffi_call("crd_grad_l2_coarse", jax.ShapeDtypeStruct(field.shape, jnp.float32), vmap_method="sequential")(
         field, jnp.asarray(bands), jnp.asarray(weights)
@@ -237,20 +287,23 @@ def _native_z(phi: jax.Array, factor: int) -> jax.Array:
     return z.reshape(phi.shape)
 
 
-def _upsampled_z(phi: jax.Array, factor: int) -> jax.Array:
+def _upsampled_z(phi: jax.Array, factor: int, kind: str = "grad_l2") -> jax.Array:
     """``Z`` natively on the CPU where the kernel is built (``csrc/grad_l2_cpu.cc``), else :func:`_upsampled_z_xla`."""
     from crd_jax.ops import native
 
     if native.available() and phi.dtype == jnp.float32:
-        return lax.platform_dependent(phi, cpu=lambda p: _native_z(p, factor), default=lambda p: _upsampled_z_xla(p, factor))
-    return _upsampled_z_xla(phi, factor)
+        return lax.platform_dependent(
+            phi, cpu=lambda p: _native_z(p, factor, kind), default=lambda p: _upsampled_z_xla(p, factor, kind)
+        )
+    return _upsampled_z_xla(phi, factor, kind)
 
 
-def _upsampled_z_xla(phi: jax.Array, factor: int) -> jax.Array:
+def _upsampled_z_xla(phi: jax.Array, factor: int, kind: str = "grad_l2") -> jax.Array:
     """``Z = sum_k w_k (G_0 x ... x G_{ndim-1}) phi`` (the derivation above), on the channel-folded field; the
     products share their common factors (the last axis' smooth factor applied once for every k but the last).
-    The reference of the kernel; slower than the fine-grid term on XLA's CPU backend, which fuses the passes into
-    one loop and recomputes every tap."""
+    ``kind = "gram"``: ``Z = w (S_0 x ... x S_{ndim-1}) phi`` (:func:`mse_of_upsampled`). The reference of the
+    kernel; slower than the fine-grid term on XLA's CPU backend, which fuses the passes into one loop and
+    recomputes every tap."""
     ndim = phi.ndim - 2
     coarse, channels = phi.shape[1:-1], phi.shape[-1]
     x = phi.reshape(*phi.shape[:-2], coarse[-1] * channels)
@@ -259,6 +312,11 @@ def _upsampled_z_xla(phi: jax.Array, factor: int) -> jax.Array:
     def along(y, j, which):
         smooth, diff = _gram_bands(coarse[j], factor)
         return _apply_gram(y, diff if which == "diff" else smooth, j + 1, channels if j == ndim - 1 else 1)
+
+    if kind == "gram":
+        for j in range(ndim):
+            x = along(x, j, "smooth")
+        return (x * _gram_weight(phi, factor)).reshape(phi.shape)
 
     # Horner-like: Z = sum_k w_k prod_j G_j^(k) phi, peeling one axis at a time from the last
     def products(y, axes, scale):
@@ -276,33 +334,33 @@ def _upsampled_z_xla(phi: jax.Array, factor: int) -> jax.Array:
     return products(x, list(range(ndim)), weights).reshape(phi.shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _z_linear(x: jax.Array, factor: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _z_linear(x: jax.Array, factor: int, kind: str = "grad_l2") -> jax.Array:
     """``Z(x)``: linear and symmetric in ``x``, so its VJP is itself (gradients of any order in reverse mode)."""
-    return _upsampled_z(x, factor)
+    return _upsampled_z(x, factor, kind)
 
 
-def _z_linear_fwd(x, factor):
-    return _upsampled_z(x, factor), None
+def _z_linear_fwd(x, factor, kind):
+    return _upsampled_z(x, factor, kind), None
 
 
-def _z_linear_bwd(factor, _, g):
-    return (_z_linear(g, factor),)
+def _z_linear_bwd(factor, kind, _, g):
+    return (_z_linear(g, factor, kind),)
 
 
 _z_linear.defvjp(_z_linear_fwd, _z_linear_bwd)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _quadratic(c: jax.Array, factor: int) -> jax.Array:
-    return jnp.sum(c * _z_linear(c, factor))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _quadratic(c: jax.Array, factor: int, kind: str = "grad_l2") -> jax.Array:
+    return jnp.sum(c * _z_linear(c, factor, kind))
 
 
 @_quadratic.defjvp
-def _quadratic_jvp(factor, primals, tangents):
+def _quadratic_jvp(factor, kind, primals, tangents):
     # d <c, Z c> = 2 <Z c, dc> (Z symmetric): one Z per step, its transpose 2 g Z
     (c,), (dc,) = primals, tangents
-    z = _z_linear(c, factor)
+    z = _z_linear(c, factor, kind)
     return jnp.sum(c * z), 2.0 * jnp.sum(z * dc)
 
 
@@ -313,3 +371,14 @@ def grad_l2_of_upsampled(phi: jax.Array, factor: int) -> jax.Array:
     large constant part would otherwise cancel in float32 (the fine-grid term takes differences first)."""
     spatial = tuple(range(1, phi.ndim - 1))
     return _quadratic(phi - jnp.mean(phi, axis=spatial, keepdims=True), int(factor))
+
+
+def mse_of_upsampled(a: jax.Array, b: jax.Array, factor: int) -> jax.Array:
+    """``mse(upsample_field(a, factor), upsample_field(b, factor))`` (eq. 8 on the full grid for a teacher and a
+    student that both predict on the coarse grid) computed on ``a``'s grid, without forming either upsampled
+    field: with ``d = a - b`` and ``up = factor U``, the mean over the fine grid's ``N`` values of ``(up d)^2`` is
+    ``factor^2 / N <d, (S_0 x ... x S_{ndim-1}) d>``, ``S_j = U_j^T U_j`` the tridiagonal Gram matrix of axis j's
+    upsampling (positive definite: no cancellation to guard against); gradient ``2 factor^2 / N S d``."""
+    if a.shape != b.shape:
+        raise ValueError(f"mse_of_upsampled: shapes differ, {a.shape} vs {b.shape}")
+    return _quadratic(a - b, int(factor), "gram")

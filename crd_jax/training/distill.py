@@ -22,6 +22,8 @@ import numpy as np
 
 from crd_jax import losses
 from crd_jax.models.output import ModelOutput
+from crd_jax.ops.grad_l2 import field_mse, mse_coarse
+from crd_jax.ops.spatial import upsample_field, upsampled_from
 from crd_jax.models.registrar import Registrar
 from crd_jax.losses import Objective
 from crd_jax.typing import Model, Params
@@ -73,9 +75,29 @@ def deformation_loss(teacher_out: OutputLike, student_out: OutputLike, grid: str
     t, s = as_output_like(teacher_out), as_output_like(student_out)
     if t.fields is not None and s.fields is not None:
         return sum(losses.mse(t.fields[l], s.fields[l]) for l in t.fields)
-    if grid == "full":
-        return losses.mse(t.disp, s.disp)
+    if grid == "full":  # on the coarse grid where both are upsampled (crd_jax.ops.grad_l2.mse_of_upsampled)
+        return field_mse(t.disp, s.disp)
     return losses.mse(t.disp_low, s.disp_low)
+
+
+def without_upsampled_disp(out: OutputLike) -> Tuple[OutputLike, int]:
+    """``(out without disp, factor)`` where ``out.disp`` is ``upsample_field(out.disp_low, factor)`` (the FST's
+    "half" output, ``up(phi^T)``: a function of ``disp_low``, eight times its size at n = 2), else ``(out, 0)``.
+    :func:`with_upsampled_disp` puts it back as an ``upsample_field`` result again, which eq. 8 on the full grid
+    recognises (:func:`crd_jax.ops.grad_l2.field_mse`): the teacher cache stores and moves the coarse field only,
+    and ``stop_gradient`` does not hide what the full field is. With that recognition off
+    (:func:`crd_jax.ops.grad_l2.mse_coarse`) ``out`` is kept whole: eq. 8 would form the full field anyway."""
+    if not mse_coarse() or not isinstance(out, ModelOutput) or out.disp is None or out.disp_low is None:
+        return out, 0
+    source = upsampled_from(out.disp)
+    if source is None or source[0] is not out.disp_low:
+        return out, 0
+    return out.replace(disp=None), source[1]
+
+
+def with_upsampled_disp(out: OutputLike, factor: int) -> OutputLike:
+    """Inverse of :func:`without_upsampled_disp`: ``disp = upsample_field(disp_low, factor)`` (``factor`` 0: as is)."""
+    return out.replace(disp=upsample_field(out.disp_low, factor)) if factor else out
 
 
 def as_output_like(out: OutputLike) -> ModelOutput:
@@ -206,7 +228,9 @@ class DistillLoss:
     trainable parameters are ``{"student", "regressor"}`` (:func:`init_regressor`). ``student_term``: whether
     ``L^L`` is part of the total (``loss.student_term``). ``teacher_tree``: set by :meth:`with_cached_teacher`;
     the teacher's outputs then come with the batch (``batch["teacher/<i>"]``, the leaves of its output for
-    each pair, :mod:`crd_jax.training.teacher_cache`) instead of being recomputed at every step.
+    each pair, :mod:`crd_jax.training.teacher_cache`) instead of being recomputed at every step;
+    ``teacher_disp_factor``: the cached output has no ``disp`` (:func:`without_upsampled_disp`), it is
+    ``upsample_field(disp_low, teacher_disp_factor)``.
     """
 
     student: Registrar
@@ -216,22 +240,25 @@ class DistillLoss:
     with_regressor: bool = False
     student_term: bool = True
     teacher_tree: object = None
+    teacher_disp_factor: int = 0
 
     def teacher_output(self, frozen: Params, batch: Mapping[str, jax.Array]) -> ModelOutput:
         """phi^T and F^T for the batch: constants for the student (``stop_gradient``)."""
         if self.teacher_tree is not None:
             leaves = [batch[cached_key(i)] for i in range(self.teacher_tree.num_leaves)]
-            return jax.tree_util.tree_unflatten(self.teacher_tree, leaves)
+            return with_upsampled_disp(jax.tree_util.tree_unflatten(self.teacher_tree, leaves), self.teacher_disp_factor)
         from crd_jax.ops.conv import bf16_training
 
         # float32 under train.bf16 too: the targets must not depend on whether the teacher cache (filled outside
         # the step, in float32) is on, which may change between resumes
         with bf16_training(False):
-            return jax.lax.stop_gradient(self.teacher.apply(frozen, batch["moving"], batch["fixed"]))
+            out, factor = without_upsampled_disp(self.teacher.apply(frozen, batch["moving"], batch["fixed"]))
+        return with_upsampled_disp(jax.lax.stop_gradient(out), factor)
 
-    def with_cached_teacher(self, teacher_tree: jax.tree_util.PyTreeDef) -> "DistillLoss":
-        """The same loss reading the teacher's outputs (structure ``teacher_tree``) from the batch."""
-        return dataclasses.replace(self, teacher_tree=teacher_tree)
+    def with_cached_teacher(self, teacher_tree: jax.tree_util.PyTreeDef, disp_factor: int = 0) -> "DistillLoss":
+        """The same loss reading the teacher's outputs (structure ``teacher_tree``) from the batch; ``disp_factor``:
+        they leave out ``disp``, ``upsample_field(disp_low, disp_factor)`` (:func:`without_upsampled_disp`)."""
+        return dataclasses.replace(self, teacher_tree=teacher_tree, teacher_disp_factor=int(disp_factor))
 
     def __call__(self, params, frozen, batch):
         m, f = batch["moving"], batch["fixed"]

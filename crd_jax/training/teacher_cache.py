@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from crd_jax.data.loader import prefetched
-from crd_jax.training.distill import DistillLoss, cached_key
+from crd_jax.training.distill import DistillLoss, cached_key, without_upsampled_disp
 
 if TYPE_CHECKING:
     from crd_jax.data.loader import PairLoader
@@ -120,11 +120,20 @@ class TeacherCache:
     each leaf is stored without the batch axis."""
 
     def __init__(self, apply, frozen, example_moving, example_fixed):
-        shapes = jax.eval_shape(apply, frozen, example_moving[:1], example_fixed[:1])
+        factors = []
+
+        def outputs(frozen, m, f):  # a "half" FST's up(phi^T) is not stored: 8x phi^T's size at n = 2
+            out, factor = without_upsampled_disp(apply(frozen, m, f))
+            factors.append(factor)
+            return out
+
+        shapes = jax.eval_shape(outputs, frozen, example_moving[:1], example_fixed[:1])
+        #: the stored outputs leave out ``disp = upsample_field(disp_low, disp_factor)`` (0: they hold it)
+        self.disp_factor = factors[-1]
         self.tree = jax.tree_util.tree_structure(shapes)
         self.shapes = [(x.shape[1:], np.dtype(x.dtype)) for x in jax.tree_util.tree_leaves(shapes)]
         self.pair_bytes = sum(int(np.prod(s)) * d.itemsize for s, d in self.shapes)
-        self._forward = jax.jit(lambda frozen, m, f: jax.tree_util.tree_leaves(apply(frozen, m, f)))
+        self._forward = jax.jit(lambda frozen, m, f: jax.tree_util.tree_leaves(outputs(frozen, m, f)))
         self._frozen = frozen
         self.store = None
         self.n = 0
@@ -140,13 +149,17 @@ class TeacherCache:
     def __len__(self) -> int:
         return len(self.store)
 
+    def compute(self, moving: np.ndarray, fixed: np.ndarray) -> list:
+        """The teacher's output leaves as stored (``disp`` left out where :attr:`disp_factor` says), batch axis kept."""
+        return jax.device_get(self._forward(self._frozen, moving, fixed))
+
     def leaves(self, pair: Tuple[int, int], moving: np.ndarray, fixed: np.ndarray) -> list:
         """The teacher's output leaves for ``pair`` (images ``(1, *shape, 1)``), each ``(1, ...)``."""
         index = pair[0] * self.n + pair[1]
         with self._lock:
             hit = self.store.get(index)
         if hit is None:
-            hit = [np.asarray(x)[0] for x in jax.device_get(self._forward(self._frozen, moving, fixed))]
+            hit = [np.asarray(x)[0] for x in self.compute(moving, fixed)]
             with self._lock:
                 self.store.put(index, hit)
                 self.computed += 1
@@ -295,4 +308,4 @@ def attach(
         f"teacher cache on: the frozen teacher runs once per pair ({pairs} pairs x "
         f"{cache.pair_bytes / 2**20:.1f} MB in {cache.store.where}; {len(cache)} already computed)"
     )
-    return loss_fn.with_cached_teacher(cache.tree), CachedTeacherLoader(loader, cache), why
+    return loss_fn.with_cached_teacher(cache.tree, cache.disp_factor), CachedTeacherLoader(loader, cache), why
