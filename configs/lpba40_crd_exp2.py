@@ -46,8 +46,9 @@ def get_config(fst: str = ""):
     c.train.eval_every = 1000
     c.train.checkpoint_every = 250
     c.train.keep_checkpoints = 1
-    # S3's frozen teacher once per training pair (training/teacher_cache.py): 552 pairs x 47.6 MB at 128^3 do
-    # not fit in memory, so on disk in <workdir>/teacher_cache/ (a speed setting: the training is the same)
+    # S3's frozen teacher once per training pair (training/teacher_cache.py): 552 pairs x 23.6 MiB at 128^3 (the
+    # "half" FST; 47.6 MiB for the "full" one, whose field is at full resolution) do not fit in memory, so on
+    # disk in <workdir>/teacher_cache/ (a speed setting: the training is the same)
     c.train.teacher_cache_disk_gb = 40.0
     c.eval.val_pairs = 4
     c.eval.hd95 = False

@@ -93,11 +93,16 @@ class _LowStudent:
         return ModelOutput(disp=upsample_field(low, 2), disp_low=low, features={0: params["a"] * m})
 
 
-def test_an_upsampled_teacher_field_is_cached_coarse_and_eq_8_on_the_full_grid_runs_coarse():
+def test_an_upsampled_teacher_field_is_cached_coarse_and_eq_8_on_the_full_grid_runs_coarse(monkeypatch):
     """A "half" teacher's up(phi^T) is not stored (phi^T is, 1/4 of it in 2-D); eq. 8 on the full grid of it and
-    the student's up(phi^S) runs on the coarse grid, cached or not, and equals the fine-grid term."""
+    the student's up(phi^S) runs on the coarse grid, cached or not, and equals the fine-grid term; the cache's
+    choice is made once (a setting changed after it is built changes nothing it stores)."""
     from crd_jax.losses import Objective
     from crd_jax.ops import grad_l2
+
+    calls = []
+    coarse_mse = grad_l2.mse_of_upsampled
+    monkeypatch.setattr(grad_l2, "mse_of_upsampled", lambda *a: calls.append(a[2]) or coarse_mse(*a))
 
     teacher, student = _HalfTeacher(), _LowStudent()
     frozen = {"w": jnp.float32(1.3)}
@@ -112,14 +117,16 @@ def test_an_upsampled_teacher_field_is_cached_coarse_and_eq_8_on_the_full_grid_r
     cached_batch = dict(batch, **{distill.cached_key(i): np.concatenate([x[i] for x in per_pair]) for i in range(2)})
     cached = loss.with_cached_teacher(cache.tree, cache.disp_factor)
     run = lambda f, b: jax.jit(jax.value_and_grad(f, has_aux=True))(params, frozen, b)  # noqa: E731
-    for f, b in ((loss, batch), (cached, cached_batch)):
-        assert "crd_grad_l2_coarse" in jax.jit(jax.grad(lambda p: f(p, frozen, b)[0])).lower(params).as_text()
     (v0, aux0), g0 = run(loss, batch)
     (v1, _), g1 = run(cached, cached_batch)
+    assert calls == [2, 2]  # eq. 8 on the coarse grid, uncached and cached
     before = grad_l2.mse_coarse()
     try:
         grad_l2.mse_coarse(False)
         (vf, auxf), gf = run(distill.make_loss(student, teacher, terms, Objective(reg_weight=0.1, window=3)), batch)
+        assert calls == [2, 2]
+        late = cache.leaves((1, 2), images[1:2], images[2:3])  # traced now, as decided when the cache was built
+        assert [x.shape[1:] for x in late] == [s for s, _ in cache.shapes]
     finally:
         grad_l2.mse_coarse(before)
     assert float(aux0["deformation"]) > 0

@@ -102,13 +102,22 @@ def _coarse_source(disp: jax.Array) -> Optional[tuple]:
     return None
 
 
+def mse_on_coarse_grid() -> bool:
+    """Whether :func:`field_mse` takes two upsampled fields on the coarse grid in this process: :func:`mse_coarse`
+    on, and the coarse forms' custom VJPs usable (the native formulation, :func:`grad_l2_formulation`; forward-mode
+    autodiff needs ``grad_l2_formulation("xla")``, which turns this off)."""
+    from crd_jax.ops import native
+
+    return mse_coarse() and grad_l2_formulation() == "native" and native.available()
+
+
 def field_mse(u: jax.Array, v: jax.Array) -> jax.Array:
     """:func:`crd_jax.losses.mse` of two fields; on the coarse grid (:func:`mse_of_upsampled`) where both are
     ``upsample_field`` results by one factor from fields of one shape (``up(phi^T)`` and ``up(phi^S)`` in eq. 8 on
     the full grid)."""
     from crd_jax import losses
 
-    if mse_coarse() and u.shape == v.shape:
+    if mse_on_coarse_grid() and u.shape == v.shape:
         a, b = _coarse_source(u), _coarse_source(v)
         if a is not None and b is not None and a[1] == b[1] and a[0].shape == b[0].shape:
             return mse_of_upsampled(a[0], b[0], a[1])

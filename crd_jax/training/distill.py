@@ -14,7 +14,7 @@ compares attention maps ``sum_c F^2`` (the authors' released code, after Zagoruy
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, Mapping, Sequence, Tuple, Type, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ import numpy as np
 
 from crd_jax import losses
 from crd_jax.models.output import ModelOutput
-from crd_jax.ops.grad_l2 import field_mse, mse_coarse
+from crd_jax.ops.grad_l2 import field_mse, mse_on_coarse_grid
 from crd_jax.ops.spatial import upsample_field, upsampled_from
 from crd_jax.models.registrar import Registrar
 from crd_jax.losses import Objective
@@ -80,14 +80,16 @@ def deformation_loss(teacher_out: OutputLike, student_out: OutputLike, grid: str
     return losses.mse(t.disp_low, s.disp_low)
 
 
-def without_upsampled_disp(out: OutputLike) -> Tuple[OutputLike, int]:
+def without_upsampled_disp(out: OutputLike, enabled: Optional[bool] = None) -> Tuple[OutputLike, int]:
     """``(out without disp, factor)`` where ``out.disp`` is ``upsample_field(out.disp_low, factor)`` (the FST's
     "half" output, ``up(phi^T)``: a function of ``disp_low``, eight times its size at n = 2), else ``(out, 0)``.
     :func:`with_upsampled_disp` puts it back as an ``upsample_field`` result again, which eq. 8 on the full grid
     recognises (:func:`crd_jax.ops.grad_l2.field_mse`): the teacher cache stores and moves the coarse field only,
-    and ``stop_gradient`` does not hide what the full field is. With that recognition off
-    (:func:`crd_jax.ops.grad_l2.mse_coarse`) ``out`` is kept whole: eq. 8 would form the full field anyway."""
-    if not mse_coarse() or not isinstance(out, ModelOutput) or out.disp is None or out.disp_low is None:
+    and ``stop_gradient`` does not hide what the full field is. Where eq. 8 would not take the coarse grid
+    (:func:`crd_jax.ops.grad_l2.mse_on_coarse_grid`; ``enabled``: that decision made by the caller) ``out`` is kept
+    whole: eq. 8 would form the full field anyway."""
+    enabled = mse_on_coarse_grid() if enabled is None else enabled
+    if not enabled or not isinstance(out, ModelOutput) or out.disp is None or out.disp_low is None:
         return out, 0
     source = upsampled_from(out.disp)
     if source is None or source[0] is not out.disp_low:

@@ -120,16 +120,18 @@ class TeacherCache:
     each leaf is stored without the batch axis."""
 
     def __init__(self, apply, frozen, example_moving, example_fixed):
-        factors = []
+        decided = []  # whether to leave out disp: decided once, at the first trace (the settings may change later)
 
         def outputs(frozen, m, f):  # a "half" FST's up(phi^T) is not stored: 8x phi^T's size at n = 2
-            out, factor = without_upsampled_disp(apply(frozen, m, f))
-            factors.append(factor)
+            out, factor = without_upsampled_disp(apply(frozen, m, f), decided[0] > 0 if decided else None)
+            if decided and factor != decided[0]:
+                raise RuntimeError(f"teacher cache: the teacher's field is upsampled by {factor}, was {decided[0]}")
+            decided[:1] = [factor]
             return out
 
         shapes = jax.eval_shape(outputs, frozen, example_moving[:1], example_fixed[:1])
         #: the stored outputs leave out ``disp = upsample_field(disp_low, disp_factor)`` (0: they hold it)
-        self.disp_factor = factors[-1]
+        self.disp_factor = decided[0]
         self.tree = jax.tree_util.tree_structure(shapes)
         self.shapes = [(x.shape[1:], np.dtype(x.dtype)) for x in jax.tree_util.tree_leaves(shapes)]
         self.pair_bytes = sum(int(np.prod(s)) * d.itemsize for s, d in self.shapes)
