@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import shutil
 import subprocess
@@ -57,6 +58,36 @@ def fma_peak(dll, width: int, threads: int, seconds: float) -> float:
         t.join()
     os.sched_setaffinity(threading.get_native_id(), set(cpus))
     return float(sum(results))
+
+
+def fma_peak_gflops(seconds: float = 0.5, tries: int = 3) -> dict:
+    """The FMA peak at the widest vector width (:func:`fma_peak`): all the process's threads at once, and one thread
+    alone times the threads (on a shared machine the first is what is left to us, the second the machine's), each
+    the best of ``tries`` tries of ``seconds``."""
+    from crd_jax.ops import native
+
+    dll = build_peak_library(Path(tempfile.mkdtemp()))
+    width = 512 if native.isa() == "avx512" else 256
+    threads = native.threads()
+    together = max(fma_peak(dll, width, threads, seconds) for _ in range(tries))
+    alone = max(fma_peak(dll, width, 1, seconds) for _ in range(tries))
+    return {"threads": threads, "all_threads": together, "one_thread_x_threads": alone * threads}
+
+
+def recorded_peak(payload) -> float:
+    """The FMA peak ``results/cpu_peak.json`` recorded for this CPU model and thread count (a quieter session: the
+    probe run alongside measures what a shared machine leaves), 0 where it has none."""
+    path = HERE / "results" / "cpu_peak.json"
+    if not path.exists():
+        return 0.0
+    recorded = json.loads(path.read_text())
+    if recorded.get("machine", {}).get("cpu") != payload["machine"].get("cpu"):
+        return 0.0
+    threads = payload["fma_peak"]["threads"]
+    for row in recorded.get("rows", []):
+        if row.get("cpus") == threads:
+            return max(row["peak"].values())
+    return 0.0
 
 
 def main():

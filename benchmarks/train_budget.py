@@ -25,6 +25,11 @@ minimum over rounds: the machine may be shared):
 * loss: the full training step minus the network forward + backward, i.e. the registration loss (warp, NCC,
   grad-L2 at the full resolution, forward and backward) and the optimizer update.
 
+Against the FMA peak (issue 26): the convolutions' useful multiply-adds of each stage's networks, counted from one
+abstract trace of its gradient (:func:`network_flops`: frozen networks forward only; equal to XLA's cost analysis of
+the same models written with ``lax.conv``, tests/test_train_budget.py), over the forward and backward seconds, as a
+fraction of the FMA peak ``cpu_peak.py``'s probe measures in the same process before the stages run.
+
 ``--bf16``: every stage twice, float32 and ``train.bf16`` (the step, its forward and its gradient traced inside
 ``crd_jax.ops.conv.bf16_training``), timed in the same rounds, so their ratio is measured under the same load; the
 process's CPU seconds per call (all threads) are recorded beside the wall-clock seconds, a measure less exposed to
@@ -200,6 +205,7 @@ class StageTimer:
             self.state = (jax.tree_util.tree_map(lambda x: x.copy(), params), optimizer.init(params))
             self.step = step.lower(*self.state, frozen, batch).compile(opts)
         self.args = (params, frozen, batch)
+        self.flops = network_flops(plan.loss_fn, params, frozen, batch)
         self.times = {"forward": [], "network": [], "step": []}
         self.cpu_times = {"forward": [], "network": [], "step": []}  # process CPU seconds, all threads
         self.parameters = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
@@ -240,6 +246,8 @@ class StageTimer:
             "loss_s": max(best["step"] - best["network"], 0.0),
             "step_s": best["step"],
             "runs": len(self.times["step"]),
+            "forward_gflop": self.flops["forward"] / 1e9,
+            "backward_gflop": self.flops["backward"] / 1e9,
         }
 
 
@@ -448,7 +456,34 @@ def cache_fill_hours(s3: dict, cached: dict) -> float:
     return max(s3["forward_s"] - cached["forward_s"], 0.0) * CACHE_PAIRS / 3600.0
 
 
-def render(rows, torch_rows, shape, batch, steps, repeats, conv, previous=None, fusion="compact") -> str:
+def render_peak(rows, peak: float) -> list:
+    """The networks' convolutions against the FMA peak: GFLOP/s of the forward and of the backward."""
+    rows = [r for r in rows if "error" not in r and r.get("forward_gflop")]
+    if not rows or not peak:
+        return []
+    lines = [
+        "",
+        f"The networks against this machine's FMA peak ({peak:.0f} GFLOP/s, `cpu_peak.py`'s probe in this process): "
+        "convolution FLOPs counted as direct 3^3 convolutions (2 per multiply-add; frozen networks forward only, "
+        "weight gradients of the trained ones, input gradients where a derivative flows), over the forward and "
+        "backward columns' seconds. The Winograd layers multiply less than that count, so a rate can pass what the "
+        "FMA units did; everything else the networks do (activations, upsampling, concatenation, the distillation "
+        "terms) is in the seconds, not in the count.",
+        "",
+        "| Stage | Forward GFLOP | Forward GFLOP/s | % of peak | Backward GFLOP | Backward GFLOP/s | % of peak |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        f_rate = r["forward_gflop"] / r["forward_s"] if r["forward_s"] else 0.0
+        b_rate = r["backward_gflop"] / r["backward_s"] if r["backward_s"] else 0.0
+        lines.append(
+            f"| {r['label']} | {r['forward_gflop']:.1f} | {f_rate:.0f} | {f_rate / peak:.0%} | "
+            f"{r['backward_gflop']:.1f} | {b_rate:.0f} | {b_rate / peak:.0%} |"
+        )
+    return lines
+
+
+def render(rows, torch_rows, shape, batch, steps, repeats, conv, previous=None, fusion="compact", peak=0.0) -> str:
     m = machine()
     size = "x".join(map(str, shape))
     lines = [
@@ -516,6 +551,7 @@ def render(rows, torch_rows, shape, batch, steps, repeats, conv, previous=None, 
                 f"| {r['label']} | {r['forward_s']:.3f} | {r['backward_s']:.3f} | {r['loss_s']:.3f} | "
                 f"{r['step_s']:.3f} | {ratio} |"
             )
+    lines += render_peak(rows, peak)
     lines += render_bf16(rows)
     return "\n".join(lines) + "\n"
 
@@ -570,36 +606,107 @@ def render_bf16(rows) -> list:
 # --- profile: where a step's time goes --------------------------------------------------------------------
 
 
-def record_layers(model, shape, batch):
-    """The convolutions ``model.apply`` runs, in order, with their shapes (an abstract trace)."""
-    import jax
-
-    from crd_jax.compile import shapes_only
+@contextlib.contextmanager
+def recording_layers(calls: list):
+    """Within the block every convolution a model runs (``crd_jax.models.layers``' ``conv`` and fused
+    ``conv_upsampled_concat``) is appended to ``calls`` with its shapes and whether its weights and inputs carry a
+    derivative of the traced gradient (``"trained"``, ``"d_inputs"``: channels of the input that do)."""
     from crd_jax.models import layers
 
-    calls = []
     real_conv, real_upcat = layers.conv, layers.conv_upsampled_concat
 
+    def differentiated(a) -> bool:  # a tracer of jax.grad's linearisation: depends on the trained parameters
+        return type(a).__name__ in ("LinearizeTracer", "JVPTracer")
+
     def conv(x, w, b, stride=1, padding=None, negative_slope=None):
-        calls.append({"op": "conv", "x": tuple(x.shape), "w": tuple(w.shape), "stride": stride, "slope": negative_slope})
+        calls.append(
+            {
+                "op": "conv",
+                "x": tuple(x.shape),
+                "w": tuple(w.shape),
+                "stride": stride,
+                "slope": negative_slope,
+                "trained": differentiated(w),
+                "d_inputs": x.shape[-1] if differentiated(x) else 0,
+            }
+        )
         return real_conv(x, w, b, stride=stride, padding=padding, negative_slope=negative_slope)
 
     def upcat(low, skip, w, b, negative_slope=None):
         calls.append(
-            {"op": "upcat", "low": tuple(low.shape), "skip": tuple(skip.shape), "w": tuple(w.shape), "slope": negative_slope}
+            {
+                "op": "upcat",
+                "low": tuple(low.shape),
+                "skip": tuple(skip.shape),
+                "w": tuple(w.shape),
+                "slope": negative_slope,
+                "trained": differentiated(w),
+                "d_inputs": (low.shape[-1] if differentiated(low) else 0) + (skip.shape[-1] if differentiated(skip) else 0),
+            }
         )
         return real_upcat(low, skip, w, b, negative_slope=negative_slope)
 
     layers.conv, layers.conv_upsampled_concat = conv, upcat
     try:
+        yield calls
+    finally:
+        layers.conv, layers.conv_upsampled_concat = real_conv, real_upcat
+
+
+def record_layers(model, shape, batch):
+    """The convolutions ``model.apply`` runs, in order, with their shapes (an abstract trace)."""
+    import jax
+
+    from crd_jax.compile import shapes_only
+
+    calls = []
+    with recording_layers(calls):
         data = _batch(shape, batch)
         with shapes_only():  # parameter shapes from a trace, nothing compiled
             params = model.init(jax.random.PRNGKey(0), data["moving"], data["fixed"])
         calls.clear()  # the initialisation's trace ran the same layers
         jax.eval_shape(lambda p: model.apply(p, data["moving"], data["fixed"]).disp, params)
-    finally:
-        layers.conv, layers.conv_upsampled_concat = real_conv, real_upcat
     return calls
+
+
+def _valid_taps(n: int, k: int, stride: int, low: int) -> int:
+    """Sum over the outputs of one axis of the taps that land inside the input (``n`` voxels, ``k`` taps, zero
+    padding ``low`` before it): what a convolution multiplies usefully along that axis."""
+    out = (n + 2 * low - k) // stride + 1
+    return sum(sum(1 for t in range(k) if 0 <= o * stride - low + t < n) for o in range(out))
+
+
+def layer_flops(call) -> float:
+    """Multiply-adds x 2 of one recorded convolution, the useful ones (taps on the zero padding left out, as XLA's
+    cost analysis counts them), as a direct convolution: the Winograd layers multiply less."""
+    import numpy as np
+
+    kernel = call["w"][:-2]
+    if call["op"] == "upcat":  # stride 1 on the skip's grid
+        spatial, strides, batch = call["skip"][1:-1], (1,) * len(kernel), call["skip"][0]
+    else:
+        s = call["stride"]
+        spatial, batch = call["x"][1:-1], call["x"][0]
+        strides = (s,) * len(kernel) if isinstance(s, int) else tuple(s)
+    taps = np.prod([_valid_taps(n, k, st, k // 2) for n, k, st in zip(spatial, kernel, strides)])
+    return 2.0 * float(batch) * float(taps) * float(call["w"][-2]) * float(call["w"][-1])
+
+
+def network_flops(loss_fn, params, frozen, batch) -> dict:
+    """The convolution FLOPs (:func:`layer_flops`) of a stage's networks: ``forward`` every convolution its loss
+    runs (frozen networks included), ``backward`` the weight gradients of the trained ones and the input gradients
+    of the inputs that carry a derivative (from one abstract trace of the gradient, under :func:`network_only`)."""
+    import jax
+
+    calls = []
+    with network_only(), recording_layers(calls):
+        jax.eval_shape(jax.grad(lambda p: loss_fn(p, frozen, batch)[0]), params)
+    forward = sum(layer_flops(c) for c in calls)
+    backward = 0.0
+    for c in calls:
+        channels = c["w"][-2]
+        backward += layer_flops(c) * ((1.0 if c["trained"] else 0.0) + c["d_inputs"] / channels)
+    return {"forward": forward, "backward": backward, "convolutions": len(calls)}
 
 
 def _layer_name(call) -> str:
@@ -917,6 +1024,10 @@ def main(argv=None):
         print("error: --bf16: this CPU has neither AVX512-BF16 nor AMX (or the native kernel is off)", file=sys.stderr)
         return 2
     conv = native.describe()
+    from cpu_peak import fma_peak_gflops
+
+    probe = fma_peak_gflops(**({"seconds": 0.05, "tries": 1} if args.quick else {}))  # before the stages: quiet
+    peak = max(probe["all_threads"], probe["one_thread_x_threads"])
     t = time.perf_counter()
     rows = measure_jax(
         shape,
@@ -940,10 +1051,12 @@ def main(argv=None):
         else:
             for model in ("vm_h", "vm_l"):
                 torch_rows.append(run_torch(model, shape, args.torch_repeats or repeats))
-    md = render(rows, torch_rows, shape, args.batch, args.steps, repeats, conv, fusion=args.fusion)
+    md = render(rows, torch_rows, shape, args.batch, args.steps, repeats, conv, fusion=args.fusion, peak=peak)
     payload = {
         "machine": machine(),
         "conv": conv,
+        "fma_peak": probe,
+        "fma_peak_gflops": peak,
         "shape": list(shape),
         "batch": args.batch,
         "repeats": repeats,

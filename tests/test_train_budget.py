@@ -1,6 +1,7 @@
 """benchmarks/train_budget.py runs end to end in a fresh process (--quick: 32^3, one round) and writes its table."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,8 @@ def test_quick_run_writes_the_split_and_the_projected_hours_and_with_bf16_both_p
     assert row["step_s"] > 0 and row["network_s"] >= row["forward_s"]
     assert abs(payload["pipeline_hours"][""] - row["step_s"] * 10_000 / 3600) < 1e-9
     assert "| VM-L |" in text and "Hours per 10,000 steps" in text and "**Pipeline (1 stages)**" in text
+    assert row["forward_gflop"] > 0 and row["backward_gflop"] > 0 and payload["fma_peak_gflops"] > 0
+    assert "| Stage | Forward GFLOP | Forward GFLOP/s | % of peak |" in text
     if not bf16:
         assert len(payload["rows"]) == 1
         return
@@ -103,3 +106,56 @@ def test_profile_tables_are_rebuilt_from_their_json_with_gradients_net_of_the_fo
     (tmp_path / "p.json").write_text(json.dumps(payload))
     run_script("train_budget.py", "--render-profile", str(tmp_path / "p.json"), timeout=300)
     assert (tmp_path / "p.md").read_text() == text
+
+
+_XLA_FLOPS = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from crd_jax.interop import official
+from crd_jax.models.build import model_from_spec
+arch = official.ARCHITECTURE | {"fusion": "paper", "teacher_align_corners": False}
+out = {}
+for factor in (1, 2):
+    model = model_from_spec({"kind": "registrar", "factor": factor, "architecture": arch})
+    x = jnp.asarray(np.random.default_rng(0).random((1, 16, 16, 16, 1)), jnp.float32)
+    p = model.init(jax.random.PRNGKey(0), x, x)
+    cost = lambda f: (lambda c: c[0] if isinstance(c, list) else c)(jax.jit(f).lower(p).compile().cost_analysis())
+    out[factor] = [cost(lambda p: model.apply(p, x, x).disp)["flops"],
+                   cost(jax.grad(lambda p: jnp.mean(model.apply(p, x, x).disp ** 2)))["flops"]]
+print(json.dumps(out))
+"""
+
+
+def test_network_flops_count_the_convolutions_as_xlas_cost_analysis_does():
+    """train_budget's FLOP count of a stage's networks (a trace of the gradient, every convolution's useful
+    multiply-adds) against XLA's own count of the same model written with lax.conv (a fresh process with the
+    native kernel off): forward, and forward + backward; frozen parameters get no backward."""
+    import subprocess
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import train_budget
+
+    from crd_jax.interop import official
+    from crd_jax.models.build import model_from_spec
+
+    env = dict(os.environ, CRD_JAX_FAST_CONV="0")
+    done = subprocess.run([sys.executable, "-c", _XLA_FLOPS], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    xla = json.loads(done.stdout.strip().splitlines()[-1])
+    arch = official.ARCHITECTURE | {"fusion": "paper", "teacher_align_corners": False}
+    for factor in (1, 2):
+        model = model_from_spec({"kind": "registrar", "factor": factor, "architecture": arch})
+        x = jnp.asarray(np.random.default_rng(0).random((1, 16, 16, 16, 1)), jnp.float32)
+        p = model.init(jax.random.PRNGKey(0), x, x)
+        batch = {"moving": x, "fixed": x}
+        trained = train_budget.network_flops(lambda p, fr, b: (jnp.mean(model.apply(p, x, x).disp ** 2), {}), p, None, batch)
+        forward, gradient = xla[str(factor)]
+        # XLA's counts also hold the elementwise work (bias, activations, upsampling): well under 2%
+        assert 0.98 * forward <= trained["forward"] <= forward, (factor, trained, forward)
+        assert 0.98 * gradient <= trained["forward"] + trained["backward"] <= gradient, (factor, trained, gradient)
+        frozen = train_budget.network_flops(lambda q, fr, b: (jnp.mean(model.apply(fr, x, x).disp ** 2), {}), {}, p, batch)
+        assert frozen["forward"] == trained["forward"] and frozen["backward"] == 0.0
