@@ -66,7 +66,8 @@ def fma_peak_gflops(seconds: float = 0.5, tries: int = 3) -> dict:
     the best of ``tries`` tries of ``seconds``."""
     from crd_jax.ops import native
 
-    dll = build_peak_library(Path(tempfile.mkdtemp()))
+    with tempfile.TemporaryDirectory() as folder:  # the library stays loaded once its file is gone
+        dll = build_peak_library(Path(folder))
     width = 512 if native.isa() == "avx512" else 256
     threads = native.threads()
     together = max(fma_peak(dll, width, threads, seconds) for _ in range(tries))

@@ -26,9 +26,10 @@ minimum over rounds: the machine may be shared):
   grad-L2 at the full resolution, forward and backward) and the optimizer update.
 
 Against the FMA peak (issue 26): the convolutions' useful multiply-adds of each stage's networks, counted from one
-abstract trace of its gradient (:func:`network_flops`: frozen networks forward only; equal to XLA's cost analysis of
-the same models written with ``lax.conv``, tests/test_train_budget.py), over the forward and backward seconds, as a
-fraction of the FMA peak ``cpu_peak.py``'s probe measures in the same process before the stages run.
+abstract trace of its gradient and the live ones from its forward's jaxpr (:func:`network_flops`: frozen networks
+forward only; equal to XLA's cost analysis of the same stages written with ``lax.conv``, tests/test_train_budget.py),
+over the forward and backward seconds, as a fraction of the FMA peak ``cpu_peak.py``'s probe measures in the same
+process before the stages run (left out where the probe cannot be built).
 
 ``--bf16``: every stage twice, float32 and ``train.bf16`` (the step, its forward and its gradient traced inside
 ``crd_jax.ops.conv.bf16_training``), timed in the same rounds, so their ratio is measured under the same load; the
@@ -463,12 +464,14 @@ def render_peak(rows, peak: float) -> list:
         return []
     lines = [
         "",
-        f"The networks against this machine's FMA peak ({peak:.0f} GFLOP/s, `cpu_peak.py`'s probe in this process): "
-        "convolution FLOPs counted as direct 3^3 convolutions (2 per multiply-add; frozen networks forward only, "
-        "weight gradients of the trained ones, input gradients where a derivative flows), over the forward and "
-        "backward columns' seconds. The Winograd layers multiply less than that count, so a rate can pass what the "
-        "FMA units did; everything else the networks do (activations, upsampling, concatenation, the distillation "
-        "terms) is in the seconds, not in the count.",
+        f"The networks against this machine's FMA peak ({peak:.0f} GFLOP/s: `cpu_peak.py`'s probe in this process, "
+        "on this run's CPU; other tables' peaks were measured on other CPUs): the useful multiply-adds of the "
+        "convolutions that run, counted as direct 3^3 convolutions (2 FLOPs each; frozen networks forward only, "
+        "weight gradients of the trained ones, input gradients where a derivative flows; the count equals XLA's cost "
+        "analysis of the same stage written with lax.conv), over the forward and backward columns' seconds. So % "
+        "of peak is direct-convolution-equivalent throughput, not how busy the FMA units were: the Winograd layers "
+        "and the decoder's coarse backward do fewer multiply-adds than counted, and everything else the networks do "
+        "(activations, upsampling, concatenation, the distillation terms) is in the seconds but not in the count.",
         "",
         "| Stage | Forward GFLOP | Forward GFLOP/s | % of peak | Backward GFLOP | Backward GFLOP/s | % of peak |",
         "|---|---|---|---|---|---|---|",
@@ -606,17 +609,36 @@ def render_bf16(rows) -> list:
 # --- profile: where a step's time goes --------------------------------------------------------------------
 
 
+#: the name of the jitted call that wraps convolution ``i`` in a :func:`recording_layers` trace with ``mark``
+MARK = "crd_budget_conv_"
+
+
 @contextlib.contextmanager
-def recording_layers(calls: list):
+def recording_layers(calls: list, mark: bool = False):
     """Within the block every convolution a model runs (``crd_jax.models.layers``' ``conv`` and fused
     ``conv_upsampled_concat``) is appended to ``calls`` with its shapes and whether its weights and inputs carry a
-    derivative of the traced gradient (``"trained"``, ``"d_inputs"``: channels of the input that do)."""
+    derivative of the traced gradient (``"trained"``, ``"d_inputs"``: channels of the input that do). ``mark``: each
+    runs inside a ``jax.jit`` named ``MARK + index``, so that a jaxpr of the trace says which of them are live."""
+    import jax
+
     from crd_jax.models import layers
 
     real_conv, real_upcat = layers.conv, layers.conv_upsampled_concat
 
     def differentiated(a) -> bool:  # a tracer of jax.grad's linearisation: depends on the trained parameters
         return type(a).__name__ in ("LinearizeTracer", "JVPTracer")
+
+    def marked(fn):
+        if not mark:
+            return fn
+
+        def call(*args, **kwargs):
+            return fn(*args, **kwargs)
+
+        call.__name__ = f"{MARK}{len(calls) - 1}"
+        return jax.jit(call, static_argnames=tuple(kwargs_names))
+
+    kwargs_names = ("stride", "padding", "negative_slope")
 
     def conv(x, w, b, stride=1, padding=None, negative_slope=None):
         calls.append(
@@ -630,7 +652,7 @@ def recording_layers(calls: list):
                 "d_inputs": x.shape[-1] if differentiated(x) else 0,
             }
         )
-        return real_conv(x, w, b, stride=stride, padding=padding, negative_slope=negative_slope)
+        return marked(real_conv)(x, w, b, stride=stride, padding=padding, negative_slope=negative_slope)
 
     def upcat(low, skip, w, b, negative_slope=None):
         calls.append(
@@ -644,7 +666,7 @@ def recording_layers(calls: list):
                 "d_inputs": (low.shape[-1] if differentiated(low) else 0) + (skip.shape[-1] if differentiated(skip) else 0),
             }
         )
-        return real_upcat(low, skip, w, b, negative_slope=negative_slope)
+        return marked(real_upcat)(low, skip, w, b, negative_slope=negative_slope)
 
     layers.conv, layers.conv_upsampled_concat = conv, upcat
     try:
@@ -692,15 +714,49 @@ def layer_flops(call) -> float:
     return 2.0 * float(batch) * float(taps) * float(call["w"][-2]) * float(call["w"][-1])
 
 
+def _marked_calls(jaxpr) -> set:
+    """Indices of the :data:`MARK` calls in a jaxpr, sub-jaxprs included."""
+    from jax.extend import core as jex_core
+
+    found = set()
+    for eqn in jaxpr.eqns:
+        name = str(eqn.params.get("name", ""))
+        if name.startswith(MARK):
+            found.add(int(name[len(MARK) :]))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, jex_core.ClosedJaxpr):
+                    found |= _marked_calls(sub.jaxpr)
+                elif isinstance(sub, jex_core.Jaxpr):
+                    found |= _marked_calls(sub)
+    return found
+
+
+def live_convolutions(loss_fn, params, frozen, batch) -> set:
+    """Indices (in trace order) of the convolutions a stage's loss runs that reach its value: a frozen network's
+    outputs that nothing reads (the FST's backbone flow heads and full-resolution decoder level) are traced but
+    removed by XLA as dead code, so they are not counted (dead-code elimination of the forward's jaxpr)."""
+    import jax
+    from jax._src.interpreters import partial_eval as pe
+
+    with network_only(), recording_layers([], mark=True):
+        closed = jax.make_jaxpr(lambda p: loss_fn(p, frozen, batch)[0])(params)
+    live, _ = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+    return _marked_calls(live)
+
+
 def network_flops(loss_fn, params, frozen, batch) -> dict:
-    """The convolution FLOPs (:func:`layer_flops`) of a stage's networks: ``forward`` every convolution its loss
-    runs (frozen networks included), ``backward`` the weight gradients of the trained ones and the input gradients
-    of the inputs that carry a derivative (from one abstract trace of the gradient, under :func:`network_only`)."""
+    """The convolution FLOPs (:func:`layer_flops`) of a stage's networks: ``forward`` every live convolution its loss
+    runs (:func:`live_convolutions`; frozen networks included), ``backward`` the weight gradients of the trained
+    ones and the input gradients of the inputs that carry a derivative (from one abstract trace of the gradient,
+    under :func:`network_only`)."""
     import jax
 
     calls = []
     with network_only(), recording_layers(calls):
         jax.eval_shape(jax.grad(lambda p: loss_fn(p, frozen, batch)[0]), params)
+    live = live_convolutions(loss_fn, params, frozen, batch)
+    calls = [c for i, c in enumerate(calls) if i in live]
     forward = sum(layer_flops(c) for c in calls)
     backward = 0.0
     for c in calls:
@@ -1026,8 +1082,12 @@ def main(argv=None):
     conv = native.describe()
     from cpu_peak import fma_peak_gflops
 
-    probe = fma_peak_gflops(**({"seconds": 0.05, "tries": 1} if args.quick else {}))  # before the stages: quiet
-    peak = max(probe["all_threads"], probe["one_thread_x_threads"])
+    try:  # before the stages: quiet
+        probe = fma_peak_gflops(**({"seconds": 0.05, "tries": 1} if args.quick else {}))
+        peak = max(probe["all_threads"], probe["one_thread_x_threads"])
+    except (Exception, SystemExit) as exc:  # no C++ compiler, not x86-64 Linux: the table without its peak columns
+        print(f"no FMA peak probe ({exc}): the table against the peak is left out")
+        probe, peak = None, 0.0
     t = time.perf_counter()
     rows = measure_jax(
         shape,
