@@ -115,7 +115,7 @@ import jax
 import train_budget as tb
 shape = (32, 32, 32)
 data = tb._batch(shape, 1, seed=1)
-plans = tb.plan_pipeline(tb.pipeline_config(shape), shape, 1, ("vm_h", "vm_l", "fst", "vm_l_crd"))
+plans = tb.plan_pipeline(tb.pipeline_config(shape), shape, 1, ("fst", "vm_l_crd"))
 out = {}
 for name, plan in plans.items():
     loss, p, fr = plan.loss_fn, plan.init_params, plan.frozen
@@ -130,8 +130,9 @@ print(json.dumps(out))
 def test_network_flops_count_the_convolutions_as_xlas_cost_analysis_does():
     """train_budget's FLOP count of a stage's networks (the live convolutions of its loss, their useful
     multiply-adds; weight and input gradients where a derivative flows) against XLA's own count of the same stage
-    with the native kernel off (lax.conv, a fresh process), forward and forward + backward: VM-H, VM-L, and the FST
-    and S3, whose frozen networks run forward only and compute outputs nothing reads (XLA drops them)."""
+    with the native kernel off (lax.conv, a fresh process), forward and forward + backward: the FST (VM-H's backbone
+    frozen, its head trained) and S3 (the FST frozen, the VM-L student trained), whose frozen networks run forward
+    only and compute outputs nothing reads (XLA drops them)."""
     import subprocess
 
     env = dict(os.environ, CRD_JAX_FAST_CONV="0")
