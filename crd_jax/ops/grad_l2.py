@@ -90,11 +90,10 @@ def grad_l2(disp: jax.Array) -> jax.Array:
 
 def _coarse_source(disp: jax.Array) -> Optional[tuple]:
     """``(phi, factor)`` where ``disp`` is ``upsample_field(phi, factor)`` of a float32 2-D or 3-D field and the
-    coarse forms can run (their custom VJPs need the native formulation: :func:`grad_l2_formulation`), else None."""
-    from crd_jax.ops import native
+    coarse forms can run (:func:`_coarse_forms_usable`), else None."""
     from crd_jax.ops.spatial import upsampled_from
 
-    if not (grad_l2_formulation() == "native" and native.available()):
+    if not _coarse_forms_usable():
         return None
     source = upsampled_from(disp)
     if source is not None and source[0].dtype == jnp.float32 and source[0].ndim in (4, 5) and source[0].size > 0:
@@ -102,13 +101,18 @@ def _coarse_source(disp: jax.Array) -> Optional[tuple]:
     return None
 
 
-def mse_on_coarse_grid() -> bool:
-    """Whether :func:`field_mse` takes two upsampled fields on the coarse grid in this process: :func:`mse_coarse`
-    on, and the coarse forms' custom VJPs usable (the native formulation, :func:`grad_l2_formulation`; forward-mode
-    autodiff needs ``grad_l2_formulation("xla")``, which turns this off)."""
+def _coarse_forms_usable() -> bool:
+    """Whether the coarse forms can run: their custom VJPs need the native formulation (:func:`grad_l2_formulation`;
+    forward-mode autodiff needs ``grad_l2_formulation("xla")``, which turns them off) and the built kernels."""
     from crd_jax.ops import native
 
-    return mse_coarse() and grad_l2_formulation() == "native" and native.available()
+    return grad_l2_formulation() == "native" and native.available()
+
+
+def mse_on_coarse_grid() -> bool:
+    """Whether :func:`field_mse` takes two upsampled fields on the coarse grid in this process: :func:`mse_coarse`
+    on and the coarse forms usable (:func:`_coarse_forms_usable`)."""
+    return mse_coarse() and _coarse_forms_usable()
 
 
 def field_mse(u: jax.Array, v: jax.Array) -> jax.Array:
