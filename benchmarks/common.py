@@ -85,6 +85,7 @@ def machine() -> Dict:
         "cpus": os.cpu_count(),
         "processor": platform.processor() or platform.machine(),
         "backend": jax.default_backend(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # malloc in huge pages or not (crd_jax/allocator.py)
     }
     try:
         for line in open("/proc/cpuinfo"):

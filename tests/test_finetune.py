@@ -11,6 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from crd_jax.allocator import wanted_tunables
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -53,6 +55,8 @@ def test_the_finetune_walkthrough_runs_as_written_and_improves_held_back_dice(tm
             [sys.executable, "-m", "crd_jax", *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=900
         )
         assert proc.returncode == 0, (argv, proc.stderr[-3000:])
+        if argv[1] == "finetune":  # a training command: re-executed with malloc in huge pages where supported
+            assert ("malloc in transparent huge pages" in proc.stderr) == (wanted_tunables() is not None), proc.stderr[-2000:]
     work = tmp_path / "my-model.work"
     prepared = json.loads((work / "prepared" / "prepared.json").read_text())
     assert prepared["orientation"] == "LPS" and prepared["voxel_size"] == pytest.approx([2.5, 2.4, 2.5])

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from crd_jax.allocator import wanted_tunables
 from crd_jax.config import base_config, set_steps
 from crd_jax.data import SyntheticConfig, SyntheticDataset, PairLoader
 from crd_jax.models import build as mbuild
@@ -238,7 +239,9 @@ def test_kill_and_resume_gives_the_same_final_params(tmp_path):
     ]
     # The straight run compiles everything (no cache); the killed run fills its own compilation cache and the
     # resumed run loads its train steps from it: equal parameters also say that a cached program is the program.
-    _train(tmp_path / "straight", *args, env={"CRD_JAX_CACHE_DIR": "off"})
+    # the straight run without malloc in huge pages, the resumed one with it where the machine supports it: the
+    # allocator must not change a bit of the result (crd_jax/allocator.py)
+    _train(tmp_path / "straight", *args, env={"CRD_JAX_CACHE_DIR": "off", "CRD_JAX_HUGEPAGES": "0"})
     cache = {"CRD_JAX_CACHE_DIR": str(tmp_path / "cache")}
     # SIGKILL after step 5 of the second stage: step 3's checkpoint exists, steps 4-5 are lost.
     killed = _train(tmp_path / "resumed", *args, env={"CRD_JAX_DEBUG_KILL_AFTER_STEP": "5", **cache}, check=False)
@@ -267,6 +270,8 @@ def test_default_pipeline_end_to_end_writes_results(tmp_path):
         "--config.eval.val_pairs=1",
         "--config.eval.timing_repeats=1",
     )
+    # train.py re-executed itself with malloc in huge pages where the machine supports it (crd_jax/allocator.py)
+    assert ("malloc in transparent huge pages" in proc.stderr) == (wanted_tunables() is not None), proc.stderr[-2000:]
     results = json.loads((work / "results.json").read_text())
     assert [r["label"] for r in results] == ["VM-H", "VM-L", "FST", "VM-L-CRD"]
     assert all(r["num_pairs"] == 6 and 0 <= r["dice_mean"] <= 1 for r in results)
@@ -299,8 +304,10 @@ def test_default_pipeline_end_to_end_writes_results(tmp_path):
         "--config.train.eval_every=3",
         "--config.eval.val_pairs=1",
         "--config.eval.timing_repeats=1",
+        env={"CRD_JAX_HUGEPAGES": "0"},
     )
     assert again.stderr.count("finished earlier") == 5
+    assert "malloc in transparent huge pages" not in again.stderr  # CRD_JAX_HUGEPAGES=0: no re-execution
     assert "diagnostics: ceilings" not in again.stderr  # a finished stage's diagnostics are read, not recomputed
     assert (work / "results.md").read_text() == table
 

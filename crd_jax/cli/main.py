@@ -17,7 +17,7 @@ import argparse
 import os
 import signal
 import sys
-from typing import List, MutableMapping, Optional
+from typing import List, MutableMapping, Optional, Sequence
 
 from crd_jax.cli import apply, build_kernel, convert_official, evaluate, export, figure, finetune, models, options, register
 from crd_jax.errors import InputError
@@ -136,9 +136,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     return int(status or 0)
 
 
-def entry() -> None:
-    from crd_jax.registration.allocator import return_large_blocks_to_the_system
+#: subcommands that train, and so run on in a process whose malloc asks for huge pages (crd_jax/allocator.py);
+#: not ``register``: its blocks are freed and mapped again at other sizes, and there the advice measured slower
+TRAINING_SUBCOMMANDS = ("finetune",)
 
+
+def subcommand(argv: Sequence[str]) -> Optional[str]:
+    """The subcommand's name in a ``crd-jax`` command line (its first word that is not an option), or None."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def entry() -> None:
+    from crd_jax.allocator import reexec_with_huge_page_malloc, return_large_blocks_to_the_system
+
+    if subcommand(sys.argv[1:]) in TRAINING_SUBCOMMANDS:
+        reexec_with_huge_page_malloc()
     cap_thread_count()
     return_large_blocks_to_the_system()
     status = main()

@@ -237,7 +237,7 @@ def run(args: argparse.Namespace) -> Optional[int]:
         raise InputError("register", "needs --fixed and --moving (or --pairs pairs.csv)")
     started = time.perf_counter()
     from crd_jax.outputs import OutputSet
-    from crd_jax.registration.allocator import release_free_memory
+    from crd_jax.allocator import release_free_memory
     from crd_jax.registration.model import load
     from crd_jax.registration.pipeline import load_pair, register_volumes
     from crd_jax.registration.writing import geometry_only, registration_record, write_registration

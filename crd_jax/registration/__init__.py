@@ -8,7 +8,6 @@
 :mod:`.pipeline`            prepare -> predict -> map back -> warp (:func:`register_volumes`), on the device
 :mod:`.warping`             the field applied: images, label maps, folds, det J
 :mod:`.writing`             the output set, its formats and ``registration.json``
-:mod:`.allocator`           what the process asks of glibc's allocator between full-size volumes
 ==========================  ==========================================================================
 
 ``crd_jax.api``, the ``crd-jax`` command line, the evaluator and the benchmarks call this package; it imports

@@ -278,7 +278,7 @@ def load_model(settings: Settings) -> LoadedModel:
 
 def register_task(loaded: LoadedModel, task: Task, settings: Settings) -> Outcome:
     """Registers one pair and writes its output set (atomically); bad input raises :class:`InputError`."""
-    from crd_jax.registration.allocator import release_free_memory
+    from crd_jax.allocator import release_free_memory
     from crd_jax.registration.pipeline import labels_on_grid, load_pair, register_volumes
     from crd_jax.registration.writing import dice_scores, geometry_only, registration_record, write_registration
 

@@ -31,7 +31,7 @@ from crd_jax.data.io import Volume, load_image, load_labels
 from crd_jax.data.preprocess import Placement, apply_normalize, normalize_params, padded_shape, place
 from crd_jax.ops.spatial import resize_field
 from crd_jax.registration import checks, space, warping
-from crd_jax.registration.allocator import release_free_memory
+from crd_jax.allocator import release_free_memory
 from crd_jax.registration.model import LoadedModel, canvas_multiple, instance_optimise, predict
 
 #: each step's time, logged as it ends (INFO; ``crd-jax -q``/``-v`` set the level, ``register --pairs`` lowers

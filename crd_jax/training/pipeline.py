@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
+from crd_jax.allocator import huge_page_malloc_note
 from crd_jax.data import PairLoader, build_datasets, dataset_labels, eval_pairs
 from crd_jax.data.augment import Augment
 from crd_jax.data.io import atomic_path
@@ -315,6 +316,7 @@ def _run_stages(config, typed, workdir, datasets, labels, loader, example, multi
     logger.info(
         f"crd-jax: {len(train_ds)} training subjects of {'x'.join(map(str, train_ds.shape))}, "
         f"{jax.device_count()} device(s), {jax.process_count()} process(es), workdir {workdir}"
+        + (f"; {note}" if (note := huge_page_malloc_note()) else "")
     )
 
     done: Dict[str, Trained] = {}

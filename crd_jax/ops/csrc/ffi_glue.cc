@@ -26,7 +26,6 @@
 // conv_winograd_avx512.cc, conv_upcat.cc (the fused decoder step), conv_wgrad_avx2.cc, dispatch.cc (CPU features
 // and settings), control_api.cc (the C functions crd_jax/ops/native.py calls); the warp is warp_cpu.cc and
 // warp_grad_cpu.cc.
-#include <sys/mman.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -34,6 +33,7 @@
 #include <vector>
 
 #include "conv_common.h"
+#include "huge_pages.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -56,15 +56,7 @@ ffi::Error CheckGeometry(const Geometry& g) {
 }
 
 // A fresh output buffer is an untouched anonymous mapping; its first writes fault in 4 KB pages (~13k faults,
-// ~20% of a full-resolution 16-channel layer). Asking for transparent huge pages on the 2 MB-aligned part
-// before writing turns those into a few hundred faults. A hint only: ignored where THP is off.
-void AdviseHugePages(void* data, size_t bytes) {
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  if (bytes < 2 * kHuge || !HugePagesWanted()) return;
-  uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
-  uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-}
+// ~20% of a full-resolution 16-channel layer): the convolutions ask for huge pages first (huge_pages.h).
 
 ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> bias,
                        ffi::ResultBuffer<ffi::F32> y, int64_t sd, int64_t sh, int64_t sw, int64_t pd,
@@ -79,7 +71,7 @@ ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Bu
   if (g.KD * g.KH > 64) return ffi::Error::InvalidArgument("kernel too large (KD * KH > 64)");
   if (auto e = CheckGeometry(g); e.failure()) return e;
   if (bf16 != 0 && !CpuHasBf16()) return ffi::Error::InvalidArgument("bf16 convolution needs AVX512-BF16");
-  AdviseHugePages(y->typed_data(), y->size_bytes());
+  AdviseHugePagesOn(y->typed_data(), y->size_bytes());
   ConvForward(g, x.typed_data(), w.typed_data(), bias.typed_data(), slope, act != 0, y->typed_data(), bf16 != 0);
   return ffi::Error::Success();
 }
@@ -104,7 +96,7 @@ ffi::Error ConvUpcatFwdImpl(ffi::Buffer<ffi::F32> low, ffi::Buffer<ffi::F32> ski
   if (g.KD * g.KH > 64) return ffi::Error::InvalidArgument("kernel too large (KD * KH > 64)");
   if (auto e = CheckGeometry(g); e.failure()) return e;
   if (bf16 != 0 && !CpuHasBf16()) return ffi::Error::InvalidArgument("bf16 convolution needs AVX512-BF16");
-  AdviseHugePages(y->typed_data(), y->size_bytes());
+  AdviseHugePagesOn(y->typed_data(), y->size_bytes());
   ConvUpcatForward(g, u, w.typed_data(), bias.typed_data(), slope, act != 0, y->typed_data(), bf16 != 0);
   return ffi::Error::Success();
 }

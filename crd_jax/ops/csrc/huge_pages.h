@@ -1,5 +1,7 @@
-// Transparent huge pages for the fresh output buffers of the loss kernels (ncc_cpu.cc, warp_linear_cpu.cc), as
-// ffi_glue.cc asks for the convolution's.
+// Transparent huge pages for the fresh output buffers of the convolutions (ffi_glue.cc) and the loss kernels
+// (ncc_cpu.cc, warp_linear_cpu.cc, upsample_linear_cpu.cc). Where glibc's malloc already advises huge pages on
+// what it maps (GLIBC_TUNABLES=glibc.malloc.hugetlb=1: training commands, crd_jax/allocator.py) this repeats it;
+// elsewhere (the library, register) it is what gets a full-resolution output its 2 MB pages.
 //
 // Why: XLA hands a kernel output buffers that are fresh anonymous mappings on every call; their first writes
 // fault in 4 KB pages. At 128^3 the loss's outputs (warped image, its derivative, NCC's coefficients and gradient)

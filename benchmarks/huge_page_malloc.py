@@ -1,0 +1,155 @@
+"""glibc's malloc with and without transparent huge pages: seconds, page faults and system time per training step.
+
+    python benchmarks/huge_page_malloc.py                       # 128^3, n = 2: VM-L, S1, S3 (teacher cached)
+    python benchmarks/huge_page_malloc.py --shape 32 32 32 --rounds 1 --steps 3 --out /tmp/hp   # a check that it runs
+
+XLA's CPU runtime takes each call's temporary buffer from malloc (over 100 MB for a 128^3 VM-L train step); a block
+that large is mapped afresh and unmapped on free, so every step faults it in again 4 KB at a time. ``train.py``
+and ``crd-jax finetune`` re-execute themselves with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``
+(:func:`crd_jax.allocator.reexec_with_huge_page_malloc`), under which malloc advises ``MADV_HUGEPAGE`` on what
+it maps and the kernel fills it in 2 MB pages. This script measures both ways: each stage's train step (the
+loop's, ``make_train_step``) in fresh processes, ``GLIBC_TUNABLES`` unset (A) and set (B) in turn, A B A B, the
+ratio taken pair by pair; each process times ``--steps`` steps after three warm-up steps and reports their
+median and mean, and its minor page faults, system and user CPU seconds per step (``getrusage``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import machine, write  # noqa: E402
+
+STAGES = ("vm_l", "coop", "vm_l_crd_cached")
+CONFIGS = {"A": None, "B": "glibc.malloc.hugetlb=1"}
+
+
+def child(stage: str, shape, steps: int) -> dict:
+    """One stage's train step, timed in this process."""
+    import jax
+
+    import train_budget as tb
+
+    config = tb.pipeline_config(shape)
+    batch = tb._batch(shape, 1, seed=1)
+    name = "vm_l_crd" if stage == "vm_l_crd_cached" else stage
+    plan = tb.plan_pipeline(config, shape, 1, (name,))[name]
+    if stage == "vm_l_crd_cached":
+        plan, batch = tb.cached_teacher_stage(plan, batch)
+    *_, step, optimizer, _ = tb.stage_functions(plan, config, 10_000)
+    state = (plan.init_params, optimizer.init(plan.init_params))
+    compiled = step.lower(*state, plan.frozen, batch).compile()
+
+    def one(state):
+        p, o, m = compiled(*state, plan.frozen, batch)
+        jax.block_until_ready((p, o, m))
+        return p, o
+
+    for _ in range(3):
+        state = one(state)
+    times, before = [], resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(steps):
+        t = time.perf_counter()
+        state = one(state)
+        times.append(time.perf_counter() - t)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "median_s": statistics.median(times),
+        "mean_s": statistics.fmean(times),
+        "min_s": min(times),
+        "faults_per_step": (after.ru_minflt - before.ru_minflt) / steps,
+        "sys_s_per_step": (after.ru_stime - before.ru_stime) / steps,
+        "user_s_per_step": (after.ru_utime - before.ru_utime) / steps,
+        "max_rss_mb": after.ru_maxrss / 1024,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+    }
+
+
+def run_child(stage: str, shape, steps: int, tunables) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if tunables:
+        env["GLIBC_TUNABLES"] = tunables
+    cmd = [sys.executable, __file__, "--child", stage, "--shape", *map(str, shape), "--steps", str(steps)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode or not lines:
+        raise SystemExit(f"error: {stage} ({tunables or 'default'}) failed:\n{out.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def render(payload: dict) -> str:
+    m = payload["machine"]
+    shape = "x".join(map(str, payload["shape"]))
+    lines = [
+        f"glibc malloc without (A) and with (B) `{CONFIGS['B']}`, one train step at {shape}, batch 1 "
+        f"({m.get('cpu', '')}, {m['cpus']} cores, THP `{payload['thp']}`, glibc {payload['glibc']}; "
+        f"{payload['rounds']} A/B pairs of fresh processes, {payload['steps']} steps each; medians over the pairs):",
+        "",
+        "| stage | step A (s) | step B (s) | A/B (pairs) | faults/step A | faults/step B | system s/step A | system s/step B |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for stage, runs in payload["stages"].items():
+        a, b = runs["A"], runs["B"]
+        med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
+        ratios = [x["median_s"] / y["median_s"] for x, y in zip(a, b)]
+        span = f"{min(ratios):.2f}-{max(ratios):.2f}" if len(ratios) > 1 else ""
+        lines.append(
+            f"| {stage} | {med(a, 'median_s'):.3f} | {med(b, 'median_s'):.3f} | {statistics.median(ratios):.2f}"
+            + (f" ({span})" if span else "")
+            + f" | {med(a, 'faults_per_step'):,.0f} | {med(b, 'faults_per_step'):,.0f} | {med(a, 'sys_s_per_step'):.3f}"
+            f" | {med(b, 'sys_s_per_step'):.3f} |"
+        )
+    lines += ["", "Command: `" + payload["command"] + "`."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", type=int, nargs=3, default=(128, 128, 128))
+    p.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES)
+    p.add_argument("--rounds", type=int, default=3, help="A/B pairs of processes per stage")
+    p.add_argument("--steps", type=int, default=15, help="timed steps per process")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "huge_page_malloc")
+    p.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    shape = tuple(args.shape)
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, shape, args.steps)), flush=True)
+        return 0
+    from crd_jax.allocator import glibc_version, thp_mode
+
+    stages = {}
+    for stage in args.stages:
+        runs = {"A": [], "B": []}
+        for r in range(args.rounds):
+            for key, tunables in CONFIGS.items():
+                runs[key].append(run_child(stage, shape, args.steps, tunables))
+                print(f"[{stage}] round {r + 1} {key}: {json.dumps(runs[key][-1])}", flush=True)
+        stages[stage] = runs
+    glibc = glibc_version()
+    payload = {
+        "machine": machine(),
+        "shape": list(shape),
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "thp": thp_mode(),
+        "glibc": ".".join(map(str, glibc)) if glibc else "none",
+        "stages": stages,
+        "command": " ".join(["python benchmarks/huge_page_malloc.py", *(sys.argv[1:] if argv is None else argv)]),
+    }
+    write(args.out, payload, render(payload))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
