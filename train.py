@@ -65,7 +65,7 @@ def precheck(argv) -> None:
 if __name__ == "__main__":
     from crd_jax.allocator import reexec_with_huge_page_malloc
 
-    reexec_with_huge_page_malloc()  # training: XLA's per-step buffers in 2 MB pages (crd_jax/allocator.py)
+    reexec_with_huge_page_malloc((__file__,))  # training: XLA's per-step buffers in 2 MB pages (crd_jax/allocator.py)
     sys.argv = [
         a.replace("--allow-config-change", "--allow_config_change", 1) if a.startswith("--allow-config-change") else a
         for a in sys.argv

@@ -477,5 +477,5 @@ def main():
 if __name__ == "__main__":
     from crd_jax.allocator import reexec_with_huge_page_malloc
 
-    reexec_with_huge_page_malloc()  # training steps as train.py runs them (crd_jax/allocator.py)
+    reexec_with_huge_page_malloc((__file__,))  # training steps as train.py runs them (crd_jax/allocator.py)
     main()

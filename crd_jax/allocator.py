@@ -9,7 +9,8 @@ import ctypes
 import functools
 import os
 import sys
-from typing import Mapping, MutableMapping, Optional, Tuple
+from pathlib import Path
+from typing import Mapping, MutableMapping, Optional, Sequence, Tuple
 
 #: the glibc tunable (glibc >= 2.35) under which malloc advises ``MADV_HUGEPAGE`` on the memory it maps
 HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb=1"
@@ -100,22 +101,53 @@ def wanted_tunables(environ: Mapping[str, str] = os.environ) -> Optional[str]:
     return huge_page_tunables(environ, glibc_version(), thp_mode())
 
 
-def reexec_with_huge_page_malloc(environ: MutableMapping[str, str] = os.environ) -> None:
-    """Runs this command again, in the same process (``execve``: same pid, arguments, standard streams),
-    with :func:`huge_page_tunables`' value in ``GLIBC_TUNABLES``; returns without doing anything where that is
-    None or the command line that started the interpreter is not known. Call it first thing in a command's
-    entry point, before threads start or output is written. For commands only: a library does not re-execute
-    its host."""
+#: set in the re-executed process's environment to its pid: at most one exec per process, even where the loader
+#: strips ``GLIBC_TUNABLES`` (secure execution: setuid or file capabilities), which would otherwise loop
+REEXEC_MARK = "CRD_JAX_MALLOC_REEXEC"
+
+
+def started_as(entry_points: Sequence[str], argv: Sequence[str], orig_argv: Sequence[str]) -> bool:
+    """Whether the interpreter's own command line (``orig_argv``) is this command's (``argv``, ``sys.argv``): it
+    ends with ``argv[1:]``, starts the script ``argv[0]`` (or a ``-m`` module), and that is one of
+    ``entry_points`` (a path, compared resolved, or a bare name, compared with ``argv[0]``'s last part). False
+    for code run inside another program (``runpy``, a notebook, a wrapper that sets ``sys.argv``), which an exec
+    would restart from its beginning."""
+    pos = len(orig_argv) - len(argv)
+    if not argv or pos < 1 or list(orig_argv[pos + 1 :]) != list(argv[1:]):
+        return False
+    if orig_argv[pos] != argv[0] and orig_argv[pos - 1] != "-m":
+        return False
+    here = Path(argv[0])
+    return any((here.name == e) if os.sep not in e else here.resolve() == Path(e).resolve() for e in entry_points)
+
+
+def reexec_with_huge_page_malloc(entry_points: Sequence[str], environ: MutableMapping[str, str] = os.environ) -> None:
+    """Runs this command again, in the same process (``execve``: same pid, interpreter options, arguments and
+    standard streams), with :func:`huge_page_tunables`' value in ``GLIBC_TUNABLES`` (which child processes
+    inherit). Returns without doing anything where that value is None; where this process was exec'd for it
+    already (:data:`REEXEC_MARK`); where the command is not what started the interpreter (:func:`started_as`
+    with ``entry_points``: the command's script path or console-script name); under a debugger or tracer
+    (``sys.gettrace()``: a restart would drop its session); or for a script read from standard input. Call it
+    first thing in a command's entry point, before threads start or output is written. For commands only: a
+    library does not re-execute its host."""
     value = wanted_tunables(environ)
-    argv = list(getattr(sys, "orig_argv", []) or [])
-    if value is None or not argv or not sys.executable or sys.argv[:1] in (["-"], [""]):
-        return  # a script read from standard input (or typed) cannot be read again
+    argv, orig_argv = list(sys.argv), list(getattr(sys, "orig_argv", []) or [])
+    if value is None or environ.get(REEXEC_MARK) == str(os.getpid()) or sys.gettrace() is not None:
+        return
+    if not sys.executable or argv[:1] in (["-"], [""]) or not started_as(entry_points, argv, orig_argv):
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        os.execve(sys.executable, argv, {**environ, "GLIBC_TUNABLES": value})
+        os.execve(sys.executable, orig_argv, {**environ, "GLIBC_TUNABLES": value, REEXEC_MARK: str(os.getpid())})
     except OSError:  # the interpreter cannot be executed again (removed, a sandbox): run on as it is
         return
+
+
+def training_runs_in_huge_pages(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether a training command started from ``environ`` runs with malloc in huge pages: it re-executes itself
+    with the tunable on this machine, or ``environ`` sets it already."""
+    return wanted_tunables(environ) is not None or bool(huge_page_malloc_note(environ))
 
 
 def huge_page_malloc_note(environ: Mapping[str, str] = os.environ) -> str:

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from crd_jax.allocator import wanted_tunables
+from crd_jax.allocator import training_runs_in_huge_pages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def test_the_finetune_walkthrough_runs_as_written_and_improves_held_back_dice(tm
         )
         assert proc.returncode == 0, (argv, proc.stderr[-3000:])
         if argv[1] == "finetune":  # a training command: re-executed with malloc in huge pages where supported
-            assert ("malloc in transparent huge pages" in proc.stderr) == (wanted_tunables() is not None), proc.stderr[-2000:]
+            assert ("malloc in transparent huge pages" in proc.stderr) == training_runs_in_huge_pages(), proc.stderr[-2000:]
     work = tmp_path / "my-model.work"
     prepared = json.loads((work / "prepared" / "prepared.json").read_text())
     assert prepared["orientation"] == "LPS" and prepared["voxel_size"] == pytest.approx([2.5, 2.4, 2.5])

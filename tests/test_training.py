@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from crd_jax.allocator import wanted_tunables
+from crd_jax.allocator import training_runs_in_huge_pages
 from crd_jax.config import base_config, set_steps
 from crd_jax.data import SyntheticConfig, SyntheticDataset, PairLoader
 from crd_jax.models import build as mbuild
@@ -271,7 +271,7 @@ def test_default_pipeline_end_to_end_writes_results(tmp_path):
         "--config.eval.timing_repeats=1",
     )
     # train.py re-executed itself with malloc in huge pages where the machine supports it (crd_jax/allocator.py)
-    assert ("malloc in transparent huge pages" in proc.stderr) == (wanted_tunables() is not None), proc.stderr[-2000:]
+    assert ("malloc in transparent huge pages" in proc.stderr) == training_runs_in_huge_pages(), proc.stderr[-2000:]
     results = json.loads((work / "results.json").read_text())
     assert [r["label"] for r in results] == ["VM-H", "VM-L", "FST", "VM-L-CRD"]
     assert all(r["num_pairs"] == 6 and 0 <= r["dice_mean"] <= 1 for r in results)
@@ -304,7 +304,7 @@ def test_default_pipeline_end_to_end_writes_results(tmp_path):
         "--config.train.eval_every=3",
         "--config.eval.val_pairs=1",
         "--config.eval.timing_repeats=1",
-        env={"CRD_JAX_HUGEPAGES": "0"},
+        env={"CRD_JAX_HUGEPAGES": "0", "GLIBC_TUNABLES": ""},
     )
     assert again.stderr.count("finished earlier") == 5
     assert "malloc in transparent huge pages" not in again.stderr  # CRD_JAX_HUGEPAGES=0: no re-execution

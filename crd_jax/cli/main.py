@@ -17,6 +17,7 @@ import argparse
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import List, MutableMapping, Optional, Sequence
 
 from crd_jax.cli import apply, build_kernel, convert_official, evaluate, export, figure, finetune, models, options, register
@@ -149,8 +150,8 @@ def subcommand(argv: Sequence[str]) -> Optional[str]:
 def entry() -> None:
     from crd_jax.allocator import reexec_with_huge_page_malloc, return_large_blocks_to_the_system
 
-    if subcommand(sys.argv[1:]) in TRAINING_SUBCOMMANDS:
-        reexec_with_huge_page_malloc()
+    if subcommand(sys.argv[1:]) in TRAINING_SUBCOMMANDS:  # the console script, or python -m crd_jax
+        reexec_with_huge_page_malloc(("crd-jax", str(Path(__file__).resolve().parents[1] / "__main__.py")))
     cap_thread_count()
     return_large_blocks_to_the_system()
     status = main()
