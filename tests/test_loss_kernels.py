@@ -375,11 +375,18 @@ def test_a_low_resolution_models_loss_takes_its_smoothness_on_the_coarse_grid_wi
 
 @pytest.mark.parametrize(
     "oshape,ishape,scale",
-    [((1, 6, 7, 37), (6, 7, 37), 2.0), ((2, 5, 4, 19), (9, 7, 30), 6.0), ((1, 3, 4, 8), (2, 1, 5), 1.0)],
+    [
+        ((1, 6, 7, 37), (6, 7, 37), 2.0),
+        ((2, 5, 4, 19), (9, 7, 30), 6.0),
+        ((1, 3, 4, 8), (2, 1, 5), 1.0),
+        ((1, 3, 4, 16), (3, 4, 2), 3.0),  # input rows of two voxels
+        ((1, 2, 3, 9), (2, 3, 1), 2.0),  # rows of one voxel: both corners along them clamp to it
+    ],
 )
 def test_one_pass_warp_equals_the_two_pass_warp_exactly(oshape, ishape, scale):
     """warp_linear_cpu.cc (eight voxels at a time with AVX2 gathers, the rest scalar) against warp_cpu.cc +
-    warp_grad_cpu.cc: the same float operations in the same order, so equal bits, NaN coordinates included."""
+    warp_grad_cpu.cc: the same float operations in the same order, so equal bits, NaN coordinates and coordinates
+    beyond both edges included."""
     from crd_jax.ops import spatial
 
     rng = np.random.default_rng(sum(oshape))
