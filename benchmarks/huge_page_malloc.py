@@ -2,6 +2,7 @@
 
     python benchmarks/huge_page_malloc.py                       # 128^3, n = 2: VM-L, S1, S3 (teacher cached)
     python benchmarks/huge_page_malloc.py --shape 32 32 32 --rounds 1 --steps 3 --out /tmp/hp   # a check that it runs
+    python benchmarks/huge_page_malloc.py --render benchmarks/results/huge_page_malloc.json    # the table again
 
 XLA's CPU runtime takes each call's temporary buffer from malloc (over 100 MB for a 128^3 VM-L train step); a block
 that large is mapped afresh and unmapped on free, so every step faults it in again 4 KB at a time. ``train.py``
@@ -98,13 +99,16 @@ def render(payload: dict) -> str:
         "| stage | step A (s) | step B (s) | A/B (pairs) | faults/step A | faults/step B | system s/step A | system s/step B |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    from train_budget import LABELS
+
     for stage, runs in payload["stages"].items():
         a, b = runs["A"], runs["B"]
         med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
         ratios = [x["median_s"] / y["median_s"] for x, y in zip(a, b)]
         span = f"{min(ratios):.2f}-{max(ratios):.2f}" if len(ratios) > 1 else ""
         lines.append(
-            f"| {stage} | {med(a, 'median_s'):.3f} | {med(b, 'median_s'):.3f} | {statistics.median(ratios):.2f}"
+            f"| {LABELS.get(stage, stage)} | {med(a, 'median_s'):.3f} | {med(b, 'median_s'):.3f}"
+            f" | {statistics.median(ratios):.2f}"
             + (f" ({span})" if span else "")
             + f" | {med(a, 'faults_per_step'):,.0f} | {med(b, 'faults_per_step'):,.0f} | {med(a, 'sys_s_per_step'):.3f}"
             f" | {med(b, 'sys_s_per_step'):.3f} |"
@@ -120,9 +124,14 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="A/B pairs of processes per stage")
     p.add_argument("--steps", type=int, default=15, help="timed steps per process")
     p.add_argument("--out", type=Path, default=HERE / "results" / "huge_page_malloc")
+    p.add_argument("--render", type=Path, metavar="JSON", help="rebuild the table from a results JSON (no measuring)")
     p.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     shape = tuple(args.shape)
+    if args.render:
+        payload = json.loads(args.render.read_text())
+        write(args.render.with_suffix(""), payload, render(payload))
+        return 0
     if args.child:
         print("RESULT " + json.dumps(child(args.child, shape, args.steps)), flush=True)
         return 0

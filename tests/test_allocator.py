@@ -167,4 +167,4 @@ def test_the_huge_page_benchmark_runs_both_ways_in_fresh_processes(tmp_path):
     a, b = payload["stages"]["vm_l"]["A"][0], payload["stages"]["vm_l"]["B"][0]
     assert a["glibc_tunables"] == "" and b["glibc_tunables"] == HUGE_PAGE_TUNABLE  # each child ran as configured
     assert all(r["median_s"] > 0 and r["faults_per_step"] >= 0 for r in (a, b))
-    assert "| vm_l |" in out.with_suffix(".md").read_text()
+    assert "| VM-L |" in out.with_suffix(".md").read_text()
