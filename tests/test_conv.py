@@ -195,11 +195,13 @@ def winograd_switch():
     """The Winograd path needs the AVX-512 kernel; restores both settings after the test."""
     if not ON_CPU or not native.available():
         pytest.skip("the native kernel is not in use")
-    isa_before, wino_before = native.isa(), native.winograd()
+    isa_before, wino_before, min_before = native.isa(), native.winograd(), native.winograd_min_input_channels()
     if native.set_isa("avx512") != "avx512":
         native.set_isa(isa_before)
         pytest.skip("this CPU lacks AVX-512")
+    native.set_winograd_min_input_channels(1)  # the path's arithmetic on layers of any width (the default skips few)
     yield native.set_winograd
+    native.set_winograd_min_input_channels(min_before)
     native.set_winograd(wino_before)
     native.set_isa(isa_before)
 
@@ -281,6 +283,25 @@ def test_winograd_path_is_not_taken_where_it_does_not_apply(winograd_switch):
         y = conv(xi, w, jnp.zeros(cout), stride)
         assert native.winograd_calls() == calls
         np.testing.assert_allclose(y, conv_reference(xi, w, jnp.zeros(cout), stride), rtol=1e-4, atol=1e-4)
+
+
+def test_winograd_needs_enough_input_channels_by_default(winograd_switch):
+    """Layers of fewer than 8 input channels (the flow head's input gradient has 3) take the direct kernel unless
+    the threshold is lowered; both paths equal lax.conv."""
+    winograd_switch(True)
+    assert native.set_winograd_min_input_channels(8) == 8
+    for cin, expected in ((3, 0), (7, 0), (8, 1), (16, 1)):
+        x = jax.random.normal(jax.random.PRNGKey(cin), (1, 4, 5, 6, cin))
+        w = jax.random.normal(jax.random.PRNGKey(cin + 1), (3, 3, 3, cin, 16)) * 0.3
+        b = jnp.zeros(16)
+        ref = np.asarray(conv_reference(x, w, b, 1))
+        for threshold, calls_wanted in ((8, expected), (1, 1)):
+            native.set_winograd_min_input_channels(threshold)
+            calls = native.winograd_calls()
+            y = np.asarray(conv(x, w, b, 1))
+            assert native.winograd_calls() - calls == calls_wanted, (cin, threshold)
+            np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+    assert native.set_winograd_min_input_channels(0) == 1  # never below one channel
 
 
 def test_winograd_is_named_by_describe_and_follows_the_environment():

@@ -220,7 +220,8 @@ def set_isa(name: str) -> str:
 
 
 def winograd() -> bool:
-    """True when the stride-1 3^3 layers with output channels in multiples of 16 run as Winograd
+    """True when the stride-1 3^3 layers with output channels in multiples of 16 (and at least
+    :func:`winograd_min_input_channels` input channels) run as Winograd
     F(2x2x2, 3x3x3) (AVX-512, float32; ``csrc/winograd.h``): on by default, ``CRD_JAX_WINOGRAD=0`` or
     :func:`set_winograd` keeps the direct kernel."""
     return available() and isa() == "avx512" and bool(_state["lib"].crd_winograd())
@@ -232,6 +233,22 @@ def set_winograd(on: bool) -> bool:
     if available():
         _state["lib"].crd_set_winograd(1 if on else 0)
     return winograd()
+
+
+def winograd_min_input_channels() -> int:
+    """The fewest input channels of a layer that takes the Winograd path (8 by default: with fewer, its tile
+    transforms cost more than the multiply-adds it saves; ``benchmarks/winograd_channels.py``); 0 when the kernel
+    is unused."""
+    return int(_state["lib"].crd_winograd_min_input_channels()) if available() else 0
+
+
+def set_winograd_min_input_channels(channels: int) -> int:
+    """Sets :func:`winograd_min_input_channels` for this process (1: wherever the path applies; tests and
+    benchmarks compare the two paths on layers of few channels); read at run time, so compiled functions follow
+    it. Returns the value in force."""
+    if available():
+        _state["lib"].crd_set_winograd_min_input_channels(int(channels))
+    return winograd_min_input_channels()
 
 
 _WGRAD_NAMES = ("rows", "blocked", "winograd", "auto")

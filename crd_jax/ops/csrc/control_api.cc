@@ -25,6 +25,15 @@ extern "C" int crd_set_winograd(int on) {
   return WinogradSetting().load();
 }
 
+// The fewest input channels of a layer that runs as Winograd (default 8; 1: wherever the path applies); returns the
+// value now in force. For tests and benchmarks, which compare the two paths on layers of few channels.
+extern "C" int crd_set_winograd_min_input_channels(int channels) {
+  WinogradMinInputChannels().store(channels < 1 ? 1 : channels);
+  return WinogradMinInputChannels().load();
+}
+
+extern "C" int crd_winograd_min_input_channels() { return WinogradMinInputChannels().load(); }
+
 // Selects the weight-gradient kernel (0: the earlier AVX2 "rows" kernel, 1: the blocked one, 2: Winograd wherever it
 // applies, 3: auto); returns the one now in use. For tests and benchmarks, which compare them in one process.
 extern "C" int crd_set_wgrad(int kernel) {

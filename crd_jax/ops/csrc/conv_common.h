@@ -78,6 +78,7 @@ int ActiveIsa();
 std::atomic<int>& Bf16EngineSetting();
 int ActiveBf16Engine();
 std::atomic<int>& WinogradSetting();
+std::atomic<int>& WinogradMinInputChannels();
 std::atomic<int>& WgradSetting();
 std::atomic<int64_t>& WinogradCalls();
 std::atomic<int64_t>& WinogradWgradCalls();

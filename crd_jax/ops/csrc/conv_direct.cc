@@ -52,12 +52,13 @@ ColumnsFn ColumnsFor(bool bf16) {
   return ActiveIsa() == kAvx512 ? avx512::Avx512Columns : avx2::Avx2Columns;
 }
 
-// Winograd F(2x2x2, 3x3x3) where it applies (dispatch.cc: WinogradSetting).
+// Winograd F(2x2x2, 3x3x3) where it applies (dispatch.cc: WinogradSetting) and pays: enough input channels
+// (dispatch.cc: WinogradMinInputChannels).
 bool WinogradApplies(const Geometry& g, bool bf16) {
   return !bf16 && WinogradSetting().load(std::memory_order_relaxed) != 0 && ActiveIsa() == kAvx512 &&
          g.KD == 3 && g.KH == 3 && g.KW == 3 && g.sd == 1 && g.sh == 1 && g.sw == 1 && g.pd == 1 && g.ph == 1 &&
          g.pw == 1 && g.Do == g.D && g.Ho == g.H && g.Wo == g.W && g.Co % 16 == 0 && g.CoP == g.Co &&
-         g.Ci <= crd::winograd::kMaxChannels;
+         g.Ci >= WinogradMinInputChannels().load(std::memory_order_relaxed) && g.Ci <= crd::winograd::kMaxChannels;
 }
 
 // bf16: x and w hold pairs of bfloat16 input channels in each float (g.Ci counts the pairs); AVX-512 BF16 only.

@@ -72,6 +72,14 @@ std::atomic<int>& WinogradSetting() {
   return on;
 }
 
+// The fewest input channels a layer needs for the Winograd path (crd_set_winograd_min_input_channels): with fewer,
+// the tile transforms outweigh the saved multiply-adds (benchmarks/winograd_channels.py measures where they cross:
+// between 6 and 8 channels on AVX-512; the flow head's input gradient, 3 -> 16 channels, falls below).
+std::atomic<int>& WinogradMinInputChannels() {
+  static std::atomic<int> channels{8};
+  return channels;
+}
+
 // The weight gradient: "auto" by default (conv_common.h); CRD_JAX_WGRAD=rows|blocked|winograd or crd_set_wgrad picks one.
 std::atomic<int>& WgradSetting() {
   static std::atomic<int> kernel{[] {

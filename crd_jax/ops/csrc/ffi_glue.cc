@@ -7,7 +7,8 @@
 // matrix. A register-blocked direct convolution reads each input voxel from cache and keeps the partial
 // sums in registers, which is what oneDNN does for PyTorch.
 //
-// Stride-1 3^3 layers with output channels in multiples of 16 run as Winograd F(2x2x2, 3x3x3) on AVX-512
+// Stride-1 3^3 layers with output channels in multiples of 16 and at least 8 input channels run as Winograd
+// F(2x2x2, 3x3x3) on AVX-512
 // (conv_winograd_avx512.cc, winograd.h): 64 instead of 216 multiply-adds per 2x2x2 outputs and channel pair.
 //
 // Forward pass: each output row reads its KD x KH input rows in place (only the few columns at either end
