@@ -1,6 +1,8 @@
-"""glibc's malloc with and without transparent huge pages: seconds, page faults and system time per training step.
+"""glibc's malloc with and without transparent huge pages, and with large freed blocks kept: seconds, page faults,
+system time and resident size per training step.
 
-    python benchmarks/huge_page_malloc.py                       # 128^3, n = 2: VM-L, S1, S3 (teacher cached)
+    python benchmarks/huge_page_malloc.py                       # 128^3, n = 2: VM-L, S1, S3 (teacher cached), A vs B
+    python benchmarks/huge_page_malloc.py --compare B C --stages vm_l --steps 100   # + blocks kept (-> malloc_keep)
     python benchmarks/huge_page_malloc.py --shape 32 32 32 --rounds 1 --steps 3 --out /tmp/hp   # a check that it runs
     python benchmarks/huge_page_malloc.py --render benchmarks/results/huge_page_malloc.json    # the table again
 
@@ -11,7 +13,11 @@ and ``crd-jax finetune`` re-execute themselves with ``GLIBC_TUNABLES=glibc.mallo
 it maps and the kernel fills it in 2 MB pages. This script measures both ways: each stage's train step (the
 loop's, ``make_train_step``) in fresh processes, ``GLIBC_TUNABLES`` unset (A) and set (B) in turn, A B A B, the
 ratio taken pair by pair; each process times ``--steps`` steps after three warm-up steps and reports their
-median and mean, and its minor page faults, system and user CPU seconds per step (``getrusage``).
+median and mean, its minor page faults, system and user CPU seconds per step and its peak resident size
+(``getrusage``). ``--compare B C`` puts B against C, B with three more tunables (every thread on the main heap:
+a thread's own heap holds at most 64 MB and maps a larger block on its own; no block mapped on its own; the heap
+never trimmed), under which the step's large blocks are allocated once and reused instead of mapped, zeroed by
+the kernel and unmapped every step: tried for the training commands and not kept (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -32,7 +38,16 @@ sys.path.insert(0, str(HERE))
 from common import machine, write  # noqa: E402
 
 STAGES = ("vm_l", "coop", "vm_l_crd_cached")
-CONFIGS = {"A": None, "B": "glibc.malloc.hugetlb=1"}
+#: GLIBC_TUNABLES of each configuration (B: crd_jax/allocator.py's, written out: the children must not depend on
+#: the module under test to set their own allocator) and how the table names it
+CONFIGS = {
+    "A": None,
+    "B": "glibc.malloc.hugetlb=1",
+    "C": "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295",
+}
+NAMES = {"A": "glibc's defaults", "B": "huge pages", "C": "huge pages + large freed blocks kept in the heap"}
+#: results file of each comparison
+OUTPUTS = {("A", "B"): "huge_page_malloc", ("B", "C"): "malloc_keep"}
 
 
 def child(stage: str, shape, steps: int) -> dict:
@@ -88,30 +103,37 @@ def run_child(stage: str, shape, steps: int, tunables) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+def _ratios(xs, ys, key):
+    """Pair-by-pair ratios of ``key``: their median, and their range where there are several pairs."""
+    r = [x[key] / y[key] for x, y in zip(xs, ys)]
+    return f"{statistics.median(r):.2f}" + (f" ({min(r):.2f}-{max(r):.2f})" if len(r) > 1 else "")
+
+
 def render(payload: dict) -> str:
     m = payload["machine"]
     shape = "x".join(map(str, payload["shape"]))
+    x, y = payload.get("compare", ["A", "B"])
     lines = [
-        f"glibc malloc without (A) and with (B) `{CONFIGS['B']}`, one train step at {shape}, batch 1 "
+        f"glibc malloc, {x} ({NAMES[x]}) against {y} ({NAMES[y]}), one train step at {shape}, batch 1 "
         f"({m.get('cpu', '')}, {m['cpus']} cores, THP `{payload['thp']}`, glibc {payload['glibc']}; "
-        f"{payload['rounds']} A/B pairs of fresh processes, {payload['steps']} steps each; medians over the pairs):",
+        f"{payload['rounds']} {x}/{y} pairs of fresh processes, {payload['steps']} steps each; medians over the pairs; "
+        f"the mean step is what a run's throughput follows, the median what a typical step takes):",
         "",
-        "| stage | step A (s) | step B (s) | A/B (pairs) | faults/step A | faults/step B | system s/step A | system s/step B |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| stage | median step {x} (s) | median step {y} (s) | {x}/{y} medians (pairs) | mean step {x} (s) | mean step {y} (s)"
+        f" | {x}/{y} means (pairs) | faults/step {x} | faults/step {y} | system s/step {x} | system s/step {y}"
+        f" | peak RSS {x} (MB) | peak RSS {y} (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     from train_budget import LABELS
 
     for stage, runs in payload["stages"].items():
-        a, b = runs["A"], runs["B"]
+        a, b = runs[x], runs[y]
         med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
-        ratios = [x["median_s"] / y["median_s"] for x, y in zip(a, b)]
-        span = f"{min(ratios):.2f}-{max(ratios):.2f}" if len(ratios) > 1 else ""
         lines.append(
-            f"| {LABELS.get(stage, stage)} | {med(a, 'median_s'):.3f} | {med(b, 'median_s'):.3f}"
-            f" | {statistics.median(ratios):.2f}"
-            + (f" ({span})" if span else "")
-            + f" | {med(a, 'faults_per_step'):,.0f} | {med(b, 'faults_per_step'):,.0f} | {med(a, 'sys_s_per_step'):.3f}"
-            f" | {med(b, 'sys_s_per_step'):.3f} |"
+            f"| {LABELS.get(stage, stage)} | {med(a, 'median_s'):.3f} | {med(b, 'median_s'):.3f} | {_ratios(a, b, 'median_s')}"
+            f" | {med(a, 'mean_s'):.3f} | {med(b, 'mean_s'):.3f} | {_ratios(a, b, 'mean_s')}"
+            f" | {med(a, 'faults_per_step'):,.0f} | {med(b, 'faults_per_step'):,.0f} | {med(a, 'sys_s_per_step'):.3f}"
+            f" | {med(b, 'sys_s_per_step'):.3f} | {med(a, 'max_rss_mb'):,.0f} | {med(b, 'max_rss_mb'):,.0f} |"
         )
     lines += ["", "Command: `" + payload["command"] + "`."]
     return "\n".join(lines) + "\n"
@@ -123,7 +145,15 @@ def main(argv=None) -> int:
     p.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES)
     p.add_argument("--rounds", type=int, default=3, help="A/B pairs of processes per stage")
     p.add_argument("--steps", type=int, default=15, help="timed steps per process")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "huge_page_malloc")
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        default=["A", "B"],
+        choices=sorted(CONFIGS),
+        metavar=("X", "Y"),
+        help="two configurations: A (glibc's defaults), B (huge pages), C (B + blocks kept)",
+    )
+    p.add_argument("--out", type=Path, default=None, help="default: results/huge_page_malloc (A B), malloc_keep (B C)")
     p.add_argument("--render", type=Path, metavar="JSON", help="rebuild the table from a results JSON (no measuring)")
     p.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -137,18 +167,22 @@ def main(argv=None) -> int:
         return 0
     from crd_jax.allocator import glibc_version, thp_mode
 
+    pair = tuple(args.compare)
+    if pair[0] == pair[1]:
+        p.error("--compare: two different configurations")
     stages = {}
     for stage in args.stages:
-        runs = {"A": [], "B": []}
+        runs = {key: [] for key in pair}
         for r in range(args.rounds):
-            for key, tunables in CONFIGS.items():
-                runs[key].append(run_child(stage, shape, args.steps, tunables))
+            for key in pair:
+                runs[key].append(run_child(stage, shape, args.steps, CONFIGS[key]))
                 print(f"[{stage}] round {r + 1} {key}: {json.dumps(runs[key][-1])}", flush=True)
         stages[stage] = runs
     glibc = glibc_version()
     payload = {
         "machine": machine(),
         "shape": list(shape),
+        "compare": list(pair),
         "rounds": args.rounds,
         "steps": args.steps,
         "thp": thp_mode(),
@@ -156,7 +190,8 @@ def main(argv=None) -> int:
         "stages": stages,
         "command": " ".join(["python benchmarks/huge_page_malloc.py", *(sys.argv[1:] if argv is None else argv)]),
     }
-    write(args.out, payload, render(payload))
+    out = args.out or HERE / "results" / OUTPUTS.get(pair, f"malloc_{pair[0]}_{pair[1]}")
+    write(out, payload, render(payload))
     return 0
 
 

@@ -68,7 +68,8 @@ def step_timers(shape, stages):
 
 
 def measure(shape, repeats, stages, log=print):
-    """``({row: {setting: seconds}}, the default threshold)``, every function under each setting in turn per round, minimum kept."""
+    """``({row: {setting: seconds}}, the default threshold)``: every function under each setting in turn per
+    round, the minimum kept."""
     import jax
 
     from crd_jax.ops import native

@@ -157,14 +157,17 @@ def test_the_subcommand_is_the_first_word_that_is_not_an_option():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="getrusage faults and glibc tunables: Linux")
-def test_the_huge_page_benchmark_runs_both_ways_in_fresh_processes(tmp_path):
+def test_the_malloc_benchmark_runs_two_configurations_in_fresh_processes(tmp_path):
     out = tmp_path / "hp"
     cmd = [sys.executable, "benchmarks/huge_page_malloc.py", "--shape", "16", "16", "16", "--stages", "vm_l"]
-    cmd += ["--rounds", "1", "--steps", "2", "--out", str(out)]
+    cmd += ["--rounds", "1", "--steps", "2", "--compare", "A", "C", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = json.loads(out.with_suffix(".json").read_text())
-    a, b = payload["stages"]["vm_l"]["A"][0], payload["stages"]["vm_l"]["B"][0]
-    assert a["glibc_tunables"] == "" and b["glibc_tunables"] == HUGE_PAGE_TUNABLE  # each child ran as configured
-    assert all(r["median_s"] > 0 and r["faults_per_step"] >= 0 for r in (a, b))
-    assert "| VM-L |" in out.with_suffix(".md").read_text()
+    a, c = payload["stages"]["vm_l"]["A"][0], payload["stages"]["vm_l"]["C"][0]
+    # each child ran as configured: C is the training commands' huge pages and the blocks-kept tunables
+    keep = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
+    assert a["glibc_tunables"] == "" and c["glibc_tunables"] == f"{HUGE_PAGE_TUNABLE}:{keep}"
+    assert all(r["median_s"] > 0 and r["faults_per_step"] >= 0 and r["max_rss_mb"] > 0 for r in (a, c))
+    text = out.with_suffix(".md").read_text()
+    assert "| VM-L |" in text and "A (glibc's defaults) against C (huge pages + large freed blocks kept" in text
