@@ -1,14 +1,15 @@
 """Where the Winograd path stops paying as a layer's input channels fall: stride-1 3^3 convolutions with 16 output
-channels and C_in input channels, Winograd F(2x2x2, 3x3x3) against the direct kernel, and whole training steps
-with Winograd wherever it applies against the default threshold (``native.winograd_min_input_channels``, 8).
+channels and C_in input channels under three settings: Winograd wherever it applies, the default threshold
+(``native.winograd_min_input_channels``, 8: Winograd from 8 input channels, the direct kernel below) and the
+direct kernel everywhere (``native.set_winograd(False)``); and whole training steps under each.
 
     python benchmarks/winograd_channels.py            # 128^3: C_in 2-16, the flow head, VM-H and VM-L steps
     python benchmarks/winograd_channels.py --quick    # 32^3, 2 rounds, no steps (a check that it runs)
     python benchmarks/winograd_channels.py --render benchmarks/results/winograd_channels.json
 
-The threshold is read when a convolution runs, so each function is compiled once and every round runs it under
-both settings in turn (each setting first in every other round); minimum over rounds, ONE process: read the
-ratios. The flow head (VM's last layer, 16 -> 3 channels) is where a training step meets few input channels: its
+Both settings are read when a convolution runs, so each function is compiled once and every round runs it under
+the three settings in turn (their order reversed in every other round); minimum over rounds, ONE process: read
+the ratios. The flow head (VM's last layer, 16 -> 3 channels) is where a training step meets few input channels: its
 input gradient is a 3 -> 16 convolution, which the Winograd path took before the threshold. Needs AVX-512 (the
 Winograd path's instruction set). Writes ``results/winograd_channels.{md,json}`` (``--out`` to change).
 """
@@ -29,8 +30,8 @@ sys.path.insert(0, str(HERE))
 from common import machine, write  # noqa: E402
 
 CHANNELS = (2, 3, 4, 6, 8, 12, 16)
-#: (setting name, threshold): Winograd wherever the path applies, and the default
-SETTINGS = (("everywhere", 1), ("default", None))
+#: (setting name, Winograd on, threshold): Winograd wherever the path applies, the default, the direct kernel
+SETTINGS = (("everywhere", True, 1), ("default", True, None), ("direct", False, None))
 
 
 def layer_functions(shape, channels):
@@ -75,24 +76,26 @@ def measure(shape, repeats, stages, log=print):
     from crd_jax.ops import native
 
     default = native.winograd_min_input_channels()
-    thresholds = {name: (t if t is not None else default) for name, t in SETTINGS}
+    settings = {name: (on, t if t is not None else default) for name, on, t in SETTINGS}
     runs = {name: (lambda f=f, a=a: jax.block_until_ready(f(*a))) for name, (f, a) in layer_functions(shape, CHANNELS).items()}
     for label, timer in step_timers(shape, stages).items():
         runs[f"{label} step"] = lambda t=timer: t.run("step")
-    times = {row: {s: [] for s in thresholds} for row in runs}
-    order = list(thresholds)
+    times = {row: {s: [] for s in settings} for row in runs}
+    order = list(settings)
     try:
         for fn in runs.values():  # warm: first calls fault in their buffers
             fn()
         for i in range(repeats):
             for setting in order if i % 2 == 0 else order[::-1]:
-                native.set_winograd_min_input_channels(thresholds[setting])
+                native.set_winograd(settings[setting][0])
+                native.set_winograd_min_input_channels(settings[setting][1])
                 for row, fn in runs.items():
                     t = time.perf_counter()
                     fn()
                     times[row][setting].append(time.perf_counter() - t)
             log(f"  round {i + 1} of {repeats}")
     finally:
+        native.set_winograd(True)
         native.set_winograd_min_input_channels(default)
     return {row: {s: min(v) for s, v in per.items()} for row, per in times.items()}, default
 
@@ -105,15 +108,16 @@ def render(payload) -> str:
         f"{m.get('cpus', '?')} cores; {payload['conv']}; 1-minute load average {payload['load']:.1f} at the start, "
         f"{payload['load_end']:.1f} at the end). Everywhere: the Winograd path on every stride-1 3^3 layer with output "
         f"channels in multiples of 16 (threshold 1); default: only with at least {payload['default_threshold']} input "
-        f"channels, the direct kernel below. Each function compiled once, every round runs it under both settings in "
-        f"turn; minimum of {payload['repeats']} rounds. Regenerate: `python benchmarks/winograd_channels.py`.",
+        f"channels, the direct kernel below (rows at or above the threshold run the same code in both columns); "
+        f"direct: no Winograd. Each function compiled once, every round runs it under the three settings in turn; "
+        f"minimum of {payload['repeats']} rounds. Regenerate: `{payload['command']}`.",
         "",
-        "| Layer or step | Everywhere (ms) | Default (ms) | Everywhere / default |",
-        "|---|---|---|---|",
+        "| Layer or step | Everywhere (ms) | Default (ms) | Direct (ms) | Direct / everywhere | Everywhere / default |",
+        "|---|---|---|---|---|---|",
     ]
     for name, v in payload["rows"].items():
-        a, b = v["everywhere"], v["default"]
-        md.append(f"| {name} | {1e3 * a:.1f} | {1e3 * b:.1f} | {a / b:.2f}x |")
+        a, b, c = v["everywhere"], v["default"], v["direct"]
+        md.append(f"| {name} | {1e3 * a:.1f} | {1e3 * b:.1f} | {1e3 * c:.1f} | {c / a:.2f}x | {a / b:.2f}x |")
     return "\n".join(md) + "\n"
 
 
@@ -139,6 +143,7 @@ def main(argv=None):
     shape = tuple(args.shape or ((32, 32, 32) if args.quick else (128, 128, 128)))
     repeats = args.repeats or (2 if args.quick else 7)
     payload = {"machine": machine(), "conv": native.describe(), "shape": list(shape), "repeats": repeats}
+    payload["command"] = " ".join(["python benchmarks/winograd_channels.py", *(sys.argv[1:] if argv is None else argv)])
     payload["load"] = os.getloadavg()[0]
     rows, default = measure(shape, repeats, () if args.quick else tuple(args.stages))
     payload.update(rows=rows, default_threshold=default, load_end=os.getloadavg()[0])

@@ -171,3 +171,11 @@ def test_the_malloc_benchmark_runs_two_configurations_in_fresh_processes(tmp_pat
     assert all(r["median_s"] > 0 and r["faults_per_step"] >= 0 and r["max_rss_mb"] > 0 for r in (a, c))
     text = out.with_suffix(".md").read_text()
     assert "| VM-L |" in text and "A (glibc's defaults) against C (huge pages + large freed blocks kept" in text
+    # B, the default comparison's other side, is what the training commands ask for; A B writes huge_page_malloc
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import huge_page_malloc
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert huge_page_malloc.CONFIGS["B"] == HUGE_PAGE_TUNABLE
+    assert huge_page_malloc.OUTPUTS[("A", "B")] == "huge_page_malloc" and huge_page_malloc.CONFIGS["A"] is None

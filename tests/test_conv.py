@@ -304,6 +304,22 @@ def test_winograd_needs_enough_input_channels_by_default(winograd_switch):
     assert native.set_winograd_min_input_channels(0) == 1  # never below one channel
 
 
+def test_the_winograd_threshold_follows_the_environment_at_start_up():
+    import os
+    import subprocess
+    import sys
+
+    if not ON_CPU or not native.available():
+        pytest.skip("the native kernel is not in use")
+    code = "from crd_jax.ops import native\nprint(native.winograd_min_input_channels())"
+    for value, expected in (("3", "3"), ("0", "8"), ("x", "8"), (None, "8")):  # nonsense keeps the default
+        env = {k: v for k, v in os.environ.items() if k != "CRD_JAX_WINOGRAD_MIN_CHANNELS"}
+        if value is not None:
+            env["CRD_JAX_WINOGRAD_MIN_CHANNELS"] = value
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+        assert out.strip() == expected, value
+
+
 def test_winograd_is_named_by_describe_and_follows_the_environment():
     import os
     import subprocess

@@ -16,8 +16,9 @@ Vector width: the forward convolution uses AVX-512 where the CPU has it (``CRD_J
 too when its input channels are a multiple of 16; the weight gradient's blocked kernel (``csrc/wgrad_blocked.h``)
 runs at the same width, and on AVX-512 the stride-1 3^3 layers with at least 8 channels on each side from 16^3 up
 take it in the Winograd domain (``CRD_JAX_WGRAD=blocked|winograd|rows`` or :func:`set_wgrad` chooses). On AVX-512 the stride-1 3^3
-layers whose output channels are a multiple of 16 (and input channels at most 128: every decoder layer of VM)
-run as Winograd F(2x2x2, 3x3x3), 64 instead of 216 multiply-adds per 2x2x2 outputs, equal to the direct
+layers whose output channels are a multiple of 16 and with 8 to 128 input channels (every decoder layer of VM;
+:func:`winograd_min_input_channels`, ``CRD_JAX_WINOGRAD_MIN_CHANNELS``) run as Winograd F(2x2x2, 3x3x3), 64
+instead of 216 multiply-adds per 2x2x2 outputs, equal to the direct
 kernel to float32 rounding (``CRD_JAX_WINOGRAD=0`` or :func:`set_winograd` keeps the direct kernel). The opt-in bfloat16
 inference (``--bf16``) runs on AMX tile registers where the CPU has them (Intel Sapphire Rapids and later; the
 process asks Linux for them once), else on AVX512-BF16 (``CRD_JAX_BF16_ENGINE=avx512`` or
@@ -236,9 +237,9 @@ def set_winograd(on: bool) -> bool:
 
 
 def winograd_min_input_channels() -> int:
-    """The fewest input channels of a layer that takes the Winograd path (8 by default: with fewer, its tile
-    transforms cost more than the multiply-adds it saves; ``benchmarks/winograd_channels.py``); 0 when the kernel
-    is unused."""
+    """The fewest input channels of a layer that takes the Winograd path (8 by default, or
+    ``CRD_JAX_WINOGRAD_MIN_CHANNELS`` at start-up: with fewer, its tile transforms cost more than the multiply-adds
+    it saves; ``benchmarks/winograd_channels.py``); 0 when the kernel is unused."""
     return int(_state["lib"].crd_winograd_min_input_channels()) if available() else 0
 
 

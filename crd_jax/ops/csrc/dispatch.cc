@@ -72,11 +72,18 @@ std::atomic<int>& WinogradSetting() {
   return on;
 }
 
-// The fewest input channels a layer needs for the Winograd path (crd_set_winograd_min_input_channels): with fewer,
-// the tile transforms outweigh the saved multiply-adds (benchmarks/winograd_channels.py measures where they cross:
-// between 6 and 8 channels on AVX-512; the flow head's input gradient, 3 -> 16 channels, falls below).
+// The fewest input channels a layer needs for the Winograd path (CRD_JAX_WINOGRAD_MIN_CHANNELS at start-up, then
+// crd_set_winograd_min_input_channels): with fewer, the tile transforms outweigh the saved multiply-adds
+// (benchmarks/winograd_channels.py times both paths by channel count; the flow head's input gradient, 3 -> 16
+// channels, falls below). The forward and fused-decoder passes follow it; the pooled input gradient of the
+// decoder's upsampled channels (ffi_glue.cc: ConvPooledT) does not: its input is a decoder level's output
+// gradient, 16 or more channels (its output channels must be a multiple of 16 for the path at all).
 std::atomic<int>& WinogradMinInputChannels() {
-  static std::atomic<int> channels{8};
+  static std::atomic<int> channels{[] {
+    const char* env = std::getenv("CRD_JAX_WINOGRAD_MIN_CHANNELS");
+    const int v = env != nullptr ? std::atoi(env) : 0;
+    return v > 0 ? v : 8;
+  }()};
   return channels;
 }
 
