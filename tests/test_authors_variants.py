@@ -72,6 +72,45 @@ def test_full_resolution_teacher_continues_through_the_finest_high_features(shif
         np.testing.assert_array_equal(np.asarray(out_f.features[l]), np.asarray(out_h2.features[l]))
 
 
+def test_fusion_head_reads_its_skips_through_the_fused_upsample_concat_op(monkeypatch):
+    """Each decoder level's first conv (and the full head's finest one) reads concat(up(h), skip) as one fused op:
+    the heads' fields and gradients equal those of the stored concatenation and a plain conv (the op swapped for
+    that reference), and the full head makes exactly one fused call more than the half head (its full_0)."""
+    from crd_jax.models import layers
+    from crd_jax.ops.conv import conv
+
+    config = _config(1)
+    real = layers.conv_upsampled_concat
+    calls = []
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    def stored(x, skip, w, b, negative_slope=None):
+        up = layers.upsample_nearest(x, skip.shape[1:-1])
+        return conv(layers.concat([up, skip]), w, b, negative_slope=negative_slope)
+
+    counts = {}
+    for output in ("half", "full"):
+        model, params, batch = _teacher(config, (32, 32, 32), 1, output)
+
+        def loss(p):
+            out = model.apply(p, batch["moving"], batch["fixed"])
+            return jnp.sum(out.disp**2) + sum(jnp.sum(f**2) for f in out.features.values())
+
+        calls.clear()
+        monkeypatch.setattr(layers, "conv_upsampled_concat", counting)
+        value, grads = jax.value_and_grad(loss)(params)
+        counts[output] = len(calls)
+        monkeypatch.setattr(layers, "conv_upsampled_concat", stored)
+        ref_value, ref_grads = jax.value_and_grad(loss)(params)
+        np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
+        for g, r in zip(jax.tree_util.tree_leaves(grads["head"]), jax.tree_util.tree_leaves(ref_grads["head"])):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-3, atol=1e-5 * float(np.abs(r).max()) + 1e-12)
+    assert counts["full"] == counts["half"] + 1 and counts["half"] > 0
+
+
 def test_teacher_output_is_validated_and_pyramid_heads_refuse_full():
     arch = mbuild.architecture(dict(_config().model.to_dict(), teacher_output="quarter"))
     with pytest.raises(ValueError, match="teacher_output"):

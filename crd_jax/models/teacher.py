@@ -96,16 +96,22 @@ class FusionHead(nn.Module):
         fused = fuse_shifted(high, low, self.shift, self.negative_slope, self.fusion_convs)
         h = None
         for lev in sorted(fused, reverse=True):
-            h = fused[lev] if h is None else concat([upsample_nearest(h, fused[lev].shape[1:-1]), fused[lev]])
+            # a level's first conv reads concat(up(h), F^T_l) as one fused op, never stored (the same parameters
+            # as the conv of the concatenation; crd_jax.ops.conv.conv_upsampled_concat)
+            skip = None if h is None else fused[lev]
+            if h is None:
+                h = fused[lev]
+            elif not channels[lev]:
+                h = concat([upsample_nearest(h, skip.shape[1:-1]), skip])
             for m, c in enumerate(channels[lev]):
-                h = Conv(c, negative_slope=self.negative_slope, name=f"dec_{lev}_{m}")(h)
+                h = Conv(c, negative_slope=self.negative_slope, name=f"dec_{lev}_{m}")(h, skip if m == 0 else None)
         if self.full_resolution:
-            # student level 0 sits on high level k: continue through F^H_{k-1} .. F^H_0
+            # student level 0 sits on high level k: continue through F^H_{k-1} .. F^H_0, each conv reading
+            # concat(up(h), F^H_l) fused as above (at full resolution the stored concatenation and its gradient
+            # were most of this head's time)
             for lev in range(self.shift - 1, -1, -1):
                 skip = high[lev]
-                h = Conv(skip.shape[-1], negative_slope=self.negative_slope, name=f"full_{lev}")(
-                    concat([upsample_nearest(h, skip.shape[1:-1]), skip])
-                )
+                h = Conv(skip.shape[-1], negative_slope=self.negative_slope, name=f"full_{lev}")(h, skip)
         flow = FlowHead(name="flow")(h)
         if self.diffeomorphic:
             return ModelOutput(disp=integrate_velocity(flow, self.int_steps), velocity=flow, features=fused)
