@@ -158,10 +158,7 @@ def time_layers(shape, batch, repeats, log=print) -> dict:
 
 def time_steps(shape, batch, repeats, stages, log=print) -> list:
     """Whole steps of ``stages`` (``train_budget.StageTimer``) under each kernel in turn, minimum over rounds."""
-    config = train_budget.pipeline_config(shape, batch=batch)
-    arrays = train_budget._batch(shape, batch, seed=1)
-    plans = train_budget.plan_pipeline(config, shape, batch, stages)
-    timers = {name: train_budget.StageTimer(name, plans[name], config, arrays, 10_000) for name in stages}
+    timers = train_budget.stage_timers(shape, stages, batch)
     for timer in timers.values():  # warm-up
         for what in ("forward", "network", "step"):
             timer.run(what)

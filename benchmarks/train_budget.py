@@ -252,6 +252,15 @@ class StageTimer:
         }
 
 
+def stage_timers(shape, stages, batch: int = 1, seed: int = 1) -> dict:
+    """``{stage: StageTimer}`` of the 128^3-pipeline ``stages`` at ``shape`` (Experiment 2's settings), each
+    compiled under the process's settings at the call, all on one random batch."""
+    config = pipeline_config(shape, batch=batch)
+    data = _batch(shape, batch, seed=seed)
+    plans = plan_pipeline(config, shape, batch, stages)
+    return {st: StageTimer(st, plans[st], config, data, 10_000) for st in stages}
+
+
 #: ``--quick``: XLA's backend optimisation off (a check that everything runs, not a measurement)
 QUICK_OPTIONS = {"xla_backend_optimization_level": 0}
 

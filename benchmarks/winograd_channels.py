@@ -62,10 +62,7 @@ def step_timers(shape, stages):
 
     if not stages:
         return {}
-    config = tb.pipeline_config(shape)
-    data = tb._batch(shape, 1, seed=1)
-    plans = tb.plan_pipeline(config, shape, 1, stages)
-    return {tb.LABELS.get(st, st): tb.StageTimer(st, plans[st], config, data, 10_000) for st in stages}
+    return {tb.LABELS.get(st, st): timer for st, timer in tb.stage_timers(shape, stages).items()}
 
 
 def measure(shape, repeats, stages, log=print):

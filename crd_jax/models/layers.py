@@ -60,6 +60,20 @@ class Conv(nn.Module):
         return conv(x, kernel, bias, stride=self.stride, negative_slope=self.negative_slope)
 
 
+def decoder_level(
+    h: jax.Array, skip: Optional[jax.Array], channels: Sequence[int], level: int, negative_slope: Optional[float]
+) -> jax.Array:
+    """One decoder level of VM and of the FST head: convs ``dec_{level}_{m}`` of ``channels`` on
+    ``concat(upsample_nearest(h), skip)`` (``skip`` None: on ``h`` alone). Call it inside a compact module (the
+    convs are that module's). The first conv reads the concatenation without storing it (the same parameters as
+    a conv of the stored one); a level without convs returns the concatenation."""
+    if skip is not None and not channels:
+        return concat([upsample_nearest(h, skip.shape[1:-1]), skip])
+    for m, c in enumerate(channels):
+        h = Conv(c, negative_slope=negative_slope, name=f"dec_{level}_{m}")(h, skip if m == 0 else None)
+    return h
+
+
 def flow_kernel_init(stddev: float = 1e-5) -> jax.nn.initializers.Initializer:
     """VoxelMorph initialises the flow head near zero so training starts from the identity."""
     return nn.initializers.normal(stddev)

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 
 from crd_jax.compile import run_once
-from crd_jax.models.layers import Conv, concat, upsample_nearest
+from crd_jax.models.layers import Conv, concat, decoder_level
 from crd_jax.models.registrar import downsample_pair
 from crd_jax.models.output import ModelOutput, as_output
 from crd_jax.models.pyramid import PyramidEstimator
@@ -96,15 +96,9 @@ class FusionHead(nn.Module):
         fused = fuse_shifted(high, low, self.shift, self.negative_slope, self.fusion_convs)
         h = None
         for lev in sorted(fused, reverse=True):
-            # a level's first conv reads concat(up(h), F^T_l) as one fused op, never stored (the same parameters
-            # as the conv of the concatenation; crd_jax.ops.conv.conv_upsampled_concat)
+            # the deepest level starts from F^T_l, the others read concat(up(h), F^T_l) fused (decoder_level)
             skip = None if h is None else fused[lev]
-            if h is None:
-                h = fused[lev]
-            elif not channels[lev]:
-                h = concat([upsample_nearest(h, skip.shape[1:-1]), skip])
-            for m, c in enumerate(channels[lev]):
-                h = Conv(c, negative_slope=self.negative_slope, name=f"dec_{lev}_{m}")(h, skip if m == 0 else None)
+            h = decoder_level(fused[lev] if h is None else h, skip, channels[lev], lev, self.negative_slope)
         if self.full_resolution:
             # student level 0 sits on high level k: continue through F^H_{k-1} .. F^H_0, each conv reading
             # concat(up(h), F^H_l) fused as above (at full resolution the stored concatenation and its gradient

@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from crd_jax.models.layers import Conv, concat, flow_kernel_init, upsample_nearest
+from crd_jax.models.layers import Conv, concat, decoder_level, flow_kernel_init
 from crd_jax.models.output import ModelOutput
 from crd_jax.ops.spatial import integrate_velocity
 
@@ -84,12 +84,7 @@ class UNet(nn.Module):
         h = skips[deepest]
         for j, channels in enumerate(self.decoder):
             lev = deepest - j
-            skip = skips[lev] if lev != deepest else None
-            if skip is not None and not channels:
-                h = concat([upsample_nearest(h, skip.shape[1:-1]), skip])
-            for m, c in enumerate(channels):
-                # the first conv of a level reads concat(up(h), skip) without storing it (the same parameters)
-                h = Conv(c, negative_slope=self.negative_slope, name=f"dec_{lev}_{m}")(h, skip if m == 0 else None)
+            h = decoder_level(h, skips[lev] if lev != deepest else None, channels, lev, self.negative_slope)
             features[lev] = h
         return features
 
