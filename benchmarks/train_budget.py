@@ -16,8 +16,9 @@ stage's loss is the project's own (``crd_jax.training.stages.plan_stage``) and t
 (``crd_jax.training.loop.make_train_step``: gradient, global-norm clipping, Adam), so the step column is what
 ``python train.py`` runs.
 
-The split, per stage, all jitted in one process and timed in alternation (every function once per round, the
-minimum over rounds: the machine may be shared):
+The split, per stage, all jitted in one process and timed in alternation (every function twice per round, the
+second call timed, as a training loop calls its step back to back; the minimum over rounds: the machine may be
+shared):
 
 * forward: the stage's loss function with the registration loss replaced by ``mean(disp^2) / 2`` (the networks
   the stage runs, frozen ones included, the field upsampling of a low-resolution model, the distillation terms);
@@ -27,7 +28,8 @@ minimum over rounds: the machine may be shared):
 
 Against the FMA peak (issue 26): the convolutions' useful multiply-adds of each stage's networks, counted from one
 abstract trace of its gradient and the live ones from its forward's jaxpr (:func:`network_flops`: frozen networks
-forward only; equal to XLA's cost analysis of the same stages written with ``lax.conv``, tests/test_train_budget.py),
+forward only; equal to XLA's cost analysis of the same stages written with ``lax.conv``, less the input gradient
+lax computes and discards for a frozen skip's channels, tests/test_train_budget.py),
 over the forward and backward seconds, as a fraction of the FMA peak ``cpu_peak.py``'s probe measures in the same
 process before the stages run (left out where the probe cannot be built).
 
@@ -57,12 +59,15 @@ sys.path.insert(0, str(HERE))
 
 from common import machine, write  # noqa: E402
 
-STAGES = ("vm_h", "vm_l", "coop", "fst", "vm_l_crd", "control")
+#: the 128^3 pipeline in training order; Experiment 2 trains both FST outputs (``model.teacher_output``); S3 here
+#: learns from the half-resolution one (with its teacher cached, S3's step does not depend on which)
+STAGES = ("vm_h", "vm_l", "coop", "fst", "fst_full", "vm_l_crd", "control")
 LABELS = {
     "vm_h": "VM-H",
     "vm_l": "VM-L",
     "coop": "S1 cooperative",
     "fst": "FST teacher (S2)",
+    "fst_full": "FST teacher, full-resolution output (S2)",
     "vm_l_crd": "S3 distill (VM-L-CRD)",
     "control": "control (VM-L, continued)",
     "vm_l_crd_cached": "S3 distill, teacher cached (VM-L-CRD)",  # loss_speed.py's name for the cached variant
@@ -83,6 +88,7 @@ def pipeline_config(shape, shift: int = 1, batch: int = 1, fusion: str = "compac
     c.loss.deformation_grid = "full"
     c.train.batch_size = batch
     c.data.shape = tuple(shape)
+    c.stages.fst_full = stage("teacher", backbone="coop", model={"teacher_output": "full"}, label="FST (full)")
     c.stages.control = stage("baseline", resolution="low", init="vm_l", label="VM-L control")
     c.pipeline = STAGES
     return c
@@ -211,7 +217,7 @@ class StageTimer:
         self.cpu_times = {"forward": [], "network": [], "step": []}  # process CPU seconds, all threads
         self.parameters = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
 
-    def run(self, what: str) -> float:
+    def run(self, what: str, record: bool = True) -> float:
         import jax
 
         params, frozen, batch = self.args
@@ -223,8 +229,9 @@ class StageTimer:
         else:
             jax.block_until_ready(getattr(self, what)(params, frozen, batch))
         dt = time.perf_counter() - t
-        self.times[what].append(dt)
-        self.cpu_times[what].append(time.process_time() - c)
+        if record:
+            self.times[what].append(dt)
+            self.cpu_times[what].append(time.process_time() - c)
         return dt
 
     def result(self) -> dict:
@@ -319,9 +326,13 @@ def measure_jax(
             timers[-1].cpu_times[what].clear()
         what = (" " + variant if variant else "") + (" bf16" if bf16 else "")
         log(f"[{name}{what}] compiled and warmed up in {time.perf_counter() - t:.1f} s")
-    for r in range(repeats):  # rounds: every stage's three functions once, in turn
+    for r in range(repeats):  # rounds: every stage's three functions in turn
         for timer in timers:
             for what in ("forward", "network", "step"):
+                # twice, the second timed: a function called right after a different one maps its buffers afresh
+                # and pays the page faults (VM-H's network gradient took 1.0 s instead of 0.5 s after other
+                # functions, all of it system time), which a training loop, calling its step back to back, never does
+                timer.run(what, record=False)
                 timer.run(what)
         log(
             f"round {r + 1}/{repeats}: "
@@ -477,7 +488,8 @@ def render_peak(rows, peak: float) -> list:
         "on this run's CPU; other tables' peaks were measured on other CPUs): the useful multiply-adds of the "
         "convolutions that run, counted as direct 3^3 convolutions (2 FLOPs each; frozen networks forward only, "
         "weight gradients of the trained ones, input gradients where a derivative flows; the count equals XLA's cost "
-        "analysis of the same stage written with lax.conv), over the forward and backward columns' seconds. So % "
+        "analysis of the same stage written with lax.conv, less the input gradient lax computes and discards for a "
+        "frozen skip's channels), over the forward and backward columns' seconds. So % "
         "of peak is direct-convolution-equivalent throughput, not how busy the FMA units were: the Winograd layers "
         "and the decoder's coarse backward do fewer multiply-adds than counted, and everything else the networks do "
         "(activations, upsampling, concatenation, the distillation terms) is in the seconds but not in the count.",
@@ -502,7 +514,7 @@ def render(rows, torch_rows, shape, batch, steps, repeats, conv, previous=None, 
         f"Training budget at {size}, n = 2, batch {batch}, FST head `{fusion}`, eq. 8 on the full grid "
         f"(Experiment 2's settings); {m.get('cpu', m.get('processor', ''))}, {m['cpus']} "
         f"cores; crd-jax convolution: {conv}. Seconds per step, minimum of {repeats} rounds in which every "
-        "function ran once in turn (one process); forward and backward: the stage's networks; loss: "
+        "function ran twice in turn, the second call timed (one process); forward and backward: the stage's networks; loss: "
         "the full step minus the networks' forward + backward (warp, NCC 9^3, grad-L2 at the full resolution, "
         "forward and backward, and Adam). Regenerate: `python benchmarks/train_budget.py"
         + (" --bf16`." if any(r.get("precision") == "bf16" for r in rows) else "`."),
@@ -673,6 +685,7 @@ def recording_layers(calls: list, mark: bool = False):
                 "slope": negative_slope,
                 "trained": differentiated(w),
                 "d_inputs": (low.shape[-1] if differentiated(low) else 0) + (skip.shape[-1] if differentiated(skip) else 0),
+                "d_skip": differentiated(skip),
             }
         )
         return marked(real_upcat)(low, skip, w, b, negative_slope=negative_slope)
