@@ -268,6 +268,9 @@ def stage_timers(shape, stages, batch: int = 1, seed: int = 1) -> dict:
     return {st: StageTimer(st, plans[st], config, data, 10_000) for st in stages}
 
 
+#: calls of each function per round, the last one timed (see :func:`measure_jax`)
+CALLS_PER_ROUND = 2
+
 #: ``--quick``: XLA's backend optimisation off (a check that everything runs, not a measurement)
 QUICK_OPTIONS = {"xla_backend_optimization_level": 0}
 
@@ -332,7 +335,8 @@ def measure_jax(
                 # twice, the second timed: a function called right after a different one maps its buffers afresh
                 # and pays the page faults (VM-H's network gradient took 1.0 s instead of 0.5 s after other
                 # functions, all of it system time), which a training loop, calling its step back to back, never does
-                timer.run(what, record=False)
+                for _ in range(CALLS_PER_ROUND - 1):
+                    timer.run(what, record=False)
                 timer.run(what)
         log(
             f"round {r + 1}/{repeats}: "
@@ -507,25 +511,38 @@ def render_peak(rows, peak: float) -> list:
     return lines
 
 
-def render(rows, torch_rows, shape, batch, steps, repeats, conv, previous=None, fusion="compact", peak=0.0) -> str:
-    m = machine()
+def render(payload: dict) -> str:
+    """The tables of a run from its JSON (``--render`` rebuilds them): seconds per step split into forward,
+    backward and loss, the networks' and the whole step's ratio to the forward, the projected hours."""
+    rows, torch_rows, m = payload["rows"], payload["torch_rows"], payload["machine"]
+    shape, batch, steps, repeats = payload["shape"], payload["batch"], payload["steps_per_stage"], payload["repeats"]
+    conv, peak = payload["conv"], payload.get("fma_peak_gflops", 0.0)
     size = "x".join(map(str, shape))
+    # runs before the FST head was an option recorded no setting (nor ran Experiment 2's)
+    settings = (
+        f", FST head `{payload['fusion']}`, eq. 8 on the full grid (Experiment 2's settings)" if "fusion" in payload else ""
+    )
     lines = [
-        f"Training budget at {size}, n = 2, batch {batch}, FST head `{fusion}`, eq. 8 on the full grid "
-        f"(Experiment 2's settings); {m.get('cpu', m.get('processor', ''))}, {m['cpus']} "
+        f"Training budget at {size}, n = 2, batch {batch}{settings}; {m.get('cpu', m.get('processor', ''))}, {m['cpus']} "
         f"cores; crd-jax convolution: {conv}. Seconds per step, minimum of {repeats} rounds in which every "
-        "function ran twice in turn, the second call timed (one process); forward and backward: the stage's networks; loss: "
+        + (
+            "function ran twice in turn, the second call timed"
+            if payload.get("calls_per_round", 1) == 2  # older runs timed every function's one call per round
+            else "function ran once in turn"
+        )
+        + " (one process); forward and backward: the stage's networks; loss: "
         "the full step minus the networks' forward + backward (warp, NCC 9^3, grad-L2 at the full resolution, "
         "forward and backward, and Adam). Regenerate: `python benchmarks/train_budget.py"
         + (" --bf16`." if any(r.get("precision") == "bf16" for r in rows) else "`."),
         "",
-        f"| Stage | Forward (s) | Backward (s) | Loss (s) | Step (s) | Step / forward | Loss share | Hours per {steps:,} steps |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| Stage | Forward (s) | Backward (s) | Loss (s) | Step (s) | Networks / forward | Step / forward | Loss share "
+        f"| Hours per {steps:,} steps |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     total, cached = {}, None
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | | |")
             continue
         h = hours(r["step_s"], steps)
         if r.get("variant") == CACHED:
@@ -534,11 +551,12 @@ def render(rows, torch_rows, shape, batch, steps, repeats, conv, previous=None, 
             total[_total_key(r)] = total.get(_total_key(r), 0.0) + h
         lines.append(
             f"| {r['label']} | {r['forward_s']:.3f} | {r['backward_s']:.3f} | {r['loss_s']:.3f} | "
-            f"{r['step_s']:.3f} | {r['step_s'] / r['forward_s']:.1f}x | {r['loss_s'] / r['step_s']:.0%} | {h:.1f} |"
+            f"{r['step_s']:.3f} | {r['network_s'] / r['forward_s']:.1f}x | {r['step_s'] / r['forward_s']:.1f}x | "
+            f"{r['loss_s'] / r['step_s']:.0%} | {h:.1f} |"
         )
     for variant, h in total.items():
         count = sum(1 for r in rows if _total_key(r) == variant and "error" not in r)
-        lines.append(f"| **Pipeline ({count} stages{', ' + variant if variant else ''})** | | | | | | | **{h:.1f}** |")
+        lines.append(f"| **Pipeline ({count} stages{', ' + variant if variant else ''})** | | | | | | | | **{h:.1f}** |")
     s3 = next((r for r in rows if r["stage"] == "vm_l_crd" and _total_key(r) in ("", "after") and "error" not in r), None)
     if cached is not None and s3 is not None:
         fill = cache_fill_hours(s3, cached)
@@ -546,7 +564,7 @@ def render(rows, torch_rows, shape, batch, steps, repeats, conv, previous=None, 
         with_cache = total[variant] - hours(s3["step_s"], steps) + hours(cached["step_s"], steps) + fill
         lines.append(
             f"| **Pipeline, S3's teacher cached** (+ {fill:.2f} h: {CACHE_PAIRS} teacher forwards fill the "
-            f"cache) | | | | | | | **{with_cache:.1f}** |"
+            f"cache) | | | | | | | | **{with_cache:.1f}** |"
         )
         lines += [
             "",
@@ -1079,6 +1097,7 @@ def main(argv=None):
     )
     p.add_argument("--torch-repeats", type=int, default=None)
     p.add_argument("--profile", action="store_true", help="the attribution tables -> results/train_profile.{md,json}")
+    p.add_argument("--render", type=Path, metavar="JSON", help="rebuild a run's tables from its JSON")
     p.add_argument("--render-profile", type=Path, metavar="JSON", help="rebuild the profile's tables from its JSON")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--torch-child", choices=("vm_h", "vm_l"), help=argparse.SUPPRESS)
@@ -1091,6 +1110,10 @@ def main(argv=None):
     if args.render_profile:
         payload = json.loads(args.render_profile.read_text())
         write(args.out or args.render_profile.with_suffix(""), payload, render_profile(payload))
+        return 0
+    if args.render:
+        payload = json.loads(args.render.read_text())
+        write(args.out or args.render.with_suffix(""), payload, render(payload))
         return 0
     if args.profile:
         payload = profile(shape, args.batch, repeats)
@@ -1133,7 +1156,6 @@ def main(argv=None):
         else:
             for model in ("vm_h", "vm_l"):
                 torch_rows.append(run_torch(model, shape, args.torch_repeats or repeats))
-    md = render(rows, torch_rows, shape, args.batch, args.steps, repeats, conv, fusion=args.fusion, peak=peak)
     payload = {
         "machine": machine(),
         "conv": conv,
@@ -1142,6 +1164,7 @@ def main(argv=None):
         "shape": list(shape),
         "batch": args.batch,
         "repeats": repeats,
+        "calls_per_round": CALLS_PER_ROUND,
         "fusion": args.fusion,
         "steps_per_stage": args.steps,
         "rows": rows,
@@ -1170,7 +1193,7 @@ def main(argv=None):
         payload["pipeline_hours"][f"{key} with S3's teacher cached".strip()] = (
             payload["pipeline_hours"][key] - hours(s3[0]["step_s"], args.steps) + hours(cached[0]["step_s"], args.steps) + fill
         )
-    write(args.out or HERE / "results" / ("train_budget_bf16" if args.bf16 else "train_budget"), payload, md)
+    write(args.out or HERE / "results" / ("train_budget_bf16" if args.bf16 else "train_budget"), payload, render(payload))
     return 0
 
 

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_quick_run_writes_the_split_and_the_projected_hours_and_with_bf16_both_precisions(tmp_path):
     """One process: the float32 table, and where the CPU runs bfloat16 (AVX512-BF16 or AMX), ``--bf16``'s rows
-    timed in the same rounds."""
+    timed in the same rounds; ``--render`` rebuilds the tables from the JSON."""
     from crd_jax.ops import native
 
     bf16 = native.has_bf16()
@@ -29,6 +29,12 @@ def test_quick_run_writes_the_split_and_the_projected_hours_and_with_bf16_both_p
     assert row["step_s"] > 0 and row["network_s"] >= row["forward_s"]
     assert abs(payload["pipeline_hours"][""] - row["step_s"] * 10_000 / 3600) < 1e-9
     assert "| VM-L |" in text and "Hours per 10,000 steps" in text and "**Pipeline (1 stages)**" in text
+    # the networks' ratio (forward + backward over forward) beside the step's
+    ratios = f"| {row['network_s'] / row['forward_s']:.1f}x | {row['step_s'] / row['forward_s']:.1f}x |"
+    assert "| Networks / forward | Step / forward |" in text and ratios in text
+    # --render rebuilds the same tables from the JSON, in a fresh process
+    run_script("train_budget.py", "--render", str(tmp_path / "budget.json"), "--out", str(tmp_path / "again"), timeout=300)
+    assert (tmp_path / "again.md").read_text() == text
     assert row["forward_gflop"] > 0 and row["backward_gflop"] > 0 and payload["fma_peak_gflops"] > 0
     assert "| Stage | Forward GFLOP | Forward GFLOP/s | % of peak |" in text
     if not bf16:
