@@ -304,6 +304,32 @@ def test_winograd_needs_enough_input_channels_by_default(winograd_switch):
     assert native.set_winograd_min_input_channels(0) == 1  # never below one channel
 
 
+def test_the_pooled_input_gradient_follows_the_winograd_threshold(winograd_switch):
+    """The decoder's upsampled channels' input gradient (the pooled Winograd pass, whose input is the layer's
+    output gradient) takes the threshold as the other passes do: a layer of 4 output channels gets the coarse
+    correlation by default and the pooled pass only with the threshold lowered; both gradients equal lax's."""
+    from crd_jax.ops.conv import _upsampled_concat
+
+    winograd_switch(True)
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(4), 4)
+    low, skip = jax.random.normal(k1, (1, 3, 4, 5, 16)), jax.random.normal(k2, (1, 6, 8, 10, 2))
+    w, r = jax.random.normal(k3, (3, 3, 3, 18, 4)) * 0.3, jax.random.normal(k4, (1, 6, 8, 10, 4))
+
+    def loss(conv_fn):
+        return lambda low, w: jnp.sum(conv_fn(low, w) * r)
+
+    fused = loss(lambda low, w: conv_upsampled_concat(low, skip, w, jnp.zeros(4), negative_slope=0.2))
+    ref = jax.grad(
+        loss(lambda low, w: conv_reference(_upsampled_concat(low, skip), w, jnp.zeros(4), negative_slope=0.2)), (0, 1)
+    )(low, w)
+    for threshold, pooled in ((8, False), (4, True)):
+        native.set_winograd_min_input_channels(threshold)
+        grad = jax.jit(jax.grad(fused, (0, 1)))  # traced afresh under this threshold
+        assert ("crd_conv_pooled_t" in grad.lower(low, w).as_text()) == pooled, threshold
+        for g, g_ref in zip(grad(low, w), ref):
+            np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4 * float(np.abs(g_ref).max()))
+
+
 def test_the_winograd_threshold_follows_the_environment_at_start_up():
     import os
     import subprocess

@@ -486,7 +486,9 @@ def _coarse_fits(low, skip) -> bool:
 def _pooled_winograd_applies(low, dz, w_low, padding, bf16) -> bool:
     """Whether the upsampled channels' input gradient runs as ``csrc/ffi_glue.cc: ConvPooledT`` (Winograd with the
     outputs of each 2x2x2 tile summed): 3-D, a 3^3 kernel with padding 1, float32 (not bfloat16 training), the
-    low channels a multiple of 16, at most 128 output channels, and the Winograd path on (AVX-512)."""
+    low channels a multiple of 16, the layer's output channels (this pass's input) from
+    :func:`crd_jax.ops.native.winograd_min_input_channels` to 128, and the Winograd path on (AVX-512). Decided
+    when the gradient is traced, so a threshold set later applies to functions compiled after it."""
     from crd_jax.ops import native
 
     return (
@@ -495,7 +497,7 @@ def _pooled_winograd_applies(low, dz, w_low, padding, bf16) -> bool:
         and tuple(tuple(p) for p in padding) == ((1, 1),) * 3
         and not bf16
         and low.shape[-1] % 16 == 0
-        and dz.shape[-1] <= 128
+        and native.winograd_min_input_channels() <= dz.shape[-1] <= 128
         and dz.dtype == jnp.float32
         and upcat_backward() in ("coarse", "coarse_fused_skip", "coarse_split")
         and native.winograd()

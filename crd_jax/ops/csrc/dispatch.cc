@@ -75,9 +75,9 @@ std::atomic<int>& WinogradSetting() {
 // The fewest input channels a layer needs for the Winograd path (CRD_JAX_WINOGRAD_MIN_CHANNELS at start-up, then
 // crd_set_winograd_min_input_channels): with fewer, the tile transforms outweigh the saved multiply-adds
 // (benchmarks/winograd_channels.py times both paths by channel count; the flow head's input gradient, 3 -> 16
-// channels, falls below). The forward and fused-decoder passes follow it; the pooled input gradient of the
-// decoder's upsampled channels (ffi_glue.cc: ConvPooledT) does not: its input is a decoder level's output
-// gradient, 16 or more channels (its output channels must be a multiple of 16 for the path at all).
+// channels, falls below). The forward and fused-decoder passes follow it here, at run time; the pooled input
+// gradient of the decoder's upsampled channels (ffi_glue.cc: ConvPooledT) follows it where its call is chosen,
+// when the gradient is traced (conv.py: _pooled_winograd_applies).
 std::atomic<int>& WinogradMinInputChannels() {
   static std::atomic<int> channels{[] {
     const char* env = std::getenv("CRD_JAX_WINOGRAD_MIN_CHANNELS");
