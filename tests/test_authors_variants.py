@@ -74,8 +74,9 @@ def test_full_resolution_teacher_continues_through_the_finest_high_features(shif
 
 def test_fusion_head_reads_its_skips_through_the_fused_upsample_concat_op(monkeypatch):
     """Each decoder level's first conv (and the full head's finest one) reads concat(up(h), skip) as one fused op:
-    the heads' fields and gradients equal those of the stored concatenation and a plain conv (the op swapped for
-    that reference), and the full head makes exactly one fused call more than the half head (its full_0)."""
+    the heads' fields, and the gradients of every head parameter (the fusion layers', where the skips' gradients
+    land, included) of a loss on the field, equal those of the stored concatenation and a plain conv (the op
+    swapped for that reference); the full head makes exactly one fused call more than the half head (its full_0)."""
     from crd_jax.models import layers
     from crd_jax.ops.conv import conv
 
@@ -94,20 +95,31 @@ def test_fusion_head_reads_its_skips_through_the_fused_upsample_concat_op(monkey
     counts = {}
     for output in ("half", "full"):
         model, params, batch = _teacher(config, (32, 32, 32), 1, output)
+        shape = model.apply(params, batch["moving"], batch["fixed"]).disp.shape
+        r = jax.random.normal(jax.random.PRNGKey(7), shape)
 
-        def loss(p):
-            out = model.apply(p, batch["moving"], batch["fixed"])
-            return jnp.sum(out.disp**2) + sum(jnp.sum(f**2) for f in out.features.values())
+        def field(p):
+            return model.apply(p, batch["moving"], batch["fixed"]).disp
+
+        def loss(p):  # the field alone (the distilled features are fused before the decoder: the op never sees them)
+            return jnp.sum(field(p) * r)
 
         calls.clear()
         monkeypatch.setattr(layers, "conv_upsampled_concat", counting)
-        value, grads = jax.value_and_grad(loss)(params)
-        counts[output] = len(calls)
+        disp, grads = field(params), jax.grad(loss)(params)
+        counts[output] = len(calls) // 2  # the field, then its gradient's trace
         monkeypatch.setattr(layers, "conv_upsampled_concat", stored)
-        ref_value, ref_grads = jax.value_and_grad(loss)(params)
-        np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
-        for g, r in zip(jax.tree_util.tree_leaves(grads["head"]), jax.tree_util.tree_leaves(ref_grads["head"])):
-            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-3, atol=1e-5 * float(np.abs(r).max()) + 1e-12)
+        ref_disp, ref_grads = field(params), jax.grad(loss)(params)
+        scale = float(np.abs(ref_disp).max())
+        assert scale > 0
+        np.testing.assert_allclose(np.asarray(disp), np.asarray(ref_disp), rtol=1e-4, atol=1e-5 * scale)
+        leaves, ref_leaves = jax.tree_util.tree_leaves_with_path(grads["head"]), jax.tree_util.tree_leaves(ref_grads["head"])
+        assert any("fuse" in jax.tree_util.keystr(k) for k, _ in leaves)  # the skips' gradients land in the fusion
+        for (key, g), ref in zip(leaves, ref_leaves):
+            assert float(np.abs(ref).max()) > 0, key
+            np.testing.assert_allclose(
+                np.asarray(g), np.asarray(ref), rtol=1e-3, atol=1e-4 * float(np.abs(ref).max()), err_msg=str(key)
+            )
     assert counts["full"] == counts["half"] + 1 and counts["half"] > 0
 
 
