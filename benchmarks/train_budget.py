@@ -165,8 +165,13 @@ def plan_pipeline(config, shape, batch, stages=STAGES):
     example = {k: jax.device_get(v) for k, v in _batch(shape, batch).items()}
     done, plans = {}, {}
     key = jax.random.PRNGKey(0)
-    last = max(STAGES.index(s) for s in stages)
-    for i, name in enumerate(STAGES[: last + 1]):  # the requested stages and those they read
+    needed = set(stages)  # the requested stages and those they read (init, backbone, teacher), transitively
+    for name in reversed(STAGES):
+        if name in needed:
+            needed |= {v for v in config.stages[name].values() if isinstance(v, str) and v in STAGES}
+    for i, name in enumerate(STAGES):
+        if name not in needed:
+            continue
         plan = plan_stage(name, config.stages[name], config, done, jax.random.fold_in(key, i), example)
         done[name] = Trained(plan.model, plan.full_params(plan.init_params), plan.spec)
         if name in stages:
@@ -526,8 +531,8 @@ def render(payload: dict) -> str:
         f"Training budget at {size}, n = 2, batch {batch}{settings}; {m.get('cpu', m.get('processor', ''))}, {m['cpus']} "
         f"cores; crd-jax convolution: {conv}. Seconds per step, minimum of {repeats} rounds in which every "
         + (
-            "function ran twice in turn, the second call timed"
-            if payload.get("calls_per_round", 1) == 2  # older runs timed every function's one call per round
+            f"function ran {payload['calls_per_round']} times in turn, the last call timed"
+            if payload.get("calls_per_round", 1) > 1  # older runs timed every function's one call per round
             else "function ran once in turn"
         )
         + " (one process); forward and backward: the stage's networks; loss: "
@@ -594,7 +599,7 @@ def render(payload: dict) -> str:
                 f"{r['step_s']:.3f} | {ratio} |"
             )
     lines += render_peak(rows, peak)
-    lines += render_bf16(rows)
+    lines += render_bf16(rows, payload.get("bf16_engine", ""), payload.get("winograd_min_input_channels"))
     return "\n".join(lines) + "\n"
 
 
@@ -615,19 +620,20 @@ def bf16_pairs(rows):
     ]
 
 
-def render_bf16(rows) -> list:
-    """The ``--bf16`` table: bfloat16 / float32 seconds per step, forward and backward, wall clock and CPU."""
+def render_bf16(rows, engine: str, winograd_min_channels=None) -> list:
+    """The ``--bf16`` table: bfloat16 / float32 seconds per step, forward and backward, wall clock and CPU;
+    ``engine`` and ``winograd_min_channels``: the run's bf16 engine and Winograd input-channel threshold (runs
+    before the threshold existed recorded none: every such layer ran Winograd)."""
     pairs = bf16_pairs(rows)
     if not pairs:
         return []
-    from crd_jax.ops import native
-
+    threshold = f" and at least {winograd_min_channels} input channels" if winograd_min_channels else ""
     lines = [
         "",
-        f"bfloat16 training (`train.bf16`, {native.describe_bf16() or 'no bf16 engine'}) against float32, timed in the "
+        f"bfloat16 training (`train.bf16`, {engine or 'no bf16 engine'}) against float32, timed in the "
         "same rounds: ratios under 1 mean bfloat16 is faster. CPU: the process's CPU seconds per call (all threads; "
         "the minimum over rounds), less exposed than wall clock to other processes on a shared machine. In float32, "
-        "stride-1 3^3 layers with 16k output channels run Winograd F(2x2x2, 3x3x3) (64 instead of 216 multiply-adds "
+        f"stride-1 3^3 layers with 16k output channels{threshold} run Winograd F(2x2x2, 3x3x3) (64 instead of 216 multiply-adds "
         "per 8 outputs); the bfloat16 kernels are direct convolutions (twice the multiply-adds per instruction on "
         "AVX512-BF16), so they take those layers off Winograd.",
         "",
@@ -1184,6 +1190,7 @@ def main(argv=None):
             for a, b in bf16_pairs(rows)
         ],
         "bf16_engine": native.describe_bf16(),
+        "winograd_min_input_channels": native.winograd_min_input_channels(),
     }
     cached = [r for r in rows if r.get("variant") == CACHED and "error" not in r]
     s3 = [r for r in rows if r["stage"] == "vm_l_crd" and _total_key(r) in ("", "after") and "error" not in r]
