@@ -18,7 +18,9 @@ across lends; ``benchmarks/gpu_science.sh`` is the command to run there (it inst
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -87,8 +89,6 @@ def time_steps(config, budget_s: float) -> dict:
 
 def restore(state_dir: Path, workdir: Path) -> bool:
     """The run folder from ``state_dir``'s archive parts (whatever is in ``workdir`` goes first)."""
-    import shutil
-
     shutil.rmtree(workdir, ignore_errors=True)
     parts = sorted(state_dir.glob("state.tar.gz*")) if state_dir.is_dir() else []
     if not parts:
@@ -149,6 +149,9 @@ def main():
             f"{args.data}: no prepared data (python benchmarks/gpu_science_data.py{' --small' if args.small else ''})"
         )
     work = Path(tempfile.mkdtemp(prefix="crd_gpu_science_")) / "run"
+    # what a call keeps goes into $OUT (pack); the run folder goes when the process ends, or every call (and every
+    # dry run of the tests) would leave its checkpoints in the temporary folder
+    atexit.register(shutil.rmtree, work.parent, ignore_errors=True)
     resumed = restore(args.state, work)
     run_args = crd_experiment.parser().parse_args([])
     # one data path on every machine: the run folder remembers its config, and a moved data root is a change

@@ -107,7 +107,8 @@ def render(payload) -> str:
         f"channels in multiples of 16 (threshold 1); default: only with at least {payload['default_threshold']} input "
         f"channels, the direct kernel below (rows at or above the threshold run the same code in both columns); "
         f"direct: no Winograd in forward and input-gradient passes (`native.set_winograd(False)`; weight gradients keep "
-        f"their own kernel choice, `CRD_JAX_WGRAD`, Winograd-domain on VM's wide layers). Each function compiled once, every round runs it under the three settings in turn; "
+        f"their own kernel choice, `CRD_JAX_WGRAD`, Winograd-domain on VM's wide layers). Each function compiled "
+        f"once, every round runs it under the three settings in turn; "
         f"minimum of {payload['repeats']} rounds. Regenerate: `{payload['command']}`.",
         "",
         "| Layer or step | Everywhere (ms) | Default (ms) | Direct (ms) | Direct / everywhere | Everywhere / default |",

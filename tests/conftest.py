@@ -2,13 +2,15 @@ import os
 
 # Tests run on the CPU with float32, whatever machine runs them.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# crd-jax's compilation and shape caches go to a folder of this test session, not the user's home; removed when
-# the session ends (pytest_unconfigure), or every run would leave ~15 MB in the temporary folder.
-_SESSION_CACHE = None
+# crd-jax's compilation and shape caches go to a folder of this test session, not the user's home. This folder and
+# the XLA cache's below are removed when the session ends (pytest_unconfigure): every run left ~15 MB and ~70 MB.
+# Only the process that made a folder removes it (xdist's workers inherit the variables, not the folders).
+_SESSION_FOLDERS = []
 if "CRD_JAX_CACHE_DIR" not in os.environ:
     import tempfile
 
-    _SESSION_CACHE = os.environ["CRD_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="crd-jax-test-cache-")
+    _SESSION_FOLDERS.append(tempfile.mkdtemp(prefix="crd-jax-test-cache-"))
+    os.environ["CRD_JAX_CACHE_DIR"] = _SESSION_FOLDERS[-1]
 # XLA's LLVM backend at optimisation level 0 for the tests' programs (and the commands they start, which inherit
 # it): the tests' arrays are tiny, so compiling is most of their time; level 0 took test_training.py from 213 to
 # 192 CPU seconds and test_models + test_losses from 60 to 48. The HLO passes (fusion, layout: where XLA decides what
@@ -34,10 +36,10 @@ import pytest  # noqa: E402
 
 
 def pytest_unconfigure(config):
-    if _SESSION_CACHE is not None:
-        import shutil
+    import shutil
 
-        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+    for folder in _SESSION_FOLDERS:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +106,8 @@ if os.environ.get("CRD_JAX_TEST_XLA_CACHE", "1") != "0" and os.environ["CRD_JAX_
     if "CRD_JAX_TEST_XLA_DIR" not in os.environ:
         import tempfile
 
-        os.environ["CRD_JAX_TEST_XLA_DIR"] = tempfile.mkdtemp(prefix="crd-jax-test-xla-")
+        _SESSION_FOLDERS.append(tempfile.mkdtemp(prefix="crd-jax-test-xla-"))
+        os.environ["CRD_JAX_TEST_XLA_DIR"] = _SESSION_FOLDERS[-1]
     jax.config.update("jax_compilation_cache_dir", os.environ["CRD_JAX_TEST_XLA_DIR"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

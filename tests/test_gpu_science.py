@@ -1,6 +1,7 @@
 """``bash benchmarks/gpu_science.sh --small``: the GPU science script's dry run on CPU, as a user runs it (two
 fresh processes, files on disk): it times steps, trains into its deadline, stops cleanly with a checkpoint,
-returns its state in at most 8 files, and the next call resumes from that state."""
+returns its state in at most 8 files, and the next call resumes from that state; neither leaves its run folder in
+the temporary folder."""
 
 import json
 import os
@@ -17,7 +18,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def _call(tmp_path, out, *args):
-    env = dict(os.environ, OUT=str(out), GPU_SCIENCE_DIR=str(tmp_path / "gs"), PYTHON=sys.executable)
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    env = dict(
+        os.environ, OUT=str(out), GPU_SCIENCE_DIR=str(tmp_path / "gs"), PYTHON=sys.executable, TMPDIR=str(tmp_path / "tmp")
+    )
     proc = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_science.sh"), "--small", *args],
         cwd=ROOT,
@@ -56,6 +60,8 @@ def test_small_dry_run_stops_at_its_deadline_and_the_next_call_resumes(tmp_path)
         return TEACHER_PIPELINE.index(at["stage"]), at["step"]
 
     assert where(second) > where(first)
+    # each call's run folder went with its process (its state is in $OUT); the data link stays for the next call
+    assert [p.name for p in (tmp_path / "tmp").glob("crd_gpu_science_*") if not p.is_symlink()] == []
 
 
 def test_pack_and_restore_round_trip_in_parts(tmp_path, monkeypatch):
