@@ -136,6 +136,32 @@ def save_model(directory: Path, params: Params, spec: Dict[str, Any], overwrite:
             shutil.rmtree(old, ignore_errors=True)  # the replaced crd-jax model folder (checked above)
 
 
+def check_model_destination(directory: Union[str, os.PathLike], overwrite: bool) -> Path:
+    """What :func:`save_model` will refuse, checked before a command computes anything: ``directory`` must be new,
+    or a crd-jax model folder with ``overwrite`` set (nothing else is ever replaced). Returns it as an absolute
+    path."""
+    from crd_jax.outputs import check_writable_folder
+
+    directory = check_writable_folder(directory, "model folder")
+    if directory.exists() or directory.is_symlink():
+        if not directory.is_dir():
+            raise InputError(directory, "exists and is not a folder; nothing was changed")
+        if not is_model_folder(directory):
+            raise InputError(directory, "exists and is not a crd-jax model folder; nothing was changed (choose a new folder)")
+        if not overwrite:
+            raise InputError(directory, "a model folder exists there; pass --overwrite to replace it")
+    return directory
+
+
+def copy_model(source: Path, directory: Path, overwrite: bool = False) -> None:
+    """The model folder crd-jax wrote at ``source`` written again at ``directory``, under :func:`save_model`'s
+    rules (atomic; only a crd-jax model folder is replaced, and only with ``overwrite``)."""
+    spec = json.loads((Path(source) / MODEL_JSON).read_text())
+    spec.pop("format_version", None)
+    params = serialization.msgpack_restore((Path(source) / PARAMS_FILE).read_bytes())
+    save_model(directory, params, spec, overwrite=overwrite)
+
+
 def _replace_in_place(directory: Path, params, spec: Dict[str, Any]) -> None:
     """``params.msgpack`` and ``model.json`` of an existing model folder replaced, each written beside and
     renamed over the old one; every other file in the folder is left as it is."""

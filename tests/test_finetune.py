@@ -76,9 +76,13 @@ def test_the_finetune_walkthrough_runs_as_written_and_improves_held_back_dice(tm
 @pytest.mark.slow
 def test_finetune_refuses_bad_arguments_with_one_line(tmp_path):
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("a user's own file")
     for args, needle in (
         (["--images", str(tmp_path / "nope"), "--out", str(tmp_path / "m")], "is not a folder"),
-        (["--images", str(tmp_path), "--out", str(tmp_path / "out")], "exists"),
+        (["--images", str(tmp_path), "--out", str(tmp_path / "out")], "not a crd-jax model folder"),
+        # --overwrite replaces a model folder only: a folder of anything else, or a file, stays as it is
+        (["--images", str(tmp_path), "--out", str(tmp_path / "out"), "--overwrite"], "not a crd-jax model folder"),
+        (["--images", str(tmp_path), "--out", str(tmp_path / "out" / "notes.txt"), "--overwrite"], "is a file"),
         (["--images", str(tmp_path), "--out", str(tmp_path / "m"), "--steps", "0"], "--steps"),
     ):
         proc = subprocess.run(
@@ -87,3 +91,5 @@ def test_finetune_refuses_bad_arguments_with_one_line(tmp_path):
         assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+    assert (tmp_path / "out" / "notes.txt").read_text() == "a user's own file"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from crd_jax.cli import options
-from crd_jax.errors import InputError
 
 if TYPE_CHECKING:
     import argparse
@@ -35,14 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from crd_jax.interop import official
     from crd_jax.interop.torch_legacy import load_legacy_checkpoint
-    from crd_jax.outputs import check_writable_folder
-    from crd_jax.model_io import is_model_folder, save_model
+    from crd_jax.model_io import check_model_destination, save_model
 
-    out = check_writable_folder(args.out, "model folder")
-    if out.exists() and not is_model_folder(out):
-        raise InputError(out, "exists and is not a crd-jax model folder; nothing was changed (choose a new folder)")
-    if out.exists() and not args.overwrite:
-        raise InputError(out, "a model folder exists there; pass --overwrite to replace it")
+    out = check_model_destination(args.out, args.overwrite)
     state = load_legacy_checkpoint(args.checkpoint)
     params, spec = official.convert(state, args.kind, source=args.checkpoint)
     spec["source"] = str(args.checkpoint)

@@ -4,7 +4,6 @@ in the model's own space and preprocessing (:mod:`crd_jax.training.finetune`), w
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--workdir", default="", help="checkpoints and logs; re-running resumes there (default: <out>.work beside --out)"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a crd-jax model folder at --out (nothing else is replaced)")
     p.set_defaults(func=run)
 
 
@@ -70,9 +69,10 @@ def run(args: argparse.Namespace) -> None:
     from crd_jax.errors import InputError
     from crd_jax.training import finetune, pipeline
 
-    out = Path(args.out).absolute()
-    if out.exists() and not args.overwrite:
-        raise InputError(out, "exists; choose another --out or pass --overwrite")
+    from crd_jax.model_io import check_model_destination, copy_model
+
+    # before any training: only a crd-jax model folder is ever replaced (a folder of anything else stays as it is)
+    out = check_model_destination(args.out, args.overwrite)
     images = Path(args.images).absolute()
     if not images.is_dir():
         raise InputError(images, "is not a folder of scans")
@@ -97,11 +97,5 @@ def run(args: argparse.Namespace) -> None:
         pipeline.run(config)
     except InputError as exc:  # this command's option, not the training config's field it set
         raise InputError(OPTIONS.get(exc.source, exc.source), exc.problem) from None
-    trained = Path(config.workdir) / "stages" / "finetune" / "model"
-    staging = out.parent / f".{out.name}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(trained, staging)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    copy_model(Path(config.workdir) / "stages" / "finetune" / "model", out, overwrite=args.overwrite)
     print(f"fine-tuned model -> {out} (register with: crd-jax register --model {out} ...)")
