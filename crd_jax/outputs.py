@@ -11,8 +11,9 @@
   SIGINT deferred so that Ctrl-C cannot cut the set in half;
 * on any error (or Ctrl-C, or SIGTERM when the command line turned it into :class:`Terminated`) the staging
   folder and any folder the set created are removed: the file system is left exactly as it was; a staging
-  folder left by a killed process (SIGKILL) is removed by the next set written beside it (its name carries
-  the process id; only folders of this user whose process has ended are removed);
+  folder left by a killed process (SIGKILL) is removed by the next set written beside it on the same machine
+  (its name carries the machine's tag and the process id; only folders of this user, written on this machine,
+  whose process has ended are removed: on a shared file system another machine's may still be in use);
 * ``family``: every file the command can write there (with other options); with ``overwrite`` those this run
   does not write are removed when the new set lands (no mixed set of two runs), without it they are refused.
 
@@ -203,7 +204,9 @@ class OutputSet:
                 self._created.append(d)
             base = self.folder if self.folder.is_dir() else parent
             remove_stale_staging(base)
-            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.folder.name[:100]}.crd-jax-{os.getpid()}-", dir=base))
+            self.staging = Path(
+                tempfile.mkdtemp(prefix=f".{self.folder.name[:100]}.crd-jax-{host_tag()}-{os.getpid()}-", dir=base)
+            )
         except OSError as exc:
             self._cleanup()
             raise InputError(self.folder, f"cannot write the outputs ({exc.strerror or exc})") from None
@@ -254,7 +257,17 @@ class OutputSet:
                 d.rmdir()
 
 
-_STAGING = re.compile(r"^\..+\.crd-jax-(\d+)-[A-Za-z0-9_]+$")
+_STAGING = re.compile(r"^\..+\.crd-jax-([0-9a-f]{8})-(\d+)-[A-Za-z0-9_]+$")
+
+
+def host_tag() -> str:
+    """Eight hex digits naming this machine (its host name, hashed) in a staging folder's name: on a file system
+    that several machines share (a cluster's output folder), a process id says whether a process is alive only
+    on the machine that wrote it."""
+    import hashlib
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def _alive(pid: int) -> bool:
@@ -268,16 +281,19 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_staging(base: Union[str, os.PathLike]) -> List[Path]:
-    """Removes the staging folders in ``base`` that a killed crd-jax process left behind: hidden folders named
-    ``.<name>.crd-jax-<pid>-<random>``, owned by this user, whose process no longer runs. Returns them."""
+    """Removes the staging folders in ``base`` that a killed crd-jax process of this machine left behind: hidden
+    folders named ``.<name>.crd-jax-<host>-<pid>-<random>``, with this machine's :func:`host_tag`, owned by this
+    user, whose process no longer runs. Another machine's (a shared file system) are never touched: their process
+    may be running there. Returns them."""
     removed = []
     try:
         entries = list(os.scandir(base))
     except OSError:
         return removed
+    here = host_tag()
     for entry in entries:
         match = _STAGING.match(entry.name)
-        if not match or int(match.group(1)) == os.getpid():
+        if not match or match.group(1) != here or int(match.group(2)) == os.getpid():
             continue
         try:
             st = entry.stat(follow_symlinks=False)
@@ -285,7 +301,7 @@ def remove_stale_staging(base: Union[str, os.PathLike]) -> List[Path]:
             continue
         import stat as _stat
 
-        if not _stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or _alive(int(match.group(1))):
+        if not _stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or _alive(int(match.group(2))):
             continue
         shutil.rmtree(entry.path, ignore_errors=True)
         removed.append(Path(entry.path))

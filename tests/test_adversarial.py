@@ -526,7 +526,9 @@ def test_register_overwrite_replaces_the_whole_set_and_keeps_64_bit_labels_on_a_
     (out / "notes.txt").write_text("the user's notes")
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = out / f".out.crd-jax-{dead.pid}-abc123"
+    from crd_jax.outputs import host_tag
+
+    stale = out / f".out.crd-jax-{host_tag()}-{dead.pid}-abc123"
     stale.mkdir()
     (stale / "warped.nii.gz").write_bytes(b"half written")
     big = 2**32 + 21
@@ -594,7 +596,7 @@ def test_thread_count_is_capped_with_one_warning(tmp_path):
 
 def test_output_names_must_be_plain_and_stale_staging_of_dead_processes_is_removed(tmp_path):
     from crd_jax.errors import InputError
-    from crd_jax.outputs import OutputSet, Terminated
+    from crd_jax.outputs import OutputSet, Terminated, host_tag
 
     for bad in ("../x", "/etc/passwd", "..", "a/b", ""):
         with pytest.raises(InputError, match="not a plain file name"):
@@ -602,14 +604,20 @@ def test_output_names_must_be_plain_and_stale_staging_of_dead_processes_is_remov
     assert list(tmp_path.iterdir()) == []
     dead = subprocess.Popen(["true"])
     dead.wait()
-    (tmp_path / f".o.crd-jax-{dead.pid}-zz9").mkdir()
-    live = tmp_path / f".o.crd-jax-{os.getppid()}-zz9"  # a running process's: kept
+    here = host_tag()
+    assert len(here) == 8 and here != "0badf00d"
+    (tmp_path / f".o.crd-jax-{here}-{dead.pid}-zz9").mkdir()
+    live = tmp_path / f".o.crd-jax-{here}-{os.getppid()}-zz9"  # a running process's: kept
     live.mkdir()
+    # another machine's on a shared file system: its process id means nothing here, so it is kept, dead or not
+    elsewhere = tmp_path / f".o.crd-jax-0badf00d-{dead.pid}-zz9"
+    elsewhere.mkdir()
     with pytest.raises(Terminated):  # SIGTERM inside the block: the staging folder goes, nothing is written
         with OutputSet(tmp_path / "o", ["a.txt"]) as stage:
+            assert stage.name.startswith(f".o.crd-jax-{here}-{os.getpid()}-")
             (stage / "a.txt").write_text("x")
             raise Terminated()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, elsewhere.name])
 
 
 def test_images_are_read_into_memory_not_mapped(tmp_path):
