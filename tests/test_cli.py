@@ -350,8 +350,10 @@ def test_evaluate_and_figure_on_synthetic_data(tmp_path, shift_model, capsys):
 # --- the authors' checkpoints ------------------------------------------------------------------------------
 
 
-def _write_legacy(path, state):
-    """A legacy (pre-1.6) torch checkpoint written without torch, as torch.save would lay it out."""
+def _write_legacy(path, state, geometry=None, missing=()):
+    """A legacy (pre-1.6) torch checkpoint written without torch, as torch.save would lay it out; ``geometry``
+    ``{name: (offset, size, stride)}`` and ``missing`` (names whose storage is left out) craft damaged ones."""
+    geometry = geometry or {}
 
     class FloatStorage:
         _torch_name = ("torch", "FloatStorage")
@@ -362,12 +364,13 @@ def _write_legacy(path, state):
     rebuild._torch_name = ("torch._utils", "_rebuild_tensor_v2")
 
     class Tensor:
-        def __init__(self, key, array):
-            self.key, self.array = key, array
+        def __init__(self, key, array, name):
+            self.key, self.array, self.name = key, array, name
 
         def __reduce__(self):
             stride = tuple(s // 4 for s in self.array.strides)
-            return rebuild, (self, 0, self.array.shape, stride, False, collections.OrderedDict())
+            offset, size, stride = geometry.get(self.name, (0, self.array.shape, stride))
+            return rebuild, (self, offset, size, stride, False, collections.OrderedDict())
 
     class Writer(pickle._Pickler):
         def save_global(self, obj, name=None):
@@ -391,13 +394,13 @@ def _write_legacy(path, state):
             return super().save_reduce(func, args, *rest, obj=obj, **kw)
 
     tensors = collections.OrderedDict(
-        (k, Tensor(str(i), np.ascontiguousarray(v, np.float32))) for i, (k, v) in enumerate(state.items())
+        (k, Tensor(str(i), np.ascontiguousarray(v, np.float32), k)) for i, (k, v) in enumerate(state.items())
     )
     with open(path, "wb") as f:
         for header in (MAGIC_NUMBER, 1001, {"little_endian": True}):
             pickle.dump(header, f, protocol=2)
         Writer(f, protocol=2).dump(tensors)
-        keys = sorted(t.key for t in tensors.values())
+        keys = sorted(t.key for k, t in tensors.items() if k not in missing)
         pickle.dump(keys, f, protocol=2)
         by_key = {t.key: t.array for t in tensors.values()}
         for key in keys:
@@ -458,6 +461,40 @@ def test_converter_round_trip_on_a_legacy_file_written_by_the_test(tmp_path, kin
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(InputError, match="truncated"):
         load_legacy_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "geometry, missing, needle",
+    [
+        ({"w": (0, (1000, 1000), (10**9, 1))}, (), "reads element"),  # far outside its storage: crashed the process
+        ({"w": (0, (3, 3), (2, 1))}, (), "reads element"),  # just past the end: read the heap into the weights
+        ({"w": (5, (2,), (1,))}, (), "reads element"),
+        ({"w": (0, (-5,), (1,))}, (), "negative"),
+        ({"w": (0, (2, 2), (-2, 1))}, (), "negative"),
+        ({"w": (-1, (2,), (1,))}, (), "negative"),
+        ({"w": (0, (2**20, 2**20), (0, 0))}, (), "elements"),
+        ({"w": (0, (2, 2), (2,))}, (), "malformed"),
+        ({}, ("w",), "does not hold"),
+    ],
+)
+def test_a_crafted_tensor_geometry_is_refused_before_any_memory_is_read(tmp_path, geometry, missing, needle):
+    """Offsets, sizes and strides come from the file and ``as_strided`` trusts them: each tensor is checked
+    against its storage (4 elements here) first."""
+    path = tmp_path / "crafted.pth"
+    _write_legacy(path, collections.OrderedDict(w=np.arange(4, dtype=np.float32).reshape(2, 2)), geometry, missing)
+    with pytest.raises(InputError, match=needle):
+        load_legacy_checkpoint(path)
+
+
+def test_a_crafted_checkpoint_gets_one_line_from_convert_official(tmp_path):
+    """The file that crashed the command (a segmentation fault reading far outside a 4-element storage), in a
+    fresh process: one line, exit 2, no model folder."""
+    path = tmp_path / "oob.pth"
+    _write_legacy(path, collections.OrderedDict(w=np.zeros((2, 2), np.float32)), {"w": (0, (1000, 1000), (10**9, 1))})
+    cmd = [sys.executable, "-m", "crd_jax", "convert-official", "--checkpoint", str(path), "--kind", "student"]
+    proc = subprocess.run([*cmd, "--out", str(tmp_path / "m")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "reads element" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["oob.pth"]
 
 
 def _official_available():

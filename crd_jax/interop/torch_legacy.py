@@ -85,9 +85,36 @@ class _DataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("unexpected persistent id in a checkpoint header")
 
 
+#: the most elements one tensor may claim (a VM's largest weight has ~60,000; this is ~8 GB of float32)
+MAX_TENSOR_ELEMENTS = 2**31
+
+
+def _checked_geometry(ref: _TensorRef, storages) -> np.ndarray:
+    """The storage a tensor reads, after checking that its offset, sizes and strides (all from the file) stay
+    inside it: ``as_strided`` trusts them, and a crafted file would otherwise read this process's memory (or
+    crash it). Raises ValueError naming the problem."""
+    if ref.storage.key not in storages:
+        raise ValueError(f"a tensor reads storage {ref.storage.key!r}, which the file does not hold")
+    data = storages[ref.storage.key]
+    size, stride = ref.size, ref.stride
+    if len(size) != len(stride) or not all(isinstance(v, int) for v in (ref.offset, *size, *stride)):
+        raise ValueError(f"a tensor's geometry is malformed (size {size}, stride {stride})")
+    if ref.offset < 0 or any(v < 0 for v in size) or any(v < 0 for v in stride):
+        raise ValueError(f"a tensor has a negative offset, size or stride (offset {ref.offset}, size {size}, stride {stride})")
+    if int(np.prod(size, dtype=object)) > MAX_TENSOR_ELEMENTS:
+        raise ValueError(f"a tensor claims {int(np.prod(size, dtype=object)):,} elements (at most {MAX_TENSOR_ELEMENTS:,})")
+    if 0 not in size:
+        last = ref.offset + sum((n - 1) * st for n, st in zip(size, stride))
+        if last >= data.size:
+            raise ValueError(f"a tensor reads element {last:,} of a storage of {data.size:,}")
+    return data
+
+
 def _materialize(obj, storages):
     if isinstance(obj, _TensorRef):
-        data = storages[obj.storage.key]
+        data = _checked_geometry(obj, storages)
+        if 0 in obj.size:
+            return np.zeros(obj.size, data.dtype)
         itemsize = data.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(
             data[obj.offset :], shape=obj.size, strides=tuple(s * itemsize for s in obj.stride)
@@ -135,11 +162,13 @@ def load_legacy_checkpoint(path: Union[str, Path]) -> Dict[str, np.ndarray]:
                 if len(raw) != count * dtype.itemsize:
                     raise InputError(path, "truncated checkpoint (a storage is cut short)")
                 storages[str(key)] = np.frombuffer(raw, dtype=dtype.newbyteorder("<"))
+        return _materialize(obj, storages)
     except InputError:
         raise
+    except ValueError as exc:  # _checked_geometry: the problem in words
+        raise InputError(path, f"damaged checkpoint: {exc}") from None
     except Exception as exc:
         raise InputError(path, f"unreadable checkpoint ({type(exc).__name__}: {exc})") from None
-    return _materialize(obj, storages)
 
 
 def _find_storage(obj, key):
