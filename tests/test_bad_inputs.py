@@ -434,6 +434,21 @@ def test_bad_input_one_line_exit_2_nothing_changed(tmp_path, models, capsys, cas
     assert snapshot(tmp_path) == before
 
 
+def test_an_unwritable_log_file_is_said_once_in_a_fresh_process(tmp_path):
+    """Before any handler was installed, Python's fallback handler printed the logged error a second time (only
+    outside pytest, whose own handler catches it: hence a fresh process)."""
+    import subprocess
+    import sys
+
+    for log in (tmp_path / "no such folder" / "log.txt", tmp_path):  # a missing folder; a folder
+        cmd = [sys.executable, "-m", "crd_jax", "models", "--log", str(log)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"crd-jax: error: {log}: cannot write the log file"), lines
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_at_least_forty_kinds():
     assert len(CASES) + len(TRAIN_CASES) + 4 >= 40  # + disk full, Ctrl-C, concurrent writers, read-only model
 

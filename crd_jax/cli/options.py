@@ -260,6 +260,16 @@ def configure_logging(args: argparse.Namespace, stream: Optional[TextIO] = None)
     console.setLevel(log_level(args, stream))
     console.setFormatter(logging.Formatter("crd-jax: %(message)s"))
     handlers = [console]
+
+    def install(handler):
+        handler._crd_jax_cli = True
+        root.addHandler(handler)
+        root.setLevel(min(h.level for h in handlers))
+
+    # the console first: an unwritable --log is then reported once, by the command line, not also by Python's
+    # fallback handler (a logger without handlers prints its records to stderr)
+    install(console)
+    root.propagate = False
     if getattr(args, "log", None):
         try:
             to_file = logging.FileHandler(args.log, mode="a", encoding="utf-8")
@@ -268,10 +278,6 @@ def configure_logging(args: argparse.Namespace, stream: Optional[TextIO] = None)
         to_file.setLevel(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
         to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handlers.append(to_file)
-    for handler in handlers:
-        handler._crd_jax_cli = True
-        root.addHandler(handler)
-    root.setLevel(min(h.level for h in handlers))
-    root.propagate = False
+        install(to_file)
     logging.getLogger("crd_jax.registration.steps").setLevel(logging.NOTSET)  # --pairs lowers it; a new command resets
     return root
