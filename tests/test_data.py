@@ -259,6 +259,21 @@ def test_normalisation_and_resampling():
     assert pre.image(x.repeat(4, 0).repeat(4, 1)).shape == (4, 4)
 
 
+def test_minmax_of_values_spanning_the_float32_range_is_finite_and_exact():
+    """max - min beyond float32 (an image reaching +-3e38): the map to [0, 1] ran into inf - inf (a RuntimeWarning,
+    then NaN voxels); against float64 arithmetic."""
+    import warnings
+
+    big = np.finfo(np.float32).max
+    x = np.array([-big, -1e38, 0.0, 2e38, big], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = normalize(x, "minmax")
+    expected = (x.astype(np.float64) + float(big)) / (2.0 * float(big))
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
+
+
 # --- pairs and loading ---------------------------------------------------------------------------------
 
 

@@ -44,6 +44,8 @@ def apply_normalize(image: np.ndarray, params: Sequence[float]) -> np.ndarray:
         image = np.clip(image, clip_lo, clip_hi)
     if (lo, hi) == (0.0, 1.0):
         return image
+    if hi - lo > float(np.finfo(np.float32).max):  # a range beyond float32 (values near +-3.4e38)
+        return ((image.astype(np.float64) - lo) / (hi - lo)).astype(np.float32)
     return ((image - np.float32(lo)) * np.float32(1.0 / (hi - lo))).astype(np.float32, copy=False)
 
 
