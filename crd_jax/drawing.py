@@ -227,6 +227,9 @@ def saved_registration(
     def first(*names):
         return next((folder / n for n in names if (folder / n).is_file()), None)
 
+    for key in ("fixed", "moving"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise InputError(folder / "registration.json", f"its {key!r} is not a file name: {record[key]!r:.60}")
     fixed_path, moving_path = fixed_path or record.get("fixed"), moving_path or record.get("moving")
     if not (fixed_path and moving_path):
         raise InputError(folder, "no registration.json naming the fixed and moving images; pass --fixed and --moving")

@@ -417,6 +417,13 @@ def c_figure_existing(tmp, models):
     )
 
 
+def c_figure_from_record_with_a_number_for_a_path(tmp, models):
+    folder = tmp / "r1"
+    folder.mkdir()
+    (folder / "registration.json").write_text('{"fixed": 5, "moving": 6}')
+    return ["figure", "--from", str(folder), "--out", str(tmp / "f.png")], "registration.json", "is not a file name"
+
+
 CASES = [v for k, v in sorted(globals().items()) if k.startswith("c_")]
 
 
