@@ -250,6 +250,58 @@ def test_compact_field_expands_to_the_full_field_within_1e4_voxels(tmp_path, cap
     assert np.abs(a - b).max() < 1e-3
 
 
+def _compact_arrays(tmp_path):
+    """A valid compact file's arrays (a 16^3 grid from an 8^3 model grid, reoriented, with an affine step)."""
+    field = compact.NetworkField(
+        np.full((8, 10, 8, 3), 0.5, np.float32),
+        ((0, 8, 0, 0), (1, 9, 0, 0), (0, 8, 0, 0)),
+        (8, 8, 8),
+        (16, 16, 16),
+        np.array([[0, -1], [1, -1], [2, 1]], np.float64),
+        np.eye(3),
+        np.zeros(3),
+    )
+    compact.save(tmp_path / "good.npz", field, np.diag([2.0, 2.0, 2.0, 1.0]))
+    with np.load(tmp_path / "good.npz", allow_pickle=False) as z:
+        return {k: z[k] for k in z.keys()}
+
+
+@pytest.mark.parametrize(
+    "key, value, needle",
+    [
+        ("format", np.zeros(0, np.int32), "format must be one integer"),
+        ("format", np.array([2], np.int32), "newer than this crd-jax"),
+        ("grid", np.array([100000, 100000, 100000]), "more memory"),  # ran ~60 s, then XLA aborted
+        ("grid", np.array([16, 0, 16]), "grid must be"),
+        ("grid", np.array([16.5, 16, 16]), "grid must be"),
+        ("work", np.array([8, 0, 8]), "work"),
+        ("work", np.array([8, 9, 8]), "window"),  # the windows no longer add up to it: a silently wrong field
+        ("windows", np.array([[0, 8, 0, 0], [5, 20, 0, 0], [0, 8, 0, 0]]), "window"),
+        ("windows", np.array([[0, 8, 0, 0], [1, 9, -1, 1], [0, 8, 0, 0]]), "window"),
+        ("canvas", np.full((8, 10, 8, 3), np.nan, np.float32), "NaN"),
+        ("fixed_affine", np.full((4, 4), np.nan), "finite 4x4"),  # wrote an all-zero image with status 0
+        ("fixed_affine", np.zeros((4, 4)), "singular"),
+        ("orientation", np.array([[0, -1], [7, -1], [2, 1]], np.float64), "orientation"),  # an IndexError traceback
+        ("orientation", np.array([[0, -1], [1, 0], [2, 1]], np.float64), "signs"),
+        ("affine_translation", np.array([0.0, np.inf, 0.0]), "pre-alignment"),
+        ("affine_translation", None, "come together"),
+    ],
+)
+def test_a_damaged_compact_file_is_one_line_before_anything_expands(tmp_path, key, value, needle):
+    from crd_jax.errors import InputError
+
+    arrays = _compact_arrays(tmp_path)
+    good, _ = compact.expand(tmp_path / "good.npz")  # the untouched file expands
+    assert good.shape == (16, 16, 16, 3) and np.isfinite(good).all()
+    if value is None:
+        del arrays[key]
+    else:
+        arrays[key] = value
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(InputError, match=needle):
+        compact.expand(tmp_path / "bad.npz")
+
+
 def test_learn2reg_layout_is_flat_in_the_output_folder(tmp_path, tiny_model, capsys):
     pairs = _pairs(tmp_path, 3)
     out = tmp_path / "sub"

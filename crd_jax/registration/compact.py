@@ -13,8 +13,9 @@ Keys of the file (all numeric): ``format`` (``[FORMAT_VERSION]``), ``canvas`` (t
 ``(*canvas, ndim)`` float32, voxels of the model's grid scaled to the fixed grid's), ``windows``
 (``(ndim, 4)``: the canvas -> model-grid crop and edge padding), ``work`` (the model's grid), ``grid`` (the
 fixed image's shape), ``fixed_affine`` (4x4, the fixed image's NIfTI affine), and optionally ``orientation``
-(the ``(ndim+1)^2`` model-axes -> image-axes transform) and ``affine_matrix`` / ``affine_translation`` (the
-affine pre-alignment, voxels of the fixed grid).
+(``(ndim, 2)``: nibabel's orientation transform, model axes -> image axes, each axis once with a sign) and
+``affine_matrix`` / ``affine_translation`` (the affine pre-alignment, voxels of the fixed grid). :func:`read`
+checks every one of them before anything is expanded.
 """
 
 from __future__ import annotations
@@ -147,24 +148,76 @@ def read(path: PathLike) -> Tuple[NetworkField, np.ndarray]:
         raise
     except Exception as exc:
         raise InputError(path, f"unreadable compact displacement ({type(exc).__name__}: {exc})") from None
-    if int(a["format"][0]) > FORMAT_VERSION:
-        raise InputError(path, f"compact format {int(a['format'][0])} is newer than this crd-jax reads ({FORMAT_VERSION})")
-    grid, ndim = tuple(int(v) for v in a["grid"]), len(a["grid"])
-    canvas = a["canvas"]
-    if canvas.ndim != ndim + 1 or canvas.shape[-1] != ndim or a["windows"].shape != (ndim, 4):
-        raise InputError(path, f"compact displacement of shape {canvas.shape} does not match its grid {grid}")
-    if not np.all(np.isfinite(canvas)):
-        raise InputError(path, "compact displacement holds NaN/Inf values")
+    _check(path, a)
     field = NetworkField(
-        canvas.astype(np.float32),
+        a["canvas"].astype(np.float32),
         tuple(tuple(int(v) for v in w) for w in a["windows"]),
         tuple(int(v) for v in a["work"]),
-        grid,
+        tuple(int(v) for v in a["grid"]),
         a.get("orientation"),
         a.get("affine_matrix"),
         a.get("affine_translation"),
     )
     return field, a["fixed_affine"]
+
+
+def _integers(a: np.ndarray, shape: tuple) -> bool:
+    return a.shape == shape and a.dtype.kind in "iu"
+
+
+def _check(path: PathLike, a: dict) -> None:
+    """Every number of a compact file, before anything is expanded (a damaged or edited file is one line, not a
+    traceback, an abort in XLA for an absurd grid, or a silently meaningless field)."""
+    from crd_jax.data.io import max_input_bytes
+    from crd_jax.registration.checks import MAX_WORK_SIDE, MAX_WORK_VOXELS
+
+    def bad(problem: str):
+        raise InputError(path, f"damaged compact displacement: {problem}")
+
+    if not _integers(a["format"], (1,)):
+        bad(f"format must be one integer, got {a['format'].tolist()!r:.60}")
+    if int(a["format"][0]) > FORMAT_VERSION:
+        raise InputError(path, f"compact format {int(a['format'][0])} is newer than this crd-jax reads ({FORMAT_VERSION})")
+    grid = a["grid"]
+    ndim = grid.size
+    if grid.ndim != 1 or ndim not in (2, 3) or not _integers(grid, (ndim,)) or (grid < 1).any():
+        bad(f"grid must be 2 or 3 positive integers, got {grid.tolist()!r:.60}")
+    if int(np.prod(grid, dtype=object)) * ndim * 4 > max_input_bytes():
+        bad(f"its grid {tuple(grid.tolist())} would need more memory than an input may claim (CRD_JAX_MAX_INPUT_BYTES)")
+    work = a["work"]
+    if (
+        not _integers(work, (ndim,))
+        or (work < 1).any()
+        or work.max() > MAX_WORK_SIDE
+        or np.prod(work, dtype=object) > MAX_WORK_VOXELS
+    ):
+        bad(f"work (the model's grid) must be {ndim} integers from 1 to {MAX_WORK_SIDE}, got {work.tolist()!r:.60}")
+    canvas, windows = a["canvas"], a["windows"]
+    if canvas.ndim != ndim + 1 or canvas.shape[-1] != ndim or not _integers(windows, (ndim, 4)):
+        raise InputError(path, f"compact displacement of shape {canvas.shape} does not match its grid {tuple(grid.tolist())}")
+    for axis, (start, stop, before, after) in enumerate(windows.tolist()):
+        inside = 0 <= start < stop <= canvas.shape[axis] and before >= 0 and after >= 0
+        if not inside or stop - start + before + after != work[axis]:
+            bad(f"window {windows[axis].tolist()} of axis {axis} does not map its canvas onto work {work.tolist()}")
+    if canvas.dtype.kind != "f" or not np.all(np.isfinite(canvas)):
+        raise InputError(path, "compact displacement holds NaN/Inf values")
+    affine = a["fixed_affine"]
+    if affine.shape != (4, 4) or affine.dtype.kind not in "fiu" or not np.isfinite(affine).all():
+        bad("fixed_affine must be a finite 4x4 matrix")
+    if abs(np.linalg.det(affine[:3, :3].astype(np.float64))) < 1e-12:
+        bad("fixed_affine is singular")
+    if "orientation" in a:
+        o = a["orientation"]
+        if o.shape != (ndim, 2) or not np.isfinite(o).all() or sorted(o[:, 0].tolist()) != list(range(ndim)):
+            bad("orientation must pair each axis once with a sign (nibabel's orientation transform)")
+        if not set(o[:, 1].tolist()) <= {-1.0, 1.0}:
+            bad("orientation signs must be +1 or -1")
+    if ("affine_matrix" in a) != ("affine_translation" in a):
+        bad("affine_matrix and affine_translation come together")
+    if "affine_matrix" in a:
+        m, t = a["affine_matrix"], a["affine_translation"]
+        if m.shape != (ndim, ndim) or t.shape != (ndim,) or not (np.isfinite(m).all() and np.isfinite(t).all()):
+            bad(f"the affine pre-alignment must be a finite {ndim}x{ndim} matrix and {ndim} translations")
 
 
 def expand(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
