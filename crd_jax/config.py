@@ -72,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.labels_dir = "labels"
     c.data.ndim = 3
     c.data.splits = ml_collections.ConfigDict({"train": "", "val": "", "test": ""})  # "a:b" or ids
-    c.data.labels = "auto"  # protocol name (oasis35, lpba40) or a list of label values
+    c.data.labels = "auto"  # protocol name (oasis35, lpba40), a list of label values, "auto", or "none" (no Dice)
     c.data.normalize = "none"  # none | minmax | percentile
     c.data.percentiles = (0.5, 99.5)
     c.data.resample_shape = ()  # resample volumes to this shape first; () keeps the stored grid

@@ -93,3 +93,42 @@ def test_finetune_refuses_bad_arguments_with_one_line(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
     assert (tmp_path / "out" / "notes.txt").read_text() == "a user's own file"
+
+
+@pytest.mark.slow
+def test_finetune_without_labels_trains(tmp_path):
+    """--labels is optional: scans alone fine-tune (no Dice, no held-back subjects); it asked for a label set,
+    failed with exit 2 naming a config field and left the prepared scans behind."""
+    _write_subjects(tmp_path / "scans", count=3)
+    cmd = [sys.executable, "-m", "crd_jax", "finetune", "--images", str(tmp_path / "scans" / "images")]
+    cmd += ["--out", str(tmp_path / "m"), "--steps", "1", "--val-subjects", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.json", "params.msgpack"]
+
+
+def test_a_finetune_start_failing_after_the_scans_are_prepared_leaves_no_workdir(tmp_path, monkeypatch):
+    """Fine-tuning's setup writes the prepared scans into the workdir before the run's other checks: a check that
+    fails then (here the label set, as it did for scans without label maps) removes the workdir it created."""
+    from crd_jax.errors import InputError
+    from crd_jax.training import finetune, pipeline
+
+    _write_subjects(tmp_path / "scans", count=3)
+    config = finetune.default_config()
+    config.init_from = "lpba40-vm-ll-crd"
+    config.data.root = str(tmp_path / "scans")
+    config.data.images_dir = str(tmp_path / "scans" / "images")
+    config.data.labels_dir = str(tmp_path / "scans" / "labels")
+    config.finetune.steps = 1
+    config.workdir = str(tmp_path / "work")
+    seen = []
+
+    def failing(*args, **kwargs):
+        seen.append((tmp_path / "work" / "prepared" / "prepared.json").exists())
+        raise InputError("config.data.labels", "refused by the test")
+
+    monkeypatch.setattr(pipeline, "dataset_labels", failing)
+    with pytest.raises(InputError, match="refused by the test"):
+        pipeline.run(config)
+    assert seen == [True]  # the scans were prepared when the check failed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scans"]

@@ -75,10 +75,12 @@ def build_datasets(data: ml_collections.ConfigDict, multiple: int) -> Dict[str, 
 def dataset_labels(
     data: ml_collections.ConfigDict, dataset: Optional[Union[VolumeDataset, SliceDataset, SyntheticDataset]] = None
 ) -> List[int]:
-    """The label set a Dice average runs over (``config.data.labels``): a protocol name, a list, or
-    ``"auto"`` (every nonzero label of the dataset's first label map)."""
+    """The label set a Dice average runs over (``config.data.labels``): a protocol name, a list, ``"auto"``
+    (every nonzero label of the dataset's first label map) or ``"none"`` (scans without label maps: no Dice)."""
     if data.kind == "synthetic":
         return list(range(1, int(data.synthetic.num_labels) + 1))
+    if data.labels == "none":
+        return []
     if data.labels == "auto":
         if dataset is None or not dataset.has_labels:
             raise InputError("config.data.labels", "'auto' needs a split with label maps")

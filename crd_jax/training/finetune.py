@@ -178,7 +178,7 @@ def setup(config: ml_collections.ConfigDict) -> Dict:
         config.data.normalize = "none"  # prepared data are normalised already
         config.data.resample_shape = ()
         config.data.shape = tuple(padded_shape(record["shape"], canvas_multiple(spec)))
-        config.data.labels = "auto"
+        config.data.labels = "auto" if record["labels"] else "none"  # no label maps: no Dice, no held-back subjects
         config.data.splits = ml_collections.ConfigDict(
             {"train": f"0:{n - val}", "val": f"{n - val}:{n}" if val else "", "test": ""}
         )

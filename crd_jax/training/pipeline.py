@@ -220,11 +220,37 @@ def check_run_config(config: ml_collections.ConfigDict, workdir: Path) -> Dict[s
 def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) -> List[Dict]:
     """Runs ``config.pipeline`` and writes the results; returns the result rows. A workdir run before refuses
     a config changed where it was already trained unless ``allow_config_change`` (:mod:`workdir_config`)."""
-    from crd_jax.training import workdir_config
-
     distributed.initialize(config.distributed)
     workdir = Path(config.workdir).absolute()
     typed = check_run_config(config, workdir)
+    # A workdir this call creates is removed again if the run fails before its first stage has saved anything
+    # (fine-tuning's setup writes the user's scans, prepared, into it before the checks below).
+    created, is_main = not workdir.exists(), jax.process_index() == 0
+    try:
+        typed, datasets, labels, loader, example, multiple = _start(config, typed, workdir, allow_config_change)
+    except (InputError, ValueError, OSError) as exc:
+        _discard_failed_start(workdir, created, is_main, exc)
+        raise
+    # Training is float32 outside train.bf16: CRD_JAX_CONV_BF16=1 (bfloat16 *inference*) must not round the frozen
+    # teachers, S3's teacher cache (whose fingerprint does not record it) or the validation of a run.
+    from crd_jax.ops.conv import bf16_inference
+
+    inference_bf16 = bf16_inference()
+    bf16_inference(False)
+    try:
+        return _run_stages(config, typed, workdir, datasets, labels, loader, example, multiple, is_main)
+    except (InputError, ValueError, OSError) as exc:  # OSError: a full disk, a folder not ours
+        _discard_failed_start(workdir, created, is_main, exc)
+        raise
+    finally:
+        bf16_inference(inference_bf16)
+
+
+def _start(config: ml_collections.ConfigDict, typed, workdir: Path, allow_config_change: bool):
+    """What a run reads before its first stage: ``(typed stages, datasets, label set, loader, first batch,
+    network multiple)``. Only reads, except fine-tuning's setup (the prepared scans)."""
+    from crd_jax.training import workdir_config
+
     if config.get("init_from"):  # fine-tuning: the user's scans mapped into the model's space, two stages
         from crd_jax.training import finetune
 
@@ -250,32 +276,22 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
         jax.process_count(),
         atlas=_atlas_index(train_ds, config.data.atlas),
     )
-    example = loader.batch(0)
-    # Everything above only reads: a failed start leaves no workdir. A workdir this call creates is removed
-    # again if the run fails before its first stage has saved anything.
-    is_main = jax.process_index() == 0
-    created = not workdir.exists()
-    # Training is float32 outside train.bf16: CRD_JAX_CONV_BF16=1 (bfloat16 *inference*) must not round the frozen
-    # teachers, S3's teacher cache (whose fingerprint does not record it) or the validation of a run.
-    from crd_jax.ops.conv import bf16_inference
+    return typed, datasets, labels, loader, loader.batch(0), multiple
 
-    inference_bf16 = bf16_inference()
-    bf16_inference(False)
-    try:
-        return _run_stages(config, typed, workdir, datasets, labels, loader, example, multiple, is_main)
-    except (InputError, ValueError, OSError) as exc:  # OSError: a full disk, a folder not ours
-        if (
-            created
-            and is_main
-            and not isinstance(exc, workdir_config.WorkdirBusy)
-            and workdir.is_dir()
-            and not any((workdir / "stages").glob("*/ckpt/*"))
-            and not any((workdir / "stages").glob("*/model"))
-        ):
-            shutil.rmtree(workdir, ignore_errors=True)  # created by this call, holds only its own start files
-        raise
-    finally:
-        bf16_inference(inference_bf16)
+
+def _discard_failed_start(workdir: Path, created: bool, is_main: bool, exc: BaseException) -> None:
+    """Removes a workdir this run created when it failed before any stage saved a checkpoint or a model."""
+    from crd_jax.training import workdir_config
+
+    if (
+        created
+        and is_main
+        and not isinstance(exc, workdir_config.WorkdirBusy)
+        and workdir.is_dir()
+        and not any((workdir / "stages").glob("*/ckpt/*"))
+        and not any((workdir / "stages").glob("*/model"))
+    ):
+        shutil.rmtree(workdir, ignore_errors=True)  # created by this call, holds only its own start files
 
 
 def _load_pretrained(name: str, st, logger) -> Trained:
