@@ -106,6 +106,32 @@ class Terminated(BaseException):
     """SIGTERM, as the command line raises it (like ``KeyboardInterrupt`` for SIGINT): cleanup runs."""
 
 
+#: SIGINT/SIGTERM the command line's handlers saw (:func:`note_signal`): an exception raised inside a callback
+#: (JAX's garbage-collection hook, a C extension's initialisation) can be swallowed or turned into another error,
+#: so an output set also asks here before it lands
+_SIGNALS: List[int] = []
+
+
+def note_signal(signum: int) -> None:
+    """Records that SIGINT or SIGTERM reached the command line's handler (which then raises)."""
+    _SIGNALS.append(int(signum))
+
+
+def clear_noted_signals() -> None:
+    """Forgets recorded signals (a command line starting a new command in this process)."""
+    _SIGNALS.clear()
+
+
+def noted_signal() -> Optional[int]:
+    """The first SIGINT/SIGTERM :func:`note_signal` recorded in this process, or None."""
+    return _SIGNALS[0] if _SIGNALS else None
+
+
+def raise_for_signal(signum: int) -> None:
+    """The exception a signal stands for: ``KeyboardInterrupt`` (SIGINT) or :class:`Terminated` (SIGTERM)."""
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 def check_plain_name(name: str, source: Union[str, os.PathLike]) -> str:
     """``name`` must be one plain file name: no folder separator, not ``.``/``..``, no NUL, not empty (an id
     that becomes part of a file name must never lead the writer out of its output folder)."""
@@ -215,6 +241,8 @@ class OutputSet:
     def __exit__(self, exc_type, exc, tb):
         try:
             if exc_type is None:
+                if noted_signal() is not None:  # interrupted, though the exception never reached this block
+                    raise_for_signal(noted_signal())
                 self._commit()
         except OSError as error:
             self._cleanup()

@@ -503,6 +503,53 @@ def test_ctrl_c_while_writing_exits_130_and_leaves_everything_as_it_was(tmp_path
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("signum, status, word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_an_interrupt_a_callback_swallows_still_cancels_the_outputs(tmp_path, models, capsys, monkeypatch, signum, status, word):
+    """A real signal whose exception a callback swallows (as JAX's garbage-collection hook did: the run went on
+    and wrote everything with status 0): the command line's handler recorded it, so nothing lands."""
+    import signal
+
+    argv = _register(tmp_path, models)
+    before = snapshot(tmp_path)
+    real = dio.save_nifti
+
+    def swallowing(path, *args, **kwargs):
+        try:
+            os.kill(os.getpid(), getattr(signal, signum))  # the handler runs here and raises ...
+        except BaseException:  # ... and a callback ignores it
+            pass
+        return real(path, *args, **kwargs)
+
+    for target in ("crd_jax.data.io.save_nifti", "crd_jax.interop.formats.save_nifti", "crd_jax.registration.writing.save_nifti"):
+        monkeypatch.setattr(target, swallowing)
+    assert cli.main(argv) == status
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and word in err, err
+    assert snapshot(tmp_path) == before
+    monkeypatch.undo()
+    assert cli.main(["models"]) == 0  # the next command in this process starts afresh
+
+
+def test_an_interrupt_that_surfaces_as_an_import_error_is_an_interrupt(capsys, monkeypatch):
+    """Ctrl-C while an extension module initialises (JAX is imported inside the subcommand) surfaces as an
+    ImportError raised while handling the KeyboardInterrupt: one line and 130, not a traceback."""
+    from crd_jax.cli import models
+
+    def importing(args):
+        try:
+            raise KeyboardInterrupt()
+        except KeyboardInterrupt:
+            raise ImportError("Encountered an error while initializing the extension")
+
+    monkeypatch.setattr(models, "run", importing)
+    assert cli.main(["models"]) == 130
+    err = capsys.readouterr().err
+    assert err == "crd-jax: interrupted; nothing was written\n"
+    monkeypatch.setattr(models, "run", lambda args: (_ for _ in ()).throw(ImportError("not an interrupt")))
+    with pytest.raises(ImportError, match="not an interrupt"):  # a real failure stays one
+        cli.main(["models"])
+
+
 def test_two_registers_into_one_folder_at_once(tmp_path, models, capsys):
     argv = _register(tmp_path, models)
     statuses = []

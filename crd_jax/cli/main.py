@@ -92,10 +92,27 @@ def cap_thread_count(environ: MutableMapping[str, str] = os.environ, prog: str =
     return None
 
 
-def _raise_terminated(signum, frame):
+def _raise_for_signal(signum, frame):
+    """SIGINT and SIGTERM: recorded (an output set asks before it lands, in case a callback swallows the
+    exception), then raised as ``KeyboardInterrupt`` / :class:`~crd_jax.outputs.Terminated`."""
+    from crd_jax.outputs import note_signal, raise_for_signal
+
+    note_signal(signum)
+    raise_for_signal(signum)
+
+
+def _signal_behind(exc: BaseException) -> Optional[BaseException]:
+    """The ``KeyboardInterrupt`` or ``Terminated`` an exception was raised while handling (an interrupt during
+    an extension module's initialisation surfaces as an ImportError), or None."""
     from crd_jax.outputs import Terminated
 
-    raise Terminated()
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (KeyboardInterrupt, Terminated)):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -105,11 +122,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.getLogger("nibabel").setLevel(
         logging.ERROR
     )  # its header fix-up notes ("vox offset ... too low") are not ours to print
-    from crd_jax.outputs import Terminated
+    from crd_jax.outputs import Terminated, clear_noted_signals, noted_signal
 
-    previous = None
+    clear_noted_signals()
+    previous = {}
     try:  # SIGTERM (a batch system's time limit, `kill`) ends the command like Ctrl-C: outputs cleaned, one line
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _raise_for_signal)
     except ValueError:  # not the main thread
         pass
     try:
@@ -125,16 +144,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"crd-jax: error: {exc}", file=sys.stderr)
         logging.getLogger("crd_jax").error("error: %s", exc, extra={"file_only": True})  # --log FILE: the same line
         return 2
-    except KeyboardInterrupt:
-        print("crd-jax: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except Terminated:
+    except (KeyboardInterrupt, Terminated) as exc:
+        return _interrupted(exc)
+    except Exception as exc:
+        behind = _signal_behind(exc)
+        if behind is None:
+            raise
+        return _interrupted(behind)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if noted_signal() is not None:  # an interrupt a callback swallowed: the command did not finish as asked
+        return _interrupted(KeyboardInterrupt() if noted_signal() == signal.SIGINT else Terminated())
+    return int(status or 0)
+
+
+def _interrupted(exc: BaseException) -> int:
+    from crd_jax.outputs import Terminated
+
+    if isinstance(exc, Terminated):
         print("crd-jax: terminated (SIGTERM); nothing was written", file=sys.stderr)
         return 143
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    return int(status or 0)
+    print("crd-jax: interrupted; nothing was written", file=sys.stderr)
+    return 130
 
 
 #: subcommands that train, and so run on in a process whose malloc asks for huge pages (crd_jax/allocator.py);
