@@ -567,6 +567,12 @@ def k_apply_image_and_points(tmp, a):
     return refused(_apply(tmp, a, "--image", a["m"], "--points", tmp / "pts.csv"), "exactly one of --image or --points")
 
 
+def k_apply_out_is_its_own_image_even_with_overwrite(tmp, a):
+    image = tmp / "img.nii.gz"
+    image.write_bytes(Path(a["m"]).read_bytes())
+    return refused(_apply(tmp, a, "--image", image, "--overwrite", out=image), "img.nii.gz", "is an input")
+
+
 def k_apply_neither_image_nor_points(tmp, a):
     return refused(_apply(tmp, a), "exactly one of --image or --points")
 

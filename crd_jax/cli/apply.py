@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> None:
         raise InputError("crd-jax apply", "give exactly one of --image or --points")
     paths = transform_paths(args)
     out = Path(args.out)
+    _not_an_input(out, [args.image, args.points, args.reference, *paths])
     if args.points:
         return _points(args, paths, out)
     if not args.reference:
@@ -116,6 +117,16 @@ def run(args: argparse.Namespace) -> None:
     if not str(out).endswith((".nii", ".nii.gz")):
         raise InputError(out, "the output is NIfTI: name it .nii or .nii.gz")
     _image(args, paths, out, interpolation(args))
+
+
+def _not_an_input(out: Path, inputs: list) -> None:
+    """--out must not be one of the command's inputs (a link or another spelling included): --overwrite is for an
+    earlier result, and replacing the image being warped would lose it."""
+    import os
+
+    for source in inputs:
+        if source and out.exists() and Path(source).exists() and os.path.samefile(source, out):
+            raise InputError(out, f"is an input of this command ({source}); write the result to another file")
 
 
 def _points(args, paths, out: Path) -> None:
