@@ -573,6 +573,15 @@ def k_apply_out_is_its_own_image_even_with_overwrite(tmp, a):
     return refused(_apply(tmp, a, "--image", image, "--overwrite", out=image), "img.nii.gz", "is an input")
 
 
+def k_apply_affine_with_nan_says_nan(tmp, a):
+    (tmp / "affine.txt").write_text("1 0 0 0\n0 nan 0 0\n0 0 1 0\n0 0 0 1\n")
+    return refused(
+        ["apply", "-t", tmp / "affine.txt", "--reference", a["f"], "--image", a["m"], "--out", tmp / "w.nii.gz"],
+        "affine.txt",
+        "NaN",
+    )
+
+
 def k_apply_neither_image_nor_points(tmp, a):
     return refused(_apply(tmp, a), "exactly one of --image or --points")
 

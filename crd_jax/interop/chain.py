@@ -40,10 +40,12 @@ def read_ras_matrix(path: PathLike) -> np.ndarray:
         matrix = np.loadtxt(path, comments="#", ndmin=2)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(path, f"neither an ITK transform file nor a 4x4 matrix ({str(exc).splitlines()[0][:80]})") from None
-    if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)) or not np.allclose(matrix[3], [0, 0, 0, 1]):
-        raise InputError(
-            path, f"expected a 4x4 affine matrix with last row 0 0 0 1 (crd-jax's affine.txt), got shape {matrix.shape}"
-        )
+    if matrix.shape != (4, 4):
+        raise InputError(path, f"expected a 4x4 affine matrix (crd-jax's affine.txt), got shape {matrix.shape}")
+    if not np.all(np.isfinite(matrix)):
+        raise InputError(path, "the affine matrix holds NaN/Inf values")
+    if not np.allclose(matrix[3], [0, 0, 0, 1]):
+        raise InputError(path, f"the affine matrix's last row must be 0 0 0 1, got {matrix[3].tolist()}")
     if abs(np.linalg.det(matrix[:3, :3])) < 1e-12:
         raise InputError(path, "the affine matrix is singular")
     return matrix
