@@ -582,6 +582,12 @@ def k_apply_affine_with_nan_says_nan(tmp, a):
     )
 
 
+def k_apply_disp_of_absurd_size(tmp, a):
+    ref = nib.load(a["f"])
+    disp = _image(tmp, "big.nii.gz", np.full((*ref.shape[:3], 3), 1e30, np.float32), ref.affine)
+    return refused(_apply(tmp, a, "--image", a["m"], disp=disp), "big.nii.gz", "not a displacement of this image")
+
+
 def k_apply_neither_image_nor_points(tmp, a):
     return refused(_apply(tmp, a), "exactly one of --image or --points")
 

@@ -140,15 +140,33 @@ def displacement_for(paths: Sequence, reference: Volume, fmt: str = "auto") -> n
     field is expanded onto its own grid, used as it is when that is the reference's. Any other chain is
     evaluated point by point at the reference's voxel centres (float64) and turned into voxels of its grid."""
     if len(paths) == 1 and field_kind(paths[0], fmt) in ("voxel", "itk", "learn2reg", "auto"):
-        return read_displacement(paths[0], reference, fmt)
+        return _plausible(read_displacement(paths[0], reference, fmt), reference, paths)
     if len(paths) == 1 and field_kind(paths[0], fmt) == "compact":
         from crd_jax.registration import compact
         from crd_jax.registration.space import same_grid
 
         field, affine = compact.expand(paths[0])
         if same_grid(Volume(np.broadcast_to(np.float32(0), np.shape(field)[:-1]), np.asarray(affine)), reference):
-            return np.asarray(field, np.float32)
-    return itk.displacement_on_grid(read_chain(paths, reference, fmt), reference.data.shape, reference.affine)
+            return _plausible(np.asarray(field, np.float32), reference, paths)
+    disp = itk.displacement_on_grid(read_chain(paths, reference, fmt), reference.data.shape, reference.affine)
+    return _plausible(disp, reference, paths)
+
+
+#: the largest displacement a transform may give, in sizes of the reference grid (its longest side): a field of
+#: 1e30 voxels is finite, yet sends every voxel outside the image (an all-zero result, without a word)
+MAX_DISPLACEMENT_GRIDS = 10
+
+
+def _plausible(disp: np.ndarray, reference: Volume, paths: Sequence) -> np.ndarray:
+    largest, side = float(np.max(np.abs(disp))) if np.size(disp) else 0.0, max(reference.data.shape[:3])
+    if largest > MAX_DISPLACEMENT_GRIDS * side:
+        source = paths[0] if len(paths) == 1 else "the transforms"
+        raise InputError(
+            source,
+            f"moves voxels by up to {largest:.3g} voxels, over {MAX_DISPLACEMENT_GRIDS} times the reference grid's "
+            f"size ({side}): not a displacement of this image (its units or format?)",
+        )
+    return disp
 
 
 def map_points(paths: Sequence, points: np.ndarray, reference: Optional[Volume], fmt: str = "auto") -> np.ndarray:
