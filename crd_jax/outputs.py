@@ -289,13 +289,17 @@ _STAGING = re.compile(r"^\..+\.crd-jax-([0-9a-f]{8})-(\d+)-[A-Za-z0-9_]+$")
 
 
 def host_tag() -> str:
-    """Eight hex digits naming this machine (its host name, hashed) in a staging folder's name: on a file system
-    that several machines share (a cluster's output folder), a process id says whether a process is alive only
-    on the machine that wrote it."""
+    """Eight hex digits naming where this process's ids mean something (its host name and process-id
+    namespace, hashed) in a staging folder's name: on a file system that several machines or containers share
+    (a cluster's output folder), a process id says whether a process is alive only where it was issued."""
     import hashlib
     import socket
 
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # containers on one host share its name, not their pids
+    except OSError:
+        namespace = ""
+    return hashlib.sha256(f"{socket.gethostname()}\0{namespace}".encode()).hexdigest()[:8]
 
 
 def _alive(pid: int) -> bool:

@@ -588,6 +588,17 @@ def k_apply_disp_of_absurd_size(tmp, a):
     return refused(_apply(tmp, a, "--image", a["m"], disp=disp), "big.nii.gz", "not a displacement of this image")
 
 
+def k_apply_far_origin_on_a_finely_sampled_reference_accepted(tmp, a):
+    """40 mm on a 32^3 reference of 0.1 mm voxels is 400 voxels, 12x the grid, yet a real offset (preclinical,
+    microscopy): the plausibility bound is in millimetres."""
+    fine = np.diag([0.1, 0.1, 0.1, 1.0])
+    ref = _nifti(tmp / "ref.nii.gz", _volume(0, (32, 32, 32)), fine)
+    img = _nifti(tmp / "img.nii.gz", _volume(1, (32, 32, 32)), fine)
+    (tmp / "affine.txt").write_text("1 0 0 40\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
+    argv = ["apply", "-t", tmp / "affine.txt", "--reference", ref, "--image", img, "--out", tmp / "w.nii.gz"]
+    return Case(argv, (), status=0, stdout="warped", writes=("w.nii.gz",))
+
+
 def k_apply_neither_image_nor_points(tmp, a):
     return refused(_apply(tmp, a), "exactly one of --image or --points")
 

@@ -526,8 +526,50 @@ def test_an_interrupt_a_callback_swallows_still_cancels_the_outputs(tmp_path, mo
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and word in err, err
     assert snapshot(tmp_path) == before
-    monkeypatch.undo()
-    assert cli.main(["models"]) == 0  # the next command in this process starts afresh
+    # the signal was this command's: a library call after it in this process writes as usual
+    from crd_jax.outputs import OutputSet, noted_signal
+
+    assert noted_signal() is None
+    with OutputSet(tmp_path / "later", ["a.txt"]) as stage:
+        (stage / "a.txt").write_text("x")
+    assert (tmp_path / "later" / "a.txt").read_text() == "x"
+
+
+def test_a_model_folder_does_not_land_after_an_interrupt(tmp_path):
+    """finetune and convert-official write through save_model, not an output set: it asks too, so an interrupt
+    a callback swallowed cannot leave a model behind a "nothing was written"."""
+    import signal
+
+    from crd_jax import outputs
+
+    outputs.note_signal(signal.SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            save_model(tmp_path / "m", {"w": np.zeros(2, np.float32)}, {"kind": "registrar"})
+    finally:
+        outputs.clear_noted_signals()
+    assert list(tmp_path.iterdir()) == []
+    save_model(tmp_path / "m", {"w": np.zeros(2, np.float32)}, {"kind": "registrar"})  # without one: written
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.json", "params.msgpack"]
+
+
+def test_an_ignored_sigint_stays_ignored_while_a_command_runs(monkeypatch):
+    """A background job of a shell (or a test worker) inherits SIGINT ignored: Ctrl-C is meant for its parent."""
+    import signal
+
+    from crd_jax.cli import models
+
+    seen = []
+    monkeypatch.setattr(
+        models, "run", lambda args: seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
+    )
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert cli.main(["models"]) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen[0][0] is signal.SIG_IGN and seen[0][1] is cli._raise_for_signal  # SIGTERM still ends it cleanly
 
 
 def test_an_interrupt_that_surfaces_as_an_import_error_is_an_interrupt(capsys, monkeypatch):
@@ -662,6 +704,15 @@ def t_data_root_is_file(tmp):
         "rootfile",
         "not a folder",
     )
+
+
+def t_labels_none_with_a_stage_that_evaluates(tmp):
+    (tmp / "data" / "images").mkdir(parents=True)
+    for i in range(3):
+        data = np.random.default_rng(i).random((16, 16, 16)).astype(np.float32)
+        nib.save(nib.Nifti1Image(data, np.eye(4)), tmp / "data" / "images" / f"s{i}.nii.gz")
+    args = ["--config.data.kind=folder", f"--config.data.root={tmp / 'data'}", "--config.data.labels=none"]
+    return [*args, "--config.data.splits.train=0:3", f"--config.workdir={tmp / 'wd'}"], "data.labels", "scores nothing"
 
 
 TRAIN_CASES = [v for k, v in sorted(globals().items()) if k.startswith("t_")]

@@ -280,7 +280,7 @@ def _compact_arrays(tmp_path):
         ("windows", np.array([[0, 8, 0, 0], [1, 9, -1, 1], [0, 8, 0, 0]]), "window"),
         ("canvas", np.full((8, 10, 8, 3), np.nan, np.float32), "NaN"),
         ("fixed_affine", np.full((4, 4), np.nan), "finite 4x4"),  # wrote an all-zero image with status 0
-        ("fixed_affine", np.zeros((4, 4)), "singular"),
+        ("fixed_affine", np.zeros((4, 4)), "degenerate geometry"),
         ("orientation", np.array([[0, -1], [7, -1], [2, 1]], np.float64), "orientation"),  # an IndexError traceback
         ("orientation", np.array([[0, -1], [1, 0], [2, 1]], np.float64), "signs"),
         ("affine_translation", np.array([0.0, np.inf, 0.0]), "pre-alignment"),
@@ -300,6 +300,16 @@ def test_a_damaged_compact_file_is_one_line_before_anything_expands(tmp_path, ke
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(InputError, match=needle):
         compact.expand(tmp_path / "bad.npz")
+
+
+def test_a_compact_file_of_a_finely_sampled_fixed_image_expands(tmp_path):
+    """50 nm voxels (a geometry crd-jax reads) are not a "singular" affine: the file's affine passes the checks
+    the fixed image passed."""
+    arrays = _compact_arrays(tmp_path)
+    arrays["fixed_affine"] = np.diag([5e-5, 5e-5, 5e-5, 1.0])
+    np.savez(tmp_path / "fine.npz", **arrays)
+    field, affine = compact.expand(tmp_path / "fine.npz")
+    assert field.shape == (16, 16, 16, 3) and affine[0, 0] == 5e-5
 
 
 def test_learn2reg_layout_is_flat_in_the_output_folder(tmp_path, tiny_model, capsys):

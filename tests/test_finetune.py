@@ -132,3 +132,22 @@ def test_a_finetune_start_failing_after_the_scans_are_prepared_leaves_no_workdir
         pipeline.run(config)
     assert seen == [True]  # the scans were prepared when the check failed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scans"]
+
+
+def test_finetune_refuses_label_maps_that_do_not_match_the_scans(tmp_path):
+    """--labels given, but its files named otherwise than the scans: refused naming the first scan without one (it
+    trained with no Dice, no held-back subjects and no word)."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for i in range(2):
+        img = np.random.default_rng(i).random((24, 28, 24)).astype(np.float32)
+        nib.save(nib.Nifti1Image(img, affine), tmp_path / "images" / f"s{i}.nii.gz")
+        nib.save(nib.Nifti1Image((img > 0.5).astype(np.int16), affine), tmp_path / "labels" / f"s{i}_seg.nii.gz")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cmd = [sys.executable, "-m", "crd_jax", "finetune", "--images", str(tmp_path / "images")]
+    cmd += ["--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "m"), "--steps", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert "s0.nii.gz" in proc.stderr and "has no label map of the same name" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

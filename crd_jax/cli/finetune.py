@@ -97,5 +97,9 @@ def run(args: argparse.Namespace) -> None:
         pipeline.run(config)
     except InputError as exc:  # this command's option, not the training config's field it set
         raise InputError(OPTIONS.get(exc.source, exc.source), exc.problem) from None
-    copy_model(Path(config.workdir) / "stages" / "finetune" / "model", out, overwrite=args.overwrite)
+    trained = Path(config.workdir) / "stages" / "finetune" / "model"
+    try:
+        copy_model(trained, out, overwrite=args.overwrite)
+    except InputError as exc:  # something appeared at --out while it trained: the model is not lost
+        raise InputError(exc.source, f"{exc.problem}; the trained model is in {trained}") from None
     print(f"fine-tuned model -> {out} (register with: crd-jax register --model {out} ...)")

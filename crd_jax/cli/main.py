@@ -128,9 +128,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     previous = {}
     try:  # SIGTERM (a batch system's time limit, `kill`) ends the command like Ctrl-C: outputs cleaned, one line
         for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, _raise_for_signal)
+            # an ignored SIGINT stays ignored (a background job of a shell, a test worker: Ctrl-C is its parent's)
+            if sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, _raise_for_signal)
     except ValueError:  # not the main thread
         pass
+    swallowed = None
     try:
         options.configure_logging(args)
         if args.func not in (models.run, build_kernel.run):
@@ -154,8 +157,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if noted_signal() is not None:  # an interrupt a callback swallowed: the command did not finish as asked
-        return _interrupted(KeyboardInterrupt() if noted_signal() == signal.SIGINT else Terminated())
+        swallowed = noted_signal()
+        clear_noted_signals()  # this command's: later library calls in this process write as usual
+    if swallowed is not None:  # an interrupt a callback swallowed: the command did not finish as asked
+        return _interrupted(KeyboardInterrupt() if swallowed == signal.SIGINT else Terminated())
     return int(status or 0)
 
 

@@ -152,19 +152,23 @@ def displacement_for(paths: Sequence, reference: Volume, fmt: str = "auto") -> n
     return _plausible(disp, reference, paths)
 
 
-#: the largest displacement a transform may give, in sizes of the reference grid (its longest side): a field of
-#: 1e30 voxels is finite, yet sends every voxel outside the image (an all-zero result, without a word)
-MAX_DISPLACEMENT_GRIDS = 10
+#: the largest displacement a transform may give, in millimetres (10 m): a field of 1e30 voxels is finite, yet
+#: sends every voxel outside the image (an all-zero result, without a word); in millimetres, not voxels, so that a
+#: small or finely sampled reference with a distant scanner origin is not refused
+MAX_DISPLACEMENT_MM = 1e4
 
 
 def _plausible(disp: np.ndarray, reference: Volume, paths: Sequence) -> np.ndarray:
-    largest, side = float(np.max(np.abs(disp))) if np.size(disp) else 0.0, max(reference.data.shape[:3])
-    if largest > MAX_DISPLACEMENT_GRIDS * side:
+    if not np.size(disp):
+        return disp
+    largest = max(float(np.max(disp)), -float(np.min(disp)))  # no full-size copy (np.abs would make one)
+    spacing = float(np.max(np.linalg.norm(np.asarray(reference.affine)[:3, :3], axis=0)))
+    if largest * spacing > MAX_DISPLACEMENT_MM:
         source = paths[0] if len(paths) == 1 else "the transforms"
         raise InputError(
             source,
-            f"moves voxels by up to {largest:.3g} voxels, over {MAX_DISPLACEMENT_GRIDS} times the reference grid's "
-            f"size ({side}): not a displacement of this image (its units or format?)",
+            f"moves voxels by up to {largest:.3g} voxels ({largest * spacing:.3g} mm, over {MAX_DISPLACEMENT_MM:g} mm): "
+            "not a displacement of this image (its units or format?)",
         )
     return disp
 

@@ -204,8 +204,9 @@ def _check(path: PathLike, a: dict) -> None:
     affine = a["fixed_affine"]
     if affine.shape != (4, 4) or affine.dtype.kind not in "fiu" or not np.isfinite(affine).all():
         bad("fixed_affine must be a finite 4x4 matrix")
-    if abs(np.linalg.det(affine[:3, :3].astype(np.float64))) < 1e-12:
-        bad("fixed_affine is singular")
+    from crd_jax.data.io import _check_geometry
+
+    _check_geometry(affine.astype(np.float64), ndim, path)  # the checks the fixed image itself passed when read
     if "orientation" in a:
         o = a["orientation"]
         if o.shape != (ndim, 2) or not np.isfinite(o).all() or sorted(o[:, 0].tolist()) != list(range(ndim)):

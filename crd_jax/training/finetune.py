@@ -112,6 +112,13 @@ def prepare_folder(root: Path, spec: Dict, dest: Path, images_dir: str = "images
     subjects = list_subjects("folder", root, images=images_dir, labels=labels_dir)
     if len(subjects) < 2:
         raise InputError(root, f"fine-tuning needs at least two subjects in {images_dir}/, found {len(subjects)}")
+    labels_folder = Path(root) / labels_dir  # an absolute labels_dir stays itself
+    unlabelled = [s for s in subjects if s.labels is None]
+    if labels_folder.is_dir() and unlabelled:  # label maps asked for, but not every scan has its own
+        raise InputError(
+            unlabelled[0].image,
+            f"has no label map of the same name in {labels_folder} ({len(unlabelled)} of {len(subjects)} scans lack one)",
+        )
     mode, percentiles = pre.get("normalize", "none"), pre.get("percentiles", [0.5, 99.5])
     mapped: List[Tuple[str, np.ndarray, object]] = []
     for s in subjects:

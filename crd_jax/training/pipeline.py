@@ -267,6 +267,12 @@ def _start(config: ml_collections.ConfigDict, typed, workdir: Path, allow_config
 
     check_training_split(datasets["train"])
     labels = dataset_labels(config.data, datasets.get(config.eval.split, datasets["train"]))
+    evaluating = [name for name, st in typed.items() if st.evaluate]
+    if not labels and evaluating:  # data.labels = "none": nothing to score a stage with
+        raise InputError(
+            "config.data.labels",
+            f"'none' scores nothing, but stage {evaluating[0]} evaluates (set its evaluate=False, or name the label set)",
+        )
     train_ds = datasets["train"]
     loader = PairLoader(
         train_ds,
