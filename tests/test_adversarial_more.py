@@ -573,32 +573,6 @@ def k_apply_out_is_its_own_image_even_with_overwrite(tmp, a):
     return refused(_apply(tmp, a, "--image", image, "--overwrite", out=image), "img.nii.gz", "is an input")
 
 
-def k_apply_affine_with_nan_says_nan(tmp, a):
-    (tmp / "affine.txt").write_text("1 0 0 0\n0 nan 0 0\n0 0 1 0\n0 0 0 1\n")
-    return refused(
-        ["apply", "-t", tmp / "affine.txt", "--reference", a["f"], "--image", a["m"], "--out", tmp / "w.nii.gz"],
-        "affine.txt",
-        "NaN",
-    )
-
-
-def k_apply_disp_of_absurd_size(tmp, a):
-    ref = nib.load(a["f"])
-    disp = _image(tmp, "big.nii.gz", np.full((*ref.shape[:3], 3), 1e30, np.float32), ref.affine)
-    return refused(_apply(tmp, a, "--image", a["m"], disp=disp), "big.nii.gz", "not a displacement of this image")
-
-
-def k_apply_far_origin_on_a_finely_sampled_reference_accepted(tmp, a):
-    """40 mm on a 32^3 reference of 0.1 mm voxels is 400 voxels, 12x the grid, yet a real offset (preclinical,
-    microscopy): the plausibility bound is in millimetres."""
-    fine = np.diag([0.1, 0.1, 0.1, 1.0])
-    ref = _nifti(tmp / "ref.nii.gz", _volume(0, (32, 32, 32)), fine)
-    img = _nifti(tmp / "img.nii.gz", _volume(1, (32, 32, 32)), fine)
-    (tmp / "affine.txt").write_text("1 0 0 40\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
-    argv = ["apply", "-t", tmp / "affine.txt", "--reference", ref, "--image", img, "--out", tmp / "w.nii.gz"]
-    return Case(argv, (), status=0, stdout="warped", writes=("w.nii.gz",))
-
-
 def k_apply_neither_image_nor_points(tmp, a):
     return refused(_apply(tmp, a), "exactly one of --image or --points")
 
@@ -872,6 +846,12 @@ def k_finetune_out_exists(tmp, a):
     _scans(tmp, 3)
     (tmp / "tuned").mkdir()
     (tmp / "tuned" / "notes.md").write_text("keep")
+    return refused(_finetune(tmp, a), "tuned", "not a crd-jax model folder")
+
+
+def k_finetune_over_a_model_folder_needs_overwrite(tmp, a):
+    _scans(tmp, 3)
+    shutil.copytree(a["geo"], tmp / "tuned")
     return refused(_finetune(tmp, a), "tuned", "--overwrite")
 
 

@@ -393,3 +393,21 @@ def test_registering_nrrd_and_mgz_inputs_equals_nifti(tmp_path, shift_model):
         results[fmt] = np.asarray(img.dataobj)
     for fmt in ("mgz", "nrrd"):
         assert np.abs(results[fmt] - results["nii.gz"]).max() < 1e-4, fmt
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("1 0 0 0\n0 nan 0 0\n0 0 1 0\n0 0 0 1\n", "NaN/Inf"),  # said a wrong shape, (4, 4)
+        ("1 0 0\n0 1 0\n0 0 1\n", "got shape (3, 3)"),
+        ("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 1 1\n", "last row"),
+        ("0 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n", "singular"),
+    ],
+)
+def test_an_affine_txt_is_refused_for_what_is_wrong_with_it(tmp_path, text, needle):
+    from crd_jax.errors import InputError
+    from crd_jax.interop.chain import read_ras_matrix
+
+    (tmp_path / "affine.txt").write_text(text)
+    with pytest.raises(InputError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        read_ras_matrix(tmp_path / "affine.txt")
