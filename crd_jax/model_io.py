@@ -100,13 +100,7 @@ def save_model(directory: Path, params: Params, spec: Dict[str, Any], overwrite:
     own is recorded with where it comes from (``backbone_source``)."""
     directory = Path(directory).absolute()
     spec = _with_backbone_source(dict(spec))
-    if directory.exists() or directory.is_symlink():
-        if not directory.is_dir():
-            raise InputError(directory, "exists and is not a folder; nothing was changed")
-        if not is_model_folder(directory):
-            raise InputError(directory, "exists and is not a crd-jax model folder; nothing was changed (choose a new folder)")
-        if not overwrite:
-            raise InputError(directory, "a model folder exists there; pass --overwrite to replace it")
+    if _replaceable(directory, overwrite):
         others = sorted(set(os.listdir(directory)) - set(OUR_ENTRIES))
         if others:
             _replace_in_place(directory, params, spec)
@@ -144,14 +138,22 @@ def check_model_destination(directory: Union[str, os.PathLike], overwrite: bool)
     from crd_jax.outputs import check_writable_folder
 
     directory = check_writable_folder(directory, "model folder")
-    if directory.exists() or directory.is_symlink():
-        if not directory.is_dir():
-            raise InputError(directory, "exists and is not a folder; nothing was changed")
-        if not is_model_folder(directory):
-            raise InputError(directory, "exists and is not a crd-jax model folder; nothing was changed (choose a new folder)")
-        if not overwrite:
-            raise InputError(directory, "a model folder exists there; pass --overwrite to replace it")
+    _replaceable(directory, overwrite)
     return directory
+
+
+def _replaceable(directory: Path, overwrite: bool) -> bool:
+    """Whether a model folder exists at ``directory`` that ``overwrite`` lets us replace (False: nothing there);
+    anything else there is an error."""
+    if not (directory.exists() or directory.is_symlink()):
+        return False
+    if not directory.is_dir():
+        raise InputError(directory, "exists and is not a folder; nothing was changed")
+    if not is_model_folder(directory):
+        raise InputError(directory, "exists and is not a crd-jax model folder; nothing was changed (choose a new folder)")
+    if not overwrite:
+        raise InputError(directory, "a model folder exists there; pass --overwrite to replace it")
+    return True
 
 
 def copy_model(source: Path, directory: Path, overwrite: bool = False) -> None:
