@@ -27,7 +27,7 @@ import numpy as np
 from flax import serialization
 
 from crd_jax.errors import InputError
-from crd_jax.outputs import share_tree
+from crd_jax.outputs import raise_if_signalled, share_tree
 
 if TYPE_CHECKING:
     from crd_jax.typing import Params
@@ -115,7 +115,7 @@ def save_model(directory: Path, params: Params, spec: Dict[str, Any], overwrite:
         (tmp / PARAMS_FILE).write_bytes(serialization.msgpack_serialize(_host_tree(params)))
         (tmp / MODEL_JSON).write_text(json.dumps({"format_version": FORMAT_VERSION, **spec}, indent=2))
         share_tree(tmp)
-        _unless_interrupted()
+        raise_if_signalled()  # a model lands only if the command line saw no SIGINT/SIGTERM
         if directory.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
             os.replace(directory, old / "model")
@@ -165,21 +165,12 @@ def copy_model(source: Path, directory: Path, overwrite: bool = False) -> None:
     save_model(directory, params, spec, overwrite=overwrite)
 
 
-def _unless_interrupted() -> None:
-    """A model lands only if the command line saw no SIGINT/SIGTERM (one a callback swallowed included), as an
-    output set does (:func:`crd_jax.outputs.noted_signal`)."""
-    from crd_jax.outputs import noted_signal, raise_for_signal
-
-    if noted_signal() is not None:
-        raise_for_signal(noted_signal())
-
-
 def _replace_in_place(directory: Path, params, spec: Dict[str, Any]) -> None:
     """``params.msgpack`` and ``model.json`` of an existing model folder replaced, each written beside and
     renamed over the old one; every other file in the folder is left as it is."""
     from crd_jax.data.io import atomic_path
 
-    _unless_interrupted()
+    raise_if_signalled()
     blobs = [
         (PARAMS_FILE, serialization.msgpack_serialize(_host_tree(params))),
         (MODEL_JSON, json.dumps({"format_version": FORMAT_VERSION, **spec}, indent=2).encode()),

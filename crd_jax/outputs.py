@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import fcntl
 import os
 import re
@@ -130,6 +131,13 @@ def noted_signal() -> Optional[int]:
 def raise_for_signal(signum: int) -> None:
     """The exception a signal stands for: ``KeyboardInterrupt`` (SIGINT) or :class:`Terminated` (SIGTERM)."""
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def raise_if_signalled() -> None:
+    """Raises :func:`raise_for_signal`'s exception if the command line recorded a signal: what writes a result
+    (an output set, a model folder) asks this before it lands."""
+    if noted_signal() is not None:
+        raise_for_signal(noted_signal())
 
 
 def check_plain_name(name: str, source: Union[str, os.PathLike]) -> str:
@@ -241,8 +249,7 @@ class OutputSet:
     def __exit__(self, exc_type, exc, tb):
         try:
             if exc_type is None:
-                if noted_signal() is not None:  # interrupted, though the exception never reached this block
-                    raise_for_signal(noted_signal())
+                raise_if_signalled()  # interrupted, though the exception never reached this block
                 self._commit()
         except OSError as error:
             self._cleanup()
@@ -288,6 +295,7 @@ class OutputSet:
 _STAGING = re.compile(r"^\..+\.crd-jax-([0-9a-f]{8})-(\d+)-[A-Za-z0-9_]+$")
 
 
+@functools.lru_cache(maxsize=1)
 def host_tag() -> str:
     """Eight hex digits naming where this process's ids mean something (its host name and process-id
     namespace, hashed) in a staging folder's name: on a file system that several machines or containers share
