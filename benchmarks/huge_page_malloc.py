@@ -3,6 +3,8 @@ system time and resident size per training step.
 
     python benchmarks/huge_page_malloc.py                       # 128^3, n = 2: VM-L, S1, S3 (teacher cached), A vs B
     python benchmarks/huge_page_malloc.py --compare B C --stages vm_l --steps 100   # + blocks kept (-> malloc_keep)
+    python benchmarks/huge_page_malloc.py --compare B C --stages vm_h coop fst_full --rounds 2 --steps 60 \
+        --out benchmarks/results/malloc_keep_high_res                                # the full-resolution stages
     python benchmarks/huge_page_malloc.py --shape 32 32 32 --rounds 1 --steps 3 --out /tmp/hp   # a check that it runs
     python benchmarks/huge_page_malloc.py --render benchmarks/results/huge_page_malloc.json    # the table again
 
@@ -38,6 +40,8 @@ sys.path.insert(0, str(HERE))
 from common import machine, write  # noqa: E402
 
 STAGES = ("vm_l", "coop", "vm_l_crd_cached")
+#: ``--stages`` may also name the full-resolution stages (``train_budget.py``'s names)
+CHOICES = STAGES + ("vm_h", "fst_full")
 #: GLIBC_TUNABLES of each configuration (B: crd_jax/allocator.py's, written out: the children must not depend on
 #: the module under test to set their own allocator) and how the table names it
 CONFIGS = {
@@ -142,7 +146,7 @@ def render(payload: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", type=int, nargs=3, default=(128, 128, 128))
-    p.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES)
+    p.add_argument("--stages", nargs="*", default=list(STAGES), choices=CHOICES)
     p.add_argument("--rounds", type=int, default=3, help="A/B pairs of processes per stage")
     p.add_argument("--steps", type=int, default=15, help="timed steps per process")
     p.add_argument(
@@ -155,7 +159,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--out", type=Path, default=None, help="default: results/huge_page_malloc (A B), malloc_keep (B C)")
     p.add_argument("--render", type=Path, metavar="JSON", help="rebuild the table from a results JSON (no measuring)")
-    p.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=CHOICES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     shape = tuple(args.shape)
     if args.render:

@@ -220,6 +220,7 @@ class StageTimer:
         self.flops = network_flops(plan.loss_fn, params, frozen, batch)
         self.times = {"forward": [], "network": [], "step": []}
         self.cpu_times = {"forward": [], "network": [], "step": []}  # process CPU seconds, all threads
+        self.loop_times = []  # steps called back to back (run_back_to_back)
         self.parameters = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
 
     def run(self, what: str, record: bool = True) -> float:
@@ -238,6 +239,13 @@ class StageTimer:
             self.times[what].append(dt)
             self.cpu_times[what].append(time.process_time() - c)
         return dt
+
+    def run_back_to_back(self, steps: int) -> None:
+        """``steps`` train steps in a row, each timed, nothing else in between: as a training loop calls them. One
+        untimed step first: the first call after other programs maps its buffers afresh (see ``CALLS_PER_ROUND``),
+        which a run pays once, not once in every ``steps``."""
+        self.run("step", record=False)
+        self.loop_times = [self.run("step", record=False) for _ in range(steps)]
 
     def result(self) -> dict:
         best = {k: min(v) for k, v in self.times.items()}
@@ -259,6 +267,7 @@ class StageTimer:
             "loss_s": max(best["step"] - best["network"], 0.0),
             "step_s": best["step"],
             "runs": len(self.times["step"]),
+            **back_to_back_summary(self.loop_times),
             "forward_gflop": self.flops["forward"] / 1e9,
             "backward_gflop": self.flops["backward"] / 1e9,
         }
@@ -275,6 +284,27 @@ def stage_timers(shape, stages, batch: int = 1, seed: int = 1) -> dict:
 
 #: calls of each function per round, the last one timed (see :func:`measure_jax`)
 CALLS_PER_ROUND = 2
+
+#: train steps per stage called back to back after the rounds (``--loop-steps``; ``--quick``: 2)
+LOOP_STEPS = 20
+
+
+def back_to_back_summary(times) -> dict:
+    """Median, mean and slowest of a stage's back-to-back steps (``{}`` when none ran). The mean is what a run's
+    throughput follows: the minimum over rounds leaves out the slow steps a long run also pays."""
+    if not times:
+        return {}
+    ordered = sorted(times)
+    n = len(ordered)
+    median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    return {
+        "loop_step_times_s": list(times),
+        "loop_steps": n,
+        "loop_step_median_s": median,
+        "loop_step_mean_s": sum(ordered) / n,
+        "loop_step_max_s": ordered[-1],
+    }
+
 
 #: ``--quick``: XLA's backend optimisation off (a check that everything runs, not a measurement)
 QUICK_OPTIONS = {"xla_backend_optimization_level": 0}
@@ -312,6 +342,7 @@ def measure_jax(
     teacher_cache=False,
     fusion="compact",
     precisions=("float32",),
+    loop_steps=0,
 ):
     config = pipeline_config(shape, batch=batch, fusion=fusion)
     batch_arrays = _batch(shape, batch, seed=1)
@@ -346,6 +377,12 @@ def measure_jax(
         log(
             f"round {r + 1}/{repeats}: "
             + ", ".join(f"{t.name}{' bf16' if t.bf16 else ''} {t.times['step'][-1]:.2f}s" for t in timers)
+        )
+    for timer in timers if loop_steps > 0 else ():  # after every round: the rounds' minima stay as they were
+        timer.run_back_to_back(loop_steps)
+        log(
+            f"[{timer.name}{' ' + timer.variant if timer.variant else ''}] {loop_steps} steps back to back: "
+            f"mean {sum(timer.loop_times) / loop_steps:.3f} s"
         )
     return [t.result() for t in timers]
 
@@ -486,6 +523,93 @@ def cache_fill_hours(s3: dict, cached: dict) -> float:
     return max(s3["forward_s"] - cached["forward_s"], 0.0) * CACHE_PAIRS / 3600.0
 
 
+def pipeline_totals(rows, steps: int, seconds: str = "step_s") -> dict:
+    """Hours of the pipeline's stages at ``seconds`` per step (a row's key: the minimum ``step_s`` or the
+    back-to-back ``loop_step_mean_s``), per total (:func:`_total_key`), and with S3's teacher cached where its
+    row was measured (S3's step replaced by the cached one's, plus the teacher forwards that fill the cache)."""
+    ok = [r for r in rows if "error" not in r and seconds in r]
+    totals = {}
+    for r in ok:
+        if r.get("variant") != CACHED:
+            totals[_total_key(r)] = totals.get(_total_key(r), 0.0) + hours(r[seconds], steps)
+    cached = next((r for r in ok if r.get("variant") == CACHED), None)
+    s3 = next((r for r in ok if r["stage"] == "vm_l_crd" and _total_key(r) in ("", "after")), None)
+    if cached is not None and s3 is not None:
+        key = s3.get("variant", "")
+        totals[f"{key} with S3's teacher cached".strip()] = (
+            totals[key] - hours(s3[seconds], steps) + hours(cached[seconds], steps) + cache_fill_hours(s3, cached)
+        )
+    return totals
+
+
+def render_back_to_back(rows, steps: int) -> list:
+    """The steps called back to back after the rounds (``--loop-steps``): minimum over rounds, median, mean and
+    slowest, and the hours at the mean (runs before ``--loop-steps`` existed have none: no table)."""
+    rows = [r for r in rows if "error" not in r and r.get("loop_steps")]
+    if not rows:
+        return []
+    n = rows[0]["loop_steps"]
+    lines = [
+        "",
+        f"Back to back, as a training loop calls its step: after the rounds, {n} steps of each stage in a row, each "
+        "timed. The table above keeps each function's fastest call; a long run also pays its slow steps (XLA's "
+        "buffers mapped and zeroed afresh, other processes), so the hours at the mean are what the steps of a "
+        f"{steps:,}-step stage take (data loading, logging, checkpoints and evaluation come on top).",
+        "",
+        f"| Stage | Step, minimum over rounds (s) | Median (s) | Mean (s) | Slowest (s) | Mean / minimum | "
+        f"Hours per {steps:,} steps at the mean |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {r['step_s']:.3f} | {r['loop_step_median_s']:.3f} | {r['loop_step_mean_s']:.3f} | "
+            f"{r['loop_step_max_s']:.3f} | {r['loop_step_mean_s'] / r['step_s']:.2f}x | "
+            f"{hours(r['loop_step_mean_s'], steps):.1f} |"
+        )
+    fastest = pipeline_totals(rows, steps)
+    for key, h in pipeline_totals(rows, steps, "loop_step_mean_s").items():
+        what = f"Pipeline{', ' + key if key else ''}"
+        lines.append(f"| **{what}** (at the minima: {fastest[key]:.1f} h) | | | | | | **{h:.1f}** |")
+    return lines
+
+
+def render_summary(payload: dict) -> str:
+    """A few lines for the README from a run's JSON (``<out>_summary.md``, written beside the tables when the run
+    timed steps back to back): the pipeline's hours at the fastest and at the mean step, and the steps' ratios to
+    the networks' forward. Empty for runs without back-to-back steps."""
+    rows = [r for r in payload["rows"] if "error" not in r and _total_key(r) in ("", "after", CACHED)]
+    steps, m = payload["steps_per_stage"], payload["machine"]
+    at_mean = pipeline_totals(rows, steps, "loop_step_mean_s")
+    if not at_mean:
+        return ""
+    fastest = pipeline_totals(rows, steps)
+    key = next(k for k in at_mean if "cached" not in k)
+    cached = f"{key} with S3's teacher cached".strip()
+    stages = [r for r in rows if r.get("variant") != CACHED]
+    ratios = [r["step_s"] / r["forward_s"] for r in rows]
+    over = [r["label"] for r in rows if r["step_s"] / r["forward_s"] > 3.5]
+    size = "x".join(map(str, payload["shape"]))
+    text = (
+        f"*Training at {size}, n = 2, on {m.get('cpu', m.get('processor', ''))}, {m['cpus']} cores* "
+        f"(`benchmarks/train_budget.py`, {steps:,} steps for each of {len(stages)} stages): "
+        f"**{fastest[key]:.1f} h** at each stage's fastest step, **{at_mean[key]:.1f} h** at the mean of "
+        f"{rows[0]['loop_steps']} steps called back to back"
+    )
+    if cached in at_mean:
+        text += f" ({fastest[cached]:.1f} h and {at_mean[cached]:.1f} h with S3's teacher cached)"
+    text += f"; a step costs {min(ratios):.1f}-{max(ratios):.1f}x its networks' forward"
+    text += f" (above 3.5x: {', '.join(over)})." if over else "."
+    return text + "\n"
+
+
+def write_results(out: Path, payload: dict) -> None:
+    """The run's JSON and tables, and its README summary where it has one (:func:`render_summary`)."""
+    write(out, payload, render(payload))
+    summary = render_summary(payload)
+    if summary:
+        out.with_name(out.name + "_summary.md").write_text(summary)
+
+
 def render_peak(rows, peak: float) -> list:
     """The networks' convolutions against the FMA peak: GFLOP/s of the forward and of the backward."""
     rows = [r for r in rows if "error" not in r and r.get("forward_gflop")]
@@ -598,6 +722,7 @@ def render(payload: dict) -> str:
                 f"| {r['label']} | {r['forward_s']:.3f} | {r['backward_s']:.3f} | {r['loss_s']:.3f} | "
                 f"{r['step_s']:.3f} | {ratio} |"
             )
+    lines += render_back_to_back(rows, steps)
     lines += render_peak(rows, peak)
     lines += render_bf16(rows, payload.get("bf16_engine", ""), payload.get("winograd_min_input_channels"))
     return "\n".join(lines) + "\n"
@@ -1102,6 +1227,12 @@ def main(argv=None):
         help="every stage in float32 and with train.bf16, timed in the same rounds -> results/train_budget_bf16",
     )
     p.add_argument("--torch-repeats", type=int, default=None)
+    p.add_argument(
+        "--loop-steps",
+        type=int,
+        default=None,
+        help=f"train steps per stage called back to back after the rounds (default {LOOP_STEPS}; --quick 2; 0: none)",
+    )
     p.add_argument("--profile", action="store_true", help="the attribution tables -> results/train_profile.{md,json}")
     p.add_argument("--render", type=Path, metavar="JSON", help="rebuild a run's tables from its JSON")
     p.add_argument("--render-profile", type=Path, metavar="JSON", help="rebuild the profile's tables from its JSON")
@@ -1119,7 +1250,7 @@ def main(argv=None):
         return 0
     if args.render:
         payload = json.loads(args.render.read_text())
-        write(args.out or args.render.with_suffix(""), payload, render(payload))
+        write_results(args.out or args.render.with_suffix(""), payload)
         return 0
     if args.profile:
         payload = profile(shape, args.batch, repeats)
@@ -1151,6 +1282,7 @@ def main(argv=None):
         teacher_cache=args.teacher_cache,
         fusion=args.fusion,
         precisions=("float32", "bf16") if args.bf16 else ("float32",),
+        loop_steps=args.loop_steps if args.loop_steps is not None else (2 if args.quick else LOOP_STEPS),
     )
     print(f"measured in {time.perf_counter() - t:.0f} s")
     torch_rows = []
@@ -1175,10 +1307,8 @@ def main(argv=None):
         "steps_per_stage": args.steps,
         "rows": rows,
         "torch_rows": torch_rows,
-        "pipeline_hours": {
-            key: sum(hours(r["step_s"], args.steps) for r in rows if "error" not in r and _total_key(r) == key)
-            for key in dict.fromkeys(_total_key(r) for r in rows if r.get("variant") != CACHED)
-        },
+        "pipeline_hours": pipeline_totals(rows, args.steps),
+        "pipeline_hours_back_to_back": pipeline_totals(rows, args.steps, "loop_step_mean_s"),
         "bf16_ratios": [
             {
                 "stage": a["stage"],
@@ -1192,15 +1322,7 @@ def main(argv=None):
         "bf16_engine": native.describe_bf16(),
         "winograd_min_input_channels": native.winograd_min_input_channels(),
     }
-    cached = [r for r in rows if r.get("variant") == CACHED and "error" not in r]
-    s3 = [r for r in rows if r["stage"] == "vm_l_crd" and _total_key(r) in ("", "after") and "error" not in r]
-    if cached and s3:
-        fill = cache_fill_hours(s3[0], cached[0])
-        key = s3[0].get("variant", "")
-        payload["pipeline_hours"][f"{key} with S3's teacher cached".strip()] = (
-            payload["pipeline_hours"][key] - hours(s3[0]["step_s"], args.steps) + hours(cached[0]["step_s"], args.steps) + fill
-        )
-    write(args.out or HERE / "results" / ("train_budget_bf16" if args.bf16 else "train_budget"), payload, render(payload))
+    write_results(args.out or HERE / "results" / ("train_budget_bf16" if args.bf16 else "train_budget"), payload)
     return 0
 
 

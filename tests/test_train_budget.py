@@ -37,6 +37,15 @@ def test_quick_run_writes_the_split_and_the_projected_hours_and_with_bf16_both_p
     assert (tmp_path / "again.md").read_text() == text
     assert row["forward_gflop"] > 0 and row["backward_gflop"] > 0 and payload["fma_peak_gflops"] > 0
     assert "| Stage | Forward GFLOP | Forward GFLOP/s | % of peak |" in text
+    # --quick's two steps back to back after the rounds, and the pipeline's hours at their mean
+    assert row["loop_steps"] == 2 and row["loop_step_max_s"] >= row["loop_step_mean_s"] >= row["step_s"] * 0.5
+    assert payload["pipeline_hours_back_to_back"][""] == pytest.approx(row["loop_step_mean_s"] * 10_000 / 3600)
+    assert f"| {row['loop_step_mean_s'] / row['step_s']:.2f}x | {row['loop_step_mean_s'] * 10_000 / 3600:.1f} |" in text
+    # the README's lines, written beside the tables and again by --render
+    summary = (tmp_path / "budget_summary.md").read_text()
+    assert f"**{payload['pipeline_hours']['']:.1f} h** at each stage's fastest step" in summary
+    assert f"**{payload['pipeline_hours_back_to_back']['']:.1f} h** at the mean of 2 steps" in summary
+    assert (tmp_path / "again_summary.md").read_text() == summary
     if not bf16:
         assert len(payload["rows"]) == 1
         return
@@ -60,6 +69,25 @@ def test_quick_run_with_the_teacher_cache_adds_the_cached_s3_row_and_its_pipelin
     expected = cached["step_s"] * 10_000 / 3600 + fill  # the one stage's hours, S3 replaced by its cached step
     assert abs(payload["pipeline_hours"]["with S3's teacher cached"] - expected) < 1e-9
     assert "**Pipeline, S3's teacher cached** (+" in text
+    # the same arithmetic at the back-to-back means
+    at_mean = cached["loop_step_mean_s"] * 10_000 / 3600 + fill
+    assert payload["pipeline_hours_back_to_back"]["with S3's teacher cached"] == pytest.approx(at_mean)
+    assert "| **Pipeline, with S3's teacher cached** (at the minima: " in text
+
+
+def test_back_to_back_summary_is_numpys_median_mean_and_max():
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_budget import back_to_back_summary
+
+    assert back_to_back_summary([]) == {}
+    for times in ([0.5], [0.3, 0.9], [0.4, 0.1, 2.0, 0.35], [1.0, 0.2, 0.3, 0.25, 5.0]):
+        got = back_to_back_summary(times)
+        assert got["loop_steps"] == len(times) and got["loop_step_times_s"] == times
+        assert got["loop_step_median_s"] == pytest.approx(np.median(times))
+        assert got["loop_step_mean_s"] == pytest.approx(np.mean(times))
+        assert got["loop_step_max_s"] == max(times)
 
 
 def test_network_only_proxy_replaces_the_registration_loss_and_restores_it():
