@@ -37,11 +37,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import train_budget as tb  # noqa: E402
 from common import machine, write  # noqa: E402
 
 STAGES = ("vm_l", "coop", "vm_l_crd_cached")
-#: ``--stages`` may also name the full-resolution stages (``train_budget.py``'s names)
-CHOICES = STAGES + ("vm_h", "fst_full")
+#: ``--stages`` may also name any other stage of ``train_budget.py``
+CHOICES = STAGES + tuple(s for s in tb.STAGES if s not in STAGES)
 #: GLIBC_TUNABLES of each configuration (B: crd_jax/allocator.py's, written out: the children must not depend on
 #: the module under test to set their own allocator) and how the table names it
 CONFIGS = {
@@ -57,8 +58,6 @@ OUTPUTS = {("A", "B"): "huge_page_malloc", ("B", "C"): "malloc_keep"}
 def child(stage: str, shape, steps: int) -> dict:
     """One stage's train step, timed in this process."""
     import jax
-
-    import train_budget as tb
 
     config = tb.pipeline_config(shape)
     batch = tb._batch(shape, 1, seed=1)
@@ -128,13 +127,11 @@ def render(payload: dict) -> str:
         f" | peak RSS {x} (MB) | peak RSS {y} (MB) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    from train_budget import LABELS
-
     for stage, runs in payload["stages"].items():
         a, b = runs[x], runs[y]
         med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
         lines.append(
-            f"| {LABELS.get(stage, stage)} | {med(a, 'median_s'):.3f} | {med(b, 'median_s'):.3f} | {_ratios(a, b, 'median_s')}"
+            f"| {tb.LABELS.get(stage, stage)} | {med(a, 'median_s'):.3f} | {med(b, 'median_s'):.3f} | {_ratios(a, b, 'median_s')}"
             f" | {med(a, 'mean_s'):.3f} | {med(b, 'mean_s'):.3f} | {_ratios(a, b, 'mean_s')}"
             f" | {med(a, 'faults_per_step'):,.0f} | {med(b, 'faults_per_step'):,.0f} | {med(a, 'sys_s_per_step'):.3f}"
             f" | {med(b, 'sys_s_per_step'):.3f} | {med(a, 'max_rss_mb'):,.0f} | {med(b, 'max_rss_mb'):,.0f} |"

@@ -49,6 +49,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -294,15 +295,12 @@ def back_to_back_summary(times) -> dict:
     throughput follows: the minimum over rounds leaves out the slow steps a long run also pays."""
     if not times:
         return {}
-    ordered = sorted(times)
-    n = len(ordered)
-    median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
     return {
         "loop_step_times_s": list(times),
-        "loop_steps": n,
-        "loop_step_median_s": median,
-        "loop_step_mean_s": sum(ordered) / n,
-        "loop_step_max_s": ordered[-1],
+        "loop_steps": len(times),
+        "loop_step_median_s": statistics.median(times),
+        "loop_step_mean_s": statistics.fmean(times),
+        "loop_step_max_s": max(times),
     }
 
 
@@ -380,10 +378,8 @@ def measure_jax(
         )
     for timer in timers if loop_steps > 0 else ():  # after every round: the rounds' minima stay as they were
         timer.run_back_to_back(loop_steps)
-        log(
-            f"[{timer.name}{' ' + timer.variant if timer.variant else ''}] {loop_steps} steps back to back: "
-            f"mean {sum(timer.loop_times) / loop_steps:.3f} s"
-        )
+        what = (" " + timer.variant if timer.variant else "") + (" bf16" if timer.bf16 else "")
+        log(f"[{timer.name}{what}] {loop_steps} steps back to back: mean {sum(timer.loop_times) / loop_steps:.3f} s")
     return [t.result() for t in timers]
 
 
@@ -536,10 +532,19 @@ def pipeline_totals(rows, steps: int, seconds: str = "step_s") -> dict:
     s3 = next((r for r in ok if r["stage"] == "vm_l_crd" and _total_key(r) in ("", "after")), None)
     if cached is not None and s3 is not None:
         key = s3.get("variant", "")
-        totals[f"{key} with S3's teacher cached".strip()] = (
+        totals[with_cache_key(key)] = (
             totals[key] - hours(s3[seconds], steps) + hours(cached[seconds], steps) + cache_fill_hours(s3, cached)
         )
     return totals
+
+
+#: how :func:`pipeline_totals` names the total with S3's teacher cached
+WITH_CACHE = "with S3's teacher cached"
+
+
+def with_cache_key(key: str) -> str:
+    """The total of ``key``'s stages with S3's step replaced by its teacher-cached one."""
+    return f"{key} {WITH_CACHE}".strip()
 
 
 def render_back_to_back(rows, steps: int) -> list:
@@ -568,33 +573,44 @@ def render_back_to_back(rows, steps: int) -> list:
         )
     fastest = pipeline_totals(rows, steps)
     for key, h in pipeline_totals(rows, steps, "loop_step_mean_s").items():
-        what = f"Pipeline{', ' + key if key else ''}"
-        lines.append(f"| **{what}** (at the minima: {fastest[key]:.1f} h) | | | | | | **{h:.1f}** |")
+        lines.append(f"| **{total_label(key)}** (at the minima: {fastest[key]:.1f} h) | | | | | | **{h:.1f}** |")
     return lines
+
+
+def total_label(key: str) -> str:
+    """A pipeline total's name in the tables: ``Pipeline``, ``Pipeline, bf16``, ``Pipeline, S3's teacher cached``."""
+    cached = key.endswith(WITH_CACHE)
+    base = key[: -len(WITH_CACHE)].strip() if cached else key
+    return "Pipeline" + (f", {base}" if base else "") + (", S3's teacher cached" if cached else "")
 
 
 def render_summary(payload: dict) -> str:
     """A few lines for the README from a run's JSON (``<out>_summary.md``, written beside the tables when the run
     timed steps back to back): the pipeline's hours at the fastest and at the mean step, and the steps' ratios to
-    the networks' forward. Empty for runs without back-to-back steps."""
-    rows = [r for r in payload["rows"] if "error" not in r and _total_key(r) in ("", "after", CACHED)]
+    the networks' forward (float32; of a ``--before-after`` run, the "after" rows). Empty for runs without
+    back-to-back steps."""
+    rows = [r for r in payload["rows"] if _total_key(r) in ("", "after", CACHED)]
+    failed = [r["label"] for r in rows if "error" in r]
+    rows = [r for r in rows if "error" not in r and "loop_step_mean_s" in r]
     steps, m = payload["steps_per_stage"], payload["machine"]
     at_mean = pipeline_totals(rows, steps, "loop_step_mean_s")
     if not at_mean:
         return ""
     fastest = pipeline_totals(rows, steps)
-    key = next(k for k in at_mean if "cached" not in k)
-    cached = f"{key} with S3's teacher cached".strip()
+    key = next(k for k in at_mean if not k.endswith(WITH_CACHE))
     stages = [r for r in rows if r.get("variant") != CACHED]
     ratios = [r["step_s"] / r["forward_s"] for r in rows]
     over = [r["label"] for r in rows if r["step_s"] / r["forward_s"] > 3.5]
     size = "x".join(map(str, payload["shape"]))
     text = (
-        f"*Training at {size}, n = 2, on {m.get('cpu', m.get('processor', ''))}, {m['cpus']} cores* "
-        f"(`benchmarks/train_budget.py`, {steps:,} steps for each of {len(stages)} stages): "
-        f"**{fastest[key]:.1f} h** at each stage's fastest step, **{at_mean[key]:.1f} h** at the mean of "
+        f"*Training at {size}, n = 2, batch {payload['batch']}, on {m.get('cpu', m.get('processor', ''))}, "
+        f"{m['cpus']} cores* (`benchmarks/train_budget.py`{', ' + key if key else ''}, {steps:,} steps for each of "
+        f"{len(stages)} stage{'s' if len(stages) != 1 else ''}"
+        + (f"; failed, so not counted: {', '.join(failed)}" if failed else "")
+        + f"): **{fastest[key]:.1f} h** at each stage's fastest step, **{at_mean[key]:.1f} h** at the mean of "
         f"{rows[0]['loop_steps']} steps called back to back"
     )
+    cached = with_cache_key(key)
     if cached in at_mean:
         text += f" ({fastest[cached]:.1f} h and {at_mean[cached]:.1f} h with S3's teacher cached)"
     text += f"; a step costs {min(ratios):.1f}-{max(ratios):.1f}x its networks' forward"
@@ -605,9 +621,11 @@ def render_summary(payload: dict) -> str:
 def write_results(out: Path, payload: dict) -> None:
     """The run's JSON and tables, and its README summary where it has one (:func:`render_summary`)."""
     write(out, payload, render(payload))
-    summary = render_summary(payload)
+    summary, path = render_summary(payload), out.with_name(out.name + "_summary.md")
     if summary:
-        out.with_name(out.name + "_summary.md").write_text(summary)
+        path.write_text(summary)
+    else:  # a summary left by an earlier run into the same --out would describe other tables
+        path.unlink(missing_ok=True)
 
 
 def render_peak(rows, peak: float) -> list:
@@ -668,7 +686,7 @@ def render(payload: dict) -> str:
         f"| Hours per {steps:,} steps |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    total, cached = {}, None
+    total, cached = pipeline_totals(rows, steps), None
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['label']} | failed: {r['error']} | | | | | | | |")
@@ -676,21 +694,20 @@ def render(payload: dict) -> str:
         h = hours(r["step_s"], steps)
         if r.get("variant") == CACHED:
             cached = r
-        else:
-            total[_total_key(r)] = total.get(_total_key(r), 0.0) + h
         lines.append(
             f"| {r['label']} | {r['forward_s']:.3f} | {r['backward_s']:.3f} | {r['loss_s']:.3f} | "
             f"{r['step_s']:.3f} | {r['network_s'] / r['forward_s']:.1f}x | {r['step_s'] / r['forward_s']:.1f}x | "
             f"{r['loss_s'] / r['step_s']:.0%} | {h:.1f} |"
         )
     for variant, h in total.items():
+        if variant.endswith(WITH_CACHE):
+            continue
         count = sum(1 for r in rows if _total_key(r) == variant and "error" not in r)
         lines.append(f"| **Pipeline ({count} stages{', ' + variant if variant else ''})** | | | | | | | | **{h:.1f}** |")
     s3 = next((r for r in rows if r["stage"] == "vm_l_crd" and _total_key(r) in ("", "after") and "error" not in r), None)
     if cached is not None and s3 is not None:
         fill = cache_fill_hours(s3, cached)
-        variant = s3.get("variant", "")
-        with_cache = total[variant] - hours(s3["step_s"], steps) + hours(cached["step_s"], steps) + fill
+        with_cache = total[with_cache_key(s3.get("variant", ""))]
         lines.append(
             f"| **Pipeline, S3's teacher cached** (+ {fill:.2f} h: {CACHE_PAIRS} teacher forwards fill the "
             f"cache) | | | | | | | | **{with_cache:.1f}** |"

@@ -72,7 +72,42 @@ def test_quick_run_with_the_teacher_cache_adds_the_cached_s3_row_and_its_pipelin
     # the same arithmetic at the back-to-back means
     at_mean = cached["loop_step_mean_s"] * 10_000 / 3600 + fill
     assert payload["pipeline_hours_back_to_back"]["with S3's teacher cached"] == pytest.approx(at_mean)
-    assert "| **Pipeline, with S3's teacher cached** (at the minima: " in text
+    assert "| **Pipeline, S3's teacher cached** (at the minima: " in text
+
+
+def test_readme_summary_counts_float32_rows_says_what_failed_and_is_empty_without_back_to_back_steps():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_budget import render_summary
+
+    def row(stage, step, mean, variant="", precision="float32", forward=0.1):
+        return {
+            "stage": stage,
+            "label": stage.upper(),
+            "variant": variant,
+            "precision": precision,
+            "forward_s": forward,
+            "step_s": step,
+            "loop_steps": 4,
+            "loop_step_mean_s": mean,
+        }
+
+    def payload(rows):
+        machine = {"cpu": "CPU X", "cpus": 2}
+        return {"rows": rows, "steps_per_stage": 3600, "machine": machine, "shape": [8, 8, 8], "batch": 1}
+
+    # 3600 steps: hours = seconds per step; bf16 rows and the failed stage are left out of the totals
+    rows = [row("vm_h", 0.5, 0.75, forward=0.2), row("vm_l", 0.1, 0.25, forward=0.02), row("vm_h", 0.4, 0.5, precision="bf16")]
+    text = render_summary(payload(rows + [{"stage": "coop", "label": "S1", "variant": "", "error": "boom"}]))
+    assert "**0.6 h** at each stage's fastest step, **1.0 h** at the mean of 4 steps" in text
+    assert "each of 2 stages; failed, so not counted: S1)" in text
+    assert "2.5-5.0x its networks' forward (above 3.5x: VM_L)." in text
+    # a --before-after run: the "after" rows, named as such; one stage: "stage"
+    text = render_summary(payload([row("vm_l", 0.3, 0.4, "before"), row("vm_l", 0.2, 0.3, "after")]))
+    assert "`benchmarks/train_budget.py`, after, 3,600 steps for each of 1 stage)" in text
+    assert "**0.2 h** at each stage's fastest step, **0.3 h** at the mean" in text and "above 3.5x" not in text
+    # runs from before --loop-steps: no summary
+    old = [{k: v for k, v in r.items() if not k.startswith("loop_")} for r in rows]
+    assert render_summary(payload(old)) == ""
 
 
 def test_back_to_back_summary_is_numpys_median_mean_and_max():
