@@ -26,6 +26,11 @@ shared):
 * loss: the full training step minus the network forward + backward, i.e. the registration loss (warp, NCC,
   grad-L2 at the full resolution, forward and backward) and the optimizer update.
 
+Back to back (``--loop-steps N``, default 20, ``--quick`` 2): after the rounds each stage calls its step N times in
+a row (one untimed call first), as the training loop does; their median, mean and slowest, and the pipeline's hours
+at the mean, which a run's hours follow (the rounds' minima leave out its slow steps). ``<out>_summary.md``: the
+README's lines (:func:`render_summary`).
+
 Against the FMA peak (issue 26): the convolutions' useful multiply-adds of each stage's networks, counted from one
 abstract trace of its gradient and the live ones from its forward's jaxpr (:func:`network_flops`: frozen networks
 forward only; equal to XLA's cost analysis of the same stages written with ``lax.conv``, less the input gradient

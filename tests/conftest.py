@@ -111,3 +111,17 @@ if os.environ.get("CRD_JAX_TEST_XLA_CACHE", "1") != "0" and os.environ["CRD_JAX_
     jax.config.update("jax_compilation_cache_dir", os.environ["CRD_JAX_TEST_XLA_DIR"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """Every test ends with SIGINT's and SIGTERM's handlers as it found them: a test (or a command it runs in this
+    process) that left SIGINT ignored would make a later test's Ctrl-C vanish (seen once in a full run: a register
+    that should have been interrupted wrote everything and returned 0)."""
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        if handler is not None and signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)

@@ -522,7 +522,14 @@ def test_an_interrupt_a_callback_swallows_still_cancels_the_outputs(tmp_path, mo
 
     for target in ("crd_jax.data.io.save_nifti", "crd_jax.interop.formats.save_nifti", "crd_jax.registration.writing.save_nifti"):
         monkeypatch.setattr(target, swallowing)
-    assert cli.main(argv) == status
+    # a user's terminal delivers Ctrl-C; a test worker started in the background inherits SIGINT ignored, which the
+    # command keeps (test_an_ignored_sigint_stays_ignored_while_a_command_runs), so the worker's setting is replaced
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        status_seen = cli.main(argv)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert status_seen == status
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and word in err, err
     assert snapshot(tmp_path) == before

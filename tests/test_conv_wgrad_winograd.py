@@ -128,7 +128,7 @@ def test_auto_takes_winograd_where_it_wins_and_the_direct_kernel_elsewhere(avx51
     native.set_wgrad("winograd")  # even where asked for, a stride-2 layer keeps the direct kernel
     calls = native.winograd_wgrad_calls()
     dz = arr(1, 8, 8, 8, 16)
-    strided = conv_module._native_weight_grad(x16, dz, (3, 3, 3), (2, 2, 2), ((1, 1),) * 3)
+    strided = np.asarray(conv_module._native_weight_grad(x16, dz, (3, 3, 3), (2, 2, 2), ((1, 1),) * 3))  # ran
     assert native.winograd_wgrad_calls() == calls
     reference = lax_weight_grad(x16, dz, (2, 2, 2))  # sums of 512 products: float32 error relative to the largest
     np.testing.assert_allclose(strided, reference, rtol=0, atol=RTOL * np.abs(reference).max())

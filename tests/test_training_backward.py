@@ -234,7 +234,8 @@ def test_upcat_weight_gradient_kernel_matches_lax_of_the_explicit_concatenation(
     dz = jnp.asarray(rng.standard_normal((*skip.shape[:-1], cout)), jnp.float32)
     want = _lax_weight_grad_of_the_concatenation(low, skip, dz)
     calls = native.winograd_wgrad_calls()
-    got = jax.jit(conv_mod._upcat_weight_grad)(low, skip, dz)
+    # dispatch is asynchronous: the kernel has run (and counted itself) only once the result is ready
+    got = jax.block_until_ready(jax.jit(conv_mod._upcat_weight_grad)(low, skip, dz))
     assert native.winograd_wgrad_calls() == calls + 1  # the Winograd pass, not the fallback
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(want))))
 
