@@ -136,8 +136,9 @@ def raise_for_signal(signum: int) -> None:
 def raise_if_signalled() -> None:
     """Raises :func:`raise_for_signal`'s exception if the command line recorded a signal: what writes a result
     (an output set, a model folder) asks this before it lands."""
-    if noted_signal() is not None:
-        raise_for_signal(noted_signal())
+    signum = noted_signal()
+    if signum is not None:
+        raise_for_signal(signum)
 
 
 def check_plain_name(name: str, source: Union[str, os.PathLike]) -> str:

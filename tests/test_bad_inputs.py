@@ -524,11 +524,9 @@ def test_an_interrupt_a_callback_swallows_still_cancels_the_outputs(tmp_path, mo
         monkeypatch.setattr(target, swallowing)
     # a user's terminal delivers Ctrl-C; a test worker started in the background inherits SIGINT ignored, which the
     # command keeps (test_an_ignored_sigint_stays_ignored_while_a_command_runs), so the worker's setting is replaced
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        status_seen = cli.main(argv)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    # (conftest's _signal_handlers_restored puts it back after the test)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    status_seen = cli.main(argv)
     assert status_seen == status
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and word in err, err
@@ -570,12 +568,9 @@ def test_an_ignored_sigint_stays_ignored_while_a_command_runs(monkeypatch):
     monkeypatch.setattr(
         models, "run", lambda args: seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
     )
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        assert cli.main(["models"]) == 0
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # restored after the test (conftest's _signal_handlers_restored)
+    assert cli.main(["models"]) == 0
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     assert seen[0][0] is signal.SIG_IGN and seen[0][1] is cli._raise_for_signal  # SIGTERM still ends it cleanly
 
 

@@ -226,24 +226,21 @@ def run(config: ml_collections.ConfigDict, allow_config_change: bool = False) ->
     # A workdir this call creates is removed again if the run fails before its first stage has saved anything
     # (fine-tuning's setup writes the user's scans, prepared, into it before the checks below).
     created, is_main = not workdir.exists(), jax.process_index() == 0
-    try:
-        typed, datasets, labels, loader, example, multiple = _start(config, typed, workdir, allow_config_change)
-    except (InputError, ValueError, OSError) as exc:
-        _discard_failed_start(workdir, created, is_main, exc)
-        raise
-    # Training is float32 outside train.bf16: CRD_JAX_CONV_BF16=1 (bfloat16 *inference*) must not round the frozen
-    # teachers, S3's teacher cache (whose fingerprint does not record it) or the validation of a run.
     from crd_jax.ops.conv import bf16_inference
 
-    inference_bf16 = bf16_inference()
-    bf16_inference(False)
     try:
-        return _run_stages(config, typed, workdir, datasets, labels, loader, example, multiple, is_main)
+        typed, datasets, labels, loader, example, multiple = _start(config, typed, workdir, allow_config_change)
+        # Training is float32 outside train.bf16: CRD_JAX_CONV_BF16=1 (bfloat16 *inference*) must not round the
+        # frozen teachers, S3's teacher cache (whose fingerprint does not record it) or the validation of a run.
+        inference_bf16 = bf16_inference()
+        bf16_inference(False)
+        try:
+            return _run_stages(config, typed, workdir, datasets, labels, loader, example, multiple, is_main)
+        finally:
+            bf16_inference(inference_bf16)
     except (InputError, ValueError, OSError) as exc:  # OSError: a full disk, a folder not ours
         _discard_failed_start(workdir, created, is_main, exc)
         raise
-    finally:
-        bf16_inference(inference_bf16)
 
 
 def _start(config: ml_collections.ConfigDict, typed, workdir: Path, allow_config_change: bool):
